@@ -1,0 +1,390 @@
+//! Certificate authorities: the hierarchy from policy, device certificates
+//! from verified CSRs. The CA never sees key material; it asks the KeyStore
+//! to sign the TBS bytes with the issuer's key handle.
+
+pub mod csr;
+pub mod keys;
+pub mod x509;
+
+use crate::audit::AuditDraft;
+use crate::clock::Clock;
+use crate::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError};
+use crate::policy::{CaKind, CaPolicy, Policies, ProfilePolicy};
+use crate::store::{
+    CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, Store, StoreError, Write,
+};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(transparent)]
+    Csr(#[from] csr::CsrError),
+    #[error(transparent)]
+    KeyStore(#[from] KeyStoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    KeyLifecycle(#[from] keys::KeyLifecycleError),
+    #[error("certificate encoding failed: {0}")]
+    Encoding(#[from] der::Error),
+    #[error("CA `{0}` does not exist (run `keyward init`)")]
+    UnknownCa(String),
+    #[error("the CA key of `{0}` is not active")]
+    KeyNotActive(String),
+    #[error("key algorithm {algorithm} is not allowed by profile `{profile}` (allowed: {allowed})")]
+    AlgorithmNotAllowed {
+        algorithm: KeyAlgorithm,
+        profile: String,
+        allowed: String,
+    },
+    #[error("CA `{0}` has expired or expires before any certificate could be valid")]
+    Expired(String),
+    #[error("the HSM returned a signature that does not verify for CA `{0}`")]
+    BadSignature(String),
+    #[error(transparent)]
+    Random(#[from] crate::auth::RandomError),
+}
+
+/// A loaded issuing authority: what signing needs, parsed once.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    pub name: String,
+    pub kind: CaKind,
+    pub key_id: Uuid,
+    pub handle: KeyHandle,
+    pub algorithm: KeyAlgorithm,
+    pub cert_der: Vec<u8>,
+    pub subject_der: Vec<u8>,
+    pub ski: Vec<u8>,
+    pub not_after: i64,
+    /// This CA's certificate followed by its parents' up to the root, PEM.
+    pub chain_pem: String,
+}
+
+/// A signed device certificate and its store record.
+pub struct IssuedCertificate {
+    pub der: Vec<u8>,
+    pub record: CertificateRecord,
+}
+
+pub struct CaService {
+    keystore: Arc<dyn KeyStore>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    policies: Arc<Policies>,
+    issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
+}
+
+fn fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+impl CaService {
+    pub async fn new(
+        keystore: Arc<dyn KeyStore>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        policies: Arc<Policies>,
+    ) -> Result<Self, CaError> {
+        let svc = Self {
+            keystore,
+            store,
+            clock,
+            policies,
+            issuers: RwLock::new(BTreeMap::new()),
+        };
+        svc.reload().await?;
+        Ok(svc)
+    }
+
+    /// Re-reads CAs and their keys from the store.
+    pub async fn reload(&self) -> Result<(), CaError> {
+        let cas = self.store.list_cas().await?;
+        let mut loaded: BTreeMap<String, Arc<Issuer>> = BTreeMap::new();
+        // Parents are created first, so created_at order lets chains build in one pass.
+        for ca in cas {
+            let key = self
+                .store
+                .get_key(ca.key_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("CA {} references missing key {}", ca.name, ca.key_id)))?;
+            let summary = x509::summarize(&ca.certificate_der)?;
+            let mut chain_pem = x509::to_pem(&ca.certificate_der)?;
+            if let Some(parent) = ca.parent.as_ref().and_then(|p| loaded.get(p)) {
+                chain_pem.push_str(&parent.chain_pem);
+            }
+            loaded.insert(
+                ca.name.clone(),
+                Arc::new(Issuer {
+                    name: ca.name.clone(),
+                    kind: ca.kind,
+                    key_id: key.id,
+                    handle: key.handle.clone(),
+                    algorithm: key.algorithm,
+                    cert_der: ca.certificate_der.clone(),
+                    subject_der: summary.subject_name_der,
+                    ski: summary.ski.unwrap_or_default(),
+                    not_after: summary.not_after,
+                    chain_pem,
+                }),
+            );
+        }
+        if let Ok(mut g) = self.issuers.write() {
+            *g = loaded;
+        }
+        Ok(())
+    }
+
+    pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, CaError> {
+        self.issuers
+            .read()
+            .ok()
+            .and_then(|g| g.get(name).cloned())
+            .ok_or_else(|| CaError::UnknownCa(name.to_string()))
+    }
+
+    pub fn issuers(&self) -> Vec<Arc<Issuer>> {
+        self.issuers
+            .read()
+            .map(|g| g.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    /// Creates every CA in the policy that does not exist yet, parents first.
+    /// Returns the names created. Safe to run again.
+    pub async fn initialize(&self, actor: &str) -> Result<Vec<String>, CaError> {
+        let mut created = Vec::new();
+        for policy in &self.policies.cas {
+            if self.issuer(&policy.name).is_ok() {
+                continue;
+            }
+            self.create_ca(actor, policy).await?;
+            self.reload().await?;
+            created.push(policy.name.clone());
+        }
+        Ok(created)
+    }
+
+    async fn create_ca(&self, actor: &str, policy: &CaPolicy) -> Result<(), CaError> {
+        let parent = match &policy.parent {
+            Some(p) => Some(self.issuer(p)?),
+            None => None,
+        };
+        let purpose = match policy.kind {
+            CaKind::Root => KeyPurpose::RootCa,
+            CaKind::Issuing => KeyPurpose::IssuingCa,
+        };
+        let pending = keys::begin(
+            self.keystore.as_ref(),
+            self.store.as_ref(),
+            self.clock.as_ref(),
+            actor,
+            keys::NewKey {
+                label: format!("keyward-ca-{}-v1", policy.name),
+                purpose,
+                algorithm: policy.algorithm,
+                ca_name: Some(&policy.name),
+                extractable: false,
+            },
+        )
+        .await?;
+        match self.certify_ca(actor, policy, parent.as_deref(), &pending).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                keys::abandon(
+                    self.keystore.as_ref(),
+                    self.store.as_ref(),
+                    self.clock.as_ref(),
+                    actor,
+                    &pending,
+                    &e.to_string(),
+                )
+                .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn certify_ca(
+        &self,
+        actor: &str,
+        policy: &CaPolicy,
+        parent: Option<&Issuer>,
+        key: &keys::PendingKey,
+    ) -> Result<(), CaError> {
+        let now = self.clock.now().unix_timestamp();
+        let subject = x509::name_from_policy(&policy.subject)?;
+        let ski = x509::key_identifier(&key.public_key_der)?;
+        let not_before = now - 300;
+        let mut not_after = now + i64::from(policy.validity_days) * 86_400;
+        let (issuer_name, aki, signer_handle, signer_alg, signer_key_id, issuer_spki) = match parent {
+            Some(p) => {
+                if p.not_after <= now {
+                    return Err(CaError::Expired(p.name.clone()));
+                }
+                not_after = not_after.min(p.not_after);
+                let spki = x509::summarize(&p.cert_der)?.spki_der;
+                (p.subject_der.clone(), p.ski.clone(), p.handle.clone(), p.algorithm, p.key_id, spki)
+            }
+            None => (
+                subject.clone(),
+                ski.clone(),
+                key.handle.clone(),
+                key.algorithm,
+                key.id,
+                key.public_key_der.clone(),
+            ),
+        };
+        let serial = x509::random_serial()?;
+        let tbs = x509::encode_tbs(x509::TbsParams {
+            serial: &serial,
+            signer: signer_alg,
+            issuer_name_der: &issuer_name,
+            subject_name_der: &subject,
+            spki_der: &key.public_key_der,
+            not_before,
+            not_after,
+            extensions: x509::ca_extensions(&ski, &aki, policy.path_len)?,
+        })?;
+        let signature = self.keystore.sign(&signer_handle, signer_alg, &tbs).await?;
+        let cert = x509::assemble(&tbs, signer_alg, &signature)?;
+        if !x509::verify_signed_by(&cert, &issuer_spki, signer_alg) {
+            return Err(CaError::BadSignature(policy.name.clone()));
+        }
+        let fp = fingerprint(&cert);
+        let serial_hex = hex::encode_upper(serial);
+        let (complete, key_event) = keys::complete(key, now);
+        let change = Change::new()
+            .write(complete)
+            .write(Write::InsertCa(CaRecord {
+                name: policy.name.clone(),
+                kind: policy.kind,
+                parent: policy.parent.clone(),
+                key_id: key.id,
+                certificate_der: cert.clone(),
+                created_at: now,
+            }))
+            .write(Write::InsertCertificate(CertificateRecord {
+                serial: serial_hex.clone(),
+                device_id: None,
+                issuer_ca: policy.parent.clone().unwrap_or_else(|| policy.name.clone()),
+                issuer_key_id: signer_key_id,
+                subject: policy.subject.common_name.clone(),
+                not_before,
+                not_after,
+                fingerprint_sha256: fp.clone(),
+                der: cert,
+                status: CertificateStatus::Valid,
+                revoked_at: None,
+                revocation_reason: None,
+                created_at: now,
+            }))
+            .audit(AuditDraft { actor: actor.to_string(), ..key_event })
+            .audit(
+                AuditDraft::new(actor, "ca.create", format!("ca:{}", policy.name)).details(json!({
+                    "kind": match policy.kind { CaKind::Root => "root", CaKind::Issuing => "issuing" },
+                    "parent": policy.parent,
+                    "algorithm": policy.algorithm.as_str(),
+                    "subject": policy.subject.common_name,
+                    "serial": serial_hex,
+                    "fingerprint_sha256": fp,
+                    "not_after": not_after,
+                })),
+            );
+        self.store.commit(change).await?;
+        Ok(())
+    }
+
+    /// Signs a device certificate for `device_id` under `profile`.
+    /// Does not write to the store: the caller commits the record together
+    /// with the registration change and its audit events.
+    pub async fn sign_device_certificate(
+        &self,
+        profile: &ProfilePolicy,
+        device_id: Uuid,
+        csr: &csr::VerifiedCsr,
+    ) -> Result<IssuedCertificate, CaError> {
+        if !profile.key_algorithms.contains(&csr.algorithm) {
+            return Err(CaError::AlgorithmNotAllowed {
+                algorithm: csr.algorithm,
+                profile: profile.name.clone(),
+                allowed: profile
+                    .key_algorithms
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let issuer = self.issuer(&profile.issuer)?;
+        let now = self.clock.now().unix_timestamp();
+        let not_before = now - i64::from(profile.backdate_seconds);
+        let not_after = (now + i64::from(profile.validity_days) * 86_400).min(issuer.not_after);
+        if not_after <= now {
+            return Err(CaError::Expired(issuer.name.clone()));
+        }
+        let serial = x509::random_serial()?;
+        let cn = device_id.to_string();
+        let subject = x509::name_cn(&cn)?;
+        let ski = x509::key_identifier(&csr.spki_der)?;
+        let tbs = x509::encode_tbs(x509::TbsParams {
+            serial: &serial,
+            signer: issuer.algorithm,
+            issuer_name_der: &issuer.subject_der,
+            subject_name_der: &subject,
+            spki_der: &csr.spki_der,
+            not_before,
+            not_after,
+            extensions: x509::device_extensions(
+                &ski,
+                &issuer.ski,
+                csr.algorithm,
+                &profile.extended_key_usage,
+                &format!("urn:uuid:{cn}"),
+            )?,
+        })?;
+        let signature = self.keystore.sign(&issuer.handle, issuer.algorithm, &tbs).await?;
+        let der = x509::assemble(&tbs, issuer.algorithm, &signature)?;
+        let record = CertificateRecord {
+            serial: hex::encode_upper(serial),
+            device_id: Some(device_id),
+            issuer_ca: issuer.name.clone(),
+            issuer_key_id: issuer.key_id,
+            subject: cn,
+            not_before,
+            not_after,
+            fingerprint_sha256: fingerprint(&der),
+            der: der.clone(),
+            status: CertificateStatus::Valid,
+            revoked_at: None,
+            revocation_reason: None,
+            created_at: now,
+        };
+        Ok(IssuedCertificate { der, record })
+    }
+
+    /// Checks that every CA key is active in the store and present on the token.
+    pub async fn check_keys(&self) -> Result<(), CaError> {
+        for issuer in self.issuers() {
+            let key = self
+                .store
+                .get_key(issuer.key_id)
+                .await?
+                .ok_or_else(|| CaError::UnknownCa(issuer.name.clone()))?;
+            if key.state != KeyState::Active {
+                return Err(CaError::KeyNotActive(issuer.name.clone()));
+            }
+            if !self.keystore.exists(&issuer.handle).await? {
+                return Err(CaError::KeyStore(KeyStoreError::KeyNotFound(issuer.handle.clone())));
+            }
+        }
+        Ok(())
+    }
+}

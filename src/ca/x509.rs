@@ -1,0 +1,304 @@
+//! Certificate structures and RFC 5280 extensions, encoded in DER.
+//!
+//! keyward builds the TBSCertificate itself (rather than through a builder)
+//! so that every field is chosen by policy, the HSM signs the exact bytes,
+//! and nothing a CSR asks for leaks into the certificate.
+
+use crate::keystore::KeyAlgorithm;
+use crate::policy::{ExtendedKeyUsage as Eku, SubjectPolicy};
+use const_oid::ObjectIdentifier;
+use const_oid::db::{rfc4519, rfc5280, rfc5912};
+use der::asn1::{AnyRef, BitString, BitStringRef, Ia5String, OctetString, PrintableString, Utf8StringRef};
+use der::{Decode, Encode};
+use spki::AlgorithmIdentifierOwned;
+use std::time::{Duration, SystemTime};
+use x509_cert::attr::AttributeTypeAndValue;
+use x509_cert::ext::Extension;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+    SubjectKeyIdentifier,
+};
+use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
+use x509_cert::time::Time;
+
+#[derive(der::Sequence)]
+struct Validity {
+    not_before: Time,
+    not_after: Time,
+}
+
+#[derive(der::Sequence)]
+struct Tbs<'a> {
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT")]
+    version: u8,
+    serial: der::asn1::UintRef<'a>,
+    signature: AlgorithmIdentifierOwned,
+    issuer: AnyRef<'a>,
+    validity: Validity,
+    subject: AnyRef<'a>,
+    spki: AnyRef<'a>,
+    #[asn1(context_specific = "3", tag_mode = "EXPLICIT")]
+    extensions: Vec<Extension>,
+}
+
+#[derive(der::Sequence)]
+struct Cert<'a> {
+    tbs: AnyRef<'a>,
+    algorithm: AlgorithmIdentifierOwned,
+    signature: BitStringRef<'a>,
+}
+
+/// Everything that goes into a TBSCertificate.
+pub struct TbsParams<'a> {
+    pub serial: &'a [u8],
+    pub signer: KeyAlgorithm,
+    pub issuer_name_der: &'a [u8],
+    pub subject_name_der: &'a [u8],
+    pub spki_der: &'a [u8],
+    pub not_before: i64,
+    pub not_after: i64,
+    pub extensions: Vec<Extension>,
+}
+
+fn time(unix: i64) -> der::Result<Time> {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    Time::try_from(t)
+}
+
+/// DER of the TBSCertificate to be signed.
+pub fn encode_tbs(p: TbsParams<'_>) -> der::Result<Vec<u8>> {
+    Tbs {
+        version: 2,
+        serial: der::asn1::UintRef::new(p.serial)?,
+        signature: p.signer.signature_algorithm(),
+        issuer: AnyRef::from_der(p.issuer_name_der)?,
+        validity: Validity {
+            not_before: time(p.not_before)?,
+            not_after: time(p.not_after)?,
+        },
+        subject: AnyRef::from_der(p.subject_name_der)?,
+        spki: AnyRef::from_der(p.spki_der)?,
+        extensions: p.extensions,
+    }
+    .to_der()
+}
+
+/// Wraps a signed TBS into a Certificate.
+pub fn assemble(tbs_der: &[u8], signer: KeyAlgorithm, signature: &[u8]) -> der::Result<Vec<u8>> {
+    Cert {
+        tbs: AnyRef::from_der(tbs_der)?,
+        algorithm: signer.signature_algorithm(),
+        signature: BitStringRef::new(0, signature)?,
+    }
+    .to_der()
+}
+
+fn atv(oid: ObjectIdentifier, value: der::asn1::Any) -> AttributeTypeAndValue {
+    AttributeTypeAndValue { oid, value }
+}
+
+/// A distinguished name from a policy subject (C, O, OU, CN in that order).
+pub fn name_from_policy(s: &SubjectPolicy) -> der::Result<Vec<u8>> {
+    let mut rdns = Vec::new();
+    if let Some(c) = &s.country {
+        rdns.push(atv(rfc4519::C, der::asn1::Any::encode_from(&PrintableString::new(c)?)?));
+    }
+    if let Some(o) = &s.organization {
+        rdns.push(atv(rfc4519::O, der::asn1::Any::encode_from(&Utf8StringRef::new(o)?)?));
+    }
+    if let Some(ou) = &s.organizational_unit {
+        rdns.push(atv(rfc4519::OU, der::asn1::Any::encode_from(&Utf8StringRef::new(ou)?)?));
+    }
+    rdns.push(atv(
+        rfc4519::CN,
+        der::asn1::Any::encode_from(&Utf8StringRef::new(&s.common_name)?)?,
+    ));
+    encode_name(rdns)
+}
+
+/// `CN=<value>`, the subject of device certificates.
+pub fn name_cn(cn: &str) -> der::Result<Vec<u8>> {
+    encode_name(vec![atv(rfc4519::CN, der::asn1::Any::encode_from(&Utf8StringRef::new(cn)?)?)])
+}
+
+fn encode_name(atvs: Vec<AttributeTypeAndValue>) -> der::Result<Vec<u8>> {
+    let mut seq = RdnSequence::default();
+    for a in atvs {
+        seq.push(RelativeDistinguishedName::try_from(vec![a])?);
+    }
+    seq.to_der()
+}
+
+/// Key identifier per RFC 7093 §2 method 1: the leftmost 160 bits of the
+/// SHA-256 of the subjectPublicKey BIT STRING value.
+pub fn key_identifier(spki_der: &[u8]) -> der::Result<Vec<u8>> {
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, spki.subject_public_key.raw_bytes());
+    Ok(digest.as_ref()[..20].to_vec())
+}
+
+fn ext<T: Encode>(oid: ObjectIdentifier, critical: bool, value: &T) -> der::Result<Extension> {
+    Ok(Extension {
+        extn_id: oid,
+        critical,
+        extn_value: OctetString::new(value.to_der()?)?,
+    })
+}
+
+fn common(ski: &[u8], aki: &[u8]) -> der::Result<Vec<Extension>> {
+    Ok(vec![
+        ext(rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER, false, &SubjectKeyIdentifier(OctetString::new(ski)?))?,
+        ext(
+            rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER,
+            false,
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(aki)?),
+                authority_cert_issuer: None,
+                authority_cert_serial_number: None,
+            },
+        )?,
+    ])
+}
+
+/// Extensions of a CA certificate: CA:TRUE with path length (critical),
+/// keyCertSign + cRLSign (critical), SKI and AKI.
+pub fn ca_extensions(ski: &[u8], aki: &[u8], path_len: Option<u8>) -> der::Result<Vec<Extension>> {
+    let mut v = vec![
+        ext(
+            rfc5280::ID_CE_BASIC_CONSTRAINTS,
+            true,
+            &BasicConstraints {
+                ca: true,
+                path_len_constraint: path_len,
+            },
+        )?,
+        ext(
+            rfc5280::ID_CE_KEY_USAGE,
+            true,
+            &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign | KeyUsages::DigitalSignature),
+        )?,
+    ];
+    v.extend(common(ski, aki)?);
+    Ok(v)
+}
+
+/// Extensions of a device certificate: CA:FALSE (critical), key usage for
+/// the key type (critical), EKU from the profile, SAN `urn:uuid:<device>`.
+pub fn device_extensions(
+    ski: &[u8],
+    aki: &[u8],
+    key: KeyAlgorithm,
+    eku: &[Eku],
+    device_uri: &str,
+) -> der::Result<Vec<Extension>> {
+    let usages = match key {
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment
+        }
+        _ => KeyUsages::DigitalSignature.into(),
+    };
+    let eku_oids = eku
+        .iter()
+        .map(|e| match e {
+            Eku::ClientAuth => rfc5280::ID_KP_CLIENT_AUTH,
+            Eku::ServerAuth => rfc5280::ID_KP_SERVER_AUTH,
+        })
+        .collect();
+    let mut v = vec![
+        ext(
+            rfc5280::ID_CE_BASIC_CONSTRAINTS,
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext(rfc5280::ID_CE_KEY_USAGE, true, &KeyUsage(usages))?,
+        ext(rfc5280::ID_CE_EXT_KEY_USAGE, false, &ExtendedKeyUsage(eku_oids))?,
+        ext(
+            rfc5280::ID_CE_SUBJECT_ALT_NAME,
+            false,
+            &SubjectAltName(vec![GeneralName::UniformResourceIdentifier(Ia5String::new(device_uri)?)]),
+        )?,
+    ];
+    v.extend(common(ski, aki)?);
+    Ok(v)
+}
+
+/// Serial number: 16 bytes from the CSPRNG, positive, no leading zero byte
+/// (RFC 5280 §4.1.2.2: at most 20 octets; CA/B Forum: ≥ 64 bits of entropy).
+pub fn random_serial() -> Result<[u8; 16], crate::auth::RandomError> {
+    let bytes = crate::auth::random_bytes(16)?;
+    let mut s = [0u8; 16];
+    s.copy_from_slice(&bytes);
+    s[0] = (s[0] & 0x7f) | 0x40;
+    Ok(s)
+}
+
+/// What the store and the API need to know about a certificate.
+pub struct CertSummary {
+    pub serial_hex: String,
+    pub subject_name_der: Vec<u8>,
+    pub ski: Option<Vec<u8>>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub spki_der: Vec<u8>,
+}
+
+/// Parses a certificate we hold (CA certificates) for its key facts.
+pub fn summarize(cert_der: &[u8]) -> der::Result<CertSummary> {
+    let cert = x509_cert::Certificate::from_der(cert_der)?;
+    let tbs = cert.tbs_certificate();
+    let ski = tbs
+        .get_extension::<SubjectKeyIdentifier>()?
+        .map(|(_, s)| s.0.as_bytes().to_vec());
+    Ok(CertSummary {
+        serial_hex: hex::encode_upper(tbs.serial_number().as_bytes()),
+        subject_name_der: tbs.subject().to_der()?,
+        ski,
+        not_before: tbs.validity().not_before.to_unix_duration().as_secs() as i64,
+        not_after: tbs.validity().not_after.to_unix_duration().as_secs() as i64,
+        spki_der: tbs.subject_public_key_info().to_der()?,
+    })
+}
+
+pub fn to_pem(cert_der: &[u8]) -> Result<String, der::Error> {
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, cert_der).map_err(der::Error::from)
+}
+
+/// Verifies that `cert_der` was signed by the key in `issuer_spki_der`
+/// (used on CA certificates after the HSM signs, to catch faulty signatures).
+pub fn verify_signed_by(cert_der: &[u8], issuer_spki_der: &[u8], issuer_alg: KeyAlgorithm) -> bool {
+    use ring::signature as s;
+    let Ok(cert) = Cert::from_der(cert_der) else {
+        return false;
+    };
+    let Ok(tbs) = cert.tbs.to_der() else {
+        return false;
+    };
+    let Ok(spki) = spki::SubjectPublicKeyInfoRef::from_der(issuer_spki_der) else {
+        return false;
+    };
+    let Some(sig) = cert.signature.as_bytes() else {
+        return false;
+    };
+    let alg: &dyn s::VerificationAlgorithm = match issuer_alg {
+        KeyAlgorithm::EcdsaP256 => &s::ECDSA_P256_SHA256_ASN1,
+        KeyAlgorithm::EcdsaP384 => &s::ECDSA_P384_SHA384_ASN1,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => &s::RSA_PKCS1_2048_8192_SHA256,
+        KeyAlgorithm::Ed25519 => &s::ED25519,
+    };
+    let Some(pk) = spki.subject_public_key.as_bytes() else {
+        return false;
+    };
+    s::UnparsedPublicKey::new(alg, pk).verify(&tbs, sig).is_ok()
+}
+
+/// The ecdsa-with-SHA256 OID, re-exported for tests that build CSRs.
+pub const ECDSA_WITH_SHA_256: ObjectIdentifier = rfc5912::ECDSA_WITH_SHA_256;
+
+/// Unused-bits-free BIT STRING helper for callers assembling structures.
+pub fn bit_string(bytes: &[u8]) -> der::Result<BitString> {
+    BitString::from_bytes(bytes)
+}

@@ -1,0 +1,391 @@
+//! `keyward.toml`: typed, validated, unknown keys refused.
+//!
+//! Relative paths are resolved against the directory of the config file, so a
+//! config moved together with its policies and secrets keeps working.
+
+use crate::secret::SecretSource;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub keystore: KeyStoreConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub policies: PoliciesConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Directory the config was read from; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    pub source_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            body_limit_bytes: default_body_limit(),
+            request_timeout_secs: default_request_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+fn default_request_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StoreConfig {
+    Sqlite(SqliteConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteConfig {
+    pub path: PathBuf,
+    /// Most changes committed in one transaction by the group-commit writer.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+}
+
+fn default_batch_max() -> usize {
+    256
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum KeyStoreConfig {
+    Pkcs11(Pkcs11Config),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    pub module: PathBuf,
+    #[serde(default)]
+    pub token_label: Option<String>,
+    #[serde(default)]
+    pub token_serial: Option<String>,
+    /// RFC 7512 URI naming the token, e.g. `pkcs11:token=keyward`.
+    #[serde(default)]
+    pub token_uri: Option<String>,
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Logged-in sessions kept open; also the most signatures in flight.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+fn default_sessions() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}
+
+impl Pkcs11Config {
+    pub fn pin_source(&self) -> SecretSource {
+        SecretSource::new("keystore.pin", self.pin_file.as_deref(), self.pin_env.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Pepper for hashing admin tokens and registration secrets (HMAC-SHA-256 key).
+    #[serde(default)]
+    pub token_pepper_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token_pepper_env: Option<String>,
+}
+
+impl AuthConfig {
+    pub fn pepper_source(&self) -> SecretSource {
+        SecretSource::new(
+            "auth.token_pepper",
+            self.token_pepper_file.as_deref(),
+            self.token_pepper_env.as_deref(),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesConfig {
+    #[serde(default = "default_policies_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_policies_dir(),
+        }
+    }
+}
+
+fn default_policies_dir() -> PathBuf {
+    PathBuf::from("policies")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Log sensitive details (device ids, key labels, policy bodies). Off by default.
+    #[serde(default)]
+    pub sensitive_details: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+            format: LogFormat::default(),
+            sensitive_details: false,
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        cfg.source_path = path.to_path_buf();
+        cfg.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        cfg.resolve_paths();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text without touching the file system.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn resolve_paths(&mut self) {
+        let StoreConfig::Sqlite(s) = &self.store;
+        let store_path = self.resolve(&s.path);
+        let KeyStoreConfig::Pkcs11(k) = &self.keystore;
+        let module = if k.module.components().count() > 1 {
+            self.resolve(&k.module)
+        } else {
+            k.module.clone()
+        };
+        let pin_file = k.pin_file.as_ref().map(|p| self.resolve(p));
+        let pepper_file = self.auth.token_pepper_file.as_ref().map(|p| self.resolve(p));
+        let policies = self.resolve(&self.policies.dir);
+
+        let StoreConfig::Sqlite(s) = &mut self.store;
+        s.path = store_path;
+        let KeyStoreConfig::Pkcs11(k) = &mut self.keystore;
+        k.module = module;
+        k.pin_file = pin_file;
+        self.auth.token_pepper_file = pepper_file;
+        self.policies.dir = policies;
+    }
+
+    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source_path.clone(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Checks that do not need the HSM or the database: one token selector,
+    /// one source per secret, sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let KeyStoreConfig::Pkcs11(k) = &self.keystore;
+        let selectors = [
+            k.token_label.is_some(),
+            k.token_serial.is_some(),
+            k.token_uri.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if selectors != 1 {
+            return Err(self.invalid(
+                "keystore.token_label",
+                "set exactly one of token_label, token_serial or token_uri (tokens are chosen by label or serial, never by slot)",
+            ));
+        }
+        if let Some(uri) = &k.token_uri {
+            crate::keystore::pkcs11::uri::Pkcs11Uri::parse(uri)
+                .map_err(|e| self.invalid("keystore.token_uri", e.to_string()))?;
+        }
+        if k.sessions == 0 || k.sessions > 256 {
+            return Err(self.invalid("keystore.sessions", "must be between 1 and 256"));
+        }
+        check_source(self, "keystore.pin", k.pin_file.is_some(), k.pin_env.is_some())?;
+        check_source(
+            self,
+            "auth.token_pepper",
+            self.auth.token_pepper_file.is_some(),
+            self.auth.token_pepper_env.is_some(),
+        )?;
+        if self.server.body_limit_bytes < 1024 || self.server.body_limit_bytes > 16 * 1024 * 1024
+        {
+            return Err(self.invalid(
+                "server.body_limit_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if self.server.request_timeout_secs == 0 {
+            return Err(self.invalid("server.request_timeout_secs", "must be at least 1"));
+        }
+        let StoreConfig::Sqlite(s) = &self.store;
+        if s.batch_max == 0 || s.batch_max > 10_000 {
+            return Err(self.invalid("store.batch_max", "must be between 1 and 10000"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(self.invalid("log.level", "not a valid tracing filter (e.g. `info`, `keyward=debug`)"));
+        }
+        Ok(())
+    }
+}
+
+fn check_source(cfg: &Config, key: &str, file: bool, env: bool) -> Result<(), ConfigError> {
+    match (file, env) {
+        (true, true) => Err(cfg.invalid(key, format!("set only one of `{key}_file` and `{key}_env`"))),
+        (false, false) => Err(cfg.invalid(
+            key,
+            format!("missing: set `{key}_file` (a path) or `{key}_env` (an environment variable name); secrets never come from the command line"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[store]
+type = "sqlite"
+path = "k.db"
+[keystore]
+type = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "keyward"
+pin_env = "KEYWARD_HSM_PIN"
+[auth]
+token_pepper_env = "KEYWARD_PEPPER"
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("k.toml")).unwrap();
+        assert_eq!(c.server.listen.port(), 8080);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let text = format!("{MINIMAL}\n[bogus]\nx = 1\n");
+        let e = Config::parse(&text, Path::new("k.toml")).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_inside_tagged_section_is_named() {
+        let text = MINIMAL.replace("path = \"k.db\"", "path = \"k.db\"\npaht = 3");
+        let e = Config::parse(&text, Path::new("k.toml")).unwrap_err().to_string();
+        assert!(e.contains("paht"), "{e}");
+    }
+
+    #[test]
+    fn two_token_selectors_are_refused() {
+        let text = MINIMAL.replace("token_label = \"keyward\"", "token_label = \"a\"\ntoken_serial = \"b\"");
+        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("keystore.token_label"), "{e}");
+    }
+
+    #[test]
+    fn pin_from_two_sources_is_refused() {
+        let text = MINIMAL.replace("pin_env = \"KEYWARD_HSM_PIN\"", "pin_env = \"X\"\npin_file = \"/p\"");
+        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("keystore.pin"));
+    }
+}

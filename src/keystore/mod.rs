@@ -1,0 +1,166 @@
+//! The `KeyStore` port: hardware that generates keys and signs, and never
+//! hands a private key out.
+//!
+//! A backend implements only what it can; operations it lacks return
+//! [`KeyStoreError::Unsupported`]. Its limits are data, in [`Capabilities`],
+//! so that services adapt (queue to the signer count) instead of branching on
+//! vendor names.
+
+pub mod algorithm;
+pub mod pkcs11;
+
+pub use algorithm::KeyAlgorithm;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An opaque, backend-specific reference to a key pair, stored in the
+/// database. For PKCS#11 it is an RFC 7512 URI carrying the CKA_ID.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyHandle(pub String);
+
+impl fmt::Debug for KeyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHandle({})", self.0)
+    }
+}
+
+impl fmt::Display for KeyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    /// Stable id; becomes CKA_ID on PKCS#11 tokens.
+    pub id: uuid::Uuid,
+    /// Human-readable label; becomes CKA_LABEL.
+    pub label: String,
+    pub algorithm: KeyAlgorithm,
+    /// Only keys whose policy marks them for backup may be wrapped out of the
+    /// HSM; everything else is created non-extractable.
+    pub extractable: bool,
+}
+
+/// A freshly generated key pair as the store records it.
+#[derive(Debug, Clone)]
+pub struct GeneratedKey {
+    pub handle: KeyHandle,
+    /// DER SubjectPublicKeyInfo.
+    pub public_key_der: Vec<u8>,
+}
+
+/// How a private key is protected, read back from the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KeyProtection {
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+}
+
+/// A backend's limits, stated as data.
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub algorithms: Vec<KeyAlgorithm>,
+    /// Signatures the device can work on at once; the backend queues beyond it.
+    pub max_concurrent_signers: usize,
+    /// Whether keys can leave the device wrapped (`CKM_AES_KEY_WRAP_PAD`).
+    pub can_wrap_keys: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    #[error("cannot load PKCS#11 module {path}: {source}")]
+    ModuleLoad {
+        path: String,
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    #[error("no initialised token matches {selector}; tokens present: {present}")]
+    TokenNotFound { selector: String, present: String },
+    #[error("the HSM rejected the PIN (CKR_PIN_INCORRECT)")]
+    PinIncorrect,
+    #[error("the HSM PIN is locked (CKR_PIN_LOCKED); unlock it with the SO PIN")]
+    PinLocked,
+    #[error("key not found on the token: {0}")]
+    KeyNotFound(KeyHandle),
+    #[error("invalid key handle `{0}`")]
+    BadHandle(String),
+    #[error("algorithm {0} is not supported by this token")]
+    Unsupported(KeyAlgorithm),
+    #[error("operation not supported by the {backend} backend: {operation}")]
+    OperationUnsupported {
+        backend: &'static str,
+        operation: &'static str,
+    },
+    #[error("the token returned an unexpected value: {0}")]
+    Malformed(String),
+    #[error("HSM call failed: {0}")]
+    Pkcs11(#[source] cryptoki::error::Error),
+    #[error("the HSM worker thread failed: {0}")]
+    Worker(String),
+}
+
+/// The port. Every call may block on hardware; backends do the blocking off
+/// the async runtime.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Short backend name recorded with each key (`pkcs11`, `yubikey`).
+    fn backend(&self) -> &'static str;
+
+    fn capabilities(&self) -> &Capabilities;
+
+    /// The handle a key generated from `spec` will have. Recorded before
+    /// generation so that a crash between the HSM call and the database
+    /// commit leaves a row that start-up reconciliation can clean up.
+    fn planned_handle(&self, spec: &KeySpec) -> KeyHandle;
+
+    /// Generates a key pair inside the device.
+    async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError>;
+
+    /// DER SubjectPublicKeyInfo of the key.
+    async fn public_key(&self, handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError>;
+
+    /// Signs `message` with the key. The backend hashes as the algorithm
+    /// requires and returns the signature as X.509 carries it (DER for ECDSA,
+    /// raw for RSA PKCS#1 v1.5 and Ed25519).
+    async fn sign(
+        &self,
+        handle: &KeyHandle,
+        algorithm: KeyAlgorithm,
+        message: &[u8],
+    ) -> Result<Vec<u8>, KeyStoreError>;
+
+    /// Whether the key exists on the device.
+    async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError>;
+
+    /// Reads back how the private key is protected.
+    async fn protection(&self, handle: &KeyHandle) -> Result<KeyProtection, KeyStoreError> {
+        let _ = handle;
+        Err(KeyStoreError::OperationUnsupported {
+            backend: self.backend(),
+            operation: "protection",
+        })
+    }
+
+    /// Destroys the key pair. Destroying a key that is already gone succeeds.
+    async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError>;
+
+    /// Lists the handles of key pairs this backend created (for start-up reconciliation).
+    async fn list(&self) -> Result<Vec<(KeyHandle, String)>, KeyStoreError> {
+        Err(KeyStoreError::OperationUnsupported {
+            backend: self.backend(),
+            operation: "list",
+        })
+    }
+
+    /// A cheap liveness check for `/readyz`.
+    async fn health(&self) -> Result<(), KeyStoreError>;
+
+    /// Logs out and closes sessions; later calls log in again.
+    async fn close(&self) -> Result<(), KeyStoreError>;
+}

@@ -1,0 +1,315 @@
+//! Key pair templates, public-key export and signing on a PKCS#11 session.
+
+use crate::keystore::algorithm::{SHA256_DIGEST_INFO_PREFIX, ecdsa_raw_to_der};
+use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError};
+use const_oid::db::{rfc5912, rfc8410};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use der::asn1::{BitString, OctetString};
+use der::{Decode, Encode};
+use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+
+fn ck(e: cryptoki::error::Error) -> KeyStoreError {
+    KeyStoreError::Pkcs11(e)
+}
+
+fn der_err(e: der::Error) -> KeyStoreError {
+    KeyStoreError::Malformed(e.to_string())
+}
+
+/// Generates a key pair. Private keys are always sensitive and private;
+/// extractable only when the spec says so (backup-marked keys).
+pub(super) fn generate(
+    session: &Session,
+    spec: &KeySpec,
+    id: &[u8],
+) -> Result<(ObjectHandle, ObjectHandle), KeyStoreError> {
+    let label = spec.label.as_bytes().to_vec();
+    let mut public = vec![
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::Label(label.clone()),
+        Attribute::Id(id.to_vec()),
+    ];
+    let private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sign(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(spec.extractable),
+        Attribute::Label(label),
+        Attribute::Id(id.to_vec()),
+    ];
+    let mechanism = match spec.algorithm {
+        KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => {
+            let oid = spec
+                .algorithm
+                .curve_oid()
+                .ok_or(KeyStoreError::Unsupported(spec.algorithm))?;
+            public.push(Attribute::EcParams(oid.to_der().map_err(der_err)?));
+            Mechanism::EccKeyPairGen
+        }
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            let bits = spec
+                .algorithm
+                .rsa_bits()
+                .ok_or(KeyStoreError::Unsupported(spec.algorithm))?;
+            public.push(Attribute::ModulusBits(u64::from(bits).into()));
+            public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
+            Mechanism::RsaPkcsKeyPairGen
+        }
+        KeyAlgorithm::Ed25519 => {
+            public.push(Attribute::EcParams(rfc8410::ID_ED_25519.to_der().map_err(der_err)?));
+            Mechanism::EccEdwardsKeyPairGen
+        }
+    };
+    session
+        .generate_key_pair(&mechanism, &public, &private)
+        .map_err(ck)
+}
+
+pub(super) fn find_private(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
+    let found = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(id.to_vec())])
+        .map_err(ck)?;
+    Ok(found.into_iter().next())
+}
+
+fn find_public(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
+    let found = session
+        .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(id.to_vec())])
+        .map_err(ck)?;
+    Ok(found.into_iter().next())
+}
+
+/// Works out the algorithm of a stored key pair from its public half.
+pub(super) fn algorithm_of(session: &Session, id: &[u8]) -> Result<Option<KeyAlgorithm>, KeyStoreError> {
+    let Some(public) = find_public(session, id)? else {
+        return Ok(None);
+    };
+    let attrs = session
+        .get_attributes(public, &[AttributeType::KeyType, AttributeType::EcParams, AttributeType::Modulus])
+        .map_err(ck)?;
+    let mut key_type = None;
+    let mut params = None;
+    let mut modulus_len = 0usize;
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => key_type = Some(t),
+            Attribute::EcParams(p) => params = Some(p),
+            Attribute::Modulus(m) => modulus_len = m.iter().skip_while(|b| **b == 0).count(),
+            _ => {}
+        }
+    }
+    let alg = match key_type {
+        Some(KeyType::EC) => {
+            let oid = params
+                .and_then(|p| const_oid::ObjectIdentifier::from_der(&p).ok())
+                .ok_or_else(|| KeyStoreError::Malformed("EC key without named curve".into()))?;
+            if oid == rfc5912::SECP_256_R_1 {
+                KeyAlgorithm::EcdsaP256
+            } else if oid == rfc5912::SECP_384_R_1 {
+                KeyAlgorithm::EcdsaP384
+            } else {
+                return Err(KeyStoreError::Malformed(format!("unsupported curve {oid}")));
+            }
+        }
+        Some(KeyType::RSA) => match modulus_len * 8 {
+            2048 => KeyAlgorithm::Rsa2048,
+            3072 => KeyAlgorithm::Rsa3072,
+            4096 => KeyAlgorithm::Rsa4096,
+            bits => return Err(KeyStoreError::Malformed(format!("unsupported RSA size {bits}"))),
+        },
+        Some(KeyType::EC_EDWARDS) => KeyAlgorithm::Ed25519,
+        other => return Err(KeyStoreError::Malformed(format!("unsupported key type {other:?}"))),
+    };
+    Ok(Some(alg))
+}
+
+/// Reads the public half and encodes it as a DER SubjectPublicKeyInfo.
+pub(super) fn public_key_der(
+    session: &Session,
+    id: &[u8],
+    algorithm: KeyAlgorithm,
+) -> Result<Vec<u8>, KeyStoreError> {
+    let public = find_public(session, id)?
+        .ok_or_else(|| KeyStoreError::Malformed("public key object missing".into()))?;
+    let spki = match algorithm {
+        KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 | KeyAlgorithm::Ed25519 => {
+            let attrs = session
+                .get_attributes(public, &[AttributeType::EcPoint])
+                .map_err(ck)?;
+            let point = attrs
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::EcPoint(p) => Some(p),
+                    _ => None,
+                })
+                .ok_or_else(|| KeyStoreError::Malformed("CKA_EC_POINT missing".into()))?;
+            // Tokens return a DER OCTET STRING around the point; a few return it bare.
+            let raw = OctetString::from_der(&point)
+                .map(|o| o.as_bytes().to_vec())
+                .unwrap_or(point);
+            let algorithm_id = match algorithm {
+                KeyAlgorithm::Ed25519 => AlgorithmIdentifierOwned {
+                    oid: rfc8410::ID_ED_25519,
+                    parameters: None,
+                },
+                _ => AlgorithmIdentifierOwned {
+                    oid: rfc5912::ID_EC_PUBLIC_KEY,
+                    parameters: Some(
+                        algorithm
+                            .curve_oid()
+                            .ok_or(KeyStoreError::Unsupported(algorithm))?
+                            .into(),
+                    ),
+                },
+            };
+            SubjectPublicKeyInfoOwned {
+                algorithm: algorithm_id,
+                subject_public_key: BitString::from_bytes(&raw).map_err(der_err)?,
+            }
+        }
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            let attrs = session
+                .get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .map_err(ck)?;
+            let mut n = None;
+            let mut e = None;
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(m) => n = Some(m),
+                    Attribute::PublicExponent(x) => e = Some(x),
+                    _ => {}
+                }
+            }
+            let (n, e) = n
+                .zip(e)
+                .ok_or_else(|| KeyStoreError::Malformed("RSA public key attributes missing".into()))?;
+            #[derive(der::Sequence)]
+            struct RsaPublicKey<'a> {
+                n: der::asn1::UintRef<'a>,
+                e: der::asn1::UintRef<'a>,
+            }
+            let rsa = RsaPublicKey {
+                n: der::asn1::UintRef::new(&n).map_err(der_err)?,
+                e: der::asn1::UintRef::new(&e).map_err(der_err)?,
+            }
+            .to_der()
+            .map_err(der_err)?;
+            SubjectPublicKeyInfoOwned {
+                algorithm: AlgorithmIdentifierOwned {
+                    oid: rfc5912::RSA_ENCRYPTION,
+                    parameters: Some(der::asn1::Any::null()),
+                },
+                subject_public_key: BitString::from_bytes(&rsa).map_err(der_err)?,
+            }
+        }
+    };
+    spki.to_der().map_err(der_err)
+}
+
+/// What the token is given for a message: a digest (ECDSA), a DigestInfo
+/// (RSA PKCS#1 v1.5 via plain CKM_RSA_PKCS) or the message itself (EdDSA).
+/// Computed before the blocking call so hashing does not hold a session.
+pub(super) fn sign_input(algorithm: KeyAlgorithm, message: &[u8]) -> Vec<u8> {
+    match (algorithm, algorithm.digest(message)) {
+        (KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096, Some(d)) => {
+            let mut v = SHA256_DIGEST_INFO_PREFIX.to_vec();
+            v.extend_from_slice(&d);
+            v
+        }
+        (_, Some(d)) => d,
+        (_, None) => message.to_vec(),
+    }
+}
+
+pub(super) fn sign(
+    session: &Session,
+    key: ObjectHandle,
+    algorithm: KeyAlgorithm,
+    input: &[u8],
+) -> Result<Vec<u8>, KeyStoreError> {
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => {
+            let raw = session.sign(&Mechanism::Ecdsa, key, input).map_err(ck)?;
+            ecdsa_raw_to_der(&raw).map_err(der_err)
+        }
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            session.sign(&Mechanism::RsaPkcs, key, input).map_err(ck)
+        }
+        KeyAlgorithm::Ed25519 => session
+            .sign(&Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)), key, input)
+            .map_err(ck),
+    }
+}
+
+pub(super) fn protection(session: &Session, key: ObjectHandle) -> Result<KeyProtection, KeyStoreError> {
+    let attrs = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+            ],
+        )
+        .map_err(ck)?;
+    let mut p = KeyProtection {
+        sensitive: false,
+        extractable: true,
+        always_sensitive: false,
+        never_extractable: false,
+    };
+    for a in attrs {
+        match a {
+            Attribute::Sensitive(v) => p.sensitive = v,
+            Attribute::Extractable(v) => p.extractable = v,
+            Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
+            Attribute::NeverExtractable(v) => p.never_extractable = v,
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+/// Destroys both halves; absent objects are not an error.
+pub(super) fn destroy(session: &Session, id: &[u8]) -> Result<(), KeyStoreError> {
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let found = session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+            .map_err(ck)?;
+        for h in found {
+            session.destroy_object(h).map_err(ck)?;
+        }
+    }
+    Ok(())
+}
+
+/// (CKA_ID, CKA_LABEL) of every private key on the token.
+pub(super) fn list(session: &Session) -> Result<Vec<(Vec<u8>, String)>, KeyStoreError> {
+    let handles = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .map_err(ck)?;
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        let attrs = session
+            .get_attributes(h, &[AttributeType::Id, AttributeType::Label])
+            .map_err(ck)?;
+        let mut id = Vec::new();
+        let mut label = String::new();
+        for a in attrs {
+            match a {
+                Attribute::Id(v) => id = v,
+                Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                _ => {}
+            }
+        }
+        out.push((id, label));
+    }
+    Ok(out)
+}

@@ -1,0 +1,9 @@
+pub mod audit;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod keystore;
+pub mod policy;
+pub mod secret;
+pub mod store;
+pub mod ca;

@@ -1,0 +1,214 @@
+//! Row ↔ record mapping for the SQLite backend.
+
+use super::db;
+use crate::audit::{AuditEvent, Outcome};
+use crate::keystore::{KeyAlgorithm, KeyHandle};
+use crate::policy::CaKind;
+use crate::store::StoreError;
+use crate::store::records::*;
+use rusqlite::{Connection, OptionalExtension, Params, Row};
+use uuid::Uuid;
+
+type R<T> = rusqlite::Result<T>;
+
+fn bad(idx: usize, what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        idx,
+        rusqlite::types::Type::Text,
+        format!("invalid {what} `{value}`").into(),
+    )
+}
+
+fn uuid(r: &Row<'_>, idx: usize) -> R<Uuid> {
+    let s: String = r.get(idx)?;
+    Uuid::parse_str(&s).map_err(|_| bad(idx, "uuid", &s))
+}
+
+fn opt_uuid(r: &Row<'_>, idx: usize) -> R<Option<Uuid>> {
+    let s: Option<String> = r.get(idx)?;
+    s.map(|s| Uuid::parse_str(&s).map_err(|_| bad(idx, "uuid", &s)))
+        .transpose()
+}
+
+fn parsed<T>(r: &Row<'_>, idx: usize, what: &str, f: impl Fn(&str) -> Option<T>) -> R<T> {
+    let s: String = r.get(idx)?;
+    f(&s).ok_or_else(|| bad(idx, what, &s))
+}
+
+fn algorithm(r: &Row<'_>, idx: usize) -> R<KeyAlgorithm> {
+    parsed(r, idx, "algorithm", |s| s.parse().ok())
+}
+
+pub(super) fn ca_kind_str(k: CaKind) -> &'static str {
+    match k {
+        CaKind::Root => "root",
+        CaKind::Issuing => "issuing",
+    }
+}
+
+pub(super) fn one<T, P: Params>(
+    c: &Connection,
+    sql: &str,
+    p: P,
+    f: fn(&Row<'_>) -> R<T>,
+) -> Result<Option<T>, StoreError> {
+    let mut stmt = c.prepare_cached(sql).map_err(db)?;
+    stmt.query_row(p, f).optional().map_err(corrupt)
+}
+
+pub(super) fn many<T, P: Params>(
+    c: &Connection,
+    sql: &str,
+    p: P,
+    f: fn(&Row<'_>) -> R<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = c.prepare_cached(sql).map_err(db)?;
+    let rows = stmt.query_map(p, f).map_err(db)?;
+    rows.collect::<R<Vec<T>>>().map_err(corrupt)
+}
+
+fn corrupt(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::FromSqlConversionFailure(..) => StoreError::Corrupt(e.to_string()),
+        other => db(other),
+    }
+}
+
+pub(super) const KEY_SELECT: &str = "SELECT id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at FROM keys";
+
+pub(super) fn key(r: &Row<'_>) -> R<KeyRecord> {
+    Ok(KeyRecord {
+        id: uuid(r, 0)?,
+        label: r.get(1)?,
+        purpose: parsed(r, 2, "key purpose", KeyPurpose::parse)?,
+        algorithm: algorithm(r, 3)?,
+        backend: r.get(4)?,
+        handle: KeyHandle(r.get(5)?),
+        public_key_der: r.get(6)?,
+        state: parsed(r, 7, "key state", KeyState::parse)?,
+        ca_name: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+    })
+}
+
+pub(super) const CA_SELECT: &str = "SELECT name, kind, parent, key_id, certificate, created_at FROM cas";
+
+pub(super) fn ca(r: &Row<'_>) -> R<CaRecord> {
+    Ok(CaRecord {
+        name: r.get(0)?,
+        kind: parsed(r, 1, "CA kind", |s| match s {
+            "root" => Some(CaKind::Root),
+            "issuing" => Some(CaKind::Issuing),
+            _ => None,
+        })?,
+        parent: r.get(2)?,
+        key_id: uuid(r, 3)?,
+        certificate_der: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+pub(super) const ADMIN_SELECT: &str = "SELECT id, name, role, token_hash, disabled, created_at FROM admins";
+
+pub(super) fn admin(r: &Row<'_>) -> R<AdminRecord> {
+    Ok(AdminRecord {
+        id: uuid(r, 0)?,
+        name: r.get(1)?,
+        role: parsed(r, 2, "role", |s| s.parse().ok())?,
+        token_hash: r.get(3)?,
+        disabled: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+pub(super) const REGISTRATION_SELECT: &str = "SELECT id, device_id, group_name, status, name, device_type, location, firmware, csr,
+    key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial, credentials_fetched_at
+    FROM registrations";
+
+pub(super) fn registration(r: &Row<'_>) -> R<RegistrationRecord> {
+    Ok(RegistrationRecord {
+        id: uuid(r, 0)?,
+        device_id: uuid(r, 1)?,
+        group: r.get(2)?,
+        status: parsed(r, 3, "registration status", RegistrationStatus::parse)?,
+        name: r.get(4)?,
+        device_type: r.get(5)?,
+        location: r.get(6)?,
+        firmware: r.get(7)?,
+        csr_der: r.get(8)?,
+        key_algorithm: algorithm(r, 9)?,
+        secret_hash: r.get(10)?,
+        submitted_by: opt_uuid(r, 11)?,
+        submitted_at: r.get(12)?,
+        expires_at: r.get(13)?,
+        decided_at: r.get(14)?,
+        certificate_serial: r.get(15)?,
+        credentials_fetched_at: r.get(16)?,
+    })
+}
+
+pub(super) fn approval(r: &Row<'_>) -> R<ApprovalRecord> {
+    Ok(ApprovalRecord {
+        registration_id: uuid(r, 0)?,
+        admin_id: uuid(r, 1)?,
+        decision: parsed(r, 2, "decision", Decision::parse)?,
+        comment: r.get(3)?,
+        decided_at: r.get(4)?,
+    })
+}
+
+pub(super) const DEVICE_SELECT: &str =
+    "SELECT id, name, device_type, location, firmware, group_name, status, created_at, updated_at FROM devices";
+
+pub(super) fn device(r: &Row<'_>) -> R<DeviceRecord> {
+    Ok(DeviceRecord {
+        id: uuid(r, 0)?,
+        name: r.get(1)?,
+        device_type: r.get(2)?,
+        location: r.get(3)?,
+        firmware: r.get(4)?,
+        group: r.get(5)?,
+        status: parsed(r, 6, "device status", DeviceStatus::parse)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+pub(super) const CERT_SELECT: &str = "SELECT serial, device_id, issuer_ca, issuer_key_id, subject, not_before, not_after,
+    fingerprint, der, status, revoked_at, revocation_reason, created_at FROM certificates";
+
+pub(super) fn certificate(r: &Row<'_>) -> R<CertificateRecord> {
+    Ok(CertificateRecord {
+        serial: r.get(0)?,
+        device_id: opt_uuid(r, 1)?,
+        issuer_ca: r.get(2)?,
+        issuer_key_id: uuid(r, 3)?,
+        subject: r.get(4)?,
+        not_before: r.get(5)?,
+        not_after: r.get(6)?,
+        fingerprint_sha256: r.get(7)?,
+        der: r.get(8)?,
+        status: parsed(r, 9, "certificate status", CertificateStatus::parse)?,
+        revoked_at: r.get(10)?,
+        revocation_reason: r.get(11)?,
+        created_at: r.get(12)?,
+    })
+}
+
+pub(super) fn audit(r: &Row<'_>) -> R<AuditEvent> {
+    let details: String = r.get(6)?;
+    Ok(AuditEvent {
+        seq: r.get(0)?,
+        at_ms: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        outcome: parsed(r, 5, "outcome", Outcome::parse)?,
+        // An unparsable details column is tampering too: verification will flag the hash.
+        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
+        prev_hash: r.get(7)?,
+        hash: r.get(8)?,
+        version: r.get(9)?,
+    })
+}
