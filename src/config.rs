@@ -130,7 +130,11 @@ fn default_sessions() -> usize {
 
 impl Pkcs11Config {
     pub fn pin_source(&self) -> SecretSource {
-        SecretSource::new("keystore.pin", self.pin_file.as_deref(), self.pin_env.as_deref())
+        SecretSource::new(
+            "keystore.pin",
+            self.pin_file.as_deref(),
+            self.pin_env.as_deref(),
+        )
     }
 }
 
@@ -252,7 +256,11 @@ impl Config {
             k.module.clone()
         };
         let pin_file = k.pin_file.as_ref().map(|p| self.resolve(p));
-        let pepper_file = self.auth.token_pepper_file.as_ref().map(|p| self.resolve(p));
+        let pepper_file = self
+            .auth
+            .token_pepper_file
+            .as_ref()
+            .map(|p| self.resolve(p));
         let policies = self.resolve(&self.policies.dir);
 
         let StoreConfig::Sqlite(s) = &mut self.store;
@@ -297,15 +305,19 @@ impl Config {
         if k.sessions == 0 || k.sessions > 256 {
             return Err(self.invalid("keystore.sessions", "must be between 1 and 256"));
         }
-        check_source(self, "keystore.pin", k.pin_file.is_some(), k.pin_env.is_some())?;
+        check_source(
+            self,
+            "keystore.pin",
+            k.pin_file.is_some(),
+            k.pin_env.is_some(),
+        )?;
         check_source(
             self,
             "auth.token_pepper",
             self.auth.token_pepper_file.is_some(),
             self.auth.token_pepper_env.is_some(),
         )?;
-        if self.server.body_limit_bytes < 1024 || self.server.body_limit_bytes > 16 * 1024 * 1024
-        {
+        if self.server.body_limit_bytes < 1024 || self.server.body_limit_bytes > 16 * 1024 * 1024 {
             return Err(self.invalid(
                 "server.body_limit_bytes",
                 "must be between 1024 and 16777216",
@@ -319,7 +331,10 @@ impl Config {
             return Err(self.invalid("store.batch_max", "must be between 1 and 10000"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(self.invalid("log.level", "not a valid tracing filter (e.g. `info`, `keyward=debug`)"));
+            return Err(self.invalid(
+                "log.level",
+                "not a valid tracing filter (e.g. `info`, `keyward=debug`)",
+            ));
         }
         Ok(())
     }
@@ -333,6 +348,16 @@ fn check_source(cfg: &Config, key: &str, file: bool, env: bool) -> Result<(), Co
             format!("missing: set `{key}_file` (a path) or `{key}_env` (an environment variable name); secrets never come from the command line"),
         )),
         _ => Ok(()),
+    }
+}
+
+impl Config {
+    /// Reads the secrets the config points at (without using them), so that
+    /// `config check` catches a missing PIN file or env var before start-up.
+    pub fn keystore_pin_check(&self) -> Result<(), crate::secret::SecretError> {
+        let KeyStoreConfig::Pkcs11(k) = &self.keystore;
+        k.pin_source().load().map(drop)?;
+        self.auth.pepper_source().load().map(drop)
     }
 }
 
@@ -363,20 +388,27 @@ token_pepper_env = "KEYWARD_PEPPER"
     #[test]
     fn unknown_top_level_key_is_named() {
         let text = format!("{MINIMAL}\n[bogus]\nx = 1\n");
-        let e = Config::parse(&text, Path::new("k.toml")).unwrap_err().to_string();
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
     }
 
     #[test]
     fn unknown_key_inside_tagged_section_is_named() {
         let text = MINIMAL.replace("path = \"k.db\"", "path = \"k.db\"\npaht = 3");
-        let e = Config::parse(&text, Path::new("k.toml")).unwrap_err().to_string();
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("paht"), "{e}");
     }
 
     #[test]
     fn two_token_selectors_are_refused() {
-        let text = MINIMAL.replace("token_label = \"keyward\"", "token_label = \"a\"\ntoken_serial = \"b\"");
+        let text = MINIMAL.replace(
+            "token_label = \"keyward\"",
+            "token_label = \"a\"\ntoken_serial = \"b\"",
+        );
         let c = Config::parse(&text, Path::new("k.toml")).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("keystore.token_label"), "{e}");
@@ -384,8 +416,16 @@ token_pepper_env = "KEYWARD_PEPPER"
 
     #[test]
     fn pin_from_two_sources_is_refused() {
-        let text = MINIMAL.replace("pin_env = \"KEYWARD_HSM_PIN\"", "pin_env = \"X\"\npin_file = \"/p\"");
+        let text = MINIMAL.replace(
+            "pin_env = \"KEYWARD_HSM_PIN\"",
+            "pin_env = \"X\"\npin_file = \"/p\"",
+        );
         let c = Config::parse(&text, Path::new("k.toml")).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("keystore.pin"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("keystore.pin")
+        );
     }
 }

@@ -1,9 +1,24 @@
+//! keyward: a key management daemon that keeps CA and device keys in hardware.
+//!
+//! The crate is organised as ports (traits in `keystore`, `store`) with
+//! backends behind them, services that depend only on the ports (`ca`,
+//! `registry`, `auth`, `audit`, `policy`), the HTTP surface (`http`) and the
+//! operator CLI (`cli`). `app` is the one composition root that names
+//! concrete backends.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod ca;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod http;
 pub mod keystore;
+pub mod metrics;
 pub mod policy;
+pub mod registry;
 pub mod secret;
 pub mod store;
-pub mod ca;

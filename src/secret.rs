@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 pub enum SecretError {
     #[error("{key}: set exactly one of `{key}_file` or `{key}_env`")]
     Ambiguous { key: String },
-    #[error("{key}: missing; set `{key}_file` (a path) or `{key}_env` (an environment variable name)")]
+    #[error(
+        "{key}: missing; set `{key}_file` (a path) or `{key}_env` (an environment variable name)"
+    )]
     Missing { key: String },
     #[error("{key}: cannot read secret file {path}: {source}")]
     File {
@@ -59,12 +61,12 @@ impl SecretSource {
                 })?;
                 zeroize::Zeroizing::new(text)
             }
-            (None, Some(var)) => zeroize::Zeroizing::new(std::env::var(var).map_err(|_| {
-                SecretError::Env {
+            (None, Some(var)) => {
+                zeroize::Zeroizing::new(std::env::var(var).map_err(|_| SecretError::Env {
                     key: key.clone(),
                     var: var.clone(),
-                }
-            })?),
+                })?)
+            }
         };
         let trimmed = raw.trim_end_matches(['\n', '\r']);
         if trimmed.is_empty() {

@@ -177,7 +177,10 @@ impl ChainVerifier {
             reason: reason.to_string(),
         };
         if e.seq != self.expected_seq {
-            return Err(fail(&format!("expected sequence {} but found {} (event missing or reordered)", self.expected_seq, e.seq)));
+            return Err(fail(&format!(
+                "expected sequence {} but found {} (event missing or reordered)",
+                self.expected_seq, e.seq
+            )));
         }
         if e.version != AUDIT_RECORD_VERSION {
             return Err(fail(&format!("unknown record version {}", e.version)));
@@ -186,7 +189,9 @@ impl ChainVerifier {
             return Err(fail("prev_hash does not match the previous event's hash"));
         }
         if e.expected_hash() != e.hash {
-            return Err(fail("hash does not match the event's contents (event altered)"));
+            return Err(fail(
+                "hash does not match the event's contents (event altered)",
+            ));
         }
         self.prev_hash = e.hash.clone();
         self.expected_seq += 1;
@@ -261,7 +266,15 @@ mod tests {
     fn detail_key_order_does_not_change_the_hash() {
         let a: serde_json::Value = serde_json::from_str(r#"{"x":1,"y":2}"#).unwrap();
         let b: serde_json::Value = serde_json::from_str(r#"{"y":2,"x":1}"#).unwrap();
-        let h = |d| AuditEvent::chain(AuditDraft::new("a", "b", "c").details(d), 1, 1, GENESIS_HASH.to_vec()).hash;
+        let h = |d| {
+            AuditEvent::chain(
+                AuditDraft::new("a", "b", "c").details(d),
+                1,
+                1,
+                GENESIS_HASH.to_vec(),
+            )
+            .hash
+        };
         assert_eq!(h(a), h(b));
     }
 }

@@ -4,6 +4,8 @@
 //! once; the store keeps only HMAC-SHA-256(pepper, token), so a copy of the
 //! database alone does not let anyone act as an admin.
 
+pub mod admins;
+
 use base64::Engine;
 use ring::rand::SecureRandom;
 use secrecy::{ExposeSecret, SecretString};
@@ -51,7 +53,9 @@ impl FromStr for Role {
             "auditor" => Ok(Self::Auditor),
             "approver" => Ok(Self::Approver),
             "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown role `{other}` (expected auditor, approver or admin)")),
+            other => Err(format!(
+                "unknown role `{other}` (expected auditor, approver or admin)"
+            )),
         }
     }
 }
@@ -97,7 +101,9 @@ impl TokenHasher {
     }
 
     pub fn hash(&self, token: &str) -> Vec<u8> {
-        ring::hmac::sign(&self.key, token.as_bytes()).as_ref().to_vec()
+        ring::hmac::sign(&self.key, token.as_bytes())
+            .as_ref()
+            .to_vec()
     }
 }
 

@@ -29,7 +29,6 @@ struct RawCertReq<'a> {
     signature: BitStringRef<'a>,
 }
 
-
 /// A CSR whose signature verified.
 #[derive(Debug, Clone)]
 pub struct VerifiedCsr {
@@ -43,9 +42,12 @@ pub fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, CsrError> {
     let text = std::str::from_utf8(input).ok().map(str::trim_start);
     match text {
         Some(t) if t.starts_with("-----BEGIN") => {
-            let (label, der) = der::pem::decode_vec(t.as_bytes()).map_err(|e| CsrError::Malformed(e.to_string()))?;
+            let (label, der) = der::pem::decode_vec(t.as_bytes())
+                .map_err(|e| CsrError::Malformed(e.to_string()))?;
             if label != "CERTIFICATE REQUEST" && label != "NEW CERTIFICATE REQUEST" {
-                return Err(CsrError::Malformed(format!("PEM label `{label}` is not CERTIFICATE REQUEST")));
+                return Err(CsrError::Malformed(format!(
+                    "PEM label `{label}` is not CERTIFICATE REQUEST"
+                )));
             }
             Ok(der)
         }
@@ -91,7 +93,9 @@ fn key_algorithm(spki: &SubjectPublicKeyInfoOwned) -> Result<KeyAlgorithm, CsrEr
     } else if oid == rfc8410::ID_ED_25519 {
         Ok(KeyAlgorithm::Ed25519)
     } else {
-        Err(CsrError::UnsupportedAlgorithm(format!("key algorithm {oid}")))
+        Err(CsrError::UnsupportedAlgorithm(format!(
+            "key algorithm {oid}"
+        )))
     }
 }
 
@@ -101,10 +105,18 @@ fn verification_algorithm(
 ) -> Result<&'static dyn ring::signature::VerificationAlgorithm, CsrError> {
     use ring::signature as s;
     let alg: &'static dyn s::VerificationAlgorithm = match (key, sig) {
-        (KeyAlgorithm::EcdsaP256, o) if o == rfc5912::ECDSA_WITH_SHA_256 => &s::ECDSA_P256_SHA256_ASN1,
-        (KeyAlgorithm::EcdsaP256, o) if o == rfc5912::ECDSA_WITH_SHA_384 => &s::ECDSA_P256_SHA384_ASN1,
-        (KeyAlgorithm::EcdsaP384, o) if o == rfc5912::ECDSA_WITH_SHA_384 => &s::ECDSA_P384_SHA384_ASN1,
-        (KeyAlgorithm::EcdsaP384, o) if o == rfc5912::ECDSA_WITH_SHA_256 => &s::ECDSA_P384_SHA256_ASN1,
+        (KeyAlgorithm::EcdsaP256, o) if o == rfc5912::ECDSA_WITH_SHA_256 => {
+            &s::ECDSA_P256_SHA256_ASN1
+        }
+        (KeyAlgorithm::EcdsaP256, o) if o == rfc5912::ECDSA_WITH_SHA_384 => {
+            &s::ECDSA_P256_SHA384_ASN1
+        }
+        (KeyAlgorithm::EcdsaP384, o) if o == rfc5912::ECDSA_WITH_SHA_384 => {
+            &s::ECDSA_P384_SHA384_ASN1
+        }
+        (KeyAlgorithm::EcdsaP384, o) if o == rfc5912::ECDSA_WITH_SHA_256 => {
+            &s::ECDSA_P384_SHA256_ASN1
+        }
         (KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096, o)
             if o == rfc5912::SHA_256_WITH_RSA_ENCRYPTION =>
         {

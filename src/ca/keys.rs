@@ -75,17 +75,15 @@ pub async fn begin(
         updated_at: now,
     };
     store
-        .commit(
-            Change::new().write(Write::InsertKey(record)).audit(
-                AuditDraft::new(actor, "key.generate_started", format!("key:{id}")).details(json!({
-                    "label": new.label,
-                    "purpose": new.purpose.as_str(),
-                    "algorithm": new.algorithm.as_str(),
-                    "backend": keystore.backend(),
-                    "extractable": new.extractable,
-                })),
-            ),
-        )
+        .commit(Change::new().write(Write::InsertKey(record)).audit(
+            AuditDraft::new(actor, "key.generate_started", format!("key:{id}")).details(json!({
+                "label": new.label,
+                "purpose": new.purpose.as_str(),
+                "algorithm": new.algorithm.as_str(),
+                "backend": keystore.backend(),
+                "extractable": new.extractable,
+            })),
+        ))
         .await?;
     match keystore.generate(&spec).await {
         Ok(generated) => Ok(PendingKey {
@@ -117,7 +115,14 @@ pub fn complete(key: &PendingKey, at: i64) -> (Write, AuditDraft) {
 }
 
 /// Undo for a pending key whose use failed: destroy it in the HSM, mark it destroyed.
-pub async fn abandon(keystore: &dyn KeyStore, store: &dyn Store, clock: &dyn Clock, actor: &str, key: &PendingKey, why: &str) {
+pub async fn abandon(
+    keystore: &dyn KeyStore,
+    store: &dyn Store,
+    clock: &dyn Clock,
+    actor: &str,
+    key: &PendingKey,
+    why: &str,
+) {
     if let Err(e) = keystore.destroy(&key.handle).await {
         tracing::error!(key = %key.id, error = %e, "could not destroy abandoned key; reconciliation will retry at start");
         return;
@@ -147,7 +152,11 @@ async fn mark_destroyed(store: &dyn Store, clock: &dyn Clock, actor: &str, id: U
 /// Start-up reconciliation: every key still `generating` belonged to an
 /// operation that never finished. Its HSM object (if any) is destroyed and
 /// the row marked `destroyed`. Returns how many keys were cleaned up.
-pub async fn reconcile(keystore: &dyn KeyStore, store: &dyn Store, clock: &dyn Clock) -> Result<usize, KeyLifecycleError> {
+pub async fn reconcile(
+    keystore: &dyn KeyStore,
+    store: &dyn Store,
+    clock: &dyn Clock,
+) -> Result<usize, KeyLifecycleError> {
     let mut cleaned = 0;
     for key in store.list_keys().await? {
         if key.state != KeyState::Generating || key.backend != keystore.backend() {
@@ -168,11 +177,12 @@ pub async fn reconcile(keystore: &dyn KeyStore, store: &dyn Store, clock: &dyn C
                         at,
                     })
                     .audit(
-                        AuditDraft::new("system", "key.reconcile", format!("key:{}", key.id)).details(json!({
-                            "label": key.label,
-                            "hsm_object_destroyed": existed,
-                            "reason": "generation never completed",
-                        })),
+                        AuditDraft::new("system", "key.reconcile", format!("key:{}", key.id))
+                            .details(json!({
+                                "label": key.label,
+                                "hsm_object_destroyed": existed,
+                                "reason": "generation never completed",
+                            })),
                     ),
             )
             .await?;

@@ -11,7 +11,8 @@ use crate::clock::Clock;
 use crate::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError};
 use crate::policy::{CaKind, CaPolicy, Policies, ProfilePolicy};
 use crate::store::{
-    CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, Store, StoreError, Write,
+    CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, Store,
+    StoreError, Write,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -106,11 +107,12 @@ impl CaService {
         let mut loaded: BTreeMap<String, Arc<Issuer>> = BTreeMap::new();
         // Parents are created first, so created_at order lets chains build in one pass.
         for ca in cas {
-            let key = self
-                .store
-                .get_key(ca.key_id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("CA {} references missing key {}", ca.name, ca.key_id)))?;
+            let key = self.store.get_key(ca.key_id).await?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "CA {} references missing key {}",
+                    ca.name, ca.key_id
+                ))
+            })?;
             let summary = x509::summarize(&ca.certificate_der)?;
             let mut chain_pem = x509::to_pem(&ca.certificate_der)?;
             if let Some(parent) = ca.parent.as_ref().and_then(|p| loaded.get(p)) {
@@ -195,7 +197,10 @@ impl CaService {
             },
         )
         .await?;
-        match self.certify_ca(actor, policy, parent.as_deref(), &pending).await {
+        match self
+            .certify_ca(actor, policy, parent.as_deref(), &pending)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) => {
                 keys::abandon(
@@ -224,14 +229,22 @@ impl CaService {
         let ski = x509::key_identifier(&key.public_key_der)?;
         let not_before = now - 300;
         let mut not_after = now + i64::from(policy.validity_days) * 86_400;
-        let (issuer_name, aki, signer_handle, signer_alg, signer_key_id, issuer_spki) = match parent {
+        let (issuer_name, aki, signer_handle, signer_alg, signer_key_id, issuer_spki) = match parent
+        {
             Some(p) => {
                 if p.not_after <= now {
                     return Err(CaError::Expired(p.name.clone()));
                 }
                 not_after = not_after.min(p.not_after);
                 let spki = x509::summarize(&p.cert_der)?.spki_der;
-                (p.subject_der.clone(), p.ski.clone(), p.handle.clone(), p.algorithm, p.key_id, spki)
+                (
+                    p.subject_der.clone(),
+                    p.ski.clone(),
+                    p.handle.clone(),
+                    p.algorithm,
+                    p.key_id,
+                    spki,
+                )
             }
             None => (
                 subject.clone(),
@@ -350,7 +363,10 @@ impl CaService {
                 &format!("urn:uuid:{cn}"),
             )?,
         })?;
-        let signature = self.keystore.sign(&issuer.handle, issuer.algorithm, &tbs).await?;
+        let signature = self
+            .keystore
+            .sign(&issuer.handle, issuer.algorithm, &tbs)
+            .await?;
         let der = x509::assemble(&tbs, issuer.algorithm, &signature)?;
         let record = CertificateRecord {
             serial: hex::encode_upper(serial),
@@ -382,7 +398,9 @@ impl CaService {
                 return Err(CaError::KeyNotActive(issuer.name.clone()));
             }
             if !self.keystore.exists(&issuer.handle).await? {
-                return Err(CaError::KeyStore(KeyStoreError::KeyNotFound(issuer.handle.clone())));
+                return Err(CaError::KeyStore(KeyStoreError::KeyNotFound(
+                    issuer.handle.clone(),
+                )));
             }
         }
         Ok(())

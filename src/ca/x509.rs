@@ -8,7 +8,9 @@ use crate::keystore::KeyAlgorithm;
 use crate::policy::{ExtendedKeyUsage as Eku, SubjectPolicy};
 use const_oid::ObjectIdentifier;
 use const_oid::db::{rfc4519, rfc5280, rfc5912};
-use der::asn1::{AnyRef, BitString, BitStringRef, Ia5String, OctetString, PrintableString, Utf8StringRef};
+use der::asn1::{
+    AnyRef, BitString, BitStringRef, Ia5String, OctetString, PrintableString, Utf8StringRef,
+};
 use der::{Decode, Encode};
 use spki::AlgorithmIdentifierOwned;
 use std::time::{Duration, SystemTime};
@@ -16,8 +18,8 @@ use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
-    SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
 use x509_cert::time::Time;
@@ -102,13 +104,22 @@ fn atv(oid: ObjectIdentifier, value: der::asn1::Any) -> AttributeTypeAndValue {
 pub fn name_from_policy(s: &SubjectPolicy) -> der::Result<Vec<u8>> {
     let mut rdns = Vec::new();
     if let Some(c) = &s.country {
-        rdns.push(atv(rfc4519::C, der::asn1::Any::encode_from(&PrintableString::new(c)?)?));
+        rdns.push(atv(
+            rfc4519::C,
+            der::asn1::Any::encode_from(&PrintableString::new(c)?)?,
+        ));
     }
     if let Some(o) = &s.organization {
-        rdns.push(atv(rfc4519::O, der::asn1::Any::encode_from(&Utf8StringRef::new(o)?)?));
+        rdns.push(atv(
+            rfc4519::O,
+            der::asn1::Any::encode_from(&Utf8StringRef::new(o)?)?,
+        ));
     }
     if let Some(ou) = &s.organizational_unit {
-        rdns.push(atv(rfc4519::OU, der::asn1::Any::encode_from(&Utf8StringRef::new(ou)?)?));
+        rdns.push(atv(
+            rfc4519::OU,
+            der::asn1::Any::encode_from(&Utf8StringRef::new(ou)?)?,
+        ));
     }
     rdns.push(atv(
         rfc4519::CN,
@@ -119,7 +130,10 @@ pub fn name_from_policy(s: &SubjectPolicy) -> der::Result<Vec<u8>> {
 
 /// `CN=<value>`, the subject of device certificates.
 pub fn name_cn(cn: &str) -> der::Result<Vec<u8>> {
-    encode_name(vec![atv(rfc4519::CN, der::asn1::Any::encode_from(&Utf8StringRef::new(cn)?)?)])
+    encode_name(vec![atv(
+        rfc4519::CN,
+        der::asn1::Any::encode_from(&Utf8StringRef::new(cn)?)?,
+    )])
 }
 
 fn encode_name(atvs: Vec<AttributeTypeAndValue>) -> der::Result<Vec<u8>> {
@@ -148,7 +162,11 @@ fn ext<T: Encode>(oid: ObjectIdentifier, critical: bool, value: &T) -> der::Resu
 
 fn common(ski: &[u8], aki: &[u8]) -> der::Result<Vec<Extension>> {
     Ok(vec![
-        ext(rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER, false, &SubjectKeyIdentifier(OctetString::new(ski)?))?,
+        ext(
+            rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER,
+            false,
+            &SubjectKeyIdentifier(OctetString::new(ski)?),
+        )?,
         ext(
             rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER,
             false,
@@ -215,11 +233,17 @@ pub fn device_extensions(
             },
         )?,
         ext(rfc5280::ID_CE_KEY_USAGE, true, &KeyUsage(usages))?,
-        ext(rfc5280::ID_CE_EXT_KEY_USAGE, false, &ExtendedKeyUsage(eku_oids))?,
+        ext(
+            rfc5280::ID_CE_EXT_KEY_USAGE,
+            false,
+            &ExtendedKeyUsage(eku_oids),
+        )?,
         ext(
             rfc5280::ID_CE_SUBJECT_ALT_NAME,
             false,
-            &SubjectAltName(vec![GeneralName::UniformResourceIdentifier(Ia5String::new(device_uri)?)]),
+            &SubjectAltName(vec![GeneralName::UniformResourceIdentifier(
+                Ia5String::new(device_uri)?,
+            )]),
         )?,
     ];
     v.extend(common(ski, aki)?);
@@ -264,7 +288,8 @@ pub fn summarize(cert_der: &[u8]) -> der::Result<CertSummary> {
 }
 
 pub fn to_pem(cert_der: &[u8]) -> Result<String, der::Error> {
-    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, cert_der).map_err(der::Error::from)
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, cert_der)
+        .map_err(der::Error::from)
 }
 
 /// Verifies that `cert_der` was signed by the key in `issuer_spki_der`
@@ -286,7 +311,9 @@ pub fn verify_signed_by(cert_der: &[u8], issuer_spki_der: &[u8], issuer_alg: Key
     let alg: &dyn s::VerificationAlgorithm = match issuer_alg {
         KeyAlgorithm::EcdsaP256 => &s::ECDSA_P256_SHA256_ASN1,
         KeyAlgorithm::EcdsaP384 => &s::ECDSA_P384_SHA384_ASN1,
-        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => &s::RSA_PKCS1_2048_8192_SHA256,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            &s::RSA_PKCS1_2048_8192_SHA256
+        }
         KeyAlgorithm::Ed25519 => &s::ED25519,
     };
     let Some(pk) = spki.subject_public_key.as_bytes() else {

@@ -89,12 +89,16 @@ impl KeyAlgorithm {
     /// takes the whole message (EdDSA).
     pub fn digest(self, message: &[u8]) -> Option<Vec<u8>> {
         match self {
-            Self::EcdsaP256 | Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => {
-                Some(ring::digest::digest(&ring::digest::SHA256, message).as_ref().to_vec())
-            }
-            Self::EcdsaP384 => {
-                Some(ring::digest::digest(&ring::digest::SHA384, message).as_ref().to_vec())
-            }
+            Self::EcdsaP256 | Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => Some(
+                ring::digest::digest(&ring::digest::SHA256, message)
+                    .as_ref()
+                    .to_vec(),
+            ),
+            Self::EcdsaP384 => Some(
+                ring::digest::digest(&ring::digest::SHA384, message)
+                    .as_ref()
+                    .to_vec(),
+            ),
             Self::Ed25519 => None,
         }
     }
@@ -107,7 +111,9 @@ impl fmt::Display for KeyAlgorithm {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown key algorithm `{0}` (expected one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519)")]
+#[error(
+    "unknown key algorithm `{0}` (expected one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519)"
+)]
 pub struct UnknownAlgorithm(pub String);
 
 impl FromStr for KeyAlgorithm {
@@ -125,8 +131,11 @@ impl FromStr for KeyAlgorithm {
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, der::Error> {
     use der::Encode;
     use der::asn1::UintRef;
-    if raw.is_empty() || raw.len() % 2 != 0 {
-        return Err(der::ErrorKind::Length { tag: der::Tag::Sequence }.into());
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
+        return Err(der::ErrorKind::Length {
+            tag: der::Tag::Sequence,
+        }
+        .into());
     }
     let (r, s) = raw.split_at(raw.len() / 2);
     #[derive(der::Sequence)]

@@ -7,6 +7,7 @@
 //! vendor names.
 
 pub mod algorithm;
+pub mod metered;
 pub mod pkcs11;
 
 pub use algorithm::KeyAlgorithm;

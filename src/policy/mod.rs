@@ -182,16 +182,34 @@ impl Policies {
             reason,
         };
         if ca.version != POLICY_VERSION {
-            return Err(bad(ca_path, "version".into(), format!("unsupported version {} (this keyward reads {POLICY_VERSION})", ca.version)));
+            return Err(bad(
+                ca_path,
+                "version".into(),
+                format!(
+                    "unsupported version {} (this keyward reads {POLICY_VERSION})",
+                    ca.version
+                ),
+            ));
         }
         if en.version != POLICY_VERSION {
-            return Err(bad(en_path, "version".into(), format!("unsupported version {} (this keyward reads {POLICY_VERSION})", en.version)));
+            return Err(bad(
+                en_path,
+                "version".into(),
+                format!(
+                    "unsupported version {} (this keyward reads {POLICY_VERSION})",
+                    en.version
+                ),
+            ));
         }
         let mut seen: BTreeMap<String, CaPolicy> = BTreeMap::new();
         for (i, c) in ca.ca.iter().enumerate() {
             let key = format!("ca[{i}] ({})", c.name);
             if !valid_name(&c.name) {
-                return Err(bad(ca_path, key, "name must be 1-64 chars of a-z, 0-9, '-'".into()));
+                return Err(bad(
+                    ca_path,
+                    key,
+                    "name must be 1-64 chars of a-z, 0-9, '-'".into(),
+                ));
             }
             if seen.contains_key(&c.name) {
                 return Err(bad(ca_path, key, "duplicate CA name".into()));
@@ -205,7 +223,11 @@ impl Policies {
             if let Some(country) = &c.subject.country
                 && (country.len() != 2 || !country.chars().all(|ch| ch.is_ascii_uppercase()))
             {
-                return Err(bad(ca_path, key, "subject.country must be two upper-case letters".into()));
+                return Err(bad(
+                    ca_path,
+                    key,
+                    "subject.country must be two upper-case letters".into(),
+                ));
             }
             match (c.kind, &c.parent) {
                 (CaKind::Root, Some(_)) => {
@@ -216,13 +238,25 @@ impl Policies {
                 }
                 (CaKind::Issuing, Some(p)) => {
                     let Some(parent) = seen.get(p) else {
-                        return Err(bad(ca_path, key, format!("parent `{p}` must be declared above this CA")));
+                        return Err(bad(
+                            ca_path,
+                            key,
+                            format!("parent `{p}` must be declared above this CA"),
+                        ));
                     };
                     if parent.path_len == Some(0) {
-                        return Err(bad(ca_path, key, format!("parent `{p}` has path_len = 0 and cannot sign CAs")));
+                        return Err(bad(
+                            ca_path,
+                            key,
+                            format!("parent `{p}` has path_len = 0 and cannot sign CAs"),
+                        ));
                     }
                     if c.validity_days > parent.validity_days {
-                        return Err(bad(ca_path, key, format!("validity_days exceeds parent `{p}`'s")));
+                        return Err(bad(
+                            ca_path,
+                            key,
+                            format!("validity_days exceeds parent `{p}`'s"),
+                        ));
                     }
                 }
                 (CaKind::Root, None) => {}
@@ -233,16 +267,28 @@ impl Policies {
         for (i, p) in ca.profile.iter().enumerate() {
             let key = format!("profile[{i}] ({})", p.name);
             if !valid_name(&p.name) {
-                return Err(bad(ca_path, key, "name must be 1-64 chars of a-z, 0-9, '-'".into()));
+                return Err(bad(
+                    ca_path,
+                    key,
+                    "name must be 1-64 chars of a-z, 0-9, '-'".into(),
+                ));
             }
             let Some(issuer) = seen.get(&p.issuer) else {
-                return Err(bad(ca_path, key, format!("issuer `{}` is not a CA in this file", p.issuer)));
+                return Err(bad(
+                    ca_path,
+                    key,
+                    format!("issuer `{}` is not a CA in this file", p.issuer),
+                ));
             };
             if issuer.path_len == Some(0) && issuer.kind == CaKind::Root {
                 return Err(bad(ca_path, key, "issuer is a root with path_len 0".into()));
             }
             if p.validity_days == 0 || p.validity_days > issuer.validity_days {
-                return Err(bad(ca_path, key, "validity_days must be positive and within the issuer's".into()));
+                return Err(bad(
+                    ca_path,
+                    key,
+                    "validity_days must be positive and within the issuer's".into(),
+                ));
             }
             if p.key_algorithms.is_empty() {
                 return Err(bad(ca_path, key, "key_algorithms is empty".into()));
@@ -258,19 +304,39 @@ impl Policies {
         for (i, g) in en.group.iter().enumerate() {
             let key = format!("group[{i}] ({})", g.name);
             if !valid_name(&g.name) {
-                return Err(bad(en_path, key, "name must be 1-64 chars of a-z, 0-9, '-'".into()));
+                return Err(bad(
+                    en_path,
+                    key,
+                    "name must be 1-64 chars of a-z, 0-9, '-'".into(),
+                ));
             }
             if !profiles.contains_key(&g.profile) {
-                return Err(bad(en_path, key, format!("profile `{}` is not defined in ca.toml", g.profile)));
+                return Err(bad(
+                    en_path,
+                    key,
+                    format!("profile `{}` is not defined in ca.toml", g.profile),
+                ));
             }
             if g.approvals_required > 10 {
-                return Err(bad(en_path, key, "approvals_required above 10 is not supported".into()));
+                return Err(bad(
+                    en_path,
+                    key,
+                    "approvals_required above 10 is not supported".into(),
+                ));
             }
             if g.approver_role == crate::auth::Role::Auditor {
-                return Err(bad(en_path, key, "approver_role must be approver or admin".into()));
+                return Err(bad(
+                    en_path,
+                    key,
+                    "approver_role must be approver or admin".into(),
+                ));
             }
             if g.registration_ttl_hours == 0 {
-                return Err(bad(en_path, key, "registration_ttl_hours must be positive".into()));
+                return Err(bad(
+                    en_path,
+                    key,
+                    "registration_ttl_hours must be positive".into(),
+                ));
             }
             if groups.insert(g.name.clone(), g.clone()).is_some() {
                 return Err(bad(en_path, key, "duplicate group name".into()));
@@ -291,7 +357,8 @@ impl Policies {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 #[cfg(test)]
@@ -314,9 +381,15 @@ mod tests {
 
     #[test]
     fn unknown_policy_key_is_named() {
-        let e = load(&CA.replace("validity_days = 365", "validity_days = 365\nvaliditydays = 1"), EN)
-            .unwrap_err()
-            .to_string();
+        let e = load(
+            &CA.replace(
+                "validity_days = 365",
+                "validity_days = 365\nvaliditydays = 1",
+            ),
+            EN,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("validitydays"), "{e}");
     }
 
@@ -329,9 +402,12 @@ mod tests {
 
     #[test]
     fn group_with_unknown_profile_is_refused() {
-        let e = load(CA, "version = 1\n[[group]]\nname='g'\nprofile='nope'\napprovals_required=1\n")
-            .unwrap_err()
-            .to_string();
+        let e = load(
+            CA,
+            "version = 1\n[[group]]\nname='g'\nprofile='nope'\napprovals_required=1\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("nope"), "{e}");
     }
 

@@ -20,7 +20,9 @@ pub enum StoreError {
     Database(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
-    #[error("database schema version {found} is newer than this keyward ({supported}); upgrade keyward")]
+    #[error(
+        "database schema version {found} is newer than this keyward ({supported}); upgrade keyward"
+    )]
     SchemaTooNew { found: i64, supported: i64 },
     #[error("the store writer has stopped")]
     WriterGone,
@@ -55,7 +57,10 @@ pub enum Write {
         certificate_serial: Option<String>,
     },
     /// Marks one-time credentials as delivered; conflicts if already delivered.
-    MarkCredentialsFetched { id: Uuid, at: i64 },
+    MarkCredentialsFetched {
+        id: Uuid,
+        at: i64,
+    },
     /// Conflicts if this admin already decided this registration.
     InsertApproval(ApprovalRecord),
     InsertDevice(DeviceRecord),

@@ -62,7 +62,9 @@ pub(super) fn generate(
             Mechanism::RsaPkcsKeyPairGen
         }
         KeyAlgorithm::Ed25519 => {
-            public.push(Attribute::EcParams(rfc8410::ID_ED_25519.to_der().map_err(der_err)?));
+            public.push(Attribute::EcParams(
+                rfc8410::ID_ED_25519.to_der().map_err(der_err)?,
+            ));
             Mechanism::EccEdwardsKeyPairGen
         }
     };
@@ -71,27 +73,46 @@ pub(super) fn generate(
         .map_err(ck)
 }
 
-pub(super) fn find_private(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
+pub(super) fn find_private(
+    session: &Session,
+    id: &[u8],
+) -> Result<Option<ObjectHandle>, KeyStoreError> {
     let found = session
-        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(id.to_vec())])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(id.to_vec()),
+        ])
         .map_err(ck)?;
     Ok(found.into_iter().next())
 }
 
 fn find_public(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
     let found = session
-        .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(id.to_vec())])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::Id(id.to_vec()),
+        ])
         .map_err(ck)?;
     Ok(found.into_iter().next())
 }
 
 /// Works out the algorithm of a stored key pair from its public half.
-pub(super) fn algorithm_of(session: &Session, id: &[u8]) -> Result<Option<KeyAlgorithm>, KeyStoreError> {
+pub(super) fn algorithm_of(
+    session: &Session,
+    id: &[u8],
+) -> Result<Option<KeyAlgorithm>, KeyStoreError> {
     let Some(public) = find_public(session, id)? else {
         return Ok(None);
     };
     let attrs = session
-        .get_attributes(public, &[AttributeType::KeyType, AttributeType::EcParams, AttributeType::Modulus])
+        .get_attributes(
+            public,
+            &[
+                AttributeType::KeyType,
+                AttributeType::EcParams,
+                AttributeType::Modulus,
+            ],
+        )
         .map_err(ck)?;
     let mut key_type = None;
     let mut params = None;
@@ -121,10 +142,18 @@ pub(super) fn algorithm_of(session: &Session, id: &[u8]) -> Result<Option<KeyAlg
             2048 => KeyAlgorithm::Rsa2048,
             3072 => KeyAlgorithm::Rsa3072,
             4096 => KeyAlgorithm::Rsa4096,
-            bits => return Err(KeyStoreError::Malformed(format!("unsupported RSA size {bits}"))),
+            bits => {
+                return Err(KeyStoreError::Malformed(format!(
+                    "unsupported RSA size {bits}"
+                )));
+            }
         },
         Some(KeyType::EC_EDWARDS) => KeyAlgorithm::Ed25519,
-        other => return Err(KeyStoreError::Malformed(format!("unsupported key type {other:?}"))),
+        other => {
+            return Err(KeyStoreError::Malformed(format!(
+                "unsupported key type {other:?}"
+            )));
+        }
     };
     Ok(Some(alg))
 }
@@ -175,7 +204,10 @@ pub(super) fn public_key_der(
         }
         KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
             let attrs = session
-                .get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .get_attributes(
+                    public,
+                    &[AttributeType::Modulus, AttributeType::PublicExponent],
+                )
                 .map_err(ck)?;
             let mut n = None;
             let mut e = None;
@@ -186,9 +218,9 @@ pub(super) fn public_key_der(
                     _ => {}
                 }
             }
-            let (n, e) = n
-                .zip(e)
-                .ok_or_else(|| KeyStoreError::Malformed("RSA public key attributes missing".into()))?;
+            let (n, e) = n.zip(e).ok_or_else(|| {
+                KeyStoreError::Malformed("RSA public key attributes missing".into())
+            })?;
             #[derive(der::Sequence)]
             struct RsaPublicKey<'a> {
                 n: der::asn1::UintRef<'a>,
@@ -242,12 +274,19 @@ pub(super) fn sign(
             session.sign(&Mechanism::RsaPkcs, key, input).map_err(ck)
         }
         KeyAlgorithm::Ed25519 => session
-            .sign(&Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)), key, input)
+            .sign(
+                &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                key,
+                input,
+            )
             .map_err(ck),
     }
 }
 
-pub(super) fn protection(session: &Session, key: ObjectHandle) -> Result<KeyProtection, KeyStoreError> {
+pub(super) fn protection(
+    session: &Session,
+    key: ObjectHandle,
+) -> Result<KeyProtection, KeyStoreError> {
     let attrs = session
         .get_attributes(
             key,

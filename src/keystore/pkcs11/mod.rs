@@ -44,8 +44,7 @@ impl TokenSelector {
             Self::Uri(u) => {
                 u.token().is_none_or(|t| info.label().trim() == t)
                     && u.serial().is_none_or(|s| info.serial_number().trim() == s)
-                    && u
-                        .manufacturer()
+                    && u.manufacturer()
                         .is_none_or(|m| info.manufacturer_id().trim() == m)
                     && u.model().is_none_or(|m| info.model().trim() == m)
             }
@@ -138,7 +137,10 @@ impl Inner {
         {
             return Ok(s);
         }
-        let slots = self.ctx.get_slots_with_token().map_err(KeyStoreError::Pkcs11)?;
+        let slots = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(KeyStoreError::Pkcs11)?;
         let mut present = Vec::new();
         for slot in slots {
             let Ok(info) = self.ctx.get_token_info(slot) else {
@@ -171,7 +173,10 @@ impl Inner {
 
     fn open_session(&self) -> Result<Session, KeyStoreError> {
         let slot = self.find_slot()?;
-        let session = self.ctx.open_rw_session(slot).map_err(KeyStoreError::Pkcs11)?;
+        let session = self
+            .ctx
+            .open_rw_session(slot)
+            .map_err(KeyStoreError::Pkcs11)?;
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(KeyStoreError::PinIncorrect),
@@ -240,7 +245,11 @@ impl Inner {
     }
 
     /// The private-key handle for a CKA_ID, from the cache or the token.
-    fn private_handle(&self, session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
+    fn private_handle(
+        &self,
+        session: &Session,
+        id: &[u8],
+    ) -> Result<Option<ObjectHandle>, KeyStoreError> {
         if let Ok(h) = self.handles.read()
             && let Some(handle) = h.get(id)
         {
@@ -261,7 +270,8 @@ impl Inner {
 }
 
 fn id_of(handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError> {
-    let uri = Pkcs11Uri::parse(&handle.0).map_err(|_| KeyStoreError::BadHandle(handle.0.clone()))?;
+    let uri =
+        Pkcs11Uri::parse(&handle.0).map_err(|_| KeyStoreError::BadHandle(handle.0.clone()))?;
     uri.id()
         .map(<[u8]>::to_vec)
         .ok_or_else(|| KeyStoreError::BadHandle(handle.0.clone()))
@@ -289,12 +299,18 @@ impl Pkcs11KeyStore {
             handles: RwLock::new(HashMap::new()),
         };
         let slot = inner.find_slot()?;
-        let info = inner.ctx.get_token_info(slot).map_err(KeyStoreError::Pkcs11)?;
+        let info = inner
+            .ctx
+            .get_token_info(slot)
+            .map_err(KeyStoreError::Pkcs11)?;
         if info.user_pin_locked() {
             return Err(KeyStoreError::PinLocked);
         }
         inner.token_label = info.label().trim().to_string();
-        let mechanisms = inner.ctx.get_mechanism_list(slot).map_err(KeyStoreError::Pkcs11)?;
+        let mechanisms = inner
+            .ctx
+            .get_mechanism_list(slot)
+            .map_err(KeyStoreError::Pkcs11)?;
         let caps = capabilities(&mechanisms, sessions);
         // Log in once now so a wrong PIN fails start-up, not the first request.
         let first = inner.open_session()?;
@@ -336,7 +352,11 @@ fn capabilities(mechanisms: &[MechanismType], sessions: usize) -> Capabilities {
         algorithms.extend([KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384]);
     }
     if has(MechanismType::RSA_PKCS_KEY_PAIR_GEN) && has(MechanismType::RSA_PKCS) {
-        algorithms.extend([KeyAlgorithm::Rsa2048, KeyAlgorithm::Rsa3072, KeyAlgorithm::Rsa4096]);
+        algorithms.extend([
+            KeyAlgorithm::Rsa2048,
+            KeyAlgorithm::Rsa3072,
+            KeyAlgorithm::Rsa4096,
+        ]);
     }
     if has(MechanismType::ECC_EDWARDS_KEY_PAIR_GEN) && has(MechanismType::EDDSA) {
         algorithms.push(KeyAlgorithm::Ed25519);
@@ -359,7 +379,11 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     fn planned_handle(&self, spec: &KeySpec) -> KeyHandle {
-        KeyHandle(Pkcs11Uri::for_key(&self.inner.token_label, &spec.label, spec.id.as_bytes()))
+        KeyHandle(Pkcs11Uri::for_key(
+            &self.inner.token_label,
+            &spec.label,
+            spec.id.as_bytes(),
+        ))
     }
 
     async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
@@ -386,7 +410,8 @@ impl KeyStore for Pkcs11KeyStore {
         let id = id_of(handle)?;
         let h = handle.clone();
         self.run(move |_, session| {
-            let algorithm = keys::algorithm_of(session, &id)?.ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
+            let algorithm = keys::algorithm_of(session, &id)?
+                .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
             keys::public_key_der(session, &id, algorithm)
         })
         .await
@@ -445,7 +470,12 @@ impl KeyStore for Pkcs11KeyStore {
         self.run(|inner, session| {
             Ok(keys::list(session)?
                 .into_iter()
-                .map(|(id, label)| (KeyHandle(Pkcs11Uri::for_key(&inner.token_label, &label, &id)), label))
+                .map(|(id, label)| {
+                    (
+                        KeyHandle(Pkcs11Uri::for_key(&inner.token_label, &label, &id)),
+                        label,
+                    )
+                })
                 .collect())
         })
         .await

@@ -144,9 +144,18 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         assert_eq!(Pkcs11Uri::parse("pkcs12:token=x"), Err(UriError::Scheme));
-        assert!(matches!(Pkcs11Uri::parse("pkcs11:token"), Err(UriError::NoValue(_))));
-        assert!(matches!(Pkcs11Uri::parse("pkcs11:id=%zz"), Err(UriError::Percent(_))));
-        assert!(matches!(Pkcs11Uri::parse("pkcs11:token=a;token=b"), Err(UriError::Duplicate(_))));
+        assert!(matches!(
+            Pkcs11Uri::parse("pkcs11:token"),
+            Err(UriError::NoValue(_))
+        ));
+        assert!(matches!(
+            Pkcs11Uri::parse("pkcs11:id=%zz"),
+            Err(UriError::Percent(_))
+        ));
+        assert!(matches!(
+            Pkcs11Uri::parse("pkcs11:token=a;token=b"),
+            Err(UriError::Duplicate(_))
+        ));
         assert!(Pkcs11Uri::parse("pkcs11:token=a?pin-value=1234").is_err());
     }
 }

@@ -88,8 +88,9 @@ impl SqliteStore {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Database(format!("cannot create {}: {e}", parent.display()))
+            })?;
         }
         let mut writer = connect(path)?;
         restrict_permissions(path);
@@ -143,7 +144,12 @@ fn restrict_permissions(path: &Path) {
 #[cfg(not(unix))]
 fn restrict_permissions(_: &Path) {}
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usize, clock: Arc<dyn Clock>) {
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    clock: Arc<dyn Clock>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < batch_max {
@@ -172,16 +178,22 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, batch_max: usi
 
 type JobResult = Result<Vec<i64>, StoreError>;
 
-fn commit_batch(conn: &mut Connection, batch: &[Job], clock: &dyn Clock) -> Result<Vec<JobResult>, StoreError> {
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[Job],
+    clock: &dyn Clock,
+) -> Result<Vec<JobResult>, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db)?;
     // Read the head inside the write transaction: another process (the CLI)
     // may have appended since our last batch.
     let (mut seq, mut head): (i64, Vec<u8>) = tx
-        .query_row("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(db)?
         .unwrap_or((0, GENESIS_HASH.to_vec()));
@@ -200,7 +212,8 @@ fn commit_batch(conn: &mut Connection, batch: &[Job], clock: &dyn Clock) -> Resu
                 results.push(Ok(seqs));
             }
             Err(e) => {
-                tx.execute_batch("ROLLBACK TO change; RELEASE change").map_err(db)?;
+                tx.execute_batch("ROLLBACK TO change; RELEASE change")
+                    .map_err(db)?;
                 results.push(Err(e));
             }
         }
@@ -238,7 +251,8 @@ fn apply(
     for draft in &change.audit {
         seq += 1;
         let e = AuditEvent::chain(draft.clone(), seq, at_ms, prev);
-        let details = serde_json::to_string(&e.details).map_err(|x| StoreError::Corrupt(x.to_string()))?;
+        let details =
+            serde_json::to_string(&e.details).map_err(|x| StoreError::Corrupt(x.to_string()))?;
         stmt.execute(params![
             e.seq,
             e.at_ms,
@@ -281,7 +295,11 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
             ])
             .map_err(db)?;
         }
-        Write::CompleteKeyGeneration { id, public_key_der, at } => {
+        Write::CompleteKeyGeneration {
+            id,
+            public_key_der,
+            at,
+        } => {
             let n = tx
                 .prepare_cached(
                     "UPDATE keys SET state = 'active', public_key = ?1, updated_at = ?2 WHERE id = ?3 AND state = 'generating'",
@@ -293,7 +311,9 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
         }
         Write::SetKeyState { id, from, to, at } => {
             let n = tx
-                .prepare_cached("UPDATE keys SET state = ?1, updated_at = ?2 WHERE id = ?3 AND state = ?4")
+                .prepare_cached(
+                    "UPDATE keys SET state = ?1, updated_at = ?2 WHERE id = ?3 AND state = ?4",
+                )
                 .map_err(db)?
                 .execute(params![to.as_str(), at, id.to_string(), from.as_str()])
                 .map_err(db)?;
@@ -364,7 +384,13 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                      WHERE id = ?4 AND status = ?5",
                 )
                 .map_err(db)?
-                .execute(params![to.as_str(), at, certificate_serial, id.to_string(), from.as_str()])
+                .execute(params![
+                    to.as_str(),
+                    at,
+                    certificate_serial,
+                    id.to_string(),
+                    from.as_str()
+                ])
                 .map_err(db)?;
             expect_one(n, || format!("registration {id} is no longer {from}"))?;
         }
@@ -377,7 +403,9 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 .map_err(db)?
                 .execute(params![at, id.to_string()])
                 .map_err(db)?;
-            expect_one(n, || format!("credentials of registration {id} were already delivered"))?;
+            expect_one(n, || {
+                format!("credentials of registration {id} were already delivered")
+            })?;
         }
         Write::InsertApproval(a) => {
             tx.prepare_cached(
@@ -444,7 +472,9 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
 impl Store for SqliteStore {
     async fn commit(&self, change: Change) -> Result<Vec<i64>, StoreError> {
         if change.audit.is_empty() && !change.writes.is_empty() {
-            return Err(StoreError::Corrupt("a change without an audit event is refused".into()));
+            return Err(StoreError::Corrupt(
+                "a change without an audit event is refused".into(),
+            ));
         }
         let (reply, rx) = oneshot::channel();
         self.jobs
@@ -455,46 +485,92 @@ impl Store for SqliteStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)).await
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
+            .await
     }
 
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.read(move |c| rows::one(c, &format!("{} WHERE id = ?1", rows::KEY_SELECT), params![id.to_string()], rows::key))
-            .await
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE id = ?1", rows::KEY_SELECT),
+                params![id.to_string()],
+                rows::key,
+            )
+        })
+        .await
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.read(|c| rows::many(c, &format!("{} ORDER BY created_at, id", rows::KEY_SELECT), [], rows::key))
-            .await
+        self.read(|c| {
+            rows::many(
+                c,
+                &format!("{} ORDER BY created_at, id", rows::KEY_SELECT),
+                [],
+                rows::key,
+            )
+        })
+        .await
     }
 
     async fn get_ca(&self, name: &str) -> Result<Option<CaRecord>, StoreError> {
         let name = name.to_string();
-        self.read(move |c| rows::one(c, &format!("{} WHERE name = ?1", rows::CA_SELECT), params![name], rows::ca))
-            .await
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE name = ?1", rows::CA_SELECT),
+                params![name],
+                rows::ca,
+            )
+        })
+        .await
     }
 
     async fn list_cas(&self) -> Result<Vec<CaRecord>, StoreError> {
-        self.read(|c| rows::many(c, &format!("{} ORDER BY created_at, name", rows::CA_SELECT), [], rows::ca))
-            .await
+        self.read(|c| {
+            rows::many(
+                c,
+                &format!("{} ORDER BY created_at, name", rows::CA_SELECT),
+                [],
+                rows::ca,
+            )
+        })
+        .await
     }
 
     async fn admin_by_token_hash(&self, hash: &[u8]) -> Result<Option<AdminRecord>, StoreError> {
         let hash = hash.to_vec();
         self.read(move |c| {
-            rows::one(c, &format!("{} WHERE token_hash = ?1", rows::ADMIN_SELECT), params![hash], rows::admin)
+            rows::one(
+                c,
+                &format!("{} WHERE token_hash = ?1", rows::ADMIN_SELECT),
+                params![hash],
+                rows::admin,
+            )
         })
         .await
     }
 
     async fn list_admins(&self) -> Result<Vec<AdminRecord>, StoreError> {
-        self.read(|c| rows::many(c, &format!("{} ORDER BY created_at, name", rows::ADMIN_SELECT), [], rows::admin))
-            .await
+        self.read(|c| {
+            rows::many(
+                c,
+                &format!("{} ORDER BY created_at, name", rows::ADMIN_SELECT),
+                [],
+                rows::admin,
+            )
+        })
+        .await
     }
 
     async fn get_registration(&self, id: Uuid) -> Result<Option<RegistrationRecord>, StoreError> {
         self.read(move |c| {
-            rows::one(c, &format!("{} WHERE id = ?1", rows::REGISTRATION_SELECT), params![id.to_string()], rows::registration)
+            rows::one(
+                c,
+                &format!("{} WHERE id = ?1", rows::REGISTRATION_SELECT),
+                params![id.to_string()],
+                rows::registration,
+            )
         })
         .await
     }
@@ -507,13 +583,19 @@ impl Store for SqliteStore {
         self.read(move |c| match status {
             Some(s) => rows::many(
                 c,
-                &format!("{} WHERE status = ?1 ORDER BY submitted_at, id LIMIT ?2", rows::REGISTRATION_SELECT),
+                &format!(
+                    "{} WHERE status = ?1 ORDER BY submitted_at, id LIMIT ?2",
+                    rows::REGISTRATION_SELECT
+                ),
                 params![s.as_str(), limit],
                 rows::registration,
             ),
             None => rows::many(
                 c,
-                &format!("{} ORDER BY submitted_at, id LIMIT ?1", rows::REGISTRATION_SELECT),
+                &format!(
+                    "{} ORDER BY submitted_at, id LIMIT ?1",
+                    rows::REGISTRATION_SELECT
+                ),
                 params![limit],
                 rows::registration,
             ),
@@ -535,14 +617,26 @@ impl Store for SqliteStore {
     }
 
     async fn get_device(&self, id: Uuid) -> Result<Option<DeviceRecord>, StoreError> {
-        self.read(move |c| rows::one(c, &format!("{} WHERE id = ?1", rows::DEVICE_SELECT), params![id.to_string()], rows::device))
-            .await
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE id = ?1", rows::DEVICE_SELECT),
+                params![id.to_string()],
+                rows::device,
+            )
+        })
+        .await
     }
 
     async fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
         let serial = serial.to_uppercase();
         self.read(move |c| {
-            rows::one(c, &format!("{} WHERE serial = ?1", rows::CERT_SELECT), params![serial], rows::certificate)
+            rows::one(
+                c,
+                &format!("{} WHERE serial = ?1", rows::CERT_SELECT),
+                params![serial],
+                rows::certificate,
+            )
         })
         .await
     }
@@ -562,9 +656,11 @@ impl Store for SqliteStore {
 
     async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError> {
         self.read(|c| {
-            Ok(c.query_row("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            Ok(c.query_row(
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(db)?
             .unwrap_or((0, GENESIS_HASH.to_vec())))

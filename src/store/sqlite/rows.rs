@@ -92,7 +92,8 @@ pub(super) fn key(r: &Row<'_>) -> R<KeyRecord> {
     })
 }
 
-pub(super) const CA_SELECT: &str = "SELECT name, kind, parent, key_id, certificate, created_at FROM cas";
+pub(super) const CA_SELECT: &str =
+    "SELECT name, kind, parent, key_id, certificate, created_at FROM cas";
 
 pub(super) fn ca(r: &Row<'_>) -> R<CaRecord> {
     Ok(CaRecord {
@@ -109,7 +110,8 @@ pub(super) fn ca(r: &Row<'_>) -> R<CaRecord> {
     })
 }
 
-pub(super) const ADMIN_SELECT: &str = "SELECT id, name, role, token_hash, disabled, created_at FROM admins";
+pub(super) const ADMIN_SELECT: &str =
+    "SELECT id, name, role, token_hash, disabled, created_at FROM admins";
 
 pub(super) fn admin(r: &Row<'_>) -> R<AdminRecord> {
     Ok(AdminRecord {
@@ -158,8 +160,7 @@ pub(super) fn approval(r: &Row<'_>) -> R<ApprovalRecord> {
     })
 }
 
-pub(super) const DEVICE_SELECT: &str =
-    "SELECT id, name, device_type, location, firmware, group_name, status, created_at, updated_at FROM devices";
+pub(super) const DEVICE_SELECT: &str = "SELECT id, name, device_type, location, firmware, group_name, status, created_at, updated_at FROM devices";
 
 pub(super) fn device(r: &Row<'_>) -> R<DeviceRecord> {
     Ok(DeviceRecord {
@@ -175,7 +176,8 @@ pub(super) fn device(r: &Row<'_>) -> R<DeviceRecord> {
     })
 }
 
-pub(super) const CERT_SELECT: &str = "SELECT serial, device_id, issuer_ca, issuer_key_id, subject, not_before, not_after,
+pub(super) const CERT_SELECT: &str =
+    "SELECT serial, device_id, issuer_ca, issuer_key_id, subject, not_before, not_after,
     fingerprint, der, status, revoked_at, revocation_reason, created_at FROM certificates";
 
 pub(super) fn certificate(r: &Row<'_>) -> R<CertificateRecord> {

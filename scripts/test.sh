@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything CI checks, runnable on a fresh Debian machine: installs what the
+# tests need (SoftHSM2 for the HSM, openssl and age to check outputs with
+# tools keyward did not write, promtool from the prometheus package for
+# metrics), then formatting, lints and the test suite.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+packages=(softhsm2 opensc openssl sqlite3 age prometheus pkg-config)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  echo "==> installing ${missing[*]}"
+  "${sudo[@]}" apt-get update
+  # Note: on a host running systemd, the prometheus package also enables a
+  # prometheus server; only its promtool is used here.
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+run() {
+  echo "==> $*"
+  "$@"
+}
+
+run cargo fmt --all -- --check
+run cargo clippy --all-targets -- -D warnings
+
+if cargo nextest --version >/dev/null 2>&1; then
+  run cargo nextest run --no-fail-fast
+else
+  run cargo test --no-fail-fast
+fi

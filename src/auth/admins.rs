@@ -1,0 +1,155 @@
+//! Admin accounts: bootstrap, creation, bearer-token authentication.
+
+use super::{Role, TokenHasher, new_secret};
+use crate::audit::{AuditDraft, Outcome};
+use crate::clock::Clock;
+use crate::store::{AdminRecord, Change, Store, StoreError, Write};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use std::sync::Arc;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("missing admin token")]
+    Missing,
+    #[error("admin token not recognised")]
+    BadToken,
+    #[error("admin account is disabled")]
+    Disabled,
+    #[error("role {have} cannot do this (needs {need})")]
+    Forbidden { have: Role, need: Role },
+    #[error("`name` must be 1-64 characters of letters, digits, '.', '_', '-', '@'")]
+    BadName,
+    #[error("an admin named `{0}` already exists")]
+    Duplicate(String),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Random(#[from] super::RandomError),
+}
+
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    hasher: TokenHasher,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_@".contains(c))
+}
+
+impl AdminService {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: TokenHasher) -> Self {
+        Self {
+            store,
+            clock,
+            hasher,
+        }
+    }
+
+    /// Resolves a bearer token. A presented token that matches no account is
+    /// an authentication failure and is audited; a missing token is not.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<AdminRecord, AdminError> {
+        let token = token.ok_or(AdminError::Missing)?;
+        let hash = self.hasher.hash(token);
+        match self
+            .store
+            .admin_by_token_hash(&hash)
+            .await
+            .map_err(AdminError::Store)?
+        {
+            Some(a) if a.disabled => {
+                self.audit_failure(&format!("admin:{}", a.id), "account disabled")
+                    .await;
+                Err(AdminError::Disabled)
+            }
+            Some(a) => Ok(a),
+            None => {
+                self.audit_failure("unknown", "token not recognised").await;
+                Err(AdminError::BadToken)
+            }
+        }
+    }
+
+    async fn audit_failure(&self, target: &str, reason: &str) {
+        let change = Change::new().audit(
+            AuditDraft::new("anonymous", "admin.login_failed", target)
+                .outcome(Outcome::Denied)
+                .details(json!({ "reason": reason })),
+        );
+        if let Err(e) = self.store.commit(change).await {
+            tracing::error!(error = %e, "could not audit a failed admin login");
+        }
+    }
+
+    /// Creates an admin and returns its token, shown once.
+    pub async fn create(
+        &self,
+        actor: &str,
+        name: &str,
+        role: Role,
+    ) -> Result<(AdminRecord, SecretString), AdminError> {
+        if !valid_name(name) {
+            return Err(AdminError::BadName);
+        }
+        if self
+            .store
+            .list_admins()
+            .await
+            .map_err(AdminError::Store)?
+            .iter()
+            .any(|a| a.name == name)
+        {
+            return Err(AdminError::Duplicate(name.to_string()));
+        }
+        let token = new_secret("kwa_")?;
+        let record = AdminRecord {
+            id: Uuid::new_v4(),
+            name: name.to_string(),
+            role,
+            token_hash: self.hasher.hash(token.expose_secret()),
+            disabled: false,
+            created_at: self.clock.now().unix_timestamp(),
+        };
+        self.store
+            .commit(
+                Change::new()
+                    .write(Write::InsertAdmin(record.clone()))
+                    .audit(
+                        AuditDraft::new(actor, "admin.create", format!("admin:{}", record.id))
+                            .details(json!({ "name": name, "role": role.as_str() })),
+                    ),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => AdminError::Duplicate(name.to_string()),
+                other => AdminError::Store(other),
+            })?;
+        Ok((record, token))
+    }
+
+    /// Creates the first admin if there is none. `None` when admins exist.
+    pub async fn bootstrap(
+        &self,
+        name: &str,
+    ) -> Result<Option<(AdminRecord, SecretString)>, AdminError> {
+        if !self
+            .store
+            .list_admins()
+            .await
+            .map_err(AdminError::Store)?
+            .is_empty()
+        {
+            return Ok(None);
+        }
+        self.create("cli:init", name, Role::Admin).await.map(Some)
+    }
+
+    pub async fn list(&self) -> Result<Vec<AdminRecord>, AdminError> {
+        self.store.list_admins().await.map_err(AdminError::Store)
+    }
+}

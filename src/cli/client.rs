@@ -1,0 +1,266 @@
+//! Client commands: talk to a running daemon over its REST API.
+
+use super::{AdminsCommand, ClientArgs, Output, RegistrationsCommand};
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use std::process::ExitCode;
+use zeroize::Zeroizing;
+
+/// A thin REST client carrying the admin token.
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<Zeroizing<String>>,
+}
+
+/// Reads the admin token from `--token-file` or `KEYWARD_TOKEN`.
+fn admin_token(args: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
+    if let Some(path) = &args.token_file {
+        let t = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?,
+        );
+        return Ok(Zeroizing::new(t.trim().to_string()));
+    }
+    match std::env::var("KEYWARD_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Ok(Zeroizing::new(t.trim().to_string())),
+        _ => bail!("no admin token: set KEYWARD_TOKEN or pass --token-file FILE"),
+    }
+}
+
+impl Api {
+    pub fn new(base: &str, token: Option<Zeroizing<String>>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn authed(&self, rb: reqwest::RequestBuilder, bearer: Option<&str>) -> reqwest::RequestBuilder {
+        match bearer.or(self.token.as_deref().map(String::as_str)) {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// Sends a request and returns the JSON body, turning API errors into
+    /// `code: message` errors.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        bearer: Option<&str>,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let url = format!("{}{}", self.base, path);
+        let mut rb = self.authed(self.http.request(method, &url), bearer);
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok((status, value));
+        }
+        let code = value["error"]["code"].as_str().unwrap_or("http_error");
+        let message = value["error"]["message"].as_str().unwrap_or("");
+        bail!(ApiFailure {
+            status,
+            code: code.to_string(),
+            message: message.to_string()
+        })
+    }
+}
+
+/// An error answer from the daemon.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {code}: {message}")]
+pub struct ApiFailure {
+    pub status: reqwest::StatusCode,
+    pub code: String,
+    pub message: String,
+}
+
+fn print(output: Output, value: &Value, text: impl FnOnce(&Value)) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
+        Output::Text => text(value),
+    }
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+fn registration_line(r: &Value) {
+    println!(
+        "{}  {:<8}  {:<10}  {:<24}  {}",
+        s(&r["id"]),
+        s(&r["status"]),
+        s(&r["group"]),
+        s(&r["name"]),
+        s(&r["submitted_at"])
+    );
+}
+
+pub async fn registrations(
+    args: &ClientArgs,
+    command: RegistrationsCommand,
+) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.url, Some(admin_token(args)?))?;
+    match command {
+        RegistrationsCommand::List { status, limit } => {
+            let mut path = format!("/v1/admin/registrations?limit={limit}");
+            if let Some(st) = status {
+                path.push_str(&format!("&status={st}"));
+            }
+            let (_, v) = api.call(reqwest::Method::GET, &path, None, None).await?;
+            print(args.output, &v, |v| {
+                let empty = Vec::new();
+                let rows = v.as_array().unwrap_or(&empty);
+                if rows.is_empty() {
+                    println!("no registrations");
+                }
+                for r in rows {
+                    registration_line(r);
+                }
+            });
+        }
+        RegistrationsCommand::Show { id } => {
+            let (_, v) = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/admin/registrations/{id}"),
+                    None,
+                    None,
+                )
+                .await?;
+            print(args.output, &v, |v| {
+                for key in [
+                    "id",
+                    "status",
+                    "device_id",
+                    "group",
+                    "name",
+                    "device_type",
+                    "location",
+                    "firmware",
+                    "key_algorithm",
+                    "submitted_by",
+                    "submitted_at",
+                    "expires_at",
+                    "decided_at",
+                    "certificate_serial",
+                ] {
+                    println!("{key:<19} {}", v[key].as_str().unwrap_or("-"));
+                }
+                for a in v["approvals"].as_array().into_iter().flatten() {
+                    println!(
+                        "decision           {} by admin {} at {}{}",
+                        s(&a["decision"]),
+                        s(&a["admin_id"]),
+                        s(&a["decided_at"]),
+                        a["comment"]
+                            .as_str()
+                            .map(|c| format!(" ({c})"))
+                            .unwrap_or_default()
+                    );
+                }
+            });
+        }
+        RegistrationsCommand::Approve { id, comment } => {
+            decide(&api, args.output, &id, "approve", comment).await?
+        }
+        RegistrationsCommand::Deny { id, comment } => {
+            decide(&api, args.output, &id, "deny", comment).await?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn decide(
+    api: &Api,
+    output: Output,
+    id: &str,
+    verb: &str,
+    comment: Option<String>,
+) -> anyhow::Result<()> {
+    let (_, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/admin/registrations/{id}/{verb}"),
+            Some(&json!({ "comment": comment })),
+            None,
+        )
+        .await?;
+    print(output, &v, |v| {
+        println!(
+            "registration {} is {} ({} of {} approval(s))",
+            s(&v["id"]),
+            s(&v["status"]),
+            v["approvals"],
+            v["approvals_required"]
+        );
+    });
+    Ok(())
+}
+
+pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.url, Some(admin_token(args)?))?;
+    match command {
+        AdminsCommand::Add { name, role } => {
+            let (_, v) = api
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/admin/admins",
+                    Some(&json!({ "name": name, "role": role })),
+                    None,
+                )
+                .await?;
+            print(args.output, &v, |v| {
+                println!(
+                    "admin `{}` created (role {}, id {}). Token, shown once:",
+                    s(&v["name"]),
+                    s(&v["role"]),
+                    s(&v["id"])
+                );
+                println!("{}", s(&v["token"]));
+            });
+        }
+        AdminsCommand::List => {
+            let (_, v) = api
+                .call(reqwest::Method::GET, "/v1/admin/admins", None, None)
+                .await?;
+            print(args.output, &v, |v| {
+                for a in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {:<20}  {:<8}  {}{}",
+                        s(&a["id"]),
+                        s(&a["name"]),
+                        s(&a["role"]),
+                        s(&a["created_at"]),
+                        if a["disabled"].as_bool() == Some(true) {
+                            "  (disabled)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,188 @@
+//! `keyward enroll`: the reference device client. Makes a P-256 key and a
+//! CSR locally (the private key never leaves this machine), registers,
+//! polls until an admin decides, then writes the credentials.
+
+use super::client::Api;
+use super::local::write_private;
+use crate::ca::x509;
+use anyhow::{Context, bail};
+use der::asn1::BitString;
+use der::{Decode, Encode};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+use serde_json::json;
+use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use x509_cert::name::Name;
+use x509_cert::request::{CertReq, CertReqInfo, Version};
+use zeroize::Zeroizing;
+
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    /// Daemon URL.
+    #[arg(long, env = "KEYWARD_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Device name shown to approvers.
+    #[arg(long)]
+    name: String,
+    /// Directory for key.pem, cert.pem, chain.pem and registration.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "default")]
+    group: String,
+    #[arg(long = "type")]
+    device_type: Option<String>,
+    #[arg(long)]
+    location: Option<String>,
+    #[arg(long)]
+    firmware: Option<String>,
+    /// Seconds between status polls.
+    #[arg(long, default_value_t = 2)]
+    poll_interval: u64,
+    /// Give up after this many seconds without a decision (0 = wait forever).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+}
+
+/// A fresh P-256 key (PKCS#8 DER, zeroized on drop) and a CSR signed by it.
+pub fn make_key_and_csr(common_name: &str) -> anyhow::Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("key generation failed"))?;
+    let pkcs8 = Zeroizing::new(pkcs8.as_ref().to_vec());
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)
+        .map_err(|_| anyhow::anyhow!("generated key is unusable"))?;
+    let csr = csr_for(&key, common_name)?;
+    Ok((pkcs8, csr))
+}
+
+fn csr_for(key: &EcdsaKeyPair, common_name: &str) -> anyhow::Result<Vec<u8>> {
+    let rng = ring::rand::SystemRandom::new();
+    let spki = SubjectPublicKeyInfoOwned {
+        algorithm: AlgorithmIdentifierOwned {
+            oid: const_oid::db::rfc5912::ID_EC_PUBLIC_KEY,
+            parameters: Some(const_oid::db::rfc5912::SECP_256_R_1.into()),
+        },
+        subject_public_key: BitString::from_bytes(key.public_key().as_ref())?,
+    };
+    let info = CertReqInfo {
+        version: Version::V1,
+        subject: Name::from_der(&x509::name_cn(common_name)?)?,
+        public_key: spki,
+        attributes: Default::default(),
+    };
+    let info_der = info.to_der()?;
+    let sig = key
+        .sign(&rng, &info_der)
+        .map_err(|_| anyhow::anyhow!("signing the CSR failed"))?;
+    let req = CertReq {
+        info,
+        algorithm: AlgorithmIdentifierOwned {
+            oid: const_oid::db::rfc5912::ECDSA_WITH_SHA_256,
+            parameters: None,
+        },
+        signature: BitString::from_bytes(sig.as_ref())?,
+    };
+    Ok(req.to_der()?)
+}
+
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let key_path = args.out.join("key.pem");
+    if key_path.exists() {
+        bail!(
+            "{} exists; refusing to overwrite a device key",
+            key_path.display()
+        );
+    }
+    let (pkcs8, csr_der) = make_key_and_csr(&args.name)?;
+    let key_pem = Zeroizing::new(
+        der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &pkcs8)
+            .map_err(der::Error::from)?,
+    );
+    // The key is saved before registering so a crash cannot strand a certificate without its key.
+    write_private(&key_path, key_pem.as_bytes())?;
+    let csr_pem =
+        der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &csr_der)
+            .map_err(der::Error::from)?;
+    let api = Api::new(&args.url, None)?;
+    let (_, reg) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/registrations",
+            Some(&json!({
+                "csr": csr_pem,
+                "name": args.name,
+                "group": args.group,
+                "device_type": args.device_type,
+                "location": args.location,
+                "firmware": args.firmware,
+            })),
+            None,
+        )
+        .await?;
+    let id = reg["id"].as_str().unwrap_or_default().to_string();
+    let secret = Zeroizing::new(reg["secret"].as_str().unwrap_or_default().to_string());
+    if id.is_empty() || secret.is_empty() {
+        bail!("the server's answer lacks the registration id or secret");
+    }
+    write_private(
+        &args.out.join("registration.json"),
+        serde_json::to_string_pretty(
+            &json!({ "id": id, "secret": secret.as_str(), "url": args.url }),
+        )?
+        .as_bytes(),
+    )?;
+    println!("{id}");
+    eprintln!("registration {id} submitted; waiting for approval");
+    let started = Instant::now();
+    let mut status = reg["status"].as_str().unwrap_or("pending").to_string();
+    while status == "pending" || status == "approved" {
+        if args.timeout > 0 && started.elapsed() > Duration::from_secs(args.timeout) {
+            bail!("no decision on registration {id} after {} s", args.timeout);
+        }
+        tokio::time::sleep(Duration::from_secs(args.poll_interval.max(1))).await;
+        let (_, v) = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/registrations/{id}"),
+                None,
+                Some(secret.as_str()),
+            )
+            .await?;
+        status = v["status"].as_str().unwrap_or("unknown").to_string();
+    }
+    if status != "issued" {
+        eprintln!("registration {id} was {status}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let (_, creds) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/registrations/{id}/credentials"),
+            None,
+            Some(secret.as_str()),
+        )
+        .await?;
+    let cert = creds["certificate_pem"].as_str().unwrap_or_default();
+    let chain = creds["chain_pem"].as_str().unwrap_or_default();
+    if cert.is_empty() || chain.is_empty() {
+        bail!("the credentials answer lacks the certificate or chain");
+    }
+    write_public(&args.out.join("cert.pem"), cert)?;
+    write_public(&args.out.join("chain.pem"), chain)?;
+    if !creds["device_config"].is_null() {
+        write_public(
+            &args.out.join("device-config.json"),
+            &serde_json::to_string_pretty(&creds["device_config"])?,
+        )?;
+    }
+    eprintln!("credentials written to {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}

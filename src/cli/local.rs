@@ -1,0 +1,183 @@
+//! Commands that work on the config, the token and the database directly.
+
+use super::Output;
+use crate::app::App;
+use crate::audit::ChainVerifier;
+use crate::clock::SystemClock;
+use crate::config::{Config, LogFormat};
+use crate::policy::Policies;
+use crate::store::AuditQuery;
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+pub async fn init(
+    config_path: &Path,
+    admin_name: &str,
+    token_out: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    init_logging(&config);
+    let app = App::build(config).await?;
+    if app.reconciled > 0 {
+        println!("reconciled {} unfinished key generation(s)", app.reconciled);
+    }
+    let created = app.state.ca.initialize("cli:init").await?;
+    for ca in app.state.ca.issuers() {
+        let state = if created.contains(&ca.name) {
+            "created"
+        } else {
+            "exists"
+        };
+        println!(
+            "CA {:<12} {:<8} {} key {}",
+            ca.name, state, ca.algorithm, ca.handle
+        );
+    }
+    match app.state.admins.bootstrap(admin_name).await? {
+        Some((admin, token)) => match token_out {
+            Some(path) => {
+                write_private(path, format!("{}\n", token.expose_secret()).as_bytes())?;
+                println!(
+                    "bootstrap admin `{}` created; token written to {}",
+                    admin.name,
+                    path.display()
+                );
+            }
+            None => {
+                println!(
+                    "bootstrap admin `{}` created (role admin). Its token is shown ONCE:",
+                    admin.name
+                );
+                println!("{}", token.expose_secret());
+                println!(
+                    "Store it safely, create personal admins with `keyward admins add`, and stop using this one day to day."
+                );
+            }
+        },
+        None => println!("admins exist; no bootstrap admin created"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    init_logging(&config);
+    let listen = config.server.listen;
+    let app = App::build(config).await?;
+    app.check_ready_to_serve().await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(%listen, "keyward serving");
+    app.serve_on(listener, crate::app::shutdown_signal())
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    config.keystore_pin_check()?;
+    let policies = Policies::load(&config.policies.dir)?;
+    println!(
+        "config OK: {} ({} CA(s), {} profile(s), {} enrollment group(s))",
+        config_path.display(),
+        policies.cas.len(),
+        policies.profiles.len(),
+        policies.groups.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn audit_verify(config_path: &Path, output: Output) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let crate::config::StoreConfig::Sqlite(s) = &config.store;
+    if !s.path.exists() {
+        anyhow::bail!("database {} does not exist", s.path.display());
+    }
+    let store = crate::app::open_store(&config, Arc::new(SystemClock))?;
+    let mut verifier = ChainVerifier::default();
+    let mut from = 1;
+    let result = loop {
+        let batch = store
+            .audit_events(AuditQuery {
+                from_seq: from,
+                limit: 10_000,
+            })
+            .await?;
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            break Ok(());
+        };
+        if let Err(b) = batch.iter().try_for_each(|e| verifier.push(e)) {
+            break Err(b);
+        }
+        from = last + 1;
+    };
+    match (result, output) {
+        (Ok(()), Output::Text) => {
+            println!(
+                "audit chain intact: {} event(s), head {}",
+                verifier.verified,
+                hex::encode(verifier.head())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (Ok(()), Output::Json) => {
+            println!(
+                "{}",
+                serde_json::json!({"intact": true, "events": verifier.verified, "head": hex::encode(verifier.head())})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(b), Output::Text) => {
+            println!(
+                "audit chain BROKEN at sequence {}: {} ({} event(s) before it verified)",
+                b.seq, b.reason, verifier.verified
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        (Err(b), Output::Json) => {
+            println!(
+                "{}",
+                serde_json::json!({"intact": false, "first_broken_seq": b.seq, "reason": b.reason, "verified": verifier.verified})
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

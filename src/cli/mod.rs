@@ -1,0 +1,218 @@
+//! The operator CLI. Local commands (`init`, `serve`, `config check`,
+//! `audit verify`, `dev`) read the config; client commands talk to a running
+//! daemon over HTTP with `KEYWARD_URL` and `KEYWARD_TOKEN`.
+
+mod client;
+mod dev;
+mod enroll;
+mod local;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Key management daemon for device fleets: HSM-held CA keys, approvals, issuance, audit"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Config file.
+    #[arg(
+        long,
+        env = "KEYWARD_CONFIG",
+        default_value = "/etc/keyward/keyward.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// Daemon URL.
+    #[arg(
+        long,
+        env = "KEYWARD_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// File holding the admin token (otherwise the KEYWARD_TOKEN environment variable).
+    /// Tokens are never taken as a command-line value: argv is visible in `ps`.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database, the CA keys and certificates per policy, and the first admin.
+    Init {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Name of the bootstrap admin created when there is none.
+        #[arg(long, default_value = "bootstrap")]
+        admin_name: String,
+        /// Write the bootstrap admin token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
+    /// Run the daemon.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Self-contained demo: SoftHSM2 token, SQLite and config under DIR, then serve.
+    Dev {
+        #[arg(long, default_value = ".keyward-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Review and decide device registrations.
+    Registrations {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: RegistrationsCommand,
+    },
+    /// Manage admin accounts.
+    Admins {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AdminsCommand,
+    },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Reference device client: make a key and CSR, register, wait, fetch credentials.
+    Enroll(enroll::EnrollArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the config and the policies without starting.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistrationsCommand {
+    /// List registrations.
+    List {
+        /// pending, approved, issued, denied or expired.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show one registration with its approvals.
+    Show { id: String },
+    /// Approve a registration.
+    Approve {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny a registration.
+    Deny {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminsCommand {
+    /// Create an admin; its token is printed once.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// admin, approver or auditor.
+        #[arg(long)]
+        role: String,
+    },
+    /// List admins.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain from the database and name the first broken sequence number.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the result as JSON.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Init {
+            config,
+            admin_name,
+            token_out,
+        } => local::init(&config.config, &admin_name, token_out.as_deref()).await,
+        Command::Serve { config } => local::serve(&config.config).await,
+        Command::Dev { dir, listen } => dev::run(&dir, listen),
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => local::config_check(&config.config),
+        Command::Audit {
+            command: AuditCommand::Verify { config, output },
+        } => local::audit_verify(&config.config, output).await,
+        Command::Registrations { client, command } => client::registrations(&client, command).await,
+        Command::Admins { client, command } => client::admins(&client, command).await,
+        Command::Enroll(args) => enroll::run(args).await,
+    }
+}

@@ -1,0 +1,187 @@
+//! `ApiError`: the one place where errors become HTTP statuses. Bodies are
+//! `{"error": {"code", "message"}}`; 5xx bodies say nothing internal.
+
+use crate::auth::admins::AdminError;
+use crate::ca::CaError;
+use crate::keystore::KeyStoreError;
+use crate::registry::RegistryError;
+use crate::store::StoreError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+
+    fn internal(source: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %source, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+
+    fn unavailable(source: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %source, "dependency unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "a dependency (HSM or store) is unavailable; retry later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
+        let mut resp = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED
+            && let Ok(v) = axum::http::HeaderValue::from_str("Bearer")
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, v);
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::WriterGone | StoreError::Database(_) => Self::unavailable(&e),
+            StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => Self::internal(&e),
+        }
+    }
+}
+
+impl From<KeyStoreError> for ApiError {
+    fn from(e: KeyStoreError) -> Self {
+        Self::unavailable(&e)
+    }
+}
+
+impl From<CaError> for ApiError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::Csr(c) => RegistryError::from(c).into(),
+            CaError::AlgorithmNotAllowed { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "key_algorithm_not_allowed",
+                e.to_string(),
+            ),
+            CaError::UnknownCa(_) => Self::new(StatusCode::NOT_FOUND, "unknown_ca", e.to_string()),
+            CaError::Expired(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "ca_expired", e.to_string())
+            }
+            CaError::KeyStore(k) => k.into(),
+            CaError::Store(s) => s.into(),
+            other => Self::internal(&other),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid { code, message } => {
+                let status = match code {
+                    "invalid_csr" | "invalid_field" | "unknown_group" => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                Self::new(status, code, message)
+            }
+            RegistryError::NotFound => Self::not_found("registration"),
+            RegistryError::Conflict { code, message } => {
+                Self::new(StatusCode::CONFLICT, code, message)
+            }
+            RegistryError::Forbidden { code, message } => {
+                Self::new(StatusCode::FORBIDDEN, code, message)
+            }
+            RegistryError::Gone => Self::new(
+                StatusCode::GONE,
+                "credentials_already_delivered",
+                "credentials are delivered once and were already delivered",
+            ),
+            RegistryError::Unauthorized => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "registration secret missing or wrong",
+            ),
+            RegistryError::Ca(c) => c.into(),
+            RegistryError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::Missing | AdminError::BadToken | AdminError::Disabled => {
+                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+            }
+            AdminError::Forbidden { .. } => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden_role", e.to_string())
+            }
+            AdminError::BadName => Self::bad_request("invalid_field", e.to_string()),
+            AdminError::Duplicate(_) => Self::new(StatusCode::CONFLICT, "duplicate", e.to_string()),
+            AdminError::Store(s) => s.into(),
+            AdminError::Random(r) => Self::internal(&r),
+        }
+    }
+}
+
+/// Rejections of axum's extractors (bad JSON, wrong content type, size) as
+/// our error body.
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            "unsupported_media_type"
+        } else {
+            "invalid_json"
+        };
+        Self::new(status, code, r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(r: axum::extract::rejection::PathRejection) -> Self {
+        Self::bad_request("invalid_path", r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        Self::bad_request("invalid_query", r.body_text())
+    }
+}

@@ -1,0 +1,203 @@
+//! Admin endpoints: registrations queue, decisions, admin accounts.
+
+use super::parse_id;
+use crate::auth::Role;
+use crate::clock::{from_unix, rfc3339};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::http::extract::{Admin, ApiJson};
+use crate::http::views::{AdminView, ApprovalView, RegistrationView};
+use crate::store::{Decision, RegistrationStatus};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+pub async fn list_registrations(
+    State(state): State<AppState>,
+    admin: Admin,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<RegistrationView>>, ApiError> {
+    admin.require(Role::Auditor)?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(RegistrationStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("unknown status `{s}` (pending, approved, issued, denied, expired)"),
+            )
+        })?),
+    };
+    let regs = state.registry.list(status, q.limit.unwrap_or(100)).await?;
+    Ok(Json(regs.iter().map(RegistrationView::from).collect()))
+}
+
+#[derive(Serialize)]
+pub struct RegistrationDetail {
+    #[serde(flatten)]
+    registration: RegistrationView,
+    approvals: Vec<ApprovalView>,
+}
+
+pub async fn show_registration(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<RegistrationDetail>, ApiError> {
+    admin.require(Role::Auditor)?;
+    let id = parse_id(&id)?;
+    let reg = state.registry.get(id).await?;
+    let approvals = state.registry.approvals(id).await?;
+    Ok(Json(RegistrationDetail {
+        registration: RegistrationView::from(&reg),
+        approvals: approvals.iter().map(ApprovalView::from).collect(),
+    }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionBody {
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct DecisionResponse {
+    #[serde(flatten)]
+    registration: RegistrationView,
+    approvals: u32,
+    approvals_required: u32,
+}
+
+/// Decision bodies are optional: an empty body means no comment.
+fn optional_body(body: &[u8]) -> Result<DecisionBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DecisionBody::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+async fn decide(
+    state: AppState,
+    admin: Admin,
+    id: String,
+    decision: Decision,
+    body: DecisionBody,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    let id = parse_id(&id)?;
+    let result = state
+        .registry
+        .decide(id, &admin.0, decision, body.comment)
+        .await?;
+    Ok(Json(DecisionResponse {
+        registration: RegistrationView::from(&result.registration),
+        approvals: result.approvals,
+        approvals_required: result.approvals_required,
+    }))
+}
+
+pub async fn approve(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    decide(state, admin, id, Decision::Approve, optional_body(&body)?).await
+}
+
+pub async fn deny(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    decide(state, admin, id, Decision::Deny, optional_body(&body)?).await
+}
+
+pub async fn list_admins(
+    State(state): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<AdminView>>, ApiError> {
+    admin.require(Role::Admin)?;
+    let admins = state.admins.list().await?;
+    Ok(Json(admins.iter().map(AdminView::from).collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAdminBody {
+    name: String,
+    role: String,
+}
+
+#[derive(Serialize)]
+pub struct CreatedAdmin {
+    #[serde(flatten)]
+    admin: AdminView,
+    /// Shown once.
+    token: String,
+}
+
+pub async fn create_admin(
+    State(state): State<AppState>,
+    admin: Admin,
+    ApiJson(body): ApiJson<CreateAdminBody>,
+) -> Result<(StatusCode, Json<CreatedAdmin>), ApiError> {
+    let me = admin.require(Role::Admin)?;
+    let role: Role = body
+        .role
+        .parse()
+        .map_err(|e: String| ApiError::bad_request("invalid_field", e))?;
+    let (record, token) = state
+        .admins
+        .create(&format!("admin:{}", me.id), &body.name, role)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedAdmin {
+            admin: AdminView::from(&record),
+            token: token.expose_secret().to_string(),
+        }),
+    ))
+}
+
+#[derive(Serialize)]
+pub struct CaView {
+    name: String,
+    kind: String,
+    algorithm: String,
+    key_id: String,
+    not_after: String,
+}
+
+pub async fn list_cas(
+    State(state): State<AppState>,
+    admin: Admin,
+) -> Result<Json<Vec<CaView>>, ApiError> {
+    admin.require(Role::Auditor)?;
+    Ok(Json(
+        state
+            .ca
+            .issuers()
+            .iter()
+            .map(|i| CaView {
+                name: i.name.clone(),
+                kind: format!("{:?}", i.kind).to_lowercase(),
+                algorithm: i.algorithm.to_string(),
+                key_id: i.key_id.to_string(),
+                not_after: rfc3339(from_unix(i.not_after)),
+            })
+            .collect(),
+    ))
+}

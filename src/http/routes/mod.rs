@@ -1,0 +1,42 @@
+//! Route table.
+
+mod admin;
+mod public;
+mod registrations;
+
+use super::AppState;
+use axum::Router;
+use axum::routing::{get, post};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/registrations", post(registrations::submit))
+        .route("/v1/registrations/{id}", get(registrations::status))
+        .route(
+            "/v1/registrations/{id}/credentials",
+            get(registrations::credentials),
+        )
+        .route("/v1/ca/{name}/chain", get(public::ca_chain))
+        .route("/v1/admin/registrations", get(admin::list_registrations))
+        .route(
+            "/v1/admin/registrations/{id}",
+            get(admin::show_registration),
+        )
+        .route("/v1/admin/registrations/{id}/approve", post(admin::approve))
+        .route("/v1/admin/registrations/{id}/deny", post(admin::deny))
+        .route(
+            "/v1/admin/admins",
+            get(admin::list_admins).post(admin::create_admin),
+        )
+        .route("/v1/admin/cas", get(admin::list_cas))
+        .route("/healthz", get(public::healthz))
+        .route("/readyz", get(public::readyz))
+        .route("/metrics", get(public::metrics))
+}
+
+/// Parses a UUID path segment.
+fn parse_id(s: &str) -> Result<uuid::Uuid, super::error::ApiError> {
+    uuid::Uuid::parse_str(s).map_err(|_| {
+        super::error::ApiError::bad_request("invalid_id", format!("`{s}` is not a UUID"))
+    })
+}

@@ -1,0 +1,124 @@
+//! Device-facing registration endpoints.
+
+use super::parse_id;
+use crate::auth::Role;
+use crate::clock::{from_unix, rfc3339};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::http::extract::{ApiJson, Bearer};
+use crate::http::views::RegistrationView;
+use crate::registry::{Credentials, Submission};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    /// PEM PKCS#10 request.
+    csr: String,
+    name: String,
+    #[serde(default)]
+    device_type: Option<String>,
+    #[serde(default)]
+    location: Option<String>,
+    #[serde(default)]
+    firmware: Option<String>,
+    #[serde(default = "default_group")]
+    group: String,
+}
+
+fn default_group() -> String {
+    "default".to_string()
+}
+
+#[derive(Serialize)]
+pub struct SubmitResponse {
+    id: String,
+    device_id: String,
+    status: String,
+    /// Shown once: the device polls and fetches credentials with it.
+    secret: String,
+    expires_at: String,
+    certificate_serial: Option<String>,
+}
+
+/// `POST /v1/registrations`. An admin token, if present, marks the
+/// registration as submitted by that admin (who then cannot approve it).
+pub async fn submit(
+    State(state): State<AppState>,
+    Bearer(token): Bearer,
+    ApiJson(body): ApiJson<SubmitBody>,
+) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
+    let admin = match token {
+        Some(t) => Some(state.admins.authenticate(Some(&t)).await?),
+        None => None,
+    };
+    let submitted = state
+        .registry
+        .submit(
+            Submission {
+                csr: body.csr.into_bytes(),
+                name: body.name,
+                device_type: body.device_type,
+                location: body.location,
+                firmware: body.firmware,
+                group: body.group,
+            },
+            admin.as_ref(),
+        )
+        .await?;
+    let r = &submitted.registration;
+    Ok((
+        StatusCode::CREATED,
+        Json(SubmitResponse {
+            id: r.id.to_string(),
+            device_id: r.device_id.to_string(),
+            status: r.status.to_string(),
+            secret: submitted.secret.expose_secret().to_string(),
+            expires_at: rfc3339(from_unix(r.expires_at)),
+            certificate_serial: r.certificate_serial.clone(),
+        }),
+    ))
+}
+
+/// `GET /v1/registrations/{id}`: the device with its registration secret,
+/// or any admin.
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Bearer(token): Bearer,
+) -> Result<Json<RegistrationView>, ApiError> {
+    let id = parse_id(&id)?;
+    let token =
+        token.ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
+    let reg = if token.starts_with("kwr_") {
+        state.registry.authenticate(id, &token).await?
+    } else {
+        let admin = state.admins.authenticate(Some(&token)).await?;
+        if !admin.role.allows(Role::Auditor) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_role",
+                "role cannot read registrations",
+            ));
+        }
+        state.registry.get(id).await?
+    };
+    Ok(Json(RegistrationView::from(&reg)))
+}
+
+/// `GET /v1/registrations/{id}/credentials`: once, with the registration secret.
+pub async fn credentials(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Bearer(token): Bearer,
+) -> Result<Json<Credentials>, ApiError> {
+    let id = parse_id(&id)?;
+    let token =
+        token.ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
+    let reg = state.registry.authenticate(id, &token).await?;
+    Ok(Json(state.registry.credentials(&reg).await?))
+}

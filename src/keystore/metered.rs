@@ -1,0 +1,78 @@
+//! A KeyStore decorator that times signatures and counts HSM outcomes.
+
+use super::{
+    Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
+    KeyStoreError,
+};
+use crate::metrics::Metrics;
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct MeteredKeyStore {
+    inner: Arc<dyn KeyStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredKeyStore {
+    pub fn new(inner: Arc<dyn KeyStore>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl KeyStore for MeteredKeyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+    fn planned_handle(&self, spec: &KeySpec) -> KeyHandle {
+        self.inner.planned_handle(spec)
+    }
+    async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
+        let r = self.inner.generate(spec).await;
+        self.metrics.hsm("generate", r.is_ok());
+        r
+    }
+    async fn public_key(&self, handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError> {
+        self.inner.public_key(handle).await
+    }
+    async fn sign(
+        &self,
+        handle: &KeyHandle,
+        algorithm: KeyAlgorithm,
+        message: &[u8],
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        let start = Instant::now();
+        let r = self.inner.sign(handle, algorithm, message).await;
+        self.metrics
+            .hsm_sign_seconds
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.hsm("sign", r.is_ok());
+        r
+    }
+    async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError> {
+        self.inner.exists(handle).await
+    }
+    async fn protection(&self, handle: &KeyHandle) -> Result<KeyProtection, KeyStoreError> {
+        self.inner.protection(handle).await
+    }
+    async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
+        let r = self.inner.destroy(handle).await;
+        self.metrics.hsm("destroy", r.is_ok());
+        r
+    }
+    async fn list(&self) -> Result<Vec<(KeyHandle, String)>, KeyStoreError> {
+        self.inner.list().await
+    }
+    async fn health(&self) -> Result<(), KeyStoreError> {
+        let r = self.inner.health().await;
+        self.metrics.hsm_up.set(i64::from(r.is_ok()));
+        r
+    }
+    async fn close(&self) -> Result<(), KeyStoreError> {
+        self.inner.close().await
+    }
+}
