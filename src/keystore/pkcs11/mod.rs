@@ -307,10 +307,13 @@ impl Pkcs11KeyStore {
             return Err(KeyStoreError::PinLocked);
         }
         inner.token_label = info.label().trim().to_string();
-        let mechanisms = inner
-            .ctx
-            .get_mechanism_list(slot)
-            .map_err(KeyStoreError::Pkcs11)?;
+        // Ask for the mechanisms we use one by one: C_GetMechanismList also
+        // returns vendor mechanisms that cryptoki logs as errors.
+        let mechanisms: Vec<MechanismType> = WANTED_MECHANISMS
+            .iter()
+            .copied()
+            .filter(|m| inner.ctx.get_mechanism_info(slot, *m).is_ok())
+            .collect();
         let caps = capabilities(&mechanisms, sessions);
         // Log in once now so a wrong PIN fails start-up, not the first request.
         let first = inner.open_session()?;
@@ -344,6 +347,16 @@ impl Pkcs11KeyStore {
             .map_err(|e| KeyStoreError::Worker(e.to_string()))?
     }
 }
+
+const WANTED_MECHANISMS: [MechanismType; 7] = [
+    MechanismType::ECC_KEY_PAIR_GEN,
+    MechanismType::ECDSA,
+    MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+    MechanismType::RSA_PKCS,
+    MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+    MechanismType::EDDSA,
+    MechanismType::AES_KEY_WRAP_PAD,
+];
 
 fn capabilities(mechanisms: &[MechanismType], sessions: usize) -> Capabilities {
     let has = |m: MechanismType| mechanisms.contains(&m);
