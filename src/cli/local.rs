@@ -105,7 +105,10 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(%listen, "keyward serving");
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "keyward serving");
+    // A plain line on stdout for supervisors and tests (port 0 picks a free port).
+    println!("keyward listening on http://{addr}");
     app.serve_on(listener, crate::app::shutdown_signal())
         .await?;
     Ok(ExitCode::SUCCESS)

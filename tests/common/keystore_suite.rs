@@ -1,0 +1,135 @@
+//! The KeyStore conformance suite, written once and run against every
+//! backend: SoftHSM2 over PKCS#11 here, the YubiKey PIV backend later.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use der::Decode;
+use keyward::keystore::{KeyAlgorithm, KeyHandle, KeySpec, KeyStore, KeyStoreError};
+use std::sync::Arc;
+
+pub fn spec(algorithm: KeyAlgorithm) -> KeySpec {
+    let id = uuid::Uuid::new_v4();
+    KeySpec {
+        id,
+        label: format!("conformance-{}", &id.simple().to_string()[..8]),
+        algorithm,
+        extractable: false,
+    }
+}
+
+/// Verifies `sig` over `msg` with the SPKI, using ring (not the code under test).
+pub fn verify(spki_der: &[u8], algorithm: KeyAlgorithm, msg: &[u8], sig: &[u8]) -> bool {
+    use ring::signature as s;
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der).unwrap();
+    let alg: &dyn s::VerificationAlgorithm = match algorithm {
+        KeyAlgorithm::EcdsaP256 => &s::ECDSA_P256_SHA256_ASN1,
+        KeyAlgorithm::EcdsaP384 => &s::ECDSA_P384_SHA384_ASN1,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            &s::RSA_PKCS1_2048_8192_SHA256
+        }
+        KeyAlgorithm::Ed25519 => &s::ED25519,
+    };
+    s::UnparsedPublicKey::new(alg, spki.subject_public_key.raw_bytes())
+        .verify(msg, sig)
+        .is_ok()
+}
+
+/// Generate, sign, verify with an independent implementation; a tampered
+/// message must not verify; the public key read back equals the generated one.
+pub async fn sign_and_verify(ks: &dyn KeyStore, algorithm: KeyAlgorithm) {
+    let key = ks.generate(&spec(algorithm)).await.unwrap();
+    let msg = b"keyward conformance: the TBS bytes of a certificate";
+    let sig = ks.sign(&key.handle, algorithm, msg).await.unwrap();
+    assert!(
+        verify(&key.public_key_der, algorithm, msg, &sig),
+        "{algorithm} signature does not verify"
+    );
+    assert!(!verify(
+        &key.public_key_der,
+        algorithm,
+        b"another message",
+        &sig
+    ));
+    assert_eq!(
+        ks.public_key(&key.handle).await.unwrap(),
+        key.public_key_der
+    );
+    ks.destroy(&key.handle).await.unwrap();
+}
+
+/// Private keys are created sensitive and non-extractable unless asked otherwise.
+pub async fn keys_are_sensitive_and_not_extractable(ks: &dyn KeyStore) {
+    let key = ks.generate(&spec(KeyAlgorithm::EcdsaP256)).await.unwrap();
+    let p = ks.protection(&key.handle).await.unwrap();
+    assert!(p.sensitive && p.always_sensitive, "{p:?}");
+    assert!(!p.extractable && p.never_extractable, "{p:?}");
+    ks.destroy(&key.handle).await.unwrap();
+}
+
+/// Destroyed keys are gone; destroying twice is fine; signing with them fails clearly.
+pub async fn destroy_removes_the_key(ks: &dyn KeyStore) {
+    let key = ks.generate(&spec(KeyAlgorithm::EcdsaP256)).await.unwrap();
+    assert!(ks.exists(&key.handle).await.unwrap());
+    ks.destroy(&key.handle).await.unwrap();
+    assert!(!ks.exists(&key.handle).await.unwrap());
+    ks.destroy(&key.handle).await.unwrap();
+    let err = ks
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::KeyNotFound(_)), "{err:?}");
+}
+
+/// A handle the backend never issued is refused, not panicked on.
+pub async fn foreign_handles_are_refused(ks: &dyn KeyStore) {
+    let err = ks
+        .sign(
+            &KeyHandle("not a handle".into()),
+            KeyAlgorithm::EcdsaP256,
+            b"x",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::BadHandle(_)), "{err:?}");
+}
+
+/// More signers than the device has: callers queue, none fail.
+pub async fn concurrent_signers_queue(ks: Arc<dyn KeyStore>) {
+    let key = ks.generate(&spec(KeyAlgorithm::EcdsaP256)).await.unwrap();
+    let n = ks.capabilities().max_concurrent_signers * 16;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let ks = ks.clone();
+        let h = key.handle.clone();
+        let spki = key.public_key_der.clone();
+        tasks.push(tokio::spawn(async move {
+            let msg = format!("message {i}");
+            let sig = ks
+                .sign(&h, KeyAlgorithm::EcdsaP256, msg.as_bytes())
+                .await
+                .unwrap();
+            assert!(verify(&spki, KeyAlgorithm::EcdsaP256, msg.as_bytes(), &sig));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    ks.destroy(&key.handle).await.unwrap();
+}
+
+/// After `close` (logout), the next call logs in again by itself.
+pub async fn recovers_after_logout(ks: &dyn KeyStore) {
+    let key = ks.generate(&spec(KeyAlgorithm::EcdsaP256)).await.unwrap();
+    ks.close().await.unwrap();
+    let sig = ks
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"after logout")
+        .await
+        .unwrap();
+    assert!(verify(
+        &key.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"after logout",
+        &sig
+    ));
+    ks.health().await.unwrap();
+    ks.destroy(&key.handle).await.unwrap();
+}

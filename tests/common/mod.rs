@@ -1,0 +1,327 @@
+//! Shared fixtures for the daemon tests: a SoftHSM2 token in a temp dir
+//! (found by label), config and secrets, `keyward init`, and a real
+//! `keyward serve` child process on a free loopback port.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const SO_PIN: &str = "so-pin-1234";
+pub const PIN: &str = "user-pin-5678";
+
+pub fn softhsm_module() -> PathBuf {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("SoftHSM2 is not installed: run scripts/test.sh, which installs it")
+}
+
+pub fn keyward_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keyward"))
+}
+
+pub fn repo_file(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+/// One isolated keyward installation: token, config, secrets, policies.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub softhsm_conf: PathBuf,
+    pub config: PathBuf,
+    pub db: PathBuf,
+    pub label: String,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self::with_policies(
+            &repo_file("policies/ca.toml"),
+            &repo_file("policies/enrollment.toml"),
+        )
+    }
+
+    /// Like `new`, with an extra enrollment group appended.
+    pub fn with_extra_group(group_toml: &str) -> Self {
+        let enrollment = format!("{}\n{}", repo_file("policies/enrollment.toml"), group_toml);
+        Self::with_policies(&repo_file("policies/ca.toml"), &enrollment)
+    }
+
+    pub fn with_policies(ca: &str, enrollment: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let softhsm_conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &softhsm_conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let label = format!(
+            "kw-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &softhsm_conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                &label,
+                "--so-pin",
+                SO_PIN,
+                "--pin",
+                PIN,
+            ])
+            .output()
+            .expect("softhsm2-util missing: run scripts/test.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(dir.path().join("hsm.pin"), PIN).unwrap();
+        std::fs::write(dir.path().join("pepper"), "test-pepper-0123456789").unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("ca.toml"), ca).unwrap();
+        std::fs::write(policies.join("enrollment.toml"), enrollment).unwrap();
+        let config = dir.path().join("keyward.toml");
+        let db = dir.path().join("keyward.db");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nbody_limit_bytes = 16384\n\n\
+                 [store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n\n\
+                 [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{label}\"\npin_file = \"hsm.pin\"\nsessions = 2\n\n\
+                 [auth]\ntoken_pepper_file = \"pepper\"\n\n[log]\nlevel = \"warn\"\n",
+                softhsm_module().display()
+            ),
+        )
+        .unwrap();
+        Self {
+            dir,
+            softhsm_conf,
+            config,
+            db,
+            label,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `keyward` with this environment's SoftHSM2 config.
+    pub fn keyward(&self) -> Command {
+        let mut c = Command::new(keyward_bin());
+        c.env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .env_remove("KEYWARD_TOKEN")
+            .env_remove("KEYWARD_URL")
+            .env_remove("KEYWARD_CONFIG");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.keyward().args(args).output().unwrap()
+    }
+
+    /// Runs `keyward init` and returns the bootstrap admin token.
+    pub fn init(&self) -> String {
+        let token_file = self.path("admin.token");
+        let out = self.run(&[
+            "init",
+            "--config",
+            self.config.to_str().unwrap(),
+            "--token-out",
+            token_file.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(token_file)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Starts `keyward serve` and waits until it listens.
+    pub fn serve(&self) -> Daemon {
+        let mut child = self
+            .keyward()
+            .args(["serve", "--config", self.config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("keyward listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => Daemon { child, url },
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "keyward serve did not start: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
+    /// Row counts of every table, read straight from SQLite.
+    pub fn counts(&self) -> BTreeMap<String, i64> {
+        let c = rusqlite::Connection::open(&self.db).unwrap();
+        let mut out = BTreeMap::new();
+        for t in [
+            "keys",
+            "cas",
+            "admins",
+            "registrations",
+            "approvals",
+            "devices",
+            "certificates",
+            "audit_events",
+        ] {
+            let n: i64 = c
+                .query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))
+                .unwrap();
+            out.insert(t.to_string(), n);
+        }
+        out
+    }
+
+    /// (actor, action, outcome) of every audit event after `after_seq`.
+    pub fn audit_after(&self, after_seq: i64) -> Vec<(String, String, String)> {
+        let c = rusqlite::Connection::open(&self.db).unwrap();
+        let mut stmt = c
+            .prepare("SELECT actor, action, outcome FROM audit_events WHERE seq > ?1 ORDER BY seq")
+            .unwrap();
+        stmt.query_map([after_seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+}
+
+/// A running `keyward serve`; killed (by its own PID) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CSR made by the stock openssl CLI: `kind` is an `openssl req -newkey` argument
+/// (`ec` with P-256 by default, `rsa:1024`, `ed25519`, ...). Returns (csr PEM, key PEM).
+pub fn openssl_csr(dir: &Path, newkey: &str) -> (String, String) {
+    let key = dir.join(format!("{}.key", uuid::Uuid::new_v4()));
+    let csr = dir.join(format!("{}.csr", uuid::Uuid::new_v4()));
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req",
+        "-new",
+        "-nodes",
+        "-subj",
+        "/CN=test-device",
+        "-newkey",
+        newkey,
+    ]);
+    if newkey == "ec" {
+        cmd.args(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+    }
+    let out = cmd
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()
+        .expect("openssl missing");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        std::fs::read_to_string(csr).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    )
+}
+
+/// The same CSR with one bit of its signature flipped: still well-formed DER.
+pub fn corrupt_signature(csr_pem: &str) -> String {
+    use base64::Engine;
+    let b64: String = csr_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let last = der.len() - 1;
+    der[last] ^= 0x01;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Writes `text` to a file in `dir` and returns its path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `openssl verify -CAfile root -untrusted chain cert`; returns (success, output).
+pub fn openssl_verify(root: &Path, untrusted: &Path, cert: &Path) -> (bool, String) {
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(root)
+        .arg("-untrusted")
+        .arg(untrusted)
+        .arg(cert)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

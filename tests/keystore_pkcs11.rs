@@ -1,0 +1,335 @@
+//! The KeyStore conformance suite and PKCS#11-specific behaviour, in-process
+//! against SoftHSM2. SoftHSM2 reads `SOFTHSM2_CONF` once, at `C_Initialize`,
+//! so this binary re-executes itself with a private token directory set
+//! (no process-global environment mutation) and each test makes its own
+//! token, found by label.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/keystore_suite.rs"]
+mod suite;
+
+use keyward::audit::ChainVerifier;
+use keyward::ca::keys;
+use keyward::clock::SystemClock;
+use keyward::keystore::pkcs11::uri::Pkcs11Uri;
+use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector, context};
+use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError};
+use keyward::store::sqlite::SqliteStore;
+use keyward::store::{AuditQuery, KeyPurpose, KeyState, Store};
+use libtest_mimic::{Arguments, Failed, Trial};
+use secrecy::SecretString;
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+const READY: &str = "KEYWARD_TEST_SOFTHSM_DIR";
+
+/// Initialises a fresh token on SoftHSM's free slot, through PKCS#11 itself.
+fn new_token() -> String {
+    // Tests run on parallel threads; two of them must not claim the same free slot.
+    static SLOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = SLOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let ctx = context(&common::softhsm_module()).unwrap();
+    let label = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let slot = ctx
+        .get_all_slots()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|i| !i.token_initialized())
+                .unwrap_or(false)
+        })
+        .expect("SoftHSM always offers one uninitialised slot");
+    ctx.init_token(
+        slot,
+        &SecretString::from(common::SO_PIN.to_string()),
+        &label,
+    )
+    .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    session
+        .login(
+            cryptoki::session::UserType::So,
+            Some(&SecretString::from(common::SO_PIN.to_string())),
+        )
+        .unwrap();
+    session
+        .init_pin(&SecretString::from(common::PIN.to_string()))
+        .unwrap();
+    session.logout().unwrap();
+    label
+}
+
+fn settings(selector: TokenSelector, pin: &str, sessions: usize) -> Pkcs11Settings {
+    Pkcs11Settings {
+        module: common::softhsm_module(),
+        selector,
+        pin: SecretString::from(pin.to_string()),
+        sessions,
+    }
+}
+
+async fn open(label: &str) -> Arc<dyn KeyStore> {
+    Arc::new(
+        Pkcs11KeyStore::open(settings(
+            TokenSelector::Label(label.to_string()),
+            common::PIN,
+            2,
+        ))
+        .await
+        .unwrap(),
+    )
+}
+
+fn run<F, Fut>(f: F) -> Result<(), Failed>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(f());
+    Ok(())
+}
+
+/// A conformance trial against a fresh SoftHSM2 token.
+fn conformance<F, Fut>(name: &str, f: F) -> Trial
+where
+    F: FnOnce(Arc<dyn KeyStore>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    Trial::test(format!("conformance::softhsm2::{name}"), move || {
+        run(|| async move {
+            let ks = open(&new_token()).await;
+            f(ks).await
+        })
+    })
+}
+
+fn trials() -> Vec<Trial> {
+    let mut t = vec![
+        conformance("sign_verify_ecdsa_p256", |ks| async move {
+            suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::EcdsaP256).await
+        }),
+        conformance("sign_verify_ecdsa_p384", |ks| async move {
+            suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::EcdsaP384).await
+        }),
+        conformance("sign_verify_rsa_2048", |ks| async move {
+            suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::Rsa2048).await
+        }),
+        conformance("sign_verify_rsa_3072", |ks| async move {
+            suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::Rsa3072).await
+        }),
+        conformance("sign_verify_ed25519_when_offered", |ks| async move {
+            if ks
+                .capabilities()
+                .algorithms
+                .contains(&KeyAlgorithm::Ed25519)
+            {
+                suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::Ed25519).await
+            }
+        }),
+        conformance("keys_are_sensitive_and_not_extractable", |ks| async move {
+            suite::keys_are_sensitive_and_not_extractable(ks.as_ref()).await
+        }),
+        conformance("destroy_removes_the_key", |ks| async move {
+            suite::destroy_removes_the_key(ks.as_ref()).await
+        }),
+        conformance("foreign_handles_are_refused", |ks| async move {
+            suite::foreign_handles_are_refused(ks.as_ref()).await
+        }),
+        conformance("concurrent_signers_queue", suite::concurrent_signers_queue),
+        conformance("recovers_after_logout", |ks| async move {
+            suite::recovers_after_logout(ks.as_ref()).await
+        }),
+    ];
+    t.push(Trial::test(
+        "pkcs11::capabilities_list_what_softhsm_offers",
+        || {
+            run(|| async {
+                let ks = open(&new_token()).await;
+                let caps = ks.capabilities();
+                for a in [
+                    KeyAlgorithm::EcdsaP256,
+                    KeyAlgorithm::EcdsaP384,
+                    KeyAlgorithm::Rsa2048,
+                    KeyAlgorithm::Rsa3072,
+                ] {
+                    assert!(caps.algorithms.contains(&a), "{caps:?}");
+                }
+                assert_eq!(caps.max_concurrent_signers, 2);
+                assert!(caps.can_wrap_keys, "SoftHSM2 has CKM_AES_KEY_WRAP_PAD");
+            })
+        },
+    ));
+    t.push(Trial::test("pkcs11::extractable_only_when_asked", || {
+        run(|| async {
+            let ks = open(&new_token()).await;
+            let mut spec = suite::spec(KeyAlgorithm::EcdsaP256);
+            spec.extractable = true;
+            let key = ks.generate(&spec).await.unwrap();
+            let p = ks.protection(&key.handle).await.unwrap();
+            assert!(p.extractable && p.sensitive, "{p:?}");
+        })
+    }));
+    t.push(Trial::test(
+        "pkcs11::handles_are_rfc7512_uris_and_listed",
+        || {
+            run(|| async {
+                let label = new_token();
+                let ks = open(&label).await;
+                let spec = suite::spec(KeyAlgorithm::EcdsaP256);
+                let key = ks.generate(&spec).await.unwrap();
+                assert_eq!(key.handle, ks.planned_handle(&spec));
+                let uri = Pkcs11Uri::parse(&key.handle.0).unwrap();
+                assert_eq!(uri.token().as_deref(), Some(label.as_str()));
+                assert_eq!(uri.id(), Some(&spec.id.as_bytes()[..]));
+                assert!(
+                    ks.list()
+                        .await
+                        .unwrap()
+                        .iter()
+                        .any(|(h, l)| *h == key.handle && *l == spec.label)
+                );
+            })
+        },
+    ));
+    t.push(Trial::test("pkcs11::token_chosen_by_uri_or_serial", || {
+        run(|| async {
+            let label = new_token();
+            let by_uri = Pkcs11KeyStore::open(settings(
+                TokenSelector::Uri(
+                    Pkcs11Uri::parse(&format!(
+                        "pkcs11:token={label};manufacturer=SoftHSM%20project"
+                    ))
+                    .unwrap(),
+                ),
+                common::PIN,
+                1,
+            ))
+            .await
+            .unwrap();
+            assert_eq!(by_uri.token_label(), label);
+            let ctx = context(&common::softhsm_module()).unwrap();
+            let serial = ctx
+                .get_slots_with_initialized_token()
+                .unwrap()
+                .into_iter()
+                .map(|s| ctx.get_token_info(s).unwrap())
+                .find(|i| i.label().trim() == label)
+                .unwrap()
+                .serial_number()
+                .trim()
+                .to_string();
+            let by_serial =
+                Pkcs11KeyStore::open(settings(TokenSelector::Serial(serial), common::PIN, 1))
+                    .await
+                    .unwrap();
+            assert_eq!(by_serial.token_label(), label);
+        })
+    }));
+    t.push(Trial::test("pkcs11::wrong_pin_missing_token_missing_module", || {
+        run(|| async {
+            let label = new_token();
+            let err = Pkcs11KeyStore::open(settings(TokenSelector::Label(label.clone()), "wrong-pin", 1)).await.err().unwrap();
+            assert!(matches!(err, KeyStoreError::PinIncorrect), "{err:?}");
+            assert!(err.to_string().contains("CKR_PIN_INCORRECT"));
+            let err = Pkcs11KeyStore::open(settings(TokenSelector::Label("absent".into()), common::PIN, 1)).await.err().unwrap();
+            assert!(matches!(&err, KeyStoreError::TokenNotFound { present, .. } if present.contains(&label)), "{err:?}");
+            let mut s = settings(TokenSelector::Label(label), common::PIN, 1);
+            s.module = "/nonexistent/module.so".into();
+            let err = Pkcs11KeyStore::open(s).await.err().unwrap();
+            assert!(matches!(err, KeyStoreError::ModuleLoad { .. }), "{err:?}");
+        })
+    }));
+    t.push(Trial::test(
+        "lifecycle::unfinished_generation_is_reconciled_at_start",
+        || {
+            run(|| async {
+                let ks = open(&new_token()).await;
+                let dir = tempfile::tempdir().unwrap();
+                let clock = Arc::new(SystemClock);
+                let store = SqliteStore::open(&dir.path().join("k.db"), 16, clock.clone()).unwrap();
+                // Steps 1 and 2 of key creation, then a "crash" before step 3.
+                let pending = keys::begin(
+                    ks.as_ref(),
+                    &store,
+                    clock.as_ref(),
+                    "test",
+                    keys::NewKey {
+                        label: "orphan".into(),
+                        purpose: KeyPurpose::IssuingCa,
+                        algorithm: KeyAlgorithm::EcdsaP256,
+                        ca_name: None,
+                        extractable: false,
+                    },
+                )
+                .await
+                .unwrap();
+                assert!(ks.exists(&pending.handle).await.unwrap());
+                assert_eq!(
+                    store.get_key(pending.id).await.unwrap().unwrap().state,
+                    KeyState::Generating
+                );
+                let cleaned = keys::reconcile(ks.as_ref(), &store, clock.as_ref())
+                    .await
+                    .unwrap();
+                assert_eq!(cleaned, 1);
+                assert!(
+                    !ks.exists(&pending.handle).await.unwrap(),
+                    "orphan HSM object survived"
+                );
+                assert_eq!(
+                    store.get_key(pending.id).await.unwrap().unwrap().state,
+                    KeyState::Destroyed
+                );
+                assert_eq!(
+                    keys::reconcile(ks.as_ref(), &store, clock.as_ref())
+                        .await
+                        .unwrap(),
+                    0
+                );
+                let events = store
+                    .audit_events(AuditQuery {
+                        from_seq: 1,
+                        limit: 100,
+                    })
+                    .await
+                    .unwrap();
+                assert!(events.iter().any(|e| e.action == "key.reconcile"));
+                let mut v = ChainVerifier::default();
+                for e in &events {
+                    v.push(e).unwrap();
+                }
+            })
+        },
+    ));
+    t
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os(READY).is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens.display()),
+        )
+        .unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args_os().skip(1))
+            .env("SOFTHSM2_CONF", &conf)
+            .env(READY, dir.path())
+            .status()
+            .unwrap();
+        return ExitCode::from(status.code().unwrap_or(1) as u8);
+    }
+    libtest_mimic::run(&Arguments::from_args(), trials()).exit_code()
+}
