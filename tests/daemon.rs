@@ -135,6 +135,15 @@ async fn register_approve_fetch_credentials_and_verify_chain_with_openssl() {
     assert_eq!(status, 200);
     let root_pem = write(env.dir.path(), "root.pem", &root);
     let chain = std::fs::read_to_string(out_dir.join("chain.pem")).unwrap();
+    assert_eq!(
+        chain.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "chain.pem must hold the issuing CA then the root"
+    );
+    assert!(
+        chain.ends_with(&root),
+        "chain.pem must end with the root certificate"
+    );
     let issuing = chain
         .split_inclusive("-----END CERTIFICATE-----\n")
         .next()

@@ -103,41 +103,74 @@ impl CaService {
 
     /// Re-reads CAs and their keys from the store.
     pub async fn reload(&self) -> Result<(), CaError> {
-        let cas = self.store.list_cas().await?;
+        let mut remaining = self.store.list_cas().await?;
         let mut loaded: BTreeMap<String, Arc<Issuer>> = BTreeMap::new();
-        // Parents are created first, so created_at order lets chains build in one pass.
-        for ca in cas {
-            let key = self.store.get_key(ca.key_id).await?.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "CA {} references missing key {}",
-                    ca.name, ca.key_id
-                ))
-            })?;
-            let summary = x509::summarize(&ca.certificate_der)?;
-            let mut chain_pem = x509::to_pem(&ca.certificate_der)?;
-            if let Some(parent) = ca.parent.as_ref().and_then(|p| loaded.get(p)) {
-                chain_pem.push_str(&parent.chain_pem);
+        // Parents first, whatever order the store returns: a chain is built
+        // from the parent's chain, so the parent must be loaded already.
+        while !remaining.is_empty() {
+            let before = remaining.len();
+            let mut deferred = Vec::new();
+            for ca in remaining {
+                let parent_chain = match &ca.parent {
+                    Some(p) => match loaded.get(p) {
+                        Some(parent) => Some(parent.chain_pem.clone()),
+                        None => {
+                            deferred.push(ca);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let issuer = self.load_issuer(&ca, parent_chain).await?;
+                loaded.insert(ca.name.clone(), Arc::new(issuer));
             }
-            loaded.insert(
-                ca.name.clone(),
-                Arc::new(Issuer {
-                    name: ca.name.clone(),
-                    kind: ca.kind,
-                    key_id: key.id,
-                    handle: key.handle.clone(),
-                    algorithm: key.algorithm,
-                    cert_der: ca.certificate_der.clone(),
-                    subject_der: summary.subject_name_der,
-                    ski: summary.ski.unwrap_or_default(),
-                    not_after: summary.not_after,
-                    chain_pem,
-                }),
-            );
+            if deferred.len() == before {
+                return Err(StoreError::Corrupt(format!(
+                    "CA(s) {} reference parents that do not exist",
+                    deferred
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .into());
+            }
+            remaining = deferred;
         }
         if let Ok(mut g) = self.issuers.write() {
             *g = loaded;
         }
         Ok(())
+    }
+
+    async fn load_issuer(
+        &self,
+        ca: &CaRecord,
+        parent_chain: Option<String>,
+    ) -> Result<Issuer, CaError> {
+        let key = self.store.get_key(ca.key_id).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "CA {} references missing key {}",
+                ca.name, ca.key_id
+            ))
+        })?;
+        let summary = x509::summarize(&ca.certificate_der)?;
+        let mut chain_pem = x509::to_pem(&ca.certificate_der)?;
+        if let Some(parent) = parent_chain {
+            chain_pem.push_str(&parent);
+        }
+        Ok(Issuer {
+            name: ca.name.clone(),
+            kind: ca.kind,
+            key_id: key.id,
+            handle: key.handle.clone(),
+            algorithm: key.algorithm,
+            cert_der: ca.certificate_der.clone(),
+            subject_der: summary.subject_name_der,
+            ski: summary.ski.unwrap_or_default(),
+            not_after: summary.not_after,
+            chain_pem,
+        })
     }
 
     pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, CaError> {

@@ -3,16 +3,14 @@
 use super::Output;
 use crate::app::App;
 use crate::audit::ChainVerifier;
-use crate::clock::SystemClock;
 use crate::config::{Config, LogFormat};
 use crate::policy::Policies;
-use crate::store::AuditQuery;
+use crate::store::{AuditQuery, Store};
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
@@ -100,6 +98,14 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     init_logging(&config);
     let listen = config.server.listen;
+    let crate::config::StoreConfig::Sqlite(s) = &config.store;
+    if !s.path.exists() {
+        // Serving an empty database at a mistyped path would look like a fresh CA.
+        anyhow::bail!(
+            "database {} does not exist: run `keyward init` first",
+            s.path.display()
+        );
+    }
     let app = App::build(config).await?;
     app.check_ready_to_serve().await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -131,10 +137,7 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
 pub async fn audit_verify(config_path: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let crate::config::StoreConfig::Sqlite(s) = &config.store;
-    if !s.path.exists() {
-        anyhow::bail!("database {} does not exist", s.path.display());
-    }
-    let store = crate::app::open_store(&config, Arc::new(SystemClock))?;
+    let store = crate::store::sqlite::SqliteStore::open_read_only(&s.path)?;
     let mut verifier = ChainVerifier::default();
     let mut from = 1;
     let result = loop {

@@ -31,6 +31,7 @@ struct Job {
 
 pub struct SqliteStore {
     path: PathBuf,
+    read_only: bool,
     readers: Arc<Mutex<Vec<Connection>>>,
     jobs: mpsc::Sender<Job>,
 }
@@ -46,7 +47,17 @@ fn db(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn connect(path: &Path) -> Result<Connection, StoreError> {
+fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    if read_only {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        conn.execute_batch("PRAGMA busy_timeout = 10000;")
+            .map_err(db)?;
+        return Ok(conn);
+    }
     let conn = Connection::open(path).map_err(db)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
@@ -92,7 +103,7 @@ impl SqliteStore {
                 StoreError::Database(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let mut writer = connect(path)?;
+        let mut writer = connect(path, false)?;
         restrict_permissions(path);
         migrate(&mut writer)?;
         let (tx, rx) = mpsc::channel::<Job>(batch_max.max(1) * 4);
@@ -103,8 +114,38 @@ impl SqliteStore {
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
+            read_only: false,
             readers: Arc::new(Mutex::new(Vec::new())),
             jobs: tx,
+        })
+    }
+
+    /// Opens an existing database for reading only: no migrations, no
+    /// writer, nothing created or changed on disk. Used by `audit verify`,
+    /// which must not trust (or touch) what it checks. Commits fail.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Database(format!(
+                "database {} does not exist",
+                path.display()
+            )));
+        }
+        let conn = connect(path, true)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db)?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: MIGRATIONS.len() as i64,
+            });
+        }
+        let (jobs, _) = mpsc::channel(1);
+        Ok(Self {
+            path: path.to_path_buf(),
+            read_only: true,
+            readers: Arc::new(Mutex::new(vec![conn])),
+            jobs,
         })
     }
 
@@ -116,11 +157,12 @@ impl SqliteStore {
     {
         let readers = self.readers.clone();
         let path = self.path.clone();
+        let read_only = self.read_only;
         tokio::task::spawn_blocking(move || {
             let pooled = readers.lock().ok().and_then(|mut r| r.pop());
             let conn = match pooled {
                 Some(c) => c,
-                None => connect(&path)?,
+                None => connect(&path, read_only)?,
             };
             let out = f(&conn);
             if let Ok(mut r) = readers.lock()
