@@ -1,0 +1,295 @@
+//! Issuance benchmark, driven by `scripts/bench.sh` (which sets up a token,
+//! an auto-approve group and a running `keyward serve`).
+//!
+//! Measures in one run: raw SoftHSM2 ECDSA P-256 signatures/s through the
+//! KeyStore (1 and 2 signers), and end-to-end issuances/s through the HTTP
+//! API at concurrency 1, 16 and 64 with p50/p99 latency. Each issuance is one
+//! `POST /v1/registrations` to a group with `approvals_required = 0`: CSR
+//! verification, certificate built and signed in the HSM, registration,
+//! device, certificate and three audit events committed before the answer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
+use keyward::keystore::{KeyAlgorithm, KeySpec, KeyStore};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+struct Args {
+    url: String,
+    module: String,
+    label: String,
+    pin: String,
+    seconds: u64,
+    out: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        url: String::new(),
+        module: String::new(),
+        label: String::new(),
+        pin: String::new(),
+        seconds: 10,
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        match k.as_str() {
+            "--url" => a.url = it.next().unwrap(),
+            "--module" => a.module = it.next().unwrap(),
+            "--label" => a.label = it.next().unwrap(),
+            "--pin-file" => {
+                a.pin = std::fs::read_to_string(it.next().unwrap())
+                    .unwrap()
+                    .trim()
+                    .to_string()
+            }
+            "--seconds" => a.seconds = it.next().unwrap().parse().unwrap(),
+            "--out" => a.out = Some(it.next().unwrap()),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    assert!(!a.url.is_empty(), "run through scripts/bench.sh");
+    a
+}
+
+async fn raw_rate(ks: Arc<dyn KeyStore>, signers: usize, secs: u64) -> f64 {
+    let key = ks
+        .generate(&KeySpec {
+            id: uuid::Uuid::new_v4(),
+            label: "bench-raw".into(),
+            algorithm: KeyAlgorithm::EcdsaP256,
+            extractable: false,
+        })
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..signers {
+        let (ks, h, stop, count) = (ks.clone(), key.handle.clone(), stop.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let msg = [7u8; 300];
+            while !stop.load(Ordering::Relaxed) {
+                ks.sign(&h, KeyAlgorithm::EcdsaP256, &msg).await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    ks.destroy(&key.handle).await.unwrap();
+    rate
+}
+
+/// Distinct CSRs made with ring, cycled through by the load generator.
+fn csrs(n: usize) -> Vec<String> {
+    use der::Encode;
+    let rng = ring::rand::SystemRandom::new();
+    (0..n)
+        .map(|i| {
+            let pkcs8 =
+                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+            let key =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+                    .unwrap();
+            let info = x509_cert::request::CertReqInfo {
+                version: x509_cert::request::Version::V1,
+                subject: der::Decode::from_der(
+                    &keyward::ca::x509::name_cn(&format!("bench-{i}")).unwrap(),
+                )
+                .unwrap(),
+                public_key: spki::SubjectPublicKeyInfoOwned {
+                    algorithm: spki::AlgorithmIdentifierOwned {
+                        oid: const_oid::db::rfc5912::ID_EC_PUBLIC_KEY,
+                        parameters: Some(const_oid::db::rfc5912::SECP_256_R_1.into()),
+                    },
+                    subject_public_key: der::asn1::BitString::from_bytes(key.public_key().as_ref())
+                        .unwrap(),
+                },
+                attributes: Default::default(),
+            };
+            let sig = key.sign(&rng, &info.to_der().unwrap()).unwrap();
+            let req = x509_cert::request::CertReq {
+                info,
+                algorithm: spki::AlgorithmIdentifierOwned {
+                    oid: const_oid::db::rfc5912::ECDSA_WITH_SHA_256,
+                    parameters: None,
+                },
+                signature: der::asn1::BitString::from_bytes(sig.as_ref()).unwrap(),
+            };
+            der::pem::encode_string(
+                "CERTIFICATE REQUEST",
+                der::pem::LineEnding::LF,
+                &req.to_der().unwrap(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+struct Run {
+    concurrency: usize,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    count: usize,
+}
+
+async fn e2e(url: &str, bodies: Arc<Vec<String>>, concurrency: usize, secs: u64) -> Run {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let endpoint = format!("{url}/v1/registrations");
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, endpoint, bodies, stop, next) = (
+            client.clone(),
+            endpoint.clone(),
+            bodies.clone(),
+            stop.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed) % bodies.len();
+                let t = Instant::now();
+                let resp = client
+                    .post(&endpoint)
+                    .header("content-type", "application/json")
+                    .body(bodies[i].clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let body = resp.bytes().await.unwrap();
+                assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort();
+    let pct =
+        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1000.0;
+    Run {
+        concurrency,
+        rate: all.len() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        count: all.len(),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let softhsm = std::process::Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{cores} cores, {cpu}; SoftHSM {softhsm}")
+}
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ks: Arc<dyn KeyStore> = Arc::new(
+            Pkcs11KeyStore::open(Pkcs11Settings {
+                module: a.module.clone().into(),
+                selector: TokenSelector::Label(a.label.clone()),
+                pin: secrecy::SecretString::from(a.pin.clone()),
+                sessions: 2,
+            })
+            .await
+            .unwrap(),
+        );
+        let raw_secs = a.seconds.min(5);
+        let raw1 = raw_rate(ks.clone(), 1, raw_secs).await;
+        println!("raw SoftHSM2 P-256 through the KeyStore, 1 signer:  {raw1:>8.0} sig/s");
+        let raw2 = raw_rate(ks.clone(), 2, raw_secs).await;
+        println!("raw SoftHSM2 P-256 through the KeyStore, 2 signers: {raw2:>8.0} sig/s");
+        ks.close().await.unwrap();
+
+        let bodies: Arc<Vec<String>> = Arc::new(
+            csrs(4096)
+                .into_iter()
+                .map(|c| serde_json::json!({ "csr": c, "name": "bench-device", "group": "bench" }).to_string())
+                .collect(),
+        );
+        // Warm-up: connections, page cache, SQLite.
+        e2e(&a.url, bodies.clone(), 16, 2).await;
+        let mut runs = Vec::new();
+        for c in [1, 16, 64] {
+            let r = e2e(&a.url, bodies.clone(), c, a.seconds).await;
+            println!(
+                "end-to-end issuance, concurrency {:>2}: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} certificates)",
+                r.concurrency, r.rate, r.p50_ms, r.p99_ms, r.count
+            );
+            runs.push(r);
+        }
+        let at16 = runs.iter().find(|r| r.concurrency == 16).map(|r| r.rate).unwrap_or(0.0);
+        let ratio = at16 / raw2;
+        println!("ratio end-to-end@16 / raw 2-signer: {ratio:.2} (target >= 0.30)");
+
+        if let Some(out) = &a.out {
+            let mut md = String::new();
+            md.push_str(&format!(
+                "\n## Issuance — {} \n\nMachine: {}. Daemon: `keyward serve` (release) as its own process, SQLite (WAL, synchronous=FULL, group commit), 2 PKCS#11 sessions; load generator in a second process on the same 2 cores. {} s per step.\n\n",
+                time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap(),
+                machine(),
+                a.seconds
+            ));
+            md.push_str("| measurement | result |\n|---|---|\n");
+            md.push_str(&format!("| raw SoftHSM2 ECDSA P-256 via KeyStore, 1 signer | {raw1:.0} sig/s |\n"));
+            md.push_str(&format!("| raw SoftHSM2 ECDSA P-256 via KeyStore, 2 signers | {raw2:.0} sig/s |\n"));
+            for r in &runs {
+                md.push_str(&format!(
+                    "| end-to-end issuance over HTTP, concurrency {} | {:.0}/s, p50 {:.2} ms, p99 {:.2} ms |\n",
+                    r.concurrency, r.rate, r.p50_ms, r.p99_ms
+                ));
+            }
+            md.push_str(&format!("| ratio end-to-end@16 / raw 2-signer (target ≥ 0.30) | {ratio:.2} |\n"));
+            let mut existing = std::fs::read_to_string(out).unwrap_or_else(|_| {
+                "# keyward benchmarks\n\nProduced by `scripts/bench.sh`; newest run last. Numbers from one machine on one day: compare runs on the same machine only.\n".to_string()
+            });
+            existing.push_str(&md);
+            std::fs::write(out, existing).unwrap();
+        }
+    });
+}
