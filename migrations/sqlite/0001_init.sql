@@ -81,7 +81,7 @@ CREATE TABLE certificates (
     subject           TEXT NOT NULL,
     not_before        INTEGER NOT NULL,
     not_after         INTEGER NOT NULL,
-    fingerprint       TEXT NOT NULL UNIQUE,
+    fingerprint       TEXT NOT NULL,
     der               BLOB NOT NULL,
     status            TEXT NOT NULL,
     revoked_at        INTEGER,

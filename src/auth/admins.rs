@@ -108,7 +108,7 @@ impl AdminService {
         }
         let token = new_secret("kwa_")?;
         let record = AdminRecord {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             name: name.to_string(),
             role,
             token_hash: self.hasher.hash(token.expose_secret()),

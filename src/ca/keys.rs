@@ -49,7 +49,7 @@ pub async fn begin(
     actor: &str,
     new: NewKey<'_>,
 ) -> Result<PendingKey, KeyLifecycleError> {
-    let id = Uuid::new_v4();
+    let id = Uuid::now_v7();
     let spec = KeySpec {
         id,
         label: new.label.clone(),

@@ -79,6 +79,10 @@ pub struct CaService {
     issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
 }
 
+fn now_ms(clock: &dyn Clock) -> i64 {
+    (clock.now().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 fn fingerprint(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
@@ -288,7 +292,7 @@ impl CaService {
                 key.public_key_der.clone(),
             ),
         };
-        let serial = x509::random_serial()?;
+        let serial = x509::random_serial(now_ms(self.clock.as_ref()))?;
         let tbs = x509::encode_tbs(x509::TbsParams {
             serial: &serial,
             signer: signer_alg,
@@ -376,7 +380,7 @@ impl CaService {
         if not_after <= now {
             return Err(CaError::Expired(issuer.name.clone()));
         }
-        let serial = x509::random_serial()?;
+        let serial = x509::random_serial(now_ms(self.clock.as_ref()))?;
         let cn = device_id.to_string();
         let subject = x509::name_cn(&cn)?;
         let ski = x509::key_identifier(&csr.spki_der)?;

@@ -250,13 +250,21 @@ pub fn device_extensions(
     Ok(v)
 }
 
-/// Serial number: 16 bytes from the CSPRNG, positive, no leading zero byte
-/// (RFC 5280 §4.1.2.2: at most 20 octets; CA/B Forum: ≥ 64 bits of entropy).
-pub fn random_serial() -> Result<[u8; 16], crate::auth::RandomError> {
-    let bytes = crate::auth::random_bytes(16)?;
+/// Serial number: 48-bit millisecond timestamp then 80 bits from the CSPRNG.
+/// Positive and at most 20 octets (RFC 5280 §4.1.2.2), with more than the
+/// 64 bits of unpredictable output CA/B Forum asks for. The time prefix keeps
+/// serials increasing, so the store's serial index grows at its right edge
+/// instead of dirtying a random page per certificate.
+pub fn random_serial(unix_ms: i64) -> Result<[u8; 16], crate::auth::RandomError> {
+    let bytes = crate::auth::random_bytes(10)?;
     let mut s = [0u8; 16];
-    s.copy_from_slice(&bytes);
-    s[0] = (s[0] & 0x7f) | 0x40;
+    let ms = (unix_ms.max(0) as u64) & 0x7fff_ffff_ffff;
+    s[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    s[6..].copy_from_slice(&bytes);
+    if s[0] == 0 {
+        // Keep 16 octets (no leading zero to strip) for clocks near the epoch.
+        s[0] = 0x01;
+    }
     Ok(s)
 }
 
@@ -328,4 +336,21 @@ pub const ECDSA_WITH_SHA_256: ObjectIdentifier = rfc5912::ECDSA_WITH_SHA_256;
 /// Unused-bits-free BIT STRING helper for callers assembling structures.
 pub fn bit_string(bytes: &[u8]) -> der::Result<BitString> {
     BitString::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_positive_increasing_and_mostly_random() {
+        let a = random_serial(1_795_000_000_000).unwrap();
+        let b = random_serial(1_795_000_000_001).unwrap();
+        let c = random_serial(1_795_000_000_001).unwrap();
+        assert!(a[0] > 0 && a[0] < 0x80, "positive, no leading zero octet");
+        assert!(a < b, "later serials sort after earlier ones");
+        assert_eq!(b[..6], c[..6]);
+        assert_ne!(b[6..], c[6..], "80 random bits differ");
+        assert!(random_serial(0).unwrap()[0] != 0);
+    }
 }

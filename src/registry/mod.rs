@@ -200,8 +200,8 @@ impl RegistryService {
         }
         let now = self.clock.now().unix_timestamp();
         let secret = new_secret("kwr_").map_err(|e| RegistryError::Ca(e.into()))?;
-        let id = Uuid::new_v4();
-        let device_id = Uuid::new_v4();
+        let id = Uuid::now_v7();
+        let device_id = Uuid::now_v7();
         let actor = match submitted_by {
             Some(a) => format!("admin:{}", a.id),
             None => format!("device:{device_id}"),

@@ -63,7 +63,9 @@ fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
-         PRAGMA busy_timeout = 10000;",
+         PRAGMA busy_timeout = 10000;
+         PRAGMA cache_size = -65536;
+         PRAGMA temp_store = MEMORY;",
     )
     .map_err(db)?;
     Ok(conn)
@@ -242,11 +244,17 @@ fn commit_batch(
     let at_ms = (clock.now().unix_timestamp_nanos() / 1_000_000) as i64;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        tx.execute_batch("SAVEPOINT change").map_err(db)?;
+        tx.prepare_cached("SAVEPOINT change")
+            .map_err(db)?
+            .execute([])
+            .map_err(db)?;
         let applied = apply(&tx, &job.change, seq, &head, at_ms);
         match applied {
             Ok((seqs, new_head)) => {
-                tx.execute_batch("RELEASE change").map_err(db)?;
+                tx.prepare_cached("RELEASE change")
+                    .map_err(db)?
+                    .execute([])
+                    .map_err(db)?;
                 if let Some(last) = seqs.last() {
                     seq = *last;
                     head = new_head;
