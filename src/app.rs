@@ -53,10 +53,18 @@ pub async fn open_keystore(config: &Config) -> anyhow::Result<Arc<dyn KeyStore>>
     Ok(Arc::new(ks))
 }
 
-/// Opens the configured store.
-pub fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the configured store, reporting group commits to `metrics`.
+pub fn open_store(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn Store>> {
     let StoreConfig::Sqlite(s) = &config.store;
-    let store = SqliteStore::open(&s.path, s.batch_max, clock)
+    let observer = Arc::new(move |size: usize, took: Duration| {
+        metrics.store_batch_size.observe(size as f64);
+        metrics.store_commit_seconds.observe(took.as_secs_f64());
+    });
+    let store = SqliteStore::open_observed(&s.path, s.batch_max, clock, observer)
         .with_context(|| format!("opening the SQLite store {}", s.path.display()))?;
     Ok(Arc::new(store))
 }
@@ -76,7 +84,7 @@ impl App {
             open_keystore(&config).await?,
             metrics.clone(),
         ));
-        let store = open_store(&config, clock.clone())?;
+        let store = open_store(&config, clock.clone(), metrics.clone())?;
         let reconciled =
             crate::ca::keys::reconcile(keystore.as_ref(), store.as_ref(), clock.as_ref())
                 .await

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub hsm_operations: Family<OperationLabel, Counter>,
     pub hsm_sign_seconds: Histogram,
     pub store_commit_seconds: Histogram,
+    pub store_batch_size: Histogram,
     pub admin_auth_failures: Counter,
     pub hsm_up: Gauge,
 }
@@ -86,8 +87,14 @@ impl Metrics {
         let store_commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "store_commit_seconds",
-            "Time from submitting a change to its commit, queueing included",
+            "Time the store writer takes to apply and commit one batch (fsync included)",
             store_commit_seconds.clone(),
+        );
+        let store_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "store_batch_size",
+            "Changes committed together in one transaction (group commit)",
+            store_batch_size.clone(),
         );
         let admin_auth_failures = Counter::default();
         registry.register(
@@ -109,6 +116,7 @@ impl Metrics {
             hsm_operations,
             hsm_sign_seconds,
             store_commit_seconds,
+            store_batch_size,
             admin_auth_failures,
             hsm_up,
         }

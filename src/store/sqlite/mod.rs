@@ -24,6 +24,9 @@ const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init
 
 type Reply = oneshot::Sender<Result<Vec<i64>, StoreError>>;
 
+/// Told the size and duration of every batch the writer commits (metrics).
+pub type BatchObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
+
 struct Job {
     change: Change,
     reply: Reply,
@@ -98,6 +101,16 @@ impl SqliteStore {
     /// Opens (creating if needed) the database, applies migrations and starts
     /// the writer thread.
     pub fn open(path: &Path, batch_max: usize, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        Self::open_observed(path, batch_max, clock, Arc::new(|_, _| {}))
+    }
+
+    /// Like [`SqliteStore::open`], reporting each batch to `observer`.
+    pub fn open_observed(
+        path: &Path,
+        batch_max: usize,
+        clock: Arc<dyn Clock>,
+        observer: BatchObserver,
+    ) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -112,7 +125,7 @@ impl SqliteStore {
         let batch_max = batch_max.max(1);
         std::thread::Builder::new()
             .name("keyward-store-writer".into())
-            .spawn(move || writer_loop(writer, rx, batch_max, clock))
+            .spawn(move || writer_loop(writer, rx, batch_max, clock, observer))
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -193,6 +206,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     clock: Arc<dyn Clock>,
+    observer: BatchObserver,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -202,7 +216,9 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let results = commit_batch(&mut conn, &batch, clock.as_ref());
+        observer(batch.len(), started.elapsed());
         match results {
             Ok(per_job) => {
                 for (job, r) in batch.into_iter().zip(per_job) {
