@@ -664,5 +664,8 @@ async fn health_readiness_metrics_and_public_chain() {
     );
     assert!(metrics.contains("keyward_hsm_up 1"), "{metrics}");
     // init's commits happened in another process; this daemon has committed nothing yet.
-    assert!(metrics.contains("keyward_store_batch_size_count 0"), "{metrics}");
+    assert!(
+        metrics.contains("keyward_store_batch_size_count 0"),
+        "{metrics}"
+    );
 }
