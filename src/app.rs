@@ -18,7 +18,7 @@ use crate::registry::RegistryService;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 use anyhow::{Context, bail};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +78,11 @@ impl App {
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let policies = Arc::new(Policies::load(&config.policies.dir)?);
         let pepper = config.auth.pepper_source().load()?;
+        if pepper.expose_secret().len() < 16 {
+            bail!(
+                "auth.token_pepper must be at least 16 bytes (use e.g. `head -c 32 /dev/urandom | base64`)"
+            );
+        }
         let hasher = TokenHasher::new(&pepper);
         let metrics = Arc::new(Metrics::new());
         let keystore: Arc<dyn KeyStore> = Arc::new(MeteredKeyStore::new(
@@ -107,6 +112,7 @@ impl App {
         let limits = Limits {
             body_limit_bytes: config.server.body_limit_bytes,
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+            log_sensitive_details: config.log.sensitive_details,
         };
         Ok(Self {
             state: AppState {

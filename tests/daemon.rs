@@ -558,6 +558,17 @@ fn startup_and_config_errors_are_clear() {
     assert!(err.contains("CKR_PIN_INCORRECT"), "{err}");
     std::fs::write(env.path("hsm.pin"), PIN).unwrap();
 
+    // A pepper too short to be a key.
+    std::fs::write(env.path("pepper"), "short").unwrap();
+    let out = env.run(&["init", "--config", env.config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 16 bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(env.path("pepper"), "test-pepper-0123456789").unwrap();
+
     // Missing token: says which tokens exist.
     let text = std::fs::read_to_string(&env.config)
         .unwrap()

@@ -7,10 +7,8 @@
 use crate::keystore::KeyAlgorithm;
 use crate::policy::{ExtendedKeyUsage as Eku, SubjectPolicy};
 use const_oid::ObjectIdentifier;
-use const_oid::db::{rfc4519, rfc5280, rfc5912};
-use der::asn1::{
-    AnyRef, BitString, BitStringRef, Ia5String, OctetString, PrintableString, Utf8StringRef,
-};
+use const_oid::db::{rfc4519, rfc5280};
+use der::asn1::{AnyRef, BitStringRef, Ia5String, OctetString, PrintableString, Utf8StringRef};
 use der::{Decode, Encode};
 use spki::AlgorithmIdentifierOwned;
 use std::time::{Duration, SystemTime};
@@ -328,14 +326,6 @@ pub fn verify_signed_by(cert_der: &[u8], issuer_spki_der: &[u8], issuer_alg: Key
         return false;
     };
     s::UnparsedPublicKey::new(alg, pk).verify(&tbs, sig).is_ok()
-}
-
-/// The ecdsa-with-SHA256 OID, re-exported for tests that build CSRs.
-pub const ECDSA_WITH_SHA_256: ObjectIdentifier = rfc5912::ECDSA_WITH_SHA_256;
-
-/// Unused-bits-free BIT STRING helper for callers assembling structures.
-pub fn bit_string(bytes: &[u8]) -> der::Result<BitString> {
-    BitString::from_bytes(bytes)
 }
 
 #[cfg(test)]

@@ -35,11 +35,13 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
-/// HTTP limits from the config.
+/// HTTP limits and logging choices from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub body_limit_bytes: usize,
     pub request_timeout: Duration,
+    /// Log request paths (they carry registration and device ids). Off by default.
+    pub log_sensitive_details: bool,
 }
 
 pub fn router(state: AppState, limits: Limits) -> Router {
@@ -49,13 +51,20 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        .layer(TraceLayer::new_for_http().make_span_with(move |req: &Request| {
             let id = req
                 .headers()
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+            // The route template (`/v1/registrations/{id}`) is always safe to log;
+            // the concrete path names a registration or device, a sensitive detail.
+            let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str()).unwrap_or("unmatched");
+            if limits.log_sensitive_details {
+                tracing::info_span!("request", method = %req.method(), route, path = %req.uri().path(), request_id = %id)
+            } else {
+                tracing::info_span!("request", method = %req.method(), route, request_id = %id)
+            }
         }))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))

@@ -2,7 +2,7 @@
 //! duties, issuance, one-time credential delivery.
 
 use crate::audit::AuditDraft;
-use crate::auth::{Role, TokenHasher, new_secret};
+use crate::auth::{TokenHasher, new_secret};
 use crate::ca::csr::{self, CsrError};
 use crate::ca::{CaError, CaService, x509};
 use crate::clock::Clock;
@@ -579,11 +579,6 @@ impl RegistryService {
             chain_pem: issuer.chain_pem.clone(),
             device_config,
         })
-    }
-
-    /// Whether `role` may read registrations at all.
-    pub fn can_read(role: Role) -> bool {
-        role.allows(Role::Auditor)
     }
 }
 
