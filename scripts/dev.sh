@@ -8,7 +8,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(softhsm2 opensc openssl sqlite3 pkg-config)
+packages=(softhsm2 opensc openssl sqlite3 pkg-config libpcsclite-dev)
 
 missing=()
 if command -v dpkg >/dev/null 2>&1; then

@@ -7,7 +7,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(softhsm2 opensc openssl sqlite3 age prometheus pkg-config)
+packages=(softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev)
 
 missing=()
 for pkg in "${packages[@]}"; do

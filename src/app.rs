@@ -6,12 +6,13 @@ use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, KeyStoreConfig, StoreConfig};
+use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig};
 use crate::http::{AppState, Limits};
-use crate::keystore::KeyStore;
 use crate::keystore::metered::MeteredKeyStore;
 use crate::keystore::pkcs11::uri::Pkcs11Uri;
 use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
+use crate::keystore::yubikey::{self, YubiKeyKeyStore, YubiKeySettings};
+use crate::keystore::{KeyStore, KeyStores};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::registry::RegistryService;
@@ -32,25 +33,77 @@ pub struct App {
     pub reconciled: usize,
 }
 
-/// Opens the configured key store.
-pub async fn open_keystore(config: &Config) -> anyhow::Result<Arc<dyn KeyStore>> {
-    let KeyStoreConfig::Pkcs11(p) = &config.keystore;
-    let pin: SecretString = p.pin_source().load()?;
-    let selector = match (&p.token_label, &p.token_serial, &p.token_uri) {
-        (Some(l), _, _) => TokenSelector::Label(l.clone()),
-        (_, Some(s), _) => TokenSelector::Serial(s.clone()),
-        (_, _, Some(u)) => TokenSelector::Uri(Pkcs11Uri::parse(u)?),
-        _ => bail!("keystore: no token selector (config validation should have caught this)"),
+/// Opens one configured key store. PKCS#11 tokens are opened (and logged
+/// into) now; a YubiKey is reached lazily, on first use.
+pub async fn open_keystore(
+    name: &str,
+    config: &KeyStoreConfig,
+) -> anyhow::Result<Arc<dyn KeyStore>> {
+    match config {
+        KeyStoreConfig::Pkcs11(p) => {
+            let pin: SecretString = p.pin_source().load()?;
+            let selector = match (&p.token_label, &p.token_serial, &p.token_uri) {
+                (Some(l), _, _) => TokenSelector::Label(l.clone()),
+                (_, Some(s), _) => TokenSelector::Serial(s.clone()),
+                (_, _, Some(u)) => TokenSelector::Uri(Pkcs11Uri::parse(u)?),
+                _ => bail!(
+                    "key store `{name}`: no token selector (config validation should have caught this)"
+                ),
+            };
+            let ks = Pkcs11KeyStore::open(Pkcs11Settings {
+                module: p.module.clone(),
+                selector,
+                pin,
+                sessions: p.sessions,
+            })
+            .await
+            .with_context(|| format!("opening the PKCS#11 token of key store `{name}`"))?;
+            Ok(Arc::new(ks))
+        }
+        KeyStoreConfig::Yubikey(y) => {
+            let attestation_root_der = match &y.attestation_root {
+                Some(path) => {
+                    let pem = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading attestation root {}", path.display()))?;
+                    let (_, der) = der::pem::decode_vec(pem.as_bytes()).map_err(|e| {
+                        anyhow::anyhow!("attestation root {} is not PEM: {e}", path.display())
+                    })?;
+                    Some(der)
+                }
+                None => None,
+            };
+            let settings = YubiKeySettings {
+                serial: y.serial,
+                slot: yubikey::parse_slot(&y.slot).map_err(anyhow::Error::msg)?,
+                pin: y.pin_source(name).load()?,
+                management_key: y.management_key_source(name).load()?,
+                management_key_algorithm: yubikey::parse_management_algorithm(
+                    &y.management_key_algorithm,
+                )
+                .map_err(anyhow::Error::msg)?,
+                pin_policy: yubikey::parse_pin_policy(&y.pin_policy).map_err(anyhow::Error::msg)?,
+                touch_policy: yubikey::parse_touch_policy(&y.touch_policy)
+                    .map_err(anyhow::Error::msg)?,
+                attestation_root_der,
+                sign_timeout: Duration::from_secs(y.sign_timeout_secs),
+            };
+            Ok(Arc::new(YubiKeyKeyStore::new(settings)))
+        }
+    }
+}
+
+/// Opens every configured key store, each wrapped for metrics.
+pub async fn open_keystores(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<KeyStores> {
+    let wrap = |ks: Arc<dyn KeyStore>| -> Arc<dyn KeyStore> {
+        Arc::new(MeteredKeyStore::new(ks, metrics.clone()))
     };
-    let ks = Pkcs11KeyStore::open(Pkcs11Settings {
-        module: p.module.clone(),
-        selector,
-        pin,
-        sessions: p.sessions,
-    })
-    .await
-    .context("opening the PKCS#11 token")?;
-    Ok(Arc::new(ks))
+    let mut stores = KeyStores::new(wrap(
+        open_keystore(DEFAULT_KEYSTORE, &config.keystore).await?,
+    ));
+    for (name, ks) in &config.keystores {
+        stores.insert(name, wrap(open_keystore(name, ks).await?));
+    }
+    Ok(stores)
 }
 
 /// Opens the configured store, reporting group commits to `metrics`.
@@ -85,17 +138,13 @@ impl App {
         }
         let hasher = TokenHasher::new(&pepper);
         let metrics = Arc::new(Metrics::new());
-        let keystore: Arc<dyn KeyStore> = Arc::new(MeteredKeyStore::new(
-            open_keystore(&config).await?,
-            metrics.clone(),
-        ));
+        let keystores = open_keystores(&config, &metrics).await?;
         let store = open_store(&config, clock.clone(), metrics.clone())?;
-        let reconciled =
-            crate::ca::keys::reconcile(keystore.as_ref(), store.as_ref(), clock.as_ref())
-                .await
-                .context("reconciling unfinished key generations")?;
+        let reconciled = crate::ca::keys::reconcile(&keystores, store.as_ref(), clock.as_ref())
+            .await
+            .context("reconciling unfinished key generations")?;
         let ca = Arc::new(
-            CaService::new(keystore.clone(), store.clone(), clock.clone(), policies).await?,
+            CaService::new(keystores.clone(), store.clone(), clock.clone(), policies).await?,
         );
         let admins = Arc::new(AdminService::new(
             store.clone(),
@@ -120,7 +169,7 @@ impl App {
                 ca,
                 admins,
                 store,
-                keystore,
+                keystores,
                 metrics,
             },
             limits,
@@ -161,14 +210,16 @@ impl App {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let keystore = self.state.keystore.clone();
+        let keystores = self.state.keystores.clone();
         let router = crate::http::router(self.state, self.limits);
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
             .context("HTTP server failed")?;
-        if let Err(e) = keystore.close().await {
-            tracing::warn!(error = %e, "closing HSM sessions");
+        for (name, ks) in keystores.iter() {
+            if let Err(e) = ks.close().await {
+                tracing::warn!(keystore = name, error = %e, "closing key store sessions");
+            }
         }
         Ok(())
     }

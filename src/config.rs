@@ -32,7 +32,11 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     pub store: StoreConfig,
+    /// The default key store: CAs without a `keystore =` in the policy live here.
     pub keystore: KeyStoreConfig,
+    /// More key stores by name, e.g. a YubiKey holding the root CA.
+    #[serde(default)]
+    pub keystores: std::collections::BTreeMap<String, KeyStoreConfig>,
     pub auth: AuthConfig,
     #[serde(default)]
     pub policies: PoliciesConfig,
@@ -99,6 +103,80 @@ fn default_batch_max() -> usize {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum KeyStoreConfig {
     Pkcs11(Pkcs11Config),
+    Yubikey(YubiKeyConfig),
+}
+
+/// The name of the default key store, as CA policies and key records name it.
+pub const DEFAULT_KEYSTORE: &str = "default";
+
+/// A YubiKey's PIV applet, chosen by serial number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct YubiKeyConfig {
+    /// Serial number printed on the key (`ykman list`). Required: another
+    /// PC/SC reader, or a second YubiKey, must never be picked by accident.
+    pub serial: u32,
+    /// PIV slot that holds this key store's key: 9a, 9c, 9d, 9e or 82-95.
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Management key, hex.
+    #[serde(default)]
+    pub management_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub management_key_env: Option<String>,
+    /// 3des, aes128, aes192 or aes256. Firmware 5.7+ ships AES-192.
+    #[serde(default = "default_mgm_alg")]
+    pub management_key_algorithm: String,
+    /// never, once or always (PIN before every signature).
+    #[serde(default = "default_pin_policy")]
+    pub pin_policy: String,
+    /// never, always or cached.
+    #[serde(default = "default_touch_policy")]
+    pub touch_policy: String,
+    /// PEM trust root for PIV attestation (Yubico's PIV root CA in production).
+    #[serde(default)]
+    pub attestation_root: Option<PathBuf>,
+    /// How long a signing request waits for the card (it signs one at a time).
+    #[serde(default = "default_sign_timeout")]
+    pub sign_timeout_secs: u64,
+}
+
+fn default_slot() -> String {
+    "9c".into()
+}
+fn default_mgm_alg() -> String {
+    "aes192".into()
+}
+fn default_pin_policy() -> String {
+    "always".into()
+}
+fn default_touch_policy() -> String {
+    "never".into()
+}
+fn default_sign_timeout() -> u64 {
+    30
+}
+
+impl YubiKeyConfig {
+    pub fn pin_source(&self, name: &str) -> SecretSource {
+        SecretSource::new(
+            &format!("{name}.pin"),
+            self.pin_file.as_deref(),
+            self.pin_env.as_deref(),
+        )
+    }
+
+    pub fn management_key_source(&self, name: &str) -> SecretSource {
+        SecretSource::new(
+            &format!("{name}.management_key"),
+            self.management_key_file.as_deref(),
+            self.management_key_env.as_deref(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,38 +316,35 @@ impl Config {
         })
     }
 
-    fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
-    }
-
     fn resolve_paths(&mut self) {
-        let StoreConfig::Sqlite(s) = &self.store;
-        let store_path = self.resolve(&s.path);
-        let KeyStoreConfig::Pkcs11(k) = &self.keystore;
-        let module = if k.module.components().count() > 1 {
-            self.resolve(&k.module)
-        } else {
-            k.module.clone()
+        let base = self.base_dir.clone();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
         };
-        let pin_file = k.pin_file.as_ref().map(|p| self.resolve(p));
-        let pepper_file = self
-            .auth
-            .token_pepper_file
-            .as_ref()
-            .map(|p| self.resolve(p));
-        let policies = self.resolve(&self.policies.dir);
-
         let StoreConfig::Sqlite(s) = &mut self.store;
-        s.path = store_path;
-        let KeyStoreConfig::Pkcs11(k) = &mut self.keystore;
-        k.module = module;
-        k.pin_file = pin_file;
-        self.auth.token_pepper_file = pepper_file;
-        self.policies.dir = policies;
+        s.path = resolve(&s.path);
+        for ks in std::iter::once(&mut self.keystore).chain(self.keystores.values_mut()) {
+            match ks {
+                KeyStoreConfig::Pkcs11(k) => {
+                    // A bare file name is left to the dynamic loader's search path.
+                    if k.module.components().count() > 1 {
+                        k.module = resolve(&k.module);
+                    }
+                    k.pin_file = k.pin_file.as_deref().map(resolve);
+                }
+                KeyStoreConfig::Yubikey(y) => {
+                    y.pin_file = y.pin_file.as_deref().map(resolve);
+                    y.management_key_file = y.management_key_file.as_deref().map(resolve);
+                    y.attestation_root = y.attestation_root.as_deref().map(resolve);
+                }
+            }
+        }
+        self.auth.token_pepper_file = self.auth.token_pepper_file.as_deref().map(resolve);
+        self.policies.dir = resolve(&self.policies.dir);
     }
 
     fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
@@ -283,34 +358,16 @@ impl Config {
     /// Checks that do not need the HSM or the database: one token selector,
     /// one source per secret, sane limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let KeyStoreConfig::Pkcs11(k) = &self.keystore;
-        let selectors = [
-            k.token_label.is_some(),
-            k.token_serial.is_some(),
-            k.token_uri.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if selectors != 1 {
-            return Err(self.invalid(
-                "keystore.token_label",
-                "set exactly one of token_label, token_serial or token_uri (tokens are chosen by label or serial, never by slot)",
-            ));
+        self.validate_keystore("keystore", &self.keystore)?;
+        for (name, ks) in &self.keystores {
+            if name == DEFAULT_KEYSTORE || !crate::policy::valid_name(name) {
+                return Err(self.invalid(
+                    &format!("keystores.{name}"),
+                    "name must be 1-64 chars of a-z, 0-9, '-' and not `default`",
+                ));
+            }
+            self.validate_keystore(&format!("keystores.{name}"), ks)?;
         }
-        if let Some(uri) = &k.token_uri {
-            crate::keystore::pkcs11::uri::Pkcs11Uri::parse(uri)
-                .map_err(|e| self.invalid("keystore.token_uri", e.to_string()))?;
-        }
-        if k.sessions == 0 || k.sessions > 256 {
-            return Err(self.invalid("keystore.sessions", "must be between 1 and 256"));
-        }
-        check_source(
-            self,
-            "keystore.pin",
-            k.pin_file.is_some(),
-            k.pin_env.is_some(),
-        )?;
         check_source(
             self,
             "auth.token_pepper",
@@ -340,6 +397,78 @@ impl Config {
     }
 }
 
+impl Config {
+    fn validate_keystore(&self, prefix: &str, ks: &KeyStoreConfig) -> Result<(), ConfigError> {
+        match ks {
+            KeyStoreConfig::Pkcs11(k) => {
+                let selectors = [
+                    k.token_label.is_some(),
+                    k.token_serial.is_some(),
+                    k.token_uri.is_some(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if selectors != 1 {
+                    return Err(self.invalid(
+                        &format!("{prefix}.token_label"),
+                        "set exactly one of token_label, token_serial or token_uri (tokens are chosen by label or serial, never by slot)",
+                    ));
+                }
+                if let Some(uri) = &k.token_uri {
+                    crate::keystore::pkcs11::uri::Pkcs11Uri::parse(uri)
+                        .map_err(|e| self.invalid(&format!("{prefix}.token_uri"), e.to_string()))?;
+                }
+                if k.sessions == 0 || k.sessions > 256 {
+                    return Err(
+                        self.invalid(&format!("{prefix}.sessions"), "must be between 1 and 256")
+                    );
+                }
+                check_source(
+                    self,
+                    &format!("{prefix}.pin"),
+                    k.pin_file.is_some(),
+                    k.pin_env.is_some(),
+                )
+            }
+            KeyStoreConfig::Yubikey(y) => {
+                crate::keystore::yubikey::parse_slot(&y.slot)
+                    .map_err(|e| self.invalid(&format!("{prefix}.slot"), e))?;
+                crate::keystore::yubikey::parse_management_algorithm(&y.management_key_algorithm)
+                    .map_err(|e| self.invalid(&format!("{prefix}.management_key_algorithm"), e))?;
+                crate::keystore::yubikey::parse_pin_policy(&y.pin_policy)
+                    .map_err(|e| self.invalid(&format!("{prefix}.pin_policy"), e))?;
+                crate::keystore::yubikey::parse_touch_policy(&y.touch_policy)
+                    .map_err(|e| self.invalid(&format!("{prefix}.touch_policy"), e))?;
+                if y.sign_timeout_secs == 0 {
+                    return Err(
+                        self.invalid(&format!("{prefix}.sign_timeout_secs"), "must be at least 1")
+                    );
+                }
+                check_source(
+                    self,
+                    &format!("{prefix}.pin"),
+                    y.pin_file.is_some(),
+                    y.pin_env.is_some(),
+                )?;
+                check_source(
+                    self,
+                    &format!("{prefix}.management_key"),
+                    y.management_key_file.is_some(),
+                    y.management_key_env.is_some(),
+                )
+            }
+        }
+    }
+
+    /// Every configured key store with its name, the default first.
+    pub fn all_keystores(&self) -> Vec<(&str, &KeyStoreConfig)> {
+        std::iter::once((DEFAULT_KEYSTORE, &self.keystore))
+            .chain(self.keystores.iter().map(|(n, k)| (n.as_str(), k)))
+            .collect()
+    }
+}
+
 fn check_source(cfg: &Config, key: &str, file: bool, env: bool) -> Result<(), ConfigError> {
     match (file, env) {
         (true, true) => Err(cfg.invalid(key, format!("set only one of `{key}_file` and `{key}_env`"))),
@@ -355,8 +484,15 @@ impl Config {
     /// Reads the secrets the config points at (without using them), so that
     /// `config check` catches a missing PIN file or env var before start-up.
     pub fn keystore_pin_check(&self) -> Result<(), crate::secret::SecretError> {
-        let KeyStoreConfig::Pkcs11(k) = &self.keystore;
-        k.pin_source().load().map(drop)?;
+        for (name, ks) in self.all_keystores() {
+            match ks {
+                KeyStoreConfig::Pkcs11(k) => k.pin_source().load().map(drop)?,
+                KeyStoreConfig::Yubikey(y) => {
+                    y.pin_source(name).load().map(drop)?;
+                    y.management_key_source(name).load().map(drop)?;
+                }
+            }
+        }
         self.auth.pepper_source().load().map(drop)
     }
 }

@@ -14,7 +14,7 @@ use keyward::ca::keys;
 use keyward::clock::SystemClock;
 use keyward::keystore::pkcs11::uri::Pkcs11Uri;
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector, context};
-use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError};
+use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError, KeyStores};
 use keyward::store::sqlite::SqliteStore;
 use keyward::store::{AuditQuery, KeyPurpose, KeyState, Store};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -262,6 +262,7 @@ fn trials() -> Vec<Trial> {
                     clock.as_ref(),
                     "test",
                     keys::NewKey {
+                        keystore: "default",
                         label: "orphan".into(),
                         purpose: KeyPurpose::IssuingCa,
                         algorithm: KeyAlgorithm::EcdsaP256,
@@ -276,7 +277,8 @@ fn trials() -> Vec<Trial> {
                     store.get_key(pending.id).await.unwrap().unwrap().state,
                     KeyState::Generating
                 );
-                let cleaned = keys::reconcile(ks.as_ref(), &store, clock.as_ref())
+                let stores = KeyStores::new(ks.clone());
+                let cleaned = keys::reconcile(&stores, &store, clock.as_ref())
                     .await
                     .unwrap();
                 assert_eq!(cleaned, 1);
@@ -289,7 +291,7 @@ fn trials() -> Vec<Trial> {
                     KeyState::Destroyed
                 );
                 assert_eq!(
-                    keys::reconcile(ks.as_ref(), &store, clock.as_ref())
+                    keys::reconcile(&stores, &store, clock.as_ref())
                         .await
                         .unwrap(),
                     0

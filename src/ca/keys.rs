@@ -12,7 +12,7 @@
 
 use crate::audit::{AuditDraft, Outcome};
 use crate::clock::Clock;
-use crate::keystore::{KeyAlgorithm, KeyHandle, KeySpec, KeyStore, KeyStoreError};
+use crate::keystore::{KeyAlgorithm, KeyHandle, KeySpec, KeyStore, KeyStoreError, KeyStores};
 use crate::store::{Change, KeyPurpose, KeyRecord, KeyState, Store, StoreError, Write};
 use serde_json::json;
 use uuid::Uuid;
@@ -34,6 +34,8 @@ pub struct PendingKey {
 }
 
 pub struct NewKey<'a> {
+    /// Name of the configured key store to generate in.
+    pub keystore: &'a str,
     pub label: String,
     pub purpose: KeyPurpose,
     pub algorithm: KeyAlgorithm,
@@ -67,6 +69,7 @@ pub async fn begin(
         purpose: new.purpose,
         algorithm: new.algorithm,
         backend: keystore.backend().to_string(),
+        keystore: new.keystore.to_string(),
         handle: handle.clone(),
         public_key_der: Vec::new(),
         state: KeyState::Generating,
@@ -123,11 +126,27 @@ pub async fn abandon(
     key: &PendingKey,
     why: &str,
 ) {
-    if let Err(e) = keystore.destroy(&key.handle).await {
-        tracing::error!(key = %key.id, error = %e, "could not destroy abandoned key; reconciliation will retry at start");
-        return;
+    match destroy_if_possible(keystore, &key.handle).await {
+        Ok(note) => mark_destroyed(store, clock, actor, key.id, &format!("{why}{note}")).await,
+        Err(e) => {
+            tracing::error!(key = %key.id, error = %e, "could not destroy abandoned key; reconciliation will retry at start");
+        }
     }
-    mark_destroyed(store, clock, actor, key.id, why).await;
+}
+
+/// Destroys a key, or explains why the device keeps it (PIV slots cannot
+/// delete keys; the key is overwritten by the next generation in that slot).
+async fn destroy_if_possible(
+    keystore: &dyn KeyStore,
+    handle: &KeyHandle,
+) -> Result<&'static str, KeyStoreError> {
+    match keystore.destroy(handle).await {
+        Ok(()) => Ok(""),
+        Err(KeyStoreError::OperationUnsupported { .. }) => Ok(
+            " (the device cannot delete keys: the key stays in its slot until the slot is generated into again)",
+        ),
+        Err(e) => Err(e),
+    }
 }
 
 async fn mark_destroyed(store: &dyn Store, clock: &dyn Clock, actor: &str, id: Uuid, why: &str) {
@@ -151,21 +170,28 @@ async fn mark_destroyed(store: &dyn Store, clock: &dyn Clock, actor: &str, id: U
 
 /// Start-up reconciliation: every key still `generating` belonged to an
 /// operation that never finished. Its HSM object (if any) is destroyed and
-/// the row marked `destroyed`. Returns how many keys were cleaned up.
+/// the row marked `destroyed`. Keys of key stores that are not configured
+/// are left alone (and reported). Returns how many keys were cleaned up.
 pub async fn reconcile(
-    keystore: &dyn KeyStore,
+    keystores: &KeyStores,
     store: &dyn Store,
     clock: &dyn Clock,
 ) -> Result<usize, KeyLifecycleError> {
     let mut cleaned = 0;
     for key in store.list_keys().await? {
-        if key.state != KeyState::Generating || key.backend != keystore.backend() {
+        if key.state != KeyState::Generating {
             continue;
         }
+        let Ok(keystore) = keystores.get(&key.keystore) else {
+            tracing::warn!(key = %key.id, keystore = %key.keystore, "unfinished key generation in a key store that is not configured; left alone");
+            continue;
+        };
         let existed = keystore.exists(&key.handle).await?;
-        if existed {
-            keystore.destroy(&key.handle).await?;
-        }
+        let note = if existed {
+            destroy_if_possible(keystore.as_ref(), &key.handle).await?
+        } else {
+            ""
+        };
         let at = clock.now().unix_timestamp();
         store
             .commit(
@@ -180,13 +206,14 @@ pub async fn reconcile(
                         AuditDraft::new("system", "key.reconcile", format!("key:{}", key.id))
                             .details(json!({
                                 "label": key.label,
-                                "hsm_object_destroyed": existed,
-                                "reason": "generation never completed",
+                                "keystore": key.keystore,
+                                "hsm_object_destroyed": existed && note.is_empty(),
+                                "reason": format!("generation never completed{note}"),
                             })),
                     ),
             )
             .await?;
-        tracing::warn!(key = %key.id, hsm_object_destroyed = existed, "reconciled an unfinished key generation");
+        tracing::warn!(key = %key.id, hsm_object_existed = existed, "reconciled an unfinished key generation");
         cleaned += 1;
     }
     Ok(cleaned)

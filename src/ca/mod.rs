@@ -8,7 +8,7 @@ pub mod x509;
 
 use crate::audit::AuditDraft;
 use crate::clock::Clock;
-use crate::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError};
+use crate::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, KeyStores};
 use crate::policy::{CaKind, CaPolicy, Policies, ProfilePolicy};
 use crate::store::{
     CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, Store,
@@ -50,11 +50,14 @@ pub enum CaError {
 }
 
 /// A loaded issuing authority: what signing needs, parsed once.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Issuer {
     pub name: String,
     pub kind: CaKind,
     pub key_id: Uuid,
+    /// Name of the key store holding the key.
+    pub keystore_name: String,
+    pub keystore: Arc<dyn KeyStore>,
     pub handle: KeyHandle,
     pub algorithm: KeyAlgorithm,
     pub cert_der: Vec<u8>,
@@ -72,7 +75,7 @@ pub struct IssuedCertificate {
 }
 
 pub struct CaService {
-    keystore: Arc<dyn KeyStore>,
+    keystores: KeyStores,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     policies: Arc<Policies>,
@@ -89,13 +92,18 @@ fn fingerprint(der: &[u8]) -> String {
 
 impl CaService {
     pub async fn new(
-        keystore: Arc<dyn KeyStore>,
+        keystores: KeyStores,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         policies: Arc<Policies>,
     ) -> Result<Self, CaError> {
+        for ca in &policies.cas {
+            if let Some(name) = &ca.keystore {
+                keystores.get(name)?;
+            }
+        }
         let svc = Self {
-            keystore,
+            keystores,
             store,
             clock,
             policies,
@@ -163,10 +171,18 @@ impl CaService {
         if let Some(parent) = parent_chain {
             chain_pem.push_str(&parent);
         }
+        let keystore = self.keystores.get(&key.keystore).cloned().map_err(|_| {
+            StoreError::Corrupt(format!(
+                "CA {}'s key is in key store `{}`, which is not configured in keyward.toml",
+                ca.name, key.keystore
+            ))
+        })?;
         Ok(Issuer {
             name: ca.name.clone(),
             kind: ca.kind,
             key_id: key.id,
+            keystore_name: key.keystore.clone(),
+            keystore,
             handle: key.handle.clone(),
             algorithm: key.algorithm,
             cert_der: ca.certificate_der.clone(),
@@ -190,6 +206,25 @@ impl CaService {
             .read()
             .map(|g| g.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    pub fn keystores(&self) -> &KeyStores {
+        &self.keystores
+    }
+
+    /// Names of the key stores that hold keys of issuing CAs (needed to issue).
+    pub fn issuing_keystores(&self) -> std::collections::BTreeSet<String> {
+        let needed: std::collections::BTreeSet<&str> = self
+            .policies
+            .profiles
+            .values()
+            .map(|p| p.issuer.as_str())
+            .collect();
+        self.issuers()
+            .into_iter()
+            .filter(|i| needed.contains(i.name.as_str()))
+            .map(|i| i.keystore_name.clone())
+            .collect()
     }
 
     pub fn policies(&self) -> &Policies {
@@ -220,12 +255,18 @@ impl CaService {
             CaKind::Root => KeyPurpose::RootCa,
             CaKind::Issuing => KeyPurpose::IssuingCa,
         };
+        let keystore_name = policy
+            .keystore
+            .clone()
+            .unwrap_or_else(|| crate::config::DEFAULT_KEYSTORE.to_string());
+        let keystore = self.keystores.get(&keystore_name)?.clone();
         let pending = keys::begin(
-            self.keystore.as_ref(),
+            keystore.as_ref(),
             self.store.as_ref(),
             self.clock.as_ref(),
             actor,
             keys::NewKey {
+                keystore: &keystore_name,
                 label: format!("keyward-ca-{}-v1", policy.name),
                 purpose,
                 algorithm: policy.algorithm,
@@ -235,13 +276,19 @@ impl CaService {
         )
         .await?;
         match self
-            .certify_ca(actor, policy, parent.as_deref(), &pending)
+            .certify_ca(
+                actor,
+                policy,
+                parent.as_deref(),
+                keystore.as_ref(),
+                &pending,
+            )
             .await
         {
             Ok(()) => Ok(()),
             Err(e) => {
                 keys::abandon(
-                    self.keystore.as_ref(),
+                    keystore.as_ref(),
                     self.store.as_ref(),
                     self.clock.as_ref(),
                     actor,
@@ -259,8 +306,11 @@ impl CaService {
         actor: &str,
         policy: &CaPolicy,
         parent: Option<&Issuer>,
+        keystore: &dyn KeyStore,
         key: &keys::PendingKey,
     ) -> Result<(), CaError> {
+        // Proof that the device generated the key, where it can give one.
+        let attestation = keystore.attestation(&key.handle).await?;
         let now = self.clock.now().unix_timestamp();
         let subject = x509::name_from_policy(&policy.subject)?;
         let ski = x509::key_identifier(&key.public_key_der)?;
@@ -303,11 +353,16 @@ impl CaService {
             not_after,
             extensions: x509::ca_extensions(&ski, &aki, policy.path_len)?,
         })?;
-        let signature = self.keystore.sign(&signer_handle, signer_alg, &tbs).await?;
+        let signer: &dyn KeyStore = match parent {
+            Some(p) => p.keystore.as_ref(),
+            None => keystore,
+        };
+        let signature = signer.sign(&signer_handle, signer_alg, &tbs).await?;
         let cert = x509::assemble(&tbs, signer_alg, &signature)?;
         if !x509::verify_signed_by(&cert, &issuer_spki, signer_alg) {
             return Err(CaError::BadSignature(policy.name.clone()));
         }
+        keystore.store_certificate(&key.handle, &cert).await?;
         let fp = fingerprint(&cert);
         let serial_hex = hex::encode_upper(serial);
         let (complete, key_event) = keys::complete(key, now);
@@ -342,6 +397,9 @@ impl CaService {
                     "kind": match policy.kind { CaKind::Root => "root", CaKind::Issuing => "issuing" },
                     "parent": policy.parent,
                     "algorithm": policy.algorithm.as_str(),
+                    "keystore": policy.keystore.as_deref().unwrap_or(crate::config::DEFAULT_KEYSTORE),
+                    "attested": attestation.is_some(),
+                    "attestation_fingerprint_sha256": attestation.as_ref().and_then(|c| c.first()).map(|c| fingerprint(c)),
                     "subject": policy.subject.common_name,
                     "serial": serial_hex,
                     "fingerprint_sha256": fp,
@@ -400,7 +458,7 @@ impl CaService {
                 &format!("urn:uuid:{cn}"),
             )?,
         })?;
-        let signature = self
+        let signature = issuer
             .keystore
             .sign(&issuer.handle, issuer.algorithm, &tbs)
             .await?;
@@ -423,9 +481,20 @@ impl CaService {
         Ok(IssuedCertificate { der, record })
     }
 
-    /// Checks that every CA key is active in the store and present on the token.
+    /// Checks that the key of every CA that issues under a profile is active
+    /// in the store and present on its token. Other CAs (an offline root on
+    /// a YubiKey kept in a safe) may be absent while the daemon runs.
     pub async fn check_keys(&self) -> Result<(), CaError> {
+        let needed: std::collections::BTreeSet<&str> = self
+            .policies
+            .profiles
+            .values()
+            .map(|p| p.issuer.as_str())
+            .collect();
         for issuer in self.issuers() {
+            if !needed.contains(issuer.name.as_str()) {
+                continue;
+            }
             let key = self
                 .store
                 .get_key(issuer.key_id)
@@ -434,7 +503,7 @@ impl CaService {
             if key.state != KeyState::Active {
                 return Err(CaError::KeyNotActive(issuer.name.clone()));
             }
-            if !self.keystore.exists(&issuer.handle).await? {
+            if !issuer.keystore.exists(&issuer.handle).await? {
                 return Err(CaError::KeyStore(KeyStoreError::KeyNotFound(
                     issuer.handle.clone(),
                 )));

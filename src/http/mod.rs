@@ -8,7 +8,7 @@ mod views;
 
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
-use crate::keystore::KeyStore;
+use crate::keystore::KeyStores;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::registry::RegistryService;
 use crate::store::Store;
@@ -31,7 +31,7 @@ pub struct AppState {
     pub ca: Arc<CaService>,
     pub admins: Arc<AdminService>,
     pub store: Arc<dyn Store>,
-    pub keystore: Arc<dyn KeyStore>,
+    pub keystores: KeyStores,
     pub metrics: Arc<Metrics>,
 }
 

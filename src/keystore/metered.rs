@@ -64,6 +64,16 @@ impl KeyStore for MeteredKeyStore {
         self.metrics.hsm("destroy", r.is_ok());
         r
     }
+    async fn store_certificate(
+        &self,
+        handle: &KeyHandle,
+        cert_der: &[u8],
+    ) -> Result<(), KeyStoreError> {
+        self.inner.store_certificate(handle, cert_der).await
+    }
+    async fn attestation(&self, handle: &KeyHandle) -> Result<Option<Vec<Vec<u8>>>, KeyStoreError> {
+        self.inner.attestation(handle).await
+    }
     async fn list(&self) -> Result<Vec<(KeyHandle, String)>, KeyStoreError> {
         self.inner.list().await
     }

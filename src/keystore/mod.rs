@@ -9,12 +9,47 @@
 pub mod algorithm;
 pub mod metered;
 pub mod pkcs11;
+pub mod yubikey;
 
 pub use algorithm::KeyAlgorithm;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+
+/// The configured key stores by name; `default` always exists.
+#[derive(Clone)]
+pub struct KeyStores {
+    stores: BTreeMap<String, Arc<dyn KeyStore>>,
+}
+
+impl KeyStores {
+    pub fn new(default: Arc<dyn KeyStore>) -> Self {
+        let mut stores = BTreeMap::new();
+        stores.insert(crate::config::DEFAULT_KEYSTORE.to_string(), default);
+        Self { stores }
+    }
+
+    pub fn insert(&mut self, name: &str, ks: Arc<dyn KeyStore>) {
+        self.stores.insert(name.to_string(), ks);
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<dyn KeyStore>, KeyStoreError> {
+        self.stores
+            .get(name)
+            .ok_or_else(|| KeyStoreError::UnknownKeyStore(name.to_string()))
+    }
+
+    pub fn default_store(&self) -> &Arc<dyn KeyStore> {
+        &self.stores[crate::config::DEFAULT_KEYSTORE]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn KeyStore>)> {
+        self.stores.iter().map(|(n, k)| (n.as_str(), k))
+    }
+}
 
 /// An opaque, backend-specific reference to a key pair, stored in the
 /// database. For PKCS#11 it is an RFC 7512 URI carrying the CKA_ID.
@@ -85,8 +120,24 @@ pub enum KeyStoreError {
     TokenNotFound { selector: String, present: String },
     #[error("the HSM rejected the PIN (CKR_PIN_INCORRECT)")]
     PinIncorrect,
-    #[error("the HSM PIN is locked (CKR_PIN_LOCKED); unlock it with the SO PIN")]
+    #[error("the HSM PIN is locked (CKR_PIN_LOCKED); unlock it with the SO PIN / PUK")]
     PinLocked,
+    #[error("the device rejected the PIN; {0} attempt(s) left before it locks")]
+    PinIncorrectRetries(u8),
+    #[error("the device rejected the management key")]
+    ManagementKeyRejected,
+    #[error("the device is not available: {0}")]
+    DeviceUnavailable(String),
+    #[error("the device refused the operation: {0}")]
+    Device(String),
+    #[error("slot {0} already holds a key; refusing to overwrite it")]
+    SlotOccupied(String),
+    #[error("the device was busy for {0:?} (it signs one operation at a time)")]
+    Busy(std::time::Duration),
+    #[error("attestation failed: {0}")]
+    Attestation(String),
+    #[error("key store `{0}` is not configured")]
+    UnknownKeyStore(String),
     #[error("key not found on the token: {0}")]
     KeyNotFound(KeyHandle),
     #[error("invalid key handle `{0}`")]
@@ -135,6 +186,25 @@ pub trait KeyStore: Send + Sync + 'static {
         algorithm: KeyAlgorithm,
         message: &[u8],
     ) -> Result<Vec<u8>, KeyStoreError>;
+
+    /// Stores the certificate of a key next to it, for devices that keep one
+    /// per key (a PIV slot's certificate object). Others ignore it.
+    async fn store_certificate(
+        &self,
+        handle: &KeyHandle,
+        cert_der: &[u8],
+    ) -> Result<(), KeyStoreError> {
+        let _ = (handle, cert_der);
+        Ok(())
+    }
+
+    /// Proof from the device that it generated the key: the attestation
+    /// certificate chain (leaf first), verified against the configured trust
+    /// root. `None` when the backend or its configuration offers none.
+    async fn attestation(&self, handle: &KeyHandle) -> Result<Option<Vec<Vec<u8>>>, KeyStoreError> {
+        let _ = handle;
+        Ok(None)
+    }
 
     /// Whether the key exists on the device.
     async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError>;

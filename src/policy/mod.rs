@@ -60,6 +60,10 @@ pub struct CaPolicy {
     /// basicConstraints pathLenConstraint; `None` means unlimited.
     #[serde(default)]
     pub path_len: Option<u8>,
+    /// Key store (from `keystores.NAME` in keyward.toml) holding this CA's
+    /// key; the default key store when absent.
+    #[serde(default)]
+    pub keystore: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,7 +358,7 @@ impl Policies {
     }
 }
 
-fn valid_name(s: &str) -> bool {
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()

@@ -96,7 +96,10 @@ pub struct KeyRecord {
     pub label: String,
     pub purpose: KeyPurpose,
     pub algorithm: KeyAlgorithm,
+    /// Backend type (`pkcs11`, `yubikey`).
     pub backend: String,
+    /// Name of the configured key store holding it (`default` or `keystores.NAME`).
+    pub keystore: String,
     pub handle: KeyHandle,
     /// DER SubjectPublicKeyInfo; empty while `generating`.
     #[serde(skip)]

@@ -24,17 +24,32 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: the HSM session pool and the store both answer.
+/// Readiness: the store and every key store that holds an issuing CA's key
+/// answer. Other key stores (an offline root) are reported, not required.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let hsm = state.keystore.health().await;
-    let store = state.store.health().await;
-    let ok = hsm.is_ok() && store.is_ok();
-    if let Err(e) = &hsm {
-        tracing::warn!(error = %e, "readiness: HSM check failed");
+    let needed = state.ca.issuing_keystores();
+    let mut keystores = serde_json::Map::new();
+    let mut ok = true;
+    for (name, ks) in state.keystores.iter() {
+        let health = ks.health().await;
+        if let Err(e) = &health {
+            tracing::warn!(keystore = name, error = %e, "readiness: key store check failed");
+        }
+        let required = needed.contains(name);
+        ok &= health.is_ok() || !required;
+        keystores.insert(
+            name.to_string(),
+            json!({ "status": if health.is_ok() { "ok" } else { "unavailable" }, "required": required }),
+        );
     }
+    let store = state.store.health().await;
     if let Err(e) = &store {
         tracing::warn!(error = %e, "readiness: store check failed");
     }
+    ok &= store.is_ok();
+    let hsm_ok = needed
+        .iter()
+        .all(|n| keystores.get(n).is_some_and(|v| v["status"] == "ok"));
     let status = if ok {
         StatusCode::OK
     } else {
@@ -44,7 +59,8 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         status,
         axum::Json(json!({
             "status": if ok { "ready" } else { "not_ready" },
-            "hsm": if hsm.is_ok() { "ok" } else { "unavailable" },
+            "hsm": if hsm_ok { "ok" } else { "unavailable" },
+            "keystores": keystores,
             "store": if store.is_ok() { "ok" } else { "unavailable" },
         })),
     )

@@ -20,7 +20,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-const MIGRATIONS: &[&str] = &[include_str!("../../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../../migrations/sqlite/0002_keystores.sql"),
+];
 
 type Reply = oneshot::Sender<Result<Vec<i64>, StoreError>>;
 
@@ -342,8 +345,8 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
     match w {
         Write::InsertKey(k) => {
             tx.prepare_cached(
-                "INSERT INTO keys (id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO keys (id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at, keystore)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
             .map_err(db)?
             .execute(params![
@@ -357,7 +360,8 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 k.state.as_str(),
                 k.ca_name,
                 k.created_at,
-                k.updated_at
+                k.updated_at,
+                k.keystore
             ])
             .map_err(db)?;
         }

@@ -74,7 +74,7 @@ fn corrupt(e: rusqlite::Error) -> StoreError {
     }
 }
 
-pub(super) const KEY_SELECT: &str = "SELECT id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at FROM keys";
+pub(super) const KEY_SELECT: &str = "SELECT id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at, keystore FROM keys";
 
 pub(super) fn key(r: &Row<'_>) -> R<KeyRecord> {
     Ok(KeyRecord {
@@ -89,6 +89,7 @@ pub(super) fn key(r: &Row<'_>) -> R<KeyRecord> {
         ca_name: r.get(8)?,
         created_at: r.get(9)?,
         updated_at: r.get(10)?,
+        keystore: r.get(11)?,
     })
 }
 
