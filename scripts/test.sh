@@ -2,7 +2,8 @@
 # Everything CI checks, runnable on a fresh Debian machine: installs what the
 # tests need (SoftHSM2 for the HSM, openssl and age to check outputs with
 # tools keyward did not write, promtool from the prometheus package for
-# metrics), then formatting, lints and the test suite.
+# metrics, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
+# the YubiKey tests), then formatting, lints and the test suite.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +31,16 @@ run() {
 }
 
 run cargo fmt --all -- --check
-run cargo clippy --all-targets -- -D warnings
+run cargo clippy --workspace --all-targets -- -D warnings
+
+# The YubiKey tests reach an emulated card the real way: pcsc -> pcscd ->
+# vsmartcard-vpcd -> tools/piv-emulator. Start pcscd (one per machine; reused
+# if already up with the vpcd reader) and stop it afterwards if we started it.
+# shellcheck source=scripts/pcsc-test-env.sh
+source scripts/pcsc-test-env.sh
+pcsc_env_up
+trap pcsc_env_down EXIT
+run cargo build -p piv-emulator
 
 if cargo nextest --version >/dev/null 2>&1; then
   run cargo nextest run --no-fail-fast

@@ -12,7 +12,7 @@ pub enum SecretError {
         "{key}: missing; set `{key}_file` (a path) or `{key}_env` (an environment variable name)"
     )]
     Missing { key: String },
-    #[error("{key}: cannot read secret file {path}: {source}")]
+    #[error("{key}: cannot read secret file {path}")]
     File {
         key: String,
         path: PathBuf,

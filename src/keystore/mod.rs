@@ -110,7 +110,7 @@ pub struct Capabilities {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
-    #[error("cannot load PKCS#11 module {path}: {source}")]
+    #[error("cannot load PKCS#11 module {path}")]
     ModuleLoad {
         path: String,
         #[source]

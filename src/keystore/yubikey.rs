@@ -112,8 +112,9 @@ pub struct YubiKeyKeyStore {
 fn map_err(e: yubikey::Error) -> KeyStoreError {
     use yubikey::Error as E;
     match e {
+        // The crate reports a blocked PIN (SW 6983 on VERIFY) as "0 tries left".
+        E::WrongPin { tries: 0 } | E::PinLocked => KeyStoreError::PinLocked,
         E::WrongPin { tries } => KeyStoreError::PinIncorrectRetries(tries),
-        E::PinLocked => KeyStoreError::PinLocked,
         E::AuthenticationError => KeyStoreError::ManagementKeyRejected,
         E::PcscError { .. } | E::NotFound => KeyStoreError::DeviceUnavailable(e.to_string()),
         other => KeyStoreError::Device(other.to_string()),

@@ -1,0 +1,558 @@
+//! The YubiKey PIV backend against the project's emulated card, reached the
+//! real way: yubikey crate → pcsc → pcscd → vsmartcard-vpcd → emulator.
+//! Cross-checked with Yubico's own yubico-piv-tool and ykcs11.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/piv.rs"]
+mod piv;
+#[path = "common/keystore_suite.rs"]
+mod suite;
+
+use keyward::keystore::pkcs11::uri::Pkcs11Uri;
+use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
+use keyward::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings, parse_slot};
+use keyward::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError};
+use piv::{Card, CardOptions, DEFAULT_MGM_KEY, PIN};
+use secrecy::SecretString;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use yubikey::{MgmAlgorithmId, PinPolicy, TouchPolicy};
+
+fn settings(card: &Card, pin: &str, mgm_key: &str, alg: MgmAlgorithmId) -> YubiKeySettings {
+    YubiKeySettings {
+        serial: card.serial,
+        slot: parse_slot("9c").unwrap(),
+        pin: SecretString::from(pin.to_string()),
+        management_key: SecretString::from(mgm_key.to_string()),
+        management_key_algorithm: alg,
+        pin_policy: PinPolicy::Always,
+        touch_policy: TouchPolicy::Never,
+        attestation_root_der: std::fs::read_to_string(card.attestation_root())
+            .ok()
+            .map(|pem| der::pem::decode_vec(pem.as_bytes()).unwrap().1),
+        sign_timeout: Duration::from_secs(10),
+    }
+}
+
+fn keystore(card: &Card) -> Arc<dyn KeyStore> {
+    Arc::new(YubiKeyKeyStore::new(settings(
+        card,
+        PIN,
+        DEFAULT_MGM_KEY,
+        MgmAlgorithmId::Aes192,
+    )))
+}
+
+#[tokio::test]
+async fn conformance_suite_on_the_emulated_yubikey() {
+    let _g = piv::CARD_LOCK.lock().await;
+    // Each case starts from an empty card: PIV replaces keys, it does not delete them.
+    for case in 0..6 {
+        let card = Card::start(CardOptions::default());
+        let ks = keystore(&card);
+        match case {
+            0 => suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::EcdsaP256).await,
+            1 => suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::EcdsaP384).await,
+            2 => suite::keys_are_sensitive_and_not_extractable(ks.as_ref()).await,
+            3 => suite::foreign_handles_are_refused(ks.as_ref()).await,
+            4 => suite::concurrent_signers_queue(ks.clone()).await,
+            _ => suite::recovers_after_logout(ks.as_ref()).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn capabilities_say_one_signer_and_no_key_export() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = Card::start(CardOptions::default());
+    let ks = keystore(&card);
+    assert_eq!(ks.capabilities().max_concurrent_signers, 1);
+    assert!(!ks.capabilities().can_wrap_keys);
+    let mut spec = suite::spec(KeyAlgorithm::EcdsaP256);
+    spec.extractable = true;
+    assert!(
+        ks.generate(&spec).await.is_err(),
+        "PIV keys can never be extractable"
+    );
+    let err = ks
+        .generate(&suite::spec(KeyAlgorithm::Rsa3072))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::Unsupported(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn management_keys_of_every_algorithm_authenticate() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let cases = [
+        ("3des", MgmAlgorithmId::ThreeDes, DEFAULT_MGM_KEY),
+        (
+            "aes128",
+            MgmAlgorithmId::Aes128,
+            "00112233445566778899aabbccddeeff",
+        ),
+        ("aes192", MgmAlgorithmId::Aes192, DEFAULT_MGM_KEY),
+        (
+            "aes256",
+            MgmAlgorithmId::Aes256,
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        ),
+    ];
+    for (name, alg, key) in cases {
+        let card = Card::start(CardOptions {
+            mgm_alg: name,
+            mgm_key: key,
+            ..Default::default()
+        });
+        let ks = YubiKeyKeyStore::new(settings(&card, PIN, key, alg));
+        let k = ks.generate(&suite::spec(KeyAlgorithm::EcdsaP256)).await;
+        assert!(k.is_ok(), "{name}: {k:?}");
+    }
+}
+
+#[tokio::test]
+async fn wrong_management_key_and_occupied_slot_are_refused() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = Card::start(CardOptions::default());
+    let wrong = YubiKeyKeyStore::new(settings(
+        &card,
+        PIN,
+        "0f0e0d0c0b0a09080706050403020100f0e0d0c0b0a09080",
+        MgmAlgorithmId::Aes192,
+    ));
+    let err = wrong
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::ManagementKeyRejected),
+        "{err:?}"
+    );
+    assert!(
+        !wrong
+            .exists(&wrong.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256)))
+            .await
+            .unwrap()
+    );
+
+    let ks = keystore(&card);
+    let first = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    let err = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::SlotOccupied(ref s) if s == "9c"),
+        "{err:?}"
+    );
+    // The first key is still there and still signs.
+    assert_eq!(
+        ks.public_key(&first.handle).await.unwrap(),
+        first.public_key_der
+    );
+    let sig = ks
+        .sign(&first.handle, KeyAlgorithm::EcdsaP256, b"still mine")
+        .await
+        .unwrap();
+    assert!(suite::verify(
+        &first.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"still mine",
+        &sig
+    ));
+}
+
+#[tokio::test]
+async fn wrong_pin_counts_retries_down_then_blocks() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = Card::start(CardOptions::default());
+    let good = keystore(&card);
+    let key = good
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    let bad = YubiKeyKeyStore::new(settings(
+        &card,
+        "999999",
+        DEFAULT_MGM_KEY,
+        MgmAlgorithmId::Aes192,
+    ));
+    for left in [2u8, 1, 0] {
+        let err = bad
+            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+            .await
+            .unwrap_err();
+        match err {
+            KeyStoreError::PinIncorrectRetries(n) => assert_eq!(n, left),
+            KeyStoreError::PinLocked if left == 0 => {}
+            other => panic!("expected {left} retries left, got {other:?}"),
+        }
+    }
+    let err = bad
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::PinLocked), "{err:?}");
+    // Blocked means blocked: the right PIN no longer works either.
+    let err = good
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::PinLocked), "{err:?}");
+}
+
+#[tokio::test]
+async fn card_removed_during_signing_fails_clearly_and_recovers_when_back() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let mut card = Card::start(CardOptions::default());
+    let ks = keystore(&card);
+    let key = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    ks.sign(&key.handle, KeyAlgorithm::EcdsaP256, b"before")
+        .await
+        .unwrap();
+    card.remove();
+    let err = ks
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"while out")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::DeviceUnavailable(_)),
+        "{err:?}"
+    );
+    assert!(ks.health().await.is_err());
+    card.insert();
+    let sig = ks
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"after")
+        .await
+        .unwrap();
+    assert!(suite::verify(
+        &key.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"after",
+        &sig
+    ));
+    ks.health().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_cards_are_told_apart_by_serial() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let a = Card::start(CardOptions {
+        port: piv::READER_PORTS[0],
+        serial: 20_000_001,
+        ..Default::default()
+    });
+    let b = Card::start(CardOptions {
+        port: piv::READER_PORTS[1],
+        serial: 20_000_002,
+        ..Default::default()
+    });
+    let ka = keystore(&a);
+    let kb = keystore(&b);
+    let key_a = ka
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    let key_b = kb
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP384))
+        .await
+        .unwrap();
+    assert_ne!(key_a.public_key_der, key_b.public_key_der);
+    assert_eq!(
+        ka.public_key(&key_a.handle).await.unwrap(),
+        key_a.public_key_der
+    );
+    assert_eq!(
+        kb.public_key(&key_b.handle).await.unwrap(),
+        key_b.public_key_der
+    );
+    // A handle names its card: card A's store refuses card B's key.
+    let err = ka
+        .sign(&key_b.handle, KeyAlgorithm::EcdsaP384, b"x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::BadHandle(_)), "{err:?}");
+    // With two cards present, the crate's "first YubiKey" open is ambiguous;
+    // keyward's config therefore has no way to omit the serial.
+    let cfg = "[store]\ntype='sqlite'\npath='x'\n[keystore]\ntype='yubikey'\npin_env='P'\nmanagement_key_env='M'\n[auth]\ntoken_pepper_env='X'\n";
+    let e = keyward::config::Config::parse(cfg, std::path::Path::new("k.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("serial"), "{e}");
+}
+
+#[tokio::test]
+async fn attestation_verifies_against_the_configured_root_only() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = Card::start(CardOptions::default());
+    let ks = keystore(&card);
+    let key = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    let chain = ks
+        .attestation(&key.handle)
+        .await
+        .unwrap()
+        .expect("attestation root configured");
+    assert_eq!(chain.len(), 2);
+    // The same card checked against some other root fails.
+    let other = Card::start(CardOptions {
+        port: piv::READER_PORTS[1],
+        serial: 20_000_003,
+        ..Default::default()
+    });
+    let mut s = settings(&card, PIN, DEFAULT_MGM_KEY, MgmAlgorithmId::Aes192);
+    s.attestation_root_der = Some(
+        der::pem::decode_vec(
+            std::fs::read_to_string(other.attestation_root())
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap()
+        .1,
+    );
+    let wrong_root = YubiKeyKeyStore::new(s);
+    let err = wrong_root.attestation(&key.handle).await.unwrap_err();
+    assert!(matches!(err, KeyStoreError::Attestation(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn yubico_tools_read_and_use_what_keyward_wrote() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = Card::start(CardOptions::default());
+    let ks = keystore(&card);
+    let key = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    // A self-issued certificate for the slot, made by keyward's CA code with the card's key.
+    let subject = keyward::ca::x509::name_cn("keyward yubikey cross-check").unwrap();
+    let ski = keyward::ca::x509::key_identifier(&key.public_key_der).unwrap();
+    let tbs = keyward::ca::x509::encode_tbs(keyward::ca::x509::TbsParams {
+        serial: &[0x01, 0x02, 0x03],
+        signer: KeyAlgorithm::EcdsaP256,
+        issuer_name_der: &subject,
+        subject_name_der: &subject,
+        spki_der: &key.public_key_der,
+        not_before: 1_700_000_000,
+        not_after: 1_900_000_000,
+        extensions: keyward::ca::x509::ca_extensions(&ski, &ski, Some(0)).unwrap(),
+    })
+    .unwrap();
+    let sig = ks
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, &tbs)
+        .await
+        .unwrap();
+    let cert = keyward::ca::x509::assemble(&tbs, KeyAlgorithm::EcdsaP256, &sig).unwrap();
+    ks.store_certificate(&key.handle, &cert).await.unwrap();
+
+    // yubico-piv-tool sees the slot and the certificate.
+    let out = Command::new("yubico-piv-tool")
+        .args(["-r", "", "-a", "status"])
+        .output()
+        .expect("yubico-piv-tool missing: run scripts/test.sh");
+    let status =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(status.contains("keyward yubikey cross-check"), "{status}");
+    assert!(status.contains(&card.serial.to_string()), "{status}");
+
+    // Yubico's PKCS#11 module, loaded by keyward's own PKCS#11 backend, signs
+    // with the same key; the signature verifies with the public key keyward read.
+    let module = [
+        "/usr/lib/x86_64-linux-gnu/libykcs11.so",
+        "/usr/lib/aarch64-linux-gnu/libykcs11.so",
+        "/usr/lib/libykcs11.so",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+    .expect("ykcs11 missing: run scripts/test.sh");
+    let p11 = Pkcs11KeyStore::open(Pkcs11Settings {
+        module,
+        selector: TokenSelector::Serial(card.serial.to_string()),
+        pin: SecretString::from(PIN.to_string()),
+        sessions: 1,
+    })
+    .await
+    .unwrap();
+    // ykcs11 gives slot 9c's key CKA_ID 2.
+    let handle = KeyHandle(Pkcs11Uri::for_key("ykcs11", "9c", &[2]));
+    let sig = p11
+        .sign(&handle, KeyAlgorithm::EcdsaP256, b"signed through ykcs11")
+        .await
+        .unwrap();
+    assert!(suite::verify(
+        &key.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"signed through ykcs11",
+        &sig
+    ));
+}
+
+#[tokio::test]
+async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openssl() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = Card::start(CardOptions::default());
+    let ca_policy = common::repo_file("policies/ca.toml").replace(
+        "name = \"root\"\nkind = \"root\"\n",
+        "name = \"root\"\nkind = \"root\"\nkeystore = \"offline-root\"\n",
+    );
+    assert!(ca_policy.contains("keystore = \"offline-root\""));
+    let env =
+        common::Env::with_policies(&ca_policy, &common::repo_file("policies/enrollment.toml"));
+    std::fs::write(env.path("yubikey.pin"), PIN).unwrap();
+    std::fs::write(env.path("yubikey.mgmt"), DEFAULT_MGM_KEY).unwrap();
+    let mut config = std::fs::read_to_string(&env.config).unwrap();
+    config.push_str(&format!(
+        "\n[keystores.offline-root]\ntype = \"yubikey\"\nserial = {}\nslot = \"9c\"\npin_file = \"yubikey.pin\"\n\
+         management_key_file = \"yubikey.mgmt\"\nmanagement_key_algorithm = \"aes192\"\nattestation_root = \"{}\"\n",
+        card.serial,
+        card.attestation_root().display()
+    ));
+    std::fs::write(&env.config, config).unwrap();
+    let out = env.run(&["config", "check", "--config", env.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let admin = env.init();
+    // The root key is on the card (attested), the issuing key in SoftHSM2.
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    let stores: Vec<(String, String, String)> = c
+        .prepare(
+            "SELECT ca_name, backend, keystore FROM keys WHERE state = 'active' ORDER BY ca_name",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        stores,
+        vec![
+            (
+                "devices".to_string(),
+                "pkcs11".to_string(),
+                "default".to_string()
+            ),
+            (
+                "root".to_string(),
+                "yubikey".to_string(),
+                "offline-root".to_string()
+            ),
+        ]
+    );
+    let details: String = c
+        .query_row(
+            "SELECT details FROM audit_events WHERE action = 'ca.create' AND target = 'ca:root'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(details.contains("\"attested\":true"), "{details}");
+    drop(c);
+
+    // The root certificate was written into slot 9c, where Yubico's tool finds it.
+    let status = Command::new("yubico-piv-tool")
+        .args(["-r", "", "-a", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(status.contains("keyward Root CA"), "{status}");
+
+    // Issue a device certificate and verify the whole chain with openssl.
+    let daemon = env.serve();
+    let (csr, _) = common::openssl_csr(env.dir.path(), "ec");
+    let client = {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::new()
+    };
+    let reg: serde_json::Value = client
+        .post(format!("{}/v1/registrations", daemon.url))
+        .json(&serde_json::json!({ "csr": csr, "name": "yk-rooted-device" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = reg["id"].as_str().unwrap();
+    let approver_token: serde_json::Value = client
+        .post(format!("{}/v1/admin/admins", daemon.url))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({ "name": "alice", "role": "approver" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let approved: serde_json::Value = client
+        .post(format!(
+            "{}/v1/admin/registrations/{id}/approve",
+            daemon.url
+        ))
+        .bearer_auth(approver_token["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(approved["status"], "issued", "{approved}");
+    let creds: serde_json::Value = client
+        .get(format!("{}/v1/registrations/{id}/credentials", daemon.url))
+        .bearer_auth(reg["secret"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let root = client
+        .get(format!("{}/v1/ca/root/chain", daemon.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dir = env.dir.path();
+    let (ok, msg) = common::openssl_verify(
+        &common::write(dir, "root.pem", &root),
+        &common::write(dir, "chain.pem", creds["chain_pem"].as_str().unwrap()),
+        &common::write(
+            dir,
+            "device.pem",
+            creds["certificate_pem"].as_str().unwrap(),
+        ),
+    );
+    assert!(ok, "{msg}");
+
+    // The daemon keeps issuing with the root card pulled out: only the issuing key is needed.
+    drop(card);
+    let ready: serde_json::Value = client
+        .get(format!("{}/readyz", daemon.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(
+        ready["keystores"]["offline-root"]["required"], false,
+        "{ready}"
+    );
+}
