@@ -60,7 +60,8 @@ CONF
     PCSCD_STARTED_BY_US=0
     PCSCD_PID=""
     local running
-    running=$(pgrep -x pcscd 2>/dev/null | head -n1 || true)
+    # Live pcscd processes only: a zombie (state Z) left by a dead parent is not a daemon.
+    running=$(ps -C pcscd -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1; exit}' || true)
     if [[ -n $running ]]; then
         PCSCD_PID=$running
         if _pcsc_env_reader_visible; then
