@@ -5,36 +5,9 @@
 
 mod common;
 
-use common::{Env, PIN, corrupt_signature, openssl_csr, openssl_verify, write};
+use common::{Env, PIN, call, client, corrupt_signature, openssl_csr, openssl_verify, write};
 use serde_json::{Value, json};
 use std::process::Command;
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
-}
-
-async fn call(
-    method: reqwest::Method,
-    url: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut rb = client().request(method, url);
-    if let Some(t) = token {
-        rb = rb.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let resp = rb.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 async fn submit(url: &str, csr: &str, token: Option<&str>, group: &str) -> (u16, Value) {
     call(

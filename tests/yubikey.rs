@@ -474,52 +474,39 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
     // Issue a device certificate and verify the whole chain with openssl.
     let daemon = env.serve();
     let (csr, _) = common::openssl_csr(env.dir.path(), "ec");
-    let client = {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::new()
-    };
-    let reg: serde_json::Value = client
-        .post(format!("{}/v1/registrations", daemon.url))
-        .json(&serde_json::json!({ "csr": csr, "name": "yk-rooted-device" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = daemon.url.clone();
+    let post = reqwest::Method::POST;
+    let (_, reg) = common::call(
+        post.clone(),
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(serde_json::json!({ "csr": csr, "name": "yk-rooted-device" })),
+    )
+    .await;
     let id = reg["id"].as_str().unwrap();
-    let approver_token: serde_json::Value = client
-        .post(format!("{}/v1/admin/admins", daemon.url))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({ "name": "alice", "role": "approver" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let approved: serde_json::Value = client
-        .post(format!(
-            "{}/v1/admin/registrations/{id}/approve",
-            daemon.url
-        ))
-        .bearer_auth(approver_token["token"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, alice) = common::call(
+        post.clone(),
+        &format!("{url}/v1/admin/admins"),
+        Some(&admin),
+        Some(serde_json::json!({ "name": "alice", "role": "approver" })),
+    )
+    .await;
+    let (_, approved) = common::call(
+        post,
+        &format!("{url}/v1/admin/registrations/{id}/approve"),
+        alice["token"].as_str(),
+        None,
+    )
+    .await;
     assert_eq!(approved["status"], "issued", "{approved}");
-    let creds: serde_json::Value = client
-        .get(format!("{}/v1/registrations/{id}/credentials", daemon.url))
-        .bearer_auth(reg["secret"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, creds) = common::call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/registrations/{id}/credentials"),
+        reg["secret"].as_str(),
+        None,
+    )
+    .await;
+    let client = common::client();
     let root = client
         .get(format!("{}/v1/ca/root/chain", daemon.url))
         .send()

@@ -212,14 +212,18 @@ impl CaService {
         &self.keystores
     }
 
-    /// Names of the key stores that hold keys of issuing CAs (needed to issue).
-    pub fn issuing_keystores(&self) -> std::collections::BTreeSet<String> {
-        let needed: std::collections::BTreeSet<&str> = self
-            .policies
+    /// Names of the CAs that sign under some profile: the ones issuance needs.
+    fn issuing_ca_names(&self) -> std::collections::BTreeSet<&str> {
+        self.policies
             .profiles
             .values()
             .map(|p| p.issuer.as_str())
-            .collect();
+            .collect()
+    }
+
+    /// Names of the key stores that hold keys of issuing CAs (needed to issue).
+    pub fn issuing_keystores(&self) -> std::collections::BTreeSet<String> {
+        let needed = self.issuing_ca_names();
         self.issuers()
             .into_iter()
             .filter(|i| needed.contains(i.name.as_str()))
@@ -485,12 +489,7 @@ impl CaService {
     /// in the store and present on its token. Other CAs (an offline root on
     /// a YubiKey kept in a safe) may be absent while the daemon runs.
     pub async fn check_keys(&self) -> Result<(), CaError> {
-        let needed: std::collections::BTreeSet<&str> = self
-            .policies
-            .profiles
-            .values()
-            .map(|p| p.issuer.as_str())
-            .collect();
+        let needed = self.issuing_ca_names();
         for issuer in self.issuers() {
             if !needed.contains(issuer.name.as_str()) {
                 continue;

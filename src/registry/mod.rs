@@ -156,6 +156,21 @@ impl RegistryService {
         })
     }
 
+    /// The certificate profile of a group (policy loading guarantees it exists).
+    fn profile(&self, group: &GroupPolicy) -> Result<crate::policy::ProfilePolicy, RegistryError> {
+        self.ca
+            .policies()
+            .profiles
+            .get(&group.profile)
+            .cloned()
+            .ok_or_else(|| {
+                invalid(
+                    "unknown_profile",
+                    format!("profile `{}` does not exist", group.profile),
+                )
+            })
+    }
+
     /// Validates and records a registration. Groups with
     /// `approvals_required = 0` are issued at once.
     pub async fn submit(
@@ -168,18 +183,7 @@ impl RegistryService {
         check_optional("location", &sub.location)?;
         check_optional("firmware", &sub.firmware)?;
         let group = self.group(&sub.group)?.clone();
-        let profile = self
-            .ca
-            .policies()
-            .profiles
-            .get(&group.profile)
-            .cloned()
-            .ok_or_else(|| {
-                invalid(
-                    "unknown_profile",
-                    format!("profile `{}` does not exist", group.profile),
-                )
-            })?;
+        let profile = self.profile(&group)?;
         let csr_der = csr::decode_pem_or_der(&sub.csr)?;
         let verified = csr::verify(&csr_der)?;
         if !profile.key_algorithms.contains(&verified.algorithm) {
@@ -438,18 +442,7 @@ impl RegistryService {
                 )
             }
             Decision::Approve => {
-                let profile = self
-                    .ca
-                    .policies()
-                    .profiles
-                    .get(&group.profile)
-                    .cloned()
-                    .ok_or_else(|| {
-                        invalid(
-                            "unknown_profile",
-                            format!("profile `{}` does not exist", group.profile),
-                        )
-                    })?;
+                let profile = self.profile(&group)?;
                 let verified = csr::verify(&reg.csr_der)?;
                 let issued = self
                     .ca
@@ -494,7 +487,8 @@ impl RegistryService {
             _ => "approval_recorded",
         });
         if updated.status == RegistrationStatus::Issued {
-            self.metrics.issued(&profile_issuer(&self.ca, &group));
+            self.metrics
+                .issued(&self.profile(&group).map(|p| p.issuer).unwrap_or_default());
         }
         Ok(DecisionResult {
             registration: updated,
@@ -580,14 +574,6 @@ impl RegistryService {
             device_config,
         })
     }
-}
-
-fn profile_issuer(ca: &CaService, group: &GroupPolicy) -> String {
-    ca.policies()
-        .profiles
-        .get(&group.profile)
-        .map(|p| p.issuer.clone())
-        .unwrap_or_default()
 }
 
 fn device_record(reg: &RegistrationRecord, now: i64) -> DeviceRecord {
