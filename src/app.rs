@@ -137,7 +137,7 @@ impl App {
             );
         }
         let hasher = TokenHasher::new(&pepper);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         let keystores = open_keystores(&config, &metrics).await?;
         let store = open_store(&config, clock.clone(), metrics.clone())?;
         let reconciled = crate::ca::keys::reconcile(&keystores, store.as_ref(), clock.as_ref())

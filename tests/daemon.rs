@@ -647,6 +647,22 @@ async fn health_readiness_metrics_and_public_chain() {
         "{metrics}"
     );
     assert!(metrics.contains("keyward_hsm_up 1"), "{metrics}");
+    // Prometheus' own linter accepts the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (package prometheus) missing: run scripts/test.sh");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     // init's commits happened in another process; this daemon has committed nothing yet.
     assert!(
         metrics.contains("keyward_store_batch_size_count 0"),

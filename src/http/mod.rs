@@ -9,7 +9,7 @@ mod views;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
 use crate::keystore::KeyStores;
-use crate::metrics::{HttpLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::registry::RegistryService;
 use crate::store::Store;
 use axum::Router;
@@ -80,14 +80,6 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
         .unwrap_or_else(|| "unmatched".to_string());
     let method = req.method().to_string();
     let resp = next.run(req).await;
-    state
-        .metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method,
-            route,
-            status: resp.status().as_u16(),
-        })
-        .inc();
+    state.metrics.http(&method, &route, resp.status().as_u16());
     resp
 }

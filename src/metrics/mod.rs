@@ -1,114 +1,84 @@
-//! Prometheus metrics (OpenMetrics text at `/metrics`). Metrics never carry
-//! secrets or per-device labels (unbounded cardinality, and device ids are
-//! sensitive details).
+//! Prometheus metrics (classic text exposition at `/metrics`, the format
+//! `promtool check metrics` lints). Metrics never carry secrets or
+//! per-device labels (unbounded cardinality, and device ids are sensitive).
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    pub method: String,
-    pub route: String,
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CaLabel {
-    pub ca: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OperationLabel {
-    pub operation: String,
-    pub result: String,
-}
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
-    pub http_requests: Family<HttpLabels, Counter>,
-    pub certificates_issued: Family<CaLabel, Counter>,
-    pub registrations: Family<OutcomeLabel, Counter>,
-    pub hsm_operations: Family<OperationLabel, Counter>,
+    pub http_requests: IntCounterVec,
+    pub certificates_issued: IntCounterVec,
+    pub registrations: IntCounterVec,
+    pub hsm_operations: IntCounterVec,
     pub hsm_sign_seconds: Histogram,
     pub store_commit_seconds: Histogram,
     pub store_batch_size: Histogram,
-    pub admin_auth_failures: Counter,
-    pub hsm_up: Gauge,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+    pub admin_auth_failures: IntCounter,
+    pub hsm_up: IntGauge,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("keyward");
-        let http_requests = Family::<HttpLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by route and status",
-            http_requests.clone(),
-        );
-        let certificates_issued = Family::<CaLabel, Counter>::default();
-        registry.register(
-            "certificates_issued",
+    /// Builds and registers every metric. Fails only if a name or label set
+    /// is invalid, which the unit test below rules out.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("keyward".into()), None)?;
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let http_requests = counter_vec(
+            "http_requests_total",
+            "HTTP requests by route template and status",
+            &["method", "route", "status"],
+        )?;
+        let certificates_issued = counter_vec(
+            "certificates_issued_total",
             "Certificates issued, by issuing CA",
-            certificates_issued.clone(),
-        );
-        let registrations = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "registrations",
+            &["ca"],
+        )?;
+        let registrations = counter_vec(
+            "registrations_total",
             "Registration events by outcome",
-            registrations.clone(),
-        );
-        let hsm_operations = Family::<OperationLabel, Counter>::default();
-        registry.register(
-            "hsm_operations",
-            "HSM operations by kind and result",
-            hsm_operations.clone(),
-        );
-        let hsm_sign_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
-        registry.register(
+            &["outcome"],
+        )?;
+        let hsm_operations = counter_vec(
+            "hsm_operations_total",
+            "Key store operations by kind and result",
+            &["operation", "result"],
+        )?;
+        let hsm_sign_seconds = histogram(
             "hsm_sign_seconds",
-            "Time to obtain one signature from the key store, queueing included",
-            hsm_sign_seconds.clone(),
-        );
-        let store_commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-        registry.register(
+            "Time to obtain one signature from a key store, queueing included",
+            prometheus::exponential_buckets(0.00005, 2.0, 16)?,
+        )?;
+        let store_commit_seconds = histogram(
             "store_commit_seconds",
             "Time the store writer takes to apply and commit one batch (fsync included)",
-            store_commit_seconds.clone(),
-        );
-        let store_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        registry.register(
+            prometheus::exponential_buckets(0.0001, 2.0, 16)?,
+        )?;
+        let store_batch_size = histogram(
             "store_batch_size",
             "Changes committed together in one transaction (group commit)",
-            store_batch_size.clone(),
-        );
-        let admin_auth_failures = Counter::default();
-        registry.register(
-            "admin_auth_failures",
+            prometheus::exponential_buckets(1.0, 2.0, 12)?,
+        )?;
+        let admin_auth_failures = IntCounter::new(
+            "admin_auth_failures_total",
             "Admin API calls with a missing or wrong token",
-            admin_auth_failures.clone(),
-        );
-        let hsm_up = Gauge::default();
-        registry.register(
-            "hsm_up",
-            "1 if the last HSM health check succeeded",
-            hsm_up.clone(),
-        );
-        Self {
+        )?;
+        registry.register(Box::new(admin_auth_failures.clone()))?;
+        let hsm_up = IntGauge::new("hsm_up", "1 if the last key store health check succeeded")?;
+        registry.register(Box::new(hsm_up.clone()))?;
+        Ok(Self {
             registry,
             http_requests,
             certificates_issued,
@@ -119,38 +89,66 @@ impl Metrics {
             store_batch_size,
             admin_auth_failures,
             hsm_up,
-        }
+        })
+    }
+
+    pub fn http(&self, method: &str, route: &str, status: u16) {
+        self.http_requests
+            .with_label_values(&[method, route, &status.to_string()])
+            .inc();
     }
 
     pub fn registration(&self, outcome: &str) {
-        self.registrations
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        self.registrations.with_label_values(&[outcome]).inc();
     }
 
     pub fn issued(&self, ca: &str) {
-        self.certificates_issued
-            .get_or_create(&CaLabel { ca: ca.to_string() })
-            .inc();
+        self.certificates_issued.with_label_values(&[ca]).inc();
     }
 
     pub fn hsm(&self, operation: &str, ok: bool) {
         self.hsm_operations
-            .get_or_create(&OperationLabel {
-                operation: operation.to_string(),
-                result: if ok { "ok" } else { "error" }.to_string(),
-            })
+            .with_label_values(&[operation, if ok { "ok" } else { "error" }])
             .inc();
     }
 
-    /// OpenMetrics text exposition.
+    /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_registered_and_rendered() {
+        let m = Metrics::new().unwrap();
+        m.http("GET", "/healthz", 200);
+        m.issued("devices");
+        m.registration("submitted");
+        m.hsm("sign", true);
+        m.admin_auth_failures.inc();
+        m.hsm_up.set(1);
+        m.hsm_sign_seconds.observe(0.001);
+        m.store_commit_seconds.observe(0.001);
+        m.store_batch_size.observe(3.0);
+        let text = m.render();
+        for name in [
+            "keyward_http_requests_total",
+            "keyward_certificates_issued_total",
+            "keyward_registrations_total",
+            "keyward_hsm_operations_total",
+            "keyward_hsm_sign_seconds_bucket",
+            "keyward_store_commit_seconds_bucket",
+            "keyward_store_batch_size_bucket",
+            "keyward_admin_auth_failures_total 1",
+            "keyward_hsm_up 1",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
         }
-        out
     }
 }
