@@ -669,3 +669,52 @@ async fn health_readiness_metrics_and_public_chain() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn every_operation_in_the_openapi_document_is_routed() {
+    let env = Env::new();
+    env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let (s, doc) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/openapi.json"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 14, "{}", paths.len());
+    let mut checked = 0;
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", &uuid::Uuid::new_v4().to_string())
+            .replace("{name}", "root");
+        for method in ops.as_object().unwrap().keys() {
+            let m: reqwest::Method = method.to_uppercase().parse().unwrap();
+            let body = (m == reqwest::Method::POST).then(|| json!({}));
+            let resp = {
+                let mut rb = client().request(m.clone(), format!("{url}{concrete}"));
+                if let Some(b) = &body {
+                    rb = rb.json(b);
+                }
+                rb.send().await.unwrap()
+            };
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            // axum answers an unrouted path with an empty 404 and a wrong method with 405.
+            assert!(
+                !(status == 404 && text.is_empty()),
+                "{method} {path} is documented but not routed"
+            );
+            assert_ne!(
+                status, 405,
+                "{method} {path} is documented but the method is not routed"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15);
+}

@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(public::healthz))
         .route("/readyz", get(public::readyz))
         .route("/metrics", get(public::metrics))
+        .route("/v1/openapi.json", get(public::openapi))
 }
 
 /// Parses a UUID path segment.

@@ -75,3 +75,12 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         state.metrics.render(),
     )
 }
+
+/// `GET /v1/openapi.json`: the API description, kept beside the routes and
+/// checked against them by the daemon tests.
+pub async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../openapi.json"),
+    )
+}
