@@ -718,3 +718,89 @@ async fn every_operation_in_the_openapi_document_is_routed() {
     }
     assert!(checked >= 15);
 }
+
+#[tokio::test]
+async fn admins_can_be_disabled_and_their_tokens_stop_working_at_once() {
+    let env = Env::new();
+    let bootstrap = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let bob = add_admin(&url, &bootstrap, "bob", "approver").await;
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/registrations"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // Refusals change nothing: yourself, the last active admin, someone who does not exist.
+    let before = env.counts();
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/admins/bootstrap/disable"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_error(s, &v, 409, "refused");
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/admins/nobody/disable"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_error(s, &v, 404, "not_found");
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/admins/bootstrap/disable"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_error(s, &v, 403, "forbidden_role");
+    assert_eq!(env.counts(), before);
+
+    // The operator's CLI disables bob; his token is refused from then on.
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_TOKEN", &bootstrap)
+        .args(["admins", "disable", "bob"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/registrations"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_error(s, &v, 401, "unauthorized");
+    let actions: Vec<(String, String, String)> = env.audit_after(before["audit_events"]);
+    assert!(
+        actions.iter().any(|(_, a, _)| a == "admin.disable"),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|(_, a, o)| a == "admin.login_failed" && o == "denied"),
+        "{actions:?}"
+    );
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/admins/bob/disable"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_error(s, &v, 409, "refused");
+}

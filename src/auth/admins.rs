@@ -23,6 +23,10 @@ pub enum AdminError {
     BadName,
     #[error("an admin named `{0}` already exists")]
     Duplicate(String),
+    #[error("no admin `{0}`")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(&'static str),
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
@@ -147,6 +151,57 @@ impl AdminService {
             return Ok(None);
         }
         self.create("cli:init", name, Role::Admin).await.map(Some)
+    }
+
+    /// Disables an admin (by id or name): its token stops working at once.
+    /// Refuses to disable the caller: since only admins may disable, this
+    /// also means the last active admin can never be disabled.
+    pub async fn disable(&self, by: &AdminRecord, who: &str) -> Result<AdminRecord, AdminError> {
+        let admins = self.list().await?;
+        let target = admins
+            .iter()
+            .find(|a| a.id.to_string() == who || a.name == who)
+            .cloned()
+            .ok_or_else(|| AdminError::NotFound(who.to_string()))?;
+        if target.id == by.id {
+            return Err(AdminError::Refused(
+                "an admin cannot disable itself; ask another admin",
+            ));
+        }
+        if target.disabled {
+            return Err(AdminError::Refused("that admin is already disabled"));
+        }
+        let active_admins = admins
+            .iter()
+            .filter(|a| a.role == Role::Admin && !a.disabled)
+            .count();
+        if target.role == Role::Admin && active_admins <= 1 {
+            return Err(AdminError::Refused(
+                "refusing to disable the last active admin",
+            ));
+        }
+        self.store
+            .commit(
+                Change::new()
+                    .write(Write::DisableAdmin { id: target.id })
+                    .audit(
+                        AuditDraft::new(
+                            format!("admin:{}", by.id),
+                            "admin.disable",
+                            format!("admin:{}", target.id),
+                        )
+                        .details(json!({ "name": target.name, "role": target.role.as_str() })),
+                    ),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => AdminError::Refused("that admin is already disabled"),
+                other => AdminError::Store(other),
+            })?;
+        Ok(AdminRecord {
+            disabled: true,
+            ..target
+        })
     }
 
     pub async fn list(&self) -> Result<Vec<AdminRecord>, AdminError> {

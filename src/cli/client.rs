@@ -240,6 +240,19 @@ pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result
                 println!("{}", s(&v["token"]));
             });
         }
+        AdminsCommand::Disable { admin } => {
+            let (_, v) = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/admin/admins/{admin}/disable"),
+                    None,
+                    None,
+                )
+                .await?;
+            print(args.output, &v, |v| {
+                println!("admin `{}` ({}) disabled", s(&v["name"]), s(&v["id"]));
+            });
+        }
         AdminsCommand::List => {
             let (_, v) = api
                 .call(reqwest::Method::GET, "/v1/admin/admins", None, None)

@@ -159,6 +159,8 @@ enum AdminsCommand {
     },
     /// List admins.
     List,
+    /// Disable an admin (by id or name); its token stops working at once.
+    Disable { admin: String },
 }
 
 #[derive(Debug, Subcommand)]

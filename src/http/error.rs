@@ -152,6 +152,8 @@ impl From<AdminError> for ApiError {
             }
             AdminError::BadName => Self::bad_request("invalid_field", e.to_string()),
             AdminError::Duplicate(_) => Self::new(StatusCode::CONFLICT, "duplicate", e.to_string()),
+            AdminError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            AdminError::Refused(_) => Self::new(StatusCode::CONFLICT, "refused", e.to_string()),
             AdminError::Store(s) => s.into(),
             AdminError::Random(r) => Self::internal(&r),
         }

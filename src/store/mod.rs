@@ -56,6 +56,10 @@ pub enum Write {
         at: i64,
         certificate_serial: Option<String>,
     },
+    /// Disables an admin account; conflicts if it is already disabled.
+    DisableAdmin {
+        id: Uuid,
+    },
     /// Marks one-time credentials as delivered; conflicts if already delivered.
     MarkCredentialsFetched {
         id: Uuid,

@@ -172,6 +172,17 @@ pub async fn create_admin(
     ))
 }
 
+/// `POST /v1/admin/admins/{id}/disable` (id or name; role admin).
+pub async fn disable_admin(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(who): Path<String>,
+) -> Result<Json<AdminView>, ApiError> {
+    let me = admin.require(Role::Admin)?.clone();
+    let disabled = state.admins.disable(&me, &who).await?;
+    Ok(Json(AdminView::from(&disabled)))
+}
+
 #[derive(Serialize)]
 pub struct CaView {
     name: String,

@@ -28,6 +28,7 @@ pub fn router() -> Router<AppState> {
             "/v1/admin/admins",
             get(admin::list_admins).post(admin::create_admin),
         )
+        .route("/v1/admin/admins/{id}/disable", post(admin::disable_admin))
         .route("/v1/admin/cas", get(admin::list_cas))
         .route("/healthz", get(public::healthz))
         .route("/readyz", get(public::readyz))

@@ -464,6 +464,16 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 .map_err(db)?;
             expect_one(n, || format!("registration {id} is no longer {from}"))?;
         }
+        Write::DisableAdmin { id } => {
+            let n = tx
+                .prepare_cached("UPDATE admins SET disabled = 1 WHERE id = ?1 AND disabled = 0")
+                .map_err(db)?
+                .execute(params![id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || {
+                format!("admin {id} does not exist or is already disabled")
+            })?;
+        }
         Write::MarkCredentialsFetched { id, at } => {
             let n = tx
                 .prepare_cached(
