@@ -42,10 +42,6 @@ impl KeyStores {
             .ok_or_else(|| KeyStoreError::UnknownKeyStore(name.to_string()))
     }
 
-    pub fn default_store(&self) -> &Arc<dyn KeyStore> {
-        &self.stores[crate::config::DEFAULT_KEYSTORE]
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn KeyStore>)> {
         self.stores.iter().map(|(n, k)| (n.as_str(), k))
     }
