@@ -7,12 +7,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds="${1:-10}"
 
-for pkg in softhsm2 openssl; do
-  if ! dpkg -s "$pkg" >/dev/null 2>&1; then
-    sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg"
-  fi
-done
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
 echo "==> building (release)"
 cargo build --release --bin keyward

@@ -8,32 +8,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(softhsm2 opensc openssl sqlite3 pkg-config libpcsclite-dev)
-
-missing=()
-if command -v dpkg >/dev/null 2>&1; then
-  for pkg in "${packages[@]}"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-  done
-else
-  # Not Debian: check for the tools these packages provide.
-  for tool in softhsm2-util pkcs11-tool openssl sqlite3 pkg-config; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-  done
-  if ((${#missing[@]})); then
-    echo "dev.sh: missing tools: ${missing[*]} (install them with your package manager)" >&2
-    exit 1
-  fi
-fi
-
-if ((${#missing[@]})); then
-  sudo=()
-  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-  echo "==> installing ${missing[*]}"
-  "${sudo[@]}" apt-get update
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_packages softhsm2 opensc openssl sqlite3 pkg-config libpcsclite-dev
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "dev.sh: cargo not found; install a Rust toolchain (see rust-version in Cargo.toml)" >&2

@@ -8,22 +8,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev)
-
-missing=()
-for pkg in "${packages[@]}"; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  sudo=()
-  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-  echo "==> installing ${missing[*]}"
-  "${sudo[@]}" apt-get update
-  # Note: on a host running systemd, the prometheus package also enables a
-  # prometheus server; only its promtool is used here.
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+# prometheus brings promtool (on a systemd host it also enables a server; only promtool is used).
+ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev
 
 run() {
   echo "==> $*"

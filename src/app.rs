@@ -94,14 +94,15 @@ pub async fn open_keystore(
 
 /// Opens every configured key store, each wrapped for metrics.
 pub async fn open_keystores(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<KeyStores> {
-    let wrap = |ks: Arc<dyn KeyStore>| -> Arc<dyn KeyStore> {
-        Arc::new(MeteredKeyStore::new(ks, metrics.clone()))
+    let wrap = |name: &str, ks: Arc<dyn KeyStore>| -> Arc<dyn KeyStore> {
+        Arc::new(MeteredKeyStore::new(name, ks, metrics.clone()))
     };
     let mut stores = KeyStores::new(wrap(
+        DEFAULT_KEYSTORE,
         open_keystore(DEFAULT_KEYSTORE, &config.keystore).await?,
     ));
     for (name, ks) in &config.keystores {
-        stores.insert(name, wrap(open_keystore(name, ks).await?));
+        stores.insert(name, wrap(name, open_keystore(name, ks).await?));
     }
     Ok(stores)
 }

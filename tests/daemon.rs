@@ -646,7 +646,10 @@ async fn health_readiness_metrics_and_public_chain() {
         metrics.contains("route=\"/v1/ca/{name}/chain\""),
         "{metrics}"
     );
-    assert!(metrics.contains("keyward_hsm_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("keyward_hsm_up{keystore=\"default\"} 1"),
+        "{metrics}"
+    );
     // Prometheus' own linter accepts the exposition.
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

@@ -320,30 +320,29 @@ impl CaService {
         let ski = x509::key_identifier(&key.public_key_der)?;
         let not_before = now - 300;
         let mut not_after = now + i64::from(policy.validity_days) * 86_400;
-        let (issuer_name, aki, signer_handle, signer_alg, signer_key_id, issuer_spki) = match parent
-        {
+        // The signer is the parent CA, or the new key itself for a root.
+        let (issuer_name, aki, signer, signer_handle, signer_alg, signer_key_id) = match parent {
             Some(p) => {
                 if p.not_after <= now {
                     return Err(CaError::Expired(p.name.clone()));
                 }
                 not_after = not_after.min(p.not_after);
-                let spki = x509::summarize(&p.cert_der)?.spki_der;
                 (
                     p.subject_der.clone(),
                     p.ski.clone(),
+                    p.keystore.as_ref(),
                     p.handle.clone(),
                     p.algorithm,
                     p.key_id,
-                    spki,
                 )
             }
             None => (
                 subject.clone(),
                 ski.clone(),
+                keystore,
                 key.handle.clone(),
                 key.algorithm,
                 key.id,
-                key.public_key_der.clone(),
             ),
         };
         let serial = x509::random_serial(now_ms(self.clock.as_ref()))?;
@@ -357,13 +356,11 @@ impl CaService {
             not_after,
             extensions: x509::ca_extensions(&ski, &aki, policy.path_len)?,
         })?;
-        let signer: &dyn KeyStore = match parent {
-            Some(p) => p.keystore.as_ref(),
-            None => keystore,
-        };
         let signature = signer.sign(&signer_handle, signer_alg, &tbs).await?;
         let cert = x509::assemble(&tbs, signer_alg, &signature)?;
-        if !x509::verify_signed_by(&cert, &issuer_spki, signer_alg) {
+        // A faulty HSM signature must not become a CA certificate. A root is its own issuer.
+        let issuer_cert = parent.map(|p| p.cert_der.as_slice()).unwrap_or(&cert);
+        if !x509::verify_issued_by(&cert, issuer_cert) {
             return Err(CaError::BadSignature(policy.name.clone()));
         }
         keystore.store_certificate(&key.handle, &cert).await?;

@@ -298,36 +298,6 @@ pub fn to_pem(cert_der: &[u8]) -> Result<String, der::Error> {
         .map_err(der::Error::from)
 }
 
-/// Verifies that `cert_der` was signed by the key in `issuer_spki_der`
-/// (used on CA certificates after the HSM signs, to catch faulty signatures).
-pub fn verify_signed_by(cert_der: &[u8], issuer_spki_der: &[u8], issuer_alg: KeyAlgorithm) -> bool {
-    use ring::signature as s;
-    let Ok(cert) = Cert::from_der(cert_der) else {
-        return false;
-    };
-    let Ok(tbs) = cert.tbs.to_der() else {
-        return false;
-    };
-    let Ok(spki) = spki::SubjectPublicKeyInfoRef::from_der(issuer_spki_der) else {
-        return false;
-    };
-    let Some(sig) = cert.signature.as_bytes() else {
-        return false;
-    };
-    let alg: &dyn s::VerificationAlgorithm = match issuer_alg {
-        KeyAlgorithm::EcdsaP256 => &s::ECDSA_P256_SHA256_ASN1,
-        KeyAlgorithm::EcdsaP384 => &s::ECDSA_P384_SHA384_ASN1,
-        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
-            &s::RSA_PKCS1_2048_8192_SHA256
-        }
-        KeyAlgorithm::Ed25519 => &s::ED25519,
-    };
-    let Some(pk) = spki.subject_public_key.as_bytes() else {
-        return false;
-    };
-    s::UnparsedPublicKey::new(alg, pk).verify(&tbs, sig).is_ok()
-}
-
 /// Whether `cert_der` carries a valid signature by the key of the
 /// certificate `issuer_der`, whatever the issuer's algorithm (ECDSA P-256 or
 /// P-384 with SHA-256/384, RSA PKCS#1 v1.5 with SHA-256/384/512, Ed25519).

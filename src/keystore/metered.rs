@@ -10,13 +10,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub struct MeteredKeyStore {
+    /// The configured key store's name, the `keystore` label of its gauge.
+    name: String,
     inner: Arc<dyn KeyStore>,
     metrics: Arc<Metrics>,
 }
 
 impl MeteredKeyStore {
-    pub fn new(inner: Arc<dyn KeyStore>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(name: &str, inner: Arc<dyn KeyStore>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            name: name.to_string(),
+            inner,
+            metrics,
+        }
     }
 }
 
@@ -79,7 +85,10 @@ impl KeyStore for MeteredKeyStore {
     }
     async fn health(&self) -> Result<(), KeyStoreError> {
         let r = self.inner.health().await;
-        self.metrics.hsm_up.set(i64::from(r.is_ok()));
+        self.metrics
+            .hsm_up
+            .with_label_values(&[&self.name])
+            .set(i64::from(r.is_ok()));
         r
     }
     async fn close(&self) -> Result<(), KeyStoreError> {

@@ -3,7 +3,7 @@
 //! per-device labels (unbounded cardinality, and device ids are sensitive).
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -16,7 +16,7 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     pub store_batch_size: Histogram,
     pub admin_auth_failures: IntCounter,
-    pub hsm_up: IntGauge,
+    pub hsm_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -76,7 +76,13 @@ impl Metrics {
             "Admin API calls with a missing or wrong token",
         )?;
         registry.register(Box::new(admin_auth_failures.clone()))?;
-        let hsm_up = IntGauge::new("hsm_up", "1 if the last key store health check succeeded")?;
+        let hsm_up = IntGaugeVec::new(
+            Opts::new(
+                "hsm_up",
+                "1 if the key store's last health check succeeded, by key store",
+            ),
+            &["keystore"],
+        )?;
         registry.register(Box::new(hsm_up.clone()))?;
         Ok(Self {
             registry,
@@ -132,7 +138,7 @@ mod tests {
         m.registration("submitted");
         m.hsm("sign", true);
         m.admin_auth_failures.inc();
-        m.hsm_up.set(1);
+        m.hsm_up.with_label_values(&["default"]).set(1);
         m.hsm_sign_seconds.observe(0.001);
         m.store_commit_seconds.observe(0.001);
         m.store_batch_size.observe(3.0);
@@ -146,7 +152,7 @@ mod tests {
             "keyward_store_commit_seconds_bucket",
             "keyward_store_batch_size_bucket",
             "keyward_admin_auth_failures_total 1",
-            "keyward_hsm_up 1",
+            "keyward_hsm_up{keystore=\"default\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -157,12 +157,11 @@ impl RegistryService {
     }
 
     /// The certificate profile of a group (policy loading guarantees it exists).
-    fn profile(&self, group: &GroupPolicy) -> Result<crate::policy::ProfilePolicy, RegistryError> {
+    fn profile(&self, group: &GroupPolicy) -> Result<&crate::policy::ProfilePolicy, RegistryError> {
         self.ca
             .policies()
             .profiles
             .get(&group.profile)
-            .cloned()
             .ok_or_else(|| {
                 invalid(
                     "unknown_profile",
@@ -182,8 +181,8 @@ impl RegistryService {
         check_optional("device_type", &sub.device_type)?;
         check_optional("location", &sub.location)?;
         check_optional("firmware", &sub.firmware)?;
-        let group = self.group(&sub.group)?.clone();
-        let profile = self.profile(&group)?;
+        let group = self.group(&sub.group)?;
+        let profile = self.profile(group)?;
         let csr_der = csr::decode_pem_or_der(&sub.csr)?;
         let verified = csr::verify(&csr_der)?;
         if !profile.key_algorithms.contains(&verified.algorithm) {
@@ -240,7 +239,7 @@ impl RegistryService {
         let change = if group.approvals_required == 0 {
             let issued = self
                 .ca
-                .sign_device_certificate(&profile, device_id, &verified)
+                .sign_device_certificate(profile, device_id, &verified)
                 .await?;
             reg.status = RegistrationStatus::Issued;
             reg.decided_at = Some(now);
@@ -361,7 +360,7 @@ impl RegistryService {
             ));
         }
         let reg = self.get(id).await?;
-        let group = self.group(&reg.group)?.clone();
+        let group = self.group(&reg.group)?;
         if !admin.role.allows(group.approver_role) {
             return Err(RegistryError::Forbidden {
                 code: "forbidden_role",
@@ -442,11 +441,11 @@ impl RegistryService {
                 )
             }
             Decision::Approve => {
-                let profile = self.profile(&group)?;
+                let profile = self.profile(group)?;
                 let verified = csr::verify(&reg.csr_der)?;
                 let issued = self
                     .ca
-                    .sign_device_certificate(&profile, reg.device_id, &verified)
+                    .sign_device_certificate(profile, reg.device_id, &verified)
                     .await?;
                 updated.status = RegistrationStatus::Issued;
                 updated.decided_at = Some(now);
@@ -487,8 +486,11 @@ impl RegistryService {
             _ => "approval_recorded",
         });
         if updated.status == RegistrationStatus::Issued {
-            self.metrics
-                .issued(&self.profile(&group).map(|p| p.issuer).unwrap_or_default());
+            self.metrics.issued(
+                self.profile(group)
+                    .map(|p| p.issuer.as_str())
+                    .unwrap_or_default(),
+            );
         }
         Ok(DecisionResult {
             registration: updated,
