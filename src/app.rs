@@ -164,6 +164,7 @@ impl App {
             request_timeout: Duration::from_secs(config.server.request_timeout_secs),
             log_sensitive_details: config.log.sensitive_details,
         };
+        let trusted_proxies = Arc::new(config.server.trusted_proxies.clone());
         Ok(Self {
             state: AppState {
                 registry,
@@ -172,6 +173,7 @@ impl App {
                 store,
                 keystores,
                 metrics,
+                trusted_proxies,
             },
             limits,
             config,
@@ -213,10 +215,15 @@ impl App {
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
         let router = crate::http::router(self.state, self.limits);
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("HTTP server failed")?;
+        // Connect info gives handlers the TCP peer (the client address, or a
+        // trusted proxy's).
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server failed")?;
         for (name, ks) in keystores.iter() {
             if let Err(e) = ks.close().await {
                 tracing::warn!(keystore = name, error = %e, "closing key store sessions");

@@ -58,6 +58,17 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (addresses or
+    /// CIDR prefixes). Empty: the TCP peer is the client, the header is ignored.
+    #[serde(default, deserialize_with = "ip_nets")]
+    pub trusted_proxies: Vec<crate::model::IpNet>,
+}
+
+fn ip_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<crate::model::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 impl Default for ServerConfig {
@@ -66,6 +77,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             body_limit_bytes: default_body_limit(),
             request_timeout_secs: default_request_timeout(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -107,7 +119,7 @@ pub enum KeyStoreConfig {
 }
 
 /// The name of the default key store, as CA policies and key records name it.
-pub const DEFAULT_KEYSTORE: &str = "default";
+pub use crate::model::DEFAULT_KEYSTORE;
 
 /// A YubiKey's PIV applet, chosen by serial number.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,7 @@
 //! keyward: a key management daemon that keeps CA and device keys in hardware.
 //!
-//! The crate is organised as ports (traits in `keystore`, `store`) with
+//! `model` (shared domain types) and `crypto` (chain checks, RNG) sit at the
+//! bottom and import nothing of keyward. The crate is organised as ports (traits in `keystore`, `store`) with
 //! backends behind them, services that depend only on the ports (`ca`,
 //! `registry`, `auth`, `audit`, `policy`), the HTTP surface (`http`) and the
 //! operator CLI (`cli`). `app` is the one composition root that names
@@ -15,9 +16,11 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod http;
 pub mod keystore;
 pub mod metrics;
+pub mod model;
 pub mod policy;
 pub mod registry;
 pub mod secret;

@@ -7,8 +7,13 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the canonical event encoding.
-pub const AUDIT_RECORD_VERSION: u32 = 1;
+/// Version of the canonical event encoding written now. Version 2 adds
+/// `source` (the client address the request came from); version 1 events
+/// have none and hash exactly as they always did.
+pub const AUDIT_RECORD_VERSION: u32 = 2;
+
+/// Oldest record version the verifier still accepts.
+pub const AUDIT_RECORD_VERSION_MIN: u32 = 1;
 
 /// The hash the first event chains to.
 pub const GENESIS_HASH: [u8; 32] = [0u8; 32];
@@ -50,6 +55,9 @@ pub struct AuditDraft {
     pub target: String,
     pub outcome: Outcome,
     pub details: serde_json::Value,
+    /// Client address of the request that caused the event (after trusted
+    /// proxies); `None` for the scheduler and the local CLI.
+    pub source: Option<String>,
 }
 
 impl AuditDraft {
@@ -60,7 +68,13 @@ impl AuditDraft {
             target: target.into(),
             outcome: Outcome::Success,
             details: serde_json::Value::Object(serde_json::Map::new()),
+            source: None,
         }
+    }
+
+    pub fn source(mut self, source: Option<&str>) -> Self {
+        self.source = source.map(str::to_string);
+        self
     }
 
     pub fn outcome(mut self, o: Outcome) -> Self {
@@ -85,6 +99,9 @@ pub struct AuditEvent {
     pub target: String,
     pub outcome: Outcome,
     pub details: serde_json::Value,
+    /// Client address (record version 2 and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     #[serde(with = "hex_bytes")]
     pub prev_hash: Vec<u8>,
     #[serde(with = "hex_bytes")]
@@ -102,6 +119,8 @@ struct Canonical<'a> {
     target: &'a str,
     outcome: &'a str,
     details: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a str>,
 }
 
 impl AuditEvent {
@@ -117,6 +136,7 @@ impl AuditEvent {
             target: &self.target,
             outcome: self.outcome.as_str(),
             details: &self.details,
+            source: self.source.as_deref(),
         };
         // Serialising strings, integers and a sorted map cannot fail.
         let body = serde_json::to_vec(&canonical).unwrap_or_default();
@@ -136,6 +156,7 @@ impl AuditEvent {
             target: draft.target,
             outcome: draft.outcome,
             details: draft.details,
+            source: draft.source,
             prev_hash,
             hash: Vec::new(),
             version: AUDIT_RECORD_VERSION,
@@ -182,8 +203,11 @@ impl ChainVerifier {
                 self.expected_seq, e.seq
             )));
         }
-        if e.version != AUDIT_RECORD_VERSION {
+        if !(AUDIT_RECORD_VERSION_MIN..=AUDIT_RECORD_VERSION).contains(&e.version) {
             return Err(fail(&format!("unknown record version {}", e.version)));
+        }
+        if e.version < 2 && e.source.is_some() {
+            return Err(fail("a version 1 record cannot carry a source"));
         }
         if e.prev_hash != self.prev_hash {
             return Err(fail("prev_hash does not match the previous event's hash"));
@@ -260,6 +284,30 @@ mod tests {
         let mut v = ChainVerifier::default();
         let err = events.iter().try_for_each(|e| v.push(e)).unwrap_err();
         assert_eq!(err.seq, 4);
+    }
+
+    #[test]
+    fn source_is_covered_by_the_hash() {
+        let draft =
+            AuditDraft::new("device:1", "registration.submit", "r").source(Some("192.0.2.7"));
+        let e = AuditEvent::chain(draft, 1, 2000, GENESIS_HASH.to_vec());
+        ChainVerifier::default().push(&e).unwrap();
+        let mut altered = e.clone();
+        altered.source = Some("198.51.100.1".into());
+        let err = ChainVerifier::default().push(&altered).unwrap_err();
+        assert!(err.reason.contains("altered"), "{err:?}");
+    }
+
+    #[test]
+    fn version_1_records_still_verify_and_cannot_carry_a_source() {
+        let mut old =
+            AuditEvent::chain(AuditDraft::new("a", "b", "c"), 1, 1, GENESIS_HASH.to_vec());
+        old.version = 1;
+        old.hash = old.expected_hash();
+        ChainVerifier::default().push(&old).unwrap();
+        old.source = Some("192.0.2.1".into());
+        old.hash = old.expected_hash();
+        assert!(ChainVerifier::default().push(&old).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use super::{Role, TokenHasher, new_secret};
 use crate::audit::{AuditDraft, Outcome};
 use crate::clock::Clock;
-use crate::store::{AdminRecord, Change, Store, StoreError, Write};
+use crate::store::{AdminRecord, Change, Page, PageRequest, Store, StoreError, Write};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use std::sync::Arc;
@@ -102,11 +102,10 @@ impl AdminService {
         }
         if self
             .store
-            .list_admins()
+            .admin_by_name(name)
             .await
             .map_err(AdminError::Store)?
-            .iter()
-            .any(|a| a.name == name)
+            .is_some()
         {
             return Err(AdminError::Duplicate(name.to_string()));
         }
@@ -118,6 +117,7 @@ impl AdminService {
             token_hash: self.hasher.hash(token.expose_secret()),
             disabled: false,
             created_at: self.clock.now().unix_timestamp(),
+            disabled_at: None,
         };
         self.store
             .commit(
@@ -143,9 +143,13 @@ impl AdminService {
     ) -> Result<Option<(AdminRecord, SecretString)>, AdminError> {
         if !self
             .store
-            .list_admins()
+            .list_admins(&PageRequest {
+                limit: 1,
+                ..PageRequest::default()
+            })
             .await
             .map_err(AdminError::Store)?
+            .items
             .is_empty()
         {
             return Ok(None);
@@ -183,7 +187,10 @@ impl AdminService {
         self.store
             .commit(
                 Change::new()
-                    .write(Write::DisableAdmin { id: target.id })
+                    .write(Write::DisableAdmin {
+                        id: target.id,
+                        at: self.clock.now().unix_timestamp(),
+                    })
                     .audit(
                         AuditDraft::new(
                             format!("admin:{}", by.id),
@@ -204,7 +211,21 @@ impl AdminService {
         })
     }
 
+    pub async fn page(&self, page: &PageRequest) -> Result<Page<AdminRecord>, AdminError> {
+        self.store
+            .list_admins(page)
+            .await
+            .map_err(AdminError::Store)
+    }
+
     pub async fn list(&self) -> Result<Vec<AdminRecord>, AdminError> {
-        self.store.list_admins().await.map_err(AdminError::Store)
+        self.store
+            .list_admins(&PageRequest {
+                limit: 1000,
+                ..PageRequest::default()
+            })
+            .await
+            .map(|p| p.items)
+            .map_err(AdminError::Store)
     }
 }

@@ -6,80 +6,11 @@
 
 pub mod admins;
 
-use base64::Engine;
-use ring::rand::SecureRandom;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::str::FromStr;
 
-/// What an admin may do. Ordered: `Admin` can do everything `Approver` can.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Reads registrations, audit reports; changes nothing.
-    Auditor,
-    /// Approves or denies registrations.
-    Approver,
-    /// Everything, including managing admins.
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auditor => "auditor",
-            Self::Approver => "approver",
-            Self::Admin => "admin",
-        }
-    }
-
-    /// Whether this role includes `needed`.
-    pub fn allows(self, needed: Role) -> bool {
-        self >= needed
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auditor" => Ok(Self::Auditor),
-            "approver" => Ok(Self::Approver),
-            "admin" => Ok(Self::Admin),
-            other => Err(format!(
-                "unknown role `{other}` (expected auditor, approver or admin)"
-            )),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the system random generator failed")]
-pub struct RandomError;
-
-/// Fills `n` bytes from the OS CSPRNG.
-pub fn random_bytes(n: usize) -> Result<Vec<u8>, RandomError> {
-    let mut buf = vec![0u8; n];
-    ring::rand::SystemRandom::new()
-        .fill(&mut buf)
-        .map_err(|_| RandomError)?;
-    Ok(buf)
-}
-
-/// A new bearer secret with a recognisable prefix (`kwa_` admin, `kwr_`
-/// registration), so leaked tokens can be found by secret scanners.
-pub fn new_secret(prefix: &str) -> Result<SecretString, RandomError> {
-    let bytes = zeroize::Zeroizing::new(random_bytes(32)?);
-    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_slice());
-    Ok(SecretString::from(format!("{prefix}{body}")))
-}
+pub use crate::crypto::{RandomError, new_secret, random_bytes};
+pub use crate::model::Role;
 
 /// Hashes bearer secrets with a server-side pepper.
 #[derive(Clone)]

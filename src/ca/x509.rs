@@ -298,47 +298,7 @@ pub fn to_pem(cert_der: &[u8]) -> Result<String, der::Error> {
         .map_err(der::Error::from)
 }
 
-/// Whether `cert_der` carries a valid signature by the key of the
-/// certificate `issuer_der`, whatever the issuer's algorithm (ECDSA P-256 or
-/// P-384 with SHA-256/384, RSA PKCS#1 v1.5 with SHA-256/384/512, Ed25519).
-/// Used for chains keyward did not build, such as PIV attestation.
-pub fn verify_issued_by(cert_der: &[u8], issuer_der: &[u8]) -> bool {
-    use const_oid::db::{rfc5912, rfc8410};
-    use ring::signature as s;
-    let (Ok(cert), Ok(issuer)) = (
-        Cert::from_der(cert_der),
-        x509_cert::Certificate::from_der(issuer_der),
-    ) else {
-        return false;
-    };
-    let (Ok(tbs), Some(sig)) = (cert.tbs.to_der(), cert.signature.as_bytes()) else {
-        return false;
-    };
-    let spki = issuer.tbs_certificate().subject_public_key_info();
-    let Some(pk) = spki.subject_public_key.as_bytes() else {
-        return false;
-    };
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
-    let p256 = curve == Some(rfc5912::SECP_256_R_1);
-    let p384 = curve == Some(rfc5912::SECP_384_R_1);
-    let oid = cert.algorithm.oid;
-    let alg: &dyn s::VerificationAlgorithm = match oid {
-        o if o == rfc5912::ECDSA_WITH_SHA_256 && p256 => &s::ECDSA_P256_SHA256_ASN1,
-        o if o == rfc5912::ECDSA_WITH_SHA_384 && p256 => &s::ECDSA_P256_SHA384_ASN1,
-        o if o == rfc5912::ECDSA_WITH_SHA_256 && p384 => &s::ECDSA_P384_SHA256_ASN1,
-        o if o == rfc5912::ECDSA_WITH_SHA_384 && p384 => &s::ECDSA_P384_SHA384_ASN1,
-        o if o == rfc5912::SHA_256_WITH_RSA_ENCRYPTION => &s::RSA_PKCS1_2048_8192_SHA256,
-        o if o == rfc5912::SHA_384_WITH_RSA_ENCRYPTION => &s::RSA_PKCS1_2048_8192_SHA384,
-        o if o == rfc5912::SHA_512_WITH_RSA_ENCRYPTION => &s::RSA_PKCS1_2048_8192_SHA512,
-        o if o == rfc8410::ID_ED_25519 => &s::ED25519,
-        _ => return false,
-    };
-    s::UnparsedPublicKey::new(alg, pk).verify(&tbs, sig).is_ok()
-}
+pub use crate::crypto::verify_issued_by;
 
 #[cfg(test)]
 mod tests {

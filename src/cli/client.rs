@@ -1,6 +1,6 @@
 //! Client commands: talk to a running daemon over its REST API.
 
-use super::{AdminsCommand, ClientArgs, Output, RegistrationsCommand};
+use super::{AdminsCommand, ClientArgs, Output, PageArgs, RegistrationsCommand};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::process::ExitCode;
@@ -105,6 +105,40 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("-")
 }
 
+/// `base?k=v&...` with the page parameters, values percent-encoded.
+fn list_path(base: &str, filters: &[(&str, Option<&str>)], page: &PageArgs) -> String {
+    let limit = page.limit.to_string();
+    let params: Vec<String> = filters
+        .iter()
+        .copied()
+        .chain([
+            ("limit", Some(limit.as_str())),
+            ("cursor", page.cursor.as_deref()),
+            ("order", page.order.as_deref()),
+        ])
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", query_escape(v))))
+        .collect();
+    format!("{base}?{}", params.join("&"))
+}
+
+fn query_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Tells how to get the next page, on stderr so that stdout stays the list.
+fn next_page_hint(v: &Value) {
+    if let Some(c) = v["next_cursor"].as_str() {
+        eprintln!("more: repeat with --cursor {c}");
+    }
+}
+
 fn registration_line(r: &Value) {
     println!(
         "{}  {:<8}  {:<10}  {:<24}  {}",
@@ -114,6 +148,9 @@ fn registration_line(r: &Value) {
         s(&r["name"]),
         s(&r["submitted_at"])
     );
+    if let Some(from) = r["client_addr"].as_str() {
+        println!("    submitted from {from}");
+    }
 }
 
 pub async fn registrations(
@@ -122,21 +159,27 @@ pub async fn registrations(
 ) -> anyhow::Result<ExitCode> {
     let api = Api::new(&args.url, Some(admin_token(args)?))?;
     match command {
-        RegistrationsCommand::List { status, limit } => {
-            let mut path = format!("/v1/admin/registrations?limit={limit}");
-            if let Some(st) = status {
-                path.push_str(&format!("&status={st}"));
-            }
+        RegistrationsCommand::List {
+            status,
+            group,
+            page,
+        } => {
+            let path = list_path(
+                "/v1/admin/registrations",
+                &[("status", status.as_deref()), ("group", group.as_deref())],
+                &page,
+            );
             let (_, v) = api.call(reqwest::Method::GET, &path, None, None).await?;
             print(args.output, &v, |v| {
                 let empty = Vec::new();
-                let rows = v.as_array().unwrap_or(&empty);
+                let rows = v["items"].as_array().unwrap_or(&empty);
                 if rows.is_empty() {
                     println!("no registrations");
                 }
                 for r in rows {
                     registration_line(r);
                 }
+                next_page_hint(v);
             });
         }
         RegistrationsCommand::Show { id } => {
@@ -164,6 +207,7 @@ pub async fn registrations(
                     "expires_at",
                     "decided_at",
                     "certificate_serial",
+                    "client_addr",
                 ] {
                     println!("{key:<19} {}", v[key].as_str().unwrap_or("-"));
                 }
@@ -253,12 +297,12 @@ pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result
                 println!("admin `{}` ({}) disabled", s(&v["name"]), s(&v["id"]));
             });
         }
-        AdminsCommand::List => {
-            let (_, v) = api
-                .call(reqwest::Method::GET, "/v1/admin/admins", None, None)
-                .await?;
+        AdminsCommand::List { page } => {
+            let path = list_path("/v1/admin/admins", &[], &page);
+            let (_, v) = api.call(reqwest::Method::GET, &path, None, None).await?;
             print(args.output, &v, |v| {
-                for a in v.as_array().into_iter().flatten() {
+                next_page_hint(v);
+                for a in v["items"].as_array().into_iter().flatten() {
                     println!(
                         "{}  {:<20}  {:<8}  {}{}",
                         s(&a["id"]),

@@ -183,6 +183,16 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
             &serde_json::to_string_pretty(&creds["device_config"])?,
         )?;
     }
+    // Only now, with everything on disk, tell the server it may stop
+    // offering the credentials again.
+    api.call(
+        reqwest::Method::POST,
+        &format!("/v1/registrations/{id}/credentials/confirm"),
+        None,
+        Some(secret.as_str()),
+    )
+    .await
+    .context("confirming receipt of the credentials")?;
     eprintln!("credentials written to {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }

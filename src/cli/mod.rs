@@ -121,15 +121,32 @@ enum ConfigCommand {
     },
 }
 
+/// Keyset pagination of list commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PageArgs {
+    /// Page size (1-1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Continue after a previous page (the `next_cursor` it printed).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// newest (default) or oldest first.
+    #[arg(long)]
+    pub order: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum RegistrationsCommand {
-    /// List registrations.
+    /// List registrations, newest first, one page at a time.
     List {
         /// pending, approved, issued, denied or expired.
         #[arg(long)]
         status: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
+        /// Only this enrollment group.
+        #[arg(long)]
+        group: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one registration with its approvals.
     Show { id: String },
@@ -157,8 +174,11 @@ enum AdminsCommand {
         #[arg(long)]
         role: String,
     },
-    /// List admins.
-    List,
+    /// List admins, newest first, one page at a time.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Disable an admin (by id or name); its token stops working at once.
     Disable { admin: String },
 }

@@ -3,6 +3,7 @@
 
 use crate::auth::admins::AdminError;
 use crate::ca::CaError;
+use crate::ca::csr::CsrError;
 use crate::keystore::KeyStoreError;
 use crate::registry::RegistryError;
 use crate::store::StoreError;
@@ -75,7 +76,7 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::Conflict(c) => Self::new(StatusCode::CONFLICT, "conflict", c.to_string()),
             StoreError::WriterGone | StoreError::Database(_) => Self::unavailable(&e),
             StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => Self::internal(&e),
         }
@@ -110,34 +111,33 @@ impl From<CaError> for ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Invalid { code, message } => {
-                let status = match code {
-                    "invalid_csr" | "invalid_field" | "unknown_group" => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+        use RegistryError as E;
+        let status = match &e {
+            E::InvalidField { .. } | E::UnknownGroup(_) => StatusCode::BAD_REQUEST,
+            E::Csr(CsrError::Malformed(_)) => StatusCode::BAD_REQUEST,
+            E::Csr(_) | E::UnknownProfile(_) | E::AlgorithmNotAllowed { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            E::PendingLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            E::NotFound => StatusCode::NOT_FOUND,
+            E::NotPending(_)
+            | E::Expired
+            | E::AlreadyDecided
+            | E::ConcurrentDecision
+            | E::NotIssued(_)
+            | E::AlreadyConfirmed => StatusCode::CONFLICT,
+            E::ForbiddenRole { .. } | E::SelfApproval | E::AdminDisabled => StatusCode::FORBIDDEN,
+            E::CredentialsGone => StatusCode::GONE,
+            E::Unauthorized => StatusCode::UNAUTHORIZED,
+            E::Ca(_) | E::Store(_) | E::Random(_) => {
+                return match e {
+                    E::Ca(c) => c.into(),
+                    E::Store(s) => s.into(),
+                    other => Self::internal(&other),
                 };
-                Self::new(status, code, message)
             }
-            RegistryError::NotFound => Self::not_found("registration"),
-            RegistryError::Conflict { code, message } => {
-                Self::new(StatusCode::CONFLICT, code, message)
-            }
-            RegistryError::Forbidden { code, message } => {
-                Self::new(StatusCode::FORBIDDEN, code, message)
-            }
-            RegistryError::Gone => Self::new(
-                StatusCode::GONE,
-                "credentials_already_delivered",
-                "credentials are delivered once and were already delivered",
-            ),
-            RegistryError::Unauthorized => Self::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "registration secret missing or wrong",
-            ),
-            RegistryError::Ca(c) => c.into(),
-            RegistryError::Store(s) => s.into(),
-        }
+        };
+        Self::new(status, e.code(), e.to_string())
     }
 }
 

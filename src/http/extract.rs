@@ -3,9 +3,11 @@
 use super::AppState;
 use super::error::ApiError;
 use crate::auth::Role;
+use crate::model::IpNet;
 use crate::store::AdminRecord;
-use axum::extract::{FromRequest, FromRequestParts};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts};
 use axum::http::request::Parts;
+use std::net::{IpAddr, SocketAddr};
 
 /// `axum::Json` whose rejections use the API error body.
 #[derive(FromRequest)]
@@ -71,5 +73,112 @@ impl FromRequestParts<AppState> for Bearer {
 
     async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
         Ok(Bearer(bearer(parts)))
+    }
+}
+
+/// The client's address: the TCP peer, or, when the peer is one of the
+/// configured trusted proxies, the nearest untrusted address in
+/// `X-Forwarded-For` (read right to left, so a client cannot put a fake
+/// address in front of what the proxy appended). `None` only when the
+/// server runs without connect info (in-process tests).
+#[derive(Debug, Clone)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl ClientAddr {
+    pub fn as_string(&self) -> Option<String> {
+        self.0.map(|ip| ip.to_string())
+    }
+}
+
+/// Resolves the client address from the peer and the forwarded chain.
+pub fn client_addr(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let Some(chain) = forwarded_for else {
+        return peer;
+    };
+    let mut hops = Vec::new();
+    for part in chain.split(',') {
+        match part.trim().parse::<IpAddr>() {
+            Ok(ip) => hops.push(ip),
+            // A malformed chain is not believed at all.
+            Err(_) => return peer,
+        }
+    }
+    let mut client = peer;
+    for ip in hops.into_iter().rev() {
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
+}
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
+            return Ok(ClientAddr(None));
+        };
+        // Several X-Forwarded-For headers are one list, in order.
+        let joined: Vec<&str> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let forwarded = (!joined.is_empty()).then(|| joined.join(","));
+        Ok(ClientAddr(Some(client_addr(
+            peer.ip(),
+            forwarded.as_deref(),
+            &state.trusted_proxies,
+        ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        // Untrusted peer: the header is ignored.
+        assert_eq!(
+            client_addr(ip("192.0.2.9"), Some("198.51.100.1"), &trusted),
+            ip("192.0.2.9")
+        );
+        // Trusted peer: the nearest untrusted hop, right to left.
+        assert_eq!(
+            client_addr(
+                ip("10.0.0.2"),
+                Some("203.0.113.66, 198.51.100.1, 10.0.0.3"),
+                &trusted
+            ),
+            ip("198.51.100.1")
+        );
+        // A malformed chain is not believed.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), Some("junk, 198.51.100.1"), &trusted),
+            ip("10.0.0.2")
+        );
+        // No header: the proxy itself.
+        assert_eq!(client_addr(ip("10.0.0.2"), None, &trusted), ip("10.0.0.2"));
+        // No trusted proxies configured: always the peer.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), Some("198.51.100.1"), &[]),
+            ip("10.0.0.2")
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod error;
 mod extract;
+mod page;
 mod routes;
 mod views;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub keystores: KeyStores,
     pub metrics: Arc<Metrics>,
+    /// Proxies whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
+    pub trusted_proxies: Arc<Vec<crate::model::IpNet>>,
 }
 
 /// HTTP limits and logging choices from the config.

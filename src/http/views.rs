@@ -22,6 +22,9 @@ pub struct RegistrationView {
     pub decided_at: Option<String>,
     pub certificate_serial: Option<String>,
     pub credentials_delivered: bool,
+    pub credentials_confirmed: bool,
+    /// Where the submission came from (after trusted proxies), for approvers.
+    pub client_addr: Option<String>,
 }
 
 impl From<&RegistrationRecord> for RegistrationView {
@@ -42,6 +45,8 @@ impl From<&RegistrationRecord> for RegistrationView {
             decided_at: r.decided_at.map(|t| rfc3339(from_unix(t))),
             certificate_serial: r.certificate_serial.clone(),
             credentials_delivered: r.credentials_fetched_at.is_some(),
+            credentials_confirmed: r.credentials_confirmed_at.is_some(),
+            client_addr: r.client_addr.clone(),
         }
     }
 }
@@ -52,6 +57,8 @@ pub struct ApprovalView {
     pub decision: String,
     pub comment: Option<String>,
     pub decided_at: String,
+    /// False when the admin was disabled since: the decision no longer counts.
+    pub counted: bool,
 }
 
 impl From<&ApprovalRecord> for ApprovalView {
@@ -61,6 +68,7 @@ impl From<&ApprovalRecord> for ApprovalView {
             decision: a.decision.to_string(),
             comment: a.comment.clone(),
             decided_at: rfc3339(from_unix(a.decided_at)),
+            counted: a.counted,
         }
     }
 }

@@ -6,17 +6,18 @@
 //! so that services adapt (queue to the signer count) instead of branching on
 //! vendor names.
 
-pub mod algorithm;
+pub use crate::model::algorithm;
 pub mod metered;
 pub mod pkcs11;
 pub mod yubikey;
 
-pub use algorithm::KeyAlgorithm;
+pub use crate::model::{KeyAlgorithm, KeyHandle};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+
 use std::collections::BTreeMap;
-use std::fmt;
+
+use serde::Serialize;
 use std::sync::Arc;
 
 /// The configured key stores by name; `default` always exists.
@@ -28,7 +29,7 @@ pub struct KeyStores {
 impl KeyStores {
     pub fn new(default: Arc<dyn KeyStore>) -> Self {
         let mut stores = BTreeMap::new();
-        stores.insert(crate::config::DEFAULT_KEYSTORE.to_string(), default);
+        stores.insert(crate::model::DEFAULT_KEYSTORE.to_string(), default);
         Self { stores }
     }
 
@@ -44,23 +45,6 @@ impl KeyStores {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn KeyStore>)> {
         self.stores.iter().map(|(n, k)| (n.as_str(), k))
-    }
-}
-
-/// An opaque, backend-specific reference to a key pair, stored in the
-/// database. For PKCS#11 it is an RFC 7512 URI carrying the CKA_ID.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct KeyHandle(pub String);
-
-impl fmt::Debug for KeyHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyHandle({})", self.0)
-    }
-}
-
-impl fmt::Display for KeyHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 

@@ -327,12 +327,12 @@ fn verify_attestation(
     public_key: &[u8],
 ) -> Result<(), KeyStoreError> {
     let bad = |m: &str| KeyStoreError::Attestation(m.to_string());
-    if !crate::ca::x509::verify_issued_by(intermediate, root) {
+    if !crate::crypto::verify_issued_by(intermediate, root) {
         return Err(bad(
             "the card's attestation intermediate (F9) does not chain to the configured root",
         ));
     }
-    if !crate::ca::x509::verify_issued_by(cert, intermediate) {
+    if !crate::crypto::verify_issued_by(cert, intermediate) {
         return Err(bad(
             "the slot attestation certificate is not signed by the card's F9 key",
         ));

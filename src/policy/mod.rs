@@ -2,7 +2,8 @@
 //! `policies/enrollment.toml` (enrollment groups), parsed into typed,
 //! cross-checked values. Every file carries `version = 1`.
 
-use crate::keystore::KeyAlgorithm;
+use crate::model::KeyAlgorithm;
+pub use crate::model::{CaKind, valid_name};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,13 +26,6 @@ pub enum PolicyError {
         key: String,
         reason: String,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CaKind {
-    Root,
-    Issuing,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,20 +100,35 @@ pub struct GroupPolicy {
     pub approvals_required: u32,
     /// Lowest role allowed to approve (`approver` or `admin`).
     #[serde(default = "default_approver_role")]
-    pub approver_role: crate::auth::Role,
+    pub approver_role: crate::model::Role,
     /// Pending registrations expire after this long.
     #[serde(default = "default_ttl")]
     pub registration_ttl_hours: u32,
+    /// Cap on `pending` registrations of this group: past it, submissions are
+    /// refused (429) and nothing is stored, so anonymous callers cannot bury
+    /// the approval queue or fill the disk.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+    /// After the first delivery, the device may fetch its certificate and
+    /// chain again (a lost response) for this long, or until it confirms.
+    #[serde(default = "default_refetch_minutes")]
+    pub credentials_refetch_minutes: u32,
     /// Returned to the device with its credentials (broker endpoint, topics, …).
     #[serde(default)]
     pub device_config: BTreeMap<String, toml::Value>,
 }
 
-fn default_approver_role() -> crate::auth::Role {
-    crate::auth::Role::Approver
+fn default_approver_role() -> crate::model::Role {
+    crate::model::Role::Approver
 }
 fn default_ttl() -> u32 {
     72
+}
+fn default_max_pending() -> u32 {
+    1000
+}
+fn default_refetch_minutes() -> u32 {
+    15
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,12 +337,15 @@ impl Policies {
                     "approvals_required above 10 is not supported".into(),
                 ));
             }
-            if g.approver_role == crate::auth::Role::Auditor {
+            if g.approver_role == crate::model::Role::Auditor {
                 return Err(bad(
                     en_path,
                     key,
                     "approver_role must be approver or admin".into(),
                 ));
+            }
+            if g.max_pending == 0 {
+                return Err(bad(en_path, key, "max_pending must be at least 1".into()));
             }
             if g.registration_ttl_hours == 0 {
                 return Err(bad(
@@ -356,13 +368,6 @@ impl Policies {
     pub fn ca(&self, name: &str) -> Option<&CaPolicy> {
         self.cas.iter().find(|c| c.name == name)
     }
-}
-
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 #[cfg(test)]

@@ -1,15 +1,19 @@
 //! Device registrations: submission, approval quorum with separation of
-//! duties, issuance, one-time credential delivery.
+//! duties, issuance, credential delivery (re-fetchable until confirmed).
+
+mod error;
 
 use crate::audit::AuditDraft;
 use crate::auth::{TokenHasher, new_secret};
-use crate::ca::csr::{self, CsrError};
-use crate::ca::{CaError, CaService, x509};
+use crate::ca::csr;
+use crate::ca::{CaService, x509};
 use crate::clock::Clock;
+use crate::model::valid_display_text;
 use crate::policy::GroupPolicy;
 use crate::store::{
-    AdminRecord, ApprovalRecord, Change, Decision, DeviceRecord, DeviceStatus, RegistrationRecord,
-    RegistrationStatus, Store, StoreError, Write,
+    AdminRecord, ApprovalRecord, Change, Conflict, Decision, DeviceRecord, DeviceStatus, Page,
+    PageRequest, RegistrationFilter, RegistrationRecord, RegistrationStatus, Store, StoreError,
+    Write,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -17,59 +21,7 @@ use serde_json::json;
 use std::sync::Arc;
 use uuid::Uuid;
 
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("{message}")]
-    Invalid { code: &'static str, message: String },
-    #[error("registration not found")]
-    NotFound,
-    #[error("{message}")]
-    Conflict { code: &'static str, message: String },
-    #[error("{message}")]
-    Forbidden { code: &'static str, message: String },
-    #[error("credentials were already delivered")]
-    Gone,
-    #[error("registration secret missing or wrong")]
-    Unauthorized,
-    #[error(transparent)]
-    Ca(#[from] CaError),
-    #[error(transparent)]
-    Store(StoreError),
-}
-
-impl From<StoreError> for RegistryError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Conflict(message) => Self::Conflict {
-                code: "conflict",
-                message,
-            },
-            other => Self::Store(other),
-        }
-    }
-}
-
-impl From<CsrError> for RegistryError {
-    fn from(e: CsrError) -> Self {
-        let code = match &e {
-            CsrError::Malformed(_) => "invalid_csr",
-            CsrError::BadSignature => "csr_signature_invalid",
-            CsrError::UnsupportedAlgorithm(_) => "unsupported_key_algorithm",
-            CsrError::KeySize(_) => "key_size_not_allowed",
-        };
-        Self::Invalid {
-            code,
-            message: e.to_string(),
-        }
-    }
-}
-
-fn invalid(code: &'static str, message: impl Into<String>) -> RegistryError {
-    RegistryError::Invalid {
-        code,
-        message: message.into(),
-    }
-}
+pub use error::RegistryError;
 
 /// What a device (or an admin on its behalf) submits.
 #[derive(Debug, Clone)]
@@ -80,6 +32,8 @@ pub struct Submission {
     pub location: Option<String>,
     pub firmware: Option<String>,
     pub group: String,
+    /// Client address of the request (after trusted proxies).
+    pub client_addr: Option<String>,
 }
 
 pub struct Submitted {
@@ -112,23 +66,24 @@ pub struct RegistryService {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), RegistryError> {
-    if value.trim().is_empty() || value.chars().count() > max || value.chars().any(char::is_control)
-    {
-        return Err(invalid(
-            "invalid_field",
-            format!("`{field}` must be 1-{max} printable characters"),
-        ));
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), RegistryError> {
+    if valid_display_text(value, max, false) {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidField { field, max })
     }
-    Ok(())
 }
 
-fn check_optional(field: &str, value: &Option<String>) -> Result<(), RegistryError> {
+fn check_optional(field: &'static str, value: &Option<String>) -> Result<(), RegistryError> {
     match value {
         Some(v) => check_text(field, v, 128),
         None => Ok(()),
     }
 }
+
+/// How often a decision is re-read and retried when concurrent decisions
+/// keep changing the counted approvals under it.
+const DECIDE_ATTEMPTS: u32 = 8;
 
 impl RegistryService {
     pub fn new(
@@ -148,12 +103,11 @@ impl RegistryService {
     }
 
     fn group(&self, name: &str) -> Result<&GroupPolicy, RegistryError> {
-        self.ca.policies().groups.get(name).ok_or_else(|| {
-            invalid(
-                "unknown_group",
-                format!("enrollment group `{name}` does not exist"),
-            )
-        })
+        self.ca
+            .policies()
+            .groups
+            .get(name)
+            .ok_or_else(|| RegistryError::UnknownGroup(name.to_string()))
     }
 
     /// The certificate profile of a group (policy loading guarantees it exists).
@@ -162,12 +116,7 @@ impl RegistryService {
             .policies()
             .profiles
             .get(&group.profile)
-            .ok_or_else(|| {
-                invalid(
-                    "unknown_profile",
-                    format!("profile `{}` does not exist", group.profile),
-                )
-            })
+            .ok_or_else(|| RegistryError::UnknownProfile(group.profile.clone()))
     }
 
     /// Validates and records a registration. Groups with
@@ -186,23 +135,19 @@ impl RegistryService {
         let csr_der = csr::decode_pem_or_der(&sub.csr)?;
         let verified = csr::verify(&csr_der)?;
         if !profile.key_algorithms.contains(&verified.algorithm) {
-            return Err(invalid(
-                "key_algorithm_not_allowed",
-                format!(
-                    "key algorithm {} is not allowed for group `{}` (allowed: {})",
-                    verified.algorithm,
-                    group.name,
-                    profile
-                        .key_algorithms
-                        .iter()
-                        .map(|a| a.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
+            return Err(RegistryError::AlgorithmNotAllowed {
+                algorithm: verified.algorithm,
+                group: group.name.clone(),
+                allowed: profile
+                    .key_algorithms
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
         }
         let now = self.clock.now().unix_timestamp();
-        let secret = new_secret("kwr_").map_err(|e| RegistryError::Ca(e.into()))?;
+        let secret = new_secret("kwr_")?;
         let id = Uuid::now_v7();
         let device_id = Uuid::now_v7();
         let actor = match submitted_by {
@@ -227,15 +172,17 @@ impl RegistryService {
             decided_at: None,
             certificate_serial: None,
             credentials_fetched_at: None,
+            credentials_confirmed_at: None,
+            client_addr: sub.client_addr.clone(),
         };
         let submit_event =
-            AuditDraft::new(actor, "registration.submit", format!("registration:{id}")).details(
-                json!({
+            AuditDraft::new(actor, "registration.submit", format!("registration:{id}"))
+                .details(json!({
                     "device_id": device_id,
                     "group": group.name,
                     "key_algorithm": verified.algorithm.as_str(),
-                }),
-            );
+                }))
+                .source(sub.client_addr.as_deref());
         let change = if group.approvals_required == 0 {
             let issued = self
                 .ca
@@ -246,7 +193,10 @@ impl RegistryService {
             reg.certificate_serial = Some(issued.record.serial.clone());
             let issue_event = self.issue_event(&reg, &issued.record);
             Change::new()
-                .write(Write::InsertRegistration(reg.clone()))
+                .write(Write::InsertRegistration {
+                    record: reg.clone(),
+                    max_pending_in_group: None,
+                })
                 .write(Write::InsertDevice(device_record(&reg, now)))
                 .write(Write::InsertCertificate(issued.record))
                 .audit(submit_event)
@@ -261,10 +211,21 @@ impl RegistryService {
                 .audit(issue_event)
         } else {
             Change::new()
-                .write(Write::InsertRegistration(reg.clone()))
+                .write(Write::InsertRegistration {
+                    record: reg.clone(),
+                    max_pending_in_group: Some(group.max_pending),
+                })
                 .audit(submit_event)
         };
-        self.store.commit(change).await?;
+        self.store.commit(change).await.map_err(|e| match e {
+            StoreError::Conflict(Conflict::LimitReached { limit, .. }) => {
+                RegistryError::PendingLimit {
+                    group: group.name.clone(),
+                    limit,
+                }
+            }
+            other => other.into(),
+        })?;
         self.metrics
             .registration(if reg.status == RegistrationStatus::Issued {
                 "auto_issued"
@@ -310,15 +271,13 @@ impl RegistryService {
         Ok(self.store.approvals(id).await?)
     }
 
+    /// One page of registrations, newest first unless `page.order` says otherwise.
     pub async fn list(
         &self,
-        status: Option<RegistrationStatus>,
-        limit: u32,
-    ) -> Result<Vec<RegistrationRecord>, RegistryError> {
-        Ok(self
-            .store
-            .list_registrations(status, limit.clamp(1, 1000))
-            .await?)
+        filter: &RegistrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationRecord>, RegistryError> {
+        Ok(self.store.list_registrations(filter, page).await?)
     }
 
     /// The registration, if `secret` is its registration secret.
@@ -344,81 +303,130 @@ impl RegistryService {
 
     /// Records an admin's approval or denial. Enforces role, separation of
     /// duties and one decision per admin; issues once the quorum is reached.
+    ///
+    /// The quorum is decided from the approvals read before the write, and
+    /// the write ([`Write::RecordDecision`]) re-counts them inside the
+    /// transaction and fails whole if they changed. Two approvers racing
+    /// therefore cannot both see "one short of the quorum": the second one's
+    /// commit conflicts, it re-reads and now completes the quorum (or finds
+    /// the registration decided). An approve racing a deny resolves to
+    /// whichever committed first; the other gets `not_pending`.
     pub async fn decide(
         &self,
         id: Uuid,
         admin: &AdminRecord,
         decision: Decision,
         comment: Option<String>,
+        source: Option<&str>,
     ) -> Result<DecisionResult, RegistryError> {
         if let Some(c) = &comment
-            && (c.chars().count() > 1024 || c.chars().any(|ch| ch.is_control() && ch != '\n'))
+            && !valid_display_text(c, 1024, true)
         {
-            return Err(invalid(
-                "invalid_field",
-                "`comment` must be at most 1024 printable characters",
-            ));
+            return Err(RegistryError::InvalidField {
+                field: "comment",
+                max: 1024,
+            });
         }
+        for _ in 0..DECIDE_ATTEMPTS {
+            match self
+                .try_decide(id, admin, decision, comment.as_deref(), source)
+                .await
+            {
+                Err(RegistryError::Store(StoreError::Conflict(c))) => match c {
+                    // Re-read: the quorum or the status changed under us.
+                    Conflict::ApprovalsChanged
+                    | Conflict::StateChanged {
+                        entity: "registration",
+                        ..
+                    } => continue,
+                    Conflict::StateChanged {
+                        entity: "admin", ..
+                    } => {
+                        return Err(RegistryError::AdminDisabled);
+                    }
+                    Conflict::Duplicate { .. } => return Err(RegistryError::AlreadyDecided),
+                    _ => return Err(RegistryError::ConcurrentDecision),
+                },
+                other => return other,
+            }
+        }
+        Err(RegistryError::ConcurrentDecision)
+    }
+
+    /// One attempt of [`Self::decide`]; store conflicts come back unmapped
+    /// so that the caller can retry.
+    async fn try_decide(
+        &self,
+        id: Uuid,
+        admin: &AdminRecord,
+        decision: Decision,
+        comment: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<DecisionResult, RegistryError> {
         let reg = self.get(id).await?;
         let group = self.group(&reg.group)?;
         if !admin.role.allows(group.approver_role) {
-            return Err(RegistryError::Forbidden {
-                code: "forbidden_role",
-                message: format!(
-                    "role {} cannot decide registrations of group `{}` (needs {})",
-                    admin.role, group.name, group.approver_role
-                ),
+            return Err(RegistryError::ForbiddenRole {
+                have: admin.role,
+                need: group.approver_role,
+                group: group.name.clone(),
             });
         }
         if reg.submitted_by == Some(admin.id) {
-            return Err(RegistryError::Forbidden {
-                code: "self_approval",
-                message:
-                    "separation of duties: the admin who submitted a registration cannot decide it"
-                        .into(),
-            });
+            return Err(RegistryError::SelfApproval);
         }
         if reg.status != RegistrationStatus::Pending {
-            return Err(RegistryError::Conflict {
-                code: "not_pending",
-                message: format!("registration is {}, not pending", reg.status),
-            });
+            return Err(RegistryError::NotPending(reg.status));
         }
         let now = self.clock.now().unix_timestamp();
         if now >= reg.expires_at {
-            self.expire(&reg, now).await?;
-            return Err(RegistryError::Conflict {
-                code: "registration_expired",
-                message: "registration expired before it was decided".into(),
-            });
+            self.expire(&reg, now, "system").await?;
+            return Err(RegistryError::Expired);
         }
-        let previous = self.store.approvals(id).await?;
+        let previous = self
+            .store
+            .approvals(id)
+            .await
+            .map_err(RegistryError::Store)?;
         if previous.iter().any(|a| a.admin_id == admin.id) {
-            return Err(RegistryError::Conflict {
-                code: "already_decided",
-                message: "this admin already decided this registration".into(),
-            });
+            return Err(RegistryError::AlreadyDecided);
         }
+        // Approvals of admins disabled since do not count.
+        let counted = previous
+            .iter()
+            .filter(|a| a.decision == Decision::Approve && a.counted)
+            .count() as u32;
         let actor = format!("admin:{}", admin.id);
         let target = format!("registration:{id}");
-        let approval = Write::InsertApproval(ApprovalRecord {
-            registration_id: id,
-            admin_id: admin.id,
-            decision,
-            comment: comment.clone(),
-            decided_at: now,
-        });
-        let approvals_before = previous
-            .iter()
-            .filter(|a| a.decision == Decision::Approve)
-            .count() as u32;
+        let record = Write::RecordDecision {
+            approval: ApprovalRecord {
+                registration_id: id,
+                admin_id: admin.id,
+                decision,
+                comment: comment.map(str::to_string),
+                decided_at: now,
+                counted: true,
+            },
+            expect_counted_approvals: counted,
+        };
+        let approvals = counted + u32::from(decision == Decision::Approve);
+        let decision_event = |action: &str| {
+            AuditDraft::new(actor.clone(), action, target.clone())
+                .details(json!({
+                    "comment": comment,
+                    "approvals": approvals,
+                    "required": group.approvals_required,
+                    "submitted_from": reg.client_addr,
+                }))
+                .source(source)
+        };
         let mut updated = reg.clone();
         let change = match decision {
             Decision::Deny => {
                 updated.status = RegistrationStatus::Denied;
                 updated.decided_at = Some(now);
                 Change::new()
-                    .write(approval)
+                    .write(record)
                     .write(Write::SetRegistrationStatus {
                         id,
                         from: RegistrationStatus::Pending,
@@ -426,20 +434,11 @@ impl RegistryService {
                         at: now,
                         certificate_serial: None,
                     })
-                    .audit(
-                        AuditDraft::new(actor, "registration.deny", target)
-                            .details(json!({ "comment": comment })),
-                    )
+                    .audit(decision_event("registration.deny"))
             }
-            Decision::Approve if approvals_before + 1 < group.approvals_required => {
-                Change::new().write(approval).audit(
-                    AuditDraft::new(actor, "registration.approve", target).details(json!({
-                        "comment": comment,
-                        "approvals": approvals_before + 1,
-                        "required": group.approvals_required,
-                    })),
-                )
-            }
+            Decision::Approve if approvals < group.approvals_required => Change::new()
+                .write(record)
+                .audit(decision_event("registration.approve")),
             Decision::Approve => {
                 let profile = self.profile(group)?;
                 let verified = csr::verify(&reg.csr_der)?;
@@ -452,7 +451,7 @@ impl RegistryService {
                 updated.certificate_serial = Some(issued.record.serial.clone());
                 let issue_event = self.issue_event(&updated, &issued.record);
                 Change::new()
-                    .write(approval)
+                    .write(record)
                     .write(Write::SetRegistrationStatus {
                         id,
                         from: RegistrationStatus::Pending,
@@ -462,24 +461,15 @@ impl RegistryService {
                     })
                     .write(Write::InsertDevice(device_record(&updated, now)))
                     .write(Write::InsertCertificate(issued.record))
-                    .audit(
-                        AuditDraft::new(actor, "registration.approve", target).details(json!({
-                            "comment": comment,
-                            "approvals": approvals_before + 1,
-                            "required": group.approvals_required,
-                        })),
-                    )
+                    .audit(decision_event("registration.approve"))
                     .audit(issue_event)
             }
         };
-        self.store.commit(change).await.map_err(|e| match e {
-            StoreError::Conflict(_) => RegistryError::Conflict {
-                code: "concurrent_decision",
-                message: "the registration was decided concurrently; reload and retry".into(),
-            },
-            other => other.into(),
-        })?;
-        let approvals = approvals_before + u32::from(decision == Decision::Approve);
+        // Conflicts go back to `decide` as they are, to be retried.
+        self.store
+            .commit(change)
+            .await
+            .map_err(RegistryError::Store)?;
         self.metrics.registration(match updated.status {
             RegistrationStatus::Issued => "issued",
             RegistrationStatus::Denied => "denied",
@@ -499,7 +489,15 @@ impl RegistryService {
         })
     }
 
-    async fn expire(&self, reg: &RegistrationRecord, now: i64) -> Result<(), RegistryError> {
+    /// Marks a pending registration `expired` (audited). A registration that
+    /// left `pending` meanwhile is left alone (`Ok(false)`). Used on decision
+    /// and by the sweeper job.
+    pub async fn expire(
+        &self,
+        reg: &RegistrationRecord,
+        now: i64,
+        actor: &str,
+    ) -> Result<bool, RegistryError> {
         let change = Change::new()
             .write(Write::SetRegistrationStatus {
                 id: reg.id,
@@ -508,33 +506,48 @@ impl RegistryService {
                 at: now,
                 certificate_serial: None,
             })
-            .audit(AuditDraft::new(
-                "system",
-                "registration.expire",
-                format!("registration:{}", reg.id),
-            ));
+            .audit(
+                AuditDraft::new(
+                    actor,
+                    "registration.expire",
+                    format!("registration:{}", reg.id),
+                )
+                .details(json!({ "group": reg.group, "expires_at": reg.expires_at })),
+            );
         match self.store.commit(change).await {
-            Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+            Ok(_) => {
+                self.metrics.registration("expired");
+                Ok(true)
+            }
+            Err(StoreError::Conflict(_)) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Delivers the certificate chain once; later calls get [`RegistryError::Gone`].
+    /// Delivers the certificate and chain. They are public, so a lost
+    /// response must not lock the device out: the holder of the
+    /// registration secret may fetch them again until it confirms receipt
+    /// ([`Self::confirm_credentials`]) or the group's re-fetch window after
+    /// the first delivery closes; then [`RegistryError::CredentialsGone`].
+    /// Every delivery is audited. (Secret material, such as a server-made
+    /// key, is never re-deliverable.)
     pub async fn credentials(
         &self,
         reg: &RegistrationRecord,
+        source: Option<&str>,
     ) -> Result<Credentials, RegistryError> {
         if reg.status != RegistrationStatus::Issued {
-            return Err(RegistryError::Conflict {
-                code: "not_issued",
-                message: format!(
-                    "registration is {}; credentials exist only once it is issued",
-                    reg.status
-                ),
-            });
+            return Err(RegistryError::NotIssued(reg.status));
         }
-        if reg.credentials_fetched_at.is_some() {
-            return Err(RegistryError::Gone);
+        let group = self.group(&reg.group)?;
+        let now = self.clock.now().unix_timestamp();
+        if reg.credentials_confirmed_at.is_some() {
+            return Err(RegistryError::CredentialsGone);
+        }
+        if let Some(first) = reg.credentials_fetched_at
+            && now >= first + i64::from(group.credentials_refetch_minutes) * 60
+        {
+            return Err(RegistryError::CredentialsGone);
         }
         let serial = reg.certificate_serial.as_deref().ok_or_else(|| {
             RegistryError::Store(StoreError::Corrupt(
@@ -545,10 +558,8 @@ impl RegistryService {
             RegistryError::Store(StoreError::Corrupt(format!("certificate {serial} missing")))
         })?;
         let issuer = self.ca.issuer(&cert.issuer_ca)?;
-        let group = self.group(&reg.group)?;
         let device_config =
             serde_json::to_value(&group.device_config).unwrap_or(serde_json::Value::Null);
-        let now = self.clock.now().unix_timestamp();
         self.store
             .commit(
                 Change::new()
@@ -562,19 +573,56 @@ impl RegistryService {
                             "registration.credentials_delivered",
                             format!("registration:{}", reg.id),
                         )
-                        .details(json!({ "certificate": serial })),
+                        .details(json!({
+                            "certificate": serial,
+                            "refetch": reg.credentials_fetched_at.is_some(),
+                        }))
+                        .source(source),
                     ),
             )
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => RegistryError::Gone,
-                other => other.into(),
-            })?;
+            .await?;
         Ok(Credentials {
             certificate_pem: x509::to_pem(&cert.der).map_err(|e| RegistryError::Ca(e.into()))?,
             chain_pem: issuer.chain_pem.clone(),
             device_config,
         })
+    }
+
+    /// The device confirms it stored its credentials: no re-fetch after this.
+    pub async fn confirm_credentials(
+        &self,
+        reg: &RegistrationRecord,
+        source: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        if reg.status != RegistrationStatus::Issued {
+            return Err(RegistryError::NotIssued(reg.status));
+        }
+        if reg.credentials_confirmed_at.is_some() {
+            return Err(RegistryError::AlreadyConfirmed);
+        }
+        let now = self.clock.now().unix_timestamp();
+        self.store
+            .commit(
+                Change::new()
+                    .write(Write::ConfirmCredentials {
+                        id: reg.id,
+                        at: now,
+                    })
+                    .audit(
+                        AuditDraft::new(
+                            format!("registration:{}", reg.id),
+                            "registration.credentials_confirmed",
+                            format!("registration:{}", reg.id),
+                        )
+                        .source(source),
+                    ),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => RegistryError::AlreadyConfirmed,
+                other => other.into(),
+            })?;
+        Ok(())
     }
 }
 

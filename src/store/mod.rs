@@ -10,12 +10,40 @@ use crate::audit::{AuditDraft, AuditEvent};
 use async_trait::async_trait;
 use uuid::Uuid;
 
+/// Why a conditional write was refused. Nothing of the change was applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// A row was not in the state the write expected (a concurrent decision,
+    /// an expired registration, an admin already disabled).
+    #[error("{entity} {id} is no longer {expected}")]
+    StateChanged {
+        entity: &'static str,
+        id: String,
+        expected: &'static str,
+    },
+    /// The row already exists (a duplicate name, a second decision by one admin).
+    #[error("{entity} already exists")]
+    Duplicate { entity: &'static str },
+    /// The approvals counted inside the transaction are not those the caller
+    /// decided on: another decision landed first. Re-read and decide again.
+    #[error("approvals changed concurrently")]
+    ApprovalsChanged,
+    /// The write would leave no active admin with role `admin`.
+    #[error("refusing to leave no active admin")]
+    LastActiveAdmin,
+    /// A configured cap is reached (pending registrations per group).
+    #[error("limit of {limit} {what} reached")]
+    LimitReached { what: &'static str, limit: u32 },
+    /// The row the write refers to does not exist.
+    #[error("{entity} {id} not found")]
+    Missing { entity: &'static str, id: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A conditional write found the row in another state (a concurrent
-    /// decision, a duplicate). Nothing of the change was applied.
+    /// A conditional write was refused; nothing of the change was applied.
     #[error("conflict: {0}")]
-    Conflict(String),
+    Conflict(#[from] Conflict),
     #[error("database error: {0}")]
     Database(String),
     #[error("stored data is invalid: {0}")]
@@ -26,6 +54,18 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("the store writer has stopped")]
     WriterGone,
+}
+
+impl StoreError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Conflict(_) => "conflict",
+            Self::Database(_) | Self::WriterGone => "store_unavailable",
+            Self::Corrupt(_) => "store_corrupt",
+            Self::SchemaTooNew { .. } => "schema_too_new",
+        }
+    }
 }
 
 /// One domain write. Conditional writes (`from` states) fail the whole
@@ -47,8 +87,15 @@ pub enum Write {
         at: i64,
     },
     InsertCa(CaRecord),
+    /// Conflicts (`Duplicate`) on an existing name.
     InsertAdmin(AdminRecord),
-    InsertRegistration(RegistrationRecord),
+    /// Inserts a `pending` registration. With `max_pending_in_group`, the
+    /// number of `pending` registrations of its group is counted inside the
+    /// transaction and the insert conflicts with `LimitReached` at the cap.
+    InsertRegistration {
+        record: RegistrationRecord,
+        max_pending_in_group: Option<u32>,
+    },
     SetRegistrationStatus {
         id: Uuid,
         from: RegistrationStatus,
@@ -56,19 +103,77 @@ pub enum Write {
         at: i64,
         certificate_serial: Option<String>,
     },
-    /// Disables an admin account; conflicts if it is already disabled.
+    /// Disables an admin account. Conflicts with `StateChanged` if it is
+    /// already disabled, and with `LastActiveAdmin` if, counted inside the
+    /// transaction, no other active admin of role `admin` would remain.
     DisableAdmin {
         id: Uuid,
+        at: i64,
     },
-    /// Marks one-time credentials as delivered; conflicts if already delivered.
+    /// Changes an admin's role. Conflicts unless the admin is active and
+    /// still has role `from`; `LastActiveAdmin` if it would leave no active
+    /// admin of role `admin`.
+    SetAdminRole {
+        id: Uuid,
+        from: Role,
+        to: Role,
+    },
+    /// Records the first delivery of credentials (sets
+    /// `credentials_fetched_at` if unset; a no-op when already set).
     MarkCredentialsFetched {
         id: Uuid,
         at: i64,
     },
-    /// Conflicts if this admin already decided this registration.
-    InsertApproval(ApprovalRecord),
+    /// The device confirms it holds its credentials: no more re-fetch.
+    /// Conflicts if already confirmed.
+    ConfirmCredentials {
+        id: Uuid,
+        at: i64,
+    },
+    /// Records one admin's approval or denial of a registration. Inside the
+    /// transaction it checks, and conflicts otherwise, that:
+    /// - the registration is `pending` (`StateChanged`);
+    /// - the deciding admin is active (`StateChanged` on the admin);
+    /// - this admin has not decided it before (`Duplicate`);
+    /// - the number of counted approvals (decision `approve` by admins that
+    ///   are still active) equals `expect_counted_approvals`
+    ///   (`ApprovalsChanged`).
+    ///
+    /// The caller decides (quorum reached or not, issue or not) from that
+    /// count; the check makes the decision hold at commit, or fail whole.
+    RecordDecision {
+        approval: ApprovalRecord,
+        expect_counted_approvals: u32,
+    },
     InsertDevice(DeviceRecord),
     InsertCertificate(CertificateRecord),
+    /// Conflicts (`Duplicate`) if a pending or approved request already
+    /// names the same invitee (`kind = invite`) or the same admin (`set-role`).
+    InsertAdminRequest(AdminRequestRecord),
+    /// Approves or denies a pending admin request. Conflicts unless it is
+    /// still `pending`, and (`StateChanged`) when `decided_by` is not an
+    /// active admin. `approver_secret_hash` is stored for invitations.
+    DecideAdminRequest {
+        id: Uuid,
+        to: AdminRequestStatus,
+        decided_by: Uuid,
+        at: i64,
+        approver_secret_hash: Option<Vec<u8>>,
+    },
+    /// Turns an `approved` invitation into an admin account, once: sets the
+    /// request `redeemed` with `admin_id`, inserts `admin` (conflicts on a
+    /// duplicate name), all or nothing. Conflicts unless the request is
+    /// `approved`, and (`StateChanged`) when `at >= expires_at`.
+    RedeemInvitation {
+        id: Uuid,
+        at: i64,
+        admin: AdminRecord,
+    },
+    /// Marks a `pending` or `approved` admin request `expired`.
+    ExpireAdminRequest {
+        id: Uuid,
+        at: i64,
+    },
 }
 
 /// An atomic unit: all writes and all audit events, or none.
@@ -101,6 +206,37 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// Listing order. Ids are UUIDv7, so id order is creation order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    #[default]
+    NewestFirst,
+    OldestFirst,
+}
+
+/// Keyset pagination: `after` is the `next` of the previous page (an id),
+/// never an offset, so rows inserted meanwhile neither repeat nor vanish.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    pub after: Option<Uuid>,
+    /// 1..=1000; backends clamp.
+    pub limit: u32,
+    pub order: Order,
+}
+
+/// One page; `next` is `None` on the last page.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegistrationFilter {
+    pub status: Option<RegistrationStatus>,
+    pub group: Option<String>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies a change atomically and returns the sequence numbers of its
@@ -117,15 +253,37 @@ pub trait Store: Send + Sync + 'static {
     async fn list_cas(&self) -> Result<Vec<CaRecord>, StoreError>;
 
     async fn admin_by_token_hash(&self, hash: &[u8]) -> Result<Option<AdminRecord>, StoreError>;
-    async fn list_admins(&self) -> Result<Vec<AdminRecord>, StoreError>;
+    async fn get_admin(&self, id: Uuid) -> Result<Option<AdminRecord>, StoreError>;
+    async fn admin_by_name(&self, name: &str) -> Result<Option<AdminRecord>, StoreError>;
+    async fn list_admins(&self, page: &PageRequest) -> Result<Page<AdminRecord>, StoreError>;
+    /// Active (not disabled) admins of role `admin`.
+    async fn count_active_admins(&self) -> Result<u32, StoreError>;
 
     async fn get_registration(&self, id: Uuid) -> Result<Option<RegistrationRecord>, StoreError>;
     async fn list_registrations(
         &self,
-        status: Option<RegistrationStatus>,
+        filter: &RegistrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationRecord>, StoreError>;
+    /// `pending` registrations with `expires_at <= now`, oldest first, at most `limit`.
+    async fn expired_pending_registrations(
+        &self,
+        now: i64,
         limit: u32,
     ) -> Result<Vec<RegistrationRecord>, StoreError>;
+    /// Number of `pending` registrations per group.
+    async fn pending_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError>;
+    /// Decisions on a registration in time order; `counted` says whether the
+    /// deciding admin is still active (an approval by a since-disabled admin
+    /// does not count toward a quorum).
     async fn approvals(&self, registration: Uuid) -> Result<Vec<ApprovalRecord>, StoreError>;
+
+    async fn get_admin_request(&self, id: Uuid) -> Result<Option<AdminRequestRecord>, StoreError>;
+    async fn list_admin_requests(
+        &self,
+        status: Option<AdminRequestStatus>,
+        page: &PageRequest,
+    ) -> Result<Page<AdminRequestRecord>, StoreError>;
 
     async fn get_device(&self, id: Uuid) -> Result<Option<DeviceRecord>, StoreError>;
     async fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;

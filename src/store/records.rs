@@ -1,94 +1,11 @@
 //! Rows as the services see them. Times are Unix seconds unless named `_ms`.
 
-use crate::auth::Role;
-use crate::keystore::{KeyAlgorithm, KeyHandle};
-use crate::policy::CaKind;
+pub use crate::model::{
+    AdminRequestKind, AdminRequestStatus, CaKind, CertificateStatus, Decision, DeviceStatus,
+    KeyAlgorithm, KeyHandle, KeyPurpose, KeyState, RegistrationStatus, Role,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-macro_rules! string_enum {
-    ($(#[$m:meta])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name {
-            $(#[serde(rename = $s)] $variant),+
-        }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $s),+ }
-            }
-
-            pub fn parse(s: &str) -> Option<Self> {
-                match s { $($s => Some(Self::$variant),)+ _ => None }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-string_enum!(
-    /// What a key is for.
-    KeyPurpose {
-        RootCa = "root-ca",
-        IssuingCa = "issuing-ca",
-        Device = "device",
-        TokenSigning = "token-signing",
-        Audit = "audit",
-        BackupWrap = "backup-wrap",
-    }
-);
-
-string_enum!(
-    /// NIST SP 800-57 key states, plus `generating` for a key whose HSM
-    /// object may exist but whose creation has not been confirmed.
-    KeyState {
-        Generating = "generating",
-        PreActive = "pre-active",
-        Active = "active",
-        Retired = "retired",
-        Destroyed = "destroyed",
-        Compromised = "compromised",
-    }
-);
-
-string_enum!(
-    RegistrationStatus {
-        Pending = "pending",
-        Approved = "approved",
-        Issued = "issued",
-        Denied = "denied",
-        Expired = "expired",
-    }
-);
-
-string_enum!(
-    Decision {
-        Approve = "approve",
-        Deny = "deny",
-    }
-);
-
-string_enum!(
-    DeviceStatus {
-        Active = "active",
-        Suspended = "suspended",
-        Revoked = "revoked",
-    }
-);
-
-string_enum!(
-    CertificateStatus {
-        Valid = "valid",
-        Revoked = "revoked",
-        Superseded = "superseded",
-    }
-);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -130,6 +47,7 @@ pub struct AdminRecord {
     pub token_hash: Vec<u8>,
     pub disabled: bool,
     pub created_at: i64,
+    pub disabled_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,7 +71,12 @@ pub struct RegistrationRecord {
     pub expires_at: i64,
     pub decided_at: Option<i64>,
     pub certificate_serial: Option<String>,
+    /// First delivery of the credentials; re-fetch is allowed until the
+    /// device confirms or the re-fetch window after this time closes.
     pub credentials_fetched_at: Option<i64>,
+    pub credentials_confirmed_at: Option<i64>,
+    /// Client address of the submitting request (after trusted proxies).
+    pub client_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +86,14 @@ pub struct ApprovalRecord {
     pub decision: Decision,
     pub comment: Option<String>,
     pub decided_at: i64,
+    /// Set by reads: whether the deciding admin is still active, so that the
+    /// decision counts toward a quorum. Ignored on insert.
+    #[serde(default = "yes")]
+    pub counted: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,4 +127,32 @@ pub struct CertificateRecord {
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<String>,
     pub created_at: i64,
+}
+
+/// A change to the admin roster that may need a second admin's approval:
+/// inviting an admin, or changing an admin's role.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminRequestRecord {
+    pub id: Uuid,
+    pub kind: AdminRequestKind,
+    /// The invitee's name (`invite`) or the target admin's name (`set-role`).
+    pub name: String,
+    /// The target admin (`set-role`), or the admin created by redemption.
+    pub admin_id: Option<Uuid>,
+    pub role: Role,
+    pub requested_by: Uuid,
+    pub status: AdminRequestStatus,
+    pub decided_by: Option<Uuid>,
+    /// HMAC of the invitation code given to the requester (`invite`).
+    #[serde(skip)]
+    pub requester_secret_hash: Option<Vec<u8>>,
+    /// HMAC of the approval code given to the approving admin (`invite`
+    /// with a second admin); the invitee needs both codes.
+    #[serde(skip)]
+    pub approver_secret_hash: Option<Vec<u8>>,
+    pub client_addr: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub decided_at: Option<i64>,
+    pub redeemed_at: Option<i64>,
 }

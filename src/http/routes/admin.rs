@@ -5,9 +5,10 @@ use crate::auth::Role;
 use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::extract::{Admin, ApiJson};
+use crate::http::extract::{Admin, ApiJson, ClientAddr};
+use crate::http::page::{PageView, page_request};
 use crate::http::views::{AdminView, ApprovalView, RegistrationView};
-use crate::store::{Decision, RegistrationStatus};
+use crate::store::{Decision, RegistrationFilter, RegistrationStatus};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -21,14 +22,22 @@ pub struct ListQuery {
     #[serde(default)]
     status: Option<String>,
     #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
     limit: Option<u32>,
+    #[serde(default)]
+    order: Option<String>,
 }
 
+/// `GET /v1/admin/registrations?status=&group=&cursor=&limit=&order=`:
+/// newest first by default, keyset-paginated.
 pub async fn list_registrations(
     State(state): State<AppState>,
     admin: Admin,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Vec<RegistrationView>>, ApiError> {
+) -> Result<Json<PageView<RegistrationView>>, ApiError> {
     admin.require(Role::Auditor)?;
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -39,8 +48,13 @@ pub async fn list_registrations(
             )
         })?),
     };
-    let regs = state.registry.list(status, q.limit.unwrap_or(100)).await?;
-    Ok(Json(regs.iter().map(RegistrationView::from).collect()))
+    let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;
+    let filter = RegistrationFilter {
+        status,
+        group: q.group.filter(|g| !g.is_empty()),
+    };
+    let regs = state.registry.list(&filter, &page).await?;
+    Ok(Json(PageView::map(regs, |r| RegistrationView::from(r))))
 }
 
 #[derive(Serialize)]
@@ -91,6 +105,7 @@ fn optional_body(body: &[u8]) -> Result<DecisionBody, ApiError> {
 async fn decide(
     state: AppState,
     admin: Admin,
+    client: ClientAddr,
     id: String,
     decision: Decision,
     body: DecisionBody,
@@ -98,7 +113,13 @@ async fn decide(
     let id = parse_id(&id)?;
     let result = state
         .registry
-        .decide(id, &admin.0, decision, body.comment)
+        .decide(
+            id,
+            &admin.0,
+            decision,
+            body.comment,
+            client.as_string().as_deref(),
+        )
         .await?;
     Ok(Json(DecisionResponse {
         registration: RegistrationView::from(&result.registration),
@@ -110,28 +131,60 @@ async fn decide(
 pub async fn approve(
     State(state): State<AppState>,
     admin: Admin,
+    client: ClientAddr,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<DecisionResponse>, ApiError> {
-    decide(state, admin, id, Decision::Approve, optional_body(&body)?).await
+    decide(
+        state,
+        admin,
+        client,
+        id,
+        Decision::Approve,
+        optional_body(&body)?,
+    )
+    .await
 }
 
 pub async fn deny(
     State(state): State<AppState>,
     admin: Admin,
+    client: ClientAddr,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<DecisionResponse>, ApiError> {
-    decide(state, admin, id, Decision::Deny, optional_body(&body)?).await
+    decide(
+        state,
+        admin,
+        client,
+        id,
+        Decision::Deny,
+        optional_body(&body)?,
+    )
+    .await
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    order: Option<String>,
+}
+
+/// `GET /v1/admin/admins?cursor=&limit=&order=`.
 pub async fn list_admins(
     State(state): State<AppState>,
     admin: Admin,
-) -> Result<Json<Vec<AdminView>>, ApiError> {
+    Query(q): Query<PageQuery>,
+) -> Result<Json<PageView<AdminView>>, ApiError> {
     admin.require(Role::Admin)?;
-    let admins = state.admins.list().await?;
-    Ok(Json(admins.iter().map(AdminView::from).collect()))
+    let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;
+    let admins = state.admins.page(&page).await?;
+    Ok(Json(PageView::map(admins, |a| AdminView::from(a))))
 }
 
 #[derive(Deserialize)]

@@ -16,6 +16,10 @@ pub fn router() -> Router<AppState> {
             "/v1/registrations/{id}/credentials",
             get(registrations::credentials),
         )
+        .route(
+            "/v1/registrations/{id}/credentials/confirm",
+            post(registrations::confirm_credentials),
+        )
         .route("/v1/ca/{name}/chain", get(public::ca_chain))
         .route("/v1/admin/registrations", get(admin::list_registrations))
         .route(

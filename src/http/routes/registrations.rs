@@ -5,7 +5,7 @@ use crate::auth::Role;
 use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::extract::{ApiJson, Bearer};
+use crate::http::extract::{ApiJson, Bearer, ClientAddr};
 use crate::http::views::RegistrationView;
 use crate::registry::{Credentials, Submission};
 use axum::Json;
@@ -49,6 +49,7 @@ pub struct SubmitResponse {
 /// registration as submitted by that admin (who then cannot approve it).
 pub async fn submit(
     State(state): State<AppState>,
+    client: ClientAddr,
     Bearer(token): Bearer,
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
@@ -66,6 +67,7 @@ pub async fn submit(
                 location: body.location,
                 firmware: body.firmware,
                 group: body.group,
+                client_addr: client.as_string(),
             },
             admin.as_ref(),
         )
@@ -110,9 +112,12 @@ pub async fn status(
     Ok(Json(RegistrationView::from(&reg)))
 }
 
-/// `GET /v1/registrations/{id}/credentials`: once, with the registration secret.
+/// `GET /v1/registrations/{id}/credentials`, with the registration secret:
+/// certificate, chain and device config; again after a lost response, until
+/// confirmed or the group's re-fetch window closes (then 410).
 pub async fn credentials(
     State(state): State<AppState>,
+    client: ClientAddr,
     Path(id): Path<String>,
     Bearer(token): Bearer,
 ) -> Result<Json<Credentials>, ApiError> {
@@ -120,5 +125,29 @@ pub async fn credentials(
     let token =
         token.ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
     let reg = state.registry.authenticate(id, &token).await?;
-    Ok(Json(state.registry.credentials(&reg).await?))
+    Ok(Json(
+        state
+            .registry
+            .credentials(&reg, client.as_string().as_deref())
+            .await?,
+    ))
+}
+
+/// `POST /v1/registrations/{id}/credentials/confirm`, with the registration
+/// secret: the device has stored its credentials; no re-fetch after this.
+pub async fn confirm_credentials(
+    State(state): State<AppState>,
+    client: ClientAddr,
+    Path(id): Path<String>,
+    Bearer(token): Bearer,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let token =
+        token.ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
+    let reg = state.registry.authenticate(id, &token).await?;
+    state
+        .registry
+        .confirm_credentials(&reg, client.as_string().as_deref())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -8,7 +8,10 @@
 
 mod rows;
 
-use super::{AuditQuery, Change, Store, StoreError, Write};
+use super::{
+    AuditQuery, Change, Conflict, Order, Page, PageRequest, RegistrationFilter, Store, StoreError,
+    Write,
+};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::clock::Clock;
 use crate::store::records::*;
@@ -23,6 +26,7 @@ use uuid::Uuid;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_keystores.sql"),
+    include_str!("../../../migrations/sqlite/0003_quorum_invitations.sql"),
 ];
 
 type Reply = oneshot::Sender<Result<Vec<i64>, StoreError>>;
@@ -47,7 +51,8 @@ fn db(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, msg)
             if f.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            StoreError::Conflict(msg.unwrap_or_else(|| "constraint violated".into()))
+            tracing::debug!(constraint = ?msg, "constraint violated");
+            StoreError::Conflict(Conflict::Duplicate { entity: "row" })
         }
         other => StoreError::Database(other.to_string()),
     }
@@ -291,12 +296,42 @@ fn commit_batch(
     Ok(results)
 }
 
-fn expect_one(n: usize, what: impl FnOnce() -> String) -> Result<(), StoreError> {
+fn expect_one(n: usize, conflict: impl FnOnce() -> Conflict) -> Result<(), StoreError> {
     if n == 1 {
         Ok(())
     } else {
-        Err(StoreError::Conflict(what()))
+        Err(StoreError::Conflict(conflict()))
     }
+}
+
+fn state_changed(entity: &'static str, id: &Uuid, expected: &'static str) -> Conflict {
+    Conflict::StateChanged {
+        entity,
+        id: id.to_string(),
+        expected,
+    }
+}
+
+/// Inserts `a`, naming a duplicate admin as such.
+fn insert_admin(tx: &rusqlite::Transaction<'_>, a: &AdminRecord) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO admins (id, name, role, token_hash, disabled, created_at, disabled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .map_err(db)?
+    .execute(params![a.id.to_string(), a.name, a.role.as_str(), a.token_hash, a.disabled, a.created_at, a.disabled_at])
+    .map_err(|e| match db(e) {
+        StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate { entity: "admin" }),
+        other => other,
+    })?;
+    Ok(())
+}
+
+/// Active admins of role `admin`, counted inside the transaction.
+fn active_admins(tx: &rusqlite::Transaction<'_>) -> Result<i64, StoreError> {
+    tx.prepare_cached("SELECT COUNT(*) FROM admins WHERE role = 'admin' AND disabled = 0")
+        .map_err(db)?
+        .query_row([], |r| r.get(0))
+        .map_err(db)
 }
 
 fn apply(
@@ -313,8 +348,8 @@ fn apply(
     let mut seqs = Vec::with_capacity(change.audit.len());
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO audit_events (seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO audit_events (seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .map_err(db)?;
     for draft in &change.audit {
@@ -332,7 +367,8 @@ fn apply(
             details,
             e.prev_hash,
             e.hash,
-            e.version
+            e.version,
+            e.source
         ])
         .map_err(db)?;
         prev = e.hash;
@@ -377,7 +413,7 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 .map_err(db)?
                 .execute(params![public_key_der, at, id.to_string()])
                 .map_err(db)?;
-            expect_one(n, || format!("key {id} is not being generated"))?;
+            expect_one(n, || state_changed("key", id, "generating"))?;
         }
         Write::SetKeyState { id, from, to, at } => {
             let n = tx
@@ -387,7 +423,7 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 .map_err(db)?
                 .execute(params![to.as_str(), at, id.to_string(), from.as_str()])
                 .map_err(db)?;
-            expect_one(n, || format!("key {id} is not in state {from}"))?;
+            expect_one(n, || state_changed("key", id, from.as_str()))?;
         }
         Write::InsertCa(c) => {
             tx.prepare_cached(
@@ -404,19 +440,32 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
             ])
             .map_err(db)?;
         }
-        Write::InsertAdmin(a) => {
-            tx.prepare_cached(
-                "INSERT INTO admins (id, name, role, token_hash, disabled, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(db)?
-            .execute(params![a.id.to_string(), a.name, a.role.as_str(), a.token_hash, a.disabled, a.created_at])
-            .map_err(db)?;
-        }
-        Write::InsertRegistration(r) => {
+        Write::InsertAdmin(a) => insert_admin(tx, a)?,
+        Write::InsertRegistration {
+            record: r,
+            max_pending_in_group,
+        } => {
+            if let Some(limit) = max_pending_in_group {
+                let pending: i64 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM registrations WHERE group_name = ?1 AND status = 'pending'",
+                    )
+                    .map_err(db)?
+                    .query_row(params![r.group], |row| row.get(0))
+                    .map_err(db)?;
+                if pending >= i64::from(*limit) {
+                    return Err(Conflict::LimitReached {
+                        what: "pending registrations in the group",
+                        limit: *limit,
+                    }
+                    .into());
+                }
+            }
             tx.prepare_cached(
                 "INSERT INTO registrations (id, device_id, group_name, status, name, device_type, location, firmware, csr,
-                   key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial, credentials_fetched_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                   key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial,
+                   credentials_fetched_at, credentials_confirmed_at, client_addr)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             )
             .map_err(db)?
             .execute(params![
@@ -436,7 +485,9 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 r.expires_at,
                 r.decided_at,
                 r.certificate_serial,
-                r.credentials_fetched_at
+                r.credentials_fetched_at,
+                r.credentials_confirmed_at,
+                r.client_addr
             ])
             .map_err(db)?;
         }
@@ -462,44 +513,207 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                     from.as_str()
                 ])
                 .map_err(db)?;
-            expect_one(n, || format!("registration {id} is no longer {from}"))?;
+            expect_one(n, || state_changed("registration", id, from.as_str()))?;
         }
-        Write::DisableAdmin { id } => {
+        Write::DisableAdmin { id, at } => {
             let n = tx
-                .prepare_cached("UPDATE admins SET disabled = 1 WHERE id = ?1 AND disabled = 0")
+                .prepare_cached(
+                    "UPDATE admins SET disabled = 1, disabled_at = ?2 WHERE id = ?1 AND disabled = 0",
+                )
                 .map_err(db)?
-                .execute(params![id.to_string()])
+                .execute(params![id.to_string(), at])
                 .map_err(db)?;
-            expect_one(n, || {
-                format!("admin {id} does not exist or is already disabled")
-            })?;
+            expect_one(n, || state_changed("admin", id, "active"))?;
+            if active_admins(tx)? == 0 {
+                return Err(Conflict::LastActiveAdmin.into());
+            }
+        }
+        Write::SetAdminRole { id, from, to } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admins SET role = ?1 WHERE id = ?2 AND role = ?3 AND disabled = 0",
+                )
+                .map_err(db)?
+                .execute(params![to.as_str(), id.to_string(), from.as_str()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin", id, from.as_str()))?;
+            if active_admins(tx)? == 0 {
+                return Err(Conflict::LastActiveAdmin.into());
+            }
         }
         Write::MarkCredentialsFetched { id, at } => {
             let n = tx
                 .prepare_cached(
-                    "UPDATE registrations SET credentials_fetched_at = ?1
-                     WHERE id = ?2 AND status = 'issued' AND credentials_fetched_at IS NULL",
+                    "UPDATE registrations SET credentials_fetched_at = COALESCE(credentials_fetched_at, ?1)
+                     WHERE id = ?2 AND status = 'issued'",
                 )
                 .map_err(db)?
                 .execute(params![at, id.to_string()])
                 .map_err(db)?;
-            expect_one(n, || {
-                format!("credentials of registration {id} were already delivered")
-            })?;
+            expect_one(n, || state_changed("registration", id, "issued"))?;
         }
-        Write::InsertApproval(a) => {
+        Write::ConfirmCredentials { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE registrations SET credentials_confirmed_at = ?1,
+                       credentials_fetched_at = COALESCE(credentials_fetched_at, ?1)
+                     WHERE id = ?2 AND status = 'issued' AND credentials_confirmed_at IS NULL",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("registration", id, "unconfirmed"))?;
+        }
+        Write::RecordDecision {
+            approval: a,
+            expect_counted_approvals,
+        } => {
+            let rid = a.registration_id.to_string();
+            let status: Option<String> = tx
+                .prepare_cached("SELECT status FROM registrations WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![rid], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match status.as_deref() {
+                None => {
+                    return Err(Conflict::Missing {
+                        entity: "registration",
+                        id: rid,
+                    }
+                    .into());
+                }
+                Some("pending") => {}
+                Some(_) => {
+                    return Err(state_changed("registration", &a.registration_id, "pending").into());
+                }
+            }
+            let active: Option<bool> = tx
+                .prepare_cached("SELECT disabled = 0 FROM admins WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![a.admin_id.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if active != Some(true) {
+                return Err(state_changed("admin", &a.admin_id, "active").into());
+            }
+            let (decided, counted): (i64, i64) = tx
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(ap.admin_id = ?2), 0),
+                            COALESCE(SUM(ap.decision = 'approve' AND ad.disabled = 0), 0)
+                     FROM approvals ap JOIN admins ad ON ad.id = ap.admin_id
+                     WHERE ap.registration_id = ?1",
+                )
+                .map_err(db)?
+                .query_row(params![rid, a.admin_id.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(db)?;
+            if decided > 0 {
+                return Err(Conflict::Duplicate { entity: "decision" }.into());
+            }
+            if counted != i64::from(*expect_counted_approvals) {
+                return Err(Conflict::ApprovalsChanged.into());
+            }
             tx.prepare_cached(
                 "INSERT INTO approvals (registration_id, admin_id, decision, comment, decided_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .map_err(db)?
             .execute(params![
-                a.registration_id.to_string(),
+                rid,
                 a.admin_id.to_string(),
                 a.decision.as_str(),
                 a.comment,
                 a.decided_at
             ])
             .map_err(db)?;
+        }
+        Write::InsertAdminRequest(r) => {
+            tx.prepare_cached(
+                "INSERT INTO admin_requests (id, kind, name, admin_id, role, requested_by, status, decided_by,
+                   requester_secret_hash, approver_secret_hash, client_addr, created_at, expires_at, decided_at, redeemed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )
+            .map_err(db)?
+            .execute(params![
+                r.id.to_string(),
+                r.kind.as_str(),
+                r.name,
+                r.admin_id.map(|u| u.to_string()),
+                r.role.as_str(),
+                r.requested_by.to_string(),
+                r.status.as_str(),
+                r.decided_by.map(|u| u.to_string()),
+                r.requester_secret_hash,
+                r.approver_secret_hash,
+                r.client_addr,
+                r.created_at,
+                r.expires_at,
+                r.decided_at,
+                r.redeemed_at
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate {
+                    entity: "open admin request",
+                }),
+                other => other,
+            })?;
+        }
+        Write::DecideAdminRequest {
+            id,
+            to,
+            decided_by,
+            at,
+            approver_secret_hash,
+        } => {
+            let active: Option<bool> = tx
+                .prepare_cached("SELECT disabled = 0 FROM admins WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![decided_by.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if active != Some(true) {
+                return Err(state_changed("admin", decided_by, "active").into());
+            }
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admin_requests SET status = ?1, decided_by = ?2, decided_at = ?3,
+                       approver_secret_hash = COALESCE(?4, approver_secret_hash)
+                     WHERE id = ?5 AND status = 'pending' AND expires_at > ?3",
+                )
+                .map_err(db)?
+                .execute(params![
+                    to.as_str(),
+                    decided_by.to_string(),
+                    at,
+                    approver_secret_hash,
+                    id.to_string()
+                ])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin request", id, "pending"))?;
+        }
+        Write::RedeemInvitation { id, at, admin } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admin_requests SET status = 'redeemed', redeemed_at = ?1, admin_id = ?2
+                     WHERE id = ?3 AND kind = 'invite' AND status = 'approved' AND expires_at > ?1",
+                )
+                .map_err(db)?
+                .execute(params![at, admin.id.to_string(), id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("invitation", id, "open"))?;
+            insert_admin(tx, admin)?;
+        }
+        Write::ExpireAdminRequest { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admin_requests SET status = 'expired', decided_at = COALESCE(decided_at, ?1)
+                     WHERE id = ?2 AND status IN ('pending', 'approved')",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin request", id, "open"))?;
         }
         Write::InsertDevice(d) => {
             tx.prepare_cached(
@@ -546,6 +760,44 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
         }
     }
     Ok(())
+}
+
+/// One keyset page of `select` (a `SELECT ... FROM table` whose table has a
+/// UUIDv7 `id`), filtered by `conds` (SQL with one `?` each, and its value).
+fn keyset<T>(
+    c: &Connection,
+    select: &str,
+    conds: &[(&str, String)],
+    page: &PageRequest,
+    map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    id_of: fn(&T) -> Uuid,
+) -> Result<Page<T>, StoreError> {
+    let limit = page.limit.clamp(1, 1000);
+    let (cmp, dir) = match page.order {
+        Order::NewestFirst => ("<", "DESC"),
+        Order::OldestFirst => (">", "ASC"),
+    };
+    let mut clauses: Vec<String> = conds.iter().map(|(c, _)| c.to_string()).collect();
+    let mut values: Vec<String> = conds.iter().map(|(_, v)| v.clone()).collect();
+    if let Some(after) = page.after {
+        clauses.push(format!("id {cmp} ?"));
+        values.push(after.to_string());
+    }
+    let where_ = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", clauses.join(" AND "))
+    };
+    // One more than asked tells whether a next page exists.
+    let sql = format!("{select}{where_} ORDER BY id {dir} LIMIT {}", limit + 1);
+    let mut items = rows::many(c, &sql, rusqlite::params_from_iter(values.iter()), map)?;
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(id_of)
+    } else {
+        None
+    };
+    Ok(Page { items, next })
 }
 
 #[async_trait]
@@ -631,14 +883,47 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_admins(&self) -> Result<Vec<AdminRecord>, StoreError> {
-        self.read(|c| {
-            rows::many(
+    async fn get_admin(&self, id: Uuid) -> Result<Option<AdminRecord>, StoreError> {
+        self.read(move |c| {
+            rows::one(
                 c,
-                &format!("{} ORDER BY created_at, name", rows::ADMIN_SELECT),
-                [],
+                &format!("{} WHERE id = ?1", rows::ADMIN_SELECT),
+                params![id.to_string()],
                 rows::admin,
             )
+        })
+        .await
+    }
+
+    async fn admin_by_name(&self, name: &str) -> Result<Option<AdminRecord>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE name = ?1", rows::ADMIN_SELECT),
+                params![name],
+                rows::admin,
+            )
+        })
+        .await
+    }
+
+    async fn list_admins(&self, page: &PageRequest) -> Result<Page<AdminRecord>, StoreError> {
+        let page = page.clone();
+        self.read(move |c| keyset(c, rows::ADMIN_SELECT, &[], &page, rows::admin, |a| a.id))
+            .await
+    }
+
+    async fn count_active_admins(&self) -> Result<u32, StoreError> {
+        self.read(|c| {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM admins WHERE role = 'admin' AND disabled = 0",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
         })
         .await
     }
@@ -657,28 +942,62 @@ impl Store for SqliteStore {
 
     async fn list_registrations(
         &self,
-        status: Option<RegistrationStatus>,
+        filter: &RegistrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<RegistrationRecord>, StoreError> {
+        let filter = filter.clone();
+        let page = page.clone();
+        self.read(move |c| {
+            let mut conds: Vec<(&str, String)> = Vec::new();
+            if let Some(s) = filter.status {
+                conds.push(("status = ?", s.as_str().to_string()));
+            }
+            if let Some(g) = filter.group {
+                conds.push(("group_name = ?", g));
+            }
+            keyset(
+                c,
+                rows::REGISTRATION_SELECT,
+                &conds,
+                &page,
+                rows::registration,
+                |r| r.id,
+            )
+        })
+        .await
+    }
+
+    async fn expired_pending_registrations(
+        &self,
+        now: i64,
         limit: u32,
     ) -> Result<Vec<RegistrationRecord>, StoreError> {
-        self.read(move |c| match status {
-            Some(s) => rows::many(
+        self.read(move |c| {
+            rows::many(
                 c,
                 &format!(
-                    "{} WHERE status = ?1 ORDER BY submitted_at, id LIMIT ?2",
+                    "{} WHERE status = 'pending' AND expires_at <= ?1 ORDER BY expires_at, id LIMIT ?2",
                     rows::REGISTRATION_SELECT
                 ),
-                params![s.as_str(), limit],
+                params![now, limit.clamp(1, 10_000)],
                 rows::registration,
-            ),
-            None => rows::many(
-                c,
-                &format!(
-                    "{} ORDER BY submitted_at, id LIMIT ?1",
-                    rows::REGISTRATION_SELECT
-                ),
-                params![limit],
-                rows::registration,
-            ),
+            )
+        })
+        .await
+    }
+
+    async fn pending_counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT group_name, COUNT(*) FROM registrations WHERE status = 'pending' GROUP BY group_name",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db)?;
+            rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()
+                .map_err(db)
         })
         .await
     }
@@ -687,10 +1006,45 @@ impl Store for SqliteStore {
         self.read(move |c| {
             rows::many(
                 c,
-                "SELECT registration_id, admin_id, decision, comment, decided_at FROM approvals
-                 WHERE registration_id = ?1 ORDER BY decided_at, admin_id",
+                "SELECT ap.registration_id, ap.admin_id, ap.decision, ap.comment, ap.decided_at, ad.disabled = 0
+                 FROM approvals ap JOIN admins ad ON ad.id = ap.admin_id
+                 WHERE ap.registration_id = ?1 ORDER BY ap.decided_at, ap.admin_id",
                 params![registration.to_string()],
                 rows::approval,
+            )
+        })
+        .await
+    }
+
+    async fn get_admin_request(&self, id: Uuid) -> Result<Option<AdminRequestRecord>, StoreError> {
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE id = ?1", rows::ADMIN_REQUEST_SELECT),
+                params![id.to_string()],
+                rows::admin_request,
+            )
+        })
+        .await
+    }
+
+    async fn list_admin_requests(
+        &self,
+        status: Option<AdminRequestStatus>,
+        page: &PageRequest,
+    ) -> Result<Page<AdminRequestRecord>, StoreError> {
+        let page = page.clone();
+        self.read(move |c| {
+            let conds: Vec<(&str, String)> = status
+                .map(|s| vec![("status = ?", s.as_str().to_string())])
+                .unwrap_or_default();
+            keyset(
+                c,
+                rows::ADMIN_REQUEST_SELECT,
+                &conds,
+                &page,
+                rows::admin_request,
+                |r| r.id,
             )
         })
         .await
@@ -725,7 +1079,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             rows::many(
                 c,
-                "SELECT seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version
+                "SELECT seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source
                  FROM audit_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
                 params![q.from_seq, q.limit],
                 rows::audit,
@@ -757,6 +1111,7 @@ impl Store for SqliteStore {
                 "admins",
                 "registrations",
                 "approvals",
+                "admin_requests",
                 "devices",
                 "certificates",
                 "audit_events",

@@ -2,8 +2,8 @@
 
 use super::db;
 use crate::audit::{AuditEvent, Outcome};
-use crate::keystore::{KeyAlgorithm, KeyHandle};
-use crate::policy::CaKind;
+use crate::model::CaKind;
+use crate::model::{KeyAlgorithm, KeyHandle};
 use crate::store::StoreError;
 use crate::store::records::*;
 use rusqlite::{Connection, OptionalExtension, Params, Row};
@@ -112,7 +112,7 @@ pub(super) fn ca(r: &Row<'_>) -> R<CaRecord> {
 }
 
 pub(super) const ADMIN_SELECT: &str =
-    "SELECT id, name, role, token_hash, disabled, created_at FROM admins";
+    "SELECT id, name, role, token_hash, disabled, created_at, disabled_at FROM admins";
 
 pub(super) fn admin(r: &Row<'_>) -> R<AdminRecord> {
     Ok(AdminRecord {
@@ -122,12 +122,13 @@ pub(super) fn admin(r: &Row<'_>) -> R<AdminRecord> {
         token_hash: r.get(3)?,
         disabled: r.get(4)?,
         created_at: r.get(5)?,
+        disabled_at: r.get(6)?,
     })
 }
 
 pub(super) const REGISTRATION_SELECT: &str = "SELECT id, device_id, group_name, status, name, device_type, location, firmware, csr,
-    key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial, credentials_fetched_at
-    FROM registrations";
+    key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial, credentials_fetched_at,
+    credentials_confirmed_at, client_addr FROM registrations";
 
 pub(super) fn registration(r: &Row<'_>) -> R<RegistrationRecord> {
     Ok(RegistrationRecord {
@@ -148,6 +149,8 @@ pub(super) fn registration(r: &Row<'_>) -> R<RegistrationRecord> {
         decided_at: r.get(14)?,
         certificate_serial: r.get(15)?,
         credentials_fetched_at: r.get(16)?,
+        credentials_confirmed_at: r.get(17)?,
+        client_addr: r.get(18)?,
     })
 }
 
@@ -158,6 +161,31 @@ pub(super) fn approval(r: &Row<'_>) -> R<ApprovalRecord> {
         decision: parsed(r, 2, "decision", Decision::parse)?,
         comment: r.get(3)?,
         decided_at: r.get(4)?,
+        counted: r.get(5)?,
+    })
+}
+
+pub(super) const ADMIN_REQUEST_SELECT: &str = "SELECT id, kind, name, admin_id, role, requested_by, status, decided_by,
+    requester_secret_hash, approver_secret_hash, client_addr, created_at, expires_at, decided_at, redeemed_at
+    FROM admin_requests";
+
+pub(super) fn admin_request(r: &Row<'_>) -> R<AdminRequestRecord> {
+    Ok(AdminRequestRecord {
+        id: uuid(r, 0)?,
+        kind: parsed(r, 1, "admin request kind", AdminRequestKind::parse)?,
+        name: r.get(2)?,
+        admin_id: opt_uuid(r, 3)?,
+        role: parsed(r, 4, "role", |s| s.parse().ok())?,
+        requested_by: uuid(r, 5)?,
+        status: parsed(r, 6, "admin request status", AdminRequestStatus::parse)?,
+        decided_by: opt_uuid(r, 7)?,
+        requester_secret_hash: r.get(8)?,
+        approver_secret_hash: r.get(9)?,
+        client_addr: r.get(10)?,
+        created_at: r.get(11)?,
+        expires_at: r.get(12)?,
+        decided_at: r.get(13)?,
+        redeemed_at: r.get(14)?,
     })
 }
 
@@ -213,5 +241,6 @@ pub(super) fn audit(r: &Row<'_>) -> R<AuditEvent> {
         prev_hash: r.get(7)?,
         hash: r.get(8)?,
         version: r.get(9)?,
+        source: r.get(10)?,
     })
 }

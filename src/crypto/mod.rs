@@ -1,0 +1,8 @@
+//! Cryptographic helpers shared by every layer: certificate signature checks
+//! and the CSPRNG. Sits below everything with `model`; imports nothing of keyward.
+
+mod chain;
+mod random;
+
+pub use chain::verify_issued_by;
+pub use random::{RandomError, new_secret, random_bytes};

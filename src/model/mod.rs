@@ -1,0 +1,20 @@
+//! Shared domain types: roles, CA kinds, key algorithms, handles and
+//! lifecycle states. The bottom layer: it imports nothing of keyward, and
+//! every other module may import it.
+
+pub mod algorithm;
+mod handle;
+mod names;
+mod net;
+mod role;
+mod status;
+
+pub use algorithm::KeyAlgorithm;
+pub use handle::{DEFAULT_KEYSTORE, KeyHandle};
+pub use names::{CaKind, is_display_safe, valid_display_text, valid_name};
+pub use net::{IpNet, IpNetError};
+pub use role::Role;
+pub use status::{
+    AdminRequestKind, AdminRequestStatus, CertificateStatus, Decision, DeviceStatus, KeyPurpose,
+    KeyState, RegistrationStatus,
+};

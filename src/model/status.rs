@@ -1,0 +1,108 @@
+//! Lifecycle states and kinds stored with records, as stable strings.
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $s)] $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $s),+ }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($s => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// What a key is for.
+    KeyPurpose {
+        RootCa = "root-ca",
+        IssuingCa = "issuing-ca",
+        Device = "device",
+        TokenSigning = "token-signing",
+        Audit = "audit",
+        BackupWrap = "backup-wrap",
+    }
+);
+
+string_enum!(
+    /// NIST SP 800-57 key states, plus `generating` for a key whose HSM
+    /// object may exist but whose creation has not been confirmed.
+    KeyState {
+        Generating = "generating",
+        PreActive = "pre-active",
+        Active = "active",
+        Retired = "retired",
+        Destroyed = "destroyed",
+        Compromised = "compromised",
+    }
+);
+
+string_enum!(
+    RegistrationStatus {
+        Pending = "pending",
+        Approved = "approved",
+        Issued = "issued",
+        Denied = "denied",
+        Expired = "expired",
+    }
+);
+
+string_enum!(
+    Decision {
+        Approve = "approve",
+        Deny = "deny",
+    }
+);
+
+string_enum!(
+    DeviceStatus {
+        Active = "active",
+        Suspended = "suspended",
+        Revoked = "revoked",
+    }
+);
+
+string_enum!(
+    CertificateStatus {
+        Valid = "valid",
+        Revoked = "revoked",
+        Superseded = "superseded",
+    }
+);
+
+string_enum!(
+    /// What an admin request asks for.
+    AdminRequestKind {
+        Invite = "invite",
+        SetRole = "set-role",
+    }
+);
+
+string_enum!(
+    /// `pending` (waits for a second admin) → `approved` (an invitation is
+    /// redeemable; a role change is applied) → `redeemed` (invitation used),
+    /// or `denied` / `expired`.
+    AdminRequestStatus {
+        Pending = "pending",
+        Approved = "approved",
+        Redeemed = "redeemed",
+        Denied = "denied",
+        Expired = "expired",
+    }
+);

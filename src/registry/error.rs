@@ -1,0 +1,120 @@
+//! Registry errors: typed, each with a stable code; statuses are chosen in
+//! `http::error` only.
+
+use crate::ca::CaError;
+use crate::ca::csr::CsrError;
+use crate::crypto::RandomError;
+use crate::model::{KeyAlgorithm, RegistrationStatus, Role};
+use crate::store::{Conflict, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "`{field}` must be 1-{max} printable characters (no control, bidi-override or zero-width characters)"
+    )]
+    InvalidField { field: &'static str, max: usize },
+    #[error("enrollment group `{0}` does not exist")]
+    UnknownGroup(String),
+    #[error("certificate profile `{0}` does not exist")]
+    UnknownProfile(String),
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    #[error("key algorithm {algorithm} is not allowed for group `{group}` (allowed: {allowed})")]
+    AlgorithmNotAllowed {
+        algorithm: KeyAlgorithm,
+        group: String,
+        allowed: String,
+    },
+    #[error("group `{group}` already has {limit} pending registrations (its cap); retry later")]
+    PendingLimit { group: String, limit: u32 },
+    #[error("registration not found")]
+    NotFound,
+    #[error("registration is {0}, not pending")]
+    NotPending(RegistrationStatus),
+    #[error("registration expired before it was decided")]
+    Expired,
+    #[error("this admin already decided this registration")]
+    AlreadyDecided,
+    #[error("the registration kept changing under concurrent decisions; reload and retry")]
+    ConcurrentDecision,
+    #[error("role {have} cannot decide registrations of group `{group}` (needs {need})")]
+    ForbiddenRole {
+        have: Role,
+        need: Role,
+        group: String,
+    },
+    #[error("separation of duties: the admin who submitted a registration cannot decide it")]
+    SelfApproval,
+    #[error("the deciding admin account is disabled")]
+    AdminDisabled,
+    #[error("registration is {0}; credentials exist only once it is issued")]
+    NotIssued(RegistrationStatus),
+    #[error(
+        "credentials were confirmed by the device or the re-fetch window closed; they are not delivered again"
+    )]
+    CredentialsGone,
+    #[error("credentials were already confirmed")]
+    AlreadyConfirmed,
+    #[error("registration secret missing or wrong")]
+    Unauthorized,
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+impl RegistryError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidField { .. } => "invalid_field",
+            Self::UnknownGroup(_) => "unknown_group",
+            Self::UnknownProfile(_) => "unknown_profile",
+            Self::Csr(c) => csr_code(c),
+            Self::AlgorithmNotAllowed { .. } => "key_algorithm_not_allowed",
+            Self::PendingLimit { .. } => "pending_limit",
+            Self::NotFound => "not_found",
+            Self::NotPending(_) => "not_pending",
+            Self::Expired => "registration_expired",
+            Self::AlreadyDecided => "already_decided",
+            Self::ConcurrentDecision => "concurrent_decision",
+            Self::ForbiddenRole { .. } => "forbidden_role",
+            Self::SelfApproval => "self_approval",
+            Self::AdminDisabled => "admin_disabled",
+            Self::NotIssued(_) => "not_issued",
+            Self::CredentialsGone => "credentials_already_delivered",
+            Self::AlreadyConfirmed => "already_confirmed",
+            Self::Unauthorized => "unauthorized",
+            Self::Ca(_) => "ca_error",
+            Self::Store(s) => s.code(),
+            Self::Random(_) => "internal",
+        }
+    }
+}
+
+/// Codes of CSR rejections (shared with the CA's own mapping).
+pub fn csr_code(e: &CsrError) -> &'static str {
+    match e {
+        CsrError::Malformed(_) => "invalid_csr",
+        CsrError::BadSignature => "csr_signature_invalid",
+        CsrError::UnsupportedAlgorithm(_) => "unsupported_key_algorithm",
+        CsrError::KeySize(_) => "key_size_not_allowed",
+    }
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // A conflict the service did not anticipate is still a conflict,
+            // never a 5xx: report it as a concurrent change.
+            StoreError::Conflict(Conflict::LimitReached { limit, .. }) => Self::PendingLimit {
+                group: String::new(),
+                limit,
+            },
+            StoreError::Conflict(_) => Self::ConcurrentDecision,
+            other => Self::Store(other),
+        }
+    }
+}
