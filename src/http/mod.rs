@@ -75,14 +75,20 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .with_state(state)
 }
 
+/// Counts requests by method, route template and status. Every label value
+/// comes from a fixed set (the standard methods or `other`, the route table
+/// or `unmatched`), so made-up methods and paths cannot add series.
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().to_string();
+        .map(|m| m.as_str().to_string());
+    let method = crate::metrics::method_label(req.method().as_str());
     let resp = next.run(req).await;
-    state.metrics.http(&method, &route, resp.status().as_u16());
+    state.metrics.http(
+        method,
+        route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE),
+        resp.status().as_u16(),
+    );
     resp
 }

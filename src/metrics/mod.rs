@@ -6,6 +6,36 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The `route` label of requests that matched no route.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The `method` label: the standard HTTP methods as they are, anything else
+/// `other` (a client can send any token as a method).
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The `status` label: a status the server can send, or `other` (axum
+/// only produces valid codes; this keeps the bound explicit).
+fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    if (100..=599).contains(&status) {
+        status.to_string().into()
+    } else {
+        "other".into()
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -98,9 +128,11 @@ impl Metrics {
         })
     }
 
-    pub fn http(&self, method: &str, route: &str, status: u16) {
+    /// `method` and `route` must come from bounded sets: [`method_label`],
+    /// a route template or [`UNMATCHED_ROUTE`].
+    pub fn http(&self, method: &'static str, route: &str, status: u16) {
         self.http_requests
-            .with_label_values(&[method, route, &status.to_string()])
+            .with_label_values(&[method, route, &status_label(status)])
             .inc();
     }
 
@@ -129,6 +161,17 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_come_from_bounded_sets() {
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("PATCH"), "PATCH");
+        for m in ["get", "XFOO", "BREW", ""] {
+            assert_eq!(method_label(m), "other", "{m}");
+        }
+        assert_eq!(status_label(404), "404");
+        assert_eq!(status_label(999), "other");
+    }
 
     #[test]
     fn every_metric_is_registered_and_rendered() {

@@ -354,3 +354,89 @@ pub async fn call(
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
 }
+
+// ---------------------------------------------------------------------------
+// Limits, jobs and metrics helpers (tests/daemon_limits.rs, tests/openapi.rs).
+
+impl Env {
+    /// Appends TOML to the config file (e.g. a `[limits]` section).
+    pub fn append_config(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push('\n');
+        text.push_str(toml);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Every audit event after `after_seq` as (action, outcome, source, details).
+    pub fn audit_details_after(
+        &self,
+        after_seq: i64,
+    ) -> Vec<(String, String, Option<String>, Value)> {
+        let c = rusqlite::Connection::open(&self.db).unwrap();
+        let mut stmt = c
+            .prepare(
+                "SELECT action, outcome, source, details FROM audit_events WHERE seq > ?1 ORDER BY seq",
+            )
+            .unwrap();
+        stmt.query_map([after_seq], |r| {
+            let details: String = r.get(3)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                serde_json::from_str(&details).unwrap_or(Value::Null),
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+}
+
+impl Daemon {
+    /// Asks the daemon to shut down cleanly (SIGTERM to its own PID, as
+    /// systemd does) and waits for it to exit; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let out = Command::new("kill").args(["-TERM", &pid]).output().unwrap();
+        assert!(out.status.success(), "kill -TERM {pid} failed");
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("keyward serve (pid {pid}) did not exit within 30 s of SIGTERM");
+    }
+}
+
+/// `GET /metrics` as text.
+pub async fn metrics_text(url: &str) -> String {
+    client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Runs `promtool check metrics` on an exposition and panics with its output on failure.
+pub fn promtool_check(metrics: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (package prometheus) missing: run scripts/test.sh");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
