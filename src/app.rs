@@ -7,7 +7,11 @@ use crate::auth::admins::AdminService;
 use crate::ca::CaService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig};
-use crate::http::{AppState, Limits};
+use crate::http::{AppState, Limits, RateLimits};
+use crate::jobs::Scheduler;
+use crate::jobs::login_failures::LoginFailureFlusher;
+use crate::jobs::readiness::{Readiness, ReadinessRefresher};
+use crate::jobs::sweeper::Sweeper;
 use crate::keystore::metered::MeteredKeyStore;
 use crate::keystore::pkcs11::uri::Pkcs11Uri;
 use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
@@ -15,6 +19,10 @@ use crate::keystore::yubikey::{self, YubiKeyKeyStore, YubiKeySettings};
 use crate::keystore::{KeyStore, KeyStores};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
+use crate::ratelimit::failures::LoginFailureLog;
+use crate::ratelimit::login::GuardedLogin;
+use crate::ratelimit::memory::InProcessRateLimiter;
+use crate::ratelimit::{Limit, RateLimiter};
 use crate::registry::RegistryService;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -31,7 +39,13 @@ pub struct App {
     pub config: Config,
     /// Unfinished key generations cleaned up at start.
     pub reconciled: usize,
+    pub clock: Arc<dyn Clock>,
+    /// Failed admin logins waiting to be audited (written by the flusher job).
+    pub login_failures: Arc<LoginFailureLog>,
 }
+
+/// How often the sweeper looks for pending registrations past their time.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Opens one configured key store. PKCS#11 tokens are opened (and logged
 /// into) now; a YubiKey is reached lazily, on first use.
@@ -165,6 +179,37 @@ impl App {
             log_sensitive_details: config.log.sensitive_details,
         };
         let trusted_proxies = Arc::new(config.server.trusted_proxies.clone());
+        let l = &config.limits;
+        let limiter: Arc<dyn RateLimiter> = Arc::new(InProcessRateLimiter::new(
+            clock.clone(),
+            l.tracked_sources.get(),
+        ));
+        let login_failures = Arc::new(LoginFailureLog::new(
+            l.login_failure_audit_window_secs.get(),
+            l.tracked_sources.get(),
+        ));
+        let login = Arc::new(GuardedLogin::new(
+            admins.clone(),
+            limiter.clone(),
+            Limit::new(
+                l.admin_login_failures_per_source.get(),
+                Duration::from_secs(l.admin_login_failures_window_secs.get()),
+            ),
+            login_failures.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
+        let rate_limits = RateLimits {
+            limiter,
+            registrations: Limit::new(
+                l.registrations_per_source.get(),
+                Duration::from_secs(l.registrations_window_secs.get()),
+            ),
+        };
+        let readiness = Arc::new(Readiness::new(
+            clock.clone(),
+            Duration::from_secs(l.readiness_max_age_secs.get()),
+        ));
         Ok(Self {
             state: AppState {
                 registry,
@@ -174,10 +219,15 @@ impl App {
                 keystores,
                 metrics,
                 trusted_proxies,
+                login,
+                rate_limits,
+                readiness,
             },
             limits,
             config,
             reconciled,
+            clock,
+            login_failures,
         })
     }
 
@@ -207,23 +257,56 @@ impl App {
         Ok(())
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then closes the HSM sessions.
+    /// The background jobs, one line each. The readiness cache is filled
+    /// once before this returns, so `/readyz` answers from the first request.
+    pub async fn start_jobs(&self) -> Scheduler {
+        let s = &self.state;
+        let mut jobs = Scheduler::new(self.clock.clone(), s.metrics.clone());
+        let readiness = Arc::new(ReadinessRefresher::new(
+            s.readiness.clone(),
+            s.store.clone(),
+            s.keystores.clone(),
+            s.ca.issuing_keystores(),
+            s.metrics.clone(),
+        ));
+        readiness.refresh(self.clock.now()).await;
+        jobs.spawn(readiness);
+        jobs.spawn(Arc::new(Sweeper::new(
+            s.store.clone(),
+            s.registry.clone(),
+            SWEEP_INTERVAL,
+        )));
+        jobs.spawn(Arc::new(LoginFailureFlusher::new(
+            self.login_failures.clone(),
+            s.store.clone(),
+            s.metrics.clone(),
+        )));
+        jobs
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops the jobs
+    /// (the failed-login flusher writes what it holds) and closes the HSM
+    /// sessions.
     pub async fn serve_on(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
+        let jobs = self.start_jobs().await;
         let router = crate::http::router(self.state, self.limits);
         // Connect info gives handlers the TCP peer (the client address, or a
         // trusted proxy's).
-        axum::serve(
+        let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await
-        .context("HTTP server failed")?;
+        .context("HTTP server failed");
+        // No request is in flight any more: nothing can add a failed login.
+        jobs.shutdown().await;
+        served?;
         for (name, ks) in keystores.iter() {
             if let Err(e) = ks.close().await {
                 tracing::warn!(keystore = name, error = %e, "closing key store sessions");

@@ -6,6 +6,7 @@
 use crate::secret::SecretSource;
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub struct Config {
     pub policies: PoliciesConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Directory the config was read from; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -301,6 +304,63 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[limits]`: per-source rate limits, the failed-login audit window and the
+/// readiness staleness bound. Zero is refused for every key (by type).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_registrations_per_source")]
+    pub registrations_per_source: NonZeroU32,
+    #[serde(default = "default_registrations_window")]
+    pub registrations_window_secs: NonZeroU64,
+    #[serde(default = "default_login_failures_per_source")]
+    pub admin_login_failures_per_source: NonZeroU32,
+    #[serde(default = "default_login_failures_window")]
+    pub admin_login_failures_window_secs: NonZeroU64,
+    #[serde(default = "default_tracked_sources")]
+    pub tracked_sources: NonZeroUsize,
+    #[serde(default = "default_login_failure_audit_window")]
+    pub login_failure_audit_window_secs: NonZeroU64,
+    #[serde(default = "default_readiness_max_age")]
+    pub readiness_max_age_secs: NonZeroU64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            registrations_per_source: default_registrations_per_source(),
+            registrations_window_secs: default_registrations_window(),
+            admin_login_failures_per_source: default_login_failures_per_source(),
+            admin_login_failures_window_secs: default_login_failures_window(),
+            tracked_sources: default_tracked_sources(),
+            login_failure_audit_window_secs: default_login_failure_audit_window(),
+            readiness_max_age_secs: default_readiness_max_age(),
+        }
+    }
+}
+
+fn default_registrations_per_source() -> NonZeroU32 {
+    NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN)
+}
+fn default_registrations_window() -> NonZeroU64 {
+    NonZeroU64::new(60).unwrap_or(NonZeroU64::MIN)
+}
+fn default_login_failures_per_source() -> NonZeroU32 {
+    NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN)
+}
+fn default_login_failures_window() -> NonZeroU64 {
+    NonZeroU64::new(300).unwrap_or(NonZeroU64::MIN)
+}
+fn default_tracked_sources() -> NonZeroUsize {
+    NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN)
+}
+fn default_login_failure_audit_window() -> NonZeroU64 {
+    NonZeroU64::new(60).unwrap_or(NonZeroU64::MIN)
+}
+fn default_readiness_max_age() -> NonZeroU64 {
+    NonZeroU64::new(30).unwrap_or(NonZeroU64::MIN)
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -549,6 +609,27 @@ token_pepper_env = "KEYWARD_PEPPER"
             .unwrap_err()
             .to_string();
         assert!(e.contains("paht"), "{e}");
+    }
+
+    #[test]
+    fn limits_have_defaults_and_refuse_zero_and_unknown_keys() {
+        let c = Config::parse(MINIMAL, Path::new("k.toml")).unwrap();
+        assert_eq!(c.limits.registrations_per_source.get(), 30);
+        assert_eq!(c.limits.readiness_max_age_secs.get(), 30);
+        let text = format!("{MINIMAL}\n[limits]\nregistrations_per_source = 5\n");
+        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
+        assert_eq!(c.limits.registrations_per_source.get(), 5);
+        assert_eq!(c.limits.admin_login_failures_per_source.get(), 10);
+        let text = format!("{MINIMAL}\n[limits]\nadmin_login_failures_per_source = 0\n");
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_login_failures_per_source"), "{e}");
+        let text = format!("{MINIMAL}\n[limits]\nregistration_per_source = 5\n");
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registration_per_source"), "{e}");
     }
 
     #[test]

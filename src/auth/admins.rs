@@ -1,7 +1,7 @@
 //! Admin accounts: bootstrap, creation, bearer-token authentication.
 
 use super::{Role, TokenHasher, new_secret};
-use crate::audit::{AuditDraft, Outcome};
+use crate::audit::AuditDraft;
 use crate::clock::Clock;
 use crate::store::{AdminRecord, Change, Page, PageRequest, Store, StoreError, Write};
 use secrecy::{ExposeSecret, SecretString};
@@ -55,8 +55,12 @@ impl AdminService {
         }
     }
 
-    /// Resolves a bearer token. A presented token that matches no account is
-    /// an authentication failure and is audited; a missing token is not.
+    /// Resolves a bearer token. A presented token that matches no account
+    /// (`BadToken`), or a disabled account's (`Disabled`), is a failed login:
+    /// callers go through `ratelimit::login::GuardedLogin`, which limits
+    /// failures per source and audits them aggregated per source and window
+    /// (one audit row per wrong token would let anyone grow the trail at
+    /// will). A missing token is not a failed login.
     pub async fn authenticate(&self, token: Option<&str>) -> Result<AdminRecord, AdminError> {
         let token = token.ok_or(AdminError::Missing)?;
         let hash = self.hasher.hash(token);
@@ -66,27 +70,9 @@ impl AdminService {
             .await
             .map_err(AdminError::Store)?
         {
-            Some(a) if a.disabled => {
-                self.audit_failure(&format!("admin:{}", a.id), "account disabled")
-                    .await;
-                Err(AdminError::Disabled)
-            }
+            Some(a) if a.disabled => Err(AdminError::Disabled),
             Some(a) => Ok(a),
-            None => {
-                self.audit_failure("unknown", "token not recognised").await;
-                Err(AdminError::BadToken)
-            }
-        }
-    }
-
-    async fn audit_failure(&self, target: &str, reason: &str) {
-        let change = Change::new().audit(
-            AuditDraft::new("anonymous", "admin.login_failed", target)
-                .outcome(Outcome::Denied)
-                .details(json!({ "reason": reason })),
-        );
-        if let Err(e) = self.store.commit(change).await {
-            tracing::error!(error = %e, "could not audit a failed admin login");
+            None => Err(AdminError::BadToken),
         }
     }
 

@@ -5,6 +5,8 @@ use crate::auth::admins::AdminError;
 use crate::ca::CaError;
 use crate::ca::csr::CsrError;
 use crate::keystore::KeyStoreError;
+use crate::ratelimit::LimitError;
+use crate::ratelimit::login::LoginError;
 use crate::registry::RegistryError;
 use crate::store::StoreError;
 use axum::Json;
@@ -17,6 +19,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (rate limits).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +29,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 
@@ -69,7 +74,35 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, v);
         }
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
         resp
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match &e {
+            LimitError::Exceeded { .. } => {
+                let mut api = Self::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
+                api.retry_after_secs = e.retry_after_secs();
+                api
+            }
+            LimitError::Backend(b) => Self::unavailable(b),
+        }
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Admin(a) => a.into(),
+            LoginError::Limited(l) => l.into(),
+        }
     }
 }
 

@@ -54,13 +54,10 @@ impl FromRequestParts<AppState> for Admin {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts);
-        match state.admins.authenticate(token.as_deref()).await {
-            Ok(a) => Ok(Admin(a)),
-            Err(e) => {
-                state.metrics.admin_auth_failures.inc();
-                Err(e.into())
-            }
-        }
+        let client = ClientAddr::from_request_parts(parts, state).await?;
+        Ok(Admin(
+            state.login.authenticate(token.as_deref(), client.0).await?,
+        ))
     }
 }
 

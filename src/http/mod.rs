@@ -3,14 +3,18 @@
 
 pub mod error;
 mod extract;
+mod limits;
 mod page;
 mod routes;
 mod views;
 
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
+use crate::jobs::readiness::Readiness;
 use crate::keystore::KeyStores;
 use crate::metrics::Metrics;
+use crate::ratelimit::login::GuardedLogin;
+use crate::ratelimit::{Limit, RateLimiter};
 use crate::registry::RegistryService;
 use crate::store::Store;
 use axum::Router;
@@ -36,6 +40,21 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Proxies whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
     pub trusted_proxies: Arc<Vec<crate::model::IpNet>>,
+    /// Admin authentication behind the per-source failed-login limit; every
+    /// route that accepts an admin token authenticates through it.
+    pub login: Arc<GuardedLogin>,
+    /// Per-source limits on requests (`[limits]`).
+    pub rate_limits: RateLimits,
+    /// Health as last checked by the readiness job; `/readyz` reads only this.
+    pub readiness: Arc<Readiness>,
+}
+
+/// The rate limiter and the limits the HTTP layer applies with it.
+#[derive(Clone)]
+pub struct RateLimits {
+    pub limiter: Arc<dyn RateLimiter>,
+    /// `POST /v1/registrations` per client address.
+    pub registrations: Limit,
 }
 
 /// HTTP limits and logging choices from the config.
@@ -50,7 +69,7 @@ pub struct Limits {
 pub fn router(state: AppState, limits: Limits) -> Router {
     let x_request_id = header::HeaderName::from_static("x-request-id");
     Router::new()
-        .merge(routes::router())
+        .merge(routes::router(&state))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))

@@ -3,7 +3,8 @@
 //! per-device labels (unbounded cardinality, and device ids are sensitive).
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The `route` label of requests that matched no route.
@@ -47,6 +48,18 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     pub admin_auth_failures: IntCounter,
     pub hsm_up: IntGaugeVec,
+    /// Requests refused by a rate limit, by limit (`registrations`, `admin_login_failures`).
+    pub rate_limited: IntCounterVec,
+    /// Keys the in-process rate limiter remembers (bounded by `limits.tracked_sources`).
+    pub rate_limiter_keys: IntGauge,
+    /// Failed admin logins counted and not yet written to the audit trail.
+    pub login_failures_unaudited: IntGauge,
+    /// Background job runs by job and result (`ok`, `error`).
+    pub job_runs: IntCounterVec,
+    /// Unix time of each job's last successful run: alert when it stops moving.
+    pub job_last_success: IntGaugeVec,
+    /// 1 when the cached readiness says ready.
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -114,6 +127,41 @@ impl Metrics {
             &["keystore"],
         )?;
         registry.register(Box::new(hsm_up.clone()))?;
+        let rate_limited = counter_vec(
+            "rate_limited_total",
+            "Requests refused by a per-source rate limit, by limit",
+            &["limit"],
+        )?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let rate_limiter_keys = gauge(
+            "rate_limiter_keys",
+            "Keys (limit and source) the in-process rate limiter remembers",
+        )?;
+        let login_failures_unaudited = gauge(
+            "login_failures_unaudited",
+            "Failed admin logins counted but not yet written to the audit trail (aggregated per window)",
+        )?;
+        let job_runs = counter_vec(
+            "job_runs_total",
+            "Background job runs by job and result",
+            &["job", "result"],
+        )?;
+        let job_last_success = IntGaugeVec::new(
+            Opts::new(
+                "job_last_success_timestamp_seconds",
+                "Unix time of the last successful run, by job",
+            ),
+            &["job"],
+        )?;
+        registry.register(Box::new(job_last_success.clone()))?;
+        let ready = gauge(
+            "ready",
+            "1 if the last background readiness check found the store and the issuing key stores healthy and is recent",
+        )?;
         Ok(Self {
             registry,
             http_requests,
@@ -125,6 +173,12 @@ impl Metrics {
             store_batch_size,
             admin_auth_failures,
             hsm_up,
+            rate_limited,
+            rate_limiter_keys,
+            login_failures_unaudited,
+            job_runs,
+            job_last_success,
+            ready,
         })
     }
 
@@ -148,6 +202,20 @@ impl Metrics {
         self.hsm_operations
             .with_label_values(&[operation, if ok { "ok" } else { "error" }])
             .inc();
+    }
+
+    pub fn rate_limited(&self, limit: &'static str) {
+        self.rate_limited.with_label_values(&[limit]).inc();
+    }
+
+    /// One run of a background job; `at` is the job's clock time.
+    pub fn job_run(&self, job: &'static str, ok: bool, at: i64) {
+        self.job_runs
+            .with_label_values(&[job, if ok { "ok" } else { "error" }])
+            .inc();
+        if ok {
+            self.job_last_success.with_label_values(&[job]).set(at);
+        }
     }
 
     /// Prometheus text exposition (format 0.0.4).
@@ -185,6 +253,11 @@ mod tests {
         m.hsm_sign_seconds.observe(0.001);
         m.store_commit_seconds.observe(0.001);
         m.store_batch_size.observe(3.0);
+        m.rate_limited("registrations");
+        m.rate_limiter_keys.set(3);
+        m.login_failures_unaudited.set(2);
+        m.job_run("sweeper", true, 1_900_000_000);
+        m.ready.set(1);
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -196,6 +269,12 @@ mod tests {
             "keyward_store_batch_size_bucket",
             "keyward_admin_auth_failures_total 1",
             "keyward_hsm_up{keystore=\"default\"} 1",
+            "keyward_rate_limited_total{limit=\"registrations\"} 1",
+            "keyward_rate_limiter_keys 3",
+            "keyward_login_failures_unaudited 2",
+            "keyward_job_runs_total{job=\"sweeper\",result=\"ok\"} 1",
+            "keyward_job_last_success_timestamp_seconds{job=\"sweeper\"} 1900000000",
+            "keyward_ready 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

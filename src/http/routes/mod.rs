@@ -8,9 +8,15 @@ use super::AppState;
 use axum::Router;
 use axum::routing::{get, post};
 
-pub fn router() -> Router<AppState> {
+pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
-        .route("/v1/registrations", post(registrations::submit))
+        .route(
+            "/v1/registrations",
+            post(registrations::submit).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::registrations,
+            )),
+        )
         .route("/v1/registrations/{id}", get(registrations::status))
         .route(
             "/v1/registrations/{id}/credentials",

@@ -1,5 +1,6 @@
 //! Unauthenticated endpoints: CA chains, health, metrics.
 
+use crate::clock::rfc3339;
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use axum::extract::{Path, State};
@@ -24,33 +25,31 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: the store and every key store that holds an issuing CA's key
-/// answer. Other key stores (an offline root) are reported, not required.
+/// Readiness as the background job last found it: the store and every key
+/// store that holds an issuing CA's key. Reads the cache only, so polling it
+/// opens no HSM session and touches no card; a check older than
+/// `limits.readiness_max_age_secs` counts as not ready.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let needed = state.ca.issuing_keystores();
+    let view = state.readiness.view();
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let mut keystores = serde_json::Map::new();
-    let mut ok = true;
-    for (name, ks) in state.keystores.iter() {
-        let health = ks.health().await;
-        if let Err(e) = &health {
-            tracing::warn!(keystore = name, error = %e, "readiness: key store check failed");
+    if let Some(s) = &view.snapshot {
+        for (name, k) in &s.keystores {
+            let status = match k.ok {
+                Some(ok) => word(ok),
+                None => "not_checked",
+            };
+            keystores.insert(
+                name.clone(),
+                json!({ "status": status, "required": k.required }),
+            );
         }
-        let required = needed.contains(name);
-        ok &= health.is_ok() || !required;
-        keystores.insert(
-            name.to_string(),
-            json!({ "status": if health.is_ok() { "ok" } else { "unavailable" }, "required": required }),
-        );
     }
-    let store = state.store.health().await;
-    if let Err(e) = &store {
-        tracing::warn!(error = %e, "readiness: store check failed");
-    }
-    ok &= store.is_ok();
-    let hsm_ok = needed
-        .iter()
-        .all(|n| keystores.get(n).is_some_and(|v| v["status"] == "ok"));
-    let status = if ok {
+    let (hsm, store) = match &view.snapshot {
+        Some(s) if !view.stale => (word(s.hsm_ok()), word(s.store_ok)),
+        _ => ("unknown", "unknown"),
+    };
+    let status = if view.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -58,15 +57,22 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (
         status,
         axum::Json(json!({
-            "status": if ok { "ready" } else { "not_ready" },
-            "hsm": if hsm_ok { "ok" } else { "unavailable" },
+            "status": if view.ready { "ready" } else { "not_ready" },
+            "hsm": hsm,
+            "store": store,
             "keystores": keystores,
-            "store": if store.is_ok() { "ok" } else { "unavailable" },
+            "stale": view.stale,
+            "checked_at": view.snapshot.as_ref().map(|s| rfc3339(s.checked_at)),
+            "age_secs": view.age.map(|a| a.as_secs()),
         })),
     )
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .rate_limiter_keys
+        .set(i64::try_from(state.rate_limits.limiter.tracked_keys()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -54,7 +54,7 @@ pub async fn submit(
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
     let admin = match token {
-        Some(t) => Some(state.admins.authenticate(Some(&t)).await?),
+        Some(t) => Some(state.login.authenticate(Some(&t), client.0).await?),
         None => None,
     };
     let submitted = state
@@ -90,6 +90,7 @@ pub async fn submit(
 /// or any admin.
 pub async fn status(
     State(state): State<AppState>,
+    client: ClientAddr,
     Path(id): Path<String>,
     Bearer(token): Bearer,
 ) -> Result<Json<RegistrationView>, ApiError> {
@@ -99,7 +100,7 @@ pub async fn status(
     let reg = if token.starts_with("kwr_") {
         state.registry.authenticate(id, &token).await?
     } else {
-        let admin = state.admins.authenticate(Some(&token)).await?;
+        let admin = state.login.authenticate(Some(&token), client.0).await?;
         if !admin.role.allows(Role::Auditor) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

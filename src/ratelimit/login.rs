@@ -1,0 +1,125 @@
+//! Admin authentication guarded per source: a decorator around
+//! `AdminService::authenticate` that limits failed logins and hands each
+//! failure to the aggregated audit.
+//!
+//! The rule: failures (an unknown token, a disabled admin's token) are
+//! counted per source against `admin_login_failures_per_source` per
+//! `admin_login_failures_window_secs`. Once a source is over the limit,
+//! every admin-authenticated request from it is refused with 429 and
+//! `Retry-After` before its token is even looked at, a good token included:
+//! a good token from a source that is guessing is not evidence of anything,
+//! and checking it would turn the refusal into an oracle. Requests that come
+//! with no token at all are answered 401 and are not counted (nothing was
+//! guessed). Concurrent failures that were all admitted by the same look at
+//! the bucket may overshoot the limit by the number in flight.
+
+use super::failures::{FailureReason, LoginFailureLog};
+use super::{Limit, LimitError, LimitKind, RateLimiter, key, source_of};
+use crate::auth::admins::{AdminError, AdminService};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::store::AdminRecord;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Limited(#[from] LimitError),
+}
+
+impl LoginError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Admin(AdminError::Missing | AdminError::BadToken | AdminError::Disabled) => {
+                "unauthorized"
+            }
+            Self::Admin(AdminError::Store(s)) => s.code(),
+            Self::Admin(_) => "internal",
+            Self::Limited(l) => l.code(),
+        }
+    }
+}
+
+pub struct GuardedLogin {
+    admins: Arc<AdminService>,
+    limiter: Arc<dyn RateLimiter>,
+    limit: Limit,
+    failures: Arc<LoginFailureLog>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+impl GuardedLogin {
+    pub fn new(
+        admins: Arc<AdminService>,
+        limiter: Arc<dyn RateLimiter>,
+        limit: Limit,
+        failures: Arc<LoginFailureLog>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            admins,
+            limiter,
+            limit,
+            failures,
+            clock,
+            metrics,
+        }
+    }
+
+    /// Resolves a bearer token presented from `source`.
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> Result<AdminRecord, LoginError> {
+        let src = source_of(source);
+        let key = key(LimitKind::AdminLoginFailures, &src);
+        let looked = self
+            .limiter
+            .peek(&key, self.limit)
+            .await
+            .map_err(LimitError::from)?;
+        if !looked.allowed {
+            self.metrics
+                .rate_limited(LimitKind::AdminLoginFailures.as_str());
+            if token.is_some() {
+                self.failures
+                    .record(&src, FailureReason::RateLimited, self.clock.now());
+            }
+            return Err(LimitError::Exceeded {
+                kind: LimitKind::AdminLoginFailures,
+                retry_after: looked.retry_after,
+            }
+            .into());
+        }
+        match self.admins.authenticate(token).await {
+            Ok(admin) => Ok(admin),
+            Err(e) => {
+                let reason = match &e {
+                    AdminError::BadToken => Some(FailureReason::UnknownToken),
+                    AdminError::Disabled => Some(FailureReason::AccountDisabled),
+                    _ => None,
+                };
+                if matches!(e, AdminError::Missing) || reason.is_some() {
+                    self.metrics.admin_auth_failures.inc();
+                }
+                if let Some(reason) = reason {
+                    self.failures.record(&src, reason, self.clock.now());
+                    // The failure is already refused; a limiter that cannot
+                    // count it only loosens the limit, so it is logged, not
+                    // turned into a 503.
+                    if let Err(le) = self.limiter.check(&key, self.limit).await {
+                        tracing::error!(error = %le, "could not count a failed admin login");
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
