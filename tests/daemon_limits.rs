@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{Env, call, client, metrics_text, promtool_check};
+use common::{Env, call, client, metrics_text, openssl_csr, promtool_check};
+use serde_json::{Value, json};
 
 /// The `keyward_http_*` sample lines of an exposition.
 fn http_series(metrics: &str) -> Vec<String> {
@@ -86,4 +87,290 @@ async fn made_up_methods_and_paths_do_not_grow_the_metrics() {
         "a made-up method became a label value"
     );
     promtool_check(&metrics);
+}
+
+/// A request from `source` (through the trusted loopback proxy).
+async fn call_from(
+    source: &str,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Option<u64>, Value) {
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let mut rb = HTTP
+        .get_or_init(client)
+        .request(method, url)
+        .header("x-forwarded-for", source);
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn assert_rate_limited(status: u16, retry_after: Option<u64>, v: &Value, max_wait: u64) {
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("retry in")),
+        "{v}"
+    );
+    let secs = retry_after.expect("429 without Retry-After");
+    assert!((1..=max_wait).contains(&secs), "Retry-After {secs}");
+}
+
+fn registration_body(csr: &str, name: &str, group: &str) -> Value {
+    json!({ "csr": csr, "name": name, "group": group })
+}
+
+#[tokio::test]
+async fn registrations_are_limited_per_source_and_refusals_store_nothing() {
+    let env = Env::new();
+    env.trust_loopback_proxy();
+    env.append_config("[limits]\nregistrations_per_source = 3\nregistrations_window_secs = 3600\n");
+    env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let (csr, _) = openssl_csr(env.dir.path(), "ec");
+    let submit = format!("{url}/v1/registrations");
+    for i in 0..3 {
+        let (s, _, v) = call_from(
+            "203.0.113.1",
+            reqwest::Method::POST,
+            &submit,
+            None,
+            Some(registration_body(&csr, &format!("a-{i}"), "default")),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let before = env.counts();
+    // The fourth from the same source: 429 with Retry-After (3 per hour: one every 1200 s).
+    let (s, ra, v) = call_from(
+        "203.0.113.1",
+        reqwest::Method::POST,
+        &submit,
+        None,
+        Some(registration_body(&csr, "a-3", "default")),
+    )
+    .await;
+    assert_rate_limited(s, ra, &v, 1200);
+    assert!(ra.unwrap() > 1100, "{ra:?}");
+    // Refused before the body is even read: a malformed body gets the same answer.
+    let (s, ra, v) = call_from(
+        "203.0.113.1",
+        reqwest::Method::POST,
+        &submit,
+        None,
+        Some(json!({ "nonsense": true })),
+    )
+    .await;
+    assert_rate_limited(s, ra, &v, 1200);
+    assert_eq!(
+        env.counts(),
+        before,
+        "a refused submission changed the store"
+    );
+
+    // Another source is not affected.
+    let (s, _, v) = call_from(
+        "203.0.113.2",
+        reqwest::Method::POST,
+        &submit,
+        None,
+        Some(registration_body(&csr, "b-0", "default")),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let metrics = metrics_text(&url).await;
+    assert!(
+        metrics.contains("keyward_rate_limited_total{limit=\"registrations\"} 2"),
+        "{metrics}"
+    );
+    promtool_check(&metrics);
+}
+
+#[tokio::test]
+async fn a_thousand_bad_admin_tokens_make_a_handful_of_audit_rows_and_block_the_source() {
+    let env = Env::new();
+    env.trust_loopback_proxy();
+    // The default limit (10 failures per 300 s) stretched so that no token
+    // refills however slowly the machine runs this test; one audit window
+    // per day for the same reason.
+    env.append_config(
+        "[limits]\nadmin_login_failures_window_secs = 3000000\nlogin_failure_audit_window_secs = 86400\n",
+    );
+    let bootstrap = env.init();
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let list = format!("{url}/v1/admin/registrations");
+    let before = env.counts();
+    let attacker = "198.51.100.66";
+    // 10 failures per 3,000,000 s: one more every 300,000 s.
+    let max_wait = 300_000;
+
+    let mut unauthorized = 0;
+    let mut limited = 0;
+    for i in 0..1000 {
+        let token = format!("kwa_guess_{i}");
+        let (s, ra, v) = call_from(attacker, reqwest::Method::GET, &list, Some(&token), None).await;
+        match s {
+            401 => {
+                assert_eq!(v["error"]["code"], "unauthorized", "{v}");
+                assert_eq!(limited, 0, "a 401 after the source was blocked");
+                unauthorized += 1;
+            }
+            429 => {
+                assert_rate_limited(s, ra, &v, max_wait);
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!((unauthorized, limited), (10, 990));
+    // Once blocked, the source is refused even with a good token...
+    let (s, ra, v) = call_from(
+        attacker,
+        reqwest::Method::GET,
+        &list,
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_rate_limited(s, ra, &v, max_wait);
+    // ...while the same token from another source works.
+    let (s, _, v) = call_from(
+        "192.0.2.10",
+        reqwest::Method::GET,
+        &list,
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    // A blocked source is refused on every admin route, even without a token;
+    // such a request is not a guess and is not counted as a failed login.
+    let (s, ra, v) = call_from(attacker, reqwest::Method::GET, &list, None, None).await;
+    assert_rate_limited(s, ra, &v, max_wait);
+
+    // Nothing was written per request.
+    let mid = env.counts();
+    assert!(
+        mid["audit_events"] - before["audit_events"] <= 2,
+        "{} audit rows for 1001 failures before the window closed",
+        mid["audit_events"] - before["audit_events"]
+    );
+
+    // A clean shutdown writes the open windows: nothing is lost.
+    let status = daemon.stop();
+    assert!(status.success(), "{status:?}");
+    let rows: Vec<_> = env
+        .audit_details_after(before["audit_events"])
+        .into_iter()
+        .filter(|(action, ..)| action == "admin.login_failed")
+        .collect();
+    assert!(
+        !rows.is_empty() && rows.len() <= 2,
+        "{} admin.login_failed rows: {rows:#?}",
+        rows.len()
+    );
+    let mut count = 0;
+    let mut unknown = 0;
+    let mut rate_limited = 0;
+    for (_, outcome, source, d) in &rows {
+        assert_eq!(outcome, "denied");
+        assert_eq!(source.as_deref(), Some(attacker));
+        assert_eq!(d["source"], attacker);
+        assert!(d["window_start"].as_str().unwrap() < d["window_end"].as_str().unwrap());
+        count += d["count"].as_u64().unwrap();
+        unknown += d["reasons"]["unknown_token"].as_u64().unwrap_or(0);
+        rate_limited += d["reasons"]["rate_limited"].as_u64().unwrap_or(0);
+    }
+    // 1000 guesses and the good token refused while blocked; the token-less request is not a login.
+    assert_eq!((count, unknown, rate_limited), (1001, 10, 991));
+    // The chain, with the aggregated events in it, verifies with the stock command.
+    let out = env.run(&["audit", "verify", "--config", env.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_distinct_sources_stays_bounded_and_keeps_a_blocked_source_blocked() {
+    let env = Env::new();
+    env.trust_loopback_proxy();
+    env.append_config(
+        "[limits]\ntracked_sources = 64\nadmin_login_failures_per_source = 3\n\
+         admin_login_failures_window_secs = 3000000\nlogin_failure_audit_window_secs = 86400\n",
+    );
+    let bootstrap = env.init();
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let list = format!("{url}/v1/admin/registrations");
+    let before = env.counts();
+    let attacker = "198.51.100.66";
+    for _ in 0..3 {
+        let (s, _, _) = call_from(attacker, reqwest::Method::GET, &list, Some("kwa_x"), None).await;
+        assert_eq!(s, 401);
+    }
+    let (s, ra, v) = call_from(attacker, reqwest::Method::GET, &list, Some("kwa_x"), None).await;
+    assert_rate_limited(s, ra, &v, 1_000_000);
+    // 2000 other sources, one wrong token each.
+    for i in 0..2000 {
+        let source = format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256);
+        let (s, _, v) = call_from(&source, reqwest::Method::GET, &list, Some("kwa_y"), None).await;
+        assert_eq!(s, 401, "{v}");
+    }
+    let metrics = metrics_text(&url).await;
+    let keys: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keyward_rate_limiter_keys "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(keys <= 64, "the limiter remembers {keys} keys");
+    // The flood did not buy the attacker a clean slate.
+    let (s, ra, v) = call_from(
+        attacker,
+        reqwest::Method::GET,
+        &list,
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_rate_limited(s, ra, &v, 1_000_000);
+
+    daemon.stop();
+    let rows: Vec<_> = env
+        .audit_details_after(before["audit_events"])
+        .into_iter()
+        .filter(|(action, ..)| action == "admin.login_failed")
+        .collect();
+    // At most 64 named sources and one overflow row per window (two if midnight UTC passed).
+    assert!(rows.len() <= 2 * 65, "{} rows", rows.len());
+    let total: u64 = rows.iter().map(|r| r.3["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 3 + 1 + 2000 + 1, "every failure is counted");
+    assert!(
+        rows.iter()
+            .any(|r| r.3["overflow"] == true && r.2.is_none()),
+        "sources beyond the bound are counted in an overflow row"
+    );
 }

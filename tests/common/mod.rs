@@ -359,6 +359,18 @@ pub async fn call(
 // Limits, jobs and metrics helpers (tests/daemon_limits.rs, tests/openapi.rs).
 
 impl Env {
+    /// Believes `X-Forwarded-For` from loopback, so that one test can speak
+    /// as many client addresses (`server.trusted_proxies`).
+    pub fn trust_loopback_proxy(&self) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replacen(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// Appends TOML to the config file (e.g. a `[limits]` section).
     pub fn append_config(&self, toml: &str) {
         let mut text = std::fs::read_to_string(&self.config).unwrap();
