@@ -374,3 +374,76 @@ async fn a_flood_of_distinct_sources_stays_bounded_and_keeps_a_blocked_source_bl
         "sources beyond the bound are counted in an overflow row"
     );
 }
+
+/// OpenSC's PKCS#11 spy: a module that forwards to SoftHSM2 and logs every call.
+fn pkcs11_spy() -> std::path::PathBuf {
+    [
+        "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
+        "/usr/lib/aarch64-linux-gnu/pkcs11/pkcs11-spy.so",
+        "/usr/lib/pkcs11/pkcs11-spy.so",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+    .expect("pkcs11-spy.so missing (package opensc-pkcs11): run scripts/test.sh")
+}
+
+/// PKCS#11 calls the spy has logged so far (`N: C_Function` lines).
+fn pkcs11_calls(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(": C_").map(|(n, f)| (n, f)))
+        .filter(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+        .map(|(_, f)| format!("C_{f}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn readyz_answers_from_the_cache_without_touching_the_hsm() {
+    let env = Env::new();
+    env.init();
+    // One background check at start, the next one only after 20 minutes.
+    env.append_config("[limits]\nreadiness_max_age_secs = 3600\n");
+    let module = common::softhsm_module();
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        &format!("module = \"{}\"", module.display()),
+        &format!("module = \"{}\"", pkcs11_spy().display()),
+    );
+    std::fs::write(&env.config, text).unwrap();
+    let log = env.path("pkcs11-spy.log");
+    let daemon = env.serve_with_env(&[
+        ("PKCS11SPY", module.as_os_str()),
+        ("PKCS11SPY_OUTPUT", log.as_os_str()),
+    ]);
+    let url = daemon.url.clone();
+    let (s, v) = call(reqwest::Method::GET, &format!("{url}/readyz"), None, None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["hsm"], "ok");
+    assert_eq!(v["keystores"]["default"]["status"], "ok");
+    assert_eq!(v["stale"], false);
+    let before = pkcs11_calls(&log);
+    // The daemon really talks to the token through the spy, and the start-up
+    // readiness check was one of those calls.
+    assert!(before.iter().any(|f| f == "C_Login"), "{before:?}");
+    assert!(before.iter().any(|f| f == "C_GetSessionInfo"), "{before:?}");
+
+    for _ in 0..200 {
+        let (s, v) = call(reqwest::Method::GET, &format!("{url}/readyz"), None, None).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let after = pkcs11_calls(&log);
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "200 /readyz calls made PKCS#11 calls: {:?}",
+        &after[before.len()..]
+    );
+    let metrics = metrics_text(&url).await;
+    assert!(metrics.contains("keyward_ready 1"), "{metrics}");
+    assert!(
+        metrics.contains("keyward_hsm_up{keystore=\"default\"} 1"),
+        "{metrics}"
+    );
+}

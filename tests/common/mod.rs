@@ -162,8 +162,16 @@ impl Env {
 
     /// Starts `keyward serve` and waits until it listens.
     pub fn serve(&self) -> Daemon {
-        let mut child = self
-            .keyward()
+        self.serve_with_env(&[])
+    }
+
+    /// Like `serve`, with extra environment variables for the daemon.
+    pub fn serve_with_env(&self, vars: &[(&str, &std::ffi::OsStr)]) -> Daemon {
+        let mut cmd = self.keyward();
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

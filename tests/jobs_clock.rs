@@ -1,0 +1,276 @@
+//! Background jobs driven by a manual clock, in-process against a real
+//! SoftHSM2 token and SQLite store set up by `keyward init`: the sweeper
+//! expires pending registrations exactly when their time is up, and the
+//! failed-login flusher writes one event per closed window and the rest on
+//! shutdown. No test waits for time to pass.
+//!
+//! SoftHSM2 reads `SOFTHSM2_CONF` once, at `C_Initialize`, so each test
+//! re-runs itself in a child process with the variable set (no
+//! process-global environment mutation).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Env, openssl_csr};
+use keyward::app::App;
+use keyward::clock::{Clock, ManualClock};
+use keyward::config::Config;
+use keyward::jobs::login_failures::LoginFailureFlusher;
+use keyward::jobs::sweeper::{SweepReport, Sweeper};
+use keyward::jobs::{Job, Scheduler};
+use keyward::registry::Submission;
+use keyward::store::{Decision, PageRequest, RegistrationFilter, RegistrationStatus, Store};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+const CHILD: &str = "KEYWARD_TEST_INPROCESS_CONFIG";
+
+/// In the parent: makes an installation, runs `keyward init`, and re-runs
+/// `test` in a child with `SOFTHSM2_CONF` set. In the child: returns the
+/// config path to run against.
+fn child_config(test: &str, setup: impl FnOnce(&Env)) -> Option<(PathBuf, PathBuf)> {
+    if let Some(cfg) = std::env::var_os(CHILD) {
+        let cfg = PathBuf::from(cfg);
+        let dir = cfg.parent().unwrap().to_path_buf();
+        return Some((cfg, dir));
+    }
+    let env = Env::new();
+    setup(&env);
+    env.init();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture"])
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .env(CHILD, &env.config)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{test} failed in its child process");
+    None
+}
+
+async fn app(config: &Path, start: OffsetDateTime) -> (App, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(start));
+    let config = Config::load(config).unwrap();
+    let app = App::build_with_clock(config, clock.clone()).await.unwrap();
+    (app, clock)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn statuses(store: &dyn Store) -> Vec<(String, RegistrationStatus)> {
+    let page = store
+        .list_registrations(
+            &RegistrationFilter::default(),
+            &PageRequest {
+                limit: 1000,
+                ..PageRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    page.items
+        .iter()
+        .map(|r| (r.name.clone(), r.status))
+        .collect()
+}
+
+#[test]
+fn sweeper_expires_pending_registrations_when_their_time_is_up() {
+    let Some((config, dir)) = child_config(
+        "sweeper_expires_pending_registrations_when_their_time_is_up",
+        |_| {},
+    ) else {
+        return;
+    };
+    runtime().block_on(async {
+        let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let (app, clock) = app(&config, t0).await;
+        let s = &app.state;
+        let (csr, _) = openssl_csr(&dir, "ec");
+        let submit = |name: &str| Submission {
+            csr: csr.clone().into_bytes(),
+            name: name.to_string(),
+            device_type: None,
+            location: None,
+            firmware: None,
+            group: "default".to_string(),
+            client_addr: Some("192.0.2.1".to_string()),
+        };
+        // The default group: 72 h to decide.
+        let early_a = s.registry.submit(submit("early-a"), None).await.unwrap();
+        s.registry.submit(submit("early-b"), None).await.unwrap();
+        let decided = s.registry.submit(submit("decided"), None).await.unwrap();
+        let (approver, _) = s
+            .admins
+            .create("test", "alice", keyward::auth::Role::Approver)
+            .await
+            .unwrap();
+        s.registry
+            .decide(
+                decided.registration.id,
+                &approver,
+                Decision::Approve,
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        clock.advance(time::Duration::hours(24));
+        s.registry.submit(submit("late"), None).await.unwrap();
+        assert_eq!(
+            early_a.registration.expires_at,
+            (t0 + time::Duration::hours(72)).unix_timestamp()
+        );
+
+        let sweeper = Sweeper::new(s.store.clone(), s.registry.clone(), Duration::from_secs(60));
+        let audit_before = s.store.counts().await.unwrap()["audit_events"];
+        // One second before the deadline: nothing to do.
+        clock.set(t0 + time::Duration::hours(72) - time::Duration::seconds(1));
+        assert_eq!(
+            sweeper.sweep(clock.now()).await.unwrap(),
+            SweepReport::default()
+        );
+        assert_eq!(
+            s.store.counts().await.unwrap()["audit_events"],
+            audit_before
+        );
+
+        // At the deadline: both early pending ones, through the Job interface.
+        clock.set(t0 + time::Duration::hours(72));
+        sweeper.tick(clock.now()).await.unwrap();
+        let mut got = statuses(s.store.as_ref()).await;
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            vec![
+                ("decided".to_string(), RegistrationStatus::Issued),
+                ("early-a".to_string(), RegistrationStatus::Expired),
+                ("early-b".to_string(), RegistrationStatus::Expired),
+                ("late".to_string(), RegistrationStatus::Pending),
+            ]
+        );
+        let events = s
+            .store
+            .audit_events(keyward::store::AuditQuery {
+                from_seq: audit_before + 1,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        let expired: Vec<_> = events
+            .iter()
+            .filter(|e| e.action == "registration.expire")
+            .collect();
+        assert_eq!(expired.len(), 2, "{events:#?}");
+        assert!(expired.iter().all(|e| e.actor == "system"));
+        assert_eq!(events.len(), 2, "only the expiries were audited");
+        // Nothing left: a second sweep does nothing.
+        assert_eq!(sweeper.sweep(clock.now()).await.unwrap().expired, 0);
+        // The late one goes when its own time is up.
+        clock.set(t0 + time::Duration::hours(96));
+        assert_eq!(sweeper.sweep(clock.now()).await.unwrap().expired, 1);
+    });
+}
+
+#[test]
+fn failed_logins_are_written_per_closed_window_and_at_shutdown() {
+    let Some((config, _)) = child_config(
+        "failed_logins_are_written_per_closed_window_and_at_shutdown",
+        |env| {
+            env.append_config(
+                "[limits]\nlogin_failure_audit_window_secs = 60\nadmin_login_failures_window_secs = 3000000\n",
+            )
+        },
+    ) else {
+        return;
+    };
+    runtime().block_on(async {
+        // The start of a window, so that the test knows where windows end.
+        let t0 = OffsetDateTime::from_unix_timestamp(
+            OffsetDateTime::now_utc().unix_timestamp() / 60 * 60,
+        )
+        .unwrap();
+        let (app, clock) = app(&config, t0).await;
+        let s = &app.state;
+        let source: IpAddr = "198.51.100.9".parse().unwrap();
+        let flusher = Arc::new(LoginFailureFlusher::new(
+            app.login_failures.clone(),
+            s.store.clone(),
+            s.metrics.clone(),
+        ));
+        let audit = || async { s.store.counts().await.unwrap()["audit_events"] };
+        let before = audit().await;
+        for i in 0..1000 {
+            let r = s
+                .login
+                .authenticate(Some(&format!("kwa_bad_{i}")), Some(source))
+                .await;
+            assert!(r.is_err());
+        }
+        // The window is open: nothing written yet, however often the job runs.
+        clock.advance(time::Duration::seconds(59));
+        flusher.tick(clock.now()).await.unwrap();
+        flusher.tick(clock.now()).await.unwrap();
+        assert_eq!(audit().await, before);
+        // It closes: one event with the count.
+        clock.advance(time::Duration::seconds(1));
+        assert_eq!(flusher.flush_closed(clock.now()).await.unwrap(), 1);
+        assert_eq!(audit().await, before + 1);
+        let events = s
+            .store
+            .audit_events(keyward::store::AuditQuery {
+                from_seq: before + 1,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        let d = &events[0].details;
+        assert_eq!(events[0].action, "admin.login_failed");
+        assert_eq!(events[0].source.as_deref(), Some("198.51.100.9"));
+        assert_eq!(d["count"], 1000);
+        assert_eq!(d["reasons"]["unknown_token"], 10);
+        assert_eq!(d["reasons"]["rate_limited"], 990);
+        assert_eq!(d["window_start"], keyward::clock::rfc3339(t0));
+        assert_eq!(
+            d["window_end"],
+            keyward::clock::rfc3339(t0 + time::Duration::seconds(60))
+        );
+
+        // Failures in the next window are written when the scheduler shuts
+        // down, before its window closes.
+        for _ in 0..5 {
+            assert!(
+                s.login
+                    .authenticate(Some("kwa_bad"), Some(source))
+                    .await
+                    .is_err()
+            );
+        }
+        let mut jobs = Scheduler::new(clock.clone(), s.metrics.clone());
+        jobs.spawn(flusher.clone());
+        jobs.shutdown().await;
+        assert_eq!(audit().await, before + 2);
+        let last = s
+            .store
+            .audit_events(keyward::store::AuditQuery {
+                from_seq: before + 2,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(last[0].details["count"], 5);
+        assert_eq!(last[0].details["reasons"]["rate_limited"], 5);
+        assert_eq!(
+            last[0].details["window_end"],
+            keyward::clock::rfc3339(clock.now()),
+            "an open window is cut at shutdown"
+        );
+    });
+}
