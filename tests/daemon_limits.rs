@@ -393,7 +393,7 @@ fn pkcs11_calls(log: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split_once(": C_").map(|(n, f)| (n, f)))
+        .filter_map(|l| l.split_once(": C_"))
         .filter(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
         .map(|(_, f)| format!("C_{f}"))
         .collect()
