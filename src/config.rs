@@ -630,6 +630,39 @@ token_pepper_env = "KEYWARD_PEPPER"
             .unwrap_err()
             .to_string();
         assert!(e.contains("registration_per_source"), "{e}");
+        // The commented example documents real keys with the default values.
+        let example = Config::parse(
+            include_str!("../keyward.example.toml"),
+            Path::new("keyward.example.toml"),
+        )
+        .unwrap();
+        let (a, b) = (&example.limits, LimitsConfig::default());
+        assert_eq!(
+            (a.registrations_per_source, a.registrations_window_secs),
+            (b.registrations_per_source, b.registrations_window_secs)
+        );
+        assert_eq!(
+            (
+                a.admin_login_failures_per_source,
+                a.admin_login_failures_window_secs
+            ),
+            (
+                b.admin_login_failures_per_source,
+                b.admin_login_failures_window_secs
+            )
+        );
+        assert_eq!(
+            (
+                a.tracked_sources,
+                a.login_failure_audit_window_secs,
+                a.readiness_max_age_secs
+            ),
+            (
+                b.tracked_sources,
+                b.login_failure_audit_window_secs,
+                b.readiness_max_age_secs
+            )
+        );
     }
 
     #[test]
