@@ -447,3 +447,220 @@ async fn readyz_answers_from_the_cache_without_touching_the_hsm() {
         "{metrics}"
     );
 }
+
+/// `keyward registrations list ...` (the real CLI binary) as the given admin.
+fn cli_list(env: &Env, url: &str, token: &str, args: &[&str]) -> (Value, String, String) {
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", url)
+        .env("KEYWARD_TOKEN", token)
+        .args(["registrations", "list"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (json, stdout, stderr)
+}
+
+#[tokio::test]
+async fn pending_list_shows_a_genuine_registration_after_a_thousand_junk_ones() {
+    let env = Env::with_extra_group(
+        "[[group]]\nname = \"bulk\"\nprofile = \"device\"\napprovals_required = 1\nmax_pending = 5000\n",
+    );
+    // One source submits everything: its rate limit is raised for the test.
+    env.append_config("[limits]\nregistrations_per_source = 100000\n");
+    let bootstrap = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let (csr, _) = openssl_csr(env.dir.path(), "ec");
+    let submit = format!("{url}/v1/registrations");
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..1000 {
+        let (s, _, v) = call_from(
+            "127.0.0.1",
+            reqwest::Method::POST,
+            &submit,
+            None,
+            Some(registration_body(&csr, &format!("junk-{i}"), "bulk")),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        ids.insert(v["id"].as_str().unwrap().to_string());
+    }
+    let (s, _, genuine) = call_from(
+        "127.0.0.1",
+        reqwest::Method::POST,
+        &submit,
+        None,
+        Some(registration_body(&csr, "genuine-sensor", "default")),
+    )
+    .await;
+    assert_eq!(s, 201, "{genuine}");
+    let genuine_id = genuine["id"].as_str().unwrap().to_string();
+    ids.insert(genuine_id.clone());
+
+    // What an approver types first: the genuine one leads the first page.
+    let (_, text, hint) = cli_list(&env, &url, &bootstrap, &["--status", "pending"]);
+    let first_line = text.lines().next().unwrap();
+    assert!(
+        first_line.starts_with(&genuine_id) && first_line.contains("genuine-sensor"),
+        "{first_line}"
+    );
+    assert!(hint.contains("more: repeat with --cursor"), "{hint}");
+    let (page, _, _) = cli_list(
+        &env,
+        &url,
+        &bootstrap,
+        &["--status", "pending", "--output", "json"],
+    );
+    assert_eq!(page["items"][0]["id"], genuine_id.as_str());
+    assert_eq!(page["items"].as_array().unwrap().len(), 100);
+
+    // Walking every page with the cursor yields each registration exactly once,
+    // newest first.
+    for order in ["newest", "oldest"] {
+        let mut seen: Vec<String> = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let mut args = vec![
+                "--status", "pending", "--output", "json", "--limit", "250", "--order", order,
+            ];
+            if let Some(c) = &cursor {
+                args.extend(["--cursor", c.as_str()]);
+            }
+            let (page, _, _) = cli_list(&env, &url, &bootstrap, &args);
+            pages += 1;
+            for r in page["items"].as_array().unwrap() {
+                assert_eq!(r["status"], "pending");
+                seen.push(r["id"].as_str().unwrap().to_string());
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 5, "{order}");
+        assert_eq!(seen.len(), 1001, "{order}");
+        let unique: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique, ids, "{order}: every registration exactly once");
+        let first = if order == "newest" {
+            seen.first()
+        } else {
+            seen.last()
+        };
+        assert_eq!(first, Some(&genuine_id), "{order}");
+    }
+
+    // The CA list is paginated the same way.
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/cas?limit=1"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    let cursor = v["next_cursor"].as_str().unwrap();
+    let (s, v2) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/cas?limit=1&cursor={cursor}"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v2}");
+    assert_ne!(v2["items"][0]["name"], v["items"][0]["name"]);
+    assert!(
+        v2["next_cursor"].is_null(),
+        "two CAs in the shipped policy: {v2}"
+    );
+    let (s, e) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/cas?cursor=bogus"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_query");
+}
+
+#[tokio::test]
+async fn the_pending_cap_answers_429_and_stores_nothing() {
+    let env = Env::with_extra_group(
+        "[[group]]\nname = \"capped\"\nprofile = \"device\"\napprovals_required = 1\nmax_pending = 3\n",
+    );
+    let bootstrap = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let (csr, _) = openssl_csr(env.dir.path(), "ec");
+    let submit = format!("{url}/v1/registrations");
+    let mut first = String::new();
+    for i in 0..3 {
+        let (s, v) = call(
+            reqwest::Method::POST,
+            &submit,
+            None,
+            Some(registration_body(&csr, &format!("c-{i}"), "capped")),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        if i == 0 {
+            first = v["id"].as_str().unwrap().to_string();
+        }
+    }
+    let before = env.counts();
+    let resp = client()
+        .post(&submit)
+        .json(&registration_body(&csr, "c-3", "capped"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "pending_limit", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("capped"),
+        "{v}"
+    );
+    assert_eq!(
+        env.counts(),
+        before,
+        "a refused submission stored something"
+    );
+    // Other groups are not affected.
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &submit,
+        None,
+        Some(registration_body(&csr, "elsewhere", "default")),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    // A decision frees a place in the queue.
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/registrations/{first}/deny"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &submit,
+        None,
+        Some(registration_body(&csr, "c-4", "capped")),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+}

@@ -6,7 +6,7 @@ use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, ApiJson, ClientAddr};
-use crate::http::page::{PageView, page_request};
+use crate::http::page::{PageView, page_in_memory, page_request};
 use crate::http::views::{AdminView, ApprovalView, RegistrationView};
 use crate::store::{Decision, RegistrationFilter, RegistrationStatus};
 use axum::Json;
@@ -245,23 +245,21 @@ pub struct CaView {
     not_after: String,
 }
 
+/// `GET /v1/admin/cas?cursor=&limit=&order=`: keyset-paginated like every
+/// list, by key id (time-ordered), newest first.
 pub async fn list_cas(
     State(state): State<AppState>,
     admin: Admin,
-) -> Result<Json<Vec<CaView>>, ApiError> {
+    Query(q): Query<PageQuery>,
+) -> Result<Json<PageView<CaView>>, ApiError> {
     admin.require(Role::Auditor)?;
-    Ok(Json(
-        state
-            .ca
-            .issuers()
-            .iter()
-            .map(|i| CaView {
-                name: i.name.clone(),
-                kind: format!("{:?}", i.kind).to_lowercase(),
-                algorithm: i.algorithm.to_string(),
-                key_id: i.key_id.to_string(),
-                not_after: rfc3339(from_unix(i.not_after)),
-            })
-            .collect(),
-    ))
+    let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;
+    let cas = page_in_memory(state.ca.issuers(), |i| i.key_id, &page);
+    Ok(Json(PageView::map(cas, |i| CaView {
+        name: i.name.clone(),
+        kind: format!("{:?}", i.kind).to_lowercase(),
+        algorithm: i.algorithm.to_string(),
+        key_id: i.key_id.to_string(),
+        not_after: rfc3339(from_unix(i.not_after)),
+    })))
 }
