@@ -484,17 +484,11 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
     )
     .await;
     let id = reg["id"].as_str().unwrap();
-    let (_, alice) = common::call(
-        post.clone(),
-        &format!("{url}/v1/admin/admins"),
-        Some(&admin),
-        Some(serde_json::json!({ "name": "alice", "role": "approver" })),
-    )
-    .await;
+    let alice = common::add_admin(&url, &admin, "alice", "approver").await;
     let (_, approved) = common::call(
         post,
         &format!("{url}/v1/admin/registrations/{id}/approve"),
-        alice["token"].as_str(),
+        Some(&alice),
         None,
     )
     .await;

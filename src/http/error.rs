@@ -1,7 +1,7 @@
 //! `ApiError`: the one place where errors become HTTP statuses. Bodies are
 //! `{"error": {"code", "message"}}`; 5xx bodies say nothing internal.
 
-use crate::auth::admins::AdminError;
+use crate::auth::AdminError;
 use crate::ca::CaError;
 use crate::ca::csr::CsrError;
 use crate::keystore::KeyStoreError;
@@ -143,20 +143,29 @@ impl From<RegistryError> for ApiError {
 
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> Self {
-        match e {
-            AdminError::Missing | AdminError::BadToken | AdminError::Disabled => {
-                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+        use AdminError as E;
+        let status = match &e {
+            E::Missing | E::BadToken | E::Disabled | E::BadInvitation => StatusCode::UNAUTHORIZED,
+            E::Forbidden { .. } | E::SelfAction(_) | E::SelfApproval => StatusCode::FORBIDDEN,
+            E::BadName => StatusCode::BAD_REQUEST,
+            E::NotFound(_) | E::RequestNotFound => StatusCode::NOT_FOUND,
+            E::Duplicate(_)
+            | E::DuplicateInvitation(_)
+            | E::DuplicateRoleChange(_)
+            | E::AlreadyDisabled
+            | E::LastActiveAdmin
+            | E::SameRole { .. }
+            | E::RequestNotPending(_)
+            | E::RequestExpired
+            | E::Concurrent => StatusCode::CONFLICT,
+            E::Store(_) | E::Random(_) => {
+                return match e {
+                    E::Store(s) => s.into(),
+                    other => Self::internal(&other),
+                };
             }
-            AdminError::Forbidden { .. } => {
-                Self::new(StatusCode::FORBIDDEN, "forbidden_role", e.to_string())
-            }
-            AdminError::BadName => Self::bad_request("invalid_field", e.to_string()),
-            AdminError::Duplicate(_) => Self::new(StatusCode::CONFLICT, "duplicate", e.to_string()),
-            AdminError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            AdminError::Refused(_) => Self::new(StatusCode::CONFLICT, "refused", e.to_string()),
-            AdminError::Store(s) => s.into(),
-            AdminError::Random(r) => Self::internal(&r),
-        }
+        };
+        Self::new(status, e.code(), e.to_string())
     }
 }
 

@@ -34,6 +34,17 @@ pub fn repo_file(rel: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
 }
 
+/// The shipped enrollment policy with the default group at one approver.
+pub fn one_approver_enrollment() -> String {
+    let shipped = repo_file("policies/enrollment.toml");
+    let relaxed = shipped.replacen("approvals_required = 2", "approvals_required = 1", 1);
+    assert_ne!(
+        shipped, relaxed,
+        "the shipped default group should require 2 approvals"
+    );
+    relaxed
+}
+
 /// One isolated keyward installation: token, config, secrets, policies.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -44,16 +55,15 @@ pub struct Env {
 }
 
 impl Env {
+    /// The shipped policies, with the `default` group relaxed to one
+    /// approver (as `keyward dev` does) so tests need a single approver.
     pub fn new() -> Self {
-        Self::with_policies(
-            &repo_file("policies/ca.toml"),
-            &repo_file("policies/enrollment.toml"),
-        )
+        Self::with_policies(&repo_file("policies/ca.toml"), &one_approver_enrollment())
     }
 
     /// Like `new`, with an extra enrollment group appended.
     pub fn with_extra_group(group_toml: &str) -> Self {
-        let enrollment = format!("{}\n{}", repo_file("policies/enrollment.toml"), group_toml);
+        let enrollment = format!("{}\n{}", one_approver_enrollment(), group_toml);
         Self::with_policies(&repo_file("policies/ca.toml"), &enrollment)
     }
 
@@ -353,4 +363,55 @@ pub async fn call(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Adds an admin the way operators do: `token` (role admin) invites, the
+/// invitee redeems and alone receives its token. With two or more active
+/// admins of role admin, `approver` (another admin) must approve first.
+pub async fn add_admin_approved(
+    url: &str,
+    token: &str,
+    approver: Option<&str>,
+    name: &str,
+    role: &str,
+) -> String {
+    let (status, inv) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/invitations"),
+        Some(token),
+        Some(serde_json::json!({ "name": name, "role": role })),
+    )
+    .await;
+    assert_eq!(status, 201, "{inv}");
+    let mut approval_code = Value::Null;
+    if inv["second_admin_required"] == true {
+        let approver = approver.expect("a second admin must approve this invitation");
+        let id = inv["id"].as_str().unwrap();
+        let (status, v) = call(
+            reqwest::Method::POST,
+            &format!("{url}/v1/admin/requests/{id}/approve"),
+            Some(approver),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        approval_code = v["approval_code"].clone();
+    }
+    let (status, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/invitations/redeem"),
+        None,
+        Some(serde_json::json!({
+            "invitation_code": inv["invitation_code"],
+            "approval_code": approval_code,
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// [`add_admin_approved`] while `token` is the only admin of role admin.
+pub async fn add_admin(url: &str, token: &str, name: &str, role: &str) -> String {
+    add_admin_approved(url, token, None, name, role).await
 }
