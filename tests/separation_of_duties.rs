@@ -255,7 +255,7 @@ async fn disable_storm(env: &Env, url: &str, bootstrap: &str) -> String {
         }
     }
     let active = sql_i64(
-        &env,
+        env,
         "SELECT COUNT(*) FROM admins WHERE role = 'admin' AND disabled = 0",
     );
     assert!(active >= 1, "everyone is locked out");
