@@ -10,16 +10,83 @@ use der::{Decode, Encode};
 use spki::{AlgorithmIdentifierRef, SubjectPublicKeyInfoOwned};
 use x509_cert::request::{CertReqInfo, Version};
 
+/// Why a CSR was refused. Every variant is the requester's fault (a 4xx).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CsrError {
     #[error("the CSR is not valid DER PKCS#10: {0}")]
-    Malformed(String),
+    Malformed(Malformed),
     #[error("the CSR's signature does not verify with its own public key")]
     BadSignature,
     #[error("unsupported CSR key or signature algorithm: {0}")]
-    UnsupportedAlgorithm(String),
+    UnsupportedAlgorithm(Unsupported),
     #[error("RSA keys of {0} bits are not allowed (2048, 3072 or 4096)")]
     KeySize(usize),
+}
+
+impl CsrError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "invalid_csr",
+            Self::BadSignature => "csr_signature_invalid",
+            Self::UnsupportedAlgorithm(_) => "unsupported_key_algorithm",
+            Self::KeySize(_) => "key_size_not_allowed",
+        }
+    }
+}
+
+/// What is wrong with the encoding of a CSR.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Malformed {
+    #[error("not valid PEM: {0}")]
+    Pem(der::pem::Error),
+    /// The label found (input data, not a message).
+    #[error("PEM label `{0}` is not CERTIFICATE REQUEST")]
+    PemLabel(String),
+    #[error("{0}")]
+    Der(der::Error),
+    #[error("unknown PKCS#10 version")]
+    Version,
+    #[error("the {0} BIT STRING is not octet-aligned")]
+    BitString(&'static str),
+    #[error("EC key without curve parameters")]
+    EcParametersMissing,
+    #[error("EC curve parameters are not an object identifier: {0}")]
+    EcParameters(der::Error),
+    #[error("RSA public key is not an RSAPublicKey: {0}")]
+    RsaKey(der::Error),
+}
+
+/// An algorithm keyward does not issue for.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Unsupported {
+    #[error("key algorithm {0}")]
+    KeyAlgorithm(ObjectIdentifier),
+    #[error("EC curve {0}")]
+    Curve(ObjectIdentifier),
+    #[error("signature algorithm {signature} with a {key} key")]
+    Signature {
+        signature: ObjectIdentifier,
+        key: KeyAlgorithm,
+    },
+}
+
+impl From<Malformed> for CsrError {
+    fn from(m: Malformed) -> Self {
+        Self::Malformed(m)
+    }
+}
+
+impl From<Unsupported> for CsrError {
+    fn from(u: Unsupported) -> Self {
+        Self::UnsupportedAlgorithm(u)
+    }
+}
+
+impl From<der::Error> for CsrError {
+    fn from(e: der::Error) -> Self {
+        Self::Malformed(Malformed::Der(e))
+    }
 }
 
 #[derive(der::Sequence)]
@@ -42,12 +109,9 @@ pub fn decode_pem_or_der(input: &[u8]) -> Result<Vec<u8>, CsrError> {
     let text = std::str::from_utf8(input).ok().map(str::trim_start);
     match text {
         Some(t) if t.starts_with("-----BEGIN") => {
-            let (label, der) = der::pem::decode_vec(t.as_bytes())
-                .map_err(|e| CsrError::Malformed(e.to_string()))?;
+            let (label, der) = der::pem::decode_vec(t.as_bytes()).map_err(Malformed::Pem)?;
             if label != "CERTIFICATE REQUEST" && label != "NEW CERTIFICATE REQUEST" {
-                return Err(CsrError::Malformed(format!(
-                    "PEM label `{label}` is not CERTIFICATE REQUEST"
-                )));
+                return Err(Malformed::PemLabel(label.to_string()).into());
             }
             Ok(der)
         }
@@ -62,15 +126,15 @@ fn key_algorithm(spki: &SubjectPublicKeyInfoOwned) -> Result<KeyAlgorithm, CsrEr
             .algorithm
             .parameters
             .as_ref()
-            .ok_or_else(|| CsrError::Malformed("EC key without curve parameters".into()))?
+            .ok_or(Malformed::EcParametersMissing)?
             .decode_as::<ObjectIdentifier>()
-            .map_err(|e| CsrError::Malformed(e.to_string()))?;
+            .map_err(Malformed::EcParameters)?;
         if curve == rfc5912::SECP_256_R_1 {
             Ok(KeyAlgorithm::EcdsaP256)
         } else if curve == rfc5912::SECP_384_R_1 {
             Ok(KeyAlgorithm::EcdsaP384)
         } else {
-            Err(CsrError::UnsupportedAlgorithm(format!("EC curve {curve}")))
+            Err(Unsupported::Curve(curve).into())
         }
     } else if oid == rfc5912::RSA_ENCRYPTION {
         #[derive(der::Sequence)]
@@ -81,8 +145,8 @@ fn key_algorithm(spki: &SubjectPublicKeyInfoOwned) -> Result<KeyAlgorithm, CsrEr
         let raw = spki
             .subject_public_key
             .as_bytes()
-            .ok_or_else(|| CsrError::Malformed("RSA key bit string not octet-aligned".into()))?;
-        let key = RsaPublicKey::from_der(raw).map_err(|e| CsrError::Malformed(e.to_string()))?;
+            .ok_or(Malformed::BitString("public key"))?;
+        let key = RsaPublicKey::from_der(raw).map_err(Malformed::RsaKey)?;
         let bits = key.n.as_bytes().len() * 8;
         match bits {
             2048 => Ok(KeyAlgorithm::Rsa2048),
@@ -93,9 +157,7 @@ fn key_algorithm(spki: &SubjectPublicKeyInfoOwned) -> Result<KeyAlgorithm, CsrEr
     } else if oid == rfc8410::ID_ED_25519 {
         Ok(KeyAlgorithm::Ed25519)
     } else {
-        Err(CsrError::UnsupportedAlgorithm(format!(
-            "key algorithm {oid}"
-        )))
+        Err(Unsupported::KeyAlgorithm(oid).into())
     }
 }
 
@@ -133,10 +195,8 @@ fn verification_algorithm(
             &s::RSA_PKCS1_2048_8192_SHA512
         }
         (KeyAlgorithm::Ed25519, o) if o == rfc8410::ID_ED_25519 => &s::ED25519,
-        (k, o) => {
-            return Err(CsrError::UnsupportedAlgorithm(format!(
-                "signature algorithm {o} with a {k} key"
-            )));
+        (key, signature) => {
+            return Err(Unsupported::Signature { signature, key }.into());
         }
     };
     Ok(alg)
@@ -144,12 +204,11 @@ fn verification_algorithm(
 
 /// Parses a DER CSR and verifies its self-signature.
 pub fn verify(der_bytes: &[u8]) -> Result<VerifiedCsr, CsrError> {
-    let malformed = |e: der::Error| CsrError::Malformed(e.to_string());
-    let req = RawCertReq::from_der(der_bytes).map_err(malformed)?;
-    let info_der = req.info.to_der().map_err(malformed)?;
-    let info = CertReqInfo::from_der(&info_der).map_err(malformed)?;
+    let req = RawCertReq::from_der(der_bytes)?;
+    let info_der = req.info.to_der()?;
+    let info = CertReqInfo::from_der(&info_der)?;
     if info.version != Version::V1 {
-        return Err(CsrError::Malformed("unknown PKCS#10 version".into()));
+        return Err(Malformed::Version.into());
     }
     let algorithm = key_algorithm(&info.public_key)?;
     let verifier = verification_algorithm(algorithm, req.algorithm.oid)?;
@@ -157,16 +216,16 @@ pub fn verify(der_bytes: &[u8]) -> Result<VerifiedCsr, CsrError> {
         .public_key
         .subject_public_key
         .as_bytes()
-        .ok_or_else(|| CsrError::Malformed("public key bit string not octet-aligned".into()))?;
+        .ok_or(Malformed::BitString("public key"))?;
     let signature = req
         .signature
         .as_bytes()
-        .ok_or_else(|| CsrError::Malformed("signature bit string not octet-aligned".into()))?;
+        .ok_or(Malformed::BitString("signature"))?;
     ring::signature::UnparsedPublicKey::new(verifier, public_key)
         .verify(&info_der, signature)
         .map_err(|_| CsrError::BadSignature)?;
     Ok(VerifiedCsr {
         algorithm,
-        spki_der: info.public_key.to_der().map_err(malformed)?,
+        spki_der: info.public_key.to_der()?,
     })
 }

@@ -6,7 +6,7 @@ use crate::audit::AuditDraft;
 use crate::keystore::{KeyStore, KeyStoreError};
 use crate::policy::{CaKind, CaPolicy};
 use crate::store::{
-    CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, StoreError, Write,
+    CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, Write,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -37,15 +37,9 @@ impl CaService {
                 loaded.insert(ca.name.clone(), Arc::new(issuer));
             }
             if deferred.len() == before {
-                return Err(StoreError::Corrupt(format!(
-                    "CA(s) {} reference parents that do not exist",
-                    deferred
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-                .into());
+                return Err(CaError::ParentMissing(
+                    deferred.into_iter().map(|c| c.name).collect(),
+                ));
             }
             remaining = deferred;
         }
@@ -60,22 +54,24 @@ impl CaService {
         ca: &CaRecord,
         parent_chain: Option<String>,
     ) -> Result<Issuer, CaError> {
-        let key = self.store.get_key(ca.key_id).await?.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "CA {} references missing key {}",
-                ca.name, ca.key_id
-            ))
-        })?;
+        let key =
+            self.store
+                .get_key(ca.key_id)
+                .await?
+                .ok_or_else(|| CaError::KeyRecordMissing {
+                    ca: ca.name.clone(),
+                    key_id: ca.key_id,
+                })?;
         let summary = x509::summarize(&ca.certificate_der)?;
         let mut chain_pem = x509::to_pem(&ca.certificate_der)?;
         if let Some(parent) = parent_chain {
             chain_pem.push_str(&parent);
         }
         let keystore = self.keystores.get(&key.keystore).cloned().map_err(|_| {
-            StoreError::Corrupt(format!(
-                "CA {}'s key is in key store `{}`, which is not configured in keyward.toml",
-                ca.name, key.keystore
-            ))
+            CaError::KeyStoreNotConfigured {
+                ca: ca.name.clone(),
+                keystore: key.keystore.clone(),
+            }
         })?;
         Ok(Issuer {
             name: ca.name.clone(),
@@ -261,11 +257,12 @@ impl CaService {
             if !needed.contains(issuer.name.as_str()) {
                 continue;
             }
-            let key = self
-                .store
-                .get_key(issuer.key_id)
-                .await?
-                .ok_or_else(|| CaError::UnknownCa(issuer.name.clone()))?;
+            let key = self.store.get_key(issuer.key_id).await?.ok_or_else(|| {
+                CaError::KeyRecordMissing {
+                    ca: issuer.name.clone(),
+                    key_id: issuer.key_id,
+                }
+            })?;
             if key.state != KeyState::Active {
                 return Err(CaError::KeyNotActive(issuer.name.clone()));
             }

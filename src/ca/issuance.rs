@@ -19,12 +19,7 @@ impl CaService {
             return Err(CaError::AlgorithmNotAllowed {
                 algorithm: csr.algorithm,
                 profile: profile.name.clone(),
-                allowed: profile
-                    .key_algorithms
-                    .iter()
-                    .map(|a| a.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                allowed: profile.key_algorithms.clone(),
             });
         }
         let issuer = self.issuer(&profile.issuer)?;

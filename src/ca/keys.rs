@@ -38,6 +38,16 @@ pub enum KeyLifecycleError {
     Store(#[from] StoreError),
 }
 
+impl KeyLifecycleError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::KeyStore(_) => "keystore_error",
+            Self::Store(_) => "store_error",
+        }
+    }
+}
+
 /// A key generated in the HSM, recorded as `generating` until the caller commits.
 pub struct PendingKey {
     pub id: Uuid,

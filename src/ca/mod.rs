@@ -21,6 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use uuid::Uuid;
 
+/// Errors of the CA service. [`CaError::code`] is stable; whether a code is
+/// the caller's fault or the server's is decided in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error(transparent)]
@@ -31,24 +33,64 @@ pub enum CaError {
     Store(#[from] StoreError),
     #[error(transparent)]
     KeyLifecycle(#[from] keys::KeyLifecycleError),
-    #[error("certificate encoding failed: {0}")]
+    #[error("certificate encoding failed")]
     Encoding(#[from] der::Error),
     #[error("CA `{0}` does not exist (run `keyward init`)")]
     UnknownCa(String),
     #[error("the CA key of `{0}` is not active")]
     KeyNotActive(String),
-    #[error("key algorithm {algorithm} is not allowed by profile `{profile}` (allowed: {allowed})")]
+    #[error("key algorithm {algorithm} is not allowed by profile `{profile}` (allowed: {})", list(.allowed))]
     AlgorithmNotAllowed {
         algorithm: KeyAlgorithm,
         profile: String,
-        allowed: String,
+        allowed: Vec<KeyAlgorithm>,
     },
     #[error("CA `{0}` has expired or expires before any certificate could be valid")]
     Expired(String),
+    /// The HSM signed a CA certificate that does not verify: nothing was stored.
     #[error("the HSM returned a signature that does not verify for CA `{0}`")]
     BadSignature(String),
     #[error(transparent)]
     Random(#[from] crate::auth::RandomError),
+    /// CAs in the store whose parent is not in the store.
+    #[error("CA(s) {} reference parents that do not exist", .0.join(", "))]
+    ParentMissing(Vec<String>),
+    #[error("CA `{ca}` references key {key_id}, which is not in the store")]
+    KeyRecordMissing { ca: String, key_id: Uuid },
+    #[error(
+        "CA `{ca}`'s key is in key store `{keystore}`, which is not configured in keyward.toml"
+    )]
+    KeyStoreNotConfigured { ca: String, keystore: String },
+}
+
+fn list(algorithms: &[KeyAlgorithm]) -> String {
+    algorithms
+        .iter()
+        .map(|a| a.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl CaError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Csr(e) => e.code(),
+            Self::KeyStore(_) => "keystore_error",
+            Self::Store(_) => "store_error",
+            Self::KeyLifecycle(e) => e.code(),
+            Self::Encoding(_) => "certificate_encoding_failed",
+            Self::UnknownCa(_) => "unknown_ca",
+            Self::KeyNotActive(_) => "ca_key_not_active",
+            Self::AlgorithmNotAllowed { .. } => "key_algorithm_not_allowed",
+            Self::Expired(_) => "ca_expired",
+            Self::BadSignature(_) => "hsm_signature_invalid",
+            Self::Random(_) => "random_unavailable",
+            Self::ParentMissing(_) => "ca_parent_missing",
+            Self::KeyRecordMissing { .. } => "ca_key_record_missing",
+            Self::KeyStoreNotConfigured { .. } => "keystore_not_configured",
+        }
+    }
 }
 
 /// A loaded issuing authority: what signing needs, parsed once.
