@@ -5,12 +5,13 @@
 //! - `hierarchy`: the chain of CAs (load from the store, create from policy);
 //! - `issuance`: device certificates;
 //! - [`keys`]: HSM key creation with its undo and start-up reconciliation;
-//! - [`csr`] and [`x509`]: the encodings.
+//! - [`csr`], [`public_key`] and [`x509`]: the encodings.
 
 pub mod csr;
 mod hierarchy;
 mod issuance;
 pub mod keys;
+pub mod public_key;
 pub mod x509;
 
 use crate::clock::Clock;
