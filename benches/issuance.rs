@@ -2,8 +2,10 @@
 //! an auto-approve group and a running `keyward serve`).
 //!
 //! Measures in one run: raw SoftHSM2 ECDSA P-256 signatures/s through the
-//! KeyStore (1 and 2 signers), and end-to-end issuances/s through the HTTP
-//! API at concurrency 1, 16 and 64 with p50/p99 latency. Each issuance is one
+//! KeyStore (1 and 2 signers), end-to-end issuances/s through the HTTP API at
+//! concurrency 1, 16 and 64 with p50/p99 latency, and the rate of the check
+//! the daemon makes on every certificate before storing it (the device
+//! certificate's signature against the issuing CA, ring). Each issuance is one
 //! `POST /v1/registrations` to a group with `approvals_required = 0`: CSR
 //! verification, certificate built and signed in the HSM, registration,
 //! device, certificate and three audit events committed before the answer.
@@ -200,6 +202,60 @@ async fn e2e(url: &str, bodies: Arc<Vec<String>>, concurrency: usize, secs: u64)
     }
 }
 
+/// One device certificate and its issuing CA's certificate, fetched through
+/// the API like a device would (register, then fetch credentials).
+async fn device_and_issuer(url: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
+    let client = reqwest::Client::new();
+    let resp: serde_json::Value = client
+        .post(format!("{url}/v1/registrations"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let creds: serde_json::Value = client
+        .get(format!(
+            "{url}/v1/registrations/{}/credentials",
+            resp["id"].as_str().unwrap()
+        ))
+        .bearer_auth(resp["secret"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let der = |pem: &str| der::pem::decode_vec(pem.as_bytes()).unwrap().1;
+    let chain = creds["chain_pem"].as_str().unwrap();
+    let issuer = chain
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap();
+    (der(creds["certificate_pem"].as_str().unwrap()), der(issuer))
+}
+
+/// How fast the check the daemon makes on every issued certificate runs:
+/// the device certificate's signature against the issuing CA's certificate
+/// (`verify_issued_by`, ring), one thread.
+fn verify_rate(cert: &[u8], issuer: &[u8], secs: u64) -> f64 {
+    assert!(keyward::ca::x509::verify_issued_by(cert, issuer));
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        for _ in 0..64 {
+            assert!(keyward::ca::x509::verify_issued_by(
+                std::hint::black_box(cert),
+                issuer
+            ));
+        }
+        n += 64;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -267,6 +323,15 @@ fn main() {
         let ratio = at16 / raw2;
         println!("ratio end-to-end@16 / raw 2-signer: {ratio:.2} (target >= 0.30)");
 
+        let (cert, issuer) = device_and_issuer(&a.url, &bodies[0]).await;
+        let verify = verify_rate(&cert, &issuer, a.seconds.min(3));
+        // CPU the daemon spends re-verifying at the concurrency-16 rate, in cores.
+        let verify_cores = at16 / verify;
+        println!(
+            "device certificate signature check (ring, 1 thread): {verify:>8.0}/s ({:.1} us each; {verify_cores:.2} core at the concurrency-16 rate)",
+            1e6 / verify
+        );
+
         if let Some(out) = &a.out {
             let mut md = String::new();
             md.push_str(&format!(
@@ -285,6 +350,10 @@ fn main() {
                 ));
             }
             md.push_str(&format!("| ratio end-to-end@16 / raw 2-signer (target ≥ 0.30) | {ratio:.2} |\n"));
+            md.push_str(&format!(
+                "| device certificate signature check before storing (ring, 1 thread) | {verify:.0}/s, {:.1} µs each; {verify_cores:.2} core at the concurrency-16 rate |\n",
+                1e6 / verify
+            ));
             let mut existing = std::fs::read_to_string(out).unwrap_or_else(|_| {
                 "# keyward benchmarks\n\nProduced by `scripts/bench.sh`; newest run last. Numbers from one machine on one day: compare runs on the same machine only.\n".to_string()
             });

@@ -6,9 +6,11 @@ use crate::store::{CertificateRecord, CertificateStatus};
 use uuid::Uuid;
 
 impl CaService {
-    /// Signs a device certificate for `device_id` under `profile`.
+    /// Signs a device certificate for `device_id` under `profile` and checks
+    /// the HSM's signature against the CA certificate.
     /// Does not write to the store: the caller commits the record together
-    /// with the registration change and its audit events.
+    /// with the registration change and its audit events, so an error here
+    /// leaves nothing behind.
     pub async fn sign_device_certificate(
         &self,
         profile: &ProfilePolicy,
@@ -54,6 +56,17 @@ impl CaService {
             .sign(&issuer.handle, issuer.algorithm, &tbs)
             .await?;
         let der = x509::assemble(&tbs, issuer.algorithm, &signature)?;
+        // A faulty HSM (or a key that no longer matches the CA certificate)
+        // must not hand out certificates nobody can verify. Costs one
+        // signature verification per issuance; BENCHMARKS.md records it.
+        if !x509::verify_issued_by(&der, &issuer.cert_der) {
+            tracing::error!(
+                ca = %issuer.name,
+                serial = %hex::encode_upper(serial),
+                "the HSM signed a device certificate that does not verify against the CA certificate; nothing issued"
+            );
+            return Err(CaError::DeviceSignatureInvalid(issuer.name.clone()));
+        }
         let record = CertificateRecord {
             serial: hex::encode_upper(serial),
             device_id: Some(device_id),

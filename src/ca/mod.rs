@@ -51,6 +51,10 @@ pub enum CaError {
     /// The HSM signed a CA certificate that does not verify: nothing was stored.
     #[error("the HSM returned a signature that does not verify for CA `{0}`")]
     BadSignature(String),
+    /// The HSM signed a device certificate that does not verify against the
+    /// CA certificate: nothing was issued.
+    #[error("the HSM returned a device certificate signature that does not verify for CA `{0}`")]
+    DeviceSignatureInvalid(String),
     #[error(transparent)]
     Random(#[from] crate::auth::RandomError),
     /// CAs in the store whose parent is not in the store.
@@ -85,7 +89,7 @@ impl CaError {
             Self::KeyNotActive(_) => "ca_key_not_active",
             Self::AlgorithmNotAllowed { .. } => "key_algorithm_not_allowed",
             Self::Expired(_) => "ca_expired",
-            Self::BadSignature(_) => "hsm_signature_invalid",
+            Self::BadSignature(_) | Self::DeviceSignatureInvalid(_) => "hsm_signature_invalid",
             Self::Random(_) => "random_unavailable",
             Self::ParentMissing(_) => "ca_parent_missing",
             Self::KeyRecordMissing { .. } => "ca_key_record_missing",
