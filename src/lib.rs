@@ -4,7 +4,8 @@
 //! backends behind them, services that depend only on the ports (`ca`,
 //! `registry`, `auth`, `audit`, `policy`), the HTTP surface (`http`) and the
 //! operator CLI (`cli`). `app` is the one composition root that names
-//! concrete backends.
+//! concrete backends. `softhsm` is dev and test support (`keyward dev`,
+//! tests, benchmark), not used by the daemon.
 
 #![forbid(unsafe_code)]
 
@@ -21,4 +22,5 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod secret;
+pub mod softhsm;
 pub mod store;

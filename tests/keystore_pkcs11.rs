@@ -25,40 +25,17 @@ use std::sync::Arc;
 
 const READY: &str = "KEYWARD_TEST_SOFTHSM_DIR";
 
-/// Initialises a fresh token on SoftHSM's free slot, through PKCS#11 itself.
+/// A fresh token on SoftHSM's free slot, made through PKCS#11 in this process.
 fn new_token() -> String {
-    // Tests run on parallel threads; two of them must not claim the same free slot.
-    static SLOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = SLOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let ctx = context(&common::softhsm_module()).unwrap();
     let label = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let slot = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .map(|i| !i.token_initialized())
-                .unwrap_or(false)
-        })
-        .expect("SoftHSM always offers one uninitialised slot");
-    ctx.init_token(
-        slot,
-        &SecretString::from(common::SO_PIN.to_string()),
+    keyward::softhsm::init_token_in_process(
+        &ctx,
         &label,
+        &SecretString::from(common::SO_PIN),
+        &SecretString::from(common::PIN),
     )
     .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(
-            cryptoki::session::UserType::So,
-            Some(&SecretString::from(common::SO_PIN.to_string())),
-        )
-        .unwrap();
-    session
-        .init_pin(&SecretString::from(common::PIN.to_string()))
-        .unwrap();
-    session.logout().unwrap();
     label
 }
 
@@ -541,17 +518,10 @@ mod ca_checks {
 fn main() -> ExitCode {
     if std::env::var_os(READY).is_none() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens.display()),
-        )
-        .unwrap();
+        let hsm = keyward::softhsm::SoftHsm::prepare(dir.path()).unwrap();
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args(std::env::args_os().skip(1))
-            .env("SOFTHSM2_CONF", &conf)
+            .env("SOFTHSM2_CONF", hsm.conf())
             .env(READY, dir.path())
             .status()
             .unwrap();
