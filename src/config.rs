@@ -672,6 +672,11 @@ management_key_env = "KW_MGM"
         ] {
             refused(&format!("{MINIMAL}{YUBIKEY}{extra}\n"), key);
         }
+        // With two cards present "the first YubiKey" is ambiguous: no default serial.
+        refused(
+            &format!("{MINIMAL}{}", YUBIKEY.replace("serial = 12345678\n", "")),
+            "serial",
+        );
         for name in ["default", "Root", ""] {
             refused(
                 &format!(
