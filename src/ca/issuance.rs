@@ -1,4 +1,5 @@
-//! Issuance: device certificates from verified CSRs under a profile.
+//! Issuance: device certificates from verified CSRs under a profile, each
+//! checked against its CA certificate before the caller may store it.
 
 use super::{CaError, CaService, IssuedCertificate, csr, fingerprint, now_ms, x509};
 use crate::policy::ProfilePolicy;
