@@ -9,9 +9,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig};
 use crate::http::{AppState, Limits};
 use crate::keystore::metered::MeteredKeyStore;
-use crate::keystore::pkcs11::uri::Pkcs11Uri;
-use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
-use crate::keystore::yubikey::{self, YubiKeyKeyStore, YubiKeySettings};
+use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings};
+use crate::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings};
 use crate::keystore::{KeyStore, KeyStores};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
@@ -41,15 +40,8 @@ pub async fn open_keystore(
 ) -> anyhow::Result<Arc<dyn KeyStore>> {
     match config {
         KeyStoreConfig::Pkcs11(p) => {
-            let pin: SecretString = p.pin_source().load()?;
-            let selector = match (&p.token_label, &p.token_serial, &p.token_uri) {
-                (Some(l), _, _) => TokenSelector::Label(l.clone()),
-                (_, Some(s), _) => TokenSelector::Serial(s.clone()),
-                (_, _, Some(u)) => TokenSelector::Uri(Pkcs11Uri::parse(u)?),
-                _ => bail!(
-                    "key store `{name}`: no token selector (config validation should have caught this)"
-                ),
-            };
+            let pin: SecretString = p.pin.read()?;
+            let selector = p.token.clone();
             let ks = Pkcs11KeyStore::open(Pkcs11Settings {
                 module: p.module.clone(),
                 selector,
@@ -74,18 +66,14 @@ pub async fn open_keystore(
             };
             let settings = YubiKeySettings {
                 serial: y.serial,
-                slot: yubikey::parse_slot(&y.slot).map_err(anyhow::Error::msg)?,
-                pin: y.pin_source(name).load()?,
-                management_key: y.management_key_source(name).load()?,
-                management_key_algorithm: yubikey::parse_management_algorithm(
-                    &y.management_key_algorithm,
-                )
-                .map_err(anyhow::Error::msg)?,
-                pin_policy: yubikey::parse_pin_policy(&y.pin_policy).map_err(anyhow::Error::msg)?,
-                touch_policy: yubikey::parse_touch_policy(&y.touch_policy)
-                    .map_err(anyhow::Error::msg)?,
+                slot: y.slot,
+                pin: y.pin.read()?,
+                management_key: y.management_key.read()?,
+                management_key_algorithm: y.management_key_algorithm,
+                pin_policy: y.pin_policy,
+                touch_policy: y.touch_policy,
                 attestation_root_der,
-                sign_timeout: Duration::from_secs(y.sign_timeout_secs),
+                sign_timeout: y.sign_timeout,
             };
             Ok(Arc::new(YubiKeyKeyStore::new(settings)))
         }
@@ -131,7 +119,7 @@ impl App {
 
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let policies = Arc::new(Policies::load(&config.policies.dir)?);
-        let pepper = config.auth.pepper_source().load()?;
+        let pepper = config.auth.token_pepper.read()?;
         if pepper.expose_secret().len() < 16 {
             bail!(
                 "auth.token_pepper must be at least 16 bytes (use e.g. `head -c 32 /dev/urandom | base64`)"
@@ -161,7 +149,7 @@ impl App {
         ));
         let limits = Limits {
             body_limit_bytes: config.server.body_limit_bytes,
-            request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+            request_timeout: config.server.request_timeout,
             log_sensitive_details: config.log.sensitive_details,
         };
         let trusted_proxies = Arc::new(config.server.trusted_proxies.clone());

@@ -283,9 +283,13 @@ async fn two_cards_are_told_apart_by_serial() {
     // With two cards present, the crate's "first YubiKey" open is ambiguous;
     // keyward's config therefore has no way to omit the serial.
     let cfg = "[store]\ntype='sqlite'\npath='x'\n[keystore]\ntype='yubikey'\npin_env='P'\nmanagement_key_env='M'\n[auth]\ntoken_pepper_env='X'\n";
-    let e = keyward::config::Config::parse(cfg, std::path::Path::new("k.toml"))
-        .unwrap_err()
-        .to_string();
+    let e = keyward::config::Config::from_toml(
+        cfg,
+        std::path::Path::new("k.toml"),
+        std::path::Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("serial"), "{e}");
 }
 

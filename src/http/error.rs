@@ -91,21 +91,24 @@ impl From<KeyStoreError> for ApiError {
 
 impl From<CaError> for ApiError {
     fn from(e: CaError) -> Self {
-        match e {
-            CaError::Csr(c) => RegistryError::from(c).into(),
-            CaError::AlgorithmNotAllowed { .. } => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "key_algorithm_not_allowed",
-                e.to_string(),
-            ),
-            CaError::UnknownCa(_) => Self::new(StatusCode::NOT_FOUND, "unknown_ca", e.to_string()),
-            CaError::Expired(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "ca_expired", e.to_string())
+        let status = match &e {
+            CaError::Csr(_) | CaError::KeyStore(_) | CaError::Store(_) => {
+                return match e {
+                    CaError::Csr(c) => RegistryError::Csr(c).into(),
+                    CaError::KeyStore(k) => k.into(),
+                    CaError::Store(s) => s.into(),
+                    other => Self::internal(&other),
+                };
             }
-            CaError::KeyStore(k) => k.into(),
-            CaError::Store(s) => s.into(),
-            other => Self::internal(&other),
-        }
+            CaError::AlgorithmNotAllowed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            CaError::UnknownCa(_) => StatusCode::NOT_FOUND,
+            CaError::Expired(_) => {
+                tracing::error!(error = %e, "a CA has expired");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => return Self::internal(&e),
+        };
+        Self::new(status, e.code(), e.to_string())
     }
 }
 

@@ -15,15 +15,7 @@ pub const SO_PIN: &str = "so-pin-1234";
 pub const PIN: &str = "user-pin-5678";
 
 pub fn softhsm_module() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 is not installed: run scripts/test.sh, which installs it")
+    keyward::softhsm::module_path().expect("run scripts/test.sh, which installs SoftHSM2")
 }
 
 pub fn keyward_bin() -> PathBuf {
@@ -69,40 +61,18 @@ impl Env {
 
     pub fn with_policies(ca: &str, enrollment: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let softhsm_conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
+        let hsm = keyward::softhsm::SoftHsm::prepare(dir.path()).unwrap();
         let label = format!(
             "kw-test-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                &label,
-                "--so-pin",
-                SO_PIN,
-                "--pin",
-                PIN,
-            ])
-            .output()
-            .expect("softhsm2-util missing: run scripts/test.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        hsm.create_token(
+            &label,
+            &secrecy::SecretString::from(SO_PIN),
+            &secrecy::SecretString::from(PIN),
+        )
+        .unwrap();
+        let softhsm_conf = hsm.conf().to_path_buf();
         std::fs::write(dir.path().join("hsm.pin"), PIN).unwrap();
         std::fs::write(dir.path().join("pepper"), "test-pepper-0123456789").unwrap();
         let policies = dir.path().join("policies");
@@ -118,7 +88,7 @@ impl Env {
                  [store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n\n\
                  [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{label}\"\npin_file = \"hsm.pin\"\nsessions = 2\n\n\
                  [auth]\ntoken_pepper_file = \"pepper\"\n\n[log]\nlevel = \"warn\"\n",
-                softhsm_module().display()
+                hsm.module().display()
             ),
         )
         .unwrap();
