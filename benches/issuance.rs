@@ -1,58 +1,172 @@
-//! Issuance benchmark, driven by `scripts/bench.sh` (which sets up a token,
-//! an auto-approve group and a running `keyward serve`).
+//! Issuance benchmark, run by `scripts/bench.sh` (or `cargo bench --bench
+//! issuance -- [--seconds N] [--out BENCHMARKS.md]`).
+//!
+//! Sets up its own installation in a temp dir: a SoftHSM2 token
+//! (`keyward::softhsm`), the shipped policies plus a `bench` group with
+//! `approvals_required = 0`, `keyward init`, and `keyward serve` (the binary
+//! built with the same profile) as a separate process on a loopback port.
 //!
 //! Measures in one run: raw SoftHSM2 ECDSA P-256 signatures/s through the
-//! KeyStore (1 and 2 signers), and end-to-end issuances/s through the HTTP
-//! API at concurrency 1, 16 and 64 with p50/p99 latency. Each issuance is one
+//! KeyStore (1 and 2 signers), end-to-end issuances/s through the HTTP API at
+//! concurrency 1, 16 and 64 with p50/p99 latency, and the rate of the check
+//! the daemon makes on every certificate before storing it (the device
+//! certificate's signature against the issuing CA, ring). Each issuance is one
 //! `POST /v1/registrations` to a group with `approvals_required = 0`: CSR
-//! verification, certificate built and signed in the HSM, registration,
-//! device, certificate and three audit events committed before the answer.
+//! verification, certificate built and signed in the HSM and checked,
+//! registration, device, certificate and three audit events committed before
+//! the answer. `keyward audit verify` checks the chain afterwards.
+//!
+//! SoftHSM2 reads `SOFTHSM2_CONF` once, when this process loads it for the
+//! raw rate, so the binary prepares the token directory and re-executes
+//! itself with `SOFTHSM2_CONF` set (no process-global environment mutation).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
 use keyward::keystore::{KeyAlgorithm, KeySpec, KeyStore};
+use keyward::softhsm::SoftHsm;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+use secrecy::{ExposeSecret, SecretString};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// Set (to the work directory) in the re-executed child.
+const WORK_DIR: &str = "KEYWARD_BENCH_DIR";
+const LABEL: &str = "keyward-bench";
+
 struct Args {
-    url: String,
-    module: String,
-    label: String,
-    pin: String,
     seconds: u64,
     out: Option<String>,
 }
 
 fn args() -> Args {
     let mut a = Args {
-        url: String::new(),
-        module: String::new(),
-        label: String::new(),
-        pin: String::new(),
         seconds: 10,
         out: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
-            "--url" => a.url = it.next().unwrap(),
-            "--module" => a.module = it.next().unwrap(),
-            "--label" => a.label = it.next().unwrap(),
-            "--pin-file" => {
-                a.pin = std::fs::read_to_string(it.next().unwrap())
-                    .unwrap()
-                    .trim()
-                    .to_string()
-            }
             "--seconds" => a.seconds = it.next().unwrap().parse().unwrap(),
             "--out" => a.out = Some(it.next().unwrap()),
             _ => {} // cargo bench passes --bench
         }
     }
-    assert!(!a.url.is_empty(), "run through scripts/bench.sh");
+    assert!(a.seconds >= 1, "--seconds must be at least 1");
     a
+}
+
+fn random_text(bytes: usize) -> String {
+    hex::encode(keyward::auth::random_bytes(bytes).unwrap())
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+/// The daemon under test; killed (by its own PID) when dropped.
+struct Daemon {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One installation in `dir`: token, secrets, policies, config, `keyward
+/// init`, then `keyward serve`. Returns the daemon and the token's user PIN.
+fn install(dir: &Path, hsm: &SoftHsm) -> (Daemon, PathBuf, SecretString) {
+    let pin = SecretString::from(random_text(12));
+    hsm.create_token(LABEL, &SecretString::from(random_text(12)), &pin)
+        .unwrap();
+    write_private(&dir.join("hsm.pin"), pin.expose_secret());
+    write_private(&dir.join("pepper"), &random_text(24));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    std::fs::copy(repo.join("ca.toml"), policies.join("ca.toml")).unwrap();
+    let enrollment = std::fs::read_to_string(repo.join("enrollment.toml")).unwrap();
+    std::fs::write(
+        policies.join("enrollment.toml"),
+        format!(
+            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napprovals_required = 0\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.join("keyward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\
+             [store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n\
+             [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{LABEL}\"\npin_file = \"hsm.pin\"\nsessions = 2\n\
+             [auth]\ntoken_pepper_file = \"pepper\"\n\
+             [log]\nlevel = \"warn\"\n\
+             # Benchmark only: every request comes from loopback.\n\
+             [limits]\nregistrations_per_source = 1000000\nregistrations_window_secs = 1\n",
+            hsm.module().display()
+        ),
+    )
+    .unwrap();
+    let keyward = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keyward"));
+        c.env("SOFTHSM2_CONF", hsm.conf());
+        c
+    };
+    let out = keyward()
+        .arg("init")
+        .arg("--config")
+        .arg(&config)
+        .arg("--token-out")
+        .arg(dir.join("admin.token"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keyward init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = keyward()
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("keyward listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(30));
+    let daemon = Daemon {
+        child,
+        url: url.unwrap_or_default(),
+    };
+    assert!(!daemon.url.is_empty(), "keyward serve did not start");
+    println!("==> daemon at {} (pid {})", daemon.url, daemon.child.id());
+    (daemon, config, pin)
 }
 
 async fn raw_rate(ks: Arc<dyn KeyStore>, signers: usize, secs: u64) -> f64 {
@@ -200,6 +314,60 @@ async fn e2e(url: &str, bodies: Arc<Vec<String>>, concurrency: usize, secs: u64)
     }
 }
 
+/// One device certificate and its issuing CA's certificate, fetched through
+/// the API like a device would (register, then fetch credentials).
+async fn device_and_issuer(url: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
+    let client = reqwest::Client::new();
+    let resp: serde_json::Value = client
+        .post(format!("{url}/v1/registrations"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let creds: serde_json::Value = client
+        .get(format!(
+            "{url}/v1/registrations/{}/credentials",
+            resp["id"].as_str().unwrap()
+        ))
+        .bearer_auth(resp["secret"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let der = |pem: &str| der::pem::decode_vec(pem.as_bytes()).unwrap().1;
+    let chain = creds["chain_pem"].as_str().unwrap();
+    let issuer = chain
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap();
+    (der(creds["certificate_pem"].as_str().unwrap()), der(issuer))
+}
+
+/// How fast the check the daemon makes on every issued certificate runs:
+/// the device certificate's signature against the issuing CA's certificate
+/// (`verify_issued_by`, ring), one thread.
+fn verify_rate(cert: &[u8], issuer: &[u8], secs: u64) -> f64 {
+    assert!(keyward::ca::x509::verify_issued_by(cert, issuer));
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        for _ in 0..64 {
+            assert!(keyward::ca::x509::verify_issued_by(
+                std::hint::black_box(cert),
+                issuer
+            ));
+        }
+        n += 64;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -220,9 +388,43 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}; SoftHSM {softhsm}")
 }
 
-fn main() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+fn main() -> ExitCode {
+    let Some(dir) = std::env::var_os(WORK_DIR) else {
+        let dir = tempfile::tempdir().unwrap();
+        let hsm = SoftHsm::prepare(dir.path()).unwrap();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args_os().skip(1))
+            .env("SOFTHSM2_CONF", hsm.conf())
+            .env(WORK_DIR, dir.path())
+            .status()
+            .unwrap();
+        return ExitCode::from(status.code().unwrap_or(1) as u8);
+    };
+    let dir = PathBuf::from(dir);
+    let hsm = SoftHsm::prepare(&dir).unwrap();
     let a = args();
+    if cfg!(debug_assertions) {
+        println!("==> debug build: a smoke run, the numbers mean nothing");
+        assert!(a.out.is_none(), "--out needs a release build (cargo bench)");
+    }
+    let (daemon, config, pin) = install(&dir, &hsm);
+    run(&a, &daemon.url, hsm.module(), pin);
+    println!("==> audit chain after the run");
+    let status = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .status()
+        .unwrap();
+    drop(daemon);
+    if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run(a: &Args, url: &str, module: &Path, pin: SecretString) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -231,9 +433,9 @@ fn main() {
     rt.block_on(async {
         let ks: Arc<dyn KeyStore> = Arc::new(
             Pkcs11KeyStore::open(Pkcs11Settings {
-                module: a.module.clone().into(),
-                selector: TokenSelector::Label(a.label.clone()),
-                pin: secrecy::SecretString::from(a.pin.clone()),
+                module: module.to_path_buf(),
+                selector: TokenSelector::Label(LABEL.to_string()),
+                pin,
                 sessions: 2,
             })
             .await
@@ -253,10 +455,10 @@ fn main() {
                 .collect(),
         );
         // Warm-up: connections, page cache, SQLite.
-        e2e(&a.url, bodies.clone(), 16, 2).await;
+        e2e(url, bodies.clone(), 16, 2).await;
         let mut runs = Vec::new();
         for c in [1, 16, 64] {
-            let r = e2e(&a.url, bodies.clone(), c, a.seconds).await;
+            let r = e2e(url, bodies.clone(), c, a.seconds).await;
             println!(
                 "end-to-end issuance, concurrency {:>2}: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} certificates)",
                 r.concurrency, r.rate, r.p50_ms, r.p99_ms, r.count
@@ -266,6 +468,15 @@ fn main() {
         let at16 = runs.iter().find(|r| r.concurrency == 16).map(|r| r.rate).unwrap_or(0.0);
         let ratio = at16 / raw2;
         println!("ratio end-to-end@16 / raw 2-signer: {ratio:.2} (target >= 0.30)");
+
+        let (cert, issuer) = device_and_issuer(url, &bodies[0]).await;
+        let verify = verify_rate(&cert, &issuer, a.seconds.min(3));
+        // CPU the daemon spends re-verifying at the concurrency-16 rate, in cores.
+        let verify_cores = at16 / verify;
+        println!(
+            "device certificate signature check (ring, 1 thread): {verify:>8.0}/s ({:.1} us each; {verify_cores:.2} core at the concurrency-16 rate)",
+            1e6 / verify
+        );
 
         if let Some(out) = &a.out {
             let mut md = String::new();
@@ -285,6 +496,10 @@ fn main() {
                 ));
             }
             md.push_str(&format!("| ratio end-to-end@16 / raw 2-signer (target ≥ 0.30) | {ratio:.2} |\n"));
+            md.push_str(&format!(
+                "| device certificate signature check before storing (ring, 1 thread) | {verify:.0}/s, {:.1} µs each; {verify_cores:.2} core at the concurrency-16 rate |\n",
+                1e6 / verify
+            ));
             let mut existing = std::fs::read_to_string(out).unwrap_or_else(|_| {
                 "# keyward benchmarks\n\nProduced by `scripts/bench.sh`; newest run last. Numbers from one machine on one day: compare runs on the same machine only.\n".to_string()
             });

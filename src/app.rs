@@ -13,9 +13,8 @@ use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
 use crate::keystore::metered::MeteredKeyStore;
-use crate::keystore::pkcs11::uri::Pkcs11Uri;
-use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
-use crate::keystore::yubikey::{self, YubiKeyKeyStore, YubiKeySettings};
+use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings};
+use crate::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings};
 use crate::keystore::{KeyStore, KeyStores};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
@@ -55,15 +54,8 @@ pub async fn open_keystore(
 ) -> anyhow::Result<Arc<dyn KeyStore>> {
     match config {
         KeyStoreConfig::Pkcs11(p) => {
-            let pin: SecretString = p.pin_source().load()?;
-            let selector = match (&p.token_label, &p.token_serial, &p.token_uri) {
-                (Some(l), _, _) => TokenSelector::Label(l.clone()),
-                (_, Some(s), _) => TokenSelector::Serial(s.clone()),
-                (_, _, Some(u)) => TokenSelector::Uri(Pkcs11Uri::parse(u)?),
-                _ => bail!(
-                    "key store `{name}`: no token selector (config validation should have caught this)"
-                ),
-            };
+            let pin: SecretString = p.pin.read()?;
+            let selector = p.token.clone();
             let ks = Pkcs11KeyStore::open(Pkcs11Settings {
                 module: p.module.clone(),
                 selector,
@@ -88,18 +80,14 @@ pub async fn open_keystore(
             };
             let settings = YubiKeySettings {
                 serial: y.serial,
-                slot: yubikey::parse_slot(&y.slot).map_err(anyhow::Error::msg)?,
-                pin: y.pin_source(name).load()?,
-                management_key: y.management_key_source(name).load()?,
-                management_key_algorithm: yubikey::parse_management_algorithm(
-                    &y.management_key_algorithm,
-                )
-                .map_err(anyhow::Error::msg)?,
-                pin_policy: yubikey::parse_pin_policy(&y.pin_policy).map_err(anyhow::Error::msg)?,
-                touch_policy: yubikey::parse_touch_policy(&y.touch_policy)
-                    .map_err(anyhow::Error::msg)?,
+                slot: y.slot,
+                pin: y.pin.read()?,
+                management_key: y.management_key.read()?,
+                management_key_algorithm: y.management_key_algorithm,
+                pin_policy: y.pin_policy,
+                touch_policy: y.touch_policy,
                 attestation_root_der,
-                sign_timeout: Duration::from_secs(y.sign_timeout_secs),
+                sign_timeout: y.sign_timeout,
             };
             Ok(Arc::new(YubiKeyKeyStore::new(settings)))
         }
@@ -145,7 +133,7 @@ impl App {
 
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let policies = Arc::new(Policies::load(&config.policies.dir)?);
-        let pepper = config.auth.pepper_source().load()?;
+        let pepper = config.auth.token_pepper.read()?;
         if pepper.expose_secret().len() < 16 {
             bail!(
                 "auth.token_pepper must be at least 16 bytes (use e.g. `head -c 32 /dev/urandom | base64`)"
@@ -175,25 +163,23 @@ impl App {
         ));
         let limits = Limits {
             body_limit_bytes: config.server.body_limit_bytes,
-            request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+            request_timeout: config.server.request_timeout,
             log_sensitive_details: config.log.sensitive_details,
         };
         let trusted_proxies = Arc::new(config.server.trusted_proxies.clone());
         let l = &config.limits;
-        let limiter: Arc<dyn RateLimiter> = Arc::new(InProcessRateLimiter::new(
-            clock.clone(),
-            l.tracked_sources.get(),
-        ));
+        let limiter: Arc<dyn RateLimiter> =
+            Arc::new(InProcessRateLimiter::new(clock.clone(), l.tracked_sources));
         let login_failures = Arc::new(LoginFailureLog::new(
-            l.login_failure_audit_window_secs.get(),
-            l.tracked_sources.get(),
+            l.login_failure_audit_window.as_secs(),
+            l.tracked_sources,
         ));
         let login = Arc::new(GuardedLogin::new(
             admins.clone(),
             limiter.clone(),
             Limit::new(
-                l.admin_login_failures_per_source.get(),
-                Duration::from_secs(l.admin_login_failures_window_secs.get()),
+                l.admin_login_failures_per_source,
+                l.admin_login_failures_window,
             ),
             login_failures.clone(),
             clock.clone(),
@@ -201,15 +187,9 @@ impl App {
         ));
         let rate_limits = RateLimits {
             limiter,
-            registrations: Limit::new(
-                l.registrations_per_source.get(),
-                Duration::from_secs(l.registrations_window_secs.get()),
-            ),
+            registrations: Limit::new(l.registrations_per_source, l.registrations_window),
         };
-        let readiness = Arc::new(Readiness::new(
-            clock.clone(),
-            Duration::from_secs(l.readiness_max_age_secs.get()),
-        ));
+        let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
         Ok(Self {
             state: AppState {
                 registry,

@@ -1,13 +1,27 @@
-//! `keyward.toml`: typed, validated, unknown keys refused.
+//! `keyward.toml`: parsed once into typed, checked values; unknown keys refused.
+//!
+//! [`Config::load`] reads the file as written (`file`, serde with
+//! `deny_unknown_fields`), then builds [`Config`]: every value is checked
+//! here, once, with an error that names its key; later code takes the values
+//! as given. Secrets become [`SecretSetting`]s (where, not what), the PKCS#11
+//! token selector a [`TokenSelector`], YubiKey names the `yubikey` crate's
+//! types, seconds a [`Duration`].
 //!
 //! Relative paths are resolved against the directory of the config file, so a
 //! config moved together with its policies and secrets keeps working.
 
-use crate::secret::SecretSource;
+mod file;
+
+use crate::keystore::pkcs11::TokenSelector;
+use crate::keystore::pkcs11::uri::Pkcs11Uri;
+use crate::secret::{SecretRef, SecretSetting};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+use yubikey::piv::SlotId;
+use yubikey::{MgmAlgorithmId, PinPolicy, TouchPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -17,8 +31,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", one_line(.source))]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value that parsed but is not acceptable; `reason` says what is.
     #[error("{path}: `{key}`: {reason}")]
     Invalid {
         path: PathBuf,
@@ -27,273 +46,135 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    #[serde(default)]
-    pub server: ServerConfig,
-    pub store: StoreConfig,
-    /// The default key store: CAs without a `keystore =` in the policy live here.
-    pub keystore: KeyStoreConfig,
-    /// More key stores by name, e.g. a YubiKey holding the root CA.
-    #[serde(default)]
-    pub keystores: std::collections::BTreeMap<String, KeyStoreConfig>,
-    pub auth: AuthConfig,
-    #[serde(default)]
-    pub policies: PoliciesConfig,
-    #[serde(default)]
-    pub log: LogConfig,
-    #[serde(default)]
-    pub limits: LimitsConfig,
-    /// Directory the config was read from; relative paths are resolved against it.
-    #[serde(skip)]
-    pub base_dir: PathBuf,
-    #[serde(skip)]
-    pub source_path: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    #[serde(default = "default_body_limit")]
-    pub body_limit_bytes: usize,
-    #[serde(default = "default_request_timeout")]
-    pub request_timeout_secs: u64,
-    /// Reverse proxies whose `X-Forwarded-For` is believed (addresses or
-    /// CIDR prefixes). Empty: the TCP peer is the client, the header is ignored.
-    #[serde(default, deserialize_with = "ip_nets")]
-    pub trusted_proxies: Vec<crate::model::IpNet>,
-}
-
-fn ip_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<crate::model::IpNet>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|s| s.parse().map_err(serde::de::Error::custom))
-        .collect()
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-            body_limit_bytes: default_body_limit(),
-            request_timeout_secs: default_request_timeout(),
-            trusted_proxies: Vec::new(),
+impl ConfigError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Read { .. } => "config_unreadable",
+            Self::Parse { .. } => "config_syntax",
+            Self::Invalid { .. } => "config_invalid",
         }
     }
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-fn default_body_limit() -> usize {
-    64 * 1024
-}
-fn default_request_timeout() -> u64 {
-    30
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum StoreConfig {
-    Sqlite(SqliteConfig),
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SqliteConfig {
-    pub path: PathBuf,
-    /// Most changes committed in one transaction by the group-commit writer.
-    #[serde(default = "default_batch_max")]
-    pub batch_max: usize,
-}
-
-fn default_batch_max() -> usize {
-    256
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum KeyStoreConfig {
-    Pkcs11(Pkcs11Config),
-    Yubikey(YubiKeyConfig),
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string().trim_end().replace('\n', " ")
 }
 
 /// The name of the default key store, as CA policies and key records name it.
 pub use crate::model::DEFAULT_KEYSTORE;
 
-/// A YubiKey's PIV applet, chosen by serial number.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct YubiKeyConfig {
-    /// Serial number printed on the key (`ykman list`). Required: another
-    /// PC/SC reader, or a second YubiKey, must never be picked by accident.
-    pub serial: u32,
-    /// PIV slot that holds this key store's key: 9a, 9c, 9d, 9e or 82-95.
-    #[serde(default = "default_slot")]
-    pub slot: String,
-    #[serde(default)]
-    pub pin_file: Option<PathBuf>,
-    #[serde(default)]
-    pub pin_env: Option<String>,
-    /// Management key, hex.
-    #[serde(default)]
-    pub management_key_file: Option<PathBuf>,
-    #[serde(default)]
-    pub management_key_env: Option<String>,
-    /// 3des, aes128, aes192 or aes256. Firmware 5.7+ ships AES-192.
-    #[serde(default = "default_mgm_alg")]
-    pub management_key_algorithm: String,
-    /// never, once or always (PIN before every signature).
-    #[serde(default = "default_pin_policy")]
-    pub pin_policy: String,
-    /// never, always or cached.
-    #[serde(default = "default_touch_policy")]
-    pub touch_policy: String,
-    /// PEM trust root for PIV attestation (Yubico's PIV root CA in production).
-    #[serde(default)]
-    pub attestation_root: Option<PathBuf>,
-    /// How long a signing request waits for the card (it signs one at a time).
-    #[serde(default = "default_sign_timeout")]
-    pub sign_timeout_secs: u64,
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    /// The default key store: CAs without a `keystore =` in the policy live here.
+    pub keystore: KeyStoreConfig,
+    /// More key stores by name, e.g. a YubiKey holding the root CA.
+    pub keystores: BTreeMap<String, KeyStoreConfig>,
+    pub auth: AuthConfig,
+    pub policies: PoliciesConfig,
+    pub log: LogConfig,
+    pub limits: LimitsConfig,
+    /// Directory the config was read from; relative paths were resolved against it.
+    pub base_dir: PathBuf,
+    pub source_path: PathBuf,
 }
 
-fn default_slot() -> String {
-    "9c".into()
-}
-fn default_mgm_alg() -> String {
-    "aes192".into()
-}
-fn default_pin_policy() -> String {
-    "always".into()
-}
-fn default_touch_policy() -> String {
-    "never".into()
-}
-fn default_sign_timeout() -> u64 {
-    30
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// 1 KiB ..= 16 MiB.
+    pub body_limit_bytes: usize,
+    /// At least one second.
+    pub request_timeout: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` is believed. Empty: the TCP
+    /// peer is the client and the header is ignored.
+    pub trusted_proxies: Vec<crate::model::IpNet>,
 }
 
-impl YubiKeyConfig {
-    pub fn pin_source(&self, name: &str) -> SecretSource {
-        SecretSource::new(
-            &format!("{name}.pin"),
-            self.pin_file.as_deref(),
-            self.pin_env.as_deref(),
-        )
-    }
-
-    pub fn management_key_source(&self, name: &str) -> SecretSource {
-        SecretSource::new(
-            &format!("{name}.management_key"),
-            self.management_key_file.as_deref(),
-            self.management_key_env.as_deref(),
-        )
-    }
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite(SqliteConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    pub path: PathBuf,
+    /// Most changes committed in one transaction by the group-commit writer (1..=10000).
+    pub batch_max: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyStoreConfig {
+    Pkcs11(Pkcs11Config),
+    Yubikey(YubiKeyConfig),
+}
+
+#[derive(Debug, Clone)]
 pub struct Pkcs11Config {
     pub module: PathBuf,
-    #[serde(default)]
-    pub token_label: Option<String>,
-    #[serde(default)]
-    pub token_serial: Option<String>,
-    /// RFC 7512 URI naming the token, e.g. `pkcs11:token=keyward`.
-    #[serde(default)]
-    pub token_uri: Option<String>,
-    #[serde(default)]
-    pub pin_file: Option<PathBuf>,
-    #[serde(default)]
-    pub pin_env: Option<String>,
-    /// Logged-in sessions kept open; also the most signatures in flight.
-    #[serde(default = "default_sessions")]
+    /// Exactly one of `token_label`, `token_serial`, `token_uri` in the file.
+    pub token: TokenSelector,
+    pub pin: SecretSetting,
+    /// Logged-in sessions kept open; also the most signatures in flight (1..=256).
     pub sessions: usize,
 }
 
-fn default_sessions() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(2)
+/// A YubiKey's PIV applet, chosen by serial number.
+#[derive(Debug, Clone)]
+pub struct YubiKeyConfig {
+    /// Required: another PC/SC reader, or a second YubiKey, must never be picked by accident.
+    pub serial: u32,
+    /// A slot that can hold a signing key: 9a, 9c, 9d, 9e or 82-95.
+    pub slot: SlotId,
+    pub pin: SecretSetting,
+    /// Hex-encoded management key.
+    pub management_key: SecretSetting,
+    pub management_key_algorithm: MgmAlgorithmId,
+    pub pin_policy: PinPolicy,
+    pub touch_policy: TouchPolicy,
+    /// PEM trust root for PIV attestation (Yubico's PIV root CA in production).
+    pub attestation_root: Option<PathBuf>,
+    /// How long a signing request waits for the card (it signs one at a time); at least 1 s.
+    pub sign_timeout: Duration,
 }
 
-impl Pkcs11Config {
-    pub fn pin_source(&self) -> SecretSource {
-        SecretSource::new(
-            "keystore.pin",
-            self.pin_file.as_deref(),
-            self.pin_env.as_deref(),
-        )
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// Pepper for hashing admin tokens and registration secrets (HMAC-SHA-256 key).
-    #[serde(default)]
-    pub token_pepper_file: Option<PathBuf>,
-    #[serde(default)]
-    pub token_pepper_env: Option<String>,
+    pub token_pepper: SecretSetting,
 }
 
-impl AuthConfig {
-    pub fn pepper_source(&self) -> SecretSource {
-        SecretSource::new(
-            "auth.token_pepper",
-            self.token_pepper_file.as_deref(),
-            self.token_pepper_env.as_deref(),
-        )
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct PoliciesConfig {
-    #[serde(default = "default_policies_dir")]
     pub dir: PathBuf,
 }
 
-impl Default for PoliciesConfig {
-    fn default() -> Self {
-        Self {
-            dir: default_policies_dir(),
-        }
-    }
-}
-
-fn default_policies_dir() -> PathBuf {
-    PathBuf::from("policies")
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct LogConfig {
-    #[serde(default = "default_level")]
+    /// A valid `tracing` EnvFilter.
     pub level: String,
-    #[serde(default)]
     pub format: LogFormat,
     /// Log sensitive details (device ids, key labels, policy bodies). Off by default.
-    #[serde(default)]
     pub sensitive_details: bool,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            level: default_level(),
-            format: LogFormat::default(),
-            sensitive_details: false,
-        }
-    }
-}
-
-fn default_level() -> String {
-    "info".to_string()
+/// `[limits]`: per-source rate limits (`burst` per `window`), the
+/// failed-login audit window and the readiness staleness bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// `POST /v1/registrations` per source (1..=1000000) per window (at least 1 s).
+    pub registrations_per_source: u32,
+    pub registrations_window: Duration,
+    /// Failed admin logins per source (1..=1000000) per window (at least 1 s).
+    pub admin_login_failures_per_source: u32,
+    pub admin_login_failures_window: Duration,
+    /// Sources remembered by the rate limiter and the failed-login windows (16..=10000000).
+    pub tracked_sources: usize,
+    pub login_failure_audit_window: Duration,
+    /// `/readyz` is false when the last background check is older.
+    pub readiness_max_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -304,233 +185,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[limits]`: per-source rate limits, the failed-login audit window and the
-/// readiness staleness bound. Zero is refused for every key (by type).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    #[serde(default = "default_registrations_per_source")]
-    pub registrations_per_source: NonZeroU32,
-    #[serde(default = "default_registrations_window")]
-    pub registrations_window_secs: NonZeroU64,
-    #[serde(default = "default_login_failures_per_source")]
-    pub admin_login_failures_per_source: NonZeroU32,
-    #[serde(default = "default_login_failures_window")]
-    pub admin_login_failures_window_secs: NonZeroU64,
-    #[serde(default = "default_tracked_sources")]
-    pub tracked_sources: NonZeroUsize,
-    #[serde(default = "default_login_failure_audit_window")]
-    pub login_failure_audit_window_secs: NonZeroU64,
-    #[serde(default = "default_readiness_max_age")]
-    pub readiness_max_age_secs: NonZeroU64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            registrations_per_source: default_registrations_per_source(),
-            registrations_window_secs: default_registrations_window(),
-            admin_login_failures_per_source: default_login_failures_per_source(),
-            admin_login_failures_window_secs: default_login_failures_window(),
-            tracked_sources: default_tracked_sources(),
-            login_failure_audit_window_secs: default_login_failure_audit_window(),
-            readiness_max_age_secs: default_readiness_max_age(),
-        }
-    }
-}
-
-fn default_registrations_per_source() -> NonZeroU32 {
-    NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN)
-}
-fn default_registrations_window() -> NonZeroU64 {
-    NonZeroU64::new(60).unwrap_or(NonZeroU64::MIN)
-}
-fn default_login_failures_per_source() -> NonZeroU32 {
-    NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN)
-}
-fn default_login_failures_window() -> NonZeroU64 {
-    NonZeroU64::new(300).unwrap_or(NonZeroU64::MIN)
-}
-fn default_tracked_sources() -> NonZeroUsize {
-    NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN)
-}
-fn default_login_failure_audit_window() -> NonZeroU64 {
-    NonZeroU64::new(60).unwrap_or(NonZeroU64::MIN)
-}
-fn default_readiness_max_age() -> NonZeroU64 {
-    NonZeroU64::new(30).unwrap_or(NonZeroU64::MIN)
-}
-
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and checks a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut cfg = Self::parse(&text, path)?;
-        cfg.source_path = path.to_path_buf();
-        cfg.base_dir = path
+        let base_dir = path
             .parent()
             .map(Path::to_path_buf)
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from("."));
-        cfg.resolve_paths();
-        cfg.validate()?;
-        Ok(cfg)
+        Self::from_toml(&text, path, &base_dir)
     }
 
-    /// Parses TOML text without touching the file system.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+    /// Parses and checks TOML text; `path` names it in errors and relative
+    /// paths resolve against `base_dir`. Reads no file.
+    pub fn from_toml(text: &str, path: &Path, base_dir: &Path) -> Result<Self, ConfigError> {
+        let raw: file::File = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })
-    }
-
-    fn resolve_paths(&mut self) {
-        let base = self.base_dir.clone();
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-        let StoreConfig::Sqlite(s) = &mut self.store;
-        s.path = resolve(&s.path);
-        for ks in std::iter::once(&mut self.keystore).chain(self.keystores.values_mut()) {
-            match ks {
-                KeyStoreConfig::Pkcs11(k) => {
-                    // A bare file name is left to the dynamic loader's search path.
-                    if k.module.components().count() > 1 {
-                        k.module = resolve(&k.module);
-                    }
-                    k.pin_file = k.pin_file.as_deref().map(resolve);
-                }
-                KeyStoreConfig::Yubikey(y) => {
-                    y.pin_file = y.pin_file.as_deref().map(resolve);
-                    y.management_key_file = y.management_key_file.as_deref().map(resolve);
-                    y.attestation_root = y.attestation_root.as_deref().map(resolve);
-                }
-            }
-        }
-        self.auth.token_pepper_file = self.auth.token_pepper_file.as_deref().map(resolve);
-        self.policies.dir = resolve(&self.policies.dir);
-    }
-
-    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.source_path.clone(),
-            key: key.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    /// Checks that do not need the HSM or the database: one token selector,
-    /// one source per secret, sane limits.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_keystore("keystore", &self.keystore)?;
-        for (name, ks) in &self.keystores {
-            if name == DEFAULT_KEYSTORE || !crate::policy::valid_name(name) {
-                return Err(self.invalid(
-                    &format!("keystores.{name}"),
-                    "name must be 1-64 chars of a-z, 0-9, '-' and not `default`",
-                ));
-            }
-            self.validate_keystore(&format!("keystores.{name}"), ks)?;
-        }
-        check_source(
-            self,
-            "auth.token_pepper",
-            self.auth.token_pepper_file.is_some(),
-            self.auth.token_pepper_env.is_some(),
-        )?;
-        if self.server.body_limit_bytes < 1024 || self.server.body_limit_bytes > 16 * 1024 * 1024 {
-            return Err(self.invalid(
-                "server.body_limit_bytes",
-                "must be between 1024 and 16777216",
-            ));
-        }
-        if self.server.request_timeout_secs == 0 {
-            return Err(self.invalid("server.request_timeout_secs", "must be at least 1"));
-        }
-        let StoreConfig::Sqlite(s) = &self.store;
-        if s.batch_max == 0 || s.batch_max > 10_000 {
-            return Err(self.invalid("store.batch_max", "must be between 1 and 10000"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(self.invalid(
-                "log.level",
-                "not a valid tracing filter (e.g. `info`, `keyward=debug`)",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Config {
-    fn validate_keystore(&self, prefix: &str, ks: &KeyStoreConfig) -> Result<(), ConfigError> {
-        match ks {
-            KeyStoreConfig::Pkcs11(k) => {
-                let selectors = [
-                    k.token_label.is_some(),
-                    k.token_serial.is_some(),
-                    k.token_uri.is_some(),
-                ]
-                .iter()
-                .filter(|b| **b)
-                .count();
-                if selectors != 1 {
-                    return Err(self.invalid(
-                        &format!("{prefix}.token_label"),
-                        "set exactly one of token_label, token_serial or token_uri (tokens are chosen by label or serial, never by slot)",
-                    ));
-                }
-                if let Some(uri) = &k.token_uri {
-                    crate::keystore::pkcs11::uri::Pkcs11Uri::parse(uri)
-                        .map_err(|e| self.invalid(&format!("{prefix}.token_uri"), e.to_string()))?;
-                }
-                if k.sessions == 0 || k.sessions > 256 {
-                    return Err(
-                        self.invalid(&format!("{prefix}.sessions"), "must be between 1 and 256")
-                    );
-                }
-                check_source(
-                    self,
-                    &format!("{prefix}.pin"),
-                    k.pin_file.is_some(),
-                    k.pin_env.is_some(),
-                )
-            }
-            KeyStoreConfig::Yubikey(y) => {
-                crate::keystore::yubikey::parse_slot(&y.slot)
-                    .map_err(|e| self.invalid(&format!("{prefix}.slot"), e))?;
-                crate::keystore::yubikey::parse_management_algorithm(&y.management_key_algorithm)
-                    .map_err(|e| self.invalid(&format!("{prefix}.management_key_algorithm"), e))?;
-                crate::keystore::yubikey::parse_pin_policy(&y.pin_policy)
-                    .map_err(|e| self.invalid(&format!("{prefix}.pin_policy"), e))?;
-                crate::keystore::yubikey::parse_touch_policy(&y.touch_policy)
-                    .map_err(|e| self.invalid(&format!("{prefix}.touch_policy"), e))?;
-                if y.sign_timeout_secs == 0 {
-                    return Err(
-                        self.invalid(&format!("{prefix}.sign_timeout_secs"), "must be at least 1")
-                    );
-                }
-                check_source(
-                    self,
-                    &format!("{prefix}.pin"),
-                    y.pin_file.is_some(),
-                    y.pin_env.is_some(),
-                )?;
-                check_source(
-                    self,
-                    &format!("{prefix}.management_key"),
-                    y.management_key_file.is_some(),
-                    y.management_key_env.is_some(),
-                )
-            }
-        }
+            source,
+        })?;
+        Builder { path, base_dir }.build(raw)
     }
 
     /// Every configured key store with its name, the default first.
@@ -539,33 +216,306 @@ impl Config {
             .chain(self.keystores.iter().map(|(n, k)| (n.as_str(), k)))
             .collect()
     }
-}
 
-fn check_source(cfg: &Config, key: &str, file: bool, env: bool) -> Result<(), ConfigError> {
-    match (file, env) {
-        (true, true) => Err(cfg.invalid(key, format!("set only one of `{key}_file` and `{key}_env`"))),
-        (false, false) => Err(cfg.invalid(
-            key,
-            format!("missing: set `{key}_file` (a path) or `{key}_env` (an environment variable name); secrets never come from the command line"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-impl Config {
-    /// Reads the secrets the config points at (without using them), so that
-    /// `config check` catches a missing PIN file or env var before start-up.
-    pub fn keystore_pin_check(&self) -> Result<(), crate::secret::SecretError> {
-        for (name, ks) in self.all_keystores() {
+    /// Every secret the config points at, so that `config check` can read
+    /// them (without using them) and catch a missing file or variable.
+    pub fn secrets(&self) -> Vec<&SecretSetting> {
+        let mut out = Vec::new();
+        for (_, ks) in self.all_keystores() {
             match ks {
-                KeyStoreConfig::Pkcs11(k) => k.pin_source().load().map(drop)?,
+                KeyStoreConfig::Pkcs11(k) => out.push(&k.pin),
                 KeyStoreConfig::Yubikey(y) => {
-                    y.pin_source(name).load().map(drop)?;
-                    y.management_key_source(name).load().map(drop)?;
+                    out.push(&y.pin);
+                    out.push(&y.management_key);
                 }
             }
         }
-        self.auth.pepper_source().load().map(drop)
+        out.push(&self.auth.token_pepper);
+        out
+    }
+}
+
+/// Turns the file as written into [`Config`], naming the key of every refusal.
+struct Builder<'a> {
+    path: &'a Path,
+    base_dir: &'a Path,
+}
+
+impl Builder<'_> {
+    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        key: &str,
+        value: Option<T>,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError> {
+        let v = value.unwrap_or(default);
+        if v < min || v > max {
+            return Err(self.invalid(key, format!("must be between {min} and {max}")));
+        }
+        Ok(v)
+    }
+
+    fn seconds(
+        &self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+    ) -> Result<Duration, ConfigError> {
+        match value.unwrap_or(default) {
+            0 => Err(self.invalid(key, "must be at least 1")),
+            s => Ok(Duration::from_secs(s)),
+        }
+    }
+
+    /// `<key>_file` xor `<key>_env`.
+    fn secret(
+        &self,
+        key: &str,
+        file: Option<PathBuf>,
+        env: Option<String>,
+    ) -> Result<SecretSetting, ConfigError> {
+        let from = match (file, env) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    self.invalid(key, format!("set only one of `{key}_file` and `{key}_env`"))
+                );
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    key,
+                    format!("missing: set `{key}_file` (a path) or `{key}_env` (an environment variable name); secrets never come from the command line"),
+                ));
+            }
+            (Some(f), None) => SecretRef::File(self.resolve(&f)),
+            (None, Some(v)) if v.is_empty() => {
+                return Err(self.invalid(&format!("{key}_env"), "must name a variable"));
+            }
+            (None, Some(v)) => SecretRef::Env(v),
+        };
+        Ok(SecretSetting {
+            key: key.to_string(),
+            from,
+        })
+    }
+
+    fn build(&self, raw: file::File) -> Result<Config, ConfigError> {
+        let server = ServerConfig {
+            listen: raw
+                .server
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            body_limit_bytes: self.range(
+                "server.body_limit_bytes",
+                raw.server.body_limit_bytes,
+                64 * 1024,
+                1024,
+                16 * 1024 * 1024,
+            )?,
+            request_timeout: self.seconds(
+                "server.request_timeout_secs",
+                raw.server.request_timeout_secs,
+                30,
+            )?,
+            trusted_proxies: raw
+                .server
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .map(|p| {
+                    p.parse().map_err(|e: crate::model::IpNetError| {
+                        self.invalid("server.trusted_proxies", e.to_string())
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let file::Store::Sqlite(s) = raw.store;
+        let store = StoreConfig::Sqlite(SqliteConfig {
+            path: self.resolve(&s.path),
+            batch_max: self.range("store.batch_max", s.batch_max, 256, 1, 10_000)?,
+        });
+        let keystore = self.keystore("keystore", raw.keystore)?;
+        let mut keystores = BTreeMap::new();
+        for (name, ks) in raw.keystores {
+            let prefix = format!("keystores.{name}");
+            if name == DEFAULT_KEYSTORE || !crate::policy::valid_name(&name) {
+                return Err(self.invalid(
+                    &prefix,
+                    "name must be 1-64 chars of a-z, 0-9, '-' and not `default`",
+                ));
+            }
+            keystores.insert(name, self.keystore(&prefix, ks)?);
+        }
+        let auth = AuthConfig {
+            token_pepper: self.secret(
+                "auth.token_pepper",
+                raw.auth.token_pepper_file,
+                raw.auth.token_pepper_env,
+            )?,
+        };
+        let policies = PoliciesConfig {
+            dir: self.resolve(
+                raw.policies
+                    .dir
+                    .as_deref()
+                    .unwrap_or_else(|| Path::new("policies")),
+            ),
+        };
+        let level = raw.log.level.unwrap_or_else(|| "info".to_string());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(self.invalid(
+                "log.level",
+                "not a valid tracing filter (e.g. `info`, `keyward=debug`)",
+            ));
+        }
+        let log = LogConfig {
+            level,
+            format: raw.log.format.unwrap_or_default(),
+            sensitive_details: raw.log.sensitive_details.unwrap_or(false),
+        };
+        let l = raw.limits;
+        let limits = LimitsConfig {
+            registrations_per_source: self.range(
+                "limits.registrations_per_source",
+                l.registrations_per_source,
+                30,
+                1,
+                1_000_000,
+            )?,
+            registrations_window: self.seconds(
+                "limits.registrations_window_secs",
+                l.registrations_window_secs,
+                60,
+            )?,
+            admin_login_failures_per_source: self.range(
+                "limits.admin_login_failures_per_source",
+                l.admin_login_failures_per_source,
+                10,
+                1,
+                1_000_000,
+            )?,
+            admin_login_failures_window: self.seconds(
+                "limits.admin_login_failures_window_secs",
+                l.admin_login_failures_window_secs,
+                300,
+            )?,
+            tracked_sources: self.range(
+                "limits.tracked_sources",
+                l.tracked_sources,
+                100_000,
+                16,
+                10_000_000,
+            )?,
+            login_failure_audit_window: self.seconds(
+                "limits.login_failure_audit_window_secs",
+                l.login_failure_audit_window_secs,
+                60,
+            )?,
+            readiness_max_age: self.seconds(
+                "limits.readiness_max_age_secs",
+                l.readiness_max_age_secs,
+                30,
+            )?,
+        };
+        Ok(Config {
+            server,
+            store,
+            keystore,
+            keystores,
+            auth,
+            policies,
+            log,
+            limits,
+            base_dir: self.base_dir.to_path_buf(),
+            source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn keystore(&self, prefix: &str, raw: file::KeyStore) -> Result<KeyStoreConfig, ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        match raw {
+            file::KeyStore::Pkcs11(k) => {
+                let token = match (k.token_label, k.token_serial, k.token_uri) {
+                    (Some(label), None, None) if !label.is_empty() => TokenSelector::Label(label),
+                    (None, Some(serial), None) if !serial.is_empty() => {
+                        TokenSelector::Serial(serial)
+                    }
+                    (None, None, Some(uri)) => TokenSelector::Uri(
+                        Pkcs11Uri::parse(&uri)
+                            .map_err(|e| self.invalid(&key("token_uri"), e.to_string()))?,
+                    ),
+                    _ => {
+                        return Err(self.invalid(
+                            &key("token_label"),
+                            "set exactly one of token_label, token_serial or token_uri, not empty (tokens are chosen by label or serial, never by slot)",
+                        ));
+                    }
+                };
+                // A bare file name is left to the dynamic loader's search path.
+                let module = if k.module.components().count() > 1 {
+                    self.resolve(&k.module)
+                } else {
+                    k.module
+                };
+                let default_sessions = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+                    .clamp(2, 256);
+                Ok(KeyStoreConfig::Pkcs11(Pkcs11Config {
+                    module,
+                    token,
+                    pin: self.secret(&key("pin"), k.pin_file, k.pin_env)?,
+                    sessions: self.range(&key("sessions"), k.sessions, default_sessions, 1, 256)?,
+                }))
+            }
+            file::KeyStore::Yubikey(y) => {
+                use crate::keystore::yubikey as yk;
+                Ok(KeyStoreConfig::Yubikey(YubiKeyConfig {
+                    serial: y.serial,
+                    slot: yk::parse_slot(y.slot.as_deref().unwrap_or("9c"))
+                        .map_err(|e| self.invalid(&key("slot"), e))?,
+                    pin: self.secret(&key("pin"), y.pin_file, y.pin_env)?,
+                    management_key: self.secret(
+                        &key("management_key"),
+                        y.management_key_file,
+                        y.management_key_env,
+                    )?,
+                    management_key_algorithm: yk::parse_management_algorithm(
+                        y.management_key_algorithm.as_deref().unwrap_or("aes192"),
+                    )
+                    .map_err(|e| self.invalid(&key("management_key_algorithm"), e))?,
+                    pin_policy: yk::parse_pin_policy(y.pin_policy.as_deref().unwrap_or("always"))
+                        .map_err(|e| self.invalid(&key("pin_policy"), e))?,
+                    touch_policy: yk::parse_touch_policy(
+                        y.touch_policy.as_deref().unwrap_or("never"),
+                    )
+                    .map_err(|e| self.invalid(&key("touch_policy"), e))?,
+                    attestation_root: y.attestation_root.as_deref().map(|p| self.resolve(p)),
+                    sign_timeout: self.seconds(
+                        &key("sign_timeout_secs"),
+                        y.sign_timeout_secs,
+                        30,
+                    )?,
+                }))
+            }
+        }
     }
 }
 
@@ -586,108 +536,314 @@ pin_env = "KEYWARD_HSM_PIN"
 token_pepper_env = "KEYWARD_PEPPER"
 "#;
 
-    #[test]
-    fn minimal_config_parses_with_defaults() {
-        let c = Config::parse(MINIMAL, Path::new("k.toml")).unwrap();
-        assert_eq!(c.server.listen.port(), 8080);
-        c.validate().unwrap();
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/kw/k.toml"), Path::new("/etc/kw"))
+    }
+
+    /// The error for `text`, which must name `key`.
+    fn refused(text: &str, key: &str) -> String {
+        let e = parse(text).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(key), "{key} not named in: {msg}");
+        msg
+    }
+
+    fn pkcs11(c: &Config) -> &Pkcs11Config {
+        match &c.keystore {
+            KeyStoreConfig::Pkcs11(p) => p,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
-    fn unknown_top_level_key_is_named() {
-        let text = format!("{MINIMAL}\n[bogus]\nx = 1\n");
-        let e = Config::parse(&text, Path::new("k.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("bogus"), "{e}");
+    fn minimal_config_gets_checked_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(c.server.body_limit_bytes, 65536);
+        assert_eq!(c.server.request_timeout, Duration::from_secs(30));
+        let StoreConfig::Sqlite(s) = &c.store;
+        assert_eq!(s.path, Path::new("/etc/kw/k.db"));
+        assert_eq!(s.batch_max, 256);
+        let p = pkcs11(&c);
+        assert!(matches!(&p.token, TokenSelector::Label(l) if l == "keyward"));
+        assert_eq!(
+            p.pin,
+            SecretSetting {
+                key: "keystore.pin".into(),
+                from: SecretRef::Env("KEYWARD_HSM_PIN".into())
+            }
+        );
+        assert!((2..=256).contains(&p.sessions));
+        assert_eq!(c.auth.token_pepper.key, "auth.token_pepper");
+        assert_eq!(c.policies.dir, Path::new("/etc/kw/policies"));
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.secrets().len(), 2);
     }
 
     #[test]
-    fn unknown_key_inside_tagged_section_is_named() {
-        let text = MINIMAL.replace("path = \"k.db\"", "path = \"k.db\"\npaht = 3");
-        let e = Config::parse(&text, Path::new("k.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("paht"), "{e}");
+    fn unknown_keys_are_named() {
+        let e = parse(&format!("{MINIMAL}\n[bogus]\nx = 1\n")).unwrap_err();
+        assert_eq!(e.code(), "config_syntax");
+        assert!(e.to_string().contains("bogus"), "{e}");
+        refused(
+            &MINIMAL.replace("path = \"k.db\"", "path = \"k.db\"\npaht = 3"),
+            "paht",
+        );
+        refused(
+            &MINIMAL.replace("token_label", "sessions = 2\ntoken_lable"),
+            "token_lable",
+        );
+    }
+
+    #[test]
+    fn exactly_one_token_selector_is_accepted_and_typed() {
+        let e = refused(
+            &MINIMAL.replace(
+                "token_label = \"keyward\"",
+                "token_label = \"a\"\ntoken_serial = \"b\"",
+            ),
+            "keystore.token_label",
+        );
+        assert!(e.contains("exactly one"), "{e}");
+        refused(
+            &MINIMAL.replace("token_label = \"keyward\"", ""),
+            "keystore.token_label",
+        );
+        refused(
+            &MINIMAL.replace("token_label = \"keyward\"", "token_label = \"\""),
+            "keystore.token_label",
+        );
+        let c =
+            parse(&MINIMAL.replace("token_label = \"keyward\"", "token_serial = \"abc\"")).unwrap();
+        assert!(matches!(&pkcs11(&c).token, TokenSelector::Serial(s) if s == "abc"));
+        let c = parse(&MINIMAL.replace(
+            "token_label = \"keyward\"",
+            "token_uri = \"pkcs11:token=kw;serial=abc\"",
+        ))
+        .unwrap();
+        let TokenSelector::Uri(u) = &pkcs11(&c).token else {
+            panic!()
+        };
+        assert_eq!(u.token().as_deref(), Some("kw"));
+        refused(
+            &MINIMAL.replace("token_label = \"keyward\"", "token_uri = \"https://x\""),
+            "keystore.token_uri",
+        );
+    }
+
+    #[test]
+    fn each_secret_has_exactly_one_source_and_paths_resolve_beside_the_config() {
+        let e = refused(
+            &MINIMAL.replace(
+                "pin_env = \"KEYWARD_HSM_PIN\"",
+                "pin_env = \"X\"\npin_file = \"/p\"",
+            ),
+            "keystore.pin",
+        );
+        assert!(e.contains("only one"), "{e}");
+        let e = refused(
+            &MINIMAL.replace("pin_env = \"KEYWARD_HSM_PIN\"", ""),
+            "keystore.pin",
+        );
+        assert!(e.contains("never come from the command line"), "{e}");
+        refused(
+            &MINIMAL.replace(
+                "token_pepper_env = \"KEYWARD_PEPPER\"",
+                "token_pepper_env = \"\"",
+            ),
+            "auth.token_pepper_env",
+        );
+        let c = parse(
+            &MINIMAL
+                .replace(
+                    "pin_env = \"KEYWARD_HSM_PIN\"",
+                    "pin_file = \"secrets/hsm.pin\"",
+                )
+                .replace("/usr/lib/softhsm/libsofthsm2.so", "libsofthsm2.so"),
+        )
+        .unwrap();
+        let p = pkcs11(&c);
+        assert_eq!(
+            p.pin.from,
+            SecretRef::File("/etc/kw/secrets/hsm.pin".into())
+        );
+        assert_eq!(p.module, Path::new("libsofthsm2.so"), "left to the loader");
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_with_their_key() {
+        for (text, key) in [
+            (
+                "[server]\nbody_limit_bytes = 1023\n",
+                "server.body_limit_bytes",
+            ),
+            (
+                "[server]\nbody_limit_bytes = 16777217\n",
+                "server.body_limit_bytes",
+            ),
+            (
+                "[server]\nrequest_timeout_secs = 0\n",
+                "server.request_timeout_secs",
+            ),
+            ("[server]\nlisten = \"localhost\"\n", "listen"),
+            ("[log]\nlevel = \"info,=[\"\n", "log.level"),
+            ("[log]\nformat = \"xml\"\n", "format"),
+        ] {
+            refused(&format!("{MINIMAL}{text}"), key);
+        }
+        refused(
+            &MINIMAL.replace("path = \"k.db\"", "path = \"k.db\"\nbatch_max = 0"),
+            "store.batch_max",
+        );
+        refused(
+            &MINIMAL.replace("pin_env", "sessions = 0\npin_env"),
+            "keystore.sessions",
+        );
+        refused(
+            &MINIMAL.replace("pin_env", "sessions = 257\npin_env"),
+            "keystore.sessions",
+        );
+        let c = parse(&format!(
+            "{MINIMAL}[server]\nlisten = \"[::1]:9000\"\nrequest_timeout_secs = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.server.request_timeout, Duration::from_secs(5));
+    }
+
+    const YUBIKEY: &str = r#"
+[keystores.root]
+type = "yubikey"
+serial = 12345678
+pin_file = "yk.pin"
+management_key_env = "KW_MGM"
+"#;
+
+    #[test]
+    fn yubikey_key_stores_are_typed_and_checked() {
+        let c = parse(&format!("{MINIMAL}{YUBIKEY}")).unwrap();
+        let KeyStoreConfig::Yubikey(y) = &c.keystores["root"] else {
+            panic!()
+        };
+        assert_eq!(y.slot, SlotId::Signature);
+        assert_eq!(y.management_key_algorithm, MgmAlgorithmId::Aes192);
+        assert_eq!(y.pin_policy, PinPolicy::Always);
+        assert_eq!(y.touch_policy, TouchPolicy::Never);
+        assert_eq!(y.sign_timeout, Duration::from_secs(30));
+        assert_eq!(y.pin.key, "keystores.root.pin");
+        assert_eq!(y.pin.from, SecretRef::File("/etc/kw/yk.pin".into()));
+        assert_eq!(c.secrets().len(), 4);
+        for (extra, key) in [
+            ("slot = \"9b\"", "keystores.root.slot"),
+            (
+                "management_key_algorithm = \"des\"",
+                "keystores.root.management_key_algorithm",
+            ),
+            ("pin_policy = \"sometimes\"", "keystores.root.pin_policy"),
+            ("touch_policy = \"maybe\"", "keystores.root.touch_policy"),
+            ("sign_timeout_secs = 0", "keystores.root.sign_timeout_secs"),
+            (
+                "management_key_file = \"m\"",
+                "keystores.root.management_key",
+            ),
+        ] {
+            refused(&format!("{MINIMAL}{YUBIKEY}{extra}\n"), key);
+        }
+        // With two cards present "the first YubiKey" is ambiguous: no default serial.
+        refused(
+            &format!("{MINIMAL}{}", YUBIKEY.replace("serial = 12345678\n", "")),
+            "serial",
+        );
+        for name in ["default", "Root", ""] {
+            refused(
+                &format!(
+                    "{MINIMAL}{}",
+                    YUBIKEY.replace("keystores.root", &format!("keystores.\"{name}\""))
+                ),
+                &format!("keystores.{name}"),
+            );
+        }
     }
 
     #[test]
     fn limits_have_defaults_and_refuse_zero_and_unknown_keys() {
-        let c = Config::parse(MINIMAL, Path::new("k.toml")).unwrap();
-        assert_eq!(c.limits.registrations_per_source.get(), 30);
-        assert_eq!(c.limits.readiness_max_age_secs.get(), 30);
-        let text = format!("{MINIMAL}\n[limits]\nregistrations_per_source = 5\n");
-        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
-        assert_eq!(c.limits.registrations_per_source.get(), 5);
-        assert_eq!(c.limits.admin_login_failures_per_source.get(), 10);
-        let text = format!("{MINIMAL}\n[limits]\nadmin_login_failures_per_source = 0\n");
-        let e = Config::parse(&text, Path::new("k.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("admin_login_failures_per_source"), "{e}");
-        let text = format!("{MINIMAL}\n[limits]\nregistration_per_source = 5\n");
-        let e = Config::parse(&text, Path::new("k.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("registration_per_source"), "{e}");
-        // The commented example documents real keys with the default values.
-        let example = Config::parse(
-            include_str!("../keyward.example.toml"),
-            Path::new("keyward.example.toml"),
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.limits,
+            LimitsConfig {
+                registrations_per_source: 30,
+                registrations_window: Duration::from_secs(60),
+                admin_login_failures_per_source: 10,
+                admin_login_failures_window: Duration::from_secs(300),
+                tracked_sources: 100_000,
+                login_failure_audit_window: Duration::from_secs(60),
+                readiness_max_age: Duration::from_secs(30),
+            }
+        );
+        let c = parse(&format!(
+            "{MINIMAL}[limits]\nregistrations_per_source = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.registrations_per_source, 5);
+        for (extra, key) in [
+            (
+                "admin_login_failures_per_source = 0",
+                "limits.admin_login_failures_per_source",
+            ),
+            (
+                "registrations_window_secs = 0",
+                "limits.registrations_window_secs",
+            ),
+            ("tracked_sources = 1", "limits.tracked_sources"),
+            (
+                "readiness_max_age_secs = 0",
+                "limits.readiness_max_age_secs",
+            ),
+            ("registration_per_source = 5", "registration_per_source"),
+        ] {
+            refused(&format!("{MINIMAL}[limits]\n{extra}\n"), key);
+        }
+        // The example documents the defaults.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
         )
         .unwrap();
-        let (a, b) = (&example.limits, LimitsConfig::default());
         assert_eq!(
-            (a.registrations_per_source, a.registrations_window_secs),
-            (b.registrations_per_source, b.registrations_window_secs)
-        );
-        assert_eq!(
-            (
-                a.admin_login_failures_per_source,
-                a.admin_login_failures_window_secs
-            ),
-            (
-                b.admin_login_failures_per_source,
-                b.admin_login_failures_window_secs
-            )
-        );
-        assert_eq!(
-            (
-                a.tracked_sources,
-                a.login_failure_audit_window_secs,
-                a.readiness_max_age_secs
-            ),
-            (
-                b.tracked_sources,
-                b.login_failure_audit_window_secs,
-                b.readiness_max_age_secs
-            )
+            parse(&example).unwrap().limits,
+            parse(MINIMAL).unwrap().limits
         );
     }
 
+    /// The shipped example, with its commented YubiKey section switched on,
+    /// is a valid config: every key it documents exists and its values pass.
     #[test]
-    fn two_token_selectors_are_refused() {
-        let text = MINIMAL.replace(
-            "token_label = \"keyward\"",
-            "token_label = \"a\"\ntoken_serial = \"b\"",
-        );
-        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("keystore.token_label"), "{e}");
-    }
-
-    #[test]
-    fn pin_from_two_sources_is_refused() {
-        let text = MINIMAL.replace(
-            "pin_env = \"KEYWARD_HSM_PIN\"",
-            "pin_env = \"X\"\npin_file = \"/p\"",
-        );
-        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("keystore.pin")
+    fn the_example_config_is_valid() {
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
+        )
+        .unwrap();
+        parse(&example).unwrap();
+        let mut on = false;
+        let enabled: Vec<&str> = example
+            .lines()
+            .map(|l| {
+                if l.starts_with("# [keystores.") {
+                    on = true;
+                } else if !l.starts_with('#') {
+                    on = false;
+                }
+                if on {
+                    l.strip_prefix("# ").unwrap_or(l)
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let c = parse(&enabled.join("\n")).unwrap();
+        assert_eq!(
+            c.keystores.len(),
+            1,
+            "the YubiKey example was not switched on"
         );
     }
 }

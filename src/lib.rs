@@ -5,7 +5,8 @@
 //! backends behind them, services that depend only on the ports (`ca`,
 //! `registry`, `auth`, `audit`, `policy`), the HTTP surface (`http`) and the
 //! operator CLI (`cli`). `app` is the one composition root that names
-//! concrete backends.
+//! concrete backends. `softhsm` is dev and test support (`keyward dev`,
+//! tests, benchmark), not used by the daemon.
 
 #![forbid(unsafe_code)]
 
@@ -26,4 +27,5 @@ pub mod policy;
 pub mod ratelimit;
 pub mod registry;
 pub mod secret;
+pub mod softhsm;
 pub mod store;

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{Env, PIN, call, client, corrupt_signature, openssl_csr, openssl_verify, write};
+use common::{
+    Env, PIN, add_admin, call, client, corrupt_signature, openssl_csr, openssl_verify, write,
+};
 use serde_json::{Value, json};
 use std::process::Command;
 
@@ -17,18 +19,6 @@ async fn submit(url: &str, csr: &str, token: Option<&str>, group: &str) -> (u16,
         Some(json!({ "csr": csr, "name": "sensor-7", "device_type": "thermo", "location": "lab", "firmware": "1.2.3", "group": group })),
     )
     .await
-}
-
-async fn add_admin(url: &str, token: &str, name: &str, role: &str) -> String {
-    let (status, v) = call(
-        reqwest::Method::POST,
-        &format!("{url}/v1/admin/admins"),
-        Some(token),
-        Some(json!({ "name": name, "role": role })),
-    )
-    .await;
-    assert_eq!(status, 201, "{v}");
-    v["token"].as_str().unwrap().to_string()
 }
 
 fn assert_error(status: u16, v: &Value, want_status: u16, want_code: &str) {
@@ -320,7 +310,7 @@ async fn bad_inputs_get_clear_errors_and_change_nothing() {
     assert_error(s, &v, 403, "forbidden_role");
     let (s, v) = call(
         reqwest::Method::POST,
-        &format!("{url}/v1/admin/admins"),
+        &format!("{url}/v1/admin/invitations"),
         Some(&auditor),
         Some(json!({ "name": "mallory", "role": "admin" })),
     )
@@ -751,7 +741,7 @@ async fn admins_can_be_disabled_and_their_tokens_stop_working_at_once() {
         None,
     )
     .await;
-    assert_error(s, &v, 409, "refused");
+    assert_error(s, &v, 403, "self_action");
     let (s, v) = call(
         reqwest::Method::POST,
         &format!("{url}/v1/admin/admins/nobody/disable"),
@@ -798,7 +788,7 @@ async fn admins_can_be_disabled_and_their_tokens_stop_working_at_once() {
         None,
     )
     .await;
-    assert_error(s, &v, 409, "refused");
+    assert_error(s, &v, 409, "already_disabled");
     // Failed logins are audited aggregated, at the latest on clean shutdown.
     daemon.stop();
     let actions: Vec<(String, String, String)> = env.audit_after(before["audit_events"]);

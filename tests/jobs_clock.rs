@@ -107,19 +107,10 @@ fn sweeper_expires_pending_registrations_when_their_time_is_up() {
         let early_a = s.registry.submit(submit("early-a"), None).await.unwrap();
         s.registry.submit(submit("early-b"), None).await.unwrap();
         let decided = s.registry.submit(submit("decided"), None).await.unwrap();
-        let (approver, _) = s
-            .admins
-            .create("test", "alice", keyward::auth::Role::Approver)
-            .await
-            .unwrap();
+        // One denial decides (approvals need two admins in the shipped policy).
+        let admin = s.store.admin_by_name("bootstrap").await.unwrap().unwrap();
         s.registry
-            .decide(
-                decided.registration.id,
-                &approver,
-                Decision::Approve,
-                None,
-                None,
-            )
+            .decide(decided.registration.id, &admin, Decision::Deny, None, None)
             .await
             .unwrap();
         clock.advance(time::Duration::hours(24));
@@ -150,7 +141,7 @@ fn sweeper_expires_pending_registrations_when_their_time_is_up() {
         assert_eq!(
             got,
             vec![
-                ("decided".to_string(), RegistrationStatus::Issued),
+                ("decided".to_string(), RegistrationStatus::Denied),
                 ("early-a".to_string(), RegistrationStatus::Expired),
                 ("early-b".to_string(), RegistrationStatus::Expired),
                 ("late".to_string(), RegistrationStatus::Pending),

@@ -25,40 +25,17 @@ use std::sync::Arc;
 
 const READY: &str = "KEYWARD_TEST_SOFTHSM_DIR";
 
-/// Initialises a fresh token on SoftHSM's free slot, through PKCS#11 itself.
+/// A fresh token on SoftHSM's free slot, made through PKCS#11 in this process.
 fn new_token() -> String {
-    // Tests run on parallel threads; two of them must not claim the same free slot.
-    static SLOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = SLOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let ctx = context(&common::softhsm_module()).unwrap();
     let label = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let slot = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .map(|i| !i.token_initialized())
-                .unwrap_or(false)
-        })
-        .expect("SoftHSM always offers one uninitialised slot");
-    ctx.init_token(
-        slot,
-        &SecretString::from(common::SO_PIN.to_string()),
+    keyward::softhsm::init_token_in_process(
+        &ctx,
         &label,
+        &SecretString::from(common::SO_PIN),
+        &SecretString::from(common::PIN),
     )
     .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(
-            cryptoki::session::UserType::So,
-            Some(&SecretString::from(common::SO_PIN.to_string())),
-        )
-        .unwrap();
-    session
-        .init_pin(&SecretString::from(common::PIN.to_string()))
-        .unwrap();
-    session.logout().unwrap();
     label
 }
 
@@ -311,23 +288,241 @@ fn trials() -> Vec<Trial> {
             })
         },
     ));
+    t.push(Trial::test(
+        "ca::device_certificates_are_checked_before_they_are_stored",
+        || run(ca_checks::device_certificates_are_checked_before_they_are_stored),
+    ));
     t
+}
+
+/// Issuance against a real token: the certificate carries keyward's own
+/// encoding of the device key, and an HSM signature that does not verify
+/// stores nothing.
+mod ca_checks {
+    use super::*;
+    use async_trait::async_trait;
+    use der::{Decode, Encode};
+    use keyward::ca::CaService;
+    use keyward::keystore::{Capabilities, GeneratedKey, KeyHandle, KeyProtection, KeySpec};
+    use keyward::registry::{RegistryError, RegistryService, Submission};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A key store whose signatures turn bad on demand, as a faulty HSM's would.
+    struct Faulty {
+        inner: Arc<dyn KeyStore>,
+        spoil: AtomicBool,
+    }
+
+    #[async_trait]
+    impl KeyStore for Faulty {
+        fn backend(&self) -> &'static str {
+            self.inner.backend()
+        }
+        fn capabilities(&self) -> &Capabilities {
+            self.inner.capabilities()
+        }
+        fn planned_handle(&self, spec: &KeySpec) -> KeyHandle {
+            self.inner.planned_handle(spec)
+        }
+        async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
+            self.inner.generate(spec).await
+        }
+        async fn public_key(&self, handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError> {
+            self.inner.public_key(handle).await
+        }
+        async fn sign(
+            &self,
+            handle: &KeyHandle,
+            algorithm: KeyAlgorithm,
+            message: &[u8],
+        ) -> Result<Vec<u8>, KeyStoreError> {
+            let mut sig = self.inner.sign(handle, algorithm, message).await?;
+            if self.spoil.load(Ordering::SeqCst) {
+                let last = sig.len() - 1;
+                sig[last] ^= 0x01;
+            }
+            Ok(sig)
+        }
+        async fn store_certificate(
+            &self,
+            handle: &KeyHandle,
+            der: &[u8],
+        ) -> Result<(), KeyStoreError> {
+            self.inner.store_certificate(handle, der).await
+        }
+        async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError> {
+            self.inner.exists(handle).await
+        }
+        async fn protection(&self, handle: &KeyHandle) -> Result<KeyProtection, KeyStoreError> {
+            self.inner.protection(handle).await
+        }
+        async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
+            self.inner.destroy(handle).await
+        }
+        async fn health(&self) -> Result<(), KeyStoreError> {
+            self.inner.health().await
+        }
+        async fn close(&self) -> Result<(), KeyStoreError> {
+            self.inner.close().await
+        }
+    }
+
+    /// An RSA-2048 CSR whose key identifier omits the NULL parameter, signed
+    /// with an openssl-made key. Returns (CSR DER, the key as RSAPublicKey DER).
+    fn rsa_csr_without_null_parameters(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+        use ring::signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
+        let key_file = dir.join("rsa.der");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-outform",
+                "DER",
+                "-out",
+            ])
+            .arg(&key_file)
+            .output()
+            .expect("openssl missing: run scripts/test.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = RsaKeyPair::from_der(&std::fs::read(&key_file).unwrap()).unwrap();
+        let public = key.public_key().as_ref().to_vec();
+        let info = x509_cert::request::CertReqInfo {
+            version: x509_cert::request::Version::V1,
+            subject: Decode::from_der(&keyward::ca::x509::name_cn("odd-rsa").unwrap()).unwrap(),
+            public_key: spki::SubjectPublicKeyInfoOwned {
+                algorithm: spki::AlgorithmIdentifierOwned {
+                    oid: const_oid::db::rfc5912::RSA_ENCRYPTION,
+                    parameters: None,
+                },
+                subject_public_key: der::asn1::BitString::from_bytes(&public).unwrap(),
+            },
+            attributes: Default::default(),
+        };
+        let mut sig = vec![0; key.public().modulus_len()];
+        key.sign(
+            &RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            &info.to_der().unwrap(),
+            &mut sig,
+        )
+        .unwrap();
+        let req = x509_cert::request::CertReq {
+            info,
+            algorithm: spki::AlgorithmIdentifierOwned {
+                oid: const_oid::db::rfc5912::SHA_256_WITH_RSA_ENCRYPTION,
+                parameters: Some(der::asn1::Any::null()),
+            },
+            signature: der::asn1::BitString::from_bytes(&sig).unwrap(),
+        };
+        (req.to_der().unwrap(), public)
+    }
+
+    pub async fn device_certificates_are_checked_before_they_are_stored() {
+        let faulty = Arc::new(Faulty {
+            inner: open(&new_token()).await,
+            spoil: AtomicBool::new(false),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(SystemClock);
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("k.db"), 16, clock.clone()).unwrap());
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let enrollment = format!(
+            "{}\n[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\n",
+            std::fs::read_to_string(repo.join("enrollment.toml")).unwrap()
+        );
+        let policies = Arc::new(
+            keyward::policy::Policies::from_texts(
+                &repo.join("ca.toml"),
+                &std::fs::read_to_string(repo.join("ca.toml")).unwrap(),
+                &repo.join("enrollment.toml"),
+                &enrollment,
+            )
+            .unwrap(),
+        );
+        let ca = Arc::new(
+            CaService::new(
+                KeyStores::new(faulty.clone()),
+                store.clone(),
+                clock.clone(),
+                policies,
+            )
+            .await
+            .unwrap(),
+        );
+        ca.initialize("test").await.unwrap();
+        let registry = RegistryService::new(
+            ca.clone(),
+            store.clone(),
+            clock.clone(),
+            keyward::auth::TokenHasher::new(&SecretString::from(
+                "test-pepper-0123456789".to_string(),
+            )),
+            Arc::new(keyward::metrics::Metrics::new().unwrap()),
+        );
+        let (csr, rsa_public) = rsa_csr_without_null_parameters(dir.path());
+        let submission = Submission {
+            csr,
+            name: "odd-rsa".into(),
+            device_type: None,
+            location: None,
+            firmware: None,
+            group: "auto".into(),
+            client_addr: None,
+        };
+
+        // A healthy HSM: issued, with the canonical key identifier (NULL
+        // parameter) and the same key, and a chain `openssl verify` accepts.
+        let issued = registry.submit(submission.clone(), None).await.unwrap();
+        let serial = issued.registration.certificate_serial.clone().unwrap();
+        let cert = store.get_certificate(&serial).await.unwrap().unwrap();
+        let parsed = x509_cert::Certificate::from_der(&cert.der).unwrap();
+        let spki = parsed.tbs_certificate().subject_public_key_info();
+        assert_eq!(spki.algorithm.oid, const_oid::db::rfc5912::RSA_ENCRYPTION);
+        assert_eq!(spki.algorithm.parameters, Some(der::asn1::Any::null()));
+        assert_eq!(spki.subject_public_key.raw_bytes(), &rsa_public[..]);
+        let issuer = ca.issuer(&cert.issuer_ca).unwrap();
+        let chain: Vec<_> = issuer
+            .chain_pem
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .collect();
+        let root = common::write(dir.path(), "root.pem", chain.last().unwrap());
+        let untrusted = common::write(dir.path(), "chain.pem", &issuer.chain_pem);
+        let leaf = common::write(
+            dir.path(),
+            "leaf.pem",
+            &keyward::ca::x509::to_pem(&cert.der).unwrap(),
+        );
+        let (ok, out) = common::openssl_verify(&root, &untrusted, &leaf);
+        assert!(ok, "{out}");
+
+        // A faulty HSM: a clear, typed error and nothing stored.
+        faulty.spoil.store(true, Ordering::SeqCst);
+        let before = store.counts().await.unwrap();
+        let err = registry.submit(submission, None).await.err().unwrap();
+        let RegistryError::Ca(e) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.code(), "hsm_signature_invalid", "{e}");
+        assert!(e.to_string().contains(&cert.issuer_ca), "{e}");
+        assert_eq!(store.counts().await.unwrap(), before);
+    }
 }
 
 fn main() -> ExitCode {
     if std::env::var_os(READY).is_none() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", tokens.display()),
-        )
-        .unwrap();
+        let hsm = keyward::softhsm::SoftHsm::prepare(dir.path()).unwrap();
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args(std::env::args_os().skip(1))
-            .env("SOFTHSM2_CONF", &conf)
+            .env("SOFTHSM2_CONF", hsm.conf())
             .env(READY, dir.path())
             .status()
             .unwrap();

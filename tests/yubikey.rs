@@ -283,9 +283,13 @@ async fn two_cards_are_told_apart_by_serial() {
     // With two cards present, the crate's "first YubiKey" open is ambiguous;
     // keyward's config therefore has no way to omit the serial.
     let cfg = "[store]\ntype='sqlite'\npath='x'\n[keystore]\ntype='yubikey'\npin_env='P'\nmanagement_key_env='M'\n[auth]\ntoken_pepper_env='X'\n";
-    let e = keyward::config::Config::parse(cfg, std::path::Path::new("k.toml"))
-        .unwrap_err()
-        .to_string();
+    let e = keyward::config::Config::from_toml(
+        cfg,
+        std::path::Path::new("k.toml"),
+        std::path::Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("serial"), "{e}");
 }
 
@@ -484,17 +488,11 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
     )
     .await;
     let id = reg["id"].as_str().unwrap();
-    let (_, alice) = common::call(
-        post.clone(),
-        &format!("{url}/v1/admin/admins"),
-        Some(&admin),
-        Some(serde_json::json!({ "name": "alice", "role": "approver" })),
-    )
-    .await;
+    let alice = common::add_admin(&url, &admin, "alice", "approver").await;
     let (_, approved) = common::call(
         post,
         &format!("{url}/v1/admin/registrations/{id}/approve"),
-        alice["token"].as_str(),
+        Some(&alice),
         None,
     )
     .await;

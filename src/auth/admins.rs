@@ -3,43 +3,22 @@
 use super::{Role, TokenHasher, new_secret};
 use crate::audit::AuditDraft;
 use crate::clock::Clock;
-use crate::store::{AdminRecord, Change, Page, PageRequest, Store, StoreError, Write};
+use crate::store::{AdminRecord, Change, Conflict, Page, PageRequest, Store, StoreError, Write};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use std::sync::Arc;
 use uuid::Uuid;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("missing admin token")]
-    Missing,
-    #[error("admin token not recognised")]
-    BadToken,
-    #[error("admin account is disabled")]
-    Disabled,
-    #[error("role {have} cannot do this (needs {need})")]
-    Forbidden { have: Role, need: Role },
-    #[error("`name` must be 1-64 characters of letters, digits, '.', '_', '-', '@'")]
-    BadName,
-    #[error("an admin named `{0}` already exists")]
-    Duplicate(String),
-    #[error("no admin `{0}`")]
-    NotFound(String),
-    #[error("{0}")]
-    Refused(&'static str),
-    #[error(transparent)]
-    Store(StoreError),
-    #[error(transparent)]
-    Random(#[from] super::RandomError),
-}
+pub use super::error::AdminError;
 
 pub struct AdminService {
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    hasher: TokenHasher,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) hasher: TokenHasher,
 }
 
-fn valid_name(n: &str) -> bool {
+/// Admin names: ASCII only, so that two names cannot look alike.
+pub(super) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.chars()
@@ -76,8 +55,10 @@ impl AdminService {
         }
     }
 
-    /// Creates an admin and returns its token, shown once.
-    pub async fn create(
+    /// Creates an admin directly and returns its token, shown once. Only
+    /// for the very first admin (bootstrap); every later admin comes through
+    /// an invitation that the invitee redeems.
+    async fn create(
         &self,
         actor: &str,
         name: &str,
@@ -143,39 +124,40 @@ impl AdminService {
         self.create("cli:init", name, Role::Admin).await.map(Some)
     }
 
-    /// Disables an admin (by id or name): its token stops working at once.
-    /// Refuses to disable the caller: since only admins may disable, this
-    /// also means the last active admin can never be disabled.
-    pub async fn disable(&self, by: &AdminRecord, who: &str) -> Result<AdminRecord, AdminError> {
-        let admins = self.list().await?;
-        let target = admins
-            .iter()
-            .find(|a| a.id.to_string() == who || a.name == who)
-            .cloned()
-            .ok_or_else(|| AdminError::NotFound(who.to_string()))?;
+    /// Finds an admin by id or name.
+    pub async fn find(&self, who: &str) -> Result<AdminRecord, AdminError> {
+        let found = match Uuid::parse_str(who) {
+            Ok(id) => self.store.get_admin(id).await?,
+            Err(_) => self.store.admin_by_name(who).await?,
+        };
+        found.ok_or_else(|| AdminError::NotFound(who.to_string()))
+    }
+
+    /// Disables an admin (by id or name): its token stops working at once,
+    /// and its approvals of still-pending registrations stop counting.
+    /// Nobody disables itself, and the store refuses, inside the
+    /// transaction, to leave no active admin of role `admin` — so two admins
+    /// disabling each other at the same moment cannot lock everyone out.
+    pub async fn disable(
+        &self,
+        by: &AdminRecord,
+        who: &str,
+        source: Option<&str>,
+    ) -> Result<AdminRecord, AdminError> {
+        let target = self.find(who).await?;
         if target.id == by.id {
-            return Err(AdminError::Refused(
-                "an admin cannot disable itself; ask another admin",
-            ));
+            return Err(AdminError::SelfAction("disable"));
         }
         if target.disabled {
-            return Err(AdminError::Refused("that admin is already disabled"));
+            return Err(AdminError::AlreadyDisabled);
         }
-        let active_admins = admins
-            .iter()
-            .filter(|a| a.role == Role::Admin && !a.disabled)
-            .count();
-        if target.role == Role::Admin && active_admins <= 1 {
-            return Err(AdminError::Refused(
-                "refusing to disable the last active admin",
-            ));
-        }
+        let now = self.clock.now().unix_timestamp();
         self.store
             .commit(
                 Change::new()
                     .write(Write::DisableAdmin {
                         id: target.id,
-                        at: self.clock.now().unix_timestamp(),
+                        at: now,
                     })
                     .audit(
                         AuditDraft::new(
@@ -183,16 +165,19 @@ impl AdminService {
                             "admin.disable",
                             format!("admin:{}", target.id),
                         )
-                        .details(json!({ "name": target.name, "role": target.role.as_str() })),
+                        .details(json!({ "name": target.name, "role": target.role.as_str() }))
+                        .source(source),
                     ),
             )
             .await
             .map_err(|e| match e {
-                StoreError::Conflict(_) => AdminError::Refused("that admin is already disabled"),
+                StoreError::Conflict(Conflict::LastActiveAdmin) => AdminError::LastActiveAdmin,
+                StoreError::Conflict(_) => AdminError::AlreadyDisabled,
                 other => AdminError::Store(other),
             })?;
         Ok(AdminRecord {
             disabled: true,
+            disabled_at: Some(now),
             ..target
         })
     }

@@ -5,6 +5,10 @@
 //! database alone does not let anyone act as an admin.
 
 pub mod admins;
+mod error;
+pub mod requests;
+
+pub use error::AdminError;
 
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;

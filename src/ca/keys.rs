@@ -1,14 +1,27 @@
-//! Creating and reconciling HSM keys so that the token and the store agree.
+//! Key lifecycle: creating HSM keys so that the token and the store always
+//! agree, and reconciling them at start. CA creation uses it today; key
+//! rotation, server-side key generation and restore are meant to reuse it.
 //!
-//! Creating a key is three steps with a written-down undo:
-//! 1. record the key as `generating` (with the handle it will have) + audit;
-//! 2. generate it in the HSM;
-//! 3. the caller commits `CompleteKeyGeneration` with whatever uses the key.
+//! Creating a key is three steps, each with its undo written down:
+//! 1. [`begin`]: record the key as `generating` (with the handle it will
+//!    have) and audit that, in one commit. Undo: none needed; the row alone
+//!    harms nothing and step 2 or reconciliation closes it.
+//! 2. [`begin`], still: generate the key in the HSM. Undo if it fails: the
+//!    row is marked `destroyed` (audited as a failed generation).
+//! 3. The caller uses the key (certifies it, …) and commits the write of
+//!    [`complete`] in the same change as whatever refers to the key. Undo if
+//!    using or committing fails: [`abandon`] destroys the HSM object, then
+//!    marks the row `destroyed`.
 //!
-//! If step 2 fails the row is marked `destroyed`. If the caller's step 3
-//! fails it calls [`abandon`], which destroys the HSM object and marks the row
-//! `destroyed`. If the process dies between 1 and 3, [`reconcile`] does the
-//! same at the next start.
+//! [`create`] runs the three steps and the undo as one call; prefer it.
+//!
+//! Recovery: if the process dies between steps 1 and 3, the row is still
+//! `generating` at the next start. [`reconcile`] (run before serving)
+//! destroys the HSM object if it exists and marks the row `destroyed`. If
+//! [`abandon`] itself cannot destroy the object, it leaves the row
+//! `generating` so that reconciliation retries. Devices that cannot delete
+//! keys (PIV slots) keep the key until the slot is generated into again; the
+//! audit event says so.
 
 use crate::audit::{AuditDraft, Outcome};
 use crate::clock::Clock;
@@ -23,6 +36,16 @@ pub enum KeyLifecycleError {
     KeyStore(#[from] KeyStoreError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl KeyLifecycleError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::KeyStore(_) => "keystore_error",
+            Self::Store(_) => "store_error",
+        }
+    }
 }
 
 /// A key generated in the HSM, recorded as `generating` until the caller commits.
@@ -98,6 +121,35 @@ pub async fn begin(
         Err(e) => {
             mark_destroyed(store, clock, actor, id, &e.to_string()).await;
             Err(e.into())
+        }
+    }
+}
+
+/// Steps 1 to 3 with their undo: generates a key, hands it to `use_key`,
+/// which returns the change that uses it (and must include the write of
+/// [`complete`]), commits that change, and abandons the key if anything
+/// fails. Returns the key's id.
+pub async fn create<E>(
+    keystore: &dyn KeyStore,
+    store: &dyn Store,
+    clock: &dyn Clock,
+    actor: &str,
+    new: NewKey<'_>,
+    use_key: impl AsyncFnOnce(&PendingKey) -> Result<Change, E>,
+) -> Result<Uuid, E>
+where
+    E: From<KeyLifecycleError> + From<StoreError> + std::fmt::Display,
+{
+    let pending = begin(keystore, store, clock, actor, new).await?;
+    let result = match use_key(&pending).await {
+        Ok(change) => store.commit(change).await.map(drop).map_err(E::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => Ok(pending.id),
+        Err(e) => {
+            abandon(keystore, store, clock, actor, &pending, &e.to_string()).await;
+            Err(e)
         }
     }
 }

@@ -1,24 +1,29 @@
-//! Certificate authorities: the hierarchy from policy, device certificates
-//! from verified CSRs. The CA never sees key material; it asks the KeyStore
-//! to sign the TBS bytes with the issuer's key handle.
+//! Certificate authorities: the service, its loaded issuers and its errors.
+//! The CA never sees key material; it asks the KeyStore to sign the TBS bytes
+//! with the issuer's key handle.
+//!
+//! - `hierarchy`: the chain of CAs (load from the store, create from policy);
+//! - `issuance`: device certificates;
+//! - [`keys`]: HSM key creation with its undo and start-up reconciliation;
+//! - [`csr`], [`public_key`] and [`x509`]: the encodings.
 
 pub mod csr;
+mod hierarchy;
+mod issuance;
 pub mod keys;
+pub mod public_key;
 pub mod x509;
 
-use crate::audit::AuditDraft;
 use crate::clock::Clock;
 use crate::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, KeyStores};
-use crate::policy::{CaKind, CaPolicy, Policies, ProfilePolicy};
-use crate::store::{
-    CaRecord, CertificateRecord, CertificateStatus, Change, KeyPurpose, KeyState, Store,
-    StoreError, Write,
-};
-use serde_json::json;
+use crate::policy::{CaKind, Policies};
+use crate::store::{CertificateRecord, Store, StoreError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use uuid::Uuid;
 
+/// Errors of the CA service. [`CaError::code`] is stable; whether a code is
+/// the caller's fault or the server's is decided in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error(transparent)]
@@ -29,24 +34,68 @@ pub enum CaError {
     Store(#[from] StoreError),
     #[error(transparent)]
     KeyLifecycle(#[from] keys::KeyLifecycleError),
-    #[error("certificate encoding failed: {0}")]
+    #[error("certificate encoding failed")]
     Encoding(#[from] der::Error),
     #[error("CA `{0}` does not exist (run `keyward init`)")]
     UnknownCa(String),
     #[error("the CA key of `{0}` is not active")]
     KeyNotActive(String),
-    #[error("key algorithm {algorithm} is not allowed by profile `{profile}` (allowed: {allowed})")]
+    #[error("key algorithm {algorithm} is not allowed by profile `{profile}` (allowed: {})", list(.allowed))]
     AlgorithmNotAllowed {
         algorithm: KeyAlgorithm,
         profile: String,
-        allowed: String,
+        allowed: Vec<KeyAlgorithm>,
     },
     #[error("CA `{0}` has expired or expires before any certificate could be valid")]
     Expired(String),
+    /// The HSM signed a CA certificate that does not verify: nothing was stored.
     #[error("the HSM returned a signature that does not verify for CA `{0}`")]
     BadSignature(String),
+    /// The HSM signed a device certificate that does not verify against the
+    /// CA certificate: nothing was issued.
+    #[error("the HSM returned a device certificate signature that does not verify for CA `{0}`")]
+    DeviceSignatureInvalid(String),
     #[error(transparent)]
     Random(#[from] crate::auth::RandomError),
+    /// CAs in the store whose parent is not in the store.
+    #[error("CA(s) {} reference parents that do not exist", .0.join(", "))]
+    ParentMissing(Vec<String>),
+    #[error("CA `{ca}` references key {key_id}, which is not in the store")]
+    KeyRecordMissing { ca: String, key_id: Uuid },
+    #[error(
+        "CA `{ca}`'s key is in key store `{keystore}`, which is not configured in keyward.toml"
+    )]
+    KeyStoreNotConfigured { ca: String, keystore: String },
+}
+
+fn list(algorithms: &[KeyAlgorithm]) -> String {
+    algorithms
+        .iter()
+        .map(|a| a.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl CaError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Csr(e) => e.code(),
+            Self::KeyStore(_) => "keystore_error",
+            Self::Store(_) => "store_error",
+            Self::KeyLifecycle(e) => e.code(),
+            Self::Encoding(_) => "certificate_encoding_failed",
+            Self::UnknownCa(_) => "unknown_ca",
+            Self::KeyNotActive(_) => "ca_key_not_active",
+            Self::AlgorithmNotAllowed { .. } => "key_algorithm_not_allowed",
+            Self::Expired(_) => "ca_expired",
+            Self::BadSignature(_) | Self::DeviceSignatureInvalid(_) => "hsm_signature_invalid",
+            Self::Random(_) => "random_unavailable",
+            Self::ParentMissing(_) => "ca_parent_missing",
+            Self::KeyRecordMissing { .. } => "ca_key_record_missing",
+            Self::KeyStoreNotConfigured { .. } => "keystore_not_configured",
+        }
+    }
 }
 
 /// A loaded issuing authority: what signing needs, parsed once.
@@ -113,86 +162,6 @@ impl CaService {
         Ok(svc)
     }
 
-    /// Re-reads CAs and their keys from the store.
-    pub async fn reload(&self) -> Result<(), CaError> {
-        let mut remaining = self.store.list_cas().await?;
-        let mut loaded: BTreeMap<String, Arc<Issuer>> = BTreeMap::new();
-        // Parents first, whatever order the store returns: a chain is built
-        // from the parent's chain, so the parent must be loaded already.
-        while !remaining.is_empty() {
-            let before = remaining.len();
-            let mut deferred = Vec::new();
-            for ca in remaining {
-                let parent_chain = match &ca.parent {
-                    Some(p) => match loaded.get(p) {
-                        Some(parent) => Some(parent.chain_pem.clone()),
-                        None => {
-                            deferred.push(ca);
-                            continue;
-                        }
-                    },
-                    None => None,
-                };
-                let issuer = self.load_issuer(&ca, parent_chain).await?;
-                loaded.insert(ca.name.clone(), Arc::new(issuer));
-            }
-            if deferred.len() == before {
-                return Err(StoreError::Corrupt(format!(
-                    "CA(s) {} reference parents that do not exist",
-                    deferred
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-                .into());
-            }
-            remaining = deferred;
-        }
-        if let Ok(mut g) = self.issuers.write() {
-            *g = loaded;
-        }
-        Ok(())
-    }
-
-    async fn load_issuer(
-        &self,
-        ca: &CaRecord,
-        parent_chain: Option<String>,
-    ) -> Result<Issuer, CaError> {
-        let key = self.store.get_key(ca.key_id).await?.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "CA {} references missing key {}",
-                ca.name, ca.key_id
-            ))
-        })?;
-        let summary = x509::summarize(&ca.certificate_der)?;
-        let mut chain_pem = x509::to_pem(&ca.certificate_der)?;
-        if let Some(parent) = parent_chain {
-            chain_pem.push_str(&parent);
-        }
-        let keystore = self.keystores.get(&key.keystore).cloned().map_err(|_| {
-            StoreError::Corrupt(format!(
-                "CA {}'s key is in key store `{}`, which is not configured in keyward.toml",
-                ca.name, key.keystore
-            ))
-        })?;
-        Ok(Issuer {
-            name: ca.name.clone(),
-            kind: ca.kind,
-            key_id: key.id,
-            keystore_name: key.keystore.clone(),
-            keystore,
-            handle: key.handle.clone(),
-            algorithm: key.algorithm,
-            cert_der: ca.certificate_der.clone(),
-            subject_der: summary.subject_name_der,
-            ski: summary.ski.unwrap_or_default(),
-            not_after: summary.not_after,
-            chain_pem,
-        })
-    }
-
     pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, CaError> {
         self.issuers
             .read()
@@ -233,278 +202,5 @@ impl CaService {
 
     pub fn policies(&self) -> &Policies {
         &self.policies
-    }
-
-    /// Creates every CA in the policy that does not exist yet, parents first.
-    /// Returns the names created. Safe to run again.
-    pub async fn initialize(&self, actor: &str) -> Result<Vec<String>, CaError> {
-        let mut created = Vec::new();
-        for policy in &self.policies.cas {
-            if self.issuer(&policy.name).is_ok() {
-                continue;
-            }
-            self.create_ca(actor, policy).await?;
-            self.reload().await?;
-            created.push(policy.name.clone());
-        }
-        Ok(created)
-    }
-
-    async fn create_ca(&self, actor: &str, policy: &CaPolicy) -> Result<(), CaError> {
-        let parent = match &policy.parent {
-            Some(p) => Some(self.issuer(p)?),
-            None => None,
-        };
-        let purpose = match policy.kind {
-            CaKind::Root => KeyPurpose::RootCa,
-            CaKind::Issuing => KeyPurpose::IssuingCa,
-        };
-        let keystore_name = policy
-            .keystore
-            .clone()
-            .unwrap_or_else(|| crate::config::DEFAULT_KEYSTORE.to_string());
-        let keystore = self.keystores.get(&keystore_name)?.clone();
-        let pending = keys::begin(
-            keystore.as_ref(),
-            self.store.as_ref(),
-            self.clock.as_ref(),
-            actor,
-            keys::NewKey {
-                keystore: &keystore_name,
-                label: format!("keyward-ca-{}-v1", policy.name),
-                purpose,
-                algorithm: policy.algorithm,
-                ca_name: Some(&policy.name),
-                extractable: false,
-            },
-        )
-        .await?;
-        match self
-            .certify_ca(
-                actor,
-                policy,
-                parent.as_deref(),
-                keystore.as_ref(),
-                &pending,
-            )
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                keys::abandon(
-                    keystore.as_ref(),
-                    self.store.as_ref(),
-                    self.clock.as_ref(),
-                    actor,
-                    &pending,
-                    &e.to_string(),
-                )
-                .await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn certify_ca(
-        &self,
-        actor: &str,
-        policy: &CaPolicy,
-        parent: Option<&Issuer>,
-        keystore: &dyn KeyStore,
-        key: &keys::PendingKey,
-    ) -> Result<(), CaError> {
-        // Proof that the device generated the key, where it can give one.
-        let attestation = keystore.attestation(&key.handle).await?;
-        let now = self.clock.now().unix_timestamp();
-        let subject = x509::name_from_policy(&policy.subject)?;
-        let ski = x509::key_identifier(&key.public_key_der)?;
-        let not_before = now - 300;
-        let mut not_after = now + i64::from(policy.validity_days) * 86_400;
-        // The signer is the parent CA, or the new key itself for a root.
-        let (issuer_name, aki, signer, signer_handle, signer_alg, signer_key_id) = match parent {
-            Some(p) => {
-                if p.not_after <= now {
-                    return Err(CaError::Expired(p.name.clone()));
-                }
-                not_after = not_after.min(p.not_after);
-                (
-                    p.subject_der.clone(),
-                    p.ski.clone(),
-                    p.keystore.as_ref(),
-                    p.handle.clone(),
-                    p.algorithm,
-                    p.key_id,
-                )
-            }
-            None => (
-                subject.clone(),
-                ski.clone(),
-                keystore,
-                key.handle.clone(),
-                key.algorithm,
-                key.id,
-            ),
-        };
-        let serial = x509::random_serial(now_ms(self.clock.as_ref()))?;
-        let tbs = x509::encode_tbs(x509::TbsParams {
-            serial: &serial,
-            signer: signer_alg,
-            issuer_name_der: &issuer_name,
-            subject_name_der: &subject,
-            spki_der: &key.public_key_der,
-            not_before,
-            not_after,
-            extensions: x509::ca_extensions(&ski, &aki, policy.path_len)?,
-        })?;
-        let signature = signer.sign(&signer_handle, signer_alg, &tbs).await?;
-        let cert = x509::assemble(&tbs, signer_alg, &signature)?;
-        // A faulty HSM signature must not become a CA certificate. A root is its own issuer.
-        let issuer_cert = parent.map(|p| p.cert_der.as_slice()).unwrap_or(&cert);
-        if !x509::verify_issued_by(&cert, issuer_cert) {
-            return Err(CaError::BadSignature(policy.name.clone()));
-        }
-        keystore.store_certificate(&key.handle, &cert).await?;
-        let fp = fingerprint(&cert);
-        let serial_hex = hex::encode_upper(serial);
-        let (complete, key_event) = keys::complete(key, now);
-        let change = Change::new()
-            .write(complete)
-            .write(Write::InsertCa(CaRecord {
-                name: policy.name.clone(),
-                kind: policy.kind,
-                parent: policy.parent.clone(),
-                key_id: key.id,
-                certificate_der: cert.clone(),
-                created_at: now,
-            }))
-            .write(Write::InsertCertificate(CertificateRecord {
-                serial: serial_hex.clone(),
-                device_id: None,
-                issuer_ca: policy.parent.clone().unwrap_or_else(|| policy.name.clone()),
-                issuer_key_id: signer_key_id,
-                subject: policy.subject.common_name.clone(),
-                not_before,
-                not_after,
-                fingerprint_sha256: fp.clone(),
-                der: cert,
-                status: CertificateStatus::Valid,
-                revoked_at: None,
-                revocation_reason: None,
-                created_at: now,
-            }))
-            .audit(AuditDraft { actor: actor.to_string(), ..key_event })
-            .audit(
-                AuditDraft::new(actor, "ca.create", format!("ca:{}", policy.name)).details(json!({
-                    "kind": match policy.kind { CaKind::Root => "root", CaKind::Issuing => "issuing" },
-                    "parent": policy.parent,
-                    "algorithm": policy.algorithm.as_str(),
-                    "keystore": policy.keystore.as_deref().unwrap_or(crate::config::DEFAULT_KEYSTORE),
-                    "attested": attestation.is_some(),
-                    "attestation_fingerprint_sha256": attestation.as_ref().and_then(|c| c.first()).map(|c| fingerprint(c)),
-                    "subject": policy.subject.common_name,
-                    "serial": serial_hex,
-                    "fingerprint_sha256": fp,
-                    "not_after": not_after,
-                })),
-            );
-        self.store.commit(change).await?;
-        Ok(())
-    }
-
-    /// Signs a device certificate for `device_id` under `profile`.
-    /// Does not write to the store: the caller commits the record together
-    /// with the registration change and its audit events.
-    pub async fn sign_device_certificate(
-        &self,
-        profile: &ProfilePolicy,
-        device_id: Uuid,
-        csr: &csr::VerifiedCsr,
-    ) -> Result<IssuedCertificate, CaError> {
-        if !profile.key_algorithms.contains(&csr.algorithm) {
-            return Err(CaError::AlgorithmNotAllowed {
-                algorithm: csr.algorithm,
-                profile: profile.name.clone(),
-                allowed: profile
-                    .key_algorithms
-                    .iter()
-                    .map(|a| a.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        let issuer = self.issuer(&profile.issuer)?;
-        let now = self.clock.now().unix_timestamp();
-        let not_before = now - i64::from(profile.backdate_seconds);
-        let not_after = (now + i64::from(profile.validity_days) * 86_400).min(issuer.not_after);
-        if not_after <= now {
-            return Err(CaError::Expired(issuer.name.clone()));
-        }
-        let serial = x509::random_serial(now_ms(self.clock.as_ref()))?;
-        let cn = device_id.to_string();
-        let subject = x509::name_cn(&cn)?;
-        let ski = x509::key_identifier(&csr.spki_der)?;
-        let tbs = x509::encode_tbs(x509::TbsParams {
-            serial: &serial,
-            signer: issuer.algorithm,
-            issuer_name_der: &issuer.subject_der,
-            subject_name_der: &subject,
-            spki_der: &csr.spki_der,
-            not_before,
-            not_after,
-            extensions: x509::device_extensions(
-                &ski,
-                &issuer.ski,
-                csr.algorithm,
-                &profile.extended_key_usage,
-                &format!("urn:uuid:{cn}"),
-            )?,
-        })?;
-        let signature = issuer
-            .keystore
-            .sign(&issuer.handle, issuer.algorithm, &tbs)
-            .await?;
-        let der = x509::assemble(&tbs, issuer.algorithm, &signature)?;
-        let record = CertificateRecord {
-            serial: hex::encode_upper(serial),
-            device_id: Some(device_id),
-            issuer_ca: issuer.name.clone(),
-            issuer_key_id: issuer.key_id,
-            subject: cn,
-            not_before,
-            not_after,
-            fingerprint_sha256: fingerprint(&der),
-            der: der.clone(),
-            status: CertificateStatus::Valid,
-            revoked_at: None,
-            revocation_reason: None,
-            created_at: now,
-        };
-        Ok(IssuedCertificate { der, record })
-    }
-
-    /// Checks that the key of every CA that issues under a profile is active
-    /// in the store and present on its token. Other CAs (an offline root on
-    /// a YubiKey kept in a safe) may be absent while the daemon runs.
-    pub async fn check_keys(&self) -> Result<(), CaError> {
-        let needed = self.issuing_ca_names();
-        for issuer in self.issuers() {
-            if !needed.contains(issuer.name.as_str()) {
-                continue;
-            }
-            let key = self
-                .store
-                .get_key(issuer.key_id)
-                .await?
-                .ok_or_else(|| CaError::UnknownCa(issuer.name.clone()))?;
-            if key.state != KeyState::Active {
-                return Err(CaError::KeyNotActive(issuer.name.clone()));
-            }
-            if !issuer.keystore.exists(&issuer.handle).await? {
-                return Err(CaError::KeyStore(KeyStoreError::KeyNotFound(
-                    issuer.handle.clone(),
-                )));
-            }
-        }
-        Ok(())
     }
 }

@@ -262,27 +262,191 @@ async fn decide(
     Ok(())
 }
 
+/// Reads a one-time code from a file or an environment variable.
+fn code_from(
+    file: Option<&std::path::Path>,
+    env: &str,
+) -> anyhow::Result<Option<Zeroizing<String>>> {
+    if let Some(path) = file {
+        let t = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        return Ok(Some(Zeroizing::new(t.trim().to_string())));
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .map(Zeroizing::new))
+}
+
+fn request_line(r: &Value) {
+    println!(
+        "{}  {:<8}  {:<9}  {:<20}  {:<8}  requested by {}",
+        s(&r["id"]),
+        s(&r["kind"]),
+        s(&r["status"]),
+        s(&r["name"]),
+        s(&r["role"]),
+        s(&r["requested_by"])
+    );
+}
+
+async fn decide_request(api: &Api, output: Output, id: &str, verb: &str) -> anyhow::Result<()> {
+    let (_, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/admin/requests/{id}/{verb}"),
+            None,
+            None,
+        )
+        .await?;
+    print(output, &v, |v| {
+        request_line(v);
+        if let Some(code) = v["approval_code"].as_str() {
+            println!("Approval code, shown once — give it to the invitee only:");
+            println!("{code}");
+        }
+    });
+    Ok(())
+}
+
+async fn redeem(
+    args: &ClientArgs,
+    invitation_file: Option<&std::path::Path>,
+    approval_file: Option<&std::path::Path>,
+    token_out: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let invitation = code_from(invitation_file, "KEYWARD_INVITATION_CODE")?
+        .context("no invitation code: set KEYWARD_INVITATION_CODE or pass --invitation-file")?;
+    let approval = code_from(approval_file, "KEYWARD_APPROVAL_CODE")?;
+    let api = Api::new(&args.url, None)?;
+    let (_, v) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/invitations/redeem",
+            Some(&json!({
+                "invitation_code": invitation.as_str(),
+                "approval_code": approval.as_ref().map(|a| a.as_str()),
+            })),
+            None,
+        )
+        .await?;
+    let token = Zeroizing::new(s(&v["token"]).to_string());
+    if let Some(path) = token_out {
+        super::local::write_private(path, format!("{}\n", token.as_str()).as_bytes())?;
+        eprintln!(
+            "admin `{}` (role {}) created; token written to {}",
+            s(&v["name"]),
+            s(&v["role"]),
+            path.display()
+        );
+    } else {
+        print(args.output, &v, |v| {
+            println!(
+                "admin `{}` (role {}) created. Your token, shown once:",
+                s(&v["name"]),
+                s(&v["role"])
+            );
+            println!("{}", token.as_str());
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result<ExitCode> {
+    if let AdminsCommand::Redeem {
+        invitation_file,
+        approval_file,
+        token_out,
+    } = &command
+    {
+        return redeem(
+            args,
+            invitation_file.as_deref(),
+            approval_file.as_deref(),
+            token_out.as_deref(),
+        )
+        .await;
+    }
     let api = Api::new(&args.url, Some(admin_token(args)?))?;
     match command {
+        AdminsCommand::Redeem { .. } => {}
         AdminsCommand::Add { name, role } => {
             let (_, v) = api
                 .call(
                     reqwest::Method::POST,
-                    "/v1/admin/admins",
+                    "/v1/admin/invitations",
                     Some(&json!({ "name": name, "role": role })),
                     None,
                 )
                 .await?;
             print(args.output, &v, |v| {
                 println!(
-                    "admin `{}` created (role {}, id {}). Token, shown once:",
+                    "invitation for `{}` (role {}) created, request {}, expires {}.",
                     s(&v["name"]),
                     s(&v["role"]),
-                    s(&v["id"])
+                    s(&v["id"]),
+                    s(&v["expires_at"])
                 );
-                println!("{}", s(&v["token"]));
+                println!("Invitation code, shown once — give it to the invitee only:");
+                println!("{}", s(&v["invitation_code"]));
+                if v["second_admin_required"].as_bool() == Some(true) {
+                    println!(
+                        "Another admin must approve it (keyward admins approve {}) and give the invitee the approval code.",
+                        s(&v["id"])
+                    );
+                }
+                println!("The invitee runs `keyward admins redeem` and alone receives its token.");
             });
+        }
+        AdminsCommand::SetRole { admin, role } => {
+            let (status, v) = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/admin/admins/{admin}/role"),
+                    Some(&json!({ "role": role })),
+                    None,
+                )
+                .await?;
+            print(args.output, &v, |v| {
+                if status == reqwest::StatusCode::ACCEPTED {
+                    println!(
+                        "role change requested ({}); another admin must approve it",
+                        s(&v["request"]["id"])
+                    );
+                } else {
+                    println!(
+                        "admin `{}` now has role {}",
+                        s(&v["admin"]["name"]),
+                        s(&v["admin"]["role"])
+                    );
+                }
+            });
+        }
+        AdminsCommand::Requests { status, page } => {
+            let path = list_path(
+                "/v1/admin/requests",
+                &[("status", status.as_deref())],
+                &page,
+            );
+            let (_, v) = api.call(reqwest::Method::GET, &path, None, None).await?;
+            print(args.output, &v, |v| {
+                let empty = Vec::new();
+                let rows = v["items"].as_array().unwrap_or(&empty);
+                if rows.is_empty() {
+                    println!("no admin requests");
+                }
+                rows.iter().for_each(request_line);
+                next_page_hint(v);
+            });
+        }
+        AdminsCommand::Approve { request } => {
+            decide_request(&api, args.output, &request, "approve").await?
+        }
+        AdminsCommand::Deny { request } => {
+            decide_request(&api, args.output, &request, "deny").await?
         }
         AdminsCommand::Disable { admin } => {
             let (_, v) = api

@@ -6,22 +6,17 @@
 //! so the `export` lines can be printed again; production uses `keyward init`.
 
 use super::local::write_private;
+use crate::softhsm::SoftHsm;
 use anyhow::{Context, bail};
 use base64::Engine;
+use secrecy::SecretString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
 
 const CA_POLICY: &str = include_str!("../../policies/ca.toml");
 const ENROLLMENT_POLICY: &str = include_str!("../../policies/enrollment.toml");
 const TOKEN_LABEL: &str = "keyward-dev";
-
-const MODULE_CANDIDATES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",
-];
 
 fn random_text() -> anyhow::Result<String> {
     let bytes = crate::auth::random_bytes(24)?;
@@ -42,32 +37,36 @@ fn read_secret(path: &Path) -> anyhow::Result<String> {
         .to_string())
 }
 
+/// The shipped enrollment policy with the `default` group relaxed to one
+/// approver, marked as a demo in the file itself.
+fn demo_enrollment() -> String {
+    format!(
+        "# DEMO COPY written by `keyward dev`: the `default` group needs one approver\n\
+         # here; the shipped policy asks for two. Do not use in production.\n{}",
+        ENROLLMENT_POLICY.replacen("approvals_required = 2", "approvals_required = 1", 1)
+    )
+}
+
 pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
-    let module = MODULE_CANDIDATES
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .context(
-            "SoftHSM2 is not installed (libsofthsm2.so not found): apt-get install softhsm2",
-        )?;
-    std::fs::create_dir_all(dir.join("tokens"))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::create_dir_all(dir.join("policies"))?;
+    let hsm = SoftHsm::prepare(dir)?;
     let dir = dir.canonicalize()?;
-    let softhsm_conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &softhsm_conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            dir.join("tokens").display()
-        ),
-    )?;
+    std::fs::create_dir_all(dir.join("policies"))?;
+    let softhsm_conf = hsm.conf();
     write_once(&dir.join("hsm.pin"), random_text)?;
     write_once(&dir.join("so.pin"), random_text)?;
     write_once(&dir.join("pepper"), random_text)?;
+    // The shipped policy asks for two approvers; a one-person demo cannot
+    // meet that, so the demo copy asks for one, and says so.
+    let enrollment = demo_enrollment();
+    if ENROLLMENT_POLICY.contains("approvals_required = 2") {
+        eprintln!(
+            "keyward dev: demo policy: the `default` group needs ONE approver here \
+             (the shipped policies/enrollment.toml asks for two)"
+        );
+    }
     for (name, text) in [
         ("ca.toml", CA_POLICY),
-        ("enrollment.toml", ENROLLMENT_POLICY),
+        ("enrollment.toml", enrollment.as_str()),
     ] {
         let p = dir.join("policies").join(name);
         if !p.exists() {
@@ -84,26 +83,16 @@ pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
              [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm.pin\"\n\n\
              [auth]\ntoken_pepper_file = \"pepper\"\n\n\
              [policies]\ndir = \"policies\"\n",
-            module.display()
+            hsm.module().display()
         ),
     )?;
 
-    let has_token = std::fs::read_dir(dir.join("tokens"))?
-        .any(|e| e.map(|e| e.path().is_dir()).unwrap_or(false));
-    if !has_token {
-        // softhsm2-util takes PINs only as arguments or at a prompt; acceptable for a local demo token.
-        let status = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .args(["--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin"])
-            .arg(read_secret(&dir.join("so.pin"))?)
-            .arg("--pin")
-            .arg(read_secret(&dir.join("hsm.pin"))?)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .context("cannot run softhsm2-util (apt-get install softhsm2)")?;
-        if !status.success() {
-            bail!("softhsm2-util --init-token failed");
-        }
+    if !hsm.has_tokens()? {
+        hsm.create_token(
+            TOKEN_LABEL,
+            &SecretString::from(read_secret(&dir.join("so.pin"))?),
+            &SecretString::from(read_secret(&dir.join("hsm.pin"))?),
+        )?;
         eprintln!(
             "created SoftHSM2 token `{TOKEN_LABEL}` in {}",
             dir.join("tokens").display()
@@ -113,7 +102,7 @@ pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot locate the keyward binary")?;
     let token_file = dir.join("admin.token");
     let mut init = Command::new(&exe);
-    init.env("SOFTHSM2_CONF", &softhsm_conf)
+    init.env("SOFTHSM2_CONF", softhsm_conf)
         .arg("init")
         .arg("--config")
         .arg(&config);
@@ -139,7 +128,7 @@ pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
 
     let mut serve = Command::new(&exe);
     serve
-        .env("SOFTHSM2_CONF", &softhsm_conf)
+        .env("SOFTHSM2_CONF", softhsm_conf)
         .arg("serve")
         .arg("--config")
         .arg(&config);

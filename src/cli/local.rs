@@ -122,7 +122,11 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
 
 pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    config.keystore_pin_check()?;
+    // Read every secret the config points at (without using it), so that a
+    // missing PIN file or env var shows now rather than at start-up.
+    for secret in config.secrets() {
+        secret.read()?;
+    }
     let policies = Policies::load(&config.policies.dir)?;
     println!(
         "config OK: {} ({} CA(s), {} profile(s), {} enrollment group(s))",

@@ -166,7 +166,9 @@ enum RegistrationsCommand {
 
 #[derive(Debug, Subcommand)]
 enum AdminsCommand {
-    /// Create an admin; its token is printed once.
+    /// Invite an admin: prints an invitation code to give to the invitee.
+    /// With two or more active admins, another admin must approve
+    /// (`admins approve`) and gives the invitee an approval code too.
     Add {
         #[arg(long)]
         name: String,
@@ -174,6 +176,40 @@ enum AdminsCommand {
         #[arg(long)]
         role: String,
     },
+    /// Redeem an invitation (run by the invitee; needs no admin token).
+    /// Codes come from KEYWARD_INVITATION_CODE / KEYWARD_APPROVAL_CODE or
+    /// from files, never from the command line.
+    Redeem {
+        /// File holding the invitation code (else KEYWARD_INVITATION_CODE).
+        #[arg(long)]
+        invitation_file: Option<PathBuf>,
+        /// File holding the approval code (else KEYWARD_APPROVAL_CODE), when
+        /// a second admin approved the invitation.
+        #[arg(long)]
+        approval_file: Option<PathBuf>,
+        /// Write the new token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
+    /// Change an admin's role (raising one needs a second admin's approval).
+    SetRole {
+        /// Admin id or name.
+        admin: String,
+        /// admin, approver or auditor.
+        role: String,
+    },
+    /// List invitations and role changes (pending ones wait for a second admin).
+    Requests {
+        /// pending, approved, redeemed, denied or expired.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Approve another admin's invitation or role change.
+    Approve { request: String },
+    /// Deny another admin's invitation or role change.
+    Deny { request: String },
     /// List admins, newest first, one page at a time.
     List {
         #[command(flatten)]

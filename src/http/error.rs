@@ -1,7 +1,7 @@
 //! `ApiError`: the one place where errors become HTTP statuses. Bodies are
 //! `{"error": {"code", "message"}}`; 5xx bodies say nothing internal.
 
-use crate::auth::admins::AdminError;
+use crate::auth::AdminError;
 use crate::ca::CaError;
 use crate::ca::csr::CsrError;
 use crate::keystore::KeyStoreError;
@@ -124,21 +124,24 @@ impl From<KeyStoreError> for ApiError {
 
 impl From<CaError> for ApiError {
     fn from(e: CaError) -> Self {
-        match e {
-            CaError::Csr(c) => RegistryError::from(c).into(),
-            CaError::AlgorithmNotAllowed { .. } => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "key_algorithm_not_allowed",
-                e.to_string(),
-            ),
-            CaError::UnknownCa(_) => Self::new(StatusCode::NOT_FOUND, "unknown_ca", e.to_string()),
-            CaError::Expired(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "ca_expired", e.to_string())
+        let status = match &e {
+            CaError::Csr(_) | CaError::KeyStore(_) | CaError::Store(_) => {
+                return match e {
+                    CaError::Csr(c) => RegistryError::Csr(c).into(),
+                    CaError::KeyStore(k) => k.into(),
+                    CaError::Store(s) => s.into(),
+                    other => Self::internal(&other),
+                };
             }
-            CaError::KeyStore(k) => k.into(),
-            CaError::Store(s) => s.into(),
-            other => Self::internal(&other),
-        }
+            CaError::AlgorithmNotAllowed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            CaError::UnknownCa(_) => StatusCode::NOT_FOUND,
+            CaError::Expired(_) => {
+                tracing::error!(error = %e, "a CA has expired");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => return Self::internal(&e),
+        };
+        Self::new(status, e.code(), e.to_string())
     }
 }
 
@@ -176,20 +179,29 @@ impl From<RegistryError> for ApiError {
 
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> Self {
-        match e {
-            AdminError::Missing | AdminError::BadToken | AdminError::Disabled => {
-                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+        use AdminError as E;
+        let status = match &e {
+            E::Missing | E::BadToken | E::Disabled | E::BadInvitation => StatusCode::UNAUTHORIZED,
+            E::Forbidden { .. } | E::SelfAction(_) | E::SelfApproval => StatusCode::FORBIDDEN,
+            E::BadName => StatusCode::BAD_REQUEST,
+            E::NotFound(_) | E::RequestNotFound => StatusCode::NOT_FOUND,
+            E::Duplicate(_)
+            | E::DuplicateInvitation(_)
+            | E::DuplicateRoleChange(_)
+            | E::AlreadyDisabled
+            | E::LastActiveAdmin
+            | E::SameRole { .. }
+            | E::RequestNotPending(_)
+            | E::RequestExpired
+            | E::Concurrent => StatusCode::CONFLICT,
+            E::Store(_) | E::Random(_) => {
+                return match e {
+                    E::Store(s) => s.into(),
+                    other => Self::internal(&other),
+                };
             }
-            AdminError::Forbidden { .. } => {
-                Self::new(StatusCode::FORBIDDEN, "forbidden_role", e.to_string())
-            }
-            AdminError::BadName => Self::bad_request("invalid_field", e.to_string()),
-            AdminError::Duplicate(_) => Self::new(StatusCode::CONFLICT, "duplicate", e.to_string()),
-            AdminError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            AdminError::Refused(_) => Self::new(StatusCode::CONFLICT, "refused", e.to_string()),
-            AdminError::Store(s) => s.into(),
-            AdminError::Random(r) => Self::internal(&r),
-        }
+        };
+        Self::new(status, e.code(), e.to_string())
     }
 }
 

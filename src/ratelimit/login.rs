@@ -34,11 +34,7 @@ impl LoginError {
     /// Stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Admin(AdminError::Missing | AdminError::BadToken | AdminError::Disabled) => {
-                "unauthorized"
-            }
-            Self::Admin(AdminError::Store(s)) => s.code(),
-            Self::Admin(_) => "internal",
+            Self::Admin(a) => a.code(),
             Self::Limited(l) => l.code(),
         }
     }

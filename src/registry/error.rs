@@ -72,7 +72,7 @@ impl RegistryError {
             Self::InvalidField { .. } => "invalid_field",
             Self::UnknownGroup(_) => "unknown_group",
             Self::UnknownProfile(_) => "unknown_profile",
-            Self::Csr(c) => csr_code(c),
+            Self::Csr(c) => c.code(),
             Self::AlgorithmNotAllowed { .. } => "key_algorithm_not_allowed",
             Self::PendingLimit { .. } => "pending_limit",
             Self::NotFound => "not_found",
@@ -91,16 +91,6 @@ impl RegistryError {
             Self::Store(s) => s.code(),
             Self::Random(_) => "internal",
         }
-    }
-}
-
-/// Codes of CSR rejections (shared with the CA's own mapping).
-pub fn csr_code(e: &CsrError) -> &'static str {
-    match e {
-        CsrError::Malformed(_) => "invalid_csr",
-        CsrError::BadSignature => "csr_signature_invalid",
-        CsrError::UnsupportedAlgorithm(_) => "unsupported_key_algorithm",
-        CsrError::KeySize(_) => "key_size_not_allowed",
     }
 }
 

@@ -191,7 +191,7 @@ impl RegistryService {
             reg.status = RegistrationStatus::Issued;
             reg.decided_at = Some(now);
             reg.certificate_serial = Some(issued.record.serial.clone());
-            let issue_event = self.issue_event(&reg, &issued.record);
+            let issue_event = self.issue_event(&reg, &issued.record, sub.client_addr.as_deref());
             Change::new()
                 .write(Write::InsertRegistration {
                     record: reg.clone(),
@@ -206,7 +206,8 @@ impl RegistryService {
                         "registration.auto_approve",
                         format!("registration:{id}"),
                     )
-                    .details(json!({ "policy": "approvals_required = 0" })),
+                    .details(json!({ "policy": "approvals_required = 0" }))
+                    .source(sub.client_addr.as_deref()),
                 )
                 .audit(issue_event)
         } else {
@@ -245,6 +246,7 @@ impl RegistryService {
         &self,
         reg: &RegistrationRecord,
         cert: &crate::store::CertificateRecord,
+        source: Option<&str>,
     ) -> AuditDraft {
         AuditDraft::new(
             "system",
@@ -258,6 +260,7 @@ impl RegistryService {
             "not_after": cert.not_after,
             "fingerprint_sha256": cert.fingerprint_sha256,
         }))
+        .source(source)
     }
 
     pub async fn get(&self, id: Uuid) -> Result<RegistrationRecord, RegistryError> {
@@ -449,7 +452,7 @@ impl RegistryService {
                 updated.status = RegistrationStatus::Issued;
                 updated.decided_at = Some(now);
                 updated.certificate_serial = Some(issued.record.serial.clone());
-                let issue_event = self.issue_event(&updated, &issued.record);
+                let issue_event = self.issue_event(&updated, &issued.record, source);
                 Change::new()
                     .write(record)
                     .write(Write::SetRegistrationStatus {

@@ -15,15 +15,7 @@ pub const SO_PIN: &str = "so-pin-1234";
 pub const PIN: &str = "user-pin-5678";
 
 pub fn softhsm_module() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 is not installed: run scripts/test.sh, which installs it")
+    keyward::softhsm::module_path().expect("run scripts/test.sh, which installs SoftHSM2")
 }
 
 pub fn keyward_bin() -> PathBuf {
@@ -32,6 +24,17 @@ pub fn keyward_bin() -> PathBuf {
 
 pub fn repo_file(rel: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+/// The shipped enrollment policy with the default group at one approver.
+pub fn one_approver_enrollment() -> String {
+    let shipped = repo_file("policies/enrollment.toml");
+    let relaxed = shipped.replacen("approvals_required = 2", "approvals_required = 1", 1);
+    assert_ne!(
+        shipped, relaxed,
+        "the shipped default group should require 2 approvals"
+    );
+    relaxed
 }
 
 /// One isolated keyward installation: token, config, secrets, policies.
@@ -44,55 +47,32 @@ pub struct Env {
 }
 
 impl Env {
+    /// The shipped policies, with the `default` group relaxed to one
+    /// approver (as `keyward dev` does) so tests need a single approver.
     pub fn new() -> Self {
-        Self::with_policies(
-            &repo_file("policies/ca.toml"),
-            &repo_file("policies/enrollment.toml"),
-        )
+        Self::with_policies(&repo_file("policies/ca.toml"), &one_approver_enrollment())
     }
 
     /// Like `new`, with an extra enrollment group appended.
     pub fn with_extra_group(group_toml: &str) -> Self {
-        let enrollment = format!("{}\n{}", repo_file("policies/enrollment.toml"), group_toml);
+        let enrollment = format!("{}\n{}", one_approver_enrollment(), group_toml);
         Self::with_policies(&repo_file("policies/ca.toml"), &enrollment)
     }
 
     pub fn with_policies(ca: &str, enrollment: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let softhsm_conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
+        let hsm = keyward::softhsm::SoftHsm::prepare(dir.path()).unwrap();
         let label = format!(
             "kw-test-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                &label,
-                "--so-pin",
-                SO_PIN,
-                "--pin",
-                PIN,
-            ])
-            .output()
-            .expect("softhsm2-util missing: run scripts/test.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        hsm.create_token(
+            &label,
+            &secrecy::SecretString::from(SO_PIN),
+            &secrecy::SecretString::from(PIN),
+        )
+        .unwrap();
+        let softhsm_conf = hsm.conf().to_path_buf();
         std::fs::write(dir.path().join("hsm.pin"), PIN).unwrap();
         std::fs::write(dir.path().join("pepper"), "test-pepper-0123456789").unwrap();
         let policies = dir.path().join("policies");
@@ -108,7 +88,7 @@ impl Env {
                  [store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n\n\
                  [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{label}\"\npin_file = \"hsm.pin\"\nsessions = 2\n\n\
                  [auth]\ntoken_pepper_file = \"pepper\"\n\n[log]\nlevel = \"warn\"\n",
-                softhsm_module().display()
+                hsm.module().display()
             ),
         )
         .unwrap();
@@ -361,6 +341,57 @@ pub async fn call(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Adds an admin the way operators do: `token` (role admin) invites, the
+/// invitee redeems and alone receives its token. With two or more active
+/// admins of role admin, `approver` (another admin) must approve first.
+pub async fn add_admin_approved(
+    url: &str,
+    token: &str,
+    approver: Option<&str>,
+    name: &str,
+    role: &str,
+) -> String {
+    let (status, inv) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/invitations"),
+        Some(token),
+        Some(serde_json::json!({ "name": name, "role": role })),
+    )
+    .await;
+    assert_eq!(status, 201, "{inv}");
+    let mut approval_code = Value::Null;
+    if inv["second_admin_required"] == true {
+        let approver = approver.expect("a second admin must approve this invitation");
+        let id = inv["id"].as_str().unwrap();
+        let (status, v) = call(
+            reqwest::Method::POST,
+            &format!("{url}/v1/admin/requests/{id}/approve"),
+            Some(approver),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        approval_code = v["approval_code"].clone();
+    }
+    let (status, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/invitations/redeem"),
+        None,
+        Some(serde_json::json!({
+            "invitation_code": inv["invitation_code"],
+            "approval_code": approval_code,
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// [`add_admin_approved`] while `token` is the only admin of role admin.
+pub async fn add_admin(url: &str, token: &str, name: &str, role: &str) -> String {
+    add_admin_approved(url, token, None, name, role).await
 }
 
 // ---------------------------------------------------------------------------

@@ -5,15 +5,13 @@ use crate::auth::Role;
 use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::extract::{Admin, ApiJson, ClientAddr};
+use crate::http::extract::{Admin, ClientAddr};
 use crate::http::page::{PageView, page_in_memory, page_request};
 use crate::http::views::{AdminView, ApprovalView, RegistrationView};
 use crate::store::{Decision, RegistrationFilter, RegistrationStatus};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -187,52 +185,18 @@ pub async fn list_admins(
     Ok(Json(PageView::map(admins, |a| AdminView::from(a))))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateAdminBody {
-    name: String,
-    role: String,
-}
-
-#[derive(Serialize)]
-pub struct CreatedAdmin {
-    #[serde(flatten)]
-    admin: AdminView,
-    /// Shown once.
-    token: String,
-}
-
-pub async fn create_admin(
-    State(state): State<AppState>,
-    admin: Admin,
-    ApiJson(body): ApiJson<CreateAdminBody>,
-) -> Result<(StatusCode, Json<CreatedAdmin>), ApiError> {
-    let me = admin.require(Role::Admin)?;
-    let role: Role = body
-        .role
-        .parse()
-        .map_err(|e: String| ApiError::bad_request("invalid_field", e))?;
-    let (record, token) = state
-        .admins
-        .create(&format!("admin:{}", me.id), &body.name, role)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedAdmin {
-            admin: AdminView::from(&record),
-            token: token.expose_secret().to_string(),
-        }),
-    ))
-}
-
 /// `POST /v1/admin/admins/{id}/disable` (id or name; role admin).
 pub async fn disable_admin(
     State(state): State<AppState>,
     admin: Admin,
+    client: ClientAddr,
     Path(who): Path<String>,
 ) -> Result<Json<AdminView>, ApiError> {
     let me = admin.require(Role::Admin)?.clone();
-    let disabled = state.admins.disable(&me, &who).await?;
+    let disabled = state
+        .admins
+        .disable(&me, &who, client.as_string().as_deref())
+        .await?;
     Ok(Json(AdminView::from(&disabled)))
 }
 

@@ -3,6 +3,7 @@
 mod admin;
 mod public;
 mod registrations;
+mod roster;
 
 use super::AppState;
 use axum::Router;
@@ -34,11 +35,17 @@ pub fn router(state: &AppState) -> Router<AppState> {
         )
         .route("/v1/admin/registrations/{id}/approve", post(admin::approve))
         .route("/v1/admin/registrations/{id}/deny", post(admin::deny))
-        .route(
-            "/v1/admin/admins",
-            get(admin::list_admins).post(admin::create_admin),
-        )
+        .route("/v1/admin/admins", get(admin::list_admins))
         .route("/v1/admin/admins/{id}/disable", post(admin::disable_admin))
+        .route("/v1/admin/admins/{id}/role", post(roster::set_role))
+        .route("/v1/admin/invitations", post(roster::invite))
+        .route("/v1/admin/requests", get(roster::list_requests))
+        .route(
+            "/v1/admin/requests/{id}/approve",
+            post(roster::approve_request),
+        )
+        .route("/v1/admin/requests/{id}/deny", post(roster::deny_request))
+        .route("/v1/invitations/redeem", post(roster::redeem))
         .route("/v1/admin/cas", get(admin::list_cas))
         .route("/healthz", get(public::healthz))
         .route("/readyz", get(public::readyz))

@@ -693,6 +693,8 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
             expect_one(n, || state_changed("admin request", id, "pending"))?;
         }
         Write::RedeemInvitation { id, at, admin } => {
+            // The admin row first: the request references it.
+            insert_admin(tx, admin)?;
             let n = tx
                 .prepare_cached(
                     "UPDATE admin_requests SET status = 'redeemed', redeemed_at = ?1, admin_id = ?2
@@ -702,7 +704,6 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
                 .execute(params![at, admin.id.to_string(), id.to_string()])
                 .map_err(db)?;
             expect_one(n, || state_changed("invitation", id, "open"))?;
-            insert_admin(tx, admin)?;
         }
         Write::ExpireAdminRequest { id, at } => {
             let n = tx

@@ -1,0 +1,116 @@
+//! The TOML file as written: serde structs that refuse unknown keys. Nothing
+//! outside `config` sees them; `Config` is built from them with every value
+//! checked once.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct File {
+    #[serde(default)]
+    pub server: Server,
+    pub store: Store,
+    pub keystore: KeyStore,
+    #[serde(default)]
+    pub keystores: BTreeMap<String, KeyStore>,
+    pub auth: Auth,
+    #[serde(default)]
+    pub policies: Policies,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Limits {
+    pub registrations_per_source: Option<u32>,
+    pub registrations_window_secs: Option<u64>,
+    pub admin_login_failures_per_source: Option<u32>,
+    pub admin_login_failures_window_secs: Option<u64>,
+    pub tracked_sources: Option<usize>,
+    pub login_failure_audit_window_secs: Option<u64>,
+    pub readiness_max_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Server {
+    pub listen: Option<SocketAddr>,
+    pub body_limit_bytes: Option<usize>,
+    pub request_timeout_secs: Option<u64>,
+    pub trusted_proxies: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(super) enum Store {
+    Sqlite(Sqlite),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Sqlite {
+    pub path: PathBuf,
+    pub batch_max: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(super) enum KeyStore {
+    Pkcs11(Pkcs11),
+    Yubikey(YubiKey),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Pkcs11 {
+    pub module: PathBuf,
+    pub token_label: Option<String>,
+    pub token_serial: Option<String>,
+    pub token_uri: Option<String>,
+    pub pin_file: Option<PathBuf>,
+    pub pin_env: Option<String>,
+    pub sessions: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct YubiKey {
+    pub serial: u32,
+    pub slot: Option<String>,
+    pub pin_file: Option<PathBuf>,
+    pub pin_env: Option<String>,
+    pub management_key_file: Option<PathBuf>,
+    pub management_key_env: Option<String>,
+    pub management_key_algorithm: Option<String>,
+    pub pin_policy: Option<String>,
+    pub touch_policy: Option<String>,
+    pub attestation_root: Option<PathBuf>,
+    pub sign_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Auth {
+    pub token_pepper_file: Option<PathBuf>,
+    pub token_pepper_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Policies {
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Log {
+    pub level: Option<String>,
+    pub format: Option<super::LogFormat>,
+    pub sensitive_details: Option<bool>,
+}
