@@ -84,6 +84,49 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Gives the framework's own error answers our error body: an unmatched
+/// path (404 `route_not_found`), a method the path does not route (405
+/// `method_not_allowed`, with its `Allow` header), a request that ran out of
+/// time (408), a body too large for a raw-bytes extractor (413). Every
+/// error a client sees then has one shape, as the OpenAPI document says.
+/// Answers that already carry JSON are left alone.
+pub async fn json_error_bodies(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("route_not_found", "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not take that method (see the Allow header)",
+        ),
+        StatusCode::REQUEST_TIMEOUT => ("request_timeout", "the request took too long"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported request content type")
+        }
+        s if s.is_server_error() => ("internal", "internal error; see the server log"),
+        _ => ("bad_request", "the request was not understood"),
+    };
+    let (mut parts, _) = resp.into_parts();
+    let mut fresh = ApiError::new(status, code, message).into_response();
+    // Keep the framework's headers that still apply (Allow on 405).
+    if let Some(allow) = parts.headers.remove(axum::http::header::ALLOW) {
+        fresh.headers_mut().insert(axum::http::header::ALLOW, allow);
+    }
+    fresh
+}
+
 impl From<LimitError> for ApiError {
     fn from(e: LimitError) -> Self {
         match &e {

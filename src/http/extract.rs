@@ -14,6 +14,12 @@ use std::net::{IpAddr, SocketAddr};
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
+/// `axum::extract::Query` whose rejections (an unknown parameter, a value
+/// of the wrong type) use the API error body: 400 `invalid_query`.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
 /// The bearer token of the request, if any.
 pub fn bearer(parts: &Parts) -> Option<String> {
     let value = parts

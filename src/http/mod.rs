@@ -73,6 +73,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+        .layer(middleware::from_fn(error::json_error_bodies))
         .layer(TraceLayer::new_for_http().make_span_with(move |req: &Request| {
             let id = req
                 .headers()

@@ -5,13 +5,13 @@ use crate::auth::Role;
 use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::extract::{Admin, ClientAddr};
+use crate::http::extract::{Admin, ApiQuery, ClientAddr};
 use crate::http::page::{PageView, page_in_memory, page_request};
 use crate::http::views::{AdminView, ApprovalView, RegistrationView};
 use crate::store::{Decision, RegistrationFilter, RegistrationStatus};
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -34,7 +34,7 @@ pub struct ListQuery {
 pub async fn list_registrations(
     State(state): State<AppState>,
     admin: Admin,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<PageView<RegistrationView>>, ApiError> {
     admin.require(Role::Auditor)?;
     let status = match q.status.as_deref() {
@@ -177,7 +177,7 @@ pub struct PageQuery {
 pub async fn list_admins(
     State(state): State<AppState>,
     admin: Admin,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<PageView<AdminView>>, ApiError> {
     admin.require(Role::Admin)?;
     let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;
@@ -214,7 +214,7 @@ pub struct CaView {
 pub async fn list_cas(
     State(state): State<AppState>,
     admin: Admin,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<PageView<CaView>>, ApiError> {
     admin.require(Role::Auditor)?;
     let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;

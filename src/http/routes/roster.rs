@@ -7,13 +7,13 @@ use crate::auth::requests::RoleChange;
 use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::extract::{Admin, ApiJson, ClientAddr};
+use crate::http::extract::{Admin, ApiJson, ApiQuery, ClientAddr};
 use crate::http::page::{PageView, page_request};
 use crate::http::views::AdminView;
 use crate::model::AdminRequestStatus;
 use crate::store::AdminRequestRecord;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -202,7 +202,7 @@ pub struct RequestsQuery {
 pub async fn list_requests(
     State(state): State<AppState>,
     admin: Admin,
-    Query(q): Query<RequestsQuery>,
+    ApiQuery(q): ApiQuery<RequestsQuery>,
 ) -> Result<Json<PageView<AdminRequestView>>, ApiError> {
     admin.require(Role::Admin)?;
     let status = match q.status.as_deref() {

@@ -1,0 +1,1183 @@
+//! The OpenAPI document is the contract, checked in both directions against
+//! a real `keyward serve`:
+//! - every routed operation is documented and every documented one routed
+//!   (the route table against the document, and the server's `Allow` header);
+//! - every answer the server gives in a long walk through every operation,
+//!   good and bad requests alike, has a documented status, the documented
+//!   content type and a body that fits the documented schema;
+//! - every documented status was actually seen (except those that need a
+//!   broken store, a slow HSM or a changed policy, listed with the reason);
+//! - request schemas state what the server enforces: a schema-driven fuzzer
+//!   sends values that break the schema (they must be refused with 4xx) and
+//!   values that fit it (they must not be refused for their shape).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/schema.rs"]
+mod schema;
+
+use common::{Env, client, openssl_csr};
+use schema::Doc;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+/// Statuses no walk through a healthy daemon can produce, with the reason.
+const UNREACHABLE: &[(&str, &str, u16, &str)] = &[
+    (
+        "*",
+        "*",
+        408,
+        "needs a request that outlives server.request_timeout_secs",
+    ),
+    ("*", "*", 500, "needs a corrupt store"),
+    ("*", "*", 503, "needs the store or the HSM to fail"),
+    ("GET", "/readyz", 503, "needs a failing store or HSM"),
+    (
+        "GET",
+        "/v1/registrations/{id}/credentials",
+        404,
+        "needs the issuing CA removed from the policy after issuance",
+    ),
+    (
+        "POST",
+        "/v1/admin/registrations/{id}/approve",
+        422,
+        "needs the profile to stop allowing a key type after submission",
+    ),
+    (
+        "POST",
+        "/v1/invitations/redeem",
+        409,
+        "needs a name taken between invitation and redemption (a race)",
+    ),
+];
+
+const SEMANTIC: &[&str] = &[
+    // Values that fit the schema but name something that does not exist or
+    // is in the wrong state: refused for what they mean, not their shape.
+    "invalid_csr",
+    "csr_signature_invalid",
+    "unknown_group",
+    "duplicate",
+    "duplicate_invitation",
+    "same_role",
+    "duplicate_request",
+    "invalid_invitation",
+    "already_decided",
+];
+
+enum Body {
+    None,
+    Json(Value),
+    /// Raw bytes with an optional Content-Type.
+    Raw(Vec<u8>, Option<&'static str>),
+}
+
+struct Reply {
+    status: u16,
+    json: Value,
+}
+
+struct Api {
+    url: String,
+    http: reqwest::Client,
+    doc: Doc,
+    seen: Mutex<BTreeSet<(String, String, u16)>>,
+}
+
+/// A fresh client address for each request (the daemon trusts loopback as
+/// a proxy), so per-source limits apply only where a test means them to.
+fn random_source() -> String {
+    let b = uuid::Uuid::new_v4().into_bytes();
+    format!("10.{}.{}.{}", b[0], b[1], b[2].max(1))
+}
+
+impl Api {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Body,
+        source: Option<&str>,
+    ) -> Reply {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self.http.request(m, format!("{}{path}", self.url)).header(
+            "x-forwarded-for",
+            source.map(str::to_string).unwrap_or_else(random_source),
+        );
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        let shown;
+        rb = match body {
+            Body::None => {
+                shown = String::new();
+                rb
+            }
+            Body::Json(v) => {
+                shown = v.to_string();
+                rb.json(&v)
+            }
+            Body::Raw(bytes, ct) => {
+                shown = format!("<{} raw bytes>", bytes.len());
+                let rb = match ct {
+                    Some(ct) => rb.header("content-type", ct),
+                    None => rb,
+                };
+                rb.body(bytes)
+            }
+        };
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let ct = headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = resp.bytes().await.unwrap();
+        let template = self
+            .doc
+            .template(method, path.split('?').next().unwrap())
+            .unwrap_or_else(|| panic!("{method} {path} is not a documented operation"));
+        if let Err(e) =
+            self.doc
+                .check_response(method, &template, status, ct.as_deref(), &headers, &bytes)
+        {
+            panic!(
+                "{method} {path} (body {shown}) answered {status} {}: {e}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status == 429 && json["error"]["code"] == "rate_limited" {
+            assert!(
+                headers.contains_key("retry-after"),
+                "{method} {path}: rate_limited without Retry-After"
+            );
+        }
+        if status == 401 {
+            assert_eq!(headers["www-authenticate"], "Bearer", "{method} {path}");
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .insert((method.to_string(), template, status));
+        Reply { status, json }
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.send("GET", path, token, Body::None, None).await
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.send("POST", path, token, Body::Json(body), None).await
+    }
+
+    async fn post_empty(&self, path: &str, token: Option<&str>) -> Reply {
+        self.send("POST", path, token, Body::None, None).await
+    }
+}
+
+fn expect(r: &Reply, status: u16, code: Option<&str>) {
+    assert_eq!(r.status, status, "{}", r.json);
+    if let Some(c) = code {
+        assert_eq!(r.json["error"]["code"], c, "{}", r.json);
+    }
+}
+
+fn id(r: &Reply) -> String {
+    r.json["id"].as_str().unwrap().to_string()
+}
+
+/// Invites and redeems an admin while `inviter` is the only admin of role
+/// admin (no second approval needed); returns its token.
+async fn admin_token(api: &Api, inviter: &str, name: &str, role: &str) -> String {
+    let inv = api
+        .post(
+            "/v1/admin/invitations",
+            Some(inviter),
+            json!({ "name": name, "role": role }),
+        )
+        .await;
+    expect(&inv, 201, None);
+    assert_eq!(inv.json["second_admin_required"], false);
+    let r = api
+        .post(
+            "/v1/invitations/redeem",
+            None,
+            json!({ "invitation_code": inv.json["invitation_code"] }),
+        )
+        .await;
+    expect(&r, 201, None);
+    r.json["token"].as_str().unwrap().to_string()
+}
+
+fn big_body() -> Body {
+    Body::Raw(
+        format!("{{\"comment\": \"{}\"}}", "x".repeat(20_000)).into_bytes(),
+        Some("application/json"),
+    )
+}
+
+#[tokio::test]
+async fn every_route_is_documented_and_every_answer_fits_the_document() {
+    let env = Env::with_extra_group(
+        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\n\n\
+         [[group]]\nname = \"two\"\nprofile = \"device\"\napprovals_required = 2\n\n\
+         [[group]]\nname = \"capped\"\nprofile = \"device\"\napprovals_required = 1\nmax_pending = 1\n",
+    );
+    env.trust_loopback_proxy();
+    env.append_config(
+        "[limits]\nregistrations_per_source = 5\nregistrations_window_secs = 3000000\n\
+         admin_login_failures_per_source = 2\nadmin_login_failures_window_secs = 3000000\n",
+    );
+    let bootstrap = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+
+    // The served document is the committed one.
+    let served: Value = client()
+        .get(format!("{url}/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let committed: Value =
+        serde_json::from_str(&common::repo_file("src/http/openapi.json")).unwrap();
+    assert_eq!(served, committed);
+    assert_eq!(served["openapi"], "3.1.0");
+    let api = Api {
+        url: url.clone(),
+        http: client(),
+        doc: Doc::new(served),
+        seen: Mutex::new(BTreeSet::new()),
+    };
+    let b = Some(bootstrap.as_str());
+    let (csr, _) = openssl_csr(env.dir.path(), "ec");
+    let reg = |name: &str, group: &str| json!({ "csr": csr, "name": name, "group": group });
+    let nobody = uuid::Uuid::new_v4();
+
+    // ---- Public endpoints.
+    for p in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/openapi.json",
+        "/v1/ca/root/chain",
+    ] {
+        expect(&api.get(p, None).await, 200, None);
+    }
+    expect(
+        &api.get("/v1/ca/nope/chain", None).await,
+        404,
+        Some("unknown_ca"),
+    );
+
+    // ---- Admins: three more while bootstrap is the only admin of role admin.
+    let alice = admin_token(&api, &bootstrap, "alice", "approver").await;
+    let audrey = admin_token(&api, &bootstrap, "audrey", "auditor").await;
+    let zed = admin_token(&api, &bootstrap, "zed", "approver").await;
+    let (alice, audrey) = (Some(alice.as_str()), Some(audrey.as_str()));
+    drop(zed);
+
+    // ---- Submissions.
+    let p1 = api.post("/v1/registrations", None, reg("p-1", "two")).await;
+    expect(&p1, 201, None);
+    let p2 = api
+        .post("/v1/registrations", None, reg("p-2", "default"))
+        .await;
+    let p3 = api.post("/v1/registrations", None, reg("p-3", "two")).await;
+    let auto = api
+        .post("/v1/registrations", None, reg("a-1", "auto"))
+        .await;
+    expect(&auto, 201, None);
+    assert_eq!(auto.json["status"], "issued");
+    let mine = api
+        .post("/v1/registrations", b, reg("by-admin", "two"))
+        .await;
+    expect(&mine, 201, None);
+    let (p1_id, p2_id, p3_id, auto_id, mine_id) = (id(&p1), id(&p2), id(&p3), id(&auto), id(&mine));
+    let p1_secret = p1.json["secret"].as_str().unwrap().to_string();
+    let auto_secret = auto.json["secret"].as_str().unwrap().to_string();
+    let raw = |bytes: &str, ct: Option<&'static str>| Body::Raw(bytes.as_bytes().to_vec(), ct);
+    let r = api
+        .send(
+            "POST",
+            "/v1/registrations",
+            None,
+            raw("{", Some("application/json")),
+            None,
+        )
+        .await;
+    expect(&r, 400, Some("invalid_json"));
+    let r = api
+        .send("POST", "/v1/registrations", None, raw("{}", None), None)
+        .await;
+    expect(&r, 415, Some("unsupported_media_type"));
+    let r = api
+        .send("POST", "/v1/registrations", None, big_body(), None)
+        .await;
+    expect(&r, 413, Some("payload_too_large"));
+    let r = api
+        .post("/v1/registrations", None, json!({ "name": "x" }))
+        .await;
+    expect(&r, 422, Some("invalid_json"));
+    let r = api
+        .post(
+            "/v1/registrations",
+            None,
+            json!({ "csr": common::corrupt_signature(&csr), "name": "x" }),
+        )
+        .await;
+    expect(&r, 422, Some("csr_signature_invalid"));
+    let r = api
+        .post("/v1/registrations", Some("kwa_wrong"), reg("x", "default"))
+        .await;
+    expect(&r, 401, Some("unauthorized"));
+    expect(
+        &api.post("/v1/registrations", None, reg("c-1", "capped"))
+            .await,
+        201,
+        None,
+    );
+    let r = api
+        .post("/v1/registrations", None, reg("c-2", "capped"))
+        .await;
+    expect(&r, 429, Some("pending_limit"));
+    let flooder = "192.0.2.77";
+    for i in 0..5 {
+        let r = api
+            .send(
+                "POST",
+                "/v1/registrations",
+                None,
+                Body::Json(reg(&format!("f-{i}"), "default")),
+                Some(flooder),
+            )
+            .await;
+        expect(&r, 201, None);
+    }
+    let r = api
+        .send(
+            "POST",
+            "/v1/registrations",
+            None,
+            Body::Json(reg("f-5", "default")),
+            Some(flooder),
+        )
+        .await;
+    expect(&r, 429, Some("rate_limited"));
+
+    // ---- Device-side reads.
+    let path = format!("/v1/registrations/{p1_id}");
+    expect(&api.get(&path, Some(&p1_secret)).await, 200, None);
+    expect(&api.get(&path, b).await, 200, None);
+    expect(&api.get(&path, None).await, 401, Some("unauthorized"));
+    expect(
+        &api.get(&path, Some("kwr_wrong")).await,
+        401,
+        Some("unauthorized"),
+    );
+    expect(
+        &api.get("/v1/registrations/not-a-uuid", b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.get(&format!("/v1/registrations/{nobody}"), b).await,
+        404,
+        Some("not_found"),
+    );
+    let creds = |id: &str| format!("/v1/registrations/{id}/credentials");
+    let confirm = |id: &str| format!("/v1/registrations/{id}/credentials/confirm");
+    expect(
+        &api.get(&creds(&p1_id), Some(&p1_secret)).await,
+        409,
+        Some("not_issued"),
+    );
+    expect(
+        &api.get(&creds("x"), Some(&p1_secret)).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(&api.get(&creds(&p1_id), None).await, 401, None);
+    expect(
+        &api.get(&creds(&auto_id), Some(&auto_secret)).await,
+        200,
+        None,
+    );
+    expect(
+        &api.post_empty(&confirm(&p1_id), Some(&p1_secret)).await,
+        409,
+        Some("not_issued"),
+    );
+    expect(
+        &api.post_empty(&confirm("x"), Some(&p1_secret)).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(&api.post_empty(&confirm(&p1_id), None).await, 401, None);
+    expect(
+        &api.post_empty(&confirm(&auto_id), Some(&auto_secret)).await,
+        204,
+        None,
+    );
+    expect(
+        &api.post_empty(&confirm(&auto_id), Some(&auto_secret)).await,
+        409,
+        Some("already_confirmed"),
+    );
+    expect(
+        &api.get(&creds(&auto_id), Some(&auto_secret)).await,
+        410,
+        Some("credentials_already_delivered"),
+    );
+
+    // ---- The registration queue.
+    let list = "/v1/admin/registrations";
+    expect(
+        &api.get(&format!("{list}?status=pending&limit=2"), audrey)
+            .await,
+        200,
+        None,
+    );
+    for bad in [
+        "status=bogus",
+        "limit=0",
+        "limit=x",
+        "cursor=nope",
+        "order=sideways",
+        "unknown=1",
+    ] {
+        expect(
+            &api.get(&format!("{list}?{bad}"), b).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
+    expect(
+        &api.get(&format!("{list}/{p1_id}"), audrey).await,
+        200,
+        None,
+    );
+    expect(
+        &api.get(&format!("{list}/x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.get(&format!("{list}/{nobody}"), b).await,
+        404,
+        Some("not_found"),
+    );
+    let approve = |id: &str| format!("{list}/{id}/approve");
+    let deny = |id: &str| format!("{list}/{id}/deny");
+    let r = api
+        .post(
+            &approve(&p1_id),
+            alice,
+            json!({ "comment": "serial matches" }),
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (r.json["approvals"].as_u64(), r.json["status"].as_str()),
+        (Some(1), Some("pending"))
+    );
+    expect(
+        &api.post_empty(&approve(&p1_id), alice).await,
+        409,
+        Some("already_decided"),
+    );
+    expect(
+        &api.post_empty(&approve(&p1_id), audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&approve(&mine_id), b).await,
+        403,
+        Some("self_approval"),
+    );
+    expect(
+        &api.post_empty(&approve(&nobody.to_string()), b).await,
+        404,
+        Some("not_found"),
+    );
+    expect(
+        &api.post_empty(&approve("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    let r = api
+        .send("POST", &approve(&p3_id), b, raw("{", None), None)
+        .await;
+    expect(&r, 400, Some("invalid_json"));
+    let r = api
+        .post(&approve(&p3_id), b, json!({ "comment": "a\u{202E}b" }))
+        .await;
+    expect(&r, 400, Some("invalid_field"));
+    expect(
+        &api.send("POST", &approve(&p3_id), b, big_body(), None)
+            .await,
+        413,
+        Some("payload_too_large"),
+    );
+    expect(&api.post_empty(&deny(&p2_id), b).await, 200, None);
+    expect(
+        &api.post_empty(&deny(&p2_id), b).await,
+        409,
+        Some("not_pending"),
+    );
+    expect(
+        &api.post_empty(&approve(&p2_id), alice).await,
+        409,
+        Some("not_pending"),
+    );
+    expect(
+        &api.post_empty(&deny(&p3_id), audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&deny(&nobody.to_string()), b).await,
+        404,
+        None,
+    );
+    expect(&api.post_empty(&deny("x"), b).await, 400, None);
+    expect(
+        &api.send("POST", &deny(&p3_id), b, big_body(), None).await,
+        413,
+        None,
+    );
+
+    // ---- The roster, while bootstrap is the only admin of role admin.
+    let admins = "/v1/admin/admins";
+    expect(&api.get(&format!("{admins}?limit=1"), b).await, 200, None);
+    expect(&api.get(admins, alice).await, 403, Some("forbidden_role"));
+    expect(
+        &api.get(&format!("{admins}?limit=0"), b).await,
+        400,
+        Some("invalid_query"),
+    );
+    let role = |who: &str| format!("{admins}/{who}/role");
+    let r = api
+        .post(&role("zed"), b, json!({ "role": "auditor" }))
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["result"], "applied");
+    expect(
+        &api.post(&role("zed"), b, json!({ "role": "auditor" }))
+            .await,
+        409,
+        Some("same_role"),
+    );
+    expect(
+        &api.post(&role("zed"), b, json!({ "role": "root" })).await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post(&role("bootstrap"), b, json!({ "role": "auditor" }))
+            .await,
+        403,
+        Some("self_action"),
+    );
+    expect(
+        &api.post(&role("zed"), alice, json!({ "role": "auditor" }))
+            .await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post(&role("nobody"), b, json!({ "role": "auditor" }))
+            .await,
+        404,
+        Some("not_found"),
+    );
+    expect(
+        &api.send(
+            "POST",
+            &role("zed"),
+            b,
+            raw("{\"role\":\"admin\"}", None),
+            None,
+        )
+        .await,
+        415,
+        None,
+    );
+    expect(
+        &api.send(
+            "POST",
+            &role("zed"),
+            b,
+            raw("{", Some("application/json")),
+            None,
+        )
+        .await,
+        400,
+        None,
+    );
+    expect(
+        &api.send("POST", &role("zed"), b, big_body(), None).await,
+        413,
+        None,
+    );
+    expect(
+        &api.post(&role("zed"), b, json!({})).await,
+        422,
+        Some("invalid_json"),
+    );
+    // A second admin of role admin: from now on raises and invitations wait for another admin.
+    let adam = admin_token(&api, &bootstrap, "adam", "admin").await;
+    let adam = Some(adam.as_str());
+    let r = api
+        .post(&role("audrey"), b, json!({ "role": "approver" }))
+        .await;
+    expect(&r, 202, None);
+    assert_eq!(r.json["result"], "pending");
+    let raise_id = r.json["request"]["id"].as_str().unwrap().to_string();
+    expect(
+        &api.post(&role("audrey"), b, json!({ "role": "admin" }))
+            .await,
+        409,
+        Some("duplicate_request"),
+    );
+
+    let inv = "/v1/admin/invitations";
+    let r = api
+        .post(inv, adam, json!({ "name": "eve", "role": "approver" }))
+        .await;
+    expect(&r, 201, None);
+    assert_eq!(r.json["second_admin_required"], true);
+    let (eve_req, eve_code) = (
+        id(&r),
+        r.json["invitation_code"].as_str().unwrap().to_string(),
+    );
+    expect(
+        &api.post(inv, adam, json!({ "name": "eve", "role": "approver" }))
+            .await,
+        409,
+        Some("duplicate_invitation"),
+    );
+    expect(
+        &api.post(inv, adam, json!({ "name": "alice", "role": "approver" }))
+            .await,
+        409,
+        Some("duplicate"),
+    );
+    expect(
+        &api.post(
+            inv,
+            adam,
+            json!({ "name": "bad name!", "role": "approver" }),
+        )
+        .await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post(inv, adam, json!({ "name": "fred", "role": "root" }))
+            .await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post(inv, alice, json!({ "name": "fred", "role": "approver" }))
+            .await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.send("POST", inv, adam, raw("{}", None), None).await,
+        415,
+        None,
+    );
+    expect(
+        &api.send("POST", inv, adam, raw("{", Some("application/json")), None)
+            .await,
+        400,
+        None,
+    );
+    expect(
+        &api.send("POST", inv, adam, big_body(), None).await,
+        413,
+        None,
+    );
+    expect(
+        &api.post(inv, adam, json!({ "name": "fred" })).await,
+        422,
+        None,
+    );
+
+    let reqs = "/v1/admin/requests";
+    expect(
+        &api.get(&format!("{reqs}?status=pending"), b).await,
+        200,
+        None,
+    );
+    expect(
+        &api.get(&format!("{reqs}?status=bogus"), b).await,
+        400,
+        Some("invalid_query"),
+    );
+    expect(&api.get(reqs, alice).await, 403, Some("forbidden_role"));
+    let approve_req = |id: &str| format!("{reqs}/{id}/approve");
+    let deny_req = |id: &str| format!("{reqs}/{id}/deny");
+    expect(
+        &api.post_empty(&approve_req(&eve_req), adam).await,
+        403,
+        Some("self_approval"),
+    );
+    expect(
+        &api.post_empty(&approve_req(&eve_req), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&approve_req(&nobody.to_string()), b).await,
+        404,
+        None,
+    );
+    expect(
+        &api.post_empty(&approve_req("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    let r = api.post_empty(&approve_req(&eve_req), b).await;
+    expect(&r, 200, None);
+    let eve_approval = r.json["approval_code"].as_str().unwrap().to_string();
+    expect(
+        &api.post_empty(&approve_req(&eve_req), b).await,
+        409,
+        Some("not_pending"),
+    );
+    expect(
+        &api.post_empty(&deny_req(&raise_id), b).await,
+        403,
+        Some("self_approval"),
+    );
+    expect(
+        &api.post_empty(&deny_req(&raise_id), alice).await,
+        403,
+        None,
+    );
+    expect(
+        &api.post_empty(&deny_req(&nobody.to_string()), b).await,
+        404,
+        None,
+    );
+    expect(&api.post_empty(&deny_req("x"), b).await, 400, None);
+    expect(&api.post_empty(&deny_req(&raise_id), adam).await, 200, None);
+    expect(
+        &api.post_empty(&deny_req(&raise_id), adam).await,
+        409,
+        Some("not_pending"),
+    );
+
+    let redeem = "/v1/invitations/redeem";
+    expect(
+        &api.post(redeem, None, json!({ "invitation_code": eve_code }))
+            .await,
+        401,
+        Some("invalid_invitation"),
+    );
+    let r = api
+        .post(
+            redeem,
+            None,
+            json!({ "invitation_code": eve_code, "approval_code": eve_approval }),
+        )
+        .await;
+    expect(&r, 201, None);
+    expect(
+        &api.post(
+            redeem,
+            None,
+            json!({ "invitation_code": eve_code, "approval_code": eve_approval }),
+        )
+        .await,
+        401,
+        Some("invalid_invitation"),
+    );
+    expect(
+        &api.send(
+            "POST",
+            redeem,
+            None,
+            raw("{", Some("application/json")),
+            None,
+        )
+        .await,
+        400,
+        None,
+    );
+    expect(
+        &api.send("POST", redeem, None, raw("{}", None), None).await,
+        415,
+        None,
+    );
+    expect(
+        &api.send("POST", redeem, None, big_body(), None).await,
+        413,
+        None,
+    );
+    expect(&api.post(redeem, None, json!({})).await, 422, None);
+
+    let disable = |who: &str| format!("{admins}/{who}/disable");
+    expect(
+        &api.post_empty(&disable("zed"), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&disable("bootstrap"), b).await,
+        403,
+        Some("self_action"),
+    );
+    expect(
+        &api.post_empty(&disable("nobody"), b).await,
+        404,
+        Some("not_found"),
+    );
+    expect(&api.post_empty(&disable("zed"), b).await, 200, None);
+    expect(
+        &api.post_empty(&disable("zed"), b).await,
+        409,
+        Some("already_disabled"),
+    );
+
+    let cas = api.get("/v1/admin/cas?limit=1", audrey).await;
+    expect(&cas, 200, None);
+    let cursor = cas.json["next_cursor"].as_str().unwrap();
+    expect(
+        &api.get(&format!("/v1/admin/cas?cursor={cursor}"), audrey)
+            .await,
+        200,
+        None,
+    );
+    expect(
+        &api.get("/v1/admin/cas?cursor=x", audrey).await,
+        400,
+        Some("invalid_query"),
+    );
+
+    // ---- Every admin operation: 401 without a token, 429 from a source over
+    // its failed-login limit (a good token included).
+    let blocked = "198.51.100.99";
+    for _ in 0..2 {
+        let r = api
+            .send("GET", list, Some("kwa_guess"), Body::None, Some(blocked))
+            .await;
+        expect(&r, 401, Some("unauthorized"));
+    }
+    let doc_paths: Vec<(String, String)> = api.doc.root["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(p, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(|m| (m.to_uppercase(), p.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut admin_ops = 0;
+    for (method, tpl) in &doc_paths {
+        let op = api.doc.operation(method, tpl);
+        let admin_only = op["security"] == json!([{ "admin": [] }]);
+        if !admin_only {
+            continue;
+        }
+        admin_ops += 1;
+        let concrete = tpl.replace("{id}", &nobody.to_string());
+        let r = api.send(method, &concrete, None, Body::None, None).await;
+        expect(&r, 401, Some("unauthorized"));
+        let r = api
+            .send(method, &concrete, b, Body::None, Some(blocked))
+            .await;
+        expect(&r, 429, Some("rate_limited"));
+    }
+    assert!(admin_ops >= 12, "{admin_ops}");
+    // Routes that take either kind of credential refuse the blocked source's admin token too.
+    let r = api.send("GET", &path, b, Body::None, Some(blocked)).await;
+    expect(&r, 429, Some("rate_limited"));
+    let r = api
+        .send(
+            "POST",
+            "/v1/registrations",
+            b,
+            Body::Json(reg("x", "default")),
+            Some(blocked),
+        )
+        .await;
+    expect(&r, 429, Some("rate_limited"));
+
+    // ---- Request schemas state what the server enforces.
+    fuzz_request_schemas(&api, &csr, b, alice, &p1_id, &p3_id).await;
+
+    // ---- Routing in both directions, and the server's own error answers.
+    routes_match_the_document(&api).await;
+
+    // ---- Every documented status was seen.
+    let seen = api.seen.lock().unwrap().clone();
+    let mut missing = Vec::new();
+    for (method, tpl) in &doc_paths {
+        let op = api.doc.operation(method, tpl);
+        for status in op["responses"].as_object().unwrap().keys() {
+            let status: u16 = status.parse().unwrap();
+            let exempt = UNREACHABLE.iter().any(|(m, p, s, _)| {
+                *s == status && (*m == "*" || m == method) && (*p == "*" || p == tpl)
+            });
+            if !exempt && !seen.contains(&(method.clone(), tpl.clone(), status)) {
+                missing.push(format!("{method} {tpl} {status}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "documented but never seen: {missing:#?}"
+    );
+    eprintln!("{} (operation, status) pairs seen", seen.len());
+}
+
+/// Candidate values for string fields: tricky Unicode, whitespace, lengths
+/// around the documented limits, words the enums use.
+fn string_candidates() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "",
+        " ",
+        "   ",
+        "a",
+        "Küche – Gerät 3",
+        "sensor-7 (hall B)",
+        "bad name!",
+        "admin@example.com",
+        "UPPER-lower_1.2",
+        "a\u{202E}b",
+        "ad\u{200B}min",
+        "x\u{FEFF}",
+        "tab\there",
+        "line\nbreak",
+        "nul\u{0}x",
+        "a\u{E0041}",
+        "\u{00A0}",
+        "\u{3000}",
+        "approver",
+        "auditor",
+        "admin",
+        "root",
+        "default",
+        "auto",
+        "no-such-group",
+        "kwi_00000000000000000000000000000000_x",
+        "kwp_x",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for n in [63usize, 64, 65, 127, 128, 129, 1024, 1025] {
+        v.push("x".repeat(n));
+        v.push("é".repeat(n));
+    }
+    v.push("😀".repeat(128));
+    v.push("😀".repeat(129));
+    v
+}
+
+fn non_string_candidates() -> Vec<Value> {
+    vec![json!(5), json!(true), json!([]), json!({}), Value::Null]
+}
+
+/// For each JSON request body: every candidate value in every property, one
+/// at a time in an otherwise valid body, plus missing and unknown
+/// properties. A body the schema refuses must get 4xx; a body it accepts
+/// must not be refused for its shape.
+async fn fuzz_request_schemas(
+    api: &Api,
+    csr: &str,
+    bootstrap: Option<&str>,
+    alice: Option<&str>,
+    p1: &str,
+    p3: &str,
+) {
+    let _ = p1;
+    let targets: Vec<(&str, String, Option<&str>, Value)> = vec![
+        (
+            "/v1/registrations",
+            "/v1/registrations".to_string(),
+            None,
+            json!({ "csr": csr, "name": "fuzz", "device_type": "t", "location": "l", "firmware": "1", "group": "default" }),
+        ),
+        (
+            "/v1/admin/invitations",
+            "/v1/admin/invitations".to_string(),
+            bootstrap,
+            json!({ "name": "fuzz-invitee", "role": "auditor" }),
+        ),
+        (
+            "/v1/admin/admins/{id}/role",
+            "/v1/admin/admins/audrey/role".to_string(),
+            bootstrap,
+            json!({ "role": "auditor" }),
+        ),
+        (
+            "/v1/invitations/redeem",
+            "/v1/invitations/redeem".to_string(),
+            None,
+            json!({ "invitation_code": "kwi_x_y", "approval_code": null }),
+        ),
+        (
+            "/v1/admin/registrations/{id}/approve",
+            format!("/v1/admin/registrations/{p3}/approve"),
+            alice,
+            json!({ "comment": "ok" }),
+        ),
+    ];
+    let mut refused = 0;
+    let mut accepted = 0;
+    for (tpl, path, token, base) in targets {
+        let schema = api.doc.request_schema("POST", tpl).unwrap();
+        let props = schema["properties"].as_object().unwrap();
+        let mut bodies: Vec<Value> = Vec::new();
+        for (k, _) in props {
+            for c in string_candidates()
+                .into_iter()
+                .map(Value::String)
+                .chain(non_string_candidates())
+            {
+                let mut b = base.clone();
+                b[k] = c;
+                bodies.push(b);
+            }
+        }
+        for req in schema["required"].as_array().unwrap() {
+            let mut b = base.clone();
+            b.as_object_mut().unwrap().remove(req.as_str().unwrap());
+            bodies.push(b);
+        }
+        let mut extra = base.clone();
+        extra["is_ca"] = json!(true);
+        bodies.push(extra);
+        for body in bodies {
+            let fits = api.doc.validate(schema, &body, "request").is_ok();
+            let r = api
+                .send("POST", &path, token, Body::Json(body.clone()), None)
+                .await;
+            if fits {
+                let ok = (200..300).contains(&r.status)
+                    || SEMANTIC.contains(&r.json["error"]["code"].as_str().unwrap_or(""));
+                assert!(
+                    ok,
+                    "POST {path}: a body the document accepts was refused for its shape: {body} → {} {}",
+                    r.status, r.json
+                );
+                accepted += 1;
+            } else {
+                assert!(
+                    r.status == 400 || r.status == 422,
+                    "POST {path}: a body the document refuses got {} {}: {body}",
+                    r.status,
+                    r.json
+                );
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("request fuzzing: {refused} bodies refused as the schema says, {accepted} accepted");
+    assert!(
+        refused > 200 && accepted > 50,
+        "refused {refused}, accepted {accepted}"
+    );
+}
+
+/// The route table in the source against the document, the methods each
+/// path routes (the server's `Allow` header on a 405) against the
+/// documented ones, and the server's answers for unknown paths and methods.
+async fn routes_match_the_document(api: &Api) {
+    let source = common::repo_file("src/http/routes/mod.rs");
+    let mut routed: BTreeSet<String> = BTreeSet::new();
+    let mut rest = source.as_str();
+    while let Some(i) = rest.find(".route(") {
+        rest = &rest[i + ".route(".len()..];
+        let start = rest.find('"').unwrap() + 1;
+        let end = start + rest[start..].find('"').unwrap();
+        routed.insert(rest[start..end].to_string());
+    }
+    let documented: BTreeSet<String> = api.doc.root["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        routed, documented,
+        "routed paths and documented paths differ"
+    );
+    for path in &documented {
+        let concrete = path
+            .replace("{id}", &uuid::Uuid::new_v4().to_string())
+            .replace("{name}", "root");
+        let resp = api
+            .http
+            .request(reqwest::Method::PATCH, format!("{}{concrete}", api.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 405, "PATCH {path} is routed?");
+        let allow: BTreeSet<String> = resp.headers()["allow"]
+            .to_str()
+            .unwrap()
+            .split(',')
+            .map(|m| m.trim().to_lowercase())
+            .filter(|m| m != "head")
+            .collect();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "method_not_allowed");
+        api.doc
+            .validate(
+                &json!({ "$ref": "#/components/schemas/Error" }),
+                &v,
+                "405 body",
+            )
+            .unwrap();
+        let documented_methods: BTreeSet<String> = api.doc.root["paths"][path]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(
+            allow, documented_methods,
+            "{path}: routed methods differ from documented ones"
+        );
+    }
+    let resp = api
+        .http
+        .get(format!("{}/v1/no/such/route", api.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "route_not_found");
+    api.doc
+        .validate(
+            &json!({ "$ref": "#/components/schemas/Error" }),
+            &v,
+            "404 body",
+        )
+        .unwrap();
+}
