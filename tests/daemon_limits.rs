@@ -1,7 +1,8 @@
-//! Hostile input bounded, against a real `keyward serve`: metric series that
-//! made-up methods and paths cannot grow, per-source rate limits, aggregated
-//! login-failure audit, background jobs, cached readiness, keyset pagination
-//! through the real CLI, and the pending cap.
+//! Hostile input bounded, against a real `keyward serve`.
+//!
+//! Metric series that made-up methods and paths cannot grow, per-source rate
+//! limits, aggregated login-failure audit, cached readiness (counted with
+//! OpenSC's pkcs11-spy), keyset pagination through the real CLI, the pending cap.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

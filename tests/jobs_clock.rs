@@ -1,5 +1,6 @@
-//! Background jobs driven by a manual clock, in-process against a real
-//! SoftHSM2 token and SQLite store set up by `keyward init`: the sweeper
+//! Background jobs driven by a manual clock, in-process, on a real token and store.
+//!
+//! The token and store are set up by `keyward init`; the sweeper
 //! expires pending registrations exactly when their time is up, and the
 //! failed-login flusher writes one event per closed window and the rest on
 //! shutdown. No test waits for time to pass.

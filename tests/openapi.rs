@@ -1,5 +1,5 @@
-//! The OpenAPI document is the contract, checked in both directions against
-//! a real `keyward serve`:
+//! The OpenAPI document against a real `keyward serve`, in both directions.
+//!
 //! - every routed operation is documented and every documented one routed
 //!   (the route table against the document, and the server's `Allow` header);
 //! - every answer the server gives in a long walk through every operation,

@@ -1,6 +1,4 @@
-//! Rate-limit middleware: per-source limits applied around routes, so that
-//! handlers hold no limiting logic (the way `MeteredKeyStore` wraps a key
-//! store).
+//! Rate-limit middleware: per-source limits wrapped around routes, not in handlers.
 
 use super::AppState;
 use super::error::ApiError;

@@ -1,6 +1,6 @@
-//! The failed-login flusher: writes each closed window of failed admin
-//! logins as one `admin.login_failed` audit event, and every window still
-//! open when the daemon shuts down cleanly.
+//! The failed-login flusher: one `admin.login_failed` audit event per closed window.
+//!
+//! Windows still open when the daemon shuts down cleanly are written then.
 
 use super::{Job, JobError};
 use crate::metrics::Metrics;

@@ -1,5 +1,6 @@
-//! The scheduler: background jobs, one file each, spawned in one place
-//! (`app.rs`), each with a cancellation token and a clean shutdown.
+//! The scheduler: background jobs with a cancellation token and a clean shutdown each.
+//!
+//! Jobs live one per file and are spawned in one place (`App::start_jobs`).
 //!
 //! A job is a [`Job`]: a `tick(now)` that does one round of work for the
 //! time it is given, and a `shutdown(now)` for its last act. The scheduler

@@ -1,6 +1,7 @@
-//! Readiness, checked in the background: the refresher job asks the store
-//! and every key store that holds an issuing CA's key whether they answer,
-//! and `/readyz` only reads the cached result. An anonymous caller can then
+//! Readiness, checked in the background and cached for `/readyz`.
+//!
+//! The refresher job asks the store and every key store that holds an
+//! issuing CA's key whether they answer; `/readyz` only reads the result. An anonymous caller can then
 //! poll `/readyz` as often as it likes without opening HSM sessions or
 //! talking to a card. If the refresher stops, the cache goes stale and
 //! readiness turns false after `limits.readiness_max_age_secs`.

@@ -1,5 +1,4 @@
-//! The sweeper: marks `pending` registrations whose time ran out `expired`,
-//! audited, through `RegistryService::expire`.
+//! The sweeper: pending registrations past their deadline become `expired` (audited).
 
 use super::{Job, JobError};
 use crate::registry::RegistryService;

@@ -1,5 +1,4 @@
-//! Failed admin logins, aggregated per source and time window before they
-//! are audited, in bounded memory.
+//! Failed admin logins, counted per source and window in bounded memory until audited.
 //!
 //! Invariant 2 wants admin login failures audited; one audit row per wrong
 //! token would let anyone grow the audit trail (and the disk) at line rate.

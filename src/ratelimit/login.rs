@@ -1,6 +1,6 @@
-//! Admin authentication guarded per source: a decorator around
-//! `AdminService::authenticate` that limits failed logins and hands each
-//! failure to the aggregated audit.
+//! Admin authentication guarded per source: failed logins limited and handed to the audit.
+//!
+//! A decorator around `AdminService::authenticate`.
 //!
 //! The rule: failures (an unknown token, a disabled admin's token) are
 //! counted per source against `admin_login_failures_per_source` per

@@ -1,5 +1,4 @@
-//! The in-process `RateLimiter` backend: GCRA timestamps in sharded maps,
-//! bounded in memory.
+//! The in-process `RateLimiter` backend: GCRA timestamps in sharded, bounded maps.
 //!
 //! A key whose timestamp lies in the past has a full bucket, which is the
 //! same as not being remembered at all, so such keys are dropped whenever a

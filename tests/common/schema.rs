@@ -1,6 +1,7 @@
-//! A small JSON Schema checker for the subset the OpenAPI document uses, and
-//! the document's operations and responses. Keywords it does not know make
-//! it fail loudly, so the document cannot silently outgrow the checker.
+//! A small JSON Schema checker for the OpenAPI document's subset, and its operations.
+//!
+//! Keywords it does not know make it fail loudly, so the document cannot
+//! silently outgrow the checker.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use regex_automata::meta::Regex;
