@@ -337,7 +337,7 @@ impl Builder<'_> {
         let mut keystores = BTreeMap::new();
         for (name, ks) in raw.keystores {
             let prefix = format!("keystores.{name}");
-            if name == DEFAULT_KEYSTORE || !crate::policy::valid_name(&name) {
+            if name == DEFAULT_KEYSTORE || !crate::model::valid_name(&name) {
                 return Err(self.invalid(
                     &prefix,
                     "name must be 1-64 chars of a-z, 0-9, '-' and not `default`",
