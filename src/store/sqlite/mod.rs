@@ -693,16 +693,22 @@ fn apply_write(tx: &rusqlite::Transaction<'_>, w: &Write) -> Result<(), StoreErr
             expect_one(n, || state_changed("admin request", id, "pending"))?;
         }
         Write::RedeemInvitation { id, at, admin } => {
+            // State first (so an unusable invitation reports as such), then
+            // the account, then the link to it (admin_id references admins).
             let n = tx
                 .prepare_cached(
-                    "UPDATE admin_requests SET status = 'redeemed', redeemed_at = ?1, admin_id = ?2
-                     WHERE id = ?3 AND kind = 'invite' AND status = 'approved' AND expires_at > ?1",
+                    "UPDATE admin_requests SET status = 'redeemed', redeemed_at = ?1
+                     WHERE id = ?2 AND kind = 'invite' AND status = 'approved' AND expires_at > ?1",
                 )
                 .map_err(db)?
-                .execute(params![at, admin.id.to_string(), id.to_string()])
+                .execute(params![at, id.to_string()])
                 .map_err(db)?;
             expect_one(n, || state_changed("invitation", id, "open"))?;
             insert_admin(tx, admin)?;
+            tx.prepare_cached("UPDATE admin_requests SET admin_id = ?1 WHERE id = ?2")
+                .map_err(db)?
+                .execute(params![admin.id.to_string(), id.to_string()])
+                .map_err(db)?;
         }
         Write::ExpireAdminRequest { id, at } => {
             let n = tx
