@@ -38,3 +38,252 @@ mod conformance {
     use super::*;
     store_suite!(open);
 }
+
+/// Database files and secrets are owner-only from their first byte.
+#[cfg(unix)]
+mod files {
+    use super::*;
+    use keyward::audit::AuditDraft;
+    use keyward::clock::SystemClock;
+    use keyward::store::Change;
+    use keyward::store::files::{PrivateFileError, prepare_database_files, write_private};
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::process::Command;
+
+    const CHILD_DIR: &str = "KEYWARD_TEST_STORE_DIR";
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn set_mode(path: &Path, m: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    fn umask_of_this_process() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).unwrap()
+    }
+
+    /// The body of `database_files_are_0600_under_umask_022`, run in a child
+    /// process whose umask the parent set (the umask is process-wide, so the
+    /// test must not change it in this process); a no-op elsewhere.
+    #[test]
+    fn child_opens_a_store() {
+        let Some(dir) = std::env::var_os(CHILD_DIR) else {
+            return;
+        };
+        let dir = Path::new(&dir);
+        assert_eq!(umask_of_this_process(), 0o022);
+        // What the umask gives a file whose creator does not ask for 0600.
+        std::fs::write(dir.join("plain"), b"x").unwrap();
+        assert_eq!(mode(&dir.join("plain")), 0o644);
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let path = dir.join("sub/keyward.db");
+            let store = SqliteStore::open(&path, 8, Arc::new(SystemClock)).unwrap();
+            store
+                .commit(Change::new().audit(AuditDraft::new("test", "t.one", "x")))
+                .await
+                .unwrap();
+            // While the store is open, all three files exist.
+            for suffix in ["", "-wal", "-shm"] {
+                let f = dir.join(format!("sub/keyward.db{suffix}"));
+                assert_eq!(mode(&f), 0o600, "{}", f.display());
+            }
+            let ro = SqliteStore::open_read_only(&path).unwrap();
+            ro.audit_head().await.unwrap();
+        });
+        println!("child checked the database files");
+    }
+
+    #[test]
+    fn database_files_are_0600_under_umask_022() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(r#"umask 022 && exec "$0" --exact files::child_opens_a_store --nocapture --test-threads 1"#)
+            .arg(std::env::current_exe().unwrap())
+            .env(CHILD_DIR, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("child checked the database files"),
+            "{stdout}"
+        );
+    }
+
+    /// The database file exists, empty and 0600, before SQLite writes a byte.
+    #[test]
+    fn database_file_is_created_owner_only_before_sqlite_opens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        prepare_database_files(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.len(), mode(&path)), (0, 0o600));
+        // Running it again on the file changes nothing.
+        prepare_database_files(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    /// Files left by an older keyward with the umask's mode are narrowed
+    /// before SQLite opens them; a narrower mode is kept.
+    #[test]
+    fn existing_wide_database_files_are_narrowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        for (suffix, m) in [("", 0o644), ("-wal", 0o664), ("-shm", 0o666)] {
+            let f = dir.path().join(format!("k.db{suffix}"));
+            std::fs::write(&f, b"bytes").unwrap();
+            set_mode(&f, m);
+        }
+        prepare_database_files(&path).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let f = dir.path().join(format!("k.db{suffix}"));
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+            assert_eq!(std::fs::read(&f).unwrap(), b"bytes");
+        }
+        set_mode(&path, 0o400);
+        prepare_database_files(&path).unwrap();
+        assert_eq!(mode(&path), 0o400, "a narrower mode is kept");
+        assert!(
+            !dir.path().join("k.db-journal").exists(),
+            "nothing else created"
+        );
+    }
+
+    /// A database left by a crash with a live `-wal` (which SQLite does not
+    /// re-mode: it is not empty) and wide modes is narrowed by `open`.
+    #[test]
+    fn open_narrows_files_left_wide_by_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.db");
+        let crashed = dir.path().join("crashed.db");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = SqliteStore::open(&live, 8, Arc::new(SystemClock)).unwrap();
+            store
+                .commit(Change::new().audit(AuditDraft::new("test", "t.one", "x")))
+                .await
+                .unwrap();
+            // Copies taken while the store is open: the event is only in the WAL.
+            for suffix in ["", "-wal", "-shm"] {
+                let (from, to) = (format!("live.db{suffix}"), format!("crashed.db{suffix}"));
+                std::fs::copy(dir.path().join(from), dir.path().join(&to)).unwrap();
+                set_mode(&dir.path().join(to), 0o644);
+            }
+            assert!(
+                std::fs::metadata(dir.path().join("crashed.db-wal"))
+                    .unwrap()
+                    .len()
+                    > 0
+            );
+            let store = SqliteStore::open(&crashed, 8, Arc::new(SystemClock)).unwrap();
+            assert_eq!(
+                store.audit_head().await.unwrap().0,
+                1,
+                "the WAL was recovered"
+            );
+            for suffix in ["", "-wal", "-shm"] {
+                let f = dir.path().join(format!("crashed.db{suffix}"));
+                assert_eq!(mode(&f), 0o600, "{}", f.display());
+            }
+        });
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn write_private_creates_0600_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        write_private(&path, b"secret\n").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret\n");
+        assert_eq!(entries(dir.path()), ["admin.token"], "no temp file left");
+        write_private(&path, b"second\n").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"second\n");
+        assert_eq!(entries(dir.path()), ["admin.token"]);
+    }
+
+    /// A pre-existing 0644 file is replaced by an owner-only one: its own
+    /// inode never receives the new bytes, so a reader that opened it before
+    /// cannot read them.
+    #[test]
+    fn write_private_never_puts_bytes_in_a_wide_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.key");
+        std::fs::write(&path, b"old").unwrap();
+        set_mode(&path, 0o644);
+        let mut early_reader = std::fs::File::open(&path).unwrap();
+        write_private(&path, b"new private key").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new private key");
+        let mut seen = String::new();
+        early_reader.read_to_string(&mut seen).unwrap();
+        assert_eq!(seen, "old");
+    }
+
+    #[test]
+    fn write_private_keeps_a_narrower_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.key");
+        std::fs::write(&path, b"old").unwrap();
+        set_mode(&path, 0o400);
+        write_private(&path, b"new").unwrap();
+        assert_eq!(mode(&path), 0o400);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn write_private_refuses_links_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        set_mode(&target, 0o644);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = write_private(&link, b"x").unwrap_err();
+        assert!(
+            matches!(err, PrivateFileError::NotARegularFile { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.code(), "not_a_regular_file");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert_eq!(mode(&target), 0o644);
+
+        let err = write_private(dir.path(), b"x").unwrap_err();
+        assert!(
+            matches!(err, PrivateFileError::NotARegularFile { .. }),
+            "{err:?}"
+        );
+
+        let err = write_private(&dir.path().join("missing/dir/f"), b"x").unwrap_err();
+        assert!(matches!(err, PrivateFileError::Io { .. }), "{err:?}");
+        assert_eq!(err.code(), "file_io");
+        assert!(err.to_string().contains("missing/dir/f"), "{err}");
+        assert_eq!(entries(dir.path()), ["link", "target"]);
+    }
+}

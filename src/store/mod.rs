@@ -1,6 +1,7 @@
 //! The `Store` port: all persistent state, changed only through [`Change`]s
 //! that carry their audit events, so no change lands without its event.
 
+pub mod files;
 pub mod records;
 pub mod sqlite;
 

@@ -15,6 +15,7 @@ mod writes;
 pub use migrate::SUPPORTED as SCHEMA_VERSION;
 pub use writer::BatchObserver;
 
+use super::files;
 use super::{
     AuditQuery, Change, Conflict, Page, PageRequest, RegistrationFilter, Store, StoreError,
 };
@@ -90,12 +91,15 @@ impl SqliteStore {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            create_private_dir(parent).map_err(|e| {
                 StoreError::Database(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
+        // Before SQLite touches the path: it would create the file with the
+        // umask's mode, and it gives -wal and -shm the database file's mode.
+        files::prepare_database_files(path)
+            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", path.display())))?;
         let mut conn = connect(path, false)?;
-        restrict_permissions(path);
         migrate::migrate(&mut conn)?;
         let writer = Writer::spawn(conn, batch_max, clock, observer)?;
         Ok(Self {
@@ -154,14 +158,17 @@ impl SqliteStore {
     }
 }
 
-#[cfg(unix)]
-fn restrict_permissions(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+/// Creates missing directories owner-only (existing ones are left as they are).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
 }
-
-#[cfg(not(unix))]
-fn restrict_permissions(_: &Path) {}
 
 #[async_trait]
 impl Store for SqliteStore {
