@@ -287,3 +287,142 @@ mod files {
         assert_eq!(entries(dir.path()), ["link", "target"]);
     }
 }
+
+/// What only the SQLite backend has: schema versions, typed errors with
+/// their SQLite source.
+mod sqlite {
+    use super::*;
+    use keyward::clock::SystemClock;
+    use keyward::store::sqlite::SCHEMA_VERSION;
+    use keyward::store::{Change, DatabaseError, StoreError, Write};
+    use std::error::Error as _;
+
+    fn store_error<T>(r: Result<T, StoreError>) -> StoreError {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e,
+        }
+    }
+
+    /// A database written by a newer keyward is refused, for writing and
+    /// for reading, and left as it was.
+    #[test]
+    fn newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
+            .unwrap();
+        drop(conn);
+        let err = store_error(SqliteStore::open(&path, 8, Arc::new(SystemClock)));
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found, supported }
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{err:?}"
+        );
+        assert_eq!(err.code(), "schema_too_new");
+        let err = store_error(SqliteStore::open_read_only(&path));
+        assert!(matches!(err, StoreError::SchemaTooNew { .. }), "{err:?}");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let tables: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 0, "no migration ran");
+    }
+
+    #[test]
+    fn read_only_open_of_a_missing_database_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.db");
+        let err = store_error(SqliteStore::open_read_only(&path));
+        assert!(
+            matches!(&err, StoreError::Database(DatabaseError::NotFound(p)) if *p == path),
+            "{err:?}"
+        );
+        assert_eq!(err.code(), "store_unavailable");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A path SQLite cannot open reports SQLite's own error as the source.
+    #[test]
+    fn sqlite_failures_keep_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = store_error(SqliteStore::open(dir.path(), 8, Arc::new(SystemClock)));
+        assert!(
+            matches!(err, StoreError::Database(DatabaseError::Sqlite(_))),
+            "{err:?}"
+        );
+        let source = err.source().expect("the database error");
+        let sqlite = source.source().expect("SQLite's error");
+        assert!(
+            sqlite.downcast_ref::<rusqlite::Error>().is_some(),
+            "{sqlite:?}"
+        );
+    }
+
+    /// A stored value that does not decode is corruption, not an outage.
+    #[test]
+    fn undecodable_rows_are_invalid_not_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = SqliteStore::open(&path, 8, Arc::new(SystemClock)).unwrap();
+            let a = store_suite::admin("alice", keyward::store::Role::Admin);
+            store
+                .commit(
+                    Change::new()
+                        .write(Write::InsertAdmin(a.clone()))
+                        .audit(store_suite::ev("admin.add")),
+                )
+                .await
+                .unwrap();
+            let tamper = rusqlite::Connection::open(&path).unwrap();
+            tamper
+                .execute("UPDATE admins SET role = 'wizard'", [])
+                .unwrap();
+            let err = store_error(store.get_admin(a.id).await);
+            assert!(
+                matches!(err, StoreError::Database(DatabaseError::InvalidRow(_))),
+                "{err:?}"
+            );
+            assert_eq!(err.code(), "store_corrupt");
+            assert!(err.to_string().contains("wizard"), "{err}");
+        });
+    }
+
+    /// `restrict_umask` (for `main`) makes later files and directories
+    /// owner-only; run in a child process, the umask being process-wide.
+    #[cfg(unix)]
+    #[test]
+    fn restrict_umask_makes_new_files_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        const CHILD: &str = "KEYWARD_TEST_UMASK_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let dir = std::path::Path::new(&dir);
+            assert_eq!(keyward::store::files::restrict_umask(), 0o022);
+            std::fs::write(dir.join("f"), b"x").unwrap();
+            std::fs::create_dir(dir.join("d")).unwrap();
+            let mode =
+                |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+            assert_eq!((mode("f"), mode("d")), (0o600, 0o700));
+            println!("child restricted the umask");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"umask 022 && exec "$0" --exact sqlite::restrict_umask_makes_new_files_owner_only --nocapture --test-threads 1"#)
+            .arg(std::env::current_exe().unwrap())
+            .env(CHILD, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("child restricted the umask"), "{stdout}");
+    }
+}

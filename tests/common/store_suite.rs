@@ -458,9 +458,10 @@ pub async fn change_without_audit_event_is_refused(cx: Cx) {
         .await
         .unwrap_err();
     assert!(
-        !matches!(err, StoreError::Conflict(_)),
+        matches!(err, StoreError::Database(DatabaseError::Unaudited)),
         "a missing audit event is a caller error, not a conflict: {err:?}"
     );
+    assert_eq!(err.code(), "change_unaudited");
     assert_eq!(snapshot(s).await, before);
     assert!(s.admin_by_name("unaudited").await.unwrap().is_none());
 }
@@ -2127,9 +2128,16 @@ pub async fn read_only_store_refuses_commits(cx: Cx) {
         .commit(one(Write::InsertAdmin(admin("bob", Role::Admin))))
         .await
         .unwrap_err();
-    assert!(!matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Database(DatabaseError::ReadOnly)),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "store_read_only");
     let err = ro.commit(Change::new().audit(ev("x"))).await.unwrap_err();
-    assert!(!matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Database(DatabaseError::ReadOnly)),
+        "{err:?}"
+    );
     assert_eq!(snapshot(s).await, before);
     assert!(s.admin_by_name("bob").await.unwrap().is_none());
     // The writable store still writes.

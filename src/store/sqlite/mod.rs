@@ -17,7 +17,8 @@ pub use writer::BatchObserver;
 
 use super::files;
 use super::{
-    AuditQuery, Change, Conflict, Page, PageRequest, RegistrationFilter, Store, StoreError,
+    AuditQuery, Change, Conflict, DatabaseError, Page, PageRequest, RegistrationFilter, Store,
+    StoreError,
 };
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
@@ -34,7 +35,8 @@ pub struct SqliteStore {
     path: PathBuf,
     read_only: bool,
     readers: Arc<Mutex<Vec<Connection>>>,
-    writer: Writer,
+    /// `None` when opened read-only.
+    writer: Option<Writer>,
 }
 
 /// Maps a SQLite error; constraint violations are conflicts.
@@ -46,7 +48,7 @@ pub(super) fn db(e: rusqlite::Error) -> StoreError {
             tracing::debug!(constraint = ?msg, "constraint violated");
             StoreError::Conflict(Conflict::Duplicate { entity: "row" })
         }
-        other => StoreError::Database(other.to_string()),
+        other => StoreError::Database(DatabaseError::Sqlite(other)),
     }
 }
 
@@ -91,14 +93,17 @@ impl SqliteStore {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
-            create_private_dir(parent).map_err(|e| {
-                StoreError::Database(format!("cannot create {}: {e}", parent.display()))
+            create_private_dir(parent).map_err(|source| DatabaseError::Create {
+                path: parent.to_path_buf(),
+                source,
             })?;
         }
         // Before SQLite touches the path: it would create the file with the
         // umask's mode, and it gives -wal and -shm the database file's mode.
-        files::prepare_database_files(path)
-            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", path.display())))?;
+        files::prepare_database_files(path).map_err(|source| DatabaseError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut conn = connect(path, false)?;
         migrate::migrate(&mut conn)?;
         let writer = Writer::spawn(conn, batch_max, clock, observer)?;
@@ -106,19 +111,17 @@ impl SqliteStore {
             path: path.to_path_buf(),
             read_only: false,
             readers: Arc::new(Mutex::new(Vec::new())),
-            writer,
+            writer: Some(writer),
         })
     }
 
     /// Opens an existing database for reading only: no migrations, no
     /// writer, nothing created or changed on disk. Used by `audit verify`,
-    /// which must not trust (or touch) what it checks. Commits fail.
+    /// which must not trust (or touch) what it checks. Commits fail with
+    /// [`DatabaseError::ReadOnly`].
     pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {
-            return Err(StoreError::Database(format!(
-                "database {} does not exist",
-                path.display()
-            )));
+            return Err(DatabaseError::NotFound(path.to_path_buf()).into());
         }
         let conn = connect(path, true)?;
         migrate::check_version(&conn)?;
@@ -126,7 +129,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             read_only: true,
             readers: Arc::new(Mutex::new(vec![conn])),
-            writer: Writer::none(),
+            writer: None,
         })
     }
 
@@ -154,7 +157,7 @@ impl SqliteStore {
             out
         })
         .await
-        .map_err(|e| StoreError::Database(format!("reader task failed: {e}")))?
+        .map_err(DatabaseError::ReaderTask)?
     }
 }
 
@@ -173,7 +176,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn commit(&self, change: Change) -> Result<Vec<i64>, StoreError> {
-        self.writer.submit(change).await
+        match &self.writer {
+            Some(w) => w.submit(change).await,
+            None => Err(DatabaseError::ReadOnly.into()),
+        }
     }
 
     async fn health(&self) -> Result<(), StoreError> {

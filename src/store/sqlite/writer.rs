@@ -8,7 +8,7 @@ use super::db;
 use super::writes::apply_write;
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::clock::Clock;
-use crate::store::{Change, StoreError};
+use crate::store::{Change, DatabaseError, StoreError};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -41,22 +41,14 @@ impl Writer {
         std::thread::Builder::new()
             .name("keyward-store-writer".into())
             .spawn(move || writer_loop(conn, rx, batch_max, clock, observer))
-            .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
+            .map_err(DatabaseError::WriterThread)?;
         Ok(Self { jobs })
-    }
-
-    /// A writer that accepts nothing (read-only stores).
-    pub(super) fn none() -> Self {
-        let (jobs, _) = mpsc::channel(1);
-        Self { jobs }
     }
 
     /// Queues a change and waits for its own outcome.
     pub(super) async fn submit(&self, change: Change) -> JobResult {
         if change.audit.is_empty() && !change.writes.is_empty() {
-            return Err(StoreError::Corrupt(
-                "a change without an audit event is refused".into(),
-            ));
+            return Err(DatabaseError::Unaudited.into());
         }
         let (reply, rx) = oneshot::channel();
         self.jobs
@@ -92,24 +84,26 @@ fn writer_loop(
                 }
             }
             Err(e) => {
-                let msg = e.to_string();
-                tracing::error!(error = %msg, "store batch commit failed");
+                tracing::error!(error = %e, size = batch.len(), "store batch commit failed");
+                let e = Arc::new(e);
                 for job in batch {
-                    let _ = job.reply.send(Err(StoreError::Database(msg.clone())));
+                    let _ = job.reply.send(Err(DatabaseError::Batch(e.clone()).into()));
                 }
             }
         }
     }
 }
 
+/// Commits a batch; an error here (not a change's own conflict) fails the
+/// whole transaction, so every change in it.
 fn commit_batch(
     conn: &mut Connection,
     batch: &[Job],
     clock: &dyn Clock,
-) -> Result<Vec<JobResult>, StoreError> {
+) -> Result<Vec<JobResult>, DatabaseError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db)?;
+        .map_err(DatabaseError::Sqlite)?;
     // Read the head inside the write transaction: another process (the CLI)
     // may have appended since our last batch.
     let (mut seq, mut head): (i64, Vec<u8>) = tx
@@ -119,22 +113,22 @@ fn commit_batch(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()
-        .map_err(db)?
+        .map_err(DatabaseError::Sqlite)?
         .unwrap_or((0, GENESIS_HASH.to_vec()));
     let at_ms = (clock.now().unix_timestamp_nanos() / 1_000_000) as i64;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         tx.prepare_cached("SAVEPOINT change")
-            .map_err(db)?
+            .map_err(DatabaseError::Sqlite)?
             .execute([])
-            .map_err(db)?;
+            .map_err(DatabaseError::Sqlite)?;
         let applied = apply(&tx, &job.change, seq, &head, at_ms);
         match applied {
             Ok((seqs, new_head)) => {
                 tx.prepare_cached("RELEASE change")
-                    .map_err(db)?
+                    .map_err(DatabaseError::Sqlite)?
                     .execute([])
-                    .map_err(db)?;
+                    .map_err(DatabaseError::Sqlite)?;
                 if let Some(last) = seqs.last() {
                     seq = *last;
                     head = new_head;
@@ -143,12 +137,12 @@ fn commit_batch(
             }
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO change; RELEASE change")
-                    .map_err(db)?;
+                    .map_err(DatabaseError::Sqlite)?;
                 results.push(Err(e));
             }
         }
     }
-    tx.commit().map_err(db)?;
+    tx.commit().map_err(DatabaseError::Sqlite)?;
     Ok(results)
 }
 
@@ -173,8 +167,7 @@ fn apply(
     for draft in &change.audit {
         seq += 1;
         let e = AuditEvent::chain(draft.clone(), seq, at_ms, prev);
-        let details =
-            serde_json::to_string(&e.details).map_err(|x| StoreError::Corrupt(x.to_string()))?;
+        let details = serde_json::to_string(&e.details).map_err(DatabaseError::AuditDetails)?;
         stmt.execute(params![
             e.seq,
             e.at_ms,
