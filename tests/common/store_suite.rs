@@ -400,6 +400,22 @@ fn set_status(id: Uuid, from: RegistrationStatus, to: RegistrationStatus, at: i6
     }
 }
 
+fn disable(id: Uuid, at: i64) -> Write {
+    Write::DisableAdmin { id, at }
+}
+
+fn fetched(id: Uuid, at: i64) -> Write {
+    Write::MarkCredentialsFetched { id, at }
+}
+
+fn confirm(id: Uuid, at: i64) -> Write {
+    Write::ConfirmCredentials { id, at }
+}
+
+fn expire(id: Uuid, at: i64) -> Write {
+    Write::ExpireAdminRequest { id, at }
+}
+
 // ------------------------------------------------------- commits and audit
 
 /// Events get consecutive sequence numbers across changes, chain from the
@@ -733,14 +749,7 @@ pub async fn admins_insert_lookup_and_refuse_duplicates(cx: Cx) {
     let dave = admin("dave", Role::Admin);
     ok(s, Write::InsertAdmin(dave.clone())).await;
     assert_eq!(s.count_active_admins().await.unwrap(), 2);
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: dave.id,
-            at: T0 + 1,
-        },
-    )
-    .await;
+    ok(s, disable(dave.id, T0 + 1)).await;
     assert_eq!(s.count_active_admins().await.unwrap(), 1);
 }
 
@@ -757,37 +766,16 @@ pub async fn disable_admin_keeps_an_active_admin(cx: Cx) {
     )
     .await;
 
-    let c = refused(
-        s,
-        Write::DisableAdmin {
-            id: alice.id,
-            at: T0 + 1,
-        },
-    )
-    .await;
+    let c = refused(s, disable(alice.id, T0 + 1)).await;
     assert_eq!(c, Conflict::LastActiveAdmin);
     assert!(!adm(s, alice.id).await.disabled);
 
     // An approver is not counted by the guard.
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: bob.id,
-            at: T0 + 2,
-        },
-    )
-    .await;
+    ok(s, disable(bob.id, T0 + 2)).await;
     let b = adm(s, bob.id).await;
     assert!(b.disabled);
     assert_eq!(b.disabled_at, Some(T0 + 2));
-    let c = refused(
-        s,
-        Write::DisableAdmin {
-            id: bob.id,
-            at: T0 + 3,
-        },
-    )
-    .await;
+    let c = refused(s, disable(bob.id, T0 + 3)).await;
     assert!(
         matches!(
             c,
@@ -802,34 +790,13 @@ pub async fn disable_admin_keeps_an_active_admin(cx: Cx) {
 
     let carol = admin("carol", Role::Admin);
     ok(s, Write::InsertAdmin(carol.clone())).await;
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: alice.id,
-            at: T0 + 4,
-        },
-    )
-    .await;
-    let c = refused(
-        s,
-        Write::DisableAdmin {
-            id: carol.id,
-            at: T0 + 5,
-        },
-    )
-    .await;
+    ok(s, disable(alice.id, T0 + 4)).await;
+    let c = refused(s, disable(carol.id, T0 + 5)).await;
     assert_eq!(c, Conflict::LastActiveAdmin);
     assert!(!adm(s, carol.id).await.disabled);
     assert_eq!(s.count_active_admins().await.unwrap(), 1);
 
-    refused(
-        s,
-        Write::DisableAdmin {
-            id: Uuid::now_v7(),
-            at: T0 + 6,
-        },
-    )
-    .await;
+    refused(s, disable(Uuid::now_v7(), T0 + 6)).await;
 }
 
 /// Two admins disable each other at the same moment, round after round:
@@ -904,14 +871,7 @@ pub async fn set_admin_role_checks_role_and_last_admin(cx: Cx) {
     assert_eq!(adm(s, bob.id).await.role, Role::Admin);
     assert_eq!(s.count_active_admins().await.unwrap(), 1);
 
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: alice.id,
-            at: T0 + 1,
-        },
-    )
-    .await;
+    ok(s, disable(alice.id, T0 + 1)).await;
     let c = refused(s, role(alice.id, Role::Auditor, Role::Approver)).await;
     assert!(
         matches!(
@@ -1064,14 +1024,7 @@ pub async fn credentials_fetch_once_and_confirm_once(cx: Cx) {
     let s = cx.store.as_ref();
     let r = registration("g", T0 + 600);
     ok(s, insert_reg(&r)).await;
-    let c = refused(
-        s,
-        Write::MarkCredentialsFetched {
-            id: r.id,
-            at: T0 + 1,
-        },
-    )
-    .await;
+    let c = refused(s, fetched(r.id, T0 + 1)).await;
     assert!(
         matches!(
             c,
@@ -1085,45 +1038,17 @@ pub async fn credentials_fetch_once_and_confirm_once(cx: Cx) {
     ok(s, set_status(r.id, S::Pending, S::Approved, T0 + 2)).await;
     ok(s, set_status(r.id, S::Approved, S::Issued, T0 + 3)).await;
 
-    ok(
-        s,
-        Write::MarkCredentialsFetched {
-            id: r.id,
-            at: T0 + 100,
-        },
-    )
-    .await;
+    ok(s, fetched(r.id, T0 + 100)).await;
     assert_eq!(reg(s, r.id).await.credentials_fetched_at, Some(T0 + 100));
     // A re-fetch keeps the first delivery time.
-    ok(
-        s,
-        Write::MarkCredentialsFetched {
-            id: r.id,
-            at: T0 + 200,
-        },
-    )
-    .await;
+    ok(s, fetched(r.id, T0 + 200)).await;
     assert_eq!(reg(s, r.id).await.credentials_fetched_at, Some(T0 + 100));
 
-    ok(
-        s,
-        Write::ConfirmCredentials {
-            id: r.id,
-            at: T0 + 300,
-        },
-    )
-    .await;
+    ok(s, confirm(r.id, T0 + 300)).await;
     let got = reg(s, r.id).await;
     assert_eq!(got.credentials_confirmed_at, Some(T0 + 300));
     assert_eq!(got.credentials_fetched_at, Some(T0 + 100));
-    refused(
-        s,
-        Write::ConfirmCredentials {
-            id: r.id,
-            at: T0 + 400,
-        },
-    )
-    .await;
+    refused(s, confirm(r.id, T0 + 400)).await;
     assert_eq!(reg(s, r.id).await.credentials_confirmed_at, Some(T0 + 300));
 
     // Confirming without a recorded fetch records both.
@@ -1131,14 +1056,7 @@ pub async fn credentials_fetch_once_and_confirm_once(cx: Cx) {
     ok(s, insert_reg(&r2)).await;
     ok(s, set_status(r2.id, S::Pending, S::Approved, T0 + 2)).await;
     ok(s, set_status(r2.id, S::Approved, S::Issued, T0 + 3)).await;
-    ok(
-        s,
-        Write::ConfirmCredentials {
-            id: r2.id,
-            at: T0 + 50,
-        },
-    )
-    .await;
+    ok(s, confirm(r2.id, T0 + 50)).await;
     let got = reg(s, r2.id).await;
     assert_eq!(
         (got.credentials_fetched_at, got.credentials_confirmed_at),
@@ -1147,14 +1065,7 @@ pub async fn credentials_fetch_once_and_confirm_once(cx: Cx) {
     // A registration that is not issued cannot be confirmed.
     let r3 = registration("g", T0 + 600);
     ok(s, insert_reg(&r3)).await;
-    refused(
-        s,
-        Write::ConfirmCredentials {
-            id: r3.id,
-            at: T0 + 5,
-        },
-    )
-    .await;
+    refused(s, confirm(r3.id, T0 + 5)).await;
 }
 
 // ---------------------------------------------------------------- decisions
@@ -1226,14 +1137,7 @@ pub async fn record_decision_checks_inside_the_transaction(cx: Cx) {
         ]
     );
 
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: a4.id,
-            at: T0 + 4,
-        },
-    )
-    .await;
+    ok(s, disable(a4.id, T0 + 4)).await;
     let c = refused(s, decision(r.id, a4.id, Approve, T0 + 5, 2)).await;
     assert!(
         matches!(
@@ -1362,14 +1266,7 @@ pub async fn approvals_of_disabled_admins_do_not_count(cx: Cx) {
     ok(s, decision(r.id, a1.id, Decision::Approve, T0 + 1, 0)).await;
     assert!(s.approvals(r.id).await.unwrap()[0].counted);
 
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: a1.id,
-            at: T0 + 2,
-        },
-    )
-    .await;
+    ok(s, disable(a1.id, T0 + 2)).await;
     let got = s.approvals(r.id).await.unwrap();
     assert_eq!(got.len(), 1, "the decision stays on record");
     assert!(!got[0].counted);
@@ -1520,14 +1417,7 @@ pub async fn admin_request_conflicts(cx: Cx) {
         ],
     )
     .await;
-    ok(
-        s,
-        Write::DisableAdmin {
-            id: gone.id,
-            at: T0,
-        },
-    )
-    .await;
+    ok(s, disable(gone.id, T0)).await;
     let exp = T0 + 3600;
 
     // One open invitation per name, pending or approved.
@@ -1668,22 +1558,8 @@ pub async fn admin_request_conflicts(cx: Cx) {
     assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
 
     // Expiring: pending or approved requests only.
-    ok(
-        s,
-        Write::ExpireAdminRequest {
-            id: to_auditor.id,
-            at: T0 + 11,
-        },
-    )
-    .await;
-    ok(
-        s,
-        Write::ExpireAdminRequest {
-            id: gus.id,
-            at: T0 + 12,
-        },
-    )
-    .await;
+    ok(s, expire(to_auditor.id, T0 + 11)).await;
+    ok(s, expire(gus.id, T0 + 12)).await;
     let got = req(s, to_auditor.id).await;
     assert_eq!((got.status, got.decided_at), (S::Expired, Some(T0 + 11)));
     let got = req(s, gus.id).await;
