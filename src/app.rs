@@ -86,6 +86,8 @@ pub async fn open_keystore(
                     .map_err(anyhow::Error::msg)?,
                 attestation_root_der,
                 sign_timeout: Duration::from_secs(y.sign_timeout_secs),
+                // Operator override for old firmware; not yet a config key (see docs/yubikey.md).
+                dangerously_generate_into_unverified_slot: false,
             };
             Ok(Arc::new(YubiKeyKeyStore::new(settings)))
         }

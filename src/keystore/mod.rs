@@ -83,6 +83,45 @@ pub struct GeneratedKey {
     pub handle: KeyHandle,
     /// DER SubjectPublicKeyInfo.
     pub public_key_der: Vec<u8>,
+    /// How the backend knew it was not replacing another key. Callers audit
+    /// [`SlotCheck::UnverifiedOverride`]: it records an operator's decision.
+    pub slot_check: SlotCheck,
+}
+
+/// How a backend established that a generation would not replace a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotCheck {
+    /// The key is a new object next to the others (PKCS#11); nothing can be replaced.
+    NewObject,
+    /// The device proved the slot empty (PIV GET METADATA answered "no key").
+    ProvenEmpty,
+    /// The device could not prove the slot empty and the key store's
+    /// `dangerously_generate_into_unverified_slot` override let the generation
+    /// go ahead; a key that was there is gone.
+    UnverifiedOverride,
+}
+
+/// What showed that a device slot already holds a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotEvidence {
+    /// The slot's metadata (PIV GET METADATA, firmware 5.3+) describes a key.
+    Metadata,
+    /// The card attested a key it generated in the slot (PIV ATTEST, 4.3+).
+    Attestation,
+    /// The slot's certificate object holds a certificate.
+    Certificate,
+}
+
+impl fmt::Display for SlotEvidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Metadata => "its metadata describes a key",
+            Self::Attestation => "the card attests a key generated in it",
+            Self::Certificate => "its certificate object holds a certificate",
+        })
+    }
 }
 
 /// How a private key is protected, read back from the token.
@@ -126,8 +165,24 @@ pub enum KeyStoreError {
     DeviceUnavailable(String),
     #[error("the device refused the operation: {0}")]
     Device(String),
-    #[error("slot {0} already holds a key; refusing to overwrite it")]
-    SlotOccupied(String),
+    #[error("slot {slot} already holds a key ({evidence}); refusing to overwrite it")]
+    SlotOccupied {
+        slot: String,
+        evidence: SlotEvidence,
+    },
+    #[error(
+        "slot {slot}: a card with firmware {firmware} cannot prove the slot is empty (GET METADATA \
+         needs 5.3 or later) and shows no certificate or attestation for it, so generating could \
+         silently replace a key there; refusing. To proceed, check the slot with a tool you trust \
+         or reset the PIV applet, then set `dangerously_generate_into_unverified_slot = true` on \
+         this key store for that one run (it is recorded in the audit trail) and remove it afterwards"
+    )]
+    SlotUnverifiable { slot: String, firmware: String },
+    #[error(
+        "slot {slot}: a card with firmware {firmware} cannot report the slot's public key \
+         (GET METADATA needs 5.3 or later; no attestation or certificate for it)"
+    )]
+    PublicKeyUnreadable { slot: String, firmware: String },
     #[error("the device was busy for {0:?} (it signs one operation at a time)")]
     Busy(std::time::Duration),
     #[error("attestation failed: {0}")]
@@ -151,6 +206,34 @@ pub enum KeyStoreError {
     Pkcs11(#[source] cryptoki::error::Error),
     #[error("the HSM worker thread failed: {0}")]
     Worker(String),
+}
+
+impl KeyStoreError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ModuleLoad { .. } => "module_load",
+            Self::TokenNotFound { .. } => "token_not_found",
+            Self::PinIncorrect | Self::PinIncorrectRetries(_) => "pin_incorrect",
+            Self::PinLocked => "pin_locked",
+            Self::ManagementKeyRejected => "management_key_rejected",
+            Self::DeviceUnavailable(_) => "device_unavailable",
+            Self::Device(_) => "device_error",
+            Self::SlotOccupied { .. } => "slot_occupied",
+            Self::SlotUnverifiable { .. } => "slot_unverifiable",
+            Self::PublicKeyUnreadable { .. } => "public_key_unreadable",
+            Self::Busy(_) => "busy",
+            Self::Attestation(_) => "attestation_failed",
+            Self::UnknownKeyStore(_) => "unknown_keystore",
+            Self::KeyNotFound(_) => "key_not_found",
+            Self::BadHandle(_) => "bad_handle",
+            Self::Unsupported(_) => "algorithm_unsupported",
+            Self::OperationUnsupported { .. } => "operation_unsupported",
+            Self::Malformed(_) => "malformed_response",
+            Self::Pkcs11(_) => "pkcs11_error",
+            Self::Worker(_) => "worker_failed",
+        }
+    }
 }
 
 /// The port. Every call may block on hardware; backends do the blocking off

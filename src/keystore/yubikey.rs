@@ -7,10 +7,17 @@
 //! pulled, reader reset); the next call reconnects by serial, so the backend
 //! recovers when the card returns. The PIN is not tried at start-up: a
 //! restart loop must not burn PIN retries.
+//!
+//! PIV replaces the key in a slot without asking, so generation first proves
+//! the slot empty. Firmware 5.3+ answers GET METADATA; older cards cannot say
+//! "empty", only show a key (an attestation, 4.3+, or a certificate). Where
+//! nothing proves either way generation is refused unless the operator sets
+//! `dangerously_generate_into_unverified_slot`. A card error during the check
+//! is an error, never "empty".
 
 use crate::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError,
+    KeyStoreError, SlotCheck, SlotEvidence,
 };
 use async_trait::async_trait;
 use der::{Decode, Encode};
@@ -88,6 +95,51 @@ pub struct YubiKeySettings {
     /// DER of the PIV attestation trust root, if attestation is to be checked.
     pub attestation_root_der: Option<Vec<u8>>,
     pub sign_timeout: Duration,
+    /// Generate even when the card cannot prove the slot empty (firmware
+    /// before 5.3 with no certificate or attestation in the slot). Whatever
+    /// key is there is then lost. A slot proven occupied is refused anyway.
+    /// Meant for one supervised run; generations it allowed come back as
+    /// [`SlotCheck::UnverifiedOverride`] for the audit trail.
+    pub dangerously_generate_into_unverified_slot: bool,
+}
+
+/// What the card shows about the configured slot.
+#[derive(Debug)]
+enum SlotState {
+    /// GET METADATA says there is no key.
+    Empty,
+    /// A key is there.
+    Occupied {
+        evidence: SlotEvidence,
+        /// DER SubjectPublicKeyInfo, when the evidence carries it.
+        public: Option<Vec<u8>>,
+        /// Whether the card generated the key (`None`: the card does not say).
+        generated_on_card: Option<bool>,
+    },
+    /// The card cannot say (firmware before 5.3) and shows no sign of a key.
+    Unverifiable { firmware: String },
+}
+
+/// Object id of a key slot's certificate (SP 800-73-4 / Yubico's retired slots).
+fn certificate_object(slot: SlotId) -> u32 {
+    match u8::from(slot) {
+        0x9a => 0x005f_c105,
+        0x9c => 0x005f_c10a,
+        0x9d => 0x005f_c10b,
+        0x9e => 0x005f_c101,
+        // Retired key management slots 82..=95 map to 5FC10D..=5FC120.
+        r => 0x005f_c10d + u32::from(r.saturating_sub(0x82)),
+    }
+}
+
+/// The SubjectPublicKeyInfo a DER certificate certifies.
+fn certified_key(cert_der: &[u8]) -> Option<Vec<u8>> {
+    x509_cert::Certificate::from_der(cert_der)
+        .ok()?
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .ok()
 }
 
 /// A verified attestation: the slot's attestation certificate and the F9
@@ -157,63 +209,127 @@ impl Inner {
     }
 
     /// Runs `f` on the card, connecting by serial first if needed. A PC/SC
-    /// failure drops the connection so that the next call reconnects.
+    /// failure drops the connection. On a connection that was already open
+    /// it may only mean the card was reset or re-inserted since (another
+    /// application, a PC/SC reset), so `f` is retried once on a fresh one;
+    /// `f` redoes its own checks (slot state, PIN) from the start.
     fn with_card<T>(
         &self,
-        f: impl FnOnce(&Inner, &mut YubiKey) -> Result<T, KeyStoreError>,
+        f: impl Fn(&Inner, &mut YubiKey) -> Result<T, KeyStoreError>,
     ) -> Result<T, KeyStoreError> {
         let mut guard = self
             .card
             .lock()
             .map_err(|_| KeyStoreError::Worker("YubiKey connection lock poisoned".into()))?;
-        if guard.is_none() {
-            let yk = YubiKey::open_by_serial(Serial(self.settings.serial)).map_err(|e| {
-                KeyStoreError::DeviceUnavailable(format!(
-                    "no YubiKey with serial {} ({e})",
-                    self.settings.serial
-                ))
-            })?;
-            *guard = Some(yk);
+        let mut reused = guard.is_some();
+        loop {
+            if guard.is_none() {
+                let yk = YubiKey::open_by_serial(Serial(self.settings.serial)).map_err(|e| {
+                    KeyStoreError::DeviceUnavailable(format!(
+                        "no YubiKey with serial {} ({e})",
+                        self.settings.serial
+                    ))
+                })?;
+                *guard = Some(yk);
+            }
+            let yk = guard
+                .as_mut()
+                .ok_or_else(|| KeyStoreError::Worker("YubiKey connection vanished".into()))?;
+            let result = f(self, yk);
+            match &result {
+                Err(e) if is_connection_error(e) => {
+                    *guard = None;
+                    if reused {
+                        tracing::info!(error = %e, "YubiKey connection went stale; reconnecting and retrying once");
+                        reused = false;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            return result;
         }
-        let yk = guard
-            .as_mut()
-            .ok_or_else(|| KeyStoreError::Worker("YubiKey connection vanished".into()))?;
-        let result = f(self, yk);
-        if matches!(&result, Err(e) if is_connection_error(e)) {
-            *guard = None;
-        }
-        result
     }
 
-    /// The slot's public key, or `None` when the slot is empty.
-    fn slot_public_key(
-        &self,
-        yk: &mut YubiKey,
-    ) -> Result<Option<(AlgorithmId, Vec<u8>)>, KeyStoreError> {
+    /// What the card shows about the slot. Only "reference data not found"
+    /// from GET METADATA means empty; any other card error is returned.
+    fn slot_state(&self, yk: &mut YubiKey) -> Result<SlotState, KeyStoreError> {
         match piv::metadata(yk, self.settings.slot) {
             Ok(meta) => {
-                let alg = match meta.algorithm {
-                    SlotAlgorithmId::Asymmetric(a) => a,
-                    _ => {
-                        return Err(KeyStoreError::Malformed(
-                            "slot metadata names no key algorithm".into(),
-                        ));
-                    }
-                };
-                match meta.public {
-                    Some(spki) => Ok(Some((
-                        alg,
-                        spki.to_der()
-                            .map_err(|e| KeyStoreError::Malformed(e.to_string()))?,
-                    ))),
-                    None => Ok(None),
+                if !matches!(meta.algorithm, SlotAlgorithmId::Asymmetric(_)) {
+                    return Err(KeyStoreError::Malformed(
+                        "slot metadata names no key algorithm".into(),
+                    ));
                 }
+                let public = meta
+                    .public
+                    .map(|spki| spki.to_der())
+                    .transpose()
+                    .map_err(|e| KeyStoreError::Malformed(e.to_string()))?;
+                Ok(SlotState::Occupied {
+                    evidence: SlotEvidence::Metadata,
+                    public,
+                    generated_on_card: meta.origin.map(|o| matches!(o, piv::Origin::Generated)),
+                })
             }
-            Err(yubikey::Error::NotFound) => Ok(None),
-            Err(e) => match map_err(e) {
-                KeyStoreError::Device(_) => Ok(None),
-                other => Err(other),
-            },
+            Err(yubikey::Error::NotFound) => Ok(SlotState::Empty),
+            // 6D00: firmware before 5.3 has no GET METADATA.
+            Err(yubikey::Error::NotSupported) => self.slot_state_without_metadata(yk),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Firmware before 5.3: look for signs of a key. Nothing here can show
+    /// the slot empty; at best it is [`SlotState::Unverifiable`].
+    fn slot_state_without_metadata(&self, yk: &mut YubiKey) -> Result<SlotState, KeyStoreError> {
+        // An attestation (4.3+) is the card itself vouching for a key it
+        // generated; it also carries the current public key.
+        match piv::attest(yk, self.settings.slot) {
+            Ok(cert) => {
+                return Ok(SlotState::Occupied {
+                    evidence: SlotEvidence::Attestation,
+                    public: certified_key(&cert),
+                    generated_on_card: Some(true),
+                });
+            }
+            // 6D00: no ATTEST before 4.3.
+            Err(yubikey::Error::NotSupported) => {}
+            // The card answered with an error status, which the crate does not
+            // pass on: an empty slot, an imported key and attestation trouble
+            // all look alike. No evidence either way.
+            Err(yubikey::Error::GenericError) => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        match yk.fetch_object(certificate_object(self.settings.slot)) {
+            Ok(obj) if !obj.is_empty() => {
+                return Ok(SlotState::Occupied {
+                    evidence: SlotEvidence::Certificate,
+                    public: certified_key(&unwrap_object(&obj)),
+                    generated_on_card: None,
+                });
+            }
+            Ok(_) | Err(yubikey::Error::NotFound) => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        Ok(SlotState::Unverifiable {
+            firmware: yk.version().to_string(),
+        })
+    }
+
+    /// The slot's public key; `KeyNotFound` when the slot is proven empty.
+    fn slot_public_key(&self, yk: &mut YubiKey) -> Result<Vec<u8>, KeyStoreError> {
+        match self.slot_state(yk)? {
+            SlotState::Occupied {
+                public: Some(p), ..
+            } => Ok(p),
+            SlotState::Occupied { public: None, .. } => Err(KeyStoreError::Malformed(
+                "the slot's key is there but its public key could not be decoded".into(),
+            )),
+            SlotState::Empty => Err(KeyStoreError::KeyNotFound(self.handle())),
+            SlotState::Unverifiable { firmware } => Err(KeyStoreError::PublicKeyUnreadable {
+                slot: slot_name(self.settings.slot),
+                firmware,
+            }),
         }
     }
 }
@@ -250,7 +366,7 @@ impl YubiKeyKeyStore {
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Inner, &mut YubiKey) -> Result<T, KeyStoreError> + Send + 'static,
+        f: impl Fn(&Inner, &mut YubiKey) -> Result<T, KeyStoreError> + Send + 'static,
     ) -> Result<T, KeyStoreError> {
         let timeout = self.inner.settings.sign_timeout;
         let permit = tokio::time::timeout(timeout, self.queue.clone().acquire_owned())
@@ -283,9 +399,7 @@ impl YubiKeyKeyStore {
                 .map_err(map_err)?
                 .to_vec();
             let intermediate = unwrap_object(&intermediate);
-            let (_, public) = inner
-                .slot_public_key(yk)?
-                .ok_or_else(|| KeyStoreError::Attestation("slot is empty".into()))?;
+            let public = inner.slot_public_key(yk)?;
             verify_attestation(&cert, &intermediate, &root, &public)?;
             Ok(Attestation {
                 certificate_der: cert,
@@ -372,9 +486,25 @@ impl KeyStore for YubiKeyKeyStore {
             ));
         }
         self.run(move |inner, yk| {
-            if inner.slot_public_key(yk)?.is_some() {
-                return Err(KeyStoreError::SlotOccupied(slot_name(inner.settings.slot)));
-            }
+            let slot = slot_name(inner.settings.slot);
+            let slot_check = match inner.slot_state(yk)? {
+                SlotState::Empty => SlotCheck::ProvenEmpty,
+                SlotState::Occupied { evidence, .. } => {
+                    return Err(KeyStoreError::SlotOccupied { slot, evidence });
+                }
+                SlotState::Unverifiable { firmware } => {
+                    if !inner.settings.dangerously_generate_into_unverified_slot {
+                        return Err(KeyStoreError::SlotUnverifiable { slot, firmware });
+                    }
+                    tracing::warn!(
+                        slot = %slot,
+                        firmware = %firmware,
+                        "generating into a slot the card cannot prove empty \
+                         (dangerously_generate_into_unverified_slot is set)"
+                    );
+                    SlotCheck::UnverifiedOverride
+                }
+            };
             yk.authenticate(&inner.management_key()?).map_err(map_err)?;
             let spki = piv::generate(
                 yk,
@@ -389,6 +519,7 @@ impl KeyStore for YubiKeyKeyStore {
                 public_key_der: spki
                     .to_der()
                     .map_err(|e| KeyStoreError::Malformed(e.to_string()))?,
+                slot_check,
             })
         })
         .await
@@ -396,14 +527,7 @@ impl KeyStore for YubiKeyKeyStore {
 
     async fn public_key(&self, handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError> {
         self.inner.check_handle(handle)?;
-        let h = handle.clone();
-        self.run(move |inner, yk| {
-            inner
-                .slot_public_key(yk)?
-                .map(|(_, der)| der)
-                .ok_or(KeyStoreError::KeyNotFound(h))
-        })
-        .await
+        self.run(move |inner, yk| inner.slot_public_key(yk)).await
     }
 
     async fn sign(
@@ -429,17 +553,27 @@ impl KeyStore for YubiKeyKeyStore {
 
     async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError> {
         self.inner.check_handle(handle)?;
-        self.run(|inner, yk| Ok(inner.slot_public_key(yk)?.is_some()))
+        // "Cannot tell" counts as "may hold a key": callers must never take
+        // an unverifiable slot for an empty one.
+        self.run(|inner, yk| Ok(!matches!(inner.slot_state(yk)?, SlotState::Empty)))
             .await
     }
 
     async fn protection(&self, handle: &KeyHandle) -> Result<KeyProtection, KeyStoreError> {
         self.inner.check_handle(handle)?;
-        let h = handle.clone();
         self.run(move |inner, yk| {
-            let meta = piv::metadata(yk, inner.settings.slot)
-                .map_err(|_| KeyStoreError::KeyNotFound(h))?;
-            let generated = matches!(meta.origin, Some(piv::Origin::Generated));
+            let generated = match inner.slot_state(yk)? {
+                SlotState::Occupied {
+                    generated_on_card, ..
+                } => generated_on_card.unwrap_or(false),
+                SlotState::Empty => return Err(KeyStoreError::KeyNotFound(inner.handle())),
+                SlotState::Unverifiable { firmware } => {
+                    return Err(KeyStoreError::PublicKeyUnreadable {
+                        slot: slot_name(inner.settings.slot),
+                        firmware,
+                    });
+                }
+            };
             Ok(KeyProtection {
                 sensitive: true,
                 extractable: false,
@@ -469,7 +603,7 @@ impl KeyStore for YubiKeyKeyStore {
         let cert = cert_der.to_vec();
         self.run(move |inner, yk| {
             yk.authenticate(&inner.management_key()?).map_err(map_err)?;
-            let c = yubikey::certificate::Certificate::from_bytes(cert).map_err(map_err)?;
+            let c = yubikey::certificate::Certificate::from_bytes(cert.clone()).map_err(map_err)?;
             c.write(
                 yk,
                 inner.settings.slot,
@@ -519,6 +653,15 @@ mod tests {
         assert!(parse_management_algorithm("des").is_err());
         assert!(parse_pin_policy("sometimes").is_err());
         assert!(parse_touch_policy("cached").is_ok());
+    }
+
+    #[test]
+    fn certificate_objects_follow_sp800_73() {
+        assert_eq!(certificate_object(SlotId::Signature), 0x005f_c10a);
+        assert_eq!(certificate_object(parse_slot("9a").unwrap()), 0x005f_c105);
+        assert_eq!(certificate_object(parse_slot("9e").unwrap()), 0x005f_c101);
+        assert_eq!(certificate_object(parse_slot("82").unwrap()), 0x005f_c10d);
+        assert_eq!(certificate_object(parse_slot("95").unwrap()), 0x005f_c120);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod uri;
 
 use crate::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError,
+    KeyStoreError, SlotCheck,
 };
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -414,6 +414,7 @@ impl KeyStore for Pkcs11KeyStore {
             Ok(GeneratedKey {
                 handle: KeyHandle(Pkcs11Uri::for_key(&inner.token_label, &spec.label, &id)),
                 public_key_der,
+                slot_check: SlotCheck::NewObject,
             })
         })
         .await
