@@ -111,6 +111,105 @@ where
     })
 }
 
+/// Reads a key pair's usage attributes back through cryptoki, on a session
+/// of our own (not the backend's).
+fn usage_attributes(
+    label: &str,
+    id: &[u8],
+) -> Vec<(
+    cryptoki::object::ObjectClass,
+    Vec<cryptoki::object::Attribute>,
+)> {
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    let ctx = context(&common::softhsm_module()).unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
+        .unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    match session.login(
+        cryptoki::session::UserType::User,
+        Some(&SecretString::from(common::PIN.to_string())),
+    ) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    let mut out = Vec::new();
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let found = session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+            .unwrap();
+        assert_eq!(found.len(), 1, "{class:?}");
+        let wanted: &[AttributeType] = if class == ObjectClass::PRIVATE_KEY {
+            &[
+                AttributeType::Sign,
+                AttributeType::SignRecover,
+                AttributeType::Decrypt,
+                AttributeType::Unwrap,
+                AttributeType::Derive,
+                AttributeType::Modifiable,
+            ]
+        } else {
+            &[
+                AttributeType::Verify,
+                AttributeType::VerifyRecover,
+                AttributeType::Encrypt,
+                AttributeType::Wrap,
+                AttributeType::Derive,
+                AttributeType::Modifiable,
+            ]
+        };
+        out.push((class, session.get_attributes(found[0], wanted).unwrap()));
+    }
+    out
+}
+
+/// `Usage:` lines of the objects labelled `label`, as the stock `pkcs11-tool -O` prints them.
+fn pkcs11_tool_usage(token: &str, label: &str) -> Vec<(String, String)> {
+    let conf = std::path::Path::new(&std::env::var_os(READY).unwrap()).join("softhsm2.conf");
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .arg("--module")
+        .arg(common::softhsm_module())
+        .args([
+            "--token-label",
+            token,
+            "--login",
+            "--pin",
+            common::PIN,
+            "-O",
+        ])
+        .output()
+        .expect("pkcs11-tool missing: run scripts/test.sh (package opensc)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Blocks start with "<Class> Object;" and hold "label:" and "Usage:" lines.
+    let mut found = Vec::new();
+    let mut class = String::new();
+    let mut mine = false;
+    for line in text.lines() {
+        if let Some((c, _)) = line.split_once(" Object;") {
+            class = c.trim().to_string();
+            mine = false;
+        } else if let Some(l) = line.trim().strip_prefix("label:") {
+            mine = l.trim() == label;
+        } else if let Some(u) = line.trim().strip_prefix("Usage:")
+            && mine
+        {
+            found.push((class.clone(), u.trim().to_string()));
+        }
+    }
+    found
+}
+
 fn trials() -> Vec<Trial> {
     let mut t = vec![
         conformance("sign_verify_ecdsa_p256", |ks| async move {
@@ -167,6 +266,63 @@ fn trials() -> Vec<Trial> {
             })
         },
     ));
+    t.push(Trial::test("pkcs11::keys_may_only_sign_and_verify", || {
+        run(|| async {
+            use cryptoki::object::{Attribute, ObjectClass};
+            let label = new_token();
+            let ks = open(&label).await;
+            let algorithms = ks.capabilities().algorithms.clone();
+            assert!(algorithms.len() >= 5, "{algorithms:?}");
+            for algorithm in algorithms {
+                let spec = suite::spec(algorithm);
+                ks.generate(&spec).await.unwrap();
+                let unmodifiable = ks.capabilities().unmodifiable_keys;
+                assert_eq!(
+                    unmodifiable,
+                    Some(true),
+                    "SoftHSM2 accepts CKA_MODIFIABLE=false; the backend should have used it"
+                );
+                for (class, attrs) in usage_attributes(&label, spec.id.as_bytes()) {
+                    for a in &attrs {
+                        let ok = match (class, a) {
+                            (ObjectClass::PRIVATE_KEY, Attribute::Sign(v)) => *v,
+                            (ObjectClass::PUBLIC_KEY, Attribute::Verify(v)) => *v,
+                            (_, Attribute::Modifiable(v)) => !*v,
+                            (
+                                _,
+                                Attribute::SignRecover(v)
+                                | Attribute::VerifyRecover(v)
+                                | Attribute::Decrypt(v)
+                                | Attribute::Encrypt(v)
+                                | Attribute::Unwrap(v)
+                                | Attribute::Wrap(v)
+                                | Attribute::Derive(v),
+                            ) => !*v,
+                            _ => true,
+                        };
+                        assert!(ok, "{algorithm} {class:?}: {a:?}");
+                    }
+                }
+                // The same, read by a tool nobody here wrote.
+                let usage = pkcs11_tool_usage(&label, &spec.label);
+                assert_eq!(usage.len(), 2, "{algorithm}: {usage:?}");
+                for (class, u) in &usage {
+                    let words: Vec<&str> = u.split(", ").collect();
+                    for bad in ["decrypt", "unwrap", "derive", "encrypt", "wrap"] {
+                        assert!(!words.contains(&bad), "{algorithm} {class}: {u}");
+                    }
+                    let needed = if class.starts_with("Private") {
+                        "sign"
+                    } else {
+                        "verify"
+                    };
+                    assert!(words.contains(&needed), "{algorithm} {class}: {u}");
+                }
+                // Least privilege does not get in the way of signing.
+                suite::sign_and_verify(ks.as_ref(), algorithm).await;
+            }
+        })
+    }));
     t.push(Trial::test("pkcs11::extractable_only_when_asked", || {
         run(|| async {
             let ks = open(&new_token()).await;

@@ -141,6 +141,11 @@ pub struct Capabilities {
     pub max_concurrent_signers: usize,
     /// Whether keys can leave the device wrapped (`CKM_AES_KEY_WRAP_PAD`).
     pub can_wrap_keys: bool,
+    /// Whether generated keys are fixed (`CKA_MODIFIABLE=false`): nobody can
+    /// later widen their usage (add decrypt, unwrap, …) with C_SetAttributeValue.
+    /// `None` until the first generation: a PKCS#11 module's acceptance is
+    /// learned by trying, as no query reveals it.
+    pub unmodifiable_keys: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]

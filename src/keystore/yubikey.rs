@@ -356,6 +356,8 @@ impl YubiKeyKeyStore {
                 algorithms: vec![KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384],
                 max_concurrent_signers: 1,
                 can_wrap_keys: false,
+                // A PIV key's algorithm and policies are fixed when it is generated.
+                unmodifiable_keys: Some(true),
             },
         }
     }

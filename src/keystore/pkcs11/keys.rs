@@ -19,30 +19,47 @@ fn der_err(e: der::Error) -> KeyStoreError {
     KeyStoreError::Malformed(e.to_string())
 }
 
-/// Generates a key pair. Private keys are always sensitive and private;
-/// extractable only when the spec says so (backup-marked keys).
+/// Generates a signing key pair with a least-privilege template: the private
+/// half may only sign, the public half only verify; no encryption, key
+/// wrapping, key derivation or signature recovery. Private keys are always
+/// sensitive and private; extractable only when the spec says so
+/// (backup-marked keys). With `unmodifiable`, both halves are created
+/// `CKA_MODIFIABLE=false` so that nobody can widen their usage later.
 pub(super) fn generate(
     session: &Session,
     spec: &KeySpec,
     id: &[u8],
+    unmodifiable: bool,
 ) -> Result<(ObjectHandle, ObjectHandle), KeyStoreError> {
     let label = spec.label.as_bytes().to_vec();
     let mut public = vec![
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Verify(true),
+        Attribute::VerifyRecover(false),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
         Attribute::Label(label.clone()),
         Attribute::Id(id.to_vec()),
     ];
-    let private = vec![
+    let mut private = vec![
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(spec.extractable),
         Attribute::Label(label),
         Attribute::Id(id.to_vec()),
     ];
+    if unmodifiable {
+        public.push(Attribute::Modifiable(false));
+        private.push(Attribute::Modifiable(false));
+    }
     let mechanism = match spec.algorithm {
         KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => {
             let oid = spec
@@ -71,6 +88,22 @@ pub(super) fn generate(
     session
         .generate_key_pair(&mechanism, &public, &private)
         .map_err(ck)
+}
+
+/// Errors with which a module refuses a template attribute it does not
+/// support or let callers set; generation is then retried without it.
+pub(super) fn template_refused(e: &KeyStoreError) -> bool {
+    use cryptoki::error::{Error as CkError, RvError};
+    matches!(
+        e,
+        KeyStoreError::Pkcs11(CkError::Pkcs11(
+            RvError::AttributeTypeInvalid
+                | RvError::AttributeValueInvalid
+                | RvError::AttributeReadOnly
+                | RvError::TemplateInconsistent,
+            _
+        ))
+    )
 }
 
 pub(super) fn find_private(

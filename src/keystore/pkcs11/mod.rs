@@ -122,11 +122,15 @@ pub(crate) struct Inner {
     idle: Mutex<Vec<Session>>,
     /// Private-key handles by CKA_ID.
     handles: RwLock<HashMap<Vec<u8>, ObjectHandle>>,
+    /// The capabilities once the first generation has shown whether the
+    /// module accepts `CKA_MODIFIABLE=false`.
+    learned_caps: OnceLock<Capabilities>,
 }
 
 pub struct Pkcs11KeyStore {
     inner: Arc<Inner>,
     permits: Arc<Semaphore>,
+    /// The capabilities known at open (`unmodifiable_keys` still unknown).
     caps: Capabilities,
 }
 
@@ -297,6 +301,7 @@ impl Pkcs11KeyStore {
             slot: Mutex::new(None),
             idle: Mutex::new(Vec::new()),
             handles: RwLock::new(HashMap::new()),
+            learned_caps: OnceLock::new(),
         };
         let slot = inner.find_slot()?;
         let info = inner
@@ -378,6 +383,7 @@ fn capabilities(mechanisms: &[MechanismType], sessions: usize) -> Capabilities {
         algorithms,
         max_concurrent_signers: sessions,
         can_wrap_keys: has(MechanismType::AES_KEY_WRAP_PAD),
+        unmodifiable_keys: None,
     }
 }
 
@@ -388,7 +394,7 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     fn capabilities(&self) -> &Capabilities {
-        &self.caps
+        self.inner.learned_caps.get().unwrap_or(&self.caps)
     }
 
     fn planned_handle(&self, spec: &KeySpec) -> KeyHandle {
@@ -404,9 +410,35 @@ impl KeyStore for Pkcs11KeyStore {
             return Err(KeyStoreError::Unsupported(spec.algorithm));
         }
         let spec = spec.clone();
+        let caps = self.caps.clone();
         self.run(move |inner, session| {
             let id = spec.id.as_bytes().to_vec();
-            let (_, private) = keys::generate(session, &spec, &id)?;
+            // Fixed keys where the module allows it; a module that refuses the
+            // attribute gets the rest of the template, and the fact is recorded.
+            let unmodifiable = inner
+                .learned_caps
+                .get()
+                .and_then(|c| c.unmodifiable_keys)
+                .unwrap_or(true);
+            let (_, private) = match keys::generate(session, &spec, &id, unmodifiable) {
+                Err(e) if unmodifiable && keys::template_refused(&e) => {
+                    tracing::warn!(error = %e, "the PKCS#11 module refuses CKA_MODIFIABLE=false; keys stay modifiable");
+                    let generated = keys::generate(session, &spec, &id, false)?;
+                    let _ = inner.learned_caps.set(Capabilities {
+                        unmodifiable_keys: Some(false),
+                        ..caps.clone()
+                    });
+                    generated
+                }
+                other => {
+                    let generated = other?;
+                    let _ = inner.learned_caps.set(Capabilities {
+                        unmodifiable_keys: Some(unmodifiable),
+                        ..caps.clone()
+                    });
+                    generated
+                }
+            };
             if let Ok(mut h) = inner.handles.write() {
                 h.insert(id.clone(), private);
             }
