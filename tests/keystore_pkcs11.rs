@@ -14,7 +14,7 @@ use keyward::ca::keys;
 use keyward::clock::SystemClock;
 use keyward::keystore::pkcs11::uri::Pkcs11Uri;
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector, context};
-use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError, KeyStores};
+use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError, KeyStores, PinFailure};
 use keyward::store::sqlite::SqliteStore;
 use keyward::store::{AuditQuery, KeyPurpose, KeyState, Store};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -323,6 +323,68 @@ fn trials() -> Vec<Trial> {
             }
         })
     }));
+    t.push(Trial::test(
+        "pkcs11::a_rejected_pin_latches_and_logins_stop",
+        || {
+            run(|| async {
+                use cryptoki::session::UserType;
+                let label = new_token();
+                let ks = open(&label).await;
+                let key = ks
+                    .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+                    .await
+                    .unwrap();
+                // An operator changes the user PIN (C_SetPIN) from another
+                // session while the backend runs.
+                let ctx = context(&common::softhsm_module()).unwrap();
+                let slot = ctx
+                    .get_slots_with_initialized_token()
+                    .unwrap()
+                    .into_iter()
+                    .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
+                    .unwrap();
+                let admin = ctx.open_rw_session(slot).unwrap();
+                let old = SecretString::from(common::PIN.to_string());
+                let new = SecretString::from("changed-pin-9".to_string());
+                // Login state is per application: the backend's login covers this session.
+                admin.set_pin(&old, &new).unwrap();
+                // The session is lost (here: logout), so the backend logs in again, with the old PIN.
+                ks.close().await.unwrap();
+                let err = ks
+                    .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(
+                        err,
+                        KeyStoreError::PinRejected(PinFailure::Incorrect { .. })
+                    ),
+                    "{err:?}"
+                );
+                // Put the old PIN back and log out: from now on a login with the
+                // configured PIN would succeed, so any success below would be a
+                // login the latch should have prevented.
+                admin.login(UserType::User, Some(&new)).unwrap();
+                admin.set_pin(&new, &old).unwrap();
+                admin.logout().unwrap();
+                for _ in 0..5 {
+                    let err = ks
+                        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+                        .await
+                        .unwrap_err();
+                    assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+                }
+                let err = ks.health().await.unwrap_err();
+                assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+                assert_eq!(err.code(), "pin_latched");
+                assert!(ks.exists(&key.handle).await.is_err());
+                // The operator's action: a restart (a new backend) with the right PIN.
+                let restarted = open(&label).await;
+                suite::sign_and_verify(restarted.as_ref(), KeyAlgorithm::EcdsaP256).await;
+                restarted.health().await.unwrap();
+            })
+        },
+    ));
     t.push(Trial::test("pkcs11::extractable_only_when_asked", || {
         run(|| async {
             let ks = open(&new_token()).await;
@@ -393,8 +455,8 @@ fn trials() -> Vec<Trial> {
         run(|| async {
             let label = new_token();
             let err = Pkcs11KeyStore::open(settings(TokenSelector::Label(label.clone()), "wrong-pin", 1)).await.err().unwrap();
-            assert!(matches!(err, KeyStoreError::PinIncorrect), "{err:?}");
-            assert!(err.to_string().contains("CKR_PIN_INCORRECT"));
+            assert!(matches!(err, KeyStoreError::PinRejected(PinFailure::Incorrect { .. })), "{err:?}");
+            assert_eq!(err.code(), "pin_rejected");
             let err = Pkcs11KeyStore::open(settings(TokenSelector::Label("absent".into()), common::PIN, 1)).await.err().unwrap();
             assert!(matches!(&err, KeyStoreError::TokenNotFound { present, .. } if present.contains(&label)), "{err:?}");
             let mut s = settings(TokenSelector::Label(label), common::PIN, 1);

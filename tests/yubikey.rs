@@ -13,7 +13,7 @@ use keyward::keystore::pkcs11::uri::Pkcs11Uri;
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
 use keyward::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings, parse_slot};
 use keyward::keystore::{
-    KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, SlotCheck, SlotEvidence,
+    KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, PinFailure, SlotCheck, SlotEvidence,
 };
 use piv::{Card, CardOptions, DEFAULT_MGM_KEY, PIN};
 use secrecy::SecretString;
@@ -266,8 +266,13 @@ async fn wrong_management_key_and_occupied_slot_are_refused() {
     ));
 }
 
+/// Defect 9: a wrong PIN used to be retried at every call until the card
+/// blocked. Now the backend latches after the first rejection: later calls
+/// fail at once without a VERIFY (the card's counter, read by
+/// yubico-piv-tool, does not move), health reports it, and only a restart
+/// with a corrected PIN (a new backend) signs again.
 #[tokio::test]
-async fn wrong_pin_counts_retries_down_then_blocks() {
+async fn a_rejected_pin_latches_and_spends_no_more_retries() {
     let _g = piv::CARD_LOCK.lock().await;
     let card = Card::start(CardOptions::default());
     let good = keystore(&card);
@@ -275,34 +280,97 @@ async fn wrong_pin_counts_retries_down_then_blocks() {
         .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
         .await
         .unwrap();
-    let bad = YubiKeyKeyStore::new(settings(
-        &card,
-        "999999",
-        DEFAULT_MGM_KEY,
-        MgmAlgorithmId::Aes192,
-    ));
-    for left in [2u8, 1, 0] {
-        let err = bad
-            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
-            .await
-            .unwrap_err();
-        match err {
-            KeyStoreError::PinIncorrectRetries(n) => assert_eq!(n, left),
-            KeyStoreError::PinLocked if left == 0 => {}
-            other => panic!("expected {left} retries left, got {other:?}"),
-        }
-    }
+    assert_eq!(card.pin_tries_left(), 3);
+    let wrong_pin = || {
+        YubiKeyKeyStore::new(settings(
+            &card,
+            "999999",
+            DEFAULT_MGM_KEY,
+            MgmAlgorithmId::Aes192,
+        ))
+    };
+    let bad = wrong_pin();
     let err = bad
         .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
         .await
         .unwrap_err();
-    assert!(matches!(err, KeyStoreError::PinLocked), "{err:?}");
-    // Blocked means blocked: the right PIN no longer works either.
+    let first = PinFailure::Incorrect {
+        retries_left: Some(2),
+    };
+    assert!(
+        matches!(err, KeyStoreError::PinRejected(f) if f == first),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "pin_rejected");
+    assert_eq!(card.pin_tries_left(), 2);
+    for _ in 0..5 {
+        let err = bad
+            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::PinLatched(f) if f == first),
+            "{err:?}"
+        );
+    }
+    let err = bad.health().await.unwrap_err();
+    assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+    assert_eq!(err.code(), "pin_latched");
+    assert!(err.to_string().contains("restart"), "{err}");
+    let err = bad.public_key(&key.handle).await.unwrap_err();
+    assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+    assert_eq!(
+        card.pin_tries_left(),
+        2,
+        "the latched backend tried the PIN again"
+    );
+
+    // The operator's action: a restart with the right PIN (a new backend).
+    let sig = good
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"after the fix")
+        .await
+        .unwrap();
+    assert!(suite::verify(
+        &key.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"after the fix",
+        &sig
+    ));
+    assert_eq!(card.pin_tries_left(), 3);
+
+    // Restarts with the wrong PIN each cost one try, and a blocked PIN latches too.
+    for left in [2u8, 1] {
+        let err = wrong_pin()
+            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::PinRejected(PinFailure::Incorrect { retries_left: Some(n) }) if n == left),
+            "{err:?}"
+        );
+    }
+    let err = wrong_pin()
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::PinRejected(PinFailure::Locked)),
+        "{err:?}"
+    );
+    // Blocked means blocked: the right PIN no longer works either, and latches.
     let err = good
         .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
         .await
         .unwrap_err();
-    assert!(matches!(err, KeyStoreError::PinLocked), "{err:?}");
+    assert!(
+        matches!(err, KeyStoreError::PinRejected(PinFailure::Locked)),
+        "{err:?}"
+    );
+    let err = good.health().await.unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::PinLatched(PinFailure::Locked)),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,13 @@
 //! hands a private key out.
 //!
 //! A backend implements only what it can; operations it lacks return
-//! [`KeyStoreError::Unsupported`]. Its limits are data, in [`Capabilities`],
+//! [`KeyStoreError::Unsupported`].
+//!
+//! PIN rule for every backend: after the device rejects the PIN once, the
+//! backend latches. It never logs in again (each try would use up one of the
+//! PIN's retries) and every later call fails with
+//! [`KeyStoreError::PinLatched`], `health()` included. Only a restart with a
+//! corrected PIN clears it: the latch lives in the backend instance. Its limits are data, in [`Capabilities`],
 //! so that services adapt (queue to the signer count) instead of branching on
 //! vendor names.
 
@@ -148,6 +154,31 @@ pub struct Capabilities {
     pub unmodifiable_keys: Option<bool>,
 }
 
+/// Why a device refused the PIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum PinFailure {
+    /// Wrong PIN (CKR_PIN_INCORRECT, PIV `63Cx`); the retries left when the device says.
+    Incorrect { retries_left: Option<u8> },
+    /// The PIN is blocked (CKR_PIN_LOCKED, PIV `6983`): the SO PIN or PUK unblocks it.
+    Locked,
+    /// The PIN must be changed before use (CKR_PIN_EXPIRED).
+    Expired,
+}
+
+impl fmt::Display for PinFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Incorrect {
+                retries_left: Some(n),
+            } => write!(f, "wrong PIN, {n} attempt(s) left before it locks"),
+            Self::Incorrect { retries_left: None } => f.write_str("wrong PIN"),
+            Self::Locked => f.write_str("the PIN is locked; unblock it with the SO PIN or PUK"),
+            Self::Expired => f.write_str("the PIN has expired and must be changed"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
     #[error("cannot load PKCS#11 module {path}")]
@@ -158,12 +189,17 @@ pub enum KeyStoreError {
     },
     #[error("no initialised token matches {selector}; tokens present: {present}")]
     TokenNotFound { selector: String, present: String },
-    #[error("the HSM rejected the PIN (CKR_PIN_INCORRECT)")]
-    PinIncorrect,
-    #[error("the HSM PIN is locked (CKR_PIN_LOCKED); unlock it with the SO PIN / PUK")]
-    PinLocked,
-    #[error("the device rejected the PIN; {0} attempt(s) left before it locks")]
-    PinIncorrectRetries(u8),
+    #[error(
+        "the device rejected the PIN ({0}); keyward will not try it again: correct the PIN \
+         (file or env) and restart keyward"
+    )]
+    PinRejected(PinFailure),
+    #[error(
+        "the device rejected the PIN earlier ({0}) and keyward stopped logging in so as not to \
+         use up the PIN's retries; operator action needed: correct the PIN (file or env) and \
+         restart keyward"
+    )]
+    PinLatched(PinFailure),
     #[error("the device rejected the management key")]
     ManagementKeyRejected,
     #[error("the device is not available: {0}")]
@@ -219,8 +255,8 @@ impl KeyStoreError {
         match self {
             Self::ModuleLoad { .. } => "module_load",
             Self::TokenNotFound { .. } => "token_not_found",
-            Self::PinIncorrect | Self::PinIncorrectRetries(_) => "pin_incorrect",
-            Self::PinLocked => "pin_locked",
+            Self::PinRejected(_) => "pin_rejected",
+            Self::PinLatched(_) => "pin_latched",
             Self::ManagementKeyRejected => "management_key_rejected",
             Self::DeviceUnavailable(_) => "device_unavailable",
             Self::Device(_) => "device_error",
@@ -313,7 +349,9 @@ pub trait KeyStore: Send + Sync + 'static {
         })
     }
 
-    /// A cheap liveness check for `/readyz`.
+    /// A cheap liveness check for `/readyz`. After a rejected PIN it
+    /// reports [`KeyStoreError::PinLatched`] until an operator restarts
+    /// keyward with a corrected PIN.
     async fn health(&self) -> Result<(), KeyStoreError>;
 
     /// Logs out and closes sessions; later calls log in again.

@@ -6,7 +6,8 @@
 //! The connection is opened lazily and dropped on any PC/SC error (card
 //! pulled, reader reset); the next call reconnects by serial, so the backend
 //! recovers when the card returns. The PIN is not tried at start-up: a
-//! restart loop must not burn PIN retries.
+//! restart loop must not burn PIN retries; after one rejection the backend
+//! latches and never sends the PIN again (see the `keystore` module doc).
 //!
 //! PIV replaces the key in a slot without asking, so generation first proves
 //! the slot empty. Firmware 5.3+ answers GET METADATA; older cards cannot say
@@ -17,12 +18,12 @@
 
 use crate::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError, SlotCheck, SlotEvidence,
+    KeyStoreError, PinFailure, SlotCheck, SlotEvidence,
 };
 use async_trait::async_trait;
 use der::{Decode, Encode};
 use secrecy::{ExposeSecret, SecretString};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use yubikey::piv::{self, AlgorithmId, SlotAlgorithmId, SlotId};
@@ -153,6 +154,8 @@ pub struct Attestation {
 struct Inner {
     settings: YubiKeySettings,
     card: Mutex<Option<YubiKey>>,
+    /// Set by the first rejected PIN; never cleared (a restart is the operator action).
+    pin_latch: OnceLock<PinFailure>,
 }
 
 pub struct YubiKeyKeyStore {
@@ -165,8 +168,10 @@ fn map_err(e: yubikey::Error) -> KeyStoreError {
     use yubikey::Error as E;
     match e {
         // The crate reports a blocked PIN (SW 6983 on VERIFY) as "0 tries left".
-        E::WrongPin { tries: 0 } | E::PinLocked => KeyStoreError::PinLocked,
-        E::WrongPin { tries } => KeyStoreError::PinIncorrectRetries(tries),
+        E::WrongPin { tries: 0 } | E::PinLocked => KeyStoreError::PinRejected(PinFailure::Locked),
+        E::WrongPin { tries } => KeyStoreError::PinRejected(PinFailure::Incorrect {
+            retries_left: Some(tries),
+        }),
         E::AuthenticationError => KeyStoreError::ManagementKeyRejected,
         E::PcscError { .. } | E::NotFound => KeyStoreError::DeviceUnavailable(e.to_string()),
         other => KeyStoreError::Device(other.to_string()),
@@ -221,6 +226,11 @@ impl Inner {
             .card
             .lock()
             .map_err(|_| KeyStoreError::Worker("YubiKey connection lock poisoned".into()))?;
+        // Checked under the card lock: calls queued behind the one whose PIN
+        // was rejected must not try it again.
+        if let Some(f) = self.pin_latch.get() {
+            return Err(KeyStoreError::PinLatched(*f));
+        }
         let mut reused = guard.is_some();
         loop {
             if guard.is_none() {
@@ -236,6 +246,14 @@ impl Inner {
                 .as_mut()
                 .ok_or_else(|| KeyStoreError::Worker("YubiKey connection vanished".into()))?;
             let result = f(self, yk);
+            if let Err(KeyStoreError::PinRejected(failure)) = &result {
+                let _ = self.pin_latch.set(*failure);
+                tracing::error!(
+                    serial = self.settings.serial,
+                    reason = %failure,
+                    "YubiKey PIN rejected; no further PIN attempts until keyward is restarted with a corrected PIN"
+                );
+            }
             match &result {
                 Err(e) if is_connection_error(e) => {
                     *guard = None;
@@ -350,6 +368,7 @@ impl YubiKeyKeyStore {
             inner: Arc::new(Inner {
                 settings,
                 card: Mutex::new(None),
+                pin_latch: OnceLock::new(),
             }),
             queue: Arc::new(Semaphore::new(1)),
             caps: Capabilities {

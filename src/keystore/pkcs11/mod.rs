@@ -5,13 +5,14 @@
 //! cached by CKA_ID because `C_FindObjects` is slow on SoftHSM with many
 //! objects. When the token says the session or login is gone (removed token,
 //! logged out, closed session) the pool is rebuilt and the call retried once.
+//! A re-login the token rejects latches the backend: no further logins.
 
 mod keys;
 pub mod uri;
 
 use crate::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError, SlotCheck,
+    KeyStoreError, PinFailure, SlotCheck,
 };
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -125,6 +126,10 @@ pub(crate) struct Inner {
     /// The capabilities once the first generation has shown whether the
     /// module accepts `CKA_MODIFIABLE=false`.
     learned_caps: OnceLock<Capabilities>,
+    /// Set by the first rejected login; never cleared (a restart is the operator action).
+    pin_latch: OnceLock<PinFailure>,
+    /// One login at a time, so that two threads cannot both spend a retry.
+    login: Mutex<()>,
 }
 
 pub struct Pkcs11KeyStore {
@@ -175,18 +180,42 @@ impl Inner {
         })
     }
 
+    /// Fails at once when a PIN was rejected before.
+    fn check_latch(&self) -> Result<(), KeyStoreError> {
+        match self.pin_latch.get() {
+            Some(f) => Err(KeyStoreError::PinLatched(*f)),
+            None => Ok(()),
+        }
+    }
+
     fn open_session(&self) -> Result<Session, KeyStoreError> {
         let slot = self.find_slot()?;
         let session = self
             .ctx
             .open_rw_session(slot)
             .map_err(KeyStoreError::Pkcs11)?;
-        match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(KeyStoreError::PinIncorrect),
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(KeyStoreError::PinLocked),
-            Err(e) => Err(KeyStoreError::Pkcs11(e)),
-        }
+        let _one_login = self
+            .login
+            .lock()
+            .map_err(|_| KeyStoreError::Worker("PKCS#11 login lock poisoned".into()))?;
+        // Another thread's login may have been rejected while this one waited.
+        self.check_latch()?;
+        let failure = match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => return Ok(session),
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                PinFailure::Incorrect { retries_left: None }
+            }
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => PinFailure::Locked,
+            Err(CkError::Pkcs11(RvError::PinExpired, _)) => PinFailure::Expired,
+            Err(e) => return Err(KeyStoreError::Pkcs11(e)),
+        };
+        let _ = self.pin_latch.set(failure);
+        tracing::error!(
+            token = %self.token_label,
+            reason = %failure,
+            "PKCS#11 login rejected; no further logins until keyward is restarted with a corrected PIN"
+        );
+        Err(KeyStoreError::PinRejected(failure))
     }
 
     fn checkout(&self) -> Result<Session, KeyStoreError> {
@@ -224,6 +253,7 @@ impl Inner {
     ) -> Result<T, KeyStoreError> {
         let mut attempt = 0;
         loop {
+            self.check_latch()?;
             let session = match self.checkout() {
                 Ok(s) => s,
                 Err(e) if attempt == 0 && recoverable(&e) => {
@@ -302,6 +332,8 @@ impl Pkcs11KeyStore {
             idle: Mutex::new(Vec::new()),
             handles: RwLock::new(HashMap::new()),
             learned_caps: OnceLock::new(),
+            pin_latch: OnceLock::new(),
+            login: Mutex::new(()),
         };
         let slot = inner.find_slot()?;
         let info = inner
@@ -309,7 +341,7 @@ impl Pkcs11KeyStore {
             .get_token_info(slot)
             .map_err(KeyStoreError::Pkcs11)?;
         if info.user_pin_locked() {
-            return Err(KeyStoreError::PinLocked);
+            return Err(KeyStoreError::PinRejected(PinFailure::Locked));
         }
         inner.token_label = info.label().trim().to_string();
         // Ask for the mechanisms we use one by one: C_GetMechanismList also
