@@ -10,6 +10,51 @@ use cryptoki::session::Session;
 use der::asn1::{BitString, OctetString};
 use der::{Decode, Encode};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+/// Private-key handles by CKA_ID: SoftHSM's `C_FindObjects` is slow with many
+/// objects. Handles belong to the sessions' login; a pool reset clears them.
+#[derive(Default)]
+pub(super) struct HandleCache(RwLock<HashMap<Vec<u8>, ObjectHandle>>);
+
+impl HandleCache {
+    pub(super) fn insert(&self, id: &[u8], handle: ObjectHandle) {
+        if let Ok(mut h) = self.0.write() {
+            h.insert(id.to_vec(), handle);
+        }
+    }
+
+    /// The private-key handle for a CKA_ID, from the cache or the token.
+    pub(super) fn private(
+        &self,
+        session: &Session,
+        id: &[u8],
+    ) -> Result<Option<ObjectHandle>, KeyStoreError> {
+        if let Ok(h) = self.0.read()
+            && let Some(handle) = h.get(id)
+        {
+            return Ok(Some(*handle));
+        }
+        let found = find_private(session, id)?;
+        if let Some(handle) = found {
+            self.insert(id, handle);
+        }
+        Ok(found)
+    }
+
+    pub(super) fn forget(&self, id: &[u8]) {
+        if let Ok(mut h) = self.0.write() {
+            h.remove(id);
+        }
+    }
+
+    pub(super) fn clear(&self) {
+        if let Ok(mut h) = self.0.write() {
+            h.clear();
+        }
+    }
+}
 
 fn ck(e: cryptoki::error::Error) -> KeyStoreError {
     KeyStoreError::Pkcs11(e)
@@ -106,10 +151,7 @@ pub(super) fn template_refused(e: &KeyStoreError) -> bool {
     )
 }
 
-pub(super) fn find_private(
-    session: &Session,
-    id: &[u8],
-) -> Result<Option<ObjectHandle>, KeyStoreError> {
+fn find_private(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
     let found = session
         .find_objects(&[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
