@@ -13,7 +13,8 @@ use keyward::keystore::pkcs11::uri::Pkcs11Uri;
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
 use keyward::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings, parse_slot};
 use keyward::keystore::{
-    KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, PinFailure, SlotCheck, SlotEvidence,
+    AttestationError, KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, ManagementKeyError,
+    PinFailure, SlotCheck, SlotEvidence,
 };
 use piv::{Card, CardOptions, DEFAULT_MGM_KEY, PIN};
 use secrecy::SecretString;
@@ -116,7 +117,9 @@ fn key_put_there_by_yubico_piv_tool(card: &Card, how: &str) -> Vec<u8> {
 fn card_trouble(err: &KeyStoreError) -> bool {
     matches!(
         err,
-        KeyStoreError::Device { .. } | KeyStoreError::DeviceUnavailable { .. }
+        KeyStoreError::Device { .. }
+            | KeyStoreError::DeviceUnavailable { .. }
+            | KeyStoreError::CardNotFound { .. }
     )
 }
 
@@ -171,9 +174,10 @@ async fn capabilities_say_one_signer_and_no_key_export() {
     assert!(!ks.capabilities().can_wrap_keys);
     let mut spec = suite::spec(KeyAlgorithm::EcdsaP256);
     spec.extractable = true;
+    let err = ks.generate(&spec).await.unwrap_err();
     assert!(
-        ks.generate(&spec).await.is_err(),
-        "PIV keys can never be extractable"
+        matches!(err, KeyStoreError::ExtractableUnsupported { .. }),
+        "PIV keys can never be extractable: {err:?}"
     );
     let err = ks
         .generate(&suite::spec(KeyAlgorithm::Rsa3072))
@@ -236,7 +240,31 @@ async fn wrong_management_key_and_occupied_slot_are_refused() {
             .unwrap()
     );
 
+    // Unusable management keys are refused before the card sees them.
+    for (key, problem) in [
+        ("not hex at all", ManagementKeyError::NotHex),
+        ("0102030405060708", ManagementKeyError::WrongLength),
+    ] {
+        let bad = YubiKeyKeyStore::new(settings(&card, PIN, key, MgmAlgorithmId::Aes192));
+        let err = bad
+            .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::ManagementKeyInvalid(p) if p == problem),
+            "{err:?}"
+        );
+        assert!(
+            !err.to_string().contains(key),
+            "the key must not be echoed: {err}"
+        );
+    }
     let ks = keystore(&card);
+    assert!(
+        !ks.exists(&ks.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256)))
+            .await
+            .unwrap()
+    );
     let first = ks
         .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
         .await
@@ -390,10 +418,13 @@ async fn card_removed_during_signing_fails_clearly_and_recovers_when_back() {
         .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"while out")
         .await
         .unwrap_err();
+    // The stale connection fails, the retry finds no card with that serial.
     assert!(
-        matches!(err, KeyStoreError::DeviceUnavailable(_)),
+        matches!(err, KeyStoreError::CardNotFound { serial, .. } if serial == card.serial),
         "{err:?}"
     );
+    assert_eq!(err.code(), "device_not_found");
+    assert!(err.to_string().contains(&card.serial.to_string()), "{err}");
     assert!(ks.health().await.is_err());
     card.insert();
     let sig = ks
@@ -489,7 +520,13 @@ async fn attestation_verifies_against_the_configured_root_only() {
     );
     let wrong_root = YubiKeyKeyStore::new(s);
     let err = wrong_root.attestation(&key.handle).await.unwrap_err();
-    assert!(matches!(err, KeyStoreError::Attestation(_)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            KeyStoreError::Attestation(AttestationError::IntermediateNotFromRoot)
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

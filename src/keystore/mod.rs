@@ -13,11 +13,15 @@
 //! vendor names.
 
 pub mod algorithm;
+mod error;
 pub mod metered;
 pub mod pkcs11;
 pub mod yubikey;
 
 pub use algorithm::KeyAlgorithm;
+pub use error::{
+    AttestationError, KeyStoreError, Malformed, ManagementKeyError, PinFailure, TokensPresent,
+};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -152,129 +156,6 @@ pub struct Capabilities {
     /// `None` until the first generation: a PKCS#11 module's acceptance is
     /// learned by trying, as no query reveals it.
     pub unmodifiable_keys: Option<bool>,
-}
-
-/// Why a device refused the PIN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "reason")]
-pub enum PinFailure {
-    /// Wrong PIN (CKR_PIN_INCORRECT, PIV `63Cx`); the retries left when the device says.
-    Incorrect { retries_left: Option<u8> },
-    /// The PIN is blocked (CKR_PIN_LOCKED, PIV `6983`): the SO PIN or PUK unblocks it.
-    Locked,
-    /// The PIN must be changed before use (CKR_PIN_EXPIRED).
-    Expired,
-}
-
-impl fmt::Display for PinFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Incorrect {
-                retries_left: Some(n),
-            } => write!(f, "wrong PIN, {n} attempt(s) left before it locks"),
-            Self::Incorrect { retries_left: None } => f.write_str("wrong PIN"),
-            Self::Locked => f.write_str("the PIN is locked; unblock it with the SO PIN or PUK"),
-            Self::Expired => f.write_str("the PIN has expired and must be changed"),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyStoreError {
-    #[error("cannot load PKCS#11 module {path}")]
-    ModuleLoad {
-        path: String,
-        #[source]
-        source: cryptoki::error::Error,
-    },
-    #[error("no initialised token matches {selector}; tokens present: {present}")]
-    TokenNotFound { selector: String, present: String },
-    #[error(
-        "the device rejected the PIN ({0}); keyward will not try it again: correct the PIN \
-         (file or env) and restart keyward"
-    )]
-    PinRejected(PinFailure),
-    #[error(
-        "the device rejected the PIN earlier ({0}) and keyward stopped logging in so as not to \
-         use up the PIN's retries; operator action needed: correct the PIN (file or env) and \
-         restart keyward"
-    )]
-    PinLatched(PinFailure),
-    #[error("the device rejected the management key")]
-    ManagementKeyRejected,
-    #[error("the device is not available: {0}")]
-    DeviceUnavailable(String),
-    #[error("the device refused the operation: {0}")]
-    Device(String),
-    #[error("slot {slot} already holds a key ({evidence}); refusing to overwrite it")]
-    SlotOccupied {
-        slot: String,
-        evidence: SlotEvidence,
-    },
-    #[error(
-        "slot {slot}: a card with firmware {firmware} cannot prove the slot is empty (GET METADATA \
-         needs 5.3 or later) and shows no certificate or attestation for it, so generating could \
-         silently replace a key there; refusing. To proceed, check the slot with a tool you trust \
-         or reset the PIV applet, then set `dangerously_generate_into_unverified_slot = true` on \
-         this key store for that one run (it is recorded in the audit trail) and remove it afterwards"
-    )]
-    SlotUnverifiable { slot: String, firmware: String },
-    #[error(
-        "slot {slot}: a card with firmware {firmware} cannot report the slot's public key \
-         (GET METADATA needs 5.3 or later; no attestation or certificate for it)"
-    )]
-    PublicKeyUnreadable { slot: String, firmware: String },
-    #[error("the device was busy for {0:?} (it signs one operation at a time)")]
-    Busy(std::time::Duration),
-    #[error("attestation failed: {0}")]
-    Attestation(String),
-    #[error("key store `{0}` is not configured")]
-    UnknownKeyStore(String),
-    #[error("key not found on the token: {0}")]
-    KeyNotFound(KeyHandle),
-    #[error("invalid key handle `{0}`")]
-    BadHandle(String),
-    #[error("algorithm {0} is not supported by this token")]
-    Unsupported(KeyAlgorithm),
-    #[error("operation not supported by the {backend} backend: {operation}")]
-    OperationUnsupported {
-        backend: &'static str,
-        operation: &'static str,
-    },
-    #[error("the token returned an unexpected value: {0}")]
-    Malformed(String),
-    #[error("HSM call failed: {0}")]
-    Pkcs11(#[source] cryptoki::error::Error),
-    #[error("the HSM worker thread failed: {0}")]
-    Worker(String),
-}
-
-impl KeyStoreError {
-    /// Stable machine-readable code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::ModuleLoad { .. } => "module_load",
-            Self::TokenNotFound { .. } => "token_not_found",
-            Self::PinRejected(_) => "pin_rejected",
-            Self::PinLatched(_) => "pin_latched",
-            Self::ManagementKeyRejected => "management_key_rejected",
-            Self::DeviceUnavailable(_) => "device_unavailable",
-            Self::Device(_) => "device_error",
-            Self::SlotOccupied { .. } => "slot_occupied",
-            Self::SlotUnverifiable { .. } => "slot_unverifiable",
-            Self::PublicKeyUnreadable { .. } => "public_key_unreadable",
-            Self::Busy(_) => "busy",
-            Self::Attestation(_) => "attestation_failed",
-            Self::UnknownKeyStore(_) => "unknown_keystore",
-            Self::KeyNotFound(_) => "key_not_found",
-            Self::BadHandle(_) => "bad_handle",
-            Self::Unsupported(_) => "algorithm_unsupported",
-            Self::OperationUnsupported { .. } => "operation_unsupported",
-            Self::Malformed(_) => "malformed_response",
-            Self::Pkcs11(_) => "pkcs11_error",
-            Self::Worker(_) => "worker_failed",
-        }
-    }
 }
 
 /// The port. Every call may block on hardware; backends do the blocking off

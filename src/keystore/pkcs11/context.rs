@@ -2,7 +2,7 @@
 //! found by label, serial or URI, never by slot index.
 
 use super::uri::Pkcs11Uri;
-use crate::keystore::KeyStoreError;
+use crate::keystore::{KeyStoreError, TokensPresent};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::slot::{Slot, TokenInfo};
@@ -53,12 +53,12 @@ pub fn context(module: &Path) -> Result<Pkcs11, KeyStoreError> {
     let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
     let mut map = map
         .lock()
-        .map_err(|_| KeyStoreError::Worker("PKCS#11 context registry poisoned".into()))?;
+        .map_err(|_| KeyStoreError::Poisoned("PKCS#11 context registry"))?;
     if let Some(ctx) = map.get(module) {
         return Ok(ctx.clone());
     }
     let load_err = |source| KeyStoreError::ModuleLoad {
-        path: module.display().to_string(),
+        path: module.to_path_buf(),
         source,
     };
     let ctx = Pkcs11::new(module).map_err(load_err)?;
@@ -120,11 +120,7 @@ impl Token {
         }
         Err(KeyStoreError::TokenNotFound {
             selector: self.selector.to_string(),
-            present: if present.is_empty() {
-                "none".into()
-            } else {
-                present.join(", ")
-            },
+            present: TokensPresent(present),
         })
     }
 

@@ -1,7 +1,7 @@
 //! Key pair templates, public-key export and signing on a PKCS#11 session.
 
 use crate::keystore::algorithm::{SHA256_DIGEST_INFO_PREFIX, ecdsa_raw_to_der};
-use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError};
+use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError, Malformed};
 use const_oid::db::{rfc5912, rfc8410};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
@@ -61,7 +61,7 @@ fn ck(e: cryptoki::error::Error) -> KeyStoreError {
 }
 
 fn der_err(e: der::Error) -> KeyStoreError {
-    KeyStoreError::Malformed(e.to_string())
+    KeyStoreError::Encoding(e)
 }
 
 /// Generates a signing key pair with a least-privilege template: the private
@@ -204,13 +204,13 @@ pub(super) fn algorithm_of(
         Some(KeyType::EC) => {
             let oid = params
                 .and_then(|p| const_oid::ObjectIdentifier::from_der(&p).ok())
-                .ok_or_else(|| KeyStoreError::Malformed("EC key without named curve".into()))?;
+                .ok_or(KeyStoreError::Malformed(Malformed::NoNamedCurve))?;
             if oid == rfc5912::SECP_256_R_1 {
                 KeyAlgorithm::EcdsaP256
             } else if oid == rfc5912::SECP_384_R_1 {
                 KeyAlgorithm::EcdsaP384
             } else {
-                return Err(KeyStoreError::Malformed(format!("unsupported curve {oid}")));
+                return Err(KeyStoreError::Malformed(Malformed::UnsupportedCurve(oid)));
             }
         }
         Some(KeyType::RSA) => match modulus_len * 8 {
@@ -218,15 +218,15 @@ pub(super) fn algorithm_of(
             3072 => KeyAlgorithm::Rsa3072,
             4096 => KeyAlgorithm::Rsa4096,
             bits => {
-                return Err(KeyStoreError::Malformed(format!(
-                    "unsupported RSA size {bits}"
+                return Err(KeyStoreError::Malformed(Malformed::UnsupportedRsaSize(
+                    bits,
                 )));
             }
         },
         Some(KeyType::EC_EDWARDS) => KeyAlgorithm::Ed25519,
         other => {
-            return Err(KeyStoreError::Malformed(format!(
-                "unsupported key type {other:?}"
+            return Err(KeyStoreError::Malformed(Malformed::UnsupportedKeyType(
+                other,
             )));
         }
     };
@@ -239,8 +239,8 @@ pub(super) fn public_key_der(
     id: &[u8],
     algorithm: KeyAlgorithm,
 ) -> Result<Vec<u8>, KeyStoreError> {
-    let public = find_public(session, id)?
-        .ok_or_else(|| KeyStoreError::Malformed("public key object missing".into()))?;
+    let public =
+        find_public(session, id)?.ok_or(KeyStoreError::Malformed(Malformed::NoPublicKey))?;
     let spki = match algorithm {
         KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 | KeyAlgorithm::Ed25519 => {
             let attrs = session
@@ -252,7 +252,7 @@ pub(super) fn public_key_der(
                     Attribute::EcPoint(p) => Some(p),
                     _ => None,
                 })
-                .ok_or_else(|| KeyStoreError::Malformed("CKA_EC_POINT missing".into()))?;
+                .ok_or(KeyStoreError::Malformed(Malformed::NoEcPoint))?;
             // Tokens return a DER OCTET STRING around the point; a few return it bare.
             let raw = OctetString::from_der(&point)
                 .map(|o| o.as_bytes().to_vec())
@@ -293,9 +293,9 @@ pub(super) fn public_key_der(
                     _ => {}
                 }
             }
-            let (n, e) = n.zip(e).ok_or_else(|| {
-                KeyStoreError::Malformed("RSA public key attributes missing".into())
-            })?;
+            let (n, e) = n
+                .zip(e)
+                .ok_or(KeyStoreError::Malformed(Malformed::NoRsaComponents))?;
             #[derive(der::Sequence)]
             struct RsaPublicKey<'a> {
                 n: der::asn1::UintRef<'a>,

@@ -79,7 +79,7 @@ impl Pkcs11KeyStore {
         let sessions = settings.sessions.max(1);
         tokio::task::spawn_blocking(move || Self::open_blocking(settings, sessions))
             .await
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?
+            .map_err(KeyStoreError::Worker)?
     }
 
     fn open_blocking(settings: Pkcs11Settings, sessions: usize) -> Result<Self, KeyStoreError> {
@@ -122,11 +122,11 @@ impl Pkcs11KeyStore {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?;
+            .map_err(KeyStoreError::QueueClosed)?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.with_session(&f))
             .await
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?
+            .map_err(KeyStoreError::Worker)?
     }
 }
 
@@ -275,6 +275,6 @@ impl KeyStore for Pkcs11KeyStore {
             result
         })
         .await
-        .map_err(|e| KeyStoreError::Worker(e.to_string()))?
+        .map_err(KeyStoreError::Worker)?
     }
 }

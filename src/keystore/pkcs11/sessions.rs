@@ -68,7 +68,7 @@ impl SessionPool {
         let _one_login = self
             .login
             .lock()
-            .map_err(|_| KeyStoreError::Worker("PKCS#11 login lock poisoned".into()))?;
+            .map_err(|_| KeyStoreError::Poisoned("PKCS#11 login lock"))?;
         // Another thread's login may have been rejected while this one waited.
         self.check_latch()?;
         let failure = match session.login(UserType::User, Some(&self.pin)) {

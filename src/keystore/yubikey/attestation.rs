@@ -3,7 +3,7 @@
 
 use super::card_error;
 use super::objects::{slot_public_key, unwrap_object};
-use crate::keystore::{KeyHandle, KeyStoreError};
+use crate::keystore::{AttestationError, KeyHandle, KeyStoreError};
 use der::{Decode, Encode};
 use yubikey::YubiKey;
 use yubikey::piv::{self, SlotId};
@@ -47,24 +47,21 @@ fn verify_attestation(
     root: &[u8],
     public_key: &[u8],
 ) -> Result<(), KeyStoreError> {
-    let bad = |m: &str| KeyStoreError::Attestation(m.to_string());
     if !crate::ca::x509::verify_issued_by(intermediate, root) {
-        return Err(bad(
-            "the card's attestation intermediate (F9) does not chain to the configured root",
+        return Err(KeyStoreError::Attestation(
+            AttestationError::IntermediateNotFromRoot,
         ));
     }
     if !crate::ca::x509::verify_issued_by(cert, intermediate) {
-        return Err(bad(
-            "the slot attestation certificate is not signed by the card's F9 key",
+        return Err(KeyStoreError::Attestation(
+            AttestationError::NotSignedByIntermediate,
         ));
     }
     let attested = x509_cert::Certificate::from_der(cert)
         .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der())
-        .map_err(|e| bad(&e.to_string()))?;
+        .map_err(|e| KeyStoreError::Attestation(AttestationError::Unparsable(e)))?;
     if attested != public_key {
-        return Err(bad(
-            "the attestation certifies a different public key than the slot holds",
-        ));
+        return Err(KeyStoreError::Attestation(AttestationError::DifferentKey));
     }
     Ok(())
 }

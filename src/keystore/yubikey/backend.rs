@@ -6,8 +6,8 @@ use super::card_error;
 use super::objects::{SlotState, slot_name, slot_public_key, slot_state};
 use super::settings::YubiKeySettings;
 use crate::keystore::{
-    Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError, PinFailure, SlotCheck,
+    AttestationError, Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec,
+    KeyStore, KeyStoreError, ManagementKeyError, PinFailure, SlotCheck,
 };
 use async_trait::async_trait;
 use der::Encode;
@@ -31,7 +31,10 @@ pub struct YubiKeyKeyStore {
 }
 
 fn is_connection_error(e: &KeyStoreError) -> bool {
-    matches!(e, KeyStoreError::DeviceUnavailable(_))
+    matches!(
+        e,
+        KeyStoreError::DeviceUnavailable { .. } | KeyStoreError::CardNotFound { .. }
+    )
 }
 
 impl Inner {
@@ -54,15 +57,13 @@ impl Inner {
     fn management_key(&self) -> Result<MgmKey, KeyStoreError> {
         let bytes = zeroize::Zeroizing::new(
             hex::decode(self.settings.management_key.expose_secret().trim())
-                .map_err(|_| KeyStoreError::Device("management key is not valid hex".into()))?,
+                .map_err(|_| KeyStoreError::ManagementKeyInvalid(ManagementKeyError::NotHex))?,
         );
         MgmKey::from_bytes(
             bytes.as_slice(),
             Some(self.settings.management_key_algorithm),
         )
-        .map_err(|_| {
-            KeyStoreError::Device("management key has the wrong length for its algorithm".into())
-        })
+        .map_err(|_| KeyStoreError::ManagementKeyInvalid(ManagementKeyError::WrongLength))
     }
 
     /// Runs `f` on the card, connecting by serial first if needed. A PC/SC
@@ -77,7 +78,7 @@ impl Inner {
         let mut guard = self
             .card
             .lock()
-            .map_err(|_| KeyStoreError::Worker("YubiKey connection lock poisoned".into()))?;
+            .map_err(|_| KeyStoreError::Poisoned("YubiKey connection lock"))?;
         // Checked under the card lock: calls queued behind the one whose PIN
         // was rejected must not try it again.
         if let Some(f) = self.pin_latch.get() {
@@ -87,16 +88,16 @@ impl Inner {
         loop {
             if guard.is_none() {
                 let yk = YubiKey::open_by_serial(Serial(self.settings.serial)).map_err(|e| {
-                    KeyStoreError::DeviceUnavailable(format!(
-                        "no YubiKey with serial {} ({e})",
-                        self.settings.serial
-                    ))
+                    KeyStoreError::CardNotFound {
+                        serial: self.settings.serial,
+                        source: e,
+                    }
                 })?;
                 *guard = Some(yk);
             }
             let yk = guard
                 .as_mut()
-                .ok_or_else(|| KeyStoreError::Worker("YubiKey connection vanished".into()))?;
+                .ok_or(KeyStoreError::Poisoned("YubiKey connection vanished"))?;
             let result = f(self, yk);
             if let Err(KeyStoreError::PinRejected(failure)) = &result {
                 let _ = self.pin_latch.set(*failure);
@@ -163,14 +164,14 @@ impl YubiKeyKeyStore {
         let permit = tokio::time::timeout(timeout, self.queue.clone().acquire_owned())
             .await
             .map_err(|_| KeyStoreError::Busy(timeout))?
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?;
+            .map_err(KeyStoreError::QueueClosed)?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             inner.with_card(f)
         })
         .await
-        .map_err(|e| KeyStoreError::Worker(e.to_string()))?
+        .map_err(KeyStoreError::Worker)?
     }
 
     /// Reads the slot's attestation certificate and checks it: signed by the
@@ -183,9 +184,7 @@ impl YubiKeyKeyStore {
                 .settings
                 .attestation_root_der
                 .as_deref()
-                .ok_or_else(|| {
-                    KeyStoreError::Attestation("no attestation_root configured".into())
-                })?;
+                .ok_or_else(|| KeyStoreError::Attestation(AttestationError::NoRoot))?;
             attestation::attest(yk, inner.settings.slot, &inner.handle(), root)
         })
         .await
@@ -211,9 +210,7 @@ impl KeyStore for YubiKeyKeyStore {
     async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
         let alg = piv_algorithm(spec.algorithm)?;
         if spec.extractable {
-            return Err(KeyStoreError::Device(
-                "PIV keys can never be exported; extractable keys are not possible here".into(),
-            ));
+            return Err(KeyStoreError::ExtractableUnsupported { backend: "yubikey" });
         }
         self.run(move |inner, yk| {
             let slot = slot_name(inner.settings.slot);
@@ -247,9 +244,7 @@ impl KeyStore for YubiKeyKeyStore {
             .map_err(card_error)?;
             Ok(GeneratedKey {
                 handle: inner.handle(),
-                public_key_der: spki
-                    .to_der()
-                    .map_err(|e| KeyStoreError::Malformed(e.to_string()))?,
+                public_key_der: spki.to_der().map_err(KeyStoreError::Encoding)?,
                 slot_check,
             })
         })
@@ -374,6 +369,6 @@ impl KeyStore for YubiKeyKeyStore {
             }
         })
         .await
-        .map_err(|e| KeyStoreError::Worker(e.to_string()))
+        .map_err(KeyStoreError::Worker)
     }
 }

@@ -42,7 +42,7 @@ fn card_error(e: yubikey::Error) -> KeyStoreError {
             retries_left: Some(tries),
         }),
         E::AuthenticationError => KeyStoreError::ManagementKeyRejected,
-        E::PcscError { .. } | E::NotFound => KeyStoreError::DeviceUnavailable(e.to_string()),
-        other => KeyStoreError::Device(other.to_string()),
+        E::PcscError { .. } | E::NotFound => KeyStoreError::DeviceUnavailable { source: e },
+        other => KeyStoreError::Device { source: other },
     }
 }

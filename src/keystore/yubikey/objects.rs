@@ -2,7 +2,7 @@
 //! a slot's occupancy (GET METADATA on 5.3+, otherwise an attestation or a certificate).
 
 use super::card_error;
-use crate::keystore::{KeyHandle, KeyStoreError, SlotEvidence};
+use crate::keystore::{KeyHandle, KeyStoreError, Malformed, SlotEvidence};
 use der::{Decode, Encode};
 use yubikey::YubiKey;
 use yubikey::piv::{self, SlotAlgorithmId, SlotId};
@@ -93,15 +93,13 @@ pub(super) fn slot_state(yk: &mut YubiKey, slot: SlotId) -> Result<SlotState, Ke
     match piv::metadata(yk, slot) {
         Ok(meta) => {
             if !matches!(meta.algorithm, SlotAlgorithmId::Asymmetric(_)) {
-                return Err(KeyStoreError::Malformed(
-                    "slot metadata names no key algorithm".into(),
-                ));
+                return Err(KeyStoreError::Malformed(Malformed::NoSlotAlgorithm));
             }
             let public = meta
                 .public
                 .map(|spki| spki.to_der())
                 .transpose()
-                .map_err(|e| KeyStoreError::Malformed(e.to_string()))?;
+                .map_err(KeyStoreError::Encoding)?;
             Ok(SlotState::Occupied {
                 evidence: SlotEvidence::Metadata,
                 public,
@@ -162,9 +160,9 @@ pub(super) fn slot_public_key(
         SlotState::Occupied {
             public: Some(p), ..
         } => Ok(p),
-        SlotState::Occupied { public: None, .. } => Err(KeyStoreError::Malformed(
-            "the slot's key is there but its public key could not be decoded".into(),
-        )),
+        SlotState::Occupied { public: None, .. } => {
+            Err(KeyStoreError::Malformed(Malformed::UndecodablePublicKey))
+        }
         SlotState::Empty => Err(KeyStoreError::KeyNotFound(handle.clone())),
         SlotState::Unverifiable { firmware } => Err(KeyStoreError::PublicKeyUnreadable {
             slot: slot_name(slot),
