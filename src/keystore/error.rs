@@ -19,14 +19,23 @@ pub enum PinFailure {
 }
 
 impl fmt::Display for PinFailure {
+    /// Names the device's own status too: operators search for it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // Only PIV reports the retries left.
             Self::Incorrect {
                 retries_left: Some(n),
-            } => write!(f, "wrong PIN, {n} attempt(s) left before it locks"),
-            Self::Incorrect { retries_left: None } => f.write_str("wrong PIN"),
-            Self::Locked => f.write_str("the PIN is locked; unblock it with the SO PIN or PUK"),
-            Self::Expired => f.write_str("the PIN has expired and must be changed"),
+            } => write!(
+                f,
+                "wrong PIN (PIV 63Cx), {n} attempt(s) left before it locks"
+            ),
+            Self::Incorrect { retries_left: None } => f.write_str("wrong PIN (CKR_PIN_INCORRECT)"),
+            Self::Locked => f.write_str(
+                "the PIN is locked (CKR_PIN_LOCKED / PIV 6983); unblock it with the SO PIN or PUK",
+            ),
+            Self::Expired => {
+                f.write_str("the PIN has expired (CKR_PIN_EXPIRED) and must be changed")
+            }
         }
     }
 }
