@@ -137,6 +137,9 @@ pub struct YubiKeyConfig {
     pub attestation_root: Option<PathBuf>,
     /// How long a signing request waits for the card (it signs one at a time); at least 1 s.
     pub sign_timeout: Duration,
+    /// DANGER: generate even when the card cannot prove the slot empty
+    /// (firmware before 5.3). Audited with the key (`slot_check`).
+    pub dangerously_generate_into_unverified_slot: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -450,6 +453,9 @@ impl Builder<'_> {
                         y.sign_timeout_secs,
                         30,
                     )?,
+                    dangerously_generate_into_unverified_slot: y
+                        .dangerously_generate_into_unverified_slot
+                        .unwrap_or(false),
                 }))
             }
         }
