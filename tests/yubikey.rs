@@ -615,8 +615,7 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
         "name = \"root\"\nkind = \"root\"\nkeystore = \"offline-root\"\n",
     );
     assert!(ca_policy.contains("keystore = \"offline-root\""));
-    let env =
-        common::Env::with_policies(&ca_policy, &common::repo_file("policies/enrollment.toml"));
+    let env = common::Env::with_policies(&ca_policy, &common::one_approver_enrollment());
     std::fs::write(env.path("yubikey.pin"), PIN).unwrap();
     std::fs::write(env.path("yubikey.mgmt"), DEFAULT_MGM_KEY).unwrap();
     let mut config = std::fs::read_to_string(&env.config).unwrap();
@@ -1034,8 +1033,7 @@ async fn keyward_init_refuses_an_unverifiable_slot_and_keeps_the_key() {
         "name = \"root\"\nkind = \"root\"\nkeystore = \"offline-root\"\n",
     );
     assert!(ca_policy.contains("keystore = \"offline-root\""));
-    let env =
-        common::Env::with_policies(&ca_policy, &common::repo_file("policies/enrollment.toml"));
+    let env = common::Env::with_policies(&ca_policy, &common::one_approver_enrollment());
     std::fs::write(env.path("yubikey.pin"), PIN).unwrap();
     std::fs::write(env.path("yubikey.mgmt"), DEFAULT_MGM_KEY).unwrap();
     let mut config = std::fs::read_to_string(&env.config).unwrap();
