@@ -88,6 +88,8 @@ pub async fn open_keystore(
                 touch_policy: y.touch_policy,
                 attestation_root_der,
                 sign_timeout: y.sign_timeout,
+                dangerously_generate_into_unverified_slot: y
+                    .dangerously_generate_into_unverified_slot,
             };
             Ok(Arc::new(YubiKeyKeyStore::new(settings)))
         }

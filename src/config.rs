@@ -138,6 +138,9 @@ pub struct YubiKeyConfig {
     pub attestation_root: Option<PathBuf>,
     /// How long a signing request waits for the card (it signs one at a time); at least 1 s.
     pub sign_timeout: Duration,
+    /// DANGER: generate even when the card cannot prove the slot empty
+    /// (firmware before 5.3). Audited with the key (`slot_check`).
+    pub dangerously_generate_into_unverified_slot: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -355,7 +358,7 @@ impl Builder<'_> {
         let mut keystores = BTreeMap::new();
         for (name, ks) in raw.keystores {
             let prefix = format!("keystores.{name}");
-            if name == DEFAULT_KEYSTORE || !crate::policy::valid_name(&name) {
+            if name == DEFAULT_KEYSTORE || !crate::model::valid_name(&name) {
                 return Err(self.invalid(
                     &prefix,
                     "name must be 1-64 chars of a-z, 0-9, '-' and not `default`",
@@ -513,6 +516,9 @@ impl Builder<'_> {
                         y.sign_timeout_secs,
                         30,
                     )?,
+                    dangerously_generate_into_unverified_slot: y
+                        .dangerously_generate_into_unverified_slot
+                        .unwrap_or(false),
                 }))
             }
         }

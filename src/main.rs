@@ -9,5 +9,8 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Before any file exists: the database, its -wal/-shm, tokens written by
+    // the CLI are private from their first byte.
+    keyward::store::files::restrict_umask();
     keyward::cli::run()
 }

@@ -14,7 +14,7 @@ use keyward::ca::keys;
 use keyward::clock::SystemClock;
 use keyward::keystore::pkcs11::uri::Pkcs11Uri;
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector, context};
-use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError, KeyStores};
+use keyward::keystore::{KeyAlgorithm, KeyStore, KeyStoreError, KeyStores, PinFailure};
 use keyward::store::sqlite::SqliteStore;
 use keyward::store::{AuditQuery, KeyPurpose, KeyState, Store};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -88,6 +88,105 @@ where
     })
 }
 
+/// Reads a key pair's usage attributes back through cryptoki, on a session
+/// of our own (not the backend's).
+fn usage_attributes(
+    label: &str,
+    id: &[u8],
+) -> Vec<(
+    cryptoki::object::ObjectClass,
+    Vec<cryptoki::object::Attribute>,
+)> {
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    let ctx = context(&common::softhsm_module()).unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
+        .unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    match session.login(
+        cryptoki::session::UserType::User,
+        Some(&SecretString::from(common::PIN.to_string())),
+    ) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    let mut out = Vec::new();
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let found = session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+            .unwrap();
+        assert_eq!(found.len(), 1, "{class:?}");
+        let wanted: &[AttributeType] = if class == ObjectClass::PRIVATE_KEY {
+            &[
+                AttributeType::Sign,
+                AttributeType::SignRecover,
+                AttributeType::Decrypt,
+                AttributeType::Unwrap,
+                AttributeType::Derive,
+                AttributeType::Modifiable,
+            ]
+        } else {
+            &[
+                AttributeType::Verify,
+                AttributeType::VerifyRecover,
+                AttributeType::Encrypt,
+                AttributeType::Wrap,
+                AttributeType::Derive,
+                AttributeType::Modifiable,
+            ]
+        };
+        out.push((class, session.get_attributes(found[0], wanted).unwrap()));
+    }
+    out
+}
+
+/// `Usage:` lines of the objects labelled `label`, as the stock `pkcs11-tool -O` prints them.
+fn pkcs11_tool_usage(token: &str, label: &str) -> Vec<(String, String)> {
+    let conf = std::path::Path::new(&std::env::var_os(READY).unwrap()).join("softhsm2.conf");
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .arg("--module")
+        .arg(common::softhsm_module())
+        .args([
+            "--token-label",
+            token,
+            "--login",
+            "--pin",
+            common::PIN,
+            "-O",
+        ])
+        .output()
+        .expect("pkcs11-tool missing: run scripts/test.sh (package opensc)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Blocks start with "<Class> Object;" and hold "label:" and "Usage:" lines.
+    let mut found = Vec::new();
+    let mut class = String::new();
+    let mut mine = false;
+    for line in text.lines() {
+        if let Some((c, _)) = line.split_once(" Object;") {
+            class = c.trim().to_string();
+            mine = false;
+        } else if let Some(l) = line.trim().strip_prefix("label:") {
+            mine = l.trim() == label;
+        } else if let Some(u) = line.trim().strip_prefix("Usage:")
+            && mine
+        {
+            found.push((class.clone(), u.trim().to_string()));
+        }
+    }
+    found
+}
+
 fn trials() -> Vec<Trial> {
     let mut t = vec![
         conformance("sign_verify_ecdsa_p256", |ks| async move {
@@ -141,6 +240,125 @@ fn trials() -> Vec<Trial> {
                 }
                 assert_eq!(caps.max_concurrent_signers, 2);
                 assert!(caps.can_wrap_keys, "SoftHSM2 has CKM_AES_KEY_WRAP_PAD");
+            })
+        },
+    ));
+    t.push(Trial::test("pkcs11::keys_may_only_sign_and_verify", || {
+        run(|| async {
+            use cryptoki::object::{Attribute, ObjectClass};
+            let label = new_token();
+            let ks = open(&label).await;
+            let algorithms = ks.capabilities().algorithms.clone();
+            assert!(algorithms.len() >= 5, "{algorithms:?}");
+            for algorithm in algorithms {
+                let spec = suite::spec(algorithm);
+                ks.generate(&spec).await.unwrap();
+                let unmodifiable = ks.capabilities().unmodifiable_keys;
+                assert_eq!(
+                    unmodifiable,
+                    Some(true),
+                    "SoftHSM2 accepts CKA_MODIFIABLE=false; the backend should have used it"
+                );
+                for (class, attrs) in usage_attributes(&label, spec.id.as_bytes()) {
+                    for a in &attrs {
+                        let ok = match (class, a) {
+                            (ObjectClass::PRIVATE_KEY, Attribute::Sign(v)) => *v,
+                            (ObjectClass::PUBLIC_KEY, Attribute::Verify(v)) => *v,
+                            (_, Attribute::Modifiable(v)) => !*v,
+                            (
+                                _,
+                                Attribute::SignRecover(v)
+                                | Attribute::VerifyRecover(v)
+                                | Attribute::Decrypt(v)
+                                | Attribute::Encrypt(v)
+                                | Attribute::Unwrap(v)
+                                | Attribute::Wrap(v)
+                                | Attribute::Derive(v),
+                            ) => !*v,
+                            _ => true,
+                        };
+                        assert!(ok, "{algorithm} {class:?}: {a:?}");
+                    }
+                }
+                // The same, read by a tool nobody here wrote.
+                let usage = pkcs11_tool_usage(&label, &spec.label);
+                assert_eq!(usage.len(), 2, "{algorithm}: {usage:?}");
+                for (class, u) in &usage {
+                    let words: Vec<&str> = u.split(", ").collect();
+                    for bad in ["decrypt", "unwrap", "derive", "encrypt", "wrap"] {
+                        assert!(!words.contains(&bad), "{algorithm} {class}: {u}");
+                    }
+                    let needed = if class.starts_with("Private") {
+                        "sign"
+                    } else {
+                        "verify"
+                    };
+                    assert!(words.contains(&needed), "{algorithm} {class}: {u}");
+                }
+                // Least privilege does not get in the way of signing.
+                suite::sign_and_verify(ks.as_ref(), algorithm).await;
+            }
+        })
+    }));
+    t.push(Trial::test(
+        "pkcs11::a_rejected_pin_latches_and_logins_stop",
+        || {
+            run(|| async {
+                use cryptoki::session::UserType;
+                let label = new_token();
+                let ks = open(&label).await;
+                let key = ks
+                    .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+                    .await
+                    .unwrap();
+                // An operator changes the user PIN (C_SetPIN) from another
+                // session while the backend runs.
+                let ctx = context(&common::softhsm_module()).unwrap();
+                let slot = ctx
+                    .get_slots_with_initialized_token()
+                    .unwrap()
+                    .into_iter()
+                    .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
+                    .unwrap();
+                let admin = ctx.open_rw_session(slot).unwrap();
+                let old = SecretString::from(common::PIN.to_string());
+                let new = SecretString::from("changed-pin-9".to_string());
+                // Login state is per application: the backend's login covers this session.
+                admin.set_pin(&old, &new).unwrap();
+                // The session is lost (here: logout), so the backend logs in again, with the old PIN.
+                ks.close().await.unwrap();
+                let err = ks
+                    .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(
+                        err,
+                        KeyStoreError::PinRejected(PinFailure::Incorrect { .. })
+                    ),
+                    "{err:?}"
+                );
+                // Put the old PIN back and log out: from now on a login with the
+                // configured PIN would succeed, so any success below would be a
+                // login the latch should have prevented.
+                admin.login(UserType::User, Some(&new)).unwrap();
+                admin.set_pin(&new, &old).unwrap();
+                admin.logout().unwrap();
+                for _ in 0..5 {
+                    let err = ks
+                        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+                        .await
+                        .unwrap_err();
+                    assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+                }
+                let err = ks.health().await.unwrap_err();
+                assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+                assert_eq!(err.code(), "pin_latched");
+                assert!(ks.exists(&key.handle).await.is_err());
+                // The operator's action: a restart (a new backend) with the right PIN.
+                let restarted = open(&label).await;
+                suite::sign_and_verify(restarted.as_ref(), KeyAlgorithm::EcdsaP256).await;
+                restarted.health().await.unwrap();
             })
         },
     ));
@@ -214,8 +432,8 @@ fn trials() -> Vec<Trial> {
         run(|| async {
             let label = new_token();
             let err = Pkcs11KeyStore::open(settings(TokenSelector::Label(label.clone()), "wrong-pin", 1)).await.err().unwrap();
-            assert!(matches!(err, KeyStoreError::PinIncorrect), "{err:?}");
-            assert!(err.to_string().contains("CKR_PIN_INCORRECT"));
+            assert!(matches!(err, KeyStoreError::PinRejected(PinFailure::Incorrect { .. })), "{err:?}");
+            assert_eq!(err.code(), "pin_rejected");
             let err = Pkcs11KeyStore::open(settings(TokenSelector::Label("absent".into()), common::PIN, 1)).await.err().unwrap();
             assert!(matches!(&err, KeyStoreError::TokenNotFound { present, .. } if present.contains(&label)), "{err:?}");
             let mut s = settings(TokenSelector::Label(label), common::PIN, 1);

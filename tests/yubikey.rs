@@ -12,7 +12,10 @@ mod suite;
 use keyward::keystore::pkcs11::uri::Pkcs11Uri;
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector};
 use keyward::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings, parse_slot};
-use keyward::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError};
+use keyward::keystore::{
+    AttestationError, KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, ManagementKeyError,
+    PinFailure, SlotCheck, SlotEvidence,
+};
 use piv::{Card, CardOptions, DEFAULT_MGM_KEY, PIN};
 use secrecy::SecretString;
 use std::process::Command;
@@ -33,7 +36,106 @@ fn settings(card: &Card, pin: &str, mgm_key: &str, alg: MgmAlgorithmId) -> YubiK
             .ok()
             .map(|pem| der::pem::decode_vec(pem.as_bytes()).unwrap().1),
         sign_timeout: Duration::from_secs(10),
+        dangerously_generate_into_unverified_slot: false,
     }
+}
+
+/// A YubiKey of firmware `version` from before AES management keys (3DES factory key).
+fn old_card(version: &'static str) -> Card {
+    Card::start(CardOptions {
+        version,
+        mgm_alg: "3des",
+        ..Default::default()
+    })
+}
+
+fn old_settings(card: &Card, override_unverified: bool) -> YubiKeySettings {
+    let mut s = settings(card, PIN, DEFAULT_MGM_KEY, MgmAlgorithmId::ThreeDes);
+    s.dangerously_generate_into_unverified_slot = override_unverified;
+    s
+}
+
+/// Puts a key into slot 9c with Yubico's tool, as an operator (or an earlier
+/// setup) would have, and returns its DER SubjectPublicKeyInfo. No certificate.
+fn key_put_there_by_yubico_piv_tool(card: &Card, how: &str) -> Vec<u8> {
+    let pem = card.state_dir.path().join("prior-key.pem");
+    let mgm = format!("--key={DEFAULT_MGM_KEY}");
+    match how {
+        "generate" => {
+            card.piv_tool(&[
+                &mgm,
+                "-a",
+                "generate",
+                "-s",
+                "9c",
+                "-A",
+                "ECCP256",
+                "-o",
+                pem.to_str().unwrap(),
+            ]);
+        }
+        _ => {
+            // An imported key: the card cannot attest it.
+            let private = card.state_dir.path().join("prior-private.pem");
+            let out = Command::new("openssl")
+                .args([
+                    "ecparam",
+                    "-name",
+                    "prime256v1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                ])
+                .arg(&private)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            card.piv_tool(&[
+                &mgm,
+                "-a",
+                "import-key",
+                "-s",
+                "9c",
+                "-i",
+                private.to_str().unwrap(),
+            ]);
+            let out = Command::new("openssl")
+                .args(["ec", "-pubout", "-in"])
+                .arg(&private)
+                .arg("-out")
+                .arg(&pem)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+    }
+    let text = std::fs::read_to_string(&pem).unwrap();
+    der::pem::decode_vec(text.as_bytes()).unwrap().1
+}
+
+/// A card error or an unreachable card: what a failing check must report.
+fn card_trouble(err: &KeyStoreError) -> bool {
+    matches!(
+        err,
+        KeyStoreError::Device { .. }
+            | KeyStoreError::DeviceUnavailable { .. }
+            | KeyStoreError::CardNotFound { .. }
+    )
+}
+
+/// The key in the slot is still `spki`: a fresh signature made through the
+/// backend verifies with it (ring, not the code under test).
+async fn still_signs_with(ks: &YubiKeyKeyStore, spki: &[u8]) {
+    let handle = ks.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256));
+    let msg = b"is the old key still there?";
+    let sig = ks
+        .sign(&handle, KeyAlgorithm::EcdsaP256, msg)
+        .await
+        .unwrap();
+    assert!(
+        suite::verify(spki, KeyAlgorithm::EcdsaP256, msg, &sig),
+        "the slot no longer holds the key that was there: it was overwritten"
+    );
 }
 
 fn keystore(card: &Card) -> Arc<dyn KeyStore> {
@@ -72,9 +174,10 @@ async fn capabilities_say_one_signer_and_no_key_export() {
     assert!(!ks.capabilities().can_wrap_keys);
     let mut spec = suite::spec(KeyAlgorithm::EcdsaP256);
     spec.extractable = true;
+    let err = ks.generate(&spec).await.unwrap_err();
     assert!(
-        ks.generate(&spec).await.is_err(),
-        "PIV keys can never be extractable"
+        matches!(err, KeyStoreError::ExtractableUnsupported { .. }),
+        "PIV keys can never be extractable: {err:?}"
     );
     let err = ks
         .generate(&suite::spec(KeyAlgorithm::Rsa3072))
@@ -137,7 +240,31 @@ async fn wrong_management_key_and_occupied_slot_are_refused() {
             .unwrap()
     );
 
+    // Unusable management keys are refused before the card sees them.
+    for (key, problem) in [
+        ("not hex at all", ManagementKeyError::NotHex),
+        ("0102030405060708", ManagementKeyError::WrongLength),
+    ] {
+        let bad = YubiKeyKeyStore::new(settings(&card, PIN, key, MgmAlgorithmId::Aes192));
+        let err = bad
+            .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::ManagementKeyInvalid(p) if p == problem),
+            "{err:?}"
+        );
+        assert!(
+            !err.to_string().contains(key),
+            "the key must not be echoed: {err}"
+        );
+    }
     let ks = keystore(&card);
+    assert!(
+        !ks.exists(&ks.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256)))
+            .await
+            .unwrap()
+    );
     let first = ks
         .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
         .await
@@ -147,7 +274,7 @@ async fn wrong_management_key_and_occupied_slot_are_refused() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, KeyStoreError::SlotOccupied(ref s) if s == "9c"),
+        matches!(err, KeyStoreError::SlotOccupied { ref slot, evidence: SlotEvidence::Metadata } if slot == "9c"),
         "{err:?}"
     );
     // The first key is still there and still signs.
@@ -167,8 +294,13 @@ async fn wrong_management_key_and_occupied_slot_are_refused() {
     ));
 }
 
+/// Defect 9: a wrong PIN used to be retried at every call until the card
+/// blocked. Now the backend latches after the first rejection: later calls
+/// fail at once without a VERIFY (the card's counter, read by
+/// yubico-piv-tool, does not move), health reports it, and only a restart
+/// with a corrected PIN (a new backend) signs again.
 #[tokio::test]
-async fn wrong_pin_counts_retries_down_then_blocks() {
+async fn a_rejected_pin_latches_and_spends_no_more_retries() {
     let _g = piv::CARD_LOCK.lock().await;
     let card = Card::start(CardOptions::default());
     let good = keystore(&card);
@@ -176,34 +308,97 @@ async fn wrong_pin_counts_retries_down_then_blocks() {
         .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
         .await
         .unwrap();
-    let bad = YubiKeyKeyStore::new(settings(
-        &card,
-        "999999",
-        DEFAULT_MGM_KEY,
-        MgmAlgorithmId::Aes192,
-    ));
-    for left in [2u8, 1, 0] {
-        let err = bad
-            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
-            .await
-            .unwrap_err();
-        match err {
-            KeyStoreError::PinIncorrectRetries(n) => assert_eq!(n, left),
-            KeyStoreError::PinLocked if left == 0 => {}
-            other => panic!("expected {left} retries left, got {other:?}"),
-        }
-    }
+    assert_eq!(card.pin_tries_left(), 3);
+    let wrong_pin = || {
+        YubiKeyKeyStore::new(settings(
+            &card,
+            "999999",
+            DEFAULT_MGM_KEY,
+            MgmAlgorithmId::Aes192,
+        ))
+    };
+    let bad = wrong_pin();
     let err = bad
         .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
         .await
         .unwrap_err();
-    assert!(matches!(err, KeyStoreError::PinLocked), "{err:?}");
-    // Blocked means blocked: the right PIN no longer works either.
+    let first = PinFailure::Incorrect {
+        retries_left: Some(2),
+    };
+    assert!(
+        matches!(err, KeyStoreError::PinRejected(f) if f == first),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "pin_rejected");
+    assert_eq!(card.pin_tries_left(), 2);
+    for _ in 0..5 {
+        let err = bad
+            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::PinLatched(f) if f == first),
+            "{err:?}"
+        );
+    }
+    let err = bad.health().await.unwrap_err();
+    assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+    assert_eq!(err.code(), "pin_latched");
+    assert!(err.to_string().contains("restart"), "{err}");
+    let err = bad.public_key(&key.handle).await.unwrap_err();
+    assert!(matches!(err, KeyStoreError::PinLatched(_)), "{err:?}");
+    assert_eq!(
+        card.pin_tries_left(),
+        2,
+        "the latched backend tried the PIN again"
+    );
+
+    // The operator's action: a restart with the right PIN (a new backend).
+    let sig = good
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"after the fix")
+        .await
+        .unwrap();
+    assert!(suite::verify(
+        &key.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"after the fix",
+        &sig
+    ));
+    assert_eq!(card.pin_tries_left(), 3);
+
+    // Restarts with the wrong PIN each cost one try, and a blocked PIN latches too.
+    for left in [2u8, 1] {
+        let err = wrong_pin()
+            .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::PinRejected(PinFailure::Incorrect { retries_left: Some(n) }) if n == left),
+            "{err:?}"
+        );
+    }
+    let err = wrong_pin()
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::PinRejected(PinFailure::Locked)),
+        "{err:?}"
+    );
+    // Blocked means blocked: the right PIN no longer works either, and latches.
     let err = good
         .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x")
         .await
         .unwrap_err();
-    assert!(matches!(err, KeyStoreError::PinLocked), "{err:?}");
+    assert!(
+        matches!(err, KeyStoreError::PinRejected(PinFailure::Locked)),
+        "{err:?}"
+    );
+    let err = good.health().await.unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::PinLatched(PinFailure::Locked)),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -223,10 +418,13 @@ async fn card_removed_during_signing_fails_clearly_and_recovers_when_back() {
         .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"while out")
         .await
         .unwrap_err();
+    // The stale connection fails, the retry finds no card with that serial.
     assert!(
-        matches!(err, KeyStoreError::DeviceUnavailable(_)),
+        matches!(err, KeyStoreError::CardNotFound { serial, .. } if serial == card.serial),
         "{err:?}"
     );
+    assert_eq!(err.code(), "device_not_found");
+    assert!(err.to_string().contains(&card.serial.to_string()), "{err}");
     assert!(ks.health().await.is_err());
     card.insert();
     let sig = ks
@@ -326,7 +524,13 @@ async fn attestation_verifies_against_the_configured_root_only() {
     );
     let wrong_root = YubiKeyKeyStore::new(s);
     let err = wrong_root.attestation(&key.handle).await.unwrap_err();
-    assert!(matches!(err, KeyStoreError::Attestation(_)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            KeyStoreError::Attestation(AttestationError::IntermediateNotFromRoot)
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -411,8 +615,7 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
         "name = \"root\"\nkind = \"root\"\nkeystore = \"offline-root\"\n",
     );
     assert!(ca_policy.contains("keystore = \"offline-root\""));
-    let env =
-        common::Env::with_policies(&ca_policy, &common::repo_file("policies/enrollment.toml"));
+    let env = common::Env::with_policies(&ca_policy, &common::one_approver_enrollment());
     std::fs::write(env.path("yubikey.pin"), PIN).unwrap();
     std::fs::write(env.path("yubikey.mgmt"), DEFAULT_MGM_KEY).unwrap();
     let mut config = std::fs::read_to_string(&env.config).unwrap();
@@ -540,4 +743,314 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
         ready["keystores"]["offline-root"]["required"], false,
         "{ready}"
     );
+}
+
+/// Defect 2: on firmware without GET METADATA (before 5.3), a slot holding a
+/// key but no certificate was taken for empty and the key replaced. Now the
+/// attestation proves the key is there (4.3+) or, where nothing can prove
+/// either way, generation is refused; the key survives in every case.
+#[tokio::test]
+async fn old_firmware_key_without_certificate_is_never_overwritten() {
+    let _g = piv::CARD_LOCK.lock().await;
+    for (version, how) in [
+        ("5.2.7", "generate"),
+        ("4.3.7", "generate"),
+        ("4.2.8", "generate"),
+        ("5.2.7", "import"),
+    ] {
+        let card = old_card(version);
+        let prior = key_put_there_by_yubico_piv_tool(&card, how);
+        let ks = YubiKeyKeyStore::new(old_settings(&card, false));
+        let err = ks
+            .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+            .await
+            .unwrap_err();
+        let attestable = how == "generate" && version != "4.2.8";
+        if attestable {
+            assert!(
+                matches!(
+                    err,
+                    KeyStoreError::SlotOccupied {
+                        evidence: SlotEvidence::Attestation,
+                        ..
+                    }
+                ),
+                "{version} {how}: {err:?}"
+            );
+            // Proven occupied: even the operator override does not overwrite it.
+            let forced = YubiKeyKeyStore::new(old_settings(&card, true));
+            let err = forced
+                .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, KeyStoreError::SlotOccupied { .. }),
+                "{version} {how} with override: {err:?}"
+            );
+            // The attestation also gives the public key back without metadata.
+            let handle = ks.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256));
+            assert_eq!(ks.public_key(&handle).await.unwrap(), prior);
+        } else {
+            assert!(
+                matches!(err, KeyStoreError::SlotUnverifiable { ref firmware, .. } if firmware == version),
+                "{version} {how}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("dangerously_generate_into_unverified_slot") && msg.contains("9c"),
+                "the refusal must say how to proceed: {msg}"
+            );
+        }
+        still_signs_with(&ks, &prior).await;
+    }
+}
+
+/// On old firmware an empty slot cannot be told from one holding an imported
+/// key, so generation needs the operator override; the result says so, for
+/// the audit trail. Afterwards the new key is proven by its attestation.
+#[tokio::test]
+async fn old_firmware_empty_slot_needs_the_override_and_says_it_was_used() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = old_card("5.2.7");
+    let ks = YubiKeyKeyStore::new(old_settings(&card, false));
+    let spec = suite::spec(KeyAlgorithm::EcdsaP256);
+    let err = ks.generate(&spec).await.unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::SlotUnverifiable { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "slot_unverifiable");
+    // Nothing was generated: the card still has nothing to attest.
+    let err = ks.public_key(&ks.planned_handle(&spec)).await.unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::PublicKeyUnreadable { .. }),
+        "{err:?}"
+    );
+
+    let forced = YubiKeyKeyStore::new(old_settings(&card, true));
+    let key = forced.generate(&spec).await.unwrap();
+    assert_eq!(key.slot_check, SlotCheck::UnverifiedOverride);
+    still_signs_with(&forced, &key.public_key_der).await;
+    assert_eq!(
+        forced.public_key(&key.handle).await.unwrap(),
+        key.public_key_der
+    );
+    // Now the slot is proven occupied, and the override cannot replace the key.
+    let err = forced.generate(&spec).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KeyStoreError::SlotOccupied {
+                evidence: SlotEvidence::Attestation,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    still_signs_with(&forced, &key.public_key_der).await;
+    // New firmware needs no override and says the slot was proven empty.
+    drop(card);
+    let card = Card::start(CardOptions::default());
+    let key = keystore(&card)
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    assert_eq!(key.slot_check, SlotCheck::ProvenEmpty);
+}
+
+/// A certificate in the slot's object is evidence of a key on any firmware.
+#[tokio::test]
+async fn old_firmware_slot_with_a_certificate_is_occupied() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = old_card("4.2.8");
+    let prior = key_put_there_by_yubico_piv_tool(&card, "generate");
+    let pem = card.state_dir.path().join("prior-key.pem");
+    let mgm = format!("--key={DEFAULT_MGM_KEY}");
+    // A certificate for the slot's key (issued elsewhere, as an operator might have).
+    let dir = card.state_dir.path();
+    let out = Command::new("openssl")
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
+        .arg(dir.join("issuer.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new("openssl")
+        .args([
+            "x509",
+            "-new",
+            "-subj",
+            "/CN=put there before keyward",
+            "-days",
+            "30",
+        ])
+        .arg("-key")
+        .arg(dir.join("issuer.pem"))
+        .arg("-force_pubkey")
+        .arg(&pem)
+        .arg("-out")
+        .arg(dir.join("prior-cert.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = card.state_dir.path().join("prior-cert.pem");
+    card.piv_tool(&[
+        &mgm,
+        "-a",
+        "import-certificate",
+        "-s",
+        "9c",
+        "-i",
+        cert.to_str().unwrap(),
+    ]);
+    let forced = YubiKeyKeyStore::new(old_settings(&card, true));
+    let err = forced
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KeyStoreError::SlotOccupied {
+                evidence: SlotEvidence::Certificate,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    still_signs_with(&forced, &prior).await;
+    // Without metadata or attestation, the certificate also gives the public key.
+    let handle = forced.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256));
+    assert_eq!(forced.public_key(&handle).await.unwrap(), prior);
+}
+
+/// A card error during the check is an error, never "empty": with new
+/// firmware (metadata) and old (certificate object, attestation), with a card
+/// that answers an error status and one pulled out mid-command. The key that
+/// was there survives, and with the override set nothing is generated either.
+#[tokio::test]
+async fn card_errors_during_the_slot_check_refuse_generation() {
+    let _g = piv::CARD_LOCK.lock().await;
+    // New firmware, key in the slot, GET METADATA answers 6F00 (no precise diagnosis).
+    let mut card = Card::start(CardOptions::default());
+    let ks = keystore(&card);
+    let first = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap();
+    card.fail_next(0xf7, 0x6f00);
+    let err = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::Device { .. }), "{err:?}");
+    // Pulled out during GET METADATA. (Through vpcd the crate sees an empty
+    // answer, a card error; a real reader reports a PC/SC error. Either is an error.)
+    card.yank_at(0xf7);
+    let err = ks
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(card_trouble(&err), "{err:?}");
+    card.wait_removed();
+    card.insert();
+    assert_eq!(
+        ks.public_key(&first.handle).await.unwrap(),
+        first.public_key_der
+    );
+    // Empty slot, GET METADATA fails: still refused, and nothing was generated.
+    drop(card);
+    let mut card = Card::start(CardOptions::default());
+    let ks = keystore(&card);
+    card.fail_next(0xf7, 0x6a80);
+    let spec = suite::spec(KeyAlgorithm::EcdsaP256);
+    assert!(ks.generate(&spec).await.is_err());
+    assert!(!ks.exists(&ks.planned_handle(&spec)).await.unwrap());
+
+    // Old firmware without attestation, override set: only the check stands
+    // between the operator's flag and the key; an error in it must stop generation.
+    drop(card);
+    let mut card = old_card("4.2.8");
+    let prior = key_put_there_by_yubico_piv_tool(&card, "generate");
+    let forced = YubiKeyKeyStore::new(old_settings(&card, true));
+    card.fail_next(0xcb, 0x6f00);
+    let err = forced
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KeyStoreError::Device { .. }), "{err:?}");
+    card.yank_at(0xcb);
+    let err = forced
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(card_trouble(&err), "{err:?}");
+    card.wait_removed();
+    card.insert();
+    still_signs_with(&forced, &prior).await;
+    // Old firmware with attestation, pulled out during ATTEST: an error too.
+    drop(card);
+    let mut card = old_card("5.2.7");
+    let forced = YubiKeyKeyStore::new(old_settings(&card, true));
+    card.yank_at(0xf9);
+    let err = forced
+        .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+        .await
+        .unwrap_err();
+    assert!(card_trouble(&err), "{err:?}");
+    card.wait_removed();
+    card.insert();
+    let err = forced
+        .public_key(&forced.planned_handle(&suite::spec(KeyAlgorithm::EcdsaP256)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::PublicKeyUnreadable { .. }),
+        "generated after all: {err:?}"
+    );
+}
+
+/// The defect as an operator met it: `keyward init` with the root CA on an
+/// early YubiKey 5 whose slot 9c holds an imported key and no certificate.
+/// Init stops with a message that says what to do, and the key survives.
+#[tokio::test]
+async fn keyward_init_refuses_an_unverifiable_slot_and_keeps_the_key() {
+    let _g = piv::CARD_LOCK.lock().await;
+    let card = old_card("5.2.7");
+    let prior = key_put_there_by_yubico_piv_tool(&card, "import");
+    let ca_policy = common::repo_file("policies/ca.toml").replace(
+        "name = \"root\"\nkind = \"root\"\n",
+        "name = \"root\"\nkind = \"root\"\nkeystore = \"offline-root\"\n",
+    );
+    assert!(ca_policy.contains("keystore = \"offline-root\""));
+    let env = common::Env::with_policies(&ca_policy, &common::one_approver_enrollment());
+    std::fs::write(env.path("yubikey.pin"), PIN).unwrap();
+    std::fs::write(env.path("yubikey.mgmt"), DEFAULT_MGM_KEY).unwrap();
+    let mut config = std::fs::read_to_string(&env.config).unwrap();
+    config.push_str(&format!(
+        "\n[keystores.offline-root]\ntype = \"yubikey\"\nserial = {}\nslot = \"9c\"\npin_file = \"yubikey.pin\"\n\
+         management_key_file = \"yubikey.mgmt\"\nmanagement_key_algorithm = \"3des\"\n",
+        card.serial,
+    ));
+    std::fs::write(&env.config, config).unwrap();
+    let out = env.run(&["init", "--config", env.config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "init overwrote an unverifiable slot");
+    assert!(
+        stderr.contains("cannot prove")
+            && stderr.contains("dangerously_generate_into_unverified_slot"),
+        "{stderr}"
+    );
+    let ks = YubiKeyKeyStore::new(old_settings(&card, false));
+    still_signs_with(&ks, &prior).await;
 }

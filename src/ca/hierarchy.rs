@@ -116,7 +116,7 @@ impl CaService {
         let keystore_name = policy
             .keystore
             .clone()
-            .unwrap_or_else(|| crate::config::DEFAULT_KEYSTORE.to_string());
+            .unwrap_or_else(|| crate::model::DEFAULT_KEYSTORE.to_string());
         let keystore = self.keystores.get(&keystore_name)?.clone();
         keys::create(
             keystore.as_ref(),
@@ -236,7 +236,7 @@ impl CaService {
                     "kind": match policy.kind { CaKind::Root => "root", CaKind::Issuing => "issuing" },
                     "parent": policy.parent,
                     "algorithm": policy.algorithm.as_str(),
-                    "keystore": policy.keystore.as_deref().unwrap_or(crate::config::DEFAULT_KEYSTORE),
+                    "keystore": policy.keystore.as_deref().unwrap_or(crate::model::DEFAULT_KEYSTORE),
                     "attested": attestation.is_some(),
                     "attestation_fingerprint_sha256": attestation.as_ref().and_then(|c| c.first()).map(|c| fingerprint(c)),
                     "subject": policy.subject.common_name,

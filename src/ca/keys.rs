@@ -54,6 +54,9 @@ pub struct PendingKey {
     pub handle: KeyHandle,
     pub algorithm: KeyAlgorithm,
     pub public_key_der: Vec<u8>,
+    /// How the backend knew it replaced nothing; an operator override is
+    /// recorded in the `key.generate` audit event.
+    pub slot_check: crate::keystore::SlotCheck,
 }
 
 pub struct NewKey<'a> {
@@ -112,12 +115,23 @@ pub async fn begin(
         ))
         .await?;
     match keystore.generate(&spec).await {
-        Ok(generated) => Ok(PendingKey {
-            id,
-            handle: generated.handle,
-            algorithm: new.algorithm,
-            public_key_der: generated.public_key_der,
-        }),
+        Ok(generated) => {
+            if generated.slot_check == crate::keystore::SlotCheck::UnverifiedOverride {
+                tracing::warn!(
+                    key = %id,
+                    keystore = new.keystore,
+                    "generated into a slot that could not be proven empty \
+                     (dangerously_generate_into_unverified_slot); audited"
+                );
+            }
+            Ok(PendingKey {
+                id,
+                handle: generated.handle,
+                algorithm: new.algorithm,
+                public_key_der: generated.public_key_der,
+                slot_check: generated.slot_check,
+            })
+        }
         Err(e) => {
             mark_destroyed(store, clock, actor, id, &e.to_string()).await;
             Err(e.into())
@@ -165,6 +179,7 @@ pub fn complete(key: &PendingKey, at: i64) -> (Write, AuditDraft) {
         AuditDraft::new("system", "key.generate", format!("key:{}", key.id)).details(json!({
             "algorithm": key.algorithm.as_str(),
             "handle": key.handle.0,
+            "slot_check": key.slot_check,
         })),
     )
 }

@@ -56,7 +56,7 @@ pub enum CaError {
     #[error("the HSM returned a device certificate signature that does not verify for CA `{0}`")]
     DeviceSignatureInvalid(String),
     #[error(transparent)]
-    Random(#[from] crate::auth::RandomError),
+    Random(#[from] crate::crypto::RandomError),
     /// CAs in the store whose parent is not in the store.
     #[error("CA(s) {} reference parents that do not exist", .0.join(", "))]
     ParentMissing(Vec<String>),

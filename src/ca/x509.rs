@@ -253,8 +253,8 @@ pub fn device_extensions(
 /// 64 bits of unpredictable output CA/B Forum asks for. The time prefix keeps
 /// serials increasing, so the store's serial index grows at its right edge
 /// instead of dirtying a random page per certificate.
-pub fn random_serial(unix_ms: i64) -> Result<[u8; 16], crate::auth::RandomError> {
-    let bytes = crate::auth::random_bytes(10)?;
+pub fn random_serial(unix_ms: i64) -> Result<[u8; 16], crate::crypto::RandomError> {
+    let bytes = crate::crypto::random_bytes(10)?;
     let mut s = [0u8; 16];
     let ms = (unix_ms.max(0) as u64) & 0x7fff_ffff_ffff;
     s[..6].copy_from_slice(&ms.to_be_bytes()[2..]);

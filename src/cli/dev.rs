@@ -19,7 +19,7 @@ const ENROLLMENT_POLICY: &str = include_str!("../../policies/enrollment.toml");
 const TOKEN_LABEL: &str = "keyward-dev";
 
 fn random_text() -> anyhow::Result<String> {
-    let bytes = crate::auth::random_bytes(24)?;
+    let bytes = crate::crypto::random_bytes(24)?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 

@@ -8,7 +8,6 @@ use crate::policy::Policies;
 use crate::store::{AuditQuery, Store};
 use anyhow::Context;
 use secrecy::ExposeSecret;
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -73,25 +72,11 @@ pub async fn init(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes a file readable only by its owner.
+/// Writes a file readable only by its owner, from its first byte; an
+/// existing file is replaced, never widened (see
+/// [`crate::store::files::write_private`]).
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
+    Ok(crate::store::files::write_private(path, bytes)?)
 }
 
 pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {

@@ -92,6 +92,7 @@ pub(super) struct YubiKey {
     pub touch_policy: Option<String>,
     pub attestation_root: Option<PathBuf>,
     pub sign_timeout_secs: Option<u64>,
+    pub dangerously_generate_into_unverified_slot: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -151,8 +151,18 @@ impl From<LoginError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
+        use crate::store::DatabaseError as D;
+        /// Bugs and tampering are 500; a busy or missing database is 503.
+        fn is_fault(d: &D) -> bool {
+            match d {
+                D::InvalidRow(_) | D::AuditDetails(_) | D::Unaudited | D::ReadOnly => true,
+                D::Batch(inner) => is_fault(inner),
+                _ => false,
+            }
+        }
+        match &e {
             StoreError::Conflict(c) => Self::new(StatusCode::CONFLICT, "conflict", c.to_string()),
+            StoreError::Database(d) if is_fault(d) => Self::internal(&e),
             StoreError::WriterGone | StoreError::Database(_) => Self::unavailable(&e),
             StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => Self::internal(&e),
         }

@@ -2,22 +2,34 @@
 //! hands a private key out.
 //!
 //! A backend implements only what it can; operations it lacks return
-//! [`KeyStoreError::Unsupported`]. Its limits are data, in [`Capabilities`],
-//! so that services adapt (queue to the signer count) instead of branching on
+//! [`KeyStoreError::Unsupported`].
+//!
+//! PIN rule for every backend: after the device rejects the PIN once, the
+//! backend latches. It never logs in again (each try would use up one of the
+//! PIN's retries) and every later call fails with
+//! [`KeyStoreError::PinLatched`], `health()` included. Only a restart with a
+//! corrected PIN clears it: the latch lives in the backend instance.
+//!
+//! A backend's limits are data, in [`Capabilities`], so that services adapt (queue to the signer count) instead of branching on
 //! vendor names.
 
 pub use crate::model::algorithm;
+mod error;
 pub mod metered;
 pub mod pkcs11;
 pub mod yubikey;
 
 pub use crate::model::{KeyAlgorithm, KeyHandle};
+pub use error::{
+    AttestationError, KeyStoreError, Malformed, ManagementKeyError, PinFailure, TokensPresent,
+};
 
 use async_trait::async_trait;
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use std::fmt;
 use std::sync::Arc;
 
 /// The configured key stores by name; `default` always exists.
@@ -67,6 +79,45 @@ pub struct GeneratedKey {
     pub handle: KeyHandle,
     /// DER SubjectPublicKeyInfo.
     pub public_key_der: Vec<u8>,
+    /// How the backend knew it was not replacing another key. Callers audit
+    /// [`SlotCheck::UnverifiedOverride`]: it records an operator's decision.
+    pub slot_check: SlotCheck,
+}
+
+/// How a backend established that a generation would not replace a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotCheck {
+    /// The key is a new object next to the others (PKCS#11); nothing can be replaced.
+    NewObject,
+    /// The device proved the slot empty (PIV GET METADATA answered "no key").
+    ProvenEmpty,
+    /// The device could not prove the slot empty and the key store's
+    /// `dangerously_generate_into_unverified_slot` override let the generation
+    /// go ahead; a key that was there is gone.
+    UnverifiedOverride,
+}
+
+/// What showed that a device slot already holds a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotEvidence {
+    /// The slot's metadata (PIV GET METADATA, firmware 5.3+) describes a key.
+    Metadata,
+    /// The card attested a key it generated in the slot (PIV ATTEST, 4.3+).
+    Attestation,
+    /// The slot's certificate object holds a certificate.
+    Certificate,
+}
+
+impl fmt::Display for SlotEvidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Metadata => "its metadata describes a key",
+            Self::Attestation => "the card attests a key generated in it",
+            Self::Certificate => "its certificate object holds a certificate",
+        })
+    }
 }
 
 /// How a private key is protected, read back from the token.
@@ -86,55 +137,11 @@ pub struct Capabilities {
     pub max_concurrent_signers: usize,
     /// Whether keys can leave the device wrapped (`CKM_AES_KEY_WRAP_PAD`).
     pub can_wrap_keys: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyStoreError {
-    #[error("cannot load PKCS#11 module {path}")]
-    ModuleLoad {
-        path: String,
-        #[source]
-        source: cryptoki::error::Error,
-    },
-    #[error("no initialised token matches {selector}; tokens present: {present}")]
-    TokenNotFound { selector: String, present: String },
-    #[error("the HSM rejected the PIN (CKR_PIN_INCORRECT)")]
-    PinIncorrect,
-    #[error("the HSM PIN is locked (CKR_PIN_LOCKED); unlock it with the SO PIN / PUK")]
-    PinLocked,
-    #[error("the device rejected the PIN; {0} attempt(s) left before it locks")]
-    PinIncorrectRetries(u8),
-    #[error("the device rejected the management key")]
-    ManagementKeyRejected,
-    #[error("the device is not available: {0}")]
-    DeviceUnavailable(String),
-    #[error("the device refused the operation: {0}")]
-    Device(String),
-    #[error("slot {0} already holds a key; refusing to overwrite it")]
-    SlotOccupied(String),
-    #[error("the device was busy for {0:?} (it signs one operation at a time)")]
-    Busy(std::time::Duration),
-    #[error("attestation failed: {0}")]
-    Attestation(String),
-    #[error("key store `{0}` is not configured")]
-    UnknownKeyStore(String),
-    #[error("key not found on the token: {0}")]
-    KeyNotFound(KeyHandle),
-    #[error("invalid key handle `{0}`")]
-    BadHandle(String),
-    #[error("algorithm {0} is not supported by this token")]
-    Unsupported(KeyAlgorithm),
-    #[error("operation not supported by the {backend} backend: {operation}")]
-    OperationUnsupported {
-        backend: &'static str,
-        operation: &'static str,
-    },
-    #[error("the token returned an unexpected value: {0}")]
-    Malformed(String),
-    #[error("HSM call failed: {0}")]
-    Pkcs11(#[source] cryptoki::error::Error),
-    #[error("the HSM worker thread failed: {0}")]
-    Worker(String),
+    /// Whether generated keys are fixed (`CKA_MODIFIABLE=false`): nobody can
+    /// later widen their usage (add decrypt, unwrap, …) with C_SetAttributeValue.
+    /// `None` until the first generation: a PKCS#11 module's acceptance is
+    /// learned by trying, as no query reveals it.
+    pub unmodifiable_keys: Option<bool>,
 }
 
 /// The port. Every call may block on hardware; backends do the blocking off
@@ -209,7 +216,9 @@ pub trait KeyStore: Send + Sync + 'static {
         })
     }
 
-    /// A cheap liveness check for `/readyz`.
+    /// A cheap liveness check for `/readyz`. After a rejected PIN it
+    /// reports [`KeyStoreError::PinLatched`] until an operator restarts
+    /// keyward with a corrected PIN.
     async fn health(&self) -> Result<(), KeyStoreError>;
 
     /// Logs out and closes sessions; later calls log in again.

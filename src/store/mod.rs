@@ -1,6 +1,7 @@
 //! The `Store` port: all persistent state, changed only through [`Change`]s
 //! that carry their audit events, so no change lands without its event.
 
+pub mod files;
 pub mod records;
 pub mod sqlite;
 
@@ -44,8 +45,11 @@ pub enum StoreError {
     /// A conditional write was refused; nothing of the change was applied.
     #[error("conflict: {0}")]
     Conflict(#[from] Conflict),
+    /// The backend could not do what was asked; the source says why.
     #[error("database error: {0}")]
-    Database(String),
+    Database(#[from] DatabaseError),
+    /// Stored rows contradict each other (a service names what it found;
+    /// a row the backend cannot decode is [`DatabaseError::InvalidRow`]).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     #[error(
@@ -61,9 +65,63 @@ impl StoreError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Conflict(_) => "conflict",
-            Self::Database(_) | Self::WriterGone => "store_unavailable",
+            Self::Database(e) => e.code(),
+            Self::WriterGone => "store_unavailable",
             Self::Corrupt(_) => "store_corrupt",
             Self::SchemaTooNew { .. } => "schema_too_new",
+        }
+    }
+}
+
+/// Why the backend failed, with the underlying error as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("SQLite: {0}")]
+    Sqlite(#[source] rusqlite::Error),
+    /// A stored value does not decode (a bad enum string, a malformed id):
+    /// tampering or a bug, never a transient failure.
+    #[error("a stored row cannot be read: {0}")]
+    InvalidRow(#[source] rusqlite::Error),
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database {} does not exist", .0.display())]
+    NotFound(std::path::PathBuf),
+    #[error("cannot start the store writer thread: {0}")]
+    WriterThread(#[source] std::io::Error),
+    #[error("a store reader task failed: {0}")]
+    ReaderTask(#[source] tokio::task::JoinError),
+    #[error("cannot encode audit event details: {0}")]
+    AuditDetails(#[source] serde_json::Error),
+    /// The transaction holding this change (and the others committed with
+    /// it) failed as a whole; every change in it reports the same cause.
+    #[error("the batch commit failed: {0}")]
+    Batch(#[source] std::sync::Arc<DatabaseError>),
+    /// No audit event, no change: a caller bug, refused before any write.
+    #[error("a change with writes but no audit event is refused")]
+    Unaudited,
+    /// The store was opened read-only (`audit verify`).
+    #[error("the store is open read-only")]
+    ReadOnly,
+}
+
+impl DatabaseError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRow(_) => "store_corrupt",
+            Self::Unaudited => "change_unaudited",
+            Self::ReadOnly => "store_read_only",
+            Self::Batch(inner) => inner.code(),
+            Self::Sqlite(_)
+            | Self::Create { .. }
+            | Self::NotFound(_)
+            | Self::WriterThread(_)
+            | Self::ReaderTask(_)
+            | Self::AuditDetails(_) => "store_unavailable",
         }
     }
 }
@@ -151,8 +209,8 @@ pub enum Write {
     /// names the same invitee (`kind = invite`) or the same admin (`set-role`).
     InsertAdminRequest(AdminRequestRecord),
     /// Approves or denies a pending admin request. Conflicts unless it is
-    /// still `pending`, and (`StateChanged`) when `decided_by` is not an
-    /// active admin. `approver_secret_hash` is stored for invitations.
+    /// still `pending` and `at < expires_at`, and (`StateChanged`) when
+    /// `decided_by` is not an active admin. `approver_secret_hash` is stored for invitations.
     DecideAdminRequest {
         id: Uuid,
         to: AdminRequestStatus,

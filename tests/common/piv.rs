@@ -174,6 +174,49 @@ impl Card {
         self.wait_visible();
     }
 
+    /// Makes the next command with instruction `ins` fail with status word `sw` (a card error).
+    pub fn fail_next(&mut self, ins: u8, sw: u16) {
+        writeln!(self.stdin, "fail {ins:02X} {sw:04X}").unwrap();
+        self.stdin.flush().unwrap();
+        self.expect("armed");
+    }
+
+    /// Makes the card drop out of the reader, unanswered, at the next command with
+    /// instruction `ins` (pulled out mid-command). Follow with [`Card::wait_removed`].
+    pub fn yank_at(&mut self, ins: u8) {
+        writeln!(self.stdin, "yank {ins:02X}").unwrap();
+        self.stdin.flush().unwrap();
+        self.expect("armed");
+    }
+
+    /// Waits until an armed yank has fired.
+    pub fn wait_removed(&mut self) {
+        self.expect("removed");
+    }
+
+    /// Runs Yubico's `yubico-piv-tool` against the card (the only one in the readers).
+    pub fn piv_tool(&self, args: &[&str]) -> String {
+        let out = Command::new("yubico-piv-tool")
+            .args(["-r", ""])
+            .args(args)
+            .output()
+            .expect("yubico-piv-tool missing: run scripts/test.sh");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "yubico-piv-tool {args:?}: {text}");
+        text
+    }
+
+    /// "PIN tries left" as yubico-piv-tool reports it (its query does not use up a try).
+    pub fn pin_tries_left(&self) -> u8 {
+        let status = self.piv_tool(&["-a", "status"]);
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PIN tries left:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no PIN tries in: {status}"))
+    }
+
     pub fn attestation_root(&self) -> PathBuf {
         self.state_dir.path().join("attestation-root.pem")
     }

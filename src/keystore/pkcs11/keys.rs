@@ -1,7 +1,7 @@
 //! Key pair templates, public-key export and signing on a PKCS#11 session.
 
 use crate::keystore::algorithm::{SHA256_DIGEST_INFO_PREFIX, ecdsa_raw_to_der};
-use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError};
+use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError, Malformed};
 use const_oid::db::{rfc5912, rfc8410};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
@@ -10,39 +10,101 @@ use cryptoki::session::Session;
 use der::asn1::{BitString, OctetString};
 use der::{Decode, Encode};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+/// Private-key handles by CKA_ID: SoftHSM's `C_FindObjects` is slow with many
+/// objects. Handles belong to the sessions' login; a pool reset clears them.
+#[derive(Default)]
+pub(super) struct HandleCache(RwLock<HashMap<Vec<u8>, ObjectHandle>>);
+
+impl HandleCache {
+    pub(super) fn insert(&self, id: &[u8], handle: ObjectHandle) {
+        if let Ok(mut h) = self.0.write() {
+            h.insert(id.to_vec(), handle);
+        }
+    }
+
+    /// The private-key handle for a CKA_ID, from the cache or the token.
+    pub(super) fn private(
+        &self,
+        session: &Session,
+        id: &[u8],
+    ) -> Result<Option<ObjectHandle>, KeyStoreError> {
+        if let Ok(h) = self.0.read()
+            && let Some(handle) = h.get(id)
+        {
+            return Ok(Some(*handle));
+        }
+        let found = find_private(session, id)?;
+        if let Some(handle) = found {
+            self.insert(id, handle);
+        }
+        Ok(found)
+    }
+
+    pub(super) fn forget(&self, id: &[u8]) {
+        if let Ok(mut h) = self.0.write() {
+            h.remove(id);
+        }
+    }
+
+    pub(super) fn clear(&self) {
+        if let Ok(mut h) = self.0.write() {
+            h.clear();
+        }
+    }
+}
 
 fn ck(e: cryptoki::error::Error) -> KeyStoreError {
     KeyStoreError::Pkcs11(e)
 }
 
 fn der_err(e: der::Error) -> KeyStoreError {
-    KeyStoreError::Malformed(e.to_string())
+    KeyStoreError::Encoding(e)
 }
 
-/// Generates a key pair. Private keys are always sensitive and private;
-/// extractable only when the spec says so (backup-marked keys).
+/// Generates a signing key pair with a least-privilege template: the private
+/// half may only sign, the public half only verify; no encryption, key
+/// wrapping, key derivation or signature recovery. Private keys are always
+/// sensitive and private; extractable only when the spec says so
+/// (backup-marked keys). With `unmodifiable`, both halves are created
+/// `CKA_MODIFIABLE=false` so that nobody can widen their usage later.
 pub(super) fn generate(
     session: &Session,
     spec: &KeySpec,
     id: &[u8],
+    unmodifiable: bool,
 ) -> Result<(ObjectHandle, ObjectHandle), KeyStoreError> {
     let label = spec.label.as_bytes().to_vec();
     let mut public = vec![
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Verify(true),
+        Attribute::VerifyRecover(false),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
         Attribute::Label(label.clone()),
         Attribute::Id(id.to_vec()),
     ];
-    let private = vec![
+    let mut private = vec![
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(spec.extractable),
         Attribute::Label(label),
         Attribute::Id(id.to_vec()),
     ];
+    if unmodifiable {
+        public.push(Attribute::Modifiable(false));
+        private.push(Attribute::Modifiable(false));
+    }
     let mechanism = match spec.algorithm {
         KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => {
             let oid = spec
@@ -73,10 +135,23 @@ pub(super) fn generate(
         .map_err(ck)
 }
 
-pub(super) fn find_private(
-    session: &Session,
-    id: &[u8],
-) -> Result<Option<ObjectHandle>, KeyStoreError> {
+/// Errors with which a module refuses a template attribute it does not
+/// support or let callers set; generation is then retried without it.
+pub(super) fn template_refused(e: &KeyStoreError) -> bool {
+    use cryptoki::error::{Error as CkError, RvError};
+    matches!(
+        e,
+        KeyStoreError::Pkcs11(CkError::Pkcs11(
+            RvError::AttributeTypeInvalid
+                | RvError::AttributeValueInvalid
+                | RvError::AttributeReadOnly
+                | RvError::TemplateInconsistent,
+            _
+        ))
+    )
+}
+
+fn find_private(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, KeyStoreError> {
     let found = session
         .find_objects(&[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
@@ -129,13 +204,13 @@ pub(super) fn algorithm_of(
         Some(KeyType::EC) => {
             let oid = params
                 .and_then(|p| const_oid::ObjectIdentifier::from_der(&p).ok())
-                .ok_or_else(|| KeyStoreError::Malformed("EC key without named curve".into()))?;
+                .ok_or(KeyStoreError::Malformed(Malformed::NoNamedCurve))?;
             if oid == rfc5912::SECP_256_R_1 {
                 KeyAlgorithm::EcdsaP256
             } else if oid == rfc5912::SECP_384_R_1 {
                 KeyAlgorithm::EcdsaP384
             } else {
-                return Err(KeyStoreError::Malformed(format!("unsupported curve {oid}")));
+                return Err(KeyStoreError::Malformed(Malformed::UnsupportedCurve(oid)));
             }
         }
         Some(KeyType::RSA) => match modulus_len * 8 {
@@ -143,15 +218,15 @@ pub(super) fn algorithm_of(
             3072 => KeyAlgorithm::Rsa3072,
             4096 => KeyAlgorithm::Rsa4096,
             bits => {
-                return Err(KeyStoreError::Malformed(format!(
-                    "unsupported RSA size {bits}"
+                return Err(KeyStoreError::Malformed(Malformed::UnsupportedRsaSize(
+                    bits,
                 )));
             }
         },
         Some(KeyType::EC_EDWARDS) => KeyAlgorithm::Ed25519,
         other => {
-            return Err(KeyStoreError::Malformed(format!(
-                "unsupported key type {other:?}"
+            return Err(KeyStoreError::Malformed(Malformed::UnsupportedKeyType(
+                other,
             )));
         }
     };
@@ -164,8 +239,8 @@ pub(super) fn public_key_der(
     id: &[u8],
     algorithm: KeyAlgorithm,
 ) -> Result<Vec<u8>, KeyStoreError> {
-    let public = find_public(session, id)?
-        .ok_or_else(|| KeyStoreError::Malformed("public key object missing".into()))?;
+    let public =
+        find_public(session, id)?.ok_or(KeyStoreError::Malformed(Malformed::NoPublicKey))?;
     let spki = match algorithm {
         KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 | KeyAlgorithm::Ed25519 => {
             let attrs = session
@@ -177,7 +252,7 @@ pub(super) fn public_key_der(
                     Attribute::EcPoint(p) => Some(p),
                     _ => None,
                 })
-                .ok_or_else(|| KeyStoreError::Malformed("CKA_EC_POINT missing".into()))?;
+                .ok_or(KeyStoreError::Malformed(Malformed::NoEcPoint))?;
             // Tokens return a DER OCTET STRING around the point; a few return it bare.
             let raw = OctetString::from_der(&point)
                 .map(|o| o.as_bytes().to_vec())
@@ -218,9 +293,9 @@ pub(super) fn public_key_der(
                     _ => {}
                 }
             }
-            let (n, e) = n.zip(e).ok_or_else(|| {
-                KeyStoreError::Malformed("RSA public key attributes missing".into())
-            })?;
+            let (n, e) = n
+                .zip(e)
+                .ok_or(KeyStoreError::Malformed(Malformed::NoRsaComponents))?;
             #[derive(der::Sequence)]
             struct RsaPublicKey<'a> {
                 n: der::asn1::UintRef<'a>,

@@ -1,66 +1,38 @@
-//! PKCS#11 backend (cryptoki): any token, SoftHSM2 in tests.
+//! PKCS#11 backend (cryptoki): any token, SoftHSM2 in tests. This file is the `KeyStore`
+//! implementation; the module and token live in `context`, the logged-in session pool and
+//! the PIN latch in `sessions`, mechanism discovery in `capabilities`, templates and key
+//! objects in `keys`.
 //!
 //! One `Pkcs11` context per module per process (`C_Initialize` once), a pool
 //! of logged-in sessions, every call on a blocking thread. Object handles are
 //! cached by CKA_ID because `C_FindObjects` is slow on SoftHSM with many
 //! objects. When the token says the session or login is gone (removed token,
 //! logged out, closed session) the pool is rebuilt and the call retried once.
+//! A re-login the token rejects latches the backend: no further logins.
 
+mod capabilities;
+mod context;
 mod keys;
+mod sessions;
 pub mod uri;
+
+pub use context::{TokenSelector, context};
 
 use crate::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError,
+    KeyStoreError, PinFailure, SlotCheck,
 };
 use async_trait::async_trait;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::MechanismType;
-use cryptoki::object::ObjectHandle;
-use cryptoki::session::{Session, UserType};
-use cryptoki::slot::{Slot, TokenInfo};
+use capabilities::LearnedCapabilities;
+use context::Token;
+use cryptoki::session::Session;
+use keys::HandleCache;
 use secrecy::SecretString;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use sessions::SessionPool;
+use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::sync::Semaphore;
 use uri::Pkcs11Uri;
-
-/// How the token is chosen: by label, serial or URI, never by slot index
-/// (SoftHSM moves tokens to random slot ids).
-#[derive(Debug, Clone)]
-pub enum TokenSelector {
-    Label(String),
-    Serial(String),
-    Uri(Pkcs11Uri),
-}
-
-impl TokenSelector {
-    fn matches(&self, info: &TokenInfo) -> bool {
-        match self {
-            Self::Label(l) => info.label().trim() == l,
-            Self::Serial(s) => info.serial_number().trim() == s,
-            Self::Uri(u) => {
-                u.token().is_none_or(|t| info.label().trim() == t)
-                    && u.serial().is_none_or(|s| info.serial_number().trim() == s)
-                    && u.manufacturer()
-                        .is_none_or(|m| info.manufacturer_id().trim() == m)
-                    && u.model().is_none_or(|m| info.model().trim() == m)
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for TokenSelector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Label(l) => write!(f, "token label `{l}`"),
-            Self::Serial(s) => write!(f, "token serial `{s}`"),
-            Self::Uri(u) => write!(f, "token URI {u:?}"),
-        }
-    }
-}
 
 /// Settings for opening a PKCS#11 token.
 pub struct Pkcs11Settings {
@@ -70,202 +42,25 @@ pub struct Pkcs11Settings {
     pub sessions: usize,
 }
 
-static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-
-/// The process-wide context for a module, initialised on first use. Repeated
-/// initialise/finalise cycles crash some modules, so contexts are never finalised.
-pub fn context(module: &Path) -> Result<Pkcs11, KeyStoreError> {
-    let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = map
-        .lock()
-        .map_err(|_| KeyStoreError::Worker("PKCS#11 context registry poisoned".into()))?;
-    if let Some(ctx) = map.get(module) {
-        return Ok(ctx.clone());
-    }
-    let load_err = |source| KeyStoreError::ModuleLoad {
-        path: module.display().to_string(),
-        source,
-    };
-    let ctx = Pkcs11::new(module).map_err(load_err)?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(load_err(e)),
-    }
-    map.insert(module.to_path_buf(), ctx.clone());
-    Ok(ctx)
-}
-
-/// Errors after which the pool is rebuilt and the call retried once.
-fn recoverable(e: &KeyStoreError) -> bool {
-    matches!(
-        e,
-        KeyStoreError::Pkcs11(CkError::Pkcs11(
-            RvError::SessionHandleInvalid
-                | RvError::SessionClosed
-                | RvError::UserNotLoggedIn
-                | RvError::DeviceRemoved
-                | RvError::TokenNotPresent
-                | RvError::DeviceError
-                | RvError::KeyHandleInvalid
-                | RvError::ObjectHandleInvalid,
-            _
-        ))
-    )
-}
-
 pub(crate) struct Inner {
-    ctx: Pkcs11,
-    selector: TokenSelector,
-    pin: SecretString,
+    pool: SessionPool,
     token_label: String,
-    slot: Mutex<Option<Slot>>,
-    idle: Mutex<Vec<Session>>,
-    /// Private-key handles by CKA_ID.
-    handles: RwLock<HashMap<Vec<u8>, ObjectHandle>>,
+    handles: HandleCache,
+    caps: LearnedCapabilities,
 }
 
 pub struct Pkcs11KeyStore {
     inner: Arc<Inner>,
     permits: Arc<Semaphore>,
-    caps: Capabilities,
 }
 
 impl Inner {
-    fn find_slot(&self) -> Result<Slot, KeyStoreError> {
-        if let Ok(guard) = self.slot.lock()
-            && let Some(s) = *guard
-        {
-            return Ok(s);
-        }
-        let slots = self
-            .ctx
-            .get_slots_with_token()
-            .map_err(KeyStoreError::Pkcs11)?;
-        let mut present = Vec::new();
-        for slot in slots {
-            let Ok(info) = self.ctx.get_token_info(slot) else {
-                continue;
-            };
-            if !info.token_initialized() {
-                continue;
-            }
-            if self.selector.matches(&info) {
-                if let Ok(mut g) = self.slot.lock() {
-                    *g = Some(slot);
-                }
-                return Ok(slot);
-            }
-            present.push(format!(
-                "`{}` (serial {})",
-                info.label().trim(),
-                info.serial_number().trim()
-            ));
-        }
-        Err(KeyStoreError::TokenNotFound {
-            selector: self.selector.to_string(),
-            present: if present.is_empty() {
-                "none".into()
-            } else {
-                present.join(", ")
-            },
-        })
-    }
-
-    fn open_session(&self) -> Result<Session, KeyStoreError> {
-        let slot = self.find_slot()?;
-        let session = self
-            .ctx
-            .open_rw_session(slot)
-            .map_err(KeyStoreError::Pkcs11)?;
-        match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(KeyStoreError::PinIncorrect),
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(KeyStoreError::PinLocked),
-            Err(e) => Err(KeyStoreError::Pkcs11(e)),
-        }
-    }
-
-    fn checkout(&self) -> Result<Session, KeyStoreError> {
-        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        match pooled {
-            Some(s) => Ok(s),
-            None => self.open_session(),
-        }
-    }
-
-    fn checkin(&self, s: Session) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(s);
-        }
-    }
-
-    /// Forgets sessions, handles and the slot; the next call opens afresh.
-    fn reset(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
-        }
-        if let Ok(mut h) = self.handles.write() {
-            h.clear();
-        }
-        if let Ok(mut s) = self.slot.lock() {
-            *s = None;
-        }
-    }
-
-    /// Runs `f` with a logged-in session, rebuilding the pool and retrying
-    /// once when the token lost the session or the login.
     fn with_session<T>(
         &self,
         f: &dyn Fn(&Inner, &Session) -> Result<T, KeyStoreError>,
     ) -> Result<T, KeyStoreError> {
-        let mut attempt = 0;
-        loop {
-            let session = match self.checkout() {
-                Ok(s) => s,
-                Err(e) if attempt == 0 && recoverable(&e) => {
-                    attempt += 1;
-                    self.reset();
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            match f(self, &session) {
-                Err(e) if attempt == 0 && recoverable(&e) => {
-                    tracing::warn!(error = %e, "PKCS#11 session lost; reopening and retrying once");
-                    drop(session);
-                    attempt += 1;
-                    self.reset();
-                }
-                result => {
-                    self.checkin(session);
-                    return result;
-                }
-            }
-        }
-    }
-
-    /// The private-key handle for a CKA_ID, from the cache or the token.
-    fn private_handle(
-        &self,
-        session: &Session,
-        id: &[u8],
-    ) -> Result<Option<ObjectHandle>, KeyStoreError> {
-        if let Ok(h) = self.handles.read()
-            && let Some(handle) = h.get(id)
-        {
-            return Ok(Some(*handle));
-        }
-        let found = keys::find_private(session, id)?;
-        if let (Some(handle), Ok(mut h)) = (found, self.handles.write()) {
-            h.insert(id.to_vec(), handle);
-        }
-        Ok(found)
-    }
-
-    fn forget(&self, id: &[u8]) {
-        if let Ok(mut h) = self.handles.write() {
-            h.remove(id);
-        }
+        self.pool
+            .with_session(&|| self.handles.clear(), &|session| f(self, session))
     }
 }
 
@@ -284,44 +79,31 @@ impl Pkcs11KeyStore {
         let sessions = settings.sessions.max(1);
         tokio::task::spawn_blocking(move || Self::open_blocking(settings, sessions))
             .await
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?
+            .map_err(KeyStoreError::Worker)?
     }
 
     fn open_blocking(settings: Pkcs11Settings, sessions: usize) -> Result<Self, KeyStoreError> {
-        let ctx = context(&settings.module)?;
-        let mut inner = Inner {
-            ctx,
-            selector: settings.selector,
-            pin: settings.pin,
-            token_label: String::new(),
-            slot: Mutex::new(None),
-            idle: Mutex::new(Vec::new()),
-            handles: RwLock::new(HashMap::new()),
-        };
-        let slot = inner.find_slot()?;
-        let info = inner
+        let token = Token::new(context(&settings.module)?, settings.selector);
+        let slot = token.slot()?;
+        let info = token
             .ctx
             .get_token_info(slot)
             .map_err(KeyStoreError::Pkcs11)?;
         if info.user_pin_locked() {
-            return Err(KeyStoreError::PinLocked);
+            return Err(KeyStoreError::PinRejected(PinFailure::Locked));
         }
-        inner.token_label = info.label().trim().to_string();
-        // Ask for the mechanisms we use one by one: C_GetMechanismList also
-        // returns vendor mechanisms that cryptoki logs as errors.
-        let mechanisms: Vec<MechanismType> = WANTED_MECHANISMS
-            .iter()
-            .copied()
-            .filter(|m| inner.ctx.get_mechanism_info(slot, *m).is_ok())
-            .collect();
-        let caps = capabilities(&mechanisms, sessions);
-        // Log in once now so a wrong PIN fails start-up, not the first request.
-        let first = inner.open_session()?;
-        inner.checkin(first);
+        let token_label = info.label().trim().to_string();
+        let caps = capabilities::discover(&token.ctx, slot, sessions);
+        let pool = SessionPool::new(token, token_label.clone(), settings.pin);
+        pool.fill()?;
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Inner {
+                pool,
+                token_label,
+                handles: HandleCache::default(),
+                caps: LearnedCapabilities::new(caps),
+            }),
             permits: Arc::new(Semaphore::new(sessions)),
-            caps,
         })
     }
 
@@ -340,44 +122,11 @@ impl Pkcs11KeyStore {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?;
+            .map_err(KeyStoreError::QueueClosed)?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.with_session(&f))
             .await
-            .map_err(|e| KeyStoreError::Worker(e.to_string()))?
-    }
-}
-
-const WANTED_MECHANISMS: [MechanismType; 7] = [
-    MechanismType::ECC_KEY_PAIR_GEN,
-    MechanismType::ECDSA,
-    MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-    MechanismType::RSA_PKCS,
-    MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
-    MechanismType::EDDSA,
-    MechanismType::AES_KEY_WRAP_PAD,
-];
-
-fn capabilities(mechanisms: &[MechanismType], sessions: usize) -> Capabilities {
-    let has = |m: MechanismType| mechanisms.contains(&m);
-    let mut algorithms = Vec::new();
-    if has(MechanismType::ECC_KEY_PAIR_GEN) && has(MechanismType::ECDSA) {
-        algorithms.extend([KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384]);
-    }
-    if has(MechanismType::RSA_PKCS_KEY_PAIR_GEN) && has(MechanismType::RSA_PKCS) {
-        algorithms.extend([
-            KeyAlgorithm::Rsa2048,
-            KeyAlgorithm::Rsa3072,
-            KeyAlgorithm::Rsa4096,
-        ]);
-    }
-    if has(MechanismType::ECC_EDWARDS_KEY_PAIR_GEN) && has(MechanismType::EDDSA) {
-        algorithms.push(KeyAlgorithm::Ed25519);
-    }
-    Capabilities {
-        algorithms,
-        max_concurrent_signers: sessions,
-        can_wrap_keys: has(MechanismType::AES_KEY_WRAP_PAD),
+            .map_err(KeyStoreError::Worker)?
     }
 }
 
@@ -388,7 +137,7 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     fn capabilities(&self) -> &Capabilities {
-        &self.caps
+        self.inner.caps.get()
     }
 
     fn planned_handle(&self, spec: &KeySpec) -> KeyHandle {
@@ -400,20 +149,34 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
-        if !self.caps.algorithms.contains(&spec.algorithm) {
+        if !self.capabilities().algorithms.contains(&spec.algorithm) {
             return Err(KeyStoreError::Unsupported(spec.algorithm));
         }
         let spec = spec.clone();
         self.run(move |inner, session| {
             let id = spec.id.as_bytes().to_vec();
-            let (_, private) = keys::generate(session, &spec, &id)?;
-            if let Ok(mut h) = inner.handles.write() {
-                h.insert(id.clone(), private);
-            }
+            // Fixed keys where the module allows it; a module that refuses the
+            // attribute gets the rest of the template, and the fact is recorded.
+            let unmodifiable = inner.caps.try_unmodifiable();
+            let (_, private) = match keys::generate(session, &spec, &id, unmodifiable) {
+                Err(e) if unmodifiable && keys::template_refused(&e) => {
+                    tracing::warn!(error = %e, "the PKCS#11 module refuses CKA_MODIFIABLE=false; keys stay modifiable");
+                    let generated = keys::generate(session, &spec, &id, false)?;
+                    inner.caps.record_unmodifiable(false);
+                    generated
+                }
+                other => {
+                    let generated = other?;
+                    inner.caps.record_unmodifiable(unmodifiable);
+                    generated
+                }
+            };
+            inner.handles.insert(&id, private);
             let public_key_der = keys::public_key_der(session, &id, spec.algorithm)?;
             Ok(GeneratedKey {
                 handle: KeyHandle(Pkcs11Uri::for_key(&inner.token_label, &spec.label, &id)),
                 public_key_der,
+                slot_check: SlotCheck::NewObject,
             })
         })
         .await
@@ -441,11 +204,12 @@ impl KeyStore for Pkcs11KeyStore {
         let input = keys::sign_input(algorithm, message);
         self.run(move |inner, session| {
             let key = inner
-                .private_handle(session, &id)?
+                .handles
+                .private(session, &id)?
                 .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
             let result = keys::sign(session, key, algorithm, &input);
-            if matches!(&result, Err(e) if recoverable(e)) {
-                inner.forget(&id);
+            if matches!(&result, Err(e) if sessions::recoverable(e)) {
+                inner.handles.forget(&id);
             }
             result
         })
@@ -454,7 +218,7 @@ impl KeyStore for Pkcs11KeyStore {
 
     async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError> {
         let id = id_of(handle)?;
-        self.run(move |inner, session| Ok(inner.private_handle(session, &id)?.is_some()))
+        self.run(move |inner, session| Ok(inner.handles.private(session, &id)?.is_some()))
             .await
     }
 
@@ -463,7 +227,8 @@ impl KeyStore for Pkcs11KeyStore {
         let h = handle.clone();
         self.run(move |inner, session| {
             let key = inner
-                .private_handle(session, &id)?
+                .handles
+                .private(session, &id)?
                 .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
             keys::protection(session, key)
         })
@@ -473,7 +238,7 @@ impl KeyStore for Pkcs11KeyStore {
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
         let id = id_of(handle)?;
         self.run(move |inner, session| {
-            inner.forget(&id);
+            inner.handles.forget(&id);
             keys::destroy(session, &id)
         })
         .await
@@ -505,25 +270,11 @@ impl KeyStore for Pkcs11KeyStore {
     async fn close(&self) -> Result<(), KeyStoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let sessions: Vec<Session> = inner
-                .idle
-                .lock()
-                .map(|mut idle| idle.drain(..).collect())
-                .unwrap_or_default();
-            let result = match sessions.first() {
-                Some(s) => match s.logout() {
-                    Ok(()) | Err(CkError::Pkcs11(RvError::UserNotLoggedIn, _)) => Ok(()),
-                    Err(e) => Err(KeyStoreError::Pkcs11(e)),
-                },
-                None => Ok(()),
-            };
-            if let Ok(mut h) = inner.handles.write() {
-                h.clear();
-            }
-            drop(sessions);
+            let result = inner.pool.close();
+            inner.handles.clear();
             result
         })
         .await
-        .map_err(|e| KeyStoreError::Worker(e.to_string()))?
+        .map_err(KeyStoreError::Worker)?
     }
 }

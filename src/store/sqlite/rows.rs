@@ -4,8 +4,8 @@ use super::db;
 use crate::audit::{AuditEvent, Outcome};
 use crate::model::CaKind;
 use crate::model::{KeyAlgorithm, KeyHandle};
-use crate::store::StoreError;
 use crate::store::records::*;
+use crate::store::{DatabaseError, StoreError};
 use rusqlite::{Connection, OptionalExtension, Params, Row};
 use uuid::Uuid;
 
@@ -69,7 +69,7 @@ pub(super) fn many<T, P: Params>(
 
 fn corrupt(e: rusqlite::Error) -> StoreError {
     match e {
-        rusqlite::Error::FromSqlConversionFailure(..) => StoreError::Corrupt(e.to_string()),
+        rusqlite::Error::FromSqlConversionFailure(..) => DatabaseError::InvalidRow(e).into(),
         other => db(other),
     }
 }

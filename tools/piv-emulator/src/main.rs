@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use piv_emulator::crypto::{MgmAlg, MgmKey};
-use piv_emulator::piv::{DEFAULT_MGM_KEY, default_mgm_alg};
+use piv_emulator::piv::{DEFAULT_MGM_KEY, Fault, default_mgm_alg};
 use piv_emulator::vpcd::{Control, Ended, serve};
 use piv_emulator::{Card, CardConfig, attest::Attestation};
 
@@ -96,6 +96,23 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+fn hex_u8(s: &str) -> Option<u8> {
+    u8::from_str_radix(s, 16).ok()
+}
+
+/// Parses `fail <INS> <SW>` and `yank <INS>` (hex), the fault-injection control lines.
+fn parse_fault(line: &str) -> Option<Fault> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["fail", ins, sw] => Some(Fault::Status {
+            ins: hex_u8(ins)?,
+            sw: u16::from_str_radix(sw, 16).ok()?,
+        }),
+        ["yank", ins] => Some(Fault::Yank { ins: hex_u8(ins)? }),
+        _ => None,
+    }
+}
+
 /// Reads control lines from stdin. EOF is not "quit": a background emulator with stdin from
 /// /dev/null keeps running until killed.
 fn spawn_stdin_reader() -> Receiver<Control> {
@@ -108,10 +125,15 @@ fn spawn_stdin_reader() -> Receiver<Control> {
                 "insert" => Control::Insert,
                 "quit" => Control::Quit,
                 "" => continue,
-                other => {
-                    eprintln!("piv-emulator: unknown control line {other:?} (remove|insert|quit)");
-                    continue;
-                }
+                other => match parse_fault(other) {
+                    Some(f) => Control::Arm(f),
+                    None => {
+                        eprintln!(
+                            "piv-emulator: unknown control line {other:?} (remove|insert|quit|fail INS SW|yank INS)"
+                        );
+                        continue;
+                    }
+                },
             };
             if tx.send(cmd).is_err() {
                 break;
@@ -153,7 +175,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         };
         card.reset();
         say("ready");
-        let ended = serve(&mut stream, &mut card, &control).map_err(|e| format!("vpcd: {e}"))?;
+        let ended =
+            serve(&mut stream, &mut card, &control, &say).map_err(|e| format!("vpcd: {e}"))?;
         let _ = stream.shutdown(std::net::Shutdown::Both);
         drop(stream);
         card.reset();
@@ -165,11 +188,15 @@ fn run(cli: &Cli) -> Result<(), String> {
             Ended::Removed => {
                 let removed_at = std::time::Instant::now();
                 say("removed");
-                // Wait for insert (or quit); other lines are ignored while removed.
+                // Wait for insert (or quit); faults can be armed meanwhile, remove is a no-op.
                 loop {
                     match control.recv() {
                         Ok(Control::Insert) => break,
                         Ok(Control::Quit) | Err(_) => return Ok(()),
+                        Ok(Control::Arm(fault)) => {
+                            card.arm(fault);
+                            say("armed");
+                        }
                         Ok(Control::Remove) => {}
                     }
                 }

@@ -12,7 +12,8 @@ use crate::tlv;
 pub const PIV_AID: [u8; 11] = [0xa0, 0, 0, 0x03, 0x08, 0, 0, 0x10, 0, 0x01, 0];
 
 /// Yubico OTP application id: firmware 4 hosts read the serial there (`01 10 00 00`).
-pub const OTP_AID: [u8; 7] = [0xa0, 0, 0, 0x05, 0x27, 0x20, 0x01];
+/// yubico-piv-tool selects it by its 7-byte prefix, the `yubikey` crate by all 8 bytes.
+pub const OTP_AID: [u8; 8] = [0xa0, 0, 0, 0x05, 0x27, 0x20, 0x01, 0x01];
 
 /// YubiKey 5 (USB, CCID) answer-to-reset.
 pub const YUBIKEY_ATR: [u8; 23] = [
@@ -89,6 +90,35 @@ pub fn default_mgm_alg(version: [u8; 3]) -> MgmAlg {
         MgmAlg::Aes192
     } else {
         MgmAlg::Tdes
+    }
+}
+
+/// First firmware with each version-gated instruction, as on real YubiKeys.
+pub mod since {
+    /// ATTEST (INS F9): YubiKey 4.3.
+    pub const ATTEST: [u8; 3] = [4, 3, 0];
+    /// GET SERIAL (INS F8) in the PIV applet: YubiKey 5 (YubiKey 4 hosts ask the OTP applet).
+    pub const GET_SERIAL: [u8; 3] = [5, 0, 0];
+    /// GET METADATA (INS F7): 5.3.
+    pub const METADATA: [u8; 3] = [5, 3, 0];
+    /// AES management keys: 5.4.
+    pub const AES_MGM: [u8; 3] = [5, 4, 0];
+}
+
+/// A one-shot fault armed from the control channel, fired by the next command with `ins`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status word instead of running the command (a card error).
+    Status { ins: u8, sw: u16 },
+    /// Drop off the reader without answering (the card pulled out mid-command).
+    Yank { ins: u8 },
+}
+
+impl Fault {
+    fn ins(self) -> u8 {
+        match self {
+            Fault::Status { ins, .. } | Fault::Yank { ins } => ins,
+        }
     }
 }
 
@@ -200,6 +230,7 @@ pub struct Card {
     attestation: Attestation,
     session: Session,
     transport: Transport,
+    faults: Vec<Fault>,
 }
 
 impl Card {
@@ -217,6 +248,9 @@ impl Card {
         {
             return Err("retry counts must be 1..=15".into());
         }
+        if config.mgm_key.alg != MgmAlg::Tdes && config.version < since::AES_MGM {
+            return Err("AES management keys need firmware 5.4 or later (use 3des)".into());
+        }
         let mut card = Card {
             serial: config.serial,
             version: config.version,
@@ -229,6 +263,7 @@ impl Card {
             attestation,
             session: Session::default(),
             transport: Transport::default(),
+            faults: Vec::new(),
         };
         card.keys.insert(
             0xf9,
@@ -265,6 +300,23 @@ impl Card {
         self.transport.reset();
     }
 
+    /// Arms a one-shot fault for the next command with its instruction byte.
+    pub fn arm(&mut self, fault: Fault) {
+        self.faults.retain(|f| f.ins() != fault.ins());
+        self.faults.push(fault);
+    }
+
+    /// True (and disarmed) when a `Yank` is armed for this raw command: the caller must drop
+    /// the connection without answering, as a card pulled out mid-command does.
+    pub fn take_yank(&mut self, raw: &[u8]) -> bool {
+        let Some(&ins) = raw.get(1) else {
+            return false;
+        };
+        let before = self.faults.len();
+        self.faults.retain(|f| *f != Fault::Yank { ins });
+        self.faults.len() != before
+    }
+
     /// Handles one raw command APDU from the reader and returns the raw response.
     pub fn process(&mut self, raw: &[u8]) -> Vec<u8> {
         let mut transport = std::mem::take(&mut self.transport);
@@ -275,6 +327,14 @@ impl Card {
 
     /// Handles one complete (de-chained) command.
     pub fn handle(&mut self, cmd: &Command) -> Response {
+        if let Some(i) = self
+            .faults
+            .iter()
+            .position(|f| matches!(f, Fault::Status { ins, .. } if *ins == cmd.ins))
+            && let Fault::Status { sw, .. } = self.faults.remove(i)
+        {
+            return Response::status(sw);
+        }
         if self.session.otp_selected && cmd.ins != 0xa4 {
             return match (cmd.ins, cmd.p1) {
                 (0x01, 0x10) => Response::ok(self.serial.to_be_bytes().to_vec()),
@@ -284,7 +344,9 @@ impl Card {
         match cmd.ins {
             0xa4 => self.select(cmd),
             0xfd => Response::ok(self.version.to_vec()),
-            0xf8 => Response::ok(self.serial.to_be_bytes().to_vec()),
+            0xf8 if self.version >= since::GET_SERIAL => {
+                Response::ok(self.serial.to_be_bytes().to_vec())
+            }
             0x20 => self.verify(cmd),
             0x24 => self.change_reference(cmd),
             0x2c => self.reset_retry(cmd),
@@ -314,7 +376,7 @@ impl Card {
             apt.extend(tlv::tlv(&[0x79], &tlv::tlv(&[0x4f], &PIV_AID[..5])));
             return Response::ok(tlv::tlv(&[0x61], &apt));
         }
-        if aid == OTP_AID {
+        if aid.len() >= 7 && OTP_AID.starts_with(aid) {
             self.session = Session {
                 otp_selected: true,
                 ..Session::default()
@@ -663,8 +725,7 @@ impl Card {
     }
 
     fn metadata(&mut self, cmd: &Command) -> Response {
-        // GET METADATA arrived with firmware 5.3.
-        if self.version < [5, 3, 0] {
+        if self.version < since::METADATA {
             return Response::status(sw::INS_NOT_SUPPORTED);
         }
         if cmd.p1 != 0 {
@@ -698,6 +759,9 @@ impl Card {
     }
 
     fn attest(&mut self, cmd: &Command) -> Response {
+        if self.version < since::ATTEST {
+            return Response::status(sw::INS_NOT_SUPPORTED);
+        }
         if cmd.p2 != 0 || !is_key_slot(cmd.p1) {
             return Response::status(sw::INCORRECT_P1P2);
         }
@@ -738,6 +802,9 @@ impl Card {
         let Some(alg) = MgmAlg::from_id(d[0]) else {
             return Response::status(sw::INCORRECT_DATA);
         };
+        if alg != MgmAlg::Tdes && self.version < since::AES_MGM {
+            return Response::status(sw::INCORRECT_DATA);
+        }
         let Ok(key) = MgmKey::new(alg, d[3..].to_vec()) else {
             return Response::status(sw::INCORRECT_DATA);
         };

@@ -138,6 +138,7 @@ fn select_version_serial() {
     assert_eq!(cmd(&mut c, 0x42, 0, 0, &[]).1, 0x6d00);
     // Firmware-4 style serial through the OTP applet, then back to PIV.
     assert_eq!(cmd(&mut c, 0xa4, 0x04, 0, &OTP_AID).1, 0x9000);
+    assert_eq!(cmd(&mut c, 0xa4, 0x04, 0, &OTP_AID[..7]).1, 0x9000);
     assert_eq!(
         cmd(&mut c, 0x01, 0x10, 0, &[]),
         (12_345_678u32.to_be_bytes().to_vec(), 0x9000)
@@ -477,4 +478,57 @@ fn old_firmware_has_no_metadata() {
     assert_eq!(cmd(&mut c, 0xf7, 0, 0x9b, &[]).1, 0x6d00);
     let key = MgmKey::new(MgmAlg::Tdes, DEFAULT_MGM_KEY.to_vec()).unwrap();
     assert_eq!(authenticate(&mut c, &key), 0x9000);
+}
+
+fn old_card(version: [u8; 3]) -> Card {
+    let cfg = CardConfig {
+        version,
+        mgm_key: MgmKey::new(MgmAlg::Tdes, DEFAULT_MGM_KEY.to_vec()).unwrap(),
+        ..CardConfig::default()
+    };
+    Card::new(cfg, Attestation::load_or_create(None).unwrap()).unwrap()
+}
+
+#[test]
+fn firmware_gates_attestation_serial_and_aes() {
+    // YubiKey 4.2: no ATTEST, no PIV GET SERIAL (hosts use the OTP applet), no AES.
+    let tdes = MgmKey::new(MgmAlg::Tdes, DEFAULT_MGM_KEY.to_vec()).unwrap();
+    let mut c = old_card([4, 2, 8]);
+    assert_eq!(cmd(&mut c, 0xf8, 0, 0, &[]).1, 0x6d00);
+    authenticate(&mut c, &tdes);
+    assert_eq!(generate(&mut c, 0x9c, 0x11, &[]).1, 0x9000);
+    assert_eq!(cmd(&mut c, 0xf9, 0x9c, 0, &[]).1, 0x6d00);
+    let mut data = vec![0x0a, 0x9b, 24];
+    data.extend_from_slice(&DEFAULT_MGM_KEY);
+    assert_eq!(cmd(&mut c, 0xff, 0xff, 0xff, &data).1, 0x6a80);
+    // 4.3 attests; 5.2 reads the serial in PIV but still has no metadata.
+    let mut c = old_card([4, 3, 7]);
+    authenticate(&mut c, &tdes);
+    generate(&mut c, 0x9c, 0x11, &[]);
+    let (der, sw) = cmd(&mut c, 0xf9, 0x9c, 0, &[]);
+    assert_eq!((der[0], sw), (0x30, 0x9000));
+    let mut c = old_card([5, 2, 7]);
+    assert_eq!(cmd(&mut c, 0xf8, 0, 0, &[]).1, 0x9000);
+    assert_eq!(cmd(&mut c, 0xf7, 0, 0x9c, &[]).1, 0x6d00);
+    // A 5.2 card cannot be configured with an AES management key.
+    let cfg = CardConfig {
+        version: [5, 2, 7],
+        ..CardConfig::default()
+    };
+    assert!(Card::new(cfg, Attestation::load_or_create(None).unwrap()).is_err());
+}
+
+#[test]
+fn armed_faults_fire_once() {
+    let mut c = card();
+    c.arm(Fault::Status {
+        ins: 0xf7,
+        sw: 0x6f00,
+    });
+    assert_eq!(cmd(&mut c, 0xf7, 0, 0x9c, &[]).1, 0x6f00);
+    assert_eq!(cmd(&mut c, 0xf7, 0, 0x9c, &[]).1, 0x6a88);
+    c.arm(Fault::Yank { ins: 0xcb });
+    assert!(!c.take_yank(&[0, 0xf7, 0, 0x9c, 0]));
+    assert!(c.take_yank(&[0, 0xcb, 0x3f, 0xff, 0]));
+    assert!(!c.take_yank(&[0, 0xcb, 0x3f, 0xff, 0]));
 }

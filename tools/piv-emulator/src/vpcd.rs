@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Duration;
 
-use crate::piv::Card;
+use crate::piv::{Card, Fault};
 
 /// vpcd control codes (one-byte payloads).
 pub const CTRL_POWER_OFF: u8 = 0;
@@ -19,12 +19,14 @@ pub enum Control {
     Remove,
     Insert,
     Quit,
+    /// Arm a one-shot fault (acknowledged with `armed`).
+    Arm(Fault),
 }
 
 /// What ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
-    /// The operator asked for card removal.
+    /// The operator asked for card removal, or an armed `Yank` fault fired.
     Removed,
     /// The operator asked to quit (or the control channel went away after a quit).
     Quit,
@@ -58,11 +60,12 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 /// Serves `card` on an established vpcd connection until vpcd disconnects or a control
-/// command arrives. Polls `control` every 100 ms.
+/// command arrives. Polls `control` every 100 ms; `say` prints acknowledgements.
 pub fn serve(
     stream: &mut TcpStream,
     card: &mut Card,
     control: &Receiver<Control>,
+    say: &dyn Fn(&str),
 ) -> std::io::Result<Ended> {
     stream.set_read_timeout(Some(Duration::from_millis(100)))?;
     stream.set_nodelay(true)?;
@@ -72,6 +75,10 @@ pub fn serve(
         match control.try_recv() {
             Ok(Control::Remove) => return Ok(Ended::Removed),
             Ok(Control::Quit) => return Ok(Ended::Quit),
+            Ok(Control::Arm(fault)) => {
+                card.arm(fault);
+                say("armed");
+            }
             Ok(Control::Insert) | Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => {}
         }
         match stream.read(&mut chunk) {
@@ -96,6 +103,9 @@ pub fn serve(
                 break;
             }
             let msg: Vec<u8> = buf.drain(..2 + len).skip(2).collect();
+            if msg.len() > 1 && card.take_yank(&msg) {
+                return Ok(Ended::Removed);
+            }
             if let Some(reply) = handle_message(card, &msg) {
                 stream.write_all(&frame(&reply))?;
             }

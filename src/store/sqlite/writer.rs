@@ -1,0 +1,189 @@
+//! The single writer: one thread takes every queued change and commits them
+//! in batches (group commit, one fsync per batch). Each change runs inside its
+//! own SAVEPOINT, so a conflicting change fails alone while its neighbours
+//! commit; audit events are chained from the head read inside the
+//! transaction, so an event exists if and only if its change does.
+
+use super::db;
+use super::writes::apply_write;
+use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::clock::Clock;
+use crate::store::{Change, DatabaseError, StoreError};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Told the size and duration of every batch the writer commits (metrics).
+pub type BatchObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
+
+type JobResult = Result<Vec<i64>, StoreError>;
+
+struct Job {
+    change: Change,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// The queue to the writer thread; the thread ends when this is dropped.
+pub(super) struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn` (already migrated).
+    pub(super) fn spawn(
+        conn: Connection,
+        batch_max: usize,
+        clock: Arc<dyn Clock>,
+        observer: BatchObserver,
+    ) -> Result<Self, StoreError> {
+        let batch_max = batch_max.max(1);
+        let (jobs, rx) = mpsc::channel::<Job>(batch_max * 4);
+        std::thread::Builder::new()
+            .name("keyward-store-writer".into())
+            .spawn(move || writer_loop(conn, rx, batch_max, clock, observer))
+            .map_err(DatabaseError::WriterThread)?;
+        Ok(Self { jobs })
+    }
+
+    /// Queues a change and waits for its own outcome.
+    pub(super) async fn submit(&self, change: Change) -> JobResult {
+        if change.audit.is_empty() && !change.writes.is_empty() {
+            return Err(DatabaseError::Unaudited.into());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { change, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    clock: Arc<dyn Clock>,
+    observer: BatchObserver,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let results = commit_batch(&mut conn, &batch, clock.as_ref());
+        observer(batch.len(), started.elapsed());
+        match results {
+            Ok(per_job) => {
+                for (job, r) in batch.into_iter().zip(per_job) {
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, size = batch.len(), "store batch commit failed");
+                let e = Arc::new(e);
+                for job in batch {
+                    let _ = job.reply.send(Err(DatabaseError::Batch(e.clone()).into()));
+                }
+            }
+        }
+    }
+}
+
+/// Commits a batch; an error here (not a change's own conflict) fails the
+/// whole transaction, so every change in it.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[Job],
+    clock: &dyn Clock,
+) -> Result<Vec<JobResult>, DatabaseError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(DatabaseError::Sqlite)?;
+    // Read the head inside the write transaction: another process (the CLI)
+    // may have appended since our last batch.
+    let (mut seq, mut head): (i64, Vec<u8>) = tx
+        .query_row(
+            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(DatabaseError::Sqlite)?
+        .unwrap_or((0, GENESIS_HASH.to_vec()));
+    let at_ms = (clock.now().unix_timestamp_nanos() / 1_000_000) as i64;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        tx.prepare_cached("SAVEPOINT change")
+            .map_err(DatabaseError::Sqlite)?
+            .execute([])
+            .map_err(DatabaseError::Sqlite)?;
+        let applied = apply(&tx, &job.change, seq, &head, at_ms);
+        match applied {
+            Ok((seqs, new_head)) => {
+                tx.prepare_cached("RELEASE change")
+                    .map_err(DatabaseError::Sqlite)?
+                    .execute([])
+                    .map_err(DatabaseError::Sqlite)?;
+                if let Some(last) = seqs.last() {
+                    seq = *last;
+                    head = new_head;
+                }
+                results.push(Ok(seqs));
+            }
+            Err(e) => {
+                tx.execute_batch("ROLLBACK TO change; RELEASE change")
+                    .map_err(DatabaseError::Sqlite)?;
+                results.push(Err(e));
+            }
+        }
+    }
+    tx.commit().map_err(DatabaseError::Sqlite)?;
+    Ok(results)
+}
+
+fn apply(
+    tx: &Transaction<'_>,
+    change: &Change,
+    mut seq: i64,
+    head: &[u8],
+    at_ms: i64,
+) -> Result<(Vec<i64>, Vec<u8>), StoreError> {
+    for w in &change.writes {
+        apply_write(tx, w)?;
+    }
+    let mut prev = head.to_vec();
+    let mut seqs = Vec::with_capacity(change.audit.len());
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit_events (seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .map_err(db)?;
+    for draft in &change.audit {
+        seq += 1;
+        let e = AuditEvent::chain(draft.clone(), seq, at_ms, prev);
+        let details = serde_json::to_string(&e.details).map_err(DatabaseError::AuditDetails)?;
+        stmt.execute(params![
+            e.seq,
+            e.at_ms,
+            e.actor,
+            e.action,
+            e.target,
+            e.outcome.as_str(),
+            details,
+            e.prev_hash,
+            e.hash,
+            e.version,
+            e.source
+        ])
+        .map_err(db)?;
+        prev = e.hash;
+        seqs.push(seq);
+    }
+    Ok((seqs, prev))
+}

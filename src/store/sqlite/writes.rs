@@ -1,0 +1,437 @@
+//! Applies one domain [`Write`] inside the writer's transaction, with the
+//! conditions (`from` states, guards, caps) checked in that same transaction.
+
+use super::{db, rows};
+use crate::store::records::*;
+use crate::store::{Conflict, StoreError, Write};
+use rusqlite::{OptionalExtension, Transaction, params};
+use uuid::Uuid;
+
+fn expect_one(n: usize, conflict: impl FnOnce() -> Conflict) -> Result<(), StoreError> {
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict(conflict()))
+    }
+}
+
+fn state_changed(entity: &'static str, id: &Uuid, expected: &'static str) -> Conflict {
+    Conflict::StateChanged {
+        entity,
+        id: id.to_string(),
+        expected,
+    }
+}
+
+/// Inserts `a`, naming a duplicate admin as such.
+fn insert_admin(tx: &Transaction<'_>, a: &AdminRecord) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO admins (id, name, role, token_hash, disabled, created_at, disabled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .map_err(db)?
+    .execute(params![a.id.to_string(), a.name, a.role.as_str(), a.token_hash, a.disabled, a.created_at, a.disabled_at])
+    .map_err(|e| match db(e) {
+        StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate { entity: "admin" }),
+        other => other,
+    })?;
+    Ok(())
+}
+
+/// Active admins of role `admin`, counted inside the transaction.
+fn active_admins(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+    tx.prepare_cached("SELECT COUNT(*) FROM admins WHERE role = 'admin' AND disabled = 0")
+        .map_err(db)?
+        .query_row([], |r| r.get(0))
+        .map_err(db)
+}
+
+pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreError> {
+    match w {
+        Write::InsertKey(k) => {
+            tx.prepare_cached(
+                "INSERT INTO keys (id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at, keystore)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .map_err(db)?
+            .execute(params![
+                k.id.to_string(),
+                k.label,
+                k.purpose.as_str(),
+                k.algorithm.as_str(),
+                k.backend,
+                k.handle.0,
+                k.public_key_der,
+                k.state.as_str(),
+                k.ca_name,
+                k.created_at,
+                k.updated_at,
+                k.keystore
+            ])
+            .map_err(db)?;
+        }
+        Write::CompleteKeyGeneration {
+            id,
+            public_key_der,
+            at,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE keys SET state = 'active', public_key = ?1, updated_at = ?2 WHERE id = ?3 AND state = 'generating'",
+                )
+                .map_err(db)?
+                .execute(params![public_key_der, at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("key", id, "generating"))?;
+        }
+        Write::SetKeyState { id, from, to, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE keys SET state = ?1, updated_at = ?2 WHERE id = ?3 AND state = ?4",
+                )
+                .map_err(db)?
+                .execute(params![to.as_str(), at, id.to_string(), from.as_str()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("key", id, from.as_str()))?;
+        }
+        Write::InsertCa(c) => {
+            tx.prepare_cached(
+                "INSERT INTO cas (name, kind, parent, key_id, certificate, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(db)?
+            .execute(params![
+                c.name,
+                rows::ca_kind_str(c.kind),
+                c.parent,
+                c.key_id.to_string(),
+                c.certificate_der,
+                c.created_at
+            ])
+            .map_err(db)?;
+        }
+        Write::InsertAdmin(a) => insert_admin(tx, a)?,
+        Write::InsertRegistration {
+            record: r,
+            max_pending_in_group,
+        } => {
+            if let Some(limit) = max_pending_in_group {
+                let pending: i64 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM registrations WHERE group_name = ?1 AND status = 'pending'",
+                    )
+                    .map_err(db)?
+                    .query_row(params![r.group], |row| row.get(0))
+                    .map_err(db)?;
+                if pending >= i64::from(*limit) {
+                    return Err(Conflict::LimitReached {
+                        what: "pending registrations in the group",
+                        limit: *limit,
+                    }
+                    .into());
+                }
+            }
+            tx.prepare_cached(
+                "INSERT INTO registrations (id, device_id, group_name, status, name, device_type, location, firmware, csr,
+                   key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial,
+                   credentials_fetched_at, credentials_confirmed_at, client_addr)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            )
+            .map_err(db)?
+            .execute(params![
+                r.id.to_string(),
+                r.device_id.to_string(),
+                r.group,
+                r.status.as_str(),
+                r.name,
+                r.device_type,
+                r.location,
+                r.firmware,
+                r.csr_der,
+                r.key_algorithm.as_str(),
+                r.secret_hash,
+                r.submitted_by.map(|u| u.to_string()),
+                r.submitted_at,
+                r.expires_at,
+                r.decided_at,
+                r.certificate_serial,
+                r.credentials_fetched_at,
+                r.credentials_confirmed_at,
+                r.client_addr
+            ])
+            .map_err(db)?;
+        }
+        Write::SetRegistrationStatus {
+            id,
+            from,
+            to,
+            at,
+            certificate_serial,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE registrations SET status = ?1, decided_at = COALESCE(decided_at, ?2),
+                       certificate_serial = COALESCE(?3, certificate_serial)
+                     WHERE id = ?4 AND status = ?5",
+                )
+                .map_err(db)?
+                .execute(params![
+                    to.as_str(),
+                    at,
+                    certificate_serial,
+                    id.to_string(),
+                    from.as_str()
+                ])
+                .map_err(db)?;
+            expect_one(n, || state_changed("registration", id, from.as_str()))?;
+        }
+        Write::DisableAdmin { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admins SET disabled = 1, disabled_at = ?2 WHERE id = ?1 AND disabled = 0",
+                )
+                .map_err(db)?
+                .execute(params![id.to_string(), at])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin", id, "active"))?;
+            if active_admins(tx)? == 0 {
+                return Err(Conflict::LastActiveAdmin.into());
+            }
+        }
+        Write::SetAdminRole { id, from, to } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admins SET role = ?1 WHERE id = ?2 AND role = ?3 AND disabled = 0",
+                )
+                .map_err(db)?
+                .execute(params![to.as_str(), id.to_string(), from.as_str()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin", id, from.as_str()))?;
+            if active_admins(tx)? == 0 {
+                return Err(Conflict::LastActiveAdmin.into());
+            }
+        }
+        Write::MarkCredentialsFetched { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE registrations SET credentials_fetched_at = COALESCE(credentials_fetched_at, ?1)
+                     WHERE id = ?2 AND status = 'issued'",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("registration", id, "issued"))?;
+        }
+        Write::ConfirmCredentials { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE registrations SET credentials_confirmed_at = ?1,
+                       credentials_fetched_at = COALESCE(credentials_fetched_at, ?1)
+                     WHERE id = ?2 AND status = 'issued' AND credentials_confirmed_at IS NULL",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("registration", id, "unconfirmed"))?;
+        }
+        Write::RecordDecision {
+            approval: a,
+            expect_counted_approvals,
+        } => {
+            let rid = a.registration_id.to_string();
+            let status: Option<String> = tx
+                .prepare_cached("SELECT status FROM registrations WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![rid], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match status.as_deref() {
+                None => {
+                    return Err(Conflict::Missing {
+                        entity: "registration",
+                        id: rid,
+                    }
+                    .into());
+                }
+                Some("pending") => {}
+                Some(_) => {
+                    return Err(state_changed("registration", &a.registration_id, "pending").into());
+                }
+            }
+            let active: Option<bool> = tx
+                .prepare_cached("SELECT disabled = 0 FROM admins WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![a.admin_id.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if active != Some(true) {
+                return Err(state_changed("admin", &a.admin_id, "active").into());
+            }
+            let (decided, counted): (i64, i64) = tx
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(ap.admin_id = ?2), 0),
+                            COALESCE(SUM(ap.decision = 'approve' AND ad.disabled = 0), 0)
+                     FROM approvals ap JOIN admins ad ON ad.id = ap.admin_id
+                     WHERE ap.registration_id = ?1",
+                )
+                .map_err(db)?
+                .query_row(params![rid, a.admin_id.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(db)?;
+            if decided > 0 {
+                return Err(Conflict::Duplicate { entity: "decision" }.into());
+            }
+            if counted != i64::from(*expect_counted_approvals) {
+                return Err(Conflict::ApprovalsChanged.into());
+            }
+            tx.prepare_cached(
+                "INSERT INTO approvals (registration_id, admin_id, decision, comment, decided_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?
+            .execute(params![
+                rid,
+                a.admin_id.to_string(),
+                a.decision.as_str(),
+                a.comment,
+                a.decided_at
+            ])
+            .map_err(db)?;
+        }
+        Write::InsertAdminRequest(r) => {
+            tx.prepare_cached(
+                "INSERT INTO admin_requests (id, kind, name, admin_id, role, requested_by, status, decided_by,
+                   requester_secret_hash, approver_secret_hash, client_addr, created_at, expires_at, decided_at, redeemed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )
+            .map_err(db)?
+            .execute(params![
+                r.id.to_string(),
+                r.kind.as_str(),
+                r.name,
+                r.admin_id.map(|u| u.to_string()),
+                r.role.as_str(),
+                r.requested_by.to_string(),
+                r.status.as_str(),
+                r.decided_by.map(|u| u.to_string()),
+                r.requester_secret_hash,
+                r.approver_secret_hash,
+                r.client_addr,
+                r.created_at,
+                r.expires_at,
+                r.decided_at,
+                r.redeemed_at
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate {
+                    entity: "open admin request",
+                }),
+                other => other,
+            })?;
+        }
+        Write::DecideAdminRequest {
+            id,
+            to,
+            decided_by,
+            at,
+            approver_secret_hash,
+        } => {
+            let active: Option<bool> = tx
+                .prepare_cached("SELECT disabled = 0 FROM admins WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![decided_by.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if active != Some(true) {
+                return Err(state_changed("admin", decided_by, "active").into());
+            }
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admin_requests SET status = ?1, decided_by = ?2, decided_at = ?3,
+                       approver_secret_hash = COALESCE(?4, approver_secret_hash)
+                     WHERE id = ?5 AND status = 'pending' AND expires_at > ?3",
+                )
+                .map_err(db)?
+                .execute(params![
+                    to.as_str(),
+                    decided_by.to_string(),
+                    at,
+                    approver_secret_hash,
+                    id.to_string()
+                ])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin request", id, "pending"))?;
+        }
+        Write::RedeemInvitation { id, at, admin } => {
+            // State first (so an unusable invitation reports as such), then
+            // the account, then the link to it (admin_id references admins).
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admin_requests SET status = 'redeemed', redeemed_at = ?1
+                     WHERE id = ?2 AND kind = 'invite' AND status = 'approved' AND expires_at > ?1",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("invitation", id, "open"))?;
+            insert_admin(tx, admin)?;
+            tx.prepare_cached("UPDATE admin_requests SET admin_id = ?1 WHERE id = ?2")
+                .map_err(db)?
+                .execute(params![admin.id.to_string(), id.to_string()])
+                .map_err(db)?;
+        }
+        Write::ExpireAdminRequest { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE admin_requests SET status = 'expired', decided_at = COALESCE(decided_at, ?1)
+                     WHERE id = ?2 AND status IN ('pending', 'approved')",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("admin request", id, "open"))?;
+        }
+        Write::InsertDevice(d) => {
+            tx.prepare_cached(
+                "INSERT INTO devices (id, name, device_type, location, firmware, group_name, status, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(db)?
+            .execute(params![
+                d.id.to_string(),
+                d.name,
+                d.device_type,
+                d.location,
+                d.firmware,
+                d.group,
+                d.status.as_str(),
+                d.created_at,
+                d.updated_at
+            ])
+            .map_err(db)?;
+        }
+        Write::InsertCertificate(c) => {
+            tx.prepare_cached(
+                "INSERT INTO certificates (serial, device_id, issuer_ca, issuer_key_id, subject, not_before, not_after,
+                   fingerprint, der, status, revoked_at, revocation_reason, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )
+            .map_err(db)?
+            .execute(params![
+                c.serial,
+                c.device_id.map(|u| u.to_string()),
+                c.issuer_ca,
+                c.issuer_key_id.to_string(),
+                c.subject,
+                c.not_before,
+                c.not_after,
+                c.fingerprint_sha256,
+                c.der,
+                c.status.as_str(),
+                c.revoked_at,
+                c.revocation_reason,
+                c.created_at
+            ])
+            .map_err(db)?;
+        }
+    }
+    Ok(())
+}

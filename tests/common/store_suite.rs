@@ -1,0 +1,2041 @@
+//! The `Store` conformance suite, written once and run against every backend:
+//! `store_suite!(open)` expands to one `#[test]` per contract case.
+//!
+//! A backend proves itself by one file: an `open` function that makes a fresh,
+//! empty, migrated store whose writer reads the given manual clock (and can
+//! open a read-only handle on the same data), then
+//!
+//! ```ignore
+//! #[macro_use]
+//! #[path = "common/store_suite.rs"]
+//! mod store_suite;
+//! store_suite!(open);
+//! ```
+//!
+//! The module must be named `store_suite` (the macro names its cases through it).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use futures::future::{BoxFuture, join_all};
+use keyward::audit::Outcome;
+use keyward::audit::{AUDIT_RECORD_VERSION, AuditDraft, AuditEvent, ChainVerifier, GENESIS_HASH};
+use keyward::clock::{ManualClock, from_unix};
+use keyward::store::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Expands to one `#[test]` per case of the suite, each against a store made
+/// by `$open` (a `fn(Arc<ManualClock>) -> BoxFuture<'static, Cx>`).
+macro_rules! store_suite {
+    ($open:path) => {
+        store_suite!(@cases $open;
+            audit_events_are_numbered_chained_and_timed,
+            change_without_audit_event_is_refused,
+            audit_chain_spans_concurrent_batches_and_keeps_source,
+            conflicting_change_applies_nothing_while_neighbours_commit,
+            keys_insert_complete_and_change_state,
+            cas_insert_and_list,
+            admins_insert_lookup_and_refuse_duplicates,
+            disable_admin_keeps_an_active_admin,
+            disable_admin_race_leaves_one_active_admin,
+            set_admin_role_checks_role_and_last_admin,
+            registrations_round_trip_and_change_status,
+            pending_cap_counts_pending_of_the_group,
+            pending_cap_holds_under_concurrency,
+            credentials_fetch_once_and_confirm_once,
+            record_decision_checks_inside_the_transaction,
+            record_decision_race_has_one_winner,
+            approvals_of_disabled_admins_do_not_count,
+            devices_and_certificates_round_trip,
+            invitation_is_approved_then_redeemed_once,
+            admin_request_conflicts,
+            registrations_paginate_in_both_orders_with_filters,
+            pages_cover_rows_once_while_rows_are_inserted,
+            page_limit_is_clamped,
+            admins_and_admin_requests_paginate,
+            expired_pending_registrations_oldest_first,
+            pending_counts_per_group,
+            counts_name_every_table,
+            read_only_store_refuses_commits,
+            missing_rows_read_as_none,
+        );
+    };
+    (@cases $open:path; $($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::store_suite::run($open, $crate::store_suite::$case);
+            }
+        )+
+    };
+}
+
+/// Start of the manual clock: 2030-01-01T00:00:00Z.
+pub const T0: i64 = 1_893_456_000;
+
+/// A fresh store and what a case needs around it.
+pub struct Cx {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<ManualClock>,
+    read_only: Box<dyn Fn() -> BoxFuture<'static, Arc<dyn Store>> + Send + Sync>,
+    _guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Cx {
+    /// `read_only` opens a second handle on the same data that may only read;
+    /// `guard` lives as long as the case (a temp dir, a server).
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<ManualClock>,
+        read_only: impl Fn() -> BoxFuture<'static, Arc<dyn Store>> + Send + Sync + 'static,
+        guard: impl std::any::Any + Send + Sync,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            read_only: Box::new(read_only),
+            _guard: Box::new(guard),
+        }
+    }
+
+    pub async fn read_only(&self) -> Arc<dyn Store> {
+        (self.read_only)().await
+    }
+}
+
+pub type Open = fn(Arc<ManualClock>) -> BoxFuture<'static, Cx>;
+
+/// Runs one case on a multi-threaded runtime, so concurrent cases race for real.
+pub fn run<F, Fut>(open: Open, case: F)
+where
+    F: FnOnce(Cx) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let clock = Arc::new(ManualClock::new(from_unix(T0)));
+        let cx = open(clock).await;
+        case(cx).await;
+    });
+}
+
+// ---------------------------------------------------------------- builders
+
+fn short() -> String {
+    Uuid::new_v4().simple().to_string()[..8].to_string()
+}
+
+pub fn admin(name: &str, role: Role) -> AdminRecord {
+    AdminRecord {
+        id: Uuid::now_v7(),
+        name: name.to_string(),
+        role,
+        token_hash: Uuid::new_v4().as_bytes().to_vec(),
+        disabled: false,
+        created_at: T0,
+        disabled_at: None,
+    }
+}
+
+pub fn registration(group: &str, expires_at: i64) -> RegistrationRecord {
+    RegistrationRecord {
+        id: Uuid::now_v7(),
+        device_id: Uuid::now_v7(),
+        group: group.to_string(),
+        status: RegistrationStatus::Pending,
+        name: format!("device-{}", short()),
+        device_type: None,
+        location: None,
+        firmware: None,
+        csr_der: vec![0x30, 0x03, 0x02, 0x01, 0x01],
+        key_algorithm: KeyAlgorithm::EcdsaP256,
+        secret_hash: Uuid::new_v4().as_bytes().to_vec(),
+        submitted_by: None,
+        submitted_at: T0,
+        expires_at,
+        decided_at: None,
+        certificate_serial: None,
+        credentials_fetched_at: None,
+        credentials_confirmed_at: None,
+        client_addr: None,
+    }
+}
+
+pub fn key(state: KeyState) -> KeyRecord {
+    let id = Uuid::now_v7();
+    KeyRecord {
+        id,
+        label: format!("key-{}", short()),
+        purpose: KeyPurpose::IssuingCa,
+        algorithm: KeyAlgorithm::EcdsaP384,
+        backend: "pkcs11".into(),
+        keystore: "default".into(),
+        handle: KeyHandle(format!("pkcs11:token=t;id={}", id.simple())),
+        public_key_der: if state == KeyState::Generating {
+            Vec::new()
+        } else {
+            vec![0x30, 0x59, 1, 2, 3]
+        },
+        state,
+        ca_name: None,
+        created_at: T0,
+        updated_at: T0,
+    }
+}
+
+pub fn ca(name: &str, kind: CaKind, parent: Option<&str>, key_id: Uuid, at: i64) -> CaRecord {
+    CaRecord {
+        name: name.to_string(),
+        kind,
+        parent: parent.map(str::to_string),
+        key_id,
+        certificate_der: vec![0x30, 0x82, 0x01, 0x00, 7],
+        created_at: at,
+    }
+}
+
+pub fn device(group: &str) -> DeviceRecord {
+    DeviceRecord {
+        id: Uuid::now_v7(),
+        name: format!("device-{}", short()),
+        device_type: Some("sensor".into()),
+        location: Some("hall 3".into()),
+        firmware: Some("1.2.3".into()),
+        group: group.to_string(),
+        status: DeviceStatus::Active,
+        created_at: T0,
+        updated_at: T0,
+    }
+}
+
+pub fn certificate(serial: &str, key_id: Uuid, device_id: Option<Uuid>) -> CertificateRecord {
+    CertificateRecord {
+        serial: serial.to_string(),
+        device_id,
+        issuer_ca: "issuing".into(),
+        issuer_key_id: key_id,
+        subject: "CN=device".into(),
+        not_before: T0,
+        not_after: T0 + 86_400,
+        fingerprint_sha256: "ab".repeat(32),
+        der: vec![0x30, 0x82, 9, 9],
+        status: CertificateStatus::Valid,
+        revoked_at: None,
+        revocation_reason: None,
+        created_at: T0,
+    }
+}
+
+pub fn invite(name: &str, requested_by: Uuid, expires_at: i64) -> AdminRequestRecord {
+    AdminRequestRecord {
+        id: Uuid::now_v7(),
+        kind: AdminRequestKind::Invite,
+        name: name.to_string(),
+        admin_id: None,
+        role: Role::Approver,
+        requested_by,
+        status: AdminRequestStatus::Pending,
+        decided_by: None,
+        requester_secret_hash: Some(vec![1; 32]),
+        approver_secret_hash: None,
+        client_addr: Some("192.0.2.10".into()),
+        created_at: T0,
+        expires_at,
+        decided_at: None,
+        redeemed_at: None,
+    }
+}
+
+pub fn set_role_request(
+    target: &AdminRecord,
+    to: Role,
+    requested_by: Uuid,
+    expires_at: i64,
+) -> AdminRequestRecord {
+    AdminRequestRecord {
+        kind: AdminRequestKind::SetRole,
+        name: target.name.clone(),
+        admin_id: Some(target.id),
+        role: to,
+        requester_secret_hash: None,
+        client_addr: None,
+        ..invite(&target.name, requested_by, expires_at)
+    }
+}
+
+pub fn decision(
+    registration: Uuid,
+    admin: Uuid,
+    decision: Decision,
+    at: i64,
+    expect: u32,
+) -> Write {
+    Write::RecordDecision {
+        approval: ApprovalRecord {
+            registration_id: registration,
+            admin_id: admin,
+            decision,
+            comment: Some(format!("{decision} at {at}")),
+            decided_at: at,
+            counted: true,
+        },
+        expect_counted_approvals: expect,
+    }
+}
+
+pub fn ev(action: &str) -> AuditDraft {
+    AuditDraft::new("test", action, "target")
+}
+
+/// A change of one write and one audit event.
+pub fn one(w: Write) -> Change {
+    Change::new().write(w).audit(ev("test.write"))
+}
+
+pub async fn ok(s: &dyn Store, w: Write) -> Vec<i64> {
+    s.commit(one(w)).await.unwrap()
+}
+
+pub async fn ok_all(s: &dyn Store, ws: Vec<Write>) -> Vec<i64> {
+    let mut change = Change::new().audit(ev("test.batch"));
+    change.writes = ws;
+    s.commit(change).await.unwrap()
+}
+
+pub fn conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> Conflict {
+    match r {
+        Err(StoreError::Conflict(c)) => c,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+/// Row counts and the audit head: anything a change applies shows here.
+pub async fn snapshot(s: &dyn Store) -> (BTreeMap<String, i64>, (i64, Vec<u8>)) {
+    (s.counts().await.unwrap(), s.audit_head().await.unwrap())
+}
+
+/// Commits `w` after a harmless write (an auditor account, which counts
+/// toward no guard) and with two audit events; the change must conflict and
+/// leave nothing behind: not the harmless write, not its events.
+pub async fn refused(s: &dyn Store, w: Write) -> Conflict {
+    let before = snapshot(s).await;
+    let canary = admin(&format!("canary-{}", short()), Role::Auditor);
+    let r = s
+        .commit(
+            Change::new()
+                .write(Write::InsertAdmin(canary.clone()))
+                .write(w)
+                .audit(ev("canary.one"))
+                .audit(ev("canary.two")),
+        )
+        .await;
+    let c = conflict(r);
+    assert_eq!(
+        snapshot(s).await,
+        before,
+        "a refused change left rows or audit events behind ({c:?})"
+    );
+    assert!(s.get_admin(canary.id).await.unwrap().is_none());
+    c
+}
+
+pub async fn all_events(s: &dyn Store) -> Vec<AuditEvent> {
+    s.audit_events(AuditQuery {
+        from_seq: 1,
+        limit: 1_000_000,
+    })
+    .await
+    .unwrap()
+}
+
+/// Every stored event, verified by the chain verifier from the genesis hash
+/// to the head the store reports.
+pub async fn verified_chain(s: &dyn Store) -> Vec<AuditEvent> {
+    let events = all_events(s).await;
+    let mut v = ChainVerifier::default();
+    for e in &events {
+        v.push(e).unwrap_or_else(|b| panic!("chain broken: {b:?}"));
+    }
+    let (n, head) = s.audit_head().await.unwrap();
+    assert_eq!(n, events.len() as i64);
+    assert_eq!(v.head(), &head[..]);
+    events
+}
+
+fn same<T: std::fmt::Debug>(got: &T, want: &T) {
+    assert_eq!(format!("{got:?}"), format!("{want:?}"));
+}
+
+async fn reg(s: &dyn Store, id: Uuid) -> RegistrationRecord {
+    s.get_registration(id).await.unwrap().unwrap()
+}
+
+async fn adm(s: &dyn Store, id: Uuid) -> AdminRecord {
+    s.get_admin(id).await.unwrap().unwrap()
+}
+
+async fn req(s: &dyn Store, id: Uuid) -> AdminRequestRecord {
+    s.get_admin_request(id).await.unwrap().unwrap()
+}
+
+fn insert_reg(r: &RegistrationRecord) -> Write {
+    Write::InsertRegistration {
+        record: r.clone(),
+        max_pending_in_group: None,
+    }
+}
+
+fn set_status(id: Uuid, from: RegistrationStatus, to: RegistrationStatus, at: i64) -> Write {
+    Write::SetRegistrationStatus {
+        id,
+        from,
+        to,
+        at,
+        certificate_serial: None,
+    }
+}
+
+fn disable(id: Uuid, at: i64) -> Write {
+    Write::DisableAdmin { id, at }
+}
+
+fn fetched(id: Uuid, at: i64) -> Write {
+    Write::MarkCredentialsFetched { id, at }
+}
+
+fn confirm(id: Uuid, at: i64) -> Write {
+    Write::ConfirmCredentials { id, at }
+}
+
+fn expire(id: Uuid, at: i64) -> Write {
+    Write::ExpireAdminRequest { id, at }
+}
+
+// ------------------------------------------------------- commits and audit
+
+/// Events get consecutive sequence numbers across changes, chain from the
+/// genesis hash, carry the writer clock's time, and read back by range.
+pub async fn audit_events_are_numbered_chained_and_timed(cx: Cx) {
+    let s = cx.store.as_ref();
+    assert_eq!(s.audit_head().await.unwrap(), (0, GENESIS_HASH.to_vec()));
+    // An audit-only change (e.g. a refused login) is a change like any other.
+    let seqs = s
+        .commit(Change::new().audit(ev("a.one")).audit(ev("a.two")))
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![1, 2]);
+    let seqs = ok(s, Write::InsertAdmin(admin("alice", Role::Admin))).await;
+    assert_eq!(seqs, vec![3]);
+    cx.clock.advance(time::Duration::seconds(5));
+    let seqs = s.commit(Change::new().audit(ev("a.later"))).await.unwrap();
+    assert_eq!(seqs, vec![4]);
+
+    let events = verified_chain(s).await;
+    let actions: Vec<_> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["a.one", "a.two", "test.write", "a.later"]);
+    assert_eq!(events[0].prev_hash, GENESIS_HASH.to_vec());
+    assert_eq!(events[0].at_ms, T0 * 1000);
+    assert_eq!(events[2].at_ms, T0 * 1000);
+    assert_eq!(events[3].at_ms, (T0 + 5) * 1000);
+    assert!(events.iter().all(|e| e.version == AUDIT_RECORD_VERSION));
+
+    let middle = s
+        .audit_events(AuditQuery {
+            from_seq: 2,
+            limit: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(middle.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(middle[0], events[1]);
+    assert!(
+        s.audit_events(AuditQuery {
+            from_seq: 5,
+            limit: 10
+        })
+        .await
+        .unwrap()
+        .is_empty()
+    );
+}
+
+/// No audit event, no change: the writes are refused and nothing is stored.
+pub async fn change_without_audit_event_is_refused(cx: Cx) {
+    let s = cx.store.as_ref();
+    let before = snapshot(s).await;
+    let a = admin("unaudited", Role::Admin);
+    let err = s
+        .commit(Change::new().write(Write::InsertAdmin(a.clone())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Database(DatabaseError::Unaudited)),
+        "a missing audit event is a caller error, not a conflict: {err:?}"
+    );
+    assert_eq!(err.code(), "change_unaudited");
+    assert_eq!(snapshot(s).await, before);
+    assert!(s.admin_by_name("unaudited").await.unwrap().is_none());
+}
+
+/// Many changes at once (which a backend may group into one transaction):
+/// every change gets its own consecutive numbers, the whole trail verifies,
+/// and `source`, `outcome` and `details` read back as written.
+pub async fn audit_chain_spans_concurrent_batches_and_keeps_source(cx: Cx) {
+    let s = cx.store.clone();
+    let tasks = (0..64usize).map(|i| {
+        let s = s.clone();
+        async move {
+            let mut change = Change::new();
+            for j in 0..(i % 3 + 1) {
+                let source = i.is_multiple_of(2).then(|| format!("192.0.2.{i}"));
+                change = change.audit(
+                    AuditDraft::new(format!("admin:{i}"), &format!("c{i}.e{j}"), "target")
+                        .source(source.as_deref())
+                        .outcome(if j == 1 {
+                            Outcome::Denied
+                        } else {
+                            Outcome::Success
+                        })
+                        .details(serde_json::json!({"i": i, "z": [1, 2], "a": {"b": "c"}})),
+                );
+            }
+            (i, s.commit(change).await.unwrap())
+        }
+    });
+    let results = join_all(tasks).await;
+    let events = verified_chain(s.as_ref()).await;
+    let total: usize = (0..64).map(|i| i % 3 + 1).sum();
+    assert_eq!(events.len(), total);
+    let mut seen = BTreeSet::new();
+    for (i, seqs) in &results {
+        assert_eq!(seqs.len(), i % 3 + 1);
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "one change's events are consecutive: {seqs:?}"
+        );
+        for (j, seq) in seqs.iter().enumerate() {
+            assert!(seen.insert(*seq));
+            let e = &events[(*seq - 1) as usize];
+            assert_eq!(e.seq, *seq);
+            assert_eq!(e.action, format!("c{i}.e{j}"));
+            assert_eq!(e.actor, format!("admin:{i}"));
+            let want_source = i.is_multiple_of(2).then(|| format!("192.0.2.{i}"));
+            assert_eq!(e.source, want_source);
+            assert_eq!(
+                e.outcome,
+                if j == 1 {
+                    Outcome::Denied
+                } else {
+                    Outcome::Success
+                }
+            );
+            assert_eq!(
+                e.details,
+                serde_json::json!({"a": {"b": "c"}, "i": i, "z": [1, 2]})
+            );
+            assert_eq!(e.version, 2);
+        }
+    }
+    // The chain continues after the burst.
+    let next = s.commit(Change::new().audit(ev("after"))).await.unwrap();
+    assert_eq!(next, vec![total as i64 + 1]);
+    verified_chain(s.as_ref()).await;
+}
+
+/// Conflicting changes committed among valid ones: each conflicting change
+/// applies neither its writes nor its events; its neighbours all commit.
+pub async fn conflicting_change_applies_nothing_while_neighbours_commit(cx: Cx) {
+    let s = cx.store.clone();
+    ok(s.as_ref(), Write::InsertAdmin(admin("taken", Role::Admin))).await;
+    let tasks = (0..40usize).map(|i| {
+        let s = s.clone();
+        async move {
+            let mut change =
+                Change::new().write(Write::InsertAdmin(admin(&format!("n{i}"), Role::Approver)));
+            if i % 2 == 1 {
+                change = change.write(Write::InsertAdmin(admin("taken", Role::Approver)));
+            }
+            let change = change
+                .audit(ev(&format!("c{i}.a")))
+                .audit(ev(&format!("c{i}.b")));
+            (i, s.commit(change).await)
+        }
+    });
+    for (i, r) in join_all(tasks).await {
+        if i.is_multiple_of(2) {
+            assert_eq!(r.unwrap().len(), 2);
+            assert!(s.admin_by_name(&format!("n{i}")).await.unwrap().is_some());
+        } else {
+            assert!(
+                matches!(conflict(r), Conflict::Duplicate { entity: "admin" }),
+                "change {i}"
+            );
+            assert!(s.admin_by_name(&format!("n{i}")).await.unwrap().is_none());
+        }
+    }
+    let events = verified_chain(s.as_ref()).await;
+    assert_eq!(events.len(), 1 + 20 * 2);
+    assert!(events.iter().all(|e| {
+        let i: usize = e
+            .action
+            .strip_prefix('c')
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        i.is_multiple_of(2)
+    }));
+    assert_eq!(s.counts().await.unwrap()["admins"], 21);
+}
+
+// -------------------------------------------------------------- keys, CAs
+
+pub async fn keys_insert_complete_and_change_state(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Generating);
+    ok(s, Write::InsertKey(k.clone())).await;
+    same(&s.get_key(k.id).await.unwrap().unwrap(), &k);
+    let c = refused(s, Write::InsertKey(k.clone())).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+
+    ok(
+        s,
+        Write::CompleteKeyGeneration {
+            id: k.id,
+            public_key_der: vec![0x30, 0x59, 9, 9],
+            at: T0 + 5,
+        },
+    )
+    .await;
+    let got = s.get_key(k.id).await.unwrap().unwrap();
+    assert_eq!(got.state, KeyState::Active);
+    assert_eq!(got.public_key_der, vec![0x30, 0x59, 9, 9]);
+    assert_eq!(got.updated_at, T0 + 5);
+    let c = refused(
+        s,
+        Write::CompleteKeyGeneration {
+            id: k.id,
+            public_key_der: vec![1],
+            at: T0 + 6,
+        },
+    )
+    .await;
+    assert!(
+        matches!(c, Conflict::StateChanged { entity: "key", .. }),
+        "{c:?}"
+    );
+    let c = refused(
+        s,
+        Write::CompleteKeyGeneration {
+            id: Uuid::now_v7(),
+            public_key_der: vec![1],
+            at: T0 + 6,
+        },
+    )
+    .await;
+    assert!(
+        matches!(c, Conflict::StateChanged { .. } | Conflict::Missing { .. }),
+        "{c:?}"
+    );
+
+    ok(
+        s,
+        Write::SetKeyState {
+            id: k.id,
+            from: KeyState::Active,
+            to: KeyState::Retired,
+            at: T0 + 7,
+        },
+    )
+    .await;
+    let c = refused(
+        s,
+        Write::SetKeyState {
+            id: k.id,
+            from: KeyState::Active,
+            to: KeyState::Destroyed,
+            at: T0 + 8,
+        },
+    )
+    .await;
+    assert!(
+        matches!(c, Conflict::StateChanged { entity: "key", .. }),
+        "{c:?}"
+    );
+    let got = s.get_key(k.id).await.unwrap().unwrap();
+    assert_eq!((got.state, got.updated_at), (KeyState::Retired, T0 + 7));
+    assert_eq!(got.public_key_der, vec![0x30, 0x59, 9, 9]);
+
+    let mut later = key(KeyState::Active);
+    later.created_at = T0 + 100;
+    later.ca_name = Some("root".into());
+    later.keystore = "yubikey".into();
+    ok(s, Write::InsertKey(later.clone())).await;
+    let keys = s.list_keys().await.unwrap();
+    assert_eq!(
+        keys.iter().map(|k| k.id).collect::<Vec<_>>(),
+        [k.id, later.id]
+    );
+    same(&keys[1], &later);
+}
+
+pub async fn cas_insert_and_list(cx: Cx) {
+    let s = cx.store.as_ref();
+    let rk = key(KeyState::Active);
+    let ik = key(KeyState::Active);
+    ok_all(
+        s,
+        vec![Write::InsertKey(rk.clone()), Write::InsertKey(ik.clone())],
+    )
+    .await;
+    let root = ca("root", CaKind::Root, None, rk.id, T0);
+    let issuing = ca("issuing", CaKind::Issuing, Some("root"), ik.id, T0 + 1);
+    ok(s, Write::InsertCa(root.clone())).await;
+    ok(s, Write::InsertCa(issuing.clone())).await;
+    same(&s.get_ca("root").await.unwrap().unwrap(), &root);
+    same(&s.get_ca("issuing").await.unwrap().unwrap(), &issuing);
+    let all = s.list_cas().await.unwrap();
+    assert_eq!(
+        all.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["root", "issuing"]
+    );
+    let c = refused(
+        s,
+        Write::InsertCa(ca("root", CaKind::Root, None, rk.id, T0)),
+    )
+    .await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+}
+
+// ------------------------------------------------------------------ admins
+
+pub async fn admins_insert_lookup_and_refuse_duplicates(cx: Cx) {
+    let s = cx.store.as_ref();
+    let alice = admin("alice", Role::Admin);
+    let bob = admin("bob", Role::Approver);
+    let carol = admin("carol", Role::Auditor);
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdmin(alice.clone()),
+            Write::InsertAdmin(bob.clone()),
+            Write::InsertAdmin(carol.clone()),
+        ],
+    )
+    .await;
+    same(&adm(s, alice.id).await, &alice);
+    same(&s.admin_by_name("bob").await.unwrap().unwrap(), &bob);
+    same(
+        &s.admin_by_token_hash(&carol.token_hash)
+            .await
+            .unwrap()
+            .unwrap(),
+        &carol,
+    );
+    assert!(s.admin_by_token_hash(&[7; 16]).await.unwrap().is_none());
+    assert_eq!(s.count_active_admins().await.unwrap(), 1);
+
+    let c = refused(s, Write::InsertAdmin(admin("alice", Role::Auditor))).await;
+    assert_eq!(c, Conflict::Duplicate { entity: "admin" });
+    let mut same_token = admin("alice-2", Role::Auditor);
+    same_token.token_hash = alice.token_hash.clone();
+    let c = refused(s, Write::InsertAdmin(same_token)).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+
+    let dave = admin("dave", Role::Admin);
+    ok(s, Write::InsertAdmin(dave.clone())).await;
+    assert_eq!(s.count_active_admins().await.unwrap(), 2);
+    ok(s, disable(dave.id, T0 + 1)).await;
+    assert_eq!(s.count_active_admins().await.unwrap(), 1);
+}
+
+pub async fn disable_admin_keeps_an_active_admin(cx: Cx) {
+    let s = cx.store.as_ref();
+    let alice = admin("alice", Role::Admin);
+    let bob = admin("bob", Role::Approver);
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdmin(alice.clone()),
+            Write::InsertAdmin(bob.clone()),
+        ],
+    )
+    .await;
+
+    let c = refused(s, disable(alice.id, T0 + 1)).await;
+    assert_eq!(c, Conflict::LastActiveAdmin);
+    assert!(!adm(s, alice.id).await.disabled);
+
+    // An approver is not counted by the guard.
+    ok(s, disable(bob.id, T0 + 2)).await;
+    let b = adm(s, bob.id).await;
+    assert!(b.disabled);
+    assert_eq!(b.disabled_at, Some(T0 + 2));
+    let c = refused(s, disable(bob.id, T0 + 3)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    assert_eq!(adm(s, bob.id).await.disabled_at, Some(T0 + 2));
+
+    let carol = admin("carol", Role::Admin);
+    ok(s, Write::InsertAdmin(carol.clone())).await;
+    ok(s, disable(alice.id, T0 + 4)).await;
+    let c = refused(s, disable(carol.id, T0 + 5)).await;
+    assert_eq!(c, Conflict::LastActiveAdmin);
+    assert!(!adm(s, carol.id).await.disabled);
+    assert_eq!(s.count_active_admins().await.unwrap(), 1);
+
+    refused(s, disable(Uuid::now_v7(), T0 + 6)).await;
+}
+
+/// Two admins disable each other at the same moment, round after round:
+/// exactly one change of each pair commits, one active admin remains.
+pub async fn disable_admin_race_leaves_one_active_admin(cx: Cx) {
+    let s = cx.store.clone();
+    let mut survivor = admin("first", Role::Admin);
+    ok(s.as_ref(), Write::InsertAdmin(survivor.clone())).await;
+    for round in 0..12 {
+        let other = admin(&format!("round-{round}"), Role::Admin);
+        ok(s.as_ref(), Write::InsertAdmin(other.clone())).await;
+        assert_eq!(s.count_active_admins().await.unwrap(), 2);
+        let events_before = s.audit_head().await.unwrap().0;
+        let disable = |id: Uuid| {
+            let s = s.clone();
+            tokio::spawn(async move { s.commit(one(Write::DisableAdmin { id, at: T0 })).await })
+        };
+        let (a, b) = (disable(other.id), disable(survivor.id));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "round {round}: exactly one commit must succeed: {a:?} {b:?}"
+        );
+        let lost = if a.is_ok() { b } else { a };
+        assert_eq!(conflict(lost), Conflict::LastActiveAdmin);
+        assert_eq!(s.count_active_admins().await.unwrap(), 1);
+        assert_eq!(s.audit_head().await.unwrap().0, events_before + 1);
+        survivor = if adm(s.as_ref(), survivor.id).await.disabled {
+            other
+        } else {
+            survivor
+        };
+        assert!(!adm(s.as_ref(), survivor.id).await.disabled);
+    }
+    verified_chain(s.as_ref()).await;
+}
+
+pub async fn set_admin_role_checks_role_and_last_admin(cx: Cx) {
+    let s = cx.store.as_ref();
+    let alice = admin("alice", Role::Admin);
+    let bob = admin("bob", Role::Approver);
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdmin(alice.clone()),
+            Write::InsertAdmin(bob.clone()),
+        ],
+    )
+    .await;
+    let role = |id, from, to| Write::SetAdminRole { id, from, to };
+
+    let c = refused(s, role(alice.id, Role::Admin, Role::Approver)).await;
+    assert_eq!(c, Conflict::LastActiveAdmin);
+    assert_eq!(adm(s, alice.id).await.role, Role::Admin);
+
+    let c = refused(s, role(bob.id, Role::Admin, Role::Auditor)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    assert_eq!(adm(s, bob.id).await.role, Role::Approver);
+
+    ok(s, role(bob.id, Role::Approver, Role::Admin)).await;
+    ok(s, role(alice.id, Role::Admin, Role::Auditor)).await;
+    assert_eq!(adm(s, alice.id).await.role, Role::Auditor);
+    assert_eq!(adm(s, bob.id).await.role, Role::Admin);
+    assert_eq!(s.count_active_admins().await.unwrap(), 1);
+
+    ok(s, disable(alice.id, T0 + 1)).await;
+    let c = refused(s, role(alice.id, Role::Auditor, Role::Approver)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    assert_eq!(adm(s, alice.id).await.role, Role::Auditor);
+}
+
+// ----------------------------------------------------------- registrations
+
+pub async fn registrations_round_trip_and_change_status(cx: Cx) {
+    let s = cx.store.as_ref();
+    let submitter = admin("alice", Role::Admin);
+    ok(s, Write::InsertAdmin(submitter.clone())).await;
+    let mut r = registration("sensors", T0 + 3600);
+    r.device_type = Some("meter".into());
+    r.location = Some("Bâtiment B".into());
+    r.firmware = Some("4.2".into());
+    r.submitted_by = Some(submitter.id);
+    r.client_addr = Some("2001:db8::7".into());
+    ok(s, insert_reg(&r)).await;
+    same(&reg(s, r.id).await, &r);
+
+    let mut twin = registration("sensors", T0 + 3600);
+    twin.device_id = r.device_id;
+    let c = refused(s, insert_reg(&twin)).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    let mut same_id = registration("sensors", T0 + 3600);
+    same_id.id = r.id;
+    let c = refused(s, insert_reg(&same_id)).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+
+    use RegistrationStatus as S;
+    ok(s, set_status(r.id, S::Pending, S::Approved, T0 + 10)).await;
+    let got = reg(s, r.id).await;
+    assert_eq!((got.status, got.decided_at), (S::Approved, Some(T0 + 10)));
+
+    let c = refused(s, set_status(r.id, S::Pending, S::Denied, T0 + 11)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "registration",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    assert_eq!(reg(s, r.id).await.status, S::Approved);
+
+    ok(
+        s,
+        Write::SetRegistrationStatus {
+            id: r.id,
+            from: S::Approved,
+            to: S::Issued,
+            at: T0 + 20,
+            certificate_serial: Some("0A1B2C".into()),
+        },
+    )
+    .await;
+    let got = reg(s, r.id).await;
+    assert_eq!(got.status, S::Issued);
+    assert_eq!(got.decided_at, Some(T0 + 10), "the decision time is kept");
+    assert_eq!(got.certificate_serial.as_deref(), Some("0A1B2C"));
+
+    let c = refused(s, set_status(Uuid::now_v7(), S::Pending, S::Denied, T0)).await;
+    assert!(
+        matches!(c, Conflict::StateChanged { .. } | Conflict::Missing { .. }),
+        "{c:?}"
+    );
+}
+
+fn capped(r: &RegistrationRecord, cap: u32) -> Write {
+    Write::InsertRegistration {
+        record: r.clone(),
+        max_pending_in_group: Some(cap),
+    }
+}
+
+pub async fn pending_cap_counts_pending_of_the_group(cx: Cx) {
+    let s = cx.store.as_ref();
+    let a1 = registration("a", T0 + 60);
+    ok(s, capped(&a1, 2)).await;
+    ok(s, capped(&registration("a", T0 + 60), 2)).await;
+    let c = refused(s, capped(&registration("a", T0 + 60), 2)).await;
+    assert!(
+        matches!(c, Conflict::LimitReached { limit: 2, .. }),
+        "{c:?}"
+    );
+    // Other groups have their own count.
+    ok(s, capped(&registration("b", T0 + 60), 2)).await;
+    // Only pending registrations count.
+    ok(
+        s,
+        set_status(
+            a1.id,
+            RegistrationStatus::Pending,
+            RegistrationStatus::Denied,
+            T0 + 1,
+        ),
+    )
+    .await;
+    ok(s, capped(&registration("a", T0 + 60), 2)).await;
+    let c = refused(s, capped(&registration("a", T0 + 60), 2)).await;
+    assert!(
+        matches!(c, Conflict::LimitReached { limit: 2, .. }),
+        "{c:?}"
+    );
+    // Without a cap there is no limit.
+    ok(s, insert_reg(&registration("a", T0 + 60))).await;
+    assert_eq!(s.pending_counts().await.unwrap()["a"], 3);
+}
+
+/// Cap 5, 20 inserts at once: exactly 5 land, 15 conflict and leave no event.
+pub async fn pending_cap_holds_under_concurrency(cx: Cx) {
+    let s = cx.store.clone();
+    let tasks = (0..20).map(|_| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.commit(one(capped(&registration("burst", T0 + 60), 5)))
+                .await
+        })
+    });
+    let mut won = 0;
+    for t in join_all(tasks).await {
+        match t.unwrap() {
+            Ok(_) => won += 1,
+            Err(e) => assert!(matches!(
+                conflict::<()>(Err(e)),
+                Conflict::LimitReached { limit: 5, .. }
+            )),
+        }
+    }
+    assert_eq!(won, 5);
+    assert_eq!(s.pending_counts().await.unwrap()["burst"], 5);
+    let counts = s.counts().await.unwrap();
+    assert_eq!((counts["registrations"], counts["audit_events"]), (5, 5));
+    verified_chain(s.as_ref()).await;
+}
+
+pub async fn credentials_fetch_once_and_confirm_once(cx: Cx) {
+    use RegistrationStatus as S;
+    let s = cx.store.as_ref();
+    let r = registration("g", T0 + 600);
+    ok(s, insert_reg(&r)).await;
+    let c = refused(s, fetched(r.id, T0 + 1)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "registration",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    ok(s, set_status(r.id, S::Pending, S::Approved, T0 + 2)).await;
+    ok(s, set_status(r.id, S::Approved, S::Issued, T0 + 3)).await;
+
+    ok(s, fetched(r.id, T0 + 100)).await;
+    assert_eq!(reg(s, r.id).await.credentials_fetched_at, Some(T0 + 100));
+    // A re-fetch keeps the first delivery time.
+    ok(s, fetched(r.id, T0 + 200)).await;
+    assert_eq!(reg(s, r.id).await.credentials_fetched_at, Some(T0 + 100));
+
+    ok(s, confirm(r.id, T0 + 300)).await;
+    let got = reg(s, r.id).await;
+    assert_eq!(got.credentials_confirmed_at, Some(T0 + 300));
+    assert_eq!(got.credentials_fetched_at, Some(T0 + 100));
+    refused(s, confirm(r.id, T0 + 400)).await;
+    assert_eq!(reg(s, r.id).await.credentials_confirmed_at, Some(T0 + 300));
+
+    // Confirming without a recorded fetch records both.
+    let r2 = registration("g", T0 + 600);
+    ok(s, insert_reg(&r2)).await;
+    ok(s, set_status(r2.id, S::Pending, S::Approved, T0 + 2)).await;
+    ok(s, set_status(r2.id, S::Approved, S::Issued, T0 + 3)).await;
+    ok(s, confirm(r2.id, T0 + 50)).await;
+    let got = reg(s, r2.id).await;
+    assert_eq!(
+        (got.credentials_fetched_at, got.credentials_confirmed_at),
+        (Some(T0 + 50), Some(T0 + 50))
+    );
+    // A registration that is not issued cannot be confirmed.
+    let r3 = registration("g", T0 + 600);
+    ok(s, insert_reg(&r3)).await;
+    refused(s, confirm(r3.id, T0 + 5)).await;
+}
+
+// ---------------------------------------------------------------- decisions
+
+pub async fn record_decision_checks_inside_the_transaction(cx: Cx) {
+    use Decision::{Approve, Deny};
+    let s = cx.store.as_ref();
+    let boss = admin("boss", Role::Admin);
+    let [a1, a2, a3, a4] = ["a1", "a2", "a3", "a4"].map(|n| admin(n, Role::Approver));
+    ok_all(
+        s,
+        [&boss, &a1, &a2, &a3, &a4]
+            .iter()
+            .map(|a| Write::InsertAdmin((*a).clone()))
+            .collect(),
+    )
+    .await;
+    let r = registration("g", T0 + 600);
+    ok(s, insert_reg(&r)).await;
+
+    ok(s, decision(r.id, a1.id, Approve, T0 + 1, 0)).await;
+    let c = refused(s, decision(r.id, a1.id, Deny, T0 + 2, 1)).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    let c = refused(s, decision(r.id, a2.id, Approve, T0 + 2, 0)).await;
+    assert_eq!(c, Conflict::ApprovalsChanged);
+    // A denial is recorded but is not an approval.
+    ok(s, decision(r.id, a2.id, Deny, T0 + 2, 1)).await;
+    let c = refused(s, decision(r.id, a3.id, Approve, T0 + 3, 2)).await;
+    assert_eq!(c, Conflict::ApprovalsChanged);
+    ok(s, decision(r.id, a3.id, Approve, T0 + 3, 1)).await;
+
+    let got = s.approvals(r.id).await.unwrap();
+    let summary: Vec<_> = got
+        .iter()
+        .map(|a| {
+            (
+                a.admin_id,
+                a.decision,
+                a.decided_at,
+                a.counted,
+                a.comment.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                a1.id,
+                Approve,
+                T0 + 1,
+                true,
+                Some(format!("approve at {}", T0 + 1))
+            ),
+            (
+                a2.id,
+                Deny,
+                T0 + 2,
+                true,
+                Some(format!("deny at {}", T0 + 2))
+            ),
+            (
+                a3.id,
+                Approve,
+                T0 + 3,
+                true,
+                Some(format!("approve at {}", T0 + 3))
+            ),
+        ]
+    );
+
+    ok(s, disable(a4.id, T0 + 4)).await;
+    let c = refused(s, decision(r.id, a4.id, Approve, T0 + 5, 2)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    let c = refused(s, decision(r.id, Uuid::now_v7(), Approve, T0 + 5, 2)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+
+    let done = registration("g", T0 + 600);
+    ok(s, insert_reg(&done)).await;
+    ok(
+        s,
+        set_status(
+            done.id,
+            RegistrationStatus::Pending,
+            RegistrationStatus::Denied,
+            T0 + 6,
+        ),
+    )
+    .await;
+    let c = refused(s, decision(done.id, boss.id, Approve, T0 + 7, 0)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "registration",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    let c = refused(s, decision(Uuid::now_v7(), boss.id, Approve, T0 + 7, 0)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::Missing {
+                entity: "registration",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    assert_eq!(s.approvals(r.id).await.unwrap().len(), 3);
+}
+
+/// Sixteen admins approve one registration at the same moment, each having
+/// counted the same approvals: exactly one wins per round.
+pub async fn record_decision_race_has_one_winner(cx: Cx) {
+    let s = cx.store.clone();
+    let admins: Vec<_> = (0..16)
+        .map(|i| admin(&format!("a{i}"), Role::Approver))
+        .collect();
+    ok_all(
+        s.as_ref(),
+        admins
+            .iter()
+            .map(|a| Write::InsertAdmin(a.clone()))
+            .collect(),
+    )
+    .await;
+    let r = registration("g", T0 + 600);
+    ok(s.as_ref(), insert_reg(&r)).await;
+    let mut winners = Vec::new();
+    for expect in 0..3u32 {
+        let tasks = admins
+            .iter()
+            .filter(|a| !winners.contains(&a.id))
+            .map(|a| {
+                let (s, id) = (s.clone(), a.id);
+                tokio::spawn(async move {
+                    let w = decision(r.id, id, Decision::Approve, T0 + 1, expect);
+                    (id, s.commit(one(w)).await)
+                })
+            })
+            .collect::<Vec<_>>();
+        let n = tasks.len();
+        let mut won = Vec::new();
+        for t in join_all(tasks).await {
+            let (id, result) = t.unwrap();
+            match result {
+                Ok(_) => won.push(id),
+                Err(e) => assert_eq!(conflict::<()>(Err(e)), Conflict::ApprovalsChanged),
+            }
+        }
+        assert_eq!(won.len(), 1, "round {expect} of {n}: {won:?}");
+        winners.extend(won);
+    }
+    let got = s.approvals(r.id).await.unwrap();
+    assert_eq!(got.iter().map(|a| a.admin_id).collect::<Vec<_>>().len(), 3);
+    assert!(
+        got.iter()
+            .all(|a| a.counted && winners.contains(&a.admin_id))
+    );
+    assert_eq!(s.audit_head().await.unwrap().0, 2 + 3);
+}
+
+pub async fn approvals_of_disabled_admins_do_not_count(cx: Cx) {
+    let s = cx.store.as_ref();
+    let boss = admin("boss", Role::Admin);
+    let [a1, a2, a3] = ["a1", "a2", "a3"].map(|n| admin(n, Role::Approver));
+    ok_all(
+        s,
+        [&boss, &a1, &a2, &a3]
+            .iter()
+            .map(|a| Write::InsertAdmin((*a).clone()))
+            .collect(),
+    )
+    .await;
+    let r = registration("g", T0 + 600);
+    ok(s, insert_reg(&r)).await;
+    ok(s, decision(r.id, a1.id, Decision::Approve, T0 + 1, 0)).await;
+    assert!(s.approvals(r.id).await.unwrap()[0].counted);
+
+    ok(s, disable(a1.id, T0 + 2)).await;
+    let got = s.approvals(r.id).await.unwrap();
+    assert_eq!(got.len(), 1, "the decision stays on record");
+    assert!(!got[0].counted);
+
+    let c = refused(s, decision(r.id, a2.id, Decision::Approve, T0 + 3, 1)).await;
+    assert_eq!(c, Conflict::ApprovalsChanged);
+    ok(s, decision(r.id, a2.id, Decision::Approve, T0 + 3, 0)).await;
+    ok(s, decision(r.id, a3.id, Decision::Approve, T0 + 4, 1)).await;
+    let counted: Vec<_> = s
+        .approvals(r.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| (a.admin_id, a.counted))
+        .collect();
+    assert_eq!(counted, [(a1.id, false), (a2.id, true), (a3.id, true)]);
+}
+
+// ------------------------------------------------------ devices, certificates
+
+pub async fn devices_and_certificates_round_trip(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let d = device("sensors");
+    let c1 = certificate("0A1B2C3D4E5F", k.id, Some(d.id));
+    let c2 = certificate("7F00", k.id, None);
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertDevice(d.clone()),
+            Write::InsertCertificate(c1.clone()),
+            Write::InsertCertificate(c2.clone()),
+        ],
+    )
+    .await;
+    same(&s.get_device(d.id).await.unwrap().unwrap(), &d);
+    same(
+        &s.get_certificate("0A1B2C3D4E5F").await.unwrap().unwrap(),
+        &c1,
+    );
+    // Serials are upper-case hex; a lower-case query finds them too.
+    same(
+        &s.get_certificate("0a1b2c3d4e5f").await.unwrap().unwrap(),
+        &c1,
+    );
+    same(&s.get_certificate("7F00").await.unwrap().unwrap(), &c2);
+
+    let c = refused(s, Write::InsertDevice(d.clone())).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    let c = refused(s, Write::InsertCertificate(certificate("7F00", k.id, None))).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+}
+
+// ---------------------------------------------------------- admin requests
+
+pub async fn invitation_is_approved_then_redeemed_once(cx: Cx) {
+    let s = cx.store.as_ref();
+    let alice = admin("alice", Role::Admin);
+    let bob = admin("bob", Role::Admin);
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdmin(alice.clone()),
+            Write::InsertAdmin(bob.clone()),
+        ],
+    )
+    .await;
+    let r = invite("dora", alice.id, T0 + 3600);
+    ok(s, Write::InsertAdminRequest(r.clone())).await;
+    same(&req(s, r.id).await, &r);
+
+    ok(
+        s,
+        Write::DecideAdminRequest {
+            id: r.id,
+            to: AdminRequestStatus::Approved,
+            decided_by: bob.id,
+            at: T0 + 10,
+            approver_secret_hash: Some(vec![9; 32]),
+        },
+    )
+    .await;
+    let got = req(s, r.id).await;
+    assert_eq!(got.status, AdminRequestStatus::Approved);
+    assert_eq!(got.decided_by, Some(bob.id));
+    assert_eq!(got.decided_at, Some(T0 + 10));
+    assert_eq!(got.approver_secret_hash, Some(vec![9; 32]));
+    assert_eq!(got.requester_secret_hash, Some(vec![1; 32]));
+
+    let dora = admin("dora", Role::Approver);
+    ok(
+        s,
+        Write::RedeemInvitation {
+            id: r.id,
+            at: T0 + 20,
+            admin: dora.clone(),
+        },
+    )
+    .await;
+    let got = req(s, r.id).await;
+    assert_eq!(got.status, AdminRequestStatus::Redeemed);
+    assert_eq!(got.admin_id, Some(dora.id));
+    assert_eq!(got.redeemed_at, Some(T0 + 20));
+    same(&adm(s, dora.id).await, &dora);
+
+    let again = admin("dora-2", Role::Approver);
+    let c = refused(
+        s,
+        Write::RedeemInvitation {
+            id: r.id,
+            at: T0 + 30,
+            admin: again.clone(),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert!(s.get_admin(again.id).await.unwrap().is_none());
+    assert_eq!(req(s, r.id).await.admin_id, Some(dora.id));
+}
+
+async fn approve_request(s: &dyn Store, id: Uuid, by: Uuid, at: i64) {
+    ok(
+        s,
+        Write::DecideAdminRequest {
+            id,
+            to: AdminRequestStatus::Approved,
+            decided_by: by,
+            at,
+            approver_secret_hash: None,
+        },
+    )
+    .await;
+}
+
+pub async fn admin_request_conflicts(cx: Cx) {
+    use AdminRequestStatus as S;
+    let s = cx.store.as_ref();
+    let alice = admin("alice", Role::Admin);
+    let bob = admin("bob", Role::Admin);
+    let gone = admin("gone", Role::Approver);
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdmin(alice.clone()),
+            Write::InsertAdmin(bob.clone()),
+            Write::InsertAdmin(gone.clone()),
+        ],
+    )
+    .await;
+    ok(s, disable(gone.id, T0)).await;
+    let exp = T0 + 3600;
+
+    // One open invitation per name, pending or approved.
+    let erin = invite("erin", alice.id, exp);
+    ok(s, Write::InsertAdminRequest(erin.clone())).await;
+    let c = refused(s, Write::InsertAdminRequest(invite("erin", bob.id, exp))).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    approve_request(s, erin.id, bob.id, T0 + 1).await;
+    let c = refused(s, Write::InsertAdminRequest(invite("erin", bob.id, exp))).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    let fay = invite("fay", alice.id, exp);
+    ok(s, Write::InsertAdminRequest(fay.clone())).await;
+    ok(
+        s,
+        Write::DecideAdminRequest {
+            id: fay.id,
+            to: S::Denied,
+            decided_by: bob.id,
+            at: T0 + 2,
+            approver_secret_hash: None,
+        },
+    )
+    .await;
+    assert_eq!(req(s, fay.id).await.status, S::Denied);
+    ok(s, Write::InsertAdminRequest(invite("fay", alice.id, exp))).await;
+
+    // One pending role change per admin.
+    let promote = set_role_request(&gone, Role::Admin, alice.id, exp);
+    let to_auditor = set_role_request(&bob, Role::Auditor, alice.id, exp);
+    ok(s, Write::InsertAdminRequest(to_auditor.clone())).await;
+    let c = refused(
+        s,
+        Write::InsertAdminRequest(set_role_request(&bob, Role::Approver, alice.id, exp)),
+    )
+    .await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+
+    // Deciding: only by an active admin, only while pending.
+    let c = refused(
+        s,
+        Write::DecideAdminRequest {
+            id: to_auditor.id,
+            to: S::Approved,
+            decided_by: gone.id,
+            at: T0 + 3,
+            approver_secret_hash: None,
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    assert_eq!(req(s, to_auditor.id).await.status, S::Pending);
+    let c = refused(
+        s,
+        Write::DecideAdminRequest {
+            id: erin.id,
+            to: S::Denied,
+            decided_by: alice.id,
+            at: T0 + 3,
+            approver_secret_hash: None,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert_eq!(req(s, erin.id).await.status, S::Approved);
+
+    // Redeeming: only an approved invitation, only before it expires, all or nothing.
+    let gus = invite("gus", alice.id, T0 + 100);
+    ok(s, Write::InsertAdminRequest(gus.clone())).await;
+    let c = refused(
+        s,
+        Write::RedeemInvitation {
+            id: gus.id,
+            at: T0 + 5,
+            admin: admin("gus", Role::Approver),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "pending: {c:?}");
+    approve_request(s, gus.id, bob.id, T0 + 6).await;
+    for at in [T0 + 100, T0 + 101] {
+        let c = refused(
+            s,
+            Write::RedeemInvitation {
+                id: gus.id,
+                at,
+                admin: admin("gus", Role::Approver),
+            },
+        )
+        .await;
+        assert!(matches!(c, Conflict::StateChanged { .. }), "expired: {c:?}");
+    }
+    assert_eq!(req(s, gus.id).await.status, S::Approved);
+    assert!(s.admin_by_name("gus").await.unwrap().is_none());
+
+    let c = refused(
+        s,
+        Write::RedeemInvitation {
+            id: erin.id,
+            at: T0 + 7,
+            admin: admin("alice", Role::Approver),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    let got = req(s, erin.id).await;
+    assert_eq!((got.status, got.admin_id), (S::Approved, None));
+    ok(
+        s,
+        Write::RedeemInvitation {
+            id: erin.id,
+            at: T0 + 8,
+            admin: admin("erin", Role::Approver),
+        },
+    )
+    .await;
+
+    // A role change is applied, never redeemed.
+    ok(s, Write::InsertAdminRequest(promote.clone())).await;
+    approve_request(s, promote.id, alice.id, T0 + 9).await;
+    let c = refused(
+        s,
+        Write::RedeemInvitation {
+            id: promote.id,
+            at: T0 + 10,
+            admin: admin("sneaky", Role::Admin),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+
+    // Expiring: pending or approved requests only.
+    ok(s, expire(to_auditor.id, T0 + 11)).await;
+    ok(s, expire(gus.id, T0 + 12)).await;
+    let got = req(s, to_auditor.id).await;
+    assert_eq!((got.status, got.decided_at), (S::Expired, Some(T0 + 11)));
+    let got = req(s, gus.id).await;
+    assert_eq!((got.status, got.decided_at), (S::Expired, Some(T0 + 6)));
+    for id in [to_auditor.id, erin.id, fay.id] {
+        let c = refused(s, Write::ExpireAdminRequest { id, at: T0 + 13 }).await;
+        assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    }
+    // An expired role change no longer blocks a new one.
+    ok(
+        s,
+        Write::InsertAdminRequest(set_role_request(&bob, Role::Approver, alice.id, exp)),
+    )
+    .await;
+}
+
+// --------------------------------------------------------------- pagination
+
+/// Walks every page; checks page sizes and `next` on the way.
+async fn walk<T, F, Fut>(limit: u32, order: Order, id_of: fn(&T) -> Uuid, mut read: F) -> Vec<Uuid>
+where
+    F: FnMut(PageRequest) -> Fut,
+    Fut: Future<Output = Page<T>>,
+{
+    let mut out = Vec::new();
+    let mut after = None;
+    for _ in 0..10_000 {
+        let page = read(PageRequest {
+            after,
+            limit,
+            order,
+        })
+        .await;
+        let ids: Vec<Uuid> = page.items.iter().map(id_of).collect();
+        out.extend(&ids);
+        match page.next {
+            Some(next) => {
+                assert_eq!(ids.len(), limit as usize, "only the last page may be short");
+                assert_eq!(Some(next), ids.last().copied(), "`next` is the last item");
+                after = Some(next);
+            }
+            None => return out,
+        }
+    }
+    panic!("pagination does not end");
+}
+
+async fn reg_pages(
+    s: &Arc<dyn Store>,
+    filter: RegistrationFilter,
+    limit: u32,
+    order: Order,
+) -> Vec<Uuid> {
+    walk(
+        limit,
+        order,
+        |r: &RegistrationRecord| r.id,
+        |p| {
+            let (s, f) = (s.clone(), filter.clone());
+            async move { s.list_registrations(&f, &p).await.unwrap() }
+        },
+    )
+    .await
+}
+
+pub async fn registrations_paginate_in_both_orders_with_filters(cx: Cx) {
+    use RegistrationStatus as S;
+    let s = &cx.store;
+    let regs: Vec<_> = (0..25usize)
+        .map(|i| {
+            registration(
+                if i.is_multiple_of(2) {
+                    "north"
+                } else {
+                    "south"
+                },
+                T0 + 600,
+            )
+        })
+        .collect();
+    ok_all(s.as_ref(), regs.iter().map(insert_reg).collect()).await;
+    ok_all(
+        s.as_ref(),
+        regs.iter()
+            .step_by(3)
+            .map(|r| set_status(r.id, S::Pending, S::Denied, T0 + 1))
+            .collect(),
+    )
+    .await;
+    let status = |r: &RegistrationRecord, i: usize| {
+        if i.is_multiple_of(3) {
+            S::Denied
+        } else {
+            r.status
+        }
+    };
+    let filters = [
+        RegistrationFilter::default(),
+        RegistrationFilter {
+            status: Some(S::Pending),
+            group: None,
+        },
+        RegistrationFilter {
+            status: None,
+            group: Some("north".into()),
+        },
+        RegistrationFilter {
+            status: Some(S::Denied),
+            group: Some("south".into()),
+        },
+        RegistrationFilter {
+            status: Some(S::Issued),
+            group: None,
+        },
+        RegistrationFilter {
+            status: None,
+            group: Some("nowhere".into()),
+        },
+    ];
+    for f in &filters {
+        let mut want: Vec<Uuid> = regs
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                f.status.is_none_or(|st| status(r, *i) == st)
+                    && f.group.as_ref().is_none_or(|g| *g == r.group)
+            })
+            .map(|(_, r)| r.id)
+            .collect();
+        for limit in [1, 5, 7, 25, 100] {
+            assert_eq!(
+                reg_pages(s, f.clone(), limit, Order::OldestFirst).await,
+                want,
+                "oldest first, {f:?}, limit {limit}"
+            );
+        }
+        want.reverse();
+        for limit in [1, 5, 7, 25, 100] {
+            assert_eq!(
+                reg_pages(s, f.clone(), limit, Order::NewestFirst).await,
+                want,
+                "newest first, {f:?}, limit {limit}"
+            );
+        }
+    }
+    // The default order is newest first.
+    let page = s
+        .list_registrations(
+            &RegistrationFilter::default(),
+            &PageRequest {
+                limit: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.items[0].id, regs[24].id);
+}
+
+/// Rows inserted between page reads neither repeat rows nor hide any row
+/// that existed when the walk began.
+pub async fn pages_cover_rows_once_while_rows_are_inserted(cx: Cx) {
+    let s = &cx.store;
+    let first: Vec<_> = (0..30).map(|_| registration("g", T0 + 600)).collect();
+    ok_all(s.as_ref(), first.iter().map(insert_reg).collect()).await;
+    for order in [Order::NewestFirst, Order::OldestFirst] {
+        let existing: BTreeSet<Uuid> = {
+            let all = reg_pages(s, RegistrationFilter::default(), 1000, order).await;
+            all.into_iter().collect()
+        };
+        let mut seen = Vec::new();
+        let mut added = BTreeSet::new();
+        let mut after = None;
+        loop {
+            let page = s
+                .list_registrations(
+                    &RegistrationFilter::default(),
+                    &PageRequest {
+                        after,
+                        limit: 7,
+                        order,
+                    },
+                )
+                .await
+                .unwrap();
+            seen.extend(page.items.iter().map(|r| r.id));
+            let Some(next) = page.next else { break };
+            after = Some(next);
+            let more: Vec<_> = (0..3).map(|_| registration("g", T0 + 600)).collect();
+            added.extend(more.iter().map(|r| r.id));
+            ok_all(s.as_ref(), more.iter().map(insert_reg).collect()).await;
+        }
+        let unique: BTreeSet<Uuid> = seen.iter().copied().collect();
+        assert_eq!(unique.len(), seen.len(), "{order:?}: a row repeated");
+        assert!(existing.is_subset(&unique), "{order:?}: a row was skipped");
+        match order {
+            // New rows are newer than the cursor: they belong to page one.
+            Order::NewestFirst => assert_eq!(unique, existing),
+            // New rows come after the cursor: the walk reaches them.
+            Order::OldestFirst => {
+                let want: BTreeSet<Uuid> = existing.union(&added).copied().collect();
+                assert_eq!(unique, want);
+            }
+        }
+    }
+}
+
+pub async fn page_limit_is_clamped(cx: Cx) {
+    let s = &cx.store;
+    let regs: Vec<_> = (0..1005).map(|_| registration("g", T0 + 600)).collect();
+    ok_all(s.as_ref(), regs.iter().map(insert_reg).collect()).await;
+    let list = |after, limit| {
+        let s = s.clone();
+        async move {
+            s.list_registrations(
+                &RegistrationFilter::default(),
+                &PageRequest {
+                    after,
+                    limit,
+                    order: Order::OldestFirst,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let p = list(None, 0).await;
+    assert_eq!(p.items.len(), 1, "limit 0 reads as 1");
+    assert_eq!(p.next, Some(regs[0].id));
+    let p = list(None, 5000).await;
+    assert_eq!(p.items.len(), 1000, "limit above 1000 reads as 1000");
+    assert_eq!(p.next, Some(regs[999].id));
+    let p = list(p.next, u32::MAX).await;
+    assert_eq!(
+        p.items.iter().map(|r| r.id).collect::<Vec<_>>(),
+        regs[1000..].iter().map(|r| r.id).collect::<Vec<_>>()
+    );
+    assert_eq!(p.next, None);
+}
+
+pub async fn admins_and_admin_requests_paginate(cx: Cx) {
+    let s = &cx.store;
+    let admins: Vec<_> = (0..5)
+        .map(|i| admin(&format!("a{i}"), Role::Admin))
+        .collect();
+    ok_all(
+        s.as_ref(),
+        admins
+            .iter()
+            .map(|a| Write::InsertAdmin(a.clone()))
+            .collect(),
+    )
+    .await;
+    let ids: Vec<Uuid> = admins.iter().map(|a| a.id).collect();
+    for limit in [1, 2, 5, 6] {
+        let got = walk(
+            limit,
+            Order::OldestFirst,
+            |a: &AdminRecord| a.id,
+            |p| {
+                let s = s.clone();
+                async move { s.list_admins(&p).await.unwrap() }
+            },
+        )
+        .await;
+        assert_eq!(got, ids);
+        let got = walk(
+            limit,
+            Order::NewestFirst,
+            |a: &AdminRecord| a.id,
+            |p| {
+                let s = s.clone();
+                async move { s.list_admins(&p).await.unwrap() }
+            },
+        )
+        .await;
+        assert_eq!(got, ids.iter().rev().copied().collect::<Vec<_>>());
+    }
+
+    let reqs: Vec<_> = (0..6)
+        .map(|i| invite(&format!("new{i}"), admins[0].id, T0 + 600))
+        .collect();
+    ok_all(
+        s.as_ref(),
+        reqs.iter()
+            .map(|r| Write::InsertAdminRequest(r.clone()))
+            .collect(),
+    )
+    .await;
+    for r in reqs.iter().step_by(2) {
+        approve_request(s.as_ref(), r.id, admins[1].id, T0 + 1).await;
+    }
+    let by_status = |status: Option<AdminRequestStatus>, order| {
+        walk(
+            2,
+            order,
+            |r: &AdminRequestRecord| r.id,
+            move |p| {
+                let s = s.clone();
+                async move { s.list_admin_requests(status, &p).await.unwrap() }
+            },
+        )
+    };
+    let all: Vec<Uuid> = reqs.iter().map(|r| r.id).collect();
+    assert_eq!(by_status(None, Order::OldestFirst).await, all);
+    let approved: Vec<Uuid> = all.iter().step_by(2).copied().collect();
+    assert_eq!(
+        by_status(Some(AdminRequestStatus::Approved), Order::OldestFirst).await,
+        approved
+    );
+    let pending: Vec<Uuid> = all.iter().skip(1).step_by(2).rev().copied().collect();
+    assert_eq!(
+        by_status(Some(AdminRequestStatus::Pending), Order::NewestFirst).await,
+        pending
+    );
+    assert!(
+        by_status(Some(AdminRequestStatus::Redeemed), Order::NewestFirst)
+            .await
+            .is_empty()
+    );
+}
+
+// ------------------------------------------------------------------ sweeps
+
+pub async fn expired_pending_registrations_oldest_first(cx: Cx) {
+    let s = cx.store.as_ref();
+    cx.clock.advance(time::Duration::seconds(1000));
+    let now = keyward::clock::unix(keyward::clock::Clock::now(cx.clock.as_ref()));
+    assert_eq!(now, T0 + 1000);
+    let at_now = registration("g", now);
+    let early = registration("g", T0 + 10);
+    let later_exp = registration("g", T0 + 500);
+    let future = registration("g", now + 1);
+    let decided = registration("g", T0 + 5);
+    ok_all(
+        s,
+        [&at_now, &early, &later_exp, &future, &decided]
+            .iter()
+            .map(|r| insert_reg(r))
+            .collect(),
+    )
+    .await;
+    ok(
+        s,
+        set_status(
+            decided.id,
+            RegistrationStatus::Pending,
+            RegistrationStatus::Denied,
+            T0 + 6,
+        ),
+    )
+    .await;
+    let ids = |v: Vec<RegistrationRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.expired_pending_registrations(now, 10).await.unwrap()),
+        [early.id, later_exp.id, at_now.id]
+    );
+    assert_eq!(
+        ids(s.expired_pending_registrations(now, 2).await.unwrap()),
+        [early.id, later_exp.id]
+    );
+    assert!(
+        s.expired_pending_registrations(T0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn pending_counts_per_group(cx: Cx) {
+    use RegistrationStatus as S;
+    let s = cx.store.as_ref();
+    assert!(s.pending_counts().await.unwrap().is_empty());
+    let mut all = Vec::new();
+    for (group, n) in [("a", 4), ("b", 1), ("c", 1)] {
+        for _ in 0..n {
+            all.push(registration(group, T0 + 60));
+        }
+    }
+    ok_all(s, all.iter().map(insert_reg).collect()).await;
+    // One of a denied, c's only one approved.
+    ok(s, set_status(all[0].id, S::Pending, S::Denied, T0 + 1)).await;
+    ok(s, set_status(all[5].id, S::Pending, S::Approved, T0 + 1)).await;
+    let want: BTreeMap<String, i64> = [("a".to_string(), 3), ("b".to_string(), 1)].into();
+    assert_eq!(s.pending_counts().await.unwrap(), want);
+}
+
+pub async fn counts_name_every_table(cx: Cx) {
+    let s = cx.store.as_ref();
+    let tables = [
+        "admin_requests",
+        "admins",
+        "approvals",
+        "audit_events",
+        "cas",
+        "certificates",
+        "devices",
+        "keys",
+        "registrations",
+    ];
+    let counts = s.counts().await.unwrap();
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        tables
+    );
+    assert!(counts.values().all(|n| *n == 0), "{counts:?}");
+
+    let k = key(KeyState::Active);
+    let a = admin("alice", Role::Admin);
+    let r = registration("g", T0 + 60);
+    let d = device("g");
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertCa(ca("root", CaKind::Root, None, k.id, T0)),
+            Write::InsertAdmin(a.clone()),
+            insert_reg(&r),
+            decision(r.id, a.id, Decision::Approve, T0, 0),
+            Write::InsertAdminRequest(invite("bob", a.id, T0 + 60)),
+            Write::InsertDevice(d.clone()),
+            Write::InsertCertificate(certificate("01", k.id, Some(d.id))),
+        ],
+    )
+    .await;
+    let counts = s.counts().await.unwrap();
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+}
+
+// ------------------------------------------------------------------- misc
+
+pub async fn read_only_store_refuses_commits(cx: Cx) {
+    let s = cx.store.as_ref();
+    let a = admin("alice", Role::Admin);
+    ok(s, Write::InsertAdmin(a.clone())).await;
+    let ro = cx.read_only().await;
+    ro.health().await.unwrap();
+    same(&ro.get_admin(a.id).await.unwrap().unwrap(), &a);
+    assert_eq!(snapshot(ro.as_ref()).await, snapshot(s).await);
+    let before = snapshot(s).await;
+    let err = ro
+        .commit(one(Write::InsertAdmin(admin("bob", Role::Admin))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Database(DatabaseError::ReadOnly)),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "store_read_only");
+    let err = ro.commit(Change::new().audit(ev("x"))).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Database(DatabaseError::ReadOnly)),
+        "{err:?}"
+    );
+    assert_eq!(snapshot(s).await, before);
+    assert!(s.admin_by_name("bob").await.unwrap().is_none());
+    // The writable store still writes.
+    ok(s, Write::InsertAdmin(admin("carol", Role::Approver))).await;
+}
+
+pub async fn missing_rows_read_as_none(cx: Cx) {
+    let s = cx.store.as_ref();
+    s.health().await.unwrap();
+    let id = Uuid::now_v7();
+    assert!(s.get_key(id).await.unwrap().is_none());
+    assert!(s.get_ca("none").await.unwrap().is_none());
+    assert!(s.get_admin(id).await.unwrap().is_none());
+    assert!(s.admin_by_name("none").await.unwrap().is_none());
+    assert!(s.get_registration(id).await.unwrap().is_none());
+    assert!(s.get_admin_request(id).await.unwrap().is_none());
+    assert!(s.get_device(id).await.unwrap().is_none());
+    assert!(s.get_certificate("00").await.unwrap().is_none());
+    assert!(s.approvals(id).await.unwrap().is_empty());
+    assert!(s.list_keys().await.unwrap().is_empty());
+    assert!(s.list_cas().await.unwrap().is_empty());
+    assert_eq!(s.count_active_admins().await.unwrap(), 0);
+    let p = s.list_admins(&PageRequest::default()).await.unwrap();
+    assert!(p.items.is_empty() && p.next.is_none());
+}
