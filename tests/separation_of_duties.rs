@@ -373,7 +373,7 @@ async fn admins_cannot_lock_everyone_out_and_disabled_approvals_stop_counting() 
 async fn roster_changes_need_a_second_admin_and_only_the_invitee_redeems() {
     let env = Env::new();
     let bootstrap = env.init();
-    let daemon = env.serve();
+    let mut daemon = env.serve();
     let url = daemon.url.clone();
     let post = reqwest::Method::POST;
 
@@ -614,13 +614,22 @@ async fn roster_changes_need_a_second_admin_and_only_the_invitee_redeems() {
         "{text}"
     );
 
+    // Refused redemptions are failed logins: counted per source and
+    // audited as one aggregated event, written at the latest on shutdown.
+    assert!(daemon.stop().success());
+    let refused: i64 = env
+        .audit_details_after(0)
+        .into_iter()
+        .filter(|(action, _, _, _)| action == "admin.login_failed")
+        .map(|(_, _, _, d)| d["reasons"]["invalid_invitation"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(refused, 6, "six refused redemptions were counted");
     let audit: Vec<String> = env.audit_after(0).into_iter().map(|(_, a, _)| a).collect();
     for needed in [
         "admin.invite",
         "admin.invite_approved",
         "admin.invite_denied",
         "admin.create",
-        "admin.invitation_refused",
         "admin.role_change_requested",
         "admin.set_role",
     ] {

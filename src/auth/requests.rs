@@ -374,7 +374,8 @@ impl AdminService {
 
     /// The invitee redeems an invitation with its code (and the approval
     /// code, when a second admin approved it) and receives its own token,
-    /// shown once. Every failure looks the same to the caller.
+    /// shown once. Every failure looks the same to the caller; callers count
+    /// and audit failures per source (`ratelimit::login::GuardedLogin::redeem`).
     pub async fn redeem(
         &self,
         invitation_code: &str,
@@ -405,7 +406,7 @@ impl AdminService {
             || request.status != AdminRequestStatus::Approved
             || now >= request.expires_at
         {
-            self.audit_bad_redeem(&request, source).await;
+            // Audited by the caller's failed-login log: bounded, aggregated.
             return Err(AdminError::BadInvitation);
         }
         let token = new_secret("kwa_")?;
@@ -451,22 +452,6 @@ impl AdminService {
                 other => AdminError::Store(other),
             })?;
         Ok((admin, token))
-    }
-
-    async fn audit_bad_redeem(&self, r: &AdminRequestRecord, source: Option<&str>) {
-        let change = Change::new().audit(
-            AuditDraft::new(
-                "anonymous",
-                "admin.invitation_refused",
-                format!("admin-request:{}", r.id),
-            )
-            .outcome(crate::audit::Outcome::Denied)
-            .details(json!({ "name": r.name, "status": r.status.as_str() }))
-            .source(source),
-        );
-        if let Err(e) = self.store.commit(change).await {
-            tracing::error!(error = %e, "could not audit a refused invitation");
-        }
     }
 }
 

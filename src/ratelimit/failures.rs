@@ -27,6 +27,8 @@ pub enum FailureReason {
     AccountDisabled,
     /// Refused unchecked: the source was over its failure limit.
     RateLimited,
+    /// An invitation redeemed with a wrong, used, denied or expired code.
+    InvalidInvitation,
 }
 
 impl FailureReason {
@@ -35,6 +37,7 @@ impl FailureReason {
             Self::UnknownToken => "unknown_token",
             Self::AccountDisabled => "account_disabled",
             Self::RateLimited => "rate_limited",
+            Self::InvalidInvitation => "invalid_invitation",
         }
     }
 }

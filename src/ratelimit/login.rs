@@ -68,6 +68,52 @@ impl GuardedLogin {
         }
     }
 
+    /// Redeems an invitation under the same per-source failure limit as
+    /// admin tokens: a source guessing invitation codes is refused (429) like
+    /// one guessing tokens, and its failures are audited in the same bounded,
+    /// aggregated `admin.login_failed` events (reason `invalid_invitation`).
+    pub async fn redeem(
+        &self,
+        invitation_code: &str,
+        approval_code: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> Result<(AdminRecord, secrecy::SecretString), LoginError> {
+        let src = source_of(source);
+        let key = key(LimitKind::AdminLoginFailures, &src);
+        let looked = self
+            .limiter
+            .peek(&key, self.limit)
+            .await
+            .map_err(LimitError::from)?;
+        if !looked.allowed {
+            self.metrics
+                .rate_limited(LimitKind::AdminLoginFailures.as_str());
+            self.failures
+                .record(&src, FailureReason::RateLimited, self.clock.now());
+            return Err(LimitError::Exceeded {
+                kind: LimitKind::AdminLoginFailures,
+                retry_after: looked.retry_after,
+            }
+            .into());
+        }
+        let address = source.map(|ip| ip.to_string());
+        match self
+            .admins
+            .redeem(invitation_code, approval_code, address.as_deref())
+            .await
+        {
+            Err(AdminError::BadInvitation) => {
+                self.failures
+                    .record(&src, FailureReason::InvalidInvitation, self.clock.now());
+                if let Err(le) = self.limiter.check(&key, self.limit).await {
+                    tracing::error!(error = %le, "could not count a refused invitation");
+                }
+                Err(AdminError::BadInvitation.into())
+            }
+            other => Ok(other?),
+        }
+    }
+
     /// Resolves a bearer token presented from `source`.
     pub async fn authenticate(
         &self,

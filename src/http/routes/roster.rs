@@ -123,11 +123,11 @@ pub async fn redeem(
     ApiJson(body): ApiJson<RedeemBody>,
 ) -> Result<(StatusCode, Json<Redeemed>), ApiError> {
     let (record, token) = state
-        .admins
+        .login
         .redeem(
             &body.invitation_code,
             body.approval_code.as_deref(),
-            client.as_string().as_deref(),
+            client.0,
         )
         .await?;
     Ok((
