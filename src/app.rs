@@ -256,6 +256,7 @@ impl App {
         jobs.spawn(Arc::new(Sweeper::new(
             s.store.clone(),
             s.registry.clone(),
+            s.admins.clone(),
             SWEEP_INTERVAL,
         )));
         jobs.spawn(Arc::new(LoginFailureFlusher::new(

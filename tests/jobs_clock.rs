@@ -121,7 +121,23 @@ fn sweeper_expires_pending_registrations_when_their_time_is_up() {
             (t0 + time::Duration::hours(72)).unix_timestamp()
         );
 
-        let sweeper = Sweeper::new(s.store.clone(), s.registry.clone(), Duration::from_secs(60));
+        // An invitation nobody redeems, made at t0 + 24 h: open for 72 h.
+        let invitation = s
+            .admins
+            .invite(
+                &admin,
+                "never-redeemed",
+                keyward::model::Role::Approver,
+                None,
+            )
+            .await
+            .unwrap();
+        let sweeper = Sweeper::new(
+            s.store.clone(),
+            s.registry.clone(),
+            s.admins.clone(),
+            Duration::from_secs(60),
+        );
         let audit_before = s.store.counts().await.unwrap()["audit_events"];
         // One second before the deadline: nothing to do.
         clock.set(t0 + time::Duration::hours(72) - time::Duration::seconds(1));
@@ -165,9 +181,27 @@ fn sweeper_expires_pending_registrations_when_their_time_is_up() {
         assert_eq!(events.len(), 2, "only the expiries were audited");
         // Nothing left: a second sweep does nothing.
         assert_eq!(sweeper.sweep(clock.now()).await.unwrap().expired, 0);
-        // The late one goes when its own time is up.
+        // The late one goes when its own time is up, with the invitation.
         clock.set(t0 + time::Duration::hours(96));
-        assert_eq!(sweeper.sweep(clock.now()).await.unwrap().expired, 1);
+        let report = sweeper.sweep(clock.now()).await.unwrap();
+        assert_eq!((report.expired, report.admin_requests_expired), (1, 1));
+        let request = s
+            .store
+            .get_admin_request(invitation.request.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(request.status, keyward::model::AdminRequestStatus::Expired);
+        // An expired invitation cannot be redeemed.
+        let refused = s
+            .admins
+            .redeem(
+                secrecy::ExposeSecret::expose_secret(&invitation.code),
+                None,
+                None,
+            )
+            .await;
+        assert!(refused.is_err());
     });
 }
 

@@ -355,7 +355,34 @@ impl AdminService {
         })
     }
 
-    async fn expire_request(&self, r: &AdminRequestRecord, now: i64) -> Result<(), AdminError> {
+    /// Marks open requests (pending, or approved invitations not yet
+    /// redeemed) past their deadline `expired` (audited by `system`).
+    /// Returns how many. The sweeper job calls it.
+    pub async fn expire_stale_requests(&self, now: i64) -> Result<u32, AdminError> {
+        let mut expired = 0;
+        for status in [AdminRequestStatus::Pending, AdminRequestStatus::Approved] {
+            let mut page = PageRequest {
+                after: None,
+                limit: 1000,
+                order: crate::store::Order::OldestFirst,
+            };
+            loop {
+                let batch = self.store.list_admin_requests(Some(status), &page).await?;
+                for r in batch.items.iter().filter(|r| now >= r.expires_at) {
+                    if self.expire_request(r, now).await? {
+                        expired += 1;
+                    }
+                }
+                match batch.next {
+                    Some(next) => page.after = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn expire_request(&self, r: &AdminRequestRecord, now: i64) -> Result<bool, AdminError> {
         let change = Change::new()
             .write(Write::ExpireAdminRequest { id: r.id, at: now })
             .audit(
@@ -367,7 +394,8 @@ impl AdminService {
                 .details(json!({ "name": r.name, "kind": r.kind.as_str() })),
             );
         match self.store.commit(change).await {
-            Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict(_)) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

@@ -37,6 +37,8 @@ pub enum JobError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Admin(#[from] crate::auth::AdminError),
 }
 
 impl JobError {
@@ -45,6 +47,7 @@ impl JobError {
         match self {
             Self::Registry(e) => e.code(),
             Self::Store(e) => e.code(),
+            Self::Admin(e) => e.code(),
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The sweeper: pending registrations past their deadline become `expired` (audited).
+//! The sweeper: pending registrations and open admin requests (invitations,
+//! role changes) past their deadline become `expired` (audited).
 
 use super::{Job, JobError};
+use crate::auth::admins::AdminService;
 use crate::registry::RegistryService;
 use crate::store::Store;
 use async_trait::async_trait;
@@ -18,6 +20,7 @@ const MAX_BATCHES_PER_TICK: u32 = 64;
 pub struct Sweeper {
     store: Arc<dyn Store>,
     registry: Arc<RegistryService>,
+    admins: Arc<AdminService>,
     interval: Duration,
 }
 
@@ -28,13 +31,21 @@ pub struct SweepReport {
     pub expired: u32,
     /// Registrations that left `pending` (decided) between the read and the write.
     pub skipped: u32,
+    /// Admin requests (invitations, role changes) marked `expired`.
+    pub admin_requests_expired: u32,
 }
 
 impl Sweeper {
-    pub fn new(store: Arc<dyn Store>, registry: Arc<RegistryService>, interval: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<RegistryService>,
+        admins: Arc<AdminService>,
+        interval: Duration,
+    ) -> Self {
         Self {
             store,
             registry,
+            admins,
             interval,
         }
     }
@@ -57,6 +68,13 @@ impl Sweeper {
             if due.len() < BATCH as usize || !progressed {
                 break;
             }
+        }
+        report.admin_requests_expired = self.admins.expire_stale_requests(now).await?;
+        if report.admin_requests_expired > 0 {
+            tracing::info!(
+                expired = report.admin_requests_expired,
+                "sweeper expired admin requests"
+            );
         }
         if report.expired > 0 {
             tracing::info!(
