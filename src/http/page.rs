@@ -77,6 +77,20 @@ pub fn page_in_memory<T>(items: Vec<T>, id: impl Fn(&T) -> Uuid, req: &PageReque
     }
 }
 
+/// Parses an optional `status=` filter; `""` means none.
+pub fn status_filter<T>(
+    value: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+    allowed: &str,
+) -> Result<Option<T>, ApiError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(s) => parse(s).map(Some).ok_or_else(|| {
+            ApiError::bad_request("invalid_query", format!("unknown status `{s}` ({allowed})"))
+        }),
+    }
+}
+
 /// One page as returned to clients.
 #[derive(Serialize)]
 pub struct PageView<T> {

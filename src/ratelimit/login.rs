@@ -68,6 +68,31 @@ impl GuardedLogin {
         }
     }
 
+    /// Refuses (429) a source over its failure limit, without counting;
+    /// `record` says whether the refusal is itself a failure to audit (a
+    /// presented credential, not a bare request).
+    async fn refuse_if_over(&self, key: &str, src: &str, record: bool) -> Result<(), LoginError> {
+        let looked = self
+            .limiter
+            .peek(key, self.limit)
+            .await
+            .map_err(LimitError::from)?;
+        if looked.allowed {
+            return Ok(());
+        }
+        self.metrics
+            .rate_limited(LimitKind::AdminLoginFailures.as_str());
+        if record {
+            self.failures
+                .record(src, FailureReason::RateLimited, self.clock.now());
+        }
+        Err(LimitError::Exceeded {
+            kind: LimitKind::AdminLoginFailures,
+            retry_after: looked.retry_after,
+        }
+        .into())
+    }
+
     /// Redeems an invitation under the same per-source failure limit as
     /// admin tokens: a source guessing invitation codes is refused (429) like
     /// one guessing tokens, and its failures are audited in the same bounded,
@@ -80,22 +105,7 @@ impl GuardedLogin {
     ) -> Result<(AdminRecord, secrecy::SecretString), LoginError> {
         let src = source_of(source);
         let key = key(LimitKind::AdminLoginFailures, &src);
-        let looked = self
-            .limiter
-            .peek(&key, self.limit)
-            .await
-            .map_err(LimitError::from)?;
-        if !looked.allowed {
-            self.metrics
-                .rate_limited(LimitKind::AdminLoginFailures.as_str());
-            self.failures
-                .record(&src, FailureReason::RateLimited, self.clock.now());
-            return Err(LimitError::Exceeded {
-                kind: LimitKind::AdminLoginFailures,
-                retry_after: looked.retry_after,
-            }
-            .into());
-        }
+        self.refuse_if_over(&key, &src, true).await?;
         let address = source.map(|ip| ip.to_string());
         match self
             .admins
@@ -122,24 +132,7 @@ impl GuardedLogin {
     ) -> Result<AdminRecord, LoginError> {
         let src = source_of(source);
         let key = key(LimitKind::AdminLoginFailures, &src);
-        let looked = self
-            .limiter
-            .peek(&key, self.limit)
-            .await
-            .map_err(LimitError::from)?;
-        if !looked.allowed {
-            self.metrics
-                .rate_limited(LimitKind::AdminLoginFailures.as_str());
-            if token.is_some() {
-                self.failures
-                    .record(&src, FailureReason::RateLimited, self.clock.now());
-            }
-            return Err(LimitError::Exceeded {
-                kind: LimitKind::AdminLoginFailures,
-                retry_after: looked.retry_after,
-            }
-            .into());
-        }
+        self.refuse_if_over(&key, &src, token.is_some()).await?;
         match self.admins.authenticate(token).await {
             Ok(admin) => Ok(admin),
             Err(e) => {

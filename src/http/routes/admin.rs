@@ -6,7 +6,7 @@ use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, ApiQuery, ClientAddr};
-use crate::http::page::{PageView, page_in_memory, page_request};
+use crate::http::page::{PageView, page_in_memory, page_request, status_filter};
 use crate::http::views::{AdminView, ApprovalView, RegistrationView};
 use crate::store::{Decision, RegistrationFilter, RegistrationStatus};
 use axum::Json;
@@ -37,15 +37,11 @@ pub async fn list_registrations(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<PageView<RegistrationView>>, ApiError> {
     admin.require(Role::Auditor)?;
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(RegistrationStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("unknown status `{s}` (pending, approved, issued, denied, expired)"),
-            )
-        })?),
-    };
+    let status = status_filter(
+        q.status.as_deref(),
+        RegistrationStatus::parse,
+        "pending, approved, issued, denied, expired",
+    )?;
     let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;
     let filter = RegistrationFilter {
         status,

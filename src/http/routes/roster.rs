@@ -8,7 +8,7 @@ use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{Admin, ApiJson, ApiQuery, ClientAddr};
-use crate::http::page::{PageView, page_request};
+use crate::http::page::{PageView, page_request, status_filter};
 use crate::http::views::AdminView;
 use crate::model::AdminRequestStatus;
 use crate::store::AdminRequestRecord;
@@ -205,15 +205,11 @@ pub async fn list_requests(
     ApiQuery(q): ApiQuery<RequestsQuery>,
 ) -> Result<Json<PageView<AdminRequestView>>, ApiError> {
     admin.require(Role::Admin)?;
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(AdminRequestStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("unknown status `{s}` (pending, approved, redeemed, denied, expired)"),
-            )
-        })?),
-    };
+    let status = status_filter(
+        q.status.as_deref(),
+        AdminRequestStatus::parse,
+        "pending, approved, redeemed, denied, expired",
+    )?;
     let page = page_request(q.cursor.as_deref(), q.limit, q.order.as_deref())?;
     let requests = state.admins.requests(status, &page).await?;
     Ok(Json(PageView::map(requests, |r| AdminRequestView::from(r))))
