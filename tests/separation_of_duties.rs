@@ -317,8 +317,29 @@ async fn admins_cannot_lock_everyone_out_and_disabled_approvals_stop_counting() 
     let url = daemon.url.clone();
 
     // Approvals of an admin disabled later do not count toward the quorum.
-    let ann = add_admin(&url, &survivor, "ann", "approver").await;
-    let ben = add_admin(&url, &survivor, "ben", "approver").await;
+    // Alone after the storm, the survivor needs a second admin for roster
+    // changes: the local break-glass gives one.
+    let out = env.run(&[
+        "admins",
+        "break-glass",
+        "--config",
+        env.config.to_str().unwrap(),
+        "--name",
+        "second",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let ann = add_admin_approved(&url, &survivor, Some(&second), "ann", "approver").await;
+    let ben = add_admin_approved(&url, &survivor, Some(&second), "ben", "approver").await;
     let (csr, _) = openssl_csr(env.dir.path(), "ec");
     let id = submit(&url, &csr, "pair").await["id"]
         .as_str()
@@ -876,4 +897,200 @@ async fn display_unsafe_names_and_comments_are_refused() {
     .await;
     assert_error(s, &v, 400, "invalid_field");
     assert_eq!(env.counts(), before);
+}
+
+async fn invite(url: &str, token: &str, name: &str, role: &str) -> Value {
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/invitations"),
+        Some(token),
+        Some(json!({ "name": name, "role": role })),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    v
+}
+
+async fn redeem(url: &str, inv: &Value, approval_code: Option<&str>) -> (u16, Value) {
+    call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/invitations/redeem"),
+        None,
+        Some(json!({ "invitation_code": inv["invitation_code"], "approval_code": approval_code })),
+    )
+    .await
+}
+
+/// Review findings: one admin must not end up holding a second admin
+/// identity, neither by keeping an early invitation nor by disabling or
+/// lowering the other admin; a demoted approver's approval stops counting;
+/// a disabled admin's approval of an invitation dies with the account.
+#[tokio::test]
+async fn the_one_admin_shortcut_closes_for_good() {
+    let env = Env::with_extra_group(
+        "[[group]]\nname = \"admins-only\"\nprofile = \"device\"\napprovals_required = 2\napprover_role = \"admin\"\n",
+    );
+    let bootstrap = env.init();
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let post = reqwest::Method::POST;
+
+    // Alone, A invites a real second admin and a puppet; both need no approval.
+    let bob_inv = invite(&url, &bootstrap, "bob", "admin").await;
+    let puppet_inv = invite(&url, &bootstrap, "puppet", "admin").await;
+    assert_eq!(puppet_inv["second_admin_required"], false);
+    let (s, bob) = redeem(&url, &bob_inv, None).await;
+    assert_eq!(s, 201, "{bob}");
+    let bob = bob["token"].as_str().unwrap().to_string();
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/requests"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "bob is an admin");
+    // Bob exists: the puppet's one-admin invitation is dead.
+    let before = env.counts();
+    let (s, v) = redeem(&url, &puppet_inv, None).await;
+    assert_error(s, &v, 401, "invalid_invitation");
+    assert_eq!(env.counts()["admins"], before["admins"]);
+
+    // A disables Bob: alone again, but the shortcut stays closed.
+    let (s, v) = call(
+        post.clone(),
+        &format!("{url}/v1/admin/admins/bob/disable"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let again = invite(&url, &bootstrap, "puppet2", "admin").await;
+    assert_eq!(again["second_admin_required"], true, "{again}");
+    let (s, v) = redeem(&url, &again, None).await;
+    assert_error(s, &v, 401, "invalid_invitation");
+
+    // The local, audited break-glass restores a second admin; refused once two are active.
+    let carol_file = env.path("carol.token");
+    let out = env.run(&[
+        "admins",
+        "break-glass",
+        "--config",
+        env.config.to_str().unwrap(),
+        "--name",
+        "carol",
+        "--token-out",
+        carol_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let carol = std::fs::read_to_string(&carol_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = env.run(&[
+        "admins",
+        "break-glass",
+        "--config",
+        env.config.to_str().unwrap(),
+        "--name",
+        "dave",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("two or more are active"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Carol approves an invitation, then is disabled: her approval dies with her.
+    let erin_inv = invite(&url, &bootstrap, "erin", "approver").await;
+    let req = erin_inv["id"].as_str().unwrap();
+    let (s, v) = call(
+        post.clone(),
+        &format!("{url}/v1/admin/requests/{req}/approve"),
+        Some(&carol),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let code = v["approval_code"].as_str().unwrap().to_string();
+    // Two admins are active (A, Carol): a third admin to disable Carol with.
+    let frank = add_admin_approved(&url, &bootstrap, Some(&carol), "frank", "admin").await;
+    let (s, v) = call(
+        post.clone(),
+        &format!("{url}/v1/admin/admins/carol/disable"),
+        Some(&frank),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = redeem(&url, &erin_inv, Some(&code)).await;
+    assert_error(s, &v, 401, "invalid_invitation");
+    let status: String = rusqlite::Connection::open(&env.db)
+        .unwrap()
+        .query_row(
+            "SELECT status FROM admin_requests WHERE id = ?1",
+            [req],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(status, "expired");
+
+    // A demoted admin's approval of a registration stops counting.
+    let (csr, _) = openssl_csr(env.dir.path(), "ec");
+    let id = submit(&url, &csr, "admins-only").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = decide(&url, &frank, &id, "approve").await;
+    assert_eq!((s, v["approvals"].clone()), (200, json!(1)), "{v}");
+    let (s, v) = call(
+        post.clone(),
+        &format!("{url}/v1/admin/admins/frank/role"),
+        Some(&bootstrap),
+        Some(json!({"role": "approver"})),
+    )
+    .await;
+    assert_eq!(s, 200, "lowering applies at once: {v}");
+    // Frank, an approver now, cannot approve roster requests either.
+    let hank = invite(&url, &bootstrap, "hank", "auditor").await;
+    let (s, v) = call(
+        post.clone(),
+        &format!(
+            "{url}/v1/admin/requests/{}/approve",
+            hank["id"].as_str().unwrap()
+        ),
+        Some(&frank),
+        None,
+    )
+    .await;
+    assert_error(s, &v, 403, "forbidden_role");
+    let (_, detail) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/registrations/{id}"),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(detail["approvals"][0]["counted"], false, "{detail}");
+    let (s, v) = decide(&url, &bootstrap, &id, "approve").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["status"], "pending",
+        "frank's approval no longer counts: {v}"
+    );
+
+    assert!(daemon.stop().success());
+    let audit: Vec<String> = env.audit_after(0).into_iter().map(|(_, a, _)| a).collect();
+    assert!(audit.iter().any(|a| a == "admin.break_glass"), "{audit:?}");
+    let out = env.run(&["audit", "verify", "--config", env.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

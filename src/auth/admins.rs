@@ -58,9 +58,10 @@ impl AdminService {
     /// Creates an admin directly and returns its token, shown once. Only
     /// for the very first admin (bootstrap); every later admin comes through
     /// an invitation that the invitee redeems.
-    async fn create(
+    async fn create_as(
         &self,
         actor: &str,
+        action: &str,
         name: &str,
         role: Role,
     ) -> Result<(AdminRecord, SecretString), AdminError> {
@@ -91,7 +92,7 @@ impl AdminService {
                 Change::new()
                     .write(Write::InsertAdmin(record.clone()))
                     .audit(
-                        AuditDraft::new(actor, "admin.create", format!("admin:{}", record.id))
+                        AuditDraft::new(actor, action, format!("admin:{}", record.id))
                             .details(json!({ "name": name, "role": role.as_str() })),
                     ),
             )
@@ -121,7 +122,26 @@ impl AdminService {
         {
             return Ok(None);
         }
-        self.create("cli:init", name, Role::Admin).await.map(Some)
+        self.create_as("cli:init", "admin.create", name, Role::Admin)
+            .await
+            .map(Some)
+    }
+
+    /// Break-glass, run locally with the config (database and pepper): when
+    /// no second active admin of role `admin` exists to approve roster
+    /// changes, creates one directly and returns its token. Refused while
+    /// two or more are active. Audited as `admin.break_glass` by
+    /// `cli:break-glass`; whoever can run it can already write the database.
+    pub async fn break_glass(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<(AdminRecord, SecretString), AdminError> {
+        if self.store.count_active_admins().await? >= 2 {
+            return Err(AdminError::BreakGlassRefused);
+        }
+        self.create_as("cli:break-glass", "admin.break_glass", name, role)
+            .await
     }
 
     /// Finds an admin by id or name.

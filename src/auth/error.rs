@@ -46,6 +46,8 @@ pub enum AdminError {
     BadInvitation,
     #[error("the admin roster changed concurrently; reload and retry")]
     Concurrent,
+    #[error("break-glass is for when no second active admin exists; two or more are active")]
+    BreakGlassRefused,
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
@@ -72,6 +74,7 @@ impl AdminError {
             Self::SelfApproval => "self_approval",
             Self::BadInvitation => "invalid_invitation",
             Self::Concurrent => "concurrent_change",
+            Self::BreakGlassRefused => "break_glass_refused",
             Self::Store(s) => s.code(),
             Self::Random(_) => "internal",
         }

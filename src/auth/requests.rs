@@ -1,10 +1,14 @@
 //! Changes to the admin roster under separation of duties: invitations and
 //! role changes.
 //!
-//! - With two or more active admins of role `admin`, inviting an admin or
-//!   raising a role is a *request* that a different admin must approve.
-//!   With one (just after bootstrap) it takes effect at once: there is
-//!   nobody to ask.
+//! - Once two accounts have ever held role `admin`, inviting an admin or
+//!   raising a role is a *request* that a different active admin must
+//!   approve. Before that (just after bootstrap) it takes effect at once:
+//!   there is nobody to ask. An invitation made that way can no longer be
+//!   redeemed once a second admin exists (checked in the redeeming
+//!   transaction), and disabling or lowering the second admin does not
+//!   reopen the shortcut: an admin left alone restores a second one with
+//!   the local, audited `keyward admins break-glass`.
 //! - Nobody receives another person's admin token. An invitation yields
 //!   an *invitation code* for the requester to pass on; when a second admin
 //!   approves, that admin receives an *approval code* to pass on too. Only
@@ -86,9 +90,11 @@ fn require_admin(by: &AdminRecord) -> Result<(), AdminError> {
 }
 
 impl AdminService {
-    /// Whether roster changes need a second admin now.
+    /// Whether roster changes need a second admin: once two accounts have
+    /// ever held role `admin`, always (disabling or lowering the other one
+    /// does not reopen the one-admin shortcut; see `admins break-glass`).
     async fn second_admin_required(&self) -> Result<bool, AdminError> {
-        Ok(self.store.count_active_admins().await? >= 2)
+        Ok(self.store.count_ever_admins().await? >= 2)
     }
 
     /// Invites a new admin. See the module doc for who may redeem it.
@@ -476,7 +482,12 @@ impl AdminService {
                 StoreError::Conflict(Conflict::Duplicate { .. }) => {
                     AdminError::Duplicate(admin.name.clone())
                 }
-                StoreError::Conflict(_) => AdminError::BadInvitation,
+                // Every other refusal looks like a bad code to the caller;
+                // the reason goes to the log for the operator.
+                StoreError::Conflict(c) => {
+                    tracing::warn!(invitation = %id, reason = %c, "invitation refused at redemption");
+                    AdminError::BadInvitation
+                }
                 other => AdminError::Store(other),
             })?;
         Ok((admin, token))

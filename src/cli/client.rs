@@ -372,7 +372,7 @@ pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result
     }
     let api = Api::new(&args.url, Some(admin_token(args)?))?;
     match command {
-        AdminsCommand::Redeem { .. } => {}
+        AdminsCommand::Redeem { .. } | AdminsCommand::BreakGlass { .. } => {}
         AdminsCommand::Add { name, role } => {
             let (_, v) = api
                 .call(

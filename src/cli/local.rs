@@ -72,6 +72,39 @@ pub async fn init(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keyward admins break-glass`: see [`crate::auth::admins::AdminService::break_glass`].
+pub async fn break_glass(
+    config_path: &Path,
+    name: &str,
+    role: &str,
+    token_out: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let role: crate::model::Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let config = Config::load(config_path)?;
+    init_logging(&config);
+    let app = App::build(config).await?;
+    let (admin, token) = app.state.admins.break_glass(name, role).await?;
+    match token_out {
+        Some(path) => {
+            write_private(path, format!("{}\n", token.expose_secret()).as_bytes())?;
+            println!(
+                "break-glass admin `{}` (role {}) created and audited; token written to {}",
+                admin.name,
+                admin.role,
+                path.display()
+            );
+        }
+        None => {
+            println!(
+                "break-glass admin `{}` (role {}) created and audited. Its token is shown ONCE:",
+                admin.name, admin.role
+            );
+            println!("{}", token.expose_secret());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Writes a file readable only by its owner, from its first byte; an
 /// existing file is replaced, never widened (see
 /// [`crate::store::files::write_private`]).

@@ -208,6 +208,22 @@ enum AdminsCommand {
     },
     /// Approve another admin's invitation or role change.
     Approve { request: String },
+    /// Local, audited emergency path: when fewer than two admins of role
+    /// admin are active (one was disabled, so nobody can approve roster
+    /// changes), create an admin directly from the config's database and
+    /// pepper. Needs no daemon and no token; refused otherwise.
+    BreakGlass {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        name: String,
+        /// admin (default), approver or auditor.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// Write the new admin's token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
     /// Deny another admin's invitation or role change.
     Deny { request: String },
     /// List admins, newest first, one page at a time.
@@ -272,6 +288,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             command: AuditCommand::Verify { config, output },
         } => local::audit_verify(&config.config, output).await,
         Command::Registrations { client, command } => client::registrations(&client, command).await,
+        Command::Admins {
+            command:
+                AdminsCommand::BreakGlass {
+                    config,
+                    name,
+                    role,
+                    token_out,
+                },
+            ..
+        } => local::break_glass(&config.config, &name, &role, token_out.as_deref()).await,
         Command::Admins { client, command } => client::admins(&client, command).await,
         Command::Enroll(args) => enroll::run(args).await,
     }

@@ -155,7 +155,11 @@ impl From<StoreError> for ApiError {
         /// Bugs and tampering are 500; a busy or missing database is 503.
         fn is_fault(d: &D) -> bool {
             match d {
-                D::InvalidRow(_) | D::AuditDetails(_) | D::Unaudited | D::ReadOnly => true,
+                D::InvalidRow(_)
+                | D::Constraint(_)
+                | D::AuditDetails(_)
+                | D::Unaudited
+                | D::ReadOnly => true,
                 D::Batch(inner) => is_fault(inner),
                 _ => false,
             }
@@ -246,7 +250,8 @@ impl From<AdminError> for ApiError {
             | E::SameRole { .. }
             | E::RequestNotPending(_)
             | E::RequestExpired
-            | E::Concurrent => StatusCode::CONFLICT,
+            | E::Concurrent
+            | E::BreakGlassRefused => StatusCode::CONFLICT,
             E::Store(_) | E::Random(_) => {
                 return match e {
                     E::Store(s) => s.into(),

@@ -93,7 +93,22 @@ impl ClientAddr {
     }
 }
 
-/// Resolves the client address from the peer and the forwarded chain.
+/// Parses one `X-Forwarded-For` entry: an address, optionally with a port
+/// (`192.0.2.1:4711`, `[2001:db8::1]:4711`), as some proxies write them.
+fn forwarded_entry(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    s.parse::<SocketAddr>().ok().map(|a| a.ip())
+}
+
+/// Resolves the client address from the peer and the forwarded chain:
+/// right to left, each entry parsed only when reached, stopping at the
+/// first address that is not a trusted proxy. Entries left of it were
+/// written by the client and are never read. An unreadable entry reached
+/// before that can only come from a trusted proxy's own misconfiguration:
+/// the nearest address already read stands for the client.
 pub fn client_addr(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(peer) {
@@ -102,19 +117,19 @@ pub fn client_addr(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet])
     let Some(chain) = forwarded_for else {
         return peer;
     };
-    let mut hops = Vec::new();
-    for part in chain.split(',') {
-        match part.trim().parse::<IpAddr>() {
-            Ok(ip) => hops.push(ip),
-            // A malformed chain is not believed at all.
-            Err(_) => return peer,
-        }
-    }
     let mut client = peer;
-    for ip in hops.into_iter().rev() {
-        client = ip;
-        if !is_trusted(ip) {
-            break;
+    for part in chain.rsplit(',') {
+        match forwarded_entry(part) {
+            Some(ip) => {
+                client = ip;
+                if !is_trusted(ip) {
+                    break;
+                }
+            }
+            None => {
+                tracing::warn!("unreadable X-Forwarded-For entry from a trusted proxy");
+                break;
+            }
         }
     }
     client
@@ -171,10 +186,28 @@ mod tests {
             ),
             ip("198.51.100.1")
         );
-        // A malformed chain is not believed.
+        // What the client wrote left of the first untrusted hop is never
+        // read, garbage or not: it cannot make itself look like the proxy.
         assert_eq!(
             client_addr(ip("10.0.0.2"), Some("junk, 198.51.100.1"), &trusted),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), Some("x"), &trusted),
             ip("10.0.0.2")
+        );
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), Some("10.9.9.9, x, 203.0.113.5"), &trusted),
+            ip("203.0.113.5")
+        );
+        // Ports, as some proxies write them.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), Some("198.51.100.1:4711"), &trusted),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), Some("[2001:db8::1]:4711"), &trusted),
+            ip("2001:db8::1")
         );
         // No header: the proxy itself.
         assert_eq!(client_addr(ip("10.0.0.2"), None, &trusted), ip("10.0.0.2"));

@@ -270,8 +270,16 @@ impl RegistryService {
             .ok_or(RegistryError::NotFound)
     }
 
+    /// Decisions on a registration; `counted` is false where the admin was
+    /// disabled, or lowered below the group's approver role, since.
     pub async fn approvals(&self, id: Uuid) -> Result<Vec<ApprovalRecord>, RegistryError> {
-        Ok(self.store.approvals(id).await?)
+        let reg = self.get(id).await?;
+        let min = self.group(&reg.group).map(|g| g.approver_role).ok();
+        let mut approvals = self.store.approvals(id).await?;
+        for a in &mut approvals {
+            a.counted = a.counted && min.is_none_or(|m| a.admin_role.allows(m));
+        }
+        Ok(approvals)
     }
 
     /// One page of registrations, newest first unless `page.order` says otherwise.
@@ -394,10 +402,15 @@ impl RegistryService {
         if previous.iter().any(|a| a.admin_id == admin.id) {
             return Err(RegistryError::AlreadyDecided);
         }
-        // Approvals of admins disabled since do not count.
+        // Approvals of admins disabled, or lowered below the group's
+        // approver role, since do not count.
         let counted = previous
             .iter()
-            .filter(|a| a.decision == Decision::Approve && a.counted)
+            .filter(|a| {
+                a.decision == Decision::Approve
+                    && a.counted
+                    && a.admin_role.allows(group.approver_role)
+            })
             .count() as u32;
         let actor = format!("admin:{}", admin.id);
         let target = format!("registration:{id}");
@@ -409,8 +422,10 @@ impl RegistryService {
                 comment: comment.map(str::to_string),
                 decided_at: now,
                 counted: true,
+                admin_role: admin.role,
             },
             expect_counted_approvals: counted,
+            min_role: group.approver_role,
         };
         let approvals = counted + u32::from(decision == Decision::Approve);
         let decision_event = |action: &str| {
@@ -583,7 +598,12 @@ impl RegistryService {
                         .source(source),
                     ),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // Confirmed between our read and this write.
+                StoreError::Conflict(_) => RegistryError::CredentialsGone,
+                other => other.into(),
+            })?;
         Ok(Credentials {
             certificate_pem: x509::to_pem(&cert.der).map_err(|e| RegistryError::Ca(e.into()))?,
             chain_pem: issuer.chain_pem.clone(),

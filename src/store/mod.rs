@@ -32,6 +32,11 @@ pub enum Conflict {
     /// The write would leave no active admin with role `admin`.
     #[error("refusing to leave no active admin")]
     LastActiveAdmin,
+    /// An invitation approved without a second admin (the one-admin
+    /// shortcut) cannot be redeemed once a second account has ever held
+    /// role `admin`.
+    #[error("a second admin must approve this invitation")]
+    SecondAdminRequired,
     /// A configured cap is reached (pending registrations per group).
     #[error("limit of {limit} {what} reached")]
     LimitReached { what: &'static str, limit: u32 },
@@ -82,6 +87,10 @@ pub enum DatabaseError {
     /// tampering or a bug, never a transient failure.
     #[error("a stored row cannot be read: {0}")]
     InvalidRow(#[source] rusqlite::Error),
+    /// A foreign key, NOT NULL, CHECK or trigger refused a write: a bug or
+    /// tampering (a duplicate is a [`Conflict`] instead).
+    #[error("a database constraint refused the write: {0}")]
+    Constraint(#[source] rusqlite::Error),
     #[error("cannot create {}: {source}", path.display())]
     Create {
         path: std::path::PathBuf,
@@ -113,6 +122,7 @@ impl DatabaseError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidRow(_) => "store_corrupt",
+            Self::Constraint(_) => "store_constraint",
             Self::Unaudited => "change_unaudited",
             Self::ReadOnly => "store_read_only",
             Self::Batch(inner) => inner.code(),
@@ -164,6 +174,9 @@ pub enum Write {
     /// Disables an admin account. Conflicts with `StateChanged` if it is
     /// already disabled, and with `LastActiveAdmin` if, counted inside the
     /// transaction, no other active admin of role `admin` would remain.
+    /// In the same transaction, the open admin requests (pending, or
+    /// approved and not yet redeemed) it made or approved are `expired`:
+    /// a disabled admin's word no longer counts anywhere.
     DisableAdmin {
         id: Uuid,
         at: i64,
@@ -178,6 +191,7 @@ pub enum Write {
     },
     /// Records the first delivery of credentials (sets
     /// `credentials_fetched_at` if unset; a no-op when already set).
+    /// Conflicts once the device has confirmed (a fetch racing a confirm).
     MarkCredentialsFetched {
         id: Uuid,
         at: i64,
@@ -191,17 +205,19 @@ pub enum Write {
     /// Records one admin's approval or denial of a registration. Inside the
     /// transaction it checks, and conflicts otherwise, that:
     /// - the registration is `pending` (`StateChanged`);
-    /// - the deciding admin is active (`StateChanged` on the admin);
+    /// - the deciding admin is active and holds at least `min_role`
+    ///   (`StateChanged` on the admin);
     /// - this admin has not decided it before (`Duplicate`);
     /// - the number of counted approvals (decision `approve` by admins that
-    ///   are still active) equals `expect_counted_approvals`
-    ///   (`ApprovalsChanged`).
+    ///   are still active and still hold at least `min_role`) equals
+    ///   `expect_counted_approvals` (`ApprovalsChanged`).
     ///
     /// The caller decides (quorum reached or not, issue or not) from that
     /// count; the check makes the decision hold at commit, or fail whole.
     RecordDecision {
         approval: ApprovalRecord,
         expect_counted_approvals: u32,
+        min_role: Role,
     },
     InsertDevice(DeviceRecord),
     InsertCertificate(CertificateRecord),
@@ -210,7 +226,7 @@ pub enum Write {
     InsertAdminRequest(AdminRequestRecord),
     /// Approves or denies a pending admin request. Conflicts unless it is
     /// still `pending` and `at < expires_at`, and (`StateChanged`) when
-    /// `decided_by` is not an active admin. `approver_secret_hash` is stored for invitations.
+    /// `decided_by` is not an active admin of role `admin`. `approver_secret_hash` is stored for invitations.
     DecideAdminRequest {
         id: Uuid,
         to: AdminRequestStatus,
@@ -221,7 +237,10 @@ pub enum Write {
     /// Turns an `approved` invitation into an admin account, once: sets the
     /// request `redeemed` with `admin_id`, inserts `admin` (conflicts on a
     /// duplicate name), all or nothing. Conflicts unless the request is
-    /// `approved`, and (`StateChanged`) when `at >= expires_at`.
+    /// `approved`, `at < expires_at`, and its requester (and approver, if
+    /// any) are still active (`StateChanged`); an invitation that no second
+    /// admin approved conflicts with `SecondAdminRequired` once two accounts
+    /// have ever held role `admin`.
     RedeemInvitation {
         id: Uuid,
         at: i64,
@@ -316,6 +335,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_admins(&self, page: &PageRequest) -> Result<Page<AdminRecord>, StoreError>;
     /// Active (not disabled) admins of role `admin`.
     async fn count_active_admins(&self) -> Result<u32, StoreError>;
+    /// Accounts that have ever held role `admin`, disabled or lowered since
+    /// included. Two or more: every roster change needs a second admin.
+    async fn count_ever_admins(&self) -> Result<u32, StoreError>;
 
     async fn get_registration(&self, id: Uuid) -> Result<Option<RegistrationRecord>, StoreError>;
     async fn list_registrations(

@@ -90,10 +90,18 @@ pub struct ApprovalRecord {
     /// decision counts toward a quorum. Ignored on insert.
     #[serde(default = "yes")]
     pub counted: bool,
+    /// Set by reads: the deciding admin's role now (an approval counts only
+    /// while its admin still holds the group's `approver_role`). Ignored on insert.
+    #[serde(default = "approver")]
+    pub admin_role: Role,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn approver() -> Role {
+    Role::Approver
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -283,8 +283,10 @@ pub fn decision(
             comment: Some(format!("{decision} at {at}")),
             decided_at: at,
             counted: true,
+            admin_role: Role::Approver,
         },
         expect_counted_approvals: expect,
+        min_role: Role::Approver,
     }
 }
 

@@ -9,6 +9,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_keystores.sql"),
     include_str!("../../../migrations/sqlite/0003_quorum_invitations.sql"),
+    include_str!("../../../migrations/sqlite/0004_ever_admin.sql"),
 ];
 
 /// The schema version this build writes and reads.

@@ -42,11 +42,20 @@ pub struct SqliteStore {
 /// Maps a SQLite error; constraint violations are conflicts.
 pub(super) fn db(e: rusqlite::Error) -> StoreError {
     match e {
-        rusqlite::Error::SqliteFailure(f, msg)
+        // Only a UNIQUE or PRIMARY KEY clash is a duplicate, i.e. a conflict
+        // the caller can explain; a foreign key, NOT NULL, CHECK or trigger
+        // refusal is a bug or tampering, never a 409.
+        rusqlite::Error::SqliteFailure(f, ref msg)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            tracing::debug!(constraint = ?msg, "unique constraint");
+            StoreError::Conflict(Conflict::Duplicate { entity: "row" })
+        }
+        rusqlite::Error::SqliteFailure(f, _)
             if f.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            tracing::debug!(constraint = ?msg, "constraint violated");
-            StoreError::Conflict(Conflict::Duplicate { entity: "row" })
+            StoreError::Database(DatabaseError::Constraint(e))
         }
         other => StoreError::Database(DatabaseError::Sqlite(other)),
     }
@@ -225,6 +234,10 @@ impl Store for SqliteStore {
 
     async fn count_active_admins(&self) -> Result<u32, StoreError> {
         self.read(reads::count_active_admins).await
+    }
+
+    async fn count_ever_admins(&self) -> Result<u32, StoreError> {
+        self.read(reads::count_ever_admins).await
     }
 
     async fn get_registration(&self, id: Uuid) -> Result<Option<RegistrationRecord>, StoreError> {

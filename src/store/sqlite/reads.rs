@@ -144,6 +144,17 @@ pub(super) fn count_active_admins(c: &Connection) -> R<u32> {
     Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+pub(super) fn count_ever_admins(c: &Connection) -> R<u32> {
+    let n: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM admins WHERE ever_admin = 1",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 pub(super) fn get_registration(c: &Connection, id: Uuid) -> R<Option<RegistrationRecord>> {
     rows::one(
         c,
@@ -207,7 +218,7 @@ pub(super) fn pending_counts(c: &Connection) -> R<BTreeMap<String, i64>> {
 pub(super) fn approvals(c: &Connection, registration: Uuid) -> R<Vec<ApprovalRecord>> {
     rows::many(
         c,
-        "SELECT ap.registration_id, ap.admin_id, ap.decision, ap.comment, ap.decided_at, ad.disabled = 0
+        "SELECT ap.registration_id, ap.admin_id, ap.decision, ap.comment, ap.decided_at, ad.disabled = 0, ad.role
          FROM approvals ap JOIN admins ad ON ad.id = ap.admin_id
          WHERE ap.registration_id = ?1 ORDER BY ap.decided_at, ap.admin_id",
         params![registration.to_string()],

@@ -162,6 +162,7 @@ pub(super) fn approval(r: &Row<'_>) -> R<ApprovalRecord> {
         comment: r.get(3)?,
         decided_at: r.get(4)?,
         counted: r.get(5)?,
+        admin_role: parsed(r, 6, "role", |s| s.parse().ok())?,
     })
 }
 

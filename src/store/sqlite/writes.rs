@@ -26,15 +26,39 @@ fn state_changed(entity: &'static str, id: &Uuid, expected: &'static str) -> Con
 /// Inserts `a`, naming a duplicate admin as such.
 fn insert_admin(tx: &Transaction<'_>, a: &AdminRecord) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "INSERT INTO admins (id, name, role, token_hash, disabled, created_at, disabled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO admins (id, name, role, token_hash, disabled, created_at, disabled_at, ever_admin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .map_err(db)?
-    .execute(params![a.id.to_string(), a.name, a.role.as_str(), a.token_hash, a.disabled, a.created_at, a.disabled_at])
+    .execute(params![a.id.to_string(), a.name, a.role.as_str(), a.token_hash, a.disabled, a.created_at, a.disabled_at, a.role == Role::Admin])
     .map_err(|e| match db(e) {
         StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate { entity: "admin" }),
         other => other,
     })?;
     Ok(())
+}
+
+/// SQL rank of a role column, to compare with [`role_rank`].
+const ROLE_RANK: &str = "CASE role WHEN 'admin' THEN 2 WHEN 'approver' THEN 1 ELSE 0 END";
+
+fn role_rank(r: Role) -> i64 {
+    match r {
+        Role::Auditor => 0,
+        Role::Approver => 1,
+        Role::Admin => 2,
+    }
+}
+
+/// Whether `id` is an active admin holding at least `min`.
+fn active_with_role(tx: &Transaction<'_>, id: &Uuid, min: Role) -> Result<bool, StoreError> {
+    let ok: Option<bool> = tx
+        .prepare_cached(&format!(
+            "SELECT disabled = 0 AND {ROLE_RANK} >= ?2 FROM admins WHERE id = ?1"
+        ))
+        .map_err(db)?
+        .query_row(params![id.to_string(), role_rank(min)], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    Ok(ok == Some(true))
 }
 
 /// Active admins of role `admin`, counted inside the transaction.
@@ -195,11 +219,19 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             if active_admins(tx)? == 0 {
                 return Err(Conflict::LastActiveAdmin.into());
             }
+            tx.prepare_cached(
+                "UPDATE admin_requests SET status = 'expired', decided_at = COALESCE(decided_at, ?2)
+                 WHERE status IN ('pending', 'approved') AND (requested_by = ?1 OR decided_by = ?1)",
+            )
+            .map_err(db)?
+            .execute(params![id.to_string(), at])
+            .map_err(db)?;
         }
         Write::SetAdminRole { id, from, to } => {
             let n = tx
                 .prepare_cached(
-                    "UPDATE admins SET role = ?1 WHERE id = ?2 AND role = ?3 AND disabled = 0",
+                    "UPDATE admins SET role = ?1, ever_admin = MAX(ever_admin, ?1 = 'admin')
+                     WHERE id = ?2 AND role = ?3 AND disabled = 0",
                 )
                 .map_err(db)?
                 .execute(params![to.as_str(), id.to_string(), from.as_str()])
@@ -213,7 +245,7 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             let n = tx
                 .prepare_cached(
                     "UPDATE registrations SET credentials_fetched_at = COALESCE(credentials_fetched_at, ?1)
-                     WHERE id = ?2 AND status = 'issued'",
+                     WHERE id = ?2 AND status = 'issued' AND credentials_confirmed_at IS NULL",
                 )
                 .map_err(db)?
                 .execute(params![at, id.to_string()])
@@ -235,6 +267,7 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
         Write::RecordDecision {
             approval: a,
             expect_counted_approvals,
+            min_role,
         } => {
             let rid = a.registration_id.to_string();
             let status: Option<String> = tx
@@ -256,26 +289,22 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                     return Err(state_changed("registration", &a.registration_id, "pending").into());
                 }
             }
-            let active: Option<bool> = tx
-                .prepare_cached("SELECT disabled = 0 FROM admins WHERE id = ?1")
-                .map_err(db)?
-                .query_row(params![a.admin_id.to_string()], |r| r.get(0))
-                .optional()
-                .map_err(db)?;
-            if active != Some(true) {
+            if !active_with_role(tx, &a.admin_id, *min_role)? {
                 return Err(state_changed("admin", &a.admin_id, "active").into());
             }
             let (decided, counted): (i64, i64) = tx
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "SELECT COALESCE(SUM(ap.admin_id = ?2), 0),
-                            COALESCE(SUM(ap.decision = 'approve' AND ad.disabled = 0), 0)
+                            COALESCE(SUM(ap.decision = 'approve' AND ad.disabled = 0 AND {} >= ?3), 0)
                      FROM approvals ap JOIN admins ad ON ad.id = ap.admin_id
                      WHERE ap.registration_id = ?1",
-                )
+                    ROLE_RANK.replace("role", "ad.role")
+                ))
                 .map_err(db)?
-                .query_row(params![rid, a.admin_id.to_string()], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .query_row(
+                    params![rid, a.admin_id.to_string(), role_rank(*min_role)],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .map_err(db)?;
             if decided > 0 {
                 return Err(Conflict::Duplicate { entity: "decision" }.into());
@@ -334,13 +363,7 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             at,
             approver_secret_hash,
         } => {
-            let active: Option<bool> = tx
-                .prepare_cached("SELECT disabled = 0 FROM admins WHERE id = ?1")
-                .map_err(db)?
-                .query_row(params![decided_by.to_string()], |r| r.get(0))
-                .optional()
-                .map_err(db)?;
-            if active != Some(true) {
+            if !active_with_role(tx, decided_by, Role::Admin)? {
                 return Err(state_changed("admin", decided_by, "active").into());
             }
             let n = tx
@@ -372,6 +395,37 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 .execute(params![at, id.to_string()])
                 .map_err(db)?;
             expect_one(n, || state_changed("invitation", id, "open"))?;
+            // Whoever asked (and approved) must still be an active admin, and
+            // an invitation without a second approver is only good while no
+            // second account has ever held role `admin`.
+            let unapproved: Option<bool> = tx
+                .prepare_cached(
+                    "SELECT decided_by IS NULL FROM admin_requests r
+                     WHERE id = ?1 AND EXISTS (
+                       SELECT 1 FROM admins a WHERE a.id = r.requested_by AND a.disabled = 0 AND a.role = 'admin')
+                     AND (decided_by IS NULL OR EXISTS (
+                       SELECT 1 FROM admins a WHERE a.id = r.decided_by AND a.disabled = 0 AND a.role = 'admin'))",
+                )
+                .map_err(db)?
+                .query_row(params![id.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match unapproved {
+                None => {
+                    return Err(state_changed("invitation", id, "backed by active admins").into());
+                }
+                Some(true) => {
+                    let ever: i64 = tx
+                        .prepare_cached("SELECT COUNT(*) FROM admins WHERE ever_admin = 1")
+                        .map_err(db)?
+                        .query_row([], |r| r.get(0))
+                        .map_err(db)?;
+                    if ever >= 2 {
+                        return Err(Conflict::SecondAdminRequired.into());
+                    }
+                }
+                Some(false) => {}
+            }
             insert_admin(tx, admin)?;
             tx.prepare_cached("UPDATE admin_requests SET admin_id = ?1 WHERE id = ?2")
                 .map_err(db)?
