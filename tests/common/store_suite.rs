@@ -50,6 +50,9 @@ macro_rules! store_suite {
             devices_and_certificates_round_trip,
             invitation_is_approved_then_redeemed_once,
             admin_request_conflicts,
+            one_admin_invitations_die_once_a_second_admin_has_existed,
+            disabling_an_admin_expires_its_open_requests,
+            approvals_count_only_while_the_role_holds,
             registrations_paginate_in_both_orders_with_filters,
             pages_cover_rows_once_while_rows_are_inserted,
             page_limit_is_clamped,
@@ -1285,6 +1288,200 @@ pub async fn approvals_of_disabled_admins_do_not_count(cx: Cx) {
         .map(|a| (a.admin_id, a.counted))
         .collect();
     assert_eq!(counted, [(a1.id, false), (a2.id, true), (a3.id, true)]);
+}
+
+/// Approvals count only while their admin still holds the decision's
+/// `min_role`; a decider below it is refused inside the transaction.
+pub async fn approvals_count_only_while_the_role_holds(cx: Cx) {
+    let s = cx.store.as_ref();
+    let boss = admin("boss", Role::Admin);
+    let [x, y] = ["x", "y"].map(|n| admin(n, Role::Admin));
+    let low = admin("low", Role::Approver);
+    ok_all(
+        s,
+        [&boss, &x, &y, &low]
+            .iter()
+            .map(|a| Write::InsertAdmin((*a).clone()))
+            .collect(),
+    )
+    .await;
+    let r = registration("g", T0 + 600);
+    ok(s, insert_reg(&r)).await;
+    let with_role = |admin: Uuid, at: i64, expect: u32| match decision(
+        r.id,
+        admin,
+        Decision::Approve,
+        at,
+        expect,
+    ) {
+        Write::RecordDecision {
+            approval,
+            expect_counted_approvals,
+            ..
+        } => Write::RecordDecision {
+            approval,
+            expect_counted_approvals,
+            min_role: Role::Admin,
+        },
+        other => other,
+    };
+    // An approver cannot decide where admins are needed.
+    let c = refused(s, with_role(low.id, T0 + 1, 0)).await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    ok(s, with_role(x.id, T0 + 2, 0)).await;
+    // x is lowered: its approval no longer counts toward an admins-only quorum.
+    ok(
+        s,
+        Write::SetAdminRole {
+            id: x.id,
+            from: Role::Admin,
+            to: Role::Approver,
+        },
+    )
+    .await;
+    let c = refused(s, with_role(y.id, T0 + 3, 1)).await;
+    assert_eq!(c, Conflict::ApprovalsChanged);
+    ok(s, with_role(y.id, T0 + 3, 0)).await;
+    let roles: Vec<_> = s
+        .approvals(r.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| (a.admin_id, a.admin_role))
+        .collect();
+    assert_eq!(roles, [(x.id, Role::Approver), (y.id, Role::Admin)]);
+}
+
+/// An invitation nobody second-approved (the one-admin shortcut) cannot be
+/// redeemed once two accounts have ever held role `admin`, even if the
+/// second one was disabled since.
+pub async fn one_admin_invitations_die_once_a_second_admin_has_existed(cx: Cx) {
+    let s = cx.store.as_ref();
+    let alice = admin("alice", Role::Admin);
+    ok(s, Write::InsertAdmin(alice.clone())).await;
+    assert_eq!(s.count_ever_admins().await.unwrap(), 1);
+    let shortcut = |name: &str| AdminRequestRecord {
+        status: AdminRequestStatus::Approved,
+        decided_at: Some(T0),
+        ..invite(name, alice.id, T0 + 3600)
+    };
+    let first = shortcut("bob");
+    let second = shortcut("puppet");
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdminRequest(first.clone()),
+            Write::InsertAdminRequest(second.clone()),
+        ],
+    )
+    .await;
+    // While alice is the only admin ever, a shortcut invitation redeems.
+    let bob = admin("bob", Role::Admin);
+    ok(
+        s,
+        Write::RedeemInvitation {
+            id: first.id,
+            at: T0 + 1,
+            admin: bob.clone(),
+        },
+    )
+    .await;
+    assert_eq!(s.count_ever_admins().await.unwrap(), 2);
+    // Bob exists: the other shortcut invitation is dead, and stays dead
+    // after bob is disabled.
+    let puppet = admin("puppet", Role::Admin);
+    let redeem = || Write::RedeemInvitation {
+        id: second.id,
+        at: T0 + 2,
+        admin: puppet.clone(),
+    };
+    assert_eq!(refused(s, redeem()).await, Conflict::SecondAdminRequired);
+    ok(s, disable(bob.id, T0 + 3)).await;
+    assert_eq!(s.count_ever_admins().await.unwrap(), 2);
+    assert!(s.get_admin(puppet.id).await.unwrap().is_none());
+    // (disabling bob expired nothing of alice's: her requests stay open)
+    assert_eq!(req(s, second.id).await.status, AdminRequestStatus::Approved);
+    assert_eq!(refused(s, redeem()).await, Conflict::SecondAdminRequired);
+}
+
+/// Disabling an admin expires, in the same transaction, the open roster
+/// requests it made or approved; other admins' requests stay open.
+pub async fn disabling_an_admin_expires_its_open_requests(cx: Cx) {
+    let s = cx.store.as_ref();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| admin(n, Role::Admin));
+    ok_all(
+        s,
+        [&alice, &bob, &carol]
+            .iter()
+            .map(|a| Write::InsertAdmin((*a).clone()))
+            .collect(),
+    )
+    .await;
+    let by_bob = invite("dora", bob.id, T0 + 3600);
+    let approved_by_bob = invite("erin", alice.id, T0 + 3600);
+    let unrelated = invite("fay", alice.id, T0 + 3600);
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdminRequest(by_bob.clone()),
+            Write::InsertAdminRequest(approved_by_bob.clone()),
+            Write::InsertAdminRequest(unrelated.clone()),
+        ],
+    )
+    .await;
+    approve_request(s, approved_by_bob.id, bob.id, T0 + 1).await;
+    ok(s, disable(bob.id, T0 + 2)).await;
+    assert_eq!(req(s, by_bob.id).await.status, AdminRequestStatus::Expired);
+    assert_eq!(
+        req(s, approved_by_bob.id).await.status,
+        AdminRequestStatus::Expired
+    );
+    assert_eq!(
+        req(s, unrelated.id).await.status,
+        AdminRequestStatus::Pending
+    );
+    let c = refused(
+        s,
+        Write::RedeemInvitation {
+            id: approved_by_bob.id,
+            at: T0 + 3,
+            admin: admin("erin", Role::Approver),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    // A disabled admin cannot approve either.
+    let c = refused(
+        s,
+        Write::DecideAdminRequest {
+            id: unrelated.id,
+            to: AdminRequestStatus::Approved,
+            decided_by: bob.id,
+            at: T0 + 4,
+            approver_secret_hash: None,
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "admin",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    approve_request(s, unrelated.id, carol.id, T0 + 5).await;
 }
 
 // ------------------------------------------------------ devices, certificates
