@@ -208,15 +208,4 @@ impl AdminService {
             .await
             .map_err(AdminError::Store)
     }
-
-    pub async fn list(&self) -> Result<Vec<AdminRecord>, AdminError> {
-        self.store
-            .list_admins(&PageRequest {
-                limit: 1000,
-                ..PageRequest::default()
-            })
-            .await
-            .map(|p| p.items)
-            .map_err(AdminError::Store)
-    }
 }

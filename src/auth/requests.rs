@@ -240,6 +240,9 @@ impl AdminService {
                         id: target.id,
                         from: target.role,
                         to: role,
+                        // The "no second admin needed" read above is re-checked
+                        // where the raise is written.
+                        without_second_admin: true,
                     })
                     .audit(
                         AuditDraft::new(actor, "admin.set_role", format!("admin:{}", target.id))
@@ -328,6 +331,7 @@ impl AdminService {
                 id: target_id,
                 from: target.role,
                 to: request.role,
+                without_second_admin: false,
             });
         }
         let action = match (approve, request.kind) {

@@ -15,17 +15,8 @@ pub struct Api {
 
 /// Reads the admin token from `--token-file` or `KEYWARD_TOKEN`.
 fn admin_token(args: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
-    if let Some(path) = &args.token_file {
-        let t = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read token file {}", path.display()))?,
-        );
-        return Ok(Zeroizing::new(t.trim().to_string()));
-    }
-    match std::env::var("KEYWARD_TOKEN") {
-        Ok(t) if !t.trim().is_empty() => Ok(Zeroizing::new(t.trim().to_string())),
-        _ => bail!("no admin token: set KEYWARD_TOKEN or pass --token-file FILE"),
-    }
+    code_from(args.token_file.as_deref(), "KEYWARD_TOKEN")?
+        .context("no admin token: set KEYWARD_TOKEN or pass --token-file FILE")
 }
 
 impl Api {

@@ -5,7 +5,7 @@ use crate::ca::CaError;
 use crate::ca::csr::CsrError;
 use crate::crypto::RandomError;
 use crate::model::{KeyAlgorithm, RegistrationStatus, Role};
-use crate::store::{Conflict, StoreError};
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -87,7 +87,7 @@ impl RegistryError {
             Self::CredentialsGone => "credentials_already_delivered",
             Self::AlreadyConfirmed => "already_confirmed",
             Self::Unauthorized => "unauthorized",
-            Self::Ca(_) => "ca_error",
+            Self::Ca(c) => c.code(),
             Self::Store(s) => s.code(),
             Self::Random(_) => "internal",
         }
@@ -98,11 +98,8 @@ impl From<StoreError> for RegistryError {
     fn from(e: StoreError) -> Self {
         match e {
             // A conflict the service did not anticipate is still a conflict,
-            // never a 5xx: report it as a concurrent change.
-            StoreError::Conflict(Conflict::LimitReached { limit, .. }) => Self::PendingLimit {
-                group: String::new(),
-                limit,
-            },
+            // never a 5xx: report it as a concurrent change. (The pending cap
+            // is mapped where the group is known, in `submit`.)
             StoreError::Conflict(_) => Self::ConcurrentDecision,
             other => Self::Store(other),
         }

@@ -272,10 +272,13 @@ impl RegistryService {
 
     /// Decisions on a registration; `counted` is false where the admin was
     /// disabled, or lowered below the group's approver role, since.
-    pub async fn approvals(&self, id: Uuid) -> Result<Vec<ApprovalRecord>, RegistryError> {
-        let reg = self.get(id).await?;
+    pub async fn approvals(
+        &self,
+        reg: &RegistrationRecord,
+    ) -> Result<Vec<ApprovalRecord>, RegistryError> {
+        // A group removed from the policy since: show the decisions as stored.
         let min = self.group(&reg.group).map(|g| g.approver_role).ok();
-        let mut approvals = self.store.approvals(id).await?;
+        let mut approvals = self.store.approvals(reg.id).await?;
         for a in &mut approvals {
             a.counted = a.counted && min.is_none_or(|m| a.admin_role.allows(m));
         }

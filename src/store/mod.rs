@@ -183,11 +183,14 @@ pub enum Write {
     },
     /// Changes an admin's role. Conflicts unless the admin is active and
     /// still has role `from`; `LastActiveAdmin` if it would leave no active
-    /// admin of role `admin`.
+    /// admin of role `admin`. With `without_second_admin` (a raise no second
+    /// admin approved), conflicts with `SecondAdminRequired` when, counted
+    /// in the transaction, two accounts have ever held role `admin`.
     SetAdminRole {
         id: Uuid,
         from: Role,
         to: Role,
+        without_second_admin: bool,
     },
     /// Records the first delivery of credentials (sets
     /// `credentials_fetched_at` if unset; a no-op when already set).

@@ -851,7 +851,12 @@ pub async fn set_admin_role_checks_role_and_last_admin(cx: Cx) {
         ],
     )
     .await;
-    let role = |id, from, to| Write::SetAdminRole { id, from, to };
+    let role = |id, from, to| Write::SetAdminRole {
+        id,
+        from,
+        to,
+        without_second_admin: false,
+    };
 
     let c = refused(s, role(alice.id, Role::Admin, Role::Approver)).await;
     assert_eq!(c, Conflict::LastActiveAdmin);
@@ -1345,6 +1350,7 @@ pub async fn approvals_count_only_while_the_role_holds(cx: Cx) {
             id: x.id,
             from: Role::Admin,
             to: Role::Approver,
+            without_second_admin: false,
         },
     )
     .await;
@@ -1405,6 +1411,17 @@ pub async fn one_admin_invitations_die_once_a_second_admin_has_existed(cx: Cx) {
         admin: puppet.clone(),
     };
     assert_eq!(refused(s, redeem()).await, Conflict::SecondAdminRequired);
+    // Nor can alice raise someone to admin on her own any more.
+    let carl = admin("carl", Role::Approver);
+    ok(s, Write::InsertAdmin(carl.clone())).await;
+    let raise = Write::SetAdminRole {
+        id: carl.id,
+        from: Role::Approver,
+        to: Role::Admin,
+        without_second_admin: true,
+    };
+    assert_eq!(refused(s, raise).await, Conflict::SecondAdminRequired);
+    assert_eq!(adm(s, carl.id).await.role, Role::Approver);
     ok(s, disable(bob.id, T0 + 3)).await;
     assert_eq!(s.count_ever_admins().await.unwrap(), 2);
     assert!(s.get_admin(puppet.id).await.unwrap().is_none());

@@ -66,7 +66,7 @@ pub async fn show_registration(
     admin.require(Role::Auditor)?;
     let id = parse_id(&id)?;
     let reg = state.registry.get(id).await?;
-    let approvals = state.registry.approvals(id).await?;
+    let approvals = state.registry.approvals(&reg).await?;
     Ok(Json(RegistrationDetail {
         registration: RegistrationView::from(&reg),
         approvals: approvals.iter().map(ApprovalView::from).collect(),

@@ -61,6 +61,14 @@ fn active_with_role(tx: &Transaction<'_>, id: &Uuid, min: Role) -> Result<bool, 
     Ok(ok == Some(true))
 }
 
+/// Accounts that have ever held role `admin`, counted inside the transaction.
+fn ever_admins(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+    tx.prepare_cached("SELECT COUNT(*) FROM admins WHERE ever_admin = 1")
+        .map_err(db)?
+        .query_row([], |r| r.get(0))
+        .map_err(db)
+}
+
 /// Active admins of role `admin`, counted inside the transaction.
 fn active_admins(tx: &Transaction<'_>) -> Result<i64, StoreError> {
     tx.prepare_cached("SELECT COUNT(*) FROM admins WHERE role = 'admin' AND disabled = 0")
@@ -227,7 +235,15 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             .execute(params![id.to_string(), at])
             .map_err(db)?;
         }
-        Write::SetAdminRole { id, from, to } => {
+        Write::SetAdminRole {
+            id,
+            from,
+            to,
+            without_second_admin,
+        } => {
+            if *without_second_admin && *to > *from && ever_admins(tx)? >= 2 {
+                return Err(Conflict::SecondAdminRequired.into());
+            }
             let n = tx
                 .prepare_cached(
                     "UPDATE admins SET role = ?1, ever_admin = MAX(ever_admin, ?1 = 'admin')
@@ -415,12 +431,7 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                     return Err(state_changed("invitation", id, "backed by active admins").into());
                 }
                 Some(true) => {
-                    let ever: i64 = tx
-                        .prepare_cached("SELECT COUNT(*) FROM admins WHERE ever_admin = 1")
-                        .map_err(db)?
-                        .query_row([], |r| r.get(0))
-                        .map_err(db)?;
-                    if ever >= 2 {
+                    if ever_admins(tx)? >= 2 {
                         return Err(Conflict::SecondAdminRequired.into());
                     }
                 }
