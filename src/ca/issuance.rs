@@ -50,6 +50,7 @@ impl CaService {
                 csr.algorithm,
                 &profile.extended_key_usage,
                 &format!("urn:uuid:{cn}"),
+                None,
             )?,
         })?;
         let signature = issuer

@@ -5,13 +5,18 @@
 //! - `hierarchy`: the chain of CAs (load from the store, create from policy);
 //! - `issuance`: device certificates;
 //! - [`keys`]: HSM key creation with its undo and start-up reconciliation;
-//! - [`csr`], [`public_key`] and [`x509`]: the encodings.
+//! - [`csr`], [`public_key`] and [`x509`]: the encodings;
+//! - [`crl`], [`ocsp`] and [`serial`]: revocation encodings (no store, no signer).
 
+pub mod crl;
 pub mod csr;
+mod der_write;
 mod hierarchy;
 mod issuance;
 pub mod keys;
+pub mod ocsp;
 pub mod public_key;
+pub mod serial;
 pub mod x509;
 
 use crate::clock::Clock;

@@ -14,10 +14,13 @@ use spki::AlgorithmIdentifierOwned;
 use std::time::{Duration, SystemTime};
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::ext::Extension;
+use x509_cert::ext::pkix::crl::dp::DistributionPoint;
+use x509_cert::ext::pkix::name::DistributionPointName;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectAltName, SubjectKeyIdentifier,
+    AccessDescription, AuthorityInfoAccessSyntax, AuthorityKeyIdentifier, BasicConstraints,
+    CrlDistributionPoints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+    SubjectKeyIdentifier,
 };
 use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
 use x509_cert::time::Time;
@@ -199,14 +202,95 @@ pub fn ca_extensions(ski: &[u8], aki: &[u8], path_len: Option<u8>) -> der::Resul
     Ok(v)
 }
 
+/// Where relying parties find revocation information for a certificate's
+/// issuer: its CRL, the OCSP responder, and the issuer's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationUrls {
+    /// cRLDistributionPoints fullName URI (RFC 5280 §4.2.1.13).
+    pub crl: String,
+    /// authorityInfoAccess id-ad-ocsp URI (RFC 5280 §4.2.2.1).
+    pub ocsp: String,
+    /// authorityInfoAccess id-ad-caIssuers URI: the issuer's certificate.
+    pub ca_issuers: String,
+}
+
+fn uri(s: &str) -> der::Result<GeneralName> {
+    Ok(GeneralName::UniformResourceIdentifier(Ia5String::new(s)?))
+}
+
+/// cRLDistributionPoints and authorityInfoAccess (both non-critical).
+pub fn revocation_extensions(urls: &RevocationUrls) -> der::Result<Vec<Extension>> {
+    Ok(vec![
+        ext(
+            rfc5280::ID_CE_CRL_DISTRIBUTION_POINTS,
+            false,
+            &CrlDistributionPoints(vec![DistributionPoint {
+                distribution_point: Some(DistributionPointName::FullName(vec![uri(&urls.crl)?])),
+                reasons: None,
+                crl_issuer: None,
+            }]),
+        )?,
+        ext(
+            rfc5280::ID_PE_AUTHORITY_INFO_ACCESS,
+            false,
+            &AuthorityInfoAccessSyntax(vec![
+                AccessDescription {
+                    access_method: rfc5280::ID_AD_OCSP,
+                    access_location: uri(&urls.ocsp)?,
+                },
+                AccessDescription {
+                    access_method: rfc5280::ID_AD_CA_ISSUERS,
+                    access_location: uri(&urls.ca_issuers)?,
+                },
+            ]),
+        )?,
+    ])
+}
+
+/// Extensions of a delegated OCSP responder certificate (RFC 6960 §4.2.2.2):
+/// CA:FALSE (critical), digitalSignature (critical), EKU id-kp-OCSPSigning,
+/// id-pkix-ocsp-nocheck (NULL: relying parties do not check its revocation,
+/// so it must be short-lived), SKI and AKI.
+pub fn ocsp_signer_extensions(ski: &[u8], aki: &[u8]) -> der::Result<Vec<Extension>> {
+    let mut v = vec![
+        ext(
+            rfc5280::ID_CE_BASIC_CONSTRAINTS,
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext(
+            rfc5280::ID_CE_KEY_USAGE,
+            true,
+            &KeyUsage(KeyUsages::DigitalSignature.into()),
+        )?,
+        ext(
+            rfc5280::ID_CE_EXT_KEY_USAGE,
+            false,
+            &ExtendedKeyUsage(vec![rfc5280::ID_KP_OCSP_SIGNING]),
+        )?,
+        ext(
+            const_oid::db::rfc6960::ID_PKIX_OCSP_NOCHECK,
+            false,
+            &der::asn1::Null,
+        )?,
+    ];
+    v.extend(common(ski, aki)?);
+    Ok(v)
+}
+
 /// Extensions of a device certificate: CA:FALSE (critical), key usage for
-/// the key type (critical), EKU from the profile, SAN `urn:uuid:<device>`.
+/// the key type (critical), EKU from the profile, SAN `urn:uuid:<device>`,
+/// and with `revocation` the CRL distribution point and AIA.
 pub fn device_extensions(
     ski: &[u8],
     aki: &[u8],
     key: KeyAlgorithm,
     eku: &[Eku],
     device_uri: &str,
+    revocation: Option<&RevocationUrls>,
 ) -> der::Result<Vec<Extension>> {
     let usages = match key {
         KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
@@ -245,6 +329,9 @@ pub fn device_extensions(
         )?,
     ];
     v.extend(common(ski, aki)?);
+    if let Some(urls) = revocation {
+        v.extend(revocation_extensions(urls)?);
+    }
     Ok(v)
 }
 
