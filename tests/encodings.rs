@@ -828,3 +828,89 @@ fn bad_ocsp_requests_get_typed_errors() {
     let e = ocsp::parse_get("%%%", &limits).unwrap_err();
     assert_eq!(e.code(), "ocsp_get_encoding");
 }
+
+#[test]
+fn server_certificates_verify_for_tls_names() {
+    let pki = pki();
+    let server = issue(
+        Some(&pki.issuing),
+        key(KeyAlgorithm::EcdsaP256),
+        "keyward",
+        |s, a| {
+            x509::server_extensions(
+                s,
+                a,
+                KeyAlgorithm::EcdsaP256,
+                &["localhost".to_string(), "keyward.example.test".to_string()],
+                &["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+            )
+            .unwrap()
+        },
+    );
+    std::fs::write(pki.path("server.pem"), x509::to_pem(&server.der).unwrap()).unwrap();
+    let d = pki.dir.path();
+    let (ok, text) = openssl(&["x509", "-in", "server.pem", "-noout", "-text"], d);
+    assert!(ok, "{text}");
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(
+        text.contains("DNS:localhost, DNS:keyward.example.test, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Digital Signature") && !text.contains("Key Encipherment"),
+        "{text}"
+    );
+    let base = [
+        "verify",
+        "-CAfile",
+        "root.pem",
+        "-untrusted",
+        "issuing.pem",
+        "-purpose",
+        "sslserver",
+    ];
+    for check in [
+        ["-verify_hostname", "localhost"],
+        ["-verify_hostname", "keyward.example.test"],
+        ["-verify_ip", "127.0.0.1"],
+        ["-verify_ip", "::1"],
+    ] {
+        let args: Vec<&str> = base
+            .iter()
+            .chain(&check)
+            .chain(&["server.pem"])
+            .copied()
+            .collect();
+        let (ok, out) = openssl(&args, d);
+        assert!(ok, "{check:?}: {out}");
+    }
+    let args: Vec<&str> = base
+        .iter()
+        .chain(&["-verify_hostname", "other.example.test", "server.pem"])
+        .copied()
+        .collect();
+    let (ok, out) = openssl(&args, d);
+    assert!(!ok && out.contains("hostname mismatch"), "{out}");
+    // A device certificate is not a server certificate.
+    let args: Vec<&str> = base.iter().chain(&["good.pem"]).copied().collect();
+    let (ok, out) = openssl(&args, d);
+    assert!(!ok, "{out}");
+
+    // RSA server keys also get keyEncipherment.
+    use der::Decode;
+    let exts = x509::server_extensions(
+        &[1; 20],
+        &[2; 20],
+        KeyAlgorithm::Rsa2048,
+        &["a".into()],
+        &[],
+    )
+    .unwrap();
+    let ku = exts
+        .iter()
+        .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_KEY_USAGE)
+        .unwrap();
+    assert!(ku.critical);
+    let ku = x509_cert::ext::pkix::KeyUsage::from_der(ku.extn_value.as_bytes()).unwrap();
+    assert!(ku.digital_signature() && ku.key_encipherment());
+}

@@ -281,6 +281,17 @@ pub fn ocsp_signer_extensions(ski: &[u8], aki: &[u8]) -> der::Result<Vec<Extensi
     Ok(v)
 }
 
+/// Key usage of an end-entity key: digitalSignature, plus keyEncipherment
+/// for RSA (TLS RSA key exchange).
+fn leaf_key_usages(key: KeyAlgorithm) -> der::flagset::FlagSet<KeyUsages> {
+    match key {
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment
+        }
+        _ => KeyUsages::DigitalSignature.into(),
+    }
+}
+
 /// Extensions of a device certificate: CA:FALSE (critical), key usage for
 /// the key type (critical), EKU from the profile, SAN `urn:uuid:<device>`,
 /// and with `revocation` the CRL distribution point and AIA.
@@ -292,12 +303,6 @@ pub fn device_extensions(
     device_uri: &str,
     revocation: Option<&RevocationUrls>,
 ) -> der::Result<Vec<Extension>> {
-    let usages = match key {
-        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
-            KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment
-        }
-        _ => KeyUsages::DigitalSignature.into(),
-    };
     let eku_oids = eku
         .iter()
         .map(|e| match e {
@@ -314,7 +319,11 @@ pub fn device_extensions(
                 path_len_constraint: None,
             },
         )?,
-        ext(rfc5280::ID_CE_KEY_USAGE, true, &KeyUsage(usages))?,
+        ext(
+            rfc5280::ID_CE_KEY_USAGE,
+            true,
+            &KeyUsage(leaf_key_usages(key)),
+        )?,
         ext(
             rfc5280::ID_CE_EXT_KEY_USAGE,
             false,
@@ -332,6 +341,59 @@ pub fn device_extensions(
     if let Some(urls) = revocation {
         v.extend(revocation_extensions(urls)?);
     }
+    Ok(v)
+}
+
+/// Extensions of a TLS server certificate (keyward's own listener):
+/// CA:FALSE (critical), digitalSignature (+ keyEncipherment for RSA,
+/// critical), EKU serverAuth, SAN with the DNS names and IP addresses
+/// (RFC 5280 §4.2.1.6: an IPv4 address is 4 octets, IPv6 16), SKI and AKI.
+pub fn server_extensions(
+    ski: &[u8],
+    aki: &[u8],
+    key: KeyAlgorithm,
+    dns_names: &[String],
+    ips: &[std::net::IpAddr],
+) -> der::Result<Vec<Extension>> {
+    let mut names = Vec::with_capacity(dns_names.len() + ips.len());
+    for d in dns_names {
+        names.push(GeneralName::DnsName(Ia5String::new(d)?));
+    }
+    for ip in ips {
+        let octets = match ip {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        names.push(GeneralName::IpAddress(OctetString::new(octets)?));
+    }
+    let mut v = vec![
+        ext(
+            rfc5280::ID_CE_BASIC_CONSTRAINTS,
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext(
+            rfc5280::ID_CE_KEY_USAGE,
+            true,
+            &KeyUsage(leaf_key_usages(key)),
+        )?,
+        ext(
+            rfc5280::ID_CE_EXT_KEY_USAGE,
+            false,
+            &ExtendedKeyUsage(vec![rfc5280::ID_KP_SERVER_AUTH]),
+        )?,
+    ];
+    if !names.is_empty() {
+        v.push(ext(
+            rfc5280::ID_CE_SUBJECT_ALT_NAME,
+            false,
+            &SubjectAltName(names),
+        )?);
+    }
+    v.extend(common(ski, aki)?);
     Ok(v)
 }
 
