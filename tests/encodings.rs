@@ -3,7 +3,7 @@
 //! KeyStore returns them), files in a tempdir, `openssl crl|verify|ocsp|x509`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use keyward::ca::crl::{self, CrlParams, RevocationReason, RevokedEntry};
+use keyward::ca::crl::{self, CrlParams, RevokedEntry};
 use keyward::ca::ocsp::{
     self, CertStatus, HashAlgorithm, IssuerId, OcspError, RequestLimits, ResponseData,
     SingleResponse,
@@ -11,6 +11,7 @@ use keyward::ca::ocsp::{
 use keyward::ca::serial::Serial;
 use keyward::ca::x509::{self, RevocationUrls, TbsParams};
 use keyward::keystore::KeyAlgorithm;
+use keyward::model::RevocationReason;
 use keyward::policy::ExtendedKeyUsage as Eku;
 use ring::rand::SystemRandom;
 use ring::signature::{

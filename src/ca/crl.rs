@@ -11,42 +11,7 @@ use super::serial::Serial;
 use crate::keystore::KeyAlgorithm;
 use der::Encode;
 
-pub use placeholder::RevocationReason;
-
-/// Stand-in for `crate::model::RevocationReason` (RFC 5280 §5.3.1 codes),
-/// which main is adding; replaced by a re-export once main is merged.
-mod placeholder {
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-    pub enum RevocationReason {
-        Unspecified,
-        KeyCompromise,
-        CaCompromise,
-        AffiliationChanged,
-        Superseded,
-        CessationOfOperation,
-        CertificateHold,
-        RemoveFromCrl,
-        PrivilegeWithdrawn,
-        AaCompromise,
-    }
-
-    impl RevocationReason {
-        pub fn code(self) -> u8 {
-            match self {
-                Self::Unspecified => 0,
-                Self::KeyCompromise => 1,
-                Self::CaCompromise => 2,
-                Self::AffiliationChanged => 3,
-                Self::Superseded => 4,
-                Self::CessationOfOperation => 5,
-                Self::CertificateHold => 6,
-                Self::RemoveFromCrl => 8,
-                Self::PrivilegeWithdrawn => 9,
-                Self::AaCompromise => 10,
-            }
-        }
-    }
-}
+pub use crate::model::RevocationReason;
 
 /// One revoked certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

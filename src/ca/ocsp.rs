@@ -11,14 +11,13 @@
 use super::der_write as w;
 use super::serial::{Serial, SerialError};
 use crate::keystore::KeyAlgorithm;
+use crate::model::RevocationReason;
 use const_oid::ObjectIdentifier;
 use const_oid::db::{rfc5912, rfc6960};
 use der::asn1::{AnyRef, OctetStringRef, UintRef};
 use der::{Decode, Encode, Reader, SliceReader, Tag, Tagged};
 use spki::AlgorithmIdentifierRef;
 use x509_cert::ext::Extensions;
-
-use super::crl::RevocationReason;
 
 /// Hash algorithms a CertID may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
