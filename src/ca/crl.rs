@@ -131,7 +131,7 @@ pub fn encode_tbs(p: &CrlParams<'_>) -> der::Result<Vec<u8>> {
         }
     }
     out.extend_from_slice(&exts);
-    debug_assert_eq!(out.len(), out.capacity());
+    debug_assert_eq!(out.len(), w::tlv_len(content), "lengths computed up front");
     Ok(out)
 }
 
