@@ -6,7 +6,7 @@ use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig};
+use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig, TlsSource};
 use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
 use crate::jobs::login_failures::LoginFailureFlusher;
@@ -25,6 +25,8 @@ use crate::ratelimit::{Limit, RateLimiter};
 use crate::registry::RegistryService;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
+use crate::tls::listener::HandshakeLimits;
+use crate::tls::{ClientAuth, ClientAuthSettings, ClientCertCheck, ServerCertResolver};
 use anyhow::{Context, bail};
 use secrecy::{ExposeSecret, SecretString};
 use std::future::Future;
@@ -41,6 +43,103 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Failed admin logins waiting to be audited (written by the flusher job).
     pub login_failures: Arc<LoginFailureLog>,
+    /// HTTPS (`[server.tls]`); `None` serves plain HTTP (loopback only).
+    pub tls: Option<TlsServing>,
+}
+
+/// What the HTTPS listener needs, prepared before the socket is bound so
+/// that a bad certificate or key stops start-up.
+pub struct TlsServing {
+    /// The served certificate; renewal swaps it.
+    pub resolver: Arc<ServerCertResolver>,
+    pub server_config: Arc<rustls::ServerConfig>,
+    pub client_auth: ClientAuth,
+    /// The revocation hook (also run after resumed handshakes).
+    pub check: Option<Arc<dyn ClientCertCheck>>,
+    pub limits: HandshakeLimits,
+    trust_anchors: Vec<Vec<u8>>,
+}
+
+impl TlsServing {
+    fn new(
+        resolver: Arc<ServerCertResolver>,
+        config: &TlsConfig,
+        trust_anchors: Vec<Vec<u8>>,
+        check: Option<Arc<dyn ClientCertCheck>>,
+    ) -> anyhow::Result<Self> {
+        let check = match config.client_auth {
+            ClientAuth::None => None,
+            _ => check,
+        };
+        let server_config = crate::tls::server_config(
+            resolver.clone(),
+            ClientAuthSettings {
+                mode: config.client_auth,
+                trust_anchors: trust_anchors.clone(),
+                check: check.clone(),
+            },
+        )
+        .context("server.tls")?;
+        Ok(Self {
+            resolver,
+            server_config,
+            client_auth: config.client_auth,
+            check,
+            limits: HandshakeLimits {
+                timeout: config.handshake_timeout,
+                max_in_progress: config.max_handshakes,
+            },
+            trust_anchors,
+        })
+    }
+
+    /// TEST HOOK: replaces the revocation check (e.g. with
+    /// `tls::client_auth::FingerprintDenyList`).
+    pub fn with_check(self, check: Arc<dyn ClientCertCheck>) -> anyhow::Result<Self> {
+        let server_config = crate::tls::server_config(
+            self.resolver.clone(),
+            ClientAuthSettings {
+                mode: self.client_auth,
+                trust_anchors: self.trust_anchors.clone(),
+                check: Some(check.clone()),
+            },
+        )?;
+        Ok(Self {
+            server_config,
+            check: Some(check),
+            ..self
+        })
+    }
+}
+
+/// Loads or issues the server certificate and builds the TLS configuration.
+async fn prepare_tls(
+    config: &TlsConfig,
+    ca: &CaService,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<TlsServing> {
+    let key = match &config.source {
+        TlsSource::Files {
+            certificate_file,
+            key_file,
+        } => crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?,
+        TlsSource::Issue(_) => {
+            bail!("server.tls.issue: not available yet in this build")
+        }
+    };
+    let resolver = Arc::new(ServerCertResolver::new(Arc::new(key)));
+    // Devices chain to the issuing CAs; anchoring there lets them send only
+    // their leaf certificate.
+    let anchors = ca
+        .issuers()
+        .iter()
+        .filter(|i| i.kind == crate::policy::CaKind::Issuing)
+        .map(|i| i.cert_der.clone())
+        .collect();
+    let check: Arc<dyn ClientCertCheck> = Arc::new(
+        crate::registry::tls_check::StoreClientCertCheck::new(store.clone()),
+    );
+    TlsServing::new(resolver, config, anchors, Some(check))
 }
 
 /// How often the sweeper looks for pending registrations past their time.
@@ -192,6 +291,10 @@ impl App {
             registrations: Limit::new(l.registrations_per_source, l.registrations_window),
         };
         let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
+        let tls = match &config.server.tls {
+            Some(t) => Some(prepare_tls(t, &ca, &store).await?),
+            None => None,
+        };
         Ok(Self {
             state: AppState {
                 registry,
@@ -210,6 +313,7 @@ impl App {
             reconciled,
             clock,
             login_failures,
+            tls,
         })
     }
 
@@ -278,15 +382,30 @@ impl App {
         let keystores = self.state.keystores.clone();
         let jobs = self.start_jobs().await;
         let router = crate::http::router(self.state, self.limits);
-        // Connect info gives handlers the TCP peer (the client address, or a
-        // trusted proxy's).
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server failed");
+        let served = match self.tls {
+            // The TLS accept loop adds ConnectInfo and the client certificate itself.
+            Some(tls) => {
+                crate::tls::listener::serve(
+                    listener,
+                    tls.server_config,
+                    tls.check,
+                    tls.limits,
+                    router,
+                    shutdown,
+                )
+                .await;
+                Ok(())
+            }
+            // Connect info gives handlers the TCP peer (the client address, or a
+            // trusted proxy's).
+            None => axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("HTTP server failed"),
+        };
         // No request is in flight any more: nothing can add a failed login.
         jobs.shutdown().await;
         served?;

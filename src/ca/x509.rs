@@ -248,6 +248,56 @@ pub fn device_extensions(
     Ok(v)
 }
 
+/// Extensions of keyward's own TLS server certificate: CA:FALSE (critical),
+/// digitalSignature (critical; the key types allowed for TLS keys sign,
+/// they do not encipher), EKU serverAuth, SAN with the DNS names and IP
+/// addresses clients connect to, SKI and AKI.
+pub fn server_extensions(
+    ski: &[u8],
+    aki: &[u8],
+    dns_names: &[String],
+    ip_addresses: &[std::net::IpAddr],
+) -> der::Result<Vec<Extension>> {
+    let mut names = Vec::with_capacity(dns_names.len() + ip_addresses.len());
+    for n in dns_names {
+        names.push(GeneralName::DnsName(Ia5String::new(n)?));
+    }
+    for ip in ip_addresses {
+        let octets = match ip {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        names.push(GeneralName::IpAddress(OctetString::new(octets)?));
+    }
+    let mut v = vec![
+        ext(
+            rfc5280::ID_CE_BASIC_CONSTRAINTS,
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext(
+            rfc5280::ID_CE_KEY_USAGE,
+            true,
+            &KeyUsage(KeyUsages::DigitalSignature.into()),
+        )?,
+        ext(
+            rfc5280::ID_CE_EXT_KEY_USAGE,
+            false,
+            &ExtendedKeyUsage(vec![rfc5280::ID_KP_SERVER_AUTH]),
+        )?,
+        ext(
+            rfc5280::ID_CE_SUBJECT_ALT_NAME,
+            false,
+            &SubjectAltName(names),
+        )?,
+    ];
+    v.extend(common(ski, aki)?);
+    Ok(v)
+}
+
 /// Serial number: 48-bit millisecond timestamp then 80 bits from the CSPRNG.
 /// Positive and at most 20 octets (RFC 5280 §4.1.2.2), with more than the
 /// 64 bits of unpredictable output CA/B Forum asks for. The time prefix keeps

@@ -130,9 +130,17 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "keyward serving");
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "keyward serving");
+    if app.tls.is_none() {
+        // The config refuses plain HTTP on any other address.
+        tracing::warn!(
+            %addr,
+            "serving plain HTTP (no [server.tls]): acceptable on loopback for development only"
+        );
+    }
     // A plain line on stdout for supervisors and tests (port 0 picks a free port).
-    println!("keyward listening on http://{addr}");
+    println!("keyward listening on {scheme}://{addr}");
     app.serve_on(listener, crate::app::shutdown_signal())
         .await?;
     Ok(ExitCode::SUCCESS)
@@ -144,6 +152,17 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     // missing PIN file or env var shows now rather than at start-up.
     for secret in config.secrets() {
         secret.read()?;
+    }
+    if let Some(crate::config::TlsConfig {
+        source:
+            crate::config::TlsSource::Files {
+                certificate_file,
+                key_file,
+            },
+        ..
+    }) = &config.server.tls
+    {
+        crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?;
     }
     let policies = Policies::load(&config.policies.dir)?;
     println!(

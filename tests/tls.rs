@@ -1,0 +1,494 @@
+//! The TLS listener with stock tools: `curl --cacert`, `openssl s_client`,
+//! certificates made by `openssl` (files mode) and by keyward itself
+//! (`issue = true`, key in SoftHSM2), client authentication with device
+//! certificates, start-up refusals that name their config key.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Env;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = run(Command::new("openssl").current_dir(dir).args(args));
+    assert!(o.status.success(), "openssl {args:?}: {}", text(&o));
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A throw-away CA made with openssl, and leaf certificates it signs.
+struct OpensslCa {
+    dir: PathBuf,
+}
+
+impl OpensslCa {
+    fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-nodes",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test TLS CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `NAME.pem` + `NAME.key` (PKCS#8, 0600), signed by this CA.
+    fn leaf(&self, name: &str, eku: &str, san: &str) {
+        let ext = format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={eku}\nsubjectAltName={san}\n"
+        );
+        std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-nodes",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+        chmod(&self.path(&format!("{name}.key")), 0o600);
+    }
+}
+
+/// SHA-256 of a PEM certificate's DER, lowercase hex, by openssl.
+fn fingerprint(pem: &Path) -> String {
+    let o = run(Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(pem));
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    t.trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_ascii_lowercase()
+}
+
+/// `curl -sS` with extra arguments; returns (success, body or error).
+fn curl(args: &[&str], url: &str) -> (bool, String) {
+    let o = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .arg(url));
+    (o.status.success(), text(&o))
+}
+
+/// `openssl s_client` sending one HTTP request; returns (exit success, output).
+fn s_client(addr: &str, extra: &[&str]) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            addr,
+            "-verify_return_error",
+            "-ign_eof",
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (o.status.success(), text(&o))
+}
+
+fn host_port(url: &str) -> String {
+    url.split("://")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn set_server_tls(env: &Env, tls_toml: &str) {
+    env.append_config(&format!("[server.tls]\n{tls_toml}"));
+}
+
+// ---------------------------------------------------------------------------
+// The listener in-process, with a route that echoes what the handler sees.
+
+mod in_process {
+    use super::*;
+    use axum::Extension;
+    use axum::extract::ConnectInfo;
+    use axum::routing::get;
+    use keyward::tls::client_auth::FingerprintDenyList;
+    use keyward::tls::listener::{HandshakeLimits, serve};
+    use keyward::tls::{ClientAuth, ClientAuthSettings, PeerCertificate, ServerCertResolver};
+
+    async fn whoami(
+        peer: Option<Extension<PeerCertificate>>,
+        ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ) -> String {
+        let fp = peer
+            .map(|Extension(p)| hex::encode(ring::digest::digest(&ring::digest::SHA256, &p.0)))
+            .unwrap_or_else(|| "none".into());
+        format!("peer={fp} from={}", addr.ip())
+    }
+
+    /// Handlers see the verified client leaf next to ConnectInfo; a denied
+    /// certificate is refused at the handshake; the served certificate is
+    /// swapped without a restart; shutdown drains and returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handlers_see_the_peer_certificate_and_the_certificate_swaps_live() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = OpensslCa::new(tmp.path());
+        ca.leaf("server", "serverAuth", "IP:127.0.0.1");
+        ca.leaf("server2", "serverAuth", "IP:127.0.0.1");
+        ca.leaf(
+            "device",
+            "clientAuth",
+            "URI:urn:uuid:00000000-0000-0000-0000-000000000001",
+        );
+        ca.leaf(
+            "revoked",
+            "clientAuth",
+            "URI:urn:uuid:00000000-0000-0000-0000-000000000002",
+        );
+        let provider = keyward::tls::provider();
+        let key =
+            keyward::tls::files::load(&ca.path("server.pem"), &ca.path("server.key"), &provider)
+                .unwrap();
+        let resolver = Arc::new(ServerCertResolver::new(Arc::new(key)));
+        let deny = Arc::new(FingerprintDenyList::default());
+        deny.deny(&fingerprint(&ca.path("revoked.pem")));
+        let ca_der = {
+            let pem = std::fs::read_to_string(ca.path("ca.pem")).unwrap();
+            der::pem::decode_vec(pem.as_bytes()).unwrap().1
+        };
+        let config = keyward::tls::server_config(
+            resolver.clone(),
+            ClientAuthSettings {
+                mode: ClientAuth::Optional,
+                trust_anchors: vec![ca_der],
+                check: Some(deny.clone()),
+            },
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/whoami", get(whoami));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            config,
+            Some(deny.clone()),
+            HandshakeLimits {
+                timeout: std::time::Duration::from_secs(5),
+                max_in_progress: 4,
+            },
+            router,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let url = format!("https://{addr}/whoami");
+        let cacert = ca.path("ca.pem");
+        let cacert = cacert.to_str().unwrap();
+        let (cert, key) = (ca.path("device.pem"), ca.path("device.key"));
+
+        let out = tokio::task::spawn_blocking({
+            let url = url.clone();
+            let cacert = cacert.to_string();
+            let (cert, key) = (cert.clone(), key.clone());
+            move || {
+                (
+                    curl(
+                        &[
+                            "--cacert",
+                            &cacert,
+                            "--cert",
+                            cert.to_str().unwrap(),
+                            "--key",
+                            key.to_str().unwrap(),
+                        ],
+                        &url,
+                    ),
+                    curl(&["--cacert", &cacert], &url),
+                    curl(&[], &url),
+                )
+            }
+        })
+        .await
+        .unwrap();
+        let (with_cert, without_cert, untrusted) = out;
+        println!("echo with a device certificate: {}", with_cert.1);
+        assert!(with_cert.0, "{}", with_cert.1);
+        assert_eq!(
+            with_cert.1,
+            format!(
+                "peer={} from=127.0.0.1",
+                fingerprint(&ca.path("device.pem"))
+            )
+        );
+        assert!(without_cert.0, "{}", without_cert.1);
+        assert_eq!(without_cert.1, "peer=none from=127.0.0.1");
+        assert!(
+            !untrusted.0,
+            "curl without --cacert must not trust the server: {}",
+            untrusted.1
+        );
+
+        // Denied by the revocation hook: refused during the handshake.
+        let denied = tokio::task::spawn_blocking({
+            let url = url.clone();
+            let cacert = cacert.to_string();
+            let (cert, key) = (ca.path("revoked.pem"), ca.path("revoked.key"));
+            move || {
+                curl(
+                    &[
+                        "--cacert",
+                        &cacert,
+                        "--cert",
+                        cert.to_str().unwrap(),
+                        "--key",
+                        key.to_str().unwrap(),
+                    ],
+                    &url,
+                )
+            }
+        })
+        .await
+        .unwrap();
+        assert!(!denied.0, "a denied certificate got through: {}", denied.1);
+        assert!(!denied.1.contains("peer="), "{}", denied.1);
+        assert!(
+            denied.1.contains("certificate revoked"),
+            "not the revocation alert: {}",
+            denied.1
+        );
+
+        // Renewal without restart: the next handshake gets the new certificate.
+        let before = served_fingerprint(addr, cacert).await;
+        assert_eq!(before, fingerprint(&ca.path("server.pem")));
+        let key2 =
+            keyward::tls::files::load(&ca.path("server2.pem"), &ca.path("server2.key"), &provider)
+                .unwrap();
+        resolver.swap(Arc::new(key2));
+        let after = served_fingerprint(addr, cacert).await;
+        assert_eq!(after, fingerprint(&ca.path("server2.pem")));
+
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("serve did not return after shutdown")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "still accepting"
+        );
+    }
+
+    /// The fingerprint of the certificate the server presents, by s_client.
+    async fn served_fingerprint(addr: SocketAddr, cacert: &str) -> String {
+        let cacert = cacert.to_string();
+        tokio::task::spawn_blocking(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let (ok, out) = s_client(&addr.to_string(), &["-CAfile", &cacert, "-showcerts"]);
+            assert!(ok, "{out}");
+            let pem_start = out.find("-----BEGIN CERTIFICATE-----").unwrap();
+            let pem_end = out.find("-----END CERTIFICATE-----").unwrap() + 25;
+            let p = dir.path().join("served.pem");
+            std::fs::write(&p, format!("{}\n", &out[pem_start..pem_end])).unwrap();
+            fingerprint(&p)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon.
+
+/// Files mode: an openssl-made certificate and key; curl and s_client
+/// reach the daemon with the CA, and not without it.
+#[test]
+fn files_mode_serves_https_that_curl_and_s_client_trust_with_the_ca() {
+    let env = Env::new();
+    let ca = OpensslCa::new(&env.path("tls"));
+    ca.leaf("server", "serverAuth", "IP:127.0.0.1,DNS:localhost");
+    set_server_tls(
+        &env,
+        "certificate_file = \"tls/server.pem\"\nkey_file = \"tls/server.key\"\n",
+    );
+    env.init();
+    let daemon = env.serve();
+    assert!(
+        daemon.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        daemon.url
+    );
+    let cacert = ca.path("ca.pem");
+    let (ok, body) = curl(
+        &["--cacert", cacert.to_str().unwrap()],
+        &format!("{}/healthz", daemon.url),
+    );
+    assert!(ok, "{body}");
+    let (ok, body) = curl(&[], &format!("{}/healthz", daemon.url));
+    assert!(!ok, "curl trusted an unknown CA: {body}");
+    let (ok, out) = s_client(
+        &host_port(&daemon.url),
+        &["-CAfile", cacert.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    // Plain HTTP on the TLS port gets nothing useful.
+    let (ok, _) = curl(&[], &format!("http://{}/healthz", host_port(&daemon.url)));
+    assert!(!ok);
+}
+
+/// Start-up refusals, each naming its key: plain HTTP off loopback, both
+/// files and issue, a missing file, a key that is not the certificate's, a
+/// key readable by others.
+#[test]
+fn bad_tls_configs_are_refused_naming_the_key() {
+    let env = Env::new();
+    let ca = OpensslCa::new(&env.path("tls"));
+    ca.leaf("server", "serverAuth", "IP:127.0.0.1");
+    ca.leaf("other", "serverAuth", "IP:127.0.0.1");
+    env.init();
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    let attempt = |config: &str| -> String {
+        std::fs::write(&env.config, config).unwrap();
+        let out = env.run(&["config", "check", "--config", env.config.to_str().unwrap()]);
+        assert!(!out.status.success(), "accepted: {config}");
+        text(&out)
+    };
+    let serve = |config: &str| -> String {
+        std::fs::write(&env.config, config).unwrap();
+        let out = Command::new(common::keyward_bin())
+            .env("SOFTHSM2_CONF", &env.softhsm_conf)
+            .args(["serve", "--config", env.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "served: {config}");
+        text(&out)
+    };
+    let files =
+        "[server.tls]\ncertificate_file = \"tls/server.pem\"\nkey_file = \"tls/server.key\"\n";
+
+    let e = serve(&base.replace("127.0.0.1:0", "0.0.0.0:0"));
+    assert!(e.contains("`server.tls`") && e.contains("loopback"), "{e}");
+
+    let e = attempt(&format!("{base}{files}issue = true\n"));
+    assert!(e.contains("server.tls.issue"), "{e}");
+
+    let e = attempt(&format!(
+        "{base}{}",
+        files.replace("server.pem", "absent.pem")
+    ));
+    assert!(
+        e.contains("server.tls.certificate_file") && e.contains("absent.pem"),
+        "{e}"
+    );
+
+    let e = attempt(&format!(
+        "{base}{}",
+        files.replace("server.key", "other.key")
+    ));
+    assert!(
+        e.contains("server.tls.key_file") && e.contains("does not match"),
+        "{e}"
+    );
+    let e = serve(&format!(
+        "{base}{}",
+        files.replace("server.key", "other.key")
+    ));
+    assert!(
+        e.contains("server.tls.key_file") && e.contains("does not match"),
+        "{e}"
+    );
+
+    chmod(&ca.path("server.key"), 0o644);
+    let e = attempt(&format!("{base}{files}"));
+    assert!(
+        e.contains("server.tls.key_file") && e.contains("chmod 600"),
+        "{e}"
+    );
+    chmod(&ca.path("server.key"), 0o600);
+
+    std::fs::write(&env.config, format!("{base}{files}")).unwrap();
+    let out = env.run(&["config", "check", "--config", env.config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
