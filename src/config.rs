@@ -91,6 +91,11 @@ pub struct ServerConfig {
     /// Reverse proxies whose `X-Forwarded-For` is believed. Empty: the TCP
     /// peer is the client and the header is ignored.
     pub trusted_proxies: Vec<crate::model::IpNet>,
+    /// Base URL relying parties reach keyward at (`https://pki.example.net`),
+    /// without a trailing slash. Issued certificates point their CRL
+    /// distribution point and AIA (CA issuers, OCSP) below it. `None`: the
+    /// certificates carry neither.
+    pub public_url: Option<String>,
     /// `[server.tls]`. `None`: plain HTTP, accepted only on a loopback address.
     pub tls: Option<TlsConfig>,
 }
@@ -360,6 +365,30 @@ impl Builder<'_> {
         })
     }
 
+    /// An http(s) URL with a host, no query or fragment, no credentials, no
+    /// whitespace; the trailing slash is dropped.
+    fn public_url(&self, url: &str) -> Result<String, ConfigError> {
+        let key = "server.public_url";
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| self.invalid(key, "must start with https:// or http://"))?;
+        let host = rest.split('/').next().unwrap_or("");
+        if host.is_empty()
+            || host.contains('@')
+            || url.contains(['?', '#'])
+            || url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
+        {
+            return Err(self.invalid(
+                key,
+                "must be an ASCII http(s) URL with a host and no credentials, query or fragment",
+            ));
+        }
+        Ok(url.trim_end_matches('/').to_string())
+    }
+
     fn build(&self, raw: file::File) -> Result<Config, ConfigError> {
         let server = ServerConfig {
             listen: raw
@@ -389,6 +418,11 @@ impl Builder<'_> {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            public_url: raw
+                .server
+                .public_url
+                .map(|u| self.public_url(&u))
+                .transpose()?,
             tls: None,
         };
         let server = ServerConfig {
@@ -783,6 +817,28 @@ token_pepper_env = "KEYWARD_PEPPER"
         assert_eq!(c.policies.dir, Path::new("/etc/kw/policies"));
         assert_eq!(c.log.level, "info");
         assert_eq!(c.secrets().len(), 2);
+    }
+
+    #[test]
+    fn public_url_is_checked_and_normalised() {
+        let with = |u: &str| format!("{MINIMAL}\n[server]\npublic_url = \"{u}\"\n");
+        assert_eq!(parse(MINIMAL).unwrap().server.public_url, None);
+        let c = parse(&with("https://pki.example.net:8443/kw/")).unwrap();
+        assert_eq!(
+            c.server.public_url.as_deref(),
+            Some("https://pki.example.net:8443/kw")
+        );
+        for bad in [
+            "ftp://pki.example.net",
+            "https://",
+            "https://user:pw@pki.example.net",
+            "https://pki.example.net/?x=1",
+            "https://pki.example.net/#f",
+            "https://pki.exämple.net",
+            "pki.example.net",
+        ] {
+            refused(&with(bad), "server.public_url");
+        }
     }
 
     #[test]

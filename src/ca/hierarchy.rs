@@ -229,6 +229,8 @@ impl CaService {
                 revoked_at: None,
                 revocation_reason: None,
                 created_at: now,
+                superseded_by: None,
+                spki_sha256: Some(super::spki_sha256(&key.public_key_der)),
             }))
             .audit(AuditDraft { actor: actor.to_string(), ..key_event })
             .audit(

@@ -82,6 +82,8 @@ impl CaService {
             revoked_at: None,
             revocation_reason: None,
             created_at: now,
+            superseded_by: None,
+            spki_sha256: Some(super::spki_sha256(&csr.spki_der)),
         };
         Ok(IssuedCertificate { der, record })
     }

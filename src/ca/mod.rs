@@ -139,6 +139,12 @@ fn fingerprint(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
+/// SHA-256 of a DER SubjectPublicKeyInfo, lower-case hex: finds every
+/// certificate of one public key ([`Store::certificates_by_spki`]).
+pub fn spki_sha256(spki_der: &[u8]) -> String {
+    fingerprint(spki_der)
+}
+
 impl CaService {
     pub async fn new(
         keystores: KeyStores,

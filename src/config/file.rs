@@ -44,6 +44,7 @@ pub(super) struct Server {
     pub body_limit_bytes: Option<usize>,
     pub request_timeout_secs: Option<u64>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub public_url: Option<String>,
     pub tls: Option<Tls>,
 }
 

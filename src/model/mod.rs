@@ -6,6 +6,7 @@ pub mod algorithm;
 mod handle;
 mod names;
 mod net;
+mod revocation;
 mod role;
 mod status;
 
@@ -13,6 +14,7 @@ pub use algorithm::KeyAlgorithm;
 pub use handle::{DEFAULT_KEYSTORE, KeyHandle};
 pub use names::{CaKind, is_display_safe, valid_display_text, valid_name};
 pub use net::{IpNet, IpNetError};
+pub use revocation::RevocationReason;
 pub use role::Role;
 pub use status::{
     AdminRequestKind, AdminRequestStatus, CertificateStatus, Decision, DeviceStatus, KeyPurpose,

@@ -29,7 +29,8 @@ macro_rules! string_enum {
 }
 
 string_enum!(
-    /// What a key is for.
+    /// What a key is for. `ocsp-signing`: a CA's delegated OCSP responder;
+    /// `tls-server`: keyward's own TLS server key (`[server.tls] issue = true`).
     KeyPurpose {
         RootCa = "root-ca",
         IssuingCa = "issuing-ca",
@@ -37,6 +38,8 @@ string_enum!(
         TokenSigning = "token-signing",
         Audit = "audit",
         BackupWrap = "backup-wrap",
+        OcspSigning = "ocsp-signing",
+        TlsServer = "tls-server",
     }
 );
 

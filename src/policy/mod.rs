@@ -81,6 +81,90 @@ pub struct ProfilePolicy {
     /// notBefore is set this far in the past to absorb device clock skew.
     #[serde(default = "default_backdate")]
     pub backdate_seconds: u32,
+    /// A device may renew once its certificate has at most this many days
+    /// left (an admin can force a renewal earlier).
+    #[serde(default = "default_renewal_window")]
+    pub renewal_window_days: u32,
+}
+
+fn default_renewal_window() -> u32 {
+    30
+}
+
+/// How CRLs and OCSP responses are produced (`[revocation]` in ca.toml).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationPolicy {
+    /// nextUpdate = thisUpdate + this, for every CA's CRL.
+    #[serde(default = "default_crl_validity")]
+    pub crl_validity_hours: u32,
+    /// The scheduler publishes a new CRL this long before nextUpdate.
+    #[serde(default = "default_crl_refresh")]
+    pub crl_refresh_before_hours: u32,
+    /// Revocations within this many milliseconds share one new CRL.
+    #[serde(default = "default_crl_debounce")]
+    pub crl_debounce_ms: u32,
+    /// Signed CRLs kept per CA in the store (the newest ones).
+    #[serde(default = "default_crls_kept")]
+    pub crls_kept: u32,
+    /// nextUpdate of an OCSP response = thisUpdate + this.
+    #[serde(default = "default_ocsp_validity")]
+    pub ocsp_validity_minutes: u32,
+    /// A cached OCSP response is signed again this long before its nextUpdate.
+    #[serde(default = "default_ocsp_refresh")]
+    pub ocsp_refresh_before_minutes: u32,
+    /// Validity of a delegated OCSP signing certificate.
+    #[serde(default = "default_ocsp_signer_validity")]
+    pub ocsp_signer_validity_days: u32,
+    /// The OCSP signing key and certificate are replaced this long before expiry.
+    #[serde(default = "default_ocsp_signer_renew")]
+    pub ocsp_signer_renew_before_days: u32,
+    #[serde(default = "default_ocsp_signer_algorithm")]
+    pub ocsp_signer_algorithm: KeyAlgorithm,
+}
+
+fn default_crl_validity() -> u32 {
+    24
+}
+fn default_crl_refresh() -> u32 {
+    6
+}
+fn default_crl_debounce() -> u32 {
+    1000
+}
+fn default_crls_kept() -> u32 {
+    10
+}
+fn default_ocsp_validity() -> u32 {
+    60
+}
+fn default_ocsp_refresh() -> u32 {
+    10
+}
+fn default_ocsp_signer_validity() -> u32 {
+    30
+}
+fn default_ocsp_signer_renew() -> u32 {
+    7
+}
+fn default_ocsp_signer_algorithm() -> KeyAlgorithm {
+    KeyAlgorithm::EcdsaP256
+}
+
+impl Default for RevocationPolicy {
+    fn default() -> Self {
+        Self {
+            crl_validity_hours: default_crl_validity(),
+            crl_refresh_before_hours: default_crl_refresh(),
+            crl_debounce_ms: default_crl_debounce(),
+            crls_kept: default_crls_kept(),
+            ocsp_validity_minutes: default_ocsp_validity(),
+            ocsp_refresh_before_minutes: default_ocsp_refresh(),
+            ocsp_signer_validity_days: default_ocsp_signer_validity(),
+            ocsp_signer_renew_before_days: default_ocsp_signer_renew(),
+            ocsp_signer_algorithm: default_ocsp_signer_algorithm(),
+        }
+    }
 }
 
 fn default_eku() -> Vec<ExtendedKeyUsage> {
@@ -139,6 +223,8 @@ struct CaFile {
     ca: Vec<CaPolicy>,
     #[serde(default)]
     profile: Vec<ProfilePolicy>,
+    #[serde(default)]
+    revocation: RevocationPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +242,7 @@ pub struct Policies {
     pub cas: Vec<CaPolicy>,
     pub profiles: BTreeMap<String, ProfilePolicy>,
     pub groups: BTreeMap<String, GroupPolicy>,
+    pub revocation: RevocationPolicy,
 }
 
 fn read(path: &Path) -> Result<String, PolicyError> {
@@ -309,6 +396,13 @@ impl Policies {
             if p.extended_key_usage.is_empty() {
                 return Err(bad(ca_path, key, "extended_key_usage is empty".into()));
             }
+            if p.renewal_window_days >= p.validity_days {
+                return Err(bad(
+                    ca_path,
+                    key,
+                    "renewal_window_days must be shorter than validity_days".into(),
+                ));
+            }
             if profiles.insert(p.name.clone(), p.clone()).is_some() {
                 return Err(bad(ca_path, key, "duplicate profile name".into()));
             }
@@ -358,10 +452,40 @@ impl Policies {
                 return Err(bad(en_path, key, "duplicate group name".into()));
             }
         }
+        let r = &ca.revocation;
+        let rkey = |k: &str| format!("revocation.{k}");
+        if r.crl_validity_hours == 0 || r.crl_refresh_before_hours >= r.crl_validity_hours {
+            return Err(bad(
+                ca_path,
+                rkey("crl_refresh_before_hours"),
+                "must be shorter than crl_validity_hours (> 0)".into(),
+            ));
+        }
+        if r.ocsp_validity_minutes == 0 || r.ocsp_refresh_before_minutes >= r.ocsp_validity_minutes
+        {
+            return Err(bad(
+                ca_path,
+                rkey("ocsp_refresh_before_minutes"),
+                "must be shorter than ocsp_validity_minutes (> 0)".into(),
+            ));
+        }
+        if r.ocsp_signer_validity_days == 0
+            || r.ocsp_signer_renew_before_days >= r.ocsp_signer_validity_days
+        {
+            return Err(bad(
+                ca_path,
+                rkey("ocsp_signer_renew_before_days"),
+                "must be shorter than ocsp_signer_validity_days (> 0)".into(),
+            ));
+        }
+        if r.crls_kept == 0 {
+            return Err(bad(ca_path, rkey("crls_kept"), "must be at least 1".into()));
+        }
         Ok(Self {
             cas: ca.ca,
             profiles,
             groups,
+            revocation: ca.revocation,
         })
     }
 

@@ -44,6 +44,9 @@ impl StoreClientCertCheck {
         if record.der != leaf_der {
             return Err(ClientCertRefused::Unknown);
         }
+        if record.on_hold() {
+            return Err(ClientCertRefused::Suspended);
+        }
         if record.status == CertificateStatus::Revoked {
             return Err(ClientCertRefused::Revoked);
         }

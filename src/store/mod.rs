@@ -254,6 +254,58 @@ pub enum Write {
         id: Uuid,
         at: i64,
     },
+    /// A renewal: marks `serial` `superseded` by `by` (inserted in the same
+    /// change). Conflicts unless the certificate is `valid`.
+    SupersedeCertificate {
+        serial: String,
+        by: String,
+        at: i64,
+    },
+    /// Revokes one certificate: from `valid` or `superseded`, or from a hold
+    /// (`revoked` with `certificate-hold`) to a permanent reason. Conflicts
+    /// (`StateChanged`) otherwise, `Missing` if there is no such serial.
+    RevokeCertificate {
+        serial: String,
+        reason: RevocationReason,
+        at: i64,
+    },
+    /// Lifts a hold: `revoked` with `certificate-hold` becomes `superseded`
+    /// if a renewal replaced it, else `valid`. Conflicts unless on hold.
+    ReleaseCertificateHold {
+        serial: String,
+        at: i64,
+    },
+    /// Changes a device's status; conflicts unless it is `from` and the
+    /// step is one of active → suspended | revoked, suspended → active |
+    /// revoked (revocation is final). Its
+    /// unexpired certificates (`not_after > at`) follow in the same
+    /// transaction:
+    /// - to `revoked`: each `valid`, `superseded` or held one is revoked with
+    ///   `reason` (which must not be `certificate-hold`);
+    /// - to `suspended`: each `valid` or `superseded` one is put on hold;
+    /// - `suspended` to `active`: the held ones are released.
+    SetDeviceStatus {
+        id: Uuid,
+        from: DeviceStatus,
+        to: DeviceStatus,
+        reason: RevocationReason,
+        at: i64,
+    },
+    /// Stores a signed CRL. Conflicts (`StateChanged`) unless its number is
+    /// one more than the issuer's highest (1 for the first). Keeps the
+    /// newest `keep` CRLs of the issuer and deletes older ones.
+    PublishCrl {
+        record: CrlRecord,
+        keep: u32,
+    },
+    /// Links a certificate inserted in the same change to a service.
+    InsertServiceCertificate(ServiceCertificateRecord),
+    /// Retires a service certificate (a successor took over). Conflicts
+    /// unless it is not retired yet.
+    RetireServiceCertificate {
+        serial: String,
+        at: i64,
+    },
 }
 
 /// An atomic unit: all writes and all audit events, or none.
@@ -306,9 +358,32 @@ pub struct PageRequest {
 
 /// One page; `next` is `None` on the last page.
 #[derive(Debug, Clone)]
-pub struct Page<T> {
+pub struct Page<T, C = Uuid> {
     pub items: Vec<T>,
-    pub next: Option<Uuid>,
+    pub next: Option<C>,
+}
+
+/// Keyset pagination over certificates, by serial. Serials start with a
+/// millisecond timestamp, so serial order is issuance order.
+#[derive(Debug, Clone, Default)]
+pub struct SerialPageRequest {
+    pub after: Option<String>,
+    /// 1..=1000; backends clamp.
+    pub limit: u32,
+    pub order: Order,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    pub status: Option<DeviceStatus>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CertificateFilter {
+    pub device: Option<Uuid>,
+    pub status: Option<CertificateStatus>,
+    pub issuer_ca: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -369,7 +444,36 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Page<AdminRequestRecord>, StoreError>;
 
     async fn get_device(&self, id: Uuid) -> Result<Option<DeviceRecord>, StoreError>;
+    async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+        page: &PageRequest,
+    ) -> Result<Page<DeviceRecord>, StoreError>;
     async fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
+    async fn list_certificates(
+        &self,
+        filter: &CertificateFilter,
+        page: &SerialPageRequest,
+    ) -> Result<Page<CertificateRecord, String>, StoreError>;
+    /// Every certificate whose SubjectPublicKeyInfo hashes to `spki_sha256`.
+    async fn certificates_by_spki(
+        &self,
+        spki_sha256: &str,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
+    /// The `revoked` certificates `issuer_ca` signed that have not expired
+    /// at `now` (`not_after > now`), in serial order: a CRL's entries.
+    async fn revoked_certificates(
+        &self,
+        issuer_ca: &str,
+        now: i64,
+    ) -> Result<Vec<RevokedEntry>, StoreError>;
+    /// The issuer's CRL with the highest number.
+    async fn latest_crl(&self, issuer_ca: &str) -> Result<Option<CrlRecord>, StoreError>;
+    /// Service certificates not retired, of `purpose`, newest first.
+    async fn service_certificates(
+        &self,
+        purpose: KeyPurpose,
+    ) -> Result<Vec<ServiceCertificateRecord>, StoreError>;
 
     /// Audit events in sequence order from `from_seq`, at most `limit`.
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;

@@ -2,7 +2,7 @@
 
 pub use crate::model::{
     AdminRequestKind, AdminRequestStatus, CaKind, CertificateStatus, Decision, DeviceStatus,
-    KeyAlgorithm, KeyHandle, KeyPurpose, KeyState, RegistrationStatus, Role,
+    KeyAlgorithm, KeyHandle, KeyPurpose, KeyState, RegistrationStatus, RevocationReason, Role,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -133,7 +133,58 @@ pub struct CertificateRecord {
     pub der: Vec<u8>,
     pub status: CertificateStatus,
     pub revoked_at: Option<i64>,
-    pub revocation_reason: Option<String>,
+    pub revocation_reason: Option<RevocationReason>,
+    pub created_at: i64,
+    /// The serial of the certificate that renewed this one.
+    pub superseded_by: Option<String>,
+    /// SHA-256 of the DER SubjectPublicKeyInfo, lower-case hex (unset on
+    /// rows written before schema v5).
+    pub spki_sha256: Option<String>,
+}
+
+impl CertificateRecord {
+    /// Whether the certificate is revoked with `certificate-hold` (suspended).
+    pub fn on_hold(&self) -> bool {
+        self.status == CertificateStatus::Revoked
+            && self.revocation_reason == Some(RevocationReason::CertificateHold)
+    }
+}
+
+/// One entry of a CRL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedEntry {
+    /// Upper-case hex of the DER serial number.
+    pub serial: String,
+    pub revoked_at: i64,
+    pub reason: RevocationReason,
+}
+
+/// A signed CRL as published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CrlRecord {
+    pub issuer_ca: String,
+    /// The cRLNumber: 1 for an issuer's first CRL, then +1 each time.
+    pub number: i64,
+    pub this_update: i64,
+    pub next_update: i64,
+    pub entries: i64,
+    #[serde(skip)]
+    pub der: Vec<u8>,
+    pub created_at: i64,
+}
+
+/// keyward's own certificate for one of its services (a CA's delegated OCSP
+/// signer, the TLS server). The certificate itself is a [`CertificateRecord`]
+/// with the same serial; the key is a [`KeyRecord`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceCertificateRecord {
+    pub serial: String,
+    /// `ocsp-signing` or `tls-server`.
+    pub purpose: KeyPurpose,
+    pub issuer_ca: String,
+    pub key_id: Uuid,
+    pub not_after: i64,
+    pub retired_at: Option<i64>,
     pub created_at: i64,
 }
 

@@ -62,6 +62,11 @@ macro_rules! store_suite {
             counts_name_every_table,
             read_only_store_refuses_commits,
             missing_rows_read_as_none,
+            certificates_supersede_revoke_hold_and_release,
+            device_status_carries_its_certificates,
+            crls_are_numbered_without_gaps_and_pruned,
+            service_certificates_insert_and_retire,
+            devices_and_certificates_paginate_and_filter,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -231,6 +236,8 @@ pub fn certificate(serial: &str, key_id: Uuid, device_id: Option<Uuid>) -> Certi
         revoked_at: None,
         revocation_reason: None,
         created_at: T0,
+        superseded_by: None,
+        spki_sha256: Some(format!("{:0>64}", serial.to_lowercase())),
     }
 }
 
@@ -2172,9 +2179,11 @@ pub async fn counts_name_every_table(cx: Cx) {
         "audit_events",
         "cas",
         "certificates",
+        "crls",
         "devices",
         "keys",
         "registrations",
+        "service_certificates",
     ];
     let counts = s.counts().await.unwrap();
     assert_eq!(
@@ -2198,6 +2207,11 @@ pub async fn counts_name_every_table(cx: Cx) {
             Write::InsertAdminRequest(invite("bob", a.id, T0 + 60)),
             Write::InsertDevice(d.clone()),
             Write::InsertCertificate(certificate("01", k.id, Some(d.id))),
+            Write::PublishCrl {
+                record: crl("issuing", 1, T0),
+                keep: 10,
+            },
+            Write::InsertServiceCertificate(service_cert("01", k.id)),
         ],
     )
     .await;
@@ -2254,4 +2268,581 @@ pub async fn missing_rows_read_as_none(cx: Cx) {
     assert_eq!(s.count_active_admins().await.unwrap(), 0);
     let p = s.list_admins(&PageRequest::default()).await.unwrap();
     assert!(p.items.is_empty() && p.next.is_none());
+}
+
+// ------------------------------------------------------ certificate life
+
+pub fn crl(issuer: &str, number: i64, at: i64) -> CrlRecord {
+    CrlRecord {
+        issuer_ca: issuer.to_string(),
+        number,
+        this_update: at,
+        next_update: at + 86_400,
+        entries: 0,
+        der: vec![0x30, 0x03, 2, 1, number as u8],
+        created_at: at,
+    }
+}
+
+pub fn service_cert(serial: &str, key_id: Uuid) -> ServiceCertificateRecord {
+    ServiceCertificateRecord {
+        serial: serial.to_string(),
+        purpose: KeyPurpose::OcspSigning,
+        issuer_ca: "issuing".into(),
+        key_id,
+        not_after: T0 + 86_400,
+        retired_at: None,
+        created_at: T0,
+    }
+}
+
+async fn cert_of(s: &dyn Store, serial: &str) -> CertificateRecord {
+    s.get_certificate(serial).await.unwrap().unwrap()
+}
+
+pub async fn certificates_supersede_revoke_hold_and_release(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let d = device("g");
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertDevice(d.clone()),
+            Write::InsertCertificate(certificate("0A01", k.id, Some(d.id))),
+        ],
+    )
+    .await;
+    // Renewal: the new certificate and the supersede in one change.
+    ok_all(
+        s,
+        vec![
+            Write::InsertCertificate(certificate("0A02", k.id, Some(d.id))),
+            Write::SupersedeCertificate {
+                serial: "0A01".into(),
+                by: "0A02".into(),
+                at: T0 + 10,
+            },
+        ],
+    )
+    .await;
+    let old = cert_of(s, "0A01").await;
+    assert_eq!(old.status, CertificateStatus::Superseded);
+    assert_eq!(old.superseded_by.as_deref(), Some("0A02"));
+    // Only a valid certificate can be superseded.
+    let c = refused(
+        s,
+        Write::SupersedeCertificate {
+            serial: "0A01".into(),
+            by: "0A02".into(),
+            at: T0 + 11,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    let c = refused(
+        s,
+        Write::RevokeCertificate {
+            serial: "FFFF".into(),
+            reason: RevocationReason::KeyCompromise,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+
+    // Hold, release (back to valid), hold again, then revoke for good.
+    ok(
+        s,
+        Write::RevokeCertificate {
+            serial: "0A02".into(),
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 20,
+        },
+    )
+    .await;
+    let held = cert_of(s, "0A02").await;
+    assert!(held.on_hold());
+    assert_eq!(held.revoked_at, Some(T0 + 20));
+    let c = refused(
+        s,
+        Write::RevokeCertificate {
+            serial: "0A02".into(),
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 21,
+        },
+    )
+    .await;
+    assert!(
+        matches!(c, Conflict::StateChanged { .. }),
+        "a hold on a hold: {c:?}"
+    );
+    ok(
+        s,
+        Write::ReleaseCertificateHold {
+            serial: "0A02".into(),
+            at: T0 + 30,
+        },
+    )
+    .await;
+    let released = cert_of(s, "0A02").await;
+    assert_eq!(released.status, CertificateStatus::Valid);
+    assert_eq!(
+        (released.revoked_at, released.revocation_reason),
+        (None, None)
+    );
+    let c = refused(
+        s,
+        Write::ReleaseCertificateHold {
+            serial: "0A02".into(),
+            at: T0 + 31,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+
+    // A superseded certificate on hold goes back to superseded.
+    ok(
+        s,
+        Write::RevokeCertificate {
+            serial: "0A01".into(),
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 40,
+        },
+    )
+    .await;
+    ok(
+        s,
+        Write::ReleaseCertificateHold {
+            serial: "0A01".into(),
+            at: T0 + 41,
+        },
+    )
+    .await;
+    assert_eq!(
+        cert_of(s, "0A01").await.status,
+        CertificateStatus::Superseded
+    );
+
+    // Hold → permanent keeps the first revocation time; permanent is final.
+    ok(
+        s,
+        Write::RevokeCertificate {
+            serial: "0A02".into(),
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 50,
+        },
+    )
+    .await;
+    ok(
+        s,
+        Write::RevokeCertificate {
+            serial: "0A02".into(),
+            reason: RevocationReason::KeyCompromise,
+            at: T0 + 60,
+        },
+    )
+    .await;
+    let revoked = cert_of(s, "0A02").await;
+    assert_eq!(revoked.status, CertificateStatus::Revoked);
+    assert_eq!(
+        revoked.revocation_reason,
+        Some(RevocationReason::KeyCompromise)
+    );
+    assert_eq!(revoked.revoked_at, Some(T0 + 50));
+    for w in [
+        Write::RevokeCertificate {
+            serial: "0A02".into(),
+            reason: RevocationReason::Unspecified,
+            at: T0 + 70,
+        },
+        Write::ReleaseCertificateHold {
+            serial: "0A02".into(),
+            at: T0 + 70,
+        },
+    ] {
+        let c = refused(s, w).await;
+        assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    }
+
+    // The CRL entries: revoked, unexpired, of that issuer, in serial order.
+    let entries = s.revoked_certificates("issuing", T0 + 100).await.unwrap();
+    assert_eq!(
+        entries,
+        vec![RevokedEntry {
+            serial: "0A02".into(),
+            revoked_at: T0 + 50,
+            reason: RevocationReason::KeyCompromise,
+        }]
+    );
+    assert!(
+        s.revoked_certificates("other", T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.revoked_certificates("issuing", T0 + 86_400)
+            .await
+            .unwrap()
+            .is_empty(),
+        "expired certificates leave the CRL"
+    );
+}
+
+pub async fn device_status_carries_its_certificates(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let d = device("g");
+    let other = device("g");
+    let mut expired = certificate("0B00", k.id, Some(d.id));
+    expired.not_after = T0 + 5;
+    let mut superseded = certificate("0B01", k.id, Some(d.id));
+    superseded.status = CertificateStatus::Superseded;
+    superseded.superseded_by = Some("0B02".into());
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertDevice(d.clone()),
+            Write::InsertDevice(other.clone()),
+            Write::InsertCertificate(expired),
+            Write::InsertCertificate(superseded),
+            Write::InsertCertificate(certificate("0B02", k.id, Some(d.id))),
+            Write::InsertCertificate(certificate("0C01", k.id, Some(other.id))),
+        ],
+    )
+    .await;
+    let set = |from, to, reason, at| Write::SetDeviceStatus {
+        id: d.id,
+        from,
+        to,
+        reason,
+        at,
+    };
+    use DeviceStatus::*;
+    let hold = RevocationReason::CertificateHold;
+    // Wrong `from`, unknown device, resume of an active device: refused.
+    let c = refused(s, set(Suspended, Active, hold, T0 + 10)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    let c = refused(
+        s,
+        Write::SetDeviceStatus {
+            id: Uuid::now_v7(),
+            from: Active,
+            to: Revoked,
+            reason: RevocationReason::Unspecified,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+
+    ok(s, set(Active, Suspended, hold, T0 + 10)).await;
+    assert_eq!(s.get_device(d.id).await.unwrap().unwrap().status, Suspended);
+    assert!(cert_of(s, "0B01").await.on_hold());
+    assert!(cert_of(s, "0B02").await.on_hold());
+    assert_eq!(
+        cert_of(s, "0B00").await.status,
+        CertificateStatus::Valid,
+        "expired: untouched"
+    );
+    assert_eq!(
+        cert_of(s, "0C01").await.status,
+        CertificateStatus::Valid,
+        "other device"
+    );
+
+    ok(s, set(Suspended, Active, hold, T0 + 20)).await;
+    assert_eq!(
+        cert_of(s, "0B01").await.status,
+        CertificateStatus::Superseded
+    );
+    assert_eq!(cert_of(s, "0B02").await.status, CertificateStatus::Valid);
+
+    // Revocation cannot use certificate-hold, and is final.
+    let c = refused(s, set(Active, Revoked, hold, T0 + 30)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    ok(s, set(Active, Suspended, hold, T0 + 30)).await;
+    ok(
+        s,
+        set(Suspended, Revoked, RevocationReason::KeyCompromise, T0 + 40),
+    )
+    .await;
+    for serial in ["0B01", "0B02"] {
+        let c = cert_of(s, serial).await;
+        assert_eq!(c.status, CertificateStatus::Revoked);
+        assert_eq!(c.revocation_reason, Some(RevocationReason::KeyCompromise));
+        assert_eq!(c.revoked_at, Some(T0 + 30), "revoked since the hold");
+    }
+    let c = refused(s, set(Revoked, Active, hold, T0 + 50)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert_eq!(
+        s.revoked_certificates("issuing", T0 + 50)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+pub async fn crls_are_numbered_without_gaps_and_pruned(cx: Cx) {
+    let s = cx.store.as_ref();
+    assert!(s.latest_crl("issuing").await.unwrap().is_none());
+    let publish = |n: i64| Write::PublishCrl {
+        record: crl("issuing", n, T0 + n),
+        keep: 3,
+    };
+    let c = refused(s, publish(2)).await;
+    assert!(
+        matches!(c, Conflict::StateChanged { .. }),
+        "the first CRL is number 1: {c:?}"
+    );
+    for n in 1..=5 {
+        ok(s, publish(n)).await;
+        let latest = s.latest_crl("issuing").await.unwrap().unwrap();
+        assert_eq!(
+            (latest.number, latest.der.clone()),
+            (n, crl("issuing", n, 0).der)
+        );
+    }
+    for n in [5, 4, 7] {
+        let c = refused(s, publish(n)).await;
+        assert!(matches!(c, Conflict::StateChanged { .. }), "{n}: {c:?}");
+    }
+    // Numbers are per issuer.
+    ok(
+        s,
+        Write::PublishCrl {
+            record: crl("root", 1, T0),
+            keep: 3,
+        },
+    )
+    .await;
+    assert_eq!(
+        s.counts().await.unwrap()["crls"],
+        3 + 1,
+        "keeps the newest 3 per issuer"
+    );
+}
+
+pub async fn service_certificates_insert_and_retire(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let mut tls = service_cert("0D02", k.id);
+    tls.purpose = KeyPurpose::TlsServer;
+    tls.created_at = T0 + 1;
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertCertificate(certificate("0D01", k.id, None)),
+            Write::InsertCertificate(certificate("0D02", k.id, None)),
+            Write::InsertServiceCertificate(service_cert("0D01", k.id)),
+            Write::InsertServiceCertificate(tls.clone()),
+        ],
+    )
+    .await;
+    let ocsp = s
+        .service_certificates(KeyPurpose::OcspSigning)
+        .await
+        .unwrap();
+    assert_eq!(ocsp.len(), 1);
+    assert_eq!((ocsp[0].serial.as_str(), ocsp[0].key_id), ("0D01", k.id));
+    let c = refused(
+        s,
+        Write::InsertServiceCertificate(service_cert("0D01", k.id)),
+    )
+    .await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    ok(
+        s,
+        Write::RetireServiceCertificate {
+            serial: "0D01".into(),
+            at: T0 + 5,
+        },
+    )
+    .await;
+    assert!(
+        s.service_certificates(KeyPurpose::OcspSigning)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.service_certificates(KeyPurpose::TlsServer)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let c = refused(
+        s,
+        Write::RetireServiceCertificate {
+            serial: "0D01".into(),
+            at: T0 + 6,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+}
+
+pub async fn devices_and_certificates_paginate_and_filter(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let mut writes = vec![Write::InsertKey(k.clone())];
+    let mut devices = Vec::new();
+    for i in 0..7 {
+        let d = device(if i % 2 == 0 { "even" } else { "odd" });
+        writes.push(Write::InsertDevice(d.clone()));
+        writes.push(Write::InsertCertificate(certificate(
+            &format!("0E{i:02}"),
+            k.id,
+            Some(d.id),
+        )));
+        devices.push(d);
+    }
+    ok_all(s, writes).await;
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: devices[0].id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Revoked,
+            reason: RevocationReason::Unspecified,
+            at: T0 + 1,
+        },
+    )
+    .await;
+
+    // Devices: pages of 3, newest first, cover all once.
+    let mut seen = Vec::new();
+    let mut page = PageRequest {
+        limit: 3,
+        ..Default::default()
+    };
+    loop {
+        let p = s
+            .list_devices(&DeviceFilter::default(), &page)
+            .await
+            .unwrap();
+        seen.extend(p.items.iter().map(|d| d.id));
+        match p.next {
+            Some(n) => page.after = Some(n),
+            None => break,
+        }
+    }
+    let mut expected: Vec<Uuid> = devices.iter().map(|d| d.id).collect();
+    expected.reverse();
+    assert_eq!(seen, expected);
+    let revoked = s
+        .list_devices(
+            &DeviceFilter {
+                status: Some(DeviceStatus::Revoked),
+                group: None,
+            },
+            &PageRequest {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.items.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![devices[0].id]
+    );
+    let odd = s
+        .list_devices(
+            &DeviceFilter {
+                status: None,
+                group: Some("odd".into()),
+            },
+            &PageRequest {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(odd.items.len(), 3);
+
+    // Certificates: by serial, both orders, filters.
+    let mut seen = Vec::new();
+    let mut page = SerialPageRequest {
+        limit: 2,
+        order: Order::OldestFirst,
+        ..Default::default()
+    };
+    loop {
+        let p = s
+            .list_certificates(&CertificateFilter::default(), &page)
+            .await
+            .unwrap();
+        seen.extend(p.items.iter().map(|c| c.serial.clone()));
+        match p.next {
+            Some(n) => page.after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        (0..7).map(|i| format!("0E{i:02}")).collect::<Vec<_>>()
+    );
+    let newest = s
+        .list_certificates(
+            &CertificateFilter::default(),
+            &SerialPageRequest {
+                limit: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(newest.items[0].serial, "0E06");
+    assert_eq!(newest.next.as_deref(), Some("0E06"));
+    let of_device = s
+        .list_certificates(
+            &CertificateFilter {
+                device: Some(devices[3].id),
+                ..Default::default()
+            },
+            &SerialPageRequest {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(of_device.items.len(), 1);
+    assert_eq!(of_device.items[0].serial, "0E03");
+    let revoked = s
+        .list_certificates(
+            &CertificateFilter {
+                status: Some(CertificateStatus::Revoked),
+                issuer_ca: Some("issuing".into()),
+                ..Default::default()
+            },
+            &SerialPageRequest {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.items.len(), 1);
+    assert_eq!(revoked.items[0].serial, "0E00");
+
+    let by_key = s
+        .certificates_by_spki(&format!("{:0>64}", "0e03"))
+        .await
+        .unwrap();
+    assert_eq!(by_key.len(), 1);
+    assert_eq!(by_key[0].device_id, Some(devices[3].id));
+    assert!(
+        s.certificates_by_spki(&"f".repeat(64))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

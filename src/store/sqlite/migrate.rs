@@ -10,6 +10,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0002_keystores.sql"),
     include_str!("../../../migrations/sqlite/0003_quorum_invitations.sql"),
     include_str!("../../../migrations/sqlite/0004_ever_admin.sql"),
+    include_str!("../../../migrations/sqlite/0005_lifecycle.sql"),
 ];
 
 /// The schema version this build writes and reads.

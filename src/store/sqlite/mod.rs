@@ -17,8 +17,8 @@ pub use writer::BatchObserver;
 
 use super::files;
 use super::{
-    AuditQuery, Change, Conflict, DatabaseError, Page, PageRequest, RegistrationFilter, Store,
-    StoreError,
+    AuditQuery, CertificateFilter, Change, Conflict, DatabaseError, DeviceFilter, Page,
+    PageRequest, RegistrationFilter, SerialPageRequest, Store, StoreError,
 };
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
@@ -289,9 +289,61 @@ impl Store for SqliteStore {
         self.read(move |c| reads::get_device(c, id)).await
     }
 
+    async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+        page: &PageRequest,
+    ) -> Result<Page<DeviceRecord>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |c| reads::list_devices(c, &filter, &page))
+            .await
+    }
+
     async fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
         let serial = serial.to_string();
         self.read(move |c| reads::get_certificate(c, &serial)).await
+    }
+
+    async fn list_certificates(
+        &self,
+        filter: &CertificateFilter,
+        page: &SerialPageRequest,
+    ) -> Result<Page<CertificateRecord, String>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |c| reads::list_certificates(c, &filter, &page))
+            .await
+    }
+
+    async fn certificates_by_spki(
+        &self,
+        spki_sha256: &str,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let spki = spki_sha256.to_string();
+        self.read(move |c| reads::certificates_by_spki(c, &spki))
+            .await
+    }
+
+    async fn revoked_certificates(
+        &self,
+        issuer_ca: &str,
+        now: i64,
+    ) -> Result<Vec<RevokedEntry>, StoreError> {
+        let issuer = issuer_ca.to_string();
+        self.read(move |c| reads::revoked_certificates(c, &issuer, now))
+            .await
+    }
+
+    async fn latest_crl(&self, issuer_ca: &str) -> Result<Option<CrlRecord>, StoreError> {
+        let issuer = issuer_ca.to_string();
+        self.read(move |c| reads::latest_crl(c, &issuer)).await
+    }
+
+    async fn service_certificates(
+        &self,
+        purpose: KeyPurpose,
+    ) -> Result<Vec<ServiceCertificateRecord>, StoreError> {
+        self.read(move |c| reads::service_certificates(c, purpose))
+            .await
     }
 
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {

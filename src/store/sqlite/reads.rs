@@ -4,7 +4,10 @@
 use super::{db, rows};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::store::records::*;
-use crate::store::{AuditQuery, Order, Page, PageRequest, RegistrationFilter, StoreError};
+use crate::store::{
+    AuditQuery, CertificateFilter, DeviceFilter, Order, Page, PageRequest, RegistrationFilter,
+    SerialPageRequest, StoreError,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -12,7 +15,7 @@ use uuid::Uuid;
 type R<T> = Result<T, StoreError>;
 
 /// Tables [`counts`] reports, one entry each.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 11] = [
     "keys",
     "cas",
     "admins",
@@ -21,6 +24,8 @@ const TABLES: [&str; 9] = [
     "admin_requests",
     "devices",
     "certificates",
+    "crls",
+    "service_certificates",
     "audit_events",
 ];
 
@@ -34,16 +39,45 @@ pub(super) fn keyset<T>(
     map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     id_of: fn(&T) -> Uuid,
 ) -> Result<Page<T>, StoreError> {
-    let limit = page.limit.clamp(1, 1000);
-    let (cmp, dir) = match page.order {
+    let (items, next) = keyset_by(
+        c,
+        select,
+        "id",
+        conds,
+        page.after.map(|a| a.to_string()),
+        page.limit,
+        page.order,
+        map,
+    )?;
+    Ok(Page {
+        next: if next { items.last().map(id_of) } else { None },
+        items,
+    })
+}
+
+/// One keyset page ordered by `key` (a unique column), starting after
+/// `after`. Returns the items and whether another page exists.
+#[allow(clippy::too_many_arguments)]
+fn keyset_by<T>(
+    c: &Connection,
+    select: &str,
+    key: &str,
+    conds: &[(&str, String)],
+    after: Option<String>,
+    limit: u32,
+    order: Order,
+    map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<(Vec<T>, bool), StoreError> {
+    let limit = limit.clamp(1, 1000);
+    let (cmp, dir) = match order {
         Order::NewestFirst => ("<", "DESC"),
         Order::OldestFirst => (">", "ASC"),
     };
     let mut clauses: Vec<String> = conds.iter().map(|(c, _)| c.to_string()).collect();
     let mut values: Vec<String> = conds.iter().map(|(_, v)| v.clone()).collect();
-    if let Some(after) = page.after {
-        clauses.push(format!("id {cmp} ?"));
-        values.push(after.to_string());
+    if let Some(after) = after {
+        clauses.push(format!("{key} {cmp} ?"));
+        values.push(after);
     }
     let where_ = if clauses.is_empty() {
         String::new()
@@ -51,15 +85,110 @@ pub(super) fn keyset<T>(
         format!(" WHERE {}", clauses.join(" AND "))
     };
     // One more than asked tells whether a next page exists.
-    let sql = format!("{select}{where_} ORDER BY id {dir} LIMIT {}", limit + 1);
+    let sql = format!("{select}{where_} ORDER BY {key} {dir} LIMIT {}", limit + 1);
     let mut items = rows::many(c, &sql, rusqlite::params_from_iter(values.iter()), map)?;
-    let next = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(id_of)
-    } else {
-        None
-    };
-    Ok(Page { items, next })
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Ok((items, more))
+}
+
+pub(super) fn list_devices(
+    c: &Connection,
+    f: &DeviceFilter,
+    page: &PageRequest,
+) -> R<Page<DeviceRecord>> {
+    let mut conds: Vec<(&str, String)> = Vec::new();
+    if let Some(s) = f.status {
+        conds.push(("status = ?", s.as_str().to_string()));
+    }
+    if let Some(g) = &f.group {
+        conds.push(("group_name = ?", g.clone()));
+    }
+    keyset(c, rows::DEVICE_SELECT, &conds, page, rows::device, |d| d.id)
+}
+
+pub(super) fn list_certificates(
+    c: &Connection,
+    f: &CertificateFilter,
+    page: &SerialPageRequest,
+) -> R<Page<CertificateRecord, String>> {
+    let mut conds: Vec<(&str, String)> = Vec::new();
+    if let Some(d) = f.device {
+        conds.push(("device_id = ?", d.to_string()));
+    }
+    if let Some(s) = f.status {
+        conds.push(("status = ?", s.as_str().to_string()));
+    }
+    if let Some(i) = &f.issuer_ca {
+        conds.push(("issuer_ca = ?", i.clone()));
+    }
+    let (items, next) = keyset_by(
+        c,
+        rows::CERT_SELECT,
+        "serial",
+        &conds,
+        page.after.clone(),
+        page.limit,
+        page.order,
+        rows::certificate,
+    )?;
+    Ok(Page {
+        next: if next {
+            items.last().map(|c| c.serial.clone())
+        } else {
+            None
+        },
+        items,
+    })
+}
+
+pub(super) fn certificates_by_spki(c: &Connection, spki: &str) -> R<Vec<CertificateRecord>> {
+    rows::many(
+        c,
+        &format!(
+            "{} WHERE spki_sha256 = ?1 ORDER BY serial",
+            rows::CERT_SELECT
+        ),
+        params![spki],
+        rows::certificate,
+    )
+}
+
+pub(super) fn revoked_certificates(c: &Connection, issuer: &str, now: i64) -> R<Vec<RevokedEntry>> {
+    rows::many(
+        c,
+        "SELECT serial, revoked_at, revocation_reason FROM certificates
+         WHERE issuer_ca = ?1 AND status = 'revoked' AND not_after > ?2 ORDER BY serial",
+        params![issuer, now],
+        rows::revoked_entry,
+    )
+}
+
+pub(super) fn latest_crl(c: &Connection, issuer: &str) -> R<Option<CrlRecord>> {
+    rows::one(
+        c,
+        &format!(
+            "{} WHERE issuer_ca = ?1 ORDER BY number DESC LIMIT 1",
+            rows::CRL_SELECT
+        ),
+        params![issuer],
+        rows::crl,
+    )
+}
+
+pub(super) fn service_certificates(
+    c: &Connection,
+    purpose: KeyPurpose,
+) -> R<Vec<ServiceCertificateRecord>> {
+    rows::many(
+        c,
+        &format!(
+            "{} WHERE purpose = ?1 AND retired_at IS NULL ORDER BY created_at DESC, serial DESC",
+            rows::SERVICE_CERT_SELECT
+        ),
+        params![purpose.as_str()],
+        rows::service_certificate,
+    )
 }
 
 pub(super) fn health(c: &Connection) -> R<()> {

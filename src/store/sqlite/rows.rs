@@ -35,6 +35,22 @@ fn parsed<T>(r: &Row<'_>, idx: usize, what: &str, f: impl Fn(&str) -> Option<T>)
     f(&s).ok_or_else(|| bad(idx, what, &s))
 }
 
+fn opt_parsed<T>(
+    r: &Row<'_>,
+    idx: usize,
+    what: &str,
+    f: impl Fn(&str) -> Option<T>,
+) -> R<Option<T>> {
+    let s: Option<String> = r.get(idx)?;
+    s.map(|s| f(&s).ok_or_else(|| bad(idx, what, &s)))
+        .transpose()
+}
+
+/// Stored reasons are the stable names only.
+fn reason(s: &str) -> Option<RevocationReason> {
+    RevocationReason::ALL.into_iter().find(|r| r.as_str() == s)
+}
+
 fn algorithm(r: &Row<'_>, idx: usize) -> R<KeyAlgorithm> {
     parsed(r, idx, "algorithm", |s| s.parse().ok())
 }
@@ -208,7 +224,7 @@ pub(super) fn device(r: &Row<'_>) -> R<DeviceRecord> {
 
 pub(super) const CERT_SELECT: &str =
     "SELECT serial, device_id, issuer_ca, issuer_key_id, subject, not_before, not_after,
-    fingerprint, der, status, revoked_at, revocation_reason, created_at FROM certificates";
+    fingerprint, der, status, revoked_at, revocation_reason, created_at, superseded_by, spki_sha256 FROM certificates";
 
 pub(super) fn certificate(r: &Row<'_>) -> R<CertificateRecord> {
     Ok(CertificateRecord {
@@ -223,8 +239,48 @@ pub(super) fn certificate(r: &Row<'_>) -> R<CertificateRecord> {
         der: r.get(8)?,
         status: parsed(r, 9, "certificate status", CertificateStatus::parse)?,
         revoked_at: r.get(10)?,
-        revocation_reason: r.get(11)?,
+        revocation_reason: opt_parsed(r, 11, "revocation reason", reason)?,
         created_at: r.get(12)?,
+        superseded_by: r.get(13)?,
+        spki_sha256: r.get(14)?,
+    })
+}
+
+pub(super) const CRL_SELECT: &str =
+    "SELECT issuer_ca, number, this_update, next_update, entries, der, created_at FROM crls";
+
+pub(super) fn crl(r: &Row<'_>) -> R<CrlRecord> {
+    Ok(CrlRecord {
+        issuer_ca: r.get(0)?,
+        number: r.get(1)?,
+        this_update: r.get(2)?,
+        next_update: r.get(3)?,
+        entries: r.get(4)?,
+        der: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+pub(super) const SERVICE_CERT_SELECT: &str = "SELECT serial, purpose, issuer_ca, key_id, not_after, retired_at, created_at FROM service_certificates";
+
+pub(super) fn service_certificate(r: &Row<'_>) -> R<ServiceCertificateRecord> {
+    Ok(ServiceCertificateRecord {
+        serial: r.get(0)?,
+        purpose: parsed(r, 1, "key purpose", KeyPurpose::parse)?,
+        issuer_ca: r.get(2)?,
+        key_id: uuid(r, 3)?,
+        not_after: r.get(4)?,
+        retired_at: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+pub(super) fn revoked_entry(r: &Row<'_>) -> R<RevokedEntry> {
+    Ok(RevokedEntry {
+        serial: r.get(0)?,
+        revoked_at: r.get(1)?,
+        reason: opt_parsed(r, 2, "revocation reason", reason)?
+            .unwrap_or(RevocationReason::Unspecified),
     })
 }
 

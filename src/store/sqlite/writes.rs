@@ -476,8 +476,8 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
         Write::InsertCertificate(c) => {
             tx.prepare_cached(
                 "INSERT INTO certificates (serial, device_id, issuer_ca, issuer_key_id, subject, not_before, not_after,
-                   fingerprint, der, status, revoked_at, revocation_reason, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                   fingerprint, der, status, revoked_at, revocation_reason, created_at, superseded_by, spki_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )
             .map_err(db)?
             .execute(params![
@@ -492,11 +492,259 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 c.der,
                 c.status.as_str(),
                 c.revoked_at,
-                c.revocation_reason,
-                c.created_at
+                c.revocation_reason.map(|r| r.as_str()),
+                c.created_at,
+                c.superseded_by,
+                c.spki_sha256
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate {
+                    entity: "certificate",
+                }),
+                other => other,
+            })?;
+        }
+        Write::SupersedeCertificate { serial, by, at } => {
+            let _ = at;
+            let n = tx
+                .prepare_cached(
+                    "UPDATE certificates SET status = 'superseded', superseded_by = ?1
+                     WHERE serial = ?2 AND status = 'valid'",
+                )
+                .map_err(db)?
+                .execute(params![by, serial])
+                .map_err(db)?;
+            expect_cert(tx, n, serial, "valid")?;
+        }
+        Write::RevokeCertificate { serial, reason, at } => {
+            // A hold may become a permanent revocation (RFC 5280 §5.3.1);
+            // the original revocation time is kept then.
+            let n = tx
+                .prepare_cached(
+                    "UPDATE certificates
+                     SET status = 'revoked', revocation_reason = ?1,
+                         revoked_at = CASE WHEN status = 'revoked' THEN revoked_at ELSE ?2 END
+                     WHERE serial = ?3 AND (status IN ('valid', 'superseded')
+                       OR (status = 'revoked' AND revocation_reason = 'certificate-hold' AND ?1 <> 'certificate-hold'))",
+                )
+                .map_err(db)?
+                .execute(params![reason.as_str(), at, serial])
+                .map_err(db)?;
+            expect_cert(tx, n, serial, "valid, superseded or on hold")?;
+        }
+        Write::ReleaseCertificateHold { serial, at } => {
+            let _ = at;
+            let n = tx
+                .prepare_cached(
+                    "UPDATE certificates
+                     SET status = CASE WHEN superseded_by IS NULL THEN 'valid' ELSE 'superseded' END,
+                         revocation_reason = NULL, revoked_at = NULL
+                     WHERE serial = ?1 AND status = 'revoked' AND revocation_reason = 'certificate-hold'",
+                )
+                .map_err(db)?
+                .execute(params![serial])
+                .map_err(db)?;
+            expect_cert(tx, n, serial, "on hold")?;
+        }
+        Write::SetDeviceStatus {
+            id,
+            from,
+            to,
+            reason,
+            at,
+        } => set_device_status(tx, id, *from, *to, *reason, *at)?,
+        Write::PublishCrl { record, keep } => {
+            let highest: i64 = tx
+                .prepare_cached("SELECT COALESCE(MAX(number), 0) FROM crls WHERE issuer_ca = ?1")
+                .map_err(db)?
+                .query_row(params![record.issuer_ca], |r| r.get(0))
+                .map_err(db)?;
+            if record.number != highest + 1 {
+                return Err(Conflict::StateChanged {
+                    entity: "CRL number of",
+                    id: record.issuer_ca.clone(),
+                    expected: "one below the new CRL's number",
+                }
+                .into());
+            }
+            tx.prepare_cached(
+                "INSERT INTO crls (issuer_ca, number, this_update, next_update, entries, der, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(db)?
+            .execute(params![
+                record.issuer_ca,
+                record.number,
+                record.this_update,
+                record.next_update,
+                record.entries,
+                record.der,
+                record.created_at
             ])
             .map_err(db)?;
+            tx.prepare_cached("DELETE FROM crls WHERE issuer_ca = ?1 AND number <= ?2")
+                .map_err(db)?
+                .execute(params![
+                    record.issuer_ca,
+                    record.number - i64::from((*keep).max(1))
+                ])
+                .map_err(db)?;
         }
+        Write::InsertServiceCertificate(c) => {
+            tx.prepare_cached(
+                "INSERT INTO service_certificates (serial, purpose, issuer_ca, key_id, not_after, retired_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(db)?
+            .execute(params![
+                c.serial,
+                c.purpose.as_str(),
+                c.issuer_ca,
+                c.key_id.to_string(),
+                c.not_after,
+                c.retired_at,
+                c.created_at
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate {
+                    entity: "service certificate",
+                }),
+                other => other,
+            })?;
+        }
+        Write::RetireServiceCertificate { serial, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE service_certificates SET retired_at = ?1 WHERE serial = ?2 AND retired_at IS NULL",
+                )
+                .map_err(db)?
+                .execute(params![at, serial])
+                .map_err(db)?;
+            expect_one(n, || Conflict::StateChanged {
+                entity: "service certificate",
+                id: serial.clone(),
+                expected: "in service",
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// `n == 1`, else `Missing` when there is no such certificate and
+/// `StateChanged` when it is not in the `expected` state.
+fn expect_cert(
+    tx: &Transaction<'_>,
+    n: usize,
+    serial: &str,
+    expected: &'static str,
+) -> Result<(), StoreError> {
+    if n == 1 {
+        return Ok(());
+    }
+    let exists = tx
+        .prepare_cached("SELECT 1 FROM certificates WHERE serial = ?1")
+        .map_err(db)?
+        .query_row(params![serial], |_| Ok(()))
+        .optional()
+        .map_err(db)?
+        .is_some();
+    Err(if exists {
+        Conflict::StateChanged {
+            entity: "certificate",
+            id: serial.to_string(),
+            expected,
+        }
+    } else {
+        Conflict::Missing {
+            entity: "certificate",
+            id: serial.to_string(),
+        }
+    }
+    .into())
+}
+
+/// [`Write::SetDeviceStatus`]: the device, then its unexpired certificates.
+fn set_device_status(
+    tx: &Transaction<'_>,
+    id: &Uuid,
+    from: DeviceStatus,
+    to: DeviceStatus,
+    reason: RevocationReason,
+    at: i64,
+) -> Result<(), StoreError> {
+    use DeviceStatus::{Active, Revoked, Suspended};
+    // Revocation is final; everything else moves one step.
+    if !matches!(
+        (from, to),
+        (Active, Suspended) | (Active, Revoked) | (Suspended, Active) | (Suspended, Revoked)
+    ) {
+        return Err(state_changed("device", id, "in a state it can leave that way").into());
+    }
+    let n = tx
+        .prepare_cached(
+            "UPDATE devices SET status = ?1, updated_at = ?2 WHERE id = ?3 AND status = ?4",
+        )
+        .map_err(db)?
+        .execute(params![to.as_str(), at, id.to_string(), from.as_str()])
+        .map_err(db)?;
+    if n != 1 {
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")
+            .map_err(db)?
+            .query_row(params![id.to_string()], |_| Ok(()))
+            .optional()
+            .map_err(db)?
+            .is_some();
+        return Err(if exists {
+            state_changed("device", id, from.as_str())
+        } else {
+            Conflict::Missing {
+                entity: "device",
+                id: id.to_string(),
+            }
+        }
+        .into());
+    }
+    let device = id.to_string();
+    match (from, to) {
+        (_, DeviceStatus::Revoked) => {
+            if reason.is_hold() {
+                return Err(
+                    state_changed("device", id, "revocable with a permanent reason").into(),
+                );
+            }
+            tx.prepare_cached(
+                "UPDATE certificates
+                 SET revoked_at = CASE WHEN status = 'revoked' THEN revoked_at ELSE ?1 END,
+                     status = 'revoked', revocation_reason = ?2
+                 WHERE device_id = ?3 AND not_after > ?1 AND (status IN ('valid', 'superseded')
+                   OR (status = 'revoked' AND revocation_reason = 'certificate-hold'))",
+            )
+            .map_err(db)?
+            .execute(params![at, reason.as_str(), device])
+            .map_err(db)?;
+        }
+        (_, DeviceStatus::Suspended) => {
+            tx.prepare_cached(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?1, revocation_reason = 'certificate-hold'
+                 WHERE device_id = ?2 AND not_after > ?1 AND status IN ('valid', 'superseded')",
+            )
+            .map_err(db)?
+            .execute(params![at, device])
+            .map_err(db)?;
+        }
+        (DeviceStatus::Suspended, DeviceStatus::Active) => {
+            tx.prepare_cached(
+                "UPDATE certificates
+                 SET status = CASE WHEN superseded_by IS NULL THEN 'valid' ELSE 'superseded' END,
+                     revocation_reason = NULL, revoked_at = NULL
+                 WHERE device_id = ?1 AND status = 'revoked' AND revocation_reason = 'certificate-hold'",
+            )
+            .map_err(db)?
+            .execute(params![device])
+            .map_err(db)?;
+        }
+        _ => {}
     }
     Ok(())
 }
