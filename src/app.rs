@@ -5,6 +5,7 @@
 use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
+use crate::ca::tls_server::TlsServerProfile;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig, TlsSource};
 use crate::http::{AppState, Limits, RateLimits};
@@ -12,6 +13,7 @@ use crate::jobs::Scheduler;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
+use crate::jobs::tls_renewal::{TlsRenewal, serving_key};
 use crate::keystore::metered::MeteredKeyStore;
 use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings};
 use crate::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings};
@@ -57,6 +59,8 @@ pub struct TlsServing {
     /// The revocation hook (also run after resumed handshakes).
     pub check: Option<Arc<dyn ClientCertCheck>>,
     pub limits: HandshakeLimits,
+    /// With `issue = true`: the job that renews the certificate.
+    pub renewal: Option<Arc<TlsRenewal>>,
     trust_anchors: Vec<Vec<u8>>,
 }
 
@@ -89,6 +93,7 @@ impl TlsServing {
                 timeout: config.handshake_timeout,
                 max_in_progress: config.max_handshakes,
             },
+            renewal: None,
             trust_anchors,
         })
     }
@@ -115,19 +120,58 @@ impl TlsServing {
 /// Loads or issues the server certificate and builds the TLS configuration.
 async fn prepare_tls(
     config: &TlsConfig,
-    ca: &CaService,
+    ca: &Arc<CaService>,
     store: &Arc<dyn Store>,
 ) -> anyhow::Result<TlsServing> {
-    let key = match &config.source {
+    let mut renewal = None;
+    let resolver = match &config.source {
         TlsSource::Files {
             certificate_file,
             key_file,
-        } => crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?,
-        TlsSource::Issue(_) => {
-            bail!("server.tls.issue: not available yet in this build")
+        } => Arc::new(ServerCertResolver::new(Arc::new(crate::tls::files::load(
+            certificate_file,
+            key_file,
+            &crate::tls::provider(),
+        )?))),
+        TlsSource::Issue(i) => {
+            let profile = TlsServerProfile {
+                issuer: i.issuer.clone(),
+                dns_names: i.dns_names.clone(),
+                ip_addresses: i.ip_addresses.clone(),
+                validity_days: i.validity_days,
+                key_algorithm: i.key_algorithm,
+            };
+            let renew_before = i64::from(i.renew_before_days) * 86_400;
+            // The certificate in service if it fits the config and is not
+            // due; otherwise a new one now (which retires the old).
+            let cred = match ca
+                .current_tls_server(&profile, renew_before)
+                .await
+                .context("server.tls.issuer")?
+            {
+                Some(c) => c,
+                None => {
+                    let c = ca
+                        .issue_tls_server(&profile)
+                        .await
+                        .context("server.tls.issuer: issuing the TLS server certificate")?;
+                    tracing::info!(serial = %c.serial, issuer = %profile.issuer, "issued the TLS server certificate");
+                    c
+                }
+            };
+            let resolver = Arc::new(ServerCertResolver::new(Arc::new(
+                serving_key(&cred).context("server.tls")?,
+            )));
+            renewal = Some(Arc::new(TlsRenewal::new(
+                ca.clone(),
+                resolver.clone(),
+                profile,
+                renew_before,
+                cred,
+            )));
+            resolver
         }
     };
-    let resolver = Arc::new(ServerCertResolver::new(Arc::new(key)));
     // Devices chain to the issuing CAs; anchoring there lets them send only
     // their leaf certificate.
     let anchors = ca
@@ -139,7 +183,9 @@ async fn prepare_tls(
     let check: Arc<dyn ClientCertCheck> = Arc::new(
         crate::registry::tls_check::StoreClientCertCheck::new(store.clone()),
     );
-    TlsServing::new(resolver, config, anchors, Some(check))
+    let mut serving = TlsServing::new(resolver, config, anchors, Some(check))?;
+    serving.renewal = renewal;
+    Ok(serving)
 }
 
 /// How often the sweeper looks for pending registrations past their time.
@@ -291,10 +337,6 @@ impl App {
             registrations: Limit::new(l.registrations_per_source, l.registrations_window),
         };
         let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
-        let tls = match &config.server.tls {
-            Some(t) => Some(prepare_tls(t, &ca, &store).await?),
-            None => None,
-        };
         Ok(Self {
             state: AppState {
                 registry,
@@ -313,7 +355,7 @@ impl App {
             reconciled,
             clock,
             login_failures,
-            tls,
+            tls: None,
         })
     }
 
@@ -343,6 +385,18 @@ impl App {
         Ok(())
     }
 
+    /// Loads (files) or finds or issues (`issue = true`) the TLS server
+    /// certificate and builds the TLS configuration, when `[server.tls]` is
+    /// set. Run by `serve` after [`Self::check_ready_to_serve`] and before
+    /// binding, so that a bad certificate stops start-up; `init` does not
+    /// run it (the issuing CA may not exist yet).
+    pub async fn prepare_tls(&mut self) -> anyhow::Result<()> {
+        if let Some(t) = &self.config.server.tls {
+            self.tls = Some(prepare_tls(t, &self.state.ca, &self.state.store).await?);
+        }
+        Ok(())
+    }
+
     /// The background jobs, one line each. The readiness cache is filled
     /// once before this returns, so `/readyz` answers from the first request.
     pub async fn start_jobs(&self) -> Scheduler {
@@ -368,6 +422,9 @@ impl App {
             s.store.clone(),
             s.metrics.clone(),
         )));
+        if let Some(renewal) = self.tls.as_ref().and_then(|t| t.renewal.clone()) {
+            jobs.spawn(renewal);
+        }
         jobs
     }
 

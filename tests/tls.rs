@@ -492,3 +492,322 @@ fn bad_tls_configs_are_refused_naming_the_key() {
     let out = env.run(&["config", "check", "--config", env.config.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+// ---------------------------------------------------------------------------
+// issue = true: the server key in SoftHSM2, the certificate from keyward's CA.
+
+const ISSUE: &str = "issue = true\nissuer = \"devices\"\ndns_names = [\"localhost\"]\nip_addresses = [\"127.0.0.1\"]\n";
+
+/// keyward's root certificate, read from the database, written as PEM.
+fn root_pem(env: &Env) -> PathBuf {
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    let der: Vec<u8> = c
+        .query_row("SELECT certificate FROM cas WHERE kind = 'root'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let pem = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &der).unwrap();
+    common::write(env.dir.path(), "root.pem", &pem)
+}
+
+/// A scalar from the database.
+fn sql<T: rusqlite::types::FromSql>(env: &Env, query: &str) -> T {
+    rusqlite::Connection::open(&env.db)
+        .unwrap()
+        .query_row(query, [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A reqwest client that trusts only keyward's root.
+fn https_client(root: &Path) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = reqwest::Certificate::from_pem_bundle(&std::fs::read(root).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only(certs)
+        .build()
+        .unwrap()
+}
+
+async fn https_call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut rb = http.request(method, url);
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let t = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)),
+    )
+}
+
+/// The certificate the daemon serves, as `openssl x509 -text`.
+fn served_text(addr: &str, root: &Path) -> String {
+    let (ok, out) = s_client(addr, &["-CAfile", root.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let start = out.find("-----BEGIN CERTIFICATE-----").unwrap();
+    let end = out.find("-----END CERTIFICATE-----").unwrap() + 25;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("served.pem");
+    std::fs::write(&p, format!("{}\n", &out[start..end])).unwrap();
+    let o = run(Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-fingerprint", "-sha256", "-in"])
+        .arg(&p));
+    text(&o)
+}
+
+/// keyward issues itself a server certificate (key in the HSM), curl and
+/// s_client trust it with the root and not without, the CLI reaches the
+/// daemon with KEYWARD_CA_CERT / --ca-cert, and a restart keeps the
+/// certificate instead of issuing another.
+#[test]
+fn issue_mode_serves_a_certificate_from_keywards_ca_with_the_key_in_the_hsm() {
+    let env = Env::new();
+    set_server_tls(&env, ISSUE);
+    let token = env.init();
+    let mut daemon = env.serve();
+    let root = root_pem(&env);
+    let addr = host_port(&daemon.url);
+    let healthz = format!("{}/healthz", daemon.url);
+    let (ok, body) = curl(&["--cacert", root.to_str().unwrap()], &healthz);
+    assert!(ok, "{body}");
+    let (ok, body) = curl(&[], &healthz);
+    assert!(!ok, "curl trusted keyward's root without --cacert: {body}");
+    let (ok, out) = s_client(&addr, &["-CAfile", root.to_str().unwrap()]);
+    assert!(ok && out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+
+    let served = served_text(&addr, &root);
+    assert!(served.contains("TLS Web Server Authentication"), "{served}");
+    assert!(served.contains("IP Address:127.0.0.1"), "{served}");
+    assert!(served.contains("DNS:localhost"), "{served}");
+    assert!(served.contains("CA:FALSE"), "{served}");
+    assert!(served.contains("Digital Signature"), "{served}");
+    assert!(
+        served.contains("Issuer: O = keyward, CN = keyward Device Issuing CA"),
+        "{served}"
+    );
+
+    // The key is an active tls-server key in the PKCS#11 token; the
+    // certificate is its service certificate; all of it audited.
+    assert_eq!(
+        sql::<i64>(
+            &env,
+            "SELECT COUNT(*) FROM keys WHERE purpose = 'tls-server' AND state = 'active' AND backend = 'pkcs11'"
+        ),
+        1
+    );
+    assert_eq!(
+        sql::<i64>(
+            &env,
+            "SELECT COUNT(*) FROM service_certificates WHERE purpose = 'tls-server' AND retired_at IS NULL"
+        ),
+        1
+    );
+    let serial: String = sql(&env, "SELECT serial FROM service_certificates");
+    let fp: String = sql(
+        &env,
+        &format!("SELECT fingerprint FROM certificates WHERE serial = '{serial}'"),
+    );
+    assert!(
+        served.to_ascii_lowercase().replace(':', "").contains(&fp),
+        "the served certificate is not the stored one"
+    );
+    let actions: Vec<String> = env.audit_after(0).into_iter().map(|(_, a, _)| a).collect();
+    assert!(
+        actions.contains(&"tls.server_certificate_issue".to_string()),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&"key.generate".to_string()), "{actions:?}");
+
+    // The CLI over HTTPS: with the root (env or flag) it works, without it not.
+    let list = |vars: &[(&str, &str)], args: &[&str]| {
+        let mut c = env.keyward();
+        c.env("KEYWARD_URL", &daemon.url)
+            .env("KEYWARD_TOKEN", &token);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        run(c.args(["registrations", "list"]).args(args))
+    };
+    let o = list(&[("KEYWARD_CA_CERT", root.to_str().unwrap())], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = list(&[], &["--ca-cert", root.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = list(&[], &[]);
+    assert!(
+        !o.status.success(),
+        "the CLI trusted keyward's root unasked"
+    );
+    let o = list(&[("KEYWARD_CA_CERT", "/nonexistent/root.pem")], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("KEYWARD_CA_CERT"), "{}", text(&o));
+
+    // A restart serves the same certificate.
+    daemon.stop();
+    let daemon = env.serve();
+    let again = served_text(&host_port(&daemon.url), &root);
+    assert!(again.to_ascii_lowercase().replace(':', "").contains(&fp));
+    assert_eq!(
+        sql::<i64>(&env, "SELECT COUNT(*) FROM service_certificates"),
+        1
+    );
+}
+
+/// mTLS with device certificates issued by keyward: with client_auth =
+/// "required" a client without a certificate is refused and an enrolled
+/// device gets in; once its certificate is revoked or on hold in the store,
+/// the same device is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_auth_admits_keyward_devices_and_refuses_others_at_the_handshake() {
+    let env = Env::new();
+    set_server_tls(&env, &format!("{ISSUE}client_auth = \"optional\"\n"));
+    let bootstrap = env.init();
+    let mut daemon = env.serve();
+    let root = root_pem(&env);
+    let url = daemon.url.clone();
+    let http = https_client(&root);
+
+    // Enroll over HTTPS with the reference client and KEYWARD_CA_CERT.
+    let out_dir = env.path("device");
+    let mut enroll = env
+        .keyward()
+        .env("KEYWARD_CA_CERT", &root)
+        .args(["enroll", "--url", &url, "--name", "sensor-tls", "--out"])
+        .arg(&out_dir)
+        .args(["--poll-interval", "1", "--timeout", "60"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut id = String::new();
+    for _ in 0..100 {
+        let (_, list) = https_call(
+            &http,
+            reqwest::Method::GET,
+            &format!("{url}/v1/admin/registrations?status=pending"),
+            Some(&bootstrap),
+            None,
+        )
+        .await;
+        if let Some(r) = list["items"].as_array().and_then(|a| a.first()) {
+            id = r["id"].as_str().unwrap().to_string();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!id.is_empty(), "registration never appeared");
+    let (status, v) = https_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/invitations"),
+        Some(&bootstrap),
+        Some(serde_json::json!({ "name": "alice", "role": "approver" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let (status, redeemed) = https_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{url}/v1/invitations/redeem"),
+        None,
+        Some(serde_json::json!({ "invitation_code": v["invitation_code"], "approval_code": null })),
+    )
+    .await;
+    assert_eq!(status, 201, "{redeemed}");
+    let (status, v) = https_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/registrations/{id}/approve"),
+        Some(redeemed["token"].as_str().unwrap()),
+        Some(serde_json::json!({ "comment": "tls test" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(enroll.wait().unwrap().success());
+    let (cert, key) = (out_dir.join("cert.pem"), out_dir.join("key.pem"));
+    let device_args = [
+        "-CAfile",
+        root.to_str().unwrap(),
+        "-cert",
+        cert.to_str().unwrap(),
+        "-key",
+        key.to_str().unwrap(),
+    ];
+
+    // Required: no certificate, no entry; the device's certificate, entry.
+    daemon.stop();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("client_auth = \"optional\"", "client_auth = \"required\""),
+    )
+    .unwrap();
+    let daemon = env.serve();
+    let addr = host_port(&daemon.url);
+    let (_, out) = s_client(&addr, &["-CAfile", root.to_str().unwrap()]);
+    assert!(
+        !out.contains("HTTP/1.1 200"),
+        "admitted without a certificate: {out}"
+    );
+    assert!(out.contains("alert"), "{out}");
+    let (ok, out) = s_client(&addr, &device_args);
+    println!("s_client with the device certificate:\n{out}");
+    assert!(ok && out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(
+        out.contains("HTTP/1.1 200"),
+        "the device was not admitted: {out}"
+    );
+    // A certificate from another CA is refused too.
+    let other = OpensslCa::new(&env.path("other-ca"));
+    other.leaf(
+        "stranger",
+        "clientAuth",
+        "URI:urn:uuid:00000000-0000-0000-0000-000000000009",
+    );
+    let (_, out) = s_client(
+        &addr,
+        &[
+            "-CAfile",
+            root.to_str().unwrap(),
+            "-cert",
+            other.path("stranger.pem").to_str().unwrap(),
+            "-key",
+            other.path("stranger.key").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !out.contains("HTTP/1.1 200"),
+        "a foreign certificate got in: {out}"
+    );
+
+    // Revocation state from the store, checked at each handshake. (The
+    // revocation routes come separately; the rows are set here directly.)
+    let db = rusqlite::Connection::open(&env.db).unwrap();
+    let device_serial: String = db
+        .query_row(
+            "SELECT serial FROM certificates WHERE device_id IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    for reason in ["certificate-hold", "key-compromise"] {
+        db.execute(
+            "UPDATE certificates SET status = 'revoked', revocation_reason = ?1, revoked_at = 1 WHERE serial = ?2",
+            rusqlite::params![reason, device_serial],
+        )
+        .unwrap();
+        let (_, out) = s_client(&addr, &device_args);
+        assert!(!out.contains("HTTP/1.1 200"), "{reason}: admitted: {out}");
+        assert!(out.contains("certificate revoked"), "{reason}: {out}");
+    }
+}

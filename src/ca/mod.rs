@@ -12,6 +12,7 @@ mod hierarchy;
 mod issuance;
 pub mod keys;
 pub mod public_key;
+pub mod tls_server;
 pub mod x509;
 
 use crate::clock::Clock;
@@ -62,6 +63,9 @@ pub enum CaError {
     ParentMissing(Vec<String>),
     #[error("CA `{ca}` references key {key_id}, which is not in the store")]
     KeyRecordMissing { ca: String, key_id: Uuid },
+    /// `server.tls.issuer` names a root (or another CA that does not issue end entities).
+    #[error("CA `{0}` is not an issuing CA")]
+    NotAnIssuingCa(String),
     #[error(
         "CA `{ca}`'s key is in key store `{keystore}`, which is not configured in keyward.toml"
     )]
@@ -94,6 +98,7 @@ impl CaError {
             Self::ParentMissing(_) => "ca_parent_missing",
             Self::KeyRecordMissing { .. } => "ca_key_record_missing",
             Self::KeyStoreNotConfigured { .. } => "keystore_not_configured",
+            Self::NotAnIssuingCa(_) => "not_an_issuing_ca",
         }
     }
 }

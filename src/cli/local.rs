@@ -124,8 +124,9 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             s.path.display()
         );
     }
-    let app = App::build(config).await?;
+    let mut app = App::build(config).await?;
     app.check_ready_to_serve().await?;
+    app.prepare_tls().await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

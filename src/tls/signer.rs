@@ -137,3 +137,18 @@ impl Signer for HsmSigner {
         self.0.scheme
     }
 }
+
+/// The served certificate chain with its key in a key store; refuses a key
+/// that is not the certificate's.
+pub fn certified_key(
+    key: HsmSigningKey,
+    chain: Vec<Vec<u8>>,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let chain = chain
+        .into_iter()
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
+    let certified = rustls::sign::CertifiedKey::new(chain, Arc::new(key));
+    certified.keys_match()?;
+    Ok(certified)
+}
