@@ -553,7 +553,14 @@ async fn https_call(
 
 /// The certificate the daemon serves, as `openssl x509 -text`.
 fn served_text(addr: &str, root: &Path) -> String {
-    let (ok, out) = s_client(addr, &["-CAfile", root.to_str().unwrap()]);
+    served_text_at(addr, root, &[])
+}
+
+/// Like [`served_text`], with extra s_client arguments (e.g. `-attime`).
+fn served_text_at(addr: &str, root: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["-CAfile", root.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (ok, out) = s_client(addr, &args);
     assert!(ok, "{out}");
     let start = out.find("-----BEGIN CERTIFICATE-----").unwrap();
     let end = out.find("-----END CERTIFICATE-----").unwrap() + 25;
@@ -810,4 +817,178 @@ async fn client_auth_admits_keyward_devices_and_refuses_others_at_the_handshake(
         assert!(!out.contains("HTTP/1.1 200"), "{reason}: admitted: {out}");
         assert!(out.contains("certificate revoked"), "{reason}: {out}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Renewal with a manual clock, in-process. SoftHSM2 reads SOFTHSM2_CONF once,
+// at C_Initialize, so the test re-runs itself in a child process with the
+// variable set (as tests/jobs_clock.rs does).
+
+const CHILD: &str = "KEYWARD_TEST_TLS_INPROCESS_CONFIG";
+
+fn child_config(test: &str, setup: impl FnOnce(&Env)) -> Option<PathBuf> {
+    if let Some(cfg) = std::env::var_os(CHILD) {
+        return Some(PathBuf::from(cfg));
+    }
+    let env = Env::new();
+    setup(&env);
+    env.init();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture"])
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .env(CHILD, &env.config)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{test} failed in its child process");
+    None
+}
+
+/// The renewal job does nothing before `renew_before_days`, then issues a
+/// new certificate with a new HSM key, retires the old key and service
+/// certificate, supersedes the old certificate, and the listener serves
+/// the new one (signed in the HSM) without a restart.
+#[test]
+fn the_renewal_job_renews_before_expiry_and_the_listener_serves_the_new_certificate() {
+    use keyward::clock::{Clock, ManualClock};
+    use keyward::jobs::Job;
+    use keyward::store::{CertificateStatus, KeyPurpose, KeyState};
+    let Some(config) = child_config(
+        "the_renewal_job_renews_before_expiry_and_the_listener_serves_the_new_certificate",
+        |env| {
+            set_server_tls(
+                env,
+                &format!("{ISSUE}validity_days = 10\nrenew_before_days = 3\n"),
+            )
+        },
+    ) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let t0 = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        let clock = Arc::new(ManualClock::new(t0));
+        let config = keyward::config::Config::load(&config).unwrap();
+        let mut app = keyward::app::App::build_with_clock(config, clock.clone())
+            .await
+            .unwrap();
+        app.prepare_tls().await.unwrap();
+        let tls = app.tls.as_ref().unwrap();
+        let resolver = tls.resolver.clone();
+        let job = tls.renewal.clone().unwrap();
+        let store = app.state.store.clone();
+        let (serial0, end0) = job.current().unwrap();
+        assert_eq!(end0, (t0 + time::Duration::days(10)).unix_timestamp());
+        let key0 = store
+            .service_certificates(KeyPurpose::TlsServer)
+            .await
+            .unwrap()[0]
+            .key_id;
+
+        clock.set(t0 + time::Duration::days(7) - time::Duration::seconds(1));
+        assert!(
+            !job.renew_if_due(clock.now()).await.unwrap(),
+            "renewed early"
+        );
+        assert_eq!(job.current().unwrap().0, serial0);
+
+        clock.set(t0 + time::Duration::days(7));
+        job.tick(clock.now()).await.unwrap();
+        let (serial1, end1) = job.current().unwrap();
+        assert_ne!(serial1, serial0);
+        assert_eq!(end1, (t0 + time::Duration::days(17)).unix_timestamp());
+        let served = resolver.current();
+        let served_serial = {
+            use der::Decode;
+            let c = x509_cert::Certificate::from_der(served.end_entity_cert().unwrap()).unwrap();
+            hex::encode_upper(c.tbs_certificate().serial_number().as_bytes())
+        };
+        assert_eq!(
+            served_serial, serial1,
+            "the resolver still serves the old certificate"
+        );
+
+        let in_service = store
+            .service_certificates(KeyPurpose::TlsServer)
+            .await
+            .unwrap();
+        assert_eq!(in_service.len(), 1);
+        assert_eq!(in_service[0].serial, serial1);
+        assert_ne!(in_service[0].key_id, key0, "renewal must use a new key");
+        let old = store.get_certificate(&serial0).await.unwrap().unwrap();
+        assert_eq!(old.status, CertificateStatus::Superseded);
+        assert_eq!(old.superseded_by.as_deref(), Some(serial1.as_str()));
+        assert_eq!(
+            store.get_key(key0).await.unwrap().unwrap().state,
+            KeyState::Retired
+        );
+        assert_eq!(
+            store
+                .get_key(in_service[0].key_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            KeyState::Active
+        );
+
+        // The listener, still the same process, serves the renewed certificate;
+        // s_client completing the handshake proves the new HSM key signs.
+        let root = {
+            let cas = store.list_cas().await.unwrap();
+            let root = cas
+                .iter()
+                .find(|c| c.kind == keyward::model::CaKind::Root)
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap().keep();
+            let pem = der::pem::encode_string(
+                "CERTIFICATE",
+                der::pem::LineEnding::LF,
+                &root.certificate_der,
+            )
+            .unwrap();
+            common::write(&dir, "root.pem", &pem)
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.serve_on(listener, async move {
+            let _ = stop_rx.await;
+        }));
+        // Verified at the manual clock's time (the certificate starts in a week).
+        let at = (clock.now() + time::Duration::minutes(1))
+            .unix_timestamp()
+            .to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            served_text_at(&addr.to_string(), &root, &["-attime", &at])
+        })
+        .await
+        .unwrap();
+        let serial_line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("Serial Number"))
+            .unwrap_or_default()
+            .to_string();
+        let printed: String = out
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("Serial Number"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("")
+            .replace(['\n', ' ', ':'], "")
+            .replace("SerialNumber", "")
+            .to_ascii_uppercase();
+        assert!(
+            printed.contains(&serial1) || serial_line.to_ascii_uppercase().contains(&serial1),
+            "served serial is not {serial1}: {out}"
+        );
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    });
 }
