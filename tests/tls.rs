@@ -488,6 +488,39 @@ fn bad_tls_configs_are_refused_naming_the_key() {
     );
     chmod(&ca.path("server.key"), 0o600);
 
+    // issue = true with a CA that is not an issuing CA: config check and serve.
+    let root_issuer = format!(
+        "{base}[server.tls]\n{}",
+        ISSUE.replace("\"devices\"", "\"root\"")
+    );
+    let e = attempt(&root_issuer);
+    assert!(
+        e.contains("server.tls.issuer") && e.contains("`root`"),
+        "{e}"
+    );
+    let e = serve(&root_issuer);
+    assert!(
+        e.contains("server.tls.issuer") && e.contains("not an issuing CA"),
+        "{e}"
+    );
+    let e = serve(&root_issuer.replace("\"root\"", "\"nope\""));
+    assert!(
+        e.contains("server.tls.issuer") && e.contains("`nope` does not exist"),
+        "{e}"
+    );
+    // Nothing was issued by the refused starts.
+    assert_eq!(
+        sql::<i64>(&env, "SELECT COUNT(*) FROM service_certificates"),
+        0
+    );
+    assert_eq!(
+        sql::<i64>(
+            &env,
+            "SELECT COUNT(*) FROM keys WHERE purpose = 'tls-server'"
+        ),
+        0
+    );
+
     std::fs::write(&env.config, format!("{base}{files}")).unwrap();
     let out = env.run(&["config", "check", "--config", env.config.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));

@@ -166,6 +166,21 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
         crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?;
     }
     let policies = Policies::load(&config.policies.dir)?;
+    if let Some(crate::config::TlsConfig {
+        source: crate::config::TlsSource::Issue(i),
+        ..
+    }) = &config.server.tls
+        && !policies
+            .cas
+            .iter()
+            .any(|c| c.name == i.issuer && c.kind == crate::policy::CaKind::Issuing)
+    {
+        anyhow::bail!(
+            "server.tls.issuer: `{}` is not an issuing CA of {}",
+            i.issuer,
+            config.policies.dir.join("ca.toml").display()
+        );
+    }
     println!(
         "config OK: {} ({} CA(s), {} profile(s), {} enrollment group(s))",
         config_path.display(),
