@@ -147,8 +147,13 @@ fn curl(args: &[&str], url: &str) -> (bool, String) {
     (o.status.success(), text(&o))
 }
 
-/// `openssl s_client` sending one HTTP request; returns (exit success, output).
+/// `openssl s_client` sending `GET /healthz`; returns (exit success, output).
 fn s_client(addr: &str, extra: &[&str]) -> (bool, String) {
+    s_client_get(addr, "/healthz", extra)
+}
+
+/// `openssl s_client` sending `GET path`; returns (exit success, output).
+fn s_client_get(addr: &str, path: &str, extra: &[&str]) -> (bool, String) {
     let mut child = Command::new("openssl")
         .args([
             "s_client",
@@ -165,7 +170,7 @@ fn s_client(addr: &str, extra: &[&str]) -> (bool, String) {
         .unwrap();
     std::io::Write::write_all(
         child.stdin.as_mut().unwrap(),
-        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .unwrap();
     let o = child.wait_with_output().unwrap();
@@ -336,6 +341,49 @@ mod in_process {
             denied.1.contains("certificate revoked"),
             "not the revocation alert: {}",
             denied.1
+        );
+
+        // A session resumed after the certificate was denied is closed: TLS
+        // skips certificate verification on resumption, the listener does not.
+        let resumed = tokio::task::spawn_blocking({
+            let addr = addr.to_string();
+            let cacert = cacert.to_string();
+            let (cert, key) = (cert.clone(), key.clone());
+            let sess = tmp.path().join("session.pem");
+            let deny = deny.clone();
+            let device_fp = fingerprint(&ca.path("device.pem"));
+            move || {
+                let args = |io: &str| {
+                    vec![
+                        "-CAfile".to_string(),
+                        cacert.clone(),
+                        "-cert".to_string(),
+                        cert.to_str().unwrap().to_string(),
+                        "-key".to_string(),
+                        key.to_str().unwrap().to_string(),
+                        io.to_string(),
+                        sess.to_str().unwrap().to_string(),
+                    ]
+                };
+                let first = args("-sess_out");
+                let first: Vec<&str> = first.iter().map(String::as_str).collect();
+                let (ok, out) = s_client_get(&addr, "/whoami", &first);
+                assert!(ok && out.contains(&format!("peer={device_fp}")), "{out}");
+                deny.deny(&device_fp);
+                let again = args("-sess_in");
+                let again: Vec<&str> = again.iter().map(String::as_str).collect();
+                s_client_get(&addr, "/whoami", &again).1
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            resumed.contains("Reused"),
+            "the session was not resumed: {resumed}"
+        );
+        assert!(
+            !resumed.contains("peer="),
+            "a denied certificate came back on a resumed session: {resumed}"
         );
 
         // Renewal without restart: the next handshake gets the new certificate.
