@@ -257,9 +257,10 @@ impl CaService {
             },
         )
         .await?;
+        // `create` succeeded, so `use_key` ran and committed: `issued` is set.
         let (der, serial, not_after) = issued.ok_or(CaError::KeyRecordMissing {
             ca: issuer.name.clone(),
-            key_id: Uuid::nil(),
+            key_id,
         })?;
         let key = self
             .store
