@@ -5,13 +5,15 @@
 use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
+use crate::ca::tls_server::TlsServerProfile;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig};
+use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig, TlsSource};
 use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
+use crate::jobs::tls_renewal::{TlsRenewal, serving_key};
 use crate::keystore::metered::MeteredKeyStore;
 use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings};
 use crate::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings};
@@ -25,6 +27,8 @@ use crate::ratelimit::{Limit, RateLimiter};
 use crate::registry::RegistryService;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
+use crate::tls::listener::HandshakeLimits;
+use crate::tls::{ClientAuth, ClientAuthSettings, ClientCertCheck, ServerCertResolver};
 use anyhow::{Context, bail};
 use secrecy::{ExposeSecret, SecretString};
 use std::future::Future;
@@ -41,6 +45,147 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Failed admin logins waiting to be audited (written by the flusher job).
     pub login_failures: Arc<LoginFailureLog>,
+    /// HTTPS (`[server.tls]`); `None` serves plain HTTP (loopback only).
+    pub tls: Option<TlsServing>,
+}
+
+/// What the HTTPS listener needs, prepared before the socket is bound so
+/// that a bad certificate or key stops start-up.
+pub struct TlsServing {
+    /// The served certificate; renewal swaps it.
+    pub resolver: Arc<ServerCertResolver>,
+    pub server_config: Arc<rustls::ServerConfig>,
+    pub client_auth: ClientAuth,
+    /// The revocation hook (also run after resumed handshakes).
+    pub check: Option<Arc<dyn ClientCertCheck>>,
+    pub limits: HandshakeLimits,
+    /// With `issue = true`: the job that renews the certificate.
+    pub renewal: Option<Arc<TlsRenewal>>,
+    trust_anchors: Vec<Vec<u8>>,
+}
+
+impl TlsServing {
+    fn new(
+        resolver: Arc<ServerCertResolver>,
+        config: &TlsConfig,
+        trust_anchors: Vec<Vec<u8>>,
+        check: Option<Arc<dyn ClientCertCheck>>,
+    ) -> anyhow::Result<Self> {
+        let check = match config.client_auth {
+            ClientAuth::None => None,
+            _ => check,
+        };
+        let server_config = crate::tls::server_config(
+            resolver.clone(),
+            ClientAuthSettings {
+                mode: config.client_auth,
+                trust_anchors: trust_anchors.clone(),
+                check: check.clone(),
+            },
+        )
+        .context("server.tls")?;
+        Ok(Self {
+            resolver,
+            server_config,
+            client_auth: config.client_auth,
+            check,
+            limits: HandshakeLimits {
+                timeout: config.handshake_timeout,
+                max_in_progress: config.max_handshakes,
+            },
+            renewal: None,
+            trust_anchors,
+        })
+    }
+
+    /// TEST HOOK: replaces the revocation check (e.g. with
+    /// `tls::client_auth::FingerprintDenyList`).
+    pub fn with_check(self, check: Arc<dyn ClientCertCheck>) -> anyhow::Result<Self> {
+        let server_config = crate::tls::server_config(
+            self.resolver.clone(),
+            ClientAuthSettings {
+                mode: self.client_auth,
+                trust_anchors: self.trust_anchors.clone(),
+                check: Some(check.clone()),
+            },
+        )?;
+        Ok(Self {
+            server_config,
+            check: Some(check),
+            ..self
+        })
+    }
+}
+
+/// Loads or issues the server certificate and builds the TLS configuration.
+async fn prepare_tls(
+    config: &TlsConfig,
+    ca: &Arc<CaService>,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<TlsServing> {
+    let mut renewal = None;
+    let resolver = match &config.source {
+        TlsSource::Files {
+            certificate_file,
+            key_file,
+        } => Arc::new(ServerCertResolver::new(Arc::new(crate::tls::files::load(
+            certificate_file,
+            key_file,
+            &crate::tls::provider(),
+        )?))),
+        TlsSource::Issue(i) => {
+            let profile = TlsServerProfile {
+                issuer: i.issuer.clone(),
+                dns_names: i.dns_names.clone(),
+                ip_addresses: i.ip_addresses.clone(),
+                validity_days: i.validity_days,
+                key_algorithm: i.key_algorithm,
+            };
+            let renew_before = i64::from(i.renew_before_days) * 86_400;
+            // The certificate in service if it fits the config and is not
+            // due; otherwise a new one now (which retires the old).
+            let cred = match ca
+                .current_tls_server(&profile, renew_before)
+                .await
+                .context("server.tls.issuer")?
+            {
+                Some(c) => c,
+                None => {
+                    let c = ca
+                        .issue_tls_server(&profile)
+                        .await
+                        .context("server.tls.issuer: issuing the TLS server certificate")?;
+                    tracing::info!(serial = %c.serial, issuer = %profile.issuer, "issued the TLS server certificate");
+                    c
+                }
+            };
+            let resolver = Arc::new(ServerCertResolver::new(Arc::new(
+                serving_key(&cred).context("server.tls")?,
+            )));
+            renewal = Some(Arc::new(TlsRenewal::new(
+                ca.clone(),
+                resolver.clone(),
+                profile,
+                renew_before,
+                cred,
+            )));
+            resolver
+        }
+    };
+    // Devices chain to the issuing CAs; anchoring there lets them send only
+    // their leaf certificate.
+    let anchors = ca
+        .issuers()
+        .iter()
+        .filter(|i| i.kind == crate::policy::CaKind::Issuing)
+        .map(|i| i.cert_der.clone())
+        .collect();
+    let check: Arc<dyn ClientCertCheck> = Arc::new(
+        crate::registry::tls_check::StoreClientCertCheck::new(store.clone()),
+    );
+    let mut serving = TlsServing::new(resolver, config, anchors, Some(check))?;
+    serving.renewal = renewal;
+    Ok(serving)
 }
 
 /// How often the sweeper looks for pending registrations past their time.
@@ -210,6 +355,7 @@ impl App {
             reconciled,
             clock,
             login_failures,
+            tls: None,
         })
     }
 
@@ -239,6 +385,18 @@ impl App {
         Ok(())
     }
 
+    /// Loads (files) or finds or issues (`issue = true`) the TLS server
+    /// certificate and builds the TLS configuration, when `[server.tls]` is
+    /// set. Run by `serve` after [`Self::check_ready_to_serve`] and before
+    /// binding, so that a bad certificate stops start-up; `init` does not
+    /// run it (the issuing CA may not exist yet).
+    pub async fn prepare_tls(&mut self) -> anyhow::Result<()> {
+        if let Some(t) = &self.config.server.tls {
+            self.tls = Some(prepare_tls(t, &self.state.ca, &self.state.store).await?);
+        }
+        Ok(())
+    }
+
     /// The background jobs, one line each. The readiness cache is filled
     /// once before this returns, so `/readyz` answers from the first request.
     pub async fn start_jobs(&self) -> Scheduler {
@@ -264,6 +422,9 @@ impl App {
             s.store.clone(),
             s.metrics.clone(),
         )));
+        if let Some(renewal) = self.tls.as_ref().and_then(|t| t.renewal.clone()) {
+            jobs.spawn(renewal);
+        }
         jobs
     }
 
@@ -278,15 +439,30 @@ impl App {
         let keystores = self.state.keystores.clone();
         let jobs = self.start_jobs().await;
         let router = crate::http::router(self.state, self.limits);
-        // Connect info gives handlers the TCP peer (the client address, or a
-        // trusted proxy's).
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server failed");
+        let served = match self.tls {
+            // The TLS accept loop adds ConnectInfo and the client certificate itself.
+            Some(tls) => {
+                crate::tls::listener::serve(
+                    listener,
+                    tls.server_config,
+                    tls.check,
+                    tls.limits,
+                    router,
+                    shutdown,
+                )
+                .await;
+                Ok(())
+            }
+            // Connect info gives handlers the TCP peer (the client address, or a
+            // trusted proxy's).
+            None => axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("HTTP server failed"),
+        };
         // No request is in flight any more: nothing can add a failed login.
         jobs.shutdown().await;
         served?;

@@ -96,6 +96,47 @@ pub struct ServerConfig {
     /// distribution point and AIA (CA issuers, OCSP) below it. `None`: the
     /// certificates carry neither.
     pub public_url: Option<String>,
+    /// `[server.tls]`. `None`: plain HTTP, accepted only on a loopback address.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: where the certificate and key come from, client
+/// authentication, handshake limits.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub source: TlsSource,
+    pub client_auth: crate::tls::ClientAuth,
+    /// At least one second.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once (1..=65536).
+    pub max_handshakes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// Operator-supplied PEM chain and PKCS#8 key (a software key).
+    Files {
+        certificate_file: PathBuf,
+        key_file: PathBuf,
+    },
+    /// keyward issues itself a server certificate, its key in the default key store.
+    Issue(TlsIssueConfig),
+}
+
+/// `issue = true`: the server certificate keyward issues itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsIssueConfig {
+    /// An issuing CA from policies/ca.toml (checked at start, where the policy is loaded).
+    pub issuer: String,
+    /// SAN dNSName entries; with `ip_addresses`, at least one name in all.
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    /// 1..=397 days.
+    pub validity_days: u32,
+    /// Renew this many days before expiry; less than `validity_days`.
+    pub renew_before_days: u32,
+    /// ecdsa-p256 (default), ecdsa-p384 or ed25519.
+    pub key_algorithm: crate::model::KeyAlgorithm,
 }
 
 #[derive(Debug, Clone)]
@@ -382,7 +423,26 @@ impl Builder<'_> {
                 .public_url
                 .map(|u| self.public_url(&u))
                 .transpose()?,
+            tls: None,
         };
+        let server = ServerConfig {
+            tls: match raw.server.tls {
+                Some(t) => Some(self.tls(t)?),
+                None => None,
+            },
+            ..server
+        };
+        if server.tls.is_none() && !server.listen.ip().is_loopback() {
+            return Err(self.invalid(
+                "server.tls",
+                format!(
+                    "missing: server.listen = \"{}\" is not a loopback address, and plain HTTP \
+                     is allowed only on loopback (bearer tokens would cross the network in \
+                     clear); add [server.tls] with certificate_file + key_file, or issue = true",
+                    server.listen
+                ),
+            ));
+        }
         let file::Store::Sqlite(s) = raw.store;
         let store = StoreConfig::Sqlite(SqliteConfig {
             path: self.resolve(&s.path),
@@ -482,6 +542,145 @@ impl Builder<'_> {
             limits,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn tls(&self, mut t: file::Tls) -> Result<TlsConfig, ConfigError> {
+        let issue_only = [
+            ("issuer", t.issuer.is_some()),
+            ("dns_names", t.dns_names.is_some()),
+            ("ip_addresses", t.ip_addresses.is_some()),
+            ("validity_days", t.validity_days.is_some()),
+            ("renew_before_days", t.renew_before_days.is_some()),
+            ("key_algorithm", t.key_algorithm.is_some()),
+        ];
+        let files = (t.certificate_file.take(), t.key_file.take());
+        let source = match (t.issue.unwrap_or(false), files.0, files.1) {
+            (true, None, None) => TlsSource::Issue(self.tls_issue(&t)?),
+            (true, _, _) => {
+                return Err(self.invalid(
+                    "server.tls.issue",
+                    "set either issue = true or certificate_file + key_file, not both",
+                ));
+            }
+            (false, Some(cert), Some(key)) => {
+                if let Some((k, _)) = issue_only.iter().find(|(_, set)| *set) {
+                    return Err(self.invalid(
+                        &format!("server.tls.{k}"),
+                        "applies only with issue = true (certificate_file + key_file are set)",
+                    ));
+                }
+                TlsSource::Files {
+                    certificate_file: self.resolve(&cert),
+                    key_file: self.resolve(&key),
+                }
+            }
+            (false, None, Some(_)) | (false, None, None) => {
+                return Err(self.invalid(
+                    "server.tls.certificate_file",
+                    "missing: set certificate_file + key_file, or issue = true",
+                ));
+            }
+            (false, Some(_), None) => {
+                return Err(self.invalid(
+                    "server.tls.key_file",
+                    "missing: certificate_file needs its key_file",
+                ));
+            }
+        };
+        let client_auth = t
+            .client_auth
+            .as_deref()
+            .unwrap_or("none")
+            .parse()
+            .map_err(|e: String| self.invalid("server.tls.client_auth", e))?;
+        Ok(TlsConfig {
+            source,
+            client_auth,
+            handshake_timeout: self.seconds(
+                "server.tls.handshake_timeout_secs",
+                t.handshake_timeout_secs,
+                10,
+            )?,
+            max_handshakes: self.range(
+                "server.tls.max_handshakes",
+                t.max_handshakes,
+                256,
+                1,
+                65_536,
+            )?,
+        })
+    }
+
+    fn tls_issue(&self, t: &file::Tls) -> Result<TlsIssueConfig, ConfigError> {
+        use crate::model::KeyAlgorithm;
+        let issuer = match &t.issuer {
+            Some(i) if !i.is_empty() => i.clone(),
+            _ => {
+                return Err(self.invalid(
+                    "server.tls.issuer",
+                    "missing: name the issuing CA (from policies/ca.toml) that signs the server certificate",
+                ));
+            }
+        };
+        let dns_names = t.dns_names.clone().unwrap_or_default();
+        for n in &dns_names {
+            if rustls::pki_types::DnsName::try_from(n.as_str()).is_err() || n.contains('*') {
+                return Err(self.invalid(
+                    "server.tls.dns_names",
+                    format!("`{n}` is not a DNS name (no wildcards)"),
+                ));
+            }
+        }
+        let ip_addresses = t
+            .ip_addresses
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    self.invalid(
+                        "server.tls.ip_addresses",
+                        format!("`{a}` is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<std::net::IpAddr>, _>>()?;
+        if dns_names.is_empty() && ip_addresses.is_empty() {
+            return Err(self.invalid(
+                "server.tls.dns_names",
+                "missing: with issue = true, list the names clients use (dns_names and/or ip_addresses)",
+            ));
+        }
+        let validity_days = self.range("server.tls.validity_days", t.validity_days, 90, 1, 397)?;
+        let renew_before_days = t.renew_before_days.unwrap_or(30.min(validity_days / 3));
+        if renew_before_days >= validity_days {
+            return Err(self.invalid(
+                "server.tls.renew_before_days",
+                format!("must be less than validity_days ({validity_days})"),
+            ));
+        }
+        let key_algorithm: KeyAlgorithm = t
+            .key_algorithm
+            .as_deref()
+            .unwrap_or("ecdsa-p256")
+            .parse()
+            .map_err(|e: crate::model::algorithm::UnknownAlgorithm| {
+                self.invalid("server.tls.key_algorithm", e.to_string())
+            })?;
+        if crate::tls::signer::scheme_for(key_algorithm).is_none() {
+            return Err(self.invalid(
+                "server.tls.key_algorithm",
+                "must be ecdsa-p256, ecdsa-p384 or ed25519 (key stores sign RSA with PKCS#1 v1.5, which TLS 1.3 forbids)",
+            ));
+        }
+        Ok(TlsIssueConfig {
+            issuer,
+            dns_names,
+            ip_addresses,
+            validity_days,
+            renew_before_days,
+            key_algorithm,
         })
     }
 
@@ -773,6 +972,126 @@ token_pepper_env = "KEYWARD_PEPPER"
         assert_eq!(c.server.request_timeout, Duration::from_secs(5));
     }
 
+    #[test]
+    fn tls_takes_files_or_issue_and_names_every_refused_key() {
+        let files =
+            "[server.tls]\ncertificate_file = \"tls/server.pem\"\nkey_file = \"tls/server.key\"\n";
+        let c = parse(&format!("{MINIMAL}{files}")).unwrap();
+        let t = c.server.tls.unwrap();
+        assert!(matches!(
+            &t.source,
+            TlsSource::Files { certificate_file, key_file }
+                if certificate_file == Path::new("/etc/kw/tls/server.pem")
+                    && key_file == Path::new("/etc/kw/tls/server.key")
+        ));
+        assert_eq!(t.client_auth, crate::tls::ClientAuth::None);
+        assert_eq!(t.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(t.max_handshakes, 256);
+
+        let issue = "[server.tls]\nissue = true\nissuer = \"devices\"\ndns_names = [\"keyward.example.net\"]\nip_addresses = [\"127.0.0.1\"]\nclient_auth = \"required\"\n";
+        let c = parse(&format!("{MINIMAL}{issue}")).unwrap();
+        let t = c.server.tls.unwrap();
+        let TlsSource::Issue(i) = &t.source else {
+            panic!("{t:?}")
+        };
+        assert_eq!(i.issuer, "devices");
+        assert_eq!(i.ip_addresses, vec![std::net::IpAddr::from([127, 0, 0, 1])]);
+        assert_eq!((i.validity_days, i.renew_before_days), (90, 30));
+        assert_eq!(i.key_algorithm, crate::model::KeyAlgorithm::EcdsaP256);
+        assert_eq!(t.client_auth, crate::tls::ClientAuth::Required);
+
+        for (text, key) in [
+            (format!("{files}issue = true\n"), "server.tls.issue"),
+            (format!("{issue}key_file = \"k\"\n"), "server.tls.issue"),
+            (
+                format!("{files}issuer = \"devices\"\n"),
+                "server.tls.issuer",
+            ),
+            (
+                "[server.tls]\nkey_file = \"k\"\n".to_string(),
+                "server.tls.certificate_file",
+            ),
+            (
+                "[server.tls]\ncertificate_file = \"c\"\n".to_string(),
+                "server.tls.key_file",
+            ),
+            ("[server.tls]\n".to_string(), "server.tls.certificate_file"),
+            (
+                format!("{files}client_auth = \"sometimes\"\n"),
+                "server.tls.client_auth",
+            ),
+            (format!("{files}certfile = \"x\"\n"), "certfile"),
+            (
+                format!("{files}handshake_timeout_secs = 0\n"),
+                "server.tls.handshake_timeout_secs",
+            ),
+            (
+                format!("{files}max_handshakes = 0\n"),
+                "server.tls.max_handshakes",
+            ),
+            (
+                issue.replace("issuer = \"devices\"\n", ""),
+                "server.tls.issuer",
+            ),
+            (
+                issue.replace(
+                    "dns_names = [\"keyward.example.net\"]\nip_addresses = [\"127.0.0.1\"]\n",
+                    "",
+                ),
+                "server.tls.dns_names",
+            ),
+            (
+                issue.replace("keyward.example.net", "*.example.net"),
+                "server.tls.dns_names",
+            ),
+            (
+                issue.replace("keyward.example.net", "bad name"),
+                "server.tls.dns_names",
+            ),
+            (
+                issue.replace("127.0.0.1", "localhost"),
+                "server.tls.ip_addresses",
+            ),
+            (
+                format!("{issue}validity_days = 398\n"),
+                "server.tls.validity_days",
+            ),
+            (
+                format!("{issue}validity_days = 30\nrenew_before_days = 30\n"),
+                "server.tls.renew_before_days",
+            ),
+            (
+                format!("{issue}key_algorithm = \"rsa-2048\"\n"),
+                "server.tls.key_algorithm",
+            ),
+            (
+                format!("{issue}key_algorithm = \"dsa\"\n"),
+                "server.tls.key_algorithm",
+            ),
+        ] {
+            refused(&format!("{MINIMAL}{text}"), key);
+        }
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback_and_names_server_tls() {
+        parse(&format!("{MINIMAL}[server]\nlisten = \"[::1]:8080\"\n")).unwrap();
+        let e = refused(
+            &format!("{MINIMAL}[server]\nlisten = \"0.0.0.0:8443\"\n"),
+            "server.tls",
+        );
+        assert!(e.contains("loopback"), "{e}");
+        refused(
+            &format!("{MINIMAL}[server]\nlisten = \"192.0.2.10:8443\"\n"),
+            "server.tls",
+        );
+        let c = parse(&format!(
+            "{MINIMAL}[server]\nlisten = \"0.0.0.0:8443\"\n[server.tls]\ncertificate_file = \"c\"\nkey_file = \"k\"\n"
+        ))
+        .unwrap();
+        assert!(c.server.tls.is_some());
+    }
+
     const YUBIKEY: &str = r#"
 [keystores.root]
 type = "yubikey"
@@ -889,7 +1208,7 @@ management_key_env = "KW_MGM"
         let enabled: Vec<&str> = example
             .lines()
             .map(|l| {
-                if l.starts_with("# [keystores.") {
+                if l.starts_with("# [keystores.") || l.starts_with("# [server.tls]") {
                     on = true;
                 } else if !l.starts_with('#') {
                     on = false;
@@ -907,5 +1226,40 @@ management_key_env = "KW_MGM"
             1,
             "the YubiKey example was not switched on"
         );
+        assert!(
+            matches!(
+                c.server.tls.as_ref().map(|t| &t.source),
+                Some(TlsSource::Files { .. })
+            ),
+            "the TLS files example was not switched on"
+        );
+        // The issue-mode keys, switched on instead of the two files.
+        let issue: Vec<String> = enabled
+            .iter()
+            .filter(|l| !l.starts_with("certificate_file") && !l.starts_with("key_file"))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|rest| {
+                        [
+                            "issue",
+                            "issuer",
+                            "dns_names",
+                            "ip_addresses",
+                            "validity_days",
+                            "renew_before_days",
+                            "key_algorithm",
+                        ]
+                        .iter()
+                        .any(|k| rest.starts_with(&format!("{k} =")))
+                    })
+                    .unwrap_or(l)
+                    .to_string()
+            })
+            .collect();
+        let c = parse(&issue.join("\n")).unwrap();
+        let Some(TlsSource::Issue(i)) = c.server.tls.as_ref().map(|t| &t.source) else {
+            panic!("the TLS issue example was not switched on")
+        };
+        assert_eq!((i.validity_days, i.renew_before_days), (90, 30));
     }
 }

@@ -29,3 +29,4 @@ pub mod registry;
 pub mod secret;
 pub mod softhsm;
 pub mod store;
+pub mod tls;

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod ocsp;
 pub mod public_key;
 pub mod serial;
+pub mod tls_server;
 pub mod x509;
 
 use crate::clock::Clock;
@@ -67,6 +68,9 @@ pub enum CaError {
     ParentMissing(Vec<String>),
     #[error("CA `{ca}` references key {key_id}, which is not in the store")]
     KeyRecordMissing { ca: String, key_id: Uuid },
+    /// `server.tls.issuer` names a root (or another CA that does not issue end entities).
+    #[error("CA `{0}` is not an issuing CA")]
+    NotAnIssuingCa(String),
     #[error(
         "CA `{ca}`'s key is in key store `{keystore}`, which is not configured in keyward.toml"
     )]
@@ -99,6 +103,7 @@ impl CaError {
             Self::ParentMissing(_) => "ca_parent_missing",
             Self::KeyRecordMissing { .. } => "ca_key_record_missing",
             Self::KeyStoreNotConfigured { .. } => "keystore_not_configured",
+            Self::NotAnIssuingCa(_) => "not_an_issuing_ca",
         }
     }
 }

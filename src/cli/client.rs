@@ -20,11 +20,34 @@ fn admin_token(args: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
 }
 
 impl Api {
-    pub fn new(base: &str, token: Option<Zeroizing<String>>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .context("building the HTTP client")?;
+    /// `ca_cert` (`--ca-cert` / `KEYWARD_CA_CERT`): a PEM file with the CA
+    /// certificate(s) that sign the daemon's HTTPS certificate (with
+    /// `issue = true`, keyward's root). When given, only these are trusted.
+    pub fn new(
+        base: &str,
+        token: Option<Zeroizing<String>>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path).with_context(|| {
+                format!(
+                    "--ca-cert / KEYWARD_CA_CERT: cannot read {}",
+                    path.display()
+                )
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!("--ca-cert / KEYWARD_CA_CERT: {} is not PEM", path.display())
+            })?;
+            if certs.is_empty() {
+                bail!(
+                    "--ca-cert / KEYWARD_CA_CERT: {} holds no certificate",
+                    path.display()
+                );
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build().context("building the HTTP client")?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -148,7 +171,7 @@ pub async fn registrations(
     args: &ClientArgs,
     command: RegistrationsCommand,
 ) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&args.url, Some(admin_token(args)?))?;
+    let api = Api::new(&args.url, Some(admin_token(args)?), args.ca_cert.as_deref())?;
     match command {
         RegistrationsCommand::List {
             status,
@@ -312,7 +335,7 @@ async fn redeem(
     let invitation = code_from(invitation_file, "KEYWARD_INVITATION_CODE")?
         .context("no invitation code: set KEYWARD_INVITATION_CODE or pass --invitation-file")?;
     let approval = code_from(approval_file, "KEYWARD_APPROVAL_CODE")?;
-    let api = Api::new(&args.url, None)?;
+    let api = Api::new(&args.url, None, args.ca_cert.as_deref())?;
     let (_, v) = api
         .call(
             reqwest::Method::POST,
@@ -361,7 +384,7 @@ pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result
         )
         .await;
     }
-    let api = Api::new(&args.url, Some(admin_token(args)?))?;
+    let api = Api::new(&args.url, Some(admin_token(args)?), args.ca_cert.as_deref())?;
     match command {
         AdminsCommand::Redeem { .. } | AdminsCommand::BreakGlass { .. } => {}
         AdminsCommand::Add { name, role } => {

@@ -47,7 +47,44 @@ fn demo_enrollment() -> String {
     )
 }
 
-pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
+/// `[server.tls]` of the demo: keyward issues itself a server certificate
+/// from the `devices` CA for `localhost` and the listen address.
+fn demo_tls(listen: SocketAddr) -> String {
+    let ip = listen.ip();
+    let ips = if ip.is_unspecified() {
+        "\"127.0.0.1\"".to_string()
+    } else {
+        format!("\"{ip}\"")
+    };
+    format!(
+        "[server.tls]\nissue = true\nissuer = \"devices\"\ndns_names = [\"localhost\"]\nip_addresses = [{ips}]\n\n"
+    )
+}
+
+/// Writes the root CA certificate to `DIR/root.pem`; returns its path and
+/// SHA-256 fingerprint (colon-separated hex, as `openssl x509 -fingerprint -sha256` prints).
+async fn export_root(db: &Path, dir: &Path) -> anyhow::Result<(std::path::PathBuf, String)> {
+    use crate::store::Store;
+    let store = crate::store::sqlite::SqliteStore::open_read_only(db)?;
+    let root = store
+        .list_cas()
+        .await?
+        .into_iter()
+        .find(|c| c.kind == crate::model::CaKind::Root)
+        .context("no root CA in the database")?;
+    let path = dir.join("root.pem");
+    std::fs::write(&path, crate::ca::x509::to_pem(&root.certificate_der)?)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &root.certificate_der);
+    let fingerprint = digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok((path, fingerprint))
+}
+
+pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
     let hsm = SoftHsm::prepare(dir)?;
     let dir = dir.canonicalize()?;
     std::fs::create_dir_all(dir.join("policies"))?;
@@ -78,11 +115,12 @@ pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
         &config,
         format!(
             "# Written by `keyward dev`; rewritten on every run.\n\
-             [server]\nlisten = \"{listen}\"\n\n\
+             [server]\nlisten = \"{listen}\"\n\n{}\
              [store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n\n\
              [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm.pin\"\n\n\
              [auth]\ntoken_pepper_file = \"pepper\"\n\n\
              [policies]\ndir = \"policies\"\n",
+            demo_tls(listen),
             hsm.module().display()
         ),
     )?;
@@ -114,9 +152,18 @@ pub fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
         bail!("keyward init failed");
     }
     let token = read_secret(&token_file)?;
+    let (root_pem, fingerprint) = export_root(&dir.join("keyward.db"), &dir).await?;
+    let host = if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
     println!();
-    println!("# keyward dev is serving; in another shell paste:");
-    println!("export KEYWARD_URL=http://{listen}");
+    println!("# keyward dev is serving HTTPS; its certificate chains to the root CA");
+    println!("# SHA-256 fingerprint {fingerprint}");
+    println!("# in another shell paste:");
+    println!("export KEYWARD_URL=https://{host}");
+    println!("export KEYWARD_CA_CERT={}", root_pem.display());
     println!("export KEYWARD_TOKEN={token}");
     println!(
         "export PATH={}:$PATH",

@@ -23,6 +23,10 @@ pub struct EnrollArgs {
     /// Daemon URL.
     #[arg(long, env = "KEYWARD_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// PEM CA certificate(s) to trust for an https:// URL (keyward's root
+    /// with `issue = true`); when set, only these are trusted.
+    #[arg(long, env = "KEYWARD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Device name shown to approvers.
     #[arg(long)]
     name: String,
@@ -111,7 +115,7 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
     let csr_pem =
         der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &csr_der)
             .map_err(der::Error::from)?;
-    let api = Api::new(&args.url, None)?;
+    let api = Api::new(&args.url, None, args.ca_cert.as_deref())?;
     let (_, reg) = api
         .call(
             reqwest::Method::POST,

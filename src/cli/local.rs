@@ -124,15 +124,24 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             s.path.display()
         );
     }
-    let app = App::build(config).await?;
+    let mut app = App::build(config).await?;
     app.check_ready_to_serve().await?;
+    app.prepare_tls().await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "keyward serving");
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "keyward serving");
+    if app.tls.is_none() {
+        // The config refuses plain HTTP on any other address.
+        tracing::warn!(
+            %addr,
+            "serving plain HTTP (no [server.tls]): acceptable on loopback for development only"
+        );
+    }
     // A plain line on stdout for supervisors and tests (port 0 picks a free port).
-    println!("keyward listening on http://{addr}");
+    println!("keyward listening on {scheme}://{addr}");
     app.serve_on(listener, crate::app::shutdown_signal())
         .await?;
     Ok(ExitCode::SUCCESS)
@@ -145,7 +154,33 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     for secret in config.secrets() {
         secret.read()?;
     }
+    if let Some(crate::config::TlsConfig {
+        source:
+            crate::config::TlsSource::Files {
+                certificate_file,
+                key_file,
+            },
+        ..
+    }) = &config.server.tls
+    {
+        crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?;
+    }
     let policies = Policies::load(&config.policies.dir)?;
+    if let Some(crate::config::TlsConfig {
+        source: crate::config::TlsSource::Issue(i),
+        ..
+    }) = &config.server.tls
+        && !policies
+            .cas
+            .iter()
+            .any(|c| c.name == i.issuer && c.kind == crate::policy::CaKind::Issuing)
+    {
+        anyhow::bail!(
+            "server.tls.issuer: `{}` is not an issuing CA of {}",
+            i.issuer,
+            config.policies.dir.join("ca.toml").display()
+        );
+    }
     println!(
         "config OK: {} ({} CA(s), {} profile(s), {} enrollment group(s))",
         config_path.display(),

@@ -50,6 +50,11 @@ pub struct ClientArgs {
         global = true
     )]
     url: String,
+    /// PEM CA certificate(s) that sign the daemon's HTTPS certificate (with
+    /// `issue = true`: keyward's root, as `keyward dev` prints). When set,
+    /// only these are trusted.
+    #[arg(long, env = "KEYWARD_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
     /// File holding the admin token (otherwise the KEYWARD_TOKEN environment variable).
     /// Tokens are never taken as a command-line value: argv is visible in `ps`.
     #[arg(long, global = true)]
@@ -280,7 +285,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             token_out,
         } => local::init(&config.config, &admin_name, token_out.as_deref()).await,
         Command::Serve { config } => local::serve(&config.config).await,
-        Command::Dev { dir, listen } => dev::run(&dir, listen),
+        Command::Dev { dir, listen } => dev::run(&dir, listen).await,
         Command::Config {
             command: ConfigCommand::Check { config },
         } => local::config_check(&config.config),

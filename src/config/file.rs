@@ -45,6 +45,24 @@ pub(super) struct Server {
     pub request_timeout_secs: Option<u64>,
     pub trusted_proxies: Option<Vec<String>>,
     pub public_url: Option<String>,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Tls {
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub issue: Option<bool>,
+    pub issuer: Option<String>,
+    pub dns_names: Option<Vec<String>>,
+    pub ip_addresses: Option<Vec<String>>,
+    pub validity_days: Option<u32>,
+    pub renew_before_days: Option<u32>,
+    pub key_algorithm: Option<String>,
+    pub client_auth: Option<String>,
+    pub handshake_timeout_secs: Option<u64>,
+    pub max_handshakes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

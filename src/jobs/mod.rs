@@ -19,6 +19,7 @@
 pub mod login_failures;
 pub mod readiness;
 pub mod sweeper;
+pub mod tls_renewal;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -39,6 +40,10 @@ pub enum JobError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Admin(#[from] crate::auth::AdminError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl JobError {
@@ -48,6 +53,8 @@ impl JobError {
             Self::Registry(e) => e.code(),
             Self::Store(e) => e.code(),
             Self::Admin(e) => e.code(),
+            Self::Ca(e) => e.code(),
+            Self::Tls(e) => e.code(),
         }
     }
 }

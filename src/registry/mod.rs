@@ -2,6 +2,7 @@
 //! duties, issuance, credential delivery (re-fetchable until confirmed).
 
 mod error;
+pub mod tls_check;
 
 use crate::audit::AuditDraft;
 use crate::auth::{TokenHasher, new_secret};
