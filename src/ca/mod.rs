@@ -235,6 +235,11 @@ impl CaService {
             .collect()
     }
 
+    /// The service clock's time, Unix seconds.
+    pub fn now(&self) -> i64 {
+        self.clock.now().unix_timestamp()
+    }
+
     pub fn policies(&self) -> &Policies {
         &self.policies
     }
