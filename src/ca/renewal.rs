@@ -329,10 +329,10 @@ impl CaService {
     /// new one), authenticated by `proof`. Steps:
     ///
     /// 1. a nonce proof takes its nonce (single use, even if what follows fails);
-    /// 2. the device must be `active` and have a current certificate, which
-    ///    the proof must be for;
-    /// 3. the CSR is verified as at registration, must not name another
-    ///    device, and its key must not be barred ([`Self::key_is_revoked`]);
+    /// 2. the CSR is verified as at registration;
+    /// 3. the device must be `active` and have a current certificate, which
+    ///    the proof must be for; the CSR must not name another device, and
+    ///    its key must not be barred ([`Self::key_is_revoked`]);
     /// 4. inside the profile's renewal window, or with an admin's open
     ///    allowance (then `forced`, and the allowance is used);
     /// 5. the HSM signs; one commit inserts the new certificate, supersedes
@@ -354,6 +354,7 @@ impl CaService {
         if let RenewalProof::SignedNonce { nonce, .. } = &proof {
             self.nonces.take(nonce, device_id, now)?;
         }
+        let verified = csr::verify(&csr_der)?;
         let device = self
             .store
             .get_device(device_id)
@@ -379,7 +380,6 @@ impl CaService {
                 verify_with_certificate_key(&current.der, &message, signature)?;
             }
         }
-        let verified = csr::verify(&csr_der)?;
         if let Some((name, _)) = named_devices(&csr_der)?
             .into_iter()
             .find(|(_, id)| *id != device_id)

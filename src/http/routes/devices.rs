@@ -74,7 +74,7 @@ fn b64url(field: &'static str, value: &str) -> Result<Vec<u8>, ApiError> {
 
 fn certificate_der(pem: &str) -> Result<Vec<u8>, ApiError> {
     match der::pem::decode_vec(pem.trim().as_bytes()) {
-        Ok((label, der)) if label == "CERTIFICATE" => Ok(der),
+        Ok(("CERTIFICATE", der)) => Ok(der),
         _ => Err(ApiError::bad_request(
             "invalid_field",
             "`certificate` is not a PEM CERTIFICATE",
