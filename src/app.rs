@@ -335,6 +335,7 @@ impl App {
         let rate_limits = RateLimits {
             limiter,
             registrations: Limit::new(l.registrations_per_source, l.registrations_window),
+            renewals: Limit::new(l.renewals_per_source, l.renewals_window),
         };
         let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
         Ok(Self {
