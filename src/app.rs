@@ -165,6 +165,9 @@ impl App {
             clock.clone(),
             metrics.clone(),
         ));
+        // Every committed revocation, suspension, resumption or release marks
+        // its CA's CRL dirty; the CRL job publishes after the debounce window.
+        ca.add_revocation_observer(crls.clone());
         let admins = Arc::new(AdminService::new(
             store.clone(),
             clock.clone(),
@@ -204,6 +207,7 @@ impl App {
         let rate_limits = RateLimits {
             limiter,
             registrations: Limit::new(l.registrations_per_source, l.registrations_window),
+            renewals: Limit::new(l.renewals_per_source, l.renewals_window),
         };
         let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
         Ok(Self {

@@ -175,6 +175,10 @@ pub struct LimitsConfig {
     /// `POST /v1/registrations` per source (1..=1000000) per window (at least 1 s).
     pub registrations_per_source: u32,
     pub registrations_window: Duration,
+    /// Renewal nonces and renewals (`/v1/devices/{id}/renew...`) per source
+    /// (1..=1000000) per window (at least 1 s).
+    pub renewals_per_source: u32,
+    pub renewals_window: Duration,
     /// Failed admin logins per source (1..=1000000) per window (at least 1 s).
     pub admin_login_failures_per_source: u32,
     pub admin_login_failures_window: Duration,
@@ -439,6 +443,18 @@ impl Builder<'_> {
             registrations_window: self.seconds(
                 "limits.registrations_window_secs",
                 l.registrations_window_secs,
+                60,
+            )?,
+            renewals_per_source: self.range(
+                "limits.renewals_per_source",
+                l.renewals_per_source,
+                60,
+                1,
+                1_000_000,
+            )?,
+            renewals_window: self.seconds(
+                "limits.renewals_window_secs",
+                l.renewals_window_secs,
                 60,
             )?,
             admin_login_failures_per_source: self.range(
@@ -835,6 +851,8 @@ management_key_env = "KW_MGM"
             LimitsConfig {
                 registrations_per_source: 30,
                 registrations_window: Duration::from_secs(60),
+                renewals_per_source: 60,
+                renewals_window: Duration::from_secs(60),
                 admin_login_failures_per_source: 10,
                 admin_login_failures_window: Duration::from_secs(300),
                 tracked_sources: 100_000,

@@ -714,3 +714,136 @@ async fn the_daemon_serves_crls_der_and_pem_and_publishes_on_demand() {
         .collect();
     assert_eq!(audited.len(), 3, "root 1, devices 1 and 2: {audited:?}");
 }
+
+/// Registers a device in the auto-issuing group; returns (device id, cert PEM, chain PEM).
+async fn auto_device(url: &str, dir: &Path, name: &str) -> (String, String, String) {
+    let (csr, _) = openssl_csr(dir, "ec");
+    let (status, sub) = common::call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(serde_json::json!({ "csr": csr, "name": name, "group": "auto" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{sub}");
+    assert_eq!(sub["status"], "issued", "{sub}");
+    let (status, creds) = common::call(
+        reqwest::Method::GET,
+        &format!(
+            "{url}/v1/registrations/{}/credentials",
+            sub["id"].as_str().unwrap()
+        ),
+        Some(sub["secret"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{creds}");
+    (
+        sub["device_id"].as_str().unwrap().to_string(),
+        creds["certificate_pem"].as_str().unwrap().to_string(),
+        creds["chain_pem"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_revocation_through_the_cli_reaches_the_served_crl_within_seconds() {
+    let env = env();
+    let token = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let d = env.dir.path();
+    let (good_id, good, chain) = auto_device(&url, d, "good").await;
+    let (bad_id, bad, _) = auto_device(&url, d, "bad").await;
+    assert_ne!(good_id, bad_id);
+    std::fs::write(d.join("good.pem"), good).unwrap();
+    std::fs::write(d.join("bad.pem"), bad).unwrap();
+    std::fs::write(d.join("chain.pem"), &chain).unwrap();
+    let root = chain
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .last()
+        .unwrap();
+    std::fs::write(d.join("root.pem"), root).unwrap();
+    let fetch = |ca: &'static str| {
+        let url = url.clone();
+        let path = d.join(format!("{ca}.crl"));
+        async move {
+            let pem = common::client()
+                .get(format!("{url}/v1/ca/{ca}/crl"))
+                .header("accept", "application/x-pem-file")
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            std::fs::write(&path, pem).unwrap();
+        }
+    };
+    fetch("devices").await;
+    fetch("root").await;
+    assert_eq!(crl_number("devices.crl", d), 1);
+    let verify = |cert: &str| {
+        openssl(
+            &[
+                "verify",
+                "-crl_check_all",
+                "-CAfile",
+                "root.pem",
+                "-untrusted",
+                "chain.pem",
+                "-CRLfile",
+                "devices.crl",
+                "-CRLfile",
+                "root.crl",
+                cert,
+            ],
+            d,
+        )
+    };
+    for c in ["good.pem", "bad.pem"] {
+        let (ok, out) = verify(c);
+        assert!(ok, "{c}: {out}");
+    }
+
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_TOKEN", &token)
+        .args(["devices", "revoke", &bad_id, "--reason", "keyCompromise"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Debounced (1 s), then published by the woken job: no admin action.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        fetch("devices").await;
+        if crl_number("devices.crl", d) == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new CRL after the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, text) = openssl(&["crl", "-in", "devices.crl", "-noout", "-text"], d);
+    assert!(ok && text.contains("Key Compromise"), "{text}");
+    let (ok, out) = verify("good.pem");
+    assert!(ok && out.contains("good.pem: OK"), "{out}");
+    let (ok, out) = verify("bad.pem");
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+    // One CRL for the revocation, by the scheduler.
+    let published: Vec<_> = env
+        .audit_details_after(0)
+        .into_iter()
+        .filter(|(action, ..)| action == "crl.publish")
+        .map(|(.., details)| details)
+        .collect();
+    assert_eq!(published.len(), 3, "{published:?}");
+    assert_eq!(published[2]["number"], 2);
+    assert_eq!(published[2]["entries"], 1);
+}

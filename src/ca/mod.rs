@@ -5,9 +5,20 @@
 //! - `hierarchy`: the chain of CAs (load from the store, create from policy);
 //! - `issuance`: device certificates;
 //! - [`keys`]: HSM key creation with its undo and start-up reconciliation;
+//! - [`revocation`]: revoking and suspending devices and certificates, and
+//!   the [`RevocationObserver`]s told after each change;
+//! - [`renewal`]: renewal by the current certificate (mTLS or signed nonce),
+//!   renewal windows and admin allowances;
+//! - [`lifecycle`]: the errors of those two;
 //! - [`csr`], [`public_key`] and [`x509`]: the encodings;
 //! - [`crl`], [`ocsp`] and [`serial`]: revocation encodings (no store, no signer);
-//! - [`crls`]: the CRL publisher (numbering, HSM signature, the current CRL per CA).
+//! - [`crls`]: the CRL publisher (numbering, HSM signature, the current CRL
+//!   per CA), told of revocations as a [`RevocationObserver`].
+//!
+//! Revocation and renewal live on [`CaService`] rather than a separate
+//! service: they sign with its issuers, read its policies, and the observer
+//! list must see every path that changes revocation state, which is
+//! simplest when one type owns all of them.
 
 pub mod crl;
 pub mod crls;
@@ -16,10 +27,17 @@ mod der_write;
 mod hierarchy;
 mod issuance;
 pub mod keys;
+pub mod lifecycle;
 pub mod ocsp;
 pub mod public_key;
+pub mod renewal;
+pub mod revocation;
 pub mod serial;
 pub mod x509;
+
+pub use lifecycle::LifecycleError;
+pub use renewal::{RenewalProof, Renewed};
+pub use revocation::DeviceChanged;
 
 /// Told after a change to revocation state has committed.
 pub trait RevocationObserver: Send + Sync {
@@ -163,6 +181,10 @@ pub struct CaService {
     issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
     /// `server.public_url`: certificates point their CDP and AIA below it.
     public_url: Option<String>,
+    /// Told after every committed revocation, suspension, resumption or release.
+    observers: RwLock<Vec<Arc<dyn RevocationObserver>>>,
+    /// Renewal nonces handed out by this process.
+    nonces: renewal::Nonces,
 }
 
 fn now_ms(clock: &dyn Clock) -> i64 {
@@ -198,6 +220,8 @@ impl CaService {
             policies,
             issuers: RwLock::new(BTreeMap::new()),
             public_url: None,
+            observers: RwLock::new(Vec::new()),
+            nonces: renewal::Nonces::default(),
         };
         svc.reload().await?;
         Ok(svc)
@@ -258,6 +282,11 @@ impl CaService {
             .filter(|i| needed.contains(i.name.as_str()))
             .map(|i| i.keystore_name.clone())
             .collect()
+    }
+
+    /// The service clock's time, Unix seconds.
+    pub fn now(&self) -> i64 {
+        self.clock.now().unix_timestamp()
     }
 
     pub fn policies(&self) -> &Policies {

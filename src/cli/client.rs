@@ -14,7 +14,7 @@ pub struct Api {
 }
 
 /// Reads the admin token from `--token-file` or `KEYWARD_TOKEN`.
-fn admin_token(args: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
+pub(super) fn admin_token(args: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
     code_from(args.token_file.as_deref(), "KEYWARD_TOKEN")?
         .context("no admin token: set KEYWARD_TOKEN or pass --token-file FILE")
 }
@@ -82,7 +82,7 @@ pub struct ApiFailure {
     pub message: String,
 }
 
-fn print(output: Output, value: &Value, text: impl FnOnce(&Value)) {
+pub(super) fn print(output: Output, value: &Value, text: impl FnOnce(&Value)) {
     match output {
         Output::Json => println!(
             "{}",
@@ -92,12 +92,12 @@ fn print(output: Output, value: &Value, text: impl FnOnce(&Value)) {
     }
 }
 
-fn s(v: &Value) -> &str {
+pub(super) fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("-")
 }
 
 /// `base?k=v&...` with the page parameters, values percent-encoded.
-fn list_path(base: &str, filters: &[(&str, Option<&str>)], page: &PageArgs) -> String {
+pub(super) fn list_path(base: &str, filters: &[(&str, Option<&str>)], page: &PageArgs) -> String {
     let limit = page.limit.to_string();
     let params: Vec<String> = filters
         .iter()
@@ -124,7 +124,7 @@ fn query_escape(v: &str) -> String {
 }
 
 /// Tells how to get the next page, on stderr so that stdout stays the list.
-fn next_page_hint(v: &Value) {
+pub(super) fn next_page_hint(v: &Value) {
     if let Some(c) = v["next_cursor"].as_str() {
         eprintln!("more: repeat with --cursor {c}");
     }

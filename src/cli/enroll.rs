@@ -57,7 +57,7 @@ pub fn make_key_and_csr(common_name: &str) -> anyhow::Result<(Zeroizing<Vec<u8>>
     Ok((pkcs8, csr))
 }
 
-fn csr_for(key: &EcdsaKeyPair, common_name: &str) -> anyhow::Result<Vec<u8>> {
+pub(super) fn csr_for(key: &EcdsaKeyPair, common_name: &str) -> anyhow::Result<Vec<u8>> {
     let rng = ring::rand::SystemRandom::new();
     let spki = SubjectPublicKeyInfoOwned {
         algorithm: AlgorithmIdentifierOwned {

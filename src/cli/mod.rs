@@ -5,7 +5,9 @@
 mod client;
 mod dev;
 mod enroll;
+mod lifecycle;
 mod local;
+mod renew;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -110,6 +112,20 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Devices: list, show, revoke, suspend, resume, allow an early renewal.
+    Devices {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// Certificates: list, show, revoke (any RFC 5280 reason), release a hold.
+    Certs {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Audit trail tools.
     Audit {
         #[command(subcommand)]
@@ -117,6 +133,90 @@ enum Command {
     },
     /// Reference device client: make a key and CSR, register, wait, fetch credentials.
     Enroll(enroll::EnrollArgs),
+    /// Reference device client: renew the certificate in DIR (signed-nonce proof).
+    Renew(renew::RenewArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// List devices, newest first, one page at a time.
+    List {
+        /// active, suspended or revoked.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show a device and its certificates.
+    Show { id: String },
+    /// Revoke a device and its unexpired certificates (final).
+    Revoke {
+        id: String,
+        /// RFC 5280 reason: key-compromise (or keyCompromise), affiliation-changed,
+        /// superseded, cessation-of-operation, privilege-withdrawn, ...
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Suspend a device: its certificates go on hold (certificateHold).
+    Suspend {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Lift a suspension: the held certificates are valid again.
+    Resume {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Let the device renew once before its renewal window opens.
+    AllowRenewal {
+        id: String,
+        /// How long the allowance may be used (1-720 hours).
+        #[arg(long, default_value_t = 24)]
+        hours: u32,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// List certificates, newest first, one page at a time.
+    List {
+        /// Only this device's.
+        #[arg(long)]
+        device: Option<String>,
+        /// valid, revoked or superseded.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this issuing CA's.
+        #[arg(long)]
+        issuer: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one certificate.
+    Show { serial: String },
+    /// Revoke one certificate; certificate-hold puts it on hold.
+    Revoke {
+        serial: String,
+        /// RFC 5280 reason (key-compromise or keyCompromise, certificate-hold, ...).
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Release a hold on one certificate.
+    ReleaseHold {
+        serial: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,5 +427,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Admins { client, command } => client::admins(&client, command).await,
         Command::Ca { client, command } => client::ca(&client, command).await,
         Command::Enroll(args) => enroll::run(args).await,
+        Command::Renew(args) => renew::run(args).await,
+        Command::Devices { client, command } => lifecycle::devices(&client, command).await,
+        Command::Certs { client, command } => lifecycle::certs(&client, command).await,
     }
 }

@@ -30,6 +30,8 @@ pub(super) struct File {
 pub(super) struct Limits {
     pub registrations_per_source: Option<u32>,
     pub registrations_window_secs: Option<u64>,
+    pub renewals_per_source: Option<u32>,
+    pub renewals_window_secs: Option<u64>,
     pub admin_login_failures_per_source: Option<u32>,
     pub admin_login_failures_window_secs: Option<u64>,
     pub tracked_sources: Option<usize>,

@@ -2,8 +2,8 @@
 //! `{"error": {"code", "message"}}`; 5xx bodies say nothing internal.
 
 use crate::auth::AdminError;
-use crate::ca::CaError;
 use crate::ca::csr::CsrError;
+use crate::ca::{CaError, LifecycleError};
 use crate::keystore::KeyStoreError;
 use crate::ratelimit::LimitError;
 use crate::ratelimit::login::LoginError;
@@ -220,11 +220,53 @@ impl From<RegistryError> for ApiError {
             | E::ConcurrentDecision
             | E::NotIssued(_)
             | E::AlreadyConfirmed => StatusCode::CONFLICT,
-            E::ForbiddenRole { .. } | E::SelfApproval | E::AdminDisabled => StatusCode::FORBIDDEN,
+            E::ForbiddenRole { .. } | E::SelfApproval | E::AdminDisabled | E::KeyRevoked => {
+                StatusCode::FORBIDDEN
+            }
             E::CredentialsGone => StatusCode::GONE,
             E::Unauthorized => StatusCode::UNAUTHORIZED,
             E::Ca(_) | E::Store(_) | E::Random(_) => {
                 return match e {
+                    E::Ca(c) => c.into(),
+                    E::Store(s) => s.into(),
+                    other => Self::internal(&other),
+                };
+            }
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
+        use LifecycleError as E;
+        let status = match &e {
+            E::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            E::DeviceNotFound | E::CertificateNotFound => StatusCode::NOT_FOUND,
+            E::DeviceRevoked
+            | E::DeviceSuspended
+            | E::AlreadySuspended
+            | E::NotSuspended(_)
+            | E::CertificateNotRevocable(_)
+            | E::NotOnHold
+            | E::UnknownGroup(_)
+            | E::NoCurrentCertificate
+            | E::OutsideRenewalWindow { .. }
+            | E::ConcurrentChange => StatusCode::CONFLICT,
+            // Proofs that do not hold: the caller is not (or no longer)
+            // the holder of the device's current, usable certificate.
+            E::CertificateExpired
+            | E::CertificateRevoked
+            | E::NotCurrentCertificate
+            | E::InvalidNonce
+            | E::ProofSignatureInvalid
+            | E::KeyRevoked => StatusCode::FORBIDDEN,
+            E::ReasonNotAllowed(_) | E::ProofAlgorithmUnsupported | E::CsrDeviceMismatch(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            E::Csr(_) | E::Ca(_) | E::Store(_) | E::Random(_) => {
+                return match e {
+                    E::Csr(c) => RegistryError::Csr(c).into(),
                     E::Ca(c) => c.into(),
                     E::Store(s) => s.into(),
                     other => Self::internal(&other),

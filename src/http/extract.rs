@@ -67,6 +67,13 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// The verified TLS client leaf certificate (DER) of the connection, as a
+/// request extension. The TLS listener inserts it after rustls verified the
+/// chain; `POST /v1/devices/{id}/renew` takes it as the mTLS proof. Absent
+/// on plain HTTP and when the client sent no certificate.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate(pub Vec<u8>);
+
 /// The raw bearer token, for routes that accept either a registration
 /// secret or an admin token.
 pub struct Bearer(pub Option<String>);

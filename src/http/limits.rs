@@ -17,19 +17,41 @@ pub async fn registrations(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let limits = &state.rate_limits;
-    let key = key(LimitKind::Registrations, &source_of(client.0));
-    let decision = limits
+    let limit = state.rate_limits.registrations;
+    limited(&state, client, LimitKind::Registrations, limit, req, next).await
+}
+
+/// `GET /v1/devices/{id}/renew/nonce` and `POST /v1/devices/{id}/renew`:
+/// one bucket per source for both, the same way.
+pub async fn renewals(
+    State(state): State<AppState>,
+    client: ClientAddr,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let limit = state.rate_limits.renewals;
+    limited(&state, client, LimitKind::Renewals, limit, req, next).await
+}
+
+async fn limited(
+    state: &AppState,
+    client: ClientAddr,
+    kind: LimitKind,
+    limit: crate::ratelimit::Limit,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let key = key(kind, &source_of(client.0));
+    let decision = state
+        .rate_limits
         .limiter
-        .check(&key, limits.registrations)
+        .check(&key, limit)
         .await
         .map_err(LimitError::from)?;
     if !decision.allowed {
-        state
-            .metrics
-            .rate_limited(LimitKind::Registrations.as_str());
+        state.metrics.rate_limited(kind.as_str());
         return Err(LimitError::Exceeded {
-            kind: LimitKind::Registrations,
+            kind,
             retry_after: decision.retry_after,
         }
         .into());

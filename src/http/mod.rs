@@ -58,6 +58,9 @@ pub struct RateLimits {
     pub limiter: Arc<dyn RateLimiter>,
     /// `POST /v1/registrations` per client address.
     pub registrations: Limit,
+    /// `GET /v1/devices/{id}/renew/nonce` and `POST /v1/devices/{id}/renew`
+    /// per client address (one bucket for both).
+    pub renewals: Limit,
 }
 
 /// HTTP limits and logging choices from the config.

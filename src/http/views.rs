@@ -93,3 +93,72 @@ impl From<&AdminRecord> for AdminView {
         }
     }
 }
+
+#[derive(Serialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub name: String,
+    pub device_type: Option<String>,
+    pub location: Option<String>,
+    pub firmware: Option<String>,
+    pub group: String,
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&crate::store::DeviceRecord> for DeviceView {
+    fn from(d: &crate::store::DeviceRecord) -> Self {
+        Self {
+            id: d.id.to_string(),
+            name: d.name.clone(),
+            device_type: d.device_type.clone(),
+            location: d.location.clone(),
+            firmware: d.firmware.clone(),
+            group: d.group.clone(),
+            status: d.status.to_string(),
+            created_at: rfc3339(from_unix(d.created_at)),
+            updated_at: rfc3339(from_unix(d.updated_at)),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CertificateView {
+    pub serial: String,
+    pub device_id: Option<String>,
+    pub issuer: String,
+    pub subject: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub fingerprint_sha256: String,
+    /// `valid`, `revoked` or `superseded`.
+    pub status: String,
+    /// Revoked with `certificate-hold`: suspended, can be released.
+    pub on_hold: bool,
+    pub revoked_at: Option<String>,
+    /// RFC 5280 name (`key-compromise`) and CRLReason code.
+    pub revocation_reason: Option<String>,
+    pub revocation_reason_code: Option<u8>,
+    pub superseded_by: Option<String>,
+}
+
+impl From<&crate::store::CertificateRecord> for CertificateView {
+    fn from(c: &crate::store::CertificateRecord) -> Self {
+        Self {
+            serial: c.serial.clone(),
+            device_id: c.device_id.map(|d| d.to_string()),
+            issuer: c.issuer_ca.clone(),
+            subject: c.subject.clone(),
+            not_before: rfc3339(from_unix(c.not_before)),
+            not_after: rfc3339(from_unix(c.not_after)),
+            fingerprint_sha256: c.fingerprint_sha256.clone(),
+            status: c.status.to_string(),
+            on_hold: c.on_hold(),
+            revoked_at: c.revoked_at.map(|t| rfc3339(from_unix(t))),
+            revocation_reason: c.revocation_reason.map(|r| r.to_string()),
+            revocation_reason_code: c.revocation_reason.map(|r| r.code()),
+            superseded_by: c.superseded_by.clone(),
+        }
+    }
+}

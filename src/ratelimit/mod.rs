@@ -101,6 +101,8 @@ pub enum LimitKind {
     Registrations,
     /// Failed admin logins per client address.
     AdminLoginFailures,
+    /// Renewal nonces and renewals per client address.
+    Renewals,
 }
 
 impl LimitKind {
@@ -108,6 +110,7 @@ impl LimitKind {
         match self {
             Self::Registrations => "registrations",
             Self::AdminLoginFailures => "admin_login_failures",
+            Self::Renewals => "renewals",
         }
     }
 
@@ -115,6 +118,7 @@ impl LimitKind {
         match self {
             Self::Registrations => "registration submissions",
             Self::AdminLoginFailures => "failed admin logins",
+            Self::Renewals => "renewal requests",
         }
     }
 }

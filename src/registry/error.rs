@@ -55,6 +55,12 @@ pub enum RegistryError {
     CredentialsGone,
     #[error("credentials were already confirmed")]
     AlreadyConfirmed,
+    /// The CSR's public key belongs to a revoked or suspended device, or to
+    /// a revoked certificate: the identity cannot register again.
+    #[error(
+        "this public key belongs to a revoked or suspended device, or to a revoked certificate"
+    )]
+    KeyRevoked,
     #[error("registration secret missing or wrong")]
     Unauthorized,
     #[error(transparent)]
@@ -87,6 +93,7 @@ impl RegistryError {
             Self::CredentialsGone => "credentials_already_delivered",
             Self::AlreadyConfirmed => "already_confirmed",
             Self::Unauthorized => "unauthorized",
+            Self::KeyRevoked => "key_revoked",
             Self::Ca(c) => c.code(),
             Self::Store(s) => s.code(),
             Self::Random(_) => "internal",

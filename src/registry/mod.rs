@@ -146,6 +146,7 @@ impl RegistryService {
                     .join(", "),
             });
         }
+        self.refuse_revoked_key(&verified).await?;
         let now = self.clock.now().unix_timestamp();
         let secret = new_secret("kwr_")?;
         let id = Uuid::now_v7();
@@ -240,6 +241,23 @@ impl RegistryService {
             registration: reg,
             secret,
         })
+    }
+
+    /// A revoked or suspended device cannot register again under the same
+    /// identity: device ids are made here, so the identity is the key.
+    async fn refuse_revoked_key(&self, verified: &csr::VerifiedCsr) -> Result<(), RegistryError> {
+        use crate::ca::LifecycleError as L;
+        match self
+            .ca
+            .key_is_revoked(&crate::ca::spki_sha256(&verified.spki_der))
+            .await
+        {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(RegistryError::KeyRevoked),
+            Err(L::Store(s)) => Err(RegistryError::Store(s)),
+            Err(L::Ca(c)) => Err(RegistryError::Ca(c)),
+            Err(_) => Err(RegistryError::ConcurrentDecision),
+        }
     }
 
     fn issue_event(
@@ -463,6 +481,8 @@ impl RegistryService {
             Decision::Approve => {
                 let profile = self.profile(group)?;
                 let verified = csr::verify(&reg.csr_der)?;
+                // The key's device may have been revoked since submission.
+                self.refuse_revoked_key(&verified).await?;
                 let issued = self
                     .ca
                     .sign_device_certificate(profile, reg.device_id, &verified)

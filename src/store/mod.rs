@@ -300,6 +300,19 @@ pub enum Write {
     },
     /// Links a certificate inserted in the same change to a service.
     InsertServiceCertificate(ServiceCertificateRecord),
+    /// Lets a device renew once outside its renewal window, until
+    /// `record.expires_at`; replaces an open allowance of the device.
+    /// Conflicts with `Missing` if there is no such device and
+    /// `StateChanged` unless the device is `active` (checked here, in the
+    /// transaction).
+    AllowRenewal(RenewalAllowanceRecord),
+    /// Uses the device's allowance (deletes it). Conflicts (`StateChanged`)
+    /// unless one exists with `expires_at > at`: two early renewals racing
+    /// on one allowance cannot both commit.
+    ConsumeRenewalAllowance {
+        device_id: Uuid,
+        at: i64,
+    },
     /// Retires a service certificate (a successor took over). Conflicts
     /// unless it is not retired yet.
     RetireServiceCertificate {
@@ -444,6 +457,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Page<AdminRequestRecord>, StoreError>;
 
     async fn get_device(&self, id: Uuid) -> Result<Option<DeviceRecord>, StoreError>;
+    /// The device's open early-renewal allowance, if any (expired ones
+    /// included; the caller compares `expires_at`).
+    async fn renewal_allowance(
+        &self,
+        device_id: Uuid,
+    ) -> Result<Option<RenewalAllowanceRecord>, StoreError>;
     async fn list_devices(
         &self,
         filter: &DeviceFilter,

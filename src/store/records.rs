@@ -215,3 +215,14 @@ pub struct AdminRequestRecord {
     pub decided_at: Option<i64>,
     pub redeemed_at: Option<i64>,
 }
+
+/// A one-time allowance to renew before the renewal window opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalAllowanceRecord {
+    pub device_id: Uuid,
+    /// The admin who granted it.
+    pub granted_by: Uuid,
+    pub granted_at: i64,
+    /// Unused after this time.
+    pub expires_at: i64,
+}

@@ -67,6 +67,7 @@ macro_rules! store_suite {
             crls_are_numbered_without_gaps_and_pruned,
             service_certificates_insert_and_retire,
             devices_and_certificates_paginate_and_filter,
+            renewal_allowances_are_granted_replaced_and_used_once,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -2183,6 +2184,7 @@ pub async fn counts_name_every_table(cx: Cx) {
         "devices",
         "keys",
         "registrations",
+        "renewal_allowances",
         "service_certificates",
     ];
     let counts = s.counts().await.unwrap();
@@ -2212,6 +2214,7 @@ pub async fn counts_name_every_table(cx: Cx) {
                 keep: 10,
             },
             Write::InsertServiceCertificate(service_cert("01", k.id)),
+            Write::AllowRenewal(allowance(d.id, a.id, T0 + 60)),
         ],
     )
     .await;
@@ -2845,4 +2848,80 @@ pub async fn devices_and_certificates_paginate_and_filter(cx: Cx) {
             .unwrap()
             .is_empty()
     );
+}
+
+pub fn allowance(device_id: Uuid, granted_by: Uuid, expires_at: i64) -> RenewalAllowanceRecord {
+    RenewalAllowanceRecord {
+        device_id,
+        granted_by,
+        granted_at: T0,
+        expires_at,
+    }
+}
+
+pub async fn renewal_allowances_are_granted_replaced_and_used_once(cx: Cx) {
+    let s = cx.store.as_ref();
+    let a = admin("alice", Role::Admin);
+    let d = device("g");
+    let suspended = device("g");
+    ok_all(
+        s,
+        vec![
+            Write::InsertAdmin(a.clone()),
+            Write::InsertDevice(d.clone()),
+            Write::InsertDevice(suspended.clone()),
+        ],
+    )
+    .await;
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: suspended.id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Suspended,
+            reason: RevocationReason::CertificateHold,
+            at: T0,
+        },
+    )
+    .await;
+    // Unknown device: Missing; a device that is not active: StateChanged.
+    let c = refused(
+        s,
+        Write::AllowRenewal(allowance(Uuid::now_v7(), a.id, T0 + 60)),
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+    let c = refused(
+        s,
+        Write::AllowRenewal(allowance(suspended.id, a.id, T0 + 60)),
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert_eq!(s.renewal_allowance(suspended.id).await.unwrap(), None);
+    // Nothing to use yet.
+    let consume = |at| Write::ConsumeRenewalAllowance {
+        device_id: d.id,
+        at,
+    };
+    let c = refused(s, consume(T0)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+
+    ok(s, Write::AllowRenewal(allowance(d.id, a.id, T0 + 60))).await;
+    // A second grant replaces the first (one open allowance per device).
+    ok(s, Write::AllowRenewal(allowance(d.id, a.id, T0 + 120))).await;
+    assert_eq!(
+        s.renewal_allowance(d.id).await.unwrap(),
+        Some(allowance(d.id, a.id, T0 + 120))
+    );
+    // Expired at use: refused, and kept as it was.
+    let c = refused(s, consume(T0 + 120)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert!(s.renewal_allowance(d.id).await.unwrap().is_some());
+    // Two uses racing: exactly one commits.
+    let (x, y) = futures::join!(
+        s.commit(Change::new().write(consume(T0 + 119)).audit(ev("use.a"))),
+        s.commit(Change::new().write(consume(T0 + 119)).audit(ev("use.b"))),
+    );
+    assert_eq!(u8::from(x.is_ok()) + u8::from(y.is_ok()), 1, "{x:?} {y:?}");
+    assert_eq!(s.renewal_allowance(d.id).await.unwrap(), None);
 }

@@ -2,6 +2,8 @@
 
 mod admin;
 mod crl;
+mod devices;
+mod lifecycle;
 mod public;
 mod registrations;
 mod roster;
@@ -27,6 +29,48 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route(
             "/v1/registrations/{id}/credentials/confirm",
             post(registrations::confirm_credentials),
+        )
+        .route(
+            "/v1/devices/{id}/renew",
+            post(devices::renew).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::renewals,
+            )),
+        )
+        .route(
+            "/v1/devices/{id}/renew/nonce",
+            get(devices::nonce).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::renewals,
+            )),
+        )
+        .route("/v1/admin/devices", get(lifecycle::list_devices))
+        .route("/v1/admin/devices/{id}", get(lifecycle::show_device))
+        .route(
+            "/v1/admin/devices/{id}/revoke",
+            post(lifecycle::revoke_device),
+        )
+        .route(
+            "/v1/admin/devices/{id}/suspend",
+            post(lifecycle::suspend_device),
+        )
+        .route(
+            "/v1/admin/devices/{id}/resume",
+            post(lifecycle::resume_device),
+        )
+        .route(
+            "/v1/admin/devices/{id}/allow-renewal",
+            post(lifecycle::allow_renewal),
+        )
+        .route("/v1/admin/certs", get(lifecycle::list_certificates))
+        .route("/v1/admin/certs/{serial}", get(lifecycle::show_certificate))
+        .route(
+            "/v1/admin/certs/{serial}/revoke",
+            post(lifecycle::revoke_certificate),
+        )
+        .route(
+            "/v1/admin/certs/{serial}/release-hold",
+            post(lifecycle::release_hold),
         )
         .route("/v1/ca/{name}/chain", get(public::ca_chain))
         .route("/v1/ca/{name}/crl", get(crl::get_crl))

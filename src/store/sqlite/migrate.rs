@@ -11,6 +11,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0003_quorum_invitations.sql"),
     include_str!("../../../migrations/sqlite/0004_ever_admin.sql"),
     include_str!("../../../migrations/sqlite/0005_lifecycle.sql"),
+    include_str!("../../../migrations/sqlite/0006_renewal_allowances.sql"),
 ];
 
 /// The schema version this build writes and reads.

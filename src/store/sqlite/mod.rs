@@ -289,6 +289,14 @@ impl Store for SqliteStore {
         self.read(move |c| reads::get_device(c, id)).await
     }
 
+    async fn renewal_allowance(
+        &self,
+        device_id: Uuid,
+    ) -> Result<Option<RenewalAllowanceRecord>, StoreError> {
+        self.read(move |c| reads::renewal_allowance(c, device_id))
+            .await
+    }
+
     async fn list_devices(
         &self,
         filter: &DeviceFilter,

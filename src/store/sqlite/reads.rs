@@ -15,7 +15,7 @@ use uuid::Uuid;
 type R<T> = Result<T, StoreError>;
 
 /// Tables [`counts`] reports, one entry each.
-const TABLES: [&str; 11] = [
+const TABLES: [&str; 12] = [
     "keys",
     "cas",
     "admins",
@@ -26,6 +26,7 @@ const TABLES: [&str; 11] = [
     "certificates",
     "crls",
     "service_certificates",
+    "renewal_allowances",
     "audit_events",
 ];
 
@@ -388,6 +389,15 @@ pub(super) fn get_device(c: &Connection, id: Uuid) -> R<Option<DeviceRecord>> {
         &format!("{} WHERE id = ?1", rows::DEVICE_SELECT),
         params![id.to_string()],
         rows::device,
+    )
+}
+
+pub(super) fn renewal_allowance(c: &Connection, device: Uuid) -> R<Option<RenewalAllowanceRecord>> {
+    rows::one(
+        c,
+        "SELECT device_id, granted_by, granted_at, expires_at FROM renewal_allowances WHERE device_id = ?1",
+        params![device.to_string()],
+        rows::renewal_allowance,
     )
 }
 

@@ -301,3 +301,12 @@ pub(super) fn audit(r: &Row<'_>) -> R<AuditEvent> {
         source: r.get(10)?,
     })
 }
+
+pub(super) fn renewal_allowance(r: &Row<'_>) -> R<RenewalAllowanceRecord> {
+    Ok(RenewalAllowanceRecord {
+        device_id: uuid(r, 0)?,
+        granted_by: uuid(r, 1)?,
+        granted_at: r.get(2)?,
+        expires_at: r.get(3)?,
+    })
+}

@@ -612,6 +612,52 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 other => other,
             })?;
         }
+        Write::AllowRenewal(a) => {
+            let device = a.device_id.to_string();
+            let status: Option<String> = tx
+                .prepare_cached("SELECT status FROM devices WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![device], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match status.as_deref() {
+                None => {
+                    return Err(Conflict::Missing {
+                        entity: "device",
+                        id: device,
+                    }
+                    .into());
+                }
+                Some(s) if s != DeviceStatus::Active.as_str() => {
+                    return Err(state_changed("device", &a.device_id, "active").into());
+                }
+                Some(_) => {}
+            }
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO renewal_allowances (device_id, granted_by, granted_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(db)?
+            .execute(params![
+                device,
+                a.granted_by.to_string(),
+                a.granted_at,
+                a.expires_at
+            ])
+            .map_err(db)?;
+        }
+        Write::ConsumeRenewalAllowance { device_id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM renewal_allowances WHERE device_id = ?1 AND expires_at > ?2",
+                )
+                .map_err(db)?
+                .execute(params![device_id.to_string(), at])
+                .map_err(db)?;
+            expect_one(n, || {
+                state_changed("renewal allowance of device", device_id, "open")
+            })?;
+        }
         Write::RetireServiceCertificate { serial, at } => {
             let n = tx
                 .prepare_cached(

@@ -1,0 +1,527 @@
+//! Renewal by the current certificate: the proofs (mTLS client certificate,
+//! or a signature over a server nonce), the renewal window and the admin's
+//! one-time early-renewal allowance, and the "revoked key" check that
+//! registration shares.
+//!
+//! # The signed-nonce proof
+//!
+//! `GET /v1/devices/{id}/renew/nonce` hands out 32 random bytes, bound to the
+//! device, valid [`NONCE_TTL_SECS`] and usable once (taken even when the
+//! renewal then fails). The device signs, with its current certificate's key,
+//! the bytes of [`proof_message`]:
+//!
+//! ```text
+//! "keyward-renew-v1" 0x00 || device id (36 ASCII, lower-case, hyphenated) || 0x00
+//!   || nonce (32 bytes) || SHA-256(CSR DER) (32 bytes)
+//! ```
+//!
+//! ECDSA P-256 with SHA-256, P-384 with SHA-384 (ASN.1 DER signatures), RSA
+//! PKCS#1 v1.5 with SHA-256, Ed25519 over the message itself. The domain
+//! prefix keeps the signature from meaning anything else; the CSR hash binds
+//! the proof to the request, so a captured proof cannot carry another CSR.
+//!
+//! Nonces live in this process's memory (a bounded map): a restart drops
+//! them, which only refuses the renewals in flight (the device asks again).
+//! Several daemons behind a load balancer do not share them yet (issue 12):
+//! the nonce GET and the renewal POST must reach the same daemon.
+
+use super::lifecycle::LifecycleError;
+use super::public_key::PublicKey;
+use super::revocation::check_comment;
+use super::{CaService, csr, spki_sha256};
+use crate::audit::AuditDraft;
+use crate::keystore::KeyAlgorithm;
+use crate::model::{CertificateStatus, DeviceStatus};
+use crate::store::{
+    AdminRecord, CertificateRecord, Change, Conflict, RenewalAllowanceRecord, StoreError, Write,
+};
+use der::{Decode, Encode};
+use serde_json::json;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use uuid::Uuid;
+
+/// How long a renewal nonce may be used.
+pub const NONCE_TTL_SECS: i64 = 300;
+/// Nonces held at most; the oldest go first beyond this.
+pub const MAX_NONCES: usize = 100_000;
+/// Domain separation of the signed-nonce proof.
+pub const PROOF_DOMAIN: &[u8] = b"keyward-renew-v1";
+
+/// How a device proves it holds its current certificate.
+#[derive(Debug, Clone)]
+pub enum RenewalProof {
+    /// The verified TLS client leaf (DER), from the TLS layer.
+    ClientCertificate(Vec<u8>),
+    /// A signature over [`proof_message`] with the current certificate's key.
+    SignedNonce {
+        nonce: Vec<u8>,
+        signature: Vec<u8>,
+        /// The certificate the device believes current (optional): when
+        /// given, it must be the current one.
+        certificate: Option<Vec<u8>>,
+    },
+}
+
+impl RenewalProof {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::ClientCertificate(_) => "client-certificate",
+            Self::SignedNonce { .. } => "signed-nonce",
+        }
+    }
+}
+
+/// A finished renewal.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub certificate: CertificateRecord,
+    pub previous_serial: String,
+    pub rekey: bool,
+    pub forced: bool,
+    /// Issuing CA first, then its parents, PEM.
+    pub chain_pem: String,
+}
+
+/// The bytes a device signs for the signed-nonce proof.
+pub fn proof_message(device_id: Uuid, nonce: &[u8], csr_der: &[u8]) -> Vec<u8> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, csr_der);
+    let mut m = Vec::with_capacity(PROOF_DOMAIN.len() + 2 + 36 + nonce.len() + 32);
+    m.extend_from_slice(PROOF_DOMAIN);
+    m.push(0);
+    m.extend_from_slice(device_id.hyphenated().to_string().as_bytes());
+    m.push(0);
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(digest.as_ref());
+    m
+}
+
+/// Issued renewal nonces, bounded; one entry per nonce.
+#[derive(Default)]
+pub struct Nonces {
+    inner: Mutex<NonceMap>,
+}
+
+#[derive(Default)]
+struct NonceMap {
+    by_nonce: HashMap<[u8; 32], (Uuid, i64)>,
+    /// Insertion order (= expiry order: one TTL for all).
+    order: VecDeque<([u8; 32], i64)>,
+}
+
+impl Nonces {
+    fn issue(&self, device: Uuid, now: i64) -> Result<[u8; 32], LifecycleError> {
+        let bytes = crate::crypto::random_bytes(32)?;
+        let mut nonce = [0u8; 32];
+        nonce.copy_from_slice(&bytes);
+        let expires = now + NONCE_TTL_SECS;
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((n, exp)) = g.order.front().copied() {
+            if exp > now && g.order.len() < MAX_NONCES {
+                break;
+            }
+            g.order.pop_front();
+            if g.by_nonce.get(&n).is_some_and(|(_, e)| *e == exp) {
+                g.by_nonce.remove(&n);
+            }
+        }
+        g.by_nonce.insert(nonce, (device, expires));
+        g.order.push_back((nonce, expires));
+        Ok(nonce)
+    }
+
+    /// Takes the nonce (single use, whatever the outcome) and checks it was
+    /// issued for `device` and has not expired.
+    fn take(&self, nonce: &[u8], device: Uuid, now: i64) -> Result<(), LifecycleError> {
+        let key: [u8; 32] = nonce.try_into().map_err(|_| LifecycleError::InvalidNonce)?;
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match g.by_nonce.remove(&key) {
+            Some((d, exp)) if d == device && exp > now => Ok(()),
+            _ => Err(LifecycleError::InvalidNonce),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|g| g.by_nonce.len())
+            .unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Verifies `signature` over `message` with the SubjectPublicKeyInfo of
+/// `cert_der` (the algorithms listed in the module docs).
+fn verify_with_certificate_key(
+    cert_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), LifecycleError> {
+    use ring::signature as s;
+    let cert = x509_cert::Certificate::from_der(cert_der)
+        .map_err(|_| LifecycleError::ProofAlgorithmUnsupported)?;
+    let key = PublicKey::from_spki(cert.tbs_certificate().subject_public_key_info())
+        .map_err(|_| LifecycleError::ProofAlgorithmUnsupported)?;
+    let alg: &'static dyn s::VerificationAlgorithm = match key.algorithm() {
+        KeyAlgorithm::EcdsaP256 => &s::ECDSA_P256_SHA256_ASN1,
+        KeyAlgorithm::EcdsaP384 => &s::ECDSA_P384_SHA384_ASN1,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            &s::RSA_PKCS1_2048_8192_SHA256
+        }
+        KeyAlgorithm::Ed25519 => &s::ED25519,
+    };
+    s::UnparsedPublicKey::new(alg, key.key_bytes())
+        .verify(message, signature)
+        .map_err(|_| LifecycleError::ProofSignatureInvalid)
+}
+
+/// Device ids the CSR's subject CN or SAN URIs name (values that parse as
+/// a UUID, plain or `urn:uuid:`); other names are not device names and are
+/// ignored (nothing of the CSR but its key reaches the certificate).
+fn named_devices(csr_der: &[u8]) -> Result<Vec<(String, Uuid)>, LifecycleError> {
+    use const_oid::db::{rfc4519, rfc5280, rfc5912};
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let req = x509_cert::request::CertReq::from_der(csr_der).map_err(csr::CsrError::from)?;
+    let mut out = Vec::new();
+    let mut consider = |text: &str| {
+        let t = text.trim();
+        if let Ok(u) = Uuid::parse_str(t) {
+            out.push((t.to_string(), u));
+        }
+    };
+    for atv in req.info.subject.iter() {
+        if atv.oid == rfc4519::CN {
+            consider(&String::from_utf8_lossy(atv.value.value()));
+        }
+    }
+    for attr in req.info.attributes.iter() {
+        if attr.oid != rfc5912::ID_EXTENSION_REQ {
+            continue;
+        }
+        for value in attr.values.iter() {
+            let der = value.to_der().map_err(csr::CsrError::from)?;
+            let exts = x509_cert::ext::Extensions::from_der(&der).map_err(csr::CsrError::from)?;
+            for ext in exts
+                .iter()
+                .filter(|e| e.extn_id == rfc5280::ID_CE_SUBJECT_ALT_NAME)
+            {
+                let san = SubjectAltName::from_der(ext.extn_value.as_bytes())
+                    .map_err(csr::CsrError::from)?;
+                for name in san.0.iter() {
+                    if let GeneralName::UniformResourceIdentifier(uri) = name {
+                        consider(uri.as_str());
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl CaService {
+    /// A fresh nonce for the device's signed-nonce renewal proof. Only an
+    /// active device gets one (a revoked or suspended device cannot renew).
+    pub async fn renewal_nonce(&self, device_id: Uuid) -> Result<[u8; 32], LifecycleError> {
+        let device = self
+            .store
+            .get_device(device_id)
+            .await?
+            .ok_or(LifecycleError::DeviceNotFound)?;
+        device_usable(device.status)?;
+        let now = self.clock.now().unix_timestamp();
+        self.nonces.issue(device_id, now)
+    }
+
+    pub fn nonces(&self) -> &Nonces {
+        &self.nonces
+    }
+
+    /// Lets an active device renew once before its renewal window opens,
+    /// within `valid_for_secs`. Replaces an open allowance.
+    pub async fn allow_renewal(
+        &self,
+        admin: &AdminRecord,
+        device_id: Uuid,
+        valid_for_secs: i64,
+        comment: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<RenewalAllowanceRecord, LifecycleError> {
+        check_comment(comment)?;
+        let device = self
+            .store
+            .get_device(device_id)
+            .await?
+            .ok_or(LifecycleError::DeviceNotFound)?;
+        device_usable(device.status)?;
+        let now = self.clock.now().unix_timestamp();
+        let record = RenewalAllowanceRecord {
+            device_id,
+            granted_by: admin.id,
+            granted_at: now,
+            expires_at: now + valid_for_secs,
+        };
+        let change = Change::new()
+            .write(Write::AllowRenewal(record.clone()))
+            .audit(
+                AuditDraft::new(
+                    format!("admin:{}", admin.id),
+                    "device.allow_renewal",
+                    format!("device:{device_id}"),
+                )
+                .details(json!({ "expires_at": record.expires_at, "comment": comment }))
+                .source(source),
+            );
+        self.store.commit(change).await.map_err(|e| match e {
+            StoreError::Conflict(Conflict::Missing { .. }) => LifecycleError::DeviceNotFound,
+            StoreError::Conflict(Conflict::StateChanged { .. }) => LifecycleError::ConcurrentChange,
+            other => other.into(),
+        })?;
+        Ok(record)
+    }
+
+    /// Whether a public key (by [`spki_sha256`]) is barred from new
+    /// certificates: it belongs to a revoked or suspended device, or one
+    /// of its certificates was revoked for a reason other than a hold.
+    pub async fn key_is_revoked(&self, spki_hash: &str) -> Result<bool, LifecycleError> {
+        for cert in self.store.certificates_by_spki(spki_hash).await? {
+            if cert.status == CertificateStatus::Revoked && !cert.on_hold() {
+                return Ok(true);
+            }
+            if let Some(d) = cert.device_id
+                && let Some(device) = self.store.get_device(d).await?
+                && device.status != DeviceStatus::Active
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The device's current certificate: the newest `valid` unexpired one;
+    /// otherwise why there is none.
+    async fn current_certificate(
+        &self,
+        device_id: Uuid,
+        now: i64,
+    ) -> Result<CertificateRecord, LifecycleError> {
+        let certs = self.device_certificates(device_id).await?;
+        if let Some(c) = certs
+            .iter()
+            .find(|c| c.status == CertificateStatus::Valid && c.not_after > now)
+        {
+            return Ok(c.clone());
+        }
+        match certs.first() {
+            None => Err(LifecycleError::NoCurrentCertificate),
+            Some(c) if c.status == CertificateStatus::Revoked => {
+                Err(LifecycleError::CertificateRevoked)
+            }
+            Some(c) if c.not_after <= now => Err(LifecycleError::CertificateExpired),
+            Some(_) => Err(LifecycleError::NoCurrentCertificate),
+        }
+    }
+
+    /// Renews the device's current certificate with `csr` (same key or a
+    /// new one), authenticated by `proof`. Steps:
+    ///
+    /// 1. a nonce proof takes its nonce (single use, even if what follows fails);
+    /// 2. the CSR is verified as at registration;
+    /// 3. the device must be `active` and have a current certificate, which
+    ///    the proof must be for; the CSR must not name another device, and
+    ///    its key must not be barred ([`Self::key_is_revoked`]);
+    /// 4. inside the profile's renewal window, or with an admin's open
+    ///    allowance (then `forced`, and the allowance is used);
+    /// 5. the HSM signs; one commit inserts the new certificate, supersedes
+    ///    the old one (conflicts unless it is still `valid`: a concurrent
+    ///    renewal, suspension or revocation wins, nothing is stored), uses the
+    ///    allowance, and audits `certificate.renew`.
+    ///
+    /// A certificate signed for a commit that then conflicts is discarded
+    /// unstored (never delivered; its serial is random).
+    pub async fn renew(
+        &self,
+        device_id: Uuid,
+        csr_input: &[u8],
+        proof: RenewalProof,
+        source: Option<&str>,
+    ) -> Result<Renewed, LifecycleError> {
+        let now = self.clock.now().unix_timestamp();
+        let csr_der = csr::decode_pem_or_der(csr_input)?;
+        if let RenewalProof::SignedNonce { nonce, .. } = &proof {
+            self.nonces.take(nonce, device_id, now)?;
+        }
+        let verified = csr::verify(&csr_der)?;
+        let device = self
+            .store
+            .get_device(device_id)
+            .await?
+            .ok_or(LifecycleError::DeviceNotFound)?;
+        device_usable(device.status)?;
+        let current = self.current_certificate(device_id, now).await?;
+        match &proof {
+            RenewalProof::ClientCertificate(der) => {
+                if der != &current.der {
+                    return Err(LifecycleError::NotCurrentCertificate);
+                }
+            }
+            RenewalProof::SignedNonce {
+                nonce,
+                signature,
+                certificate,
+            } => {
+                if certificate.as_ref().is_some_and(|c| c != &current.der) {
+                    return Err(LifecycleError::NotCurrentCertificate);
+                }
+                let message = proof_message(device_id, nonce, &csr_der);
+                verify_with_certificate_key(&current.der, &message, signature)?;
+            }
+        }
+        if let Some((name, _)) = named_devices(&csr_der)?
+            .into_iter()
+            .find(|(_, id)| *id != device_id)
+        {
+            return Err(LifecycleError::CsrDeviceMismatch(name));
+        }
+        let new_spki = spki_sha256(&verified.spki_der);
+        let old_spki = match &current.spki_sha256 {
+            Some(h) => h.clone(),
+            None => certificate_spki_hash(&current.der)?,
+        };
+        let rekey = new_spki != old_spki;
+        if self.key_is_revoked(&new_spki).await? {
+            return Err(LifecycleError::KeyRevoked);
+        }
+        let group = self
+            .policies
+            .groups
+            .get(&device.group)
+            .ok_or_else(|| LifecycleError::UnknownGroup(device.group.clone()))?;
+        let profile = self
+            .policies
+            .profiles
+            .get(&group.profile)
+            .ok_or_else(|| LifecycleError::UnknownGroup(device.group.clone()))?;
+        let window = i64::from(profile.renewal_window_days) * 86_400;
+        let opens = current.not_after - window;
+        let forced = if now >= opens {
+            false
+        } else {
+            match self.store.renewal_allowance(device_id).await? {
+                Some(a) if a.expires_at > now => true,
+                _ => {
+                    return Err(LifecycleError::OutsideRenewalWindow {
+                        opens_in_days: ((opens - now + 86_399) / 86_400).max(1) as u32,
+                    });
+                }
+            }
+        };
+        let issued = self
+            .sign_device_certificate(profile, device_id, &verified)
+            .await?;
+        let new = issued.record;
+        let mut change = Change::new()
+            .write(Write::InsertCertificate(new.clone()))
+            .write(Write::SupersedeCertificate {
+                serial: current.serial.clone(),
+                by: new.serial.clone(),
+                at: now,
+            });
+        if forced {
+            change = change.write(Write::ConsumeRenewalAllowance { device_id, at: now });
+        }
+        change = change.audit(
+            AuditDraft::new(
+                format!("device:{device_id}"),
+                "certificate.renew",
+                format!("certificate:{}", new.serial),
+            )
+            .details(json!({
+                "device_id": device_id,
+                "old_serial": current.serial,
+                "new_serial": new.serial,
+                "issuer": new.issuer_ca,
+                "rekey": rekey,
+                "forced": forced,
+                "proof": proof.kind(),
+                "not_after": new.not_after,
+                "fingerprint_sha256": new.fingerprint_sha256,
+            }))
+            .source(source),
+        );
+        self.store.commit(change).await.map_err(|e| match e {
+            StoreError::Conflict(Conflict::StateChanged { entity, .. })
+                if entity.starts_with("renewal allowance") =>
+            {
+                LifecycleError::OutsideRenewalWindow { opens_in_days: 0 }
+            }
+            other => other.into(),
+        })?;
+        let chain_pem = self.issuer(&new.issuer_ca)?.chain_pem.clone();
+        Ok(Renewed {
+            certificate: new,
+            previous_serial: current.serial,
+            rekey,
+            forced,
+            chain_pem,
+        })
+    }
+}
+
+fn device_usable(status: DeviceStatus) -> Result<(), LifecycleError> {
+    match status {
+        DeviceStatus::Active => Ok(()),
+        DeviceStatus::Suspended => Err(LifecycleError::DeviceSuspended),
+        DeviceStatus::Revoked => Err(LifecycleError::DeviceRevoked),
+    }
+}
+
+/// [`spki_sha256`] of a certificate's key, for rows stored before schema v5.
+fn certificate_spki_hash(cert_der: &[u8]) -> Result<String, LifecycleError> {
+    let cert = x509_cert::Certificate::from_der(cert_der)
+        .map_err(|e| LifecycleError::Ca(super::CaError::Encoding(e)))?;
+    let spki = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|e| LifecycleError::Ca(super::CaError::Encoding(e)))?;
+    Ok(spki_sha256(&spki))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proof_message_is_fixed_layout() {
+        let id = Uuid::parse_str("0190f1c2-0000-7000-8000-000000000001").unwrap();
+        let m = proof_message(id, &[7u8; 32], b"csr");
+        assert!(m.starts_with(b"keyward-renew-v1\0"));
+        assert_eq!(&m[17..53], id.to_string().as_bytes());
+        assert_eq!(m[53], 0);
+        assert_eq!(&m[54..86], &[7u8; 32]);
+        assert_eq!(m.len(), 86 + 32);
+    }
+
+    #[test]
+    fn nonces_are_single_use_bound_and_expire() {
+        let n = Nonces::default();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let x = n.issue(a, 1000).unwrap();
+        assert!(matches!(
+            n.take(&x, b, 1000),
+            Err(LifecycleError::InvalidNonce)
+        ));
+        // Taken by the failed attempt above: gone for its owner too.
+        assert!(n.take(&x, a, 1000).is_err());
+        let y = n.issue(a, 1000).unwrap();
+        assert!(n.take(&y, a, 1000 + NONCE_TTL_SECS).is_err(), "expired");
+        let z = n.issue(a, 1000).unwrap();
+        assert!(n.take(&z, a, 1001).is_ok());
+        assert!(n.take(&z, a, 1001).is_err(), "replay");
+        assert!(n.take(&[0u8; 5], a, 1001).is_err());
+    }
+}
