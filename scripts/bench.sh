@@ -3,7 +3,10 @@
 # issuance through the HTTP API of a real `keyward serve` (release build) at
 # concurrency 1/16/64, and the cost of the signature check on every issued
 # certificate. The benchmark sets up its own token, config and daemon in a
-# temp dir (benches/issuance.rs). Appends results to BENCHMARKS.md.
+# temp dir (benches/issuance.rs). Then the CRL case: 100,000 revoked
+# certificates in the store, one CRL published (read, encode, HSM sign,
+# verify, commit) several times (benches/revocation.rs). Appends results to
+# BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +17,9 @@ source scripts/lib.sh
 ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
 echo "==> building (release)"
-cargo bench --bench issuance --no-run
+cargo bench --bench issuance --bench revocation --no-run
 
 cargo bench --bench issuance -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
+
+echo "==> CRL with 100,000 entries"
+cargo bench --bench revocation -- --entries 100000 --runs 5 --out "$PWD/BENCHMARKS.md"

@@ -5,11 +5,13 @@
 use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
+use crate::ca::crls::CrlPublisher;
 use crate::ca::tls_server::TlsServerProfile;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig, TlsSource};
 use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
+use crate::jobs::crl::CrlJob;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
@@ -191,6 +193,10 @@ async fn prepare_tls(
 /// How often the sweeper looks for pending registrations past their time.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How often the CRL job looks for CRLs near their nextUpdate (revocations
+/// wake it earlier).
+const CRL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Opens one configured key store. PKCS#11 tokens are opened (and logged
 /// into) now; a YubiKey is reached lazily, on first use.
 pub async fn open_keystore(
@@ -294,8 +300,19 @@ impl App {
             .await
             .context("reconciling unfinished key generations")?;
         let ca = Arc::new(
-            CaService::new(keystores.clone(), store.clone(), clock.clone(), policies).await?,
+            CaService::new(keystores.clone(), store.clone(), clock.clone(), policies)
+                .await?
+                .with_public_url(config.server.public_url.clone()),
         );
+        let crls = Arc::new(CrlPublisher::new(
+            ca.clone(),
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
+        // Every committed revocation, suspension, resumption or release marks
+        // its CA's CRL dirty; the CRL job publishes after the debounce window.
+        ca.add_revocation_observer(crls.clone());
         let admins = Arc::new(AdminService::new(
             store.clone(),
             clock.clone(),
@@ -342,6 +359,7 @@ impl App {
             state: AppState {
                 registry,
                 ca,
+                crls,
                 admins,
                 store,
                 keystores,
@@ -418,6 +436,11 @@ impl App {
             s.admins.clone(),
             SWEEP_INTERVAL,
         )));
+        // Every CA without a CRL, or whose CRL is due, gets one before serving.
+        if let Err(e) = s.crls.start(self.clock.now()).await {
+            tracing::error!(code = e.code(), error = %e, "loading the stored CRLs");
+        }
+        jobs.spawn(Arc::new(CrlJob::new(s.crls.clone(), CRL_CHECK_INTERVAL)));
         jobs.spawn(Arc::new(LoginFailureFlusher::new(
             self.login_failures.clone(),
             s.store.clone(),

@@ -275,6 +275,31 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         404,
         Some("unknown_ca"),
     );
+    // CRLs (DER, and PEM by Accept) and CA certificates.
+    for p in [
+        "/v1/ca/root/crl",
+        "/v1/ca/devices/crl",
+        "/v1/ca/devices/certificate",
+    ] {
+        expect(&api.get(p, None).await, 200, None);
+    }
+    let pem = api
+        .http
+        .get(format!("{url}/v1/ca/devices/crl"))
+        .header("accept", "application/x-pem-file")
+        .send()
+        .await
+        .unwrap();
+    let ct = pem.headers()["content-type"].to_str().unwrap().to_string();
+    let headers = pem.headers().clone();
+    let bytes = pem.bytes().await.unwrap();
+    api.doc
+        .check_response("GET", "/v1/ca/{name}/crl", 200, Some(&ct), &headers, &bytes)
+        .unwrap();
+    assert_eq!(ct, "application/x-pem-file");
+    for p in ["/v1/ca/nope/crl", "/v1/ca/nope/certificate"] {
+        expect(&api.get(p, None).await, 404, Some("unknown_ca"));
+    }
 
     // ---- Admins: three more while bootstrap is the only admin of role admin.
     let alice = admin_token(&api, &bootstrap, "alice", "approver").await;
@@ -849,6 +874,20 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         &api.post_empty(&disable("zed"), b).await,
         409,
         Some("already_disabled"),
+    );
+
+    let crl = api.post_empty("/v1/admin/cas/devices/crl", b).await;
+    expect(&crl, 200, None);
+    assert_eq!(crl.json["number"], 2, "{}", crl.json);
+    expect(
+        &api.post_empty("/v1/admin/cas/devices/crl", audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty("/v1/admin/cas/nope/crl", b).await,
+        404,
+        Some("unknown_ca"),
     );
 
     let cas = api.get("/v1/admin/cas?limit=1", audrey).await;

@@ -192,7 +192,14 @@ impl CaService {
             spki_der: &key.public_key_der,
             not_before,
             not_after,
-            extensions: x509::ca_extensions(&ski, &aki, policy.path_len)?,
+            extensions: {
+                let mut exts = x509::ca_extensions(&ski, &aki, policy.path_len)?;
+                // An issuing CA's certificate says where its parent's CRL is.
+                if let Some(urls) = parent.and_then(|p| self.revocation_urls(&p.name)) {
+                    exts.push(x509::crl_distribution_point(&urls.crl)?);
+                }
+                exts
+            },
         })?;
         let signature = signer.sign(&signer_handle, signer_alg, &tbs).await?;
         let cert = x509::assemble(&tbs, signer_alg, &signature)?;

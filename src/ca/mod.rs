@@ -12,7 +12,9 @@
 //! - [`lifecycle`]: the errors of those two;
 //! - [`tls_server`]: keyward's own TLS server certificate;
 //! - [`csr`], [`public_key`] and [`x509`]: the encodings;
-//! - [`crl`], [`ocsp`] and [`serial`]: revocation encodings (no store, no signer).
+//! - [`crl`], [`ocsp`] and [`serial`]: revocation encodings (no store, no signer);
+//! - [`crls`]: the CRL publisher (numbering, HSM signature, the current CRL
+//!   per CA), told of revocations as a [`RevocationObserver`].
 //!
 //! Revocation and renewal live on [`CaService`] rather than a separate
 //! service: they sign with its issuers, read its policies, and the observer
@@ -20,6 +22,7 @@
 //! simplest when one type owns all of them.
 
 pub mod crl;
+pub mod crls;
 pub mod csr;
 mod der_write;
 mod hierarchy;
@@ -85,6 +88,21 @@ pub enum CaError {
     /// CA certificate: nothing was issued.
     #[error("the HSM returned a device certificate signature that does not verify for CA `{0}`")]
     DeviceSignatureInvalid(String),
+    /// The HSM signed a CRL that does not verify against the CA
+    /// certificate: nothing was stored or served.
+    #[error("the HSM returned a CRL signature that does not verify for CA `{0}`")]
+    CrlSignatureInvalid(String),
+    /// No CRL of this CA could be published yet (the HSM or the store
+    /// failed at start; the CRL job keeps trying).
+    #[error("no CRL of CA `{0}` is available yet")]
+    CrlUnavailable(String),
+    /// A revoked certificate's stored serial is not a valid serial number.
+    #[error("stored serial `{serial}` cannot go into a CRL: {source}")]
+    CrlSerial {
+        serial: String,
+        #[source]
+        source: serial::SerialError,
+    },
     #[error(transparent)]
     Random(#[from] crate::crypto::RandomError),
     /// CAs in the store whose parent is not in the store.
@@ -122,7 +140,11 @@ impl CaError {
             Self::KeyNotActive(_) => "ca_key_not_active",
             Self::AlgorithmNotAllowed { .. } => "key_algorithm_not_allowed",
             Self::Expired(_) => "ca_expired",
-            Self::BadSignature(_) | Self::DeviceSignatureInvalid(_) => "hsm_signature_invalid",
+            Self::BadSignature(_)
+            | Self::DeviceSignatureInvalid(_)
+            | Self::CrlSignatureInvalid(_) => "hsm_signature_invalid",
+            Self::CrlUnavailable(_) => "crl_unavailable",
+            Self::CrlSerial { .. } => "store_corrupt",
             Self::Random(_) => "random_unavailable",
             Self::ParentMissing(_) => "ca_parent_missing",
             Self::KeyRecordMissing { .. } => "ca_key_record_missing",
@@ -163,6 +185,8 @@ pub struct CaService {
     clock: Arc<dyn Clock>,
     policies: Arc<Policies>,
     issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
+    /// `server.public_url`: certificates point their CDP and AIA below it.
+    public_url: Option<String>,
     /// Told after every committed revocation, suspension, resumption or release.
     observers: RwLock<Vec<Arc<dyn RevocationObserver>>>,
     /// Renewal nonces handed out by this process.
@@ -201,11 +225,31 @@ impl CaService {
             clock,
             policies,
             issuers: RwLock::new(BTreeMap::new()),
+            public_url: None,
             observers: RwLock::new(Vec::new()),
             nonces: renewal::Nonces::default(),
         };
         svc.reload().await?;
         Ok(svc)
+    }
+
+    /// Sets `server.public_url` (no trailing slash): device certificates
+    /// then carry a CRL distribution point and AIA (OCSP, CA issuers) below
+    /// it, and new issuing CA certificates their parent's CRL distribution
+    /// point. Part of construction: call before sharing the service.
+    pub fn with_public_url(mut self, public_url: Option<String>) -> Self {
+        self.public_url = public_url;
+        self
+    }
+
+    /// Where relying parties find revocation information about certificates
+    /// `issuer` signs, if a public URL is configured.
+    pub fn revocation_urls(&self, issuer: &str) -> Option<x509::RevocationUrls> {
+        self.public_url.as_ref().map(|base| x509::RevocationUrls {
+            crl: format!("{base}/v1/ca/{issuer}/crl"),
+            ocsp: format!("{base}/v1/ocsp"),
+            ca_issuers: format!("{base}/v1/ca/{issuer}/certificate"),
+        })
     }
 
     pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, CaError> {

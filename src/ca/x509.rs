@@ -218,18 +218,24 @@ fn uri(s: &str) -> der::Result<GeneralName> {
     Ok(GeneralName::UniformResourceIdentifier(Ia5String::new(s)?))
 }
 
+/// cRLDistributionPoints (non-critical) with one fullName URI: on a CA
+/// certificate, where its parent's CRL is (`crl_check_all` follows it).
+pub fn crl_distribution_point(crl_url: &str) -> der::Result<Extension> {
+    ext(
+        rfc5280::ID_CE_CRL_DISTRIBUTION_POINTS,
+        false,
+        &CrlDistributionPoints(vec![DistributionPoint {
+            distribution_point: Some(DistributionPointName::FullName(vec![uri(crl_url)?])),
+            reasons: None,
+            crl_issuer: None,
+        }]),
+    )
+}
+
 /// cRLDistributionPoints and authorityInfoAccess (both non-critical).
 pub fn revocation_extensions(urls: &RevocationUrls) -> der::Result<Vec<Extension>> {
     Ok(vec![
-        ext(
-            rfc5280::ID_CE_CRL_DISTRIBUTION_POINTS,
-            false,
-            &CrlDistributionPoints(vec![DistributionPoint {
-                distribution_point: Some(DistributionPointName::FullName(vec![uri(&urls.crl)?])),
-                reasons: None,
-                crl_issuer: None,
-            }]),
-        )?,
+        crl_distribution_point(&urls.crl)?,
         ext(
             rfc5280::ID_PE_AUTHORITY_INFO_ACCESS,
             false,

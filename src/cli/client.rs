@@ -1,6 +1,6 @@
 //! Client commands: talk to a running daemon over its REST API.
 
-use super::{AdminsCommand, ClientArgs, Output, PageArgs, RegistrationsCommand};
+use super::{AdminsCommand, CaCommand, ClientArgs, Output, PageArgs, RegistrationsCommand};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::process::ExitCode;
@@ -498,4 +498,95 @@ pub async fn admins(args: &ClientArgs, command: AdminsCommand) -> anyhow::Result
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward ca crl NAME [--out FILE] [--pem] [--publish]`.
+pub async fn ca(args: &ClientArgs, command: CaCommand) -> anyhow::Result<ExitCode> {
+    let CaCommand::Crl {
+        name,
+        out,
+        pem,
+        publish,
+    } = command;
+    let segment = query_escape(&name);
+    let token = if publish {
+        Some(admin_token(args)?)
+    } else {
+        None
+    };
+    let api = Api::new(&args.url, token, args.ca_cert.as_deref())?;
+    if publish {
+        let (_, v) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/admin/cas/{segment}/crl"),
+                None,
+                None,
+            )
+            .await?;
+        // Stdout may carry the CRL itself: the report goes to stderr.
+        eprintln!(
+            "published CRL {} of CA {}: {} entries, next update {}",
+            v["number"],
+            s(&v["ca"]),
+            v["entries"],
+            s(&v["next_update"])
+        );
+    }
+    let url = format!("{}/v1/ca/{segment}/crl", api.base);
+    let accept = if pem {
+        "application/x-pem-file"
+    } else {
+        "application/pkix-crl"
+    };
+    let resp = api
+        .http
+        .get(&url)
+        .header(reqwest::header::ACCEPT, accept)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body = resp.bytes().await.context("reading the CRL")?;
+    if !status.is_success() {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        bail!(ApiFailure {
+            status,
+            code: v["error"]["code"]
+                .as_str()
+                .unwrap_or("http_error")
+                .to_string(),
+            message: v["error"]["message"].as_str().unwrap_or("").to_string(),
+        });
+    }
+    match out {
+        Some(path) => {
+            write_replacing(&path, &body)?;
+            eprintln!("wrote {} ({} bytes)", path.display(), body.len());
+        }
+        None => {
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&body)?;
+            stdout.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` beside `path` and renames it over `path`: a reader sees
+/// the old file or the new one, never a partial one.
+fn write_replacing(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("replacing {}", path.display())
+    })
 }

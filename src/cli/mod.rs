@@ -110,6 +110,13 @@ enum Command {
         #[command(subcommand)]
         command: AdminsCommand,
     },
+    /// Certificate authorities: CRLs.
+    Ca {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Devices: list, show, revoke, suspend, resume, allow an early renewal.
     Devices {
         #[command(flatten)]
@@ -341,6 +348,25 @@ enum AdminsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Fetch a CA's current CRL (public; `--publish` needs an admin token).
+    Crl {
+        /// CA name (as in policies/ca.toml).
+        name: String,
+        /// Write the CRL to this file (replaced atomically, so a relying
+        /// party reading it never sees half a file) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// PEM (`-----BEGIN X509 CRL-----`) instead of DER.
+        #[arg(long)]
+        pem: bool,
+        /// Publish a new CRL first (role admin).
+        #[arg(long)]
+        publish: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Recompute the hash chain from the database and name the first broken sequence number.
     Verify {
@@ -404,6 +430,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             ..
         } => local::break_glass(&config.config, &name, &role, token_out.as_deref()).await,
         Command::Admins { client, command } => client::admins(&client, command).await,
+        Command::Ca { client, command } => client::ca(&client, command).await,
         Command::Enroll(args) => enroll::run(args).await,
         Command::Renew(args) => renew::run(args).await,
         Command::Devices { client, command } => lifecycle::devices(&client, command).await,

@@ -192,6 +192,7 @@ impl From<CaError> for ApiError {
             }
             CaError::AlgorithmNotAllowed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             CaError::UnknownCa(_) => StatusCode::NOT_FOUND,
+            CaError::CrlUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             CaError::Expired(_) => {
                 tracing::error!(error = %e, "a CA has expired");
                 StatusCode::SERVICE_UNAVAILABLE

@@ -10,6 +10,7 @@ mod views;
 
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
+use crate::ca::crls::CrlPublisher;
 use crate::jobs::readiness::Readiness;
 use crate::keystore::KeyStores;
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ use tower_http::trace::TraceLayer;
 pub struct AppState {
     pub registry: Arc<RegistryService>,
     pub ca: Arc<CaService>,
+    /// The current CRL per CA, served from memory.
+    pub crls: Arc<CrlPublisher>,
     pub admins: Arc<AdminService>,
     pub store: Arc<dyn Store>,
     pub keystores: KeyStores,

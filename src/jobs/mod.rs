@@ -16,6 +16,7 @@
 //! jobs are safe to run twice (the sweeper's writes are conditional, the
 //! flusher and the readiness refresher act on their own process's state).
 
+pub mod crl;
 pub mod login_failures;
 pub mod readiness;
 pub mod sweeper;
@@ -71,6 +72,13 @@ pub trait Job: Send + Sync + 'static {
     /// next tick runs as usual.
     async fn tick(&self, now: OffsetDateTime) -> Result<(), JobError>;
 
+    /// Resolves when work arrived that should not wait for the next
+    /// interval; the scheduler then ticks at once. Must be cancel-safe (it
+    /// is dropped whenever the interval fires first). Default: never.
+    async fn woken(&self) {
+        std::future::pending::<()>().await
+    }
+
     /// The job's last act on clean shutdown (e.g. write what it holds in
     /// memory). Runs once, after the last tick has finished.
     async fn shutdown(&self, now: OffsetDateTime) -> Result<(), JobError> {
@@ -79,7 +87,8 @@ pub trait Job: Send + Sync + 'static {
     }
 }
 
-/// Runs jobs until [`Scheduler::shutdown`].
+/// Runs jobs until [`Scheduler::shutdown`]. A job ticks on its interval,
+/// and earlier when its [`Job::woken`] resolves.
 pub struct Scheduler {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -114,6 +123,7 @@ impl Scheduler {
                     biased;
                     () = cancel.cancelled() => break,
                     _ = ticker.tick() => {}
+                    () = job.woken() => {}
                 }
                 run_tick(job.as_ref(), clock.now(), &metrics).await;
             }

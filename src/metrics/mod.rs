@@ -60,6 +60,12 @@ pub struct Metrics {
     pub job_last_success: IntGaugeVec,
     /// 1 when the cached readiness says ready.
     pub ready: IntGauge,
+    /// The CRL each CA serves: its cRLNumber, nextUpdate and entry count.
+    pub crl_number: IntGaugeVec,
+    pub crl_next_update: IntGaugeVec,
+    pub crl_entries: IntGaugeVec,
+    /// CRL publications that failed (HSM, store, signature check), by CA.
+    pub crl_publish_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -162,6 +168,27 @@ impl Metrics {
             "ready",
             "1 if the last background readiness check found the store and the issuing key stores healthy and is recent",
         )?;
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        let crl_number = gauge_vec("crl_number", "cRLNumber of the CRL served, by CA", &["ca"])?;
+        let crl_next_update = gauge_vec(
+            "crl_next_update_timestamp_seconds",
+            "Unix time of the nextUpdate of the CRL served, by CA: alert well before it passes",
+            &["ca"],
+        )?;
+        let crl_entries = gauge_vec(
+            "crl_entries",
+            "Revoked certificates listed in the CRL served, by CA",
+            &["ca"],
+        )?;
+        let crl_publish_failures = counter_vec(
+            "crl_publish_failures_total",
+            "CRL publications that failed (HSM, store or signature check), by CA",
+            &["ca"],
+        )?;
         Ok(Self {
             registry,
             http_requests,
@@ -179,6 +206,10 @@ impl Metrics {
             job_runs,
             job_last_success,
             ready,
+            crl_number,
+            crl_next_update,
+            crl_entries,
+            crl_publish_failures,
         })
     }
 
@@ -258,6 +289,12 @@ mod tests {
         m.login_failures_unaudited.set(2);
         m.job_run("sweeper", true, 1_900_000_000);
         m.ready.set(1);
+        m.crl_number.with_label_values(&["devices"]).set(7);
+        m.crl_next_update
+            .with_label_values(&["devices"])
+            .set(1_900_086_400);
+        m.crl_entries.with_label_values(&["devices"]).set(2);
+        m.crl_publish_failures.with_label_values(&["root"]).inc();
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -275,6 +312,10 @@ mod tests {
             "keyward_job_runs_total{job=\"sweeper\",result=\"ok\"} 1",
             "keyward_job_last_success_timestamp_seconds{job=\"sweeper\"} 1900000000",
             "keyward_ready 1",
+            "keyward_crl_number{ca=\"devices\"} 7",
+            "keyward_crl_next_update_timestamp_seconds{ca=\"devices\"} 1900086400",
+            "keyward_crl_entries{ca=\"devices\"} 2",
+            "keyward_crl_publish_failures_total{ca=\"root\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

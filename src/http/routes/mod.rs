@@ -1,6 +1,7 @@
 //! Route table.
 
 mod admin;
+mod crl;
 mod devices;
 mod lifecycle;
 mod public;
@@ -72,6 +73,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
             post(lifecycle::release_hold),
         )
         .route("/v1/ca/{name}/chain", get(public::ca_chain))
+        .route("/v1/ca/{name}/crl", get(crl::get_crl))
+        .route("/v1/ca/{name}/certificate", get(crl::get_certificate))
+        .route("/v1/admin/cas/{name}/crl", post(crl::publish_crl))
         .route("/v1/admin/registrations", get(admin::list_registrations))
         .route(
             "/v1/admin/registrations/{id}",
