@@ -92,6 +92,42 @@ impl Drop for Daemon {
 /// One installation in `dir`: token, secrets, policies, config, `keyward
 /// init`, then `keyward serve`. Returns the daemon and the token's user PIN.
 fn install(dir: &Path, hsm: &SoftHsm) -> (Daemon, PathBuf, SecretString) {
+    let (config, pin) = prepare(dir, hsm);
+    (start(hsm, &config), config, pin)
+}
+
+/// `keyward serve --config config`, waiting for its listening line.
+fn start(hsm: &SoftHsm, config: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("keyward listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(30));
+    let daemon = Daemon {
+        child,
+        url: url.unwrap_or_default(),
+    };
+    assert!(!daemon.url.is_empty(), "keyward serve did not start");
+    println!("==> daemon at {} (pid {})", daemon.url, daemon.child.id());
+    daemon
+}
+
+/// Token, secrets, policies, config and `keyward init` in `dir`.
+fn prepare(dir: &Path, hsm: &SoftHsm) -> (PathBuf, SecretString) {
     let pin = SecretString::from(random_text(12));
     hsm.create_token(LABEL, &SecretString::from(random_text(12)), &pin)
         .unwrap();
@@ -142,31 +178,7 @@ fn install(dir: &Path, hsm: &SoftHsm) -> (Daemon, PathBuf, SecretString) {
         "keyward init: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut child = keyward()
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("keyward listening on ") {
-                let _ = tx.send(url.to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(Duration::from_secs(30));
-    let daemon = Daemon {
-        child,
-        url: url.unwrap_or_default(),
-    };
-    assert!(!daemon.url.is_empty(), "keyward serve did not start");
-    println!("==> daemon at {} (pid {})", daemon.url, daemon.child.id());
-    (daemon, config, pin)
+    (config, pin)
 }
 
 async fn raw_rate(ks: Arc<dyn KeyStore>, signers: usize, secs: u64) -> f64 {
@@ -257,11 +269,25 @@ struct Run {
     count: usize,
 }
 
-async fn e2e(url: &str, bodies: Arc<Vec<String>>, concurrency: usize, secs: u64) -> Run {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .unwrap();
+/// A client for the daemon: plain, or trusting only `root` (PEM) for HTTPS.
+/// `reuse` keeps connections alive; without it every request opens a new
+/// connection (resuming the TLS session where the server allows).
+fn http_client(root: Option<&[u8]>, concurrency: usize, reuse: bool) -> reqwest::Client {
+    let mut b =
+        reqwest::Client::builder().pool_max_idle_per_host(if reuse { concurrency } else { 0 });
+    if let Some(pem) = root {
+        b = b.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+async fn e2e(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: Arc<Vec<String>>,
+    concurrency: usize,
+    secs: u64,
+) -> Run {
     let endpoint = format!("{url}/v1/registrations");
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
@@ -316,8 +342,7 @@ async fn e2e(url: &str, bodies: Arc<Vec<String>>, concurrency: usize, secs: u64)
 
 /// One device certificate and its issuing CA's certificate, fetched through
 /// the API like a device would (register, then fetch credentials).
-async fn device_and_issuer(url: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
-    let client = reqwest::Client::new();
+async fn device_and_issuer(client: &reqwest::Client, url: &str, body: &str) -> (Vec<u8>, Vec<u8>) {
     let resp: serde_json::Value = client
         .post(format!("{url}/v1/registrations"))
         .header("content-type", "application/json")
@@ -408,7 +433,26 @@ fn main() -> ExitCode {
         assert!(a.out.is_none(), "--out needs a release build (cargo bench)");
     }
     let (daemon, config, pin) = install(&dir, &hsm);
-    run(&a, &daemon.url, hsm.module(), pin);
+    let https = |daemon: Daemon| {
+        // The same installation served over HTTPS: keyward issues itself a
+        // server certificate, its key in the same token.
+        drop(daemon);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(
+            "[server.tls]\nissue = true\nissuer = \"devices\"\nip_addresses = [\"127.0.0.1\"]\n",
+        );
+        std::fs::write(&config, text).unwrap();
+        let daemon = start(&hsm, &config);
+        let root: Vec<u8> = rusqlite::Connection::open(dir.join("keyward.db"))
+            .unwrap()
+            .query_row("SELECT certificate FROM cas WHERE kind = 'root'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let pem = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &root).unwrap();
+        (daemon, pem.into_bytes())
+    };
+    let daemon = run(&a, daemon, hsm.module(), pin, https);
     println!("==> audit chain after the run");
     let status = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["audit", "verify", "--config"])
@@ -423,7 +467,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(a: &Args, url: &str, module: &Path, pin: SecretString) {
+/// The HTTP measurements against `daemon`, then `to_https` restarts it with
+/// TLS and the HTTPS ones follow. Returns the daemon still running.
+fn run(
+    a: &Args,
+    daemon: Daemon,
+    module: &Path,
+    pin: SecretString,
+    to_https: impl FnOnce(Daemon) -> (Daemon, Vec<u8>),
+) -> Daemon {
+    let url = daemon.url.clone();
+    let url = url.as_str();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -455,10 +509,11 @@ fn run(a: &Args, url: &str, module: &Path, pin: SecretString) {
                 .collect(),
         );
         // Warm-up: connections, page cache, SQLite.
-        e2e(url, bodies.clone(), 16, 2).await;
+        let plain = http_client(None, 64, true);
+        e2e(&plain, url, bodies.clone(), 16, 2).await;
         let mut runs = Vec::new();
         for c in [1, 16, 64] {
-            let r = e2e(url, bodies.clone(), c, a.seconds).await;
+            let r = e2e(&plain, url, bodies.clone(), c, a.seconds).await;
             println!(
                 "end-to-end issuance, concurrency {:>2}: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} certificates)",
                 r.concurrency, r.rate, r.p50_ms, r.p99_ms, r.count
@@ -469,13 +524,43 @@ fn run(a: &Args, url: &str, module: &Path, pin: SecretString) {
         let ratio = at16 / raw2;
         println!("ratio end-to-end@16 / raw 2-signer: {ratio:.2} (target >= 0.30)");
 
-        let (cert, issuer) = device_and_issuer(url, &bodies[0]).await;
+        let (cert, issuer) = device_and_issuer(&plain, url, &bodies[0]).await;
         let verify = verify_rate(&cert, &issuer, a.seconds.min(3));
         // CPU the daemon spends re-verifying at the concurrency-16 rate, in cores.
         let verify_cores = at16 / verify;
         println!(
             "device certificate signature check (ring, 1 thread): {verify:>8.0}/s ({:.1} us each; {verify_cores:.2} core at the concurrency-16 rate)",
             1e6 / verify
+        );
+
+        // The same over HTTPS (rustls, server key in the same SoftHSM2 token).
+        let (daemon, root) = tokio::task::block_in_place(|| to_https(daemon));
+        let https_url = daemon.url.clone();
+        assert!(https_url.starts_with("https://"), "{https_url}");
+        let tls = http_client(Some(&root), 64, true);
+        e2e(&tls, &https_url, bodies.clone(), 16, 2).await;
+        let mut tls_runs = Vec::new();
+        for c in [1, 16, 64] {
+            let r = e2e(&tls, &https_url, bodies.clone(), c, a.seconds).await;
+            println!(
+                "end-to-end issuance over HTTPS, concurrency {:>2}: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} certificates)",
+                r.concurrency, r.rate, r.p50_ms, r.p99_ms, r.count
+            );
+            tls_runs.push(r);
+        }
+        // Every request on a new connection: a TLS handshake each (resumed
+        // when the client offers its session, as a returning device would).
+        let fresh = http_client(Some(&root), 16, false);
+        let fresh_run = e2e(&fresh, &https_url, bodies.clone(), 16, a.seconds).await;
+        println!(
+            "end-to-end issuance over HTTPS, new connection per request, concurrency 16: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            fresh_run.rate, fresh_run.p50_ms, fresh_run.p99_ms
+        );
+        let tls16 = tls_runs.iter().find(|r| r.concurrency == 16).map(|r| r.rate).unwrap_or(0.0);
+        let tls_ratio = tls16 / raw2;
+        let change = (tls_ratio / ratio - 1.0) * 100.0;
+        println!(
+            "ratio end-to-end@16 over HTTPS / raw 2-signer: {tls_ratio:.2} ({change:+.1}% against plain HTTP; target within 15%)"
         );
 
         if let Some(out) = &a.out {
@@ -500,11 +585,25 @@ fn run(a: &Args, url: &str, module: &Path, pin: SecretString) {
                 "| device certificate signature check before storing (ring, 1 thread) | {verify:.0}/s, {:.1} µs each; {verify_cores:.2} core at the concurrency-16 rate |\n",
                 1e6 / verify
             ));
+            for r in &tls_runs {
+                md.push_str(&format!(
+                    "| end-to-end issuance over HTTPS (rustls, server key in the HSM, keep-alive), concurrency {} | {:.0}/s, p50 {:.2} ms, p99 {:.2} ms |\n",
+                    r.concurrency, r.rate, r.p50_ms, r.p99_ms
+                ));
+            }
+            md.push_str(&format!(
+                "| end-to-end issuance over HTTPS, new connection per request (session resumption), concurrency 16 | {:.0}/s, p50 {:.2} ms, p99 {:.2} ms |\n",
+                fresh_run.rate, fresh_run.p50_ms, fresh_run.p99_ms
+            ));
+            md.push_str(&format!(
+                "| ratio end-to-end@16 over HTTPS / raw 2-signer (target: within 15% of plain HTTP) | {tls_ratio:.2} ({change:+.1}%) |\n"
+            ));
             let mut existing = std::fs::read_to_string(out).unwrap_or_else(|_| {
                 "# keyward benchmarks\n\nProduced by `scripts/bench.sh`; newest run last. Numbers from one machine on one day: compare runs on the same machine only.\n".to_string()
             });
             existing.push_str(&md);
             std::fs::write(out, existing).unwrap();
         }
-    });
+        daemon
+    })
 }

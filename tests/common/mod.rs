@@ -491,3 +491,64 @@ pub fn promtool_check(metrics: &str) {
         String::from_utf8_lossy(&checked.stderr)
     );
 }
+
+/// A device certificate issued through the API: key and CSR made by
+/// openssl, registered, approved by `approver`, credentials fetched.
+pub struct IssuedDevice {
+    pub device_id: String,
+    pub registration_id: String,
+    pub serial: String,
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    /// Issuing CA then root.
+    pub chain: PathBuf,
+}
+
+pub async fn issue_device(url: &str, approver: &str, dir: &Path, name: &str) -> IssuedDevice {
+    std::fs::create_dir_all(dir).unwrap();
+    let (csr, key) = openssl_csr(dir, "ec");
+    let (status, sub) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(serde_json::json!({ "csr": csr, "name": name, "group": "default" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{sub}");
+    let id = sub["id"].as_str().unwrap().to_string();
+    let secret = sub["secret"].as_str().unwrap().to_string();
+    let (status, v) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/registrations/{id}/approve"),
+        Some(approver),
+        Some(serde_json::json!({ "comment": "test device" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "issued", "{v}");
+    let (status, creds) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/registrations/{id}/credentials"),
+        Some(&secret),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{creds}");
+    let cert_pem = creds["certificate_pem"].as_str().unwrap();
+    let (status, reg) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/registrations/{id}"),
+        Some(approver),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reg}");
+    IssuedDevice {
+        device_id: reg["device_id"].as_str().unwrap().to_string(),
+        registration_id: id,
+        serial: reg["certificate_serial"].as_str().unwrap().to_string(),
+        key: write(dir, "key.pem", &key),
+        cert: write(dir, "cert.pem", cert_pem),
+        chain: write(dir, "chain.pem", creds["chain_pem"].as_str().unwrap()),
+    }
+}

@@ -1,0 +1,174 @@
+//! A relying party end to end: a real Mosquitto broker, started by the test on
+//! a free loopback port with a TLS listener that requires client
+//! certificates, trusts keyward's chain and reads keyward's CRL file. Devices
+//! connect with the stock `mosquitto_pub`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
+
+use common::{Env, call, client, issue_device};
+use mosquitto::Broker;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Fetches `/v1/ca/{ca}/crl` as PEM into `path`; returns its CRL number.
+async fn fetch_crl_pem(url: &str, ca: &str, path: &Path) -> String {
+    let resp = client()
+        .get(format!("{url}/v1/ca/{ca}/crl"))
+        .header("accept", "application/x-pem-file")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let pem = resp.text().await.unwrap();
+    assert!(pem.starts_with("-----BEGIN X509 CRL-----"), "{pem}");
+    std::fs::write(path, &pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["crl", "-noout", "-crlnumber", "-in"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn mosquitto_accepts_an_issued_device_and_refuses_it_once_revoked() {
+    let env = Env::new();
+    let bootstrap = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+
+    let device = issue_device(&url, &bootstrap, &env.path("dev-a"), "sensor-a").await;
+    let other = issue_device(&url, &bootstrap, &env.path("dev-b"), "sensor-b").await;
+
+    // The broker trusts keyward's issuing CA and root, and checks the CRL.
+    let crl = env.path("devices.crl.pem");
+    let first = fetch_crl_pem(&url, "devices", &crl).await;
+    let broker = Broker::start(&env.path("broker"), &device.chain, Some(&crl));
+
+    let out = broker.publish(&device.cert, &device.key, "devices/a/temp", "21.5");
+    assert!(
+        out.status.success(),
+        "an issued device must connect and publish: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        broker.log_text()
+    );
+    let log = broker.log_text();
+    assert!(
+        log.contains(&device.device_id),
+        "the broker names the client by its certificate's CN (the device id): {log}"
+    );
+
+    // A certificate from a CA the broker does not trust is refused.
+    let foreign = env.path("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    let made = std::process::Command::new("openssl")
+        .current_dir(&foreign)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-subj",
+            "/CN=impostor",
+            "-days",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let out = broker.publish(
+        &foreign.join("cert.pem"),
+        &foreign.join("key.pem"),
+        "t",
+        "x",
+    );
+    assert!(
+        !out.status.success(),
+        "a foreign certificate must be refused"
+    );
+
+    // Revoke with the operator CLI; the CRL keyward publishes names it.
+    let revoke = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_TOKEN", &bootstrap)
+        .args([
+            "devices",
+            "revoke",
+            &device.device_id,
+            "--reason",
+            "keyCompromise",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    // The CRL is regenerated on revocation (debounced): wait for a new number.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let number = fetch_crl_pem(&url, "devices", &crl).await;
+        if number != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new CRL after the revocation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = std::process::Command::new("openssl")
+        .args(["crl", "-noout", "-text", "-in"])
+        .arg(&crl)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains(&format!("Serial Number: {}", device.serial)),
+        "{text}"
+    );
+    assert!(text.contains("Key Compromise"), "{text}");
+    broker.reload();
+
+    // The revoked device is refused; the other device still publishes.
+    let mut refused = false;
+    for _ in 0..10 {
+        let out = broker.publish(&device.cert, &device.key, "devices/a/temp", "22.0");
+        if !out.status.success() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        refused,
+        "the revoked device still connects: {}",
+        broker.log_text()
+    );
+    let out = broker.publish(&other.cert, &other.key, "devices/b/temp", "19.0");
+    assert!(
+        out.status.success(),
+        "an unrevoked device must still publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // keyward recorded the revocation.
+    let (status, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/certs/{}", device.serial),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "revoked", "{v}");
+}
