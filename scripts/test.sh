@@ -2,7 +2,7 @@
 # Everything CI checks, runnable on a fresh Debian machine: installs what the
 # tests need (SoftHSM2 for the HSM, openssl and age to check outputs with
 # tools keyward did not write, promtool from the prometheus package for
-# metrics, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
+# metrics, mosquitto + mosquitto-clients as a relying party, curl for HTTPS, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
 # the YubiKey tests), then formatting, lints and the test suite.
 set -euo pipefail
 
@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 # prometheus brings promtool (on a systemd host it also enables a server; only promtool is used).
-ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev
+ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev curl mosquitto mosquitto-clients
 
 run() {
   echo "==> $*"
