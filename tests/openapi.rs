@@ -917,7 +917,7 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
             .await;
         expect(&r, 429, Some("rate_limited"));
     }
-    assert!(admin_ops >= 12, "{admin_ops}");
+    assert!(admin_ops >= 22, "{admin_ops}");
     // Routes that take either kind of credential refuse the blocked source's admin token too.
     let r = api.send("GET", &path, b, Body::None, Some(blocked)).await;
     expect(&r, 429, Some("rate_limited"));
