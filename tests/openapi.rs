@@ -20,6 +20,8 @@ use common::{Env, client, openssl_csr};
 use schema::Doc;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Mutex;
 
 /// Statuses no walk through a healthy daemon can produce, with the reason.
@@ -44,6 +46,12 @@ const UNREACHABLE: &[(&str, &str, u16, &str)] = &[
         "/v1/admin/registrations/{id}/approve",
         422,
         "needs the profile to stop allowing a key type after submission",
+    ),
+    (
+        "POST",
+        "/v1/devices/{id}/renew",
+        404,
+        "needs mTLS (this walk speaks plain HTTP): a signed-nonce proof needs a nonce, which only an existing device gets",
     ),
     (
         "POST",
@@ -230,7 +238,8 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
     env.trust_loopback_proxy();
     env.append_config(
         "[limits]\nregistrations_per_source = 5\nregistrations_window_secs = 3000000\n\
-         admin_login_failures_per_source = 2\nadmin_login_failures_window_secs = 3000000\n",
+         admin_login_failures_per_source = 2\nadmin_login_failures_window_secs = 3000000\n\
+         renewals_per_source = 3\nrenewals_window_secs = 3000000\n",
     );
     let bootstrap = env.init();
     let daemon = env.serve();
@@ -905,6 +914,9 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         Some("invalid_query"),
     );
 
+    // ---- Renewal, devices and certificates.
+    let active = devices_and_certificates(&api, env.dir.path(), b, alice, audrey, nobody).await;
+
     // ---- Every admin operation: 401 without a token, 429 from a source over
     // its failed-login limit (a good token included).
     let blocked = "198.51.100.99";
@@ -934,7 +946,9 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
             continue;
         }
         admin_ops += 1;
-        let concrete = tpl.replace("{id}", &nobody.to_string());
+        let concrete = tpl
+            .replace("{id}", &nobody.to_string())
+            .replace("{serial}", "00");
         let r = api.send(method, &concrete, None, Body::None, None).await;
         expect(&r, 401, Some("unauthorized"));
         let r = api
@@ -942,7 +956,7 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
             .await;
         expect(&r, 429, Some("rate_limited"));
     }
-    assert!(admin_ops >= 12, "{admin_ops}");
+    assert!(admin_ops >= 22, "{admin_ops}");
     // Routes that take either kind of credential refuse the blocked source's admin token too.
     let r = api.send("GET", &path, b, Body::None, Some(blocked)).await;
     expect(&r, 429, Some("rate_limited"));
@@ -958,7 +972,7 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
     expect(&r, 429, Some("rate_limited"));
 
     // ---- Request schemas state what the server enforces.
-    fuzz_request_schemas(&api, &csr, b, alice, &p1_id, &p3_id).await;
+    fuzz_request_schemas(&api, &csr, b, alice, &p1_id, &p3_id, &active).await;
 
     // ---- Routing in both directions, and the server's own error answers.
     routes_match_the_document(&api).await;
@@ -983,6 +997,645 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         "documented but never seen: {missing:#?}"
     );
     eprintln!("{} (operation, status) pairs seen", seen.len());
+}
+
+/// A device registered in the auto-approved group with its own key (so
+/// that revoking it bars no other device's key): (device id, CSR PEM, key
+/// file, certificate serial).
+async fn own_device(
+    api: &Api,
+    dir: &std::path::Path,
+    name: &str,
+) -> (String, String, PathBuf, String) {
+    let (csr, key) = openssl_csr(dir, "ec");
+    let r = api
+        .post(
+            "/v1/registrations",
+            None,
+            json!({ "csr": csr, "name": name, "group": "auto" }),
+        )
+        .await;
+    expect(&r, 201, None);
+    assert_eq!(r.json["status"], "issued", "{}", r.json);
+    let key_file = common::write(dir, &format!("{name}.key"), &key);
+    (
+        r.json["device_id"].as_str().unwrap().to_string(),
+        csr,
+        key_file,
+        r.json["certificate_serial"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The signed-nonce proof, built from the layout the document states
+/// (`"keyward-renew-v1" 0x00 id 0x00 nonce SHA-256(CSR DER)`) and signed
+/// by the stock openssl CLI with the device's key; base64url.
+fn renewal_proof(
+    dir: &std::path::Path,
+    device: &str,
+    nonce_b64: &str,
+    csr_pem: &str,
+    key: &Path,
+) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let nonce = b64.decode(nonce_b64).unwrap();
+    assert_eq!(nonce.len(), 32);
+    let (label, csr_der) = der::pem::decode_vec(csr_pem.trim().as_bytes()).unwrap();
+    assert_eq!(label, "CERTIFICATE REQUEST");
+    let mut msg = b"keyward-renew-v1\0".to_vec();
+    msg.extend_from_slice(device.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(&nonce);
+    msg.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, &csr_der).as_ref());
+    assert_eq!(msg.len(), 118, "the documented length");
+    let msg_file = dir.join(format!("{}.msg", uuid::Uuid::new_v4()));
+    let sig_file = dir.join(format!("{}.sig", uuid::Uuid::new_v4()));
+    std::fs::write(&msg_file, &msg).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg("-out")
+        .arg(&sig_file)
+        .arg(&msg_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b64.encode(std::fs::read(sig_file).unwrap())
+}
+
+/// Renewal, device and certificate routes: every documented status of each,
+/// against the real daemon. Returns an active device (for the fuzzer).
+async fn devices_and_certificates(
+    api: &Api,
+    dir: &std::path::Path,
+    b: Option<&str>,
+    alice: Option<&str>,
+    audrey: Option<&str>,
+    nobody: uuid::Uuid,
+) -> String {
+    let raw = |bytes: &str, ct: Option<&'static str>| Body::Raw(bytes.as_bytes().to_vec(), ct);
+    let (d1, _, key1, serial1) = own_device(api, dir, "renewer").await;
+    let (d2, csr2, key2, serial2) = own_device(api, dir, "suspendee").await;
+    let (d3, csr3, _, serial3) = own_device(api, dir, "revokee").await;
+    let (d4, csr4, key4, serial4) = own_device(api, dir, "cert-revokee").await;
+    let (_, _, _, serial5) = own_device(api, dir, "holder").await;
+    let nonce_path = |d: &str| format!("/v1/devices/{d}/renew/nonce");
+    let renew_path = |d: &str| format!("/v1/devices/{d}/renew");
+    let nonce = async |d: &str| {
+        let r = api.get(&nonce_path(d), None).await;
+        expect(&r, 200, None);
+        assert_eq!(r.json["expires_in"], 300);
+        r.json["nonce"].as_str().unwrap().to_string()
+    };
+
+    // ---- Nonces.
+    nonce(&d1).await;
+    expect(
+        &api.get(&nonce_path("x"), None).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.get(&nonce_path(&nobody.to_string()), None).await,
+        404,
+        Some("device_not_found"),
+    );
+    let limited = "192.0.2.88";
+    for _ in 0..3 {
+        let r = api
+            .send("GET", &nonce_path(&d1), None, Body::None, Some(limited))
+            .await;
+        expect(&r, 200, None);
+    }
+    let r = api
+        .send("GET", &nonce_path(&d1), None, Body::None, Some(limited))
+        .await;
+    expect(&r, 429, Some("rate_limited"));
+    let r = api
+        .send(
+            "POST",
+            &renew_path(&d1),
+            None,
+            Body::Json(json!({ "csr": "x" })),
+            Some(limited),
+        )
+        .await;
+    expect(&r, 429, Some("rate_limited"));
+
+    // ---- Renewal refused: each proof, body and state problem.
+    let (new_csr, _) = openssl_csr(dir, "ec");
+    let renew = |d: &str, nonce: &str, sig: &str, csr: &str| {
+        let path = renew_path(d);
+        let body = json!({ "csr": csr, "nonce": nonce, "signature": sig });
+        async move { api.post(&path, None, body).await }
+    };
+    let r = api
+        .post(&renew_path(&d1), None, json!({ "csr": new_csr }))
+        .await;
+    expect(&r, 401, Some("proof_required"));
+    let r = api
+        .post(
+            &renew_path(&d1),
+            None,
+            json!({ "csr": new_csr, "nonce": "AAAA" }),
+        )
+        .await;
+    expect(&r, 400, Some("invalid_field"));
+    expect(
+        &renew("x", "AAAA", "AAAA", &new_csr).await,
+        400,
+        Some("invalid_id"),
+    );
+    let n = nonce(&d1).await;
+    let not_pkcs10 =
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
+    expect(
+        &renew(&d1, &n, "AAAA", not_pkcs10).await,
+        400,
+        Some("invalid_csr"),
+    );
+    let made_up = "A".repeat(43);
+    let sig = renewal_proof(dir, &d1, &made_up, &new_csr, &key1);
+    expect(
+        &renew(&d1, &made_up, &sig, &new_csr).await,
+        403,
+        Some("invalid_nonce"),
+    );
+    // As documented, the nonce presented with the unreadable CSR is used up.
+    let sig = renewal_proof(dir, &d1, &n, &new_csr, &key1);
+    expect(
+        &renew(&d1, &n, &sig, &new_csr).await,
+        403,
+        Some("invalid_nonce"),
+    );
+    let n = nonce(&d1).await;
+    let wrong_key = renewal_proof(dir, &d1, &n, &new_csr, &key4);
+    expect(
+        &renew(&d1, &n, &wrong_key, &new_csr).await,
+        403,
+        Some("proof_signature_invalid"),
+    );
+    let n = nonce(&d1).await;
+    let sig = renewal_proof(dir, &d1, &n, &new_csr, &key1);
+    expect(
+        &renew(&d1, &n, &sig, &new_csr).await,
+        409,
+        Some("outside_renewal_window"),
+    );
+    expect(
+        &renew(&d1, &n, &sig, &new_csr).await,
+        403,
+        Some("invalid_nonce"),
+    );
+    let n = nonce(&d1).await;
+    let bad_csr = common::corrupt_signature(&new_csr);
+    let sig = renewal_proof(dir, &d1, &n, &bad_csr, &key1);
+    expect(
+        &renew(&d1, &n, &sig, &bad_csr).await,
+        422,
+        Some("csr_signature_invalid"),
+    );
+    expect(
+        &api.post(&renew_path(&d1), None, json!({ "csr": 5 })).await,
+        422,
+        Some("invalid_json"),
+    );
+    let r = api
+        .send(
+            "POST",
+            &renew_path(&d1),
+            None,
+            raw("{", Some("application/json")),
+            None,
+        )
+        .await;
+    expect(&r, 400, Some("invalid_json"));
+    let r = api
+        .send("POST", &renew_path(&d1), None, raw("{}", None), None)
+        .await;
+    expect(&r, 415, Some("unsupported_media_type"));
+    let r = api
+        .send("POST", &renew_path(&d1), None, big_body(), None)
+        .await;
+    expect(&r, 413, Some("payload_too_large"));
+
+    // ---- Devices: list and show.
+    let devices = "/v1/admin/devices";
+    let r = api
+        .get(&format!("{devices}?status=active&limit=1"), audrey)
+        .await;
+    expect(&r, 200, None);
+    let cursor = r.json["next_cursor"].as_str().unwrap().to_string();
+    expect(
+        &api.get(&format!("{devices}?cursor={cursor}&order=newest"), audrey)
+            .await,
+        200,
+        None,
+    );
+    for bad in ["status=bogus", "cursor=nope", "limit=0", "unknown=1"] {
+        expect(
+            &api.get(&format!("{devices}?{bad}"), b).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
+    let show = |d: &str| format!("{devices}/{d}");
+    expect(&api.get(&show(&d1), audrey).await, 200, None);
+    expect(&api.get(&show("x"), b).await, 400, Some("invalid_id"));
+    expect(
+        &api.get(&show(&nobody.to_string()), b).await,
+        404,
+        Some("device_not_found"),
+    );
+
+    // ---- An admin's allowance, then a forced renewal that re-keys.
+    let allow = |d: &str| format!("{devices}/{d}/allow-renewal");
+    expect(
+        &api.post_empty(&allow(&d1), audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&allow(&d1), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&allow("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.post(&allow(&d1), b, json!({ "valid_for_hours": 0 }))
+            .await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.send("POST", &allow(&d1), b, raw("{", None), None).await,
+        400,
+        Some("invalid_json"),
+    );
+    expect(
+        &api.post_empty(&allow(&nobody.to_string()), b).await,
+        404,
+        Some("device_not_found"),
+    );
+    expect(
+        &api.send("POST", &allow(&d1), b, big_body(), None).await,
+        413,
+        None,
+    );
+    let r = api
+        .post(
+            &allow(&d1),
+            b,
+            json!({ "valid_for_hours": 2, "comment": "field swap" }),
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["device_id"], d1.as_str());
+    let r = api.get(&show(&d1), b).await;
+    expect(&r, 200, None);
+    assert!(
+        r.json["renewal_allowance"]["expires_at"].is_string(),
+        "{}",
+        r.json
+    );
+    let n = nonce(&d1).await;
+    let sig = renewal_proof(dir, &d1, &n, &new_csr, &key1);
+    let r = renew(&d1, &n, &sig, &new_csr).await;
+    expect(&r, 201, None);
+    assert_eq!(
+        (
+            r.json["previous_serial"].as_str(),
+            r.json["forced"].as_bool(),
+            r.json["rekey"].as_bool()
+        ),
+        (Some(serial1.as_str()), Some(true), Some(true))
+    );
+    let renewed = r.json["serial"].as_str().unwrap().to_string();
+    let r = api.get(&format!("/v1/admin/certs/{serial1}"), b).await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (r.json["status"].as_str(), r.json["superseded_by"].as_str()),
+        (Some("superseded"), Some(renewed.as_str()))
+    );
+    let r = api.get(&show(&d1), b).await;
+    assert_eq!(r.json["renewal_allowance"], Value::Null, "used up");
+    assert_eq!(r.json["certificates"].as_array().unwrap().len(), 2);
+
+    // ---- Suspend and resume.
+    let suspend = |d: &str| format!("{devices}/{d}/suspend");
+    let resume = |d: &str| format!("{devices}/{d}/resume");
+    let early = nonce(&d2).await;
+    expect(
+        &api.post_empty(&suspend(&d2), audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&suspend("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.post(&suspend(&d2), b, json!({ "comment": "a\u{202E}b" }))
+            .await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post_empty(&suspend(&nobody.to_string()), b).await,
+        404,
+        Some("device_not_found"),
+    );
+    expect(
+        &api.send("POST", &suspend(&d2), b, big_body(), None).await,
+        413,
+        None,
+    );
+    let r = api
+        .post(&suspend(&d2), b, json!({ "comment": "lost in transit" }))
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["status"], "suspended");
+    assert_eq!(r.json["certificates"], json!([serial2]));
+    expect(
+        &api.post_empty(&suspend(&d2), b).await,
+        409,
+        Some("already_suspended"),
+    );
+    expect(
+        &api.get(&nonce_path(&d2), None).await,
+        409,
+        Some("device_suspended"),
+    );
+    let sig = renewal_proof(dir, &d2, &early, &csr2, &key2);
+    expect(
+        &renew(&d2, &early, &sig, &csr2).await,
+        409,
+        Some("device_suspended"),
+    );
+    expect(
+        &api.post_empty(&allow(&d2), b).await,
+        409,
+        Some("device_suspended"),
+    );
+    let release = |s: &str| format!("/v1/admin/certs/{s}/release-hold");
+    let r = api.get(&format!("/v1/admin/certs/{serial2}"), b).await;
+    assert_eq!(
+        (
+            r.json["on_hold"].as_bool(),
+            r.json["revocation_reason_code"].as_u64()
+        ),
+        (Some(true), Some(6))
+    );
+    expect(
+        &api.post_empty(&release(&serial2), b).await,
+        409,
+        Some("device_suspended"),
+    );
+    expect(
+        &api.post_empty(&resume(&d1), b).await,
+        409,
+        Some("not_suspended"),
+    );
+    expect(
+        &api.post_empty(&resume(&d2), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&resume("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.post_empty(&resume(&nobody.to_string()), b).await,
+        404,
+        Some("device_not_found"),
+    );
+    expect(
+        &api.send("POST", &resume(&d2), b, big_body(), None).await,
+        413,
+        None,
+    );
+    let r = api.post_empty(&resume(&d2), b).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["status"], "active");
+
+    // ---- Revoke a device (final), in the RFC's own spelling of the reason.
+    let revoke = |d: &str| format!("{devices}/{d}/revoke");
+    expect(
+        &api.post_empty(&revoke(&d3), audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&revoke("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.post(&revoke(&d3), b, json!({ "reason": "bogus" }))
+            .await,
+        400,
+        Some("invalid_reason"),
+    );
+    expect(
+        &api.post(&revoke(&d3), b, json!({ "reason": "certificate-hold" }))
+            .await,
+        422,
+        Some("reason_not_allowed"),
+    );
+    expect(
+        &api.post_empty(&revoke(&nobody.to_string()), b).await,
+        404,
+        Some("device_not_found"),
+    );
+    expect(
+        &api.send("POST", &revoke(&d3), b, big_body(), None).await,
+        413,
+        None,
+    );
+    let r = api
+        .post(
+            &revoke(&d3),
+            b,
+            json!({ "reason": "keyCompromise", "comment": "stolen" }),
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (r.json["status"].as_str(), r.json["certificates"].clone()),
+        (Some("revoked"), json!([serial3]))
+    );
+    expect(
+        &api.post_empty(&revoke(&d3), b).await,
+        409,
+        Some("device_revoked"),
+    );
+    let r = api.get(&format!("/v1/admin/certs/{serial3}"), b).await;
+    assert_eq!(
+        (
+            r.json["revocation_reason"].as_str(),
+            r.json["revocation_reason_code"].as_u64()
+        ),
+        (Some("key-compromise"), Some(1))
+    );
+    // Its key cannot register again.
+    let r = api
+        .post(
+            "/v1/registrations",
+            None,
+            json!({ "csr": csr3, "name": "again", "group": "auto" }),
+        )
+        .await;
+    expect(&r, 403, Some("key_revoked"));
+
+    // ---- Certificates: list, show, revoke, hold and release.
+    let certs = "/v1/admin/certs";
+    let r = api
+        .get(&format!("{certs}?limit=1&status=valid"), audrey)
+        .await;
+    expect(&r, 200, None);
+    let cursor = r.json["next_cursor"].as_str().unwrap().to_string();
+    expect(
+        &api.get(&format!("{certs}?cursor={cursor}"), audrey).await,
+        200,
+        None,
+    );
+    let r = api
+        .get(&format!("{certs}?device={d1}&order=oldest"), audrey)
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["items"][0]["serial"], serial1.as_str());
+    for bad in [
+        "status=bogus",
+        "device=x",
+        "cursor=zz",
+        "limit=1001",
+        "unknown=1",
+    ] {
+        expect(
+            &api.get(&format!("{certs}?{bad}"), b).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
+    expect(
+        &api.get(&format!("{certs}/{}", serial4.to_lowercase()), audrey)
+            .await,
+        200,
+        None,
+    );
+    for missing in ["zz", "00"] {
+        expect(
+            &api.get(&format!("{certs}/{missing}"), b).await,
+            404,
+            Some("certificate_not_found"),
+        );
+    }
+    let revoke_cert = |s: &str| format!("{certs}/{s}/revoke");
+    let compromised = json!({ "reason": "key-compromise" });
+    expect(
+        &api.post(&revoke_cert(&serial4), alice, compromised.clone())
+            .await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post(&revoke_cert(&serial4), b, json!({})).await,
+        400,
+        Some("invalid_reason"),
+    );
+    expect(
+        &api.send("POST", &revoke_cert(&serial4), b, raw("{", None), None)
+            .await,
+        400,
+        Some("invalid_json"),
+    );
+    expect(
+        &api.post(&revoke_cert("00"), b, compromised.clone()).await,
+        404,
+        Some("certificate_not_found"),
+    );
+    expect(
+        &api.send("POST", &revoke_cert(&serial4), b, big_body(), None)
+            .await,
+        413,
+        None,
+    );
+    let early4 = nonce(&d4).await;
+    let r = api
+        .post(&revoke_cert(&serial4), b, compromised.clone())
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (r.json["status"].as_str(), r.json["on_hold"].as_bool()),
+        (Some("revoked"), Some(false))
+    );
+    expect(
+        &api.post(&revoke_cert(&serial4), b, compromised.clone())
+            .await,
+        409,
+        Some("certificate_not_revocable"),
+    );
+    // Its device is still active, but its certificate is revoked: no renewal.
+    let sig = renewal_proof(dir, &d4, &early4, &csr4, &key4);
+    expect(
+        &renew(&d4, &early4, &sig, &csr4).await,
+        403,
+        Some("certificate_revoked"),
+    );
+    let hold = json!({ "reason": "certificate-hold", "comment": "checking" });
+    let r = api.post(&revoke_cert(&serial5), b, hold.clone()).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["on_hold"], true);
+    expect(
+        &api.post(&revoke_cert(&serial5), b, hold).await,
+        409,
+        Some("certificate_not_revocable"),
+    );
+    expect(
+        &api.post_empty(&release(&serial5), audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post(&release(&serial5), b, json!({ "comment": "" }))
+            .await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post_empty(&release("00"), b).await,
+        404,
+        Some("certificate_not_found"),
+    );
+    expect(
+        &api.send("POST", &release(&serial5), b, big_body(), None)
+            .await,
+        413,
+        None,
+    );
+    let r = api.post_empty(&release(&serial5), b).await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (r.json["status"].as_str(), r.json["on_hold"].as_bool()),
+        (Some("valid"), Some(false))
+    );
+    expect(
+        &api.post_empty(&release(&serial5), b).await,
+        409,
+        Some("not_on_hold"),
+    );
+    d1
 }
 
 /// Candidate values for string fields: tricky Unicode, whitespace, lengths
@@ -1045,6 +1698,7 @@ async fn fuzz_request_schemas(
     alice: Option<&str>,
     p1: &str,
     p3: &str,
+    device: &str,
 ) {
     let _ = p1;
     let targets: Vec<(&str, String, Option<&str>, Value)> = vec![
@@ -1077,6 +1731,12 @@ async fn fuzz_request_schemas(
             format!("/v1/admin/registrations/{p3}/approve"),
             alice,
             json!({ "comment": "ok" }),
+        ),
+        (
+            "/v1/admin/devices/{id}/allow-renewal",
+            format!("/v1/admin/devices/{device}/allow-renewal"),
+            bootstrap,
+            json!({ "valid_for_hours": 2, "comment": "ok" }),
         ),
     ];
     let mut refused = 0;
@@ -1162,7 +1822,8 @@ async fn routes_match_the_document(api: &Api) {
     for path in &documented {
         let concrete = path
             .replace("{id}", &uuid::Uuid::new_v4().to_string())
-            .replace("{name}", "root");
+            .replace("{name}", "root")
+            .replace("{serial}", "00");
         let resp = api
             .http
             .request(reqwest::Method::PATCH, format!("{}{concrete}", api.url))
