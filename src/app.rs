@@ -418,6 +418,16 @@ impl App {
 
     /// The background jobs, one line each. The readiness cache is filled
     /// once before this returns, so `/readyz` answers from the first request.
+    /// Loads the stored CRLs and publishes every one that is missing or due,
+    /// so that the first client finds them. `serve` calls it before it
+    /// announces its address; [`App::start_jobs`] calls it again (then a
+    /// no-op unless a CRL fell due meanwhile) for embedders that skip it.
+    pub async fn prepare_revocation(&self) {
+        if let Err(e) = self.state.crls.start(self.clock.now()).await {
+            tracing::error!(code = e.code(), error = %e, "loading the stored CRLs");
+        }
+    }
+
     pub async fn start_jobs(&self) -> Scheduler {
         let s = &self.state;
         let mut jobs = Scheduler::new(self.clock.clone(), s.metrics.clone());
@@ -437,9 +447,7 @@ impl App {
             SWEEP_INTERVAL,
         )));
         // Every CA without a CRL, or whose CRL is due, gets one before serving.
-        if let Err(e) = s.crls.start(self.clock.now()).await {
-            tracing::error!(code = e.code(), error = %e, "loading the stored CRLs");
-        }
+        self.prepare_revocation().await;
         jobs.spawn(Arc::new(CrlJob::new(s.crls.clone(), CRL_CHECK_INTERVAL)));
         jobs.spawn(Arc::new(LoginFailureFlusher::new(
             self.login_failures.clone(),

@@ -660,11 +660,15 @@ async fn health_readiness_metrics_and_public_chain() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
-    // init's commits happened in another process; this daemon has committed nothing yet.
-    assert!(
-        metrics.contains("keyward_store_batch_size_count 0"),
-        "{metrics}"
-    );
+    // init's commits happened in another process; this daemon's only
+    // commits so far are its first CRLs (root and devices), published before
+    // it announced its address: one or two batches.
+    let batches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keyward_store_batch_size_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no batch count in {metrics}"));
+    assert!((1..=2).contains(&batches), "{batches} batches: {metrics}");
 }
 
 #[tokio::test]

@@ -127,6 +127,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let mut app = App::build(config).await?;
     app.check_ready_to_serve().await?;
     app.prepare_tls().await?;
+    app.prepare_revocation().await;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
