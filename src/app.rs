@@ -5,11 +5,13 @@
 use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
+use crate::ca::responder::{Responder, ResponderSettings};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig};
 use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
 use crate::jobs::login_failures::LoginFailureFlusher;
+use crate::jobs::ocsp::OcspSignerRotation;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
 use crate::keystore::metered::MeteredKeyStore;
@@ -45,6 +47,8 @@ pub struct App {
 
 /// How often the sweeper looks for pending registrations past their time.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How often OCSP signers are checked against their renewal time (days).
+const OCSP_SIGNER_INTERVAL: Duration = Duration::from_secs(15 * 60);
 
 /// Opens one configured key store. PKCS#11 tokens are opened (and logged
 /// into) now; a YubiKey is reached lazily, on first use.
@@ -192,6 +196,17 @@ impl App {
             registrations: Limit::new(l.registrations_per_source, l.registrations_window),
         };
         let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
+        let ocsp = Arc::new(Responder::new(
+            ca.clone(),
+            store.clone(),
+            clock.clone(),
+            rate_limits.limiter.clone(),
+            metrics.clone(),
+            ResponderSettings {
+                cache_entries: l.ocsp_cache_entries,
+                fresh_per_source: Limit::new(l.ocsp_fresh_per_source, l.ocsp_fresh_window),
+            },
+        ));
         Ok(Self {
             state: AppState {
                 registry,
@@ -204,6 +219,7 @@ impl App {
                 login,
                 rate_limits,
                 readiness,
+                ocsp,
             },
             limits,
             config,
@@ -264,6 +280,10 @@ impl App {
             s.store.clone(),
             s.metrics.clone(),
         )));
+        jobs.spawn(Arc::new(OcspSignerRotation::new(
+            s.ocsp.clone(),
+            OCSP_SIGNER_INTERVAL,
+        )));
         jobs
     }
 
@@ -276,6 +296,12 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
+        // Delegated OCSP signers: load the active ones, make missing ones.
+        self.state
+            .ocsp
+            .refresh_signers("system")
+            .await
+            .context("preparing the delegated OCSP signers")?;
         let jobs = self.start_jobs().await;
         let router = crate::http::router(self.state, self.limits);
         // Connect info gives handlers the TCP peer (the client address, or a

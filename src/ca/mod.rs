@@ -6,7 +6,9 @@
 //! - `issuance`: device certificates;
 //! - [`keys`]: HSM key creation with its undo and start-up reconciliation;
 //! - [`csr`], [`public_key`] and [`x509`]: the encodings;
-//! - [`crl`], [`ocsp`] and [`serial`]: revocation encodings (no store, no signer).
+//! - [`crl`], [`ocsp`] and [`serial`]: revocation encodings (no store, no signer);
+//! - [`ocsp_signer`]: the delegated OCSP signing key and certificate of each issuing CA;
+//! - [`responder`]: the OCSP responder (statuses, pre-signed cache, nonces).
 
 pub mod crl;
 pub mod csr;
@@ -15,9 +17,17 @@ mod hierarchy;
 mod issuance;
 pub mod keys;
 pub mod ocsp;
+pub mod ocsp_signer;
 pub mod public_key;
+pub mod responder;
 pub mod serial;
 pub mod x509;
+
+/// Told after a change to revocation state has committed.
+pub trait RevocationObserver: Send + Sync {
+    /// `serials` (upper-case hex) of certificates issued by `issuer_ca` whose revocation state changed.
+    fn revocation_changed(&self, issuer_ca: &str, serials: &[String]);
+}
 
 use crate::clock::Clock;
 use crate::keystore::{KeyAlgorithm, KeyHandle, KeyStore, KeyStoreError, KeyStores};

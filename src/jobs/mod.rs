@@ -17,6 +17,7 @@
 //! flusher and the readiness refresher act on their own process's state).
 
 pub mod login_failures;
+pub mod ocsp;
 pub mod readiness;
 pub mod sweeper;
 
@@ -39,6 +40,8 @@ pub enum JobError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Admin(#[from] crate::auth::AdminError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
 }
 
 impl JobError {
@@ -48,6 +51,7 @@ impl JobError {
             Self::Registry(e) => e.code(),
             Self::Store(e) => e.code(),
             Self::Admin(e) => e.code(),
+            Self::Ca(e) => e.code(),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! `promtool check metrics` lints). Metrics never carry secrets or
 //! per-device labels (unbounded cardinality, and device ids are sensitive).
 
+pub mod ocsp;
+
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -60,6 +62,7 @@ pub struct Metrics {
     pub job_last_success: IntGaugeVec,
     /// 1 when the cached readiness says ready.
     pub ready: IntGauge,
+    pub ocsp: ocsp::OcspMetrics,
 }
 
 impl Metrics {
@@ -162,7 +165,9 @@ impl Metrics {
             "ready",
             "1 if the last background readiness check found the store and the issuing key stores healthy and is recent",
         )?;
+        let ocsp = ocsp::OcspMetrics::register(&registry)?;
         Ok(Self {
+            ocsp,
             registry,
             http_requests,
             certificates_issued,
@@ -258,6 +263,12 @@ mod tests {
         m.login_failures_unaudited.set(2);
         m.job_run("sweeper", true, 1_900_000_000);
         m.ready.set(1);
+        m.ocsp.response(ocsp::OcspOutcome::Revoked);
+        m.ocsp.cache(ocsp::CacheResult::NonceIgnored);
+        m.ocsp
+            .signer_not_after
+            .with_label_values(&["devices"])
+            .set(7);
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -275,6 +286,10 @@ mod tests {
             "keyward_job_runs_total{job=\"sweeper\",result=\"ok\"} 1",
             "keyward_job_last_success_timestamp_seconds{job=\"sweeper\"} 1900000000",
             "keyward_ready 1",
+            "keyward_ocsp_responses_total{status=\"revoked\"} 1",
+            "keyward_ocsp_responses_total{status=\"good\"} 0",
+            "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
+            "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -101,6 +101,9 @@ pub enum LimitKind {
     Registrations,
     /// Failed admin logins per client address.
     AdminLoginFailures,
+    /// Freshly signed OCSP responses (nonce, several CertIDs, unknown
+    /// serials) per client address.
+    OcspFresh,
 }
 
 impl LimitKind {
@@ -108,6 +111,7 @@ impl LimitKind {
         match self {
             Self::Registrations => "registrations",
             Self::AdminLoginFailures => "admin_login_failures",
+            Self::OcspFresh => "ocsp_fresh",
         }
     }
 
@@ -115,6 +119,7 @@ impl LimitKind {
         match self {
             Self::Registrations => "registration submissions",
             Self::AdminLoginFailures => "failed admin logins",
+            Self::OcspFresh => "freshly signed OCSP responses",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Route table.
 
 mod admin;
+mod ocsp;
 mod public;
 mod registrations;
 mod roster;
@@ -28,6 +29,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
             post(registrations::confirm_credentials),
         )
         .route("/v1/ca/{name}/chain", get(public::ca_chain))
+        .route("/v1/ocsp", post(ocsp::post))
+        .route("/v1/ocsp/{*request}", get(ocsp::get))
         .route("/v1/admin/registrations", get(admin::list_registrations))
         .route(
             "/v1/admin/registrations/{id}",
