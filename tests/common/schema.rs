@@ -309,6 +309,14 @@ impl Doc {
                 content.keys().collect::<Vec<_>>()
             ));
         };
+        if media["schema"]["format"] == "binary" {
+            // Binary bodies (DER): present, and not mistaken for JSON.
+            return if body.is_empty() {
+                Err("empty binary body".into())
+            } else {
+                Ok(())
+            };
+        }
         let value: Value = if got == "application/json" {
             serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?
         } else {
