@@ -126,6 +126,12 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     }
     let app = App::build(config).await?;
     app.check_ready_to_serve().await?;
+    // Before listening, so the first OCSP request finds its signer.
+    app.state
+        .ocsp
+        .refresh_signers("system")
+        .await
+        .context("preparing the delegated OCSP signers")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
