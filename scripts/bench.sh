@@ -3,7 +3,10 @@
 # issuance through the HTTP API of a real `keyward serve` (release build) at
 # concurrency 1/16/64, and the cost of the signature check on every issued
 # certificate. The benchmark sets up its own token, config and daemon in a
-# temp dir (benches/issuance.rs). Appends results to BENCHMARKS.md.
+# temp dir (benches/issuance.rs). Then the OCSP responder: responses/s from
+# the pre-signed cache and with a nonce (signed in SoftHSM2) at concurrency
+# 16, p50/p99, against its own daemon (benches/ocsp.rs). Appends results to
+# BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +17,7 @@ source scripts/lib.sh
 ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
 echo "==> building (release)"
-cargo bench --bench issuance --no-run
+cargo bench --bench issuance --bench ocsp --no-run
 
 cargo bench --bench issuance -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
+cargo bench --bench ocsp -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
