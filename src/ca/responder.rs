@@ -389,6 +389,14 @@ impl Responder {
         }
     }
 
+    /// The answer to a body that was cut off at the size limit (never parsed).
+    pub fn too_large(&self, size: usize) -> OcspAnswer {
+        self.refuse(&OcspError::TooLarge {
+            size,
+            limit: MAX_REQUEST_BYTES,
+        })
+    }
+
     fn rate_limited(&self, retry_after: Duration) -> OcspAnswer {
         self.metrics.ocsp.response(OcspOutcome::TryLater);
         OcspAnswer {
@@ -684,5 +692,50 @@ impl RevocationObserver for Responder {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> CacheKey {
+        CacheKey {
+            issuer: 0,
+            hash: HashAlgorithm::Sha1,
+            serial: Serial::from_bytes(&i.to_be_bytes()).unwrap(),
+        }
+    }
+
+    fn entry(next_update: i64) -> Cached {
+        Cached {
+            body: Bytes::from_static(b"r"),
+            refresh_at: next_update - 1,
+            next_update,
+            outcome: OcspOutcome::Good,
+        }
+    }
+
+    #[test]
+    fn the_cache_stays_bounded_and_drops_expired_entries_first() {
+        let cache = Cache::new(64 * SHARDS);
+        let cap = cache.per_shard * SHARDS;
+        for i in 0..10_000 {
+            cache.insert_if(key(i), entry(100), 0, || true);
+        }
+        assert!(cache.len() <= cap, "{} > {cap}", cache.len());
+        // At time 200 every entry has expired: a full shard drops them all
+        // rather than one live entry.
+        for i in 20_000..20_064 {
+            cache.insert_if(key(i), entry(1_000), 200, || true);
+        }
+        assert!((20_000..20_064).all(|i| cache.get(&key(i)).is_some()));
+        // An invalidation between the status read and the insert wins.
+        cache.insert_if(key(7), entry(1_000), 0, || false);
+        cache.remove(&key(7));
+        cache.insert_if(key(7), entry(1_000), 0, || false);
+        assert!(cache.get(&key(7)).is_none());
+        cache.clear();
+        assert_eq!(cache.len(), 0);
     }
 }

@@ -39,11 +39,8 @@ pub async fn post(
     // One byte over the limit is enough for the responder to say "too large".
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BYTES + 1).await {
         Ok(b) => b,
-        Err(_) => {
-            // Over the limit (or the client went away): too large either way.
-            let oversized = vec![0u8; MAX_REQUEST_BYTES + 1];
-            return send(state.ocsp.respond(RequestForm::Der(&oversized), None).await);
-        }
+        // Over the limit (or the client went away): too large either way.
+        Err(_) => return send(state.ocsp.too_large(MAX_REQUEST_BYTES + 1)),
     };
     send(state.ocsp.respond(RequestForm::Der(&bytes), client.0).await)
 }
