@@ -5,7 +5,10 @@
 # certificate. The benchmark sets up its own token, config and daemon in a
 # temp dir (benches/issuance.rs). Then the CRL case: 100,000 revoked
 # certificates in the store, one CRL published (read, encode, HSM sign,
-# verify, commit) several times (benches/revocation.rs). Appends results to
+# verify, commit) several times (benches/revocation.rs). Then the OCSP
+# responder: responses/s from the pre-signed cache and with a nonce (signed
+# in SoftHSM2) at concurrency 16, p50/p99, against its own daemon
+# (benches/ocsp.rs). Appends results to
 # BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
 set -euo pipefail
@@ -17,9 +20,12 @@ source scripts/lib.sh
 ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
 echo "==> building (release)"
-cargo bench --bench issuance --bench revocation --no-run
+cargo bench --bench issuance --bench revocation --bench ocsp --no-run
 
 cargo bench --bench issuance -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
 
 echo "==> CRL with 100,000 entries"
 cargo bench --bench revocation -- --entries 100000 --runs 5 --out "$PWD/BENCHMARKS.md"
+
+echo "==> OCSP responder"
+cargo bench --bench ocsp -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"

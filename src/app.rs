@@ -6,6 +6,7 @@ use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
 use crate::ca::CaService;
 use crate::ca::crls::CrlPublisher;
+use crate::ca::responder::{Responder, ResponderSettings};
 use crate::ca::tls_server::TlsServerProfile;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig, TlsSource};
@@ -13,6 +14,7 @@ use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
 use crate::jobs::crl::CrlJob;
 use crate::jobs::login_failures::LoginFailureFlusher;
+use crate::jobs::ocsp::OcspSignerRotation;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
 use crate::jobs::tls_renewal::{TlsRenewal, serving_key};
@@ -192,6 +194,8 @@ async fn prepare_tls(
 
 /// How often the sweeper looks for pending registrations past their time.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How often OCSP signers are checked against their renewal time (days).
+const OCSP_SIGNER_INTERVAL: Duration = Duration::from_secs(15 * 60);
 
 /// How often the CRL job looks for CRLs near their nextUpdate (revocations
 /// wake it earlier).
@@ -355,6 +359,19 @@ impl App {
             renewals: Limit::new(l.renewals_per_source, l.renewals_window),
         };
         let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
+        let ocsp = Arc::new(Responder::new(
+            ca.clone(),
+            store.clone(),
+            clock.clone(),
+            rate_limits.limiter.clone(),
+            metrics.clone(),
+            ResponderSettings {
+                cache_entries: l.ocsp_cache_entries,
+                fresh_per_source: Limit::new(l.ocsp_fresh_per_source, l.ocsp_fresh_window),
+            },
+        ));
+        // Revocations reach the responder's cache as they commit.
+        ca.add_revocation_observer(ocsp.clone());
         Ok(Self {
             state: AppState {
                 registry,
@@ -368,6 +385,7 @@ impl App {
                 login,
                 rate_limits,
                 readiness,
+                ocsp,
             },
             limits,
             config,
@@ -457,6 +475,10 @@ impl App {
         if let Some(renewal) = self.tls.as_ref().and_then(|t| t.renewal.clone()) {
             jobs.spawn(renewal);
         }
+        jobs.spawn(Arc::new(OcspSignerRotation::new(
+            s.ocsp.clone(),
+            OCSP_SIGNER_INTERVAL,
+        )));
         jobs
     }
 
@@ -469,6 +491,12 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
+        // Delegated OCSP signers: load the active ones, make missing ones.
+        self.state
+            .ocsp
+            .refresh_signers("system")
+            .await
+            .context("preparing the delegated OCSP signers")?;
         let jobs = self.start_jobs().await;
         let router = crate::http::router(self.state, self.limits);
         let served = match self.tls {

@@ -228,6 +228,12 @@ pub struct LimitsConfig {
     pub login_failure_audit_window: Duration,
     /// `/readyz` is false when the last background check is older.
     pub readiness_max_age: Duration,
+    /// Freshly signed OCSP responses (nonce, several CertIDs, unknown
+    /// serials) per source (1..=1000000) per window (at least 1 s).
+    pub ocsp_fresh_per_source: u32,
+    pub ocsp_fresh_window: Duration,
+    /// Pre-signed OCSP responses kept in memory (16..=10000000).
+    pub ocsp_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -545,6 +551,25 @@ impl Builder<'_> {
                 "limits.readiness_max_age_secs",
                 l.readiness_max_age_secs,
                 30,
+            )?,
+            ocsp_fresh_per_source: self.range(
+                "limits.ocsp_fresh_per_source",
+                l.ocsp_fresh_per_source,
+                60,
+                1,
+                1_000_000,
+            )?,
+            ocsp_fresh_window: self.seconds(
+                "limits.ocsp_fresh_window_secs",
+                l.ocsp_fresh_window_secs,
+                60,
+            )?,
+            ocsp_cache_entries: self.range(
+                "limits.ocsp_cache_entries",
+                l.ocsp_cache_entries,
+                100_000,
+                16,
+                10_000_000,
             )?,
         };
         Ok(Config {
@@ -1177,6 +1202,9 @@ management_key_env = "KW_MGM"
                 tracked_sources: 100_000,
                 login_failure_audit_window: Duration::from_secs(60),
                 readiness_max_age: Duration::from_secs(30),
+                ocsp_fresh_per_source: 60,
+                ocsp_fresh_window: Duration::from_secs(60),
+                ocsp_cache_entries: 100_000,
             }
         );
         let c = parse(&format!(

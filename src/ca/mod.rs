@@ -20,6 +20,8 @@
 //! service: they sign with its issuers, read its policies, and the observer
 //! list must see every path that changes revocation state, which is
 //! simplest when one type owns all of them.
+//! - [`ocsp_signer`]: the delegated OCSP signing key and certificate of each issuing CA;
+//! - [`responder`]: the OCSP responder (statuses, pre-signed cache, nonces).
 
 pub mod crl;
 pub mod crls;
@@ -30,8 +32,10 @@ mod issuance;
 pub mod keys;
 pub mod lifecycle;
 pub mod ocsp;
+pub mod ocsp_signer;
 pub mod public_key;
 pub mod renewal;
+pub mod responder;
 pub mod revocation;
 pub mod serial;
 pub mod tls_server;

@@ -128,6 +128,12 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     app.check_ready_to_serve().await?;
     app.prepare_tls().await?;
     app.prepare_revocation().await;
+    // Before listening, so the first OCSP request finds its signer.
+    app.state
+        .ocsp
+        .refresh_signers("system")
+        .await
+        .context("preparing the delegated OCSP signers")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

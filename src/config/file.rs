@@ -37,6 +37,9 @@ pub(super) struct Limits {
     pub tracked_sources: Option<usize>,
     pub login_failure_audit_window_secs: Option<u64>,
     pub readiness_max_age_secs: Option<u64>,
+    pub ocsp_fresh_per_source: Option<u32>,
+    pub ocsp_fresh_window_secs: Option<u64>,
+    pub ocsp_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

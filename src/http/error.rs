@@ -84,12 +84,31 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status of an OCSP answer (the body is always an OCSPResponse).
+/// RFC 6960 clients read the OCSP status from a 200; keyward keeps 200 for
+/// signed answers and `unauthorized` (the RFC's answer for an issuer it does
+/// not serve), and sends bad input as 400/413 with the OCSP
+/// `malformedRequest` body, so that the refusal is visible to HTTP tooling
+/// too; the stable code is in the `Keyward-Error-Code` header.
+pub fn ocsp_status(refused: Option<crate::ca::responder::Refusal>) -> StatusCode {
+    use crate::ca::responder::Refusal;
+    match refused {
+        None | Some(Refusal::Unauthorized) => StatusCode::OK,
+        Some(Refusal::Malformed) => StatusCode::BAD_REQUEST,
+        Some(Refusal::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+        Some(Refusal::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+        Some(Refusal::TryLater) => StatusCode::SERVICE_UNAVAILABLE,
+        Some(Refusal::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// Gives the framework's own error answers our error body: an unmatched
 /// path (404 `route_not_found`), a method the path does not route (405
 /// `method_not_allowed`, with its `Allow` header), a request that ran out of
 /// time (408), a body too large for a raw-bytes extractor (413). Every
 /// error a client sees then has one shape, as the OpenAPI document says.
-/// Answers that already carry JSON are left alone.
+/// Answers that already carry JSON, and OCSP answers (whose body is the
+/// OCSP status a client reads), are left alone.
 pub async fn json_error_bodies(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -100,7 +119,7 @@ pub async fn json_error_bodies(
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .is_some_and(|v| v.starts_with("application/json") || v == "application/ocsp-response");
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return resp;
     }

@@ -50,6 +50,8 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     /// Health as last checked by the readiness job; `/readyz` reads only this.
     pub readiness: Arc<Readiness>,
+    /// The OCSP responder (`/v1/ocsp`).
+    pub ocsp: Arc<crate::ca::responder::Responder>,
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

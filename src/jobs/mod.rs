@@ -18,6 +18,7 @@
 
 pub mod crl;
 pub mod login_failures;
+pub mod ocsp;
 pub mod readiness;
 pub mod sweeper;
 pub mod tls_renewal;

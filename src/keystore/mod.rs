@@ -32,21 +32,24 @@ use serde::Serialize;
 use std::fmt;
 use std::sync::Arc;
 
-/// The configured key stores by name; `default` always exists.
+/// The configured key stores by name; `default` always exists. Cloning is
+/// one reference count (the HTTP state that holds it is cloned per request).
 #[derive(Clone)]
 pub struct KeyStores {
-    stores: BTreeMap<String, Arc<dyn KeyStore>>,
+    stores: Arc<BTreeMap<String, Arc<dyn KeyStore>>>,
 }
 
 impl KeyStores {
     pub fn new(default: Arc<dyn KeyStore>) -> Self {
         let mut stores = BTreeMap::new();
         stores.insert(crate::model::DEFAULT_KEYSTORE.to_string(), default);
-        Self { stores }
+        Self {
+            stores: Arc::new(stores),
+        }
     }
 
     pub fn insert(&mut self, name: &str, ks: Arc<dyn KeyStore>) {
-        self.stores.insert(name.to_string(), ks);
+        Arc::make_mut(&mut self.stores).insert(name.to_string(), ks);
     }
 
     pub fn get(&self, name: &str) -> Result<&Arc<dyn KeyStore>, KeyStoreError> {

@@ -2,6 +2,8 @@
 //! `promtool check metrics` lints). Metrics never carry secrets or
 //! per-device labels (unbounded cardinality, and device ids are sensitive).
 
+pub mod ocsp;
+
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -66,6 +68,7 @@ pub struct Metrics {
     pub crl_entries: IntGaugeVec,
     /// CRL publications that failed (HSM, store, signature check), by CA.
     pub crl_publish_failures: IntCounterVec,
+    pub ocsp: ocsp::OcspMetrics,
 }
 
 impl Metrics {
@@ -189,7 +192,9 @@ impl Metrics {
             "CRL publications that failed (HSM, store or signature check), by CA",
             &["ca"],
         )?;
+        let ocsp = ocsp::OcspMetrics::register(&registry)?;
         Ok(Self {
+            ocsp,
             registry,
             http_requests,
             certificates_issued,
@@ -295,6 +300,12 @@ mod tests {
             .set(1_900_086_400);
         m.crl_entries.with_label_values(&["devices"]).set(2);
         m.crl_publish_failures.with_label_values(&["root"]).inc();
+        m.ocsp.response(ocsp::OcspOutcome::Revoked);
+        m.ocsp.cache(ocsp::CacheResult::NonceIgnored);
+        m.ocsp
+            .signer_not_after
+            .with_label_values(&["devices"])
+            .set(7);
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -316,6 +327,10 @@ mod tests {
             "keyward_crl_next_update_timestamp_seconds{ca=\"devices\"} 1900086400",
             "keyward_crl_entries{ca=\"devices\"} 2",
             "keyward_crl_publish_failures_total{ca=\"root\"} 1",
+            "keyward_ocsp_responses_total{status=\"revoked\"} 1",
+            "keyward_ocsp_responses_total{status=\"good\"} 0",
+            "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
+            "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

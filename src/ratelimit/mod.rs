@@ -103,6 +103,9 @@ pub enum LimitKind {
     AdminLoginFailures,
     /// Renewal nonces and renewals per client address.
     Renewals,
+    /// Freshly signed OCSP responses (nonce, several CertIDs, unknown
+    /// serials) per client address.
+    OcspFresh,
 }
 
 impl LimitKind {
@@ -111,6 +114,7 @@ impl LimitKind {
             Self::Registrations => "registrations",
             Self::AdminLoginFailures => "admin_login_failures",
             Self::Renewals => "renewals",
+            Self::OcspFresh => "ocsp_fresh",
         }
     }
 
@@ -119,6 +123,7 @@ impl LimitKind {
             Self::Registrations => "registration submissions",
             Self::AdminLoginFailures => "failed admin logins",
             Self::Renewals => "renewal requests",
+            Self::OcspFresh => "freshly signed OCSP responses",
         }
     }
 }

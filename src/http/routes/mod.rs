@@ -4,6 +4,7 @@ mod admin;
 mod crl;
 mod devices;
 mod lifecycle;
+mod ocsp;
 mod public;
 mod registrations;
 mod roster;
@@ -76,6 +77,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/v1/ca/{name}/crl", get(crl::get_crl))
         .route("/v1/ca/{name}/certificate", get(crl::get_certificate))
         .route("/v1/admin/cas/{name}/crl", post(crl::publish_crl))
+        .route("/v1/ocsp", post(ocsp::post))
+        .route("/v1/ocsp/{*request}", get(ocsp::get))
         .route("/v1/admin/registrations", get(admin::list_registrations))
         .route(
             "/v1/admin/registrations/{id}",

@@ -1,0 +1,45 @@
+//! OCSP signer rotation: each tick loads or makes a missing delegated
+//! signer and replaces one that policy says is due
+//! (`now >= not_after - ocsp_signer_renew_before_days`); see
+//! [`crate::ca::responder::Responder::refresh_signers`].
+
+use super::{Job, JobError};
+use crate::ca::responder::Responder;
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+pub struct OcspSignerRotation {
+    responder: Arc<Responder>,
+    interval: Duration,
+}
+
+impl OcspSignerRotation {
+    pub fn new(responder: Arc<Responder>, interval: Duration) -> Self {
+        Self {
+            responder,
+            interval,
+        }
+    }
+}
+
+#[async_trait]
+impl Job for OcspSignerRotation {
+    fn name(&self) -> &'static str {
+        "ocsp_signer_rotation"
+    }
+
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    async fn tick(&self, _now: OffsetDateTime) -> Result<(), JobError> {
+        // The responder reads the same clock the scheduler passes `now` from.
+        let changed = self.responder.refresh_signers("system").await?;
+        if !changed.is_empty() {
+            tracing::info!(cas = ?changed, "OCSP signers replaced");
+        }
+        Ok(())
+    }
+}
