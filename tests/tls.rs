@@ -558,7 +558,10 @@ fn bad_tls_configs_are_refused_naming_the_key() {
     );
     // Nothing was issued by the refused starts.
     assert_eq!(
-        sql::<i64>(&env, "SELECT COUNT(*) FROM service_certificates"),
+        sql::<i64>(
+            &env,
+            "SELECT COUNT(*) FROM service_certificates WHERE purpose = 'tls-server'"
+        ),
         0
     );
     assert_eq!(
@@ -702,7 +705,10 @@ fn issue_mode_serves_a_certificate_from_keywards_ca_with_the_key_in_the_hsm() {
         ),
         1
     );
-    let serial: String = sql(&env, "SELECT serial FROM service_certificates");
+    let serial: String = sql(
+        &env,
+        "SELECT serial FROM service_certificates WHERE purpose = 'tls-server'",
+    );
     let fp: String = sql(
         &env,
         &format!("SELECT fingerprint FROM certificates WHERE serial = '{serial}'"),
@@ -747,7 +753,10 @@ fn issue_mode_serves_a_certificate_from_keywards_ca_with_the_key_in_the_hsm() {
     let again = served_text(&host_port(&daemon.url), &root);
     assert!(again.to_ascii_lowercase().replace(':', "").contains(&fp));
     assert_eq!(
-        sql::<i64>(&env, "SELECT COUNT(*) FROM service_certificates"),
+        sql::<i64>(
+            &env,
+            "SELECT COUNT(*) FROM service_certificates WHERE purpose = 'tls-server'"
+        ),
         1
     );
 }
