@@ -1,7 +1,8 @@
 //! A relying party end to end: a real Mosquitto broker, started by the test on
 //! a free loopback port with a TLS listener that requires client
 //! certificates, trusts keyward's chain and reads keyward's CRL file. Devices
-//! connect with the stock `mosquitto_pub`.
+//! connect with the stock `mosquitto_pub`; `openssl ocsp` asks keyward's
+//! OCSP responder about the same certificates.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,6 +13,39 @@ use common::{Env, call, client, issue_device};
 use mosquitto::Broker;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// `openssl ocsp` for `cert` against keyward's responder; returns its output.
+fn openssl_ocsp(url: &str, issuer: &Path, root: &Path, cert: &Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(issuer)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-CAfile")
+        .arg(root)
+        .args(["-url", &format!("{url}/v1/ocsp")])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Splits a chain file (issuing CA first, root last) into two PEM files.
+fn split_chain(chain: &Path, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let text = std::fs::read_to_string(chain).unwrap();
+    let certs: Vec<&str> = text
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .collect();
+    assert_eq!(certs.len(), 2, "{text}");
+    (
+        common::write(dir, "issuing.pem", certs[0]),
+        common::write(dir, "root.pem", certs[1]),
+    )
+}
 
 /// Fetches `/v1/ca/{ca}/crl` as PEM into `path`; returns its CRL number.
 async fn fetch_crl_pem(url: &str, ca: &str, path: &Path) -> String {
@@ -97,6 +131,14 @@ async fn mosquitto_accepts_an_issued_device_and_refuses_it_once_revoked() {
         "a foreign certificate must be refused"
     );
 
+    // keyward's OCSP responder agrees, as the stock client sees it (the
+    // response signed by the delegated signer, the nonce checked).
+    let (issuing, root) = split_chain(&device.chain, env.dir.path());
+    let ocsp = openssl_ocsp(&url, &issuing, &root, &device.cert);
+    assert!(ocsp.contains("Response verify OK"), "{ocsp}");
+    assert!(ocsp.contains(": good"), "{ocsp}");
+    assert!(!ocsp.contains("WARNING"), "no nonce warning: {ocsp}");
+
     // Revoke with the operator CLI; the CRL keyward publishes names it.
     let revoke = env
         .keyward()
@@ -160,6 +202,15 @@ async fn mosquitto_accepts_an_issued_device_and_refuses_it_once_revoked() {
         "an unrevoked device must still publish: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // OCSP says revoked, with the reason, at once (the responder is told
+    // of the revocation as it commits).
+    let ocsp = openssl_ocsp(&url, &issuing, &root, &device.cert);
+    assert!(ocsp.contains("Response verify OK"), "{ocsp}");
+    assert!(ocsp.contains(": revoked"), "{ocsp}");
+    assert!(ocsp.contains("Reason: keyCompromise"), "{ocsp}");
+    let ocsp = openssl_ocsp(&url, &issuing, &root, &other.cert);
+    assert!(ocsp.contains(": good"), "{ocsp}");
 
     // keyward recorded the revocation.
     let (status, v) = call(
