@@ -763,8 +763,11 @@ fn issue_mode_serves_a_certificate_from_keywards_ca_with_the_key_in_the_hsm() {
 
 /// mTLS with device certificates issued by keyward: with client_auth =
 /// "required" a client without a certificate is refused and an enrolled
-/// device gets in; once its certificate is revoked or on hold in the store,
-/// the same device is refused at the handshake.
+/// device gets in; then (client_auth "optional", so the admin CLI can reach
+/// it) `keyward devices suspend` refuses the device at the handshake and
+/// `resume` lets it back, a renewal authenticated by the TLS client
+/// certificate alone succeeds, and after `keyward devices revoke` neither
+/// the renewed nor the superseded certificate gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_auth_admits_keyward_devices_and_refuses_others_at_the_handshake() {
     let env = Env::new();
@@ -887,25 +890,137 @@ async fn client_auth_admits_keyward_devices_and_refuses_others_at_the_handshake(
         "a foreign certificate got in: {out}"
     );
 
-    // Revocation state from the store, checked at each handshake. (The
-    // revocation routes come separately; the rows are set here directly.)
-    let db = rusqlite::Connection::open(&env.db).unwrap();
-    let device_serial: String = db
-        .query_row(
-            "SELECT serial FROM certificates WHERE device_id IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    for reason in ["certificate-hold", "key-compromise"] {
-        db.execute(
-            "UPDATE certificates SET status = 'revoked', revocation_reason = ?1, revoked_at = 1 WHERE serial = ?2",
-            rusqlite::params![reason, device_serial],
-        )
-        .unwrap();
-        let (_, out) = s_client(&addr, &device_args);
-        assert!(!out.contains("HTTP/1.1 200"), "{reason}: admitted: {out}");
-        assert!(out.contains("certificate revoked"), "{reason}: {out}");
+    // Revocation state is checked at each handshake, changed the way an
+    // operator changes it: the CLI over HTTPS. Admins authenticate by token,
+    // not certificate, so the operator runs client authentication
+    // `optional`: a certificate, when presented, must still pass.
+    drop(daemon);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("client_auth = \"required\"", "client_auth = \"optional\""),
+    )
+    .unwrap();
+    let daemon = env.serve();
+    let addr = host_port(&daemon.url);
+    let (_, reg) = https_call(
+        &http,
+        reqwest::Method::GET,
+        &format!("{}/v1/admin/registrations/{id}", daemon.url),
+        Some(&bootstrap),
+        None,
+    )
+    .await;
+    let device_id = reg["device_id"].as_str().unwrap().to_string();
+    let cli = |args: &[&str]| {
+        let out = env
+            .keyward()
+            .env("KEYWARD_URL", &daemon.url)
+            .env("KEYWARD_TOKEN", &bootstrap)
+            .env("KEYWARD_CA_CERT", &root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    };
+    cli(&["devices", "suspend", &device_id]);
+    let (_, out) = s_client(&addr, &device_args);
+    assert!(!out.contains("HTTP/1.1 200"), "suspended: admitted: {out}");
+    assert!(out.contains("certificate revoked"), "suspended: {out}");
+    cli(&["devices", "resume", &device_id]);
+    let (ok, out) = s_client(&addr, &device_args);
+    assert!(
+        ok && out.contains("HTTP/1.1 200"),
+        "resumed: refused: {out}"
+    );
+
+    // Renewal authenticated by the TLS client certificate alone (no nonce):
+    // early, so an admin allows it first; curl is the device.
+    cli(&["devices", "allow-renewal", &device_id]);
+    let csr = env.path("renew.csr");
+    openssl(
+        env.dir.path(),
+        &[
+            "req",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            &format!("/CN={device_id}"),
+            "-out",
+            csr.to_str().unwrap(),
+        ],
+    );
+    let body = serde_json::json!({ "csr": std::fs::read_to_string(&csr).unwrap() }).to_string();
+    let renew_url = format!("{}/v1/devices/{device_id}/renew", daemon.url);
+    let (ok, answer) = curl(
+        &[
+            "--cacert",
+            root.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "-H",
+            "content-type: application/json",
+            "-X",
+            "POST",
+            "-d",
+            &body,
+        ],
+        &renew_url,
+    );
+    assert!(ok, "{answer}");
+    let renewed: serde_json::Value =
+        serde_json::from_str(&answer).unwrap_or_else(|_| panic!("{answer}"));
+    assert_eq!(renewed["forced"], true, "{renewed}");
+    assert_eq!(renewed["rekey"], false, "{renewed}");
+    let new_cert = common::write(
+        env.dir.path(),
+        "renewed.pem",
+        renewed["certificate_pem"].as_str().unwrap(),
+    );
+    let new_args = [
+        "-CAfile",
+        root.to_str().unwrap(),
+        "-cert",
+        new_cert.to_str().unwrap(),
+        "-key",
+        key.to_str().unwrap(),
+    ];
+    let (ok, out) = s_client(&addr, &new_args);
+    assert!(
+        ok && out.contains("HTTP/1.1 200"),
+        "renewed certificate refused: {out}"
+    );
+    // Without a client certificate and without a nonce: no proof.
+    let (ok, answer) = curl(
+        &[
+            "--cacert",
+            root.to_str().unwrap(),
+            "-H",
+            "content-type: application/json",
+            "-X",
+            "POST",
+            "-d",
+            &body,
+        ],
+        &renew_url,
+    );
+    assert!(ok && answer.contains("proof_required"), "{answer}");
+
+    // Revoked: neither the new certificate nor the superseded one gets in.
+    cli(&[
+        "devices",
+        "revoke",
+        &device_id,
+        "--reason",
+        "key-compromise",
+    ]);
+    for (name, args) in [("renewed", &new_args), ("superseded", &device_args)] {
+        let (_, out) = s_client(&addr, args);
+        assert!(!out.contains("HTTP/1.1 200"), "{name}: admitted: {out}");
+        assert!(out.contains("certificate revoked"), "{name}: {out}");
     }
 }
 
