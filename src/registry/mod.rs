@@ -147,8 +147,13 @@ impl RegistryService {
                     .join(", "),
             });
         }
-        self.refuse_revoked_key(&verified).await?;
         let now = self.clock.now().unix_timestamp();
+        // A revoked or suspended device cannot register again under the
+        // same identity (its key): checked inside the commit, so a
+        // revocation landing meanwhile cannot slip between check and insert.
+        let key_guard = Write::RefuseRevokedKey {
+            spki_sha256: crate::ca::spki_sha256(&verified.spki_der),
+        };
         let secret = new_secret("kwr_")?;
         let id = Uuid::now_v7();
         let device_id = Uuid::now_v7();
@@ -195,6 +200,7 @@ impl RegistryService {
             reg.certificate_serial = Some(issued.record.serial.clone());
             let issue_event = self.issue_event(&reg, &issued.record, sub.client_addr.as_deref());
             Change::new()
+                .write(key_guard)
                 .write(Write::InsertRegistration {
                     record: reg.clone(),
                     max_pending_in_group: None,
@@ -214,6 +220,7 @@ impl RegistryService {
                 .audit(issue_event)
         } else {
             Change::new()
+                .write(key_guard)
                 .write(Write::InsertRegistration {
                     record: reg.clone(),
                     max_pending_in_group: Some(group.max_pending),
@@ -227,6 +234,7 @@ impl RegistryService {
                     limit,
                 }
             }
+            StoreError::Conflict(Conflict::KeyRevoked) => RegistryError::KeyRevoked,
             other => other.into(),
         })?;
         self.metrics

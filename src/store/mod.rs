@@ -43,6 +43,10 @@ pub enum Conflict {
     /// The row the write refers to does not exist.
     #[error("{entity} {id} not found")]
     Missing { entity: &'static str, id: String },
+    /// The public key belongs to a revoked or suspended device, or to a
+    /// certificate revoked for good ([`Write::RefuseRevokedKey`]).
+    #[error("the public key is revoked")]
+    KeyRevoked,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +257,13 @@ pub enum Write {
     ExpireAdminRequest {
         id: Uuid,
         at: i64,
+    },
+    /// A guard, checked inside the transaction: conflicts with `KeyRevoked`
+    /// if a certificate of this public key (SHA-256 of its SPKI, lower-case
+    /// hex) is revoked other than by a hold, or belongs to a device that is
+    /// suspended or revoked. Writes nothing.
+    RefuseRevokedKey {
+        spki_sha256: String,
     },
     /// A renewal: marks `serial` `superseded` by `by` (inserted in the same
     /// change). Conflicts unless the certificate is `valid`.

@@ -2925,3 +2925,67 @@ pub async fn renewal_allowances_are_granted_replaced_and_used_once(cx: Cx) {
     assert_eq!(u8::from(x.is_ok()) + u8::from(y.is_ok()), 1, "{x:?} {y:?}");
     assert_eq!(s.renewal_allowance(d.id).await.unwrap(), None);
 }
+
+pub async fn revoked_keys_are_refused_inside_the_transaction(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let d = device("g");
+    let guard = |serial: &str| Write::RefuseRevokedKey {
+        spki_sha256: certificate(serial, k.id, None).spki_sha256.unwrap(),
+    };
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertDevice(d.clone()),
+            Write::InsertCertificate(certificate("0F01", k.id, Some(d.id))),
+            Write::InsertCertificate(certificate("0F02", k.id, Some(d.id))),
+            Write::InsertCertificate(certificate("0F03", k.id, None)),
+        ],
+    )
+    .await;
+    // Unknown keys and keys of active devices pass (the guard writes nothing).
+    let before = snapshot(s).await;
+    s.commit(Change::new().write(guard("0FFF")).audit(ev("guard")))
+        .await
+        .unwrap();
+    s.commit(Change::new().write(guard("0F01")).audit(ev("guard")))
+        .await
+        .unwrap();
+    assert_eq!(snapshot(s).await.0, before.0);
+    // A hold alone does not bar the key; a permanent revocation does.
+    ok(
+        s,
+        Write::RevokeCertificate {
+            serial: "0F03".into(),
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 1,
+        },
+    )
+    .await;
+    ok(s, guard("0F03")).await;
+    ok(
+        s,
+        Write::RevokeCertificate {
+            serial: "0F03".into(),
+            reason: RevocationReason::KeyCompromise,
+            at: T0 + 2,
+        },
+    )
+    .await;
+    assert_eq!(refused(s, guard("0F03")).await, Conflict::KeyRevoked);
+    // A suspended device bars all of its keys, even unrevoked ones.
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: d.id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Suspended,
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 3,
+        },
+    )
+    .await;
+    assert_eq!(refused(s, guard("0F01")).await, Conflict::KeyRevoked);
+    assert_eq!(refused(s, guard("0F02")).await, Conflict::KeyRevoked);
+}

@@ -504,6 +504,21 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 other => other,
             })?;
         }
+        Write::RefuseRevokedKey { spki_sha256 } => {
+            let barred: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM certificates c LEFT JOIN devices d ON d.id = c.device_id
+                     WHERE c.spki_sha256 = ?1
+                       AND ((c.status = 'revoked' AND c.revocation_reason IS NOT 'certificate-hold')
+                            OR d.status IN ('suspended', 'revoked')))",
+                )
+                .map_err(db)?
+                .query_row(params![spki_sha256], |r| r.get(0))
+                .map_err(db)?;
+            if barred {
+                return Err(Conflict::KeyRevoked.into());
+            }
+        }
         Write::SupersedeCertificate { serial, by, at } => {
             let _ = at;
             let n = tx
