@@ -490,7 +490,9 @@ impl RegistryService {
             Decision::Approve => {
                 let profile = self.profile(group)?;
                 let verified = csr::verify(&reg.csr_der)?;
-                // The key's device may have been revoked since submission.
+                // The key's device may have been revoked since submission:
+                // checked before signing (no HSM work for a barred key) and
+                // again inside the commit (no revocation slips in between).
                 self.refuse_revoked_key(&verified).await?;
                 let issued = self
                     .ca
@@ -501,6 +503,9 @@ impl RegistryService {
                 updated.certificate_serial = Some(issued.record.serial.clone());
                 let issue_event = self.issue_event(&updated, &issued.record, source);
                 Change::new()
+                    .write(Write::RefuseRevokedKey {
+                        spki_sha256: crate::ca::spki_sha256(&verified.spki_der),
+                    })
                     .write(record)
                     .write(Write::SetRegistrationStatus {
                         id,
@@ -515,11 +520,12 @@ impl RegistryService {
                     .audit(issue_event)
             }
         };
-        // Conflicts go back to `decide` as they are, to be retried.
-        self.store
-            .commit(change)
-            .await
-            .map_err(RegistryError::Store)?;
+        // Conflicts go back to `decide` as they are, to be retried; a barred
+        // key is final.
+        self.store.commit(change).await.map_err(|e| match e {
+            StoreError::Conflict(Conflict::KeyRevoked) => RegistryError::KeyRevoked,
+            other => RegistryError::Store(other),
+        })?;
         self.metrics.registration(match updated.status {
             RegistrationStatus::Issued => "issued",
             RegistrationStatus::Denied => "denied",
