@@ -51,6 +51,8 @@ pub struct App {
     pub login_failures: Arc<LoginFailureLog>,
     /// HTTPS (`[server.tls]`); `None` serves plain HTTP (loopback only).
     pub tls: Option<TlsServing>,
+    /// Whether [`App::prepare_revocation`] has run (it runs once).
+    revocation_prepared: bool,
 }
 
 /// What the HTTPS listener needs, prepared before the socket is bound so
@@ -393,6 +395,7 @@ impl App {
             clock,
             login_failures,
             tls: None,
+            revocation_prepared: false,
         })
     }
 
@@ -434,18 +437,29 @@ impl App {
         Ok(())
     }
 
-    /// The background jobs, one line each. The readiness cache is filled
-    /// once before this returns, so `/readyz` answers from the first request.
-    /// Loads the stored CRLs and publishes every one that is missing or due,
-    /// so that the first client finds them. `serve` calls it before it
-    /// announces its address; [`App::start_jobs`] calls it again (then a
-    /// no-op unless a CRL fell due meanwhile) for embedders that skip it.
-    pub async fn prepare_revocation(&self) {
+    /// Revocation state the first client must find, made once before
+    /// serving: the stored CRLs loaded and every missing or due one
+    /// published, and the delegated OCSP signers loaded or made. `serve`
+    /// calls it before it announces its address; [`App::serve_on`] calls it
+    /// for embedders that did not.
+    pub async fn prepare_revocation(&mut self) -> anyhow::Result<()> {
+        if self.revocation_prepared {
+            return Ok(());
+        }
         if let Err(e) = self.state.crls.start(self.clock.now()).await {
             tracing::error!(code = e.code(), error = %e, "loading the stored CRLs");
         }
+        self.state
+            .ocsp
+            .refresh_signers("system")
+            .await
+            .context("preparing the delegated OCSP signers")?;
+        self.revocation_prepared = true;
+        Ok(())
     }
 
+    /// The background jobs, one line each. The readiness cache is filled
+    /// once before this returns, so `/readyz` answers from the first request.
     pub async fn start_jobs(&self) -> Scheduler {
         let s = &self.state;
         let mut jobs = Scheduler::new(self.clock.clone(), s.metrics.clone());
@@ -464,8 +478,6 @@ impl App {
             s.admins.clone(),
             SWEEP_INTERVAL,
         )));
-        // Every CA without a CRL, or whose CRL is due, gets one before serving.
-        self.prepare_revocation().await;
         jobs.spawn(Arc::new(CrlJob::new(s.crls.clone(), CRL_CHECK_INTERVAL)));
         jobs.spawn(Arc::new(LoginFailureFlusher::new(
             self.login_failures.clone(),
@@ -486,17 +498,12 @@ impl App {
     /// (the failed-login flusher writes what it holds) and closes the HSM
     /// sessions.
     pub async fn serve_on(
-        self,
+        mut self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
-        // Delegated OCSP signers: load the active ones, make missing ones.
-        self.state
-            .ocsp
-            .refresh_signers("system")
-            .await
-            .context("preparing the delegated OCSP signers")?;
+        self.prepare_revocation().await?;
         let jobs = self.start_jobs().await;
         let router = crate::http::router(self.state, self.limits);
         let served = match self.tls {

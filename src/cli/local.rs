@@ -127,13 +127,8 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let mut app = App::build(config).await?;
     app.check_ready_to_serve().await?;
     app.prepare_tls().await?;
-    app.prepare_revocation().await;
-    // Before listening, so the first OCSP request finds its signer.
-    app.state
-        .ocsp
-        .refresh_signers("system")
-        .await
-        .context("preparing the delegated OCSP signers")?;
+    // Before listening: the first client finds the CRLs and OCSP signers.
+    app.prepare_revocation().await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -281,7 +281,9 @@ pub enum Write {
         at: i64,
     },
     /// Lifts a hold: `revoked` with `certificate-hold` becomes `superseded`
-    /// if a renewal replaced it, else `valid`. Conflicts unless on hold.
+    /// if a renewal replaced it, else `valid`. Conflicts unless on hold and,
+    /// for a device's certificate, unless that device is `active` (checked
+    /// in the transaction: a suspension committing first wins).
     ReleaseCertificateHold {
         serial: String,
         at: i64,

@@ -2557,6 +2557,16 @@ pub async fn device_status_carries_its_certificates(cx: Cx) {
         "other device"
     );
 
+    // A held certificate of a suspended device stays held: resume the device.
+    let c = refused(
+        s,
+        Write::ReleaseCertificateHold {
+            serial: "0B02".into(),
+            at: T0 + 15,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
     ok(s, set(Suspended, Active, hold, T0 + 20)).await;
     assert_eq!(
         cert_of(s, "0B01").await.status,

@@ -554,12 +554,14 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                     "UPDATE certificates
                      SET status = CASE WHEN superseded_by IS NULL THEN 'valid' ELSE 'superseded' END,
                          revocation_reason = NULL, revoked_at = NULL
-                     WHERE serial = ?1 AND status = 'revoked' AND revocation_reason = 'certificate-hold'",
+                     WHERE serial = ?1 AND status = 'revoked' AND revocation_reason = 'certificate-hold'
+                       AND NOT EXISTS (SELECT 1 FROM devices d
+                                       WHERE d.id = certificates.device_id AND d.status <> 'active')",
                 )
                 .map_err(db)?
                 .execute(params![serial])
                 .map_err(db)?;
-            expect_cert(tx, n, serial, "on hold")?;
+            expect_cert(tx, n, serial, "on hold, of an active device")?;
         }
         Write::SetDeviceStatus {
             id,
