@@ -3,7 +3,7 @@
 //!
 //! Sets up its own installation in a temp dir: a SoftHSM2 token
 //! (`keyward::softhsm`), the shipped policies plus a `bench` group with
-//! `approvals_required = 0`, `keyward init`, and `keyward serve` (the binary
+//! `approval = "auto"` + `open_enrollment = true`, `keyward init`, and `keyward serve` (the binary
 //! built with the same profile) as a separate process on a loopback port.
 //!
 //! Measures in one run: raw SoftHSM2 ECDSA P-256 signatures/s through the
@@ -11,7 +11,7 @@
 //! concurrency 1, 16 and 64 with p50/p99 latency, and the rate of the check
 //! the daemon makes on every certificate before storing it (the device
 //! certificate's signature against the issuing CA, ring). Each issuance is one
-//! `POST /v1/registrations` to a group with `approvals_required = 0`: CSR
+//! `POST /v1/registrations` to a group with `approval = "auto"` + `open_enrollment = true`: CSR
 //! verification, certificate built and signed in the HSM and checked,
 //! registration, device, certificate and three audit events committed before
 //! the answer. `keyward audit verify` checks the chain afterwards.
@@ -141,7 +141,7 @@ fn prepare(dir: &Path, hsm: &SoftHsm) -> (PathBuf, SecretString) {
     std::fs::write(
         policies.join("enrollment.toml"),
         format!(
-            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napprovals_required = 0\n"
+            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n"
         ),
     )
     .unwrap();

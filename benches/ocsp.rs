@@ -2,7 +2,7 @@
 //! -- [--seconds N] [--out BENCHMARKS.md]`).
 //!
 //! Sets up its own installation in a temp dir (SoftHSM2 token, the shipped
-//! policies plus a `bench` group with `approvals_required = 0`, `keyward
+//! policies plus a `bench` group with `approval = "auto"` + `open_enrollment = true`, `keyward
 //! init`, `keyward serve` built with the same profile, as its own process on
 //! a loopback port), issues 256 device certificates through the API, and
 //! makes one OCSP request per certificate with the stock `openssl ocsp
@@ -84,7 +84,7 @@ fn install(dir: &Path, hsm: &SoftHsm) -> Daemon {
     std::fs::write(
         policies.join("enrollment.toml"),
         format!(
-            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napprovals_required = 0\n"
+            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n"
         ),
     )
     .unwrap();

@@ -51,7 +51,7 @@ const PUBLIC_URL: &str = "http://pki.keyward.test:8080";
 /// An installation with an auto-issuing group and `server.public_url`.
 fn env() -> Env {
     let env = Env::with_extra_group(
-        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\n",
+        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n",
     );
     let text = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(

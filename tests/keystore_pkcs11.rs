@@ -653,7 +653,7 @@ mod ca_checks {
             Arc::new(SqliteStore::open(&dir.path().join("k.db"), 16, clock.clone()).unwrap());
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
         let enrollment = format!(
-            "{}\n[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\n",
+            "{}\n[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n",
             std::fs::read_to_string(repo.join("enrollment.toml")).unwrap()
         );
         let policies = Arc::new(

@@ -34,7 +34,7 @@ fn child_config(test: &str) -> Option<PathBuf> {
         return Some(PathBuf::from(cfg));
     }
     let env = Env::with_extra_group(
-        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\napprover_role = \"approver\"\n",
+        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\napprover_role = \"approver\"\n",
     );
     env.init();
     let status = Command::new(std::env::current_exe().unwrap())

@@ -25,8 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-const AUTO_GROUP: &str =
-    "[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\n";
+const AUTO_GROUP: &str = "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n";
 
 /// `openssl ARGS` in `dir`: (success, stdout + stderr).
 fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {

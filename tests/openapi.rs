@@ -293,7 +293,7 @@ fn big_body() -> Body {
 #[tokio::test]
 async fn every_route_is_documented_and_every_answer_fits_the_document() {
     let env = Env::with_extra_group(
-        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napprovals_required = 0\n\n\
+        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n\n\
          [[group]]\nname = \"two\"\nprofile = \"device\"\napprovals_required = 2\n\n\
          [[group]]\nname = \"capped\"\nprofile = \"device\"\napprovals_required = 1\nmax_pending = 1\n",
     );

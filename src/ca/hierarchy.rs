@@ -93,7 +93,8 @@ impl CaService {
     /// Returns the names created. Safe to run again.
     pub async fn initialize(&self, actor: &str) -> Result<Vec<String>, CaError> {
         let mut created = Vec::new();
-        for policy in &self.policies.cas {
+        let policies = self.policies();
+        for policy in &policies.cas {
             if self.issuer(&policy.name).is_ok() {
                 continue;
             }

@@ -187,7 +187,8 @@ pub struct CaService {
     keystores: KeyStores,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    policies: Arc<Policies>,
+    /// Replaced whole on a policy reload ([`Self::replace_policies`]).
+    policies: RwLock<Arc<Policies>>,
     issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
     /// `server.public_url`: certificates point their CDP and AIA below it.
     public_url: Option<String>,
@@ -227,7 +228,7 @@ impl CaService {
             keystores,
             store,
             clock,
-            policies,
+            policies: RwLock::new(policies),
             issuers: RwLock::new(BTreeMap::new()),
             public_url: None,
             observers: RwLock::new(Vec::new()),
@@ -276,11 +277,11 @@ impl CaService {
     }
 
     /// Names of the CAs that sign under some profile: the ones issuance needs.
-    fn issuing_ca_names(&self) -> std::collections::BTreeSet<&str> {
-        self.policies
+    fn issuing_ca_names(&self) -> std::collections::BTreeSet<String> {
+        self.policies()
             .profiles
             .values()
-            .map(|p| p.issuer.as_str())
+            .map(|p| p.issuer.clone())
             .collect()
     }
 
@@ -299,7 +300,24 @@ impl CaService {
         self.clock.now().unix_timestamp()
     }
 
-    pub fn policies(&self) -> &Policies {
-        &self.policies
+    /// The policies in force (a snapshot: a reload swaps in a new one).
+    pub fn policies(&self) -> Arc<Policies> {
+        match self.policies.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in reloaded policies. Refused, changing nothing, when the CA
+    /// hierarchy or the revocation settings differ (they need a restart).
+    pub fn replace_policies(&self, next: Arc<Policies>) -> Result<Arc<Policies>, String> {
+        let mut guard = match self.policies.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(why) = guard.reload_refusal(&next) {
+            return Err(why);
+        }
+        Ok(std::mem::replace(&mut *guard, next))
     }
 }

@@ -129,7 +129,8 @@ impl CaService {
         issuer: &Issuer,
         replaces: Option<&OcspSigner>,
     ) -> Result<OcspSigner, CaError> {
-        let policy = &self.policies.revocation;
+        let policies = self.policies();
+        let policy = &policies.revocation;
         let keystore_name = crate::model::DEFAULT_KEYSTORE;
         let keystore = self.keystores.get(keystore_name)?.clone();
         let mut made: Option<OcspSigner> = None;
@@ -170,7 +171,8 @@ impl CaService {
         key: &keys::PendingKey,
         replaces: Option<&OcspSigner>,
     ) -> Result<(Change, OcspSigner), CaError> {
-        let policy = &self.policies.revocation;
+        let policies = self.policies();
+        let policy = &policies.revocation;
         let now = self.clock.now().unix_timestamp();
         if issuer.not_after <= now {
             return Err(CaError::Expired(issuer.name.clone()));

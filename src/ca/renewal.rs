@@ -395,13 +395,12 @@ impl CaService {
         if self.key_is_revoked(&new_spki).await? {
             return Err(LifecycleError::KeyRevoked);
         }
-        let group = self
-            .policies
+        let policies = self.policies();
+        let group = policies
             .groups
             .get(&device.group)
             .ok_or_else(|| LifecycleError::UnknownGroup(device.group.clone()))?;
-        let profile = self
-            .policies
+        let profile = policies
             .profiles
             .get(&group.profile)
             .ok_or_else(|| LifecycleError::UnknownGroup(device.group.clone()))?;

@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod enrollment;
+pub use enrollment::{
+    ApprovalMode, AttestationMethod, AttestationPolicy, BrokerAccess, BrokerAclRule, GroupPolicy,
+    JWT_ALGORITHMS, JwtAttestation, KeySource, PLACEHOLDERS, TemplateVars, X509Attestation,
+    substitute,
+};
+
 pub const POLICY_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,47 +181,6 @@ fn default_backdate() -> u32 {
     300
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GroupPolicy {
-    pub name: String,
-    pub profile: String,
-    /// Distinct admins who must approve. 0 approves automatically: anyone who
-    /// can reach the endpoint gets a certificate (benchmarks, labs only).
-    pub approvals_required: u32,
-    /// Lowest role allowed to approve (`approver` or `admin`).
-    #[serde(default = "default_approver_role")]
-    pub approver_role: crate::model::Role,
-    /// Pending registrations expire after this long.
-    #[serde(default = "default_ttl")]
-    pub registration_ttl_hours: u32,
-    /// Cap on `pending` registrations of this group: past it, submissions are
-    /// refused (429) and nothing is stored, so anonymous callers cannot bury
-    /// the approval queue or fill the disk.
-    #[serde(default = "default_max_pending")]
-    pub max_pending: u32,
-    /// After the first delivery, the device may fetch its certificate and
-    /// chain again (a lost response) for this long, or until it confirms.
-    #[serde(default = "default_refetch_minutes")]
-    pub credentials_refetch_minutes: u32,
-    /// Returned to the device with its credentials (broker endpoint, topics, …).
-    #[serde(default)]
-    pub device_config: BTreeMap<String, toml::Value>,
-}
-
-fn default_approver_role() -> crate::model::Role {
-    crate::model::Role::Approver
-}
-fn default_ttl() -> u32 {
-    72
-}
-fn default_max_pending() -> u32 {
-    1000
-}
-fn default_refetch_minutes() -> u32 {
-    15
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CaFile {
@@ -243,6 +209,18 @@ pub struct Policies {
     pub profiles: BTreeMap<String, ProfilePolicy>,
     pub groups: BTreeMap<String, GroupPolicy>,
     pub revocation: RevocationPolicy,
+    /// The policies directory: relative paths in the files (manufacturer
+    /// CAs, JWKS files) are relative to it.
+    pub dir: PathBuf,
+    /// SHA-256 (hex) of `ca.toml` and `enrollment.toml` as loaded: audited
+    /// on reload, old and new.
+    pub hashes: PolicyHashes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyHashes {
+    pub ca: String,
+    pub enrollment: String,
 }
 
 fn read(path: &Path) -> Result<String, PolicyError> {
@@ -424,6 +402,7 @@ impl Policies {
                     format!("profile `{}` is not defined in ca.toml", g.profile),
                 ));
             }
+            check_group(g).map_err(|(k, reason)| bad(en_path, format!("{key}.{k}"), reason))?;
             if g.approvals_required > 10 {
                 return Err(bad(
                     en_path,
@@ -481,17 +460,199 @@ impl Policies {
         if r.crls_kept == 0 {
             return Err(bad(ca_path, rkey("crls_kept"), "must be at least 1".into()));
         }
+        let x509_groups: Vec<&GroupPolicy> = groups
+            .values()
+            .filter(|g| matches!(g.attestation, AttestationPolicy::X509(_)))
+            .collect();
+        for (i, a) in x509_groups.iter().enumerate() {
+            for b in &x509_groups[i + 1..] {
+                if a.attestation == b.attestation {
+                    return Err(bad(
+                        en_path,
+                        format!("group ({}).attestation", b.name),
+                        format!(
+                            "same manufacturer CA and subject filter as group `{}`: which group a device lands in would be ambiguous",
+                            a.name
+                        ),
+                    ));
+                }
+            }
+        }
+        let jwt_groups: Vec<(&str, &JwtAttestation)> = groups
+            .values()
+            .filter_map(|g| match &g.attestation {
+                AttestationPolicy::Jwt(j) => Some((g.name.as_str(), j)),
+                _ => None,
+            })
+            .collect();
+        for (i, (an, a)) in jwt_groups.iter().enumerate() {
+            for (bn, b) in &jwt_groups[i + 1..] {
+                if a.issuer == b.issuer && a.audience == b.audience {
+                    return Err(bad(
+                        en_path,
+                        format!("group ({bn}).attestation"),
+                        format!(
+                            "same JWT issuer and audience as group `{an}`: which group a device lands in would be ambiguous"
+                        ),
+                    ));
+                }
+            }
+        }
+        for g in groups.values() {
+            if g.key_source == KeySource::Server {
+                let profile = &profiles[&g.profile];
+                let alg = g.server_key_algorithm.unwrap_or(profile.key_algorithms[0]);
+                if !profile.key_algorithms.contains(&alg) {
+                    return Err(bad(
+                        en_path,
+                        format!("group ({}).server_key_algorithm", g.name),
+                        format!("{alg} is not allowed by profile `{}`", g.profile),
+                    ));
+                }
+            }
+        }
+        let dir = en_path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(Self {
             cas: ca.ca,
             profiles,
             groups,
             revocation: ca.revocation,
+            dir,
+            hashes: PolicyHashes {
+                ca: sha256_hex(ca_text),
+                enrollment: sha256_hex(en_text),
+            },
         })
+    }
+
+    /// Why `next` cannot replace `self` without a restart, if it cannot:
+    /// the CA hierarchy and the revocation settings are fixed at start (the
+    /// keys, issuers and publishers are built from them).
+    pub fn reload_refusal(&self, next: &Policies) -> Option<String> {
+        let cas = |p: &Policies| {
+            p.cas
+                .iter()
+                .map(|c| toml::to_string(c).unwrap_or_default())
+                .collect::<Vec<_>>()
+        };
+        if cas(self) != cas(next) {
+            return Some(
+                "the [[ca]] hierarchy changed: that needs `keyward init` and a restart".into(),
+            );
+        }
+        let rev = |p: &Policies| toml::to_string(&p.revocation).unwrap_or_default();
+        if rev(self) != rev(next) {
+            return Some("[revocation] changed: that needs a restart".into());
+        }
+        None
+    }
+
+    /// Resolves a path from a policy file against the policies directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.dir.join(path)
+        }
     }
 
     pub fn ca(&self, name: &str) -> Option<&CaPolicy> {
         self.cas.iter().find(|c| c.name == name)
     }
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
+}
+
+/// Checks of one group that need no other policy; `(key, reason)`.
+fn check_group(g: &GroupPolicy) -> Result<(), (String, String)> {
+    let err = |k: &str, r: String| Err((k.to_string(), r));
+    match g.approval {
+        ApprovalMode::Quorum if g.approvals_required == 0 => {
+            return err(
+                "approvals_required",
+                "must be at least 1 (write approval = \"auto\" to issue without admins)".into(),
+            );
+        }
+        ApprovalMode::Auto if g.method() == AttestationMethod::None && !g.open_enrollment => {
+            return err(
+                "approval",
+                "\"auto\" without attestation issues to anyone who reaches the API: set open_enrollment = true to mean it (labs only)".into(),
+            );
+        }
+        _ => {}
+    }
+    if g.open_enrollment && g.method() != AttestationMethod::None {
+        return err(
+            "open_enrollment",
+            "only applies to groups without attestation".into(),
+        );
+    }
+    if g.escrow && g.key_source != KeySource::Server {
+        return err("escrow", "only applies to key_source = \"server\"".into());
+    }
+    if g.server_key_algorithm.is_some() && g.key_source != KeySource::Server {
+        return err(
+            "server_key_algorithm",
+            "only applies to key_source = \"server\"".into(),
+        );
+    }
+    match &g.attestation {
+        AttestationPolicy::Jwt(j) => {
+            if j.issuer.trim().is_empty() || j.audience.trim().is_empty() {
+                return err("attestation", "issuer and audience must be set".into());
+            }
+            if j.device_claim.trim().is_empty() {
+                return err("attestation.device_claim", "must name a claim".into());
+            }
+            match (&j.jwks_file, &j.jwks_url) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return err(
+                        "attestation",
+                        "exactly one of jwks_file and jwks_url must be set".into(),
+                    );
+                }
+            }
+            if j.algorithms.is_empty() {
+                return err("attestation.algorithms", "is empty".into());
+            }
+            for a in &j.algorithms {
+                if !JWT_ALGORITHMS.contains(&a.as_str()) {
+                    return err(
+                        "attestation.algorithms",
+                        format!(
+                            "`{a}` is not allowed (asymmetric only: {})",
+                            JWT_ALGORITHMS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if j.jwks_refresh_minutes == 0 {
+                return err(
+                    "attestation.jwks_refresh_minutes",
+                    "must be positive".into(),
+                );
+            }
+        }
+        AttestationPolicy::X509(x) => {
+            if let Some(p) = &x.subject_cn_prefix
+                && p.is_empty()
+            {
+                return err("attestation.subject_cn_prefix", "is empty".into());
+            }
+        }
+        AttestationPolicy::None | AttestationPolicy::BootstrapToken => {}
+    }
+    for (k, v) in &g.device_config {
+        enrollment::check_template(&format!("device_config.{k}"), v).map_err(|(k, r)| (k, r))?;
+    }
+    for (i, r) in g.broker_acl.iter().enumerate() {
+        enrollment::check_topic_filter(&r.topic)
+            .map_err(|e| (format!("broker_acl[{i}].topic"), e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -542,6 +703,94 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("nope"), "{e}");
+    }
+
+    const BASE: &str = "version = 1\n[[group]]\nname='g'\nprofile='device'\n";
+
+    fn group_err(extra: &str) -> String {
+        load(CA, &format!("{BASE}{extra}")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn auto_approval_without_attestation_needs_open_enrollment() {
+        assert!(group_err("approval='auto'\n").contains("open_enrollment"));
+        let p = load(
+            CA,
+            &format!("{BASE}approval='auto'\nopen_enrollment=true\n"),
+        )
+        .unwrap();
+        assert_eq!(p.groups["g"].approvals_needed(), 0);
+        assert!(group_err("approvals_required=0\n").contains("approvals_required"));
+        assert!(
+            group_err("attestation={method='bootstrap-token'}\nopen_enrollment=true\n")
+                .contains("open_enrollment")
+        );
+    }
+
+    #[test]
+    fn template_with_unknown_placeholder_is_refused_at_load() {
+        let e = group_err("[group.device_config]\nmqtt={topic='dt/{imei}'}\n");
+        assert!(
+            e.contains("device_config.mqtt.topic") && e.contains("{imei}"),
+            "{e}"
+        );
+        let e = group_err("[[group.broker_acl]]\ntopic='dt/{serial}/#'\naccess='publish'\n");
+        assert!(e.contains("broker_acl[0].topic"), "{e}");
+        let e = group_err("[[group.broker_acl]]\ntopic='dt/#/x'\naccess='publish'\n");
+        assert!(e.contains("last level"), "{e}");
+    }
+
+    #[test]
+    fn jwt_attestation_refuses_none_hmac_and_ambiguity() {
+        let jwt = |alg: &str| {
+            format!(
+                "attestation={{method='jwt', issuer='i', audience='a', jwks_file='j.json', device_claim='imsi', algorithms=['{alg}']}}\n"
+            )
+        };
+        assert!(group_err(&jwt("none")).contains("not allowed"));
+        assert!(group_err(&jwt("HS256")).contains("not allowed"));
+        assert!(load(CA, &format!("{BASE}{}", jwt("ES256"))).is_ok());
+        let two = format!(
+            "{BASE}{}[[group]]\nname='h'\nprofile='device'\n{}",
+            jwt("ES256"),
+            jwt("ES256")
+        );
+        assert!(
+            load(CA, &two)
+                .unwrap_err()
+                .to_string()
+                .contains("ambiguous")
+        );
+        assert!(
+            group_err(
+                "attestation={method='jwt', issuer='i', audience='a', device_claim='imsi'}\n"
+            )
+            .contains("exactly one of jwks_file")
+        );
+    }
+
+    #[test]
+    fn server_key_options_are_checked() {
+        assert!(group_err("escrow=true\n").contains("escrow"));
+        assert!(
+            group_err("key_source='server'\nserver_key_algorithm='rsa-4096'\n")
+                .contains("not allowed")
+        );
+        assert!(load(CA, &format!("{BASE}key_source='server'\nescrow=true\n")).is_ok());
+    }
+
+    #[test]
+    fn reload_refuses_ca_changes() {
+        let a = load(CA, EN).unwrap();
+        let b = load(CA, &EN.replace("max_pending = 1000", "max_pending = 5")).unwrap();
+        assert!(a.reload_refusal(&b).is_none());
+        assert_ne!(a.hashes.enrollment, b.hashes.enrollment);
+        let c = load(
+            &CA.replacen("validity_days = 7300", "validity_days = 7000", 1),
+            EN,
+        )
+        .unwrap();
+        assert!(a.reload_refusal(&c).is_some());
     }
 
     #[test]

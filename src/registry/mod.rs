@@ -103,20 +103,22 @@ impl RegistryService {
         }
     }
 
-    fn group(&self, name: &str) -> Result<&GroupPolicy, RegistryError> {
+    fn group(&self, name: &str) -> Result<GroupPolicy, RegistryError> {
         self.ca
             .policies()
             .groups
             .get(name)
+            .cloned()
             .ok_or_else(|| RegistryError::UnknownGroup(name.to_string()))
     }
 
     /// The certificate profile of a group (policy loading guarantees it exists).
-    fn profile(&self, group: &GroupPolicy) -> Result<&crate::policy::ProfilePolicy, RegistryError> {
+    fn profile(&self, group: &GroupPolicy) -> Result<crate::policy::ProfilePolicy, RegistryError> {
         self.ca
             .policies()
             .profiles
             .get(&group.profile)
+            .cloned()
             .ok_or_else(|| RegistryError::UnknownProfile(group.profile.clone()))
     }
 
@@ -132,7 +134,7 @@ impl RegistryService {
         check_optional("location", &sub.location)?;
         check_optional("firmware", &sub.firmware)?;
         let group = self.group(&sub.group)?;
-        let profile = self.profile(group)?;
+        let profile = self.profile(&group)?;
         let csr_der = csr::decode_pem_or_der(&sub.csr)?;
         let verified = csr::verify(&csr_der)?;
         if !profile.key_algorithms.contains(&verified.algorithm) {
@@ -190,10 +192,10 @@ impl RegistryService {
                     "key_algorithm": verified.algorithm.as_str(),
                 }))
                 .source(sub.client_addr.as_deref());
-        let change = if group.approvals_required == 0 {
+        let change = if group.approvals_needed() == 0 {
             let issued = self
                 .ca
-                .sign_device_certificate(profile, device_id, &verified)
+                .sign_device_certificate(&profile, device_id, &verified)
                 .await?;
             reg.status = RegistrationStatus::Issued;
             reg.decided_at = Some(now);
@@ -214,7 +216,7 @@ impl RegistryService {
                         "registration.auto_approve",
                         format!("registration:{id}"),
                     )
-                    .details(json!({ "policy": "approvals_required = 0" }))
+                    .details(json!({ "policy": "approval = auto", "attestation": group.method().as_str() }))
                     .source(sub.client_addr.as_deref()),
                 )
                 .audit(issue_event)
@@ -484,11 +486,11 @@ impl RegistryService {
                     })
                     .audit(decision_event("registration.deny"))
             }
-            Decision::Approve if approvals < group.approvals_required => Change::new()
+            Decision::Approve if approvals < group.approvals_needed() => Change::new()
                 .write(record)
                 .audit(decision_event("registration.approve")),
             Decision::Approve => {
-                let profile = self.profile(group)?;
+                let profile = self.profile(&group)?;
                 let verified = csr::verify(&reg.csr_der)?;
                 // The key's device may have been revoked since submission:
                 // checked before signing (no HSM work for a barred key) and
@@ -496,7 +498,7 @@ impl RegistryService {
                 self.refuse_revoked_key(&verified).await?;
                 let issued = self
                     .ca
-                    .sign_device_certificate(profile, reg.device_id, &verified)
+                    .sign_device_certificate(&profile, reg.device_id, &verified)
                     .await?;
                 updated.status = RegistrationStatus::Issued;
                 updated.decided_at = Some(now);
@@ -532,11 +534,8 @@ impl RegistryService {
             _ => "approval_recorded",
         });
         if updated.status == RegistrationStatus::Issued {
-            self.metrics.issued(
-                self.profile(group)
-                    .map(|p| p.issuer.as_str())
-                    .unwrap_or_default(),
-            );
+            self.metrics
+                .issued(&self.profile(&group).map(|p| p.issuer).unwrap_or_default());
         }
         Ok(DecisionResult {
             registration: updated,
@@ -614,8 +613,12 @@ impl RegistryService {
             RegistryError::Store(StoreError::Corrupt(format!("certificate {serial} missing")))
         })?;
         let issuer = self.ca.issuer(&cert.issuer_ca)?;
-        let device_config =
-            serde_json::to_value(&group.device_config).unwrap_or(serde_json::Value::Null);
+        let device_id = reg.device_id.to_string();
+        let device_config = group.render_device_config(&crate::policy::TemplateVars {
+            device_id: &device_id,
+            device_name: &reg.name,
+            group: &group.name,
+        });
         self.store
             .commit(
                 Change::new()
