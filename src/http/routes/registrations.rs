@@ -7,18 +7,19 @@ use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, Bearer, ClientAddr};
 use crate::http::views::RegistrationView;
-use crate::registry::{Credentials, Submission};
+use crate::registry::{Credentials, Evidence, Submission};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
-    /// PEM PKCS#10 request.
-    csr: String,
+    /// PEM PKCS#10 request; absent for groups whose keys the server makes.
+    #[serde(default)]
+    csr: Option<String>,
     name: String,
     #[serde(default)]
     device_type: Option<String>,
@@ -26,12 +27,70 @@ pub struct SubmitBody {
     location: Option<String>,
     #[serde(default)]
     firmware: Option<String>,
-    #[serde(default = "default_group")]
-    group: String,
+    /// Only decides the group when its attestation is `none` (default
+    /// `default`); otherwise it must agree with the attestation.
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    attestation: Option<AttestationBody>,
+    /// Server keys: an age X25519 recipient for the key bundle.
+    #[serde(default)]
+    age_recipient: Option<String>,
 }
 
-fn default_group() -> String {
-    "default".to_string()
+/// The proof; exactly one method.
+#[derive(Deserialize)]
+#[serde(tag = "method", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AttestationBody {
+    BootstrapToken {
+        token: SecretString,
+    },
+    Jwt {
+        token: String,
+    },
+    X509 {
+        /// PEM: the manufacturer certificate, then any intermediates.
+        chain: String,
+        nonce: String,
+        /// Base64 signature over the possession message.
+        signature: String,
+    },
+    Reclaim {
+        device_id: String,
+        code: SecretString,
+    },
+}
+
+fn evidence(body: Option<AttestationBody>) -> Result<Evidence, ApiError> {
+    use base64::Engine;
+    Ok(match body {
+        None => Evidence::None,
+        Some(AttestationBody::BootstrapToken { token }) => Evidence::BootstrapToken(token),
+        Some(AttestationBody::Jwt { token }) => Evidence::Jwt(token),
+        Some(AttestationBody::X509 {
+            chain,
+            nonce,
+            signature,
+        }) => {
+            let chain_der = crate::ca::x509::pem_chain_to_der(&chain).map_err(|e| {
+                ApiError::bad_request("manufacturer_chain_malformed", e.to_string())
+            })?;
+            let signature = base64::engine::general_purpose::STANDARD
+                .decode(signature.trim())
+                .map_err(|_| {
+                    ApiError::bad_request("manufacturer_proof_invalid", "signature must be base64")
+                })?;
+            Evidence::X509 {
+                chain_der,
+                nonce,
+                signature,
+            }
+        }
+        Some(AttestationBody::Reclaim { device_id, code }) => Evidence::Reclaim {
+            device_id: parse_id(&device_id)?,
+            code,
+        },
+    })
 }
 
 #[derive(Serialize)]
@@ -61,7 +120,9 @@ pub async fn submit(
         .registry
         .submit(
             Submission {
-                csr: body.csr.into_bytes(),
+                csr: body.csr.map(String::into_bytes),
+                evidence: evidence(body.attestation)?,
+                age_recipient: body.age_recipient,
                 name: body.name,
                 device_type: body.device_type,
                 location: body.location,
