@@ -236,6 +236,7 @@ impl From<RegistryError> for ApiError {
             | E::RecipientNotExpected
             | E::Delivery { .. } => StatusCode::BAD_REQUEST,
             E::DeviceNotFound | E::TokenNotFound => StatusCode::NOT_FOUND,
+            E::PolicyInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             E::DeviceNotActive(_) | E::TokenAlreadyRevoked => StatusCode::CONFLICT,
             E::TokenInvalid(_) | E::AttestationRequired { .. } | E::Attestation { .. } => {
                 StatusCode::UNAUTHORIZED

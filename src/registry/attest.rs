@@ -196,3 +196,39 @@ impl RegistryService {
         ))
     }
 }
+
+/// The verifiers the policies call for, built (files read, keys parsed)
+/// when the policies load: a reload that cannot build them changes nothing.
+#[derive(Default)]
+pub(super) struct Attestors {}
+
+impl Attestors {
+    pub(super) fn build(_policies: &crate::policy::Policies) -> Result<Self, RegistryError> {
+        Ok(Self::default())
+    }
+}
+
+impl RegistryService {
+    pub(super) fn build_attestors(
+        &self,
+        policies: &crate::policy::Policies,
+    ) -> Result<Attestors, RegistryError> {
+        Attestors::build(policies)
+    }
+
+    pub(super) fn set_attestors(&self, a: Attestors) {
+        let mut g = match self.attestors.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = std::sync::Arc::new(a);
+    }
+
+    #[allow(dead_code)]
+    pub(super) fn attestors(&self) -> std::sync::Arc<Attestors> {
+        match self.attestors.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}

@@ -63,6 +63,8 @@ pub enum RegistryError {
     KeyRevoked,
     #[error("registration secret missing or wrong")]
     Unauthorized,
+    #[error("policy not reloaded: {0}")]
+    PolicyInvalid(String),
     #[error("invalid token request: {0}")]
     InvalidTokenRequest(String),
     #[error("device not found")]
@@ -136,6 +138,7 @@ impl RegistryError {
             Self::AlreadyConfirmed => "already_confirmed",
             Self::Unauthorized => "unauthorized",
             Self::KeyRevoked => "key_revoked",
+            Self::PolicyInvalid(_) => "policy_invalid",
             Self::InvalidTokenRequest(_) => "invalid_token_request",
             Self::DeviceNotFound => "device_not_found",
             Self::DeviceNotActive(_) => "device_not_active",

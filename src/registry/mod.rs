@@ -2,11 +2,14 @@
 //! duties, issuance, credential delivery (re-fetchable until confirmed).
 
 mod attest;
+pub mod config;
 mod error;
+mod reload;
 pub mod tls_check;
 pub mod tokens;
 
 pub use attest::Evidence;
+pub use reload::ReloadOutcome;
 
 use crate::audit::AuditDraft;
 use crate::auth::{TokenHasher, new_secret};
@@ -77,6 +80,11 @@ pub struct RegistryService {
     clock: Arc<dyn Clock>,
     hasher: TokenHasher,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Verifiers built from the policies (JWKS, manufacturer CAs); swapped
+    /// with them on reload.
+    attestors: std::sync::RwLock<Arc<attest::Attestors>>,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), RegistryError> {
@@ -105,14 +113,17 @@ impl RegistryService {
         clock: Arc<dyn Clock>,
         hasher: TokenHasher,
         metrics: Arc<crate::metrics::Metrics>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, RegistryError> {
+        let attestors = attest::Attestors::build(&ca.policies())?;
+        Ok(Self {
             ca,
             store,
             clock,
             hasher,
             metrics,
-        }
+            attestors: std::sync::RwLock::new(Arc::new(attestors)),
+            reload_lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     fn group(&self, name: &str) -> Result<GroupPolicy, RegistryError> {

@@ -213,3 +213,85 @@ pub async fn confirm_credentials(
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigQuery {
+    /// With a registration secret as the bearer token: the registration.
+    #[serde(default)]
+    registration: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct PendingView {
+    registration: String,
+    status: &'static str,
+    expires_at: String,
+    retry_after: u64,
+}
+
+/// `GET /v1/devices/me/config`: the caller's device id, current
+/// certificate and chain, rendered configuration and broker topics.
+/// Callers: the holder of a registration secret (`?registration=ID`,
+/// bearer `kwr_…`), or a device over mTLS with its certificate. While the
+/// registration waits for approvers: 202 with `Retry-After`.
+pub async fn my_config(
+    State(state): State<AppState>,
+    Bearer(token): Bearer,
+    leaf: Option<axum::Extension<crate::tls::PeerCertificate>>,
+    crate::http::extract::ApiQuery(q): crate::http::extract::ApiQuery<ConfigQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use crate::registry::config::{ConfigAnswer, ConfigCaller, PENDING_RETRY_SECONDS};
+    use axum::response::IntoResponse;
+    let caller = match (token, q.registration, leaf) {
+        (Some(t), Some(reg), _) if t.starts_with("kwr_") => {
+            let id = parse_id(&reg)?;
+            ConfigCaller::Registration(state.registry.authenticate(id, &t).await?)
+        }
+        (None, None, Some(axum::Extension(crate::tls::PeerCertificate(der)))) => {
+            let summary = crate::ca::x509::summarize(&der).map_err(|_| {
+                ApiError::from(crate::registry::RegistryError::Unauthorized)
+            })?;
+            // The TLS layer verified the chain and the store's revocation
+            // state; the store names the certificate's device.
+            let cert = state
+                .store
+                .get_certificate(&summary.serial_hex)
+                .await?
+                .filter(|c| c.der == der.as_ref())
+                .and_then(|c| c.device_id)
+                .ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
+            ConfigCaller::Device(cert)
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "present a device certificate (mTLS), or a registration secret with ?registration=ID",
+            ));
+        }
+    };
+    match state.registry.device_config(caller).await? {
+        ConfigAnswer::Ready(c) => Ok(Json(*c).into_response()),
+        ConfigAnswer::Pending {
+            registration,
+            expires_at,
+        } => {
+            let mut resp = (
+                StatusCode::ACCEPTED,
+                Json(PendingView {
+                    registration: registration.to_string(),
+                    status: "pending",
+                    expires_at: rfc3339(from_unix(expires_at)),
+                    retry_after: PENDING_RETRY_SECONDS,
+                }),
+            )
+                .into_response();
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(PENDING_RETRY_SECONDS),
+            );
+            Ok(resp)
+        }
+    }
+}
