@@ -550,7 +550,8 @@ fn spawn_sighup_reload(registry: Arc<RegistryService>) -> tokio::task::JoinHandl
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             else {
                 tracing::warn!("cannot listen for SIGHUP; reload policies over the admin API");
                 return;

@@ -33,8 +33,29 @@ pub struct EnrollArgs {
     /// Directory for key.pem, cert.pem, chain.pem and registration.json.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value = "default")]
-    group: String,
+    /// Enrollment group; needed only for groups without attestation (the
+    /// attestation decides the group otherwise). The server's default is
+    /// `default`.
+    #[arg(long)]
+    group: Option<String>,
+    /// File holding a bootstrap token (`keyward tokens create`). Secrets are
+    /// never taken on the command line (argv is visible in `ps`); the
+    /// KEYWARD_BOOTSTRAP_TOKEN environment variable works too.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// File holding a JWT from the group's trusted issuer.
+    #[arg(long, value_name = "FILE")]
+    jwt_file: Option<PathBuf>,
+    /// File holding a reclaim code for an existing device (with --device-id).
+    #[arg(
+        long = "reclaim-code-file",
+        value_name = "FILE",
+        requires = "device_id"
+    )]
+    reclaim_code_file: Option<PathBuf>,
+    /// The existing device a reclaim code re-binds to the new key.
+    #[arg(long)]
+    device_id: Option<String>,
     #[arg(long = "type")]
     device_type: Option<String>,
     #[arg(long)]
@@ -95,7 +116,52 @@ fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the {what} from {}", path.display()))?,
+    );
+    let trimmed = Zeroizing::new(text.trim().to_string());
+    if trimmed.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(trimmed)
+}
+
+/// The `attestation` object of the registration, from the flags.
+fn attestation(args: &EnrollArgs) -> anyhow::Result<serde_json::Value> {
+    let env_token = std::env::var("KEYWARD_BOOTSTRAP_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Zeroizing::new(t.trim().to_string()));
+    let mut chosen = Vec::new();
+    if let Some(f) = &args.token_file {
+        let t = read_secret_file(f, "bootstrap token")?;
+        chosen.push(json!({ "method": "bootstrap-token", "token": t.as_str() }));
+    } else if let Some(t) = env_token {
+        chosen.push(json!({ "method": "bootstrap-token", "token": t.as_str() }));
+    }
+    if let Some(f) = &args.jwt_file {
+        let t = read_secret_file(f, "JWT")?;
+        chosen.push(json!({ "method": "jwt", "token": t.as_str() }));
+    }
+    if let Some(f) = &args.reclaim_code_file {
+        let code = read_secret_file(f, "reclaim code")?;
+        chosen.push(json!({
+            "method": "reclaim",
+            "device_id": args.device_id.as_deref().unwrap_or_default(),
+            "code": code.as_str(),
+        }));
+    }
+    match chosen.len() {
+        0 => Ok(serde_json::Value::Null),
+        1 => Ok(chosen.remove(0)),
+        _ => bail!("give one attestation: a bootstrap token, a JWT or a reclaim code"),
+    }
+}
+
 pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
+    let attestation = attestation(&args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let key_path = args.out.join("key.pem");
@@ -124,6 +190,7 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
                 "csr": csr_pem,
                 "name": args.name,
                 "group": args.group,
+                "attestation": attestation,
                 "device_type": args.device_type,
                 "location": args.location,
                 "firmware": args.firmware,

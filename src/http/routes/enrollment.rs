@@ -10,8 +10,8 @@ use crate::http::error::ApiError;
 use crate::http::extract::{Admin, ApiJson, ApiQuery, ClientAddr};
 use crate::http::page::{PageView, page_request, status_filter};
 use crate::model::EnrollmentTokenKind;
-use crate::registry::tokens::TokenRequest;
 use crate::registry::ReloadOutcome;
+use crate::registry::tokens::TokenRequest;
 use crate::store::{EnrollmentTokenFilter, EnrollmentTokenRecord};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -184,7 +184,11 @@ pub async fn list_tokens(
     ApiQuery(q): ApiQuery<TokenListQuery>,
 ) -> Result<Json<PageView<TokenView>>, ApiError> {
     admin.require(Role::Auditor)?;
-    let kind = status_filter(q.kind.as_deref(), EnrollmentTokenKind::parse, "bootstrap, reclaim")?;
+    let kind = status_filter(
+        q.kind.as_deref(),
+        EnrollmentTokenKind::parse,
+        "bootstrap, reclaim",
+    )?;
     let device = match q.device_id.as_deref() {
         Some(d) if !d.is_empty() => Some(parse_id(d)?),
         _ => None,

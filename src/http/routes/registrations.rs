@@ -249,9 +249,8 @@ pub async fn my_config(
             ConfigCaller::Registration(state.registry.authenticate(id, &t).await?)
         }
         (None, None, Some(axum::Extension(crate::tls::PeerCertificate(der)))) => {
-            let summary = crate::ca::x509::summarize(&der).map_err(|_| {
-                ApiError::from(crate::registry::RegistryError::Unauthorized)
-            })?;
+            let summary = crate::ca::x509::summarize(&der)
+                .map_err(|_| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
             // The TLS layer verified the chain and the store's revocation
             // state; the store names the certificate's device.
             let cert = state
