@@ -318,6 +318,8 @@ struct Anchor {
     /// Certificates between it and a self-signed root in the same file (0
     /// for a root; an intermediate whose root is not in the file counts 1).
     depth: u32,
+    /// Self-signed: no CRL can revoke it.
+    root: bool,
 }
 
 /// Checks manufacturer chains for one `x509` enrollment group.
@@ -326,6 +328,8 @@ pub struct ManufacturerVerifier {
     /// (issuer Name DER, serial content octets) of every revoked certificate
     /// on the group's CRLs.
     revoked: HashSet<(Vec<u8>, Vec<u8>)>,
+    /// The earliest nextUpdate of the configured CRLs (unix seconds).
+    crl_next_update: Option<i64>,
     subject_cn_prefix: Option<String>,
 }
 
@@ -395,14 +399,20 @@ impl ManufacturerVerifier {
         let anchors: Vec<Anchor> = certs
             .into_iter()
             .zip(depths)
-            .map(|(cert, depth)| Anchor { cert, depth })
+            .map(|(cert, depth)| Anchor {
+                root: cert.self_signed(),
+                cert,
+                depth,
+            })
             .collect();
 
         let mut revoked = HashSet::new();
+        let mut crl_next_update: Option<i64> = None;
         if let Some(crl_file) = crl_file {
             let crl_bad = bad(crl_file);
             let bytes = std::fs::read(crl_file).map_err(|e| crl_bad(PolicyFileProblem::Read(e)))?;
-            let crls = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            // DER starts with the SEQUENCE tag; anything else is read as PEM.
+            let crls = if bytes.first() != Some(&0x30) {
                 let blocks = pem_blocks(&bytes, "X509 CRL").map_err(|(index, source)| {
                     crl_bad(PolicyFileProblem::BadPem { index, source })
                 })?;
@@ -444,6 +454,10 @@ impl ManufacturerVerifier {
                         oid: ext.extn_id,
                     }));
                 }
+                if let Some(next) = &tbs.next_update {
+                    let next = unix(next);
+                    crl_next_update = Some(crl_next_update.map_or(next, |n| n.min(next)));
+                }
                 for entry in tbs.revoked_certificates.iter().flatten() {
                     revoked.insert((issuer_der.clone(), entry.serial_number.as_bytes().to_vec()));
                 }
@@ -452,6 +466,7 @@ impl ManufacturerVerifier {
         Ok(Self {
             anchors,
             revoked,
+            crl_next_update,
             subject_cn_prefix: policy.subject_cn_prefix.clone(),
         })
     }
@@ -550,7 +565,7 @@ impl ManufacturerVerifier {
         }
 
         // 5. Revocation (a root cannot be revoked by a CRL).
-        let anchor_revocable = (!anchor.cert.self_signed()).then_some(&anchor.cert);
+        let anchor_revocable = (!anchor.root).then_some(&anchor.cert);
         if let Some(c) = path.iter().copied().chain(anchor_revocable).find(|c| {
             self.revoked
                 .contains(&(c.issuer_der.clone(), c.serial.clone()))
@@ -581,6 +596,13 @@ impl ManufacturerVerifier {
             leaf_spki_der: leaf.spki_der.clone(),
             specificity: self.specificity(anchor),
         })
+    }
+
+    /// The earliest nextUpdate (unix seconds) of the group's CRLs, if any.
+    /// The verifier keeps using a CRL past it (the manufacturer may publish
+    /// rarely); the caller can warn or refuse to load a stale one.
+    pub fn crl_next_update(&self) -> Option<i64> {
+        self.crl_next_update
     }
 
     fn specificity(&self, anchor: &Anchor) -> u32 {
@@ -715,6 +737,7 @@ mod tests {
     ///   `leaf`'s key with `leaf` as issuer (a non-CA issuer);
     /// - `evil`: a self-signed CA with root's exact subject but its own key,
     ///   `evilleaf` under it and `evilcrl.pem` signed by it;
+    /// - bare keys `ed` (Ed25519) and `p384` with their SPKI in `NAME.spki`;
     /// - CA files `roots.pem` (root), `ints.pem` (int), `both.pem` (root + int),
     ///   `notca.pem` (root + leaf).
     struct Fixtures {
@@ -1059,6 +1082,36 @@ mod tests {
             ],
         );
 
+        // Bare keys for the proof algorithms no fixture certificate uses.
+        openssl(d, &["genpkey", "-algorithm", "ED25519", "-out", "ed.key"]);
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
+                "p384.key",
+            ],
+        );
+        for k in ["ed", "p384"] {
+            openssl(
+                d,
+                &[
+                    "pkey",
+                    "-in",
+                    &format!("{k}.key"),
+                    "-pubout",
+                    "-outform",
+                    "DER",
+                    "-out",
+                    &format!("{k}.spki"),
+                ],
+            );
+        }
+
         let read = |n: &str| std::fs::read_to_string(d.join(format!("{n}.pem"))).unwrap();
         std::fs::write(d.join("roots.pem"), read("root")).unwrap();
         std::fs::write(d.join("ints.pem"), read("int")).unwrap();
@@ -1219,6 +1272,43 @@ mod tests {
         verifier("roots.pem", None, None)
             .verify_chain(&f.chain(&["revoked"]), now())
             .unwrap();
+    }
+
+    #[test]
+    fn crl_next_update_is_reported() {
+        let f = fixtures();
+        assert_eq!(verifier("roots.pem", None, None).crl_next_update(), None);
+        let out = Command::new("openssl")
+            .args([
+                "crl",
+                "-noout",
+                "-nextupdate",
+                "-dateopt",
+                "iso_8601",
+                "-in",
+            ])
+            .arg(f.path("crl.pem"))
+            .output()
+            .unwrap();
+        let next = verifier("roots.pem", Some("crl.pem"), None)
+            .crl_next_update()
+            .unwrap();
+        // openssl's own reading of nextUpdate ("2026-12-23 22:40:00Z"), compared to the day.
+        let text = String::from_utf8(out.stdout).unwrap();
+        let date = text.trim().split_once('=').unwrap().1;
+        let days = next.div_euclid(86_400);
+        let expected = time::Date::parse(
+            &date[..10],
+            &time::format_description::parse("[year]-[month]-[day]").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(days, i64::from(expected.to_julian_day() - 2_440_588));
+    }
+
+    #[test]
+    fn verifier_is_shareable_across_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<ManufacturerVerifier>();
     }
 
     #[test]
@@ -1387,6 +1477,32 @@ mod tests {
                 Err(X509AttestError::ProofInvalid)
             ));
         }
+        // P-384 (SHA-384) and Ed25519 (pure, no digest), signed by openssl.
+        let msg_file = f.path("proof-msg");
+        std::fs::write(&msg_file, &message).unwrap();
+        let signed = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(f.dir.path())
+                .args(args)
+                .arg(&msg_file)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        };
+        let p384 = std::fs::read(f.path("p384.spki")).unwrap();
+        let sig = signed(&["dgst", "-sha384", "-sign", "p384.key"]);
+        verify_possession(&p384, &message, &sig).unwrap();
+        let sha256 = signed(&["dgst", "-sha256", "-sign", "p384.key"]);
+        assert!(verify_possession(&p384, &message, &sha256).is_err());
+        let ed = std::fs::read(f.path("ed.spki")).unwrap();
+        let sig = signed(&["pkeyutl", "-sign", "-rawin", "-inkey", "ed.key", "-in"]);
+        verify_possession(&ed, &message, &sig).unwrap();
+        assert!(verify_possession(&ed, b"other", &sig).is_err());
         // Garbage key.
         assert!(matches!(
             verify_possession(b"not a key", &message, b"sig"),
