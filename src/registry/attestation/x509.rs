@@ -1299,7 +1299,7 @@ mod tests {
         let days = next.div_euclid(86_400);
         let expected = time::Date::parse(
             &date[..10],
-            &time::format_description::parse("[year]-[month]-[day]").unwrap(),
+            time::macros::format_description!("[year]-[month]-[day]"),
         )
         .unwrap();
         assert_eq!(days, i64::from(expected.to_julian_day() - 2_440_588));
