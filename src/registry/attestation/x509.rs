@@ -111,7 +111,7 @@ pub enum PolicyFileProblem {
     )]
     CrlNotSigned { index: usize, issuer: String },
     #[error(
-        "CRL {index} (issuer {issuer}) has a critical extension keyward does not process: {oid} (delta and partitioned CRLs are not supported)"
+        "CRL {index} (issuer {issuer}) has a critical extension keyward does not process: {oid} (delta, partitioned and indirect CRLs are not supported)"
     )]
     CrlCriticalExtension {
         index: usize,
@@ -345,6 +345,7 @@ impl std::fmt::Debug for ManufacturerVerifier {
                     .collect::<Vec<_>>(),
             )
             .field("revoked", &self.revoked.len())
+            .field("crl_next_update", &self.crl_next_update)
             .field("subject_cn_prefix", &self.subject_cn_prefix)
             .finish()
     }
@@ -459,6 +460,20 @@ impl ManufacturerVerifier {
                     crl_next_update = Some(crl_next_update.map_or(next, |n| n.min(next)));
                 }
                 for entry in tbs.revoked_certificates.iter().flatten() {
+                    // An entry's critical extension (certificateIssuer of an
+                    // indirect CRL) would change what the entry revokes.
+                    if let Some(ext) = entry
+                        .crl_entry_extensions
+                        .iter()
+                        .flatten()
+                        .find(|e| e.critical)
+                    {
+                        return Err(crl_bad(PolicyFileProblem::CrlCriticalExtension {
+                            index,
+                            issuer,
+                            oid: ext.extn_id,
+                        }));
+                    }
                     revoked.insert((issuer_der.clone(), entry.serial_number.as_bytes().to_vec()));
                 }
             }
@@ -508,7 +523,8 @@ impl ManufacturerVerifier {
                 .anchors
                 .iter()
                 .filter(|a| current.issued_by(&a.cert))
-                .max_by_key(|a| a.depth)
+                // Same name and key twice (a re-issued CA): the one valid now.
+                .max_by_key(|a| (a.depth, a.cert.valid_at(now)))
             {
                 break a;
             }
@@ -834,63 +850,38 @@ mod tests {
             ));
         }
         std::fs::write(d.join("ca.cnf"), cnf).unwrap();
-        let key = |name: &str, rsa: bool| {
-            let key = format!("{name}.key");
+        // `openssl req` arguments that make a fresh key into NAME.key.
+        let newkey = |name: &str, rsa: bool| -> Vec<String> {
             let algo: &[&str] = if rsa {
-                &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]
+                &["-newkey", "rsa:2048"]
             } else {
-                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
             };
-            let mut args = vec!["genpkey"];
-            args.extend_from_slice(algo);
-            args.extend_from_slice(&["-out", &key]);
-            openssl(d, &args);
+            let mut args: Vec<String> = algo.iter().map(|a| a.to_string()).collect();
+            args.extend(["-nodes".into(), "-keyout".into(), format!("{name}.key")]);
+            args
+        };
+        let req = |name: &str, rsa: bool, subject: &str, extra: &[&str], out: &str| {
+            let mut args: Vec<String> = ["req", "-new", "-config", "ca.cnf", "-subj", subject]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            args.extend(newkey(name, rsa));
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args.extend(["-out".into(), out.to_string()]);
+            openssl(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
         };
         let self_signed = |name: &str, subject: &str| {
-            key(name, false);
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-new",
-                    "-x509",
-                    "-config",
-                    "ca.cnf",
-                    "-extensions",
-                    "v3_ca",
-                    "-key",
-                    &format!("{name}.key"),
-                    "-subj",
-                    subject,
-                    "-days",
-                    "3650",
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            );
+            let x509 = ["-x509", "-extensions", "v3_ca", "-days", "3650"];
+            req(name, false, subject, &x509, &format!("{name}.pem"));
         };
         // `dates`: ["-days", N] or ["-startdate", S, "-enddate", E].
         let issue = |name: &str, rsa: bool, subject: &str, ca: &str, ext: &str, dates: &[&str]| {
-            key(name, rsa);
             let csr = format!("{name}.csr");
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-new",
-                    "-config",
-                    "ca.cnf",
-                    "-key",
-                    &format!("{name}.key"),
-                    "-subj",
-                    subject,
-                    "-out",
-                    &csr,
-                ],
-            );
-            let mut args = vec!["ca", "-batch", "-notext", "-config", "ca.cnf", "-name"];
+            req(name, rsa, subject, &[], &csr);
             let section = format!("ca_{ca}");
             let out = format!("{name}.pem");
+            let mut args = vec!["ca", "-batch", "-notext", "-config", "ca.cnf", "-name"];
             args.extend_from_slice(&[&section, "-extensions", ext, "-in", &csr, "-out", &out]);
             args.extend_from_slice(dates);
             openssl(d, &args);
@@ -996,21 +987,12 @@ mod tests {
             &year,
         );
         // A certificate whose issuer is `leaf`, signed with leaf's key.
-        key("byleaf", false);
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-config",
-                "ca.cnf",
-                "-key",
-                "byleaf.key",
-                "-subj",
-                "/O=Acme/CN=acme-sensor-0009",
-                "-out",
-                "byleaf.csr",
-            ],
+        req(
+            "byleaf",
+            false,
+            "/O=Acme/CN=acme-sensor-0009",
+            &[],
+            "byleaf.csr",
         );
         openssl(
             d,
@@ -1141,7 +1123,30 @@ mod tests {
             .as_secs() as i64
     }
 
+    // openssl makes the fixtures once per process (~2 s), and nextest runs
+    // every test in its own process: the cases are grouped into few tests.
     #[test]
+    fn accepted_chains_and_their_specificity() {
+        leaf_directly_under_the_root();
+        intermediate_anchor_is_more_specific_than_its_root();
+        subject_prefix_narrows_the_group();
+    }
+
+    #[test]
+    fn refused_chains_say_why() {
+        unknown_ca_is_refused_even_under_the_same_name();
+        expired_and_not_yet_valid_leaves_are_refused();
+        revoked_leaf_is_refused_with_a_pem_or_der_crl();
+        structural_rules_are_enforced();
+    }
+
+    #[test]
+    fn policy_files_are_checked_at_load() {
+        ca_file_must_hold_only_ca_certificates();
+        crl_not_signed_by_a_configured_ca_is_refused_at_load();
+        crl_next_update_is_reported();
+    }
+
     fn leaf_directly_under_the_root() {
         let f = fixtures();
         let v = verifier("roots.pem", Some("crl.pem"), None);
@@ -1168,7 +1173,6 @@ mod tests {
         assert_eq!(again, m);
     }
 
-    #[test]
     fn intermediate_anchor_is_more_specific_than_its_root() {
         let f = fixtures();
         let chain = f.chain(&["leafint", "int"]);
@@ -1201,7 +1205,6 @@ mod tests {
         assert_eq!(err.code(), "manufacturer_unknown_ca");
     }
 
-    #[test]
     fn unknown_ca_is_refused_even_under_the_same_name() {
         let f = fixtures();
         let v = verifier("roots.pem", None, None);
@@ -1220,7 +1223,6 @@ mod tests {
         assert_eq!(err.code(), "manufacturer_unknown_ca");
     }
 
-    #[test]
     fn expired_and_not_yet_valid_leaves_are_refused() {
         let f = fixtures();
         let v = verifier("roots.pem", None, None);
@@ -1254,7 +1256,6 @@ mod tests {
         );
     }
 
-    #[test]
     fn revoked_leaf_is_refused_with_a_pem_or_der_crl() {
         let f = fixtures();
         for crl in ["crl.pem", "crl.der"] {
@@ -1274,7 +1275,6 @@ mod tests {
             .unwrap();
     }
 
-    #[test]
     fn crl_next_update_is_reported() {
         let f = fixtures();
         assert_eq!(verifier("roots.pem", None, None).crl_next_update(), None);
@@ -1311,7 +1311,6 @@ mod tests {
         send_sync::<ManufacturerVerifier>();
     }
 
-    #[test]
     fn crl_not_signed_by_a_configured_ca_is_refused_at_load() {
         let f = fixtures();
         // Same issuer name as the root, signed by the impostor's key.
@@ -1349,7 +1348,6 @@ mod tests {
         ));
     }
 
-    #[test]
     fn ca_file_must_hold_only_ca_certificates() {
         let f = fixtures();
         let err = ManufacturerVerifier::new(&policy(None), &f.path("notca.pem"), None).unwrap_err();
@@ -1383,7 +1381,6 @@ mod tests {
         ));
     }
 
-    #[test]
     fn subject_prefix_narrows_the_group() {
         let f = fixtures();
         let chain = f.chain(&["leaf"]);
@@ -1402,7 +1399,6 @@ mod tests {
         assert_eq!(err.code(), "manufacturer_subject_mismatch");
     }
 
-    #[test]
     fn structural_rules_are_enforced() {
         let f = fixtures();
         let v = verifier("roots.pem", None, None);
