@@ -13,7 +13,7 @@ use uuid::Uuid;
 /// Who asks.
 pub enum ConfigCaller {
     /// The holder of a registration secret.
-    Registration(RegistrationRecord),
+    Registration(Box<RegistrationRecord>),
     /// A device authenticated by its certificate (mTLS).
     Device(Uuid),
 }

@@ -2,6 +2,7 @@
 //! duties, issuance, credential delivery (re-fetchable until confirmed).
 
 mod attest;
+pub mod attestation;
 pub mod config;
 mod error;
 mod reload;

@@ -246,7 +246,7 @@ pub async fn my_config(
     let caller = match (token, q.registration, leaf) {
         (Some(t), Some(reg), _) if t.starts_with("kwr_") => {
             let id = parse_id(&reg)?;
-            ConfigCaller::Registration(state.registry.authenticate(id, &t).await?)
+            ConfigCaller::Registration(Box::new(state.registry.authenticate(id, &t).await?))
         }
         (None, None, Some(axum::Extension(crate::tls::PeerCertificate(der)))) => {
             let summary = crate::ca::x509::summarize(&der)
