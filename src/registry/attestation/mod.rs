@@ -1,0 +1,3 @@
+//! Enrollment attestation: how a device proves which group it belongs to.
+
+pub mod jwt;
