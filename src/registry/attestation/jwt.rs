@@ -413,9 +413,14 @@ fn parse_jwk(v: &Value) -> Option<Jwk> {
             let n = strip_leading_zeros(b64("n")?);
             let e = strip_leading_zeros(b64("e")?);
             // ring's limits: 2048-8192-bit modulus, odd exponent 3 ≤ e < 2^33.
-            let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+            let bits = n
+                .first()
+                .map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
+            if !(2048..=8192).contains(&bits) || e.is_empty() || e.len() > 5 {
+                return None;
+            }
             let e_value = e.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
-            if !(2048..=8192).contains(&bits) || e.len() > 5 || e_value < 3 || e_value % 2 == 0 {
+            if e_value < 3 || e_value % 2 == 0 || e_value >= 1 << 33 {
                 return None;
             }
             PublicKey::Rsa { n, e }
@@ -828,7 +833,11 @@ impl JwtVerifier {
                 "`none` (unsigned) is never accepted",
             ));
         }
-        if name.len() >= 2 && name[..2].eq_ignore_ascii_case("HS") {
+        if name
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"HS"))
+        {
             return Err(JwtError::AlgorithmRefused(
                 "HMAC is never accepted (keys are public)",
             ));
@@ -1386,6 +1395,10 @@ mod tests {
             code(&v, &p256.mint("ES512", &claims())).await,
             "jwt_algorithm_refused"
         );
+        for odd in ["", "H", "é", "€S256", "HŠ256"] {
+            let token = p256.mint_with(json!({"alg": odd, "kid": "ec256"}), &claims());
+            assert_eq!(code(&v, &token).await, "jwt_algorithm_refused", "{odd:?}");
+        }
 
         let v = file_verifier(ALL, &doc);
         // Allowed, but the named key is of another type or curve.
@@ -1788,6 +1801,9 @@ mod tests {
         let doc = json!({"keys": [
             enc, sig_use, sign_only, wrong_alg, unknown_alg, off_curve, small_rsa, padded_rsa,
             {"kty": "oct", "k": "c2VjcmV0"},
+            {"kty": "RSA", "n": "AAAA", "e": "AQAB"},
+            {"kty": "RSA", "n": rsa.jwk()["n"], "e": "AAAA"},
+            {"kty": "RSA", "n": rsa.jwk()["n"], "e": "AQAA"},
             {"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"},
             {"kty": "OKP", "crv": "Ed448", "x": "AA"},
             {"kty": "EC", "crv": "P-256", "x": 1, "y": 2},
@@ -1912,7 +1928,19 @@ mod tests {
             );
             let answer = Arc::new(std::sync::Mutex::new((status, body)));
             let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let url = format!("http://{addr}/jwks.json");
+            // A redirect to the same document, but by a URL the policy
+            // could not name (credentials in it).
+            let moved = format!("http://user:pw@{addr}/jwks.json");
             let app = Router::new()
+                .route(
+                    "/moved",
+                    get(move || async move {
+                        (StatusCode::FOUND, [(axum::http::header::LOCATION, moved)])
+                    }),
+                )
                 .route(
                     "/jwks.json",
                     get(|State((answer, hits)): State<Shared>| async move {
@@ -1922,8 +1950,6 @@ mod tests {
                     }),
                 )
                 .with_state((answer.clone(), hits.clone()));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
             let task = tokio::spawn(async move {
                 axum::serve(listener, app).await.unwrap();
             });
@@ -2086,5 +2112,12 @@ mod tests {
         server.set(200, jwks(&[&k1]).to_string());
         assert!(v.verify(&token, NOW + 120).await.is_ok());
         assert_eq!(server.hits(), 3);
+        // A redirect is checked like the configured URL.
+        let v = url_verifier(&server.url.replace("/jwks.json", "/moved"));
+        let e = v.verify(&token, NOW).await.unwrap_err();
+        assert!(
+            matches!(e, JwtError::KeysUnavailable(JwksError::Redirected(_))),
+            "{e:?}"
+        );
     }
 }
