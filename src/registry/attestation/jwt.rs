@@ -593,7 +593,8 @@ impl RemoteJwks {
             .timeout(JWKS_FETCH_TIMEOUT)
             .send()
             .await
-            .map_err(JwksError::Http)?;
+            // The URL (and its query) is logged separately, trimmed.
+            .map_err(|e| JwksError::Http(e.without_url()))?;
         // A redirect must not lead somewhere the policy could not name.
         check_url(response.url()).map_err(JwksError::Redirected)?;
         if !response.status().is_success() {
@@ -606,7 +607,11 @@ impl RemoteJwks {
             return Err(JwksError::TooLarge);
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(JwksError::Http)? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| JwksError::Http(e.without_url()))?
+        {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(JwksError::TooLarge);
             }
