@@ -168,6 +168,7 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
         crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?;
     }
     let policies = Policies::load(&config.policies.dir)?;
+    crate::registry::check_attestation_policies(&policies)?;
     if let Some(crate::config::TlsConfig {
         source: crate::config::TlsSource::Issue(i),
         ..

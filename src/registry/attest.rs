@@ -5,7 +5,9 @@
 
 use super::{RegistryError, RegistryService};
 use crate::model::{AttestationMethod, DeviceStatus, EnrollmentTokenKind};
-use crate::policy::GroupPolicy;
+use super::attestation::jwt::{JwtError, JwtVerifier};
+use super::attestation::x509::{self, ManufacturerVerifier, VerifiedManufacturer, X509AttestError};
+use crate::policy::{AttestationPolicy, GroupPolicy, JwtAttestation};
 use crate::store::{EnrollmentTokenRecord, Write};
 use secrecy::SecretString;
 use serde_json::json;
@@ -175,36 +177,249 @@ impl RegistryService {
 
     async fn attest_jwt(
         &self,
-        _token: &str,
-        _agree: impl Fn(&GroupPolicy) -> Result<(), RegistryError>,
+        token: &str,
+        agree: impl Fn(&GroupPolicy) -> Result<(), RegistryError>,
     ) -> Result<Attested, RegistryError> {
-        Err(RegistryError::AttestationUnavailable(
-            AttestationMethod::Jwt,
-        ))
+        let (issuer, audiences) =
+            JwtVerifier::peek_issuer_audience(token).map_err(jwt_error)?;
+        let attestors = self.attestors();
+        // Groups are unambiguous by (issuer, audience) (checked at load).
+        let Some((group_name, policy, verifier)) = attestors.jwt.iter().find(|(_, p, _)| {
+            p.issuer == issuer && audiences.iter().any(|a| a == &p.audience)
+        }) else {
+            return Err(RegistryError::Attestation {
+                code: "jwt_unknown_issuer",
+                message: "no enrollment group trusts this JWT's issuer and audience".into(),
+            });
+        };
+        let now = self.clock.now().unix_timestamp();
+        let verified = verifier.verify(token, now).await.map_err(jwt_error)?;
+        let group = self.group(group_name)?;
+        agree(&group)?;
+        let identity = format!("jwt:{}:{}", verified.issuer, verified.device_claim);
+        let device_id = self.store.device_for_identity(&identity).await?;
+        Ok(Attested {
+            method: AttestationMethod::Jwt,
+            details: json!({
+                "issuer": verified.issuer,
+                "jti": verified.jti,
+                "kid": verified.kid,
+                "algorithm": verified.algorithm,
+                "device_claim": policy.device_claim,
+                "device_claim_value": verified.device_claim,
+            }),
+            guards: vec![Write::RecordJwtId {
+                issuer: verified.issuer.clone(),
+                jti: verified.jti.clone(),
+                // Kept past exp by the leeway: the token is accepted that long.
+                expires_at: verified.expires_at + i64::from(policy.leeway_seconds),
+                at: now,
+            }],
+            identity: Some(identity),
+            device_id,
+            token: None,
+            group,
+        })
     }
 
     async fn attest_x509(
         &self,
-        _chain_der: &[Vec<u8>],
-        _nonce: &str,
-        _signature: &[u8],
-        _csr_der: &[u8],
-        _agree: impl Fn(&GroupPolicy) -> Result<(), RegistryError>,
+        chain_der: &[Vec<u8>],
+        nonce: &str,
+        signature: &[u8],
+        csr_der: &[u8],
+        agree: impl Fn(&GroupPolicy) -> Result<(), RegistryError>,
     ) -> Result<Attested, RegistryError> {
-        Err(RegistryError::AttestationUnavailable(
-            AttestationMethod::X509,
-        ))
+        let now = self.clock.now().unix_timestamp();
+        let attestors = self.attestors();
+        // Every x509 group checks the chain; the most specific acceptance wins.
+        let mut best: Option<(&str, VerifiedManufacturer)> = None;
+        let mut refusal: Option<X509AttestError> = None;
+        for (name, verifier) in &attestors.x509 {
+            match verifier.verify_chain(chain_der, now) {
+                Ok(v) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(_, b)| v.specificity > b.specificity)
+                    {
+                        best = Some((name.as_str(), v));
+                    }
+                }
+                Err(e) if !e.is_client_error() => {
+                    tracing::error!(group = %name, error = %e, "manufacturer attestation policy unusable");
+                }
+                Err(e) => {
+                    // The most telling refusal: anything beats "unknown CA".
+                    if refusal.as_ref().is_none_or(|r| {
+                        r.code() == "manufacturer_unknown_ca" && e.code() != r.code()
+                    }) {
+                        refusal = Some(e);
+                    }
+                }
+            }
+        }
+        let Some((group_name, verified)) = best else {
+            return Err(x509_error(refusal.unwrap_or(X509AttestError::UnknownCa {
+                subject: "the presented certificate".into(),
+                issuer: "an unknown CA".into(),
+            })));
+        };
+        // The nonce is single-use and short-lived; the signature binds it to
+        // this request's CSR.
+        if !self.enroll_nonces.take(nonce, now) {
+            return Err(RegistryError::Attestation {
+                code: "nonce_invalid",
+                message: "the nonce is unknown, used or expired; fetch a new one".into(),
+            });
+        }
+        x509::verify_possession(
+            &verified.leaf_spki_der,
+            &x509::possession_message(nonce, csr_der),
+            signature,
+        )
+        .map_err(x509_error)?;
+        let group = self.group(group_name)?;
+        agree(&group)?;
+        let device_id = self.store.device_for_identity(&verified.identity).await?;
+        Ok(Attested {
+            method: AttestationMethod::X509,
+            details: json!({
+                "manufacturer_serial": verified.serial_hex,
+                "manufacturer_subject": verified.subject,
+                "manufacturer_issuer": verified.issuer,
+            }),
+            guards: Vec::new(),
+            identity: Some(verified.identity),
+            device_id,
+            token: None,
+            group,
+        })
+    }
+
+    /// A fresh single-use nonce for the manufacturer possession proof.
+    pub fn enrollment_nonce(&self) -> Result<(String, i64), RegistryError> {
+        let now = self.clock.now().unix_timestamp();
+        let nonce = self.enroll_nonces.issue(now)?;
+        Ok((nonce, now + NONCE_TTL_SECONDS))
+    }
+}
+
+fn jwt_error(e: JwtError) -> RegistryError {
+    if e.is_client_error() {
+        RegistryError::Attestation {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    } else {
+        tracing::error!(error = %e, "JWT attestation policy unusable");
+        RegistryError::AttestationUnavailable(AttestationMethod::Jwt)
+    }
+}
+
+fn x509_error(e: X509AttestError) -> RegistryError {
+    if e.is_client_error() {
+        RegistryError::Attestation {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    } else {
+        tracing::error!(error = %e, "manufacturer attestation policy unusable");
+        RegistryError::AttestationUnavailable(AttestationMethod::X509)
+    }
+}
+
+/// How long an enrollment nonce may be used.
+pub const NONCE_TTL_SECONDS: i64 = 300;
+/// Outstanding nonces kept at most; past it the oldest are dropped (the
+/// nonce route is rate-limited per client as registrations are).
+const MAX_NONCES: usize = 100_000;
+
+/// Single-use enrollment nonces of this process.
+#[derive(Default)]
+pub(super) struct NonceBook(std::sync::Mutex<std::collections::BTreeMap<String, i64>>);
+
+impl NonceBook {
+    fn issue(&self, now: i64) -> Result<String, RegistryError> {
+        use base64::Engine;
+        let bytes = crate::crypto::random_bytes(32)?;
+        let nonce = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let mut map = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        map.retain(|_, exp| *exp > now);
+        while map.len() >= MAX_NONCES {
+            let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, exp)| **exp)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            map.remove(&oldest);
+        }
+        map.insert(nonce.clone(), now + NONCE_TTL_SECONDS);
+        Ok(nonce)
+    }
+
+    fn take(&self, nonce: &str, now: i64) -> bool {
+        let mut map = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        matches!(map.remove(nonce), Some(exp) if exp > now)
     }
 }
 
 /// The verifiers the policies call for, built (files read, keys parsed)
 /// when the policies load: a reload that cannot build them changes nothing.
 #[derive(Default)]
-pub(super) struct Attestors {}
+pub(super) struct Attestors {
+    /// (group, policy, verifier) of every `jwt` group.
+    jwt: Vec<(String, JwtAttestation, JwtVerifier)>,
+    /// (group, verifier) of every `x509` group.
+    x509: Vec<(String, ManufacturerVerifier)>,
+}
 
 impl Attestors {
-    pub(super) fn build(_policies: &crate::policy::Policies) -> Result<Self, RegistryError> {
-        Ok(Self::default())
+    pub(super) fn build(policies: &crate::policy::Policies) -> Result<Self, RegistryError> {
+        let mut out = Self::default();
+        let mut http: Option<reqwest::Client> = None;
+        for g in policies.groups.values() {
+            match &g.attestation {
+                AttestationPolicy::Jwt(j) => {
+                    let client = match &http {
+                        Some(c) => c.clone(),
+                        None => {
+                            let _ = rustls::crypto::ring::default_provider().install_default();
+                            let c = reqwest::Client::builder()
+                                .timeout(std::time::Duration::from_secs(10))
+                                .build()
+                                .map_err(|e| RegistryError::PolicyInvalid(format!("HTTP client: {e}")))?;
+                            http = Some(c.clone());
+                            c
+                        }
+                    };
+                    let file = j.jwks_file.as_ref().map(|f| policies.resolve(f));
+                    let v = JwtVerifier::new(j, file, client).map_err(|e| {
+                        RegistryError::PolicyInvalid(format!("group `{}`: {e}", g.name))
+                    })?;
+                    out.jwt.push((g.name.clone(), j.clone(), v));
+                }
+                AttestationPolicy::X509(x) => {
+                    let crl = x.manufacturer_crl.as_ref().map(|p| policies.resolve(p));
+                    let v = ManufacturerVerifier::new(
+                        x,
+                        &policies.resolve(&x.manufacturer_ca),
+                        crl.as_deref(),
+                    )
+                    .map_err(|e| RegistryError::PolicyInvalid(format!("group `{}`: {e}", g.name)))?;
+                    out.x509.push((g.name.clone(), v));
+                }
+                AttestationPolicy::None | AttestationPolicy::BootstrapToken => {}
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -224,7 +439,6 @@ impl RegistryService {
         *g = std::sync::Arc::new(a);
     }
 
-    #[allow(dead_code)]
     pub(super) fn attestors(&self) -> std::sync::Arc<Attestors> {
         match self.attestors.read() {
             Ok(g) => g.clone(),

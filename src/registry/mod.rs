@@ -9,7 +9,14 @@ mod reload;
 pub mod tls_check;
 pub mod tokens;
 
-pub use attest::Evidence;
+pub use attest::{Evidence, NONCE_TTL_SECONDS as ENROLL_NONCE_TTL_SECONDS};
+
+/// Builds every attestation verifier the policies call for (reads the
+/// manufacturer CA and CRL files, the JWKS files): `keyward config check`
+/// runs it so that a bad file is found before the daemon starts.
+pub fn check_attestation_policies(policies: &crate::policy::Policies) -> Result<(), RegistryError> {
+    attest::Attestors::build(policies).map(drop)
+}
 pub use reload::ReloadOutcome;
 
 use crate::audit::AuditDraft;
@@ -86,6 +93,8 @@ pub struct RegistryService {
     attestors: std::sync::RwLock<Arc<attest::Attestors>>,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Nonces for the manufacturer-certificate possession proof.
+    enroll_nonces: attest::NonceBook,
 }
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), RegistryError> {
@@ -124,6 +133,7 @@ impl RegistryService {
             metrics,
             attestors: std::sync::RwLock::new(Arc::new(attestors)),
             reload_lock: tokio::sync::Mutex::new(()),
+            enroll_nonces: attest::NonceBook::default(),
         })
     }
 

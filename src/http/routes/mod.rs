@@ -23,6 +23,13 @@ pub fn router(state: &AppState) -> Router<AppState> {
                 super::limits::registrations,
             )),
         )
+        .route(
+            "/v1/registrations/nonce",
+            get(registrations::enroll_nonce).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::registrations,
+            )),
+        )
         .route("/v1/registrations/{id}", get(registrations::status))
         .route(
             "/v1/registrations/{id}/credentials",

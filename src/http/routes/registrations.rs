@@ -294,3 +294,23 @@ pub async fn my_config(
         }
     }
 }
+
+#[derive(Serialize)]
+pub struct EnrollNonce {
+    /// Sign `keyward-enroll-v1\n` ‖ nonce ‖ `\n` ‖ hex(SHA-256(CSR DER))
+    /// with the manufacturer key (see the OpenAPI description).
+    nonce: String,
+    expires_at: String,
+    expires_in: i64,
+}
+
+/// `GET /v1/registrations/nonce`: a single-use nonce (5 minutes) for the
+/// manufacturer-certificate possession proof (rate-limited per source).
+pub async fn enroll_nonce(State(state): State<AppState>) -> Result<Json<EnrollNonce>, ApiError> {
+    let (nonce, expires_at) = state.registry.enrollment_nonce()?;
+    Ok(Json(EnrollNonce {
+        nonce,
+        expires_at: rfc3339(from_unix(expires_at)),
+        expires_in: crate::registry::ENROLL_NONCE_TTL_SECONDS,
+    }))
+}
