@@ -187,9 +187,13 @@ impl RegistryService {
         let Some((group_name, policy, verifier)) = attestors.jwt.iter().find(|(_, p, _)| {
             p.issuer == issuer && audiences.iter().any(|a| a == &p.audience)
         }) else {
+            // A trusted issuer's token for someone else is a wrong audience.
+            if attestors.jwt.iter().any(|(_, p, _)| p.issuer == issuer) {
+                return Err(jwt_error(JwtError::WrongAudience));
+            }
             return Err(RegistryError::Attestation {
                 code: "jwt_unknown_issuer",
-                message: "no enrollment group trusts this JWT's issuer and audience".into(),
+                message: "no enrollment group trusts this JWT's issuer".into(),
             });
         };
         let now = self.clock.now().unix_timestamp();
