@@ -65,6 +65,7 @@ pub struct RegistryService {
     clock: Arc<dyn Clock>,
     hasher: TokenHasher,
     metrics: Arc<crate::metrics::Metrics>,
+    notifier: Arc<crate::notify::Notifiers>,
 }
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), RegistryError> {
@@ -93,6 +94,7 @@ impl RegistryService {
         clock: Arc<dyn Clock>,
         hasher: TokenHasher,
         metrics: Arc<crate::metrics::Metrics>,
+        notifier: Arc<crate::notify::Notifiers>,
     ) -> Self {
         Self {
             ca,
@@ -100,6 +102,7 @@ impl RegistryService {
             clock,
             hasher,
             metrics,
+            notifier,
         }
     }
 
@@ -247,6 +250,18 @@ impl RegistryService {
             });
         if reg.status == RegistrationStatus::Issued {
             self.metrics.issued(&profile.issuer);
+        } else {
+            // Committed and waiting for admins: tell them (queued, never blocks).
+            self.notifier
+                .send(crate::notify::Notification::RegistrationPending {
+                    registration_id: reg.id,
+                    device_id: reg.device_id,
+                    group: reg.group.clone(),
+                    device_name: reg.name.clone(),
+                    attestation: group.method().as_str().to_string(),
+                    submitted_at: reg.submitted_at,
+                    approvals_required: group.approvals_needed(),
+                });
         }
         Ok(Submitted {
             registration: reg,
