@@ -1258,7 +1258,11 @@ token_pepper_env = "KEYWARD_PEPPER"
         assert_eq!(w.initial_backoff, Duration::from_secs(1));
         assert_eq!(w.max_backoff, Duration::from_secs(60));
         assert_eq!(w.queue_capacity, 10_000);
-        assert_eq!(c.secrets().len(), 3, "config check reads the webhook secret");
+        assert_eq!(
+            c.secrets().len(),
+            3,
+            "config check reads the webhook secret"
+        );
 
         for (extra, key) in [
             ("timeout_seconds = 0", "notify[0].timeout_seconds"),
@@ -1278,7 +1282,10 @@ token_pepper_env = "KEYWARD_PEPPER"
             refused(&format!("{MINIMAL}{hook}{extra}\n"), key);
         }
         refused(
-            &format!("{MINIMAL}{}", hook.replace("secret_file = \"hook.secret\"\n", "")),
+            &format!(
+                "{MINIMAL}{}",
+                hook.replace("secret_file = \"hook.secret\"\n", "")
+            ),
             "notify[0].secret",
         );
         for url in [
@@ -1301,7 +1308,10 @@ token_pepper_env = "KEYWARD_PEPPER"
         ))
         .unwrap();
         refused(&format!("{MINIMAL}[[notify]]\ntype = \"smtp\"\n"), "smtp");
-        refused(&format!("{MINIMAL}[[notify]]\ntype = \"log\"\nurl = \"x\"\n"), "url");
+        refused(
+            &format!("{MINIMAL}[[notify]]\ntype = \"log\"\nurl = \"x\"\n"),
+            "url",
+        );
     }
 
     const YUBIKEY: &str = r#"

@@ -56,8 +56,10 @@ struct Receiver {
 impl Receiver {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut r = Receiver::default();
-        r.base = format!("http://{}", listener.local_addr().unwrap());
+        let r = Receiver {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            ..Default::default()
+        };
         let app = Router::new().fallback(record).with_state(r.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         r
@@ -143,7 +145,11 @@ fn openssl_hmac(dir: &std::path::Path, secret: &str, t: &str, body: &[u8]) -> St
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .split_whitespace()
@@ -161,7 +167,8 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn sample(metrics: &str, backend: &str, result: &str) -> u64 {
-    let series = format!("keyward_notifications_total{{backend=\"{backend}\",result=\"{result}\"}} ");
+    let series =
+        format!("keyward_notifications_total{{backend=\"{backend}\",result=\"{result}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&series))
@@ -176,6 +183,7 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
     let env = Env::with_extra_group(
         "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n",
     );
+    env.init();
     std::fs::write(env.path("hook.secret"), format!("{SECRET_A}\n")).unwrap();
     env.append_config(&format!(
         "[[notify]]\ntype = \"log\"\n\n\
@@ -203,8 +211,11 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
         .args(["config", "check", "--config", env.config.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-    let admin = env.init();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let mut daemon = env.serve_with_env(&[("KW_TEST_HOOK_SECRET", SECRET_B.as_ref())]);
     let url = daemon.url.clone();
 
@@ -234,7 +245,10 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
     let registration_id = sub["id"].as_str().unwrap().to_string();
 
     // The hanging receiver: two attempts, each cut off by the 1 s timeout, then failed.
-    wait_for("the /hang webhook to give up", || receiver.hits("/hang").len() == 2).await;
+    wait_for("the /hang webhook to give up", || {
+        receiver.hits("/hang").len() == 2
+    })
+    .await;
     let mut metrics = String::new();
     for _ in 0..250 {
         metrics = metrics_text(&url).await;
@@ -246,12 +260,20 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
     assert_eq!(sample(&metrics, "webhook", "failed"), 1, "{metrics}");
     assert_eq!(sample(&metrics, "webhook", "delivered"), 2, "{metrics}");
     assert_eq!(sample(&metrics, "webhook", "dropped"), 0, "{metrics}");
-    assert_eq!(sample(&metrics, "log", "delivered"), 1, "auto-issue notified: {metrics}");
+    assert_eq!(
+        sample(&metrics, "log", "delivered"),
+        1,
+        "auto-issue notified: {metrics}"
+    );
     assert_eq!(receiver.hits("/hang").len(), 2, "max_attempts = 2");
 
     let a = receiver.hits("/a");
     let b = receiver.hits("/b");
-    assert_eq!((a.len(), b.len()), (1, 1), "one call each, none for auto-issue");
+    assert_eq!(
+        (a.len(), b.len()),
+        (1, 1),
+        "one call each, none for auto-issue"
+    );
     let (a, b) = (&a[0], &b[0]);
     let body = a.json();
     assert_eq!(body["type"], "registration.pending");
@@ -260,7 +282,10 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
     assert_eq!(body["data"]["device_name"], "pump-7");
     assert_eq!(body["data"]["attestation"], "none");
     assert_eq!(body["data"]["approvals_required"], 1);
-    assert!(body["data"]["device_id"].as_str().unwrap().len() == 36, "{body}");
+    assert!(
+        body["data"]["device_id"].as_str().unwrap().len() == 36,
+        "{body}"
+    );
     let id = uuid::Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
     assert_eq!(id.get_version_num(), 7);
     time::OffsetDateTime::parse(
@@ -277,7 +302,10 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
     // Each webhook signs with its own secret; ring and openssl agree.
     assert!(signature_verifies(SECRET_A, a));
     assert!(signature_verifies(SECRET_B, b));
-    assert!(!signature_verifies(SECRET_B, a), "a's body verified under b's secret");
+    assert!(
+        !signature_verifies(SECRET_B, a),
+        "a's body verified under b's secret"
+    );
     let (t, v1) = parse_signature(&a.signature);
     assert_eq!(openssl_hmac(env.dir.path(), SECRET_A, &t, &a.body), v1);
     let mut tampered = a.body.clone();
@@ -297,7 +325,12 @@ async fn a_pending_registration_is_signed_and_fanned_out_and_auto_issue_is_silen
     }
 }
 
-fn webhook(receiver: &Receiver, path: &str, secret: &str, tweak: impl FnOnce(&mut WebhookSettings)) -> Backend {
+fn webhook(
+    receiver: &Receiver,
+    path: &str,
+    secret: &str,
+    tweak: impl FnOnce(&mut WebhookSettings),
+) -> Backend {
     let mut s = WebhookSettings {
         url: WebhookUrl::parse(&receiver.url(path)).unwrap(),
         secret: SecretString::from(secret.to_string()),
@@ -347,7 +380,10 @@ async fn retries_on_503_and_429_but_not_on_400() {
         metrics.clone(),
     );
     notifiers.send(pending("flaky-device"));
-    wait_for("three outcomes", || count(&metrics, "delivered") + count(&metrics, "failed") == 3).await;
+    wait_for("three outcomes", || {
+        count(&metrics, "delivered") + count(&metrics, "failed") == 3
+    })
+    .await;
     assert_eq!(count(&metrics, "delivered"), 2, "/flaky and /throttle");
     assert_eq!(count(&metrics, "failed"), 1, "/bad");
 
@@ -360,7 +396,9 @@ async fn retries_on_503_and_429_but_not_on_400() {
         assert_eq!(h.body, flaky[0].body);
         assert!(signature_verifies(SECRET_A, h));
     }
-    assert!(flaky[2].at - flaky[1].at >= flaky[1].at - flaky[0].at, "backoff grows");
+    // Backoff 50 ms, then doubled.
+    assert!(flaky[1].at - flaky[0].at >= Duration::from_millis(50));
+    assert!(flaky[2].at - flaky[1].at >= Duration::from_millis(100));
     // 400 is final: one attempt.
     assert_eq!(receiver.hits("/bad").len(), 1);
     // 429 with Retry-After: 1 waits that long instead of the 10 ms backoff.
@@ -383,7 +421,10 @@ async fn a_full_queue_drops_the_newest_and_shutdown_is_bounded() {
     hang.in_flight = 1;
     let notifiers = Notifiers::start(vec![hang], Arc::new(SystemClock), metrics.clone());
     notifiers.send(pending("one"));
-    wait_for("the first delivery in flight", || receiver.hits("/hang-queue").len() == 1).await;
+    wait_for("the first delivery in flight", || {
+        receiver.hits("/hang-queue").len() == 1
+    })
+    .await;
     notifiers.send(pending("two")); // queued
     let sent = Instant::now();
     notifiers.send(pending("three")); // queue full: dropped, and send did not wait

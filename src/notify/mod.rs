@@ -235,7 +235,11 @@ pub struct Notifiers {
 
 impl Notifiers {
     /// Starts one worker per backend; call inside a tokio runtime.
-    pub fn start(backends: Vec<Backend>, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn start(
+        backends: Vec<Backend>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let stop = CancellationToken::new();
         let mut queues = Vec::with_capacity(backends.len());
         let mut workers = Vec::with_capacity(backends.len());

@@ -33,7 +33,9 @@ pub enum UrlError {
     Syntax(String),
     #[error("must start with https:// (http:// only to a loopback address)")]
     Scheme,
-    #[error("http:// is allowed only to a loopback host (127.0.0.0/8, ::1, localhost); use https://")]
+    #[error(
+        "http:// is allowed only to a loopback host (127.0.0.0/8, ::1, localhost); use https://"
+    )]
     PlainHttpOffLoopback,
     #[error("must have a host, and no user name, password or fragment")]
     Shape,
@@ -209,7 +211,10 @@ impl WebhookNotifier {
             .post(self.url.0.clone())
             .timeout(self.timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(SIGNATURE_HEADER, signature(&self.key, now.unix_timestamp(), body))
+            .header(
+                SIGNATURE_HEADER,
+                signature(&self.key, now.unix_timestamp(), body),
+            )
             .header("Keyward-Event", env.kind())
             .header("Keyward-Delivery", env.id.to_string())
             .body(body.to_vec())
@@ -261,8 +266,8 @@ impl Notifier for WebhookNotifier {
                     last: failure,
                 });
             }
-            let wait = asked
-                .unwrap_or_else(|| backoff(attempt, self.initial_backoff, self.max_backoff));
+            let wait =
+                asked.unwrap_or_else(|| backoff(attempt, self.initial_backoff, self.max_backoff));
             tracing::debug!(
                 target: "keyward::notify",
                 url = %self.url,
@@ -300,8 +305,20 @@ mod tests {
         );
         let hex_part = sig.split(",v1=").nth(1).unwrap();
         let mac = hex::decode(hex_part).unwrap();
-        hmac::verify(&key, b"1800000000.{\"type\":\"registration.pending\"}", &mac).unwrap();
-        assert!(hmac::verify(&key, b"1800000001.{\"type\":\"registration.pending\"}", &mac).is_err());
+        hmac::verify(
+            &key,
+            b"1800000000.{\"type\":\"registration.pending\"}",
+            &mac,
+        )
+        .unwrap();
+        assert!(
+            hmac::verify(
+                &key,
+                b"1800000001.{\"type\":\"registration.pending\"}",
+                &mac
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -323,7 +340,15 @@ mod tests {
         let waits: Vec<_> = (1..=7).map(|a| backoff(a, ms(500), ms(10_000))).collect();
         assert_eq!(
             waits,
-            vec![ms(500), ms(1000), ms(2000), ms(4000), ms(8000), ms(10_000), ms(10_000)]
+            vec![
+                ms(500),
+                ms(1000),
+                ms(2000),
+                ms(4000),
+                ms(8000),
+                ms(10_000),
+                ms(10_000)
+            ]
         );
         assert_eq!(backoff(u32::MAX, ms(500), ms(10_000)), ms(10_000));
         assert_eq!(backoff(0, ms(500), ms(10_000)), ms(500));
@@ -381,14 +406,17 @@ mod tests {
         let u = WebhookUrl::parse("https://hooks.example.net:8443/services/T0/B1/SECRETPATH?k=v")
             .unwrap();
         let shown = format!("{u} {u:?}");
-        assert!(!shown.contains("SECRETPATH") && !shown.contains("k=v"), "{shown}");
+        assert!(
+            !shown.contains("SECRETPATH") && !shown.contains("k=v"),
+            "{shown}"
+        );
         assert!(shown.contains("hooks.example.net:8443"), "{shown}");
     }
 
     #[test]
     fn short_secrets_are_refused() {
-        let e = check_secret("notify[0].secret", &SecretString::from("short".to_string()))
-            .unwrap_err();
+        let e =
+            check_secret("notify[0].secret", &SecretString::from("short".to_string())).unwrap_err();
         assert_eq!(e.code(), "notify_weak_secret");
         assert!(e.to_string().starts_with("notify[0].secret"), "{e}");
         check_secret("k", &SecretString::from("0123456789abcdef".to_string())).unwrap();
