@@ -69,6 +69,9 @@ pub struct Metrics {
     /// CRL publications that failed (HSM, store, signature check), by CA.
     pub crl_publish_failures: IntCounterVec,
     pub ocsp: ocsp::OcspMetrics,
+    /// Notifications by backend (`log`, `webhook`) and result
+    /// (`delivered`, `failed`, `dropped`).
+    pub notifications: IntCounterVec,
 }
 
 impl Metrics {
@@ -193,7 +196,13 @@ impl Metrics {
             &["ca"],
         )?;
         let ocsp = ocsp::OcspMetrics::register(&registry)?;
+        let notifications = counter_vec(
+            "notifications_total",
+            "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown)",
+            &["backend", "result"],
+        )?;
         Ok(Self {
+            notifications,
             ocsp,
             registry,
             http_requests,
@@ -306,6 +315,9 @@ mod tests {
             .signer_not_after
             .with_label_values(&["devices"])
             .set(7);
+        m.notifications
+            .with_label_values(&["webhook", "dropped"])
+            .inc();
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -331,6 +343,7 @@ mod tests {
             "keyward_ocsp_responses_total{status=\"good\"} 0",
             "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
             "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
+            "keyward_notifications_total{backend=\"webhook\",result=\"dropped\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
