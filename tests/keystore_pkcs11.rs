@@ -692,12 +692,14 @@ mod ca_checks {
         .unwrap();
         let (csr, rsa_public) = rsa_csr_without_null_parameters(dir.path());
         let submission = Submission {
-            csr,
+            csr: Some(csr),
+            evidence: keyward::registry::Evidence::None,
+            age_recipient: None,
             name: "odd-rsa".into(),
             device_type: None,
             location: None,
             firmware: None,
-            group: "auto".into(),
+            group: Some("auto".into()),
             client_addr: None,
         };
 
