@@ -1,6 +1,7 @@
 //! Device registrations: submission, approval quorum with separation of
 //! duties, issuance, credential delivery (re-fetchable until confirmed).
 
+pub mod delivery;
 mod error;
 pub mod tls_check;
 
