@@ -90,12 +90,28 @@ pub(crate) fn unwrap_rfc5649(
         .map_err(|_| KeyStoreError::UnwrapFailed)?
         .len();
     buf.truncate(len);
-    // The token hands out PKCS#8 PrivateKeyInfo; anything else is not a key we can deliver.
-    use der::Tagged;
-    match der::asn1::AnyRef::try_from(buf.as_slice()) {
-        Ok(any) if any.tag() == der::Tag::Sequence => Ok(buf),
-        _ => Err(KeyStoreError::UnwrapFailed),
+    // The token hands out a PKCS#8 PrivateKeyInfo (a DER SEQUENCE). SoftHSM 2.6
+    // zero-pads it to a multiple of 8 bytes before the RFC 5649 wrap, so the
+    // unwrapped length can exceed the DER length by up to 7 zero bytes; a
+    // complete DER value makes that padding unambiguous to strip.
+    let der_len = der_sequence_len(&buf).ok_or(KeyStoreError::UnwrapFailed)?;
+    let padding = &buf[der_len..];
+    if padding.len() >= 8 || padding.iter().any(|b| *b != 0) {
+        return Err(KeyStoreError::UnwrapFailed);
     }
+    buf.truncate(der_len);
+    Ok(buf)
+}
+
+/// Length of the DER SEQUENCE at the start of `bytes`, if there is a whole one.
+fn der_sequence_len(bytes: &[u8]) -> Option<usize> {
+    use der::{Decode, Reader, SliceReader, Tagged};
+    let mut reader = SliceReader::new(bytes).ok()?;
+    let value = der::asn1::AnyRef::decode(&mut reader).ok()?;
+    if value.tag() != der::Tag::Sequence {
+        return None;
+    }
+    usize::try_from(reader.position()).ok()
 }
 
 #[cfg(test)]
@@ -131,6 +147,21 @@ mod tests {
         ));
         assert!(matches!(
             unwrap_rfc5649(&[8u8; 32], &w),
+            Err(KeyStoreError::UnwrapFailed)
+        ));
+        // SoftHSM 2.6 zero-pads to a multiple of 8 before wrapping: stripped.
+        let w = KwpAes256::new((&kek).into())
+            .wrap_key(&[0x30, 0x03, 0x02, 0x01, 0x00, 0, 0, 0], &mut buf)
+            .unwrap()
+            .to_vec();
+        assert_eq!(unwrap_rfc5649(&kek, &w).unwrap().as_slice(), &plain);
+        // Non-zero bytes after the DER value are not padding.
+        let w = KwpAes256::new((&kek).into())
+            .wrap_key(&[0x30, 0x03, 0x02, 0x01, 0x00, 0, 1, 0], &mut buf)
+            .unwrap()
+            .to_vec();
+        assert!(matches!(
+            unwrap_rfc5649(&kek, &w),
             Err(KeyStoreError::UnwrapFailed)
         ));
         // Not a DER SEQUENCE: refused even though the wrap is intact.
