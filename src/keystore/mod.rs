@@ -139,7 +139,10 @@ pub struct Capabilities {
     pub algorithms: Vec<KeyAlgorithm>,
     /// Signatures the device can work on at once; the backend queues beyond it.
     pub max_concurrent_signers: usize,
-    /// Whether keys can leave the device wrapped (`CKM_AES_KEY_WRAP_PAD`).
+    /// Whether extractable keys can leave the device wrapped
+    /// (`CKM_AES_KEY_WRAP_PAD` with `CKF_WRAP`), i.e. whether
+    /// [`KeyStore::export_private_key`] can work. Server-generated device keys
+    /// and key backups need it.
     pub can_wrap_keys: bool,
     /// Whether generated keys are fixed (`CKA_MODIFIABLE=false`): nobody can
     /// later widen their usage (add decrypt, unwrap, …) with C_SetAttributeValue.

@@ -185,6 +185,8 @@ pub fn age_bundle(
         plaintext.push(b'\n');
     }
 
+    // age's StreamWriter copies the plaintext into a 64 KiB chunk `Vec` that
+    // it frees without zeroing (age 0.12); our own copies are zeroized.
     let encryptor = age::Encryptor::with_recipients(std::iter::once(
         &recipient.recipient as &dyn age::Recipient,
     ))

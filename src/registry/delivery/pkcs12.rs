@@ -127,7 +127,7 @@ pub fn pkcs12(
     for c in chain_der {
         check_certificate(c)?;
     }
-    let password = password.expose_secret().as_bytes();
+    let password = password.expose_secret();
     if password.is_empty() {
         return Err(DeliveryError::EmptyPassword);
     }
@@ -148,7 +148,7 @@ pub fn pkcs12(
 
     let key_bag = SafeBag {
         bag_id: SHROUDED_KEY_BAG,
-        bag_value: Any::encode_from(&shroud(key_pkcs8, password)?).map_err(enc)?,
+        bag_value: Any::encode_from(&shroud(key_pkcs8, password.as_bytes())?).map_err(enc)?,
         bag_attributes: key_attributes.clone(),
     };
     let mut cert_bags = vec![cert_bag(certificate_der, key_attributes)?];
@@ -160,7 +160,7 @@ pub fn pkcs12(
         .to_der()
         .map_err(enc)?;
     let mac_salt: [u8; 16] = random()?;
-    let mac_key = pkcs12_kdf_sha256(password, &mac_salt, 3, MAC_ITERATIONS)?;
+    let mac_key = pkcs12_kdf_sha256(password, &mac_salt, 3, MAC_ITERATIONS);
     let mac = ring::hmac::sign(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, mac_key.as_ref()),
         &auth_safe,
@@ -256,16 +256,10 @@ fn shroud(key_pkcs8: &[u8], password: &[u8]) -> Result<EncryptedPrivateKeyInfo, 
 
 /// RFC 7292 appendix B.2 with SHA-256 (u = 32, v = 64), 32 output bytes.
 /// The password is a BMPString with a two-byte terminator, as the RFC says.
-fn pkcs12_kdf_sha256(
-    password: &[u8],
-    salt: &[u8],
-    id: u8,
-    iterations: u32,
-) -> Result<Zeroizing<[u8; 32]>, DeliveryError> {
+fn pkcs12_kdf_sha256(password: &str, salt: &[u8], id: u8, iterations: u32) -> Zeroizing<[u8; 32]> {
     const V: usize = 64;
-    let text = std::str::from_utf8(password).map_err(|_| DeliveryError::EmptyPassword)?;
-    let mut bmp = Zeroizing::new(Vec::with_capacity(text.len() * 2 + 2));
-    for unit in text.encode_utf16() {
+    let mut bmp = Zeroizing::new(Vec::with_capacity(password.len() * 2 + 2));
+    for unit in password.encode_utf16() {
         bmp.extend_from_slice(&unit.to_be_bytes());
     }
     bmp.extend_from_slice(&[0, 0]);
@@ -286,7 +280,7 @@ fn pkcs12_kdf_sha256(
     }
     let mut out = Zeroizing::new([0u8; 32]);
     out.copy_from_slice(&a);
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -327,7 +321,7 @@ mod tests {
             .trim()
             .replace(':', "")
             .to_lowercase();
-        let got = pkcs12_kdf_sha256(b"ab1-_XY", &[0, 1, 2, 3, 4, 5, 6, 7], 3, 2048).unwrap();
+        let got = pkcs12_kdf_sha256("ab1-_XY", &[0, 1, 2, 3, 4, 5, 6, 7], 3, 2048);
         assert_eq!(hex::encode(&got[..]), want);
     }
 }
