@@ -264,6 +264,19 @@ fn trials() -> Vec<Trial> {
         conformance("export_rsa_2048", |ks| async move {
             suite::export_gives_the_generated_key(ks.as_ref(), KeyAlgorithm::Rsa2048).await
         }),
+        conformance("export_ed25519_when_offered", |ks| async move {
+            if ks
+                .capabilities()
+                .algorithms
+                .contains(&KeyAlgorithm::Ed25519)
+            {
+                suite::export_gives_the_generated_key_or_says_not_wrappable(
+                    ks.as_ref(),
+                    KeyAlgorithm::Ed25519,
+                )
+                .await
+            }
+        }),
         conformance("export_refuses_non_extractable_keys", |ks| async move {
             suite::export_refuses_non_extractable_keys(ks.as_ref()).await
         }),

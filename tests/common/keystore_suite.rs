@@ -235,3 +235,33 @@ pub async fn export_refuses_non_extractable_keys(ks: &dyn KeyStore) {
     );
     cleanup(ks, &key.handle).await;
 }
+
+/// For algorithms a token may refuse to wrap (SoftHSM 2.6 cannot wrap
+/// Ed25519): either the export gives the generated key, or it is refused with
+/// `key_not_wrappable` and the key is left as it was.
+pub async fn export_gives_the_generated_key_or_says_not_wrappable(
+    ks: &dyn KeyStore,
+    algorithm: KeyAlgorithm,
+) {
+    let mut s = spec(algorithm);
+    s.extractable = true;
+    let key = ks.generate(&s).await.unwrap();
+    match ks.export_private_key(&key.handle).await {
+        Ok(pkcs8) => assert_eq!(openssl_public_of_pkcs8(&pkcs8), key.public_key_der),
+        Err(e) => {
+            assert!(matches!(e, KeyStoreError::NotWrappable(_)), "{e:?}");
+            assert_eq!(e.code(), "key_not_wrappable");
+        }
+    }
+    let sig = ks
+        .sign(&key.handle, algorithm, b"after export")
+        .await
+        .unwrap();
+    assert!(verify(
+        &key.public_key_der,
+        algorithm,
+        b"after export",
+        &sig
+    ));
+    cleanup(ks, &key.handle).await;
+}

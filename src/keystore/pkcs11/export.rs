@@ -45,6 +45,7 @@ pub(super) fn export_pkcs8(
         CkError::Pkcs11(RvError::KeyUnextractable, _) => {
             KeyStoreError::NotExtractable(handle.clone())
         }
+        CkError::Pkcs11(RvError::KeyNotWrappable, _) => KeyStoreError::NotWrappable(handle.clone()),
         e => KeyStoreError::Pkcs11(e),
     })?;
     destroyed.map_err(KeyStoreError::Pkcs11)?;
