@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "common/plaintext_scan.rs"]
+mod plaintext_scan;
 
 use keyward::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings, TokenSelector, context};
 use keyward::keystore::{KeyAlgorithm, KeySpec, KeyStore};
@@ -186,6 +188,19 @@ fn cert_spki(dir: &Path, pem_file: &str) -> Vec<u8> {
     der
 }
 
+/// SoftHSM keeps the token (and so the extractable device key) in files;
+/// none of them may hold the key in plaintext after generation and export.
+fn no_plaintext_in_token_dir(pkcs8: &[u8]) {
+    let token_dir = std::path::PathBuf::from(std::env::var_os(READY).unwrap());
+    let files = std::fs::read_dir(token_dir.join("tokens")).map(|d| d.count());
+    assert!(
+        matches!(files, Ok(n) if n > 0),
+        "no token files to scan: {files:?}"
+    );
+    let holding = plaintext_scan::files_holding(&token_dir, pkcs8);
+    assert!(holding.is_empty(), "plaintext key in {holding:?}");
+}
+
 fn age_bundle_opens_with_the_age_cli(algorithm: KeyAlgorithm) -> Result<(), Failed> {
     run(async move {
         let ks = open_new_token().await;
@@ -264,6 +279,14 @@ fn age_bundle_opens_with_the_age_cli(algorithm: KeyAlgorithm) -> Result<(), Fail
             ),
             "openssl verify",
         );
+
+        // The scanner finds the key where the device put it in plaintext
+        // (a positive control), and nowhere in the token's storage.
+        assert_eq!(
+            plaintext_scan::files_holding(dir.path(), &d.pkcs8),
+            vec![dir.path().join("bundle.pem")]
+        );
+        no_plaintext_in_token_dir(&d.pkcs8);
 
         // Anyone else's identity cannot open it.
         let other = tool(
@@ -409,6 +432,10 @@ fn pkcs12_opens_with_openssl(algorithm: KeyAlgorithm) -> Result<(), Failed> {
             "chain DER",
         );
         assert_eq!(chain_der, d.ca_der);
+
+        let holding = plaintext_scan::files_holding(dir.path(), &d.pkcs8);
+        assert_eq!(holding, vec![dir.path().join("key.pem")], "{holding:?}");
+        no_plaintext_in_token_dir(&d.pkcs8);
 
         // A wrong password opens nothing.
         let wrong = format!("pass:{}", one_time_password().unwrap().expose_secret());
