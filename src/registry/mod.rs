@@ -4,6 +4,7 @@
 mod attest;
 pub mod attestation;
 pub mod config;
+pub mod delivery;
 mod error;
 mod reload;
 pub mod tls_check;
