@@ -3,10 +3,10 @@
 //! manufacturer CA, the JWT issuer); only groups whose attestation is
 //! `none` are chosen by name.
 
-use super::{RegistryError, RegistryService};
-use crate::model::{AttestationMethod, DeviceStatus, EnrollmentTokenKind};
 use super::attestation::jwt::{JwtError, JwtVerifier};
 use super::attestation::x509::{self, ManufacturerVerifier, VerifiedManufacturer, X509AttestError};
+use super::{RegistryError, RegistryService};
+use crate::model::{AttestationMethod, DeviceStatus, EnrollmentTokenKind};
 use crate::policy::{AttestationPolicy, GroupPolicy, JwtAttestation};
 use crate::store::{EnrollmentTokenRecord, Write};
 use secrecy::SecretString;
@@ -180,13 +180,14 @@ impl RegistryService {
         token: &str,
         agree: impl Fn(&GroupPolicy) -> Result<(), RegistryError>,
     ) -> Result<Attested, RegistryError> {
-        let (issuer, audiences) =
-            JwtVerifier::peek_issuer_audience(token).map_err(jwt_error)?;
+        let (issuer, audiences) = JwtVerifier::peek_issuer_audience(token).map_err(jwt_error)?;
         let attestors = self.attestors();
         // Groups are unambiguous by (issuer, audience) (checked at load).
-        let Some((group_name, policy, verifier)) = attestors.jwt.iter().find(|(_, p, _)| {
-            p.issuer == issuer && audiences.iter().any(|a| a == &p.audience)
-        }) else {
+        let Some((group_name, policy, verifier)) = attestors
+            .jwt
+            .iter()
+            .find(|(_, p, _)| p.issuer == issuer && audiences.iter().any(|a| a == &p.audience))
+        else {
             // A trusted issuer's token for someone else is a wrong audience.
             if attestors.jwt.iter().any(|(_, p, _)| p.issuer == issuer) {
                 return Err(jwt_error(JwtError::WrongAudience));
@@ -399,7 +400,9 @@ impl Attestors {
                             let c = reqwest::Client::builder()
                                 .timeout(std::time::Duration::from_secs(10))
                                 .build()
-                                .map_err(|e| RegistryError::PolicyInvalid(format!("HTTP client: {e}")))?;
+                                .map_err(|e| {
+                                    RegistryError::PolicyInvalid(format!("HTTP client: {e}"))
+                                })?;
                             http = Some(c.clone());
                             c
                         }
@@ -417,7 +420,9 @@ impl Attestors {
                         &policies.resolve(&x.manufacturer_ca),
                         crl.as_deref(),
                     )
-                    .map_err(|e| RegistryError::PolicyInvalid(format!("group `{}`: {e}", g.name)))?;
+                    .map_err(|e| {
+                        RegistryError::PolicyInvalid(format!("group `{}`: {e}", g.name))
+                    })?;
                     out.x509.push((g.name.clone(), v));
                 }
                 AttestationPolicy::None | AttestationPolicy::BootstrapToken => {}
