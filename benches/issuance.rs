@@ -138,10 +138,15 @@ fn prepare(dir: &Path, hsm: &SoftHsm) -> (PathBuf, SecretString) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     std::fs::copy(repo.join("ca.toml"), policies.join("ca.toml")).unwrap();
     let enrollment = std::fs::read_to_string(repo.join("enrollment.toml")).unwrap();
+    std::fs::write(policies.join("jwks.json"), jwt_key().1.to_string()).unwrap();
     std::fs::write(
         policies.join("enrollment.toml"),
         format!(
-            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n"
+            "{enrollment}\n# Benchmark only: issues to anyone who asks.\n[[group]]\nname = \"bench\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n\n\
+             # Attested, auto-approved: a bootstrap token, a JWT.\n\
+             [[group]]\nname = \"bench-token\"\nprofile = \"device\"\napproval = \"auto\"\nattestation = {{ method = \"bootstrap-token\" }}\n\n\
+             [[group]]\nname = \"bench-jwt\"\nprofile = \"device\"\napproval = \"auto\"\n\
+             attestation = {{ method = \"jwt\", issuer = \"https://endorse.bench\", audience = \"keyward\", jwks_file = \"jwks.json\", device_claim = \"imsi\" }}\n"
         ),
     )
     .unwrap();
@@ -216,6 +221,55 @@ async fn raw_rate(ks: Arc<dyn KeyStore>, signers: usize, secs: u64) -> f64 {
 }
 
 /// Distinct CSRs made with ring, cycled through by the load generator.
+/// The benchmark's JWT issuer key (fixed per process) and its JWKS.
+fn jwt_key() -> (&'static EcdsaKeyPair, serde_json::Value) {
+    use base64::Engine;
+    static KEY: std::sync::OnceLock<EcdsaKeyPair> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .unwrap();
+        EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8.as_ref(),
+            &rng,
+        )
+        .unwrap()
+    });
+    let point = key.public_key().as_ref();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({ "keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "bench", "use": "sig", "alg": "ES256",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+    }]});
+    (key, jwks)
+}
+
+/// `n` ES256 JWTs, each with its own jti and device claim.
+fn jwts(n: usize) -> Vec<String> {
+    use base64::Engine;
+    let (key, _) = jwt_key();
+    let rng = ring::rand::SystemRandom::new();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"alg":"ES256","typ":"JWT","kid":"bench"}"#);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (0..n)
+        .map(|i| {
+            let claims = serde_json::json!({
+                "iss": "https://endorse.bench", "aud": "keyward", "iat": now,
+                "exp": now + 3600, "jti": format!("bench-{i}"), "imsi": format!("4401{i:011}"),
+            });
+            let signing = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+            let sig = key.sign(&rng, signing.as_bytes()).unwrap();
+            format!("{signing}.{}", b64(sig.as_ref()))
+        })
+        .collect()
+}
+
 fn csrs(n: usize) -> Vec<String> {
     use der::Encode;
     let rng = ring::rand::SystemRandom::new();
@@ -524,6 +578,59 @@ fn run(
         let ratio = at16 / raw2;
         println!("ratio end-to-end@16 / raw 2-signer: {ratio:.2} (target >= 0.30)");
 
+        // Attested enrollment, auto-approved, at concurrency 16: a bootstrap
+        // token (HMAC lookup + a counted use in the commit), a JWT (ES256
+        // verification + a jti row in the commit).
+        let admin = std::fs::read_to_string(
+            PathBuf::from(std::env::var_os(WORK_DIR).unwrap()).join("admin.token"),
+        )
+        .unwrap();
+        let minted: serde_json::Value = plain
+            .post(format!("{url}/v1/admin/tokens"))
+            .bearer_auth(admin.trim())
+            .json(&serde_json::json!({ "group": "bench-token", "uses": 100000, "ttl_seconds": 86400 }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let secret = minted["secret"].as_str().unwrap().to_string();
+        let token_bodies: Arc<Vec<String>> = Arc::new(
+            csrs(1024)
+                .into_iter()
+                .map(|c| serde_json::json!({ "csr": c, "name": "bench-device",
+                    "attestation": { "method": "bootstrap-token", "token": secret } }).to_string())
+                .collect(),
+        );
+        let token_run = e2e(&plain, url, token_bodies, 16, a.seconds).await;
+        println!(
+            "attested issuance (bootstrap token), concurrency 16: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            token_run.rate, token_run.p50_ms, token_run.p99_ms
+        );
+        // Each JWT is usable once (replay): enough for the run at 3x the plain rate.
+        let needed = ((at16 * 3.0) as usize * a.seconds as usize).max(2000);
+        let csr_pool = csrs(1024);
+        let jwt_bodies: Arc<Vec<String>> = Arc::new(
+            jwts(needed)
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| serde_json::json!({ "csr": csr_pool[i % csr_pool.len()], "name": "bench-device",
+                    "attestation": { "method": "jwt", "token": t } }).to_string())
+                .collect(),
+        );
+        let jwt_run = e2e(&plain, url, jwt_bodies, 16, a.seconds).await;
+        println!(
+            "attested issuance (JWT, ES256), concurrency 16: {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            jwt_run.rate, jwt_run.p50_ms, jwt_run.p99_ms
+        );
+        let cost = |r: &Run| (1.0 - r.rate / at16) * 100.0;
+        println!(
+            "attestation cost against plain issuance@16: bootstrap token {:+.1}%, JWT {:+.1}% (target under 20%)",
+            cost(&token_run),
+            cost(&jwt_run)
+        );
+
         let (cert, issuer) = device_and_issuer(&plain, url, &bodies[0]).await;
         let verify = verify_rate(&cert, &issuer, a.seconds.min(3));
         // CPU the daemon spends re-verifying at the concurrency-16 rate, in cores.
@@ -581,6 +688,14 @@ fn run(
                 ));
             }
             md.push_str(&format!("| ratio end-to-end@16 / raw 2-signer (target ≥ 0.30) | {ratio:.2} |\n"));
+            md.push_str(&format!(
+                "| attested issuance, bootstrap token, auto-approved, concurrency 16 | {:.0}/s, p50 {:.2} ms, p99 {:.2} ms ({:.1}% below plain; target < 20%) |\n",
+                token_run.rate, token_run.p50_ms, token_run.p99_ms, cost(&token_run)
+            ));
+            md.push_str(&format!(
+                "| attested issuance, JWT (ES256, JWKS file), auto-approved, concurrency 16 | {:.0}/s, p50 {:.2} ms, p99 {:.2} ms ({:.1}% below plain; target < 20%) |\n",
+                jwt_run.rate, jwt_run.p50_ms, jwt_run.p99_ms, cost(&jwt_run)
+            ));
             md.push_str(&format!(
                 "| device certificate signature check before storing (ring, 1 thread) | {verify:.0}/s, {:.1} µs each; {verify_cores:.2} core at the concurrency-16 rate |\n",
                 1e6 / verify
