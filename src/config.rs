@@ -76,6 +76,8 @@ pub struct Config {
     pub policies: PoliciesConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
+    /// `[broker]`: where devices' broker ACLs are provisioned.
+    pub broker: BrokerConfig,
     /// Directory the config was read from; relative paths were resolved against it.
     pub base_dir: PathBuf,
     pub source_path: PathBuf,
@@ -189,6 +191,62 @@ pub struct YubiKeyConfig {
     pub dangerously_generate_into_unverified_slot: bool,
 }
 
+/// `[broker]`: the MQTT broker whose ACLs follow device issuance and
+/// revocation, and how hard keyward tries.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub backend: BrokerBackendConfig,
+    /// How long a revocation, suspension or resumption waits for the broker
+    /// before it answers `"broker": "pending"` (the outbox keeps trying).
+    pub flush_timeout: Duration,
+    /// First retry delay after a failed broker update; doubles per failure…
+    pub retry_min: Duration,
+    /// … up to this.
+    pub retry_max: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            backend: BrokerBackendConfig::None,
+            flush_timeout: Duration::from_secs(5),
+            retry_min: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum BrokerBackendConfig {
+    /// No broker to provision (the default): nothing is queued.
+    None,
+    /// Mosquitto's dynamic-security plugin, driven over MQTT.
+    Mosquitto(MosquittoConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct MosquittoConfig {
+    /// Host name or IP address (no brackets).
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: verify the broker with these anchors, optionally present a
+    /// client certificate. `None` (`mqtt://`): plain TCP, loopback only.
+    pub tls: Option<BrokerTlsConfig>,
+    /// The dynamic-security admin user keyward connects as.
+    pub username: String,
+    pub password: SecretSetting,
+    /// One command round trip (connect, send, answer); at least one second.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerTlsConfig {
+    /// PEM trust anchors for the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate chain and key, when the admin listener wants one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// Pepper for hashing admin tokens and registration secrets (HMAC-SHA-256 key).
@@ -290,8 +348,60 @@ impl Config {
             }
         }
         out.push(&self.auth.token_pepper);
+        if let BrokerBackendConfig::Mosquitto(m) = &self.broker.backend {
+            out.push(&m.password);
+        }
         out
     }
+}
+
+/// `mqtt[s]://host[:port]` (IPv6 in brackets) → (TLS?, host, port); no
+/// path, credentials, query or fragment.
+fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (secure, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err("must start with mqtts:// or mqtt://".into());
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty()
+        || rest.contains(['/', '@', '?', '#'])
+        || rest.chars().any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
+    {
+        return Err("must be mqtt[s]://host[:port] with no credentials, path or query".into());
+    }
+    let default_port = if secure { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| "unclosed `[` in the host".to_string())?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| "expected `:port` after `]`".to_string())?,
+            ),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("the host is missing".into());
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("port `{p}` is not 1-65535")),
+        },
+    };
+    Ok((secure, host, port))
 }
 
 /// Turns the file as written into [`Config`], naming the key of every refusal.
@@ -572,6 +682,7 @@ impl Builder<'_> {
                 10_000_000,
             )?,
         };
+        let broker = self.broker(raw.broker)?;
         Ok(Config {
             server,
             store,
@@ -581,8 +692,137 @@ impl Builder<'_> {
             policies,
             log,
             limits,
+            broker,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn broker(&self, b: file::Broker) -> Result<BrokerConfig, ConfigError> {
+        let defaults = BrokerConfig::default();
+        let flush_timeout = self.seconds(
+            "broker.flush_timeout_secs",
+            b.flush_timeout_secs,
+            defaults.flush_timeout.as_secs(),
+        )?;
+        let retry_min = self.seconds(
+            "broker.retry_min_secs",
+            b.retry_min_secs,
+            defaults.retry_min.as_secs(),
+        )?;
+        let retry_max = self.seconds(
+            "broker.retry_max_secs",
+            b.retry_max_secs,
+            defaults.retry_max.as_secs(),
+        )?;
+        if retry_max < retry_min {
+            return Err(self.invalid(
+                "broker.retry_max_secs",
+                "must not be less than broker.retry_min_secs",
+            ));
+        }
+        let backend = match b.kind.as_deref().unwrap_or("none") {
+            "none" => {
+                let set = [
+                    ("url", b.url.is_some()),
+                    ("ca_file", b.ca_file.is_some()),
+                    ("client_cert_file", b.client_cert_file.is_some()),
+                    ("client_key_file", b.client_key_file.is_some()),
+                    ("username", b.username.is_some()),
+                    ("password_file", b.password_file.is_some()),
+                    ("password_env", b.password_env.is_some()),
+                    ("timeout_secs", b.timeout_secs.is_some()),
+                ];
+                if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(self.invalid(
+                        &format!("broker.{key}"),
+                        "only with type = \"mosquitto\"",
+                    ));
+                }
+                BrokerBackendConfig::None
+            }
+            "mosquitto" => BrokerBackendConfig::Mosquitto(self.mosquitto(b)?),
+            other => {
+                return Err(self.invalid(
+                    "broker.type",
+                    format!("unknown broker type `{other}` (none, mosquitto)"),
+                ));
+            }
+        };
+        Ok(BrokerConfig {
+            backend,
+            flush_timeout,
+            retry_min,
+            retry_max,
+        })
+    }
+
+    fn mosquitto(&self, b: file::Broker) -> Result<MosquittoConfig, ConfigError> {
+        let url = b
+            .url
+            .ok_or_else(|| self.invalid("broker.url", "missing (e.g. mqtts://broker:8883)"))?;
+        let (secure, host, port) =
+            parse_mqtt_url(&url).map_err(|reason| self.invalid("broker.url", reason))?;
+        let tls = if secure {
+            let ca_file = b.ca_file.ok_or_else(|| {
+                self.invalid(
+                    "broker.ca_file",
+                    "missing: mqtts:// needs the PEM CA that signed the broker's certificate",
+                )
+            })?;
+            let client_cert = match (b.client_cert_file, b.client_key_file) {
+                (Some(c), Some(k)) => Some((self.resolve(&c), self.resolve(&k))),
+                (None, None) => None,
+                _ => {
+                    return Err(self.invalid(
+                        "broker.client_cert_file",
+                        "set both client_cert_file and client_key_file, or neither",
+                    ));
+                }
+            };
+            Some(BrokerTlsConfig {
+                ca_file: self.resolve(&ca_file),
+                client_cert,
+            })
+        } else {
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(self.invalid(
+                    "broker.url",
+                    "mqtt:// (plain TCP) is allowed only to a loopback address: the admin \
+                     password and every ACL change would cross the network in clear; use mqtts://",
+                ));
+            }
+            for (key, set) in [
+                ("ca_file", b.ca_file.is_some()),
+                ("client_cert_file", b.client_cert_file.is_some()),
+                ("client_key_file", b.client_key_file.is_some()),
+            ] {
+                if set {
+                    return Err(
+                        self.invalid(&format!("broker.{key}"), "only with an mqtts:// url")
+                    );
+                }
+            }
+            None
+        };
+        let username = b
+            .username
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| self.invalid("broker.username", "missing: the dynamic-security admin user"))?;
+        if username.len() > 256 || username.chars().any(char::is_control) {
+            return Err(self.invalid("broker.username", "must be 1-256 printable characters"));
+        }
+        Ok(MosquittoConfig {
+            host,
+            port,
+            tls,
+            username,
+            password: self.secret("broker.password", b.password_file, b.password_env)?,
+            timeout: self.seconds("broker.timeout_secs", b.timeout_secs, 10)?,
         })
     }
 

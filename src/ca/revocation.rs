@@ -164,7 +164,7 @@ impl CaService {
                 .ok_or(LifecycleError::DeviceNotFound)?;
             let to = action.step(device.status)?;
             let now = self.clock.now().unix_timestamp();
-            let change = Change::new()
+            let mut change = Change::new()
                 .write(Write::SetDeviceStatus {
                     id,
                     from: device.status,
@@ -187,6 +187,9 @@ impl CaService {
                     }))
                     .source(source),
                 );
+            if self.broker_provisioning {
+                change = change.write(self.broker_write(&device, to, now));
+            }
             match self.store.commit(change).await {
                 Ok(_) => {}
                 // The status changed since the read: read again and decide again.
@@ -206,6 +209,34 @@ impl CaService {
             return Ok(DeviceChanged { device, serials });
         }
         Err(LifecycleError::ConcurrentChange)
+    }
+
+    /// The broker update a device status change calls for: out of the
+    /// broker unless it is (again) active, then exactly its group's topics
+    /// as the current policy renders them.
+    fn broker_write(&self, device: &DeviceRecord, to: DeviceStatus, now: i64) -> Write {
+        if to != DeviceStatus::Active {
+            return crate::broker::revoke_write(device.id, now);
+        }
+        let policies = self.policies();
+        let rules = match policies.groups.get(&device.group) {
+            Some(g) => {
+                let id = device.id.to_string();
+                g.render_broker_acl(&crate::policy::TemplateVars {
+                    device_id: &id,
+                    device_name: &device.name,
+                    group: &device.group,
+                })
+            }
+            None => {
+                tracing::warn!(
+                    group = %device.group,
+                    "resumed device's enrollment group is no longer in the policy: no broker topics"
+                );
+                Vec::new()
+            }
+        };
+        crate::broker::grant_write(device.id, &rules, now)
     }
 
     /// The device's certificates with `not_after > now`, per issuer: what a
