@@ -1076,6 +1076,102 @@ token_pepper_env = "KEYWARD_PEPPER"
     }
 
     #[test]
+    fn broker_defaults_to_none_and_mosquitto_is_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(matches!(c.broker.backend, BrokerBackendConfig::None));
+        assert_eq!(c.broker.flush_timeout, Duration::from_secs(5));
+        assert_eq!(c.secrets().len(), 2);
+
+        let c = parse(&format!(
+            "{MINIMAL}[broker]\ntype = \"mosquitto\"\nurl = \"mqtts://broker.example.net\"\n\
+             ca_file = \"broker-ca.pem\"\nusername = \"keyward\"\npassword_file = \"broker.pw\"\n\
+             retry_min_secs = 1\nretry_max_secs = 60\n"
+        ))
+        .unwrap();
+        let BrokerBackendConfig::Mosquitto(m) = &c.broker.backend else {
+            panic!("{:?}", c.broker.backend)
+        };
+        assert_eq!((m.host.as_str(), m.port), ("broker.example.net", 8883));
+        let tls = m.tls.as_ref().unwrap();
+        assert_eq!(tls.ca_file, Path::new("/etc/kw/broker-ca.pem"));
+        assert_eq!(
+            m.password.from,
+            SecretRef::File(PathBuf::from("/etc/kw/broker.pw"))
+        );
+        assert_eq!(c.broker.retry_max, Duration::from_secs(60));
+        // `config check` reads the broker password too.
+        assert_eq!(c.secrets().len(), 3);
+
+        let c = parse(&format!(
+            "{MINIMAL}[broker]\ntype = \"mosquitto\"\nurl = \"mqtt://[::1]:18830\"\nusername = \"a\"\npassword_env = \"P\"\n"
+        ))
+        .unwrap();
+        let BrokerBackendConfig::Mosquitto(m) = &c.broker.backend else {
+            panic!()
+        };
+        assert_eq!((m.host.as_str(), m.port, m.tls.is_none()), ("::1", 18830, true));
+    }
+
+    #[test]
+    fn broker_refusals_name_their_key() {
+        let m = |rest: &str| format!("{MINIMAL}[broker]\ntype = \"mosquitto\"\n{rest}");
+        let ok_auth = "username = \"a\"\npassword_env = \"P\"\n";
+        refused(&format!("{MINIMAL}[broker]\ntype = \"rabbit\"\n"), "broker.type");
+        refused(
+            &format!("{MINIMAL}[broker]\nurl = \"mqtt://127.0.0.1\"\n"),
+            "broker.url",
+        );
+        refused(&m(ok_auth), "broker.url");
+        // Plain MQTT only to loopback: the admin password would cross the network.
+        let e = refused(
+            &m(&format!("url = \"mqtt://10.0.0.5:1883\"\n{ok_auth}")),
+            "broker.url",
+        );
+        assert!(e.contains("loopback"), "{e}");
+        refused(
+            &m(&format!("url = \"mqtts://b.example\"\n{ok_auth}")),
+            "broker.ca_file",
+        );
+        refused(
+            &m(&format!("url = \"https://b.example\"\n{ok_auth}")),
+            "broker.url",
+        );
+        refused(
+            &m(&format!("url = \"mqtts://user:pw@b.example\"\nca_file = \"c\"\n{ok_auth}")),
+            "broker.url",
+        );
+        refused(
+            &m(&format!("url = \"mqtt://127.0.0.1:0\"\n{ok_auth}")),
+            "broker.url",
+        );
+        refused(
+            &m("url = \"mqtt://127.0.0.1\"\npassword_env = \"P\"\n"),
+            "broker.username",
+        );
+        let e = refused(
+            &m("url = \"mqtt://127.0.0.1\"\nusername = \"a\"\n"),
+            "broker.password",
+        );
+        assert!(e.contains("command line"), "{e}");
+        refused(
+            &m(&format!(
+                "url = \"mqtts://b.example\"\nca_file = \"c\"\nclient_cert_file = \"x\"\n{ok_auth}"
+            )),
+            "broker.client_cert_file",
+        );
+        refused(
+            &m(&format!(
+                "url = \"mqtt://127.0.0.1\"\nretry_min_secs = 10\nretry_max_secs = 5\n{ok_auth}"
+            )),
+            "broker.retry_max_secs",
+        );
+        refused(
+            &format!("{MINIMAL}[broker]\nsurprise = 1\n"),
+            "surprise",
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_checked_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.server.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
@@ -1494,7 +1590,10 @@ management_key_env = "KW_MGM"
         let enabled: Vec<&str> = example
             .lines()
             .map(|l| {
-                if l.starts_with("# [keystores.") || l.starts_with("# [server.tls]") {
+                if l.starts_with("# [keystores.")
+                    || l.starts_with("# [server.tls]")
+                    || l.starts_with("# [broker]")
+                {
                     on = true;
                 } else if !l.starts_with('#') {
                     on = false;
@@ -1511,6 +1610,10 @@ management_key_env = "KW_MGM"
             c.keystores.len(),
             1,
             "the YubiKey example was not switched on"
+        );
+        assert!(
+            matches!(c.broker.backend, BrokerBackendConfig::Mosquitto(_)),
+            "the broker example was not switched on"
         );
         assert!(
             matches!(

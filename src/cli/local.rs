@@ -167,6 +167,8 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     {
         crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?;
     }
+    // The broker's CA file and client certificate must load (its password was read above).
+    crate::app::open_broker(&config)?;
     let policies = Policies::load(&config.policies.dir)?;
     if let Some(crate::config::TlsConfig {
         source: crate::config::TlsSource::Issue(i),
