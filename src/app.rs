@@ -3,9 +3,9 @@
 //! them, builds the services and serves HTTP.
 
 use crate::auth::TokenHasher;
+use crate::auth::admins::AdminService;
 use crate::broker::mosquitto::MosquittoProvisioner;
 use crate::broker::{Backoff, BrokerProvisioner, BrokerUpdateSettings, BrokerUpdates, NoBroker};
-use crate::auth::admins::AdminService;
 use crate::ca::CaService;
 use crate::ca::crls::CrlPublisher;
 use crate::ca::responder::{Responder, ResponderSettings};

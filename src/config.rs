@@ -368,7 +368,9 @@ fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty()
         || rest.contains(['/', '@', '?', '#'])
-        || rest.chars().any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
+        || rest
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
     {
         return Err("must be mqtt[s]://host[:port] with no credentials, path or query".into());
     }
@@ -734,10 +736,9 @@ impl Builder<'_> {
                     ("timeout_secs", b.timeout_secs.is_some()),
                 ];
                 if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
-                    return Err(self.invalid(
-                        &format!("broker.{key}"),
-                        "only with type = \"mosquitto\"",
-                    ));
+                    return Err(
+                        self.invalid(&format!("broker.{key}"), "only with type = \"mosquitto\"")
+                    );
                 }
                 BrokerBackendConfig::None
             }
@@ -802,17 +803,17 @@ impl Builder<'_> {
                 ("client_key_file", b.client_key_file.is_some()),
             ] {
                 if set {
-                    return Err(
-                        self.invalid(&format!("broker.{key}"), "only with an mqtts:// url")
-                    );
+                    return Err(self.invalid(&format!("broker.{key}"), "only with an mqtts:// url"));
                 }
             }
             None
         };
-        let username = b
-            .username
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| self.invalid("broker.username", "missing: the dynamic-security admin user"))?;
+        let username = b.username.filter(|u| !u.is_empty()).ok_or_else(|| {
+            self.invalid(
+                "broker.username",
+                "missing: the dynamic-security admin user",
+            )
+        })?;
         if username.len() > 256 || username.chars().any(char::is_control) {
             return Err(self.invalid("broker.username", "must be 1-256 printable characters"));
         }
@@ -1109,14 +1110,20 @@ token_pepper_env = "KEYWARD_PEPPER"
         let BrokerBackendConfig::Mosquitto(m) = &c.broker.backend else {
             panic!()
         };
-        assert_eq!((m.host.as_str(), m.port, m.tls.is_none()), ("::1", 18830, true));
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls.is_none()),
+            ("::1", 18830, true)
+        );
     }
 
     #[test]
     fn broker_refusals_name_their_key() {
         let m = |rest: &str| format!("{MINIMAL}[broker]\ntype = \"mosquitto\"\n{rest}");
         let ok_auth = "username = \"a\"\npassword_env = \"P\"\n";
-        refused(&format!("{MINIMAL}[broker]\ntype = \"rabbit\"\n"), "broker.type");
+        refused(
+            &format!("{MINIMAL}[broker]\ntype = \"rabbit\"\n"),
+            "broker.type",
+        );
         refused(
             &format!("{MINIMAL}[broker]\nurl = \"mqtt://127.0.0.1\"\n"),
             "broker.url",
@@ -1137,7 +1144,9 @@ token_pepper_env = "KEYWARD_PEPPER"
             "broker.url",
         );
         refused(
-            &m(&format!("url = \"mqtts://user:pw@b.example\"\nca_file = \"c\"\n{ok_auth}")),
+            &m(&format!(
+                "url = \"mqtts://user:pw@b.example\"\nca_file = \"c\"\n{ok_auth}"
+            )),
             "broker.url",
         );
         refused(
@@ -1165,10 +1174,7 @@ token_pepper_env = "KEYWARD_PEPPER"
             )),
             "broker.retry_max_secs",
         );
-        refused(
-            &format!("{MINIMAL}[broker]\nsurprise = 1\n"),
-            "surprise",
-        );
+        refused(&format!("{MINIMAL}[broker]\nsurprise = 1\n"), "surprise");
     }
 
     #[test]

@@ -357,13 +357,14 @@ impl BrokerUpdates {
                         Change::new()
                             .write(Write::CompleteBrokerUpdate { id: entry.id })
                             .audit(
-                                AuditDraft::new("system", &format!("broker.{op}"), target)
-                                    .details(json!({
+                                AuditDraft::new("system", &format!("broker.{op}"), target).details(
+                                    json!({
                                         "backend": self.provisioner.name(),
                                         "rules": rules,
                                         "failed_attempts": entry.attempts,
                                         "queued_at": entry.created_at,
-                                    })),
+                                    }),
+                                ),
                             ),
                     )
                     .await?;

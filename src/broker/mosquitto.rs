@@ -93,11 +93,10 @@ pub fn client_tls_config(
         Some((cert, key)) => {
             let chain = certificates(cert)?;
             let pem = zeroize::Zeroizing::new(read(key)?);
-            let key_der =
-                PrivateKeyDer::from_pem_slice(&pem).map_err(|_| BrokerError::NoPem {
-                    path: key.to_path_buf(),
-                    what: "PEM private key",
-                })?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| BrokerError::NoPem {
+                path: key.to_path_buf(),
+                what: "PEM private key",
+            })?;
             builder
                 .with_client_auth_cert(chain, key_der)
                 .map_err(BrokerError::Tls)?
@@ -163,7 +162,9 @@ impl MosquittoProvisioner {
         let tls = match &c.tls {
             Some(t) => Some(client_tls_config(
                 &t.ca_file,
-                t.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                t.client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
             )?),
             None => None,
         };
@@ -209,8 +210,8 @@ impl MosquittoProvisioner {
             tolerated.insert(id, c.tolerated);
             batch.push(c.body);
         }
-        let payload = serde_json::to_vec(&json!({ "commands": batch }))
-            .map_err(BrokerError::BadResponse)?;
+        let payload =
+            serde_json::to_vec(&json!({ "commands": batch })).map_err(BrokerError::BadResponse)?;
         client
             .subscribe(RESPONSE_TOPIC, QoS::AtLeastOnce)
             .await
@@ -369,12 +370,7 @@ mod tests {
         let a = acls(&rules);
         let pairs: Vec<(&str, &str)> = a
             .iter()
-            .map(|v| {
-                (
-                    v["acltype"].as_str().unwrap(),
-                    v["topic"].as_str().unwrap(),
-                )
-            })
+            .map(|v| (v["acltype"].as_str().unwrap(), v["topic"].as_str().unwrap()))
             .collect();
         assert_eq!(
             pairs,

@@ -1,8 +1,9 @@
 //! Rows as the services see them. Times are Unix seconds unless named `_ms`.
 
 pub use crate::model::{
-    AdminRequestKind, AdminRequestStatus, BrokerAccess, BrokerAclRule, CaKind, CertificateStatus, Decision, DeviceStatus,
-    KeyAlgorithm, KeyHandle, KeyPurpose, KeyState, RegistrationStatus, RevocationReason, Role,
+    AdminRequestKind, AdminRequestStatus, BrokerAccess, BrokerAclRule, CaKind, CertificateStatus,
+    Decision, DeviceStatus, KeyAlgorithm, KeyHandle, KeyPurpose, KeyState, RegistrationStatus,
+    RevocationReason, Role,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

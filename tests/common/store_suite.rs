@@ -3128,11 +3128,17 @@ pub async fn broker_outbox_supersedes_completes_and_backs_off(cx: Cx) {
     .await;
     let failed = s.broker_update_for_device(a.id).await.unwrap().unwrap();
     assert_eq!(failed.attempts, 1);
-    assert_eq!(failed.last_error.as_deref(), Some("broker connection failed"));
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("broker connection failed")
+    );
     assert_eq!(failed.next_attempt_at, T0 + 60);
     let due = s.pending_broker_updates(T0 + 59, 10).await.unwrap();
     assert_eq!(due.iter().map(|e| e.device_id).collect::<Vec<_>>(), [b.id]);
-    assert_eq!(s.pending_broker_updates(T0 + 60, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        s.pending_broker_updates(T0 + 60, 10).await.unwrap().len(),
+        2
+    );
 
     // Success deletes; the other device's entry stays.
     ok(s, Write::CompleteBrokerUpdate { id: failed.id }).await;

@@ -317,9 +317,9 @@ pub(super) fn broker_outbox(r: &Row<'_>) -> R<BrokerOutboxRecord> {
     let op: String = r.get(2)?;
     let rules: Option<String> = r.get(3)?;
     let op = match (op.as_str(), rules) {
-        ("grant", Some(json)) => BrokerOp::Grant(
-            serde_json::from_str(&json).map_err(|_| bad(3, "broker rules", &json))?,
-        ),
+        ("grant", Some(json)) => {
+            BrokerOp::Grant(serde_json::from_str(&json).map_err(|_| bad(3, "broker rules", &json))?)
+        }
         ("revoke", None) => BrokerOp::Revoke,
         (other, _) => return Err(bad(2, "broker op", other)),
     };
