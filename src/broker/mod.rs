@@ -36,7 +36,7 @@ use uuid::Uuid;
 pub enum BrokerError {
     /// The MQTT connection failed (refused, TLS, I/O, CONNACK refused).
     #[error("broker connection failed: {0}")]
-    Connection(#[source] rumqttc::ConnectionError),
+    Connection(#[source] Box<rumqttc::ConnectionError>),
     #[error("MQTT client request failed: {0}")]
     Client(#[source] rumqttc::ClientError),
     #[error("the broker did not answer within {0:?}")]

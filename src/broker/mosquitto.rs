@@ -218,7 +218,11 @@ impl MosquittoProvisioner {
             .map_err(BrokerError::Client)?;
         let result = async {
             loop {
-                match events.poll().await.map_err(BrokerError::Connection)? {
+                match events
+                    .poll()
+                    .await
+                    .map_err(|e| BrokerError::Connection(Box::new(e)))?
+                {
                     Event::Incoming(Packet::SubAck(ack)) => {
                         if ack
                             .return_codes

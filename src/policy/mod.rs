@@ -646,7 +646,7 @@ fn check_group(g: &GroupPolicy) -> Result<(), (String, String)> {
         AttestationPolicy::None | AttestationPolicy::BootstrapToken => {}
     }
     for (k, v) in &g.device_config {
-        enrollment::check_template(&format!("device_config.{k}"), v).map_err(|(k, r)| (k, r))?;
+        enrollment::check_template(&format!("device_config.{k}"), v)?;
     }
     for (i, r) in g.broker_acl.iter().enumerate() {
         enrollment::check_topic_filter(&r.topic)
