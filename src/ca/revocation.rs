@@ -187,8 +187,8 @@ impl CaService {
                     }))
                     .source(source),
                 );
-            if self.broker_provisioning {
-                change = change.write(self.broker_write(&device, to, now));
+            if let Some(w) = self.broker_write_for(&device, to, now) {
+                change = change.write(w);
             }
             match self.store.commit(change).await {
                 Ok(_) => {}
@@ -211,12 +211,22 @@ impl CaService {
         Err(LifecycleError::ConcurrentChange)
     }
 
-    /// The broker update a device status change calls for: out of the
-    /// broker unless it is (again) active, then exactly its group's topics
-    /// as the current policy renders them.
-    fn broker_write(&self, device: &DeviceRecord, to: DeviceStatus, now: i64) -> Write {
+    /// The broker update for `device` entering status `to`, to commit in the
+    /// same change, or `None` without a broker: out of the broker unless it
+    /// is active, then exactly its group's topics as the current policy
+    /// renders them. Issuance uses it too (`to` = active, after the
+    /// `InsertDevice` of the same change).
+    pub fn broker_write_for(
+        &self,
+        device: &DeviceRecord,
+        to: DeviceStatus,
+        now: i64,
+    ) -> Option<Write> {
+        if !self.broker_provisioning {
+            return None;
+        }
         if to != DeviceStatus::Active {
-            return crate::broker::revoke_write(device.id, now);
+            return Some(crate::broker::revoke_write(device.id, now));
         }
         let policies = self.policies();
         let rules = match policies.groups.get(&device.group) {
@@ -236,7 +246,7 @@ impl CaService {
                 Vec::new()
             }
         };
-        crate::broker::grant_write(device.id, &rules, now)
+        Some(crate::broker::grant_write(device.id, &rules, now))
     }
 
     /// The device's certificates with `not_after > now`, per issuer: what a
