@@ -290,7 +290,7 @@ impl DynsecBroker {
             "user root\n\
              per_listener_settings false\n\
              allow_anonymous false\n\
-             plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\n\
+             plugin {plugin}\n\
              plugin_opt_config_file {dynsec}\n\
              log_dest file {log}\n\
              log_type all\n\
@@ -303,6 +303,7 @@ impl DynsecBroker {
              listener {admin} 127.0.0.1\n\
              certfile {cert}\n\
              keyfile {key}\n",
+            plugin = dynsec_plugin().display(),
             dynsec = dir.join("dynsec.json").display(),
             log = self.log.display(),
             device = self.device_port,
@@ -401,4 +402,17 @@ impl DynsecBroker {
 
 fn mosquitto_bin() -> &'static str {
     "mosquitto"
+}
+
+/// The dynamic-security plugin of Debian's `mosquitto` package, under the
+/// multiarch library directory (`/usr/lib/<triplet>/`).
+fn dynsec_plugin() -> PathBuf {
+    let name = "mosquitto_dynamic_security.so";
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join(name))
+        .chain([PathBuf::from("/usr/lib").join(name)])
+        .find(|p| p.exists())
+        .expect("mosquitto's dynamic-security plugin missing (scripts/test.sh installs mosquitto)")
 }
