@@ -369,6 +369,17 @@ async fn broker_acls_follow_issuance_policy_and_the_device_lifecycle() {
     let v = lifecycle(&url, &admin, &a, "resume").await;
     assert_eq!(v["broker"], "pending", "{v}");
     assert_eq!(daemon.stop().code(), Some(0));
+    // Failures were logged; the broker password never was, nor the device ids
+    // (`log.sensitive_details` is off).
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut daemon.child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("broker update failed"), "{log}");
+    let password = std::fs::read_to_string(&broker.admin_password_file).unwrap();
+    assert!(
+        !log.contains(password.trim()),
+        "the broker password was logged"
+    );
+    assert!(!log.contains(&a.device_id), "{log}");
     let daemon = env.serve();
     assert_eq!(
         outbox_entry(&env, &a.device_id).map(|e| e.0),
