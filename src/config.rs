@@ -685,6 +685,14 @@ impl Builder<'_> {
             )?,
         };
         let broker = self.broker(raw.broker)?;
+        if !matches!(broker.backend, BrokerBackendConfig::None)
+            && broker.flush_timeout >= server.request_timeout
+        {
+            return Err(self.invalid(
+                "broker.flush_timeout_secs",
+                "must be less than server.request_timeout_secs (a revocation waits this long for the broker before it answers)",
+            ));
+        }
         Ok(Config {
             server,
             store,
@@ -1173,6 +1181,12 @@ token_pepper_env = "KEYWARD_PEPPER"
                 "url = \"mqtt://127.0.0.1\"\nretry_min_secs = 10\nretry_max_secs = 5\n{ok_auth}"
             )),
             "broker.retry_max_secs",
+        );
+        refused(
+            &m(&format!(
+                "url = \"mqtt://127.0.0.1\"\nflush_timeout_secs = 30\n{ok_auth}"
+            )),
+            "broker.flush_timeout_secs",
         );
         refused(&format!("{MINIMAL}[broker]\nsurprise = 1\n"), "surprise");
     }
