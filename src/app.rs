@@ -368,7 +368,7 @@ impl App {
             clock.clone(),
             hasher,
             metrics.clone(),
-        ));
+        )?);
         let limits = Limits {
             body_limit_bytes: config.server.body_limit_bytes,
             request_timeout: config.server.request_timeout,
@@ -551,6 +551,7 @@ impl App {
         let keystores = self.state.keystores.clone();
         self.prepare_revocation().await?;
         let jobs = self.start_jobs().await;
+        let reloader = spawn_sighup_reload(self.state.registry.clone());
         let router = crate::http::router(self.state, self.limits);
         let served = match self.tls {
             // The TLS accept loop adds ConnectInfo and the client certificate itself.
@@ -576,6 +577,7 @@ impl App {
             .await
             .context("HTTP server failed"),
         };
+        reloader.abort();
         // No request is in flight any more: nothing can add a failed login.
         jobs.shutdown().await;
         served?;
@@ -586,6 +588,29 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// SIGHUP reloads the policies (validated first; refused reloads change
+/// nothing and are audited like accepted ones).
+fn spawn_sighup_reload(registry: Arc<RegistryService>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                tracing::warn!("cannot listen for SIGHUP; reload policies over the admin API");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                if let Err(e) = registry.reload_policies("system:sighup", None).await {
+                    tracing::warn!(error = %e, "SIGHUP: policies not reloaded");
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        drop(registry);
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -211,12 +211,14 @@ fn crls_number_debounce_refresh_and_satisfy_openssl() {
                 .registry
                 .submit(
                     Submission {
-                        csr: csr.clone().into_bytes(),
+                        csr: Some(csr.clone().into_bytes()),
+                        evidence: keyward::registry::Evidence::None,
+                        age_recipient: None,
                         name: format!("dev-{i}"),
                         device_type: None,
                         location: None,
                         firmware: None,
-                        group: "auto".into(),
+                        group: Some("auto".into()),
                         client_addr: None,
                     },
                     None,

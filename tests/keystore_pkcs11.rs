@@ -684,7 +684,8 @@ mod ca_checks {
                 "test-pepper-0123456789".to_string(),
             )),
             Arc::new(keyward::metrics::Metrics::new().unwrap()),
-        );
+        )
+        .unwrap();
         let (csr, rsa_public) = rsa_csr_without_null_parameters(dir.path());
         let submission = Submission {
             csr,

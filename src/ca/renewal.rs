@@ -303,7 +303,7 @@ impl CaService {
 
     /// The device's current certificate: the newest `valid` unexpired one;
     /// otherwise why there is none.
-    async fn current_certificate(
+    pub async fn current_certificate(
         &self,
         device_id: Uuid,
         now: i64,

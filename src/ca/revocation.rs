@@ -89,7 +89,7 @@ impl CaService {
     }
 
     /// Tells every observer, issuer by issuer. Observers must not block.
-    fn notify(&self, serials: &BTreeMap<String, Vec<String>>) {
+    pub(crate) fn notify(&self, serials: &BTreeMap<String, Vec<String>>) {
         let observers = match self.observers.read() {
             Ok(g) => g.clone(),
             Err(_) => return,

@@ -455,6 +455,47 @@ pub fn to_pem(cert_der: &[u8]) -> Result<String, der::Error> {
 
 pub use crate::crypto::verify_issued_by;
 
+/// Errors reading a PEM certificate chain.
+#[derive(Debug, thiserror::Error)]
+pub enum PemChainError {
+    #[error("no CERTIFICATE block found")]
+    Empty,
+    #[error("more than {0} certificates")]
+    TooMany(usize),
+    #[error("not PEM certificates: {0}")]
+    Pem(String),
+}
+
+/// The DER certificates of a PEM bundle, in order (at most 8; only
+/// `CERTIFICATE` blocks; other text between blocks is ignored).
+pub fn pem_chain_to_der(pem: &str) -> Result<Vec<Vec<u8>>, PemChainError> {
+    const MAX: usize = 8;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(end) = rest[start..].find(END) else {
+            return Err(PemChainError::Pem("unterminated CERTIFICATE block".into()));
+        };
+        let block = &rest[start..start + end + END.len()];
+        let (label, der) = der::pem::decode_vec(block.as_bytes())
+            .map_err(|e| PemChainError::Pem(e.to_string()))?;
+        if label != "CERTIFICATE" {
+            return Err(PemChainError::Pem(format!("unexpected label {label}")));
+        }
+        out.push(der);
+        if out.len() > MAX {
+            return Err(PemChainError::TooMany(MAX));
+        }
+        rest = &rest[start + end + END.len()..];
+    }
+    if out.is_empty() {
+        return Err(PemChainError::Empty);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

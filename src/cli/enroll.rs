@@ -33,8 +33,37 @@ pub struct EnrollArgs {
     /// Directory for key.pem, cert.pem, chain.pem and registration.json.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value = "default")]
-    group: String,
+    /// Enrollment group; needed only for groups without attestation (the
+    /// attestation decides the group otherwise). The server's default is
+    /// `default`.
+    #[arg(long)]
+    group: Option<String>,
+    /// File holding a bootstrap token (`keyward tokens create`). Secrets are
+    /// never taken on the command line (argv is visible in `ps`); the
+    /// KEYWARD_BOOTSTRAP_TOKEN environment variable works too.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// File holding a JWT from the group's trusted issuer.
+    #[arg(long, value_name = "FILE")]
+    jwt_file: Option<PathBuf>,
+    /// File holding a reclaim code for an existing device (with --device-id).
+    #[arg(
+        long = "reclaim-code-file",
+        value_name = "FILE",
+        requires = "device_id"
+    )]
+    reclaim_code_file: Option<PathBuf>,
+    /// The existing device a reclaim code re-binds to the new key.
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Manufacturer certificate (PEM; the leaf, then any intermediates) for
+    /// groups with x509 attestation; with --manufacturer-key.
+    #[arg(long, value_name = "FILE", requires = "manufacturer_key")]
+    manufacturer_cert: Option<PathBuf>,
+    /// The manufacturer certificate's private key (PKCS#8 PEM: P-256, P-384,
+    /// RSA or Ed25519); it signs a server nonce and never leaves this machine.
+    #[arg(long, value_name = "FILE", requires = "manufacturer_cert")]
+    manufacturer_key: Option<PathBuf>,
     #[arg(long = "type")]
     device_type: Option<String>,
     #[arg(long)]
@@ -95,6 +124,126 @@ fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the {what} from {}", path.display()))?,
+    );
+    let trimmed = Zeroizing::new(text.trim().to_string());
+    if trimmed.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(trimmed)
+}
+
+/// Signs `message` with a PKCS#8 key (P-256/P-384 ECDSA with SHA-256/384,
+/// RSA PKCS#1 v1.5 SHA-256, Ed25519), as the possession proof expects.
+fn sign_with_pkcs8(pkcs8: &[u8], message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use ring::signature as s;
+    let rng = ring::rand::SystemRandom::new();
+    for alg in [
+        &s::ECDSA_P256_SHA256_ASN1_SIGNING,
+        &s::ECDSA_P384_SHA384_ASN1_SIGNING,
+    ] {
+        if let Ok(k) = EcdsaKeyPair::from_pkcs8(alg, pkcs8, &rng) {
+            return k
+                .sign(&rng, message)
+                .map(|sig| sig.as_ref().to_vec())
+                .map_err(|_| anyhow::anyhow!("signing with the manufacturer key failed"));
+        }
+    }
+    if let Ok(k) = s::RsaKeyPair::from_pkcs8(pkcs8) {
+        let mut sig = vec![0; k.public().modulus_len()];
+        k.sign(&s::RSA_PKCS1_SHA256, &rng, message, &mut sig)
+            .map_err(|_| anyhow::anyhow!("signing with the manufacturer key failed"))?;
+        return Ok(sig);
+    }
+    if let Ok(k) = s::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
+        return Ok(k.sign(message).as_ref().to_vec());
+    }
+    bail!("the manufacturer key is not a PKCS#8 P-256, P-384, RSA or Ed25519 key")
+}
+
+/// The manufacturer proof: a fresh nonce from the server, signed together
+/// with the CSR's digest by the manufacturer key.
+async fn manufacturer_attestation(
+    api: &Api,
+    cert: &Path,
+    key: &Path,
+    csr_der: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    let chain =
+        std::fs::read_to_string(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let key_pem = Zeroizing::new(
+        std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?,
+    );
+    let (label, pkcs8) = der::pem::decode_vec(key_pem.trim().as_bytes())
+        .map_err(|_| anyhow::anyhow!("{} is not a PEM key", key.display()))?;
+    let pkcs8 = Zeroizing::new(pkcs8);
+    if label != "PRIVATE KEY" {
+        bail!(
+            "{} holds a `{label}`; convert it to PKCS#8 (`openssl pkcs8 -topk8 -nocrypt`)",
+            key.display()
+        );
+    }
+    let (_, n) = api
+        .call(reqwest::Method::GET, "/v1/registrations/nonce", None, None)
+        .await?;
+    let nonce = n["nonce"]
+        .as_str()
+        .context("the server's nonce answer lacks the nonce")?;
+    let message = crate::registry::attestation::x509::possession_message(nonce, csr_der);
+    let signature = sign_with_pkcs8(&pkcs8, &message)?;
+    Ok(json!({
+        "method": "x509",
+        "chain": chain,
+        "nonce": nonce,
+        "signature": base64::engine::general_purpose::STANDARD.encode(signature),
+    }))
+}
+
+/// The `attestation` object of the registration, from the flags.
+async fn attestation(
+    args: &EnrollArgs,
+    api: &Api,
+    csr_der: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    let env_token = std::env::var("KEYWARD_BOOTSTRAP_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Zeroizing::new(t.trim().to_string()));
+    let mut chosen = Vec::new();
+    if let Some(f) = &args.token_file {
+        let t = read_secret_file(f, "bootstrap token")?;
+        chosen.push(json!({ "method": "bootstrap-token", "token": t.as_str() }));
+    } else if let Some(t) = env_token {
+        chosen.push(json!({ "method": "bootstrap-token", "token": t.as_str() }));
+    }
+    if let Some(f) = &args.jwt_file {
+        let t = read_secret_file(f, "JWT")?;
+        chosen.push(json!({ "method": "jwt", "token": t.as_str() }));
+    }
+    if let Some(f) = &args.reclaim_code_file {
+        let code = read_secret_file(f, "reclaim code")?;
+        chosen.push(json!({
+            "method": "reclaim",
+            "device_id": args.device_id.as_deref().unwrap_or_default(),
+            "code": code.as_str(),
+        }));
+    }
+    if let (Some(cert), Some(key)) = (&args.manufacturer_cert, &args.manufacturer_key) {
+        chosen.push(manufacturer_attestation(api, cert, key, csr_der).await?);
+    }
+    match chosen.len() {
+        0 => Ok(serde_json::Value::Null),
+        1 => Ok(chosen.remove(0)),
+        _ => bail!(
+            "give one attestation: a bootstrap token, a JWT, a reclaim code or a manufacturer certificate"
+        ),
+    }
+}
+
 pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -110,12 +259,13 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
         der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &pkcs8)
             .map_err(der::Error::from)?,
     );
-    // The key is saved before registering so a crash cannot strand a certificate without its key.
-    write_private(&key_path, key_pem.as_bytes())?;
     let csr_pem =
         der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &csr_der)
             .map_err(der::Error::from)?;
     let api = Api::new(&args.url, None, args.ca_cert.as_deref())?;
+    let attestation = attestation(&args, &api, &csr_der).await?;
+    // The key is saved before registering so a crash cannot strand a certificate without its key.
+    write_private(&key_path, key_pem.as_bytes())?;
     let (_, reg) = api
         .call(
             reqwest::Method::POST,
@@ -124,6 +274,7 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
                 "csr": csr_pem,
                 "name": args.name,
                 "group": args.group,
+                "attestation": attestation,
                 "device_type": args.device_type,
                 "location": args.location,
                 "firmware": args.firmware,

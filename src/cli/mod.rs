@@ -8,6 +8,7 @@ mod enroll;
 mod lifecycle;
 mod local;
 mod renew;
+mod tokens;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -90,6 +91,20 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+    },
+    /// Bootstrap tokens and reclaim codes for enrollment groups.
+    Tokens {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Policies of a running daemon.
+    Policies {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: PoliciesCommand,
     },
     /// Configuration tools.
     Config {
@@ -222,6 +237,50 @@ enum CertsCommand {
         #[arg(long)]
         comment: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Mint a bootstrap token for a group (or, with --reclaim DEVICE, a
+    /// one-time reclaim code); the secret is printed once.
+    Create {
+        /// The enrollment group (attestation `bootstrap-token`).
+        #[arg(long)]
+        group: Option<String>,
+        /// Registrations the token may attest (default 1).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Lifetime: 90s, 30m, 24h, 7d (at most 7 days).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// The only device name the token may register (implies one use).
+        #[arg(long)]
+        device_name: Option<String>,
+        /// Mint a reclaim code for this existing device id instead.
+        #[arg(long, value_name = "DEVICE")]
+        reclaim: Option<String>,
+    },
+    /// List tokens and codes, newest first.
+    List {
+        /// bootstrap or reclaim.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// Reclaim codes of this device.
+        #[arg(long)]
+        device: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Revoke a token or code (its earlier uses stand).
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoliciesCommand {
+    /// Validate and reload policies/*.toml in the running daemon (same as SIGHUP).
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +489,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             ..
         } => local::break_glass(&config.config, &name, &role, token_out.as_deref()).await,
         Command::Admins { client, command } => client::admins(&client, command).await,
+        Command::Tokens { client, command } => tokens::tokens(&client, command).await,
+        Command::Policies { client, command } => tokens::policies(&client, command).await,
         Command::Ca { client, command } => client::ca(&client, command).await,
         Command::Enroll(args) => enroll::run(args).await,
         Command::Renew(args) => renew::run(args).await,

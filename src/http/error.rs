@@ -226,7 +226,23 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         use RegistryError as E;
         let status = match &e {
-            E::InvalidField { .. } | E::UnknownGroup(_) => StatusCode::BAD_REQUEST,
+            E::InvalidField { .. }
+            | E::UnknownGroup(_)
+            | E::InvalidTokenRequest(_)
+            | E::GroupMismatch { .. }
+            | E::TokenDeviceName(_)
+            | E::CsrNotExpected(_)
+            | E::CsrRequired(_)
+            | E::RecipientNotExpected
+            | E::Delivery { .. } => StatusCode::BAD_REQUEST,
+            E::DeviceNotFound | E::TokenNotFound => StatusCode::NOT_FOUND,
+            E::PolicyInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            E::DeviceNotActive(_) | E::TokenAlreadyRevoked => StatusCode::CONFLICT,
+            E::TokenInvalid(_) | E::AttestationRequired { .. } | E::Attestation { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
+            E::ReclaimWrongDevice | E::MinterApproval => StatusCode::FORBIDDEN,
+            E::AttestationUnavailable(_) => StatusCode::NOT_IMPLEMENTED,
             E::Csr(CsrError::Malformed(_)) => StatusCode::BAD_REQUEST,
             E::Csr(_) | E::UnknownProfile(_) | E::AlgorithmNotAllowed { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -244,9 +260,10 @@ impl From<RegistryError> for ApiError {
             }
             E::CredentialsGone => StatusCode::GONE,
             E::Unauthorized => StatusCode::UNAUTHORIZED,
-            E::Ca(_) | E::Store(_) | E::Random(_) => {
+            E::Ca(_) | E::Store(_) | E::Random(_) | E::KeyStore(_) => {
                 return match e {
                     E::Ca(c) => c.into(),
+                    E::KeyStore(k) => k.into(),
                     E::Store(s) => s.into(),
                     other => Self::internal(&other),
                 };

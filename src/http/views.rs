@@ -25,6 +25,15 @@ pub struct RegistrationView {
     pub credentials_confirmed: bool,
     /// Where the submission came from (after trusted proxies), for approvers.
     pub client_addr: Option<String>,
+    /// How the device proved who it is, and what that showed.
+    pub attestation: String,
+    pub attestation_details: Option<serde_json::Value>,
+    /// The admin who minted the bootstrap token or reclaim code used (who
+    /// cannot approve this registration).
+    pub token_minted_by: Option<String>,
+    /// The device existed before (re-provisioning or reclaim).
+    pub reenrollment: bool,
+    pub key_source: String,
 }
 
 impl From<&RegistrationRecord> for RegistrationView {
@@ -47,6 +56,11 @@ impl From<&RegistrationRecord> for RegistrationView {
             credentials_delivered: r.credentials_fetched_at.is_some(),
             credentials_confirmed: r.credentials_confirmed_at.is_some(),
             client_addr: r.client_addr.clone(),
+            attestation: r.attestation.to_string(),
+            attestation_details: r.attestation_details.clone(),
+            token_minted_by: r.token_minted_by.map(|u| format!("admin:{u}")),
+            reenrollment: r.reenrollment,
+            key_source: r.key_source.to_string(),
         }
     }
 }

@@ -19,6 +19,6 @@ pub use net::{IpNet, IpNetError};
 pub use revocation::RevocationReason;
 pub use role::Role;
 pub use status::{
-    AdminRequestKind, AdminRequestStatus, CertificateStatus, Decision, DeviceStatus, KeyPurpose,
-    KeyState, RegistrationStatus,
+    AdminRequestKind, AdminRequestStatus, AttestationMethod, CertificateStatus, Decision,
+    DeviceStatus, EnrollmentTokenKind, KeyPurpose, KeySource, KeyState, RegistrationStatus,
 };

@@ -3,11 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 macro_rules! string_enum {
-    ($(#[$m:meta])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $s:literal),+ $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name {
-            $(#[serde(rename = $s)] $variant),+
+            $($(#[$vm])* #[serde(rename = $s)] $variant),+
         }
 
         impl $name {
@@ -107,5 +107,38 @@ string_enum!(
         Redeemed = "redeemed",
         Denied = "denied",
         Expired = "expired",
+    }
+);
+
+string_enum!(
+    /// How a registration's device proved who it is.
+    AttestationMethod {
+        None = "none",
+        BootstrapToken = "bootstrap-token",
+        X509 = "x509",
+        Jwt = "jwt",
+        /// Re-binding an existing device identity to a new key with an
+        /// admin-issued one-time code.
+        Reclaim = "reclaim",
+    }
+);
+
+string_enum!(
+    /// Where a device's key pair comes from.
+    KeySource {
+        /// The device sends a CSR; its key never leaves it.
+        Csr = "csr",
+        /// Generated in the HSM and delivered once, encrypted.
+        Server = "server",
+    }
+);
+
+string_enum!(
+    /// Admin-minted enrollment secrets.
+    EnrollmentTokenKind {
+        /// Attests a registration to one group (`--uses N`).
+        Bootstrap = "bootstrap",
+        /// Lets one existing device re-bind its identity to a new key, once.
+        Reclaim = "reclaim",
     }
 );

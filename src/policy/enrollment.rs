@@ -2,6 +2,7 @@
 //! it is, who approves, where its key comes from, and what it is handed
 //! (configuration template, broker ACL).
 
+pub use crate::model::{AttestationMethod, KeySource};
 use crate::model::{KeyAlgorithm, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -34,49 +35,6 @@ impl AttestationPolicy {
             Self::X509(_) => AttestationMethod::X509,
             Self::Jwt(_) => AttestationMethod::Jwt,
         }
-    }
-}
-
-/// The method names, as recorded on registrations and in audit events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AttestationMethod {
-    None,
-    BootstrapToken,
-    X509,
-    Jwt,
-    /// Re-binding an existing device identity to a new key with an
-    /// admin-issued one-time code (any group).
-    Reclaim,
-}
-
-impl AttestationMethod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::BootstrapToken => "bootstrap-token",
-            Self::X509 => "x509",
-            Self::Jwt => "jwt",
-            Self::Reclaim => "reclaim",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::None,
-            Self::BootstrapToken,
-            Self::X509,
-            Self::Jwt,
-            Self::Reclaim,
-        ]
-        .into_iter()
-        .find(|m| m.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for AttestationMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -148,17 +106,6 @@ pub enum ApprovalMode {
     Quorum,
 }
 
-/// Where the device's key pair comes from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeySource {
-    /// The device sends a PKCS#10 CSR; its key never leaves it.
-    #[default]
-    Csr,
-    /// keyward generates the key in the HSM and delivers it once, encrypted.
-    Server,
-}
-
 // The broker ACL types live in `model` (the store's broker outbox carries them).
 pub use crate::model::{BrokerAccess, BrokerAclRule};
 
@@ -193,7 +140,7 @@ pub struct GroupPolicy {
     /// chain again (a lost response) for this long, or until it confirms.
     #[serde(default = "default_refetch_minutes")]
     pub credentials_refetch_minutes: u32,
-    #[serde(default)]
+    #[serde(default = "default_key_source")]
     pub key_source: KeySource,
     /// Algorithm of server-generated keys; the profile's first when absent.
     #[serde(default)]
@@ -245,6 +192,9 @@ impl GroupPolicy {
     }
 }
 
+fn default_key_source() -> KeySource {
+    KeySource::Csr
+}
 fn default_approvals() -> u32 {
     2
 }

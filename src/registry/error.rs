@@ -4,7 +4,7 @@
 use crate::ca::CaError;
 use crate::ca::csr::CsrError;
 use crate::crypto::RandomError;
-use crate::model::{KeyAlgorithm, RegistrationStatus, Role};
+use crate::model::{AttestationMethod, DeviceStatus, KeyAlgorithm, RegistrationStatus, Role};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,50 @@ pub enum RegistryError {
     KeyRevoked,
     #[error("registration secret missing or wrong")]
     Unauthorized,
+    #[error("policy not reloaded: {0}")]
+    PolicyInvalid(String),
+    #[error("invalid token request: {0}")]
+    InvalidTokenRequest(String),
+    #[error("device not found")]
+    DeviceNotFound,
+    #[error("the device is {0}; only an active device can do this")]
+    DeviceNotActive(DeviceStatus),
+    #[error("enrollment token not found")]
+    TokenNotFound,
+    #[error("enrollment token already revoked")]
+    TokenAlreadyRevoked,
+    /// Deliberately vague about which part failed beyond the reason.
+    #[error("bootstrap token or reclaim code refused: {0}")]
+    TokenInvalid(&'static str),
+    #[error("the attestation puts this device in group `{attested}`, not `{requested}`")]
+    GroupMismatch { requested: String, attested: String },
+    #[error("group `{group}` requires attestation by {method}")]
+    AttestationRequired {
+        group: String,
+        method: AttestationMethod,
+    },
+    #[error("attestation method {0} is not available in this build")]
+    AttestationUnavailable(AttestationMethod),
+    #[error("this reclaim code was issued for another device")]
+    ReclaimWrongDevice,
+    #[error("this bootstrap token is for the device named `{0}`")]
+    TokenDeviceName(String),
+    #[error(
+        "separation of duties: the admin who minted the token a registration used cannot decide it"
+    )]
+    MinterApproval,
+    #[error("group `{0}` generates keys on the server: send no CSR (optionally an age_recipient)")]
+    CsrNotExpected(String),
+    #[error("group `{0}` needs a CSR (`csr`)")]
+    CsrRequired(String),
+    #[error("age_recipient applies only to groups whose keys are generated on the server")]
+    RecipientNotExpected,
+    #[error("{message}")]
+    Attestation { code: &'static str, message: String },
+    #[error("{message}")]
+    Delivery { code: &'static str, message: String },
+    #[error(transparent)]
+    KeyStore(#[from] crate::keystore::KeyStoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
     #[error(transparent)]
@@ -94,6 +138,24 @@ impl RegistryError {
             Self::AlreadyConfirmed => "already_confirmed",
             Self::Unauthorized => "unauthorized",
             Self::KeyRevoked => "key_revoked",
+            Self::PolicyInvalid(_) => "policy_invalid",
+            Self::InvalidTokenRequest(_) => "invalid_token_request",
+            Self::DeviceNotFound => "device_not_found",
+            Self::DeviceNotActive(_) => "device_not_active",
+            Self::TokenNotFound => "not_found",
+            Self::TokenAlreadyRevoked => "already_revoked",
+            Self::TokenInvalid(_) => "enrollment_token_invalid",
+            Self::GroupMismatch { .. } => "group_mismatch",
+            Self::AttestationRequired { .. } => "attestation_required",
+            Self::AttestationUnavailable(_) => "attestation_unavailable",
+            Self::ReclaimWrongDevice => "reclaim_code_wrong_device",
+            Self::TokenDeviceName(_) => "device_name_mismatch",
+            Self::MinterApproval => "token_minter_cannot_approve",
+            Self::CsrNotExpected(_) => "csr_not_expected",
+            Self::CsrRequired(_) => "csr_required",
+            Self::RecipientNotExpected => "age_recipient_not_expected",
+            Self::Attestation { code, .. } | Self::Delivery { code, .. } => code,
+            Self::KeyStore(k) => k.code(),
             Self::Ca(c) => c.code(),
             Self::Store(s) => s.code(),
             Self::Random(_) => "internal",
@@ -109,6 +171,15 @@ impl From<StoreError> for RegistryError {
             // is mapped where the group is known, in `submit`.)
             StoreError::Conflict(_) => Self::ConcurrentDecision,
             other => Self::Store(other),
+        }
+    }
+}
+
+impl From<crate::ca::keys::KeyLifecycleError> for RegistryError {
+    fn from(e: crate::ca::keys::KeyLifecycleError) -> Self {
+        match e {
+            crate::ca::keys::KeyLifecycleError::KeyStore(k) => Self::KeyStore(k),
+            crate::ca::keys::KeyLifecycleError::Store(s) => Self::Store(s),
         }
     }
 }

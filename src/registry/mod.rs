@@ -1,8 +1,23 @@
 //! Device registrations: submission, approval quorum with separation of
 //! duties, issuance, credential delivery (re-fetchable until confirmed).
 
+mod attest;
+pub mod attestation;
+pub mod config;
 mod error;
+mod reload;
 pub mod tls_check;
+pub mod tokens;
+
+pub use attest::{Evidence, NONCE_TTL_SECONDS as ENROLL_NONCE_TTL_SECONDS};
+
+/// Builds every attestation verifier the policies call for (reads the
+/// manufacturer CA and CRL files, the JWKS files): `keyward config check`
+/// runs it so that a bad file is found before the daemon starts.
+pub fn check_attestation_policies(policies: &crate::policy::Policies) -> Result<(), RegistryError> {
+    attest::Attestors::build(policies).map(drop)
+}
+pub use reload::ReloadOutcome;
 
 use crate::audit::AuditDraft;
 use crate::auth::{TokenHasher, new_secret};
@@ -10,6 +25,7 @@ use crate::ca::csr;
 use crate::ca::{CaService, x509};
 use crate::clock::Clock;
 use crate::model::valid_display_text;
+use crate::model::{AttestationMethod, KeySource};
 use crate::policy::GroupPolicy;
 use crate::store::{
     AdminRecord, ApprovalRecord, Change, Conflict, Decision, DeviceRecord, DeviceStatus, Page,
@@ -27,12 +43,19 @@ pub use error::RegistryError;
 /// What a device (or an admin on its behalf) submits.
 #[derive(Debug, Clone)]
 pub struct Submission {
-    pub csr: Vec<u8>,
+    /// PKCS#10, PEM or DER; `None` for groups whose keys the server makes.
+    pub csr: Option<Vec<u8>>,
     pub name: String,
     pub device_type: Option<String>,
     pub location: Option<String>,
     pub firmware: Option<String>,
-    pub group: String,
+    /// The group asked for: decides the group only when its attestation is
+    /// `none`; otherwise it must agree with the attestation, if given.
+    pub group: Option<String>,
+    pub evidence: Evidence,
+    /// Server keys: deliver as an age bundle to this X25519 recipient
+    /// (otherwise as a PKCS#12 with a one-time password).
+    pub age_recipient: Option<String>,
     /// Client address of the request (after trusted proxies).
     pub client_addr: Option<String>,
 }
@@ -65,6 +88,13 @@ pub struct RegistryService {
     clock: Arc<dyn Clock>,
     hasher: TokenHasher,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Verifiers built from the policies (JWKS, manufacturer CAs); swapped
+    /// with them on reload.
+    attestors: std::sync::RwLock<Arc<attest::Attestors>>,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Nonces for the manufacturer-certificate possession proof.
+    enroll_nonces: attest::NonceBook,
 }
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), RegistryError> {
@@ -93,14 +123,18 @@ impl RegistryService {
         clock: Arc<dyn Clock>,
         hasher: TokenHasher,
         metrics: Arc<crate::metrics::Metrics>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, RegistryError> {
+        let attestors = attest::Attestors::build(&ca.policies())?;
+        Ok(Self {
             ca,
             store,
             clock,
             hasher,
             metrics,
-        }
+            attestors: std::sync::RwLock::new(Arc::new(attestors)),
+            reload_lock: tokio::sync::Mutex::new(()),
+            enroll_nonces: attest::NonceBook::default(),
+        })
     }
 
     fn group(&self, name: &str) -> Result<GroupPolicy, RegistryError> {
@@ -122,8 +156,9 @@ impl RegistryService {
             .ok_or_else(|| RegistryError::UnknownProfile(group.profile.clone()))
     }
 
-    /// Validates and records a registration. Groups with
-    /// `approvals_required = 0` are issued at once.
+    /// Validates the attestation and records a registration in the group
+    /// the attestation decides. Groups with `approval = "auto"` are issued
+    /// at once.
     pub async fn submit(
         &self,
         sub: Submission,
@@ -133,37 +168,74 @@ impl RegistryService {
         check_optional("device_type", &sub.device_type)?;
         check_optional("location", &sub.location)?;
         check_optional("firmware", &sub.firmware)?;
-        let group = self.group(&sub.group)?;
-        let profile = self.profile(&group)?;
-        let csr_der = csr::decode_pem_or_der(&sub.csr)?;
-        let verified = csr::verify(&csr_der)?;
-        if !profile.key_algorithms.contains(&verified.algorithm) {
-            return Err(RegistryError::AlgorithmNotAllowed {
-                algorithm: verified.algorithm,
-                group: group.name.clone(),
-                allowed: profile
-                    .key_algorithms
-                    .iter()
-                    .map(|a| a.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        let now = self.clock.now().unix_timestamp();
-        // A revoked or suspended device cannot register again under the
-        // same identity (its key): checked inside the commit, so a
-        // revocation landing meanwhile cannot slip between check and insert.
-        let key_guard = Write::RefuseRevokedKey {
-            spki_sha256: crate::ca::spki_sha256(&verified.spki_der),
+        let csr_der = match &sub.csr {
+            Some(c) => Some(csr::decode_pem_or_der(c)?),
+            None => None,
         };
+        let attested = self
+            .attest(
+                sub.group.as_deref(),
+                &sub.evidence,
+                csr_der.as_deref().unwrap_or_default(),
+            )
+            .await?;
+        let group = attested.group.clone();
+        let profile = self.profile(&group)?;
+        if let Some(token) = &attested.token
+            && let Some(required) = &token.device_name
+            && required != &sub.name
+        {
+            return Err(RegistryError::TokenDeviceName(required.clone()));
+        }
+        let (csr_der, algorithm, spki) = match (group.key_source, csr_der) {
+            (KeySource::Csr, Some(der)) => {
+                if sub.age_recipient.is_some() {
+                    return Err(RegistryError::RecipientNotExpected);
+                }
+                let verified = csr::verify(&der)?;
+                if !profile.key_algorithms.contains(&verified.algorithm) {
+                    return Err(RegistryError::AlgorithmNotAllowed {
+                        algorithm: verified.algorithm,
+                        group: group.name.clone(),
+                        allowed: profile
+                            .key_algorithms
+                            .iter()
+                            .map(|a| a.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+                (der, verified.algorithm, Some(verified.spki_der))
+            }
+            (KeySource::Csr, None) => return Err(RegistryError::CsrRequired(group.name.clone())),
+            (KeySource::Server, Some(_)) => {
+                return Err(RegistryError::CsrNotExpected(group.name.clone()));
+            }
+            (KeySource::Server, None) => {
+                if let Some(r) = &sub.age_recipient {
+                    delivery_check_recipient(r)?;
+                }
+                let alg = group
+                    .server_key_algorithm
+                    .unwrap_or(profile.key_algorithms[0]);
+                (Vec::new(), alg, None)
+            }
+        };
+        let now = self.clock.now().unix_timestamp();
         let secret = new_secret("kwr_")?;
         let id = Uuid::now_v7();
-        let device_id = Uuid::now_v7();
+        let device_id = attested.device_id.unwrap_or_else(Uuid::now_v7);
+        let existing = self.store.get_device(device_id).await?;
+        if let Some(d) = &existing
+            && d.status != DeviceStatus::Active
+        {
+            return Err(RegistryError::DeviceNotActive(d.status));
+        }
         let actor = match submitted_by {
             Some(a) => format!("admin:{}", a.id),
             None => format!("device:{device_id}"),
         };
-        let mut reg = RegistrationRecord {
+        let reg = RegistrationRecord {
             id,
             device_id,
             group: group.name.clone(),
@@ -173,7 +245,7 @@ impl RegistryService {
             location: sub.location,
             firmware: sub.firmware,
             csr_der,
-            key_algorithm: verified.algorithm,
+            key_algorithm: algorithm,
             secret_hash: self.hasher.hash(secret.expose_secret()),
             submitted_by: submitted_by.map(|a| a.id),
             submitted_at: now,
@@ -183,75 +255,277 @@ impl RegistryService {
             credentials_fetched_at: None,
             credentials_confirmed_at: None,
             client_addr: sub.client_addr.clone(),
+            attestation: attested.method,
+            attested_identity: attested.identity.clone(),
+            attestation_details: Some(attested.details.clone()),
+            enrollment_token_id: attested.token.as_ref().map(|t| t.id),
+            token_minted_by: attested.token.as_ref().map(|t| t.created_by),
+            reenrollment: existing.is_some(),
+            key_source: group.key_source,
+            age_recipient: sub.age_recipient.clone(),
+            server_key_id: None,
+            key_delivered_at: None,
         };
+        let mut change = Change::new();
+        // A revoked or suspended device cannot register again under the
+        // same identity (its key): checked inside the commit, so a
+        // revocation landing meanwhile cannot slip between check and insert.
+        if let Some(spki) = &spki {
+            change = change.write(Write::RefuseRevokedKey {
+                spki_sha256: crate::ca::spki_sha256(spki),
+            });
+        }
+        for g in attested.guards {
+            change = change.write(g);
+        }
+        if let Some(identity) = &attested.identity {
+            change = change.write(Write::ClaimIdentity {
+                identity: identity.clone(),
+                device_id,
+                method: attested.method,
+                at: now,
+            });
+        }
         let submit_event =
             AuditDraft::new(actor, "registration.submit", format!("registration:{id}"))
                 .details(json!({
                     "device_id": device_id,
                     "group": group.name,
-                    "key_algorithm": verified.algorithm.as_str(),
+                    "key_algorithm": algorithm.as_str(),
+                    "key_source": group.key_source.as_str(),
+                    "attestation": attested.method.as_str(),
+                    "attested": attested.details,
+                    "reenrollment": existing.is_some(),
                 }))
                 .source(sub.client_addr.as_deref());
-        let change = if group.approvals_needed() == 0 {
-            let issued = self
-                .ca
-                .sign_device_certificate(&profile, device_id, &verified)
-                .await?;
-            reg.status = RegistrationStatus::Issued;
-            reg.decided_at = Some(now);
-            reg.certificate_serial = Some(issued.record.serial.clone());
-            let issue_event = self.issue_event(&reg, &issued.record, sub.client_addr.as_deref());
-            Change::new()
-                .write(key_guard)
-                .write(Write::InsertRegistration {
-                    record: reg.clone(),
-                    max_pending_in_group: None,
-                })
-                .write(Write::InsertDevice(device_record(&reg, now)))
-                .write(Write::InsertCertificate(issued.record))
-                .audit(submit_event)
-                .audit(
-                    AuditDraft::new(
-                        "system",
-                        "registration.auto_approve",
-                        format!("registration:{id}"),
-                    )
-                    .details(json!({ "policy": "approval = auto", "attestation": group.method().as_str() }))
-                    .source(sub.client_addr.as_deref()),
-                )
-                .audit(issue_event)
-        } else {
-            Change::new()
-                .write(key_guard)
-                .write(Write::InsertRegistration {
-                    record: reg.clone(),
-                    max_pending_in_group: Some(group.max_pending),
-                })
-                .audit(submit_event)
+        let auto = group.approvals_needed() == 0;
+        let change = change
+            .write(Write::InsertRegistration {
+                record: Box::new(reg.clone()),
+                max_pending_in_group: (!auto).then_some(group.max_pending),
+            })
+            .audit(submit_event);
+        let map_err = |e: RegistryError| match e {
+            RegistryError::Store(StoreError::Conflict(c)) => map_submit_conflict(c, &group.name),
+            other => other,
         };
-        self.store.commit(change).await.map_err(|e| match e {
-            StoreError::Conflict(Conflict::LimitReached { limit, .. }) => {
-                RegistryError::PendingLimit {
-                    group: group.name.clone(),
-                    limit,
-                }
-            }
-            StoreError::Conflict(Conflict::KeyRevoked) => RegistryError::KeyRevoked,
-            other => other.into(),
-        })?;
+        let reg = if auto {
+            let approve = AuditDraft::new(
+                "system",
+                "registration.auto_approve",
+                format!("registration:{id}"),
+            )
+            .details(json!({
+                "policy": "approval = auto",
+                "attestation": attested.method.as_str(),
+            }))
+            .source(sub.client_addr.as_deref());
+            self.issue(
+                reg,
+                &group,
+                &profile,
+                change.audit(approve),
+                sub.client_addr.as_deref(),
+            )
+            .await
+            .map_err(map_err)?
+        } else {
+            self.store
+                .commit(change)
+                .await
+                .map_err(|e| map_err(RegistryError::Store(e)))?;
+            reg
+        };
         self.metrics
             .registration(if reg.status == RegistrationStatus::Issued {
                 "auto_issued"
             } else {
                 "submitted"
             });
-        if reg.status == RegistrationStatus::Issued {
-            self.metrics.issued(&profile.issuer);
-        }
         Ok(Submitted {
             registration: reg,
             secret,
         })
+    }
+
+    /// Issues `reg`: signs its certificate (generating the key in the HSM
+    /// first for server keys), and commits `change` (the writes and events
+    /// that decided it) together with the registration's new status, the
+    /// device (new, or re-enrolled with its older certificates revoked as
+    /// superseded) and the certificate. Returns the issued registration.
+    async fn issue(
+        &self,
+        mut reg: RegistrationRecord,
+        _group: &GroupPolicy,
+        profile: &crate::policy::ProfilePolicy,
+        change: Change,
+        source: Option<&str>,
+    ) -> Result<RegistrationRecord, RegistryError> {
+        let now = self.clock.now().unix_timestamp();
+        let existing = self.store.get_device(reg.device_id).await?;
+        // Certificates a re-enrollment revokes, for the revocation observers.
+        let superseded = match &existing {
+            Some(_) => {
+                self.store
+                    .list_certificates(
+                        &crate::store::CertificateFilter {
+                            device: Some(reg.device_id),
+                            ..Default::default()
+                        },
+                        &crate::store::SerialPageRequest {
+                            limit: 1000,
+                            ..Default::default()
+                        },
+                    )
+                    .await?
+                    .items
+            }
+            None => Vec::new(),
+        };
+        let build = |reg: &mut RegistrationRecord,
+                     issued: crate::ca::IssuedCertificate,
+                     mut change: Change| {
+            reg.status = RegistrationStatus::Issued;
+            reg.decided_at = Some(now);
+            reg.certificate_serial = Some(issued.record.serial.clone());
+            let serial = issued.record.serial.clone();
+            let issue_event = self.issue_event(reg, &issued.record, source);
+            change = change.write(Write::SetRegistrationStatus {
+                id: reg.id,
+                from: RegistrationStatus::Pending,
+                to: RegistrationStatus::Issued,
+                at: now,
+                certificate_serial: Some(serial.clone()),
+            });
+            change = match &existing {
+                None => change.write(Write::InsertDevice(device_record(reg, now))),
+                Some(_) => change
+                    .write(Write::ReenrollDevice {
+                        id: reg.device_id,
+                        group: reg.group.clone(),
+                        name: reg.name.clone(),
+                        keep_serial: serial.clone(),
+                        at: now,
+                    })
+                    .audit(
+                        AuditDraft::new(
+                            "system",
+                            if reg.attestation == AttestationMethod::Reclaim {
+                                "device.reclaim"
+                            } else {
+                                "device.reprovision"
+                            },
+                            format!("device:{}", reg.device_id),
+                        )
+                        .details(json!({
+                            "registration": reg.id,
+                            "attestation": reg.attestation.as_str(),
+                            "identity": reg.attested_identity,
+                            "new_certificate": serial,
+                            "superseded": superseded
+                                .iter()
+                                .filter(|c| c.status == crate::store::CertificateStatus::Valid
+                                    || c.status == crate::store::CertificateStatus::Superseded)
+                                .map(|c| c.serial.clone())
+                                .collect::<Vec<_>>(),
+                        }))
+                        .source(source),
+                    ),
+            };
+            change
+                .write(Write::InsertCertificate(issued.record))
+                .audit(issue_event)
+        };
+        // The insert of a pending registration is part of `change` on
+        // auto-approval: the status write then finds it pending.
+        match reg.key_source {
+            KeySource::Csr => {
+                let verified = csr::verify(&reg.csr_der)?;
+                // The key's device may have been revoked since submission:
+                // checked before signing (no HSM work for a barred key) and
+                // again inside the commit (no revocation slips in between).
+                self.refuse_revoked_key(&verified).await?;
+                let issued = self
+                    .ca
+                    .sign_device_certificate(profile, reg.device_id, &verified)
+                    .await?;
+                let change = change.write(Write::RefuseRevokedKey {
+                    spki_sha256: crate::ca::spki_sha256(&verified.spki_der),
+                });
+                let change = build(&mut reg, issued, change);
+                self.store.commit(change).await.map_err(|e| match e {
+                    StoreError::Conflict(Conflict::KeyRevoked) => RegistryError::KeyRevoked,
+                    other => RegistryError::Store(other),
+                })?;
+            }
+            KeySource::Server => {
+                let keystore_name = self.ca.issuer(&profile.issuer)?.keystore_name.clone();
+                let keystore = self.ca.keystores().get(&keystore_name)?.clone();
+                let actor = format!("registration:{}", reg.id);
+                let label = format!("device-{}", reg.device_id);
+                let algorithm = reg.key_algorithm;
+                let reg_cell = std::sync::Mutex::new(reg.clone());
+                let key_id = crate::ca::keys::create(
+                    keystore.as_ref(),
+                    self.store.as_ref(),
+                    self.clock.as_ref(),
+                    &actor,
+                    crate::ca::keys::NewKey {
+                        keystore: &keystore_name,
+                        label,
+                        purpose: crate::store::KeyPurpose::Device,
+                        algorithm,
+                        ca_name: None,
+                        // Extractable only by wrapping: the device needs it.
+                        extractable: true,
+                    },
+                    async |pending: &crate::ca::keys::PendingKey| -> Result<Change, RegistryError> {
+                        let verified = csr::VerifiedCsr {
+                            algorithm,
+                            spki_der: pending.public_key_der.clone(),
+                        };
+                        let issued = self
+                            .ca
+                            .sign_device_certificate(profile, reg.device_id, &verified)
+                            .await?;
+                        let (complete, event) = crate::ca::keys::complete(pending, now);
+                        let change =
+                            change
+                                .write(complete)
+                                .audit(event)
+                                .write(Write::SetServerKey {
+                                    registration_id: reg.id,
+                                    key_id: pending.id,
+                                });
+                        let mut r = reg.clone();
+                        let change = build(&mut r, issued, change);
+                        if let Ok(mut cell) = reg_cell.lock() {
+                            *cell = r;
+                        }
+                        Ok(change)
+                    },
+                )
+                .await?;
+                reg = match reg_cell.into_inner() {
+                    Ok(r) => r,
+                    Err(p) => p.into_inner(),
+                };
+                reg.server_key_id = Some(key_id);
+            }
+        }
+        let mut revoked: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for c in superseded.iter().filter(|c| {
+            c.status == crate::store::CertificateStatus::Valid
+                || c.status == crate::store::CertificateStatus::Superseded
+        }) {
+            revoked
+                .entry(c.issuer_ca.clone())
+                .or_default()
+                .push(c.serial.clone());
+        }
+        self.ca.notify(&revoked);
+        self.metrics.issued(&profile.issuer);
+        Ok(reg)
     }
 
     /// A revoked or suspended device cannot register again under the same
@@ -418,6 +692,9 @@ impl RegistryService {
         if reg.submitted_by == Some(admin.id) {
             return Err(RegistryError::SelfApproval);
         }
+        if reg.token_minted_by == Some(admin.id) {
+            return Err(RegistryError::MinterApproval);
+        }
         if reg.status != RegistrationStatus::Pending {
             return Err(RegistryError::NotPending(reg.status));
         }
@@ -491,56 +768,34 @@ impl RegistryService {
                 .audit(decision_event("registration.approve")),
             Decision::Approve => {
                 let profile = self.profile(&group)?;
-                let verified = csr::verify(&reg.csr_der)?;
-                // The key's device may have been revoked since submission:
-                // checked before signing (no HSM work for a barred key) and
-                // again inside the commit (no revocation slips in between).
-                self.refuse_revoked_key(&verified).await?;
-                let issued = self
-                    .ca
-                    .sign_device_certificate(&profile, reg.device_id, &verified)
-                    .await?;
-                updated.status = RegistrationStatus::Issued;
-                updated.decided_at = Some(now);
-                updated.certificate_serial = Some(issued.record.serial.clone());
-                let issue_event = self.issue_event(&updated, &issued.record, source);
-                Change::new()
-                    .write(Write::RefuseRevokedKey {
-                        spki_sha256: crate::ca::spki_sha256(&verified.spki_der),
-                    })
+                let change = Change::new()
                     .write(record)
-                    .write(Write::SetRegistrationStatus {
-                        id,
-                        from: RegistrationStatus::Pending,
-                        to: RegistrationStatus::Issued,
-                        at: now,
-                        certificate_serial: Some(issued.record.serial.clone()),
-                    })
-                    .write(Write::InsertDevice(device_record(&updated, now)))
-                    .write(Write::InsertCertificate(issued.record))
-                    .audit(decision_event("registration.approve"))
-                    .audit(issue_event)
+                    .audit(decision_event("registration.approve"));
+                // Conflicts come back from `issue` as they are, to be
+                // retried by `decide`; a barred key is final.
+                let issued = self
+                    .issue(reg.clone(), &group, &profile, change, source)
+                    .await?;
+                self.metrics.registration("issued");
+                return Ok(DecisionResult {
+                    registration: issued,
+                    approvals,
+                    approvals_required: group.approvals_needed(),
+                });
             }
         };
-        // Conflicts go back to `decide` as they are, to be retried; a barred
-        // key is final.
-        self.store.commit(change).await.map_err(|e| match e {
-            StoreError::Conflict(Conflict::KeyRevoked) => RegistryError::KeyRevoked,
-            other => RegistryError::Store(other),
-        })?;
+        self.store
+            .commit(change)
+            .await
+            .map_err(RegistryError::Store)?;
         self.metrics.registration(match updated.status {
-            RegistrationStatus::Issued => "issued",
             RegistrationStatus::Denied => "denied",
             _ => "approval_recorded",
         });
-        if updated.status == RegistrationStatus::Issued {
-            self.metrics
-                .issued(&self.profile(&group).map(|p| p.issuer).unwrap_or_default());
-        }
         Ok(DecisionResult {
             registration: updated,
             approvals,
-            approvals_required: group.approvals_required,
+            approvals_required: group.approvals_needed(),
         })
     }
 
@@ -687,6 +942,41 @@ impl RegistryService {
                 other => other.into(),
             })?;
         Ok(())
+    }
+}
+
+/// A submission's conflicts, in the caller's words.
+fn map_submit_conflict(c: Conflict, group: &str) -> RegistryError {
+    match c {
+        Conflict::LimitReached { limit, .. } => RegistryError::PendingLimit {
+            group: group.to_string(),
+            limit,
+        },
+        Conflict::KeyRevoked => RegistryError::KeyRevoked,
+        Conflict::TokenUnusable { reason } => RegistryError::TokenInvalid(reason),
+        Conflict::Duplicate { entity: "JWT id" } => RegistryError::Attestation {
+            code: "jwt_replayed",
+            message: "this JWT (its jti) was already used".into(),
+        },
+        other => RegistryError::Store(StoreError::Conflict(other)),
+    }
+}
+
+/// A malformed age recipient is refused before anything is stored.
+fn delivery_check_recipient(r: &str) -> Result<(), RegistryError> {
+    let ok = r.len() > 10
+        && r.len() < 200
+        && r.starts_with("age1")
+        && r[4..]
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Delivery {
+            code: "malformed_age_recipient",
+            message: "age_recipient must be an age X25519 recipient (age1…)".into(),
+        })
     }
 }
 

@@ -47,6 +47,9 @@ pub enum Conflict {
     /// certificate revoked for good ([`Write::RefuseRevokedKey`]).
     #[error("the public key is revoked")]
     KeyRevoked,
+    /// A bootstrap token or reclaim code cannot be used (any more).
+    #[error("enrollment token {reason}")]
+    TokenUnusable { reason: &'static str },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +168,7 @@ pub enum Write {
     /// number of `pending` registrations of its group is counted inside the
     /// transaction and the insert conflicts with `LimitReached` at the cap.
     InsertRegistration {
-        record: RegistrationRecord,
+        record: Box<RegistrationRecord>,
         max_pending_in_group: Option<u32>,
     },
     SetRegistrationStatus {
@@ -332,6 +335,66 @@ pub enum Write {
         serial: String,
         at: i64,
     },
+    /// Conflicts (`Duplicate`) on an existing id or secret hash.
+    InsertEnrollmentToken(EnrollmentTokenRecord),
+    /// Revokes a bootstrap token or reclaim code. Conflicts (`Missing`) if
+    /// there is none, (`StateChanged`) if it is already revoked.
+    RevokeEnrollmentToken {
+        id: Uuid,
+        by: Uuid,
+        at: i64,
+    },
+    /// Uses a token once (counts the use). Conflicts with `TokenUnusable`
+    /// unless, inside the transaction, it exists, is of `kind`, is not
+    /// revoked, `at < expires_at` and `uses < uses_allowed`: two devices
+    /// racing on a token's last use cannot both commit.
+    ConsumeEnrollmentToken {
+        id: Uuid,
+        kind: EnrollmentTokenKind,
+        at: i64,
+    },
+    /// Binds an attested identity to a device for good: inserts the
+    /// mapping, or refreshes `last_enrolled_at` if it already names
+    /// `device_id`; conflicts (`StateChanged`) if it names another device
+    /// (a concurrent first enrollment of the same identity won).
+    ClaimIdentity {
+        identity: String,
+        device_id: Uuid,
+        method: AttestationMethod,
+        at: i64,
+    },
+    /// Records a JWT id until `expires_at`. Conflicts (`Duplicate`) if the
+    /// issuer's jti is already recorded and unexpired: a replay. Expired
+    /// records are purged on the way.
+    RecordJwtId {
+        issuer: String,
+        jti: String,
+        expires_at: i64,
+        at: i64,
+    },
+    /// An existing device enrolls again (re-provisioning, reclaim). Conflicts
+    /// (`Missing`) without the device and (`StateChanged`) unless it is
+    /// `active`. In the same transaction its unexpired `valid` or
+    /// `superseded` certificates other than `keep_serial` are revoked with
+    /// reason `superseded`, and its group and name are updated.
+    ReenrollDevice {
+        id: Uuid,
+        group: String,
+        name: String,
+        keep_serial: String,
+        at: i64,
+    },
+    /// A server-generated key was delivered: once. Conflicts
+    /// (`StateChanged`) if it already was.
+    MarkKeyDelivered {
+        registration_id: Uuid,
+        at: i64,
+    },
+    /// Links the HSM key generated for a registration's device.
+    SetServerKey {
+        registration_id: Uuid,
+        key_id: Uuid,
+    },
     /// Queues a broker update for a device, due at once (`at`). A pending
     /// update of the same device is replaced: the newest op wins.
     EnqueueBrokerUpdate {
@@ -420,6 +483,13 @@ pub struct SerialPageRequest {
 }
 
 #[derive(Debug, Clone, Default)]
+pub struct EnrollmentTokenFilter {
+    pub kind: Option<EnrollmentTokenKind>,
+    pub group: Option<String>,
+    pub device: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct DeviceFilter {
     pub status: Option<DeviceStatus>,
     pub group: Option<String>,
@@ -501,6 +571,22 @@ pub trait Store: Send + Sync + 'static {
         filter: &DeviceFilter,
         page: &PageRequest,
     ) -> Result<Page<DeviceRecord>, StoreError>;
+    async fn enrollment_token_by_hash(
+        &self,
+        hash: &[u8],
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError>;
+    async fn get_enrollment_token(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError>;
+    /// Newest first unless `page.order` says otherwise.
+    async fn list_enrollment_tokens(
+        &self,
+        filter: &EnrollmentTokenFilter,
+        page: &PageRequest,
+    ) -> Result<Page<EnrollmentTokenRecord>, StoreError>;
+    /// The device an attested identity is bound to ([`Write::ClaimIdentity`]).
+    async fn device_for_identity(&self, identity: &str) -> Result<Option<Uuid>, StoreError>;
     async fn get_certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
     async fn list_certificates(
         &self,

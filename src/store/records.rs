@@ -1,9 +1,9 @@
 //! Rows as the services see them. Times are Unix seconds unless named `_ms`.
 
 pub use crate::model::{
-    AdminRequestKind, AdminRequestStatus, BrokerAccess, BrokerAclRule, CaKind, CertificateStatus,
-    Decision, DeviceStatus, KeyAlgorithm, KeyHandle, KeyPurpose, KeyState, RegistrationStatus,
-    RevocationReason, Role,
+    AdminRequestKind, AdminRequestStatus, AttestationMethod, BrokerAccess, BrokerAclRule, CaKind,
+    CertificateStatus, Decision, DeviceStatus, EnrollmentTokenKind, KeyAlgorithm, KeyHandle,
+    KeyPurpose, KeySource, KeyState, RegistrationStatus, RevocationReason, Role,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -78,6 +78,52 @@ pub struct RegistrationRecord {
     pub credentials_confirmed_at: Option<i64>,
     /// Client address of the submitting request (after trusted proxies).
     pub client_addr: Option<String>,
+    /// How the device proved who it is.
+    pub attestation: AttestationMethod,
+    /// The attested identity (manufacturer certificate, JWT claim) that maps
+    /// to this device for good, if the method names one.
+    pub attested_identity: Option<String>,
+    /// What the attestation showed (manufacturer serial and subject, JWT
+    /// issuer and jti, token id), as audited.
+    pub attestation_details: Option<serde_json::Value>,
+    /// The bootstrap token or reclaim code used.
+    pub enrollment_token_id: Option<Uuid>,
+    /// The admin who minted that token: may not approve this registration.
+    pub token_minted_by: Option<Uuid>,
+    /// The device existed before (re-provisioning or reclaim).
+    pub reenrollment: bool,
+    pub key_source: KeySource,
+    /// Server keys: the age recipient the bundle is for (`None`: PKCS#12
+    /// with a one-time password).
+    pub age_recipient: Option<String>,
+    /// Server keys: the key in the keys table (HSM).
+    pub server_key_id: Option<Uuid>,
+    /// Server keys: when the key was delivered (once).
+    pub key_delivered_at: Option<i64>,
+}
+
+/// An admin-minted enrollment secret: a bootstrap token for a group, or a
+/// reclaim code for one device. Only the HMAC of the secret is stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentTokenRecord {
+    pub id: Uuid,
+    pub kind: EnrollmentTokenKind,
+    #[serde(skip)]
+    pub token_hash: Vec<u8>,
+    /// Bootstrap tokens: the group they attest to.
+    pub group: Option<String>,
+    /// Reclaim codes: the device they re-bind.
+    pub device_id: Option<Uuid>,
+    /// Bootstrap tokens: the device name every registration must use, if set.
+    pub device_name: Option<String>,
+    pub uses_allowed: u32,
+    pub uses: u32,
+    pub created_by: Uuid,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revoked_by: Option<Uuid>,
+    pub last_used_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -69,6 +69,13 @@ macro_rules! store_suite {
             devices_and_certificates_paginate_and_filter,
             renewal_allowances_are_granted_replaced_and_used_once,
             revoked_keys_are_refused_inside_the_transaction,
+            enrollment_tokens_count_uses_expire_and_revoke,
+            enrollment_token_last_use_race_has_one_winner,
+            identities_bind_to_one_device,
+            jwt_ids_are_refused_when_replayed,
+            reenrolment_revokes_the_older_certificates,
+            server_keys_are_delivered_once,
+            registrations_keep_their_attestation,
             broker_outbox_supersedes_completes_and_backs_off,
         );
     };
@@ -174,6 +181,40 @@ pub fn registration(group: &str, expires_at: i64) -> RegistrationRecord {
         credentials_fetched_at: None,
         credentials_confirmed_at: None,
         client_addr: None,
+        attestation: AttestationMethod::None,
+        attested_identity: None,
+        attestation_details: None,
+        enrollment_token_id: None,
+        token_minted_by: None,
+        reenrollment: false,
+        key_source: KeySource::Csr,
+        age_recipient: None,
+        server_key_id: None,
+        key_delivered_at: None,
+    }
+}
+
+pub fn enrollment_token(
+    kind: EnrollmentTokenKind,
+    created_by: Uuid,
+    uses_allowed: u32,
+    expires_at: i64,
+) -> EnrollmentTokenRecord {
+    EnrollmentTokenRecord {
+        id: Uuid::now_v7(),
+        kind,
+        token_hash: Uuid::new_v4().as_bytes().to_vec(),
+        group: Some("field".into()),
+        device_id: None,
+        device_name: None,
+        uses_allowed,
+        uses: 0,
+        created_by,
+        created_at: T0,
+        expires_at,
+        revoked_at: None,
+        revoked_by: None,
+        last_used_at: None,
     }
 }
 
@@ -400,7 +441,7 @@ async fn req(s: &dyn Store, id: Uuid) -> AdminRequestRecord {
 
 fn insert_reg(r: &RegistrationRecord) -> Write {
     Write::InsertRegistration {
-        record: r.clone(),
+        record: Box::new(r.clone()),
         max_pending_in_group: None,
     }
 }
@@ -921,10 +962,8 @@ pub async fn registrations_round_trip_and_change_status(cx: Cx) {
     ok(s, insert_reg(&r)).await;
     same(&reg(s, r.id).await, &r);
 
-    let mut twin = registration("sensors", T0 + 3600);
-    twin.device_id = r.device_id;
-    let c = refused(s, insert_reg(&twin)).await;
-    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    // (Several registrations may name one device: re-enrollment; see
+    // `registrations_keep_their_attestation`.)
     let mut same_id = registration("sensors", T0 + 3600);
     same_id.id = r.id;
     let c = refused(s, insert_reg(&same_id)).await;
@@ -973,7 +1012,7 @@ pub async fn registrations_round_trip_and_change_status(cx: Cx) {
 
 fn capped(r: &RegistrationRecord, cap: u32) -> Write {
     Write::InsertRegistration {
-        record: r.clone(),
+        record: Box::new(r.clone()),
         max_pending_in_group: Some(cap),
     }
 }
@@ -3014,6 +3053,342 @@ pub async fn revoked_keys_are_refused_inside_the_transaction(cx: Cx) {
     .await;
     assert_eq!(refused(s, guard("0F01")).await, Conflict::KeyRevoked);
     assert_eq!(refused(s, guard("0F02")).await, Conflict::KeyRevoked);
+}
+
+// ------------------------------------------------------------- enrollment
+
+fn consume(id: Uuid, kind: EnrollmentTokenKind, at: i64) -> Write {
+    Write::ConsumeEnrollmentToken { id, kind, at }
+}
+
+pub async fn enrollment_tokens_count_uses_expire_and_revoke(cx: Cx) {
+    let s = cx.store.as_ref();
+    let a = admin("minter", Role::Admin);
+    ok(s, Write::InsertAdmin(a.clone())).await;
+    let t = enrollment_token(EnrollmentTokenKind::Bootstrap, a.id, 2, T0 + 3600);
+    ok(s, Write::InsertEnrollmentToken(t.clone())).await;
+    // Same secret hash twice: refused.
+    let mut dup = enrollment_token(EnrollmentTokenKind::Bootstrap, a.id, 1, T0 + 3600);
+    dup.token_hash = t.token_hash.clone();
+    let c = refused(s, Write::InsertEnrollmentToken(dup)).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    same(
+        &s.enrollment_token_by_hash(&t.token_hash)
+            .await
+            .unwrap()
+            .unwrap(),
+        &t,
+    );
+    // The wrong kind does not consume it.
+    let c = refused(s, consume(t.id, EnrollmentTokenKind::Reclaim, T0)).await;
+    assert!(
+        matches!(c, Conflict::TokenUnusable { reason: "unknown" }),
+        "{c:?}"
+    );
+    ok(s, consume(t.id, EnrollmentTokenKind::Bootstrap, T0 + 1)).await;
+    ok(s, consume(t.id, EnrollmentTokenKind::Bootstrap, T0 + 2)).await;
+    let c = refused(s, consume(t.id, EnrollmentTokenKind::Bootstrap, T0 + 3)).await;
+    assert!(
+        matches!(c, Conflict::TokenUnusable { reason: "used up" }),
+        "{c:?}"
+    );
+    let got = s.get_enrollment_token(t.id).await.unwrap().unwrap();
+    assert_eq!((got.uses, got.last_used_at), (2, Some(T0 + 2)));
+
+    let e = enrollment_token(EnrollmentTokenKind::Bootstrap, a.id, 5, T0 + 10);
+    ok(s, Write::InsertEnrollmentToken(e.clone())).await;
+    let c = refused(s, consume(e.id, EnrollmentTokenKind::Bootstrap, T0 + 10)).await;
+    assert!(
+        matches!(c, Conflict::TokenUnusable { reason: "expired" }),
+        "{c:?}"
+    );
+
+    let r = enrollment_token(EnrollmentTokenKind::Bootstrap, a.id, 5, T0 + 3600);
+    ok(s, Write::InsertEnrollmentToken(r.clone())).await;
+    ok(
+        s,
+        Write::RevokeEnrollmentToken {
+            id: r.id,
+            by: a.id,
+            at: T0 + 5,
+        },
+    )
+    .await;
+    let c = refused(
+        s,
+        Write::RevokeEnrollmentToken {
+            id: r.id,
+            by: a.id,
+            at: T0 + 6,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    let c = refused(s, consume(r.id, EnrollmentTokenKind::Bootstrap, T0 + 7)).await;
+    assert!(
+        matches!(c, Conflict::TokenUnusable { reason: "revoked" }),
+        "{c:?}"
+    );
+    assert_eq!(s.get_enrollment_token(r.id).await.unwrap().unwrap().uses, 0);
+    let c = refused(
+        s,
+        Write::RevokeEnrollmentToken {
+            id: Uuid::now_v7(),
+            by: a.id,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+
+    let page = s
+        .list_enrollment_tokens(
+            &EnrollmentTokenFilter {
+                kind: Some(EnrollmentTokenKind::Bootstrap),
+                ..Default::default()
+            },
+            &PageRequest {
+                after: None,
+                limit: 10,
+                order: Order::NewestFirst,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.items.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![r.id, e.id, t.id]
+    );
+}
+
+pub async fn enrollment_token_last_use_race_has_one_winner(cx: Cx) {
+    let s = cx.store.clone();
+    let a = admin("minter", Role::Admin);
+    ok(s.as_ref(), Write::InsertAdmin(a.clone())).await;
+    let t = enrollment_token(EnrollmentTokenKind::Bootstrap, a.id, 3, T0 + 3600);
+    ok(s.as_ref(), Write::InsertEnrollmentToken(t.clone())).await;
+    let results = join_all((0..12).map(|i| {
+        let s = s.clone();
+        async move {
+            s.commit(
+                Change::new()
+                    .write(consume(t.id, EnrollmentTokenKind::Bootstrap, T0 + i))
+                    .audit(AuditDraft::new("test", "token.use", "t")),
+            )
+            .await
+        }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
+    assert_eq!(s.get_enrollment_token(t.id).await.unwrap().unwrap().uses, 3);
+}
+
+pub async fn identities_bind_to_one_device(cx: Cx) {
+    let s = cx.store.as_ref();
+    let (d1, d2) = (Uuid::now_v7(), Uuid::now_v7());
+    let claim = |d: Uuid, at: i64| Write::ClaimIdentity {
+        identity: "x509:abc:01".into(),
+        device_id: d,
+        method: AttestationMethod::X509,
+        at,
+    };
+    assert_eq!(s.device_for_identity("x509:abc:01").await.unwrap(), None);
+    ok(s, claim(d1, T0)).await;
+    ok(s, claim(d1, T0 + 5)).await;
+    let c = refused(s, claim(d2, T0 + 6)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert_eq!(
+        s.device_for_identity("x509:abc:01").await.unwrap(),
+        Some(d1)
+    );
+}
+
+pub async fn jwt_ids_are_refused_when_replayed(cx: Cx) {
+    let s = cx.store.as_ref();
+    let rec = |jti: &str, exp: i64, at: i64| Write::RecordJwtId {
+        issuer: "https://idp".into(),
+        jti: jti.into(),
+        expires_at: exp,
+        at,
+    };
+    ok(s, rec("a", T0 + 100, T0)).await;
+    let c = refused(s, rec("a", T0 + 100, T0 + 1)).await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    // Another issuer's jti of the same value is not a replay.
+    ok(
+        s,
+        Write::RecordJwtId {
+            issuer: "https://other".into(),
+            jti: "a".into(),
+            expires_at: T0 + 100,
+            at: T0,
+        },
+    )
+    .await;
+    // Once the token has expired its record is purged (a token that old is
+    // refused by its exp anyway).
+    ok(s, rec("a", T0 + 500, T0 + 101)).await;
+}
+
+pub async fn reenrolment_revokes_the_older_certificates(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let d = device("field");
+    let old = certificate("01AA", k.id, Some(d.id));
+    let new = certificate("02BB", k.id, Some(d.id));
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::InsertDevice(d.clone()),
+            Write::InsertCertificate(old.clone()),
+        ],
+    )
+    .await;
+    ok_all(
+        s,
+        vec![
+            Write::InsertCertificate(new.clone()),
+            Write::ReenrollDevice {
+                id: d.id,
+                group: "plant".into(),
+                name: "renamed".into(),
+                keep_serial: "02BB".into(),
+                at: T0 + 10,
+            },
+        ],
+    )
+    .await;
+    let o = s.get_certificate("01AA").await.unwrap().unwrap();
+    assert_eq!(o.status, CertificateStatus::Revoked);
+    assert_eq!(o.revocation_reason, Some(RevocationReason::Superseded));
+    assert_eq!(
+        s.get_certificate("02BB").await.unwrap().unwrap().status,
+        CertificateStatus::Valid
+    );
+    let got = s.get_device(d.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.group.as_str(), got.name.as_str()),
+        ("plant", "renamed")
+    );
+    // No device: Missing; a suspended one: refused, nothing changed.
+    let c = refused(
+        s,
+        Write::ReenrollDevice {
+            id: Uuid::now_v7(),
+            group: "g".into(),
+            name: "n".into(),
+            keep_serial: "00".into(),
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: d.id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Suspended,
+            reason: RevocationReason::CertificateHold,
+            at: T0 + 20,
+        },
+    )
+    .await;
+    let c = refused(
+        s,
+        Write::ReenrollDevice {
+            id: d.id,
+            group: "plant".into(),
+            name: "again".into(),
+            keep_serial: "02BB".into(),
+            at: T0 + 30,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert_eq!(s.get_device(d.id).await.unwrap().unwrap().name, "renamed");
+}
+
+pub async fn server_keys_are_delivered_once(cx: Cx) {
+    let s = cx.store.as_ref();
+    let mut r = registration("field", T0 + 60);
+    r.key_source = KeySource::Server;
+    r.csr_der = Vec::new();
+    ok(s, insert_reg(&r)).await;
+    // No key yet: nothing to deliver.
+    let c = refused(
+        s,
+        Write::MarkKeyDelivered {
+            registration_id: r.id,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    let k = key(KeyState::Active);
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(k.clone()),
+            Write::SetServerKey {
+                registration_id: r.id,
+                key_id: k.id,
+            },
+        ],
+    )
+    .await;
+    let c = refused(
+        s,
+        Write::SetServerKey {
+            registration_id: r.id,
+            key_id: Uuid::now_v7(),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    ok(
+        s,
+        Write::MarkKeyDelivered {
+            registration_id: r.id,
+            at: T0 + 1,
+        },
+    )
+    .await;
+    let c = refused(
+        s,
+        Write::MarkKeyDelivered {
+            registration_id: r.id,
+            at: T0 + 2,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    let got = s.get_registration(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.server_key_id, got.key_delivered_at),
+        (Some(k.id), Some(T0 + 1))
+    );
+}
+
+pub async fn registrations_keep_their_attestation(cx: Cx) {
+    let s = cx.store.as_ref();
+    let a = admin("minter", Role::Admin);
+    ok(s, Write::InsertAdmin(a.clone())).await;
+    let mut r = registration("field", T0 + 60);
+    r.attestation = AttestationMethod::Jwt;
+    r.attested_identity = Some("jwt:https://idp:440101".into());
+    r.attestation_details = Some(serde_json::json!({ "jti": "j1" }));
+    r.enrollment_token_id = Some(Uuid::now_v7());
+    r.token_minted_by = Some(a.id);
+    r.reenrollment = true;
+    r.age_recipient = Some("age1xyz".into());
+    ok(s, insert_reg(&r)).await;
+    // A second registration for the same device is allowed (re-enrollment).
+    let mut again = registration("field", T0 + 60);
+    again.device_id = r.device_id;
+    ok(s, insert_reg(&again)).await;
+    same(&s.get_registration(r.id).await.unwrap().unwrap(), &r);
 }
 
 // ------------------------------------------------------------ broker outbox

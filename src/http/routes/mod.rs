@@ -3,6 +3,7 @@
 mod admin;
 mod crl;
 mod devices;
+mod enrollment;
 mod lifecycle;
 mod ocsp;
 mod public;
@@ -22,6 +23,13 @@ pub fn router(state: &AppState) -> Router<AppState> {
                 super::limits::registrations,
             )),
         )
+        .route(
+            "/v1/registrations/nonce",
+            get(registrations::enroll_nonce).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::registrations,
+            )),
+        )
         .route("/v1/registrations/{id}", get(registrations::status))
         .route(
             "/v1/registrations/{id}/credentials",
@@ -31,6 +39,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
             "/v1/registrations/{id}/credentials/confirm",
             post(registrations::confirm_credentials),
         )
+        .route("/v1/devices/me/config", get(registrations::my_config))
         .route(
             "/v1/devices/{id}/renew",
             post(devices::renew).route_layer(axum::middleware::from_fn_with_state(
@@ -98,6 +107,18 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/v1/admin/requests/{id}/deny", post(roster::deny_request))
         .route("/v1/invitations/redeem", post(roster::redeem))
         .route("/v1/admin/cas", get(admin::list_cas))
+        .route(
+            "/v1/admin/tokens",
+            get(enrollment::list_tokens).post(enrollment::create_token),
+        )
+        .route(
+            "/v1/admin/tokens/{id}/revoke",
+            post(enrollment::revoke_token),
+        )
+        .route(
+            "/v1/admin/policies/reload",
+            post(enrollment::reload_policies),
+        )
         .route("/healthz", get(public::healthz))
         .route("/readyz", get(public::readyz))
         .route("/metrics", get(public::metrics))

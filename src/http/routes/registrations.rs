@@ -7,18 +7,19 @@ use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, Bearer, ClientAddr};
 use crate::http::views::RegistrationView;
-use crate::registry::{Credentials, Submission};
+use crate::registry::{Credentials, Evidence, Submission};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
-    /// PEM PKCS#10 request.
-    csr: String,
+    /// PEM PKCS#10 request; absent for groups whose keys the server makes.
+    #[serde(default)]
+    csr: Option<String>,
     name: String,
     #[serde(default)]
     device_type: Option<String>,
@@ -26,12 +27,70 @@ pub struct SubmitBody {
     location: Option<String>,
     #[serde(default)]
     firmware: Option<String>,
-    #[serde(default = "default_group")]
-    group: String,
+    /// Only decides the group when its attestation is `none` (default
+    /// `default`); otherwise it must agree with the attestation.
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    attestation: Option<AttestationBody>,
+    /// Server keys: an age X25519 recipient for the key bundle.
+    #[serde(default)]
+    age_recipient: Option<String>,
 }
 
-fn default_group() -> String {
-    "default".to_string()
+/// The proof; exactly one method.
+#[derive(Deserialize)]
+#[serde(tag = "method", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AttestationBody {
+    BootstrapToken {
+        token: SecretString,
+    },
+    Jwt {
+        token: String,
+    },
+    X509 {
+        /// PEM: the manufacturer certificate, then any intermediates.
+        chain: String,
+        nonce: String,
+        /// Base64 signature over the possession message.
+        signature: String,
+    },
+    Reclaim {
+        device_id: String,
+        code: SecretString,
+    },
+}
+
+fn evidence(body: Option<AttestationBody>) -> Result<Evidence, ApiError> {
+    use base64::Engine;
+    Ok(match body {
+        None => Evidence::None,
+        Some(AttestationBody::BootstrapToken { token }) => Evidence::BootstrapToken(token),
+        Some(AttestationBody::Jwt { token }) => Evidence::Jwt(token),
+        Some(AttestationBody::X509 {
+            chain,
+            nonce,
+            signature,
+        }) => {
+            let chain_der = crate::ca::x509::pem_chain_to_der(&chain).map_err(|e| {
+                ApiError::bad_request("manufacturer_chain_malformed", e.to_string())
+            })?;
+            let signature = base64::engine::general_purpose::STANDARD
+                .decode(signature.trim())
+                .map_err(|_| {
+                    ApiError::bad_request("manufacturer_proof_invalid", "signature must be base64")
+                })?;
+            Evidence::X509 {
+                chain_der,
+                nonce,
+                signature,
+            }
+        }
+        Some(AttestationBody::Reclaim { device_id, code }) => Evidence::Reclaim {
+            device_id: parse_id(&device_id)?,
+            code,
+        },
+    })
 }
 
 #[derive(Serialize)]
@@ -61,7 +120,9 @@ pub async fn submit(
         .registry
         .submit(
             Submission {
-                csr: body.csr.into_bytes(),
+                csr: body.csr.map(String::into_bytes),
+                evidence: evidence(body.attestation)?,
+                age_recipient: body.age_recipient,
                 name: body.name,
                 device_type: body.device_type,
                 location: body.location,
@@ -151,4 +212,105 @@ pub async fn confirm_credentials(
         .confirm_credentials(&reg, client.as_string().as_deref())
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigQuery {
+    /// With a registration secret as the bearer token: the registration.
+    #[serde(default)]
+    registration: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct PendingView {
+    registration: String,
+    status: &'static str,
+    expires_at: String,
+    retry_after: u64,
+}
+
+/// `GET /v1/devices/me/config`: the caller's device id, current
+/// certificate and chain, rendered configuration and broker topics.
+/// Callers: the holder of a registration secret (`?registration=ID`,
+/// bearer `kwr_…`), or a device over mTLS with its certificate. While the
+/// registration waits for approvers: 202 with `Retry-After`.
+pub async fn my_config(
+    State(state): State<AppState>,
+    Bearer(token): Bearer,
+    leaf: Option<axum::Extension<crate::tls::PeerCertificate>>,
+    crate::http::extract::ApiQuery(q): crate::http::extract::ApiQuery<ConfigQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use crate::registry::config::{ConfigAnswer, ConfigCaller, PENDING_RETRY_SECONDS};
+    use axum::response::IntoResponse;
+    let caller = match (token, q.registration, leaf) {
+        (Some(t), Some(reg), _) if t.starts_with("kwr_") => {
+            let id = parse_id(&reg)?;
+            ConfigCaller::Registration(Box::new(state.registry.authenticate(id, &t).await?))
+        }
+        (None, None, Some(axum::Extension(crate::tls::PeerCertificate(der)))) => {
+            let summary = crate::ca::x509::summarize(&der)
+                .map_err(|_| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
+            // The TLS layer verified the chain and the store's revocation
+            // state; the store names the certificate's device.
+            let cert = state
+                .store
+                .get_certificate(&summary.serial_hex)
+                .await?
+                .filter(|c| c.der == der.as_ref())
+                .and_then(|c| c.device_id)
+                .ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
+            ConfigCaller::Device(cert)
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "present a device certificate (mTLS), or a registration secret with ?registration=ID",
+            ));
+        }
+    };
+    match state.registry.device_config(caller).await? {
+        ConfigAnswer::Ready(c) => Ok(Json(*c).into_response()),
+        ConfigAnswer::Pending {
+            registration,
+            expires_at,
+        } => {
+            let mut resp = (
+                StatusCode::ACCEPTED,
+                Json(PendingView {
+                    registration: registration.to_string(),
+                    status: "pending",
+                    expires_at: rfc3339(from_unix(expires_at)),
+                    retry_after: PENDING_RETRY_SECONDS,
+                }),
+            )
+                .into_response();
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(PENDING_RETRY_SECONDS),
+            );
+            Ok(resp)
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct EnrollNonce {
+    /// Sign `keyward-enroll-v1\n` ‖ nonce ‖ `\n` ‖ hex(SHA-256(CSR DER))
+    /// with the manufacturer key (see the OpenAPI description).
+    nonce: String,
+    expires_at: String,
+    expires_in: i64,
+}
+
+/// `GET /v1/registrations/nonce`: a single-use nonce (5 minutes) for the
+/// manufacturer-certificate possession proof (rate-limited per source).
+pub async fn enroll_nonce(State(state): State<AppState>) -> Result<Json<EnrollNonce>, ApiError> {
+    let (nonce, expires_at) = state.registry.enrollment_nonce()?;
+    Ok(Json(EnrollNonce {
+        nonce,
+        expires_at: rfc3339(from_unix(expires_at)),
+        expires_in: crate::registry::ENROLL_NONCE_TTL_SECONDS,
+    }))
 }

@@ -17,8 +17,9 @@ pub use writer::BatchObserver;
 
 use super::files;
 use super::{
-    AuditQuery, CertificateFilter, Change, Conflict, DatabaseError, DeviceFilter, Page,
-    PageRequest, RegistrationFilter, SerialPageRequest, Store, StoreError,
+    AuditQuery, CertificateFilter, Change, Conflict, DatabaseError, DeviceFilter,
+    EnrollmentTokenFilter, Page, PageRequest, RegistrationFilter, SerialPageRequest, Store,
+    StoreError,
 };
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
@@ -287,6 +288,69 @@ impl Store for SqliteStore {
 
     async fn get_device(&self, id: Uuid) -> Result<Option<DeviceRecord>, StoreError> {
         self.read(move |c| reads::get_device(c, id)).await
+    }
+
+    async fn enrollment_token_by_hash(
+        &self,
+        hash: &[u8],
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
+        let hash = hash.to_vec();
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE token_hash = ?1", rows::ENROLLMENT_TOKEN_SELECT),
+                rusqlite::params![hash],
+                rows::enrollment_token,
+            )
+        })
+        .await
+    }
+
+    async fn get_enrollment_token(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
+        self.read(move |c| {
+            rows::one(
+                c,
+                &format!("{} WHERE id = ?1", rows::ENROLLMENT_TOKEN_SELECT),
+                rusqlite::params![id.to_string()],
+                rows::enrollment_token,
+            )
+        })
+        .await
+    }
+
+    async fn list_enrollment_tokens(
+        &self,
+        filter: &EnrollmentTokenFilter,
+        page: &PageRequest,
+    ) -> Result<Page<EnrollmentTokenRecord>, StoreError> {
+        let (filter, page) = (filter.clone(), page.clone());
+        self.read(move |c| reads::list_enrollment_tokens(c, &filter, &page))
+            .await
+    }
+
+    async fn device_for_identity(&self, identity: &str) -> Result<Option<Uuid>, StoreError> {
+        let identity = identity.to_string();
+        self.read(move |c| {
+            rows::one(
+                c,
+                "SELECT device_id FROM device_identities WHERE identity = ?1",
+                rusqlite::params![identity],
+                |r| {
+                    let s: String = r.get(0)?;
+                    Uuid::parse_str(&s).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            0,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })
+                },
+            )
+        })
+        .await
     }
 
     async fn renewal_allowance(

@@ -5,8 +5,8 @@ use super::{db, rows};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::store::records::*;
 use crate::store::{
-    AuditQuery, CertificateFilter, DeviceFilter, Order, Page, PageRequest, RegistrationFilter,
-    SerialPageRequest, StoreError,
+    AuditQuery, CertificateFilter, DeviceFilter, EnrollmentTokenFilter, Order, Page, PageRequest,
+    RegistrationFilter, SerialPageRequest, StoreError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -107,6 +107,31 @@ pub(super) fn list_devices(
         conds.push(("group_name = ?", g.clone()));
     }
     keyset(c, rows::DEVICE_SELECT, &conds, page, rows::device, |d| d.id)
+}
+
+pub(super) fn list_enrollment_tokens(
+    c: &Connection,
+    f: &EnrollmentTokenFilter,
+    page: &PageRequest,
+) -> R<Page<EnrollmentTokenRecord>> {
+    let mut conds: Vec<(&str, String)> = Vec::new();
+    if let Some(k) = f.kind {
+        conds.push(("kind = ?", k.as_str().to_string()));
+    }
+    if let Some(g) = &f.group {
+        conds.push(("group_name = ?", g.clone()));
+    }
+    if let Some(d) = f.device {
+        conds.push(("device_id = ?", d.to_string()));
+    }
+    keyset(
+        c,
+        rows::ENROLLMENT_TOKEN_SELECT,
+        &conds,
+        page,
+        rows::enrollment_token,
+        |t| t.id,
+    )
 }
 
 pub(super) fn list_certificates(

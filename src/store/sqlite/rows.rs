@@ -144,7 +144,8 @@ pub(super) fn admin(r: &Row<'_>) -> R<AdminRecord> {
 
 pub(super) const REGISTRATION_SELECT: &str = "SELECT id, device_id, group_name, status, name, device_type, location, firmware, csr,
     key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial, credentials_fetched_at,
-    credentials_confirmed_at, client_addr FROM registrations";
+    credentials_confirmed_at, client_addr, attestation, attested_identity, attestation_details, enrollment_token_id,
+    token_minted_by, reenrollment, key_source, age_recipient, server_key_id, key_delivered_at FROM registrations";
 
 pub(super) fn registration(r: &Row<'_>) -> R<RegistrationRecord> {
     Ok(RegistrationRecord {
@@ -167,6 +168,48 @@ pub(super) fn registration(r: &Row<'_>) -> R<RegistrationRecord> {
         credentials_fetched_at: r.get(16)?,
         credentials_confirmed_at: r.get(17)?,
         client_addr: r.get(18)?,
+        attestation: parsed(r, 19, "attestation method", AttestationMethod::parse)?,
+        attested_identity: r.get(20)?,
+        attestation_details: json_opt(r, 21)?,
+        enrollment_token_id: opt_uuid(r, 22)?,
+        token_minted_by: opt_uuid(r, 23)?,
+        reenrollment: r.get(24)?,
+        key_source: parsed(r, 25, "key source", KeySource::parse)?,
+        age_recipient: r.get(26)?,
+        server_key_id: opt_uuid(r, 27)?,
+        key_delivered_at: r.get(28)?,
+    })
+}
+
+fn json_opt(r: &Row<'_>, i: usize) -> R<Option<serde_json::Value>> {
+    let text: Option<String> = r.get(i)?;
+    match text {
+        None => Ok(None),
+        Some(t) => serde_json::from_str(&t).map(Some).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        }),
+    }
+}
+
+pub(super) const ENROLLMENT_TOKEN_SELECT: &str = "SELECT id, kind, token_hash, group_name, device_id, device_name,
+    uses_allowed, uses, created_by, created_at, expires_at, revoked_at, revoked_by, last_used_at FROM enrollment_tokens";
+
+pub(super) fn enrollment_token(r: &Row<'_>) -> R<EnrollmentTokenRecord> {
+    Ok(EnrollmentTokenRecord {
+        id: uuid(r, 0)?,
+        kind: parsed(r, 1, "enrollment token kind", EnrollmentTokenKind::parse)?,
+        token_hash: r.get(2)?,
+        group: r.get(3)?,
+        device_id: opt_uuid(r, 4)?,
+        device_name: r.get(5)?,
+        uses_allowed: r.get(6)?,
+        uses: r.get(7)?,
+        created_by: uuid(r, 8)?,
+        created_at: r.get(9)?,
+        expires_at: r.get(10)?,
+        revoked_at: r.get(11)?,
+        revoked_by: opt_uuid(r, 12)?,
+        last_used_at: r.get(13)?,
     })
 }
 

@@ -164,8 +164,11 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             tx.prepare_cached(
                 "INSERT INTO registrations (id, device_id, group_name, status, name, device_type, location, firmware, csr,
                    key_algorithm, secret_hash, submitted_by, submitted_at, expires_at, decided_at, certificate_serial,
-                   credentials_fetched_at, credentials_confirmed_at, client_addr)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                   credentials_fetched_at, credentials_confirmed_at, client_addr, attestation, attested_identity,
+                   attestation_details, enrollment_token_id, token_minted_by, reenrollment, key_source, age_recipient,
+                   server_key_id, key_delivered_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                   ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
             )
             .map_err(db)?
             .execute(params![
@@ -187,7 +190,17 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 r.certificate_serial,
                 r.credentials_fetched_at,
                 r.credentials_confirmed_at,
-                r.client_addr
+                r.client_addr,
+                r.attestation.as_str(),
+                r.attested_identity,
+                r.attestation_details.as_ref().map(|v| v.to_string()),
+                r.enrollment_token_id.map(|u| u.to_string()),
+                r.token_minted_by.map(|u| u.to_string()),
+                r.reenrollment,
+                r.key_source.as_str(),
+                r.age_recipient,
+                r.server_key_id.map(|u| u.to_string()),
+                r.key_delivered_at
             ])
             .map_err(db)?;
         }
@@ -689,6 +702,14 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 expected: "in service",
             })?;
         }
+        Write::InsertEnrollmentToken(_)
+        | Write::RevokeEnrollmentToken { .. }
+        | Write::ConsumeEnrollmentToken { .. }
+        | Write::ClaimIdentity { .. }
+        | Write::RecordJwtId { .. }
+        | Write::ReenrollDevice { .. }
+        | Write::MarkKeyDelivered { .. }
+        | Write::SetServerKey { .. } => enrollment_write(tx, w)?,
         Write::EnqueueBrokerUpdate { device_id, op, at } => {
             let exists: Option<i64> = tx
                 .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")
@@ -777,6 +798,244 @@ fn expect_cert(
         }
     }
     .into())
+}
+
+fn enrollment_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreError> {
+    match w {
+        Write::InsertEnrollmentToken(t) => {
+            tx.prepare_cached(
+                "INSERT INTO enrollment_tokens (id, kind, token_hash, group_name, device_id, device_name,
+                   uses_allowed, uses, created_by, created_at, expires_at, revoked_at, revoked_by, last_used_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .map_err(db)?
+            .execute(params![
+                t.id.to_string(),
+                t.kind.as_str(),
+                t.token_hash,
+                t.group,
+                t.device_id.map(|d| d.to_string()),
+                t.device_name,
+                t.uses_allowed,
+                t.uses,
+                t.created_by.to_string(),
+                t.created_at,
+                t.expires_at,
+                t.revoked_at,
+                t.revoked_by.map(|d| d.to_string()),
+                t.last_used_at
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate {
+                    entity: "enrollment token",
+                }),
+                other => other,
+            })?;
+        }
+        Write::RevokeEnrollmentToken { id, by, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE enrollment_tokens SET revoked_at = ?1, revoked_by = ?2
+                     WHERE id = ?3 AND revoked_at IS NULL",
+                )
+                .map_err(db)?
+                .execute(params![at, by.to_string(), id.to_string()])
+                .map_err(db)?;
+            if n != 1 {
+                let exists = tx
+                    .prepare_cached("SELECT 1 FROM enrollment_tokens WHERE id = ?1")
+                    .map_err(db)?
+                    .query_row(params![id.to_string()], |_| Ok(()))
+                    .optional()
+                    .map_err(db)?
+                    .is_some();
+                return Err(if exists {
+                    state_changed("enrollment token", id, "unrevoked")
+                } else {
+                    Conflict::Missing {
+                        entity: "enrollment token",
+                        id: id.to_string(),
+                    }
+                }
+                .into());
+            }
+        }
+        Write::ConsumeEnrollmentToken { id, kind, at } => {
+            let row: Option<(String, Option<i64>, i64, i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT kind, revoked_at, expires_at, uses, uses_allowed FROM enrollment_tokens WHERE id = ?1",
+                )
+                .map_err(db)?
+                .query_row(params![id.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()
+                .map_err(db)?;
+            let reason = match row {
+                None => Some("unknown"),
+                Some((k, _, _, _, _)) if k != kind.as_str() => Some("unknown"),
+                Some((_, Some(_), _, _, _)) => Some("revoked"),
+                Some((_, _, exp, _, _)) if *at >= exp => Some("expired"),
+                Some((_, _, _, uses, allowed)) if uses >= allowed => Some("used up"),
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                return Err(Conflict::TokenUnusable { reason }.into());
+            }
+            tx.prepare_cached(
+                "UPDATE enrollment_tokens SET uses = uses + 1, last_used_at = ?1 WHERE id = ?2",
+            )
+            .map_err(db)?
+            .execute(params![at, id.to_string()])
+            .map_err(db)?;
+        }
+        Write::ClaimIdentity {
+            identity,
+            device_id,
+            method,
+            at,
+        } => {
+            let existing: Option<String> = tx
+                .prepare_cached("SELECT device_id FROM device_identities WHERE identity = ?1")
+                .map_err(db)?
+                .query_row(params![identity], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match existing {
+                Some(d) if d == device_id.to_string() => {
+                    tx.prepare_cached(
+                        "UPDATE device_identities SET last_enrolled_at = ?1 WHERE identity = ?2",
+                    )
+                    .map_err(db)?
+                    .execute(params![at, identity])
+                    .map_err(db)?;
+                }
+                Some(_) => {
+                    return Err(Conflict::StateChanged {
+                        entity: "attested identity",
+                        id: identity.clone(),
+                        expected: "unbound or bound to this device",
+                    }
+                    .into());
+                }
+                None => {
+                    tx.prepare_cached(
+                        "INSERT INTO device_identities (identity, device_id, method, created_at, last_enrolled_at)
+                         VALUES (?1, ?2, ?3, ?4, ?4)",
+                    )
+                    .map_err(db)?
+                    .execute(params![identity, device_id.to_string(), method.as_str(), at])
+                    .map_err(db)?;
+                }
+            }
+        }
+        Write::RecordJwtId {
+            issuer,
+            jti,
+            expires_at,
+            at,
+        } => {
+            tx.prepare_cached("DELETE FROM jwt_replay WHERE expires_at <= ?1")
+                .map_err(db)?
+                .execute(params![at])
+                .map_err(db)?;
+            tx.prepare_cached(
+                "INSERT INTO jwt_replay (issuer, jti, expires_at) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(db)?
+            .execute(params![issuer, jti, expires_at])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(Conflict::Duplicate { entity: "JWT id" })
+                }
+                other => other,
+            })?;
+        }
+        Write::ReenrollDevice {
+            id,
+            group,
+            name,
+            keep_serial,
+            at,
+        } => {
+            let device = id.to_string();
+            let status: Option<String> = tx
+                .prepare_cached("SELECT status FROM devices WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![device], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            match status.as_deref() {
+                None => {
+                    return Err(Conflict::Missing {
+                        entity: "device",
+                        id: device,
+                    }
+                    .into());
+                }
+                Some(s) if s != DeviceStatus::Active.as_str() => {
+                    return Err(state_changed("device", id, "active").into());
+                }
+                Some(_) => {}
+            }
+            tx.prepare_cached(
+                "UPDATE devices SET group_name = ?1, name = ?2, updated_at = ?3 WHERE id = ?4",
+            )
+            .map_err(db)?
+            .execute(params![group, name, at, device])
+            .map_err(db)?;
+            tx.prepare_cached(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?1, revocation_reason = 'superseded'
+                 WHERE device_id = ?2 AND serial <> ?3 AND not_after > ?1 AND status IN ('valid', 'superseded')",
+            )
+            .map_err(db)?
+            .execute(params![at, device, keep_serial])
+            .map_err(db)?;
+        }
+        Write::MarkKeyDelivered {
+            registration_id,
+            at,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE registrations SET key_delivered_at = ?1
+                     WHERE id = ?2 AND key_delivered_at IS NULL AND server_key_id IS NOT NULL",
+                )
+                .map_err(db)?
+                .execute(params![at, registration_id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || {
+                state_changed(
+                    "registration",
+                    registration_id,
+                    "holding an undelivered key",
+                )
+            })?;
+        }
+        Write::SetServerKey {
+            registration_id,
+            key_id,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE registrations SET server_key_id = ?1 WHERE id = ?2 AND server_key_id IS NULL",
+                )
+                .map_err(db)?
+                .execute(params![key_id.to_string(), registration_id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || {
+                state_changed("registration", registration_id, "without a server key")
+            })?;
+        }
+        _ => unreachable_write()?,
+    }
+    Ok(())
+}
+
+fn unreachable_write() -> Result<(), StoreError> {
+    Err(StoreError::Corrupt(
+        "write routed to the wrong handler".into(),
+    ))
 }
 
 /// [`Write::SetDeviceStatus`]: the device, then its unexpired certificates.

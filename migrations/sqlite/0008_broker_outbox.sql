@@ -1,4 +1,4 @@
--- keyward schema v7: the broker outbox (issue 8, broker ACL provisioning).
+-- keyward schema v8: the broker outbox (issue 8, broker ACL provisioning).
 -- A device's broker update (grant its group's topics, or revoke them) is
 -- queued in the same transaction as the change that calls for it (issuance,
 -- revocation, suspension, resumption), so it is never lost and survives a
