@@ -29,6 +29,7 @@ use crate::keystore::pkcs11::{Pkcs11KeyStore, Pkcs11Settings};
 use crate::keystore::yubikey::{YubiKeyKeyStore, YubiKeySettings};
 use crate::keystore::{KeyStore, KeyStores};
 use crate::metrics::Metrics;
+use crate::notify::Notifiers;
 use crate::policy::Policies;
 use crate::ratelimit::failures::LoginFailureLog;
 use crate::ratelimit::login::GuardedLogin;
@@ -57,6 +58,8 @@ pub struct App {
     pub login_failures: Arc<LoginFailureLog>,
     /// HTTPS (`[server.tls]`); `None` serves plain HTTP (loopback only).
     pub tls: Option<TlsServing>,
+    /// Notification fan-out (`[[notify]]`); drained on shutdown.
+    pub notifiers: Arc<Notifiers>,
     /// Whether [`App::prepare_revocation`] has run (it runs once).
     revocation_prepared: bool,
 }
@@ -288,6 +291,49 @@ pub async fn open_keystores(config: &Config, metrics: &Arc<Metrics>) -> anyhow::
     Ok(stores)
 }
 
+/// How long a clean shutdown waits for queued notifications.
+const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
+
+/// Builds the configured notification backends (reading webhook secrets
+/// now) and starts their queues. Call inside the runtime.
+pub fn start_notifiers(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<Notifiers>> {
+    use crate::config::NotifierConfig;
+    use crate::notify::{Backend, Notifier, WebhookNotifier, WebhookSettings, log::LogNotifier};
+    let mut backends = Vec::new();
+    for n in &config.notify {
+        let (notifier, queue): (Arc<dyn Notifier>, usize) = match n {
+            NotifierConfig::Log { queue_capacity } => (
+                Arc::new(LogNotifier::new(config.log.sensitive_details)),
+                *queue_capacity,
+            ),
+            NotifierConfig::Webhook(w) => (
+                Arc::new(
+                    WebhookNotifier::new(
+                        &w.secret.key,
+                        WebhookSettings {
+                            url: w.url.clone(),
+                            secret: w.secret.read()?,
+                            timeout: w.timeout,
+                            max_attempts: w.max_attempts,
+                            initial_backoff: w.initial_backoff,
+                            max_backoff: w.max_backoff,
+                        },
+                        clock.clone(),
+                    )
+                    .with_context(|| format!("webhook {}", w.url))?,
+                ),
+                w.queue_capacity,
+            ),
+        };
+        backends.push(Backend::new(notifier, queue));
+    }
+    Ok(Notifiers::start(backends, clock, metrics))
+}
+
 /// Opens the configured store, reporting group commits to `metrics`.
 pub fn open_store(
     config: &Config,
@@ -362,12 +408,14 @@ impl App {
             clock.clone(),
             hasher.clone(),
         ));
+        let notifiers = start_notifiers(&config, clock.clone(), metrics.clone())?;
         let registry = Arc::new(RegistryService::new(
             ca.clone(),
             store.clone(),
             clock.clone(),
             hasher,
             metrics.clone(),
+            notifiers.clone(),
         )?);
         let limits = Limits {
             body_limit_bytes: config.server.body_limit_bytes,
@@ -434,8 +482,14 @@ impl App {
             clock,
             login_failures,
             tls: None,
+            notifiers,
             revocation_prepared: false,
         })
+    }
+
+    /// The notification fan-out services send through.
+    pub fn notifiers(&self) -> Arc<Notifiers> {
+        self.notifiers.clone()
     }
 
     /// Refuses to serve without the CAs the policy names, or with CA keys
@@ -549,6 +603,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
+        let notifiers = self.notifiers.clone();
         self.prepare_revocation().await?;
         let jobs = self.start_jobs().await;
         let reloader = spawn_sighup_reload(self.state.registry.clone());
@@ -580,6 +635,8 @@ impl App {
         reloader.abort();
         // No request is in flight any more: nothing can add a failed login.
         jobs.shutdown().await;
+        // Nothing raises notifications any more: deliver what is queued.
+        notifiers.shutdown(NOTIFY_DRAIN).await;
         served?;
         for (name, ks) in keystores.iter() {
             if let Err(e) = ks.close().await {

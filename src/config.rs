@@ -78,6 +78,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[broker]`: where devices' broker ACLs are provisioned.
     pub broker: BrokerConfig,
+    /// `[[notify]]`, in order; without any, one `log` backend.
+    pub notify: Vec<NotifierConfig>,
     /// Directory the config was read from; relative paths were resolved against it.
     pub base_dir: PathBuf,
     pub source_path: PathBuf,
@@ -294,6 +296,35 @@ pub struct LimitsConfig {
     pub ocsp_cache_entries: usize,
 }
 
+/// One `[[notify]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifierConfig {
+    /// An `info` line at target `keyward::notify`.
+    Log {
+        /// Queued notifications beyond which new ones are dropped (1..=1000000).
+        queue_capacity: usize,
+    },
+    Webhook(WebhookConfig),
+}
+
+/// `type = "webhook"`: a signed POST per notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `https://`, or `http://` to a loopback host only.
+    pub url: crate::notify::WebhookUrl,
+    /// The HMAC key (`secret_file` xor `secret_env`; at least 16 bytes, checked when read).
+    pub secret: SecretSetting,
+    /// Per attempt (1..=300 s). Default 5 s.
+    pub timeout: Duration,
+    /// Attempts in all (1..=20). Default 5.
+    pub max_attempts: u32,
+    /// Wait after the first failed attempt, doubled after each (10 ms..=60 s). Default 1 s.
+    pub initial_backoff: Duration,
+    /// Cap on the wait and on a `Retry-After` (1..=3600 s). Default 60 s.
+    pub max_backoff: Duration,
+    pub queue_capacity: usize,
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -350,6 +381,11 @@ impl Config {
         out.push(&self.auth.token_pepper);
         if let BrokerBackendConfig::Mosquitto(m) = &self.broker.backend {
             out.push(&m.password);
+        }
+        for n in &self.notify {
+            if let NotifierConfig::Webhook(w) = n {
+                out.push(&w.secret);
+            }
         }
         out
     }
@@ -693,6 +729,17 @@ impl Builder<'_> {
                 "must be less than server.request_timeout_secs (a revocation waits this long for the broker before it answers)",
             ));
         }
+        let notify = if raw.notify.is_empty() {
+            vec![NotifierConfig::Log {
+                queue_capacity: crate::notify::DEFAULT_QUEUE_CAPACITY,
+            }]
+        } else {
+            raw.notify
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| self.notifier(i, n))
+                .collect::<Result<_, _>>()?
+        };
         Ok(Config {
             server,
             store,
@@ -703,6 +750,7 @@ impl Builder<'_> {
             log,
             limits,
             broker,
+            notify,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
         })
@@ -833,6 +881,56 @@ impl Builder<'_> {
             password: self.secret("broker.password", b.password_file, b.password_env)?,
             timeout: self.seconds("broker.timeout_secs", b.timeout_secs, 10)?,
         })
+    }
+
+    fn notifier(&self, i: usize, raw: file::Notify) -> Result<NotifierConfig, ConfigError> {
+        let key = |k: &str| format!("notify[{i}].{k}");
+        let queue = |q: Option<usize>| {
+            self.range(
+                &key("queue_capacity"),
+                q,
+                crate::notify::DEFAULT_QUEUE_CAPACITY,
+                1,
+                1_000_000,
+            )
+        };
+        match raw {
+            file::Notify::Log(l) => Ok(NotifierConfig::Log {
+                queue_capacity: queue(l.queue_capacity)?,
+            }),
+            file::Notify::Webhook(w) => {
+                let url = crate::notify::WebhookUrl::parse(&w.url)
+                    .map_err(|e| self.invalid(&key("url"), e.to_string()))?;
+                let secs = |k: &str, v: Option<u64>, default: u64, max: u64| {
+                    self.range(&key(k), v, default, 1, max)
+                        .map(Duration::from_secs)
+                };
+                let timeout = secs("timeout_seconds", w.timeout_seconds, 5, 300)?;
+                let max_backoff = secs("max_backoff_seconds", w.max_backoff_seconds, 60, 3600)?;
+                let initial_backoff = Duration::from_millis(self.range(
+                    &key("initial_backoff_ms"),
+                    w.initial_backoff_ms,
+                    1000,
+                    10,
+                    60_000,
+                )?);
+                if initial_backoff > max_backoff {
+                    return Err(self.invalid(
+                        &key("initial_backoff_ms"),
+                        "must not exceed max_backoff_seconds",
+                    ));
+                }
+                Ok(NotifierConfig::Webhook(WebhookConfig {
+                    url,
+                    secret: self.secret(&key("secret"), w.secret_file, w.secret_env)?,
+                    timeout,
+                    max_attempts: self.range(&key("max_attempts"), w.max_attempts, 5, 1, 20)?,
+                    initial_backoff,
+                    max_backoff,
+                    queue_capacity: queue(w.queue_capacity)?,
+                }))
+            }
+        }
     }
 
     fn tls(&self, mut t: file::Tls) -> Result<TlsConfig, ConfigError> {
@@ -1489,6 +1587,89 @@ token_pepper_env = "KEYWARD_PEPPER"
         assert!(c.server.tls.is_some());
     }
 
+    #[test]
+    fn notify_defaults_to_log_and_checks_every_webhook_key() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.notify,
+            vec![NotifierConfig::Log {
+                queue_capacity: 10_000
+            }]
+        );
+        let hook = "[[notify]]\ntype = \"webhook\"\nurl = \"https://hooks.example.net/kw\"\nsecret_file = \"hook.secret\"\n";
+        let c = parse(&format!(
+            "{MINIMAL}[[notify]]\ntype = \"log\"\nqueue_capacity = 5\n{hook}"
+        ))
+        .unwrap();
+        assert_eq!(c.notify.len(), 2);
+        assert_eq!(c.notify[0], NotifierConfig::Log { queue_capacity: 5 });
+        let NotifierConfig::Webhook(w) = &c.notify[1] else {
+            panic!("{:?}", c.notify)
+        };
+        assert_eq!(w.url.redacted(), "https://hooks.example.net/…");
+        assert_eq!(w.secret.key, "notify[1].secret");
+        assert_eq!(w.secret.from, SecretRef::File("/etc/kw/hook.secret".into()));
+        assert_eq!(w.timeout, Duration::from_secs(5));
+        assert_eq!(w.max_attempts, 5);
+        assert_eq!(w.initial_backoff, Duration::from_secs(1));
+        assert_eq!(w.max_backoff, Duration::from_secs(60));
+        assert_eq!(w.queue_capacity, 10_000);
+        assert_eq!(
+            c.secrets().len(),
+            3,
+            "config check reads the webhook secret"
+        );
+
+        for (extra, key) in [
+            ("timeout_seconds = 0", "notify[0].timeout_seconds"),
+            ("timeout_seconds = 301", "notify[0].timeout_seconds"),
+            ("max_attempts = 0", "notify[0].max_attempts"),
+            ("max_attempts = 21", "notify[0].max_attempts"),
+            ("initial_backoff_ms = 5", "notify[0].initial_backoff_ms"),
+            ("max_backoff_seconds = 0", "notify[0].max_backoff_seconds"),
+            (
+                "max_backoff_seconds = 1\ninitial_backoff_ms = 2000",
+                "notify[0].initial_backoff_ms",
+            ),
+            ("queue_capacity = 0", "notify[0].queue_capacity"),
+            ("secret_env = \"HOOK\"", "notify[0].secret"),
+            ("retries = 3", "retries"),
+        ] {
+            refused(&format!("{MINIMAL}{hook}{extra}\n"), key);
+        }
+        refused(
+            &format!(
+                "{MINIMAL}{}",
+                hook.replace("secret_file = \"hook.secret\"\n", "")
+            ),
+            "notify[0].secret",
+        );
+        for url in [
+            "http://hooks.example.net/kw",
+            "ftp://hooks.example.net/kw",
+            "https://u:p@hooks.example.net/kw",
+            "not a url",
+        ] {
+            refused(
+                &format!(
+                    "{MINIMAL}{}",
+                    hook.replace("https://hooks.example.net/kw", url)
+                ),
+                "notify[0].url",
+            );
+        }
+        parse(&format!(
+            "{MINIMAL}{}",
+            hook.replace("https://hooks.example.net/kw", "http://127.0.0.1:9/kw")
+        ))
+        .unwrap();
+        refused(&format!("{MINIMAL}[[notify]]\ntype = \"smtp\"\n"), "smtp");
+        refused(
+            &format!("{MINIMAL}[[notify]]\ntype = \"log\"\nurl = \"x\"\n"),
+            "url",
+        );
+    }
+
     const YUBIKEY: &str = r#"
 [keystores.root]
 type = "yubikey"
@@ -1613,6 +1794,7 @@ management_key_env = "KW_MGM"
                 if l.starts_with("# [keystores.")
                     || l.starts_with("# [server.tls]")
                     || l.starts_with("# [broker]")
+                    || l.starts_with("# [[notify]]")
                 {
                     on = true;
                 } else if !l.starts_with('#') {
@@ -1634,6 +1816,14 @@ management_key_env = "KW_MGM"
         assert!(
             matches!(c.broker.backend, BrokerBackendConfig::Mosquitto(_)),
             "the broker example was not switched on"
+        );
+        assert!(
+            matches!(
+                c.notify.as_slice(),
+                [NotifierConfig::Log { .. }, NotifierConfig::Webhook(_)]
+            ),
+            "the notify examples were not switched on: {:?}",
+            c.notify
         );
         assert!(
             matches!(

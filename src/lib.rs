@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod keystore;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod ratelimit;
 pub mod registry;

@@ -96,12 +96,14 @@ fn sweeper_expires_pending_registrations_when_their_time_is_up() {
         let s = &app.state;
         let (csr, _) = openssl_csr(&dir, "ec");
         let submit = |name: &str| Submission {
-            csr: csr.clone().into_bytes(),
+            csr: Some(csr.clone().into_bytes()),
+            evidence: keyward::registry::Evidence::None,
+            age_recipient: None,
             name: name.to_string(),
             device_type: None,
             location: None,
             firmware: None,
-            group: "default".to_string(),
+            group: Some("default".to_string()),
             client_addr: Some("192.0.2.1".to_string()),
         };
         // The default group: 72 h to decide.

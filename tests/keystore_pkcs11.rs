@@ -145,6 +145,41 @@ fn usage_attributes(
     out
 }
 
+/// A logged-in session of this process on the token labelled `label`.
+fn observer_session(label: &str) -> cryptoki::session::Session {
+    let ctx = context(&common::softhsm_module()).unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == label)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    match session.login(
+        cryptoki::session::UserType::User,
+        Some(&SecretString::from(common::PIN.to_string())),
+    ) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+}
+
+fn all_objects(session: &cryptoki::session::Session) -> Vec<cryptoki::object::ObjectHandle> {
+    session.find_objects(&[]).unwrap()
+}
+
+fn secret_keys(session: &cryptoki::session::Session) -> usize {
+    session
+        .find_objects(&[cryptoki::object::Attribute::Class(
+            cryptoki::object::ObjectClass::SECRET_KEY,
+        )])
+        .unwrap()
+        .len()
+}
+
 /// `Usage:` lines of the objects labelled `label`, as the stock `pkcs11-tool -O` prints them.
 fn pkcs11_tool_usage(token: &str, label: &str) -> Vec<(String, String)> {
     let conf = std::path::Path::new(&std::env::var_os(READY).unwrap()).join("softhsm2.conf");
@@ -222,6 +257,28 @@ fn trials() -> Vec<Trial> {
         conformance("concurrent_signers_queue", suite::concurrent_signers_queue),
         conformance("recovers_after_logout", |ks| async move {
             suite::recovers_after_logout(ks.as_ref()).await
+        }),
+        conformance("export_ecdsa_p256", |ks| async move {
+            suite::export_gives_the_generated_key(ks.as_ref(), KeyAlgorithm::EcdsaP256).await
+        }),
+        conformance("export_rsa_2048", |ks| async move {
+            suite::export_gives_the_generated_key(ks.as_ref(), KeyAlgorithm::Rsa2048).await
+        }),
+        conformance("export_ed25519_when_offered", |ks| async move {
+            if ks
+                .capabilities()
+                .algorithms
+                .contains(&KeyAlgorithm::Ed25519)
+            {
+                suite::export_gives_the_generated_key_or_says_not_wrappable(
+                    ks.as_ref(),
+                    KeyAlgorithm::Ed25519,
+                )
+                .await
+            }
+        }),
+        conformance("export_refuses_non_extractable_keys", |ks| async move {
+            suite::export_refuses_non_extractable_keys(ks.as_ref()).await
         }),
     ];
     t.push(Trial::test(
@@ -372,6 +429,51 @@ fn trials() -> Vec<Trial> {
             assert!(p.extractable && p.sensitive, "{p:?}");
         })
     }));
+    t.push(Trial::test(
+        "pkcs11::export_leaves_no_wrapping_key_on_the_token",
+        || {
+            run(|| async {
+                let label = new_token();
+                let ks = open(&label).await;
+                let mut spec = suite::spec(KeyAlgorithm::EcdsaP256);
+                spec.extractable = true;
+                let key = ks.generate(&spec).await.unwrap();
+                // Session objects are visible to every session of this process,
+                // so an observer session sees the backend's wrapping keys too.
+                let observer = observer_session(&label);
+                let before = all_objects(&observer);
+                assert_eq!(secret_keys(&observer), 0, "{before:?}");
+                // The observer can see a session secret key made elsewhere:
+                // the check below is able to fail.
+                let other = observer_session(&label);
+                let probe = other
+                    .create_object(&[
+                        cryptoki::object::Attribute::Class(
+                            cryptoki::object::ObjectClass::SECRET_KEY,
+                        ),
+                        cryptoki::object::Attribute::KeyType(cryptoki::object::KeyType::AES),
+                        cryptoki::object::Attribute::Token(false),
+                        cryptoki::object::Attribute::Value(vec![1u8; 32]),
+                    ])
+                    .unwrap();
+                assert_eq!(secret_keys(&observer), 1);
+                other.destroy_object(probe).unwrap();
+                for _ in 0..3 {
+                    ks.export_private_key(&key.handle).await.unwrap();
+                }
+                // A refused export (non-extractable key) leaves nothing either.
+                let fixed = ks
+                    .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+                    .await
+                    .unwrap();
+                assert!(ks.export_private_key(&fixed.handle).await.is_err());
+                assert_eq!(secret_keys(&observer), 0);
+                let after = all_objects(&observer);
+                // Only the second key pair's two objects are new.
+                assert_eq!(after.len(), before.len() + 2, "{before:?} -> {after:?}");
+            })
+        },
+    ));
     t.push(Trial::test(
         "pkcs11::handles_are_rfc7512_uris_and_listed",
         || {
@@ -684,16 +786,22 @@ mod ca_checks {
                 "test-pepper-0123456789".to_string(),
             )),
             Arc::new(keyward::metrics::Metrics::new().unwrap()),
+            keyward::notify::Notifiers::none(
+                clock.clone(),
+                Arc::new(keyward::metrics::Metrics::new().unwrap()),
+            ),
         )
         .unwrap();
         let (csr, rsa_public) = rsa_csr_without_null_parameters(dir.path());
         let submission = Submission {
-            csr,
+            csr: Some(csr),
+            evidence: keyward::registry::Evidence::None,
+            age_recipient: None,
             name: "odd-rsa".into(),
             device_type: None,
             location: None,
             firmware: None,
-            group: "auto".into(),
+            group: Some("auto".into()),
             client_addr: None,
         };
 

@@ -402,12 +402,14 @@ async fn issue(app: &App, dir: &Path, name: &str) -> String {
         .registry
         .submit(
             Submission {
-                csr: csr.into_bytes(),
+                csr: Some(csr.into_bytes()),
+                evidence: keyward::registry::Evidence::None,
+                age_recipient: None,
                 name: name.to_string(),
                 device_type: None,
                 location: None,
                 firmware: None,
-                group: "auto".to_string(),
+                group: Some("auto".to_string()),
                 client_addr: None,
             },
             None,

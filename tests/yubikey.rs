@@ -151,7 +151,7 @@ fn keystore(card: &Card) -> Arc<dyn KeyStore> {
 async fn conformance_suite_on_the_emulated_yubikey() {
     let _g = piv::CARD_LOCK.lock().await;
     // Each case starts from an empty card: PIV replaces keys, it does not delete them.
-    for case in 0..6 {
+    for case in 0..7 {
         let card = Card::start(CardOptions::default());
         let ks = keystore(&card);
         match case {
@@ -160,6 +160,7 @@ async fn conformance_suite_on_the_emulated_yubikey() {
             2 => suite::keys_are_sensitive_and_not_extractable(ks.as_ref()).await,
             3 => suite::foreign_handles_are_refused(ks.as_ref()).await,
             4 => suite::concurrent_signers_queue(ks.clone()).await,
+            5 => suite::export_refuses_non_extractable_keys(ks.as_ref()).await,
             _ => suite::recovers_after_logout(ks.as_ref()).await,
         }
     }

@@ -156,6 +156,11 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     for secret in config.secrets() {
         secret.read()?;
     }
+    for n in &config.notify {
+        if let crate::config::NotifierConfig::Webhook(w) = n {
+            crate::notify::webhook::check_secret(&w.secret.key, &w.secret.read()?)?;
+        }
+    }
     if let Some(crate::config::TlsConfig {
         source:
             crate::config::TlsSource::Files {

@@ -25,6 +25,9 @@ pub(super) struct File {
     pub limits: Limits,
     #[serde(default)]
     pub broker: Broker,
+    /// `[[notify]]`: notification backends, in order.
+    #[serde(default)]
+    pub notify: Vec<Notify>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +46,32 @@ pub(super) struct Broker {
     pub flush_timeout_secs: Option<u64>,
     pub retry_min_secs: Option<u64>,
     pub retry_max_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(super) enum Notify {
+    Log(NotifyLog),
+    Webhook(NotifyWebhook),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NotifyLog {
+    pub queue_capacity: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NotifyWebhook {
+    pub url: String,
+    pub secret_file: Option<PathBuf>,
+    pub secret_env: Option<String>,
+    pub timeout_seconds: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub initial_backoff_ms: Option<u64>,
+    pub max_backoff_seconds: Option<u64>,
+    pub queue_capacity: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

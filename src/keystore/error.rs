@@ -179,6 +179,17 @@ pub enum KeyStoreError {
     UnknownKeyStore(String),
     #[error("key not found on the token: {0}")]
     KeyNotFound(KeyHandle),
+    #[error("the key {0} is not extractable; only keys generated extractable can be wrapped out")]
+    NotExtractable(KeyHandle),
+    #[error(
+        "the token cannot wrap the key {0} out (CKR_KEY_NOT_WRAPPABLE; SoftHSM 2.6 cannot wrap \
+         Ed25519 keys): use another algorithm for keys that must be exported"
+    )]
+    NotWrappable(KeyHandle),
+    #[error("the wrapped key did not unwrap to a PKCS#8 private key")]
+    UnwrapFailed,
+    #[error("the system random number generator failed")]
+    RandomUnavailable,
     #[error("invalid key handle `{0}`")]
     BadHandle(String),
     #[error("algorithm {0} is not supported by this token")]
@@ -223,6 +234,10 @@ impl KeyStoreError {
             Self::Attestation(_) => "attestation_failed",
             Self::UnknownKeyStore(_) => "unknown_keystore",
             Self::KeyNotFound(_) => "key_not_found",
+            Self::NotExtractable(_) => "not_extractable",
+            Self::NotWrappable(_) => "key_not_wrappable",
+            Self::UnwrapFailed => "unwrap_failed",
+            Self::RandomUnavailable => "random_unavailable",
             Self::BadHandle(_) => "bad_handle",
             Self::Unsupported(_) => "algorithm_unsupported",
             Self::OperationUnsupported { .. } => "operation_unsupported",

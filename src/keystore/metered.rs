@@ -65,6 +65,14 @@ impl KeyStore for MeteredKeyStore {
     async fn protection(&self, handle: &KeyHandle) -> Result<KeyProtection, KeyStoreError> {
         self.inner.protection(handle).await
     }
+    async fn export_private_key(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let r = self.inner.export_private_key(handle).await;
+        self.metrics.hsm("export", r.is_ok());
+        r
+    }
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
         let r = self.inner.destroy(handle).await;
         self.metrics.hsm("destroy", r.is_ok());

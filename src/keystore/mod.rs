@@ -1,5 +1,6 @@
 //! The `KeyStore` port: hardware that generates keys and signs, and never
-//! hands a private key out.
+//! hands a private key out in plaintext; only keys generated extractable
+//! leave it, wrapped (see [`KeyStore::export_private_key`]).
 //!
 //! A backend implements only what it can; operations it lacks return
 //! [`KeyStoreError::Unsupported`].
@@ -138,7 +139,10 @@ pub struct Capabilities {
     pub algorithms: Vec<KeyAlgorithm>,
     /// Signatures the device can work on at once; the backend queues beyond it.
     pub max_concurrent_signers: usize,
-    /// Whether keys can leave the device wrapped (`CKM_AES_KEY_WRAP_PAD`).
+    /// Whether extractable keys can leave the device wrapped
+    /// (`CKM_AES_KEY_WRAP_PAD` with `CKF_WRAP`), i.e. whether
+    /// [`KeyStore::export_private_key`] can work. Server-generated device keys
+    /// and key backups need it.
     pub can_wrap_keys: bool,
     /// Whether generated keys are fixed (`CKA_MODIFIABLE=false`): nobody can
     /// later widen their usage (add decrypt, unwrap, …) with C_SetAttributeValue.
@@ -205,6 +209,25 @@ pub trait KeyStore: Send + Sync + 'static {
         Err(KeyStoreError::OperationUnsupported {
             backend: self.backend(),
             operation: "protection",
+        })
+    }
+
+    /// The PKCS#8 DER of an extractable private key (generated with
+    /// `KeySpec { extractable: true, .. }`), for server-generated device keys
+    /// and backups. The key leaves the device only wrapped under a one-time key
+    /// (PKCS#11: `CKM_AES_KEY_WRAP_PAD` under a session AES-256 key that is
+    /// destroyed at once); the plaintext exists only in the returned buffer,
+    /// which zeroizes on drop. A non-extractable key is refused with
+    /// [`KeyStoreError::NotExtractable`]. Backends that cannot wrap keys out
+    /// ([`Capabilities::can_wrap_keys`] false) keep this default.
+    async fn export_private_key(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let _ = handle;
+        Err(KeyStoreError::OperationUnsupported {
+            backend: self.backend(),
+            operation: "export_private_key",
         })
     }
 

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub broker_outbox_pending: IntGauge,
     /// Attempts to apply a broker update, by op (`grant`, `revoke`) and result (`ok`, `error`).
     pub broker_updates: IntCounterVec,
+    /// Notifications by backend (`log`, `webhook`) and result
+    /// (`delivered`, `failed`, `dropped`).
+    pub notifications: IntCounterVec,
 }
 
 impl Metrics {
@@ -211,9 +214,15 @@ impl Metrics {
                 broker_updates.with_label_values(&[op, result]);
             }
         }
+        let notifications = counter_vec(
+            "notifications_total",
+            "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown)",
+            &["backend", "result"],
+        )?;
         Ok(Self {
             broker_outbox_pending,
             broker_updates,
+            notifications,
             ocsp,
             registry,
             http_requests,
@@ -335,6 +344,9 @@ mod tests {
             .signer_not_after
             .with_label_values(&["devices"])
             .set(7);
+        m.notifications
+            .with_label_values(&["webhook", "dropped"])
+            .inc();
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -363,6 +375,7 @@ mod tests {
             "keyward_ocsp_responses_total{status=\"good\"} 0",
             "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
             "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
+            "keyward_notifications_total{backend=\"webhook\",result=\"dropped\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

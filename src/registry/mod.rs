@@ -4,6 +4,7 @@
 mod attest;
 pub mod attestation;
 pub mod config;
+pub mod delivery;
 mod error;
 mod reload;
 pub mod tls_check;
@@ -95,6 +96,7 @@ pub struct RegistryService {
     reload_lock: tokio::sync::Mutex<()>,
     /// Nonces for the manufacturer-certificate possession proof.
     enroll_nonces: attest::NonceBook,
+    notifier: Arc<crate::notify::Notifiers>,
 }
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), RegistryError> {
@@ -123,6 +125,7 @@ impl RegistryService {
         clock: Arc<dyn Clock>,
         hasher: TokenHasher,
         metrics: Arc<crate::metrics::Metrics>,
+        notifier: Arc<crate::notify::Notifiers>,
     ) -> Result<Self, RegistryError> {
         let attestors = attest::Attestors::build(&ca.policies())?;
         Ok(Self {
@@ -134,6 +137,7 @@ impl RegistryService {
             attestors: std::sync::RwLock::new(Arc::new(attestors)),
             reload_lock: tokio::sync::Mutex::new(()),
             enroll_nonces: attest::NonceBook::default(),
+            notifier,
         })
     }
 
@@ -342,6 +346,19 @@ impl RegistryService {
             } else {
                 "submitted"
             });
+        if reg.status != RegistrationStatus::Issued {
+            // Committed and waiting for admins: tell them (queued, never blocks).
+            self.notifier
+                .send(crate::notify::Notification::RegistrationPending {
+                    registration_id: reg.id,
+                    device_id: reg.device_id,
+                    group: reg.group.clone(),
+                    device_name: reg.name.clone(),
+                    attestation: group.method().as_str().to_string(),
+                    submitted_at: reg.submitted_at,
+                    approvals_required: group.approvals_needed(),
+                });
+        }
         Ok(Submitted {
             registration: reg,
             secret,

@@ -142,3 +142,126 @@ pub async fn recovers_after_logout(ks: &dyn KeyStore) {
     ks.health().await.unwrap();
     cleanup(ks, &key.handle).await;
 }
+
+/// The public key of a PKCS#8 private key as DER SPKI, computed by the stock
+/// `openssl pkey` over pipes (no file).
+pub fn openssl_public_of_pkcs8(pkcs8: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args(["pkey", "-inform", "DER", "-pubout", "-outform", "DER"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    child.stdin.take().unwrap().write_all(pkcs8).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl pkey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A key generated extractable leaves the device as PKCS#8 whose public key
+/// (computed by openssl) is the one generated; the key still signs afterwards.
+/// Backends that cannot wrap keys out say so with `operation_unsupported`.
+pub async fn export_gives_the_generated_key(ks: &dyn KeyStore, algorithm: KeyAlgorithm) {
+    if !ks.capabilities().can_wrap_keys {
+        let key = ks.generate(&spec(algorithm)).await.unwrap();
+        let err = ks.export_private_key(&key.handle).await.unwrap_err();
+        assert_eq!(err.code(), "operation_unsupported", "{err}");
+        cleanup(ks, &key.handle).await;
+        return;
+    }
+    let mut s = spec(algorithm);
+    s.extractable = true;
+    let key = ks.generate(&s).await.unwrap();
+    let pkcs8 = ks.export_private_key(&key.handle).await.unwrap();
+    assert_eq!(
+        openssl_public_of_pkcs8(&pkcs8),
+        key.public_key_der,
+        "{algorithm}: exported key does not match the generated public key"
+    );
+    // Exporting twice gives the same key (each under its own one-time wrapping key).
+    let again = ks.export_private_key(&key.handle).await.unwrap();
+    assert_eq!(again.as_slice(), pkcs8.as_slice());
+    let sig = ks
+        .sign(&key.handle, algorithm, b"after export")
+        .await
+        .unwrap();
+    assert!(verify(
+        &key.public_key_der,
+        algorithm,
+        b"after export",
+        &sig
+    ));
+    cleanup(ks, &key.handle).await;
+}
+
+/// A key generated non-extractable is never exported: a typed refusal with a
+/// stable code, and the key is untouched.
+pub async fn export_refuses_non_extractable_keys(ks: &dyn KeyStore) {
+    let key = ks.generate(&spec(KeyAlgorithm::EcdsaP256)).await.unwrap();
+    let err = ks.export_private_key(&key.handle).await.unwrap_err();
+    if ks.capabilities().can_wrap_keys {
+        assert!(matches!(err, KeyStoreError::NotExtractable(_)), "{err:?}");
+        assert_eq!(err.code(), "not_extractable");
+    } else {
+        assert_eq!(err.code(), "operation_unsupported", "{err}");
+    }
+    let sig = ks
+        .sign(&key.handle, KeyAlgorithm::EcdsaP256, b"still here")
+        .await
+        .unwrap();
+    assert!(verify(
+        &key.public_key_der,
+        KeyAlgorithm::EcdsaP256,
+        b"still here",
+        &sig
+    ));
+    let err = ks
+        .export_private_key(&KeyHandle("not a handle".into()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KeyStoreError::BadHandle(_) | KeyStoreError::OperationUnsupported { .. }
+        ),
+        "{err:?}"
+    );
+    cleanup(ks, &key.handle).await;
+}
+
+/// For algorithms a token may refuse to wrap (SoftHSM 2.6 cannot wrap
+/// Ed25519): either the export gives the generated key, or it is refused with
+/// `key_not_wrappable` and the key is left as it was.
+pub async fn export_gives_the_generated_key_or_says_not_wrappable(
+    ks: &dyn KeyStore,
+    algorithm: KeyAlgorithm,
+) {
+    let mut s = spec(algorithm);
+    s.extractable = true;
+    let key = ks.generate(&s).await.unwrap();
+    match ks.export_private_key(&key.handle).await {
+        Ok(pkcs8) => assert_eq!(openssl_public_of_pkcs8(&pkcs8), key.public_key_der),
+        Err(e) => {
+            assert!(matches!(e, KeyStoreError::NotWrappable(_)), "{e:?}");
+            assert_eq!(e.code(), "key_not_wrappable");
+        }
+    }
+    let sig = ks
+        .sign(&key.handle, algorithm, b"after export")
+        .await
+        .unwrap();
+    assert!(verify(
+        &key.public_key_der,
+        algorithm,
+        b"after export",
+        &sig
+    ));
+    cleanup(ks, &key.handle).await;
+}

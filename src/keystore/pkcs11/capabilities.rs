@@ -23,7 +23,12 @@ pub(super) fn discover(ctx: &Pkcs11, slot: Slot, sessions: usize) -> Capabilitie
     let mechanisms: Vec<MechanismType> = WANTED_MECHANISMS
         .iter()
         .copied()
-        .filter(|m| ctx.get_mechanism_info(slot, *m).is_ok())
+        .filter(|m| match ctx.get_mechanism_info(slot, *m) {
+            // Key export needs the mechanism to wrap (CKF_WRAP), not only to exist.
+            Ok(info) if *m == MechanismType::AES_KEY_WRAP_PAD => info.wrap(),
+            Ok(_) => true,
+            Err(_) => false,
+        })
         .collect();
     from_mechanisms(&mechanisms, sessions)
 }

@@ -1,7 +1,7 @@
 //! PKCS#11 backend (cryptoki): any token, SoftHSM2 in tests. This file is the `KeyStore`
 //! implementation; the module and token live in `context`, the logged-in session pool and
 //! the PIN latch in `sessions`, mechanism discovery in `capabilities`, templates and key
-//! objects in `keys`.
+//! objects in `keys`, export by wrapping in `export`.
 //!
 //! One `Pkcs11` context per module per process (`C_Initialize` once), a pool
 //! of logged-in sessions, every call on a blocking thread. Object handles are
@@ -12,6 +12,7 @@
 
 mod capabilities;
 mod context;
+mod export;
 mod keys;
 mod sessions;
 pub mod uri;
@@ -231,6 +232,32 @@ impl KeyStore for Pkcs11KeyStore {
                 .private(session, &id)?
                 .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
             keys::protection(session, key)
+        })
+        .await
+    }
+
+    async fn export_private_key(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        if !self.capabilities().can_wrap_keys {
+            return Err(KeyStoreError::OperationUnsupported {
+                backend: self.backend(),
+                operation: "export_private_key (the token lacks CKM_AES_KEY_WRAP_PAD)",
+            });
+        }
+        let id = id_of(handle)?;
+        let h = handle.clone();
+        self.run(move |inner, session| {
+            let key = inner
+                .handles
+                .private(session, &id)?
+                .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
+            let result = export::export_pkcs8(session, key, &h);
+            if matches!(&result, Err(e) if sessions::recoverable(e)) {
+                inner.handles.forget(&id);
+            }
+            result
         })
         .await
     }
