@@ -6,10 +6,12 @@ pub mod attestation;
 pub mod config;
 pub mod delivery;
 mod error;
+mod server_key;
 mod reload;
 pub mod tls_check;
 pub mod tokens;
 
+pub use server_key::KeyBundle;
 pub use attest::{Evidence, NONCE_TTL_SECONDS as ENROLL_NONCE_TTL_SECONDS};
 
 /// Builds every attestation verifier the policies call for (reads the
@@ -73,6 +75,14 @@ pub struct Credentials {
     /// Issuing CA first, then its parents up to the root.
     pub chain_pem: String,
     pub device_config: serde_json::Value,
+    /// A server-generated key, encrypted for the device: in the first
+    /// delivery only, never again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_bundle: Option<KeyBundle>,
+    /// For server-generated keys: whether the key was delivered before
+    /// (then it is not in this answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_delivered: Option<bool>,
 }
 
 /// Outcome of an approval.
@@ -891,36 +901,48 @@ impl RegistryService {
             device_name: &reg.name,
             group: &group.name,
         });
-        self.store
-            .commit(
-                Change::new()
-                    .write(Write::MarkCredentialsFetched {
-                        id: reg.id,
-                        at: now,
-                    })
-                    .audit(
-                        AuditDraft::new(
-                            format!("registration:{}", reg.id),
-                            "registration.credentials_delivered",
-                            format!("registration:{}", reg.id),
-                        )
-                        .details(json!({
-                            "certificate": serial,
-                            "refetch": reg.credentials_fetched_at.is_some(),
-                        }))
-                        .source(source),
-                    ),
-            )
-            .await
-            .map_err(|e| match e {
-                // Confirmed between our read and this write.
-                StoreError::Conflict(_) => RegistryError::CredentialsGone,
-                other => other.into(),
-            })?;
+        let mut change = Change::new()
+            .write(Write::MarkCredentialsFetched {
+                id: reg.id,
+                at: now,
+            })
+            .audit(
+                AuditDraft::new(
+                    format!("registration:{}", reg.id),
+                    "registration.credentials_delivered",
+                    format!("registration:{}", reg.id),
+                )
+                .details(json!({
+                    "certificate": serial,
+                    "refetch": reg.credentials_fetched_at.is_some(),
+                }))
+                .source(source),
+            );
+        // A server key goes out once, in the first answer that commits.
+        let undelivered = reg.key_source == KeySource::Server && reg.key_delivered_at.is_none();
+        let key_bundle = if undelivered {
+            let (bundle, write, event) = self
+                .key_bundle(reg, &cert.der, &issuer.chain_pem, now)
+                .await?;
+            change = change.write(write).audit(event.source(source));
+            Some(bundle)
+        } else {
+            None
+        };
+        self.store.commit(change).await.map_err(|e| match e {
+            // Confirmed, or the key delivered, between our read and this write.
+            StoreError::Conflict(_) => RegistryError::CredentialsGone,
+            other => other.into(),
+        })?;
+        if undelivered {
+            self.retire_delivered_key(reg, group.escrow).await;
+        }
         Ok(Credentials {
             certificate_pem: x509::to_pem(&cert.der).map_err(|e| RegistryError::Ca(e.into()))?,
             chain_pem: issuer.chain_pem.clone(),
             device_config,
+            key_delivered: (reg.key_source == KeySource::Server).then_some(!undelivered),
+            key_bundle,
         })
     }
 
@@ -981,20 +1003,12 @@ fn map_submit_conflict(c: Conflict, group: &str) -> RegistryError {
 
 /// A malformed age recipient is refused before anything is stored.
 fn delivery_check_recipient(r: &str) -> Result<(), RegistryError> {
-    let ok = r.len() > 10
-        && r.len() < 200
-        && r.starts_with("age1")
-        && r[4..]
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::Delivery {
-            code: "malformed_age_recipient",
-            message: "age_recipient must be an age X25519 recipient (age1…)".into(),
+    delivery::AgeRecipient::parse(r)
+        .map(drop)
+        .map_err(|e| RegistryError::Delivery {
+            code: e.code(),
+            message: e.to_string(),
         })
-    }
 }
 
 fn device_record(reg: &RegistrationRecord, now: i64) -> DeviceRecord {
