@@ -4,6 +4,8 @@
 //! `GET /v1/devices/me/config`, and policy reload over the API and SIGHUP.
 //! Certificates are checked with the stock `openssl`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -633,4 +635,280 @@ async fn policy_reload_validates_first_and_is_audited() {
                 .as_array()
                 .is_some_and(|g| g.iter().any(|n| n == "lab2"))
     }));
+}
+
+#[path = "common/plaintext_scan.rs"]
+mod plaintext_scan;
+
+const SERVER_KEY_GROUPS: &str = r#"
+[[group]]
+name = "sealed"
+profile = "device"
+attestation = { method = "bootstrap-token" }
+approval = "auto"
+key_source = "server"
+
+[[group]]
+name = "vault"
+profile = "device"
+attestation = { method = "bootstrap-token" }
+approval = "auto"
+key_source = "server"
+escrow = true
+"#;
+
+fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The public key (PEM) of a private key file and of a certificate, by openssl.
+fn same_public_key(key: &Path, cert: &Path) {
+    let a = sh(
+        "openssl",
+        &["pkey", "-in", key.to_str().unwrap(), "-pubout"],
+    )
+    .stdout;
+    let b = sh(
+        "openssl",
+        &["x509", "-in", cert.to_str().unwrap(), "-noout", "-pubkey"],
+    )
+    .stdout;
+    assert_eq!(a, b, "the delivered key does not match the certificate");
+}
+
+fn key_rows(env: &Env) -> Vec<(String, String)> {
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    let mut stmt = c
+        .prepare("SELECT id, state FROM keys WHERE purpose = 'device' ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_generated_keys_are_delivered_once_encrypted_and_never_stored() {
+    let env = Env::with_extra_group(SERVER_KEY_GROUPS);
+    let root = env.init();
+    let tmp = env.path("daemon-tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let d = env.serve_with_env(&[("TMPDIR", tmp.as_os_str())]);
+    let url = d.url.clone();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let token = cli(
+        &env,
+        &url,
+        &root,
+        &["tokens", "create", "--group", "sealed", "--uses", "5"],
+    );
+    let secret = token["secret"].as_str().unwrap().to_string();
+
+    // 1. An age bundle, through the reference client, decrypted by the stock age CLI.
+    sh("age-keygen", &["-o", w.join("id.txt").to_str().unwrap()]);
+    let identity = std::fs::read_to_string(w.join("id.txt")).unwrap();
+    let recipient = identity
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .unwrap()
+        .to_string();
+    let token_file = write(w, "token", &secret);
+    let out_dir = w.join("dev-age");
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .args([
+            "enroll",
+            "--name",
+            "meter-1",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--server-key",
+            "--age-recipient",
+            &recipient,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out_dir.join("key.pem").exists(),
+        "no local key with --server-key"
+    );
+    let plain = sh(
+        "age",
+        &[
+            "-d",
+            "-i",
+            w.join("id.txt").to_str().unwrap(),
+            out_dir.join("key.age").to_str().unwrap(),
+        ],
+    )
+    .stdout;
+    let bundle = String::from_utf8(plain).unwrap();
+    let key_pem = &bundle[..bundle.find("-----END PRIVATE KEY-----").unwrap() + 25];
+    let key_file = write(w, "age-key.pem", key_pem);
+    same_public_key(&key_file, &out_dir.join("cert.pem"));
+    let (ok, why) = openssl_verify(
+        &out_dir.join("chain.pem"),
+        &out_dir.join("chain.pem"),
+        &out_dir.join("cert.pem"),
+    );
+    assert!(ok, "{why}");
+    let age_pkcs8 = der::pem::decode_vec(key_pem.as_bytes()).unwrap().1;
+
+    // 2. A PKCS#12 under a one-time password, read by openssl pkcs12.
+    let (status, sub) = register(
+        &url,
+        json!({ "name": "meter-2", "attestation": { "method": "bootstrap-token", "token": secret } }),
+    )
+    .await;
+    assert_eq!(
+        (status, sub["status"].as_str()),
+        (201, Some("issued")),
+        "{sub}"
+    );
+    let creds_url = format!(
+        "{url}/v1/registrations/{}/credentials",
+        sub["id"].as_str().unwrap()
+    );
+    let reg_secret = sub["secret"].as_str().unwrap();
+    let (status, creds) = call(Method::GET, &creds_url, Some(reg_secret), None).await;
+    assert_eq!(status, 200, "{creds}");
+    assert_eq!(creds["key_bundle"]["format"], "pkcs12", "{creds}");
+    let p12 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(creds["key_bundle"]["data"].as_str().unwrap())
+            .unwrap()
+    };
+    std::fs::write(w.join("dev.p12"), p12).unwrap();
+    let pw = write(w, "pw", creds["key_bundle"]["password"].as_str().unwrap());
+    let pem = sh(
+        "openssl",
+        &[
+            "pkcs12",
+            "-in",
+            w.join("dev.p12").to_str().unwrap(),
+            "-passin",
+            &format!("file:{}", pw.display()),
+            "-nodes",
+            "-nocerts",
+        ],
+    )
+    .stdout;
+    let p12_key = write(w, "p12-key.pem", &String::from_utf8(pem).unwrap());
+    let cert = write(
+        w,
+        "p12-cert.pem",
+        creds["certificate_pem"].as_str().unwrap(),
+    );
+    same_public_key(&p12_key, &cert);
+    // The wrong password does not open it.
+    let wrong = write(w, "wrong", "not-the-password");
+    let bad = std::process::Command::new("openssl")
+        .args([
+            "pkcs12",
+            "-in",
+            w.join("dev.p12").to_str().unwrap(),
+            "-passin",
+            &format!("file:{}", wrong.display()),
+            "-nodes",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    // 3. Once: a re-fetch gets the certificate but never the key again.
+    let (status, again) = call(Method::GET, &creds_url, Some(reg_secret), None).await;
+    assert_eq!(status, 200, "{again}");
+    assert!(again["key_bundle"].is_null(), "{again}");
+    assert_eq!(again["key_delivered"], true);
+
+    // 4. The HSM copies are destroyed after delivery (audited); an escrow
+    //    group keeps its copy.
+    let rows = key_rows(&env);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|(_, s)| s == "destroyed"), "{rows:?}");
+    let vault = cli(&env, &url, &root, &["tokens", "create", "--group", "vault"]);
+    let (_, v) = register(
+        &url,
+        json!({
+            "name": "meter-3", "age_recipient": recipient,
+            "attestation": { "method": "bootstrap-token", "token": vault["secret"] },
+        }),
+    )
+    .await;
+    let (status, creds) = call(
+        Method::GET,
+        &format!(
+            "{url}/v1/registrations/{}/credentials",
+            v["id"].as_str().unwrap()
+        ),
+        Some(v["secret"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, creds["key_bundle"]["format"].as_str()),
+        (200, Some("age")),
+        "{creds}"
+    );
+    let rows = key_rows(&env);
+    assert_eq!(
+        rows.iter().filter(|(_, s)| s == "active").count(),
+        1,
+        "{rows:?}"
+    );
+    let events = env.audit_details_after(0);
+    let count = |action: &str| events.iter().filter(|(a, ..)| a == action).count();
+    assert_eq!(count("device_key.deliver"), 3);
+    assert_eq!(count("key.destroy"), 2);
+
+    // 5. Bad input: a malformed recipient, a CSR to a server-key group.
+    let before = enrollment_rows(&env);
+    for (body, code) in [
+        (
+            json!({ "name": "x", "age_recipient": "age1notarecipient",
+                    "attestation": { "method": "bootstrap-token", "token": secret } }),
+            "malformed_age_recipient",
+        ),
+        (
+            json!({ "name": "x", "csr": csr(w),
+                    "attestation": { "method": "bootstrap-token", "token": secret } }),
+            "csr_not_expected",
+        ),
+    ] {
+        let (status, v) = register(&url, body).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{v}"
+        );
+    }
+    assert_eq!(enrollment_rows(&env), before);
+
+    // 6. No plaintext private key in the daemon's state or temporary
+    //    directories (database, WAL, token files, policies, TMPDIR).
+    drop(d);
+    let p12_pkcs8 =
+        der::pem::decode_vec(std::fs::read_to_string(&p12_key).unwrap().trim().as_bytes())
+            .unwrap()
+            .1;
+    for pkcs8 in [&age_pkcs8, &p12_pkcs8] {
+        let found = plaintext_scan::files_holding(env.dir.path(), pkcs8);
+        assert!(found.is_empty(), "plaintext key found in {found:?}");
+    }
 }

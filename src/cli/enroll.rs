@@ -56,6 +56,15 @@ pub struct EnrollArgs {
     /// The existing device a reclaim code re-binds to the new key.
     #[arg(long)]
     device_id: Option<String>,
+    /// Ask the server to generate the key (groups with key_source = "server"):
+    /// it arrives once, encrypted — to --age-recipient as an age file
+    /// (`key.age`), or as `key.p12` with its one-time password in
+    /// `key.p12.password` (both mode 0600).
+    #[arg(long)]
+    server_key: bool,
+    /// age X25519 recipient (`age1…`) for a server-generated key.
+    #[arg(long, requires = "server_key")]
+    age_recipient: Option<String>,
     /// Manufacturer certificate (PEM; the leaf, then any intermediates) for
     /// groups with x509 attestation; with --manufacturer-key.
     #[arg(long, value_name = "FILE", requires = "manufacturer_key")]
@@ -248,33 +257,49 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let key_path = args.out.join("key.pem");
-    if key_path.exists() {
-        bail!(
-            "{} exists; refusing to overwrite a device key",
-            key_path.display()
-        );
+    for existing in [
+        &key_path,
+        &args.out.join("key.age"),
+        &args.out.join("key.p12"),
+    ] {
+        if existing.exists() {
+            bail!(
+                "{} exists; refusing to overwrite a device key",
+                existing.display()
+            );
+        }
     }
-    let (pkcs8, csr_der) = make_key_and_csr(&args.name)?;
-    let key_pem = Zeroizing::new(
-        der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &pkcs8)
-            .map_err(der::Error::from)?,
-    );
-    let csr_pem =
-        der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &csr_der)
-            .map_err(der::Error::from)?;
     let api = Api::new(&args.url, None, args.ca_cert.as_deref())?;
+    // A device-made key (the default): generated here, it never leaves.
+    let local = if args.server_key {
+        None
+    } else {
+        let (pkcs8, csr_der) = make_key_and_csr(&args.name)?;
+        let key_pem = Zeroizing::new(
+            der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &pkcs8)
+                .map_err(der::Error::from)?,
+        );
+        let csr_pem =
+            der::pem::encode_string("CERTIFICATE REQUEST", der::pem::LineEnding::LF, &csr_der)
+                .map_err(der::Error::from)?;
+        Some((key_pem, csr_der, csr_pem))
+    };
+    let csr_der = local.as_ref().map(|l| l.1.clone()).unwrap_or_default();
     let attestation = attestation(&args, &api, &csr_der).await?;
-    // The key is saved before registering so a crash cannot strand a certificate without its key.
-    write_private(&key_path, key_pem.as_bytes())?;
+    if let Some((key_pem, _, _)) = &local {
+        // The key is saved before registering so a crash cannot strand a certificate without its key.
+        write_private(&key_path, key_pem.as_bytes())?;
+    }
     let (_, reg) = api
         .call(
             reqwest::Method::POST,
             "/v1/registrations",
             Some(&json!({
-                "csr": csr_pem,
+                "csr": local.as_ref().map(|l| l.2.clone()),
                 "name": args.name,
                 "group": args.group,
                 "attestation": attestation,
+                "age_recipient": args.age_recipient,
                 "device_type": args.device_type,
                 "location": args.location,
                 "firmware": args.firmware,
@@ -329,6 +354,28 @@ pub async fn run(args: EnrollArgs) -> anyhow::Result<ExitCode> {
     let chain = creds["chain_pem"].as_str().unwrap_or_default();
     if cert.is_empty() || chain.is_empty() {
         bail!("the credentials answer lacks the certificate or chain");
+    }
+    if args.server_key {
+        let bundle = &creds["key_bundle"];
+        match bundle["format"].as_str() {
+            Some("age") => write_private(
+                &args.out.join("key.age"),
+                bundle["data"].as_str().unwrap_or_default().as_bytes(),
+            )?,
+            Some("pkcs12") => {
+                use base64::Engine;
+                let der = base64::engine::general_purpose::STANDARD
+                    .decode(bundle["data"].as_str().unwrap_or_default())
+                    .context("the PKCS#12 in the answer is not base64")?;
+                write_private(&args.out.join("key.p12"), &der)?;
+                let password =
+                    Zeroizing::new(bundle["password"].as_str().unwrap_or_default().to_string());
+                write_private(&args.out.join("key.p12.password"), password.as_bytes())?;
+            }
+            _ => bail!(
+                "the credentials answer holds no key bundle (was the key delivered before, or is the group's key_source csr?)"
+            ),
+        }
     }
     write_public(&args.out.join("cert.pem"), cert)?;
     write_public(&args.out.join("chain.pem"), chain)?;

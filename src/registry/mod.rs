@@ -6,13 +6,13 @@ pub mod attestation;
 pub mod config;
 pub mod delivery;
 mod error;
-mod server_key;
 mod reload;
+mod server_key;
 pub mod tls_check;
 pub mod tokens;
 
-pub use server_key::KeyBundle;
 pub use attest::{Evidence, NONCE_TTL_SECONDS as ENROLL_NONCE_TTL_SECONDS};
+pub use server_key::KeyBundle;
 
 /// Builds every attestation verifier the policies call for (reads the
 /// manufacturer CA and CRL files, the JWKS files): `keyward config check`

@@ -63,9 +63,8 @@ impl RegistryService {
         let (bundle, format, recipient) = match &reg.age_recipient {
             Some(r) => {
                 let recipient = AgeRecipient::parse(r).map_err(delivery_error)?;
-                let armored =
-                    delivery::age_bundle(&recipient, &pkcs8, certificate_der, chain_pem)
-                        .map_err(delivery_error)?;
+                let armored = delivery::age_bundle(&recipient, &pkcs8, certificate_der, chain_pem)
+                    .map_err(delivery_error)?;
                 (
                     KeyBundle {
                         format: "age",
@@ -153,8 +152,9 @@ impl RegistryService {
                     at: now,
                 })
                 .audit(
-                    AuditDraft::new("system", "key.destroy", format!("key:{key_id}"))
-                        .details(json!({ "reason": "delivered to its device", "device_id": reg.device_id })),
+                    AuditDraft::new("system", "key.destroy", format!("key:{key_id}")).details(
+                        json!({ "reason": "delivered to its device", "device_id": reg.device_id }),
+                    ),
                 ),
             Err(e) => Change::new().audit(
                 AuditDraft::new("system", "key.destroy", format!("key:{key_id}"))
