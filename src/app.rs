@@ -4,14 +4,20 @@
 
 use crate::auth::TokenHasher;
 use crate::auth::admins::AdminService;
+use crate::broker::mosquitto::MosquittoProvisioner;
+use crate::broker::{Backoff, BrokerProvisioner, BrokerUpdateSettings, BrokerUpdates, NoBroker};
 use crate::ca::CaService;
 use crate::ca::crls::CrlPublisher;
 use crate::ca::responder::{Responder, ResponderSettings};
 use crate::ca::tls_server::TlsServerProfile;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig, TlsSource};
+use crate::config::{
+    BrokerBackendConfig, Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig,
+    TlsSource,
+};
 use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
+use crate::jobs::broker::BrokerDrainer;
 use crate::jobs::crl::CrlJob;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::ocsp::OcspSignerRotation;
@@ -206,6 +212,20 @@ const OCSP_SIGNER_INTERVAL: Duration = Duration::from_secs(15 * 60);
 /// wake it earlier).
 const CRL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Most time between two broker outbox rounds (failures back off on their own).
+const BROKER_DRAIN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The configured broker provisioner (`[broker]`); reads its password and
+/// TLS files now, so a bad setting stops start-up.
+pub fn open_broker(config: &Config) -> anyhow::Result<Arc<dyn BrokerProvisioner>> {
+    Ok(match &config.broker.backend {
+        BrokerBackendConfig::None => Arc::new(NoBroker),
+        BrokerBackendConfig::Mosquitto(m) => {
+            Arc::new(MosquittoProvisioner::from_config(m).context("[broker]")?)
+        }
+    })
+}
+
 /// Opens one configured key store. PKCS#11 tokens are opened (and logged
 /// into) now; a YubiKey is reached lazily, on first use.
 pub async fn open_keystore(
@@ -351,10 +371,28 @@ impl App {
         let reconciled = crate::ca::keys::reconcile(&keystores, store.as_ref(), clock.as_ref())
             .await
             .context("reconciling unfinished key generations")?;
+        let provisioner = open_broker(&config)?;
+        let broker_enabled = !matches!(config.broker.backend, BrokerBackendConfig::None);
+        let broker = Arc::new(BrokerUpdates::new(
+            provisioner,
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            BrokerUpdateSettings {
+                enabled: broker_enabled,
+                backoff: Backoff {
+                    min: config.broker.retry_min,
+                    max: config.broker.retry_max,
+                },
+                flush_timeout: config.broker.flush_timeout,
+                log_device_ids: config.log.sensitive_details,
+            },
+        ));
         let ca = Arc::new(
             CaService::new(keystores.clone(), store.clone(), clock.clone(), policies)
                 .await?
-                .with_public_url(config.server.public_url.clone()),
+                .with_public_url(config.server.public_url.clone())
+                .with_broker_provisioning(broker_enabled),
         );
         let crls = Arc::new(CrlPublisher::new(
             ca.clone(),
@@ -436,6 +474,7 @@ impl App {
                 rate_limits,
                 readiness,
                 ocsp,
+                broker,
             },
             limits,
             config,
@@ -545,6 +584,13 @@ impl App {
             s.ocsp.clone(),
             OCSP_SIGNER_INTERVAL,
         )));
+        // With no broker configured nothing is queued; an outbox left from an
+        // earlier configuration still shows in the gauge.
+        s.broker.refresh_gauge().await;
+        if s.broker.enabled() {
+            let interval = BROKER_DRAIN_INTERVAL.min(self.config.broker.retry_min);
+            jobs.spawn(Arc::new(BrokerDrainer::new(s.broker.clone(), interval)));
+        }
         jobs
     }
 

@@ -76,6 +76,8 @@ pub struct Config {
     pub policies: PoliciesConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
+    /// `[broker]`: where devices' broker ACLs are provisioned.
+    pub broker: BrokerConfig,
     /// `[[notify]]`, in order; without any, one `log` backend.
     pub notify: Vec<NotifierConfig>,
     /// Directory the config was read from; relative paths were resolved against it.
@@ -189,6 +191,62 @@ pub struct YubiKeyConfig {
     /// DANGER: generate even when the card cannot prove the slot empty
     /// (firmware before 5.3). Audited with the key (`slot_check`).
     pub dangerously_generate_into_unverified_slot: bool,
+}
+
+/// `[broker]`: the MQTT broker whose ACLs follow device issuance and
+/// revocation, and how hard keyward tries.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub backend: BrokerBackendConfig,
+    /// How long a revocation, suspension or resumption waits for the broker
+    /// before it answers `"broker": "pending"` (the outbox keeps trying).
+    pub flush_timeout: Duration,
+    /// First retry delay after a failed broker update; doubles per failure…
+    pub retry_min: Duration,
+    /// … up to this.
+    pub retry_max: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            backend: BrokerBackendConfig::None,
+            flush_timeout: Duration::from_secs(5),
+            retry_min: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum BrokerBackendConfig {
+    /// No broker to provision (the default): nothing is queued.
+    None,
+    /// Mosquitto's dynamic-security plugin, driven over MQTT.
+    Mosquitto(MosquittoConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct MosquittoConfig {
+    /// Host name or IP address (no brackets).
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: verify the broker with these anchors, optionally present a
+    /// client certificate. `None` (`mqtt://`): plain TCP, loopback only.
+    pub tls: Option<BrokerTlsConfig>,
+    /// The dynamic-security admin user keyward connects as.
+    pub username: String,
+    pub password: SecretSetting,
+    /// One command round trip (connect, send, answer); at least one second.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerTlsConfig {
+    /// PEM trust anchors for the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate chain and key, when the admin listener wants one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +379,9 @@ impl Config {
             }
         }
         out.push(&self.auth.token_pepper);
+        if let BrokerBackendConfig::Mosquitto(m) = &self.broker.backend {
+            out.push(&m.password);
+        }
         for n in &self.notify {
             if let NotifierConfig::Webhook(w) = n {
                 out.push(&w.secret);
@@ -328,6 +389,57 @@ impl Config {
         }
         out
     }
+}
+
+/// `mqtt[s]://host[:port]` (IPv6 in brackets) → (TLS?, host, port); no
+/// path, credentials, query or fragment.
+fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (secure, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err("must start with mqtts:// or mqtt://".into());
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty()
+        || rest.contains(['/', '@', '?', '#'])
+        || rest
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
+    {
+        return Err("must be mqtt[s]://host[:port] with no credentials, path or query".into());
+    }
+    let default_port = if secure { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| "unclosed `[` in the host".to_string())?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| "expected `:port` after `]`".to_string())?,
+            ),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("the host is missing".into());
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("port `{p}` is not 1-65535")),
+        },
+    };
+    Ok((secure, host, port))
 }
 
 /// Turns the file as written into [`Config`], naming the key of every refusal.
@@ -608,6 +720,15 @@ impl Builder<'_> {
                 10_000_000,
             )?,
         };
+        let broker = self.broker(raw.broker)?;
+        if !matches!(broker.backend, BrokerBackendConfig::None)
+            && broker.flush_timeout >= server.request_timeout
+        {
+            return Err(self.invalid(
+                "broker.flush_timeout_secs",
+                "must be less than server.request_timeout_secs (a revocation waits this long for the broker before it answers)",
+            ));
+        }
         let notify = if raw.notify.is_empty() {
             vec![NotifierConfig::Log {
                 queue_capacity: crate::notify::DEFAULT_QUEUE_CAPACITY,
@@ -628,9 +749,137 @@ impl Builder<'_> {
             policies,
             log,
             limits,
+            broker,
             notify,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn broker(&self, b: file::Broker) -> Result<BrokerConfig, ConfigError> {
+        let defaults = BrokerConfig::default();
+        let flush_timeout = self.seconds(
+            "broker.flush_timeout_secs",
+            b.flush_timeout_secs,
+            defaults.flush_timeout.as_secs(),
+        )?;
+        let retry_min = self.seconds(
+            "broker.retry_min_secs",
+            b.retry_min_secs,
+            defaults.retry_min.as_secs(),
+        )?;
+        let retry_max = self.seconds(
+            "broker.retry_max_secs",
+            b.retry_max_secs,
+            defaults.retry_max.as_secs(),
+        )?;
+        if retry_max < retry_min {
+            return Err(self.invalid(
+                "broker.retry_max_secs",
+                "must not be less than broker.retry_min_secs",
+            ));
+        }
+        let backend = match b.kind.as_deref().unwrap_or("none") {
+            "none" => {
+                let set = [
+                    ("url", b.url.is_some()),
+                    ("ca_file", b.ca_file.is_some()),
+                    ("client_cert_file", b.client_cert_file.is_some()),
+                    ("client_key_file", b.client_key_file.is_some()),
+                    ("username", b.username.is_some()),
+                    ("password_file", b.password_file.is_some()),
+                    ("password_env", b.password_env.is_some()),
+                    ("timeout_secs", b.timeout_secs.is_some()),
+                ];
+                if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(
+                        self.invalid(&format!("broker.{key}"), "only with type = \"mosquitto\"")
+                    );
+                }
+                BrokerBackendConfig::None
+            }
+            "mosquitto" => BrokerBackendConfig::Mosquitto(self.mosquitto(b)?),
+            other => {
+                return Err(self.invalid(
+                    "broker.type",
+                    format!("unknown broker type `{other}` (none, mosquitto)"),
+                ));
+            }
+        };
+        Ok(BrokerConfig {
+            backend,
+            flush_timeout,
+            retry_min,
+            retry_max,
+        })
+    }
+
+    fn mosquitto(&self, b: file::Broker) -> Result<MosquittoConfig, ConfigError> {
+        let url = b
+            .url
+            .ok_or_else(|| self.invalid("broker.url", "missing (e.g. mqtts://broker:8883)"))?;
+        let (secure, host, port) =
+            parse_mqtt_url(&url).map_err(|reason| self.invalid("broker.url", reason))?;
+        let tls = if secure {
+            let ca_file = b.ca_file.ok_or_else(|| {
+                self.invalid(
+                    "broker.ca_file",
+                    "missing: mqtts:// needs the PEM CA that signed the broker's certificate",
+                )
+            })?;
+            let client_cert = match (b.client_cert_file, b.client_key_file) {
+                (Some(c), Some(k)) => Some((self.resolve(&c), self.resolve(&k))),
+                (None, None) => None,
+                _ => {
+                    return Err(self.invalid(
+                        "broker.client_cert_file",
+                        "set both client_cert_file and client_key_file, or neither",
+                    ));
+                }
+            };
+            Some(BrokerTlsConfig {
+                ca_file: self.resolve(&ca_file),
+                client_cert,
+            })
+        } else {
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(self.invalid(
+                    "broker.url",
+                    "mqtt:// (plain TCP) is allowed only to a loopback address: the admin \
+                     password and every ACL change would cross the network in clear; use mqtts://",
+                ));
+            }
+            for (key, set) in [
+                ("ca_file", b.ca_file.is_some()),
+                ("client_cert_file", b.client_cert_file.is_some()),
+                ("client_key_file", b.client_key_file.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(&format!("broker.{key}"), "only with an mqtts:// url"));
+                }
+            }
+            None
+        };
+        let username = b.username.filter(|u| !u.is_empty()).ok_or_else(|| {
+            self.invalid(
+                "broker.username",
+                "missing: the dynamic-security admin user",
+            )
+        })?;
+        if username.len() > 256 || username.chars().any(char::is_control) {
+            return Err(self.invalid("broker.username", "must be 1-256 printable characters"));
+        }
+        Ok(MosquittoConfig {
+            host,
+            port,
+            tls,
+            username,
+            password: self.secret("broker.password", b.password_file, b.password_env)?,
+            timeout: self.seconds("broker.timeout_secs", b.timeout_secs, 10)?,
         })
     }
 
@@ -931,6 +1180,113 @@ token_pepper_env = "KEYWARD_PEPPER"
             KeyStoreConfig::Pkcs11(p) => p,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn broker_defaults_to_none_and_mosquitto_is_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(matches!(c.broker.backend, BrokerBackendConfig::None));
+        assert_eq!(c.broker.flush_timeout, Duration::from_secs(5));
+        assert_eq!(c.secrets().len(), 2);
+
+        let c = parse(&format!(
+            "{MINIMAL}[broker]\ntype = \"mosquitto\"\nurl = \"mqtts://broker.example.net\"\n\
+             ca_file = \"broker-ca.pem\"\nusername = \"keyward\"\npassword_file = \"broker.pw\"\n\
+             retry_min_secs = 1\nretry_max_secs = 60\n"
+        ))
+        .unwrap();
+        let BrokerBackendConfig::Mosquitto(m) = &c.broker.backend else {
+            panic!("{:?}", c.broker.backend)
+        };
+        assert_eq!((m.host.as_str(), m.port), ("broker.example.net", 8883));
+        let tls = m.tls.as_ref().unwrap();
+        assert_eq!(tls.ca_file, Path::new("/etc/kw/broker-ca.pem"));
+        assert_eq!(
+            m.password.from,
+            SecretRef::File(PathBuf::from("/etc/kw/broker.pw"))
+        );
+        assert_eq!(c.broker.retry_max, Duration::from_secs(60));
+        // `config check` reads the broker password too.
+        assert_eq!(c.secrets().len(), 3);
+
+        let c = parse(&format!(
+            "{MINIMAL}[broker]\ntype = \"mosquitto\"\nurl = \"mqtt://[::1]:18830\"\nusername = \"a\"\npassword_env = \"P\"\n"
+        ))
+        .unwrap();
+        let BrokerBackendConfig::Mosquitto(m) = &c.broker.backend else {
+            panic!()
+        };
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls.is_none()),
+            ("::1", 18830, true)
+        );
+    }
+
+    #[test]
+    fn broker_refusals_name_their_key() {
+        let m = |rest: &str| format!("{MINIMAL}[broker]\ntype = \"mosquitto\"\n{rest}");
+        let ok_auth = "username = \"a\"\npassword_env = \"P\"\n";
+        refused(
+            &format!("{MINIMAL}[broker]\ntype = \"rabbit\"\n"),
+            "broker.type",
+        );
+        refused(
+            &format!("{MINIMAL}[broker]\nurl = \"mqtt://127.0.0.1\"\n"),
+            "broker.url",
+        );
+        refused(&m(ok_auth), "broker.url");
+        // Plain MQTT only to loopback: the admin password would cross the network.
+        let e = refused(
+            &m(&format!("url = \"mqtt://10.0.0.5:1883\"\n{ok_auth}")),
+            "broker.url",
+        );
+        assert!(e.contains("loopback"), "{e}");
+        refused(
+            &m(&format!("url = \"mqtts://b.example\"\n{ok_auth}")),
+            "broker.ca_file",
+        );
+        refused(
+            &m(&format!("url = \"https://b.example\"\n{ok_auth}")),
+            "broker.url",
+        );
+        refused(
+            &m(&format!(
+                "url = \"mqtts://user:pw@b.example\"\nca_file = \"c\"\n{ok_auth}"
+            )),
+            "broker.url",
+        );
+        refused(
+            &m(&format!("url = \"mqtt://127.0.0.1:0\"\n{ok_auth}")),
+            "broker.url",
+        );
+        refused(
+            &m("url = \"mqtt://127.0.0.1\"\npassword_env = \"P\"\n"),
+            "broker.username",
+        );
+        let e = refused(
+            &m("url = \"mqtt://127.0.0.1\"\nusername = \"a\"\n"),
+            "broker.password",
+        );
+        assert!(e.contains("command line"), "{e}");
+        refused(
+            &m(&format!(
+                "url = \"mqtts://b.example\"\nca_file = \"c\"\nclient_cert_file = \"x\"\n{ok_auth}"
+            )),
+            "broker.client_cert_file",
+        );
+        refused(
+            &m(&format!(
+                "url = \"mqtt://127.0.0.1\"\nretry_min_secs = 10\nretry_max_secs = 5\n{ok_auth}"
+            )),
+            "broker.retry_max_secs",
+        );
+        refused(
+            &m(&format!(
+                "url = \"mqtt://127.0.0.1\"\nflush_timeout_secs = 30\n{ok_auth}"
+            )),
+            "broker.flush_timeout_secs",
+        );
+        refused(&format!("{MINIMAL}[broker]\nsurprise = 1\n"), "surprise");
     }
 
     #[test]
@@ -1437,6 +1793,7 @@ management_key_env = "KW_MGM"
             .map(|l| {
                 if l.starts_with("# [keystores.")
                     || l.starts_with("# [server.tls]")
+                    || l.starts_with("# [broker]")
                     || l.starts_with("# [[notify]]")
                 {
                     on = true;
@@ -1455,6 +1812,10 @@ management_key_env = "KW_MGM"
             c.keystores.len(),
             1,
             "the YubiKey example was not switched on"
+        );
+        assert!(
+            matches!(c.broker.backend, BrokerBackendConfig::Mosquitto(_)),
+            "the broker example was not switched on"
         );
         assert!(
             matches!(

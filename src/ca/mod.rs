@@ -196,6 +196,9 @@ pub struct CaService {
     observers: RwLock<Vec<Arc<dyn RevocationObserver>>>,
     /// Renewal nonces handed out by this process.
     nonces: renewal::Nonces,
+    /// A broker is configured: device status changes queue its ACL update
+    /// in their own transaction ([`crate::broker`]).
+    broker_provisioning: bool,
 }
 
 fn now_ms(clock: &dyn Clock) -> i64 {
@@ -233,6 +236,7 @@ impl CaService {
             public_url: None,
             observers: RwLock::new(Vec::new()),
             nonces: renewal::Nonces::default(),
+            broker_provisioning: false,
         };
         svc.reload().await?;
         Ok(svc)
@@ -244,6 +248,15 @@ impl CaService {
     /// point. Part of construction: call before sharing the service.
     pub fn with_public_url(mut self, public_url: Option<String>) -> Self {
         self.public_url = public_url;
+        self
+    }
+
+    /// With `true` (a broker is configured), revoking or suspending a device
+    /// queues the removal of its broker access, and resuming it queues a
+    /// grant of its group's topics, in the same transaction as the status
+    /// change. Part of construction.
+    pub fn with_broker_provisioning(mut self, on: bool) -> Self {
+        self.broker_provisioning = on;
         self
     }
 

@@ -164,7 +164,7 @@ impl CaService {
                 .ok_or(LifecycleError::DeviceNotFound)?;
             let to = action.step(device.status)?;
             let now = self.clock.now().unix_timestamp();
-            let change = Change::new()
+            let mut change = Change::new()
                 .write(Write::SetDeviceStatus {
                     id,
                     from: device.status,
@@ -187,6 +187,9 @@ impl CaService {
                     }))
                     .source(source),
                 );
+            if let Some(w) = self.broker_write_for(&device, to, now) {
+                change = change.write(w);
+            }
             match self.store.commit(change).await {
                 Ok(_) => {}
                 // The status changed since the read: read again and decide again.
@@ -206,6 +209,44 @@ impl CaService {
             return Ok(DeviceChanged { device, serials });
         }
         Err(LifecycleError::ConcurrentChange)
+    }
+
+    /// The broker update for `device` entering status `to`, to commit in the
+    /// same change, or `None` without a broker: out of the broker unless it
+    /// is active, then exactly its group's topics as the current policy
+    /// renders them. Issuance uses it too (`to` = active, after the
+    /// `InsertDevice` of the same change).
+    pub fn broker_write_for(
+        &self,
+        device: &DeviceRecord,
+        to: DeviceStatus,
+        now: i64,
+    ) -> Option<Write> {
+        if !self.broker_provisioning {
+            return None;
+        }
+        if to != DeviceStatus::Active {
+            return Some(crate::broker::revoke_write(device.id, now));
+        }
+        let policies = self.policies();
+        let rules = match policies.groups.get(&device.group) {
+            Some(g) => {
+                let id = device.id.to_string();
+                g.render_broker_acl(&crate::policy::TemplateVars {
+                    device_id: &id,
+                    device_name: &device.name,
+                    group: &device.group,
+                })
+            }
+            None => {
+                tracing::warn!(
+                    group = %device.group,
+                    "resumed device's enrollment group is no longer in the policy: no broker topics"
+                );
+                Vec::new()
+            }
+        };
+        Some(crate::broker::grant_write(device.id, &rules, now))
     }
 
     /// The device's certificates with `not_after > now`, per issuer: what a

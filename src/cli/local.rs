@@ -172,6 +172,8 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     {
         crate::tls::files::load(certificate_file, key_file, &crate::tls::provider())?;
     }
+    // The broker's CA file and client certificate must load (its password was read above).
+    crate::app::open_broker(&config)?;
     let policies = Policies::load(&config.policies.dir)?;
     crate::registry::check_attestation_policies(&policies)?;
     if let Some(crate::config::TlsConfig {

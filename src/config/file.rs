@@ -23,9 +23,29 @@ pub(super) struct File {
     pub log: Log,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub broker: Broker,
     /// `[[notify]]`: notification backends, in order.
     #[serde(default)]
     pub notify: Vec<Notify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Broker {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub flush_timeout_secs: Option<u64>,
+    pub retry_min_secs: Option<u64>,
+    pub retry_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

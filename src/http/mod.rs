@@ -52,6 +52,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// The OCSP responder (`/v1/ocsp`).
     pub ocsp: Arc<crate::ca::responder::Responder>,
+    /// Broker ACL updates: device lifecycle routes flush them before answering.
+    pub broker: Arc<crate::broker::BrokerUpdates>,
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

@@ -16,6 +16,7 @@
 //! jobs are safe to run twice (the sweeper's writes are conditional, the
 //! flusher and the readiness refresher act on their own process's state).
 
+pub mod broker;
 pub mod crl;
 pub mod login_failures;
 pub mod ocsp;

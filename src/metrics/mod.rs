@@ -69,6 +69,10 @@ pub struct Metrics {
     /// CRL publications that failed (HSM, store, signature check), by CA.
     pub crl_publish_failures: IntCounterVec,
     pub ocsp: ocsp::OcspMetrics,
+    /// Broker updates queued in the store's outbox (due or backing off).
+    pub broker_outbox_pending: IntGauge,
+    /// Attempts to apply a broker update, by op (`grant`, `revoke`) and result (`ok`, `error`).
+    pub broker_updates: IntCounterVec,
     /// Notifications by backend (`log`, `webhook`) and result
     /// (`delivered`, `failed`, `dropped`).
     pub notifications: IntCounterVec,
@@ -196,12 +200,28 @@ impl Metrics {
             &["ca"],
         )?;
         let ocsp = ocsp::OcspMetrics::register(&registry)?;
+        let broker_outbox_pending = gauge(
+            "broker_outbox_pending",
+            "Broker ACL updates queued and not yet applied (alert when it stays above 0)",
+        )?;
+        let broker_updates = counter_vec(
+            "broker_updates_total",
+            "Attempts to apply a broker ACL update, by op and result",
+            &["op", "result"],
+        )?;
+        for op in ["grant", "revoke"] {
+            for result in ["ok", "error"] {
+                broker_updates.with_label_values(&[op, result]);
+            }
+        }
         let notifications = counter_vec(
             "notifications_total",
             "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown)",
             &["backend", "result"],
         )?;
         Ok(Self {
+            broker_outbox_pending,
+            broker_updates,
             notifications,
             ocsp,
             registry,
@@ -251,6 +271,13 @@ impl Metrics {
 
     pub fn rate_limited(&self, limit: &'static str) {
         self.rate_limited.with_label_values(&[limit]).inc();
+    }
+
+    /// One attempt to apply a broker update; `op` is `grant` or `revoke`.
+    pub fn broker_update(&self, op: &'static str, ok: bool) {
+        self.broker_updates
+            .with_label_values(&[op, if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// One run of a background job; `at` is the job's clock time.
@@ -309,6 +336,8 @@ mod tests {
             .set(1_900_086_400);
         m.crl_entries.with_label_values(&["devices"]).set(2);
         m.crl_publish_failures.with_label_values(&["root"]).inc();
+        m.broker_outbox_pending.set(4);
+        m.broker_update("revoke", false);
         m.ocsp.response(ocsp::OcspOutcome::Revoked);
         m.ocsp.cache(ocsp::CacheResult::NonceIgnored);
         m.ocsp
@@ -340,6 +369,9 @@ mod tests {
             "keyward_crl_entries{ca=\"devices\"} 2",
             "keyward_crl_publish_failures_total{ca=\"root\"} 1",
             "keyward_ocsp_responses_total{status=\"revoked\"} 1",
+            "keyward_broker_outbox_pending 4",
+            "keyward_broker_updates_total{op=\"revoke\",result=\"error\"} 1",
+            "keyward_broker_updates_total{op=\"grant\",result=\"ok\"} 0",
             "keyward_ocsp_responses_total{status=\"good\"} 0",
             "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
             "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",

@@ -3,6 +3,7 @@
 //! every other module may import it.
 
 pub mod algorithm;
+mod broker;
 mod handle;
 mod names;
 mod net;
@@ -11,6 +12,7 @@ mod role;
 mod status;
 
 pub use algorithm::KeyAlgorithm;
+pub use broker::{BrokerAccess, BrokerAclRule};
 pub use handle::{DEFAULT_KEYSTORE, KeyHandle};
 pub use names::{CaKind, is_display_safe, valid_display_text, valid_name};
 pub use net::{IpNet, IpNetError};

@@ -106,23 +106,8 @@ pub enum ApprovalMode {
     Quorum,
 }
 
-/// What a device may do on one MQTT topic pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BrokerAccess {
-    Publish,
-    Subscribe,
-    PublishSubscribe,
-}
-
-/// One broker ACL entry granted to every device of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerAclRule {
-    /// MQTT topic filter; placeholders such as `{device_id}` are substituted.
-    pub topic: String,
-    pub access: BrokerAccess,
-}
+// The broker ACL types live in `model` (the store's broker outbox carries them).
+pub use crate::model::{BrokerAccess, BrokerAclRule};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

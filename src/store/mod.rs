@@ -395,6 +395,26 @@ pub enum Write {
         registration_id: Uuid,
         key_id: Uuid,
     },
+    /// Queues a broker update for a device, due at once (`at`). A pending
+    /// update of the same device is replaced: the newest op wins.
+    EnqueueBrokerUpdate {
+        device_id: Uuid,
+        op: BrokerOp,
+        at: i64,
+    },
+    /// The broker applied outbox entry `id`: it is deleted. A no-op if a
+    /// later enqueue already replaced it (that one stays queued).
+    CompleteBrokerUpdate {
+        id: i64,
+    },
+    /// An attempt on outbox entry `id` failed: `attempts` + 1, the error
+    /// kept, not retried before `next_attempt_at`. A no-op if the entry was
+    /// replaced meanwhile.
+    FailBrokerUpdate {
+        id: i64,
+        next_attempt_at: i64,
+        error: String,
+    },
 }
 
 /// An atomic unit: all writes and all audit events, or none.
@@ -592,6 +612,21 @@ pub trait Store: Send + Sync + 'static {
         &self,
         purpose: KeyPurpose,
     ) -> Result<Vec<ServiceCertificateRecord>, StoreError>;
+
+    /// Broker outbox entries due at `now` (`next_attempt_at <= now`), in
+    /// enqueue order, at most `limit`.
+    async fn pending_broker_updates(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<BrokerOutboxRecord>, StoreError>;
+    /// The device's queued broker update, due or not.
+    async fn broker_update_for_device(
+        &self,
+        device_id: Uuid,
+    ) -> Result<Option<BrokerOutboxRecord>, StoreError>;
+    /// Number of queued broker updates (due or backing off).
+    async fn broker_outbox_len(&self) -> Result<i64, StoreError>;
 
     /// Audit events in sequence order from `from_seq`, at most `limit`.
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;

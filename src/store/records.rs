@@ -1,9 +1,9 @@
 //! Rows as the services see them. Times are Unix seconds unless named `_ms`.
 
 pub use crate::model::{
-    AdminRequestKind, AdminRequestStatus, AttestationMethod, CaKind, CertificateStatus, Decision,
-    DeviceStatus, EnrollmentTokenKind, KeyAlgorithm, KeyHandle, KeyPurpose, KeySource, KeyState,
-    RegistrationStatus, RevocationReason, Role,
+    AdminRequestKind, AdminRequestStatus, AttestationMethod, BrokerAccess, BrokerAclRule, CaKind,
+    CertificateStatus, Decision, DeviceStatus, EnrollmentTokenKind, KeyAlgorithm, KeyHandle,
+    KeyPurpose, KeySource, KeyState, RegistrationStatus, RevocationReason, Role,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -272,4 +272,40 @@ pub struct RenewalAllowanceRecord {
     pub granted_at: i64,
     /// Unused after this time.
     pub expires_at: i64,
+}
+
+/// What the broker must be told about a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerOp {
+    /// The device's broker identity gets exactly these ACLs (replacing any
+    /// it had).
+    Grant(Vec<BrokerAclRule>),
+    /// The device's broker identity and its ACLs are removed.
+    Revoke,
+}
+
+impl BrokerOp {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Grant(_) => "grant",
+            Self::Revoke => "revoke",
+        }
+    }
+}
+
+/// A broker update waiting in the outbox (`broker_outbox`): at most one
+/// per device, the newest op (a later one supersedes a pending one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerOutboxRecord {
+    /// Increasing: a later enqueue has a larger id.
+    pub id: i64,
+    pub device_id: Uuid,
+    pub op: BrokerOp,
+    pub created_at: i64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Not tried again before this time.
+    pub next_attempt_at: i64,
+    /// Why the last attempt failed (no secrets: the provisioner's error text).
+    pub last_error: Option<String>,
 }

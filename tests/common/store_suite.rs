@@ -76,6 +76,7 @@ macro_rules! store_suite {
             reenrolment_revokes_the_older_certificates,
             server_keys_are_delivered_once,
             registrations_keep_their_attestation,
+            broker_outbox_supersedes_completes_and_backs_off,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -2218,6 +2219,7 @@ pub async fn counts_name_every_table(cx: Cx) {
         "admins",
         "approvals",
         "audit_events",
+        "broker_outbox",
         "cas",
         "certificates",
         "crls",
@@ -2255,6 +2257,11 @@ pub async fn counts_name_every_table(cx: Cx) {
             },
             Write::InsertServiceCertificate(service_cert("01", k.id)),
             Write::AllowRenewal(allowance(d.id, a.id, T0 + 60)),
+            Write::EnqueueBrokerUpdate {
+                device_id: d.id,
+                op: BrokerOp::Revoke,
+                at: T0,
+            },
         ],
     )
     .await;
@@ -3382,4 +3389,147 @@ pub async fn registrations_keep_their_attestation(cx: Cx) {
     again.device_id = r.device_id;
     ok(s, insert_reg(&again)).await;
     same(&s.get_registration(r.id).await.unwrap().unwrap(), &r);
+}
+
+// ------------------------------------------------------------ broker outbox
+
+fn rule(topic: &str, access: BrokerAccess) -> BrokerAclRule {
+    BrokerAclRule {
+        topic: topic.to_string(),
+        access,
+    }
+}
+
+pub async fn broker_outbox_supersedes_completes_and_backs_off(cx: Cx) {
+    let s = cx.store.as_ref();
+    let (a, b) = (device("g"), device("g"));
+    ok_all(
+        s,
+        vec![
+            Write::InsertDevice(a.clone()),
+            Write::InsertDevice(b.clone()),
+        ],
+    )
+    .await;
+    assert_eq!(s.broker_outbox_len().await.unwrap(), 0);
+    assert!(s.pending_broker_updates(T0, 10).await.unwrap().is_empty());
+
+    // An unknown device: Missing, nothing queued.
+    let c = refused(
+        s,
+        Write::EnqueueBrokerUpdate {
+            device_id: Uuid::now_v7(),
+            op: BrokerOp::Revoke,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+    assert_eq!(s.broker_outbox_len().await.unwrap(), 0);
+
+    let rules = vec![
+        rule("dt/v1/a/#", BrokerAccess::Publish),
+        rule("cmd/v1/a/req", BrokerAccess::PublishSubscribe),
+    ];
+    let grant = |device_id, at| Write::EnqueueBrokerUpdate {
+        device_id,
+        op: BrokerOp::Grant(rules.clone()),
+        at,
+    };
+    ok(s, grant(a.id, T0)).await;
+    ok(
+        s,
+        Write::EnqueueBrokerUpdate {
+            device_id: b.id,
+            op: BrokerOp::Grant(Vec::new()),
+            at: T0 + 1,
+        },
+    )
+    .await;
+    // Due in enqueue order, rules round-tripped; not due before `at`.
+    let due = s.pending_broker_updates(T0 + 1, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|e| e.device_id).collect::<Vec<_>>(),
+        [a.id, b.id]
+    );
+    assert_eq!(due[0].op, BrokerOp::Grant(rules.clone()));
+    assert_eq!(due[1].op, BrokerOp::Grant(Vec::new()));
+    assert_eq!((due[0].attempts, due[0].last_error.clone()), (0, None));
+    assert_eq!(due[0].created_at, T0);
+    assert!(due[0].id < due[1].id);
+    assert_eq!(s.pending_broker_updates(T0, 10).await.unwrap().len(), 1);
+    assert_eq!(s.pending_broker_updates(T0 + 1, 1).await.unwrap().len(), 1);
+
+    // A later op for the same device supersedes the pending one.
+    let old_a = due[0].clone();
+    ok(
+        s,
+        Write::EnqueueBrokerUpdate {
+            device_id: a.id,
+            op: BrokerOp::Revoke,
+            at: T0 + 2,
+        },
+    )
+    .await;
+    assert_eq!(s.broker_outbox_len().await.unwrap(), 2);
+    let now_a = s.broker_update_for_device(a.id).await.unwrap().unwrap();
+    assert_eq!(now_a.op, BrokerOp::Revoke);
+    assert!(now_a.id > old_a.id);
+    // A drainer that held the superseded entry completes or fails nothing.
+    ok(s, Write::CompleteBrokerUpdate { id: old_a.id }).await;
+    ok(
+        s,
+        Write::FailBrokerUpdate {
+            id: old_a.id,
+            next_attempt_at: T0 + 1000,
+            error: "stale".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        s.broker_update_for_device(a.id).await.unwrap(),
+        Some(now_a.clone())
+    );
+
+    // A failure counts, keeps the error and backs off.
+    ok(
+        s,
+        Write::FailBrokerUpdate {
+            id: now_a.id,
+            next_attempt_at: T0 + 60,
+            error: "broker connection failed".into(),
+        },
+    )
+    .await;
+    let failed = s.broker_update_for_device(a.id).await.unwrap().unwrap();
+    assert_eq!(failed.attempts, 1);
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("broker connection failed")
+    );
+    assert_eq!(failed.next_attempt_at, T0 + 60);
+    let due = s.pending_broker_updates(T0 + 59, 10).await.unwrap();
+    assert_eq!(due.iter().map(|e| e.device_id).collect::<Vec<_>>(), [b.id]);
+    assert_eq!(
+        s.pending_broker_updates(T0 + 60, 10).await.unwrap().len(),
+        2
+    );
+
+    // Success deletes; the other device's entry stays.
+    ok(s, Write::CompleteBrokerUpdate { id: failed.id }).await;
+    assert_eq!(s.broker_update_for_device(a.id).await.unwrap(), None);
+    assert_eq!(s.broker_outbox_len().await.unwrap(), 1);
+
+    // An enqueue in a change that fails as a whole queues nothing.
+    let r = s
+        .commit(
+            Change::new()
+                .write(grant(a.id, T0 + 3))
+                .write(Write::InsertDevice(b.clone()))
+                .audit(ev("dup")),
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert_eq!(s.broker_update_for_device(a.id).await.unwrap(), None);
+    assert_eq!(s.broker_outbox_len().await.unwrap(), 1);
 }

@@ -156,12 +156,24 @@ pub struct DeviceChangeResponse {
     device: DeviceView,
     /// Serials of the device's unexpired certificates the change carried along.
     certificates: Vec<String>,
+    /// The device's broker ACL update: `done`, `pending` (committed and
+    /// queued; the broker did not confirm in time, keyward keeps retrying)
+    /// or `not-configured`.
+    broker: &'static str,
 }
 
-fn device_change(c: DeviceChanged) -> Json<DeviceChangeResponse> {
+/// The response once the broker update the change queued has been applied,
+/// or `broker.flush_timeout_secs` has passed. The change itself is
+/// committed either way (a revocation cannot wait for a broker).
+async fn device_change(state: &AppState, c: DeviceChanged) -> Json<DeviceChangeResponse> {
+    let broker = state
+        .broker
+        .flush_device(c.device.id, state.broker.flush_timeout())
+        .await;
     Json(DeviceChangeResponse {
         device: DeviceView::from(&c.device),
         certificates: c.serials.into_values().flatten().collect(),
+        broker: broker.as_str(),
     })
 }
 
@@ -188,7 +200,7 @@ pub async fn revoke_device(
             client.as_string().as_deref(),
         )
         .await?;
-    Ok(device_change(changed))
+    Ok(device_change(&state, changed).await)
 }
 
 /// `POST /v1/admin/devices/{id}/suspend` `{"comment"}`.
@@ -211,7 +223,7 @@ pub async fn suspend_device(
             client.as_string().as_deref(),
         )
         .await?;
-    Ok(device_change(changed))
+    Ok(device_change(&state, changed).await)
 }
 
 /// `POST /v1/admin/devices/{id}/resume` `{"comment"}`.
@@ -234,7 +246,7 @@ pub async fn resume_device(
             client.as_string().as_deref(),
         )
         .await?;
-    Ok(device_change(changed))
+    Ok(device_change(&state, changed).await)
 }
 
 #[derive(Deserialize, Default)]

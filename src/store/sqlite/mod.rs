@@ -418,6 +418,27 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn pending_broker_updates(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<BrokerOutboxRecord>, StoreError> {
+        self.read(move |c| reads::pending_broker_updates(c, now, limit))
+            .await
+    }
+
+    async fn broker_update_for_device(
+        &self,
+        device_id: Uuid,
+    ) -> Result<Option<BrokerOutboxRecord>, StoreError> {
+        self.read(move |c| reads::broker_update_for_device(c, device_id))
+            .await
+    }
+
+    async fn broker_outbox_len(&self) -> Result<i64, StoreError> {
+        self.read(reads::broker_outbox_len).await
+    }
+
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
         self.read(move |c| reads::audit_events(c, &q)).await
     }

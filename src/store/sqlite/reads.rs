@@ -15,7 +15,7 @@ use uuid::Uuid;
 type R<T> = Result<T, StoreError>;
 
 /// Tables [`counts`] reports, one entry each.
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "keys",
     "cas",
     "admins",
@@ -27,6 +27,7 @@ const TABLES: [&str; 12] = [
     "crls",
     "service_certificates",
     "renewal_allowances",
+    "broker_outbox",
     "audit_events",
 ];
 
@@ -424,6 +425,41 @@ pub(super) fn renewal_allowance(c: &Connection, device: Uuid) -> R<Option<Renewa
         params![device.to_string()],
         rows::renewal_allowance,
     )
+}
+
+pub(super) fn pending_broker_updates(
+    c: &Connection,
+    now: i64,
+    limit: u32,
+) -> R<Vec<BrokerOutboxRecord>> {
+    rows::many(
+        c,
+        &format!(
+            "{} WHERE next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
+            rows::BROKER_OUTBOX_SELECT
+        ),
+        params![now, limit.clamp(1, 1000)],
+        rows::broker_outbox,
+    )
+}
+
+pub(super) fn broker_update_for_device(
+    c: &Connection,
+    device: Uuid,
+) -> R<Option<BrokerOutboxRecord>> {
+    rows::one(
+        c,
+        &format!("{} WHERE device_id = ?1", rows::BROKER_OUTBOX_SELECT),
+        params![device.to_string()],
+        rows::broker_outbox,
+    )
+}
+
+pub(super) fn broker_outbox_len(c: &Connection) -> R<i64> {
+    c.prepare_cached("SELECT COUNT(*) FROM broker_outbox")
+        .map_err(db)?
+        .query_row([], |r| r.get(0))
+        .map_err(db)
 }
 
 /// Serials are stored upper-case; any case finds them.

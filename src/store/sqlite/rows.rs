@@ -353,3 +353,26 @@ pub(super) fn renewal_allowance(r: &Row<'_>) -> R<RenewalAllowanceRecord> {
         expires_at: r.get(3)?,
     })
 }
+
+pub(super) const BROKER_OUTBOX_SELECT: &str = "SELECT id, device_id, op, rules, created_at, attempts, next_attempt_at, last_error FROM broker_outbox";
+
+pub(super) fn broker_outbox(r: &Row<'_>) -> R<BrokerOutboxRecord> {
+    let op: String = r.get(2)?;
+    let rules: Option<String> = r.get(3)?;
+    let op = match (op.as_str(), rules) {
+        ("grant", Some(json)) => {
+            BrokerOp::Grant(serde_json::from_str(&json).map_err(|_| bad(3, "broker rules", &json))?)
+        }
+        ("revoke", None) => BrokerOp::Revoke,
+        (other, _) => return Err(bad(2, "broker op", other)),
+    };
+    Ok(BrokerOutboxRecord {
+        id: r.get(0)?,
+        device_id: uuid(r, 1)?,
+        op,
+        created_at: r.get(4)?,
+        attempts: r.get(5)?,
+        next_attempt_at: r.get(6)?,
+        last_error: r.get(7)?,
+    })
+}

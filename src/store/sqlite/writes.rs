@@ -710,6 +710,59 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
         | Write::ReenrollDevice { .. }
         | Write::MarkKeyDelivered { .. }
         | Write::SetServerKey { .. } => enrollment_write(tx, w)?,
+        Write::EnqueueBrokerUpdate { device_id, op, at } => {
+            let exists: Option<i64> = tx
+                .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")
+                .map_err(db)?
+                .query_row(params![device_id.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if exists.is_none() {
+                return Err(Conflict::Missing {
+                    entity: "device",
+                    id: device_id.to_string(),
+                }
+                .into());
+            }
+            let rules = match op {
+                BrokerOp::Grant(rules) => Some(serde_json::to_string(rules).map_err(|e| {
+                    StoreError::Corrupt(format!("cannot encode broker rules: {e}"))
+                })?),
+                BrokerOp::Revoke => None,
+            };
+            // The newest op supersedes a pending one: delete, then insert
+            // (a new, larger id; a drainer holding the old id completes
+            // nothing).
+            tx.prepare_cached("DELETE FROM broker_outbox WHERE device_id = ?1")
+                .map_err(db)?
+                .execute(params![device_id.to_string()])
+                .map_err(db)?;
+            tx.prepare_cached(
+                "INSERT INTO broker_outbox (device_id, op, rules, created_at, attempts, next_attempt_at, last_error)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?4, NULL)",
+            )
+            .map_err(db)?
+            .execute(params![device_id.to_string(), op.as_str(), rules, at])
+            .map_err(db)?;
+        }
+        Write::CompleteBrokerUpdate { id } => {
+            tx.prepare_cached("DELETE FROM broker_outbox WHERE id = ?1")
+                .map_err(db)?
+                .execute(params![id])
+                .map_err(db)?;
+        }
+        Write::FailBrokerUpdate {
+            id,
+            next_attempt_at,
+            error,
+        } => {
+            tx.prepare_cached(
+                "UPDATE broker_outbox SET attempts = attempts + 1, next_attempt_at = ?1, last_error = ?2 WHERE id = ?3",
+            )
+            .map_err(db)?
+            .execute(params![next_attempt_at, error, id])
+            .map_err(db)?;
+        }
     }
     Ok(())
 }
