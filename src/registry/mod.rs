@@ -424,8 +424,12 @@ impl RegistryService {
                 at: now,
                 certificate_serial: Some(serial.clone()),
             });
+            let device = device_record(reg, now);
+            // The group's broker topics, granted after the device row exists
+            // (the outbox references it); a re-enrollment replaces them.
+            let broker = self.ca.broker_write_for(&device, DeviceStatus::Active, now);
             change = match &existing {
-                None => change.write(Write::InsertDevice(device_record(reg, now))),
+                None => change.write(Write::InsertDevice(device)),
                 Some(_) => change
                     .write(Write::ReenrollDevice {
                         id: reg.device_id,
@@ -459,6 +463,9 @@ impl RegistryService {
                         .source(source),
                     ),
             };
+            if let Some(w) = broker {
+                change = change.write(w);
+            }
             change
                 .write(Write::InsertCertificate(issued.record))
                 .audit(issue_event)

@@ -115,6 +115,10 @@ async fn decide(
             client.as_string().as_deref(),
         )
         .await?;
+    if result.registration.status == crate::store::RegistrationStatus::Issued {
+        // Its broker topics are queued in the issuing commit: apply them now.
+        state.broker.wake();
+    }
     Ok(Json(DecisionResponse {
         registration: RegistrationView::from(&result.registration),
         approvals: result.approvals,

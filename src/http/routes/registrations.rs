@@ -134,6 +134,10 @@ pub async fn submit(
         )
         .await?;
     let r = &submitted.registration;
+    if r.status == crate::store::RegistrationStatus::Issued {
+        // Its broker topics are queued in the issuing commit: apply them now.
+        state.broker.wake();
+    }
     Ok((
         StatusCode::CREATED,
         Json(SubmitResponse {
