@@ -55,6 +55,18 @@ const UNREACHABLE: &[(&str, &str, u16, &str)] = &[
     ),
     (
         "POST",
+        "/v1/registrations",
+        501,
+        "needs a JWT or manufacturer attestation policy whose keys became unusable",
+    ),
+    (
+        "GET",
+        "/v1/devices/me/config",
+        404,
+        "needs an issued registration whose device is gone (devices are never deleted)",
+    ),
+    (
+        "POST",
         "/v1/invitations/redeem",
         409,
         "needs a name taken between invitation and redemption (a race)",
@@ -66,6 +78,7 @@ const SEMANTIC: &[&str] = &[
     // is in the wrong state: refused for what they mean, not their shape.
     "invalid_csr",
     "csr_signature_invalid",
+    "csr_required",
     "unknown_group",
     "duplicate",
     "duplicate_invitation",
@@ -295,7 +308,9 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
     let env = Env::with_extra_group(
         "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\n\n\
          [[group]]\nname = \"two\"\nprofile = \"device\"\napprovals_required = 2\n\n\
-         [[group]]\nname = \"capped\"\nprofile = \"device\"\napprovals_required = 1\nmax_pending = 1\n",
+         [[group]]\nname = \"capped\"\nprofile = \"device\"\napprovals_required = 1\nmax_pending = 1\n\n\
+         [[group]]\nname = \"boot\"\nprofile = \"device\"\nattestation = { method = \"bootstrap-token\" }\napprovals_required = 1\n\n\
+         [[group]]\nname = \"srv\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\nkey_source = \"server\"\n",
     );
     env.trust_loopback_proxy();
     env.append_config(
@@ -422,7 +437,7 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         .await;
     expect(&r, 413, Some("payload_too_large"));
     let r = api
-        .post("/v1/registrations", None, json!({ "name": "x" }))
+        .post("/v1/registrations", None, json!({ "csr": csr }))
         .await;
     expect(&r, 422, Some("invalid_json"));
     let r = api
@@ -653,6 +668,21 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         413,
         None,
     );
+
+    // ---- Issue-8 enrollment: tokens, attestation, server keys, device config, reload.
+    let p2_secret = p2.json["secret"].as_str().unwrap().to_string();
+    enrollment_walk(
+        &api,
+        &env,
+        b,
+        alice,
+        audrey,
+        &csr,
+        nobody,
+        (&p1_id, &p1_secret),
+        (&p2_id, &p2_secret),
+    )
+    .await;
 
     // ---- The roster, while bootstrap is the only admin of role admin.
     let admins = "/v1/admin/admins";
@@ -1947,4 +1977,425 @@ async fn routes_match_the_document(api: &Api) {
             "404 body",
         )
         .unwrap();
+}
+
+/// Issue-8 enrollment: bootstrap tokens and reclaim codes, attestation
+/// refusals, server-generated keys delivered once, the enrollment nonce,
+/// `/v1/devices/me/config` and policy reload. `p1` is pending, `p2` denied
+/// (id, secret).
+#[allow(clippy::too_many_arguments)]
+async fn enrollment_walk(
+    api: &Api,
+    env: &Env,
+    b: Option<&str>,
+    alice: Option<&str>,
+    audrey: Option<&str>,
+    csr: &str,
+    nobody: uuid::Uuid,
+    p1: (&str, &str),
+    p2: (&str, &str),
+) {
+    let dir = env.dir.path();
+    let regs = "/v1/registrations";
+    let tokens = "/v1/admin/tokens";
+    let raw = |bytes: &str, ct: Option<&'static str>| Body::Raw(bytes.as_bytes().to_vec(), ct);
+    let boot = |token: &str| json!({ "method": "bootstrap-token", "token": token });
+
+    // ---- Minting bootstrap tokens: the secret is in the 201 answer only.
+    let r = api
+        .post(tokens, b, json!({ "group": "boot", "ttl_seconds": 3600 }))
+        .await;
+    expect(&r, 201, None);
+    let token = r.json["secret"].as_str().unwrap().to_string();
+    assert!(token.starts_with("kwb_"), "{}", r.json);
+    let token_id = id(&r);
+    let r = api
+        .post(
+            tokens,
+            b,
+            json!({ "group": "boot", "device_name": "boot-named" }),
+        )
+        .await;
+    expect(&r, 201, None);
+    let (named, named_id) = (r.json["secret"].as_str().unwrap().to_string(), id(&r));
+    expect(
+        &api.post(tokens, alice, json!({ "group": "boot" })).await,
+        403,
+        Some("forbidden_role"),
+    );
+    for bad in [
+        json!({}),
+        json!({ "group": "default" }),
+        json!({ "group": "boot", "uses": 0 }),
+        json!({ "group": "boot", "device_id": nobody }),
+        json!({ "kind": "reclaim", "device_id": nobody, "group": "boot" }),
+        json!({ "kind": "bogus", "group": "boot" }),
+    ] {
+        let r = api.post(tokens, b, bad.clone()).await;
+        expect(&r, 400, Some("invalid_token_request"));
+    }
+    expect(
+        &api.post(tokens, b, json!({ "group": "boot", "uses": "x" }))
+            .await,
+        422,
+        Some("invalid_json"),
+    );
+    expect(
+        &api.send("POST", tokens, b, raw("{}", None), None).await,
+        415,
+        Some("unsupported_media_type"),
+    );
+    expect(
+        &api.send("POST", tokens, b, big_body(), None).await,
+        413,
+        Some("payload_too_large"),
+    );
+    expect(
+        &api.post(tokens, b, json!({ "kind": "reclaim", "device_id": nobody }))
+            .await,
+        404,
+        Some("device_not_found"),
+    );
+    let r = api
+        .get(&format!("{tokens}?kind=bootstrap&limit=1"), audrey)
+        .await;
+    expect(&r, 200, None);
+    assert!(r.json["items"][0].get("secret").is_none(), "{}", r.json);
+    let cursor = r.json["next_cursor"].as_str().unwrap().to_string();
+    expect(
+        &api.get(&format!("{tokens}?cursor={cursor}&group=boot"), audrey)
+            .await,
+        200,
+        None,
+    );
+    for bad in ["kind=bogus", "device_id=x", "unknown=1"] {
+        let r = api.get(&format!("{tokens}?{bad}"), b).await;
+        expect(&r, 400, None);
+    }
+
+    // ---- Attestation refusals: 4xx, and nothing stored (the token still works below).
+    let before = api.get("/v1/admin/registrations?limit=1000", b).await;
+    let count = before.json["items"].as_array().unwrap().len();
+    let cases = [
+        (
+            json!({ "csr": csr, "name": "boot-x", "group": "boot" }),
+            401,
+            "attestation_required",
+        ),
+        (
+            json!({ "csr": csr, "name": "boot-x", "attestation": boot("kwb_wrong") }),
+            401,
+            "enrollment_token_invalid",
+        ),
+        (
+            json!({ "csr": csr, "name": "boot-x", "group": "default", "attestation": boot(&token) }),
+            400,
+            "group_mismatch",
+        ),
+        (
+            json!({ "csr": csr, "name": "other", "attestation": boot(&named) }),
+            400,
+            "device_name_mismatch",
+        ),
+        (
+            json!({ "csr": csr, "name": "jwt-x", "attestation": { "method": "jwt", "token": "a.b.c" } }),
+            401,
+            "jwt_malformed",
+        ),
+        (
+            json!({ "csr": csr, "name": "m-x", "attestation": { "method": "x509", "chain": "not pem", "nonce": "n", "signature": "AAAA" } }),
+            400,
+            "manufacturer_chain_malformed",
+        ),
+        (json!({ "name": "default-nocsr" }), 400, "csr_required"),
+        (
+            json!({ "csr": csr, "name": "srv-x", "group": "srv" }),
+            400,
+            "csr_not_expected",
+        ),
+        (
+            json!({ "name": "srv-x", "group": "srv", "age_recipient": "age1bogus" }),
+            400,
+            "malformed_age_recipient",
+        ),
+        (
+            json!({ "csr": csr, "name": "d-x", "age_recipient": "age1bogus" }),
+            400,
+            "age_recipient_not_expected",
+        ),
+    ];
+    for (body, status, code) in cases {
+        expect(&api.post(regs, None, body).await, status, Some(code));
+    }
+    // A manufacturer chain no group trusts, with a fresh nonce.
+    let nonce = api.get("/v1/registrations/nonce", None).await;
+    expect(&nonce, 200, None);
+    let root = api.http.get(format!("{}/v1/ca/root/chain", api.url)).send();
+    let root = root.await.unwrap().text().await.unwrap();
+    let r = api
+        .post(
+            regs,
+            None,
+            json!({ "csr": csr, "name": "m-x", "attestation": {
+                "method": "x509", "chain": root, "nonce": nonce.json["nonce"], "signature": "AAAA" } }),
+        )
+        .await;
+    expect(&r, 401, Some("manufacturer_unknown_ca"));
+    let after = api.get("/v1/admin/registrations?limit=1000", b).await;
+    assert_eq!(after.json["items"].as_array().unwrap().len(), count);
+    // The enrollment nonce shares the registrations' per-source limit.
+    let r = api
+        .send(
+            "GET",
+            "/v1/registrations/nonce",
+            None,
+            Body::None,
+            Some("192.0.2.77"),
+        )
+        .await;
+    expect(&r, 429, Some("rate_limited"));
+
+    // ---- A bootstrap token used once; its minter cannot approve.
+    let r = api
+        .post(
+            regs,
+            None,
+            json!({ "csr": csr, "name": "boot-1", "attestation": boot(&token) }),
+        )
+        .await;
+    expect(&r, 201, None);
+    let boot_reg = id(&r);
+    expect(
+        &api.post(
+            regs,
+            None,
+            json!({ "csr": csr, "name": "boot-2", "attestation": boot(&token) }),
+        )
+        .await,
+        401,
+        Some("enrollment_token_invalid"),
+    );
+    let approve = format!("/v1/admin/registrations/{boot_reg}/approve");
+    expect(
+        &api.post_empty(&approve, b).await,
+        403,
+        Some("token_minter_cannot_approve"),
+    );
+    let r = api
+        .get(&format!("/v1/admin/registrations/{boot_reg}"), audrey)
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (
+            r.json["attestation"].as_str(),
+            r.json["attestation_details"]["token"].as_str(),
+            r.json["key_source"].as_str()
+        ),
+        (
+            Some("bootstrap-token"),
+            Some(token_id.as_str()),
+            Some("csr")
+        )
+    );
+    assert!(r.json["token_minted_by"].is_string(), "{}", r.json);
+    let r = api.post_empty(&approve, alice).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["status"], "issued", "{}", r.json);
+
+    // ---- Revoking tokens.
+    let revoke = |t: &str| format!("{tokens}/{t}/revoke");
+    expect(
+        &api.post_empty(&revoke(&named_id), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    let r = api.post_empty(&revoke(&named_id), b).await;
+    expect(&r, 200, None);
+    assert!(r.json["revoked_at"].is_string(), "{}", r.json);
+    expect(
+        &api.post_empty(&revoke(&named_id), b).await,
+        409,
+        Some("already_revoked"),
+    );
+    expect(
+        &api.post_empty(&revoke(&nobody.to_string()), b).await,
+        404,
+        Some("not_found"),
+    );
+    expect(
+        &api.post_empty(&revoke("x"), b).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.post(
+            regs,
+            None,
+            json!({ "csr": csr, "name": "boot-named", "attestation": boot(&named) }),
+        )
+        .await,
+        401,
+        Some("enrollment_token_invalid"),
+    );
+
+    // ---- Server-generated keys: the bundle once, then only `key_delivered`.
+    let identity = dir.join("device.agekey");
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&identity)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(&identity)
+        .output()
+        .unwrap();
+    let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let r = api
+        .post(
+            regs,
+            None,
+            json!({ "name": "srv-1", "group": "srv", "age_recipient": recipient }),
+        )
+        .await;
+    expect(&r, 201, None);
+    assert_eq!(r.json["status"], "issued", "{}", r.json);
+    let (srv_id, srv_secret) = (id(&r), r.json["secret"].as_str().unwrap().to_string());
+    let creds = format!("/v1/registrations/{srv_id}/credentials");
+    let r = api.get(&creds, Some(&srv_secret)).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["key_bundle"]["format"], "age", "{}", r.json);
+    let armored = common::write(
+        dir,
+        "bundle.age",
+        r.json["key_bundle"]["data"].as_str().unwrap(),
+    );
+    let out = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&identity)
+        .arg(&armored)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PRIVATE KEY-----"));
+    let r = api.get(&creds, Some(&srv_secret)).await;
+    expect(&r, 200, None);
+    assert_eq!(
+        (r.json.get("key_bundle"), r.json["key_delivered"].as_bool()),
+        (None, Some(true))
+    );
+    let r = api
+        .post(regs, None, json!({ "name": "srv-2", "group": "srv" }))
+        .await;
+    expect(&r, 201, None);
+    let creds2 = format!("/v1/registrations/{}/credentials", id(&r));
+    let r = api.get(&creds2, r.json["secret"].as_str()).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["key_bundle"]["format"], "pkcs12", "{}", r.json);
+    assert!(r.json["key_bundle"]["password"].is_string());
+
+    // ---- Reclaim codes.
+    let (dev, _, _, _) = own_device(api, dir, "reclaimable").await;
+    let (new_csr, _) = openssl_csr(dir, "ec");
+    let r = api
+        .post(tokens, b, json!({ "kind": "reclaim", "device_id": dev }))
+        .await;
+    expect(&r, 201, None);
+    let code = r.json["secret"].as_str().unwrap().to_string();
+    assert!(code.starts_with("kwc_"), "{}", r.json);
+    let reclaim = |device: &str| {
+        json!({ "csr": new_csr, "name": "reclaimed",
+                "attestation": { "method": "reclaim", "device_id": device, "code": code } })
+    };
+    expect(
+        &api.post(regs, None, reclaim(&nobody.to_string())).await,
+        403,
+        Some("reclaim_code_wrong_device"),
+    );
+    expect(
+        &api.post(regs, None, reclaim("x")).await,
+        400,
+        Some("invalid_id"),
+    );
+    let suspend = format!("/v1/admin/devices/{dev}/suspend");
+    expect(&api.post_empty(&suspend, b).await, 200, None);
+    expect(
+        &api.post(regs, None, reclaim(&dev)).await,
+        409,
+        Some("device_not_active"),
+    );
+    expect(
+        &api.post(tokens, b, json!({ "kind": "reclaim", "device_id": dev }))
+            .await,
+        409,
+        Some("device_not_active"),
+    );
+
+    // ---- The device's configuration, by registration secret.
+    let config = |reg: &str| format!("/v1/devices/me/config?registration={reg}");
+    let r = api.get(&config(&srv_id), Some(&srv_secret)).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["group"], "srv");
+    let r = api.get(&config(p1.0), Some(p1.1)).await;
+    expect(&r, 202, None);
+    assert_eq!(r.json["status"], "pending");
+    expect(
+        &api.get(&config(p2.0), Some(p2.1)).await,
+        409,
+        Some("not_issued"),
+    );
+    expect(
+        &api.get(&config(p1.0), Some("kwr_wrong")).await,
+        401,
+        Some("unauthorized"),
+    );
+    expect(
+        &api.get("/v1/devices/me/config", None).await,
+        401,
+        Some("unauthorized"),
+    );
+    expect(
+        &api.get(&config("x"), Some(p1.1)).await,
+        400,
+        Some("invalid_id"),
+    );
+    expect(
+        &api.get(&format!("{}&unknown=1", config(p1.0)), Some(p1.1))
+            .await,
+        400,
+        Some("invalid_query"),
+    );
+
+    // ---- Policy reload: validated first, nothing changes when invalid.
+    let reload = "/v1/admin/policies/reload";
+    let r = api.post_empty(reload, b).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["changed"], false, "{}", r.json);
+    expect(
+        &api.post_empty(reload, alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    let file = env.path("policies/enrollment.toml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{original}\n[[group]]\nname = \"broken\"\n")).unwrap();
+    expect(
+        &api.post_empty(reload, b).await,
+        422,
+        Some("policy_invalid"),
+    );
+    std::fs::write(&file, &original).unwrap();
+    let r = api.post_empty(reload, b).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["old"], r.json["new"]);
 }
