@@ -9,6 +9,8 @@
 //!
 //! Every refusal is checked for its exact code and for nothing stored.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use base64::Engine;
