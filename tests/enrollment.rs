@@ -4,6 +4,8 @@
 //! `GET /v1/devices/me/config`, and policy reload over the API and SIGHUP.
 //! Certificates are checked with the stock `openssl`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
