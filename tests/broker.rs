@@ -175,8 +175,34 @@ async fn broker_acls_follow_issuance_policy_and_the_device_lifecycle() {
     let a_id: Uuid = a.device_id.parse().unwrap();
     // Revoking what the broker never knew is fine (idempotent).
     p.revoke(Uuid::now_v7()).await.unwrap();
-    // Before any grant the device connects (its certificate is valid) but
-    // may publish nowhere.
+    // Issuance queued each device's group topics in its issuing commit; the
+    // broker was down then, so the drainer applies them once it is up
+    // (retried with backoff, never skipped).
+    let mut granted = false;
+    for _ in 0..100 {
+        let has = |d: &str| {
+            let (ok, out) = broker.dynsec(&["getClient", d]);
+            ok && out.contains(&role_of(d))
+        };
+        if has(&a.device_id) && has(&b.device_id) {
+            granted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(granted, "the issuance grant never reached the broker");
+    check_publishes(
+        &broker,
+        &b,
+        &[
+            (&format!("dt/v1/{}/status", b.device_id), true),
+            (&format!("dt/v1/{}/status", a.device_id), false),
+            (&format!("cmd/v1/{}/req", b.device_id), false),
+        ],
+    );
+    // Without its grant a device connects (its certificate is valid) but may
+    // publish nowhere.
+    p.revoke(a_id).await.unwrap();
     check_publishes(
         &broker,
         &a,

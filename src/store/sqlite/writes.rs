@@ -643,26 +643,8 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             })?;
         }
         Write::AllowRenewal(a) => {
+            require_active_device(tx, &a.device_id)?;
             let device = a.device_id.to_string();
-            let status: Option<String> = tx
-                .prepare_cached("SELECT status FROM devices WHERE id = ?1")
-                .map_err(db)?
-                .query_row(params![device], |r| r.get(0))
-                .optional()
-                .map_err(db)?;
-            match status.as_deref() {
-                None => {
-                    return Err(Conflict::Missing {
-                        entity: "device",
-                        id: device,
-                    }
-                    .into());
-                }
-                Some(s) if s != DeviceStatus::Active.as_str() => {
-                    return Err(state_changed("device", &a.device_id, "active").into());
-                }
-                Some(_) => {}
-            }
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO renewal_allowances (device_id, granted_by, granted_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4)",
@@ -958,26 +940,8 @@ fn enrollment_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreError> {
             keep_serial,
             at,
         } => {
+            require_active_device(tx, id)?;
             let device = id.to_string();
-            let status: Option<String> = tx
-                .prepare_cached("SELECT status FROM devices WHERE id = ?1")
-                .map_err(db)?
-                .query_row(params![device], |r| r.get(0))
-                .optional()
-                .map_err(db)?;
-            match status.as_deref() {
-                None => {
-                    return Err(Conflict::Missing {
-                        entity: "device",
-                        id: device,
-                    }
-                    .into());
-                }
-                Some(s) if s != DeviceStatus::Active.as_str() => {
-                    return Err(state_changed("device", id, "active").into());
-                }
-                Some(_) => {}
-            }
             tx.prepare_cached(
                 "UPDATE devices SET group_name = ?1, name = ?2, updated_at = ?3 WHERE id = ?4",
             )
@@ -1030,6 +994,28 @@ fn enrollment_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreError> {
         _ => unreachable_write()?,
     }
     Ok(())
+}
+
+/// Conflicts with `Missing` without the device and `StateChanged` unless
+/// it is `active` (read inside the transaction).
+fn require_active_device(tx: &Transaction<'_>, id: &Uuid) -> Result<(), StoreError> {
+    let status: Option<String> = tx
+        .prepare_cached("SELECT status FROM devices WHERE id = ?1")
+        .map_err(db)?
+        .query_row(params![id.to_string()], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    match status.as_deref() {
+        None => Err(Conflict::Missing {
+            entity: "device",
+            id: id.to_string(),
+        }
+        .into()),
+        Some(s) if s != DeviceStatus::Active.as_str() => {
+            Err(state_changed("device", id, "active").into())
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 fn unreachable_write() -> Result<(), StoreError> {
