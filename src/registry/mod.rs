@@ -201,6 +201,8 @@ impl RegistryService {
         {
             return Err(RegistryError::TokenDeviceName(required.clone()));
         }
+        // Verified here once; issuance at submission reuses it.
+        let mut verified_csr: Option<csr::VerifiedCsr> = None;
         let (csr_der, algorithm, spki) = match (group.key_source, csr_der) {
             (KeySource::Csr, Some(der)) => {
                 if sub.age_recipient.is_some() {
@@ -219,7 +221,9 @@ impl RegistryService {
                             .join(", "),
                     });
                 }
-                (der, verified.algorithm, Some(verified.spki_der))
+                let spki = verified.spki_der.clone();
+                verified_csr = Some(verified.clone());
+                (der, verified.algorithm, Some(spki))
             }
             (KeySource::Csr, None) => return Err(RegistryError::CsrRequired(group.name.clone())),
             (KeySource::Server, Some(_)) => {
@@ -238,8 +242,13 @@ impl RegistryService {
         let now = self.clock.now().unix_timestamp();
         let secret = new_secret("kwr_")?;
         let id = Uuid::now_v7();
+        // A fresh id names no device; only an attested identity or a reclaim
+        // code can name one that exists (read only then: hot path).
         let device_id = attested.device_id.unwrap_or_else(Uuid::now_v7);
-        let existing = self.store.get_device(device_id).await?;
+        let existing = match attested.device_id {
+            Some(id) => self.store.get_device(id).await?,
+            None => None,
+        };
         if let Some(d) = &existing
             && d.status != DeviceStatus::Active
         {
@@ -336,7 +345,7 @@ impl RegistryService {
             .source(sub.client_addr.as_deref());
             self.issue(
                 reg,
-                &group,
+                verified_csr,
                 &profile,
                 change.audit(approve),
                 sub.client_addr.as_deref(),
@@ -383,13 +392,22 @@ impl RegistryService {
     async fn issue(
         &self,
         mut reg: RegistrationRecord,
-        _group: &GroupPolicy,
+        verified: Option<csr::VerifiedCsr>,
         profile: &crate::policy::ProfilePolicy,
         change: Change,
         source: Option<&str>,
     ) -> Result<RegistrationRecord, RegistryError> {
         let now = self.clock.now().unix_timestamp();
-        let existing = self.store.get_device(reg.device_id).await?;
+        // Only a device named by an attested identity or a reclaim code can
+        // exist already (a fresh id cannot): read only then.
+        let existing = if reg.reenrollment
+            || reg.attested_identity.is_some()
+            || reg.attestation == AttestationMethod::Reclaim
+        {
+            self.store.get_device(reg.device_id).await?
+        } else {
+            None
+        };
         // Certificates a re-enrollment revokes, for the revocation observers.
         let superseded = match &existing {
             Some(_) => {
@@ -474,18 +492,26 @@ impl RegistryService {
         // auto-approval: the status write then finds it pending.
         match reg.key_source {
             KeySource::Csr => {
-                let verified = csr::verify(&reg.csr_der)?;
-                // The key's device may have been revoked since submission:
+                // At submission the CSR was just verified and `change`
+                // already holds the in-commit revoked-key guard. On a later
+                // approval the key's device may have been revoked since:
                 // checked before signing (no HSM work for a barred key) and
                 // again inside the commit (no revocation slips in between).
-                self.refuse_revoked_key(&verified).await?;
+                let (verified, change) = match verified {
+                    Some(v) => (v, change),
+                    None => {
+                        let v = csr::verify(&reg.csr_der)?;
+                        self.refuse_revoked_key(&v).await?;
+                        let guard = Write::RefuseRevokedKey {
+                            spki_sha256: crate::ca::spki_sha256(&v.spki_der),
+                        };
+                        (v, change.write(guard))
+                    }
+                };
                 let issued = self
                     .ca
                     .sign_device_certificate(profile, reg.device_id, &verified)
                     .await?;
-                let change = change.write(Write::RefuseRevokedKey {
-                    spki_sha256: crate::ca::spki_sha256(&verified.spki_der),
-                });
                 let change = build(&mut reg, issued, change);
                 self.store.commit(change).await.map_err(|e| match e {
                     StoreError::Conflict(Conflict::KeyRevoked) => RegistryError::KeyRevoked,
@@ -808,7 +834,7 @@ impl RegistryService {
                 // Conflicts come back from `issue` as they are, to be
                 // retried by `decide`; a barred key is final.
                 let issued = self
-                    .issue(reg.clone(), &group, &profile, change, source)
+                    .issue(reg.clone(), None, &profile, change, source)
                     .await?;
                 self.metrics.registration("issued");
                 return Ok(DecisionResult {
