@@ -240,6 +240,8 @@ impl RegistryService {
         // Every x509 group checks the chain; the most specific acceptance wins.
         let mut best: Option<(&str, VerifiedManufacturer)> = None;
         let mut refusal: Option<X509AttestError> = None;
+        // A group whose files are unusable cannot say "unknown CA".
+        let mut unusable = false;
         for (name, verifier) in &attestors.x509 {
             match verifier.verify_chain(chain_der, now) {
                 Ok(v) => {
@@ -252,6 +254,7 @@ impl RegistryService {
                 }
                 Err(e) if !e.is_client_error() => {
                     tracing::error!(group = %name, error = %e, "manufacturer attestation policy unusable");
+                    unusable = true;
                 }
                 Err(e) => {
                     // The most telling refusal: anything beats "unknown CA".
@@ -262,6 +265,11 @@ impl RegistryService {
                     }
                 }
             }
+        }
+        if best.is_none() && unusable {
+            return Err(RegistryError::AttestationUnavailable(
+                AttestationMethod::X509,
+            ));
         }
         let Some((group_name, verified)) = best else {
             return Err(x509_error(refusal.unwrap_or(X509AttestError::UnknownCa {

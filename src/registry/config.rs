@@ -73,7 +73,11 @@ impl RegistryService {
             .ca
             .current_certificate(device_id, now)
             .await
-            .map_err(|_| RegistryError::NotIssued(RegistrationStatus::Issued))?;
+            .map_err(|e| match e {
+                // A store failure stops here; only a missing certificate is "not issued".
+                crate::ca::LifecycleError::Store(s) => RegistryError::Store(s),
+                _ => RegistryError::NotIssued(RegistrationStatus::Issued),
+            })?;
         let issuer = self.ca.issuer(&cert.issuer_ca)?;
         let id = device_id.to_string();
         let vars = TemplateVars {
