@@ -133,7 +133,11 @@ impl CrlPublisher {
     /// Loads every CA's latest stored CRL into memory (start-up).
     pub async fn load(&self) -> Result<(), CaError> {
         for issuer in self.ca.issuers() {
-            if let Some(record) = self.store.latest_crl(&issuer.name).await? {
+            if let Some(record) = self
+                .store
+                .latest_crl_of_key(&issuer.name, issuer.key_id)
+                .await?
+            {
                 self.install(Arc::new(PublishedCrl::from_record(&record)?));
             }
         }
@@ -313,7 +317,7 @@ impl CrlPublisher {
             .map_or(1, |c| c.number + 1);
         let revoked = self
             .store
-            .revoked_certificates(&issuer.name, now)
+            .revoked_certificates_by_key(issuer.key_id, now)
             .await?
             .into_iter()
             .map(|e| {
@@ -356,6 +360,7 @@ impl CrlPublisher {
         let pem = crl::to_pem(&der)?;
         let record = CrlRecord {
             issuer_ca: issuer.name.clone(),
+            issuer_key_id: issuer.key_id,
             number,
             this_update: now,
             next_update,

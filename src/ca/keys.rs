@@ -170,10 +170,17 @@ where
 
 /// The write that confirms a pending key; commit it with the change that uses the key.
 pub fn complete(key: &PendingKey, at: i64) -> (Write, AuditDraft) {
+    complete_as(key, KeyState::Active, at)
+}
+
+/// Like [`complete`], leaving the key in `state` (`pre-active` for a key a
+/// rotation activates later).
+pub fn complete_as(key: &PendingKey, state: KeyState, at: i64) -> (Write, AuditDraft) {
     (
         Write::CompleteKeyGeneration {
             id: key.id,
             public_key_der: key.public_key_der.clone(),
+            state,
             at,
         },
         AuditDraft::new("system", "key.generate", format!("key:{}", key.id)).details(json!({

@@ -21,4 +21,5 @@ pub use role::Role;
 pub use status::{
     AdminRequestKind, AdminRequestStatus, AttestationMethod, CertificateStatus, Decision,
     DeviceStatus, EnrollmentTokenKind, KeyPurpose, KeySource, KeyState, RegistrationStatus,
+    RotationStep,
 };

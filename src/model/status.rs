@@ -142,3 +142,40 @@ string_enum!(
         Reclaim = "reclaim",
     }
 );
+
+string_enum!(
+    /// Where a rotation stands: the last step it committed. The steps run in
+    /// this order; `destroyed` is the end. `abandoned`: an operator (or a
+    /// step that can never succeed) stopped it before activation, and the
+    /// new key, if any, was destroyed.
+    RotationStep {
+        Planned = "planned",
+        KeyGenerated = "key-generated",
+        Certified = "certified",
+        Published = "published",
+        Activated = "activated",
+        Retired = "retired",
+        Destroyed = "destroyed",
+        Abandoned = "abandoned",
+    }
+);
+
+impl RotationStep {
+    /// Still running: a manual rotation of the same key is a conflict.
+    /// (`retired` only waits for the old key's certificates to expire.)
+    pub fn running(self) -> bool {
+        matches!(
+            self,
+            Self::Planned
+                | Self::KeyGenerated
+                | Self::Certified
+                | Self::Published
+                | Self::Activated
+        )
+    }
+
+    /// Finished: nothing more to do.
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Destroyed | Self::Abandoned)
+    }
+}

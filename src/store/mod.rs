@@ -50,6 +50,9 @@ pub enum Conflict {
     /// A bootstrap token or reclaim code cannot be used (any more).
     #[error("enrollment token {reason}")]
     TokenUnusable { reason: &'static str },
+    /// Another rotation of this key is running.
+    #[error("a rotation of {purpose} `{target}` is already running")]
+    RotationRunning { purpose: String, target: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,10 +152,13 @@ impl DatabaseError {
 pub enum Write {
     InsertKey(KeyRecord),
     /// Confirms a key recorded as `generating`: stores its public key and
-    /// makes it active. Conflicts unless the key is still `generating`.
+    /// moves it to `state` (`active`, or `pre-active` for a key that a
+    /// rotation will activate later). Conflicts unless the key is still
+    /// `generating`.
     CompleteKeyGeneration {
         id: Uuid,
         public_key_der: Vec<u8>,
+        state: KeyState,
         at: i64,
     },
     SetKeyState {
@@ -415,6 +421,39 @@ pub enum Write {
         next_attempt_at: i64,
         error: String,
     },
+    /// Starts a rotation. Conflicts (`RotationRunning`) while another
+    /// rotation of the same purpose and target is running.
+    InsertRotation(RotationRecord),
+    /// Moves rotation `id` from step `from` to step `to` (conflicts with
+    /// `StateChanged` if it is not at `from`), setting the fields given and
+    /// clearing the failure count. `to` being final sets `finished_at`.
+    AdvanceRotation {
+        id: Uuid,
+        from: RotationStep,
+        to: RotationStep,
+        new_key_id: Option<Uuid>,
+        new_serial: Option<String>,
+        destroy_after: Option<i64>,
+        at: i64,
+    },
+    /// An attempt at the step after `step` failed: `attempts` + 1, the
+    /// error kept, not tried again before `next_attempt_at`. Conflicts if
+    /// the rotation is no longer at `step`.
+    FailRotationAttempt {
+        id: Uuid,
+        step: RotationStep,
+        error: String,
+        next_attempt_at: i64,
+        at: i64,
+    },
+    /// Points CA `ca` at its new key and certificate. Conflicts
+    /// (`StateChanged`) unless the CA's key is `from_key`.
+    ActivateCaKey {
+        ca: String,
+        from_key: Uuid,
+        to_key: Uuid,
+        certificate_der: Vec<u8>,
+    },
 }
 
 /// An atomic unit: all writes and all audit events, or none.
@@ -427,6 +466,13 @@ pub struct Change {
 impl Change {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// This change followed by `other`'s writes and events, in one commit.
+    pub fn merge(mut self, other: Change) -> Self {
+        self.writes.extend(other.writes);
+        self.audit.extend(other.audit);
+        self
     }
 
     pub fn write(mut self, w: Write) -> Self {
@@ -607,6 +653,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<RevokedEntry>, StoreError>;
     /// The issuer's CRL with the highest number.
     async fn latest_crl(&self, issuer_ca: &str) -> Result<Option<CrlRecord>, StoreError>;
+    /// Unexpired revoked certificates signed by CA key `key_id` (what that
+    /// key's CRL lists).
+    async fn revoked_certificates_by_key(
+        &self,
+        key_id: Uuid,
+        now: i64,
+    ) -> Result<Vec<RevokedEntry>, StoreError>;
+    /// The newest CRL of `issuer_ca` signed by `key_id`.
+    async fn latest_crl_of_key(
+        &self,
+        issuer_ca: &str,
+        key_id: Uuid,
+    ) -> Result<Option<CrlRecord>, StoreError>;
+    /// The latest notAfter among the certificates CA key `key_id` signed,
+    /// leaving out retired service certificates (nobody relies on those):
+    /// until then the key must keep signing CRLs. `None`: it signed none.
+    async fn last_expiry_issued_by(&self, key_id: Uuid) -> Result<Option<i64>, StoreError>;
+    async fn get_rotation(&self, id: Uuid) -> Result<Option<RotationRecord>, StoreError>;
+    /// Newest first; `open_only`: those not finished.
+    async fn list_rotations(
+        &self,
+        open_only: bool,
+        limit: u32,
+    ) -> Result<Vec<RotationRecord>, StoreError>;
     /// Service certificates not retired, of `purpose`, newest first.
     async fn service_certificates(
         &self,

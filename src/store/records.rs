@@ -3,7 +3,7 @@
 pub use crate::model::{
     AdminRequestKind, AdminRequestStatus, AttestationMethod, BrokerAccess, BrokerAclRule, CaKind,
     CertificateStatus, Decision, DeviceStatus, EnrollmentTokenKind, KeyAlgorithm, KeyHandle,
-    KeyPurpose, KeySource, KeyState, RegistrationStatus, RevocationReason, Role,
+    KeyPurpose, KeySource, KeyState, RegistrationStatus, RevocationReason, Role, RotationStep,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -210,6 +210,9 @@ pub struct RevokedEntry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CrlRecord {
     pub issuer_ca: String,
+    /// The CA key that signed it: after a rotation each key of a CA signs
+    /// the CRL of the certificates it issued.
+    pub issuer_key_id: Uuid,
     /// The cRLNumber: 1 for an issuer's first CRL, then +1 each time.
     pub number: i64,
     pub this_update: i64,
@@ -308,4 +311,33 @@ pub struct BrokerOutboxRecord {
     pub next_attempt_at: i64,
     /// Why the last attempt failed (no secrets: the provisioner's error text).
     pub last_error: Option<String>,
+}
+
+/// One rotation of one key, as the executor left it (see `crate::rotation`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationRecord {
+    pub id: Uuid,
+    /// Which kind of key: `issuing-ca`, `ocsp-signing`, `tls-server`.
+    pub purpose: KeyPurpose,
+    /// What holds the key: the CA name (for `tls-server`, `server`).
+    pub target: String,
+    /// The last step committed.
+    pub step: RotationStep,
+    pub old_key_id: Option<Uuid>,
+    pub new_key_id: Option<Uuid>,
+    /// The new key's certificate, upper-case hex serial, once certified.
+    pub new_serial: Option<String>,
+    /// Why: `schedule: …` (the planner's reason) or `manual`.
+    pub reason: String,
+    pub actor: String,
+    /// The old key may be destroyed after this time.
+    pub destroy_after: Option<i64>,
+    /// Failed attempts at the next step since the last step committed.
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    /// The next step is not tried before this time (backoff after a failure).
+    pub next_attempt_at: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
 }

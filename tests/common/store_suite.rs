@@ -663,6 +663,7 @@ pub async fn keys_insert_complete_and_change_state(cx: Cx) {
         Write::CompleteKeyGeneration {
             id: k.id,
             public_key_der: vec![0x30, 0x59, 9, 9],
+            state: KeyState::Active,
             at: T0 + 5,
         },
     )
@@ -676,6 +677,7 @@ pub async fn keys_insert_complete_and_change_state(cx: Cx) {
         Write::CompleteKeyGeneration {
             id: k.id,
             public_key_der: vec![1],
+            state: KeyState::Active,
             at: T0 + 6,
         },
     )
@@ -689,6 +691,7 @@ pub async fn keys_insert_complete_and_change_state(cx: Cx) {
         Write::CompleteKeyGeneration {
             id: Uuid::now_v7(),
             public_key_der: vec![1],
+            state: KeyState::Active,
             at: T0 + 6,
         },
     )
@@ -2322,9 +2325,13 @@ pub async fn missing_rows_read_as_none(cx: Cx) {
 
 // ------------------------------------------------------ certificate life
 
+/// The signing key of the CRLs [`crl`] makes.
+pub const CRL_KEY: Uuid = Uuid::from_u128(0x0c71);
+
 pub fn crl(issuer: &str, number: i64, at: i64) -> CrlRecord {
     CrlRecord {
         issuer_ca: issuer.to_string(),
+        issuer_key_id: CRL_KEY,
         number,
         this_update: at,
         next_update: at + 86_400,

@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0006_renewal_allowances.sql"),
     include_str!("../../../migrations/sqlite/0007_enrollment.sql"),
     include_str!("../../../migrations/sqlite/0008_broker_outbox.sql"),
+    include_str!("../../../migrations/sqlite/0009_rotation.sql"),
 ];
 
 /// The schema version this build writes and reads.

@@ -405,6 +405,43 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn revoked_certificates_by_key(
+        &self,
+        key_id: Uuid,
+        now: i64,
+    ) -> Result<Vec<RevokedEntry>, StoreError> {
+        self.read(move |c| reads::revoked_certificates_by_key(c, key_id, now))
+            .await
+    }
+
+    async fn latest_crl_of_key(
+        &self,
+        issuer_ca: &str,
+        key_id: Uuid,
+    ) -> Result<Option<CrlRecord>, StoreError> {
+        let issuer = issuer_ca.to_string();
+        self.read(move |c| reads::latest_crl_of_key(c, &issuer, key_id))
+            .await
+    }
+
+    async fn last_expiry_issued_by(&self, key_id: Uuid) -> Result<Option<i64>, StoreError> {
+        self.read(move |c| reads::last_expiry_issued_by(c, key_id))
+            .await
+    }
+
+    async fn get_rotation(&self, id: Uuid) -> Result<Option<RotationRecord>, StoreError> {
+        self.read(move |c| reads::get_rotation(c, id)).await
+    }
+
+    async fn list_rotations(
+        &self,
+        open_only: bool,
+        limit: u32,
+    ) -> Result<Vec<RotationRecord>, StoreError> {
+        self.read(move |c| reads::list_rotations(c, open_only, limit))
+            .await
+    }
+
     async fn latest_crl(&self, issuer_ca: &str) -> Result<Option<CrlRecord>, StoreError> {
         let issuer = issuer_ca.to_string();
         self.read(move |c| reads::latest_crl(c, &issuer)).await

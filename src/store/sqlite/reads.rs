@@ -191,6 +191,72 @@ pub(super) fn revoked_certificates(c: &Connection, issuer: &str, now: i64) -> R<
     )
 }
 
+pub(super) fn revoked_certificates_by_key(
+    c: &Connection,
+    key_id: Uuid,
+    now: i64,
+) -> R<Vec<RevokedEntry>> {
+    rows::many(
+        c,
+        "SELECT serial, revoked_at, revocation_reason FROM certificates
+         WHERE issuer_key_id = ?1 AND status = 'revoked' AND not_after > ?2 ORDER BY serial",
+        params![key_id.to_string(), now],
+        rows::revoked_entry,
+    )
+}
+
+pub(super) fn latest_crl_of_key(
+    c: &Connection,
+    issuer: &str,
+    key_id: Uuid,
+) -> R<Option<CrlRecord>> {
+    rows::one(
+        c,
+        &format!(
+            "{} WHERE issuer_ca = ?1 AND issuer_key_id = ?2 ORDER BY number DESC LIMIT 1",
+            rows::CRL_SELECT
+        ),
+        params![issuer, key_id.to_string()],
+        rows::crl,
+    )
+}
+
+pub(super) fn last_expiry_issued_by(c: &Connection, key_id: Uuid) -> R<Option<i64>> {
+    c.prepare_cached(
+        "SELECT MAX(not_after) FROM certificates c WHERE issuer_key_id = ?1
+           AND NOT EXISTS (SELECT 1 FROM service_certificates s
+                           WHERE s.serial = c.serial AND s.retired_at IS NOT NULL)",
+    )
+    .map_err(db)?
+    .query_row(params![key_id.to_string()], |r| r.get(0))
+    .map_err(db)
+}
+
+pub(super) fn get_rotation(c: &Connection, id: Uuid) -> R<Option<RotationRecord>> {
+    rows::one(
+        c,
+        &format!("{} WHERE id = ?1", rows::ROTATION_SELECT),
+        params![id.to_string()],
+        rows::rotation,
+    )
+}
+
+pub(super) fn list_rotations(
+    c: &Connection,
+    open_only: bool,
+    limit: u32,
+) -> R<Vec<RotationRecord>> {
+    rows::many(
+        c,
+        &format!(
+            "{} WHERE (?1 = 0 OR finished_at IS NULL) ORDER BY id DESC LIMIT ?2",
+            rows::ROTATION_SELECT
+        ),
+        params![open_only, limit.clamp(1, 1000)],
+        rows::rotation,
+    )
+}
+
 pub(super) fn latest_crl(c: &Connection, issuer: &str) -> R<Option<CrlRecord>> {
     rows::one(
         c,

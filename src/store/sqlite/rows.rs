@@ -289,8 +289,7 @@ pub(super) fn certificate(r: &Row<'_>) -> R<CertificateRecord> {
     })
 }
 
-pub(super) const CRL_SELECT: &str =
-    "SELECT issuer_ca, number, this_update, next_update, entries, der, created_at FROM crls";
+pub(super) const CRL_SELECT: &str = "SELECT issuer_ca, number, this_update, next_update, entries, der, created_at, issuer_key_id FROM crls";
 
 pub(super) fn crl(r: &Row<'_>) -> R<CrlRecord> {
     Ok(CrlRecord {
@@ -301,6 +300,7 @@ pub(super) fn crl(r: &Row<'_>) -> R<CrlRecord> {
         entries: r.get(4)?,
         der: r.get(5)?,
         created_at: r.get(6)?,
+        issuer_key_id: uuid(r, 7)?,
     })
 }
 
@@ -374,5 +374,28 @@ pub(super) fn broker_outbox(r: &Row<'_>) -> R<BrokerOutboxRecord> {
         attempts: r.get(5)?,
         next_attempt_at: r.get(6)?,
         last_error: r.get(7)?,
+    })
+}
+
+pub(super) const ROTATION_SELECT: &str = "SELECT id, purpose, target, step, old_key_id, new_key_id, new_serial, reason, actor, destroy_after, attempts, last_error, next_attempt_at, created_at, updated_at, finished_at FROM rotations";
+
+pub(super) fn rotation(r: &Row<'_>) -> R<RotationRecord> {
+    Ok(RotationRecord {
+        id: uuid(r, 0)?,
+        purpose: parsed(r, 1, "key purpose", KeyPurpose::parse)?,
+        target: r.get(2)?,
+        step: parsed(r, 3, "rotation step", RotationStep::parse)?,
+        old_key_id: opt_uuid(r, 4)?,
+        new_key_id: opt_uuid(r, 5)?,
+        new_serial: r.get(6)?,
+        reason: r.get(7)?,
+        actor: r.get(8)?,
+        destroy_after: r.get(9)?,
+        attempts: r.get(10)?,
+        last_error: r.get(11)?,
+        next_attempt_at: r.get(12)?,
+        created_at: r.get(13)?,
+        updated_at: r.get(14)?,
+        finished_at: r.get(15)?,
     })
 }

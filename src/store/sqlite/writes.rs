@@ -104,14 +104,15 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
         Write::CompleteKeyGeneration {
             id,
             public_key_der,
+            state,
             at,
         } => {
             let n = tx
                 .prepare_cached(
-                    "UPDATE keys SET state = 'active', public_key = ?1, updated_at = ?2 WHERE id = ?3 AND state = 'generating'",
+                    "UPDATE keys SET state = ?4, public_key = ?1, updated_at = ?2 WHERE id = ?3 AND state = 'generating'",
                 )
                 .map_err(db)?
-                .execute(params![public_key_der, at, id.to_string()])
+                .execute(params![public_key_der, at, id.to_string(), state.as_str()])
                 .map_err(db)?;
             expect_one(n, || state_changed("key", id, "generating"))?;
         }
@@ -598,8 +599,8 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 .into());
             }
             tx.prepare_cached(
-                "INSERT INTO crls (issuer_ca, number, this_update, next_update, entries, der, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO crls (issuer_ca, number, this_update, next_update, entries, der, created_at, issuer_key_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .map_err(db)?
             .execute(params![
@@ -609,16 +610,23 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 record.next_update,
                 record.entries,
                 record.der,
-                record.created_at
+                record.created_at,
+                record.issuer_key_id.to_string()
             ])
             .map_err(db)?;
-            tx.prepare_cached("DELETE FROM crls WHERE issuer_ca = ?1 AND number <= ?2")
-                .map_err(db)?
-                .execute(params![
-                    record.issuer_ca,
-                    record.number - i64::from((*keep).max(1))
-                ])
-                .map_err(db)?;
+            // `keep` CRLs per signing key: the CRLs of a retired key (numbered
+            // in the CA's one sequence) are not pushed out by its successor's.
+            tx.prepare_cached(
+                "DELETE FROM crls WHERE issuer_ca = ?1 AND issuer_key_id = ?2 AND number NOT IN
+                   (SELECT number FROM crls WHERE issuer_ca = ?1 AND issuer_key_id = ?2 ORDER BY number DESC LIMIT ?3)",
+            )
+            .map_err(db)?
+            .execute(params![
+                record.issuer_ca,
+                record.issuer_key_id.to_string(),
+                i64::from((*keep).max(1))
+            ])
+            .map_err(db)?;
         }
         Write::InsertServiceCertificate(c) => {
             tx.prepare_cached(
@@ -744,6 +752,123 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             .map_err(db)?
             .execute(params![next_attempt_at, error, id])
             .map_err(db)?;
+        }
+        Write::InsertRotation(r) => {
+            tx.prepare_cached(
+                "INSERT INTO rotations (id, purpose, target, step, old_key_id, new_key_id, new_serial, reason, actor,
+                   destroy_after, attempts, last_error, next_attempt_at, created_at, updated_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .map_err(db)?
+            .execute(params![
+                r.id.to_string(),
+                r.purpose.as_str(),
+                r.target,
+                r.step.as_str(),
+                r.old_key_id.map(|k| k.to_string()),
+                r.new_key_id.map(|k| k.to_string()),
+                r.new_serial,
+                r.reason,
+                r.actor,
+                r.destroy_after,
+                r.attempts,
+                r.last_error,
+                r.next_attempt_at,
+                r.created_at,
+                r.updated_at,
+                r.finished_at
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::RotationRunning {
+                    purpose: r.purpose.as_str().to_string(),
+                    target: r.target.clone(),
+                }),
+                other => other,
+            })?;
+        }
+        Write::AdvanceRotation {
+            id,
+            from,
+            to,
+            new_key_id,
+            new_serial,
+            destroy_after,
+            at,
+        } => {
+            let finished = to.finished().then_some(*at);
+            let n = tx
+                .prepare_cached(
+                    "UPDATE rotations SET step = ?1,
+                       new_key_id = COALESCE(?2, new_key_id),
+                       new_serial = COALESCE(?3, new_serial),
+                       destroy_after = COALESCE(?4, destroy_after),
+                       attempts = 0, last_error = NULL, next_attempt_at = ?5,
+                       updated_at = ?5, finished_at = ?6
+                     WHERE id = ?7 AND step = ?8",
+                )
+                .map_err(db)?
+                .execute(params![
+                    to.as_str(),
+                    new_key_id.map(|k| k.to_string()),
+                    new_serial,
+                    destroy_after,
+                    at,
+                    finished,
+                    id.to_string(),
+                    from.as_str()
+                ])
+                .map_err(|e| match db(e) {
+                    // Moving an abandoned rotation back to running collides
+                    // with a newer running one.
+                    StoreError::Conflict(_) => StoreError::Conflict(Conflict::StateChanged {
+                        entity: "rotation",
+                        id: id.to_string(),
+                        expected: from.as_str(),
+                    }),
+                    other => other,
+                })?;
+            expect_one(n, || state_changed("rotation", id, from.as_str()))?;
+        }
+        Write::FailRotationAttempt {
+            id,
+            step,
+            error,
+            next_attempt_at,
+            at,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE rotations SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2, updated_at = ?3
+                     WHERE id = ?4 AND step = ?5",
+                )
+                .map_err(db)?
+                .execute(params![error, next_attempt_at, at, id.to_string(), step.as_str()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("rotation", id, step.as_str()))?;
+        }
+        Write::ActivateCaKey {
+            ca,
+            from_key,
+            to_key,
+            certificate_der,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE cas SET key_id = ?1, certificate = ?2 WHERE name = ?3 AND key_id = ?4",
+                )
+                .map_err(db)?
+                .execute(params![
+                    to_key.to_string(),
+                    certificate_der,
+                    ca,
+                    from_key.to_string()
+                ])
+                .map_err(db)?;
+            expect_one(n, || Conflict::StateChanged {
+                entity: "CA",
+                id: ca.clone(),
+                expected: "on the key the rotation replaces",
+            })?;
         }
     }
     Ok(())
