@@ -21,6 +21,8 @@ use crate::jobs::broker::BrokerDrainer;
 use crate::jobs::crl::CrlJob;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::ocsp::OcspSignerRotation;
+use crate::jobs::rotation::RotationJob;
+use crate::rotation::Rotator;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
 use crate::jobs::sweeper::Sweeper;
 use crate::jobs::tls_renewal::{TlsRenewal, serving_key};
@@ -207,6 +209,9 @@ async fn prepare_tls(
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How often OCSP signers are checked against their renewal time (days).
 const OCSP_SIGNER_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// How often the rotation job looks for due steps (it is also woken at once
+/// when a rotation starts).
+const ROTATION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often the CRL job looks for CRLs near their nextUpdate (revocations
 /// wake it earlier).
@@ -460,6 +465,14 @@ impl App {
         ));
         // Revocations reach the responder's cache as they commit.
         ca.add_revocation_observer(ocsp.clone());
+        let rotator = Arc::new(Rotator::new(
+            ca.clone(),
+            store.clone(),
+            clock.clone(),
+            crls.clone(),
+            ocsp.clone(),
+            notifiers.clone(),
+        ));
         Ok(Self {
             state: AppState {
                 registry,
@@ -475,6 +488,7 @@ impl App {
                 readiness,
                 ocsp,
                 broker,
+                rotator,
             },
             limits,
             config,
@@ -580,6 +594,12 @@ impl App {
         if let Some(renewal) = self.tls.as_ref().and_then(|t| t.renewal.clone()) {
             jobs.spawn(renewal);
         }
+        jobs.spawn(Arc::new(RotationJob::new(
+            s.rotator.clone(),
+            ROTATION_INTERVAL,
+        )));
+        // A rotation a crash interrupted resumes at once, not one interval later.
+        s.rotator.wake();
         jobs.spawn(Arc::new(OcspSignerRotation::new(
             s.ocsp.clone(),
             OCSP_SIGNER_INTERVAL,

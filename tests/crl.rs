@@ -383,10 +383,13 @@ fn crls_number_debounce_refresh_and_satisfy_openssl() {
         // CDP and AIA from server.public_url (its trailing slash dropped).
         let (ok, text) = openssl(&["x509", "-in", "dev0.pem", "-text", "-noout"], d);
         assert!(ok, "{text}");
+        // The CRL and CA-certificate URLs name the key that signed (a rotation
+        // keeps one CRL per key).
+        let key = devices.key_id;
         for uri in [
-            format!("URI:{PUBLIC_URL}/v1/ca/devices/crl"),
+            format!("URI:{PUBLIC_URL}/v1/ca/devices/keys/{key}/crl"),
             format!("OCSP - URI:{PUBLIC_URL}/v1/ocsp"),
-            format!("CA Issuers - URI:{PUBLIC_URL}/v1/ca/devices/certificate"),
+            format!("CA Issuers - URI:{PUBLIC_URL}/v1/ca/devices/keys/{key}/certificate"),
         ] {
             assert!(text.contains(&uri), "{uri}: {text}");
         }

@@ -47,6 +47,8 @@ const RETRY_AFTER_MS: i64 = 5_000;
 #[derive(Debug, Clone)]
 pub struct PublishedCrl {
     pub ca: String,
+    /// The CA key that signed it.
+    pub key_id: uuid::Uuid,
     /// The cRLNumber.
     pub number: i64,
     pub this_update: i64,
@@ -61,6 +63,7 @@ impl PublishedCrl {
     fn from_record(r: &CrlRecord) -> Result<Self, CaError> {
         Ok(Self {
             ca: r.issuer_ca.clone(),
+            key_id: r.issuer_key_id,
             number: r.number,
             this_update: r.this_update,
             next_update: r.next_update,
@@ -77,7 +80,8 @@ pub struct CrlPublisher {
     clock: Arc<dyn Clock>,
     policy: RevocationPolicy,
     metrics: Arc<Metrics>,
-    current: RwLock<BTreeMap<String, Arc<PublishedCrl>>>,
+    /// The newest CRL of each (CA, signing key).
+    current: RwLock<BTreeMap<(String, uuid::Uuid), Arc<PublishedCrl>>>,
     /// One lock per CA: publications of one CA in this process run one at a time.
     locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Dirty CAs and when (clock milliseconds) their new CRL is due.
@@ -122,23 +126,40 @@ impl CrlPublisher {
     /// The CRL served for `ca`, from memory. `UnknownCa` for a name that is
     /// not a CA, `CrlUnavailable` while none could be published yet.
     pub fn current(&self, ca: &str) -> Result<Arc<PublishedCrl>, CaError> {
-        self.ca.issuer(ca)?;
-        self.current
-            .read()
-            .ok()
-            .and_then(|g| g.get(ca).cloned())
+        let issuer = self.ca.issuer(ca)?;
+        self.of_key(ca, issuer.key_id)
             .ok_or_else(|| CaError::CrlUnavailable(ca.to_string()))
     }
 
-    /// Loads every CA's latest stored CRL into memory (start-up).
+    /// The CRL of each key of `ca` that still signs (the active key first,
+    /// then retired ones): during a rotation, relying parties need all of
+    /// them. `CrlUnavailable` if one is missing.
+    pub fn all_current(&self, ca: &str) -> Result<Vec<Arc<PublishedCrl>>, CaError> {
+        self.ca
+            .signing_generations(ca)?
+            .iter()
+            .map(|g| {
+                self.of_key(ca, g.key_id)
+                    .ok_or_else(|| CaError::CrlUnavailable(ca.to_string()))
+            })
+            .collect()
+    }
+
+    fn of_key(&self, ca: &str, key_id: uuid::Uuid) -> Option<Arc<PublishedCrl>> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|g| g.get(&(ca.to_string(), key_id)).cloned())
+    }
+
+    /// Loads the latest stored CRL of every signing key of every CA into
+    /// memory (start-up, and after a rotation changed the keys).
     pub async fn load(&self) -> Result<(), CaError> {
         for issuer in self.ca.issuers() {
-            if let Some(record) = self
-                .store
-                .latest_crl_of_key(&issuer.name, issuer.key_id)
-                .await?
-            {
-                self.install(Arc::new(PublishedCrl::from_record(&record)?));
+            for g in self.ca.signing_generations(&issuer.name)? {
+                if let Some(record) = self.store.latest_crl_of_key(&g.name, g.key_id).await? {
+                    self.install(Arc::new(PublishedCrl::from_record(&record)?));
+                }
             }
         }
         Ok(())
@@ -157,10 +178,13 @@ impl CrlPublisher {
     /// `crl_refresh_before_hours` of its nextUpdate).
     pub fn is_due(&self, ca: &str, now: OffsetDateTime) -> bool {
         let refresh = i64::from(self.policy.crl_refresh_before_hours) * 3600;
-        match self.current.read().ok().and_then(|g| g.get(ca).cloned()) {
+        let Ok(generations) = self.ca.signing_generations(ca) else {
+            return false;
+        };
+        generations.iter().any(|g| match self.of_key(ca, g.key_id) {
             Some(c) => now.unix_timestamp() >= c.next_update - refresh,
             None => true,
-        }
+        })
     }
 
     /// Publishes every CA whose CRL is due, and every dirty CA whose
@@ -250,10 +274,15 @@ impl CrlPublisher {
     fn install(&self, crl: Arc<PublishedCrl>) {
         let m = &self.metrics;
         if let Ok(mut g) = self.current.write() {
-            if g.get(&crl.ca).is_some_and(|c| c.number >= crl.number) {
+            let key = (crl.ca.clone(), crl.key_id);
+            if g.get(&key).is_some_and(|c| c.number >= crl.number) {
                 return;
             }
-            g.insert(crl.ca.clone(), crl.clone());
+            g.insert(key, crl.clone());
+        }
+        // The gauges describe the CA's active key's CRL.
+        if self.ca.issuer(&crl.ca).map(|i| i.key_id).ok() != Some(crl.key_id) {
+            return;
         }
         m.crl_number.with_label_values(&[&crl.ca]).set(crl.number);
         m.crl_next_update
@@ -276,19 +305,34 @@ impl CrlPublisher {
         result
     }
 
+    /// Publishes a new CRL for every key of `ca` that still signs (the
+    /// active one and the retired ones); returns the active key's.
     async fn publish_inner(&self, ca: &str, actor: &str) -> Result<Arc<PublishedCrl>, CaError> {
-        let issuer = self.ca.issuer(ca)?;
+        let generations = self.ca.signing_generations(ca)?;
         let lock = self.lock_for(ca);
         let _guard = lock.lock().await;
+        // Keys that stopped signing (destroyed) leave memory.
+        if let Ok(mut g) = self.current.write() {
+            g.retain(|(c, k), _| c != ca || generations.iter().any(|x| x.key_id == *k));
+        }
+        let mut active = None;
+        for issuer in &generations {
+            let crl = self.publish_key(issuer, actor).await?;
+            active.get_or_insert(crl);
+        }
+        active.ok_or_else(|| CaError::CrlUnavailable(ca.to_string()))
+    }
+
+    async fn publish_key(&self, issuer: &Issuer, actor: &str) -> Result<Arc<PublishedCrl>, CaError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.sign_and_store(&issuer, actor).await {
+            match self.sign_and_store(issuer, actor).await {
                 Err(CaError::Store(StoreError::Conflict(Conflict::StateChanged { .. })))
                     if attempt < MAX_ATTEMPTS =>
                 {
                     tracing::info!(
-                        ca,
+                        ca = %issuer.name,
                         attempt,
                         "another CRL of this CA was published first; retrying"
                     );
@@ -379,6 +423,7 @@ impl CrlPublisher {
                     json!({
                         "ca": issuer.name,
                         "number": number,
+                        "key": issuer.key_id,
                         "entries": entries,
                         "next_update": next_update,
                     }),
@@ -387,6 +432,7 @@ impl CrlPublisher {
         self.store.commit(change).await?;
         Ok(PublishedCrl {
             ca: issuer.name.clone(),
+            key_id: issuer.key_id,
             number,
             this_update: now,
             next_update,

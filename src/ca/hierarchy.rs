@@ -43,8 +43,12 @@ impl CaService {
             }
             remaining = deferred;
         }
+        let generations = self.load_generations(&loaded).await?;
         if let Ok(mut g) = self.issuers.write() {
             *g = loaded;
+        }
+        if let Ok(mut g) = self.generations.write() {
+            *g = generations;
         }
         Ok(())
     }
@@ -196,7 +200,7 @@ impl CaService {
             extensions: {
                 let mut exts = x509::ca_extensions(&ski, &aki, policy.path_len)?;
                 // An issuing CA's certificate says where its parent's CRL is.
-                if let Some(urls) = parent.and_then(|p| self.revocation_urls(&p.name)) {
+                if let Some(urls) = parent.and_then(|p| self.revocation_urls(p)) {
                     exts.push(x509::crl_distribution_point(&urls.crl)?);
                 }
                 exts

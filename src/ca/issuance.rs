@@ -50,7 +50,7 @@ impl CaService {
                 csr.algorithm,
                 &profile.extended_key_usage,
                 &format!("urn:uuid:{cn}"),
-                self.revocation_urls(&issuer.name).as_ref(),
+                self.revocation_urls(&issuer).as_ref(),
             )?,
         })?;
         let signature = issuer

@@ -27,9 +27,11 @@ pub mod crl;
 pub mod crls;
 pub mod csr;
 mod der_write;
+mod generations;
 mod hierarchy;
 mod issuance;
 pub mod keys;
+mod rotate;
 pub mod lifecycle;
 pub mod ocsp;
 pub mod ocsp_signer;
@@ -190,6 +192,8 @@ pub struct CaService {
     /// Replaced whole on a policy reload ([`Self::replace_policies`]).
     policies: RwLock<Arc<Policies>>,
     issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
+    /// Published and retired keys of the CAs ([`generations`]).
+    generations: RwLock<generations::Generations>,
     /// `server.public_url`: certificates point their CDP and AIA below it.
     public_url: Option<String>,
     /// Told after every committed revocation, suspension, resumption or release.
@@ -233,6 +237,7 @@ impl CaService {
             clock,
             policies: RwLock::new(policies),
             issuers: RwLock::new(BTreeMap::new()),
+            generations: RwLock::new(generations::Generations::default()),
             public_url: None,
             observers: RwLock::new(Vec::new()),
             nonces: renewal::Nonces::default(),
@@ -262,11 +267,16 @@ impl CaService {
 
     /// Where relying parties find revocation information about certificates
     /// `issuer` signs, if a public URL is configured.
-    pub fn revocation_urls(&self, issuer: &str) -> Option<x509::RevocationUrls> {
+    ///
+    /// The CRL and CA-certificate URLs name the signing key: after a
+    /// rotation each key of a CA keeps its own CRL, and a certificate must
+    /// lead to the CRL of the key that signed it.
+    pub fn revocation_urls(&self, issuer: &Issuer) -> Option<x509::RevocationUrls> {
+        let (name, key) = (&issuer.name, issuer.key_id);
         self.public_url.as_ref().map(|base| x509::RevocationUrls {
-            crl: format!("{base}/v1/ca/{issuer}/crl"),
+            crl: format!("{base}/v1/ca/{name}/keys/{key}/crl"),
             ocsp: format!("{base}/v1/ocsp"),
-            ca_issuers: format!("{base}/v1/ca/{issuer}/certificate"),
+            ca_issuers: format!("{base}/v1/ca/{name}/keys/{key}/certificate"),
         })
     }
 

@@ -129,6 +129,19 @@ impl CaService {
         issuer: &Issuer,
         replaces: Option<&OcspSigner>,
     ) -> Result<OcspSigner, CaError> {
+        self.create_ocsp_signer_with(actor, issuer, replaces, |_| Change::new())
+            .await
+    }
+
+    /// [`Self::create_ocsp_signer`], committing `also(new key)` in the same
+    /// change (a rotation's step).
+    pub async fn create_ocsp_signer_with(
+        &self,
+        actor: &str,
+        issuer: &Issuer,
+        replaces: Option<&OcspSigner>,
+        also: impl FnOnce(&keys::PendingKey) -> Change + Send,
+    ) -> Result<OcspSigner, CaError> {
         let policies = self.policies();
         let policy = &policies.revocation;
         let keystore_name = crate::model::DEFAULT_KEYSTORE;
@@ -156,7 +169,7 @@ impl CaService {
                     .certify_ocsp_signer(actor, issuer, &keystore, pending, replaces)
                     .await?;
                 made = Some(signer);
-                Ok::<_, CaError>(change)
+                Ok::<_, CaError>(change.merge(also(pending)))
             },
         )
         .await?;

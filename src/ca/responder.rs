@@ -175,9 +175,13 @@ impl Cache {
     }
 }
 
-/// One issuing CA the responder answers for.
+/// One key of an issuing CA the responder answers for: the active key
+/// (answered by its delegated signer), or a retired key after a rotation
+/// (answered by that key itself, for the certificates it issued).
 struct Slot {
     name: String,
+    /// The CA key whose certificates this slot answers for.
+    key_id: uuid::Uuid,
     signer: Arc<OcspSigner>,
 }
 
@@ -281,6 +285,17 @@ impl Responder {
     /// change swaps the signer table and empties the cache. Returns the
     /// names of the CAs whose signer changed.
     pub async fn refresh_signers(&self, actor: &str) -> Result<Vec<String>, CaError> {
+        self.refresh(actor, false).await
+    }
+
+    /// Like [`Self::refresh_signers`], re-reading every signer from the
+    /// store instead of keeping the loaded ones (after a rotation replaced
+    /// one outside this responder).
+    pub async fn reload_signers(&self, actor: &str) -> Result<Vec<String>, CaError> {
+        self.refresh(actor, true).await
+    }
+
+    async fn refresh(&self, actor: &str, reload: bool) -> Result<Vec<String>, CaError> {
         let _one = self.refreshing.lock().await;
         let now = self.clock.now().unix_timestamp();
         let renew_before = self.ca.policies().revocation.ocsp_signer_renew_before_days;
@@ -289,10 +304,12 @@ impl Responder {
         let mut slots = Vec::new();
         let mut ids = HashMap::new();
         for issuer in self.ca.ocsp_issuers() {
+            // A signer certified by a key the CA no longer has active (a
+            // rotation happened) is not reused.
             let mut signer = current
                 .slots
                 .iter()
-                .find(|s| s.name == issuer.name)
+                .find(|s| !reload && s.name == issuer.name && s.key_id == issuer.key_id)
                 .map(|s| s.signer.clone());
             if signer.is_none() {
                 signer = self.ca.load_ocsp_signer(&issuer).await?.map(Arc::new);
@@ -326,10 +343,39 @@ impl Responder {
             }
             slots.push(Slot {
                 name: issuer.name.clone(),
+                key_id: issuer.key_id,
                 signer,
             });
+            for retired in self.ca.signing_generations(&issuer.name)?.into_iter().skip(1) {
+                let summary = super::x509::summarize(&retired.cert_der)?;
+                let index = slots.len() as u32;
+                for id in IssuerId::for_issuer(&retired.subject_der, &summary.spki_der)? {
+                    ids.insert(id, index);
+                }
+                if !current.slots.iter().any(|s| s.key_id == retired.key_id) {
+                    changed.push(issuer.name.clone());
+                }
+                slots.push(Slot {
+                    name: issuer.name.clone(),
+                    key_id: retired.key_id,
+                    signer: Arc::new(OcspSigner {
+                        issuer_ca: retired.name.clone(),
+                        serial: summary.serial_hex.clone(),
+                        key_id: retired.key_id,
+                        keystore: retired.keystore.clone(),
+                        handle: retired.handle.clone(),
+                        algorithm: retired.algorithm,
+                        cert_der: retired.cert_der.clone(),
+                        key_hash: super::ocsp::responder_key_hash(&summary.spki_der)?,
+                        not_before: summary.not_before,
+                        not_after: summary.not_after,
+                    }),
+                });
+            }
         }
-        if !changed.is_empty() || slots.len() != current.slots.len() {
+        let same_keys = slots.len() == current.slots.len()
+            && slots.iter().zip(current.slots.iter()).all(|(a, b)| a.key_id == b.key_id);
+        if !changed.is_empty() || !same_keys {
             let table = Arc::new(Table { ids, slots });
             match self.table.write() {
                 Ok(mut g) => *g = table,
@@ -533,7 +579,7 @@ impl Responder {
             .slots
             .get(key.issuer as usize)
             .ok_or(Fresh::Error(OcspError::Unauthorized))?;
-        let status = self.status_of(&slot.name, &id.serial).await?;
+        let status = self.status_of(&slot.name, slot.key_id, &id.serial).await?;
         if status == CertStatus::Unknown {
             self.take_fresh(source).await.map_err(Fresh::Limited)?;
         }
@@ -584,7 +630,7 @@ impl Responder {
         let mut singles = Vec::with_capacity(req.cert_ids.len());
         for id in &req.cert_ids {
             let status = self
-                .status_of(&slot.name, &id.serial)
+                .status_of(&slot.name, slot.key_id, &id.serial)
                 .await
                 .map_err(|e| match e {
                     Fresh::Error(e) => e,
@@ -624,7 +670,7 @@ impl Responder {
     }
 
     /// The status of `serial` as issued by `ca`. A serial of another CA is unknown.
-    async fn status_of(&self, ca: &str, serial: &Serial) -> Result<CertStatus, Fresh> {
+    async fn status_of(&self, ca: &str, key_id: uuid::Uuid, serial: &Serial) -> Result<CertStatus, Fresh> {
         let record = self
             .store
             .get_certificate(&serial.to_hex())
@@ -634,7 +680,7 @@ impl Responder {
                 Fresh::Error(OcspError::TryLater)
             })?;
         Ok(match record {
-            Some(c) if c.issuer_ca == ca => match c.status {
+            Some(c) if c.issuer_ca == ca && c.issuer_key_id == key_id => match c.status {
                 CertificateStatus::Revoked => CertStatus::Revoked {
                     time: c.revoked_at.unwrap_or(c.created_at),
                     reason: c

@@ -507,7 +507,10 @@ pub async fn ca(args: &ClientArgs, command: CaCommand) -> anyhow::Result<ExitCod
         out,
         pem,
         publish,
-    } = command;
+    } = command
+    else {
+        bail!("not a CRL command");
+    };
     let segment = query_escape(&name);
     let token = if publish {
         Some(admin_token(args)?)

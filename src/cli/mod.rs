@@ -8,6 +8,7 @@ mod enroll;
 mod lifecycle;
 mod local;
 mod renew;
+mod rotation;
 mod tokens;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -125,7 +126,7 @@ enum Command {
         #[command(subcommand)]
         command: AdminsCommand,
     },
-    /// Certificate authorities: CRLs.
+    /// Certificate authorities: CRLs, key rotation.
     Ca {
         #[command(flatten)]
         client: ClientArgs,
@@ -138,6 +139,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: DevicesCommand,
+    },
+    /// keyward's own keys: rotate an OCSP signer on demand.
+    Keys {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Certificates: list, show, revoke (any RFC 5280 reason), release a hold.
     Certs {
@@ -423,6 +431,47 @@ pub enum CaCommand {
         #[arg(long)]
         publish: bool,
     },
+    /// Rotate an issuing CA's key (role admin): a new key, certified by the
+    /// parent, published, activated; the old key keeps signing CRLs and OCSP
+    /// answers for its certificates until they expire.
+    Rotate {
+        /// CA name (an issuing CA; roots are not rotated by keyward).
+        name: String,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait until the new key is active (or a step fails).
+        #[arg(long)]
+        wait: bool,
+        /// Why (audited).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List rotations, newest first (role auditor).
+    Rotations {
+        /// Only those not finished.
+        #[arg(long)]
+        open: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Rotate a key of keyward's own on demand (role admin).
+    Rotate {
+        /// `ocsp-signing` (the TLS server key is replaced with every
+        /// renewal of its certificate; CA keys: `keyward ca rotate`).
+        purpose: String,
+        /// The CA whose key of that purpose rotates.
+        #[arg(long)]
+        ca: String,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait until the new key is active (or a step fails).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -491,7 +540,36 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Admins { client, command } => client::admins(&client, command).await,
         Command::Tokens { client, command } => tokens::tokens(&client, command).await,
         Command::Policies { client, command } => tokens::policies(&client, command).await,
-        Command::Ca { client, command } => client::ca(&client, command).await,
+        Command::Ca { client, command } => match command {
+            CaCommand::Rotate {
+                name,
+                dry_run,
+                wait,
+                reason,
+            } => {
+                rotation::rotate(
+                    &client,
+                    "issuing-ca",
+                    &name,
+                    dry_run,
+                    wait,
+                    reason,
+                )
+                .await
+            }
+            CaCommand::Rotations { open } => rotation::list(&client, open).await,
+            crl => client::ca(&client, crl).await,
+        },
+        Command::Keys {
+            client,
+            command:
+                KeysCommand::Rotate {
+                    purpose,
+                    ca,
+                    dry_run,
+                    wait,
+                },
+        } => rotation::rotate(&client, &purpose, &ca, dry_run, wait, None).await,
         Command::Enroll(args) => enroll::run(args).await,
         Command::Renew(args) => renew::run(args).await,
         Command::Devices { client, command } => lifecycle::devices(&client, command).await,

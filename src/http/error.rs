@@ -222,6 +222,22 @@ impl From<CaError> for ApiError {
     }
 }
 
+impl From<crate::rotation::RotationError> for ApiError {
+    fn from(e: crate::rotation::RotationError) -> Self {
+        use crate::rotation::RotationError as E;
+        let status = match e {
+            E::Ca(c) => return c.into(),
+            E::Store(s) => return s.into(),
+            E::KeyStore(k) => return k.into(),
+            E::Running { .. } => StatusCode::CONFLICT,
+            E::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            ref other => return Self::internal(other),
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         use RegistryError as E;

@@ -54,6 +54,8 @@ pub struct AppState {
     pub ocsp: Arc<crate::ca::responder::Responder>,
     /// Broker ACL updates: device lifecycle routes flush them before answering.
     pub broker: Arc<crate::broker::BrokerUpdates>,
+    /// Key rotations (`/v1/admin/rotations`).
+    pub rotator: Arc<crate::rotation::Rotator>,
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

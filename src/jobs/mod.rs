@@ -21,6 +21,7 @@ pub mod crl;
 pub mod login_failures;
 pub mod ocsp;
 pub mod readiness;
+pub mod rotation;
 pub mod sweeper;
 pub mod tls_renewal;
 
@@ -47,6 +48,8 @@ pub enum JobError {
     Ca(#[from] crate::ca::CaError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Rotation(#[from] crate::rotation::RotationError),
 }
 
 impl JobError {
@@ -58,6 +61,7 @@ impl JobError {
             Self::Admin(e) => e.code(),
             Self::Ca(e) => e.code(),
             Self::Tls(e) => e.code(),
+            Self::Rotation(e) => e.code(),
         }
     }
 }

@@ -52,6 +52,24 @@ impl Notifier for LogNotifier {
                 device_id = sensitive.then(|| device_id.to_string()),
                 "device certificate due for renewal"
             ),
+            Notification::Rotation {
+                rotation_id,
+                purpose,
+                target,
+                step,
+                error,
+                ..
+            } => tracing::info!(
+                target: "keyward::notify",
+                kind = n.kind(),
+                notification = %n.id,
+                rotation = %rotation_id,
+                purpose = %purpose,
+                target_key = %target,
+                step = %step,
+                error = error.as_deref(),
+                "key rotation"
+            ),
         }
         Ok(())
     }

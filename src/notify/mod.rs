@@ -51,6 +51,27 @@ pub enum Notification {
         /// Unix seconds.
         not_after: i64,
     },
+    /// A key rotation finished (the new key is active), failed a step (it
+    /// is retried with backoff), or waits for an operator (a card-held
+    /// parent key must certify the new key).
+    Rotation {
+        rotation_id: Uuid,
+        /// Key purpose: `issuing-ca`, `ocsp-signing`, `tls-server`.
+        purpose: String,
+        target: String,
+        outcome: RotationOutcome,
+        /// The step reached (completed) or attempted (failed).
+        step: String,
+        error: Option<String>,
+    },
+}
+
+/// How a rotation ended up, for its notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationOutcome {
+    Completed,
+    Failed,
+    NeedsOperator,
 }
 
 impl Notification {
@@ -59,6 +80,11 @@ impl Notification {
         match self {
             Self::RegistrationPending { .. } => "registration.pending",
             Self::RenewalDue { .. } => "renewal.due",
+            Self::Rotation { outcome, .. } => match outcome {
+                RotationOutcome::Completed => "rotation.completed",
+                RotationOutcome::Failed => "rotation.failed",
+                RotationOutcome::NeedsOperator => "rotation.needs_operator",
+            },
         }
     }
 
@@ -90,6 +116,20 @@ impl Notification {
                 "device_id": device_id,
                 "serial": serial,
                 "not_after": rfc3339(from_unix(*not_after)),
+            }),
+            Self::Rotation {
+                rotation_id,
+                purpose,
+                target,
+                step,
+                error,
+                ..
+            } => json!({
+                "rotation_id": rotation_id,
+                "purpose": purpose,
+                "target": target,
+                "step": step,
+                "error": error,
             }),
         }
     }

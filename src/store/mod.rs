@@ -667,7 +667,8 @@ pub trait Store: Send + Sync + 'static {
         key_id: Uuid,
     ) -> Result<Option<CrlRecord>, StoreError>;
     /// The latest notAfter among the certificates CA key `key_id` signed,
-    /// leaving out retired service certificates (nobody relies on those):
+    /// leaving out retired service certificates and the CA's delegated OCSP
+    /// signer certificates (nobody relies on those once the key retires):
     /// until then the key must keep signing CRLs. `None`: it signed none.
     async fn last_expiry_issued_by(&self, key_id: Uuid) -> Result<Option<i64>, StoreError>;
     async fn get_rotation(&self, id: Uuid) -> Result<Option<RotationRecord>, StoreError>;

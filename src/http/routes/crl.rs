@@ -54,7 +54,68 @@ pub async fn get_crl(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let crl = state.crls.current(&name)?;
-    let (content_type, body) = if wants_pem(&headers) {
+    Ok(crl_response(&state, &crl, &headers))
+}
+
+/// `GET /v1/ca/{name}/keys/{key}/crl`: the CRL signed by one key of the CA
+/// (where the CRL distribution point of the certificates that key signed
+/// points). After a rotation the retired key keeps its own CRL until the
+/// last certificate it signed has expired.
+pub async fn get_key_crl(
+    State(state): State<AppState>,
+    Path((name, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
+    let crl = state
+        .crls
+        .all_current(&name)?
+        .into_iter()
+        .find(|c| c.key_id == key)
+        .ok_or_else(|| unknown_key(&name))?;
+    Ok(crl_response(&state, &crl, &headers))
+}
+
+/// `GET /v1/ca/{name}/crls`: the CRLs of every key of the CA that still
+/// signs, PEM, one after the other: what a relying party with a CRL file
+/// (Mosquitto's `crlfile`) needs during a rotation.
+pub async fn get_all_crls(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let crls = state.crls.all_current(&name)?;
+    let mut body = Vec::new();
+    for c in &crls {
+        body.extend_from_slice(&c.pem);
+    }
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PEM));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
+}
+
+fn parse_key(key: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(key).map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_key_id",
+            "the key id is not a UUID",
+        )
+    })
+}
+
+fn unknown_key(ca: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "unknown_ca_key",
+        format!("CA `{ca}` has no live key with that id"),
+    )
+}
+
+fn crl_response(state: &AppState, crl: &PublishedCrl, headers: &HeaderMap) -> Response {
+    let (content_type, body) = if wants_pem(headers) {
         (PEM, crl.pem.clone())
     } else {
         ("application/pkix-crl", crl.der.clone())
@@ -74,6 +135,45 @@ pub async fn get_crl(
     if let Some(v) = http_date(crl.this_update) {
         h.insert(header::LAST_MODIFIED, v);
     }
+    resp
+}
+
+/// `GET /v1/ca/{name}/keys/{key}/certificate`: the certificate of one live
+/// key of the CA, DER (where the AIA caIssuers of the certificates that key
+/// signed points).
+pub async fn get_key_certificate(
+    State(state): State<AppState>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = parse_key(&key)?;
+    state.ca.issuer(&name)?;
+    let generation = state
+        .ca
+        .generation(&name, key)
+        .ok_or_else(|| unknown_key(&name))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/pkix-cert")],
+        generation.cert_der.clone(),
+    ))
+}
+
+/// `GET /v1/ca/{name}/bundle`: every live certificate of the CA, PEM: the
+/// published successor during a rotation, the active one, and the retired
+/// ones that still have live certificates. Relying parties trust all of
+/// them, so devices issued before and after a rotation keep validating.
+pub async fn get_bundle(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut body = String::new();
+    for g in state.ca.live_generations(&name)? {
+        body.push_str(&crate::ca::x509::to_pem(&g.cert_der).map_err(crate::ca::CaError::from)?);
+    }
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PEM));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
 }
 

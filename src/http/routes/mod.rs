@@ -9,6 +9,7 @@ mod ocsp;
 mod public;
 mod registrations;
 mod roster;
+mod rotation;
 
 use super::AppState;
 use axum::Router;
@@ -85,6 +86,18 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/v1/ca/{name}/chain", get(public::ca_chain))
         .route("/v1/ca/{name}/crl", get(crl::get_crl))
         .route("/v1/ca/{name}/certificate", get(crl::get_certificate))
+        .route("/v1/ca/{name}/crls", get(crl::get_all_crls))
+        .route("/v1/ca/{name}/bundle", get(crl::get_bundle))
+        .route("/v1/ca/{name}/keys/{key}/crl", get(crl::get_key_crl))
+        .route(
+            "/v1/ca/{name}/keys/{key}/certificate",
+            get(crl::get_key_certificate),
+        )
+        .route(
+            "/v1/admin/rotations",
+            get(rotation::list).post(rotation::start),
+        )
+        .route("/v1/admin/rotations/{id}", get(rotation::show))
         .route("/v1/admin/cas/{name}/crl", post(crl::publish_crl))
         .route("/v1/ocsp", post(ocsp::post))
         .route("/v1/ocsp/{*request}", get(ocsp::get))

@@ -224,8 +224,8 @@ pub(super) fn latest_crl_of_key(
 pub(super) fn last_expiry_issued_by(c: &Connection, key_id: Uuid) -> R<Option<i64>> {
     c.prepare_cached(
         "SELECT MAX(not_after) FROM certificates c WHERE issuer_key_id = ?1
-           AND NOT EXISTS (SELECT 1 FROM service_certificates s
-                           WHERE s.serial = c.serial AND s.retired_at IS NOT NULL)",
+           AND NOT EXISTS (SELECT 1 FROM service_certificates s WHERE s.serial = c.serial
+                           AND (s.retired_at IS NOT NULL OR s.purpose = 'ocsp-signing'))",
     )
     .map_err(db)?
     .query_row(params![key_id.to_string()], |r| r.get(0))

@@ -1,0 +1,128 @@
+//! `keyward ca rotate`, `keyward ca rotations`, `keyward keys rotate`:
+//! start a rotation through the admin API (the daemon's rotation job
+//! carries it out), optionally waiting for the new key to be active.
+
+use super::ClientArgs;
+use super::client::{Api, ApiFailure, print, s};
+use anyhow::bail;
+use serde_json::{Value, json};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long `--wait` waits for the new key to become active.
+const WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+pub async fn rotate(
+    args: &ClientArgs,
+    purpose: &str,
+    target: &str,
+    dry_run: bool,
+    wait: bool,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let api = Api::new(
+        &args.url,
+        Some(super::client::admin_token(args)?),
+        args.ca_cert.as_deref(),
+    )?;
+    let mut body = json!({ "purpose": purpose, "target": target, "dry_run": dry_run });
+    if let Some(r) = reason {
+        body["reason"] = Value::String(r);
+    }
+    let (_, v) = api
+        .call(reqwest::Method::POST, "/v1/admin/rotations", Some(&body), None)
+        .await?;
+    if dry_run {
+        print(args.output, &v, |v| {
+            println!(
+                "would rotate {} `{}` (key {})",
+                s(&v["purpose"]),
+                s(&v["target"]),
+                s(&v["old_key_id"])
+            );
+            let steps: Vec<&str> = v["steps"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            println!("steps: {}", steps.join(" -> "));
+            if v["needs_root_card"].as_bool() == Some(true) {
+                println!("needs the root card: certification waits for an operator");
+            }
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
+    let id = s(&v["id"]).to_string();
+    if !wait {
+        print(args.output, &v, |v| {
+            println!("rotation {} started ({})", s(&v["id"]), s(&v["step"]));
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let (_, r) = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/admin/rotations/{id}"),
+                None,
+                None,
+            )
+            .await?;
+        let step = s(&r["step"]);
+        if matches!(step, "activated" | "retired" | "destroyed") {
+            print(args.output, &r, |r| {
+                println!(
+                    "rotation {} done: new key {} active (step {})",
+                    s(&r["id"]),
+                    s(&r["new_key_id"]),
+                    s(&r["step"])
+                );
+            });
+            return Ok(ExitCode::SUCCESS);
+        }
+        if r["attempts"].as_i64().unwrap_or(0) > 0 {
+            bail!(ApiFailure {
+                status: reqwest::StatusCode::OK,
+                code: "rotation_step_failed".into(),
+                message: format!(
+                    "rotation {id} is stuck after `{step}`: {} (the daemon retries with backoff)",
+                    s(&r["last_error"])
+                ),
+            });
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("rotation {id} is still at `{step}` after {WAIT_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn list(args: &ClientArgs, open: bool) -> anyhow::Result<ExitCode> {
+    let api = Api::new(
+        &args.url,
+        Some(super::client::admin_token(args)?),
+        args.ca_cert.as_deref(),
+    )?;
+    let (_, v) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/admin/rotations?open={open}"),
+            None,
+            None,
+        )
+        .await?;
+    print(args.output, &v, |v| {
+        for r in v.as_array().into_iter().flatten() {
+            println!(
+                "{}  {:<13} {:<12} {:<14} attempts={} {}",
+                s(&r["id"]),
+                s(&r["purpose"]),
+                s(&r["target"]),
+                s(&r["step"]),
+                r["attempts"],
+                r["last_error"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(ExitCode::SUCCESS)
+}
