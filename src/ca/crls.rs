@@ -323,7 +323,11 @@ impl CrlPublisher {
         active.ok_or_else(|| CaError::CrlUnavailable(ca.to_string()))
     }
 
-    async fn publish_key(&self, issuer: &Issuer, actor: &str) -> Result<Arc<PublishedCrl>, CaError> {
+    async fn publish_key(
+        &self,
+        issuer: &Issuer,
+        actor: &str,
+    ) -> Result<Arc<PublishedCrl>, CaError> {
         let mut attempt = 0;
         loop {
             attempt += 1;

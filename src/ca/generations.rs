@@ -42,12 +42,14 @@ impl CaService {
         let mut out = Generations::default();
         let mut keys = self.store.list_keys().await?;
         // Newest first (ids are UUIDv7).
-        keys.sort_by(|a, b| b.id.cmp(&a.id));
+        keys.sort_by_key(|k| std::cmp::Reverse(k.id));
         for key in keys {
             let Some(ca) = key.ca_name.as_deref().and_then(|n| loaded.get(n)) else {
                 continue;
             };
-            if key.id == ca.key_id || !matches!(key.purpose, KeyPurpose::RootCa | KeyPurpose::IssuingCa) {
+            if key.id == ca.key_id
+                || !matches!(key.purpose, KeyPurpose::RootCa | KeyPurpose::IssuingCa)
+            {
                 continue;
             }
             let into = match key.state {
@@ -56,7 +58,10 @@ impl CaService {
                 _ => continue,
             };
             match self.generation_issuer(ca, &key, loaded).await {
-                Ok(Some(issuer)) => into.entry(ca.name.clone()).or_default().push(Arc::new(issuer)),
+                Ok(Some(issuer)) => into
+                    .entry(ca.name.clone())
+                    .or_default()
+                    .push(Arc::new(issuer)),
                 Ok(None) => {
                     tracing::warn!(ca = %ca.name, key = %key.id, "CA key without its certificate in the store; not served");
                 }
@@ -76,11 +81,7 @@ impl CaService {
         key: &KeyRecord,
         loaded: &BTreeMap<String, Arc<Issuer>>,
     ) -> Result<Option<Issuer>, CaError> {
-        let parent = self
-            .store
-            .get_ca(&ca.name)
-            .await?
-            .and_then(|r| r.parent);
+        let parent = self.store.get_ca(&ca.name).await?.and_then(|r| r.parent);
         let signer_name = parent.clone().unwrap_or_else(|| ca.name.clone());
         let Some(cert) = self
             .store

@@ -346,7 +346,12 @@ impl Responder {
                 key_id: issuer.key_id,
                 signer,
             });
-            for retired in self.ca.signing_generations(&issuer.name)?.into_iter().skip(1) {
+            for retired in self
+                .ca
+                .signing_generations(&issuer.name)?
+                .into_iter()
+                .skip(1)
+            {
                 let summary = super::x509::summarize(&retired.cert_der)?;
                 let index = slots.len() as u32;
                 for id in IssuerId::for_issuer(&retired.subject_der, &summary.spki_der)? {
@@ -374,7 +379,10 @@ impl Responder {
             }
         }
         let same_keys = slots.len() == current.slots.len()
-            && slots.iter().zip(current.slots.iter()).all(|(a, b)| a.key_id == b.key_id);
+            && slots
+                .iter()
+                .zip(current.slots.iter())
+                .all(|(a, b)| a.key_id == b.key_id);
         if !changed.is_empty() || !same_keys {
             let table = Arc::new(Table { ids, slots });
             match self.table.write() {
@@ -670,7 +678,12 @@ impl Responder {
     }
 
     /// The status of `serial` as issued by `ca`. A serial of another CA is unknown.
-    async fn status_of(&self, ca: &str, key_id: uuid::Uuid, serial: &Serial) -> Result<CertStatus, Fresh> {
+    async fn status_of(
+        &self,
+        ca: &str,
+        key_id: uuid::Uuid,
+        serial: &Serial,
+    ) -> Result<CertStatus, Fresh> {
         let record = self
             .store
             .get_certificate(&serial.to_hex())

@@ -546,17 +546,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 dry_run,
                 wait,
                 reason,
-            } => {
-                rotation::rotate(
-                    &client,
-                    "issuing-ca",
-                    &name,
-                    dry_run,
-                    wait,
-                    reason,
-                )
-                .await
-            }
+            } => rotation::rotate(&client, "issuing-ca", &name, dry_run, wait, reason).await,
             CaCommand::Rotations { open } => rotation::list(&client, open).await,
             crl => client::ca(&client, crl).await,
         },

@@ -30,7 +30,12 @@ pub async fn rotate(
         body["reason"] = Value::String(r);
     }
     let (_, v) = api
-        .call(reqwest::Method::POST, "/v1/admin/rotations", Some(&body), None)
+        .call(
+            reqwest::Method::POST,
+            "/v1/admin/rotations",
+            Some(&body),
+            None,
+        )
         .await?;
     if dry_run {
         print(args.output, &v, |v| {

@@ -292,7 +292,10 @@ impl Rotator {
     /// far as it can go now. `with_root_card`: this process may certify with
     /// a card-held parent key (the operator's explicit command). Returns the
     /// rotations it touched.
-    pub async fn run_due(&self, with_root_card: bool) -> Result<Vec<RotationRecord>, RotationError> {
+    pub async fn run_due(
+        &self,
+        with_root_card: bool,
+    ) -> Result<Vec<RotationRecord>, RotationError> {
         let _one = self.running.lock().await;
         let now = self.now();
         let mut touched = Vec::new();
@@ -322,7 +325,13 @@ impl Rotator {
                 Ok(None) => return r,
                 Err(e) => {
                     self.record_failure(&r, &e).await;
-                    return self.store.get_rotation(r.id).await.ok().flatten().unwrap_or(r);
+                    return self
+                        .store
+                        .get_rotation(r.id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(r);
                 }
             }
         }
@@ -511,7 +520,14 @@ impl Rotator {
     async fn publish(&self, r: &RotationRecord) -> Result<Option<RotationRecord>, RotationError> {
         let now = self.now();
         let change = Change::new()
-            .write(Self::advance(r, RotationStep::Published, None, None, None, now))
+            .write(Self::advance(
+                r,
+                RotationStep::Published,
+                None,
+                None,
+                None,
+                now,
+            ))
             .audit(step_event(r, RotationStep::Published).details(json!({
                 "ca": r.target,
                 "new_key": r.new_key_id,
@@ -529,18 +545,19 @@ impl Rotator {
     async fn activate(&self, r: &RotationRecord) -> Result<Option<RotationRecord>, RotationError> {
         let old = Self::old_key(r)?;
         let new = Self::new_key(r)?;
-        let serial = r.new_serial.clone().ok_or_else(|| RotationError::Inconsistent {
-            id: r.id,
-            what: "no new certificate recorded".into(),
-        })?;
-        let cert = self
-            .store
-            .get_certificate(&serial)
-            .await?
+        let serial = r
+            .new_serial
+            .clone()
             .ok_or_else(|| RotationError::Inconsistent {
                 id: r.id,
-                what: format!("certificate {serial} is not in the store"),
+                what: "no new certificate recorded".into(),
             })?;
+        let cert = self.store.get_certificate(&serial).await?.ok_or_else(|| {
+            RotationError::Inconsistent {
+                id: r.id,
+                what: format!("certificate {serial} is not in the store"),
+            }
+        })?;
         let now = self.now();
         let change = Change::new()
             .write(Write::ActivateCaKey {
@@ -561,7 +578,14 @@ impl Rotator {
                 to: KeyState::Retired,
                 at: now,
             })
-            .write(Self::advance(r, RotationStep::Activated, None, None, None, now))
+            .write(Self::advance(
+                r,
+                RotationStep::Activated,
+                None,
+                None,
+                None,
+                now,
+            ))
             .audit(step_event(r, RotationStep::Activated).details(json!({
                 "ca": r.target,
                 "new_key": new,
@@ -696,7 +720,9 @@ impl Rotator {
             match keystore.destroy(&key.handle).await {
                 Ok(()) => {}
                 Err(KeyStoreError::OperationUnsupported { .. }) => {
-                    note = Some("the device cannot delete keys: the key stays in its slot until the slot is generated into again");
+                    note = Some(
+                        "the device cannot delete keys: the key stays in its slot until the slot is generated into again",
+                    );
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -709,7 +735,14 @@ impl Rotator {
                 to: KeyState::Destroyed,
                 at: now,
             })
-            .write(Self::advance(r, RotationStep::Destroyed, None, None, None, now))
+            .write(Self::advance(
+                r,
+                RotationStep::Destroyed,
+                None,
+                None,
+                None,
+                now,
+            ))
             .audit(
                 AuditDraft::new(r.actor.clone(), "key.destroy", format!("key:{old}")).details(
                     json!({
@@ -753,12 +786,14 @@ impl Rotator {
                         None,
                         now,
                     ))
-                    .audit(step_event(&rotation, RotationStep::Activated).details(json!({
-                        "ca": rotation.target,
-                        "new_key": key.id,
-                        "old_key": rotation.old_key_id,
-                        "replaces": old_serial,
-                    })))
+                    .audit(
+                        step_event(&rotation, RotationStep::Activated).details(json!({
+                            "ca": rotation.target,
+                            "new_key": key.id,
+                            "old_key": rotation.old_key_id,
+                            "replaces": old_serial,
+                        })),
+                    )
             })
             .await?;
         pause_point("activated", Boundary::After).await;

@@ -146,7 +146,11 @@ pub async fn show(
 ) -> Result<Json<RotationView>, ApiError> {
     admin.require(Role::Auditor)?;
     let id = Uuid::parse_str(&id).map_err(|_| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "the id is not a UUID")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "the id is not a UUID",
+        )
     })?;
     let r = state
         .store
