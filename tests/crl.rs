@@ -397,7 +397,10 @@ fn crls_number_debounce_refresh_and_satisfy_openssl() {
         let (ok, text) = openssl(&["x509", "-in", "devices.pem", "-text", "-noout"], d);
         assert!(ok, "{text}");
         assert!(
-            text.contains(&format!("URI:{PUBLIC_URL}/v1/ca/root/crl")),
+            text.contains(&format!(
+                "URI:{PUBLIC_URL}/v1/ca/root/keys/{}/crl",
+                root.key_id
+            )),
             "{text}"
         );
 

@@ -223,3 +223,192 @@ async fn mosquitto_accepts_an_issued_device_and_refuses_it_once_revoked() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["status"], "revoked", "{v}");
 }
+
+/// Fetches a PEM resource (bundle, CRLs) into `path`; returns its text.
+async fn fetch_pem(url: &str, path: &Path) -> String {
+    let resp = client().get(url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{url}");
+    let pem = resp.text().await.unwrap();
+    std::fs::write(path, &pem).unwrap();
+    pem
+}
+
+async fn rotation_step(url: &str, token: &str) -> serde_json::Value {
+    let (status, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/rotations"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v[0].clone()
+}
+
+/// An issuing-CA rotation without downtime, as a relying party sees it: a
+/// Mosquitto broker that trusts the root and the CA's bundle and reads its
+/// CRLs accepts devices issued before and after the rotation; the retired
+/// key keeps signing the CRL and OCSP answers for its own devices, so a
+/// device it issued can still be revoked.
+#[tokio::test]
+async fn mosquitto_accepts_devices_issued_before_and_after_an_issuing_ca_rotation() {
+    let env = Env::new();
+    let bootstrap = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let before = issue_device(&url, &bootstrap, &env.path("dev-before"), "before").await;
+
+    // The operator rotates with the CLI and waits for the new key.
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_TOKEN", &bootstrap)
+        .args(["ca", "rotate", "devices", "--wait", "--reason", "annual"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rotation = loop {
+        let r = rotation_step(&url, &bootstrap).await;
+        if r["step"] == "retired" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "rotation never retired: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The old key stays (retired) while the device it issued is valid.
+    assert!(
+        rotation["destroy_after"].as_str().unwrap() > "2027",
+        "{rotation}"
+    );
+
+    let after = issue_device(&url, &bootstrap, &env.path("dev-after"), "after").await;
+    let old_chain = std::fs::read_to_string(&before.chain).unwrap();
+    let new_chain = std::fs::read_to_string(&after.chain).unwrap();
+    assert_ne!(
+        old_chain.split("-----END CERTIFICATE-----").next(),
+        new_chain.split("-----END CERTIFICATE-----").next(),
+        "the new device is signed by the new CA certificate"
+    );
+
+    // The relying party trusts the root and every live CA certificate, and
+    // reads every live key's CRL.
+    let dir = env.path("rp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, root) = split_chain(&before.chain, &dir);
+    let bundle = fetch_pem(
+        &format!("{url}/v1/ca/devices/bundle"),
+        &dir.join("bundle.pem"),
+    )
+    .await;
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    let cafile = common::write(
+        &dir,
+        "cafile.pem",
+        &format!("{}{bundle}", std::fs::read_to_string(&root).unwrap()),
+    );
+    let crls = dir.join("crls.pem");
+    let text = fetch_pem(&format!("{url}/v1/ca/devices/crls"), &crls).await;
+    assert_eq!(text.matches("BEGIN X509 CRL").count(), 2, "{text}");
+    let broker = Broker::start(&env.path("broker"), &cafile, Some(&crls));
+    for d in [&before, &after] {
+        let out = broker.publish(&d.cert, &d.key, "devices/t", "1");
+        assert!(
+            out.status.success(),
+            "{}: {}\n{}",
+            d.device_id,
+            String::from_utf8_lossy(&out.stderr),
+            broker.log_text()
+        );
+    }
+
+    // OCSP: each device's issuer answers (the old one signed by the retired
+    // CA key itself, the new one by the new key's delegated signer).
+    std::fs::create_dir_all(dir.join("old")).unwrap();
+    std::fs::create_dir_all(dir.join("new")).unwrap();
+    let (old_issuing, _) = split_chain(&before.chain, &dir.join("old"));
+    let (new_issuing, _) = split_chain(&after.chain, &dir.join("new"));
+    for (d, issuing) in [(&before, &old_issuing), (&after, &new_issuing)] {
+        let ocsp = openssl_ocsp(&url, issuing, &root, &d.cert);
+        assert!(ocsp.contains("Response verify OK"), "{ocsp}");
+        assert!(ocsp.contains(": good"), "{ocsp}");
+    }
+
+    // Revoking the old key's device: the old key's CRL names it.
+    let revoke = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_TOKEN", &bootstrap)
+        .args([
+            "devices",
+            "revoke",
+            &before.device_id,
+            "--reason",
+            "keyCompromise",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // `openssl crl` reads one CRL per file: each key's CRL on its own.
+        let all = fetch_pem(&format!("{url}/v1/ca/devices/crls"), &crls).await;
+        let listed = all
+            .split_inclusive("-----END X509 CRL-----\n")
+            .enumerate()
+            .any(|(i, pem)| {
+                let one = common::write(&dir, &format!("crl-{i}.pem"), pem);
+                let out = std::process::Command::new("openssl")
+                    .args(["crl", "-noout", "-text", "-in"])
+                    .arg(&one)
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!("Serial Number: {}", before.serial))
+            });
+        if listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old key's CRL never listed the revoked device: {all}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.reload();
+    let mut refused = false;
+    for _ in 0..10 {
+        if !broker
+            .publish(&before.cert, &before.key, "devices/t", "2")
+            .status
+            .success()
+        {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        refused,
+        "the revoked old device still connects: {}",
+        broker.log_text()
+    );
+    let out = broker.publish(&after.cert, &after.key, "devices/t", "3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ocsp = openssl_ocsp(&url, &old_issuing, &root, &before.cert);
+    assert!(ocsp.contains("Response verify OK"), "{ocsp}");
+    assert!(ocsp.contains(": revoked"), "{ocsp}");
+}

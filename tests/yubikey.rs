@@ -729,6 +729,120 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
     );
     assert!(ok, "{msg}");
 
+    // Rotating the issuing CA: its parent, the root, is on the card. The
+    // scheduler generates the new key and then waits for an operator.
+    let (status, started) = common::call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/rotations"),
+        Some(&admin),
+        Some(serde_json::json!({ "purpose": "issuing-ca", "target": "devices" })),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    let rotation = started["id"].as_str().unwrap().to_string();
+    let show = |id: String| {
+        let url = url.clone();
+        let admin = admin.clone();
+        async move {
+            common::call(
+                reqwest::Method::GET,
+                &format!("{url}/v1/admin/rotations/{id}"),
+                Some(&admin),
+                None,
+            )
+            .await
+            .1
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let r = show(rotation.clone()).await;
+        if r["step"] == "key-generated" && r["attempts"].as_i64() >= Some(1) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        waiting["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("--with-root-card"),
+        "{waiting}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(show(rotation.clone()).await["step"], "key-generated");
+    // The operator's explicit command, with the card in the reader.
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_TOKEN", &admin)
+        .args(["ca", "rotate", "devices", "--with-root-card", "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = show(rotation.clone()).await;
+    assert!(
+        ["activated", "retired"].contains(&done["step"].as_str().unwrap()),
+        "{done}"
+    );
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    let details: String = c
+        .query_row(
+            "SELECT details FROM audit_events WHERE action = 'rotation.certified' AND target = ?1",
+            [format!("rotation:{rotation}")],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(details.contains("\"root_card\":true"), "{details}");
+    assert!(
+        details.contains("\"root_card_operator\":\"admin:"),
+        "{details}"
+    );
+    drop(c);
+    // A device issued now chains to the card-held root through the new
+    // issuing certificate (signed on the card), by openssl.
+    let (csr, _) = common::openssl_csr(env.dir.path(), "ec");
+    let (_, reg) = common::call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(serde_json::json!({ "csr": csr, "name": "after-rotation" })),
+    )
+    .await;
+    let id = reg["id"].as_str().unwrap();
+    let (_, approved) = common::call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/registrations/{id}/approve"),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(approved["status"], "issued", "{approved}");
+    let (_, creds2) = common::call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/registrations/{id}/credentials"),
+        reg["secret"].as_str(),
+        None,
+    )
+    .await;
+    assert_ne!(creds2["chain_pem"], creds["chain_pem"]);
+    let (ok, msg) = common::openssl_verify(
+        &dir.join("root.pem"),
+        &common::write(dir, "chain2.pem", creds2["chain_pem"].as_str().unwrap()),
+        &common::write(
+            dir,
+            "device2.pem",
+            creds2["certificate_pem"].as_str().unwrap(),
+        ),
+    );
+    assert!(ok, "{msg}");
+
     // The daemon keeps issuing with the root card pulled out: only the issuing key is needed.
     drop(card);
     let ready: serde_json::Value = client

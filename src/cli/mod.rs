@@ -446,6 +446,11 @@ pub enum CaCommand {
         /// Why (audited).
         #[arg(long)]
         reason: Option<String>,
+        /// The parent's key is on a YubiKey that the daemon reaches now:
+        /// certify the new key with it (the scheduler never does; the
+        /// rotation waits at `key-generated` for this command).
+        #[arg(long)]
+        with_root_card: bool,
     },
     /// List rotations, newest first (role auditor).
     Rotations {
@@ -546,6 +551,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 dry_run,
                 wait,
                 reason,
+                with_root_card,
+            } if with_root_card && !dry_run => {
+                rotation::rotate_with_root_card(&client, &name, wait, reason).await
+            }
+            CaCommand::Rotate {
+                name,
+                dry_run,
+                wait,
+                reason,
+                ..
             } => rotation::rotate(&client, "issuing-ca", &name, dry_run, wait, reason).await,
             CaCommand::Rotations { open } => rotation::list(&client, open).await,
             crl => client::ca(&client, crl).await,

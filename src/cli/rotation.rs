@@ -63,6 +63,11 @@ pub async fn rotate(
         });
         return Ok(ExitCode::SUCCESS);
     }
+    wait_active(args, &api, &id).await
+}
+
+/// Polls rotation `id` until its new key is active; fails when a step failed.
+async fn wait_active(args: &ClientArgs, api: &Api, id: &str) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
     loop {
         let (_, r) = api
@@ -128,6 +133,94 @@ pub async fn list(args: &ClientArgs, open: bool) -> anyhow::Result<ExitCode> {
                 r["last_error"].as_str().unwrap_or("")
             );
         }
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward ca rotate NAME --with-root-card`: starts the rotation (or takes
+/// the one waiting for the card), waits until its new key is generated, and
+/// has the daemon certify it with the card-held parent key now.
+pub async fn rotate_with_root_card(
+    args: &ClientArgs,
+    target: &str,
+    wait: bool,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let api = Api::new(
+        &args.url,
+        Some(super::client::admin_token(args)?),
+        args.ca_cert.as_deref(),
+    )?;
+    let (_, open) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/admin/rotations?open=true",
+            None,
+            None,
+        )
+        .await?;
+    let running =
+        open.as_array().into_iter().flatten().find(|r| {
+            r["purpose"] == "issuing-ca" && r["target"] == target && r["running"] == true
+        });
+    let id = match running {
+        Some(r) => s(&r["id"]).to_string(),
+        None => {
+            let mut body = json!({ "purpose": "issuing-ca", "target": target });
+            if let Some(r) = reason {
+                body["reason"] = Value::String(r);
+            }
+            let (_, v) = api
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/admin/rotations",
+                    Some(&body),
+                    None,
+                )
+                .await?;
+            s(&v["id"]).to_string()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let (_, r) = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/admin/rotations/{id}"),
+                None,
+                None,
+            )
+            .await?;
+        match s(&r["step"]) {
+            "planned" => {}
+            "key-generated" => break,
+            other => bail!("rotation {id} is at `{other}`: it does not wait for the root card"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "rotation {id}: no new key after {WAIT_LIMIT:?} ({})",
+                s(&r["last_error"])
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, r) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/admin/rotations/{id}/certify-with-root-card"),
+            None,
+            None,
+        )
+        .await?;
+    eprintln!(
+        "rotation {id}: new key certified with the root card ({})",
+        s(&r["step"])
+    );
+    if wait {
+        return wait_active(args, &api, &id).await;
+    }
+    print(args.output, &r, |r| {
+        println!("rotation {} at {}", s(&r["id"]), s(&r["step"]));
     });
     Ok(ExitCode::SUCCESS)
 }

@@ -229,7 +229,7 @@ impl From<crate::rotation::RotationError> for ApiError {
             E::Ca(c) => return c.into(),
             E::Store(s) => return s.into(),
             E::KeyStore(k) => return k.into(),
-            E::Running { .. } => StatusCode::CONFLICT,
+            E::Running { .. } | E::NotWaitingForCard { .. } => StatusCode::CONFLICT,
             E::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             E::NotFound(_) => StatusCode::NOT_FOUND,
             ref other => return Self::internal(other),

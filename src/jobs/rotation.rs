@@ -37,7 +37,7 @@ impl Job for RotationJob {
 
     async fn tick(&self, _now: OffsetDateTime) -> Result<(), JobError> {
         // The rotator reads the same clock the scheduler passes `now` from.
-        let touched = self.rotator.run_due(false).await?;
+        let touched = self.rotator.run_due().await?;
         for r in touched {
             tracing::info!(rotation = %r.id, purpose = %r.purpose, target = %r.target, step = %r.step, "rotation advanced");
         }

@@ -73,6 +73,8 @@ pub enum RotationError {
     NeedsRootCard(String),
     #[error("rotation {id}: {what}")]
     Inconsistent { id: Uuid, what: String },
+    #[error("rotation {id} is at `{step}`, not waiting for the root card")]
+    NotWaitingForCard { id: Uuid, step: &'static str },
 }
 
 impl RotationError {
@@ -88,6 +90,7 @@ impl RotationError {
             Self::NotFound(_) => "rotation_not_found",
             Self::NeedsRootCard(_) => "rotation_needs_root_card",
             Self::Inconsistent { .. } => "rotation_inconsistent",
+            Self::NotWaitingForCard { .. } => "rotation_not_waiting_for_card",
         }
     }
 }
@@ -289,33 +292,66 @@ impl Rotator {
     }
 
     /// Advances every unfinished rotation whose next attempt is due, each as
-    /// far as it can go now. `with_root_card`: this process may certify with
-    /// a card-held parent key (the operator's explicit command). Returns the
-    /// rotations it touched.
-    pub async fn run_due(
-        &self,
-        with_root_card: bool,
-    ) -> Result<Vec<RotationRecord>, RotationError> {
+    /// far as it can go now (never certifying with a card-held key).
+    /// Returns the rotations it touched.
+    pub async fn run_due(&self) -> Result<Vec<RotationRecord>, RotationError> {
         let _one = self.running.lock().await;
         let now = self.now();
         let mut touched = Vec::new();
         for r in self.store.list_rotations(true, 1000).await? {
-            if r.next_attempt_at > now && !(with_root_card && r.step == RotationStep::KeyGenerated)
-            {
+            if r.next_attempt_at > now {
                 continue;
             }
             if r.step == RotationStep::Retired && r.destroy_after.is_some_and(|t| t > now) {
                 continue;
             }
-            touched.push(self.drive(r, with_root_card).await);
+            touched.push(self.drive(r, None).await);
         }
         Ok(touched)
     }
 
+    /// The operator's explicit command for a rotation waiting for the root
+    /// card (at `key-generated`, its parent's key on a YubiKey that this
+    /// daemon reaches): certifies the new key with the card now, recording
+    /// `operator` in the step's audit event, and carries on as far as it
+    /// can go.
+    pub async fn certify_with_root_card(
+        &self,
+        id: Uuid,
+        operator: &str,
+    ) -> Result<RotationRecord, RotationError> {
+        let _one = self.running.lock().await;
+        let r = self
+            .store
+            .get_rotation(id)
+            .await?
+            .ok_or(RotationError::NotFound(id))?;
+        if r.step != RotationStep::KeyGenerated || r.purpose != KeyPurpose::IssuingCa {
+            return Err(RotationError::NotWaitingForCard {
+                id,
+                step: r.step.as_str(),
+            });
+        }
+        if !self.ca.parent_on_card(&r.target) {
+            return Err(RotationError::Unsupported(format!(
+                "the parent of `{}` is not on a card: the scheduler certifies its new key",
+                r.target
+            )));
+        }
+        // Card trouble (PIN, removed card) is the operator's to see at once.
+        self.certify(&r, Some(operator)).await?;
+        let r = self
+            .store
+            .get_rotation(id)
+            .await?
+            .ok_or(RotationError::NotFound(id))?;
+        Ok(self.drive(r, None).await)
+    }
+
     /// Runs the steps of `r` until it finishes, waits, or a step fails.
-    async fn drive(&self, mut r: RotationRecord, with_root_card: bool) -> RotationRecord {
+    async fn drive(&self, mut r: RotationRecord, operator: Option<&str>) -> RotationRecord {
         loop {
-            match self.step(&r, with_root_card).await {
+            match self.step(&r, operator).await {
                 Ok(Some(next)) => {
                     r = next;
                     if r.step.finished() {
@@ -341,7 +377,7 @@ impl Rotator {
     async fn step(
         &self,
         r: &RotationRecord,
-        with_root_card: bool,
+        operator: Option<&str>,
     ) -> Result<Option<RotationRecord>, RotationError> {
         use RotationStep as S;
         match (r.purpose, r.step) {
@@ -349,7 +385,7 @@ impl Rotator {
             (_, S::Retired) => self.destroy_old(r).await,
             (_, S::Activated) => self.retire(r).await,
             (KeyPurpose::IssuingCa, S::Planned) => self.generate(r).await,
-            (KeyPurpose::IssuingCa, S::KeyGenerated) => self.certify(r, with_root_card).await,
+            (KeyPurpose::IssuingCa, S::KeyGenerated) => self.certify(r, operator).await,
             (KeyPurpose::IssuingCa, S::Certified) => self.publish(r).await,
             (KeyPurpose::IssuingCa, S::Published) => self.activate(r).await,
             (KeyPurpose::OcspSigning, S::Planned) => self.replace_ocsp_signer(r).await,
@@ -466,13 +502,16 @@ impl Rotator {
         self.reread(r.id).await
     }
 
-    /// `key-generated → certified`: the parent signs the new key's certificate.
+    /// `key-generated → certified`: the parent signs the new key's
+    /// certificate. A card-held parent signs only for an operator's
+    /// explicit command (`operator`).
     async fn certify(
         &self,
         r: &RotationRecord,
-        with_root_card: bool,
+        operator: Option<&str>,
     ) -> Result<Option<RotationRecord>, RotationError> {
-        if self.ca.parent_on_card(&r.target) && !with_root_card {
+        let card = self.ca.parent_on_card(&r.target);
+        if card && operator.is_none() {
             return Err(RotationError::NeedsRootCard(r.target.clone()));
         }
         let key_id = Self::new_key(r)?;
@@ -498,6 +537,8 @@ impl Rotator {
             "not_before": record.not_before,
             "not_after": record.not_after,
             "issuer": record.issuer_ca,
+            "root_card": card,
+            "root_card_operator": operator,
         });
         let serial = record.serial.clone();
         let change = Change::new()

@@ -77,6 +77,10 @@ macro_rules! store_suite {
             server_keys_are_delivered_once,
             registrations_keep_their_attestation,
             broker_outbox_supersedes_completes_and_backs_off,
+            rotations_advance_once_and_one_runs_per_key,
+            ca_key_activation_is_conditional,
+            crls_are_kept_per_signing_key,
+            last_expiry_leaves_out_retired_and_ocsp_service_certificates,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -2230,6 +2234,7 @@ pub async fn counts_name_every_table(cx: Cx) {
         "keys",
         "registrations",
         "renewal_allowances",
+        "rotations",
         "service_certificates",
     ];
     let counts = s.counts().await.unwrap();
@@ -3539,4 +3544,379 @@ pub async fn broker_outbox_supersedes_completes_and_backs_off(cx: Cx) {
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
     assert_eq!(s.broker_update_for_device(a.id).await.unwrap(), None);
     assert_eq!(s.broker_outbox_len().await.unwrap(), 1);
+}
+
+// ------------------------------------------------------------- rotation
+
+pub fn rotation(purpose: KeyPurpose, target: &str, old: Uuid, at: i64) -> RotationRecord {
+    RotationRecord {
+        id: Uuid::now_v7(),
+        purpose,
+        target: target.to_string(),
+        step: RotationStep::Planned,
+        old_key_id: Some(old),
+        new_key_id: None,
+        new_serial: None,
+        reason: "manual".into(),
+        actor: "admin:test".into(),
+        destroy_after: None,
+        attempts: 0,
+        last_error: None,
+        next_attempt_at: at,
+        created_at: at,
+        updated_at: at,
+        finished_at: None,
+    }
+}
+
+pub async fn rotations_advance_once_and_one_runs_per_key(cx: Cx) {
+    let s = cx.store.as_ref();
+    let old = key(KeyState::Active);
+    let new = key(KeyState::PreActive);
+    let other = key(KeyState::Active);
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(old.clone()),
+            Write::InsertKey(new.clone()),
+            Write::InsertKey(other.clone()),
+        ],
+    )
+    .await;
+    let r = rotation(KeyPurpose::IssuingCa, "issuing", old.id, T0);
+    ok(s, Write::InsertRotation(r.clone())).await;
+    let got = s.get_rotation(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.step, got.old_key_id, got.attempts),
+        (RotationStep::Planned, Some(old.id), 0)
+    );
+
+    // One running rotation per (purpose, target); another target or purpose is free.
+    let c = refused(
+        s,
+        Write::InsertRotation(rotation(KeyPurpose::IssuingCa, "issuing", old.id, T0)),
+    )
+    .await;
+    assert!(
+        matches!(c, Conflict::RotationRunning { ref target, .. } if target == "issuing"),
+        "{c:?}"
+    );
+    let ocsp = rotation(KeyPurpose::OcspSigning, "issuing", other.id, T0);
+    ok(s, Write::InsertRotation(ocsp.clone())).await;
+
+    // A failed attempt counts, keeps the error, backs off; only at its step.
+    ok(
+        s,
+        Write::FailRotationAttempt {
+            id: r.id,
+            step: RotationStep::Planned,
+            error: "HSM unavailable".into(),
+            next_attempt_at: T0 + 30,
+            at: T0 + 1,
+        },
+    )
+    .await;
+    let got = s.get_rotation(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.attempts, got.last_error.as_deref(), got.next_attempt_at),
+        (1, Some("HSM unavailable"), T0 + 30)
+    );
+    let c = refused(
+        s,
+        Write::FailRotationAttempt {
+            id: r.id,
+            step: RotationStep::Certified,
+            error: "x".into(),
+            next_attempt_at: T0,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "rotation",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+
+    // Advancing sets the fields given, keeps the others, clears the failures.
+    let adv = |from, to, at| Write::AdvanceRotation {
+        id: r.id,
+        from,
+        to,
+        new_key_id: None,
+        new_serial: None,
+        destroy_after: None,
+        at,
+    };
+    ok(
+        s,
+        Write::AdvanceRotation {
+            id: r.id,
+            from: RotationStep::Planned,
+            to: RotationStep::KeyGenerated,
+            new_key_id: Some(new.id),
+            new_serial: None,
+            destroy_after: None,
+            at: T0 + 40,
+        },
+    )
+    .await;
+    let got = s.get_rotation(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            got.step,
+            got.new_key_id,
+            got.attempts,
+            got.last_error.clone(),
+            got.updated_at
+        ),
+        (RotationStep::KeyGenerated, Some(new.id), 0, None, T0 + 40)
+    );
+    // The same step twice (a resumed executor that lost the race): refused.
+    let c = refused(
+        s,
+        adv(RotationStep::Planned, RotationStep::KeyGenerated, T0 + 41),
+    )
+    .await;
+    assert!(
+        matches!(
+            c,
+            Conflict::StateChanged {
+                entity: "rotation",
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    let c = refused(
+        s,
+        adv(RotationStep::Planned, RotationStep::KeyGenerated, T0 + 41),
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    ok(
+        s,
+        Write::AdvanceRotation {
+            id: r.id,
+            from: RotationStep::KeyGenerated,
+            to: RotationStep::Certified,
+            new_key_id: None,
+            new_serial: Some("0A01".into()),
+            destroy_after: None,
+            at: T0 + 42,
+        },
+    )
+    .await;
+    for (from, to) in [
+        (RotationStep::Certified, RotationStep::Published),
+        (RotationStep::Published, RotationStep::Activated),
+    ] {
+        ok(s, adv(from, to, T0 + 43)).await;
+    }
+    // Retired no longer blocks a new rotation of the same key.
+    ok(
+        s,
+        Write::AdvanceRotation {
+            id: r.id,
+            from: RotationStep::Activated,
+            to: RotationStep::Retired,
+            new_key_id: None,
+            new_serial: None,
+            destroy_after: Some(T0 + 86_400),
+            at: T0 + 44,
+        },
+    )
+    .await;
+    let got = s.get_rotation(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.new_key_id, got.new_serial.as_deref(), got.destroy_after),
+        (Some(new.id), Some("0A01"), Some(T0 + 86_400))
+    );
+    assert_eq!(got.finished_at, None);
+    let next = rotation(KeyPurpose::IssuingCa, "issuing", new.id, T0 + 45);
+    ok(s, Write::InsertRotation(next.clone())).await;
+    // Open rotations, newest first; a finished one leaves the open list.
+    let open: Vec<Uuid> = s
+        .list_rotations(true, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(open, [next.id, ocsp.id, r.id]);
+    ok(
+        s,
+        adv(RotationStep::Retired, RotationStep::Destroyed, T0 + 50),
+    )
+    .await;
+    let got = s.get_rotation(r.id).await.unwrap().unwrap();
+    assert_eq!(got.finished_at, Some(T0 + 50));
+    let open: Vec<Uuid> = s
+        .list_rotations(true, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(open, [next.id, ocsp.id]);
+    assert_eq!(s.list_rotations(false, 10).await.unwrap().len(), 3);
+    assert_eq!(s.list_rotations(false, 1).await.unwrap().len(), 1);
+    assert!(s.get_rotation(Uuid::now_v7()).await.unwrap().is_none());
+    let c = refused(
+        s,
+        Write::AdvanceRotation {
+            id: Uuid::now_v7(),
+            from: RotationStep::Planned,
+            to: RotationStep::KeyGenerated,
+            new_key_id: None,
+            new_serial: None,
+            destroy_after: None,
+            at: T0,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+}
+
+pub async fn ca_key_activation_is_conditional(cx: Cx) {
+    let s = cx.store.as_ref();
+    let old = key(KeyState::Active);
+    let new = key(KeyState::Generating);
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(old.clone()),
+            Write::InsertKey(new.clone()),
+            Write::InsertCa(ca("issuing", CaKind::Issuing, None, old.id, T0)),
+        ],
+    )
+    .await;
+    // A rotation's new key completes as pre-active.
+    ok(
+        s,
+        Write::CompleteKeyGeneration {
+            id: new.id,
+            public_key_der: vec![0x30, 1],
+            state: KeyState::PreActive,
+            at: T0 + 1,
+        },
+    )
+    .await;
+    assert_eq!(
+        s.get_key(new.id).await.unwrap().unwrap().state,
+        KeyState::PreActive
+    );
+    let activate = |from_key| Write::ActivateCaKey {
+        ca: "issuing".into(),
+        from_key,
+        to_key: new.id,
+        certificate_der: vec![0x30, 0x82, 2],
+    };
+    // Not on the key the rotation replaces: refused, nothing changed.
+    let c = refused(s, activate(new.id)).await;
+    assert!(
+        matches!(c, Conflict::StateChanged { entity: "CA", .. }),
+        "{c:?}"
+    );
+    let c = refused(
+        s,
+        Write::ActivateCaKey {
+            ca: "nope".into(),
+            from_key: old.id,
+            to_key: new.id,
+            certificate_der: vec![1],
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    ok(s, activate(old.id)).await;
+    let got = s.get_ca("issuing").await.unwrap().unwrap();
+    assert_eq!(
+        (got.key_id, got.certificate_der),
+        (new.id, vec![0x30, 0x82, 2])
+    );
+    let c = refused(s, activate(old.id)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+}
+
+pub async fn crls_are_kept_per_signing_key(cx: Cx) {
+    let s = cx.store.as_ref();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let publish = |n: i64, key: Uuid| Write::PublishCrl {
+        record: CrlRecord {
+            issuer_key_id: key,
+            ..crl("issuing", n, T0 + n)
+        },
+        keep: 2,
+    };
+    // One number sequence per CA, shared by its keys.
+    for (n, key) in [(1, a), (2, b), (3, a), (4, b), (5, b), (6, b)] {
+        ok(s, publish(n, key)).await;
+    }
+    let c = refused(s, publish(6, a)).await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    assert_eq!(s.latest_crl("issuing").await.unwrap().unwrap().number, 6);
+    let la = s.latest_crl_of_key("issuing", a).await.unwrap().unwrap();
+    assert_eq!((la.number, la.issuer_key_id), (3, a));
+    assert_eq!(
+        s.latest_crl_of_key("issuing", b)
+            .await
+            .unwrap()
+            .unwrap()
+            .number,
+        6
+    );
+    assert!(s.latest_crl_of_key("other", a).await.unwrap().is_none());
+    // `keep` per key: b's newer CRLs did not push a's out.
+    assert_eq!(s.counts().await.unwrap()["crls"], 2 + 2);
+}
+
+pub async fn last_expiry_leaves_out_retired_and_ocsp_service_certificates(cx: Cx) {
+    let s = cx.store.as_ref();
+    let ca_key = key(KeyState::Retired);
+    let svc_key = key(KeyState::Active);
+    ok_all(
+        s,
+        vec![
+            Write::InsertKey(ca_key.clone()),
+            Write::InsertKey(svc_key.clone()),
+        ],
+    )
+    .await;
+    assert_eq!(s.last_expiry_issued_by(ca_key.id).await.unwrap(), None);
+    let cert = |serial: &str, not_after: i64| CertificateRecord {
+        not_after,
+        ..certificate(serial, ca_key.id, None)
+    };
+    let svc =
+        |serial: &str, purpose: KeyPurpose, retired_at: Option<i64>| ServiceCertificateRecord {
+            purpose,
+            retired_at,
+            ..service_cert(serial, svc_key.id)
+        };
+    ok_all(
+        s,
+        vec![
+            Write::InsertCertificate(cert("0E01", T0 + 100)),
+            Write::InsertCertificate(cert("0E02", T0 + 900)),
+            Write::InsertServiceCertificate(svc("0E02", KeyPurpose::OcspSigning, None)),
+            Write::InsertCertificate(cert("0E03", T0 + 800)),
+            Write::InsertServiceCertificate(svc("0E03", KeyPurpose::TlsServer, Some(T0))),
+            Write::InsertCertificate(cert("0E04", T0 + 500)),
+            Write::InsertServiceCertificate(svc("0E04", KeyPurpose::TlsServer, None)),
+        ],
+    )
+    .await;
+    // The OCSP signer (0E02) and the retired TLS certificate (0E03) do not
+    // hold the key; the TLS certificate in service (0E04) does.
+    assert_eq!(
+        s.last_expiry_issued_by(ca_key.id).await.unwrap(),
+        Some(T0 + 500)
+    );
+    assert_eq!(s.last_expiry_issued_by(svc_key.id).await.unwrap(), None);
 }

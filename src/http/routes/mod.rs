@@ -98,6 +98,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
             get(rotation::list).post(rotation::start),
         )
         .route("/v1/admin/rotations/{id}", get(rotation::show))
+        .route(
+            "/v1/admin/rotations/{id}/certify-with-root-card",
+            post(rotation::certify_with_root_card),
+        )
         .route("/v1/admin/cas/{name}/crl", post(crl::publish_crl))
         .route("/v1/ocsp", post(ocsp::post))
         .route("/v1/ocsp/{*request}", get(ocsp::get))

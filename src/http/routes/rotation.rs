@@ -159,3 +159,27 @@ pub async fn show(
         .ok_or(crate::rotation::RotationError::NotFound(id))?;
     Ok(Json(RotationView::from(r)))
 }
+
+/// `POST /v1/admin/rotations/{id}/certify-with-root-card` (role admin): the
+/// operator's explicit command for a rotation whose new key waits for a
+/// card-held parent key. Signs with the card now and carries the rotation
+/// on; 409 `rotation_not_waiting_for_card` at any other step.
+pub async fn certify_with_root_card(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<RotationView>, ApiError> {
+    let me = admin.require(Role::Admin)?;
+    let id = Uuid::parse_str(&id).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "the id is not a UUID",
+        )
+    })?;
+    let r = state
+        .rotator
+        .certify_with_root_card(id, &format!("admin:{}", me.id))
+        .await?;
+    Ok(Json(RotationView::from(r)))
+}

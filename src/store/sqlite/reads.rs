@@ -15,7 +15,7 @@ use uuid::Uuid;
 type R<T> = Result<T, StoreError>;
 
 /// Tables [`counts`] reports, one entry each.
-const TABLES: [&str; 13] = [
+const TABLES: [&str; 14] = [
     "keys",
     "cas",
     "admins",
@@ -28,6 +28,7 @@ const TABLES: [&str; 13] = [
     "service_certificates",
     "renewal_allowances",
     "broker_outbox",
+    "rotations",
     "audit_events",
 ];
 
