@@ -22,6 +22,7 @@ use crate::jobs::crl::CrlJob;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::ocsp::OcspSignerRotation;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
+use crate::jobs::renewal_notices::RenewalNotices;
 use crate::jobs::sweeper::Sweeper;
 use crate::jobs::tls_renewal::{TlsRenewal, serving_key};
 use crate::keystore::metered::MeteredKeyStore;
@@ -580,6 +581,13 @@ impl App {
         if let Some(renewal) = self.tls.as_ref().and_then(|t| t.renewal.clone()) {
             jobs.spawn(renewal);
         }
+        jobs.spawn(Arc::new(RenewalNotices::new(
+            s.store.clone(),
+            s.ca.clone(),
+            self.notifiers.clone(),
+            s.metrics.clone(),
+            self.config.jobs.renewal_notice_interval,
+        )));
         jobs.spawn(Arc::new(OcspSignerRotation::new(
             s.ocsp.clone(),
             OCSP_SIGNER_INTERVAL,
