@@ -591,6 +591,28 @@ mod tests {
     }
 
     #[test]
+    fn hints_are_due_from_the_second_the_window_opens() {
+        let not_after = 1_900_000_000;
+        let w = 30 * 86_400;
+        let opens = not_after - w;
+        assert_eq!(renewal_window_opens(not_after, w), opens);
+        let before = RenewalHint::new(not_after, w, opens - 1);
+        assert_eq!((before.due, before.window_opens_at), (false, opens));
+        assert!(RenewalHint::new(not_after, w, opens).due);
+        assert!(RenewalHint::new(not_after, w, not_after + 1).due);
+        assert_eq!(renewal_window_opens(i64::MIN + 1, w), i64::MIN);
+        let json = serde_json::to_value(before).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "due": false,
+                "window_opens_at": "2030-02-15T17:46:40Z",
+                "not_after": "2030-03-17T17:46:40Z",
+            })
+        );
+    }
+
+    #[test]
     fn nonces_are_single_use_bound_and_expire() {
         let n = Nonces::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
