@@ -1488,6 +1488,20 @@ token_pepper_env = "KEYWARD_PEPPER"
     }
 
     #[test]
+    fn renewal_notice_interval_defaults_and_is_bounded() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.jobs.renewal_notice_interval, Duration::from_secs(600));
+        let with = |v: &str| format!("{MINIMAL}[jobs]\nrenewal_notice_interval_seconds = {v}\n");
+        let c = parse(&with("1")).unwrap();
+        assert_eq!(c.jobs.renewal_notice_interval, Duration::from_secs(1));
+        for bad in ["0", "86401"] {
+            refused(&with(bad), "jobs.renewal_notice_interval_seconds");
+        }
+        let e = parse(&format!("{MINIMAL}[jobs]\nsweep_interval_seconds = 5\n")).unwrap_err();
+        assert_eq!(e.code(), "config_syntax");
+    }
+
+    #[test]
     fn tls_takes_files_or_issue_and_names_every_refused_key() {
         let files =
             "[server.tls]\ncertificate_file = \"tls/server.pem\"\nkey_file = \"tls/server.key\"\n";
