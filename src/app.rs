@@ -22,6 +22,7 @@ use crate::jobs::crl::CrlJob;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::ocsp::OcspSignerRotation;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
+use crate::jobs::renewal_notices::RenewalNotices;
 use crate::jobs::rotation::RotationJob;
 use crate::jobs::sweeper::Sweeper;
 use crate::jobs::tls_renewal::{TlsRenewal, serving_key};
@@ -600,6 +601,13 @@ impl App {
         )));
         // A rotation a crash interrupted resumes at once, not one interval later.
         s.rotator.wake();
+        jobs.spawn(Arc::new(RenewalNotices::new(
+            s.store.clone(),
+            s.ca.clone(),
+            self.notifiers.clone(),
+            s.metrics.clone(),
+            self.config.jobs.renewal_notice_interval,
+        )));
         jobs.spawn(Arc::new(OcspSignerRotation::new(
             s.ocsp.clone(),
             OCSP_SIGNER_INTERVAL,

@@ -78,6 +78,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[broker]`: where devices' broker ACLs are provisioned.
     pub broker: BrokerConfig,
+    /// `[jobs]`: background job cadences.
+    pub jobs: JobsConfig,
     /// `[[notify]]`, in order; without any, one `log` backend.
     pub notify: Vec<NotifierConfig>,
     /// Directory the config was read from; relative paths were resolved against it.
@@ -267,6 +269,14 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Log sensitive details (device ids, key labels, policy bodies). Off by default.
     pub sensitive_details: bool,
+}
+
+/// `[jobs]`: how often the background jobs that have a setting run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobsConfig {
+    /// Between two rounds of `device.renewal_due` notices (1..=86400 s,
+    /// default 600).
+    pub renewal_notice_interval: Duration,
 }
 
 /// `[limits]`: per-source rate limits (`burst` per `window`), the
@@ -720,6 +730,15 @@ impl Builder<'_> {
                 10_000_000,
             )?,
         };
+        let jobs = JobsConfig {
+            renewal_notice_interval: Duration::from_secs(self.range(
+                "jobs.renewal_notice_interval_seconds",
+                raw.jobs.renewal_notice_interval_seconds,
+                600,
+                1,
+                86_400,
+            )?),
+        };
         let broker = self.broker(raw.broker)?;
         if !matches!(broker.backend, BrokerBackendConfig::None)
             && broker.flush_timeout >= server.request_timeout
@@ -750,6 +769,7 @@ impl Builder<'_> {
             log,
             limits,
             broker,
+            jobs,
             notify,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
@@ -1465,6 +1485,20 @@ token_pepper_env = "KEYWARD_PEPPER"
         .unwrap();
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.server.request_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn renewal_notice_interval_defaults_and_is_bounded() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.jobs.renewal_notice_interval, Duration::from_secs(600));
+        let with = |v: &str| format!("{MINIMAL}[jobs]\nrenewal_notice_interval_seconds = {v}\n");
+        let c = parse(&with("1")).unwrap();
+        assert_eq!(c.jobs.renewal_notice_interval, Duration::from_secs(1));
+        for bad in ["0", "86401"] {
+            refused(&with(bad), "jobs.renewal_notice_interval_seconds");
+        }
+        let e = parse(&format!("{MINIMAL}[jobs]\nsweep_interval_seconds = 5\n")).unwrap_err();
+        assert_eq!(e.code(), "config_syntax");
     }
 
     #[test]

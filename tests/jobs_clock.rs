@@ -302,3 +302,168 @@ fn failed_logins_are_written_per_closed_window_and_at_shutdown() {
         );
     });
 }
+
+/// The renewal-notices job with a manual clock: each certificate against its
+/// own group's profile window (the store is asked for the largest one),
+/// batches of 500 each one commit with one audit event, nothing notified
+/// twice, and more as time passes. Rows are written straight into the store
+/// (hundreds of certificates; their DER is not what this job reads).
+#[test]
+fn renewal_notices_follow_each_profile_window_in_batches() {
+    let Some((config, _)) = child_config(
+        "renewal_notices_follow_each_profile_window_in_batches",
+        |env| {
+            let ca = format!(
+                "{}\n[[profile]]\nname = \"short\"\nissuer = \"devices\"\nvalidity_days = 100\n\
+                 key_algorithms = [\"ecdsa-p256\"]\nrenewal_window_days = 60\n",
+                common::repo_file("policies/ca.toml")
+            );
+            std::fs::write(env.path("policies/ca.toml"), ca).unwrap();
+            let en = format!(
+                "{}\n[[group]]\nname = \"soon\"\nprofile = \"short\"\n",
+                common::one_approver_enrollment()
+            );
+            std::fs::write(env.path("policies/enrollment.toml"), en).unwrap();
+        },
+    ) else {
+        return;
+    };
+    use keyward::jobs::renewal_notices::{NoticeReport, RenewalNotices};
+    use keyward::store::{
+        CertificateRecord, CertificateStatus, Change, DeviceRecord, DeviceStatus, Write,
+    };
+    runtime().block_on(async {
+        let t0 = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let (app, clock) = app(&config, t0).await;
+        let s = &app.state;
+        let store = s.store.clone();
+        let key = store.get_ca("devices").await.unwrap().unwrap().key_id;
+        let now = t0.unix_timestamp();
+        let day = 86_400;
+        // (group, count, days left)
+        let plan = [
+            ("default", 650, 29), // due (30-day window)
+            ("default", 10, 45),  // read (within 60 days), not due yet
+            ("soon", 10, 45),     // due (60-day window)
+            ("soon", 5, 70),      // beyond the largest window: not even read
+        ];
+        let mut serial = 0u32;
+        for (group, count, left) in plan {
+            let mut change = Change::new().audit(keyward::audit::AuditDraft::new(
+                "test",
+                "test.insert",
+                "devices",
+            ));
+            for _ in 0..count {
+                serial += 1;
+                let d = DeviceRecord {
+                    id: uuid::Uuid::now_v7(),
+                    name: format!("d-{serial}"),
+                    device_type: None,
+                    location: None,
+                    firmware: None,
+                    group: group.into(),
+                    status: DeviceStatus::Active,
+                    created_at: now,
+                    updated_at: now,
+                };
+                change = change.write(Write::InsertCertificate(CertificateRecord {
+                    serial: format!("{serial:08X}"),
+                    device_id: Some(d.id),
+                    issuer_ca: "devices".into(),
+                    issuer_key_id: key,
+                    subject: format!("CN={}", d.id),
+                    not_before: now,
+                    not_after: now + left * day,
+                    fingerprint_sha256: format!("{serial:064x}"),
+                    der: vec![0x30, 0x00],
+                    status: CertificateStatus::Valid,
+                    revoked_at: None,
+                    revocation_reason: None,
+                    created_at: now,
+                    superseded_by: None,
+                    spki_sha256: Some(format!("{serial:064x}")),
+                }));
+                change.writes.insert(0, Write::InsertDevice(d));
+            }
+            store.commit(change).await.unwrap();
+        }
+        let job = RenewalNotices::new(
+            store.clone(),
+            s.ca.clone(),
+            app.notifiers(),
+            s.metrics.clone(),
+            Duration::from_secs(600),
+        );
+        let events = |store: Arc<dyn Store>| async move {
+            store
+                .audit_events(keyward::store::AuditQuery {
+                    from_seq: 1,
+                    limit: 10_000,
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.action == "device.renewal_due")
+                .map(|e| e.details)
+                .collect::<Vec<_>>()
+        };
+
+        let r = job.run(clock.now()).await.unwrap();
+        assert_eq!(
+            r,
+            NoticeReport {
+                notified: 660,
+                not_due: 10
+            }
+        );
+        let audited = events(store.clone()).await;
+        assert_eq!(
+            audited
+                .iter()
+                .map(|d| d["count"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            [500, 160],
+            "one event per batch"
+        );
+        assert_eq!(audited[0]["serials"].as_array().unwrap().len(), 500);
+        assert_eq!(audited[0]["serials"][0], "00000001");
+        assert_eq!(s.metrics.renewal_notices.get(), 660);
+        // Nothing twice.
+        let r = job.run(clock.now()).await.unwrap();
+        assert_eq!(
+            r,
+            NoticeReport {
+                notified: 0,
+                not_due: 10
+            }
+        );
+        assert_eq!(events(store.clone()).await.len(), 2);
+        // A second before the 45-day default certificates enter their
+        // window, they are still not due; at that second they are, and the
+        // 70-day short ones (60-day window) came due ten days ago.
+        clock.set(t0 + time::Duration::days(15) - time::Duration::seconds(1));
+        let r = job.run(clock.now()).await.unwrap();
+        assert_eq!(
+            r,
+            NoticeReport {
+                notified: 5,
+                not_due: 10
+            }
+        );
+        clock.set(t0 + time::Duration::days(15));
+        let r = job.run(clock.now()).await.unwrap();
+        assert_eq!(
+            r,
+            NoticeReport {
+                notified: 10,
+                not_due: 0
+            }
+        );
+        assert_eq!(job.run(clock.now()).await.unwrap(), NoticeReport::default());
+        assert_eq!(s.metrics.renewal_notices.get(), 675);
+        assert_eq!(events(store.clone()).await.len(), 4);
+        job.tick(clock.now()).await.unwrap();
+        assert_eq!(job.name(), "renewal_notices");
+    });
+}

@@ -1625,6 +1625,37 @@ async fn devices_and_certificates(
             Some("invalid_query"),
         );
     }
+    // What expires soon: none within 30 days of a 365-day profile; all
+    // within 400 days, soonest first, page by page.
+    let expiring = "/v1/admin/certs/expiring";
+    let r = api.get(&format!("{expiring}?within=30d"), audrey).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["items"], json!([]), "{}", r.json);
+    let r = api
+        .get(&format!("{expiring}?within=400d&limit=1"), audrey)
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["items"][0]["renewal_due"], false, "{}", r.json);
+    let cursor = r.json["next_cursor"].as_str().unwrap().to_string();
+    let r = api
+        .get(&format!("{expiring}?within=400d&cursor={cursor}"), audrey)
+        .await;
+    expect(&r, 200, None);
+    assert!(!r.json["items"].as_array().unwrap().is_empty());
+    for bad in ["within=30s", "within=0d", "within=30", "within=3651d"] {
+        expect(
+            &api.get(&format!("{expiring}?{bad}"), b).await,
+            400,
+            Some("invalid_within"),
+        );
+    }
+    for bad in ["cursor=zz", "cursor=1.zz", "limit=0", "unknown=1"] {
+        expect(
+            &api.get(&format!("{expiring}?{bad}"), b).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
     expect(
         &api.get(&format!("{certs}/{}", serial4.to_lowercase()), audrey)
             .await,

@@ -44,7 +44,7 @@ pub mod tls_server;
 pub mod x509;
 
 pub use lifecycle::LifecycleError;
-pub use renewal::{RenewalProof, Renewed};
+pub use renewal::{RenewalHint, RenewalProof, Renewed};
 pub use revocation::DeviceChanged;
 
 /// Told after a change to revocation state has committed.

@@ -30,12 +30,15 @@ use super::public_key::PublicKey;
 use super::revocation::check_comment;
 use super::{CaService, csr, spki_sha256};
 use crate::audit::AuditDraft;
+use crate::clock::{from_unix, rfc3339};
 use crate::keystore::KeyAlgorithm;
 use crate::model::{CertificateStatus, DeviceStatus};
+use crate::policy::{Policies, ProfilePolicy};
 use crate::store::{
     AdminRecord, CertificateRecord, Change, Conflict, RenewalAllowanceRecord, StoreError, Write,
 };
 use der::{Decode, Encode};
+use serde::Serialize;
 use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -81,6 +84,56 @@ pub struct Renewed {
     pub forced: bool,
     /// Issuing CA first, then its parents, PEM.
     pub chain_pem: String,
+    /// The new certificate's renewal window.
+    pub renewal: RenewalHint,
+}
+
+/// A profile's renewal window in seconds (`renewal_window_days`).
+pub fn profile_window_secs(profile: &ProfilePolicy) -> i64 {
+    i64::from(profile.renewal_window_days) * 86_400
+}
+
+/// The renewal window of a device in `group`: the window of the profile
+/// the group issues under (the profile renewal uses). `None` when the
+/// group or its profile is not in `policies`.
+pub fn renewal_window_secs(policies: &Policies, group: &str) -> Option<i64> {
+    let g = policies.groups.get(group)?;
+    policies.profiles.get(&g.profile).map(profile_window_secs)
+}
+
+/// When the renewal window of a certificate ending at `not_after` opens.
+pub fn renewal_window_opens(not_after: i64, window_secs: i64) -> i64 {
+    not_after.saturating_sub(window_secs)
+}
+
+/// What devices are told about their current certificate's renewal: the
+/// `renewal` object of the device-facing answers (registration status,
+/// device config, renewal), and the `Keyward-Renewal-Due` header when due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RenewalHint {
+    /// `now >= window_opens_at`: the device should renew now.
+    pub due: bool,
+    #[serde(serialize_with = "as_rfc3339")]
+    pub window_opens_at: i64,
+    #[serde(serialize_with = "as_rfc3339")]
+    pub not_after: i64,
+}
+
+impl RenewalHint {
+    /// The hint for a certificate ending at `not_after` under a window of
+    /// `window_secs`, as of `now`.
+    pub fn new(not_after: i64, window_secs: i64, now: i64) -> Self {
+        let opens = renewal_window_opens(not_after, window_secs);
+        Self {
+            due: now >= opens,
+            window_opens_at: opens,
+            not_after,
+        }
+    }
+}
+
+fn as_rfc3339<S: serde::Serializer>(t: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(from_unix(*t)))
 }
 
 /// The bytes a device signs for the signed-nonce proof.
@@ -404,8 +457,8 @@ impl CaService {
             .profiles
             .get(&group.profile)
             .ok_or_else(|| LifecycleError::UnknownGroup(device.group.clone()))?;
-        let window = i64::from(profile.renewal_window_days) * 86_400;
-        let opens = current.not_after - window;
+        let window = profile_window_secs(profile);
+        let opens = renewal_window_opens(current.not_after, window);
         let forced = if now >= opens {
             false
         } else {
@@ -461,12 +514,44 @@ impl CaService {
         })?;
         let chain_pem = self.issuer(&new.issuer_ca)?.chain_pem.clone();
         Ok(Renewed {
+            renewal: RenewalHint::new(new.not_after, window, now),
             certificate: new,
             previous_serial: current.serial,
             rekey,
             forced,
             chain_pem,
         })
+    }
+
+    /// The renewal hint for `cert`, a certificate of a device in `group`,
+    /// as of `now`; `None` when the group or its profile is gone from the
+    /// policies (then no window is known).
+    pub fn renewal_hint(
+        &self,
+        group: &str,
+        cert: &CertificateRecord,
+        now: i64,
+    ) -> Option<RenewalHint> {
+        renewal_window_secs(&self.policies(), group)
+            .map(|w| RenewalHint::new(cert.not_after, w, now))
+    }
+
+    /// The renewal hint for the device's current certificate ([`Self::current_certificate`]);
+    /// `None` when the device, its current certificate or its window is unknown.
+    /// Only a store failure is an error.
+    pub async fn device_renewal_hint(
+        &self,
+        device_id: Uuid,
+        now: i64,
+    ) -> Result<Option<RenewalHint>, LifecycleError> {
+        let Some(device) = self.store.get_device(device_id).await? else {
+            return Ok(None);
+        };
+        match self.current_certificate(device_id, now).await {
+            Ok(cert) => Ok(self.renewal_hint(&device.group, &cert, now)),
+            Err(LifecycleError::Store(e)) => Err(LifecycleError::Store(e)),
+            Err(_) => Ok(None),
+        }
     }
 }
 
@@ -503,6 +588,28 @@ mod tests {
         assert_eq!(m[53], 0);
         assert_eq!(&m[54..86], &[7u8; 32]);
         assert_eq!(m.len(), 86 + 32);
+    }
+
+    #[test]
+    fn hints_are_due_from_the_second_the_window_opens() {
+        let not_after = 1_900_000_000;
+        let w = 30 * 86_400;
+        let opens = not_after - w;
+        assert_eq!(renewal_window_opens(not_after, w), opens);
+        let before = RenewalHint::new(not_after, w, opens - 1);
+        assert_eq!((before.due, before.window_opens_at), (false, opens));
+        assert!(RenewalHint::new(not_after, w, opens).due);
+        assert!(RenewalHint::new(not_after, w, not_after + 1).due);
+        assert_eq!(renewal_window_opens(i64::MIN + 1, w), i64::MIN);
+        let json = serde_json::to_value(before).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "due": false,
+                "window_opens_at": "2030-02-15T17:46:40Z",
+                "not_after": "2030-03-17T17:46:40Z",
+            })
+        );
     }
 
     #[test]

@@ -198,6 +198,52 @@ pub async fn certs(args: &ClientArgs, command: CertsCommand) -> anyhow::Result<E
                 next_page_hint(v);
             });
         }
+        CertsCommand::Expiring {
+            within,
+            limit,
+            cursor,
+            json,
+        } => {
+            let page = super::PageArgs {
+                limit,
+                cursor,
+                order: None,
+            };
+            let path = list_path(
+                "/v1/admin/certs/expiring",
+                &[("within", Some(within.as_str()))],
+                &page,
+            );
+            let (_, v) = api.call(reqwest::Method::GET, &path, None, None).await?;
+            let output = if json {
+                super::Output::Json
+            } else {
+                args.output
+            };
+            print(output, &v, |v| {
+                let rows = v["items"].as_array().cloned().unwrap_or_default();
+                if rows.is_empty() {
+                    println!("no device certificates expire within {within}");
+                }
+                for c in &rows {
+                    let state = if c["renewal_due"] == true {
+                        "due"
+                    } else {
+                        "not-yet"
+                    };
+                    println!(
+                        "{}  {}  {:<7}  {}  {:<10}  {}",
+                        s(&c["serial"]),
+                        s(&c["not_after"]),
+                        state,
+                        s(&c["device_id"]),
+                        s(&c["group"]),
+                        s(&c["device_name"]),
+                    );
+                }
+                next_page_hint(v);
+            });
+        }
         CertsCommand::Show { serial } => {
             let (_, v) = api
                 .call(

@@ -147,7 +147,7 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Certificates: list, show, revoke (any RFC 5280 reason), release a hold.
+    /// Certificates: list, what expires soon, show, revoke (any RFC 5280 reason), release a hold.
     Certs {
         #[command(flatten)]
         client: ClientArgs,
@@ -227,6 +227,22 @@ enum CertsCommand {
         issuer: Option<String>,
         #[command(flatten)]
         page: PageArgs,
+    },
+    /// Valid device certificates that expire within a time, soonest first,
+    /// with whether their renewal window is open (what is due).
+    Expiring {
+        /// 30d, 12h or 90m (at most 3650d).
+        #[arg(long, default_value = "30d")]
+        within: String,
+        /// Page size (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after a previous page (the `next_cursor` it printed).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print the JSON answer (like `--output json`).
+        #[arg(long)]
+        json: bool,
     },
     /// Show one certificate.
     Show { serial: String },

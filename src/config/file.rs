@@ -25,9 +25,17 @@ pub(super) struct File {
     pub limits: Limits,
     #[serde(default)]
     pub broker: Broker,
+    #[serde(default)]
+    pub jobs: Jobs,
     /// `[[notify]]`: notification backends, in order.
     #[serde(default)]
     pub notify: Vec<Notify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Jobs {
+    pub renewal_notice_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -176,3 +176,30 @@ impl From<&crate::store::CertificateRecord> for CertificateView {
         }
     }
 }
+
+/// The response header that tells a device its renewal window is open.
+pub const RENEWAL_DUE_HEADER: &str = "keyward-renewal-due";
+
+/// Adds `Keyward-Renewal-Due: true` to a device-facing answer when `hint`
+/// says the current certificate is due for renewal.
+pub fn mark_renewal_due(
+    resp: &mut axum::response::Response,
+    hint: Option<&crate::ca::RenewalHint>,
+) {
+    if hint.is_some_and(|h| h.due) {
+        resp.headers_mut().insert(
+            RENEWAL_DUE_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+}
+
+/// `GET /v1/registrations/{id}`: the registration and, once issued, the
+/// renewal hint of its device's current certificate.
+#[derive(Serialize)]
+pub struct RegistrationStatusView {
+    #[serde(flatten)]
+    pub registration: RegistrationView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<crate::ca::RenewalHint>,
+}

@@ -21,6 +21,7 @@ pub mod crl;
 pub mod login_failures;
 pub mod ocsp;
 pub mod readiness;
+pub mod renewal_notices;
 pub mod rotation;
 pub mod sweeper;
 pub mod tls_renewal;

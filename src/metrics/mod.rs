@@ -76,6 +76,8 @@ pub struct Metrics {
     /// Notifications by backend (`log`, `webhook`) and result
     /// (`delivered`, `failed`, `dropped`).
     pub notifications: IntCounterVec,
+    /// `device.renewal_due` notices raised (certificates marked notified).
+    pub renewal_notices: IntCounter,
 }
 
 impl Metrics {
@@ -219,7 +221,13 @@ impl Metrics {
             "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown)",
             &["backend", "result"],
         )?;
+        let renewal_notices = IntCounter::new(
+            "renewal_notices_total",
+            "device.renewal_due notifications raised: device certificates whose renewal window opened (once per certificate)",
+        )?;
+        registry.register(Box::new(renewal_notices.clone()))?;
         Ok(Self {
+            renewal_notices,
             broker_outbox_pending,
             broker_updates,
             notifications,
@@ -347,6 +355,7 @@ mod tests {
         m.notifications
             .with_label_values(&["webhook", "dropped"])
             .inc();
+        m.renewal_notices.inc_by(2);
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -376,6 +385,7 @@ mod tests {
             "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
             "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
             "keyward_notifications_total{backend=\"webhook\",result=\"dropped\"} 1",
+            "keyward_renewal_notices_total 2",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

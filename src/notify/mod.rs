@@ -79,7 +79,7 @@ impl Notification {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::RegistrationPending { .. } => "registration.pending",
-            Self::RenewalDue { .. } => "renewal.due",
+            Self::RenewalDue { .. } => "device.renewal_due",
             Self::Rotation { outcome, .. } => match outcome {
                 RotationOutcome::Completed => "rotation.completed",
                 RotationOutcome::Failed => "rotation.failed",
@@ -508,7 +508,7 @@ mod tests {
             serial: "0a1b".into(),
             not_after: 0,
         };
-        assert_eq!(renewal.kind(), "renewal.due");
+        assert_eq!(renewal.kind(), "device.renewal_due");
         assert_eq!(renewal.data()["not_after"], "1970-01-01T00:00:00Z");
     }
 }

@@ -4,7 +4,7 @@
 //! waits for approvers, it is told to come back.
 
 use super::{RegistryError, RegistryService};
-use crate::ca::x509;
+use crate::ca::{RenewalHint, x509};
 use crate::policy::{BrokerAclRule, TemplateVars};
 use crate::store::{DeviceStatus, RegistrationRecord, RegistrationStatus};
 use serde::Serialize;
@@ -30,6 +30,10 @@ pub struct DeviceConfig {
     pub chain_pem: String,
     pub device_config: serde_json::Value,
     pub broker_acl: Vec<BrokerAclRule>,
+    /// The current certificate's renewal window (absent when its group's
+    /// profile is gone from the policies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<RenewalHint>,
 }
 
 pub enum ConfigAnswer {
@@ -85,7 +89,9 @@ impl RegistryService {
             device_name: &device.name,
             group: &group.name,
         };
+        let renewal = self.ca.renewal_hint(&device.group, &cert, now);
         Ok(ConfigAnswer::Ready(Box::new(DeviceConfig {
+            renewal,
             device_id,
             status: device.status,
             group: group.name.clone(),

@@ -446,6 +446,15 @@ pub enum Write {
         next_attempt_at: i64,
         at: i64,
     },
+    /// Records that the `device.renewal_due` notification for each of
+    /// `serials` went out at `at`. Conflicts (`StateChanged`) unless every
+    /// serial names a certificate not marked yet: two schedulers racing on
+    /// one batch cannot both mark (and notify) it. An empty list writes
+    /// nothing.
+    MarkRenewalNotified {
+        serials: Vec<String>,
+        at: i64,
+    },
     /// Points CA `ca` at its new key and certificate. Conflicts
     /// (`StateChanged`) unless the CA's key is `from_key`.
     ActivateCaKey {
@@ -548,6 +557,22 @@ pub struct CertificateFilter {
     pub issuer_ca: Option<String>,
 }
 
+/// Valid device certificates of active devices whose notAfter lies in
+/// (`not_after_from`, `not_after_to`], ordered by (notAfter, serial), keyset
+/// after `after` (the last (notAfter, serial) of the previous page).
+#[derive(Debug, Clone, Default)]
+pub struct ExpiringQuery {
+    /// Exclusive lower bound (typically now: expired certificates are out).
+    pub not_after_from: i64,
+    /// Inclusive upper bound.
+    pub not_after_to: i64,
+    /// Only certificates not yet notified (`renewal_notified_at` unset).
+    pub unnotified_only: bool,
+    pub after: Option<(i64, String)>,
+    /// 1..=1000; backends clamp.
+    pub limit: u32,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RegistrationFilter {
     pub status: Option<RegistrationStatus>,
@@ -639,6 +664,11 @@ pub trait Store: Send + Sync + 'static {
         filter: &CertificateFilter,
         page: &SerialPageRequest,
     ) -> Result<Page<CertificateRecord, String>, StoreError>;
+    /// One page of [`ExpiringQuery`]; `next` is the cursor of the next page.
+    async fn expiring_device_certificates(
+        &self,
+        q: &ExpiringQuery,
+    ) -> Result<Page<ExpiringCertificate, (i64, String)>, StoreError>;
     /// Every certificate whose SubjectPublicKeyInfo hashes to `spki_sha256`.
     async fn certificates_by_spki(
         &self,

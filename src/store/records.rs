@@ -197,6 +197,21 @@ impl CertificateRecord {
     }
 }
 
+/// A valid device certificate nearing its end, with its device: what the
+/// renewal notices and the expiring-certificates report read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiringCertificate {
+    pub serial: String,
+    pub device_id: Uuid,
+    pub device_name: String,
+    /// The device's enrollment group (its profile sets the renewal window).
+    pub group: String,
+    pub issuer_ca: String,
+    pub not_after: i64,
+    /// When the `device.renewal_due` notification went out (`None`: not yet).
+    pub renewal_notified_at: Option<i64>,
+}
+
 /// One entry of a CRL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokedEntry {

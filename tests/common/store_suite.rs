@@ -81,6 +81,8 @@ macro_rules! store_suite {
             ca_key_activation_is_conditional,
             crls_are_kept_per_signing_key,
             last_expiry_leaves_out_retired_and_ocsp_service_certificates,
+            expiring_device_certificates_window_filters_and_pages,
+            renewal_notices_are_marked_once_per_certificate,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -3919,4 +3921,294 @@ pub async fn last_expiry_leaves_out_retired_and_ocsp_service_certificates(cx: Cx
         Some(T0 + 500)
     );
     assert_eq!(s.last_expiry_issued_by(svc_key.id).await.unwrap(), None);
+}
+
+/// Every page of `q` from its start, as (not_after, serial).
+async fn all_expiring(s: &dyn Store, mut q: ExpiringQuery) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    q.after = None;
+    loop {
+        let p = s.expiring_device_certificates(&q).await.unwrap();
+        assert!(p.items.len() <= q.limit.clamp(1, 1000) as usize);
+        out.extend(p.items.iter().map(|c| (c.not_after, c.serial.clone())));
+        match p.next {
+            Some(n) => {
+                assert_eq!(
+                    Some(&n),
+                    out.last(),
+                    "the cursor is the last item of its page"
+                );
+                q.after = Some(n);
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+pub async fn expiring_device_certificates_window_filters_and_pages(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let (a, b, held, gone) = (
+        device("field"),
+        device("lab"),
+        device("field"),
+        device("lab"),
+    );
+    let cert = |serial: &str, d: &DeviceRecord, not_after: i64| CertificateRecord {
+        not_after,
+        ..certificate(serial, k.id, Some(d.id))
+    };
+    let day = 86_400;
+    let mut writes = vec![Write::InsertKey(k.clone())];
+    for d in [&a, &b, &held, &gone] {
+        writes.push(Write::InsertDevice(d.clone()));
+    }
+    for c in [
+        cert("0A01", &a, T0 + 10 * day),
+        // Same notAfter: serial breaks the tie.
+        cert("0B01", &b, T0 + 10 * day),
+        cert("0A02", &a, T0 + 5 * day),
+        cert("0B02", &b, T0 + 40 * day),
+        // Ends exactly at the lower bound: expired, out.
+        cert("0A03", &a, T0),
+        cert("0C01", &held, T0 + 3 * day),
+        cert("0D01", &gone, T0 + 3 * day),
+        // Renewed: the old one is superseded, the new one listed.
+        cert("0A04", &a, T0 + 2 * day),
+        cert("0A05", &a, T0 + 300 * day),
+        // Revoked on its own.
+        cert("0B03", &b, T0 + 6 * day),
+    ] {
+        writes.push(Write::InsertCertificate(c));
+    }
+    // Not a device's: a service certificate.
+    writes.push(Write::InsertCertificate(CertificateRecord {
+        not_after: T0 + 4 * day,
+        ..certificate("0E01", k.id, None)
+    }));
+    writes.push(Write::SupersedeCertificate {
+        serial: "0A04".into(),
+        by: "0A05".into(),
+        at: T0,
+    });
+    writes.push(Write::RevokeCertificate {
+        serial: "0B03".into(),
+        reason: RevocationReason::KeyCompromise,
+        at: T0,
+    });
+    ok_all(s, writes).await;
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: held.id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Suspended,
+            reason: RevocationReason::CertificateHold,
+            at: T0,
+        },
+    )
+    .await;
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: gone.id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Revoked,
+            reason: RevocationReason::CessationOfOperation,
+            at: T0,
+        },
+    )
+    .await;
+
+    let q = |to: i64, limit: u32| ExpiringQuery {
+        not_after_from: T0,
+        not_after_to: to,
+        unnotified_only: false,
+        after: None,
+        limit,
+    };
+    let want = vec![
+        (T0 + 5 * day, "0A02".to_string()),
+        (T0 + 10 * day, "0A01".to_string()),
+        (T0 + 10 * day, "0B01".to_string()),
+        (T0 + 40 * day, "0B02".to_string()),
+    ];
+    // Soonest first, (notAfter, serial); pages of 1 and 3 and one page
+    // cover every row once.
+    for limit in [1, 3, 100] {
+        assert_eq!(
+            all_expiring(s, q(T0 + 40 * day, limit)).await,
+            want,
+            "limit {limit}"
+        );
+    }
+    // The upper bound is inclusive, the lower exclusive.
+    assert_eq!(
+        all_expiring(s, q(T0 + 10 * day, 100)).await,
+        want[..3].to_vec()
+    );
+    assert_eq!(
+        all_expiring(s, q(T0 + 10 * day - 1, 100)).await,
+        want[..1].to_vec()
+    );
+    assert_eq!(
+        all_expiring(
+            s,
+            ExpiringQuery {
+                not_after_from: T0 + 5 * day,
+                ..q(T0 + 10 * day, 100)
+            }
+        )
+        .await,
+        want[1..3].to_vec()
+    );
+    // The device's name and group come along; nothing is notified yet.
+    let p = s
+        .expiring_device_certificates(&q(T0 + 5 * day, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.items,
+        vec![ExpiringCertificate {
+            serial: "0A02".into(),
+            device_id: a.id,
+            device_name: a.name.clone(),
+            group: "field".into(),
+            issuer_ca: "issuing".into(),
+            not_after: T0 + 5 * day,
+            renewal_notified_at: None,
+        }]
+    );
+    assert!(p.next.is_none());
+    // A cursor in the middle of a tie continues after it.
+    let rest = s
+        .expiring_device_certificates(&ExpiringQuery {
+            after: Some((T0 + 10 * day, "0A01".into())),
+            ..q(T0 + 40 * day, 100)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items
+            .iter()
+            .map(|c| c.serial.as_str())
+            .collect::<Vec<_>>(),
+        ["0B01", "0B02"]
+    );
+    // The limit is clamped: 0 reads as 1.
+    let one = s
+        .expiring_device_certificates(&q(T0 + 40 * day, 0))
+        .await
+        .unwrap();
+    assert_eq!(one.items.len(), 1);
+    assert_eq!(one.next, Some((T0 + 5 * day, "0A02".to_string())));
+    // An empty window.
+    assert!(all_expiring(s, q(T0, 100)).await.is_empty());
+}
+
+pub async fn renewal_notices_are_marked_once_per_certificate(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    let d = device("field");
+    let day = 86_400;
+    let mut writes = vec![Write::InsertKey(k.clone()), Write::InsertDevice(d.clone())];
+    for (i, serial) in ["0F01", "0F02", "0F03"].iter().enumerate() {
+        writes.push(Write::InsertCertificate(CertificateRecord {
+            not_after: T0 + (i as i64 + 1) * day,
+            ..certificate(serial, k.id, Some(d.id))
+        }));
+    }
+    ok_all(s, writes).await;
+    let unnotified = || ExpiringQuery {
+        not_after_from: T0,
+        not_after_to: T0 + 10 * day,
+        unnotified_only: true,
+        after: None,
+        limit: 100,
+    };
+    let serials = |v: Vec<(i64, String)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+    assert_eq!(
+        serials(all_expiring(s, unnotified()).await),
+        ["0F01", "0F02", "0F03"]
+    );
+
+    ok(
+        s,
+        Write::MarkRenewalNotified {
+            serials: vec!["0F01".into(), "0F03".into()],
+            at: T0 + 7,
+        },
+    )
+    .await;
+    assert_eq!(serials(all_expiring(s, unnotified()).await), ["0F02"]);
+    let all = s
+        .expiring_device_certificates(&ExpiringQuery {
+            unnotified_only: false,
+            ..unnotified()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        all.items
+            .iter()
+            .map(|c| (c.serial.as_str(), c.renewal_notified_at))
+            .collect::<Vec<_>>(),
+        [
+            ("0F01", Some(T0 + 7)),
+            ("0F02", None),
+            ("0F03", Some(T0 + 7))
+        ]
+    );
+
+    // Marked already (a second scheduler on the same batch), or unknown:
+    // the whole change is refused and 0F02 stays unmarked.
+    for bad in [
+        vec!["0F02".to_string(), "0F01".to_string()],
+        vec!["0F02".to_string(), "0FFF".to_string()],
+    ] {
+        let c = refused(
+            s,
+            Write::MarkRenewalNotified {
+                serials: bad.clone(),
+                at: T0 + 8,
+            },
+        )
+        .await;
+        assert!(
+            matches!(
+                c,
+                Conflict::StateChanged {
+                    entity: "certificate",
+                    ..
+                }
+            ),
+            "{bad:?}: {c:?}"
+        );
+        assert_eq!(serials(all_expiring(s, unnotified()).await), ["0F02"]);
+    }
+    // Nothing to mark: nothing written (the change still needs its event).
+    ok(
+        s,
+        Write::MarkRenewalNotified {
+            serials: Vec::new(),
+            at: T0 + 9,
+        },
+    )
+    .await;
+    assert_eq!(serials(all_expiring(s, unnotified()).await), ["0F02"]);
+    ok(
+        s,
+        Write::MarkRenewalNotified {
+            serials: vec!["0F02".into()],
+            at: T0 + 9,
+        },
+    )
+    .await;
+    assert!(all_expiring(s, unnotified()).await.is_empty());
+    assert_eq!(
+        s.get_certificate("0F02").await.unwrap().unwrap().status,
+        CertificateStatus::Valid,
+        "marking changes nothing else"
+    );
 }

@@ -65,6 +65,8 @@ pub struct RenewResponse {
     not_after: String,
     rekey: bool,
     forced: bool,
+    /// The new certificate's renewal window.
+    renewal: crate::ca::RenewalHint,
 }
 
 fn b64url(field: &'static str, value: &str) -> Result<Vec<u8>, ApiError> {
@@ -92,7 +94,8 @@ pub async fn renew(
     Path(id): Path<String>,
     leaf: Option<Extension<PeerCertificate>>,
     ApiJson(body): ApiJson<RenewBody>,
-) -> Result<(StatusCode, Json<RenewResponse>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let id = parse_id(&id)?;
     let proof = match (&body.nonce, &body.signature) {
         (Some(n), Some(s)) => RenewalProof::SignedNonce {
@@ -132,7 +135,8 @@ pub async fn renew(
         .await?;
     let pem = crate::ca::x509::to_pem(&renewed.certificate.der)
         .map_err(|e| ApiError::from(crate::ca::CaError::Encoding(e)))?;
-    Ok((
+    let renewal = renewed.renewal;
+    let mut resp = (
         StatusCode::CREATED,
         Json(RenewResponse {
             serial: renewed.certificate.serial.clone(),
@@ -142,6 +146,11 @@ pub async fn renew(
             not_after: rfc3339(from_unix(renewed.certificate.not_after)),
             rekey: renewed.rekey,
             forced: renewed.forced,
+            renewal,
         }),
-    ))
+    )
+        .into_response();
+    // A certificate due at once (a validity shorter than its window).
+    crate::http::views::mark_renewal_due(&mut resp, Some(&renewal));
+    Ok(resp)
 }

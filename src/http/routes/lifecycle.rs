@@ -373,6 +373,134 @@ pub async fn list_certificates(
     }))
 }
 
+/// Most `within` accepted: ten years.
+const MAX_WITHIN_SECS: i64 = 3650 * 86_400;
+
+/// `30d`, `12h`, `90m`: a positive count and one unit, at most ten years.
+fn parse_within(text: &str) -> Result<i64, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_within",
+            format!(
+                "`within` must be a positive number of days, hours or minutes such as 30d, 12h or 90m (at most 3650d), not `{text}`"
+            ),
+        )
+    };
+    let Some(unit) = text.chars().last() else {
+        return Err(bad());
+    };
+    let num = &text[..text.len() - unit.len_utf8()];
+    let mult = match unit {
+        'd' => 86_400,
+        'h' => 3_600,
+        'm' => 60,
+        _ => return Err(bad()),
+    };
+    if num.is_empty() || num.len() > 9 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    match n.checked_mul(mult) {
+        Some(s) if s > 0 && s <= MAX_WITHIN_SECS => Ok(s),
+        _ => Err(bad()),
+    }
+}
+
+/// `NOTAFTER.SERIAL`, the keyset cursor of the expiring report.
+fn expiring_cursor(text: &str) -> Result<(i64, String), ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_query",
+            "`cursor` is not a cursor this server issued",
+        )
+    };
+    let (t, serial) = text.split_once('.').ok_or_else(bad)?;
+    let t: i64 = t.parse().map_err(|_| bad())?;
+    if serial.is_empty() || serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok((t, serial.to_ascii_uppercase()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiringQueryParams {
+    within: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+pub struct ExpiringView {
+    serial: String,
+    device_id: String,
+    device_name: String,
+    group: String,
+    issuer: String,
+    not_after: String,
+    /// When the device's renewal window opens(ed); `null` when its group's
+    /// profile is gone from the policies.
+    window_opens_at: Option<String>,
+    /// The renewal window is open: the device may (and should) renew.
+    renewal_due: bool,
+    /// When the `device.renewal_due` notification went out.
+    notified_at: Option<String>,
+}
+
+/// `GET /v1/admin/certs/expiring?within=30d&cursor=&limit=`: valid
+/// certificates of active devices that expire within `within` (expired
+/// ones excluded), soonest first, keyset-paginated on (notAfter, serial).
+pub async fn list_expiring(
+    State(state): State<AppState>,
+    admin: Admin,
+    ApiQuery(q): ApiQuery<ExpiringQueryParams>,
+) -> Result<Json<PageView<ExpiringView>>, ApiError> {
+    admin.require(Role::Auditor)?;
+    let within = parse_within(q.within.as_deref().unwrap_or("30d"))?;
+    let page = page_request(None, q.limit, None)?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(expiring_cursor(c)?),
+    };
+    let now = state.ca.now();
+    let certs = state
+        .store
+        .expiring_device_certificates(&crate::store::ExpiringQuery {
+            not_after_from: now,
+            not_after_to: now.saturating_add(within),
+            unnotified_only: false,
+            after,
+            limit: page.limit,
+        })
+        .await?;
+    let policies = state.ca.policies();
+    let items = certs
+        .items
+        .iter()
+        .map(|c| {
+            let hint = crate::ca::renewal::renewal_window_secs(&policies, &c.group)
+                .map(|w| crate::ca::RenewalHint::new(c.not_after, w, now));
+            ExpiringView {
+                serial: c.serial.clone(),
+                device_id: c.device_id.to_string(),
+                device_name: c.device_name.clone(),
+                group: c.group.clone(),
+                issuer: c.issuer_ca.clone(),
+                not_after: rfc3339(from_unix(c.not_after)),
+                window_opens_at: hint.map(|h| rfc3339(from_unix(h.window_opens_at))),
+                renewal_due: hint.is_some_and(|h| h.due),
+                notified_at: c.renewal_notified_at.map(|t| rfc3339(from_unix(t))),
+            }
+        })
+        .collect();
+    Ok(Json(PageView {
+        items,
+        next_cursor: certs.next.map(|(t, s)| format!("{t}.{s}")),
+    }))
+}
+
 #[derive(Serialize)]
 pub struct CertificateDetail {
     #[serde(flatten)]
@@ -445,4 +573,50 @@ pub async fn release_hold(
         )
         .await?;
     detail(&state, &c.serial).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_takes_days_hours_minutes_only() {
+        assert_eq!(parse_within("30d").unwrap(), 30 * 86_400);
+        assert_eq!(parse_within("12h").unwrap(), 12 * 3_600);
+        assert_eq!(parse_within("90m").unwrap(), 90 * 60);
+        assert_eq!(parse_within("3650d").unwrap(), MAX_WITHIN_SECS);
+        for bad in [
+            "",
+            "d",
+            "30",
+            "30s",
+            "0d",
+            "-1d",
+            "+1d",
+            "1.5d",
+            "30D",
+            " 30d",
+            "30d ",
+            "3651d",
+            "99999999999d",
+            "1w",
+            "3\u{0663}d",
+            "30\u{e9}",
+            "\u{e9}",
+        ] {
+            let e = parse_within(bad).unwrap_err();
+            assert_eq!(e.code, "invalid_within", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expiring_cursors_round_trip_and_refuse_garbage() {
+        assert_eq!(
+            expiring_cursor("1900000000.0a1b").unwrap(),
+            (1_900_000_000, "0A1B".to_string())
+        );
+        for bad in ["", "1900000000", "x.0A", "1.", "1.zz", "1.0A.0B"] {
+            assert!(expiring_cursor(bad).is_err(), "{bad:?}");
+        }
+    }
 }

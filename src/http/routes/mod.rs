@@ -74,6 +74,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
             post(lifecycle::allow_renewal),
         )
         .route("/v1/admin/certs", get(lifecycle::list_certificates))
+        .route("/v1/admin/certs/expiring", get(lifecycle::list_expiring))
         .route("/v1/admin/certs/{serial}", get(lifecycle::show_certificate))
         .route(
             "/v1/admin/certs/{serial}/revoke",

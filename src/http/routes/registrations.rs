@@ -6,7 +6,7 @@ use crate::clock::{from_unix, rfc3339};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiJson, Bearer, ClientAddr};
-use crate::http::views::RegistrationView;
+use crate::http::views::{RegistrationStatusView, RegistrationView, mark_renewal_due};
 use crate::registry::{Credentials, Evidence, Submission};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -152,13 +152,15 @@ pub async fn submit(
 }
 
 /// `GET /v1/registrations/{id}`: the device with its registration secret,
-/// or any admin.
+/// or any admin. Once issued, with the renewal hint of the device's current
+/// certificate (and `Keyward-Renewal-Due: true` when its window is open).
 pub async fn status(
     State(state): State<AppState>,
     client: ClientAddr,
     Path(id): Path<String>,
     Bearer(token): Bearer,
-) -> Result<Json<RegistrationView>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let id = parse_id(&id)?;
     let token =
         token.ok_or_else(|| ApiError::from(crate::registry::RegistryError::Unauthorized))?;
@@ -175,7 +177,21 @@ pub async fn status(
         }
         state.registry.get(id).await?
     };
-    Ok(Json(RegistrationView::from(&reg)))
+    let renewal = if reg.status == crate::store::RegistrationStatus::Issued {
+        state
+            .ca
+            .device_renewal_hint(reg.device_id, state.ca.now())
+            .await?
+    } else {
+        None
+    };
+    let mut resp = Json(RegistrationStatusView {
+        registration: RegistrationView::from(&reg),
+        renewal,
+    })
+    .into_response();
+    mark_renewal_due(&mut resp, renewal.as_ref());
+    Ok(resp)
 }
 
 /// `GET /v1/registrations/{id}/credentials`, with the registration secret:
@@ -275,7 +291,12 @@ pub async fn my_config(
         }
     };
     match state.registry.device_config(caller).await? {
-        ConfigAnswer::Ready(c) => Ok(Json(*c).into_response()),
+        ConfigAnswer::Ready(c) => {
+            let renewal = c.renewal;
+            let mut resp = Json(*c).into_response();
+            mark_renewal_due(&mut resp, renewal.as_ref());
+            Ok(resp)
+        }
         ConfigAnswer::Pending {
             registration,
             expires_at,

@@ -18,8 +18,8 @@ pub use writer::BatchObserver;
 use super::files;
 use super::{
     AuditQuery, CertificateFilter, Change, Conflict, DatabaseError, DeviceFilter,
-    EnrollmentTokenFilter, Page, PageRequest, RegistrationFilter, SerialPageRequest, Store,
-    StoreError,
+    EnrollmentTokenFilter, ExpiringQuery, Page, PageRequest, RegistrationFilter, SerialPageRequest,
+    Store, StoreError,
 };
 use crate::audit::AuditEvent;
 use crate::clock::Clock;
@@ -383,6 +383,15 @@ impl Store for SqliteStore {
     ) -> Result<Page<CertificateRecord, String>, StoreError> {
         let (filter, page) = (filter.clone(), page.clone());
         self.read(move |c| reads::list_certificates(c, &filter, &page))
+            .await
+    }
+
+    async fn expiring_device_certificates(
+        &self,
+        q: &ExpiringQuery,
+    ) -> Result<Page<ExpiringCertificate, (i64, String)>, StoreError> {
+        let q = q.clone();
+        self.read(move |c| reads::expiring_device_certificates(c, &q))
             .await
     }
 

@@ -5,8 +5,8 @@ use super::{db, rows};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::store::records::*;
 use crate::store::{
-    AuditQuery, CertificateFilter, DeviceFilter, EnrollmentTokenFilter, Order, Page, PageRequest,
-    RegistrationFilter, SerialPageRequest, StoreError,
+    AuditQuery, CertificateFilter, DeviceFilter, EnrollmentTokenFilter, ExpiringQuery, Order, Page,
+    PageRequest, RegistrationFilter, SerialPageRequest, StoreError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -163,6 +163,59 @@ pub(super) fn list_certificates(
     Ok(Page {
         next: if next {
             items.last().map(|c| c.serial.clone())
+        } else {
+            None
+        },
+        items,
+    })
+}
+
+/// Walks the `certificates(not_after)` index over the window; the keyset
+/// cursor is (not_after, serial), serials being unique.
+pub(super) fn expiring_device_certificates(
+    c: &Connection,
+    q: &ExpiringQuery,
+) -> R<Page<ExpiringCertificate, (i64, String)>> {
+    let limit = q.limit.clamp(1, 1000);
+    let mut sql = format!(
+        "{} WHERE c.status = 'valid' AND d.status = 'active'
+           AND c.not_after > ?1 AND c.not_after <= ?2",
+        rows::EXPIRING_SELECT
+    );
+    if q.unnotified_only {
+        sql.push_str(" AND c.renewal_notified_at IS NULL");
+    }
+    let (after_t, after_s) = match &q.after {
+        Some((t, s)) => {
+            sql.push_str(" AND (c.not_after > ?3 OR (c.not_after = ?3 AND c.serial > ?4))");
+            (*t, s.clone())
+        }
+        None => (0, String::new()),
+    };
+    sql.push_str(&format!(
+        " ORDER BY c.not_after, c.serial LIMIT {}",
+        limit + 1
+    ));
+    let mut items = if q.after.is_some() {
+        rows::many(
+            c,
+            &sql,
+            params![q.not_after_from, q.not_after_to, after_t, after_s],
+            rows::expiring,
+        )?
+    } else {
+        rows::many(
+            c,
+            &sql,
+            params![q.not_after_from, q.not_after_to],
+            rows::expiring,
+        )?
+    };
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Ok(Page {
+        next: if more {
+            items.last().map(|e| (e.not_after, e.serial.clone()))
         } else {
             None
         },

@@ -289,6 +289,22 @@ pub(super) fn certificate(r: &Row<'_>) -> R<CertificateRecord> {
     })
 }
 
+pub(super) const EXPIRING_SELECT: &str =
+    "SELECT c.serial, c.device_id, d.name, d.group_name, c.issuer_ca, c.not_after, c.renewal_notified_at
+     FROM certificates c JOIN devices d ON d.id = c.device_id";
+
+pub(super) fn expiring(r: &Row<'_>) -> R<ExpiringCertificate> {
+    Ok(ExpiringCertificate {
+        serial: r.get(0)?,
+        device_id: uuid(r, 1)?,
+        device_name: r.get(2)?,
+        group: r.get(3)?,
+        issuer_ca: r.get(4)?,
+        not_after: r.get(5)?,
+        renewal_notified_at: r.get(6)?,
+    })
+}
+
 pub(super) const CRL_SELECT: &str = "SELECT issuer_ca, number, this_update, next_update, entries, der, created_at, issuer_key_id FROM crls";
 
 pub(super) fn crl(r: &Row<'_>) -> R<CrlRecord> {

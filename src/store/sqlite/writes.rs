@@ -786,6 +786,24 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 other => other,
             })?;
         }
+        Write::MarkRenewalNotified { serials, at } => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE certificates SET renewal_notified_at = ?1
+                     WHERE serial = ?2 AND renewal_notified_at IS NULL",
+                )
+                .map_err(db)?;
+            for serial in serials {
+                let n = stmt.execute(params![at, serial]).map_err(db)?;
+                if n != 1 {
+                    return Err(StoreError::Conflict(Conflict::StateChanged {
+                        entity: "certificate",
+                        id: serial.clone(),
+                        expected: "not yet notified of its renewal",
+                    }));
+                }
+            }
+        }
         Write::AdvanceRotation {
             id,
             from,
