@@ -78,6 +78,15 @@ pub struct Metrics {
     pub notifications: IntCounterVec,
     /// `device.renewal_due` notices raised (certificates marked notified).
     pub renewal_notices: IntCounter,
+    /// When the active key of each (purpose, target) was created: its age
+    /// is `time() - this`.
+    pub key_created: IntGaugeVec,
+    /// When policy next rotates the active key of each (purpose, target)
+    /// (0: never automatically, e.g. a root).
+    pub key_next_rotation: IntGaugeVec,
+    /// Rotations by purpose and outcome (`completed`, `failed` step
+    /// attempts, `needs_operator`).
+    pub rotations: IntCounterVec,
 }
 
 impl Metrics {
@@ -226,7 +235,25 @@ impl Metrics {
             "device.renewal_due notifications raised: device certificates whose renewal window opened (once per certificate)",
         )?;
         registry.register(Box::new(renewal_notices.clone()))?;
+        let key_created = gauge_vec(
+            "key_created_timestamp_seconds",
+            "When the active key of each purpose and target (CA name, or server) was created; its age is time() minus this",
+            &["purpose", "target"],
+        )?;
+        let key_next_rotation = gauge_vec(
+            "key_next_rotation_timestamp_seconds",
+            "When the rotation policy next rotates the active key of each purpose and target (0: never automatically)",
+            &["purpose", "target"],
+        )?;
+        let rotations = counter_vec(
+            "rotations_total",
+            "Key rotations by purpose and outcome (completed, failed step attempts, needs_operator)",
+            &["purpose", "outcome"],
+        )?;
         Ok(Self {
+            key_created,
+            key_next_rotation,
+            rotations,
             renewal_notices,
             broker_outbox_pending,
             broker_updates,
@@ -356,6 +383,15 @@ mod tests {
             .with_label_values(&["webhook", "dropped"])
             .inc();
         m.renewal_notices.inc_by(2);
+        m.key_created
+            .with_label_values(&["issuing-ca", "devices"])
+            .set(1_800_000_000);
+        m.key_next_rotation
+            .with_label_values(&["issuing-ca", "devices"])
+            .set(1_900_000_000);
+        m.rotations
+            .with_label_values(&["issuing-ca", "completed"])
+            .inc();
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -386,6 +422,9 @@ mod tests {
             "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
             "keyward_notifications_total{backend=\"webhook\",result=\"dropped\"} 1",
             "keyward_renewal_notices_total 2",
+            "keyward_key_created_timestamp_seconds{purpose=\"issuing-ca\",target=\"devices\"} 1800000000",
+            "keyward_key_next_rotation_timestamp_seconds{purpose=\"issuing-ca\",target=\"devices\"} 1900000000",
+            "keyward_rotations_total{outcome=\"completed\",purpose=\"issuing-ca\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
