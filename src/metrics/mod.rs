@@ -76,6 +76,8 @@ pub struct Metrics {
     /// Notifications by backend (`log`, `webhook`) and result
     /// (`delivered`, `failed`, `dropped`).
     pub notifications: IntCounterVec,
+    /// 1 while this daemon holds the scheduler lease (runs the leader-only jobs).
+    pub scheduler_leader: IntGauge,
 }
 
 impl Metrics {
@@ -219,7 +221,12 @@ impl Metrics {
             "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown)",
             &["backend", "result"],
         )?;
+        let scheduler_leader = gauge(
+            "scheduler_leader",
+            "1 while this daemon holds the scheduler lease and runs the leader-only jobs (exactly one daemon per store should)",
+        )?;
         Ok(Self {
+            scheduler_leader,
             broker_outbox_pending,
             broker_updates,
             notifications,
@@ -347,6 +354,7 @@ mod tests {
         m.notifications
             .with_label_values(&["webhook", "dropped"])
             .inc();
+        m.scheduler_leader.set(1);
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -376,6 +384,7 @@ mod tests {
             "keyward_ocsp_cache_total{result=\"nonce_ignored\"} 1",
             "keyward_ocsp_signer_not_after_timestamp_seconds{ca=\"devices\"} 7",
             "keyward_notifications_total{backend=\"webhook\",result=\"dropped\"} 1",
+            "keyward_scheduler_leader 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

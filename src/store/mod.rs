@@ -733,11 +733,13 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<bool, StoreError>;
-    /// Gives lease `name` up if `holder` holds it (expired or not); a lease
-    /// held by another holder, or none, is left as it is.
+    /// Gives lease `name` up if `holder` holds it (expired or not): it
+    /// expires at once (`expires_at` becomes 0), so anyone takes it at their
+    /// next try, and it still names its last holder. A lease held by another
+    /// holder, or none, is left as it is.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// Who holds lease `name` at `now_ms` (`expires_at > now_ms`); `None` if
     /// nobody or the lease expired. `now_ms = i64::MIN` reads the last
-    /// holder, expired or not.
+    /// holder, expired or released.
     async fn lease_holder(&self, name: &str, now_ms: i64) -> Result<Option<String>, StoreError>;
 }

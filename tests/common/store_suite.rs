@@ -3638,10 +3638,18 @@ pub async fn lease_release_hands_over_at_once(cx: Cx) {
             .await
             .unwrap()
     );
-    // Released by its holder: free at once, long before it would expire.
+    // Released by its holder: free at once, long before it would expire;
+    // it still names its last holder.
     s.release_lease("scheduler", "a").await.unwrap();
     assert_eq!(s.lease_holder("scheduler", MS0 + 2).await.unwrap(), None);
-    assert_eq!(s.lease_holder("scheduler", i64::MIN).await.unwrap(), None);
+    assert_eq!(s.lease_holder("scheduler", 0).await.unwrap(), None);
+    assert_eq!(
+        s.lease_holder("scheduler", i64::MIN)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
     assert!(
         s.try_lease("scheduler", "b", MS0 + 2, 15_000)
             .await
@@ -3651,10 +3659,14 @@ pub async fn lease_release_hands_over_at_once(cx: Cx) {
     // Releasing twice is harmless; the old holder cannot release b's lease.
     s.release_lease("scheduler", "a").await.unwrap();
     ends_at(s, "scheduler", "b", MS0 + 15_002).await;
-    // A released lease is acquired again by its former holder.
+    // A released lease is acquired again by its former holder, or by the
+    // holder that released it, for a fresh ttl.
     s.release_lease("scheduler", "b").await.unwrap();
     assert!(s.try_lease("scheduler", "a", MS0 + 3, 10).await.unwrap());
     ends_at(s, "scheduler", "a", MS0 + 13).await;
+    s.release_lease("scheduler", "a").await.unwrap();
+    assert!(s.try_lease("scheduler", "a", MS0 + 4, 10).await.unwrap());
+    ends_at(s, "scheduler", "a", MS0 + 14).await;
 }
 
 pub async fn lease_race_has_one_winner(cx: Cx) {

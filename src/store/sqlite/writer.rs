@@ -38,7 +38,7 @@ pub(super) enum LeaseOp {
         now_ms: i64,
         ttl_ms: i64,
     },
-    /// Give up, if held by `holder`: the reply is always `true`.
+    /// Give up (expire at once), if held by `holder`: the reply is always `true`.
     Release { name: String, holder: String },
 }
 
@@ -159,6 +159,7 @@ fn run_lease(conn: &mut Connection, op: &LeaseOp) -> Result<bool, StoreError> {
                              THEN MAX(leases.expires_at, excluded.expires_at)
                              ELSE excluded.expires_at END,
                          acquired_at = CASE WHEN leases.holder = excluded.holder
+                                 AND leases.expires_at > ?4
                              THEN leases.acquired_at
                              ELSE excluded.acquired_at END,
                          holder = excluded.holder
@@ -170,10 +171,13 @@ fn run_lease(conn: &mut Connection, op: &LeaseOp) -> Result<bool, StoreError> {
             n == 1
         }
         LeaseOp::Release { name, holder } => {
-            tx.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")
-                .map_err(db)?
-                .execute(params![name, holder])
-                .map_err(db)?;
+            // Expired, not deleted: the row keeps naming the last holder.
+            tx.prepare_cached(
+                "UPDATE leases SET expires_at = MIN(expires_at, 0) WHERE name = ?1 AND holder = ?2",
+            )
+            .map_err(db)?
+            .execute(params![name, holder])
+            .map_err(db)?;
             true
         }
     };
