@@ -1851,7 +1851,7 @@ management_key_env = "KW_MGM"
         ] {
             refused(
                 &format!("{MINIMAL}[scheduler]\nlease_seconds = {value}\n"),
-                "scheduler",
+                "lease_seconds",
             );
         }
         refused(
