@@ -137,9 +137,11 @@ impl LeaderLock for StoreLease {
         let held = self
             .store
             .try_lease(&self.name, &self.holder, unix_ms(now), self.ttl_ms())
-            .await?;
-        self.held.store(held, Ordering::SeqCst);
-        Ok(held)
+            .await;
+        // After a failure, whether it is still ours is unknown: the next
+        // success reads the previous holder again.
+        self.held.store(matches!(held, Ok(true)), Ordering::SeqCst);
+        Ok(held?)
     }
 
     async fn release(&self) {

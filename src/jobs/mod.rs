@@ -297,12 +297,14 @@ impl LeaseKeeper {
             }
             Ok(Err(e)) => {
                 tracing::error!(code = e.code(), error = %e, "scheduler lease: acquire or renew failed");
+                self.lapse_check(&holder);
             }
             Err(_) => {
                 tracing::error!(
                     timeout_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
                     "scheduler lease: acquire or renew timed out"
                 );
+                self.lapse_check(&holder);
             }
         }
         if let Some(draft) = self.unaudited.take()
@@ -314,6 +316,16 @@ impl LeaseKeeper {
         self.metrics
             .scheduler_leader
             .set(i64::from(self.leadership.is_leader()));
+    }
+
+    /// After a failed renewal: once the last success is a lease time old,
+    /// leadership has lapsed (another daemon may take over); the next
+    /// success is a new acquisition, audited as such.
+    fn lapse_check(&mut self, holder: &str) {
+        if self.held && !self.leadership.is_leader() {
+            self.held = false;
+            tracing::warn!(holder = %holder, "scheduler lease lapsed: no renewal for a whole lease time; leader-only jobs stop");
+        }
     }
 
     async fn release(&mut self) {
@@ -563,6 +575,97 @@ mod tests {
         let holder = |at| store.lease_holder(leader::SCHEDULER_LEASE, at);
         assert_eq!(holder(now_ms).await.unwrap(), None);
         assert_eq!(holder(i64::MIN).await.unwrap().as_deref(), Some("host:3:c"));
+    }
+
+    /// A lock whose answers the test sets: held, or a failing backend.
+    struct Scripted {
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl LeaderLock for Scripted {
+        async fn acquire_or_renew(&self, _: OffsetDateTime) -> Result<bool, JobError> {
+            if self.failing.load(Ordering::SeqCst) {
+                Err(StoreError::WriterGone.into())
+            } else {
+                Ok(true)
+            }
+        }
+        async fn release(&self) {}
+        fn holder_id(&self) -> &str {
+            "scripted"
+        }
+        fn ttl(&self) -> Duration {
+            Duration::from_millis(300)
+        }
+    }
+
+    /// Renewals that keep failing: leadership lapses one lease time after
+    /// the last success (leader-only jobs stop, the gauge drops); the next
+    /// success is a new acquisition, audited again. A lock that cannot be
+    /// taken at all (a read-only store) never makes a leader.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_renewals_lapse_and_unusable_locks_never_lead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&path, 8, Arc::new(SystemClock)).unwrap(),
+        );
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let mut s = Scheduler::new(Arc::new(SystemClock), metrics.clone());
+        let lock = Arc::new(Scripted {
+            failing: std::sync::atomic::AtomicBool::new(false),
+        });
+        s.lead_with(lock.clone(), store.clone()).await;
+        let job = Arc::new(Scoped {
+            scope: JobScope::Leader,
+            ticks: AtomicU32::new(0),
+        });
+        s.spawn(job.clone());
+        assert!(s.is_leader());
+        wait_events(&store, 1).await;
+        wait_for("ticks while leader", Duration::from_secs(2), || {
+            ticks(&job) > 0
+        })
+        .await;
+
+        lock.failing.store(true, Ordering::SeqCst);
+        let failing = std::time::Instant::now();
+        wait_for("lapse", Duration::from_secs(2), || !s.is_leader()).await;
+        assert!(
+            failing.elapsed() <= Duration::from_millis(300 + 150),
+            "{:?}",
+            failing.elapsed()
+        );
+        wait_for("gauge drops", Duration::from_secs(2), || {
+            metrics.scheduler_leader.get() == 0
+        })
+        .await;
+        let frozen = ticks(&job);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(ticks(&job), frozen, "leader-only job ran after the lapse");
+        wait_events(&store, 1).await;
+
+        lock.failing.store(false, Ordering::SeqCst);
+        wait_for("leader again", Duration::from_secs(2), || s.is_leader()).await;
+        wait_for("ticks again", Duration::from_secs(2), || {
+            ticks(&job) > frozen
+        })
+        .await;
+        let events = wait_events(&store, 2).await;
+        assert_eq!(events[1]["holder"], "scripted");
+        s.shutdown().await;
+
+        // A read-only store refuses the lease: never leader, never a tick.
+        let ro: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open_read_only(&path).unwrap());
+        let d = daemon(&ro, "host:9:ro", Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!d.scheduler.is_leader());
+        assert_eq!(ticks(&d.leader_job), 0);
+        assert!(ticks(&d.every_job) > 0);
+        assert_eq!(gauge(&d), 0);
+        d.scheduler.shutdown().await;
     }
 
     #[tokio::test(start_paused = true)]
