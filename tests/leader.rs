@@ -100,7 +100,7 @@ fn holder_of(event: &Value, d: &Daemon) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_per_store_and_fast_handover() {
     let env = Env::new();
-    env.init();
+    let token = env.init();
     env.append_config(&format!(
         "[scheduler]\nlease_seconds = {}\n\n[limits]\nreadiness_max_age_secs = 3\n",
         LEASE.as_secs_f64()
@@ -136,6 +136,14 @@ async fn one_leader_per_store_and_fast_handover() {
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), 200, "{}", d.url);
+    }
+
+    // Both processes sign with the one SoftHSM2 token: a device certificate
+    // issued through each (the follower serves requests like the leader).
+    for (d, name) in [(&b, "via-follower"), (&a, "via-leader")] {
+        let issued =
+            common::issue_device(&d.url, &token, &env.path(name), &format!("sensor-{name}")).await;
+        assert!(!issued.serial.is_empty());
     }
 
     // SIGKILL the leader: nothing is released; the follower takes over once

@@ -6,11 +6,12 @@
 //! process's state ([`super::JobScope::EveryDaemon`]); only the daemon that
 //! holds the leader lock runs the others ([`super::JobScope::Leader`]).
 //! The scheduler ([`super::Scheduler::lead_with`]) asks the lock once at
-//! start, then every third of the lease time: the leader renews, the others
-//! try to take over. A leader that dies stops renewing, and its lease ends
-//! at most one lease time later; another daemon takes over at its next try.
-//! A leader that stops cleanly releases the lease, so another daemon takes
-//! over at its next try, without waiting for the lease to run out.
+//! start, then the leader renews every third of the lease time and the
+//! others try to take over every quarter. A leader that dies stops
+//! renewing, and its lease ends at most one lease time later; another
+//! daemon takes over at its next try (so within 1¼ lease times). A leader
+//! that stops cleanly releases the lease, so another daemon takes over at
+//! its next try, without waiting for the lease to run out.
 //!
 //! A daemon also steps down on its own: it counts itself leader only until
 //! one lease time after the start of its last successful renewal, so a

@@ -8,8 +8,9 @@
 //! [`Clock`]; tests skip the scheduler and call `tick` with a manual clock's
 //! time, so nothing in a job waits for real time to pass.
 //!
-//! Adding a job: a file here with a type that implements [`Job`], a `mod`
-//! line below, and one `scheduler.spawn(...)` line in `app.rs`.
+//! Adding a job: a file here with a type that implements [`Job`] (and
+//! says in its `scope` why it must run in every daemon, if it must), a
+//! `mod` line below, and one `scheduler.spawn(...)` line in `app.rs`.
 //!
 //! One scheduler per deployment: with several daemons sharing a store, a
 //! job of [`JobScope::Leader`] (the default) ticks only in the daemon that
