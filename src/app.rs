@@ -19,6 +19,7 @@ use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
 use crate::jobs::broker::BrokerDrainer;
 use crate::jobs::crl::CrlJob;
+use crate::jobs::leader::StoreLease;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::ocsp::OcspSignerRotation;
 use crate::jobs::readiness::{Readiness, ReadinessRefresher};
@@ -168,14 +169,23 @@ async fn prepare_tls(
                 .context("server.tls.issuer")?
             {
                 Some(c) => c,
-                None => {
-                    let c = ca
-                        .issue_tls_server(&profile)
+                None => match ca.issue_tls_server(&profile).await {
+                    Ok(c) => {
+                        tracing::info!(serial = %c.serial, issuer = %profile.issuer, "issued the TLS server certificate");
+                        c
+                    }
+                    // Another daemon starting on the same store issued one
+                    // first (and retired what this one meant to replace).
+                    Err(crate::ca::CaError::Store(crate::store::StoreError::Conflict(_))) => ca
+                        .current_tls_server(&profile, renew_before)
                         .await
-                        .context("server.tls.issuer: issuing the TLS server certificate")?;
-                    tracing::info!(serial = %c.serial, issuer = %profile.issuer, "issued the TLS server certificate");
-                    c
-                }
+                        .context("server.tls.issuer")?
+                        .context("server.tls.issuer: issuing the TLS server certificate conflicted with another daemon and it left none in service")?,
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e)
+                            .context("server.tls.issuer: issuing the TLS server certificate"));
+                    }
+                },
             };
             let resolver = Arc::new(ServerCertResolver::new(Arc::new(
                 serving_key(&cred).context("server.tls")?,
@@ -568,9 +578,17 @@ impl App {
 
     /// The background jobs, one line each. The readiness cache is filled
     /// once before this returns, so `/readyz` answers from the first request.
+    /// The scheduler lease is asked for once before the jobs start: a lone
+    /// daemon is leader from its first tick; with several daemons on one
+    /// store, the leader-only jobs run in one of them (`jobs::leader`).
     pub async fn start_jobs(&self) -> Scheduler {
         let s = &self.state;
         let mut jobs = Scheduler::new(self.clock.clone(), s.metrics.clone());
+        let lease = Arc::new(StoreLease::new(
+            s.store.clone(),
+            self.config.scheduler.lease,
+        ));
+        jobs.lead_with(lease, s.store.clone()).await;
         let readiness = Arc::new(ReadinessRefresher::new(
             s.readiness.clone(),
             s.store.clone(),

@@ -80,6 +80,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// `[jobs]`: background job cadences.
     pub jobs: JobsConfig,
+    /// `[scheduler]`: the leader lease of daemons sharing a store.
+    pub scheduler: SchedulerConfig,
     /// `[[notify]]`, in order; without any, one `log` backend.
     pub notify: Vec<NotifierConfig>,
     /// Directory the config was read from; relative paths were resolved against it.
@@ -193,6 +195,34 @@ pub struct YubiKeyConfig {
     /// DANGER: generate even when the card cannot prove the slot empty
     /// (firmware before 5.3). Audited with the key (`slot_check`).
     pub dangerously_generate_into_unverified_slot: bool,
+}
+
+/// `[scheduler]`: with several daemons on one store, the one holding the
+/// scheduler lease runs the leader-only jobs (`jobs::leader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// How long a lease holds without renewal (renewed every third of it): a
+    /// crashed leader is replaced within about this long. 1 s ..= 1 h,
+    /// millisecond precision.
+    pub lease: Duration,
+}
+
+impl SchedulerConfig {
+    /// The default lease: 15 s.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+    /// The shortest lease: renewals every third of it must stay well above
+    /// a store commit's time.
+    pub const MIN_LEASE: Duration = Duration::from_secs(1);
+    /// The longest lease (a crashed leader's jobs wait this long).
+    pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            lease: Self::DEFAULT_LEASE,
+        }
+    }
 }
 
 /// `[broker]`: the MQTT broker whose ACLs follow device issuance and
@@ -740,6 +770,7 @@ impl Builder<'_> {
             )?),
         };
         let broker = self.broker(raw.broker)?;
+        let scheduler = self.scheduler(raw.scheduler)?;
         if !matches!(broker.backend, BrokerBackendConfig::None)
             && broker.flush_timeout >= server.request_timeout
         {
@@ -770,9 +801,30 @@ impl Builder<'_> {
             limits,
             broker,
             jobs,
+            scheduler,
             notify,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn scheduler(&self, s: file::Scheduler) -> Result<SchedulerConfig, ConfigError> {
+        let Some(secs) = s.lease_seconds else {
+            return Ok(SchedulerConfig::default());
+        };
+        let (min, max) = (SchedulerConfig::MIN_LEASE, SchedulerConfig::MAX_LEASE);
+        if !secs.is_finite() || secs < min.as_secs_f64() || secs > max.as_secs_f64() {
+            return Err(self.invalid(
+                "scheduler.lease_seconds",
+                format!(
+                    "must be between {} and {} seconds (fractions allowed, e.g. 1.5)",
+                    min.as_secs(),
+                    max.as_secs()
+                ),
+            ));
+        }
+        Ok(SchedulerConfig {
+            lease: Duration::from_millis((secs * 1000.0).round() as u64),
         })
     }
 
@@ -1809,6 +1861,49 @@ management_key_env = "KW_MGM"
         assert_eq!(
             parse(&example).unwrap().limits,
             parse(MINIMAL).unwrap().limits
+        );
+    }
+
+    #[test]
+    fn scheduler_lease_is_checked() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().scheduler.lease,
+            Duration::from_secs(15)
+        );
+        for (value, ms) in [
+            ("15", 15_000),
+            ("1.5", 1_500),
+            ("1", 1_000),
+            ("3600", 3_600_000),
+            ("2.25", 2_250),
+        ] {
+            let c = parse(&format!("{MINIMAL}[scheduler]\nlease_seconds = {value}\n")).unwrap();
+            assert_eq!(c.scheduler.lease, Duration::from_millis(ms), "{value}");
+        }
+        for value in [
+            "0", "-1", "0.5", "0.999", "3601", "nan", "inf", "-inf", "\"15\"", "true",
+        ] {
+            refused(
+                &format!("{MINIMAL}[scheduler]\nlease_seconds = {value}\n"),
+                "lease_seconds",
+            );
+        }
+        refused(
+            &format!("{MINIMAL}[scheduler]\nlease_ms = 1500\n"),
+            "lease_ms",
+        );
+        // The example documents the default.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
+        )
+        .unwrap();
+        let enabled = example
+            .replace("# [scheduler]", "[scheduler]")
+            .replace("# lease_seconds", "lease_seconds");
+        assert_ne!(enabled, example, "the example has no [scheduler] section");
+        assert_eq!(
+            parse(&enabled).unwrap().scheduler,
+            SchedulerConfig::default()
         );
     }
 

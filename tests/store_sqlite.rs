@@ -304,6 +304,53 @@ mod sqlite {
         }
     }
 
+    /// Two stores on one file (two connections, two writer threads, as two
+    /// daemons have) racing for one lease: exactly one wins each round,
+    /// because the lease step holds SQLite's write lock, not a process lock.
+    #[test]
+    fn lease_race_across_connections_has_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stores: Vec<Arc<dyn Store>> = (0..2)
+                .map(|_| {
+                    Arc::new(SqliteStore::open(&path, 8, Arc::new(SystemClock)).unwrap())
+                        as Arc<dyn Store>
+                })
+                .collect();
+            for round in 0..20i64 {
+                let now = 1_900_000_000_000 + round * 10_000;
+                let tries = (0..8).map(|i| {
+                    let s = stores[i % 2].clone();
+                    tokio::spawn(async move {
+                        let holder = format!("d{i}");
+                        let won = s.try_lease("scheduler", &holder, now, 5_000).await.unwrap();
+                        (holder, won)
+                    })
+                });
+                let mut winners = Vec::new();
+                for t in tries {
+                    let (holder, won) = t.await.unwrap();
+                    if won {
+                        winners.push(holder);
+                    }
+                }
+                assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+                for s in &stores {
+                    assert_eq!(
+                        s.lease_holder("scheduler", now).await.unwrap(),
+                        Some(winners[0].clone())
+                    );
+                }
+            }
+        });
+    }
+
     /// A database written by a newer keyward is refused, for writing and
     /// for reading, and left as it was.
     #[test]

@@ -284,6 +284,12 @@ impl Responder {
     /// missing ones, and replaces those policy says are due at `now`. Any
     /// change swaps the signer table and empties the cache. Returns the
     /// names of the CAs whose signer changed.
+    ///
+    /// Several daemons may share the store: before making or replacing a
+    /// signer, the store's active one is read, and used if it is not due
+    /// (another daemon made or replaced it); if another daemon retires the
+    /// due signer first (our replacement's commit conflicts), its successor
+    /// is used.
     pub async fn refresh_signers(&self, actor: &str) -> Result<Vec<String>, CaError> {
         self.refresh(actor, false).await
     }
@@ -311,19 +317,34 @@ impl Responder {
                 .iter()
                 .find(|s| !reload && s.name == issuer.name && s.key_id == issuer.key_id)
                 .map(|s| s.signer.clone());
-            if signer.is_none() {
-                signer = self.ca.load_ocsp_signer(&issuer).await?.map(Arc::new);
-                if signer.is_some() {
-                    changed.push(issuer.name.clone());
-                }
+            if signer.as_ref().is_none_or(|s| s.due(now, renew_before))
+                && let Some(stored) = self.ca.load_ocsp_signer(&issuer).await?
+                && signer.as_ref().is_none_or(|s| s.serial != stored.serial)
+            {
+                signer = Some(Arc::new(stored));
+                changed.push(issuer.name.clone());
             }
             let signer = match signer {
                 Some(s) if !s.due(now, renew_before) => s,
                 old => {
-                    let new = self
+                    let new = match self
                         .ca
                         .create_ocsp_signer(actor, &issuer, old.as_deref())
-                        .await?;
+                        .await
+                    {
+                        Ok(new) => new,
+                        // Another daemon retired `old` first: use its successor.
+                        Err(e @ CaError::Store(crate::store::StoreError::Conflict(_))) => {
+                            match self.ca.load_ocsp_signer(&issuer).await? {
+                                Some(s) if !s.due(now, renew_before) => {
+                                    tracing::info!(ca = %issuer.name, serial = %s.serial, "OCSP signer replaced by another daemon; using it");
+                                    s
+                                }
+                                _ => return Err(e),
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    };
                     tracing::info!(ca = %issuer.name, serial = %new.serial, replaced = ?old.as_ref().map(|o| o.serial.clone()), "new OCSP signer");
                     if !changed.contains(&issuer.name) {
                         changed.push(issuer.name.clone());

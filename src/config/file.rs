@@ -27,6 +27,7 @@ pub(super) struct File {
     pub broker: Broker,
     #[serde(default)]
     pub jobs: Jobs,
+    pub scheduler: Scheduler,
     /// `[[notify]]`: notification backends, in order.
     #[serde(default)]
     pub notify: Vec<Notify>,
@@ -80,6 +81,13 @@ pub(super) struct NotifyWebhook {
     pub initial_backoff_ms: Option<u64>,
     pub max_backoff_seconds: Option<u64>,
     pub queue_capacity: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Scheduler {
+    /// Whole or fractional seconds (`15`, `1.5`).
+    pub lease_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

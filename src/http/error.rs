@@ -187,7 +187,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(c) => Self::new(StatusCode::CONFLICT, "conflict", c.to_string()),
             StoreError::Database(d) if is_fault(d) => Self::internal(&e),
             StoreError::WriterGone | StoreError::Database(_) => Self::unavailable(&e),
-            StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => Self::internal(&e),
+            StoreError::Corrupt(_)
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::InvalidArgument(_) => Self::internal(&e),
         }
     }
 }

@@ -26,6 +26,16 @@ impl Job for BrokerDrainer {
         "broker_outbox"
     }
 
+    /// Leader only: the outbox is shared, and one drainer per deployment
+    /// keeps a device's updates in order across daemons (within a daemon
+    /// they go through one lock). A daemon that is not leader still applies
+    /// its own revocations at once (`flush_device`); what it queues on
+    /// issuance waits for the leader's next round (at most the drain
+    /// interval).
+    fn scope(&self) -> super::JobScope {
+        super::JobScope::Leader
+    }
+
     fn interval(&self) -> Duration {
         self.interval
     }

@@ -2,8 +2,17 @@
 //! (once `crl_debounce_ms` has passed since the first mark, so a burst of
 //! revocations shares one CRL), and of every CA whose CRL is within
 //! `crl_refresh_before_hours` of its nextUpdate.
+//!
+//! Every daemon runs it ([`JobScope::EveryDaemon`]): each serves CRLs from
+//! its own memory and marks dirty the CAs of the revocations it committed
+//! itself, which no other daemon knows of. Each tick therefore first loads
+//! the newest stored CRLs (those other daemons on the store published), then
+//! publishes what this daemon has dirty and what is still due after that
+//! load. Two daemons publishing at once cannot clash: the store takes CRL
+//! numbers in order and the loser signs again with the next number
+//! (`CrlPublisher::publish`); at worst a due CRL is published twice.
 
-use super::{Job, JobError};
+use super::{Job, JobError, JobScope};
 use crate::ca::crls::CrlPublisher;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -31,17 +40,26 @@ impl Job for CrlJob {
         "crl"
     }
 
+    fn scope(&self) -> JobScope {
+        JobScope::EveryDaemon
+    }
+
     fn interval(&self) -> Duration {
         self.interval
     }
 
-    /// Publishes what is dirty and past its window, and what is due. Every
-    /// CA is tried; the first failure is reported (all are logged and
-    /// counted in `keyward_crl_publish_failures_total`).
+    /// Loads the CRLs other daemons published, then publishes what is dirty
+    /// and past its window, and what is due. Every CA is tried; the first
+    /// failure is reported (all are logged and counted in
+    /// `keyward_crl_publish_failures_total`).
     async fn tick(&self, now: OffsetDateTime) -> Result<(), JobError> {
+        let loaded = self.publisher.load().await;
+        if let Err(e) = &loaded {
+            tracing::error!(code = e.code(), error = %e, "loading the stored CRLs");
+        }
         match self.publisher.publish_due(now).await.into_iter().next() {
             Some((_, e)) => Err(e.into()),
-            None => Ok(()),
+            None => loaded.map_err(JobError::from),
         }
     }
 

@@ -76,6 +76,11 @@ impl Job for LoginFailureFlusher {
         "login_failure_flusher"
     }
 
+    /// Every daemon: the windows are in this process's memory.
+    fn scope(&self) -> super::JobScope {
+        super::JobScope::EveryDaemon
+    }
+
     /// A fraction of the window, so that a closed window is written soon
     /// after it closes.
     fn interval(&self) -> Duration {

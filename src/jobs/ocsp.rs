@@ -2,8 +2,15 @@
 //! signer and replaces one that policy says is due
 //! (`now >= not_after - ocsp_signer_renew_before_days`); see
 //! [`crate::ca::responder::Responder::refresh_signers`].
+//!
+//! Every daemon runs it ([`JobScope::EveryDaemon`]): each answers OCSP with
+//! the signer it holds in memory, so each must move to a new signer when
+//! the old one is due. The first daemon to find it due makes the new one;
+//! the others find it in the store and use it (`refresh_signers` reads the
+//! store before making one), so one signer per CA is made per rotation
+//! (two only if two daemons tick in the same instant; both are valid).
 
-use super::{Job, JobError};
+use super::{Job, JobError, JobScope};
 use crate::ca::responder::Responder;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -28,6 +35,10 @@ impl OcspSignerRotation {
 impl Job for OcspSignerRotation {
     fn name(&self) -> &'static str {
         "ocsp_signer_rotation"
+    }
+
+    fn scope(&self) -> JobScope {
+        JobScope::EveryDaemon
     }
 
     fn interval(&self) -> Duration {

@@ -203,6 +203,11 @@ impl Job for ReadinessRefresher {
         "readiness"
     }
 
+    /// Every daemon: the cache is this process's `/readyz`.
+    fn scope(&self) -> super::JobScope {
+        super::JobScope::EveryDaemon
+    }
+
     /// Three checks per staleness bound, so one slow or lost check does not
     /// flip readiness.
     fn interval(&self) -> Duration {

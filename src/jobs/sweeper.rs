@@ -92,6 +92,13 @@ impl Job for Sweeper {
         "sweeper"
     }
 
+    /// Leader only: the rows it expires are shared; one daemon sweeps for
+    /// all (its writes are conditional, so an overlap at a change of leader
+    /// expires nothing twice).
+    fn scope(&self) -> super::JobScope {
+        super::JobScope::Leader
+    }
+
     fn interval(&self) -> Duration {
         self.interval
     }

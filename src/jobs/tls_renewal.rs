@@ -4,8 +4,19 @@
 //! (`ca::tls_server`), then the listener serves the new one from the next
 //! handshake on, without a restart. A failed renewal is logged and counted
 //! and tried again at the next tick; the old certificate stays in service.
+//!
+//! Every daemon runs it ([`JobScope::EveryDaemon`]), not only the leader:
+//! each daemon serves the certificate it holds in its own resolver, so each
+//! must move to the new one, and a leader-only renewal would leave the
+//! other daemons serving the old certificate until it expires. The
+//! certificate is still renewed once per deployment: a daemon that finds
+//! its certificate due first looks in the store for one another daemon
+//! issued (fitting the profile, not due) and serves that; only if there is
+//! none does it issue. If two daemons issue at the same moment, the second
+//! commit conflicts (the old certificate is already retired) and that
+//! daemon serves the winner's certificate.
 
-use super::{Job, JobError};
+use super::{Job, JobError, JobScope};
 use crate::ca::CaService;
 use crate::ca::tls_server::{TlsServerCredential, TlsServerProfile};
 use crate::tls::ServerCertResolver;
@@ -72,13 +83,47 @@ impl TlsRenewal {
         if now.unix_timestamp() < not_after - self.renew_before_secs {
             return Ok(false);
         }
-        let cred = self.ca.issue_tls_server(&self.profile).await?;
+        // Another daemon on the store may have renewed it already.
+        if let Some(cred) = self.renewed_elsewhere().await? {
+            self.serve(
+                cred,
+                "TLS server certificate renewed by another daemon; serving it",
+            )?;
+            return Ok(true);
+        }
+        let cred = match self.ca.issue_tls_server(&self.profile).await {
+            Ok(cred) => cred,
+            Err(e @ crate::ca::CaError::Store(crate::store::StoreError::Conflict(_))) => {
+                match self.renewed_elsewhere().await? {
+                    Some(cred) => cred,
+                    None => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.serve(cred, "TLS server certificate renewed")?;
+        Ok(true)
+    }
+
+    /// A certificate in the store that fits the profile, is not due and is
+    /// not the one in service here.
+    async fn renewed_elsewhere(&self) -> Result<Option<TlsServerCredential>, JobError> {
+        let serving = self.current().map(|(serial, _)| serial);
+        Ok(self
+            .ca
+            .current_tls_server(&self.profile, self.renew_before_secs)
+            .await?
+            .filter(|c| Some(&c.serial) != serving.as_ref()))
+    }
+
+    /// Serves `cred` from the next handshake on.
+    fn serve(&self, cred: TlsServerCredential, what: &'static str) -> Result<(), JobError> {
         self.resolver.swap(Arc::new(serving_key(&cred)?));
-        tracing::info!(serial = %cred.serial, not_after = cred.not_after, "TLS server certificate renewed");
+        tracing::info!(serial = %cred.serial, not_after = cred.not_after, "{what}");
         if let Ok(mut g) = self.current.lock() {
             *g = cred;
         }
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -86,6 +131,10 @@ impl TlsRenewal {
 impl Job for TlsRenewal {
     fn name(&self) -> &'static str {
         "tls_renewal"
+    }
+
+    fn scope(&self) -> JobScope {
+        JobScope::EveryDaemon
     }
 
     fn interval(&self) -> Duration {

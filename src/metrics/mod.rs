@@ -87,6 +87,8 @@ pub struct Metrics {
     /// Rotations by purpose and outcome (`completed`, `failed` step
     /// attempts, `needs_operator`).
     pub rotations: IntCounterVec,
+    /// 1 while this daemon holds the scheduler lease (runs the leader-only jobs).
+    pub scheduler_leader: IntGauge,
 }
 
 impl Metrics {
@@ -250,11 +252,16 @@ impl Metrics {
             "Key rotations by purpose and outcome (completed, failed step attempts, needs_operator)",
             &["purpose", "outcome"],
         )?;
+        let scheduler_leader = gauge(
+            "scheduler_leader",
+            "1 while this daemon holds the scheduler lease and runs the leader-only jobs (exactly one daemon per store should)",
+        )?;
         Ok(Self {
             key_created,
             key_next_rotation,
             rotations,
             renewal_notices,
+            scheduler_leader,
             broker_outbox_pending,
             broker_updates,
             notifications,
@@ -392,6 +399,7 @@ mod tests {
         m.rotations
             .with_label_values(&["issuing-ca", "completed"])
             .inc();
+        m.scheduler_leader.set(1);
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -425,6 +433,7 @@ mod tests {
             "keyward_key_created_timestamp_seconds{purpose=\"issuing-ca\",target=\"devices\"} 1800000000",
             "keyward_key_next_rotation_timestamp_seconds{purpose=\"issuing-ca\",target=\"devices\"} 1900000000",
             "keyward_rotations_total{outcome=\"completed\",purpose=\"issuing-ca\"} 1",
+            "keyward_scheduler_leader 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -73,6 +73,10 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("the store writer has stopped")]
     WriterGone,
+    /// A caller passed a value the operation cannot take (an empty lease
+    /// name, a lease time that is not positive): a bug, refused before any write.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
 }
 
 impl StoreError {
@@ -84,6 +88,7 @@ impl StoreError {
             Self::WriterGone => "store_unavailable",
             Self::Corrupt(_) => "store_corrupt",
             Self::SchemaTooNew { .. } => "schema_too_new",
+            Self::InvalidArgument(_) => "store_invalid_argument",
         }
     }
 }
@@ -736,4 +741,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Row counts of every table, for tests and operators.
     async fn counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError>;
+
+    // ------------------------------------------------------------ leases
+    //
+    // Coordination state between daemons sharing this store (the scheduler's
+    // leader lease, `jobs::leader`): not domain data, so not a [`Write`] and
+    // not audited per call (the scheduler audits each change of leader).
+    // Times are Unix milliseconds of the callers' clock: `expires_at` and
+    // `acquired_at` are stored in ms.
+
+    /// One atomic step on lease `name` for `holder` as of `now_ms`: takes it
+    /// if nobody holds it, takes it over if the holder's lease expired
+    /// (`expires_at <= now_ms`), extends it to `now_ms + ttl_ms` if `holder`
+    /// already holds it (never shortening it). Returns whether `holder`
+    /// holds the lease after the call. Correct across processes sharing the
+    /// store (one database transaction). `InvalidArgument` for an empty name
+    /// or holder or a `ttl_ms` that is not positive; nothing is changed then.
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// Gives lease `name` up if `holder` holds it (expired or not): it
+    /// expires at once (`expires_at` becomes 0), so anyone takes it at their
+    /// next try, and it still names its last holder. A lease held by another
+    /// holder, or none, is left as it is.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+    /// Who holds lease `name` at `now_ms` (`expires_at > now_ms`); `None` if
+    /// nobody or the lease expired. `now_ms = i64::MIN` reads the last
+    /// holder, expired or released.
+    async fn lease_holder(&self, name: &str, now_ms: i64) -> Result<Option<String>, StoreError>;
 }

@@ -83,6 +83,10 @@ macro_rules! store_suite {
             last_expiry_leaves_out_retired_and_ocsp_service_certificates,
             expiring_device_certificates_window_filters_and_pages,
             renewal_notices_are_marked_once_per_certificate,
+            lease_is_held_by_one_holder_until_it_expires,
+            lease_release_hands_over_at_once,
+            lease_race_has_one_winner,
+            lease_refuses_bad_input_and_read_only_stores,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -4211,4 +4215,205 @@ pub async fn renewal_notices_are_marked_once_per_certificate(cx: Cx) {
         CertificateStatus::Valid,
         "marking changes nothing else"
     );
+}
+
+// ------------------------------------------------------------------ leases
+
+/// Lease times are milliseconds.
+const MS0: i64 = T0 * 1000;
+
+/// Who holds `name` just before and at `at`: the lease ends exactly at `at`.
+async fn ends_at(s: &dyn Store, name: &str, holder: &str, at: i64) {
+    assert_eq!(
+        s.lease_holder(name, at - 1).await.unwrap().as_deref(),
+        Some(holder),
+        "held until {at}"
+    );
+    assert_eq!(
+        s.lease_holder(name, at).await.unwrap(),
+        None,
+        "ended at {at}"
+    );
+}
+
+pub async fn lease_is_held_by_one_holder_until_it_expires(cx: Cx) {
+    let s = cx.store.as_ref();
+    // Nobody holds it yet.
+    assert_eq!(s.lease_holder("scheduler", MS0).await.unwrap(), None);
+    assert_eq!(s.lease_holder("scheduler", i64::MIN).await.unwrap(), None);
+    // Acquire.
+    assert!(s.try_lease("scheduler", "a", MS0, 1500).await.unwrap());
+    ends_at(s, "scheduler", "a", MS0 + 1500).await;
+    // A second holder is refused while the lease is valid, up to its last
+    // millisecond, and the lease is left as it was.
+    assert!(!s.try_lease("scheduler", "b", MS0, 1500).await.unwrap());
+    assert!(
+        !s.try_lease("scheduler", "b", MS0 + 1499, 60_000)
+            .await
+            .unwrap()
+    );
+    ends_at(s, "scheduler", "a", MS0 + 1500).await;
+    // Renewal extends from the renewal time...
+    assert!(
+        s.try_lease("scheduler", "a", MS0 + 1000, 1500)
+            .await
+            .unwrap()
+    );
+    ends_at(s, "scheduler", "a", MS0 + 2500).await;
+    // ... and never shortens (a renewal with an older time or a shorter ttl).
+    assert!(
+        s.try_lease("scheduler", "a", MS0 + 500, 1000)
+            .await
+            .unwrap()
+    );
+    ends_at(s, "scheduler", "a", MS0 + 2500).await;
+    // Other leases are independent.
+    assert!(s.try_lease("other", "b", MS0, 100).await.unwrap());
+    ends_at(s, "other", "b", MS0 + 100).await;
+    ends_at(s, "scheduler", "a", MS0 + 2500).await;
+    // Takeover once expired: at the expiry instant, for the new holder's ttl.
+    assert!(
+        s.try_lease("scheduler", "b", MS0 + 2500, 1500)
+            .await
+            .unwrap()
+    );
+    ends_at(s, "scheduler", "b", MS0 + 4000).await;
+    // The old holder is now refused, and its renewal changes nothing.
+    assert!(
+        !s.try_lease("scheduler", "a", MS0 + 2600, 1500)
+            .await
+            .unwrap()
+    );
+    ends_at(s, "scheduler", "b", MS0 + 4000).await;
+    // After expiry the last holder still reads with i64::MIN.
+    assert_eq!(s.lease_holder("scheduler", MS0 + 5000).await.unwrap(), None);
+    assert_eq!(
+        s.lease_holder("scheduler", i64::MIN)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("b")
+    );
+    // A lease is not a domain change: no audit event.
+    assert_eq!(s.audit_head().await.unwrap().0, 0);
+}
+
+pub async fn lease_release_hands_over_at_once(cx: Cx) {
+    let s = cx.store.as_ref();
+    assert!(s.try_lease("scheduler", "a", MS0, 15_000).await.unwrap());
+    // Released by someone else, or an unknown lease: nothing changes.
+    s.release_lease("scheduler", "b").await.unwrap();
+    s.release_lease("unknown", "a").await.unwrap();
+    ends_at(s, "scheduler", "a", MS0 + 15_000).await;
+    assert!(
+        !s.try_lease("scheduler", "b", MS0 + 1, 15_000)
+            .await
+            .unwrap()
+    );
+    // Released by its holder: free at once, long before it would expire;
+    // it still names its last holder.
+    s.release_lease("scheduler", "a").await.unwrap();
+    assert_eq!(s.lease_holder("scheduler", MS0 + 2).await.unwrap(), None);
+    assert_eq!(s.lease_holder("scheduler", 0).await.unwrap(), None);
+    assert_eq!(
+        s.lease_holder("scheduler", i64::MIN)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
+    assert!(
+        s.try_lease("scheduler", "b", MS0 + 2, 15_000)
+            .await
+            .unwrap()
+    );
+    ends_at(s, "scheduler", "b", MS0 + 15_002).await;
+    // Releasing twice is harmless; the old holder cannot release b's lease.
+    s.release_lease("scheduler", "a").await.unwrap();
+    ends_at(s, "scheduler", "b", MS0 + 15_002).await;
+    // A released lease is acquired again by its former holder, or by the
+    // holder that released it, for a fresh ttl.
+    s.release_lease("scheduler", "b").await.unwrap();
+    assert!(s.try_lease("scheduler", "a", MS0 + 3, 10).await.unwrap());
+    ends_at(s, "scheduler", "a", MS0 + 13).await;
+    s.release_lease("scheduler", "a").await.unwrap();
+    assert!(s.try_lease("scheduler", "a", MS0 + 4, 10).await.unwrap());
+    ends_at(s, "scheduler", "a", MS0 + 14).await;
+}
+
+pub async fn lease_race_has_one_winner(cx: Cx) {
+    let s = cx.store.clone();
+    for round in 0..5i64 {
+        // Every round starts after the previous winner's lease expired.
+        let now = MS0 + round * 10_000;
+        let tries = (0..16).map(|i| {
+            let s = s.clone();
+            async move {
+                let holder = format!("daemon-{i}");
+                let won = s.try_lease("scheduler", &holder, now, 5_000).await.unwrap();
+                (holder, won)
+            }
+        });
+        let results = join_all(tries).await;
+        let winners: Vec<_> = results.iter().filter(|(_, w)| *w).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        assert_eq!(
+            s.lease_holder("scheduler", now).await.unwrap().as_deref(),
+            Some(winners[0].0.as_str())
+        );
+    }
+}
+
+pub async fn lease_refuses_bad_input_and_read_only_stores(cx: Cx) {
+    let s = cx.store.as_ref();
+    assert!(s.try_lease("scheduler", "a", MS0, 1000).await.unwrap());
+    for (name, holder, ttl) in [
+        ("scheduler", "b", 0),
+        ("scheduler", "a", 0),
+        ("scheduler", "a", -1),
+        ("fresh", "b", i64::MIN),
+        ("", "b", 1000),
+        ("scheduler", "", 1000),
+    ] {
+        let err = s
+            .try_lease(name, holder, MS0 + 2000, ttl)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidArgument(_)),
+            "{name:?} {holder:?} {ttl}: {err:?}"
+        );
+        assert_eq!(err.code(), "store_invalid_argument");
+    }
+    for (name, holder) in [("", "a"), ("scheduler", "")] {
+        let err = s.release_lease(name, holder).await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+    }
+    // Nothing changed: a's lease ends where it did, no lease `fresh`.
+    ends_at(s, "scheduler", "a", MS0 + 1000).await;
+    assert_eq!(s.lease_holder("fresh", i64::MIN).await.unwrap(), None);
+
+    // A read-only handle reads the holder and refuses to take, renew or release.
+    let ro = cx.read_only().await;
+    assert_eq!(
+        ro.lease_holder("scheduler", MS0).await.unwrap().as_deref(),
+        Some("a")
+    );
+    for err in [
+        ro.try_lease("scheduler", "b", MS0 + 5000, 1000)
+            .await
+            .unwrap_err(),
+        ro.try_lease("scheduler", "a", MS0, 1000).await.unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, StoreError::Database(DatabaseError::ReadOnly)),
+            "{err:?}"
+        );
+    }
+    let err = ro.release_lease("scheduler", "a").await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Database(DatabaseError::ReadOnly)),
+        "{err:?}"
+    );
+    ends_at(s, "scheduler", "a", MS0 + 1000).await;
 }

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
-use writer::Writer;
+use writer::{LeaseOp, Writer};
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -495,5 +495,64 @@ impl Store for SqliteStore {
 
     async fn counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {
         self.read(reads::counts).await
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        check_lease_names(name, holder)?;
+        if ttl_ms <= 0 {
+            return Err(StoreError::InvalidArgument("lease time must be positive"));
+        }
+        self.lease(LeaseOp::Try {
+            name: name.to_string(),
+            holder: holder.to_string(),
+            now_ms,
+            ttl_ms,
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        check_lease_names(name, holder)?;
+        self.lease(LeaseOp::Release {
+            name: name.to_string(),
+            holder: holder.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn lease_holder(&self, name: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| reads::lease_holder(c, &name, now_ms))
+            .await
+    }
+}
+
+/// Lease names and holders are non-empty.
+fn check_lease_names(name: &str, holder: &str) -> Result<(), StoreError> {
+    if name.is_empty() {
+        return Err(StoreError::InvalidArgument("lease name must not be empty"));
+    }
+    if holder.is_empty() {
+        return Err(StoreError::InvalidArgument(
+            "lease holder must not be empty",
+        ));
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Runs a lease operation on the writer thread.
+    async fn lease(&self, op: LeaseOp) -> Result<bool, StoreError> {
+        match &self.writer {
+            Some(w) => w.lease(op).await,
+            None => Err(DatabaseError::ReadOnly.into()),
+        }
     }
 }

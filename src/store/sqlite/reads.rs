@@ -613,6 +613,14 @@ pub(super) fn audit_head(c: &Connection) -> R<(i64, Vec<u8>)> {
     .unwrap_or((0, GENESIS_HASH.to_vec())))
 }
 
+pub(super) fn lease_holder(c: &Connection, name: &str, now_ms: i64) -> R<Option<String>> {
+    c.prepare_cached("SELECT holder FROM leases WHERE name = ?1 AND expires_at > ?2")
+        .map_err(db)?
+        .query_row(params![name, now_ms], |r| r.get(0))
+        .optional()
+        .map_err(db)
+}
+
 pub(super) fn counts(c: &Connection) -> R<BTreeMap<String, i64>> {
     let mut out = BTreeMap::new();
     for t in TABLES {

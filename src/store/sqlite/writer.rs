@@ -3,6 +3,11 @@
 //! own SAVEPOINT, so a conflicting change fails alone while its neighbours
 //! commit; audit events are chained from the head read inside the
 //! transaction, so an event exists if and only if its change does.
+//!
+//! Lease operations (the scheduler's leader lease) go through the same
+//! queue, each in its own IMMEDIATE transaction after the batch it arrived
+//! behind: they are serialised with this process's writes and, by SQLite's
+//! write lock, with every other process's.
 
 use super::db;
 use super::writes::apply_write;
@@ -18,9 +23,33 @@ pub type BatchObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
 type JobResult = Result<Vec<i64>, StoreError>;
 
-struct Job {
+struct ChangeJob {
     change: Change,
     reply: oneshot::Sender<JobResult>,
+}
+
+/// A lease operation (see [`crate::store::Store::try_lease`]); times in ms.
+#[derive(Debug, Clone)]
+pub(super) enum LeaseOp {
+    /// Take, take over (expired) or extend: the reply says whether `holder` holds it.
+    Try {
+        name: String,
+        holder: String,
+        now_ms: i64,
+        ttl_ms: i64,
+    },
+    /// Give up (expire at once), if held by `holder`: the reply is always `true`.
+    Release { name: String, holder: String },
+}
+
+struct LeaseJob {
+    op: LeaseOp,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+enum Job {
+    Change(ChangeJob),
+    Lease(LeaseJob),
 }
 
 /// The queue to the writer thread; the thread ends when this is dropped.
@@ -52,7 +81,17 @@ impl Writer {
         }
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job { change, reply })
+            .send(Job::Change(ChangeJob { change, reply }))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Queues a lease operation and waits for its outcome.
+    pub(super) async fn lease(&self, op: LeaseOp) -> Result<bool, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Lease(LeaseJob { op, reply }))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::WriterGone)?
@@ -67,28 +106,106 @@ fn writer_loop(
     observer: BatchObserver,
 ) {
     while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < batch_max {
+        let mut batch = Vec::new();
+        // A lease operation ends the batch; it runs right after it.
+        let mut lease = None;
+        match first {
+            Job::Change(c) => batch.push(c),
+            Job::Lease(l) => lease = Some(l),
+        }
+        while lease.is_none() && batch.len() < batch_max {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Job::Change(c)) => batch.push(c),
+                Ok(Job::Lease(l)) => lease = Some(l),
                 Err(_) => break,
             }
         }
-        let started = std::time::Instant::now();
-        let results = commit_batch(&mut conn, &batch, clock.as_ref());
-        observer(batch.len(), started.elapsed());
-        match results {
-            Ok(per_job) => {
-                for (job, r) in batch.into_iter().zip(per_job) {
-                    let _ = job.reply.send(r);
-                }
+        if !batch.is_empty() {
+            commit_and_reply(&mut conn, batch, clock.as_ref(), &observer);
+        }
+        if let Some(l) = lease {
+            let r = run_lease(&mut conn, &l.op);
+            if let Err(e) = &r {
+                tracing::warn!(error = %e, "store lease operation failed");
             }
-            Err(e) => {
-                tracing::error!(error = %e, size = batch.len(), "store batch commit failed");
-                let e = Arc::new(e);
-                for job in batch {
-                    let _ = job.reply.send(Err(DatabaseError::Batch(e.clone()).into()));
-                }
+            let _ = l.reply.send(r);
+        }
+    }
+}
+
+/// Runs one lease operation in its own IMMEDIATE transaction (the write
+/// lock is taken before anything is read, so two processes cannot both
+/// see the lease free).
+fn run_lease(conn: &mut Connection, op: &LeaseOp) -> Result<bool, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let held = match op {
+        LeaseOp::Try {
+            name,
+            holder,
+            now_ms,
+            ttl_ms,
+        } => {
+            let expires_at = now_ms.saturating_add(*ttl_ms);
+            // Inserted, or updated only when it is ours (extended, never
+            // shortened) or expired (taken over, acquired now); otherwise
+            // no row changes.
+            let n = tx
+                .prepare_cached(
+                    "INSERT INTO leases (name, holder, expires_at, acquired_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (name) DO UPDATE SET
+                         expires_at = CASE WHEN leases.holder = excluded.holder
+                             THEN MAX(leases.expires_at, excluded.expires_at)
+                             ELSE excluded.expires_at END,
+                         acquired_at = CASE WHEN leases.holder = excluded.holder
+                                 AND leases.expires_at > ?4
+                             THEN leases.acquired_at
+                             ELSE excluded.acquired_at END,
+                         holder = excluded.holder
+                     WHERE leases.holder = excluded.holder OR leases.expires_at <= ?4",
+                )
+                .map_err(db)?
+                .execute(params![name, holder, expires_at, now_ms])
+                .map_err(db)?;
+            n == 1
+        }
+        LeaseOp::Release { name, holder } => {
+            // Expired, not deleted: the row keeps naming the last holder.
+            tx.prepare_cached(
+                "UPDATE leases SET expires_at = MIN(expires_at, 0) WHERE name = ?1 AND holder = ?2",
+            )
+            .map_err(db)?
+            .execute(params![name, holder])
+            .map_err(db)?;
+            true
+        }
+    };
+    tx.commit().map_err(db)?;
+    Ok(held)
+}
+
+/// Commits a batch of changes and answers each caller.
+fn commit_and_reply(
+    conn: &mut Connection,
+    batch: Vec<ChangeJob>,
+    clock: &dyn Clock,
+    observer: &BatchObserver,
+) {
+    let started = std::time::Instant::now();
+    let results = commit_batch(conn, &batch, clock);
+    observer(batch.len(), started.elapsed());
+    match results {
+        Ok(per_job) => {
+            for (job, r) in batch.into_iter().zip(per_job) {
+                let _ = job.reply.send(r);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, size = batch.len(), "store batch commit failed");
+            let e = Arc::new(e);
+            for job in batch {
+                let _ = job.reply.send(Err(DatabaseError::Batch(e.clone()).into()));
             }
         }
     }
@@ -98,7 +215,7 @@ fn writer_loop(
 /// whole transaction, so every change in it.
 fn commit_batch(
     conn: &mut Connection,
-    batch: &[Job],
+    batch: &[ChangeJob],
     clock: &dyn Clock,
 ) -> Result<Vec<JobResult>, DatabaseError> {
     let tx = conn
