@@ -28,6 +28,7 @@ pub mod notify;
 pub mod policy;
 pub mod ratelimit;
 pub mod registry;
+pub mod rotation;
 pub mod secret;
 pub mod softhsm;
 pub mod store;
