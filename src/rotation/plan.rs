@@ -349,7 +349,11 @@ fn key_item(k: &KeyView, policy: &RotationPolicy, now: i64, age: i64) -> PlanIte
         return item(
             Some(due),
             Action::Wait,
-            format!("due at {} (in {} d)", when(due), days(due.saturating_sub(now))),
+            format!(
+                "due at {} (in {} d)",
+                when(due),
+                days(due.saturating_sub(now))
+            ),
         );
     }
     let reason = due_reason(k, rule, age, now);
