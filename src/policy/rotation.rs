@@ -245,7 +245,7 @@ impl RotationPolicy {
                     return Err(bad(
                         key,
                         format!(
-                            "unknown key purpose (one of: {})",
+                            "not a key purpose rotation.toml plans (one of: {})",
                             ROTATABLE.map(KeyPurpose::as_str).join(", ")
                         ),
                     ));
@@ -453,7 +453,8 @@ mod tests {
         for name in ["backup-wrap", "issuing_ca", "nope"] {
             let e = err(&format!("{HEAD}[keys.{name}]\n{rule}"));
             assert!(
-                e.contains(&format!("keys.{name}")) && e.contains("unknown key purpose"),
+                e.contains(&format!("keys.{name}"))
+                    && e.contains("not a key purpose rotation.toml plans"),
                 "{e}"
             );
         }
@@ -557,6 +558,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.ends_with(" (NOTE)"), "{e}");
+    }
+
+    #[test]
+    fn serializes_for_display_and_round_trips() {
+        let p = RotationPolicy::default();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["schedule"], "0 3 * * *");
+        assert_eq!(v["keys"]["issuing-ca"]["max_age_days"], 1095);
+        assert_eq!(v["keys"]["tls-server"]["automatic"], true);
+        let text = toml::to_string(&p).unwrap();
+        assert_eq!(load(&text).unwrap(), p);
+        let custom = load(&format!(
+            "{HEAD}[keys.audit]\nmax_age_days = 9\nrotate_before_days = 2\nautomatic = false\n"
+        ))
+        .unwrap();
+        assert_eq!(load(&toml::to_string(&custom).unwrap()).unwrap(), custom);
     }
 
     #[test]
