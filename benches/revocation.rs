@@ -70,7 +70,7 @@ fn install(dir: &Path, hsm: &SoftHsm) -> PathBuf {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    for f in ["ca.toml", "enrollment.toml"] {
+    for f in ["ca.toml", "enrollment.toml", "rotation.toml"] {
         std::fs::copy(repo.join(f), policies.join(f)).unwrap();
     }
     let config = dir.join("keyward.toml");

@@ -8,8 +8,9 @@
 # verify, commit) several times (benches/revocation.rs). Then the OCSP
 # responder: responses/s from the pre-signed cache and with a nonce (signed
 # in SoftHSM2) at concurrency 16, p50/p99, against its own daemon
-# (benches/ocsp.rs). Appends results to
-# BENCHMARKS.md.
+# (benches/ocsp.rs). Then rotation planning: which of 1,000,000 device
+# certificates are in their renewal window, and the key plan, in memory
+# (benches/rotation_plan.rs). Appends results to BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,7 +21,7 @@ source scripts/lib.sh
 ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
 echo "==> building (release)"
-cargo bench --bench issuance --bench revocation --bench ocsp --no-run
+cargo bench --bench issuance --bench revocation --bench ocsp --bench rotation_plan --no-run
 
 cargo bench --bench issuance -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
 
@@ -29,3 +30,6 @@ cargo bench --bench revocation -- --entries 100000 --runs 5 --out "$PWD/BENCHMAR
 
 echo "==> OCSP responder"
 cargo bench --bench ocsp -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
+
+echo "==> rotation planning over 1,000,000 device certificates"
+cargo bench --bench rotation_plan -- --certs 1000000 --runs 5 --out "$PWD/BENCHMARKS.md"

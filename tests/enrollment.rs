@@ -637,6 +637,130 @@ async fn policy_reload_validates_first_and_is_audited() {
     }));
 }
 
+/// `policies/rotation.toml`: `config check` validates it, a reload swaps a
+/// valid change in (no restart) with its hash audited, an invalid one is
+/// refused and changes nothing, and removing the file falls back to the
+/// defaults (hash `null`).
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_policy_is_checked_reloaded_and_audited() {
+    let env = Env::new();
+    let ro_path = env.path("policies/rotation.toml");
+    let shipped = std::fs::read_to_string(&ro_path).unwrap();
+    assert_eq!(shipped, repo_file("policies/rotation.toml"));
+    let check = || env.run(&["config", "check", "--config", env.config.to_str().unwrap()]);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("rotation policy from rotation.toml"),
+        "{}",
+        text(&out)
+    );
+
+    // Bad files: config check names the file and the key.
+    for (bad, key) in [
+        (
+            shipped.replacen("rotate_before_days = 14", "rotate_before_days = 90", 1),
+            "keys.tls-server.rotate_before_days",
+        ),
+        (
+            shipped.replacen("schedule = \"0 3 * * *\"", "schedule = \"0 3 * *\"", 1),
+            "schedule",
+        ),
+        (
+            format!("{shipped}\n[keys.root-ca]\nmax_age_days = 3650\nrotate_before_days = 30\n"),
+            "keys.root-ca",
+        ),
+        (
+            shipped.replacen("max_age_days = 1095", "max_age_days = 1500", 1),
+            "keys.issuing-ca.max_age_days",
+        ),
+    ] {
+        std::fs::write(&ro_path, &bad).unwrap();
+        let out = check();
+        assert!(!out.status.success(), "accepted: {bad}");
+        let t = text(&out);
+        assert!(t.contains("rotation.toml") && t.contains(key), "{key}: {t}");
+    }
+    std::fs::write(&ro_path, &shipped).unwrap();
+
+    let root = env.init();
+    let d = env.serve();
+    let reload_url = format!("{}/v1/admin/policies/reload", d.url);
+    let reload = || call(Method::POST, &reload_url, Some(&root), None);
+    let sha = |t: &str| hex::encode(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()));
+
+    let (status, v) = reload().await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["new"]["rotation"], json!(sha(&shipped)), "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+
+    // A valid change: swapped in without a restart.
+    let changed = shipped.replacen("max_age_days = 90", "max_age_days = 60", 1);
+    std::fs::write(&ro_path, &changed).unwrap();
+    let (status, v) = reload().await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (
+            v["old"]["rotation"].clone(),
+            v["new"]["rotation"].clone(),
+            v["changed"].clone()
+        ),
+        (json!(sha(&shipped)), json!(sha(&changed)), json!(true)),
+        "{v}"
+    );
+
+    // Invalid: refused, the policy in force stays (a reload of the same
+    // valid file afterwards reports no change).
+    std::fs::write(
+        &ro_path,
+        changed.replacen("rotate_before_days = 7", "rotate_before_days = 30", 1),
+    )
+    .unwrap();
+    let (status, v) = reload().await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("policy_invalid")),
+        "{v}"
+    );
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("rotation.toml")
+            && message.contains("keys.ocsp-signing.rotate_before_days"),
+        "{v}"
+    );
+    std::fs::write(&ro_path, &changed).unwrap();
+    let (status, v) = reload().await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+
+    // Removed: the defaults, and a null hash.
+    std::fs::remove_file(&ro_path).unwrap();
+    let (status, v) = reload().await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["new"]["rotation"], Value::Null, "{v}");
+    assert_eq!(v["changed"], true, "{v}");
+
+    let reloads: Vec<_> = env
+        .audit_details_after(0)
+        .into_iter()
+        .filter(|(a, ..)| a == "policy.reload")
+        .collect();
+    assert_eq!(
+        reloads.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        ["success", "success", "failure", "success", "success"]
+    );
+    assert_eq!(reloads[1].3["new"]["rotation"], json!(sha(&changed)));
+    assert_eq!(reloads[2].3["old"]["rotation"], json!(sha(&changed)));
+    assert_eq!(reloads[4].3["new"]["rotation"], Value::Null);
+}
+
 #[path = "common/plaintext_scan.rs"]
 mod plaintext_scan;
 

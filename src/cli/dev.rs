@@ -16,6 +16,7 @@ use std::process::{Command, ExitCode};
 
 const CA_POLICY: &str = include_str!("../../policies/ca.toml");
 const ENROLLMENT_POLICY: &str = include_str!("../../policies/enrollment.toml");
+const ROTATION_POLICY: &str = include_str!("../../policies/rotation.toml");
 const TOKEN_LABEL: &str = "keyward-dev";
 
 fn random_text() -> anyhow::Result<String> {
@@ -104,6 +105,7 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
     for (name, text) in [
         ("ca.toml", CA_POLICY),
         ("enrollment.toml", enrollment.as_str()),
+        ("rotation.toml", ROTATION_POLICY),
     ] {
         let p = dir.join("policies").join(name);
         if !p.exists() {

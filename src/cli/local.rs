@@ -192,11 +192,16 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
         );
     }
     println!(
-        "config OK: {} ({} CA(s), {} profile(s), {} enrollment group(s))",
+        "config OK: {} ({} CA(s), {} profile(s), {} enrollment group(s), rotation {})",
         config_path.display(),
         policies.cas.len(),
         policies.profiles.len(),
-        policies.groups.len()
+        policies.groups.len(),
+        if policies.hashes.rotation.is_some() {
+            "policy from rotation.toml"
+        } else {
+            "defaults (no rotation.toml)"
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
-//! Policies: `policies/ca.toml` (CA hierarchy and certificate profiles) and
-//! `policies/enrollment.toml` (enrollment groups), parsed into typed,
+//! Policies: `policies/ca.toml` (CA hierarchy and certificate profiles),
+//! `policies/enrollment.toml` (enrollment groups) and the optional
+//! `policies/rotation.toml` (key rotation), parsed into typed,
 //! cross-checked values. Every file carries `version = 1`.
 
 use crate::model::KeyAlgorithm;
@@ -9,10 +10,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod enrollment;
+mod rotation;
 pub use enrollment::{
     ApprovalMode, AttestationMethod, AttestationPolicy, BrokerAccess, BrokerAclRule, GroupPolicy,
     JWT_ALGORITHMS, JwtAttestation, KeySource, PLACEHOLDERS, TemplateVars, X509Attestation,
     substitute,
+};
+pub use rotation::{
+    DEFAULT_SCHEDULE, KeyRotation, ROTATABLE, ROTATION_FILE, RotationPolicy, Schedule,
 };
 
 pub const POLICY_VERSION: u32 = 1;
@@ -209,11 +214,13 @@ pub struct Policies {
     pub profiles: BTreeMap<String, ProfilePolicy>,
     pub groups: BTreeMap<String, GroupPolicy>,
     pub revocation: RevocationPolicy,
+    /// `rotation.toml`, or the defaults when the file is absent.
+    pub rotation: RotationPolicy,
     /// The policies directory: relative paths in the files (manufacturer
     /// CAs, JWKS files) are relative to it.
     pub dir: PathBuf,
-    /// SHA-256 (hex) of `ca.toml` and `enrollment.toml` as loaded: audited
-    /// on reload, old and new.
+    /// SHA-256 (hex) of `ca.toml`, `enrollment.toml` and `rotation.toml`
+    /// as loaded: audited on reload, old and new.
     pub hashes: PolicyHashes,
 }
 
@@ -221,6 +228,8 @@ pub struct Policies {
 pub struct PolicyHashes {
     pub ca: String,
     pub enrollment: String,
+    /// `None` when `rotation.toml` is absent (the defaults are in force).
+    pub rotation: Option<String>,
 }
 
 fn read(path: &Path) -> Result<String, PolicyError> {
@@ -241,16 +250,48 @@ impl Policies {
     pub fn load(dir: &Path) -> Result<Self, PolicyError> {
         let ca_path = dir.join("ca.toml");
         let en_path = dir.join("enrollment.toml");
+        let ro_path = dir.join(ROTATION_FILE);
         let ca_text = read(&ca_path)?;
         let en_text = read(&en_path)?;
-        Self::from_texts(&ca_path, &ca_text, &en_path, &en_text)
+        let ro_text = match std::fs::read_to_string(&ro_path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(PolicyError::Read {
+                    path: ro_path,
+                    source,
+                });
+            }
+        };
+        Self::from_texts_with_rotation(
+            &ca_path,
+            &ca_text,
+            &en_path,
+            &en_text,
+            ro_text.as_deref().map(|t| (ro_path.as_path(), t)),
+        )
     }
 
+    /// `ca.toml` and `enrollment.toml`; the rotation defaults (as if
+    /// `rotation.toml` were absent).
     pub fn from_texts(
         ca_path: &Path,
         ca_text: &str,
         en_path: &Path,
         en_text: &str,
+    ) -> Result<Self, PolicyError> {
+        Self::from_texts_with_rotation(ca_path, ca_text, en_path, en_text, None)
+    }
+
+    /// All three files; `rotation`: `(path, text)` of `rotation.toml`, or
+    /// `None` when it is absent (the defaults apply, checked against
+    /// `ca.toml` all the same).
+    pub fn from_texts_with_rotation(
+        ca_path: &Path,
+        ca_text: &str,
+        en_path: &Path,
+        en_text: &str,
+        rotation: Option<(&Path, &str)>,
     ) -> Result<Self, PolicyError> {
         let ca: CaFile = parse(ca_path, ca_text)?;
         let en: EnrollmentFile = parse(en_path, en_text)?;
@@ -333,7 +374,10 @@ impl Policies {
                         return Err(bad(
                             ca_path,
                             key,
-                            format!("validity_days exceeds parent `{p}`'s"),
+                            format!(
+                                "an issuing CA outliving its parent: validity_days {} exceeds parent `{p}`'s {}",
+                                c.validity_days, parent.validity_days
+                            ),
                         ));
                     }
                 }
@@ -512,15 +556,34 @@ impl Policies {
             }
         }
         let dir = en_path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (rotation_policy, rotation_hash) = match rotation {
+            Some((path, text)) => {
+                let policy = RotationPolicy::from_text(path, text)?;
+                policy.check_against(path, &ca.ca, &profiles, "")?;
+                (policy, Some(sha256_hex(text)))
+            }
+            None => {
+                let policy = RotationPolicy::default();
+                policy.check_against(
+                    &dir.join(ROTATION_FILE),
+                    &ca.ca,
+                    &profiles,
+                    " (the built-in defaults: the file is absent; write it to choose values this ca.toml can meet)",
+                )?;
+                (policy, None)
+            }
+        };
         Ok(Self {
             cas: ca.ca,
             profiles,
             groups,
             revocation: ca.revocation,
+            rotation: rotation_policy,
             dir,
             hashes: PolicyHashes {
                 ca: sha256_hex(ca_text),
                 enrollment: sha256_hex(en_text),
+                rotation: rotation_hash,
             },
         })
     }
@@ -791,6 +854,120 @@ mod tests {
         )
         .unwrap();
         assert!(a.reload_refusal(&c).is_some());
+    }
+
+    const RO: &str = include_str!("../../policies/rotation.toml");
+
+    fn load_dir(rotation: Option<&str>) -> Result<Policies, PolicyError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.toml"), CA).unwrap();
+        std::fs::write(dir.path().join("enrollment.toml"), EN).unwrap();
+        if let Some(r) = rotation {
+            std::fs::write(dir.path().join("rotation.toml"), r).unwrap();
+        }
+        Policies::load(dir.path())
+    }
+
+    #[test]
+    fn rotation_file_is_optional_and_hashed() {
+        let absent = load_dir(None).unwrap();
+        assert_eq!(absent.rotation, RotationPolicy::default());
+        assert_eq!(absent.hashes.rotation, None);
+        let shipped = load_dir(Some(RO)).unwrap();
+        assert_eq!(shipped.rotation, RotationPolicy::default());
+        assert_eq!(
+            shipped.hashes.rotation.as_deref(),
+            Some(sha256_hex(RO).as_str())
+        );
+        let custom = load_dir(Some(&RO.replace("max_age_days = 90", "max_age_days = 60"))).unwrap();
+        assert_eq!(
+            custom
+                .rotation
+                .key(crate::model::KeyPurpose::TlsServer)
+                .unwrap()
+                .max_age_days,
+            60
+        );
+        // A bad rotation.toml fails the whole load, naming the file.
+        let e = load_dir(Some(
+            &RO.replace("schedule = \"0 3 * * *\"", "schedule = \"0 3 *\""),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rotation.toml: schedule:"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_rotation_file_is_an_error_not_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.toml"), CA).unwrap();
+        std::fs::write(dir.path().join("enrollment.toml"), EN).unwrap();
+        // A directory where the file should be: not "absent".
+        std::fs::create_dir(dir.path().join("rotation.toml")).unwrap();
+        let e = Policies::load(dir.path()).unwrap_err();
+        assert!(matches!(e, PolicyError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("rotation.toml"), "{e}");
+    }
+
+    #[test]
+    fn defaults_are_checked_against_ca_toml_too() {
+        // devices CA 1460 d < 1095 d + 365 d profile: the defaults cannot hold.
+        let short = CA.replacen("validity_days = 1825", "validity_days = 1459", 1);
+        let e = load(&short, EN).unwrap_err().to_string();
+        assert!(
+            e.contains("rotation.toml: keys.issuing-ca.max_age_days")
+                && e.contains("`devices`")
+                && e.contains("the file is absent"),
+            "{e}"
+        );
+        assert!(
+            load(
+                &CA.replacen("validity_days = 1825", "validity_days = 1460", 1),
+                EN
+            )
+            .is_ok()
+        );
+        // A rotation.toml that fits makes the same ca.toml load.
+        let fits = RO.replace("max_age_days = 1095", "max_age_days = 1000");
+        let p = Policies::from_texts_with_rotation(
+            Path::new("ca.toml"),
+            &short,
+            Path::new("enrollment.toml"),
+            EN,
+            Some((Path::new("rotation.toml"), &fits)),
+        )
+        .unwrap();
+        assert!(p.hashes.rotation.is_some());
+    }
+
+    #[test]
+    fn issuing_ca_outliving_its_parent_is_refused() {
+        let e = load(
+            &CA.replacen("validity_days = 1825", "validity_days = 7301", 1),
+            EN,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ca.toml: ca[1] (devices)")
+                && e.contains("an issuing CA outliving its parent"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reload_accepts_rotation_changes() {
+        let a = load_dir(Some(RO)).unwrap();
+        let b = load_dir(Some(
+            &RO.replace("rotate_before_days = 7", "rotate_before_days = 5"),
+        ))
+        .unwrap();
+        let c = load_dir(None).unwrap();
+        assert!(a.reload_refusal(&b).is_none());
+        assert!(a.reload_refusal(&c).is_none());
+        assert_ne!(a.hashes, b.hashes);
+        assert_ne!(a.hashes, c.hashes);
+        assert_eq!(a.hashes.ca, b.hashes.ca);
     }
 
     #[test]

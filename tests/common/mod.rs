@@ -79,6 +79,11 @@ impl Env {
         std::fs::create_dir_all(&policies).unwrap();
         std::fs::write(policies.join("ca.toml"), ca).unwrap();
         std::fs::write(policies.join("enrollment.toml"), enrollment).unwrap();
+        std::fs::write(
+            policies.join("rotation.toml"),
+            repo_file("policies/rotation.toml"),
+        )
+        .unwrap();
         let config = dir.path().join("keyward.toml");
         let db = dir.path().join("keyward.db");
         std::fs::write(
