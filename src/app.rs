@@ -483,6 +483,7 @@ impl App {
             crls.clone(),
             ocsp.clone(),
             notifiers.clone(),
+            metrics.clone(),
         ));
         Ok(Self {
             state: AppState {
@@ -615,6 +616,7 @@ impl App {
         }
         jobs.spawn(Arc::new(RotationJob::new(
             s.rotator.clone(),
+            s.metrics.clone(),
             ROTATION_INTERVAL,
         )));
         // A rotation a crash interrupted resumes at once, not one interval later.

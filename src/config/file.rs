@@ -27,6 +27,7 @@ pub(super) struct File {
     pub broker: Broker,
     #[serde(default)]
     pub jobs: Jobs,
+    #[serde(default)]
     pub scheduler: Scheduler,
     /// `[[notify]]`: notification backends, in order.
     #[serde(default)]

@@ -1,23 +1,51 @@
-//! The rotation job: carries out started rotations step by step
+//! The rotation job: when the rotation policy's schedule fires, it plans
+//! (`crate::rotation::plan`) and starts the rotations that are due; on
+//! every tick it carries out started rotations step by step
 //! ([`crate::rotation::Rotator`]), resuming after a crash or a failed step
 //! (with backoff), and destroys retired keys once their certificates have
-//! expired. Woken at once when a rotation is started.
+//! expired. Woken at once when a rotation is started. Leader-only: with
+//! several daemons on one store, one executor runs.
+//!
+//! The key gauges (creation time, next rotation) are refreshed from the
+//! plan on every tick. A schedule firing while no daemon runs is not caught
+//! up: the next firing plans the same due keys (the policy's margin is
+//! meant to cover a missed night).
 
 use super::{Job, JobError};
+use crate::metrics::Metrics;
 use crate::rotation::Rotator;
 use async_trait::async_trait;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 
 pub struct RotationJob {
     rotator: Arc<Rotator>,
+    metrics: Arc<Metrics>,
     interval: Duration,
+    /// When the previous tick looked at the schedule.
+    last: Mutex<Option<OffsetDateTime>>,
 }
 
 impl RotationJob {
-    pub fn new(rotator: Arc<Rotator>, interval: Duration) -> Self {
-        Self { rotator, interval }
+    pub fn new(rotator: Arc<Rotator>, metrics: Arc<Metrics>, interval: Duration) -> Self {
+        Self {
+            rotator,
+            metrics,
+            interval,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether the schedule fired since the previous tick (never on the
+    /// first tick, and not when the clock went backwards).
+    fn fired(&self, schedule: &crate::policy::Schedule, now: OffsetDateTime) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let fired = last.is_some_and(|l| schedule.fired_between(l, now));
+        if last.is_none_or(|l| now > l) {
+            *last = Some(now);
+        }
+        fired
     }
 }
 
@@ -35,10 +63,34 @@ impl Job for RotationJob {
         self.rotator.woken().await;
     }
 
-    async fn tick(&self, _now: OffsetDateTime) -> Result<(), JobError> {
-        // The rotator reads the same clock the scheduler passes `now` from.
-        let touched = self.rotator.run_due().await?;
-        for r in touched {
+    async fn tick(&self, now: OffsetDateTime) -> Result<(), JobError> {
+        let plan = self.rotator.plan(now.unix_timestamp()).await?;
+        for item in &plan.items {
+            if item.key_id.is_some()
+                && !matches!(
+                    item.action,
+                    crate::rotation::plan::Action::DestroyOld { .. }
+                )
+            {
+                let labels = [item.purpose.as_str(), item.target.as_str()];
+                self.metrics
+                    .key_created
+                    .with_label_values(&labels)
+                    .set(now.unix_timestamp() - item.age_seconds);
+                self.metrics
+                    .key_next_rotation
+                    .with_label_values(&labels)
+                    .set(item.next_rotation_at.unwrap_or(0));
+            }
+        }
+        let schedule = self.rotator.schedule();
+        if self.fired(&schedule, now) {
+            let started = self.rotator.start_due(&plan).await?;
+            if !started.is_empty() {
+                tracing::info!(count = started.len(), "scheduled rotations started");
+            }
+        }
+        for r in self.rotator.run_due().await? {
             tracing::info!(rotation = %r.id, purpose = %r.purpose, target = %r.target, step = %r.step, "rotation advanced");
         }
         Ok(())

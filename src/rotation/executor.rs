@@ -112,6 +112,7 @@ pub struct Rotator {
     crls: Arc<CrlPublisher>,
     ocsp: Arc<Responder>,
     notifiers: Arc<Notifiers>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// One executor pass at a time in this process.
     running: tokio::sync::Mutex<()>,
     wake: Notify,
@@ -133,6 +134,7 @@ impl Rotator {
         crls: Arc<CrlPublisher>,
         ocsp: Arc<Responder>,
         notifiers: Arc<Notifiers>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
             ca,
@@ -141,9 +143,15 @@ impl Rotator {
             crls,
             ocsp,
             notifiers,
+            metrics,
             running: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         }
+    }
+
+    /// The rotation policy's schedule in force (reloadable).
+    pub fn schedule(&self) -> crate::policy::Schedule {
+        self.ca.policies().rotation.schedule.clone()
     }
 
     /// Asks the rotation job to run at once.
@@ -190,6 +198,113 @@ impl Rotator {
                 "keys of purpose `{other}` are not rotated by the executor (the TLS server key is replaced with every renewal of its certificate)"
             ))),
         }
+    }
+
+    /// The planner's view of the keys in force and the open rotations, as
+    /// of `now` (reads the store; decides nothing).
+    pub async fn plan(&self, now: i64) -> Result<super::plan::Plan, RotationError> {
+        use super::plan::{KeyView, PlanInput, RotationView};
+        let mut service_not_after = std::collections::BTreeMap::new();
+        for purpose in [KeyPurpose::OcspSigning, KeyPurpose::TlsServer] {
+            for svc in self.store.service_certificates(purpose).await? {
+                service_not_after.entry(svc.key_id).or_insert(svc.not_after);
+            }
+        }
+        let mut keys = Vec::new();
+        for k in self.store.list_keys().await? {
+            if k.state != KeyState::Active {
+                continue;
+            }
+            let (target, cert_not_after, parent_on_card) = match k.purpose {
+                KeyPurpose::RootCa | KeyPurpose::IssuingCa => {
+                    let Some(ca) = k.ca_name.clone() else {
+                        continue;
+                    };
+                    let not_after = self.ca.generation(&ca, k.id).map(|g| g.not_after);
+                    let card = self.ca.parent_on_card(&ca);
+                    (ca, not_after, card)
+                }
+                KeyPurpose::OcspSigning => {
+                    let Some(ca) = k.ca_name.clone() else {
+                        continue;
+                    };
+                    (ca, service_not_after.get(&k.id).copied(), false)
+                }
+                KeyPurpose::TlsServer => (
+                    "server".to_string(),
+                    service_not_after.get(&k.id).copied(),
+                    false,
+                ),
+                _ => continue,
+            };
+            keys.push(KeyView {
+                key_id: k.id,
+                purpose: k.purpose,
+                target,
+                state: k.state,
+                activated_at: k.created_at,
+                cert_not_after,
+                parent_on_card,
+            });
+        }
+        let rotations: Vec<RotationView> = self
+            .store
+            .list_rotations(true, 1000)
+            .await?
+            .iter()
+            .map(RotationView::from)
+            .collect();
+        let policies = self.ca.policies();
+        Ok(super::plan::plan(
+            &PlanInput {
+                keys: &keys,
+                rotations: &rotations,
+            },
+            &policies.rotation,
+            now,
+        ))
+    }
+
+    /// Starts the rotations `plan` says are due (`Rotate`, and `NeedsRootCard`,
+    /// whose new key is generated and then waits for the operator). Keys the
+    /// executor does not rotate (the TLS server key is replaced with every
+    /// renewal of its certificate) are left to their own job. Returns the
+    /// rotations started.
+    pub async fn start_due(
+        &self,
+        plan: &super::plan::Plan,
+    ) -> Result<Vec<RotationRecord>, RotationError> {
+        use super::plan::Action;
+        let mut started = Vec::new();
+        for item in &plan.items {
+            let reason = match &item.action {
+                Action::Rotate { reason } | Action::NeedsRootCard { reason } => reason,
+                _ => continue,
+            };
+            if !matches!(
+                item.purpose,
+                KeyPurpose::IssuingCa | KeyPurpose::OcspSigning
+            ) {
+                continue;
+            }
+            match self
+                .start(
+                    item.purpose,
+                    &item.target,
+                    "system",
+                    &format!("schedule: {reason}"),
+                )
+                .await
+            {
+                Ok(r) => started.push(r),
+                // Started meanwhile (by an operator, or another pass).
+                Err(RotationError::Running { .. }) => {}
+                Err(e) => {
+                    tracing::error!(purpose = %item.purpose, target = %item.target, code = e.code(), error = %e, "could not start a due rotation");
+                }
+            }
+        }
+        Ok(started)
     }
 
     /// What [`Self::start`] would do, writing nothing.
@@ -905,6 +1020,17 @@ impl Rotator {
         step: RotationStep,
         error: Option<String>,
     ) {
+        self.metrics
+            .rotations
+            .with_label_values(&[
+                r.purpose.as_str(),
+                match outcome {
+                    RotationOutcome::Completed => "completed",
+                    RotationOutcome::Failed => "failed",
+                    RotationOutcome::NeedsOperator => "needs_operator",
+                },
+            ])
+            .inc();
         self.notifiers.send(Notification::Rotation {
             rotation_id: r.id,
             purpose: r.purpose.as_str().to_string(),

@@ -19,6 +19,8 @@ use keyward::ca::crls::CrlPublisher;
 use keyward::ca::responder::{Responder, ResponderSettings};
 use keyward::clock::{Clock, ManualClock, SystemClock};
 use keyward::config::Config;
+use keyward::jobs::Job;
+use keyward::jobs::rotation::RotationJob;
 use keyward::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeySpec, KeyStore, KeyStoreError,
     KeyStores,
@@ -153,6 +155,100 @@ fn child_config(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// The services a rotation needs, in process, on the test's token.
+struct Rig {
+    clock: Arc<ManualClock>,
+    metrics: Arc<keyward::metrics::Metrics>,
+    flaky: Arc<Flaky>,
+    store: Arc<dyn keyward::store::Store>,
+    ca: Arc<CaService>,
+    received: Received,
+    rotator: Arc<Rotator>,
+}
+
+async fn rig(config: &std::path::Path) -> Rig {
+    let config = Config::load(config).unwrap();
+    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let metrics = Arc::new(keyward::metrics::Metrics::new().unwrap());
+    let flaky = Arc::new(Flaky {
+        inner: keyward::app::open_keystore("default", &config.keystore)
+            .await
+            .unwrap(),
+        fail_generate: AtomicBool::new(false),
+        fail_sign: AtomicBool::new(false),
+    });
+    let store = keyward::app::open_store(&config, clock.clone(), metrics.clone()).unwrap();
+    let policies = Arc::new(keyward::policy::Policies::load(&config.policies.dir).unwrap());
+    let ca = Arc::new(
+        CaService::new(
+            KeyStores::new(flaky.clone()),
+            store.clone(),
+            clock.clone(),
+            policies,
+        )
+        .await
+        .unwrap(),
+    );
+    let crls = Arc::new(CrlPublisher::new(
+        ca.clone(),
+        store.clone(),
+        clock.clone(),
+        metrics.clone(),
+    ));
+    let limiter = Arc::new(InProcessRateLimiter::new(clock.clone(), 1000));
+    let ocsp = Arc::new(Responder::new(
+        ca.clone(),
+        store.clone(),
+        clock.clone(),
+        limiter,
+        metrics.clone(),
+        ResponderSettings {
+            cache_entries: 100,
+            fresh_per_source: Limit::new(10, Duration::from_secs(1)),
+        },
+    ));
+    ocsp.refresh_signers("test").await.unwrap();
+    // From here on, the HSM stops generating keys.
+    flaky.fail_generate.store(true, Ordering::SeqCst);
+    let (received, hook) = Received::start().await;
+    let webhook = WebhookNotifier::new(
+        "notify[0].secret",
+        WebhookSettings {
+            url: WebhookUrl::parse(&hook).unwrap(),
+            secret: SecretString::from("webhook-secret-0123456789abcdef".to_string()),
+            timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        },
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let notifiers = Notifiers::start(
+        vec![Backend::new(Arc::new(webhook), 100)],
+        clock.clone(),
+        metrics.clone(),
+    );
+    let rotator = Rotator::new(
+        ca.clone(),
+        store.clone(),
+        clock.clone(),
+        crls,
+        ocsp,
+        notifiers,
+        metrics.clone(),
+    );
+    Rig {
+        clock,
+        metrics,
+        flaky,
+        store,
+        ca,
+        received,
+        rotator: Arc::new(rotator),
+    }
+}
+
 #[test]
 fn an_hsm_failing_mid_rotation_is_retried_with_backoff_alerted_and_no_step_is_skipped() {
     let Some(config) = child_config(
@@ -165,76 +261,15 @@ fn an_hsm_failing_mid_rotation_is_retried_with_backoff_alerted_and_no_step_is_sk
         .build()
         .unwrap();
     rt.block_on(async {
-        let config = Config::load(&config).unwrap();
-        let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
-        let metrics = Arc::new(keyward::metrics::Metrics::new().unwrap());
-        let flaky = Arc::new(Flaky {
-            inner: keyward::app::open_keystore("default", &config.keystore)
-                .await
-                .unwrap(),
-            fail_generate: AtomicBool::new(false),
-            fail_sign: AtomicBool::new(false),
-        });
-        let store = keyward::app::open_store(&config, clock.clone(), metrics.clone()).unwrap();
-        let policies = Arc::new(keyward::policy::Policies::load(&config.policies.dir).unwrap());
-        let ca = Arc::new(
-            CaService::new(
-                KeyStores::new(flaky.clone()),
-                store.clone(),
-                clock.clone(),
-                policies,
-            )
-            .await
-            .unwrap(),
-        );
-        let crls = Arc::new(CrlPublisher::new(
-            ca.clone(),
-            store.clone(),
-            clock.clone(),
-            metrics.clone(),
-        ));
-        let limiter = Arc::new(InProcessRateLimiter::new(clock.clone(), 1000));
-        let ocsp = Arc::new(Responder::new(
-            ca.clone(),
-            store.clone(),
-            clock.clone(),
-            limiter,
-            metrics.clone(),
-            ResponderSettings {
-                cache_entries: 100,
-                fresh_per_source: Limit::new(10, Duration::from_secs(1)),
-            },
-        ));
-        ocsp.refresh_signers("test").await.unwrap();
-        // From here on, the HSM stops generating keys.
-        flaky.fail_generate.store(true, Ordering::SeqCst);
-        let (received, hook) = Received::start().await;
-        let webhook = WebhookNotifier::new(
-            "notify[0].secret",
-            WebhookSettings {
-                url: WebhookUrl::parse(&hook).unwrap(),
-                secret: SecretString::from("webhook-secret-0123456789abcdef".to_string()),
-                timeout: Duration::from_secs(5),
-                max_attempts: 3,
-                initial_backoff: Duration::from_millis(50),
-                max_backoff: Duration::from_secs(1),
-            },
-            Arc::new(SystemClock),
-        )
-        .unwrap();
-        let notifiers = Notifiers::start(
-            vec![Backend::new(Arc::new(webhook), 100)],
-            clock.clone(),
-            metrics.clone(),
-        );
-        let rotator = Rotator::new(
-            ca.clone(),
-            store.clone(),
-            clock.clone(),
-            crls,
-            ocsp,
-            notifiers,
-        );
+        let Rig {
+            clock,
+            metrics,
+            flaky,
+            store,
+            ca,
+            received,
+            rotator,
+        } = rig(&config).await;
         let old_key = ca.issuer("devices").unwrap().key_id;
         let r = rotator
             .start(KeyPurpose::IssuingCa, "devices", "admin:test", "manual")
@@ -300,6 +335,13 @@ fn an_hsm_failing_mid_rotation_is_retried_with_backoff_alerted_and_no_step_is_sk
         assert_ne!(ca.issuer("devices").unwrap().key_id, old_key);
         let done = received.wait_for("rotation.completed", 1).await;
         assert_eq!(done[0]["data"]["step"], "activated");
+        let text = metrics.render();
+        for line in [
+            "keyward_rotations_total{outcome=\"failed\",purpose=\"issuing-ca\"} 3",
+            "keyward_rotations_total{outcome=\"completed\",purpose=\"issuing-ca\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
 
         // Every step exactly once, in order, and three audited failures.
         let events = store
@@ -330,5 +372,96 @@ fn an_hsm_failing_mid_rotation_is_retried_with_backoff_alerted_and_no_step_is_sk
                 "rotation.destroyed",
             ]
         );
+    });
+}
+
+/// The rotation job on a manual clock: nothing is due on a fresh
+/// installation; three years on (issuing CA key past max age − margin, OCSP
+/// signer long past its own), the nightly schedule fires, both rotate, the
+/// root is reported and never touched, and the key gauges follow.
+#[test]
+fn the_schedule_rotates_what_policy_says_is_due_and_never_a_root() {
+    let Some(config) =
+        child_config("the_schedule_rotates_what_policy_says_is_due_and_never_a_root")
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let Rig {
+            clock,
+            metrics,
+            flaky,
+            store,
+            ca,
+            rotator,
+            ..
+        } = rig(&config).await;
+        flaky.fail_generate.store(false, Ordering::SeqCst);
+        let job = RotationJob::new(rotator.clone(), metrics.clone(), Duration::from_secs(60));
+        let root_key = ca.issuer("root").unwrap().key_id;
+        let devices_key = ca.issuer("devices").unwrap().key_id;
+
+        // Fresh: the first tick only notes the time; a day later the
+        // schedule has fired but nothing is due.
+        job.tick(clock.now()).await.unwrap();
+        clock.advance(time::Duration::days(1));
+        job.tick(clock.now()).await.unwrap();
+        assert!(store.list_rotations(false, 10).await.unwrap().is_empty());
+        let plan = rotator.plan(clock.now().unix_timestamp()).await.unwrap();
+        let root = plan
+            .items
+            .iter()
+            .find(|i| i.purpose == KeyPurpose::RootCa)
+            .unwrap();
+        assert_eq!(root.action.kind(), "manual", "{plan:?}");
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "keyward_key_next_rotation_timestamp_seconds{purpose=\"root-ca\",target=\"root\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "keyward_key_created_timestamp_seconds{purpose=\"issuing-ca\",target=\"devices\"}"
+            ),
+            "{text}"
+        );
+
+        // 1,070 days on (past 1,095 − 30): the next firing rotates.
+        clock.advance(time::Duration::days(1_069));
+        job.tick(clock.now()).await.unwrap();
+        let rotations = store.list_rotations(false, 10).await.unwrap();
+        let mut started: Vec<(KeyPurpose, String)> = rotations
+            .iter()
+            .map(|r| (r.purpose, r.target.clone()))
+            .collect();
+        started.sort();
+        assert_eq!(
+            started,
+            [
+                (KeyPurpose::IssuingCa, "devices".to_string()),
+                (KeyPurpose::OcspSigning, "devices".to_string()),
+            ]
+        );
+        for r in &rotations {
+            assert!(r.reason.starts_with("schedule: "), "{r:?}");
+            assert_eq!(r.actor, "system");
+            assert_eq!(r.step, RotationStep::Destroyed, "{r:?}");
+        }
+        assert_ne!(ca.issuer("devices").unwrap().key_id, devices_key);
+        assert_eq!(
+            ca.issuer("root").unwrap().key_id,
+            root_key,
+            "roots are never rotated"
+        );
+        // The next firing starts nothing new: the new keys are young.
+        clock.advance(time::Duration::days(1));
+        job.tick(clock.now()).await.unwrap();
+        assert_eq!(store.list_rotations(false, 10).await.unwrap().len(), 2);
     });
 }
