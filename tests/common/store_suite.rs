@@ -2276,6 +2276,7 @@ pub async fn counts_name_every_table(cx: Cx) {
                 op: BrokerOp::Revoke,
                 at: T0,
             },
+            Write::InsertRotation(rotation(KeyPurpose::IssuingCa, "root", k.id, T0)),
         ],
     )
     .await;
