@@ -194,6 +194,9 @@ async fn get_text(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_every_step_boundary_leaves_one_active_key_and_no_orphans() {
     let env = Env::new();
+    // A daemon restarted after kill -9 leads once the dead one's lease runs
+    // out: keep that short.
+    env.append_config("[scheduler]\nlease_seconds = 1\n");
     let token = env.init();
     let dir = env.path("work");
     std::fs::create_dir_all(&dir).unwrap();
@@ -259,6 +262,43 @@ async fn kill_9_at_every_step_boundary_leaves_one_active_key_and_no_orphans() {
     let bundle_file = write(&dir, "bundle.pem", &bundle);
     let (ok, out) = common::openssl_verify(&root_file, &bundle_file, &device.cert);
     assert!(ok, "{out}");
+    // `keyward keys list`: each key's state and age, and the plan for the active ones.
+    let out = env.run(&[
+        "keys",
+        "list",
+        "--config",
+        env.config.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let active_issuing: Vec<&Value> = keys
+        .iter()
+        .filter(|k| k["purpose"] == "issuing-ca" && k["state"] == "active")
+        .collect();
+    assert_eq!(active_issuing.len(), 1, "{keys:?}");
+    assert_eq!(active_issuing[0]["plan"], "wait", "{keys:?}");
+    assert_eq!(active_issuing[0]["age_days"], 0, "{keys:?}");
+    assert!(
+        active_issuing[0]["next_rotation_at"].is_string(),
+        "{keys:?}"
+    );
+    let root = keys.iter().find(|k| k["purpose"] == "root-ca").unwrap();
+    assert_eq!(root["plan"], "manual", "{root}");
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k["purpose"] == "issuing-ca" && k["state"] == "destroyed")
+            .count(),
+        BOUNDARIES.len() + 1
+    );
+    let text = env.run(&["keys", "list", "--config", env.config.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("NEXT ROTATION"));
+
     let count = |sql: &str| db(&env).query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
     // Every replaced key was destroyed: only the active one is left.
     assert_eq!(

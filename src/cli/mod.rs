@@ -478,6 +478,12 @@ pub enum CaCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
+    /// List every key the store knows with its state, age and next
+    /// scheduled rotation (reads the database; needs no daemon).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Rotate a key of keyward's own on demand (role admin).
     Rotate {
         /// `ocsp-signing` (the TLS server key is replaced with every
@@ -581,6 +587,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             CaCommand::Rotations { open } => rotation::list(&client, open).await,
             crl => client::ca(&client, crl).await,
         },
+        Command::Keys {
+            client,
+            command: KeysCommand::List { config },
+        } => local::keys_list(&config.config, client.output).await,
         Command::Keys {
             client,
             command:

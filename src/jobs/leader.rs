@@ -177,6 +177,10 @@ pub struct Leadership {
     /// Leader until this instant (one lease time after the start of the
     /// last successful renewal); `None`: not leader.
     until: Mutex<Option<tokio::time::Instant>>,
+    /// Woken when this daemon becomes leader: leader-only jobs then tick
+    /// at once instead of one interval later (work waiting since the old
+    /// leader died, e.g. a rotation a crash interrupted).
+    acquired: tokio::sync::Notify,
 }
 
 impl Leadership {
@@ -185,6 +189,7 @@ impl Leadership {
         Self {
             always: true,
             until: Mutex::new(None),
+            acquired: tokio::sync::Notify::new(),
         }
     }
 
@@ -193,7 +198,21 @@ impl Leadership {
         Self {
             always: false,
             until: Mutex::new(None),
+            acquired: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves when this daemon becomes leader (never for a scheduler
+    /// without a lock, which leads from the start).
+    pub async fn acquired(&self) {
+        if self.always {
+            std::future::pending::<()>().await;
+        }
+        self.acquired.notified().await;
+    }
+
+    pub(super) fn announce(&self) {
+        self.acquired.notify_waiters();
     }
 
     /// Whether leader-only jobs may run now.

@@ -206,6 +206,7 @@ impl Scheduler {
                     () = cancel.cancelled() => break,
                     _ = ticker.tick() => {}
                     () = job.woken() => {}
+                    () = leadership.acquired(), if leader_only => {}
                 }
                 if leader_only && !leadership.is_leader() {
                     tracing::trace!(job = name, "not the scheduler leader; tick skipped");
@@ -280,6 +281,7 @@ impl LeaseKeeper {
                     self.held = true;
                     let previous = self.lock.previous_holder();
                     tracing::info!(holder = %holder, previous = ?previous, "this daemon is now the scheduler leader");
+                    self.leadership.announce();
                     self.unaudited = Some(
                         AuditDraft::new(
                             "system",
