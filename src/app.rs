@@ -201,12 +201,17 @@ async fn prepare_tls(
         }
     };
     // Devices chain to the issuing CAs; anchoring there lets them send only
-    // their leaf certificate.
+    // their leaf certificate. Every live key of each issuing CA (after a
+    // rotation: the active one, retired ones with live devices, a published
+    // successor), so devices issued before and after a rotation both
+    // authenticate. Anchors are read at start: a key published later
+    // becomes an anchor at the next restart (docs/operations.md, Rotation).
     let anchors = ca
         .issuers()
         .iter()
         .filter(|i| i.kind == crate::policy::CaKind::Issuing)
-        .map(|i| i.cert_der.clone())
+        .flat_map(|i| ca.live_generations(&i.name).unwrap_or_default())
+        .map(|g| g.cert_der.clone())
         .collect();
     let check: Arc<dyn ClientCertCheck> = Arc::new(
         crate::registry::tls_check::StoreClientCertCheck::new(store.clone()),

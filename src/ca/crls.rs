@@ -114,6 +114,11 @@ impl CrlPublisher {
         }
     }
 
+    /// The CA service it publishes for.
+    pub fn ca(&self) -> &Arc<CaService> {
+        &self.ca
+    }
+
     /// The publisher's clock time (what a CRL's remaining lifetime is measured against).
     pub fn now(&self) -> OffsetDateTime {
         self.clock.now()

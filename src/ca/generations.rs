@@ -160,3 +160,45 @@ impl CaService {
             .find(|g| g.key_id == key_id)
     }
 }
+
+impl CaService {
+    /// Re-reads the CAs when the store's CA keys changed since the last
+    /// load: another daemon (the scheduler leader) rotated one. Cheap when
+    /// nothing changed (one read of the key rows and CA rows). Returns
+    /// whether it reloaded.
+    pub async fn reload_if_changed(&self) -> Result<bool, CaError> {
+        let seen = self.ca_key_states().await?;
+        let known = self
+            .ca_keys_seen
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        if seen == known {
+            return Ok(false);
+        }
+        self.reload().await?;
+        Ok(true)
+    }
+
+    /// (key id, state) of every CA key and the key each CA points at.
+    pub(super) async fn ca_key_states(&self) -> Result<Vec<(Uuid, String)>, CaError> {
+        let mut seen: Vec<(Uuid, String)> = self
+            .store
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| matches!(k.purpose, KeyPurpose::RootCa | KeyPurpose::IssuingCa))
+            .map(|k| (k.id, k.state.as_str().to_string()))
+            .collect();
+        for ca in self.store.list_cas().await? {
+            seen.push((ca.key_id, format!("ca:{}", ca.name)));
+        }
+        for r in self.store.list_rotations(true, 1000).await? {
+            if let Some(k) = r.new_key_id {
+                seen.push((k, format!("rotation:{}", r.step.as_str())));
+            }
+        }
+        seen.sort();
+        Ok(seen)
+    }
+}

@@ -15,6 +15,7 @@ use std::sync::Arc;
 impl CaService {
     /// Re-reads CAs and their keys from the store.
     pub async fn reload(&self) -> Result<(), CaError> {
+        let seen = self.ca_key_states().await?;
         let mut remaining = self.store.list_cas().await?;
         let mut loaded: BTreeMap<String, Arc<Issuer>> = BTreeMap::new();
         // Parents first, whatever order the store returns: a chain is built
@@ -49,6 +50,9 @@ impl CaService {
         }
         if let Ok(mut g) = self.generations.write() {
             *g = generations;
+        }
+        if let Ok(mut g) = self.ca_keys_seen.lock() {
+            *g = seen;
         }
         Ok(())
     }

@@ -194,6 +194,8 @@ pub struct CaService {
     issuers: RwLock<BTreeMap<String, Arc<Issuer>>>,
     /// Published and retired keys of the CAs ([`generations`]).
     generations: RwLock<generations::Generations>,
+    /// The CA keys' states at the last load ([`CaService::reload_if_changed`]).
+    ca_keys_seen: std::sync::Mutex<Vec<(Uuid, String)>>,
     /// `server.public_url`: certificates point their CDP and AIA below it.
     public_url: Option<String>,
     /// Told after every committed revocation, suspension, resumption or release.
@@ -238,6 +240,7 @@ impl CaService {
             policies: RwLock::new(policies),
             issuers: RwLock::new(BTreeMap::new()),
             generations: RwLock::new(generations::Generations::default()),
+            ca_keys_seen: std::sync::Mutex::new(Vec::new()),
             public_url: None,
             observers: RwLock::new(Vec::new()),
             nonces: renewal::Nonces::default(),

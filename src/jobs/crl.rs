@@ -53,6 +53,16 @@ impl Job for CrlJob {
     /// failure is reported (all are logged and counted in
     /// `keyward_crl_publish_failures_total`).
     async fn tick(&self, now: OffsetDateTime) -> Result<(), JobError> {
+        // Another daemon may have rotated a CA key: pick it up before
+        // publishing (issuance follows at once; this daemon's OCSP signers
+        // follow at the OCSP job's next round).
+        match self.publisher.ca().reload_if_changed().await {
+            Ok(true) => tracing::info!("CA keys changed in the store (a rotation); reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(code = e.code(), error = %e, "checking the CA keys for changes")
+            }
+        }
         let loaded = self.publisher.load().await;
         if let Err(e) = &loaded {
             tracing::error!(code = e.code(), error = %e, "loading the stored CRLs");
