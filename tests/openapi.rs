@@ -71,6 +71,18 @@ const UNREACHABLE: &[(&str, &str, u16, &str)] = &[
         409,
         "needs a name taken between invitation and redemption (a race)",
     ),
+    (
+        "POST",
+        "/v1/admin/rotations/{id}/certify-with-root-card",
+        200,
+        "needs a rotation waiting at key-generated for a parent CA key on a YubiKey; this daemon has no card",
+    ),
+    (
+        "POST",
+        "/v1/admin/rotations/{id}/certify-with-root-card",
+        422,
+        "needs a rotation held at key-generated whose parent key is not on a card: without a card the rotation job certifies in the same pass that generated the key (this call waits for that pass), so it only stays there after its certify step failed (HSM or store trouble)",
+    ),
 ];
 
 const SEMANTIC: &[&str] = &[
@@ -86,6 +98,8 @@ const SEMANTIC: &[&str] = &[
     "duplicate_request",
     "invalid_invitation",
     "already_decided",
+    "unknown_ca",
+    "rotation_unsupported",
 ];
 
 enum Body {
@@ -123,11 +137,37 @@ impl Api {
         body: Body,
         source: Option<&str>,
     ) -> Reply {
+        self.send_full(method, path, token, body, source, None)
+            .await
+            .0
+    }
+
+    /// A GET whose body is wanted as bytes (certificates, CRLs), with an
+    /// optional `Accept`; checked against the document like every answer.
+    async fn get_bytes(&self, path: &str, accept: Option<&str>) -> (u16, Vec<u8>) {
+        let (r, bytes) = self
+            .send_full("GET", path, None, Body::None, None, accept)
+            .await;
+        (r.status, bytes)
+    }
+
+    async fn send_full(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Body,
+        source: Option<&str>,
+        accept: Option<&str>,
+    ) -> (Reply, Vec<u8>) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut rb = self.http.request(m, format!("{}{path}", self.url)).header(
             "x-forwarded-for",
             source.map(str::to_string).unwrap_or_else(random_source),
         );
+        if let Some(a) = accept {
+            rb = rb.header("accept", a);
+        }
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
         }
@@ -184,7 +224,7 @@ impl Api {
             .lock()
             .unwrap()
             .insert((method.to_string(), template, status));
-        Reply { status, json }
+        (Reply { status, json }, bytes.to_vec())
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> Reply {
@@ -1074,6 +1114,10 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
     // ---- Routing in both directions, and the server's own error answers.
     routes_match_the_document(&api).await;
 
+    // ---- Key rotations, last: rotating `devices` changes its key for
+    // everything after it.
+    rotation_walk(&api, b, alice, audrey, nobody).await;
+
     // ---- Every documented status was seen.
     let seen = api.seen.lock().unwrap().clone();
     let mut missing = Vec::new();
@@ -1866,6 +1910,15 @@ async fn fuzz_request_schemas(
             bootstrap,
             json!({ "valid_for_hours": 2, "comment": "ok" }),
         ),
+        // A root is never rotated: a body that fits is refused for what it
+        // names (`rotation_unsupported`, or `unknown_ca` for another
+        // target), so fuzzing starts no rotation.
+        (
+            "/v1/admin/rotations",
+            "/v1/admin/rotations".to_string(),
+            bootstrap,
+            json!({ "purpose": "issuing-ca", "target": "root", "reason": "fuzz" }),
+        ),
     ];
     let mut refused = 0;
     let mut accepted = 0;
@@ -1952,6 +2005,7 @@ async fn routes_match_the_document(api: &Api) {
         let concrete = path
             .replace("{id}", &uuid::Uuid::new_v4().to_string())
             .replace("{name}", "root")
+            .replace("{key}", &uuid::Uuid::new_v4().to_string())
             .replace("{serial}", "00");
         let resp = api
             .http
@@ -2430,4 +2484,423 @@ async fn enrollment_walk(
     let r = api.post_empty(reload, b).await;
     expect(&r, 200, None);
     assert_eq!(r.json["old"], r.json["new"]);
+}
+
+/// The key id of CA `ca` in force, from `GET /v1/admin/cas`.
+async fn ca_key_id(api: &Api, token: Option<&str>, ca: &str) -> String {
+    let r = api.get("/v1/admin/cas", token).await;
+    expect(&r, 200, None);
+    r.json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == ca)
+        .unwrap_or_else(|| panic!("no CA {ca}: {}", r.json))["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Polls a rotation until it reaches `step` (`retired` while the old key
+/// still has live certificates, else `destroyed`).
+async fn wait_for_rotation(api: &Api, token: Option<&str>, id: &str, step: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = api.get(&format!("/v1/admin/rotations/{id}"), token).await;
+        expect(&r, 200, None);
+        if r.json["step"] == step {
+            return r.json;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation never reached {step}: {}",
+            r.json
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn pem_count(bytes: &[u8], label: &str) -> usize {
+    String::from_utf8_lossy(bytes)
+        .matches(&format!("-----BEGIN {label}-----"))
+        .count()
+}
+
+/// Key rotations and the per-key CA routes. Runs last: rotating the
+/// `devices` CA changes the key it issues with.
+async fn rotation_walk(
+    api: &Api,
+    b: Option<&str>,
+    alice: Option<&str>,
+    audrey: Option<&str>,
+    nobody: uuid::Uuid,
+) {
+    let raw = |bytes: &str, ct: Option<&'static str>| Body::Raw(bytes.as_bytes().to_vec(), ct);
+    let old_key = ca_key_id(api, audrey, "devices").await;
+
+    // ---- Per-key CA routes before any rotation: one key, one CRL, one certificate.
+    let (status, crls) = api.get_bytes("/v1/ca/devices/crls", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(pem_count(&crls, "X509 CRL"), 1);
+    let (status, bundle) = api.get_bytes("/v1/ca/devices/bundle", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(pem_count(&bundle, "CERTIFICATE"), 1);
+    let (status, current_cert) = api.get_bytes("/v1/ca/devices/certificate", None).await;
+    assert_eq!(status, 200);
+    let key_crl = |ca: &str, key: &str| format!("/v1/ca/{ca}/keys/{key}/crl");
+    let key_cert = |ca: &str, key: &str| format!("/v1/ca/{ca}/keys/{key}/certificate");
+    let (status, der) = api.get_bytes(&key_crl("devices", &old_key), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(der[0], 0x30, "a DER CRL");
+    let (status, pem) = api
+        .get_bytes(
+            &key_crl("devices", &old_key),
+            Some("application/x-pem-file"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(pem_count(&pem, "X509 CRL"), 1);
+    assert_eq!(pem, crls, "the only key's CRL is the whole /crls");
+    let (status, cert) = api.get_bytes(&key_cert("devices", &old_key), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(cert, current_cert);
+    // The root's key is not the devices CA's.
+    let root_key = ca_key_id(api, audrey, "root").await;
+    let r = api.get(&key_cert("devices", &root_key), None).await;
+    expect(&r, 404, Some("unknown_ca_key"));
+    for path in [key_crl("devices", "x"), key_cert("devices", "x")] {
+        expect(&api.get(&path, None).await, 400, Some("invalid_key_id"));
+    }
+    for path in [
+        key_crl("devices", &nobody.to_string()),
+        key_cert("devices", &nobody.to_string()),
+    ] {
+        expect(&api.get(&path, None).await, 404, Some("unknown_ca_key"));
+    }
+    for path in [
+        key_crl("nope", &old_key),
+        key_cert("nope", &old_key),
+        "/v1/ca/nope/crls".to_string(),
+        "/v1/ca/nope/bundle".to_string(),
+    ] {
+        expect(&api.get(&path, None).await, 404, Some("unknown_ca"));
+    }
+
+    // ---- Listing and reading rotations: none yet.
+    let rotations = "/v1/admin/rotations";
+    let listed = |r: &Reply| r.json.as_array().unwrap().len();
+    let before = api.get(rotations, audrey).await;
+    expect(&before, 200, None);
+    assert_eq!(listed(&before), 0, "{}", before.json);
+    expect(
+        &api.get(&format!("{rotations}?open=true&limit=5"), alice)
+            .await,
+        200,
+        None,
+    );
+    for q in ["limit=x", "open=maybe", "bogus=1"] {
+        expect(
+            &api.get(&format!("{rotations}?{q}"), audrey).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
+    let one = |id: &str| format!("{rotations}/{id}");
+    let certify = |id: &str| format!("{rotations}/{id}/certify-with-root-card");
+    expect(
+        &api.get(&one("x"), audrey).await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.get(&one(&nobody.to_string()), audrey).await,
+        404,
+        Some("rotation_not_found"),
+    );
+    expect(
+        &api.post_empty(&certify("x"), b).await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post_empty(&certify(&nobody.to_string()), b).await,
+        404,
+        Some("rotation_not_found"),
+    );
+    expect(
+        &api.post_empty(&certify(&nobody.to_string()), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+
+    // ---- Starting: the plan, then every refusal (each changes nothing).
+    let start = |purpose: &str, target: &str| json!({ "purpose": purpose, "target": target });
+    let r = api
+        .post(
+            rotations,
+            b,
+            json!({ "purpose": "issuing-ca", "target": "devices", "dry_run": true }),
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["old_key_id"], old_key.as_str());
+    assert_eq!(r.json["needs_root_card"], false);
+    assert_eq!(r.json["steps"].as_array().unwrap().len(), 6, "{}", r.json);
+    let r = api
+        .post(
+            rotations,
+            b,
+            json!({ "purpose": "ocsp-signing", "target": "devices", "dry_run": true }),
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(
+        r.json["steps"],
+        json!(["activated", "retired", "destroyed"])
+    );
+    expect(
+        &api.post(rotations, b, start("issuing-ca", "root")).await,
+        422,
+        Some("rotation_unsupported"),
+    );
+    expect(
+        &api.post(
+            rotations,
+            b,
+            json!({ "purpose": "issuing-ca", "target": "root", "dry_run": true }),
+        )
+        .await,
+        422,
+        Some("rotation_unsupported"),
+    );
+    expect(
+        &api.post(rotations, b, start("device", "devices")).await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post(rotations, b, start("tls-server", "devices")).await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post(
+            rotations,
+            b,
+            json!({ "purpose": "issuing-ca", "target": "devices", "reason": "a\u{202E}b" }),
+        )
+        .await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post(rotations, b, start("issuing-ca", "nope")).await,
+        404,
+        Some("unknown_ca"),
+    );
+    expect(
+        &api.post(rotations, alice, start("issuing-ca", "devices"))
+            .await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post(rotations, audrey, start("issuing-ca", "devices"))
+            .await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post(rotations, None, start("issuing-ca", "devices"))
+            .await,
+        401,
+        Some("unauthorized"),
+    );
+    expect(
+        &api.send(
+            "POST",
+            rotations,
+            b,
+            raw("{", Some("application/json")),
+            None,
+        )
+        .await,
+        400,
+        Some("invalid_json"),
+    );
+    expect(
+        &api.send(
+            "POST",
+            rotations,
+            b,
+            raw("{\"purpose\":\"issuing-ca\",\"target\":\"devices\"}", None),
+            None,
+        )
+        .await,
+        415,
+        Some("unsupported_media_type"),
+    );
+    expect(
+        &api.send("POST", rotations, b, big_body(), None).await,
+        413,
+        Some("payload_too_large"),
+    );
+    expect(
+        &api.post(
+            rotations,
+            b,
+            json!({ "purpose": "issuing-ca", "target": "devices", "is_ca": true }),
+        )
+        .await,
+        422,
+        Some("invalid_json"),
+    );
+    expect(
+        &api.post(rotations, b, json!({ "purpose": "issuing-ca" }))
+            .await,
+        422,
+        Some("invalid_json"),
+    );
+    let after = api.get(rotations, audrey).await;
+    assert_eq!(
+        listed(&after),
+        0,
+        "a refused start stored something: {}",
+        after.json
+    );
+    assert_eq!(ca_key_id(api, audrey, "devices").await, old_key);
+
+    // ---- The OCSP signer: replaced at once, nothing waits for it.
+    let r = api
+        .post(
+            rotations,
+            b,
+            json!({ "purpose": "ocsp-signing", "target": "devices", "reason": "openapi walk" }),
+        )
+        .await;
+    expect(&r, 202, None);
+    assert_eq!(
+        (r.json["step"].as_str(), r.json["running"].as_bool()),
+        (Some("planned"), Some(true))
+    );
+    assert_eq!(r.json["reason"], "openapi walk");
+    assert!(
+        r.json["actor"].as_str().unwrap().starts_with("admin:"),
+        "{}",
+        r.json
+    );
+    let ocsp_id = id(&r);
+    let done = wait_for_rotation(api, audrey, &ocsp_id, "destroyed").await;
+    assert!(done["finished_at"].is_string(), "{done}");
+    // Nothing to certify for an OCSP signer, nor for a finished rotation.
+    expect(
+        &api.post_empty(&certify(&ocsp_id), b).await,
+        409,
+        Some("rotation_not_waiting_for_card"),
+    );
+    assert_eq!(ca_key_id(api, audrey, "devices").await, old_key);
+
+    // ---- The issuing CA's key. A second start while the first runs is a
+    // conflict; the first is carried out within moments, so if it was
+    // already past `activated` (no longer running) the second one was a
+    // rotation of its own: wait for it too and try again. Only the first
+    // old key signed device certificates: it retires and waits for them to
+    // expire; a later old key signed nothing and is destroyed at once.
+    let mut conflict = false;
+    let mut issuing: Vec<Value> = Vec::new();
+    for _ in 0..5 {
+        let first = api.post(rotations, b, start("issuing-ca", "devices")).await;
+        expect(&first, 202, None);
+        let second = api.post(rotations, b, start("issuing-ca", "devices")).await;
+        let mut started = vec![id(&first)];
+        if second.status == 409 {
+            expect(&second, 409, Some("rotation_running"));
+            conflict = true;
+        } else {
+            expect(&second, 202, None);
+            started.push(id(&second));
+        }
+        for rid in started {
+            let step = if issuing.is_empty() {
+                "retired"
+            } else {
+                "destroyed"
+            };
+            let done = wait_for_rotation(api, audrey, &rid, step).await;
+            assert_eq!(done["attempts"], 0, "{done}");
+            assert!(done["destroy_after"].is_string(), "{done}");
+            assert!(done["new_serial"].is_string(), "{done}");
+            issuing.push(done);
+        }
+        if conflict {
+            break;
+        }
+    }
+    assert!(conflict, "never saw rotation_running in 5 tries");
+    eprintln!(
+        "issuing-CA rotations started to see rotation_running: {}",
+        issuing.len()
+    );
+    let last = issuing.last().unwrap();
+    let new_key = last["new_key_id"].as_str().unwrap().to_string();
+    assert_eq!(issuing[0]["old_key_id"], old_key.as_str());
+    assert_ne!(new_key, old_key);
+    assert_eq!(ca_key_id(api, audrey, "devices").await, new_key);
+    // A retired rotation does not block the next one (shown by its plan),
+    // and nothing is left to certify.
+    let r = api
+        .post(
+            rotations,
+            b,
+            json!({ "purpose": "issuing-ca", "target": "devices", "dry_run": true }),
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["old_key_id"], new_key.as_str());
+    expect(
+        &api.post_empty(&certify(last["id"].as_str().unwrap()), b)
+            .await,
+        409,
+        Some("rotation_not_waiting_for_card"),
+    );
+
+    // ---- After the rotation(s): the old key still signs its CRL and is in
+    // the bundle; the new key's certificate is the CA's.
+    let (status, bundle) = api.get_bytes("/v1/ca/devices/bundle", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(pem_count(&bundle, "CERTIFICATE"), 2);
+    let (status, crls) = api.get_bytes("/v1/ca/devices/crls", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(pem_count(&crls, "X509 CRL"), 2);
+    let (status, old_crl) = api.get_bytes(&key_crl("devices", &old_key), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(old_crl[0], 0x30);
+    let (status, old_cert) = api.get_bytes(&key_cert("devices", &old_key), None).await;
+    assert_eq!((status, &old_cert), (200, &current_cert));
+    let (status, new_cert) = api.get_bytes(&key_cert("devices", &new_key), None).await;
+    assert_eq!(status, 200);
+    let (_, now_cert) = api.get_bytes("/v1/ca/devices/certificate", None).await;
+    assert_eq!(new_cert, now_cert);
+    assert_ne!(new_cert, current_cert);
+    let (status, _) = api.get_bytes(&key_crl("devices", &new_key), None).await;
+    assert_eq!(status, 200);
+
+    // ---- Lists: newest first; `open` leaves out the finished OCSP rotation.
+    let all = api.get(rotations, audrey).await;
+    expect(&all, 200, None);
+    assert_eq!(listed(&all), 1 + issuing.len());
+    assert_eq!(all.json[0]["id"], last["id"]);
+    let open = api.get(&format!("{rotations}?open=true"), audrey).await;
+    expect(&open, 200, None);
+    assert_eq!(listed(&open), 1);
+    assert_eq!(open.json[0]["id"], issuing[0]["id"]);
+    assert!(
+        open.json
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["id"] != ocsp_id.as_str())
+    );
+    let limited = api.get(&format!("{rotations}?limit=1"), audrey).await;
+    assert_eq!(listed(&limited), 1);
 }
