@@ -12,6 +12,29 @@ use std::time::Duration;
 /// How long `--wait` waits for the new key to become active.
 const WAIT_LIMIT: Duration = Duration::from_secs(300);
 
+/// `POST /v1/admin/rotations`: the started rotation, or the plan for `dry_run`.
+async fn start(
+    api: &Api,
+    purpose: &str,
+    target: &str,
+    dry_run: bool,
+    reason: Option<String>,
+) -> anyhow::Result<Value> {
+    let mut body = json!({ "purpose": purpose, "target": target, "dry_run": dry_run });
+    if let Some(r) = reason {
+        body["reason"] = Value::String(r);
+    }
+    let (_, v) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/admin/rotations",
+            Some(&body),
+            None,
+        )
+        .await?;
+    Ok(v)
+}
+
 pub async fn rotate(
     args: &ClientArgs,
     purpose: &str,
@@ -25,18 +48,7 @@ pub async fn rotate(
         Some(super::client::admin_token(args)?),
         args.ca_cert.as_deref(),
     )?;
-    let mut body = json!({ "purpose": purpose, "target": target, "dry_run": dry_run });
-    if let Some(r) = reason {
-        body["reason"] = Value::String(r);
-    }
-    let (_, v) = api
-        .call(
-            reqwest::Method::POST,
-            "/v1/admin/rotations",
-            Some(&body),
-            None,
-        )
-        .await?;
+    let v = start(&api, purpose, target, dry_run, reason).await?;
     if dry_run {
         print(args.output, &v, |v| {
             println!(
@@ -165,21 +177,7 @@ pub async fn rotate_with_root_card(
         });
     let id = match running {
         Some(r) => s(&r["id"]).to_string(),
-        None => {
-            let mut body = json!({ "purpose": "issuing-ca", "target": target });
-            if let Some(r) = reason {
-                body["reason"] = Value::String(r);
-            }
-            let (_, v) = api
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/admin/rotations",
-                    Some(&body),
-                    None,
-                )
-                .await?;
-            s(&v["id"]).to_string()
-        }
+        None => s(&start(&api, "issuing-ca", target, false, reason).await?["id"]).to_string(),
     };
     let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
     loop {
