@@ -37,6 +37,9 @@ CREATE INDEX rotations_open ON rotations (finished_at, next_attempt_at);
 ALTER TABLE crls ADD COLUMN issuer_key_id TEXT;
 UPDATE crls SET issuer_key_id = (SELECT key_id FROM cas WHERE cas.name = crls.issuer_ca);
 CREATE INDEX crls_by_key ON crls (issuer_key_id, number);
+-- A key's CRL lists the revoked certificates it signed; a retired key's
+-- destruction waits for the last certificate it signed.
+CREATE INDEX certificates_issuer_key_status ON certificates (issuer_key_id, status, not_after);
 
 -- The scheduler lease: with several daemons on one store, the holder of
 -- the `scheduler` lease runs the jobs ([`LeaderLock`]).
