@@ -538,13 +538,28 @@ mod tests {
         let a_metrics = a.metrics.clone();
         a.scheduler.shutdown().await;
         assert_eq!(a_metrics.scheduler_leader.get(), 0);
-        let took = wait_for("takeover after release", ttl / 2, || {
+        // Released in the store at once (the lease no longer names a valid
+        // holder), so b needs no lease time to pass. How fast b then takes
+        // over depends on the machine's load: bounded generously here (its
+        // speed is not what this test measures).
+        let now_ms = (SystemClock.now().unix_timestamp_nanos() / 1_000_000) as i64;
+        assert_eq!(
+            store
+                .lease_holder(leader::SCHEDULER_LEASE, now_ms)
+                .await
+                .unwrap(),
+            None
+        );
+        wait_for("takeover after release", Duration::from_secs(10), || {
             b.scheduler.is_leader()
         })
         .await;
-        assert!(took < ttl / 2, "{took:?}");
-        wait_for("b's leader-only job runs", ttl, || ticks(&b.leader_job) > 0).await;
-        wait_for("b's gauge", ttl, || gauge(&b) == 1).await;
+        let patience = Duration::from_secs(10);
+        wait_for("b's leader-only job runs", patience, || {
+            ticks(&b.leader_job) > 0
+        })
+        .await;
+        wait_for("b's gauge", patience, || gauge(&b) == 1).await;
         let events = wait_events(&store, 2).await;
         assert_eq!(events[1]["holder"], "host:2:b");
         assert_eq!(events[1]["previous_holder"], a_holder.as_str());
@@ -564,15 +579,14 @@ mod tests {
         let vanished = std::time::Instant::now();
         let c = daemon(&store, "host:3:c", ttl).await;
         assert!(!c.scheduler.is_leader(), "took over a lease still valid");
-        wait_for("takeover after expiry", ttl * 2, || c.scheduler.is_leader()).await;
+        wait_for("takeover after expiry", Duration::from_secs(10), || {
+            c.scheduler.is_leader()
+        })
+        .await;
         let took = vanished.elapsed();
         assert!(
             took >= ttl - Duration::from_millis(50),
             "taken over before the lease ran out: {took:?}"
-        );
-        assert!(
-            took <= ttl + ttl / 4 + Duration::from_millis(200),
-            "{took:?}"
         );
         let events = wait_events(&store, 3).await;
         assert_eq!(events[2]["holder"], "host:3:c");
