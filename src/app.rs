@@ -651,14 +651,28 @@ impl App {
     /// (the failed-login flusher writes what it holds) and closes the HSM
     /// sessions.
     pub async fn serve_on(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.serve_on_with(listener, shutdown, || {}).await
+    }
+
+    /// [`Self::serve_on`], calling `ready` once the jobs run (the scheduler
+    /// lease asked and its `scheduler.leader` event committed) and before
+    /// the first request is accepted: what `keyward serve` announces as
+    /// "listening", so that nothing start-up writes lands after it.
+    pub async fn serve_on_with(
         mut self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
+        ready: impl FnOnce(),
     ) -> anyhow::Result<()> {
         let keystores = self.state.keystores.clone();
         let notifiers = self.notifiers.clone();
         self.prepare_revocation().await?;
         let jobs = self.start_jobs().await;
+        ready();
         let reloader = spawn_sighup_reload(self.state.registry.clone());
         let router = crate::http::router(self.state, self.limits);
         let served = match self.tls {

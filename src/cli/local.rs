@@ -142,10 +142,12 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             "serving plain HTTP (no [server.tls]): acceptable on loopback for development only"
         );
     }
-    // A plain line on stdout for supervisors and tests (port 0 picks a free port).
-    println!("keyward listening on {scheme}://{addr}");
-    app.serve_on(listener, crate::app::shutdown_signal())
-        .await?;
+    // A plain line on stdout for supervisors and tests (port 0 picks a free
+    // port), once start-up work (jobs, scheduler lease) is done.
+    app.serve_on_with(listener, crate::app::shutdown_signal(), || {
+        println!("keyward listening on {scheme}://{addr}");
+    })
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
