@@ -65,9 +65,14 @@ impl CaService {
                 Ok(None) => {
                     tracing::warn!(ca = %ca.name, key = %key.id, "CA key without its certificate in the store; not served");
                 }
-                Err(e) => {
+                // A key store dropped from the config: that key cannot sign
+                // any more whatever happens here; say so and go on.
+                Err(e @ CaError::KeyStoreNotConfigured { .. }) => {
                     tracing::warn!(ca = %ca.name, key = %key.id, code = e.code(), error = %e, "CA key generation not loaded");
                 }
+                // A store or encoding failure is not "no such generation": a
+                // retired key left out would silently stop signing its CRL.
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
