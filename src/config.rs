@@ -84,6 +84,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// `[[notify]]`, in order; without any, one `log` backend.
     pub notify: Vec<NotifierConfig>,
+    /// `[backup]`; `None`: no backups are configured (the commands say so).
+    pub backup: Option<BackupConfig>,
     /// Directory the config was read from; relative paths were resolved against it.
     pub base_dir: PathBuf,
     pub source_path: PathBuf,
@@ -223,6 +225,69 @@ impl Default for SchedulerConfig {
             lease: Self::DEFAULT_LEASE,
         }
     }
+}
+
+/// `[backup]`: where archives are written, who can decrypt them, when they
+/// are made and verified, how many are kept, and where they are replicated.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// Local spool: archives are written here (encrypted, never in plaintext)
+    /// before they are replicated. Created with mode 0700.
+    pub dir: PathBuf,
+    /// age recipients files (`age1…` X25519, `ssh-ed25519`, `ssh-rsa` lines,
+    /// `#` comments); every archive is encrypted to all of them.
+    pub recipients_files: Vec<PathBuf>,
+    /// The age identity the verification job decrypts with. `None`: the
+    /// job checks checksums only and says so.
+    pub verify_identity_file: Option<PathBuf>,
+    /// When the scheduler makes a backup (5-field cron, UTC). `None`: only on demand.
+    pub schedule: Option<crate::policy::Schedule>,
+    /// When the scheduler verifies the latest backup in every location.
+    pub verify_schedule: Option<crate::policy::Schedule>,
+    /// Retention: the newest backup of each of the last `keep_daily` days…
+    pub keep_daily: u32,
+    /// … and of each of the last `keep_weekly` ISO weeks are kept; the
+    /// newest backup is always kept.
+    pub keep_weekly: u32,
+    /// First retry delay of a failed replica upload; doubles per failure…
+    pub retry_min: Duration,
+    /// … up to this.
+    pub retry_max: Duration,
+    /// `[[backup.locations]]`, in order; names are unique.
+    pub locations: Vec<BackupLocationConfig>,
+}
+
+/// One replication target.
+#[derive(Debug, Clone)]
+pub struct BackupLocationConfig {
+    /// Unique; metrics and the store name the location by it.
+    pub name: String,
+    pub kind: BackupLocationKind,
+    /// How long one request (upload, download, list) may take.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackupLocationKind {
+    /// A directory (a mounted NAS, another disk).
+    Dir { path: PathBuf },
+    /// An S3-compatible bucket.
+    S3(S3LocationConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct S3LocationConfig {
+    pub bucket: String,
+    /// Key prefix inside the bucket (`prod/`), may be empty.
+    pub prefix: String,
+    /// `None`: AWS's own endpoint for `region`.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Plain-HTTP endpoints are refused unless this is set (a loopback test server).
+    pub allow_http: bool,
+    /// `None` for both: anonymous requests.
+    pub access_key_id: Option<SecretSetting>,
+    pub secret_access_key: Option<SecretSetting>,
 }
 
 /// `[broker]`: the MQTT broker whose ACLs follow device issuance and
@@ -771,6 +836,7 @@ impl Builder<'_> {
         };
         let broker = self.broker(raw.broker)?;
         let scheduler = self.scheduler(raw.scheduler)?;
+        let backup = raw.backup.map(|b| self.backup(b)).transpose()?;
         if !matches!(broker.backend, BrokerBackendConfig::None)
             && broker.flush_timeout >= server.request_timeout
         {
@@ -803,8 +869,163 @@ impl Builder<'_> {
             jobs,
             scheduler,
             notify,
+            backup,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn backup(&self, b: file::Backup) -> Result<BackupConfig, ConfigError> {
+        use crate::policy::Schedule;
+        if b.recipients_files.is_empty() {
+            return Err(self.invalid(
+                "backup.recipients_files",
+                "name at least one age recipients file (`age1…` or `ssh-ed25519`/`ssh-rsa` lines)",
+            ));
+        }
+        let cron = |key: &str, v: Option<String>| {
+            v.map(|s| Schedule::parse(&s).map_err(|e| self.invalid(key, e)))
+                .transpose()
+        };
+        let retry_min = self.seconds("backup.retry_min_secs", b.retry_min_secs, 30)?;
+        let retry_max = self.seconds("backup.retry_max_secs", b.retry_max_secs, 3600)?;
+        if retry_max < retry_min {
+            return Err(self.invalid(
+                "backup.retry_max_secs",
+                "must not be less than backup.retry_min_secs",
+            ));
+        }
+        let mut locations: Vec<BackupLocationConfig> = Vec::new();
+        for (i, l) in b.locations.into_iter().enumerate() {
+            let at = |k: &str| format!("backup.locations[{i}].{k}");
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                return Err(
+                    self.invalid(&at("name"), "must be non-empty letters, digits, `-` or `_`")
+                );
+            }
+            if locations.iter().any(|o| o.name == l.name) {
+                return Err(self.invalid(&at("name"), format!("`{}` is used twice", l.name)));
+            }
+            let s3_only = l.bucket.is_some()
+                || l.prefix.is_some()
+                || l.endpoint.is_some()
+                || l.region.is_some()
+                || l.allow_http.is_some()
+                || l.access_key_id_file.is_some()
+                || l.access_key_id_env.is_some()
+                || l.secret_access_key_file.is_some()
+                || l.secret_access_key_env.is_some();
+            let kind = match l.kind.as_str() {
+                "dir" => {
+                    if s3_only {
+                        return Err(self.invalid(&at("type"), "a `dir` location takes only `path`"));
+                    }
+                    let path = l.path.ok_or_else(|| self.invalid(&at("path"), "missing"))?;
+                    BackupLocationKind::Dir {
+                        path: self.resolve(&path),
+                    }
+                }
+                "s3" => {
+                    if l.path.is_some() {
+                        return Err(self.invalid(
+                            &at("path"),
+                            "an `s3` location takes `bucket` and `prefix`, not `path`",
+                        ));
+                    }
+                    let bucket = l
+                        .bucket
+                        .filter(|b| !b.is_empty())
+                        .ok_or_else(|| self.invalid(&at("bucket"), "missing"))?;
+                    let mut prefix = l.prefix.unwrap_or_default();
+                    if prefix.starts_with('/') || prefix.contains("..") {
+                        return Err(self.invalid(&at("prefix"), "must be relative, without `..`"));
+                    }
+                    if !prefix.is_empty() && !prefix.ends_with('/') {
+                        prefix.push('/');
+                    }
+                    let allow_http = l.allow_http.unwrap_or(false);
+                    if let Some(e) = &l.endpoint {
+                        let url = url::Url::parse(e)
+                            .map_err(|err| self.invalid(&at("endpoint"), err.to_string()))?;
+                        match url.scheme() {
+                            "https" => {}
+                            "http" if allow_http => {}
+                            "http" => {
+                                return Err(self.invalid(
+                                    &at("endpoint"),
+                                    "is plain HTTP: set `allow_http = true` to accept it (credentials and archives would cross the network unencrypted)",
+                                ));
+                            }
+                            other => {
+                                return Err(self.invalid(
+                                    &at("endpoint"),
+                                    format!("unsupported scheme `{other}`"),
+                                ));
+                            }
+                        }
+                    }
+                    let key_set = l.access_key_id_file.is_some() || l.access_key_id_env.is_some();
+                    let secret_set =
+                        l.secret_access_key_file.is_some() || l.secret_access_key_env.is_some();
+                    let (access_key_id, secret_access_key) = match (key_set, secret_set) {
+                        (false, false) => (None, None),
+                        (true, true) => (
+                            Some(self.secret(
+                                &at("access_key_id"),
+                                l.access_key_id_file,
+                                l.access_key_id_env,
+                            )?),
+                            Some(self.secret(
+                                &at("secret_access_key"),
+                                l.secret_access_key_file,
+                                l.secret_access_key_env,
+                            )?),
+                        ),
+                        _ => {
+                            return Err(self.invalid(
+                                &at("access_key_id"),
+                                "set both the access key id and the secret access key (each `_file` or `_env`), or neither",
+                            ));
+                        }
+                    };
+                    BackupLocationKind::S3(S3LocationConfig {
+                        bucket,
+                        prefix,
+                        endpoint: l.endpoint,
+                        region: l.region.unwrap_or_else(|| "us-east-1".to_string()),
+                        allow_http,
+                        access_key_id,
+                        secret_access_key,
+                    })
+                }
+                other => {
+                    return Err(
+                        self.invalid(&at("type"), format!("`{other}` is not `dir` or `s3`"))
+                    );
+                }
+            };
+            locations.push(BackupLocationConfig {
+                name: l.name,
+                kind,
+                timeout: self.seconds(&at("timeout_secs"), l.timeout_secs, 300)?,
+            });
+        }
+        Ok(BackupConfig {
+            dir: self.resolve(&b.dir),
+            recipients_files: b.recipients_files.iter().map(|p| self.resolve(p)).collect(),
+            verify_identity_file: b.verify_identity_file.map(|p| self.resolve(&p)),
+            schedule: cron("backup.schedule", b.schedule)?,
+            verify_schedule: cron("backup.verify_schedule", b.verify_schedule)?,
+            keep_daily: self.range("backup.keep_daily", b.keep_daily, 7, 0, 3660)?,
+            keep_weekly: self.range("backup.keep_weekly", b.keep_weekly, 4, 0, 520)?,
+            retry_min,
+            retry_max,
+            locations,
         })
     }
 

@@ -138,7 +138,7 @@ impl CaService {
                 purpose,
                 algorithm: policy.algorithm,
                 ca_name: Some(&policy.name),
-                extractable: false,
+                extractable: policy.key_backup() == crate::policy::KeyBackup::WrapOnly,
             },
             async |pending| {
                 self.certify_ca(actor, policy, parent.as_deref(), keystore.as_ref(), pending)

@@ -32,6 +32,43 @@ pub(super) struct File {
     /// `[[notify]]`: notification backends, in order.
     #[serde(default)]
     pub notify: Vec<Notify>,
+    /// `[backup]`: encrypted backups and where they are replicated.
+    pub backup: Option<Backup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Backup {
+    pub dir: PathBuf,
+    pub recipients_files: Vec<PathBuf>,
+    pub verify_identity_file: Option<PathBuf>,
+    pub schedule: Option<String>,
+    pub verify_schedule: Option<String>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub retry_min_secs: Option<u64>,
+    pub retry_max_secs: Option<u64>,
+    #[serde(default)]
+    pub locations: Vec<BackupLocation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BackupLocation {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: Option<PathBuf>,
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub allow_http: Option<bool>,
+    pub access_key_id_file: Option<PathBuf>,
+    pub access_key_id_env: Option<String>,
+    pub secret_access_key_file: Option<PathBuf>,
+    pub secret_access_key_env: Option<String>,
+    pub timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

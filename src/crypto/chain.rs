@@ -56,3 +56,34 @@ pub fn verify_issued_by(cert_der: &[u8], issuer_der: &[u8]) -> bool {
     };
     s::UnparsedPublicKey::new(alg, pk).verify(&tbs, sig).is_ok()
 }
+
+/// Whether `signature` over `message` verifies under the DER
+/// SubjectPublicKeyInfo `spki_der`, for a signature as a key store makes it
+/// with `algorithm` (ECDSA DER with SHA-256 / SHA-384 by curve, RSA PKCS#1
+/// v1.5 with SHA-256, Ed25519).
+pub fn verify_spki_signature(
+    spki_der: &[u8],
+    algorithm: crate::model::KeyAlgorithm,
+    message: &[u8],
+    signature: &[u8],
+) -> bool {
+    use crate::model::KeyAlgorithm;
+    use ring::signature as s;
+    let Ok(spki) = spki::SubjectPublicKeyInfoRef::from_der(spki_der) else {
+        return false;
+    };
+    let Some(key) = spki.subject_public_key.as_bytes() else {
+        return false;
+    };
+    let alg: &'static dyn s::VerificationAlgorithm = match algorithm {
+        KeyAlgorithm::EcdsaP256 => &s::ECDSA_P256_SHA256_ASN1,
+        KeyAlgorithm::EcdsaP384 => &s::ECDSA_P384_SHA384_ASN1,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            &s::RSA_PKCS1_2048_8192_SHA256
+        }
+        KeyAlgorithm::Ed25519 => &s::ED25519,
+    };
+    s::UnparsedPublicKey::new(alg, key)
+        .verify(message, signature)
+        .is_ok()
+}

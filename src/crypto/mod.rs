@@ -4,5 +4,5 @@
 mod chain;
 mod random;
 
-pub use chain::verify_issued_by;
+pub use chain::{verify_issued_by, verify_spki_signature};
 pub use random::{RandomError, new_secret, random_bytes};

@@ -188,6 +188,15 @@ pub enum KeyStoreError {
     NotWrappable(KeyHandle),
     #[error("the wrapped key did not unwrap to a PKCS#8 private key")]
     UnwrapFailed,
+    #[error(
+        "the token refused to unwrap the key into itself ({0}): a wrong wrapping key, a damaged \
+         wrapped key, or a token that cannot import this key type"
+    )]
+    UnwrapRefused(#[source] cryptoki::error::Error),
+    #[error("the token already holds a key with the id of {0}; refusing to restore over it")]
+    KeyIdInUse(KeyHandle),
+    #[error("the restored key's public half does not match the recorded public key")]
+    PublicKeyMismatch,
     #[error("the system random number generator failed")]
     RandomUnavailable,
     #[error("invalid key handle `{0}`")]
@@ -237,6 +246,9 @@ impl KeyStoreError {
             Self::NotExtractable(_) => "not_extractable",
             Self::NotWrappable(_) => "key_not_wrappable",
             Self::UnwrapFailed => "unwrap_failed",
+            Self::UnwrapRefused(_) => "unwrap_refused",
+            Self::PublicKeyMismatch => "public_key_mismatch",
+            Self::KeyIdInUse(_) => "key_id_in_use",
             Self::RandomUnavailable => "random_unavailable",
             Self::BadHandle(_) => "bad_handle",
             Self::Unsupported(_) => "algorithm_unsupported",

@@ -231,6 +231,44 @@ pub trait KeyStore: Send + Sync + 'static {
         })
     }
 
+    /// Wraps the private key of an extractable key pair inside the device
+    /// under `kek` (AES-256, `CKM_AES_KEY_WRAP_PAD`) and returns the wrapped
+    /// bytes, for backups: the plaintext never leaves the device, and `kek`
+    /// exists on the device only as a session object destroyed at once. A
+    /// non-extractable key is refused with [`KeyStoreError::NotExtractable`].
+    async fn wrap_private_key(
+        &self,
+        handle: &KeyHandle,
+        kek: &zeroize::Zeroizing<[u8; 32]>,
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        let _ = (handle, kek);
+        Err(KeyStoreError::OperationUnsupported {
+            backend: self.backend(),
+            operation: "wrap_private_key",
+        })
+    }
+
+    /// Restores a key pair from a backup: unwraps `wrapped` (made by
+    /// [`KeyStore::wrap_private_key`] under `kek`) inside the device as a
+    /// sensitive private key with `spec`'s id, label and extractability,
+    /// next to a public key object made from `public_key_der` (DER SPKI).
+    /// The pair is checked before it is returned: a signature by the new
+    /// private key must verify under `public_key_der`, or both objects are
+    /// destroyed and [`KeyStoreError::PublicKeyMismatch`] returned.
+    async fn unwrap_private_key(
+        &self,
+        spec: &KeySpec,
+        kek: &zeroize::Zeroizing<[u8; 32]>,
+        wrapped: &[u8],
+        public_key_der: &[u8],
+    ) -> Result<GeneratedKey, KeyStoreError> {
+        let _ = (spec, kek, wrapped, public_key_der);
+        Err(KeyStoreError::OperationUnsupported {
+            backend: self.backend(),
+            operation: "unwrap_private_key",
+        })
+    }
+
     /// Destroys the key pair. Destroying a key that is already gone succeeds.
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError>;
 

@@ -19,7 +19,7 @@ pub use net::{IpNet, IpNetError};
 pub use revocation::RevocationReason;
 pub use role::Role;
 pub use status::{
-    AdminRequestKind, AdminRequestStatus, AttestationMethod, CertificateStatus, Decision,
-    DeviceStatus, EnrollmentTokenKind, KeyPurpose, KeySource, KeyState, RegistrationStatus,
-    RotationStep,
+    AdminRequestKind, AdminRequestStatus, AttestationMethod, BackupTrigger, CertificateStatus,
+    Decision, DeviceStatus, EnrollmentTokenKind, KeyPurpose, KeySource, KeyState,
+    RegistrationStatus, ReplicaState, RotationStep,
 };

@@ -179,3 +179,25 @@ impl RotationStep {
         matches!(self, Self::Destroyed | Self::Abandoned)
     }
 }
+
+string_enum!(
+    /// What made a backup.
+    BackupTrigger {
+        Manual = "manual",
+        Scheduled = "scheduled",
+    }
+);
+
+string_enum!(
+    /// Where one backup stands in one location.
+    ReplicaState {
+        /// Not uploaded yet (the first attempt has not run).
+        Pending = "pending",
+        /// Uploaded and its checksum read back.
+        Stored = "stored",
+        /// The last attempt failed; retried at `next_attempt_at`.
+        Failed = "failed",
+        /// Removed by retention.
+        Pruned = "pruned",
+    }
+);

@@ -70,6 +70,34 @@ pub struct CaPolicy {
     /// key; the default key store when absent.
     #[serde(default)]
     pub keystore: Option<String>,
+    /// Whether backups carry this CA's private key (wrapped inside the HSM
+    /// under a one-time key encrypted to the backup recipients). `None`:
+    /// the default for the kind, `wrap-only` for an issuing CA, `never` for
+    /// a root. Fixed when the key is generated (`CKA_EXTRACTABLE`).
+    #[serde(default)]
+    pub backup: Option<KeyBackup>,
+}
+
+/// Whether a key may leave its HSM inside a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyBackup {
+    /// Generated sensitive and extractable: the private key can leave the
+    /// HSM only wrapped (`CKM_AES_KEY_WRAP_PAD`), never in plaintext.
+    WrapOnly,
+    /// Generated non-extractable: it never leaves its HSM; a restore needs
+    /// the original hardware.
+    Never,
+}
+
+impl CaPolicy {
+    /// The backup rule for this CA's key, defaults applied.
+    pub fn key_backup(&self) -> KeyBackup {
+        self.backup.unwrap_or(match self.kind {
+            CaKind::Root => KeyBackup::Never,
+            CaKind::Issuing => KeyBackup::WrapOnly,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

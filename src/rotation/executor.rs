@@ -557,11 +557,12 @@ impl Rotator {
     async fn generate(&self, r: &RotationRecord) -> Result<Option<RotationRecord>, RotationError> {
         let issuer = self.ca.issuer(&r.target)?;
         let policies = self.ca.policies();
-        let algorithm = policies
-            .cas
-            .iter()
-            .find(|p| p.name == r.target)
-            .map_or(issuer.algorithm, |p| p.algorithm);
+        let policy = policies.cas.iter().find(|p| p.name == r.target);
+        let algorithm = policy.map_or(issuer.algorithm, |p| p.algorithm);
+        // The successor is as backup-able as the CA's policy says (an
+        // issuing CA defaults to wrap-only).
+        let extractable =
+            policy.is_none_or(|p| p.key_backup() == crate::policy::KeyBackup::WrapOnly);
         let now_ms = (self.clock.now().unix_timestamp_nanos() / 1_000_000) as i64;
         let pending = keys::begin(
             issuer.keystore.as_ref(),
@@ -574,7 +575,7 @@ impl Rotator {
                 purpose: KeyPurpose::IssuingCa,
                 algorithm,
                 ca_name: Some(&r.target),
-                extractable: false,
+                extractable,
             },
         )
         .await?;

@@ -460,6 +460,45 @@ pub enum Write {
         serials: Vec<String>,
         at: i64,
     },
+    /// Records a backup archive and one `pending` replica per location
+    /// (due at `record.created_at`). Conflicts (`Duplicate`) on a reused id
+    /// or file name.
+    RecordBackup {
+        record: BackupRecord,
+        locations: Vec<String>,
+    },
+    /// Replica (`backup_id`, `location`) was uploaded and its checksum read
+    /// back: `stored`, failures cleared. Conflicts (`Missing`) if there is
+    /// no such replica, (`StateChanged`) if it was pruned.
+    ReplicaStored {
+        backup_id: Uuid,
+        location: String,
+        at: i64,
+    },
+    /// An upload attempt failed: `failed`, `attempts` + 1, the error kept,
+    /// retried at `next_attempt_at`. Conflicts as [`Write::ReplicaStored`].
+    ReplicaFailed {
+        backup_id: Uuid,
+        location: String,
+        error: String,
+        next_attempt_at: i64,
+        at: i64,
+    },
+    /// A verification of the replica ran: `error` `None` sets
+    /// `verified_at` and clears `verify_error`; `Some` keeps `verified_at`
+    /// and records the error. Conflicts (`Missing`) if there is no such replica.
+    ReplicaVerified {
+        backup_id: Uuid,
+        location: String,
+        error: Option<String>,
+        at: i64,
+    },
+    /// Retention removed backup `id`: `pruned_at` set, every replica
+    /// `pruned`. Conflicts (`StateChanged`) if it was already pruned.
+    PruneBackup {
+        id: Uuid,
+        at: i64,
+    },
     /// Points CA `ca` at its new key and certificate. Conflicts
     /// (`StateChanged`) unless the CA's key is `from_key`.
     ActivateCaKey {
@@ -707,6 +746,16 @@ pub trait Store: Send + Sync + 'static {
     /// until then the key must keep signing CRLs. `None`: it signed none.
     async fn last_expiry_issued_by(&self, key_id: Uuid) -> Result<Option<i64>, StoreError>;
     async fn get_rotation(&self, id: Uuid) -> Result<Option<RotationRecord>, StoreError>;
+    /// Backups with their replicas, newest first; `include_pruned` adds
+    /// those retention removed.
+    async fn list_backups(
+        &self,
+        include_pruned: bool,
+        limit: u32,
+    ) -> Result<Vec<BackupRecord>, StoreError>;
+    async fn get_backup(&self, id: Uuid) -> Result<Option<BackupRecord>, StoreError>;
+    /// Replicas `pending` or `failed` whose `next_attempt_at` is at or before `now`.
+    async fn due_replicas(&self, now: i64) -> Result<Vec<ReplicaRecord>, StoreError>;
     /// Newest first; `open_only`: those not finished.
     async fn list_rotations(
         &self,

@@ -1,9 +1,10 @@
 //! Rows as the services see them. Times are Unix seconds unless named `_ms`.
 
 pub use crate::model::{
-    AdminRequestKind, AdminRequestStatus, AttestationMethod, BrokerAccess, BrokerAclRule, CaKind,
-    CertificateStatus, Decision, DeviceStatus, EnrollmentTokenKind, KeyAlgorithm, KeyHandle,
-    KeyPurpose, KeySource, KeyState, RegistrationStatus, RevocationReason, Role, RotationStep,
+    AdminRequestKind, AdminRequestStatus, AttestationMethod, BackupTrigger, BrokerAccess,
+    BrokerAclRule, CaKind, CertificateStatus, Decision, DeviceStatus, EnrollmentTokenKind,
+    KeyAlgorithm, KeyHandle, KeyPurpose, KeySource, KeyState, RegistrationStatus, ReplicaState,
+    RevocationReason, Role, RotationStep,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -355,4 +356,46 @@ pub struct RotationRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
+}
+
+/// One encrypted backup archive.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackupRecord {
+    pub id: Uuid,
+    /// The archive's file (object) name in every location.
+    pub file_name: String,
+    pub created_at: i64,
+    /// Lower-case hex SHA-256 of the encrypted file.
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub format_version: i64,
+    /// The store schema version of the snapshot inside.
+    pub schema_version: i64,
+    pub trigger: BackupTrigger,
+    pub actor: String,
+    /// What is inside: row counts, keys wrapped, keys bound to their hardware.
+    pub summary: serde_json::Value,
+    /// When retention removed it from every location.
+    pub pruned_at: Option<i64>,
+    /// Filled by the reads; ignored by [`crate::store::Write::RecordBackup`].
+    pub replicas: Vec<ReplicaRecord>,
+}
+
+/// One backup in one location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaRecord {
+    pub backup_id: Uuid,
+    pub location: String,
+    pub state: ReplicaState,
+    /// Failed attempts since the last success.
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub next_attempt_at: i64,
+    pub stored_at: Option<i64>,
+    /// The last successful verification (downloaded, checksum matched and,
+    /// with a verification identity, decrypted and every member hash checked).
+    pub verified_at: Option<i64>,
+    /// The last verification's failure; cleared by a success.
+    pub verify_error: Option<String>,
+    pub updated_at: i64,
 }

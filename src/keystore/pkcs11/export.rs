@@ -11,7 +11,7 @@
 //! only plaintext copy.
 
 use super::keys;
-use crate::keystore::{KeyHandle, KeyStoreError};
+use crate::keystore::{KeyHandle, KeySpec, KeyStoreError};
 use aes_kw::KwpAes256;
 use aes_kw::cipher::KeyInit;
 use cryptoki::error::{Error as CkError, RvError};
@@ -52,8 +52,88 @@ pub(super) fn export_pkcs8(
     unwrap_rfc5649(&kek, &wrapped)
 }
 
+/// Wraps the private key `key` under the caller's `kek` inside the token
+/// (`CKM_AES_KEY_WRAP_PAD`) and returns the wrapped bytes, for backups: no
+/// plaintext leaves the token. The session copy of `kek` is destroyed
+/// whatever the wrap returned.
+pub(super) fn wrap_out(
+    session: &Session,
+    key: ObjectHandle,
+    handle: &KeyHandle,
+    kek: &[u8; 32],
+) -> Result<Vec<u8>, KeyStoreError> {
+    if !keys::protection(session, key)?.extractable {
+        return Err(KeyStoreError::NotExtractable(handle.clone()));
+    }
+    let wrapping_key = create_wrapping_key(session, kek)?;
+    let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping_key, key);
+    let destroyed = session.destroy_object(wrapping_key);
+    let wrapped = wrapped.map_err(|e| match e {
+        CkError::Pkcs11(RvError::KeyUnextractable, _) => {
+            KeyStoreError::NotExtractable(handle.clone())
+        }
+        CkError::Pkcs11(RvError::KeyNotWrappable, _) => KeyStoreError::NotWrappable(handle.clone()),
+        e => KeyStoreError::Pkcs11(e),
+    })?;
+    destroyed.map_err(KeyStoreError::Pkcs11)?;
+    Ok(wrapped)
+}
+
+/// Unwraps `wrapped` (from [`wrap_out`]) under `kek` into the token as a
+/// sensitive, sign-only token private key with CKA_ID `id`, and creates its
+/// public half from `public_key_der`. On any failure nothing stays behind:
+/// the public object made first is destroyed again, and the session copy
+/// of `kek` always is. Returns the private key's object handle.
+pub(super) fn unwrap_in(
+    session: &Session,
+    spec: &KeySpec,
+    id: &[u8],
+    kek: &[u8; 32],
+    wrapped: &[u8],
+    public_key_der: &[u8],
+    unmodifiable: bool,
+) -> Result<ObjectHandle, KeyStoreError> {
+    let public = keys::create_public(session, spec, id, public_key_der, unmodifiable)?;
+    let unwrapping_key = match create_key_object(session, kek, false, true) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = session.destroy_object(public);
+            return Err(e);
+        }
+    };
+    let template = keys::private_template(spec, id, unmodifiable)?;
+    let unwrapped = session.unwrap_key(
+        &Mechanism::AesKeyWrapPad,
+        unwrapping_key,
+        wrapped,
+        &template,
+    );
+    let destroyed = session.destroy_object(unwrapping_key);
+    match unwrapped {
+        Ok(private) => {
+            destroyed.map_err(KeyStoreError::Pkcs11)?;
+            Ok(private)
+        }
+        Err(e) => {
+            let _ = session.destroy_object(public);
+            Err(KeyStoreError::UnwrapRefused(e))
+        }
+    }
+}
+
 /// A session AES-256 key holding `value`, usable for wrapping only.
 fn create_wrapping_key(session: &Session, value: &[u8; 32]) -> Result<ObjectHandle, KeyStoreError> {
+    create_key_object(session, value, true, false)
+}
+
+/// A session AES-256 key holding `value`, usable only to wrap or only to
+/// unwrap.
+fn create_key_object(
+    session: &Session,
+    value: &[u8; 32],
+    wrap: bool,
+    unwrap: bool,
+) -> Result<ObjectHandle, KeyStoreError> {
     let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -61,8 +141,8 @@ fn create_wrapping_key(session: &Session, value: &[u8; 32]) -> Result<ObjectHand
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Wrap(true),
-        Attribute::Unwrap(false),
+        Attribute::Wrap(wrap),
+        Attribute::Unwrap(unwrap),
         Attribute::Encrypt(false),
         Attribute::Decrypt(false),
         Attribute::Sign(false),

@@ -135,6 +135,112 @@ pub(super) fn generate(
         .map_err(ck)
 }
 
+/// The template of a restored private key: as [`generate`] makes them
+/// (sensitive, sign-only, extractable only when the spec says so), plus
+/// the class and key type C_UnwrapKey needs.
+pub(super) fn private_template(
+    spec: &KeySpec,
+    id: &[u8],
+    unmodifiable: bool,
+) -> Result<Vec<Attribute>, KeyStoreError> {
+    let mut t = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(key_type(spec.algorithm)),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(spec.extractable),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    if unmodifiable {
+        t.push(Attribute::Modifiable(false));
+    }
+    Ok(t)
+}
+
+fn key_type(algorithm: KeyAlgorithm) -> KeyType {
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => KeyType::EC,
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => KeyType::RSA,
+        KeyAlgorithm::Ed25519 => KeyType::EC_EDWARDS,
+    }
+}
+
+/// Creates the public half of a restored key pair from its DER
+/// SubjectPublicKeyInfo, with the same verify-only template as [`generate`].
+pub(super) fn create_public(
+    session: &Session,
+    spec: &KeySpec,
+    id: &[u8],
+    public_key_der: &[u8],
+    unmodifiable: bool,
+) -> Result<ObjectHandle, KeyStoreError> {
+    let spki = SubjectPublicKeyInfoOwned::from_der(public_key_der).map_err(der_err)?;
+    let raw = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or(KeyStoreError::Malformed(Malformed::NoPublicKey))?;
+    let mut t = vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(key_type(spec.algorithm)),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::VerifyRecover(false),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    match spec.algorithm {
+        KeyAlgorithm::EcdsaP256 | KeyAlgorithm::EcdsaP384 => {
+            let oid = spec
+                .algorithm
+                .curve_oid()
+                .ok_or(KeyStoreError::Unsupported(spec.algorithm))?;
+            t.push(Attribute::EcParams(oid.to_der().map_err(der_err)?));
+            t.push(Attribute::EcPoint(
+                OctetString::new(raw)
+                    .map_err(der_err)?
+                    .to_der()
+                    .map_err(der_err)?,
+            ));
+        }
+        KeyAlgorithm::Ed25519 => {
+            t.push(Attribute::EcParams(
+                rfc8410::ID_ED_25519.to_der().map_err(der_err)?,
+            ));
+            t.push(Attribute::EcPoint(
+                OctetString::new(raw)
+                    .map_err(der_err)?
+                    .to_der()
+                    .map_err(der_err)?,
+            ));
+        }
+        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+            #[derive(der::Sequence)]
+            struct RsaPublicKey<'a> {
+                n: der::asn1::UintRef<'a>,
+                e: der::asn1::UintRef<'a>,
+            }
+            let key = RsaPublicKey::from_der(raw).map_err(der_err)?;
+            t.push(Attribute::Modulus(key.n.as_bytes().to_vec()));
+            t.push(Attribute::PublicExponent(key.e.as_bytes().to_vec()));
+        }
+    }
+    if unmodifiable {
+        t.push(Attribute::Modifiable(false));
+    }
+    session.create_object(&t).map_err(ck)
+}
+
 /// Errors with which a module refuses a template attribute it does not
 /// support or let callers set; generation is then retried without it.
 pub(super) fn template_refused(e: &KeyStoreError) -> bool {
@@ -142,6 +248,12 @@ pub(super) fn template_refused(e: &KeyStoreError) -> bool {
     matches!(
         e,
         KeyStoreError::Pkcs11(CkError::Pkcs11(
+            RvError::AttributeTypeInvalid
+                | RvError::AttributeValueInvalid
+                | RvError::AttributeReadOnly
+                | RvError::TemplateInconsistent,
+            _
+        )) | KeyStoreError::UnwrapRefused(CkError::Pkcs11(
             RvError::AttributeTypeInvalid
                 | RvError::AttributeValueInvalid
                 | RvError::AttributeReadOnly

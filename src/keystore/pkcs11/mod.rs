@@ -262,6 +262,113 @@ impl KeyStore for Pkcs11KeyStore {
         .await
     }
 
+    async fn wrap_private_key(
+        &self,
+        handle: &KeyHandle,
+        kek: &zeroize::Zeroizing<[u8; 32]>,
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        if !self.capabilities().can_wrap_keys {
+            return Err(KeyStoreError::OperationUnsupported {
+                backend: self.backend(),
+                operation: "wrap_private_key (the token lacks CKM_AES_KEY_WRAP_PAD)",
+            });
+        }
+        let id = id_of(handle)?;
+        let h = handle.clone();
+        let kek = kek.clone();
+        self.run(move |inner, session| {
+            let key = inner
+                .handles
+                .private(session, &id)?
+                .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
+            let result = export::wrap_out(session, key, &h, &kek);
+            if matches!(&result, Err(e) if sessions::recoverable(e)) {
+                inner.handles.forget(&id);
+            }
+            result
+        })
+        .await
+    }
+
+    async fn unwrap_private_key(
+        &self,
+        spec: &KeySpec,
+        kek: &zeroize::Zeroizing<[u8; 32]>,
+        wrapped: &[u8],
+        public_key_der: &[u8],
+    ) -> Result<GeneratedKey, KeyStoreError> {
+        if !self.capabilities().can_wrap_keys {
+            return Err(KeyStoreError::OperationUnsupported {
+                backend: self.backend(),
+                operation: "unwrap_private_key (the token lacks CKM_AES_KEY_WRAP_PAD)",
+            });
+        }
+        if !self.capabilities().algorithms.contains(&spec.algorithm) {
+            return Err(KeyStoreError::Unsupported(spec.algorithm));
+        }
+        let expected = public_key_der.to_vec();
+        let algorithm = spec.algorithm;
+        let (spec, kek, wrapped, public) = (
+            spec.clone(),
+            kek.clone(),
+            wrapped.to_vec(),
+            public_key_der.to_vec(),
+        );
+        let restored = self
+            .run(move |inner, session| {
+                let id = spec.id.as_bytes().to_vec();
+                if keys::algorithm_of(session, &id)?.is_some() {
+                    return Err(KeyStoreError::KeyIdInUse(KeyHandle(Pkcs11Uri::for_key(
+                        &inner.token_label,
+                        &spec.label,
+                        &id,
+                    ))));
+                }
+                let unmodifiable = inner.caps.try_unmodifiable();
+                let private = match export::unwrap_in(
+                    session,
+                    &spec,
+                    &id,
+                    &kek,
+                    &wrapped,
+                    &public,
+                    unmodifiable,
+                ) {
+                    Err(e) if unmodifiable && keys::template_refused(&e) => {
+                        export::unwrap_in(session, &spec, &id, &kek, &wrapped, &public, false)?
+                    }
+                    other => other?,
+                };
+                inner.handles.insert(&id, private);
+                let public_key_der = keys::public_key_der(session, &id, spec.algorithm)?;
+                Ok((
+                    KeyHandle(Pkcs11Uri::for_key(&inner.token_label, &spec.label, &id)),
+                    public_key_der,
+                ))
+            })
+            .await?;
+        let (handle, public_key_der) = restored;
+        // The pair must belong together: a signature by the unwrapped key
+        // verifies under the recorded public key, or neither stays.
+        let probe = b"keyward restore: does the private key match its public key?";
+        let matches = match self.sign(&handle, algorithm, probe).await {
+            Ok(sig) => {
+                public_key_der == expected
+                    && crate::crypto::verify_spki_signature(&expected, algorithm, probe, &sig)
+            }
+            Err(_) => false,
+        };
+        if !matches {
+            self.destroy(&handle).await?;
+            return Err(KeyStoreError::PublicKeyMismatch);
+        }
+        Ok(GeneratedKey {
+            handle,
+            public_key_der,
+            slot_check: SlotCheck::NewObject,
+        })
+    }
+
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
         let id = id_of(handle)?;
         self.run(move |inner, session| {

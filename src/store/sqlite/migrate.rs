@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0007_enrollment.sql"),
     include_str!("../../../migrations/sqlite/0008_broker_outbox.sql"),
     include_str!("../../../migrations/sqlite/0009_rotation.sql"),
+    include_str!("../../../migrations/sqlite/0010_backups.sql"),
 ];
 
 /// The schema version this build writes and reads.

@@ -442,6 +442,23 @@ impl Store for SqliteStore {
         self.read(move |c| reads::get_rotation(c, id)).await
     }
 
+    async fn list_backups(
+        &self,
+        include_pruned: bool,
+        limit: u32,
+    ) -> Result<Vec<BackupRecord>, StoreError> {
+        self.read(move |c| reads::list_backups(c, include_pruned, limit))
+            .await
+    }
+
+    async fn get_backup(&self, id: Uuid) -> Result<Option<BackupRecord>, StoreError> {
+        self.read(move |c| reads::get_backup(c, id)).await
+    }
+
+    async fn due_replicas(&self, now: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        self.read(move |c| reads::due_replicas(c, now)).await
+    }
+
     async fn list_rotations(
         &self,
         open_only: bool,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 type R<T> = Result<T, StoreError>;
 
 /// Tables [`counts`] reports, one entry each.
-const TABLES: [&str; 14] = [
+const TABLES: [&str; 16] = [
     "keys",
     "cas",
     "admins",
@@ -29,6 +29,8 @@ const TABLES: [&str; 14] = [
     "renewal_allowances",
     "broker_outbox",
     "rotations",
+    "backups",
+    "backup_replicas",
     "audit_events",
 ];
 
@@ -630,4 +632,62 @@ pub(super) fn counts(c: &Connection) -> R<BTreeMap<String, i64>> {
         out.insert(t.to_string(), n);
     }
     Ok(out)
+}
+
+pub(super) fn list_backups(
+    c: &Connection,
+    include_pruned: bool,
+    limit: u32,
+) -> R<Vec<BackupRecord>> {
+    let mut backups = rows::many(
+        c,
+        &format!(
+            "{} WHERE (?1 = 1 OR pruned_at IS NULL) ORDER BY id DESC LIMIT ?2",
+            rows::BACKUP_SELECT
+        ),
+        params![include_pruned, limit.clamp(1, 10_000)],
+        rows::backup,
+    )?;
+    for b in &mut backups {
+        b.replicas = replicas_of(c, b.id)?;
+    }
+    Ok(backups)
+}
+
+pub(super) fn get_backup(c: &Connection, id: Uuid) -> R<Option<BackupRecord>> {
+    let Some(mut b) = rows::one(
+        c,
+        &format!("{} WHERE id = ?1", rows::BACKUP_SELECT),
+        params![id.to_string()],
+        rows::backup,
+    )?
+    else {
+        return Ok(None);
+    };
+    b.replicas = replicas_of(c, b.id)?;
+    Ok(Some(b))
+}
+
+fn replicas_of(c: &Connection, id: Uuid) -> R<Vec<ReplicaRecord>> {
+    rows::many(
+        c,
+        &format!(
+            "{} WHERE backup_id = ?1 ORDER BY location",
+            rows::REPLICA_SELECT
+        ),
+        params![id.to_string()],
+        rows::replica,
+    )
+}
+
+pub(super) fn due_replicas(c: &Connection, now: i64) -> R<Vec<ReplicaRecord>> {
+    rows::many(
+        c,
+        &format!(
+            "{} WHERE state IN ('pending', 'failed') AND next_attempt_at <= ?1 ORDER BY backup_id, location",
+            rows::REPLICA_SELECT
+        ),
+        params![now],
+        rows::replica,
+    )
 }

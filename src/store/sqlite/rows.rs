@@ -415,3 +415,42 @@ pub(super) fn rotation(r: &Row<'_>) -> R<RotationRecord> {
         finished_at: r.get(15)?,
     })
 }
+
+pub(super) const BACKUP_SELECT: &str = "SELECT id, file_name, created_at, sha256, size_bytes, format_version, schema_version, trigger, actor, summary, pruned_at FROM backups";
+
+pub(super) fn backup(r: &Row<'_>) -> R<BackupRecord> {
+    let summary: String = r.get(9)?;
+    Ok(BackupRecord {
+        id: uuid(r, 0)?,
+        file_name: r.get(1)?,
+        created_at: r.get(2)?,
+        sha256: r.get(3)?,
+        size_bytes: r.get(4)?,
+        format_version: r.get(5)?,
+        schema_version: r.get(6)?,
+        trigger: parsed(r, 7, "backup trigger", BackupTrigger::parse)?,
+        actor: r.get(8)?,
+        summary: serde_json::from_str(&summary).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        pruned_at: r.get(10)?,
+        replicas: Vec::new(),
+    })
+}
+
+pub(super) const REPLICA_SELECT: &str = "SELECT backup_id, location, state, attempts, last_error, next_attempt_at, stored_at, verified_at, verify_error, updated_at FROM backup_replicas";
+
+pub(super) fn replica(r: &Row<'_>) -> R<ReplicaRecord> {
+    Ok(ReplicaRecord {
+        backup_id: uuid(r, 0)?,
+        location: r.get(1)?,
+        state: parsed(r, 2, "replica state", ReplicaState::parse)?,
+        attempts: r.get(3)?,
+        last_error: r.get(4)?,
+        next_attempt_at: r.get(5)?,
+        stored_at: r.get(6)?,
+        verified_at: r.get(7)?,
+        verify_error: r.get(8)?,
+        updated_at: r.get(9)?,
+    })
+}

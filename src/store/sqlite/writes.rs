@@ -864,6 +864,108 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 .map_err(db)?;
             expect_one(n, || state_changed("rotation", id, step.as_str()))?;
         }
+        Write::RecordBackup { record, locations } => {
+            let summary = serde_json::to_string(&record.summary)
+                .map_err(|e| StoreError::Corrupt(format!("backup summary: {e}")))?;
+            tx.prepare_cached(
+                "INSERT INTO backups (id, file_name, created_at, sha256, size_bytes, format_version, schema_version,
+                   trigger, actor, summary, pruned_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)",
+            )
+            .map_err(db)?
+            .execute(params![
+                record.id.to_string(),
+                record.file_name,
+                record.created_at,
+                record.sha256,
+                record.size_bytes,
+                record.format_version,
+                record.schema_version,
+                record.trigger.as_str(),
+                record.actor,
+                summary
+            ])
+            .map_err(db)?;
+            for location in locations {
+                tx.prepare_cached(
+                    "INSERT INTO backup_replicas (backup_id, location, state, attempts, next_attempt_at, updated_at)
+                     VALUES (?1, ?2, 'pending', 0, ?3, ?3)",
+                )
+                .map_err(db)?
+                .execute(params![record.id.to_string(), location, record.created_at])
+                .map_err(db)?;
+            }
+        }
+        Write::ReplicaStored {
+            backup_id,
+            location,
+            at,
+        } => {
+            replica_exists(tx, backup_id, location)?;
+            let n = tx
+                .prepare_cached(
+                    "UPDATE backup_replicas SET state = 'stored', attempts = 0, last_error = NULL, stored_at = ?1, updated_at = ?1
+                     WHERE backup_id = ?2 AND location = ?3 AND state != 'pruned'",
+                )
+                .map_err(db)?
+                .execute(params![at, backup_id.to_string(), location])
+                .map_err(db)?;
+            expect_one(n, || state_changed("backup replica", backup_id, "unpruned"))?;
+        }
+        Write::ReplicaFailed {
+            backup_id,
+            location,
+            error,
+            next_attempt_at,
+            at,
+        } => {
+            replica_exists(tx, backup_id, location)?;
+            let n = tx
+                .prepare_cached(
+                    "UPDATE backup_replicas SET state = 'failed', attempts = attempts + 1, last_error = ?1,
+                       next_attempt_at = ?2, updated_at = ?3
+                     WHERE backup_id = ?4 AND location = ?5 AND state != 'pruned'",
+                )
+                .map_err(db)?
+                .execute(params![error, next_attempt_at, at, backup_id.to_string(), location])
+                .map_err(db)?;
+            expect_one(n, || state_changed("backup replica", backup_id, "unpruned"))?;
+        }
+        Write::ReplicaVerified {
+            backup_id,
+            location,
+            error,
+            at,
+        } => {
+            replica_exists(tx, backup_id, location)?;
+            let sql = if error.is_none() {
+                "UPDATE backup_replicas SET verified_at = ?1, verify_error = ?2, updated_at = ?1
+                 WHERE backup_id = ?3 AND location = ?4"
+            } else {
+                "UPDATE backup_replicas SET verify_error = ?2, updated_at = ?1
+                 WHERE backup_id = ?3 AND location = ?4"
+            };
+            tx.prepare_cached(sql)
+                .map_err(db)?
+                .execute(params![at, error, backup_id.to_string(), location])
+                .map_err(db)?;
+        }
+        Write::PruneBackup { id, at } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE backups SET pruned_at = ?1 WHERE id = ?2 AND pruned_at IS NULL",
+                )
+                .map_err(db)?
+                .execute(params![at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || state_changed("backup", id, "unpruned"))?;
+            tx.prepare_cached(
+                "UPDATE backup_replicas SET state = 'pruned', updated_at = ?1 WHERE backup_id = ?2",
+            )
+            .map_err(db)?
+            .execute(params![at, id.to_string()])
+            .map_err(db)?;
+        }
         Write::ActivateCaKey {
             ca,
             from_key,
@@ -1251,4 +1353,27 @@ fn set_device_status(
         _ => {}
     }
     Ok(())
+}
+
+/// Refuses a replica write naming no replica (`Missing`), so that a typo'd
+/// location cannot be mistaken for a state conflict.
+fn replica_exists(
+    tx: &rusqlite::Transaction<'_>,
+    backup_id: &Uuid,
+    location: &str,
+) -> Result<(), StoreError> {
+    let found: Option<i64> = tx
+        .prepare_cached("SELECT 1 FROM backup_replicas WHERE backup_id = ?1 AND location = ?2")
+        .map_err(db)?
+        .query_row(params![backup_id.to_string(), location], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(Conflict::Missing {
+            entity: "backup replica",
+            id: format!("{backup_id}/{location}"),
+        }
+        .into()),
+    }
 }
