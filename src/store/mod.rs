@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod records;
+pub mod snapshot;
 pub mod sqlite;
 
 pub use records::*;
@@ -130,6 +131,9 @@ pub enum DatabaseError {
     /// The store was opened read-only (`audit verify`).
     #[error("the store is open read-only")]
     ReadOnly,
+    /// A snapshot's sink (the backup archive being written) failed.
+    #[error("the snapshot could not be written: {0}")]
+    Snapshot(#[source] std::io::Error),
 }
 
 impl DatabaseError {
@@ -147,6 +151,7 @@ impl DatabaseError {
             | Self::WriterThread(_)
             | Self::ReaderTask(_)
             | Self::AuditDetails(_) => "store_unavailable",
+            Self::Snapshot(_) => "snapshot_write_failed",
         }
     }
 }
@@ -170,6 +175,14 @@ pub enum Write {
         id: Uuid,
         from: KeyState,
         to: KeyState,
+        at: i64,
+    },
+    /// A restore put key `id` onto another device (a fresh token whose
+    /// label differs): its handle is now `handle`. Conflicts (`Missing`)
+    /// if there is no such key.
+    SetKeyHandle {
+        id: Uuid,
+        handle: KeyHandle,
         at: i64,
     },
     InsertCa(CaRecord),
@@ -746,6 +759,13 @@ pub trait Store: Send + Sync + 'static {
     /// until then the key must keep signing CRLs. `None`: it signed none.
     async fn last_expiry_issued_by(&self, key_id: Uuid) -> Result<Option<i64>, StoreError>;
     async fn get_rotation(&self, id: Uuid) -> Result<Option<RotationRecord>, StoreError>;
+    /// Streams every table (but [`snapshot::NOT_SNAPSHOTTED`]) to `sink`
+    /// from one read transaction: a consistent moment, without blocking
+    /// writers. Returns the sink's tables and the key rows of that moment.
+    async fn export_snapshot(
+        &self,
+        sink: Box<dyn snapshot::SnapshotSink>,
+    ) -> Result<snapshot::SnapshotInfo, StoreError>;
     /// Backups with their replicas, newest first; `include_pruned` adds
     /// those retention removed.
     async fn list_backups(

@@ -37,8 +37,25 @@ pub(super) fn check_version(conn: &Connection) -> Result<i64, StoreError> {
 
 /// Applies the migrations the database lacks.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_to(conn, SUPPORTED)
+}
+
+/// Applies the migrations the database lacks up to version `target` (a
+/// restore builds a snapshot's own schema version before loading it).
+pub(super) fn migrate_to(conn: &mut Connection, target: i64) -> Result<(), StoreError> {
+    if !(1..=SUPPORTED).contains(&target) {
+        return Err(StoreError::SchemaTooNew {
+            found: target,
+            supported: SUPPORTED,
+        });
+    }
     let current = check_version(conn)?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(current as usize)
+        .take((target - current).max(0) as usize)
+    {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Exclusive)
             .map_err(db)?;

@@ -9,6 +9,7 @@
 mod migrate;
 mod reads;
 mod rows;
+pub mod snapshot;
 mod writer;
 mod writes;
 
@@ -440,6 +441,14 @@ impl Store for SqliteStore {
 
     async fn get_rotation(&self, id: Uuid) -> Result<Option<RotationRecord>, StoreError> {
         self.read(move |c| reads::get_rotation(c, id)).await
+    }
+
+    async fn export_snapshot(
+        &self,
+        sink: Box<dyn crate::store::snapshot::SnapshotSink>,
+    ) -> Result<crate::store::snapshot::SnapshotInfo, StoreError> {
+        let mut sink = sink;
+        self.read(move |c| snapshot::export(c, sink.as_mut())).await
     }
 
     async fn list_backups(

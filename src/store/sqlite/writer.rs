@@ -263,7 +263,7 @@ fn commit_batch(
     Ok(results)
 }
 
-fn apply(
+pub(super) fn apply(
     tx: &Transaction<'_>,
     change: &Change,
     mut seq: i64,

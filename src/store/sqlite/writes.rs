@@ -126,6 +126,17 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
                 .map_err(db)?;
             expect_one(n, || state_changed("key", id, from.as_str()))?;
         }
+        Write::SetKeyHandle { id, handle, at } => {
+            let n = tx
+                .prepare_cached("UPDATE keys SET handle = ?1, updated_at = ?2 WHERE id = ?3")
+                .map_err(db)?
+                .execute(params![handle.0, at, id.to_string()])
+                .map_err(db)?;
+            expect_one(n, || Conflict::Missing {
+                entity: "key",
+                id: id.to_string(),
+            })?;
+        }
         Write::InsertCa(c) => {
             tx.prepare_cached(
                 "INSERT INTO cas (name, kind, parent, key_id, certificate, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -1,0 +1,93 @@
+//! age recipients and identities, read from files (never from argv).
+//!
+//! Recipients files hold one recipient per line: `age1…` (X25519),
+//! `ssh-ed25519 …` or `ssh-rsa …`; blank lines and `#` comments are
+//! skipped. Identity files are age identity files (`AGE-SECRET-KEY-1…`)
+//! or unencrypted OpenSSH private keys.
+
+use super::BackupError;
+use std::path::Path;
+use std::str::FromStr;
+
+pub type Recipients = Vec<Box<dyn age::Recipient + Send + Sync>>;
+pub type Identities = Vec<Box<dyn age::Identity + Send + Sync>>;
+
+/// Reads every recipient of every file; a line that is none is an error
+/// naming the file and line, and so is a file without any.
+pub fn read_recipients(files: &[std::path::PathBuf]) -> Result<Recipients, BackupError> {
+    let mut out: Recipients = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|source| BackupError::KeyFile {
+            path: path.clone(),
+            reason: source.to_string(),
+        })?;
+        let before = out.len();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if let Ok(r) = age::x25519::Recipient::from_str(line) {
+                out.push(Box::new(r));
+            } else if let Ok(r) = age::ssh::Recipient::from_str(line) {
+                out.push(Box::new(r));
+            } else {
+                return Err(BackupError::KeyFile {
+                    path: path.clone(),
+                    reason: format!(
+                        "line {} is not an age recipient (`age1…`, `ssh-ed25519 …` or `ssh-rsa …`)",
+                        i + 1
+                    ),
+                });
+            }
+        }
+        if out.len() == before {
+            return Err(BackupError::KeyFile {
+                path: path.clone(),
+                reason: "holds no recipient".into(),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(BackupError::NoRecipients);
+    }
+    Ok(out)
+}
+
+/// Reads the identities of `path`: an age identity file, or an
+/// unencrypted OpenSSH private key (ed25519 or RSA).
+pub fn read_identities(path: &Path) -> Result<Identities, BackupError> {
+    let bad = |reason: String| BackupError::KeyFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| bad(e.to_string()))?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not text".into()))?;
+    if text.contains("-----BEGIN") {
+        let identity = age::ssh::Identity::from_buffer(text.as_bytes(), None)
+            .map_err(|e| bad(format!("not a usable OpenSSH private key: {e}")))?;
+        return match identity {
+            age::ssh::Identity::Unencrypted(_) => Ok(vec![Box::new(identity)]),
+            age::ssh::Identity::Encrypted(_) => Err(bad(
+                "the SSH key is passphrase-protected; keyward cannot prompt: decrypt it into a protected file first".into(),
+            )),
+            age::ssh::Identity::Unsupported(k) => {
+                Err(bad(format!("unsupported SSH key type: {k:?}")))
+            }
+        };
+    }
+    let mut out: Identities = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("AGE-SECRET-KEY-") {
+            let id = age::x25519::Identity::from_str(line)
+                .map_err(|e| bad(format!("a bad AGE-SECRET-KEY line: {e}")))?;
+            out.push(Box::new(id));
+        } else if line.starts_with("AGE-PLUGIN-") {
+            return Err(bad("age plugin identities are not supported".into()));
+        }
+    }
+    if out.is_empty() {
+        return Err(bad("holds no identity".into()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,639 @@
+//! Restoring an archive into an empty store and a fresh token.
+//!
+//! Order, and what undoes what:
+//! 1. the whole archive is decrypted and every member hash checked against
+//!    the manifest; nothing is written before that passes;
+//! 2. the target store and key stores must be empty (or `--force`);
+//! 3. wrapped keys are unwrapped into their key stores (sensitive, with the
+//!    extractability they had); a later failure destroys them again;
+//! 4. the store is loaded into `<db>.restoring-<id>` in one transaction,
+//!    migrated to this build's schema, and the `backup.restore` event is
+//!    chained after the restored chain; a failure deletes that file;
+//! 5. only then is the file renamed into place (a forced restore first
+//!    moves the old database aside, never deletes it).
+
+use super::BackupError;
+use super::archive::{self, KEK_MEMBER, KeyDisposition, KeyEntry, Manifest};
+use super::keys::{Identities, read_identities};
+use crate::audit::AuditDraft;
+use crate::config::{Config, StoreConfig};
+use crate::keystore::{KeyHandle, KeySpec, KeyStoreError, KeyStores};
+use crate::model::{KeyAlgorithm, KeyPurpose, KeyState};
+use crate::store::sqlite::snapshot::Import;
+use crate::store::{Change, Write};
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use time::OffsetDateTime;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+pub struct RestoreOptions {
+    pub archive: PathBuf,
+    pub identity_files: Vec<PathBuf>,
+    /// Restore over a non-empty store (moved aside) or token (keys already
+    /// there are reused when their public key matches, others left alone).
+    pub force: bool,
+    /// Check the archive and report what a restore would do; change nothing.
+    pub dry_run: bool,
+    pub actor: String,
+}
+
+/// What happened to one key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyOutcome {
+    pub id: Uuid,
+    pub label: String,
+    pub purpose: String,
+    pub keystore: String,
+    /// `unwrapped` (restored into the token), `present` (already on the
+    /// configured device), `missing` (needs the original hardware) or, for
+    /// a replaceable service key that is missing, `replaced-at-start`.
+    pub outcome: &'static str,
+    pub detail: String,
+    #[serde(skip)]
+    handle: Option<KeyHandle>,
+    #[serde(skip)]
+    changed_handle: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub backup_id: Uuid,
+    pub created_at: String,
+    pub keyward_version: String,
+    pub format_version: u32,
+    pub schema_version: i64,
+    pub keys: Vec<KeyOutcome>,
+    pub rows: BTreeMap<String, u64>,
+    pub dry_run: bool,
+    /// The sequence number of the `backup.restore` audit event.
+    pub audit_seq: Option<i64>,
+    /// Where a forced restore moved the old database.
+    pub replaced: Option<PathBuf>,
+    /// Policy files written from the archive (the directory lacked them).
+    pub policies_written: Vec<String>,
+    /// Policy files present and different from the archive's (kept).
+    pub policies_differ: Vec<String>,
+}
+
+fn load_identities(files: &[PathBuf]) -> Result<Identities, BackupError> {
+    let mut ids: Identities = Vec::new();
+    for f in files {
+        ids.extend(read_identities(f)?);
+    }
+    if ids.is_empty() {
+        return Err(BackupError::KeyFile {
+            path: PathBuf::from("--identity-file"),
+            reason: "give at least one identity file".into(),
+        });
+    }
+    Ok(ids)
+}
+
+/// Checks an archive completely (decrypts it and every member hash) and
+/// returns its manifest; used by `restore --dry-run` and the verification job.
+pub async fn check_archive(
+    path: &Path,
+    identities: Arc<Identities>,
+) -> Result<archive::Checked, BackupError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || archive::check(&path, &identities))
+        .await
+        .map_err(|e| BackupError::Read {
+            path: PathBuf::from("<check>"),
+            source: std::io::Error::other(e),
+        })?
+}
+
+pub async fn restore(
+    config: &Config,
+    keystores: &KeyStores,
+    opts: &RestoreOptions,
+    now: OffsetDateTime,
+) -> Result<RestoreReport, BackupError> {
+    let identities = Arc::new(load_identities(&opts.identity_files)?);
+    let checked = check_archive(&opts.archive, identities.clone()).await?;
+    let manifest = checked.manifest;
+    let supported = crate::store::sqlite::SCHEMA_VERSION;
+    if manifest.store.schema_version > supported {
+        return Err(BackupError::SchemaTooNew {
+            found: manifest.store.schema_version,
+            supported,
+        });
+    }
+    let StoreConfig::Sqlite(sqlite) = &config.store;
+    let db = sqlite.path.clone();
+
+    // The targets must be empty, unless forced.
+    let rows_there = existing_rows(&db).await?;
+    if rows_there > 0 && !opts.force {
+        return Err(BackupError::NotEmpty(format!(
+            "the store {} already holds {rows_there} rows",
+            db.display()
+        )));
+    }
+    let archived: std::collections::BTreeSet<Uuid> = manifest.keys.iter().map(|k| k.id).collect();
+    for (name, ks) in keystores.iter() {
+        if let Ok(listed) = ks.list().await {
+            let foreign = listed
+                .iter()
+                .filter(|(h, _)| !archived.iter().any(|id| handle_has_id(h, id)))
+                .count();
+            if !listed.is_empty() && !opts.force {
+                return Err(BackupError::NotEmpty(format!(
+                    "key store `{name}` already holds {} keys ({foreign} of them not in this backup)",
+                    listed.len()
+                )));
+            }
+        }
+    }
+
+    // Which keys are where.
+    let mut outcomes = Vec::new();
+    for entry in &manifest.keys {
+        outcomes.push(plan_key(keystores, entry).await?);
+    }
+    let mut report = RestoreReport {
+        backup_id: manifest.backup_id,
+        created_at: manifest.created_at_utc.clone(),
+        keyward_version: manifest.keyward_version.clone(),
+        format_version: manifest.format_version,
+        schema_version: manifest.store.schema_version,
+        keys: outcomes,
+        rows: manifest
+            .store
+            .tables
+            .iter()
+            .map(|t| (t.name.clone(), t.rows))
+            .collect(),
+        dry_run: opts.dry_run,
+        audit_seq: None,
+        replaced: None,
+        policies_written: Vec::new(),
+        policies_differ: Vec::new(),
+    };
+    if opts.dry_run {
+        return Ok(report);
+    }
+
+    // Unwrap, remembering what to undo.
+    let kek = if report.keys.iter().any(|k| k.outcome == "unwrap") {
+        Some(open_kek(&opts.archive, &checked.small, &identities)?)
+    } else {
+        None
+    };
+    let mut unwrapped: Vec<(String, KeyHandle)> = Vec::new();
+    for (i, entry) in manifest.keys.iter().enumerate() {
+        if report.keys[i].outcome != "unwrap" {
+            continue;
+        }
+        let (Some(kek), KeyDisposition::Wrapped { member }) = (&kek, &entry.backup) else {
+            continue;
+        };
+        let wrapped = checked
+            .small
+            .get(member)
+            .ok_or_else(|| BackupError::Corrupt {
+                path: opts.archive.clone(),
+                reason: format!("member {member} is missing"),
+            });
+        let result = match wrapped {
+            Ok(w) => unwrap_key(keystores, entry, kek, w).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(handle) => {
+                unwrapped.push((entry.keystore.clone(), handle.clone()));
+                let k = &mut report.keys[i];
+                k.outcome = "unwrapped";
+                k.changed_handle = handle.0 != entry.handle;
+                k.detail = format!(
+                    "restored into key store `{}` as {}",
+                    entry.keystore, handle.0
+                );
+                k.handle = Some(handle);
+            }
+            Err(e) => {
+                undo_unwraps(keystores, &unwrapped).await;
+                return Err(e);
+            }
+        }
+    }
+
+    // Load the store next to the real one, then move it into place.
+    let loaded = load_store(
+        &db,
+        &opts.archive,
+        &identities,
+        &manifest,
+        &report,
+        opts,
+        now,
+    )
+    .await;
+    let seq = match loaded {
+        Ok(seq) => seq,
+        Err(e) => {
+            undo_unwraps(keystores, &unwrapped).await;
+            return Err(e);
+        }
+    };
+    report.audit_seq = Some(seq);
+    let tmp = restoring_path(&db, manifest.backup_id);
+    match move_into_place(&db, &tmp, opts.force, now) {
+        Ok(replaced) => report.replaced = replaced,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            undo_unwraps(keystores, &unwrapped).await;
+            return Err(e);
+        }
+    }
+    let (written, differ) = write_policies(&config.policies.dir, &checked.small);
+    report.policies_written = written;
+    report.policies_differ = differ;
+    Ok(report)
+}
+
+/// Whether a key handle names CKA_ID / key `id` (PKCS#11 URIs carry the
+/// UUID bytes percent-encoded; other backends' handles never match).
+fn handle_has_id(h: &KeyHandle, id: &Uuid) -> bool {
+    crate::keystore::pkcs11::uri::Pkcs11Uri::parse(&h.0)
+        .ok()
+        .and_then(|u| u.id().map(|b| b == id.as_bytes()))
+        .unwrap_or(false)
+}
+
+async fn existing_rows(db: &Path) -> Result<i64, BackupError> {
+    use crate::store::Store as _;
+    if !db.exists() {
+        return Ok(0);
+    }
+    let store = crate::store::sqlite::SqliteStore::open_read_only(db)?;
+    Ok(store.counts().await?.values().sum())
+}
+
+fn spki_of(entry: &KeyEntry) -> Result<Vec<u8>, BackupError> {
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(entry.public_key.as_bytes())
+        .map_err(|_| BackupError::Corrupt {
+            path: PathBuf::from(archive::MANIFEST),
+            reason: format!("key {} has a public key that is not base64", entry.id),
+        })?;
+    if archive::sha256_hex(&der) != entry.public_key_sha256 {
+        return Err(BackupError::Corrupt {
+            path: PathBuf::from(archive::MANIFEST),
+            reason: format!("key {}'s public key does not match its SHA-256", entry.id),
+        });
+    }
+    Ok(der)
+}
+
+async fn plan_key(keystores: &KeyStores, entry: &KeyEntry) -> Result<KeyOutcome, BackupError> {
+    let mut out = KeyOutcome {
+        id: entry.id,
+        label: entry.label.clone(),
+        purpose: entry.purpose.clone(),
+        keystore: entry.keystore.clone(),
+        outcome: "missing",
+        detail: String::new(),
+        handle: None,
+        changed_handle: false,
+    };
+    let spki = spki_of(entry)?;
+    let Ok(ks) = keystores.get(&entry.keystore) else {
+        out.detail = format!(
+            "key store `{}` is not configured: add it (the original device) to the config",
+            entry.keystore
+        );
+        return Ok(out);
+    };
+    let original = KeyHandle(entry.handle.clone());
+    if ks.exists(&original).await.unwrap_or(false) {
+        match ks.public_key(&original).await {
+            Ok(pk) if pk == spki => {
+                out.outcome = "present";
+                out.detail = format!("already on key store `{}`", entry.keystore);
+                out.handle = Some(original);
+                return Ok(out);
+            }
+            Ok(_) => {
+                return Err(BackupError::KeyStore {
+                    key: entry.id,
+                    label: entry.label.clone(),
+                    source: KeyStoreError::KeyIdInUse(original),
+                });
+            }
+            Err(_) => {}
+        }
+    }
+    match &entry.backup {
+        KeyDisposition::Wrapped { .. } => {
+            if !ks.capabilities().can_wrap_keys {
+                return Err(BackupError::WrapUnsupported {
+                    key: entry.id,
+                    label: entry.label.clone(),
+                    keystore: entry.keystore.clone(),
+                });
+            }
+            out.outcome = "unwrap";
+            out.detail = "wrapped in the archive".into();
+        }
+        KeyDisposition::HardwareBound { reason } => {
+            let replaceable = matches!(
+                KeyPurpose::parse(&entry.purpose),
+                Some(KeyPurpose::OcspSigning)
+            );
+            if replaceable {
+                out.outcome = "replaced-at-start";
+                out.detail = format!(
+                    "{reason}; not on this token: marked destroyed, the daemon makes a new OCSP signer at start"
+                );
+            } else {
+                out.detail = format!(
+                    "{reason}; not on this device: it needs the original hardware ({} handle {})",
+                    entry.backend, entry.handle
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn open_kek(
+    archive_path: &Path,
+    small: &BTreeMap<String, Vec<u8>>,
+    identities: &Identities,
+) -> Result<Zeroizing<[u8; 32]>, BackupError> {
+    let sealed = small.get(KEK_MEMBER).ok_or_else(|| BackupError::Corrupt {
+        path: archive_path.to_path_buf(),
+        reason: format!("member {KEK_MEMBER} is missing"),
+    })?;
+    let corrupt = |reason: String| BackupError::Corrupt {
+        path: archive_path.to_path_buf(),
+        reason,
+    };
+    let decryptor = age::Decryptor::new(sealed.as_slice())
+        .map_err(|e| corrupt(format!("{KEK_MEMBER}: {e}")))?;
+    let mut reader = decryptor
+        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => {
+                BackupError::WrongIdentity(archive_path.to_path_buf())
+            }
+            e => corrupt(format!("{KEK_MEMBER}: {e}")),
+        })?;
+    let mut buf = Zeroizing::new(Vec::new());
+    std::io::Read::read_to_end(&mut reader, &mut buf)
+        .map_err(|e| corrupt(format!("{KEK_MEMBER}: {e}")))?;
+    let mut kek = Zeroizing::new([0u8; 32]);
+    if buf.len() != 32 {
+        return Err(corrupt(format!("{KEK_MEMBER} does not hold a 32-byte key")));
+    }
+    kek.copy_from_slice(&buf);
+    Ok(kek)
+}
+
+async fn unwrap_key(
+    keystores: &KeyStores,
+    entry: &KeyEntry,
+    kek: &Zeroizing<[u8; 32]>,
+    wrapped: &[u8],
+) -> Result<KeyHandle, BackupError> {
+    let ks_err = |source| BackupError::KeyStore {
+        key: entry.id,
+        label: entry.label.clone(),
+        source,
+    };
+    let ks = keystores.get(&entry.keystore).map_err(ks_err)?;
+    let algorithm = entry
+        .algorithm
+        .parse::<KeyAlgorithm>()
+        .map_err(|_| BackupError::Corrupt {
+            path: PathBuf::from(archive::MANIFEST),
+            reason: format!(
+                "key {} has an unknown algorithm `{}`",
+                entry.id, entry.algorithm
+            ),
+        })?;
+    let spec = KeySpec {
+        id: entry.id,
+        label: entry.label.clone(),
+        algorithm,
+        // It was extractable (it is in a backup): it stays backup-able,
+        // so that the next backup holds it again. Never readable in plaintext.
+        extractable: true,
+    };
+    let spki = spki_of(entry)?;
+    let key = ks
+        .unwrap_private_key(&spec, kek, wrapped, &spki)
+        .await
+        .map_err(ks_err)?;
+    Ok(key.handle)
+}
+
+async fn undo_unwraps(keystores: &KeyStores, unwrapped: &[(String, KeyHandle)]) {
+    for (ks, h) in unwrapped {
+        if let Ok(ks) = keystores.get(ks)
+            && let Err(e) = ks.destroy(h).await
+        {
+            tracing::error!(handle = %h.0, error = %e, "could not destroy a key restored by a failed restore; destroy it by hand");
+        }
+    }
+}
+
+fn restoring_path(db: &Path, id: Uuid) -> PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".restoring-{id}"));
+    db.with_file_name(name)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn load_store(
+    db: &Path,
+    archive_path: &Path,
+    identities: &Arc<Identities>,
+    manifest: &Manifest,
+    report: &RestoreReport,
+    opts: &RestoreOptions,
+    now: OffsetDateTime,
+) -> Result<i64, BackupError> {
+    let tmp = restoring_path(db, manifest.backup_id);
+    if let Some(parent) = tmp.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        super::create::create_private_dir(parent)?;
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let at = now.unix_timestamp();
+    let mut change = Change::new();
+    for (k, entry) in report.keys.iter().zip(&manifest.keys) {
+        if k.changed_handle
+            && let Some(h) = &k.handle
+        {
+            change = change.write(Write::SetKeyHandle {
+                id: k.id,
+                handle: h.clone(),
+                at,
+            });
+        }
+        if k.outcome == "replaced-at-start"
+            && let Some(state) = KeyState::parse(&entry.state)
+            && state != KeyState::Destroyed
+        {
+            change = change.write(Write::SetKeyState {
+                id: k.id,
+                from: state,
+                to: KeyState::Destroyed,
+                at,
+            });
+        }
+    }
+    let change = change.audit(
+        AuditDraft::new(&opts.actor, "backup.restore", format!("backup:{}", manifest.backup_id))
+            .details(json!({
+                "backup_id": manifest.backup_id,
+                "archive_sha256": file_sha256(archive_path).unwrap_or_default(),
+                "created_at": manifest.created_at_utc,
+                "written_by": manifest.keyward_version,
+                "format_version": manifest.format_version,
+                "schema_version": manifest.store.schema_version,
+                "restored_chain_head": { "seq": manifest.store.audit_head_seq, "hash": manifest.store.audit_head_hash },
+                "keys": report.keys,
+                "forced": opts.force,
+            })),
+    );
+    let (db_tmp, archive_path, identities, manifest) = (
+        tmp.clone(),
+        archive_path.to_path_buf(),
+        identities.clone(),
+        manifest.clone(),
+    );
+    let at_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+    let result = tokio::task::spawn_blocking(move || -> Result<i64, BackupError> {
+        let mut import = Import::create(&db_tmp, manifest.store.schema_version)?;
+        let mut current: Option<String> = None;
+        archive::for_each_store_member(&archive_path, &identities, &manifest, |table, data| {
+            if current.as_deref() != Some(table) {
+                let info = manifest
+                    .store
+                    .tables
+                    .iter()
+                    .find(|t| t.name == table)
+                    .ok_or_else(|| BackupError::Corrupt {
+                        path: archive_path.clone(),
+                        reason: format!("store member of table {table}, which the manifest lacks"),
+                    })?;
+                import.table(table, &info.columns)?;
+                current = Some(table.to_string());
+            }
+            import.rows(data)?;
+            Ok(())
+        })?;
+        for t in &manifest.store.tables {
+            let got = import.counts().get(&t.name).copied().unwrap_or(0);
+            if got != t.rows {
+                return Err(BackupError::Corrupt {
+                    path: archive_path.clone(),
+                    reason: format!(
+                        "table {} has {got} rows, the manifest says {}",
+                        t.name, t.rows
+                    ),
+                });
+            }
+        }
+        let seqs = import.finish(&change, at_ms)?;
+        Ok(seqs.last().copied().unwrap_or(0))
+    })
+    .await
+    .map_err(|e| BackupError::Read {
+        path: PathBuf::from("<restore>"),
+        source: std::io::Error::other(e),
+    })?;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = tmp.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(p));
+        }
+    }
+    result
+}
+
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = archive::Hashing::new(std::io::sink());
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finish().1)
+}
+
+/// Moves `tmp` to `db`; a forced restore first moves the old database (and
+/// its WAL files) aside to `<db>.replaced-<time>`.
+fn move_into_place(
+    db: &Path,
+    tmp: &Path,
+    force: bool,
+    now: OffsetDateTime,
+) -> Result<Option<PathBuf>, BackupError> {
+    let io = |path: &Path, source| BackupError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut replaced = None;
+    if db.exists() {
+        if !force {
+            return Err(BackupError::NotEmpty(format!("{} exists", db.display())));
+        }
+        let mut aside = db.as_os_str().to_owned();
+        aside.push(format!(".replaced-{}", now.unix_timestamp()));
+        let aside = PathBuf::from(aside);
+        std::fs::rename(db, &aside).map_err(|e| io(db, e))?;
+        for suffix in ["-wal", "-shm"] {
+            let mut from = db.as_os_str().to_owned();
+            from.push(suffix);
+            let mut to = aside.as_os_str().to_owned();
+            to.push(suffix);
+            let from = PathBuf::from(from);
+            if from.exists() {
+                std::fs::rename(&from, PathBuf::from(to)).map_err(|e| io(&from, e))?;
+            }
+        }
+        replaced = Some(aside);
+    }
+    std::fs::rename(tmp, db).map_err(|e| io(db, e))?;
+    if let Some(parent) = db.parent()
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(replaced)
+}
+
+/// Writes the archive's policies into `dir` where it lacks them; never
+/// overwrites. Returns (written, present but different).
+fn write_policies(dir: &Path, small: &BTreeMap<String, Vec<u8>>) -> (Vec<String>, Vec<String>) {
+    let (mut written, mut differ) = (Vec::new(), Vec::new());
+    for (member, bytes) in small {
+        let Some(name) = member.strip_prefix("policies/") else {
+            continue;
+        };
+        if name.contains('/') || name.starts_with('.') {
+            continue;
+        }
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(existing) if existing == *bytes => {}
+            Ok(_) => differ.push(name.to_string()),
+            Err(_) => {
+                if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&path, bytes).is_ok() {
+                    written.push(name.to_string());
+                }
+            }
+        }
+    }
+    (written, differ)
+}
