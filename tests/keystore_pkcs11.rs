@@ -608,6 +608,31 @@ fn trials() -> Vec<Trial> {
             })
         },
     ));
+    for (name, algorithm) in [
+        ("ecdsa_p256", KeyAlgorithm::EcdsaP256),
+        ("ecdsa_p384", KeyAlgorithm::EcdsaP384),
+        ("rsa_2048", KeyAlgorithm::Rsa2048),
+    ] {
+        t.push(Trial::test(
+            format!("pkcs11::wrap_restore_round_trip_{name}"),
+            move || run(move || wrap_checks::round_trip(algorithm)),
+        ));
+    }
+    t.push(Trial::test("pkcs11::wrap_ed25519_is_not_wrappable", || {
+        run(wrap_checks::ed25519_is_not_wrappable)
+    }));
+    t.push(Trial::test(
+        "pkcs11::wrap_refuses_non_extractable_keys",
+        || run(wrap_checks::non_extractable_is_refused),
+    ));
+    t.push(Trial::test(
+        "pkcs11::restore_bad_inputs_leave_nothing",
+        || run(wrap_checks::bad_restores_leave_nothing),
+    ));
+    t.push(Trial::test(
+        "pkcs11::restore_refuses_an_occupied_id",
+        || run(wrap_checks::occupied_id_is_refused),
+    ));
     t.push(Trial::test(
         "ca::device_certificates_are_checked_before_they_are_stored",
         || run(ca_checks::device_certificates_are_checked_before_they_are_stored),
@@ -856,4 +881,447 @@ fn main() -> ExitCode {
         return ExitCode::from(status.code().unwrap_or(1) as u8);
     }
     libtest_mimic::run(&Arguments::from_args(), trials()).exit_code()
+}
+
+/// Backups: `wrap_private_key` on one SoftHSM2 token, `unwrap_private_key`
+/// into a second, fresh one. What the restore side holds afterwards is read
+/// three ways: through the backend, through a cryptoki session of our own,
+/// and with OpenSC's `pkcs11-tool` (a separate process).
+mod wrap_checks {
+    use super::*;
+    use keyward::keystore::{GeneratedKey, KeyHandle, KeySpec};
+    use zeroize::Zeroizing;
+
+    /// A fresh random key-encryption key, as a backup run makes one.
+    fn kek() -> Zeroizing<[u8; 32]> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        k[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        k[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        k
+    }
+
+    /// One object as `pkcs11-tool --list-objects` prints it.
+    #[derive(Debug)]
+    struct ToolObject {
+        class: String,
+        label: String,
+        id: String,
+        usage: Vec<String>,
+        access: Vec<String>,
+    }
+
+    /// Every token object (public and, logged in, private) that OpenSC's
+    /// pkcs11-tool lists. The PIN goes through the environment (`env:`), not argv.
+    fn tool_objects(token: &str) -> Vec<ToolObject> {
+        let conf = std::path::Path::new(&std::env::var_os(READY).unwrap()).join("softhsm2.conf");
+        let out = std::process::Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &conf)
+            .env("KEYWARD_TEST_PIN", common::PIN)
+            .arg("--module")
+            .arg(common::softhsm_module())
+            .args([
+                "--token-label",
+                token,
+                "--login",
+                "--pin",
+                "env:KEYWARD_TEST_PIN",
+                "--list-objects",
+            ])
+            .output()
+            .expect("pkcs11-tool missing: run scripts/test.sh (package opensc)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let words = |s: &str| -> Vec<String> {
+            s.split(',')
+                .map(|w| w.trim().to_string())
+                .filter(|w| !w.is_empty())
+                .collect()
+        };
+        let mut objects: Vec<ToolObject> = Vec::new();
+        for line in text.lines() {
+            if !line.starts_with(' ') && !line.trim().is_empty() {
+                let class = line
+                    .split_once(" Object")
+                    .or_else(|| line.split_once(" object"))
+                    .map_or(line, |(c, _)| c)
+                    .trim()
+                    .to_string();
+                objects.push(ToolObject {
+                    class,
+                    label: String::new(),
+                    id: String::new(),
+                    usage: Vec::new(),
+                    access: Vec::new(),
+                });
+                continue;
+            }
+            let Some(o) = objects.last_mut() else {
+                continue;
+            };
+            let l = line.trim();
+            if let Some(v) = l.strip_prefix("label:") {
+                o.label = v.trim().to_string();
+            } else if let Some(v) = l.strip_prefix("ID:") {
+                o.id = v.trim().to_string();
+            } else if let Some(v) = l.strip_prefix("Usage:") {
+                o.usage = words(v);
+            } else if let Some(v) = l.strip_prefix("Access:") {
+                o.access = words(v);
+            }
+        }
+        objects
+    }
+
+    /// Nothing at all on the token: no private key through the backend, no
+    /// object (token or session, so no leftover unwrapping key) through a
+    /// cryptoki session of this process, no object for pkcs11-tool.
+    async fn assert_token_empty(ks: &dyn KeyStore, token: &str) {
+        assert!(ks.list().await.unwrap().is_empty());
+        let observer = observer_session(token);
+        assert!(all_objects(&observer).is_empty(), "objects left behind");
+        let listed = tool_objects(token);
+        assert!(listed.is_empty(), "pkcs11-tool still lists {listed:?}");
+    }
+
+    async fn extractable_key(
+        ks: &dyn KeyStore,
+        algorithm: KeyAlgorithm,
+    ) -> (KeySpec, GeneratedKey) {
+        let mut spec = suite::spec(algorithm);
+        spec.extractable = true;
+        let key = ks.generate(&spec).await.unwrap();
+        (spec, key)
+    }
+
+    fn uri_parts(h: &KeyHandle) -> (Option<String>, Vec<u8>) {
+        let uri = Pkcs11Uri::parse(&h.0).unwrap();
+        (uri.object(), uri.id().unwrap().to_vec())
+    }
+
+    /// Wrap on token A, restore onto B as non-extractable and onto C as
+    /// extractable; each restored key is the original (same id, label and
+    /// public key; its signatures verify under the original public key with
+    /// ring) and is protected as asked.
+    pub async fn round_trip(algorithm: KeyAlgorithm) {
+        let ks_a = open(&new_token()).await;
+        let (spec, original) = extractable_key(ks_a.as_ref(), algorithm).await;
+        let kek = kek();
+        let wrapped = ks_a.wrap_private_key(&original.handle, &kek).await.unwrap();
+        assert!(
+            wrapped.len() >= 16 && wrapped.len() % 8 == 0,
+            "RFC 5649 output"
+        );
+        for extractable in [false, true] {
+            let token = new_token();
+            let ks = open(&token).await;
+            let mut s = spec.clone();
+            s.extractable = extractable;
+            let restored = ks
+                .unwrap_private_key(&s, &kek, &wrapped, &original.public_key_der)
+                .await
+                .unwrap();
+            assert_eq!(restored.public_key_der, original.public_key_der);
+            assert_eq!(restored.handle, ks.planned_handle(&s));
+            // Same CKA_LABEL and CKA_ID; the token part names the new token.
+            assert_eq!(uri_parts(&restored.handle), uri_parts(&original.handle));
+            assert_eq!(
+                ks.public_key(&restored.handle).await.unwrap(),
+                original.public_key_der
+            );
+            let msg = b"signed by the restored key";
+            let sig = ks.sign(&restored.handle, algorithm, msg).await.unwrap();
+            assert!(suite::verify(
+                &original.public_key_der,
+                algorithm,
+                msg,
+                &sig
+            ));
+            assert!(!suite::verify(
+                &original.public_key_der,
+                algorithm,
+                b"other",
+                &sig
+            ));
+
+            // PKCS#11 defines CKA_ALWAYS_SENSITIVE as "the key has always had
+            // CKA_SENSITIVE set" and CKA_NEVER_EXTRACTABLE as "the key has never
+            // had CKA_EXTRACTABLE set"; both (and CKA_LOCAL) are set by the token,
+            // never by the template (v2.40 §4.9, Table 36 footnotes 2/4/6). A key
+            // that arrives through C_UnwrapKey existed outside this token, so the
+            // token cannot vouch for either: they are CK_FALSE even when the
+            // template says sensitive and non-extractable (SoftHSM 2.6.1,
+            // C_UnwrapKey, sets CKA_LOCAL, CKA_ALWAYS_SENSITIVE and
+            // CKA_NEVER_EXTRACTABLE to false explicitly). What a restore can and
+            // must guarantee is the present state: sensitive, and extractable
+            // exactly as the spec asks.
+            let p = ks.protection(&restored.handle).await.unwrap();
+            assert!(p.sensitive, "{p:?}");
+            assert_eq!(p.extractable, extractable, "{p:?}");
+            assert!(!p.always_sensitive && !p.never_extractable, "{p:?}");
+
+            // The session copy of the kek is gone (session objects are
+            // visible to every session of this process).
+            assert_eq!(secret_keys(&observer_session(&token)), 0);
+
+            // The same, read by pkcs11-tool: exactly the pair, nothing else.
+            let listed = tool_objects(&token);
+            assert_eq!(listed.len(), 2, "{listed:?}");
+            let id_hex = hex::encode(s.id.as_bytes());
+            for o in &listed {
+                assert_eq!(o.label, s.label, "{o:?}");
+                assert_eq!(o.id, id_hex, "{o:?}");
+                for bad in ["decrypt", "unwrap", "derive", "encrypt", "wrap"] {
+                    assert!(!o.usage.iter().any(|u| u == bad), "{o:?}");
+                }
+            }
+            let private = listed
+                .iter()
+                .find(|o| o.class.starts_with("Private Key"))
+                .unwrap_or_else(|| panic!("no private key listed: {listed:?}"));
+            assert!(private.usage.iter().any(|u| u == "sign"), "{private:?}");
+            let has = |w: &str| private.access.iter().any(|a| a == w);
+            assert!(has("sensitive"), "{private:?}");
+            assert_eq!(has("extractable"), extractable, "{private:?}");
+            for not in ["always sensitive", "never extractable", "local"] {
+                assert!(!has(not), "{private:?}");
+            }
+            assert!(
+                listed.iter().any(|o| o.class.starts_with("Public Key")),
+                "{listed:?}"
+            );
+
+            // The restored pair is as least-privileged as a generated one, and
+            // fixed (CKA_MODIFIABLE=false, which SoftHSM2 accepts).
+            for (class, attrs) in usage_attributes(&token, s.id.as_bytes()) {
+                for a in &attrs {
+                    use cryptoki::object::Attribute as A;
+                    let ok = match a {
+                        A::Sign(v) | A::Verify(v) => *v,
+                        A::Modifiable(v)
+                        | A::SignRecover(v)
+                        | A::VerifyRecover(v)
+                        | A::Decrypt(v)
+                        | A::Encrypt(v)
+                        | A::Unwrap(v)
+                        | A::Wrap(v)
+                        | A::Derive(v) => !*v,
+                        _ => true,
+                    };
+                    assert!(ok, "{algorithm} {class:?}: {a:?}");
+                }
+            }
+
+            // Extractability is real, not only reported.
+            let again = ks.wrap_private_key(&restored.handle, &kek).await;
+            if extractable {
+                assert!(again.is_ok(), "{again:?}");
+            } else {
+                assert!(
+                    matches!(again, Err(KeyStoreError::NotExtractable(_))),
+                    "{again:?}"
+                );
+            }
+        }
+        // Wrapping did not disturb the original.
+        let sig = ks_a.sign(&original.handle, algorithm, b"a").await.unwrap();
+        assert!(suite::verify(
+            &original.public_key_der,
+            algorithm,
+            b"a",
+            &sig
+        ));
+    }
+
+    /// SoftHSM 2.6 cannot wrap EdDSA keys (C_WrapKey: "Not yet"): a typed
+    /// refusal, no session key left behind, the key unharmed.
+    pub async fn ed25519_is_not_wrappable() {
+        let token = new_token();
+        let ks = open(&token).await;
+        if !ks
+            .capabilities()
+            .algorithms
+            .contains(&KeyAlgorithm::Ed25519)
+        {
+            return;
+        }
+        let (_, key) = extractable_key(ks.as_ref(), KeyAlgorithm::Ed25519).await;
+        let err = ks.wrap_private_key(&key.handle, &kek()).await.unwrap_err();
+        assert!(matches!(err, KeyStoreError::NotWrappable(_)), "{err:?}");
+        assert_eq!(err.code(), "key_not_wrappable");
+        assert_eq!(secret_keys(&observer_session(&token)), 0);
+        let sig = ks
+            .sign(&key.handle, KeyAlgorithm::Ed25519, b"m")
+            .await
+            .unwrap();
+        assert!(suite::verify(
+            &key.public_key_der,
+            KeyAlgorithm::Ed25519,
+            b"m",
+            &sig
+        ));
+    }
+
+    /// A key generated non-extractable is refused with `NotExtractable`
+    /// before anything is created on the token.
+    pub async fn non_extractable_is_refused() {
+        let token = new_token();
+        let ks = open(&token).await;
+        let key = ks
+            .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+            .await
+            .unwrap();
+        let err = ks.wrap_private_key(&key.handle, &kek()).await.unwrap_err();
+        assert!(matches!(err, KeyStoreError::NotExtractable(_)), "{err:?}");
+        assert_eq!(err.code(), "not_extractable");
+        assert_eq!(secret_keys(&observer_session(&token)), 0);
+        let p = ks.protection(&key.handle).await.unwrap();
+        assert!(!p.extractable && p.never_extractable, "{p:?}");
+    }
+
+    /// Bad restore inputs: a wrong wrapping key, damaged wrapped bytes, and a
+    /// wrapped key paired with another key's public key. Each is refused with
+    /// its typed error and leaves the restore token empty; the good input
+    /// then restores on the same token (the checks could see an object).
+    pub async fn bad_restores_leave_nothing() {
+        let ks_a = open(&new_token()).await;
+        let (spec, original) = extractable_key(ks_a.as_ref(), KeyAlgorithm::EcdsaP256).await;
+        let (_, other) = extractable_key(ks_a.as_ref(), KeyAlgorithm::EcdsaP256).await;
+        let (_, p384) = extractable_key(ks_a.as_ref(), KeyAlgorithm::EcdsaP384).await;
+        let kek = kek();
+        let wrapped = ks_a.wrap_private_key(&original.handle, &kek).await.unwrap();
+        let token = new_token();
+        let ks = open(&token).await;
+        assert_token_empty(ks.as_ref(), &token).await;
+
+        let err = ks
+            .unwrap_private_key(&spec, &self::kek(), &wrapped, &original.public_key_der)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KeyStoreError::UnwrapRefused(_)), "{err:?}");
+        assert_eq!(err.code(), "unwrap_refused");
+        assert_token_empty(ks.as_ref(), &token).await;
+
+        let mut flipped = wrapped.clone();
+        flipped[wrapped.len() / 2] ^= 0x01;
+        let truncated = wrapped[..wrapped.len() - 8].to_vec();
+        let odd = wrapped[..wrapped.len() - 1].to_vec();
+        for (what, bytes) in [("flipped", flipped), ("truncated", truncated), ("odd", odd)] {
+            let err = ks
+                .unwrap_private_key(&spec, &kek, &bytes, &original.public_key_der)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, KeyStoreError::UnwrapRefused(_)),
+                "{what}: {err:?}"
+            );
+            assert_token_empty(ks.as_ref(), &token).await;
+        }
+
+        // Another key's public key, of the same curve and of another one.
+        for wrong in [&other.public_key_der, &p384.public_key_der] {
+            let err = ks
+                .unwrap_private_key(&spec, &kek, &wrapped, wrong)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, KeyStoreError::PublicKeyMismatch), "{err:?}");
+            assert_eq!(err.code(), "public_key_mismatch");
+            assert_token_empty(ks.as_ref(), &token).await;
+        }
+
+        // Not a public key at all: refused before anything is created.
+        let err = ks
+            .unwrap_private_key(&spec, &kek, &wrapped, b"\x30\x03\x02\x01\x00")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KeyStoreError::Encoding(_)), "{err:?}");
+        assert_token_empty(ks.as_ref(), &token).await;
+
+        let restored = ks
+            .unwrap_private_key(&spec, &kek, &wrapped, &original.public_key_der)
+            .await
+            .unwrap();
+        assert_eq!(restored.public_key_der, original.public_key_der);
+        assert_eq!(tool_objects(&token).len(), 2);
+    }
+
+    /// Restoring onto a token that already holds a key with that CKA_ID is
+    /// refused with `KeyIdInUse`, and the key there is untouched: another
+    /// key pair generated under the same id, then a lone private key.
+    pub async fn occupied_id_is_refused() {
+        let ks_a = open(&new_token()).await;
+        let (spec, original) = extractable_key(ks_a.as_ref(), KeyAlgorithm::EcdsaP256).await;
+        let kek = kek();
+        let wrapped = ks_a.wrap_private_key(&original.handle, &kek).await.unwrap();
+        let token = new_token();
+        let ks = open(&token).await;
+        let mut own_spec = spec.clone();
+        own_spec.extractable = false;
+        let own = ks.generate(&own_spec).await.unwrap();
+        assert_ne!(own.public_key_der, original.public_key_der);
+        let before = tool_objects(&token);
+        assert_eq!(before.len(), 2, "{before:?}");
+
+        let err = ks
+            .unwrap_private_key(&spec, &kek, &wrapped, &original.public_key_der)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KeyStoreError::KeyIdInUse(_)), "{err:?}");
+        assert_eq!(err.code(), "key_id_in_use");
+        assert_eq!(
+            ks.public_key(&own.handle).await.unwrap(),
+            own.public_key_der
+        );
+        let sig = ks
+            .sign(&own.handle, KeyAlgorithm::EcdsaP256, b"still mine")
+            .await
+            .unwrap();
+        assert!(suite::verify(
+            &own.public_key_der,
+            KeyAlgorithm::EcdsaP256,
+            b"still mine",
+            &sig
+        ));
+        let p = ks.protection(&own.handle).await.unwrap();
+        assert!(
+            !p.extractable && p.never_extractable && p.always_sensitive,
+            "{p:?}"
+        );
+        let after = tool_objects(&token);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert_eq!(secret_keys(&observer_session(&token)), 0);
+
+        // Only the private half left under that id (its public object
+        // deleted by hand): still occupied.
+        let observer = observer_session(&token);
+        let public = observer
+            .find_objects(&[
+                cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::PUBLIC_KEY),
+                cryptoki::object::Attribute::Id(spec.id.as_bytes().to_vec()),
+            ])
+            .unwrap();
+        assert_eq!(public.len(), 1);
+        observer.destroy_object(public[0]).unwrap();
+        let err = ks
+            .unwrap_private_key(&spec, &kek, &wrapped, &original.public_key_der)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KeyStoreError::KeyIdInUse(_)), "{err:?}");
+        let left = tool_objects(&token);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].class.starts_with("Private Key"), "{left:?}");
+        let sig = ks
+            .sign(&own.handle, KeyAlgorithm::EcdsaP256, b"x")
+            .await
+            .unwrap();
+        assert!(suite::verify(
+            &own.public_key_der,
+            KeyAlgorithm::EcdsaP256,
+            b"x",
+            &sig
+        ));
+    }
 }

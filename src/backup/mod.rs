@@ -6,6 +6,7 @@ pub mod archive;
 pub mod create;
 pub mod keys;
 pub mod restore;
+pub mod retention;
 
 use crate::keystore::KeyStoreError;
 use crate::store::StoreError;

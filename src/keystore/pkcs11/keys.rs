@@ -283,6 +283,11 @@ fn find_public(session: &Session, id: &[u8]) -> Result<Option<ObjectHandle>, Key
     Ok(found.into_iter().next())
 }
 
+/// Whether a private or a public key object already carries this CKA_ID.
+pub(super) fn id_in_use(session: &Session, id: &[u8]) -> Result<bool, KeyStoreError> {
+    Ok(find_private(session, id)?.is_some() || find_public(session, id)?.is_some())
+}
+
 /// Works out the algorithm of a stored key pair from its public half.
 pub(super) fn algorithm_of(
     session: &Session,

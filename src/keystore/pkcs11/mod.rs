@@ -317,7 +317,9 @@ impl KeyStore for Pkcs11KeyStore {
         let restored = self
             .run(move |inner, session| {
                 let id = spec.id.as_bytes().to_vec();
-                if keys::algorithm_of(session, &id)?.is_some() {
+                // Either half under this CKA_ID occupies it: a lone private
+                // key (its public object deleted) would otherwise get a twin.
+                if keys::id_in_use(session, &id)? {
                     return Err(KeyStoreError::KeyIdInUse(KeyHandle(Pkcs11Uri::for_key(
                         &inner.token_label,
                         &spec.label,
@@ -339,8 +341,15 @@ impl KeyStore for Pkcs11KeyStore {
                     }
                     other => other?,
                 };
+                let public_key_der = match keys::public_key_der(session, &id, spec.algorithm) {
+                    Ok(der) => der,
+                    Err(e) => {
+                        // Nothing half-restored: the pair goes again.
+                        let _ = keys::destroy(session, &id);
+                        return Err(e);
+                    }
+                };
                 inner.handles.insert(&id, private);
-                let public_key_der = keys::public_key_der(session, &id, spec.algorithm)?;
                 Ok((
                     KeyHandle(Pkcs11Uri::for_key(&inner.token_label, &spec.label, &id)),
                     public_key_der,
