@@ -228,6 +228,8 @@ const OCSP_SIGNER_INTERVAL: Duration = Duration::from_secs(15 * 60);
 /// How often the rotation job looks for due steps (it is also woken at once
 /// when a rotation starts).
 const ROTATION_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the backup job looks at its schedules and retries replicas.
+const BACKUP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How often the CRL job looks for CRLs near their nextUpdate (revocations
 /// wake it earlier).
@@ -490,8 +492,19 @@ impl App {
             notifiers.clone(),
             metrics.clone(),
         ));
+        let backups = crate::backup::service::BackupService::new(
+            Arc::new(config.clone()),
+            store.clone(),
+            keystores.clone(),
+            clock.clone(),
+            metrics.clone(),
+            notifiers.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("[backup]: {e}"))?
+        .map(Arc::new);
         Ok(Self {
             state: AppState {
+                backups,
                 registry,
                 ca,
                 crls,
@@ -626,6 +639,15 @@ impl App {
         )));
         // A rotation a crash interrupted resumes at once, not one interval later.
         s.rotator.wake();
+        if let Some(backups) = &s.backups {
+            if let Err(e) = backups.refresh_gauges().await {
+                tracing::warn!(error = %e, "cannot read the backups for their metrics");
+            }
+            jobs.spawn(Arc::new(crate::jobs::backup::BackupJob::new(
+                backups.clone(),
+                BACKUP_INTERVAL,
+            )));
+        }
         jobs.spawn(Arc::new(RenewalNotices::new(
             s.store.clone(),
             s.ca.clone(),

@@ -134,6 +134,14 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// SHA-256 of a file, hex, streamed.
+pub fn file_sha256(path: &Path) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Hashing::new(io::sink());
+    io::copy(&mut f, &mut h)?;
+    Ok(h.finish().1)
+}
+
 /// SHA-256 of a byte string, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, bytes))

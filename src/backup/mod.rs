@@ -5,8 +5,10 @@
 pub mod archive;
 pub mod create;
 pub mod keys;
+pub mod location;
 pub mod restore;
 pub mod retention;
+pub mod service;
 
 use crate::keystore::KeyStoreError;
 use crate::store::StoreError;
@@ -82,6 +84,10 @@ pub enum BackupError {
     Running,
     #[error("no backup {0}")]
     Unknown(Uuid),
+    #[error("no backup has been made yet")]
+    NoBackup,
+    #[error("{message}")]
+    Location { code: &'static str, message: String },
     #[error("the system random number generator failed")]
     Random,
 }
@@ -108,6 +114,8 @@ impl BackupError {
             Self::NotEmpty(_) => "restore_target_not_empty",
             Self::Running => "backup_running",
             Self::Unknown(_) => "backup_not_found",
+            Self::NoBackup => "backup_not_found",
+            Self::Location { code, .. } => code,
             Self::Random => "random_unavailable",
         }
     }

@@ -496,7 +496,7 @@ async fn load_store(
         AuditDraft::new(&opts.actor, "backup.restore", format!("backup:{}", manifest.backup_id))
             .details(json!({
                 "backup_id": manifest.backup_id,
-                "archive_sha256": file_sha256(archive_path).unwrap_or_default(),
+                "archive_sha256": archive::file_sha256(archive_path).unwrap_or_default(),
                 "created_at": manifest.created_at_utc,
                 "written_by": manifest.keyward_version,
                 "format_version": manifest.format_version,
@@ -562,13 +562,6 @@ async fn load_store(
         }
     }
     result
-}
-
-fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = archive::Hashing::new(std::io::sink());
-    std::io::copy(&mut f, &mut h)?;
-    Ok(h.finish().1)
 }
 
 /// Moves `tmp` to `db`; a forced restore first moves the old database (and

@@ -2,6 +2,7 @@
 //! `audit verify`, `dev`) read the config; client commands talk to a running
 //! daemon over HTTP with `KEYWARD_URL` and `KEYWARD_TOKEN`.
 
+mod backup;
 mod client;
 mod dev;
 mod enroll;
@@ -125,6 +126,14 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: AdminsCommand,
+    },
+    /// Encrypted backups: make, list, verify (through the daemon); restore
+    /// and fetch (locally, with the daemon stopped).
+    Backup {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: BackupCommand,
     },
     /// Certificate authorities: CRLs, key rotation.
     Ca {
@@ -431,6 +440,58 @@ enum AdminsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Make a backup now (role admin) and wait for it and its replicas.
+    Create {
+        /// Return once the daemon has started it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List backups, newest first, with where each is stored (role auditor).
+    List {
+        /// Also those retention removed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One backup with its manifest summary and replicas (role auditor).
+    Show { id: String },
+    /// Download a backup (default: the newest) from every location and
+    /// check it; exit status 1 if any location fails (role admin).
+    Verify { id: Option<String> },
+    /// Restore an archive into an empty store and token (daemon stopped).
+    /// Checks every hash before writing anything.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// age identity file (X25519 `AGE-SECRET-KEY-1…`, or an unencrypted
+        /// OpenSSH private key) that decrypts the archive; repeatable.
+        #[arg(long = "identity-file", required = true)]
+        identity_files: Vec<PathBuf>,
+        /// Restore over a non-empty store (moved aside, never deleted) or token.
+        #[arg(long)]
+        force: bool,
+        /// Check the archive and say what a restore would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The archive (`keyward-….age`).
+        archive: PathBuf,
+    },
+    /// Download a backup from a configured location (no daemon needed).
+    Fetch {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Location name (`[[backup.locations]]`).
+        #[arg(long)]
+        location: String,
+        /// Archive file name; the newest when absent.
+        name: Option<String>,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Fetch a CA's current CRL (public; `--publish` needs an admin token).
     Crl {
@@ -567,6 +628,35 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Admins { client, command } => client::admins(&client, command).await,
         Command::Tokens { client, command } => tokens::tokens(&client, command).await,
         Command::Policies { client, command } => tokens::policies(&client, command).await,
+        Command::Backup { client, command } => match command {
+            BackupCommand::Create { no_wait } => backup::create(&client, !no_wait).await,
+            BackupCommand::List { all } => backup::list(&client, all).await,
+            BackupCommand::Show { id } => backup::show(&client, &id).await,
+            BackupCommand::Verify { id } => backup::verify(&client, id.as_deref()).await,
+            BackupCommand::Restore {
+                config,
+                identity_files,
+                force,
+                dry_run,
+                archive,
+            } => {
+                backup::restore(
+                    &config.config,
+                    client.output,
+                    archive,
+                    identity_files,
+                    force,
+                    dry_run,
+                )
+                .await
+            }
+            BackupCommand::Fetch {
+                config,
+                location,
+                name,
+                out,
+            } => backup::fetch(&config.config, &location, name.as_deref(), &out).await,
+        },
         Command::Ca { client, command } => match command {
             CaCommand::Rotate {
                 name,

@@ -56,6 +56,8 @@ pub struct AppState {
     pub broker: Arc<crate::broker::BrokerUpdates>,
     /// Key rotations (`/v1/admin/rotations`).
     pub rotator: Arc<crate::rotation::Rotator>,
+    /// Backups (`/v1/admin/backups`); `None` without a `[backup]` section.
+    pub backups: Option<Arc<crate::backup::service::BackupService>>,
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

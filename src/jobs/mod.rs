@@ -19,6 +19,7 @@
 //! each job's `scope`). While not leader, a leader-only job's ticks are
 //! skipped (not counted as runs). See [`leader`] for the lease.
 
+pub mod backup;
 pub mod broker;
 pub mod crl;
 pub mod leader;
@@ -57,6 +58,8 @@ pub enum JobError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Rotation(#[from] crate::rotation::RotationError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 impl JobError {
@@ -69,6 +72,7 @@ impl JobError {
             Self::Ca(e) => e.code(),
             Self::Tls(e) => e.code(),
             Self::Rotation(e) => e.code(),
+            Self::Backup(e) => e.code(),
         }
     }
 }

@@ -73,6 +73,29 @@ impl KeyStore for MeteredKeyStore {
         self.metrics.hsm("export", r.is_ok());
         r
     }
+    async fn wrap_private_key(
+        &self,
+        handle: &KeyHandle,
+        kek: &zeroize::Zeroizing<[u8; 32]>,
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        let r = self.inner.wrap_private_key(handle, kek).await;
+        self.metrics.hsm("wrap", r.is_ok());
+        r
+    }
+    async fn unwrap_private_key(
+        &self,
+        spec: &KeySpec,
+        kek: &zeroize::Zeroizing<[u8; 32]>,
+        wrapped: &[u8],
+        public_key_der: &[u8],
+    ) -> Result<GeneratedKey, KeyStoreError> {
+        let r = self
+            .inner
+            .unwrap_private_key(spec, kek, wrapped, public_key_der)
+            .await;
+        self.metrics.hsm("unwrap", r.is_ok());
+        r
+    }
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
         let r = self.inner.destroy(handle).await;
         self.metrics.hsm("destroy", r.is_ok());

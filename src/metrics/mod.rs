@@ -89,6 +89,19 @@ pub struct Metrics {
     pub rotations: IntCounterVec,
     /// 1 while this daemon holds the scheduler lease (runs the leader-only jobs).
     pub scheduler_leader: IntGauge,
+    /// Backup creations by result (`ok`, `error`).
+    pub backups: IntCounterVec,
+    /// When the newest backup was stored (and its checksum read back), by
+    /// location (`spool` for the local directory it is written to first).
+    pub backup_last_success: IntGaugeVec,
+    /// When the newest backup last passed verification, by location.
+    pub backup_last_verified: IntGaugeVec,
+    /// Replica uploads and verifications that failed, by location and stage.
+    pub backup_failures: IntCounterVec,
+    /// Replicas waiting for a retry (failed, not yet stored), all locations.
+    pub backup_replicas_pending: IntGauge,
+    /// Size in bytes of the newest backup archive.
+    pub backup_size_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -252,11 +265,45 @@ impl Metrics {
             "Key rotations by purpose and outcome (completed, failed step attempts, needs_operator)",
             &["purpose", "outcome"],
         )?;
+        let backups = counter_vec(
+            "backups_total",
+            "Backup archives made, by result (ok, error)",
+            &["result"],
+        )?;
+        let backup_last_success = gauge_vec(
+            "backup_last_success_timestamp_seconds",
+            "When the newest backup was stored and its checksum read back, by location (spool: the local directory archives are written to)",
+            &["location"],
+        )?;
+        let backup_last_verified = gauge_vec(
+            "backup_last_verified_timestamp_seconds",
+            "When the newest backup last passed verification (downloaded, checksum, decrypted and every member hash checked), by location",
+            &["location"],
+        )?;
+        let backup_failures = counter_vec(
+            "backup_failures_total",
+            "Backup replica uploads and verifications that failed, by location and stage (replicate, verify)",
+            &["location", "stage"],
+        )?;
+        let backup_replicas_pending = gauge(
+            "backup_replicas_pending",
+            "Backup replicas not stored yet (pending or failed, waiting for a retry), all locations",
+        )?;
+        let backup_size_bytes = gauge(
+            "backup_size_bytes",
+            "Size of the newest backup archive in bytes",
+        )?;
         let scheduler_leader = gauge(
             "scheduler_leader",
             "1 while this daemon holds the scheduler lease and runs the leader-only jobs (exactly one daemon per store should)",
         )?;
         Ok(Self {
+            backups,
+            backup_last_success,
+            backup_last_verified,
+            backup_failures,
+            backup_replicas_pending,
+            backup_size_bytes,
             key_created,
             key_next_rotation,
             rotations,

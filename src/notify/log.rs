@@ -70,6 +70,23 @@ impl Notifier for LogNotifier {
                 error = error.as_deref(),
                 "key rotation"
             ),
+            Notification::BackupFailed {
+                stage,
+                backup_id,
+                location,
+                code,
+                error,
+            } => tracing::warn!(
+                target: "keyward::notify",
+                kind = n.kind(),
+                notification = %n.id,
+                stage = %stage,
+                backup = backup_id.map(|b| b.to_string()),
+                location = location.as_deref(),
+                code = %code,
+                error = %error,
+                "backup failure"
+            ),
         }
         Ok(())
     }

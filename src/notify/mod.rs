@@ -64,6 +64,18 @@ pub enum Notification {
         step: String,
         error: Option<String>,
     },
+    /// A backup could not be made, a replica not be stored (retried with
+    /// backoff), or a verification failed. Never silent.
+    BackupFailed {
+        /// `create`, `replicate`, `verify` or `prune`.
+        stage: &'static str,
+        backup_id: Option<Uuid>,
+        /// The location, for `replicate` and `verify`.
+        location: Option<String>,
+        /// Stable code (`backup_disk_full`, `location_refused`, …).
+        code: String,
+        error: String,
+    },
 }
 
 /// How a rotation ended up, for its notification.
@@ -84,6 +96,12 @@ impl Notification {
                 RotationOutcome::Completed => "rotation.completed",
                 RotationOutcome::Failed => "rotation.failed",
                 RotationOutcome::NeedsOperator => "rotation.needs_operator",
+            },
+            Self::BackupFailed { stage, .. } => match *stage {
+                "replicate" => "backup.replica_failed",
+                "verify" => "backup.verify_failed",
+                "prune" => "backup.prune_failed",
+                _ => "backup.failed",
             },
         }
     }
@@ -129,6 +147,19 @@ impl Notification {
                 "purpose": purpose,
                 "target": target,
                 "step": step,
+                "error": error,
+            }),
+            Self::BackupFailed {
+                stage,
+                backup_id,
+                location,
+                code,
+                error,
+            } => json!({
+                "stage": stage,
+                "backup_id": backup_id,
+                "location": location,
+                "code": code,
                 "error": error,
             }),
         }

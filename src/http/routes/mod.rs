@@ -1,6 +1,7 @@
 //! Route table.
 
 mod admin;
+mod backup;
 mod crl;
 mod devices;
 mod enrollment;
@@ -99,6 +100,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
             get(rotation::list).post(rotation::start),
         )
         .route("/v1/admin/rotations/{id}", get(rotation::show))
+        .route("/v1/admin/backups", get(backup::list).post(backup::start))
+        .route("/v1/admin/backups/{id}", get(backup::show))
+        .route("/v1/admin/backups/{id}/verify", post(backup::verify))
         .route(
             "/v1/admin/rotations/{id}/certify-with-root-card",
             post(rotation::certify_with_root_card),

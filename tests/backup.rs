@@ -1,0 +1,489 @@
+//! Backups, end to end: a running daemon with devices is backed up, then
+//! its database and its token are destroyed and the archive is restored
+//! into a fresh SoftHSM2 token and an empty store. Checked with tools
+//! keyward did not write: the stock `age` CLI (decrypts the archive, with
+//! an X25519 and an ssh-ed25519 identity), `tar`, `openssl verify`,
+//! `openssl crl`, and OpenSC's `pkcs11-tool`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Env, call, issue_device};
+use reqwest::Method;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// age and SSH key pairs made by the stock tools: (age identity file,
+/// ssh private key file, recipients file with both public keys).
+fn backup_keys(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let id = dir.join("backup-identity.txt");
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(&id)
+        .output()
+        .unwrap();
+    let age_recipient = String::from_utf8(out.stdout).unwrap();
+    let ssh = dir.join("backup-ssh");
+    let out = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "backup-officer",
+            "-f",
+        ])
+        .arg(&ssh)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ssh_recipient = std::fs::read_to_string(dir.join("backup-ssh.pub")).unwrap();
+    let recipients = dir.join("backup-recipients.txt");
+    std::fs::write(
+        &recipients,
+        format!(
+            "# the backup officers\n{}\n{}",
+            age_recipient.trim(),
+            ssh_recipient.trim()
+        ),
+    )
+    .unwrap();
+    (id, ssh, recipients)
+}
+
+fn backup_section(recipients: &Path, identity: &Path, nas: &Path) -> String {
+    format!(
+        "[backup]\ndir = \"backups\"\nrecipients_files = [\"{}\"]\nverify_identity_file = \"{}\"\n\
+         keep_daily = 7\nkeep_weekly = 4\n\n[[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"{}\"\n",
+        recipients.display(),
+        identity.display(),
+        nas.display()
+    )
+}
+
+/// Decrypts with the stock age CLI and lists the tar members.
+fn age_tar_list(archive: &Path, identity: &Path) -> Vec<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "age -d -i '{}' '{}' | tar -t",
+            identity.display(),
+            archive.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn age_tar_member(archive: &Path, identity: &Path, member: &str) -> Vec<u8> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "age -d -i '{}' '{}' | tar -xO '{member}'",
+            identity.display(),
+            archive.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+async fn get_bytes(url: &str) -> Vec<u8> {
+    let resp = common::client().get(url).send().await.unwrap();
+    assert!(resp.status().is_success(), "{url}: {}", resp.status());
+    resp.bytes().await.unwrap().to_vec()
+}
+
+fn pkcs11_objects(env: &Env) -> String {
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .arg("--module")
+        .arg(common::softhsm_module())
+        .args([
+            "--token-label",
+            &env.label,
+            "--login",
+            "--pin",
+            common::PIN,
+            "--list-objects",
+        ])
+        .output()
+        .expect("pkcs11-tool (opensc) missing: run scripts/test.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn keyward_json(env: &Env, url: &str, token: &Path, args: &[&str]) -> Value {
+    let out = env
+        .keyward()
+        .args(args)
+        .args(["--url", url, "--token-file"])
+        .arg(token)
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keyward {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn disaster_recovery_onto_a_fresh_token() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (identity, ssh_key, recipients) = backup_keys(keys_dir.path());
+    let nas = keys_dir.path().join("nas");
+
+    // --- The original installation, with two devices. ---
+    let env = Env::new();
+    env.append_config(&backup_section(&recipients, &identity, &nas));
+    let token = env.init();
+    let token_file = env.path("admin.token");
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let old_a = issue_device(&url, &token, &env.path("dev-a"), "old-a").await;
+    let old_b = issue_device(&url, &token, &env.path("dev-b"), "old-b").await;
+    let root_before = get_bytes(&format!("{url}/v1/ca/root/certificate")).await;
+
+    let made = keyward_json(&env, &url, &token_file, &["backup", "create"]);
+    assert_eq!(made["status"], "done", "{made}");
+    let file = made["file_name"].as_str().unwrap().to_string();
+    assert_eq!(made["replicas"][0]["location"], "nas", "{made}");
+    assert_eq!(made["replicas"][0]["state"], "stored", "{made}");
+    let archive = nas.join(&file);
+    assert!(archive.exists());
+    // The spool copy and the replica are the same bytes.
+    assert_eq!(
+        std::fs::read(&archive).unwrap(),
+        std::fs::read(env.path("backups").join(&file)).unwrap()
+    );
+
+    // The stock age CLI decrypts it with either recipient's identity.
+    let members = age_tar_list(&archive, &identity);
+    assert_eq!(
+        members.last().map(String::as_str),
+        Some("MANIFEST.json"),
+        "{members:?}"
+    );
+    assert!(
+        members.iter().any(|m| m.starts_with("store/certificates/")),
+        "{members:?}"
+    );
+    assert!(
+        members.iter().any(|m| m == "keys/wrapping-key.age"),
+        "{members:?}"
+    );
+    assert!(
+        members.iter().any(|m| m == "config/keyward.toml"),
+        "{members:?}"
+    );
+    assert!(
+        members.iter().any(|m| m == "policies/ca.toml"),
+        "{members:?}"
+    );
+    assert_eq!(age_tar_list(&archive, &ssh_key), members);
+    let manifest: Value =
+        serde_json::from_slice(&age_tar_member(&archive, &identity, "MANIFEST.json")).unwrap();
+    assert_eq!(manifest["format_version"], 1);
+    let key = |label_part: &str| {
+        manifest["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["label"].as_str().unwrap().contains(label_part))
+            .cloned()
+            .unwrap_or_else(|| panic!("no key {label_part} in {manifest}"))
+    };
+    assert_eq!(
+        key("keyward-ca-devices-")["backup"]["kind"],
+        "wrapped",
+        "{manifest}"
+    );
+    assert_eq!(
+        key("keyward-ca-root-")["backup"]["kind"],
+        "hardware-bound",
+        "{manifest}"
+    );
+    // Every member's hash in the manifest matches what age + tar give.
+    for m in members.iter().filter(|m| *m != "MANIFEST.json") {
+        let bytes = age_tar_member(&archive, &identity, m);
+        let want = manifest["members"][m.as_str()]["sha256"].as_str().unwrap();
+        assert_eq!(
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes)),
+            want,
+            "{m}"
+        );
+    }
+    // The wrapping key inside is itself age-encrypted: tar -x puts no usable key on disk.
+    let sealed = age_tar_member(&archive, &identity, "keys/wrapping-key.age");
+    assert!(
+        sealed.starts_with(b"age-encryption.org/v1"),
+        "the wrapping key is not sealed"
+    );
+
+    // Verification: spool and nas, fully (decrypted, every hash).
+    let verified = keyward_json(&env, &url, &token_file, &["backup", "verify"]);
+    let results = verified["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{verified}");
+    for r in results {
+        assert_eq!(
+            (r["ok"].as_bool(), r["depth"].as_str()),
+            (Some(true), Some("full")),
+            "{verified}"
+        );
+    }
+    let listed = keyward_json(&env, &url, &token_file, &["backup", "list"]);
+    assert!(
+        listed[0]["replicas"][0]["verified_at"].is_string(),
+        "{listed}"
+    );
+
+    // --- Disaster: the machine, its database and its token are gone. ---
+    assert!(daemon.stop().success());
+    drop(daemon);
+    let old_root = keys_dir.path().join("root.pem");
+    let der = keys_dir.path().join("root.der");
+    std::fs::write(&der, &root_before).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-in"])
+        .arg(&der)
+        .arg("-out")
+        .arg(&old_root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved_archive = keys_dir.path().join(&file);
+    std::fs::copy(&archive, &saved_archive).unwrap();
+    let old_chain = keys_dir.path().join("old-chain.pem");
+    std::fs::copy(&old_a.chain, &old_chain).unwrap();
+    let old_a_cert = keys_dir.path().join("old-a.pem");
+    std::fs::copy(&old_a.cert, &old_a_cert).unwrap();
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .args(["--delete-token", "--token", &env.label])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(env);
+
+    // --- A new machine: a fresh token, an empty store, the same pepper. ---
+    let env2 = Env::new();
+    env2.append_config(&backup_section(
+        &recipients,
+        &identity,
+        &keys_dir.path().join("nas2"),
+    ));
+    assert!(!env2.db.exists());
+    // A dry run says what it would do and changes nothing.
+    let dry = env2.run(&[
+        "backup",
+        "restore",
+        "--config",
+        env2.config.to_str().unwrap(),
+        "--identity-file",
+        identity.to_str().unwrap(),
+        "--dry-run",
+        "--output",
+        "json",
+        saved_archive.to_str().unwrap(),
+    ]);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let dry: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert!(!env2.db.exists(), "a dry run wrote the store");
+    assert!(
+        !pkcs11_objects(&env2).contains("Private Key Object"),
+        "a dry run touched the token"
+    );
+
+    let out = env2.run(&[
+        "backup",
+        "restore",
+        "--config",
+        env2.config.to_str().unwrap(),
+        "--identity-file",
+        ssh_key.to_str().unwrap(),
+        "--output",
+        "json",
+        saved_archive.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outcome = |label_part: &str| {
+        report["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["label"].as_str().unwrap().contains(label_part))
+            .map(|k| k["outcome"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(outcome("keyward-ca-devices-"), "unwrapped", "{report}");
+    assert_eq!(outcome("keyward-ca-root-"), "missing", "{report}");
+    // The restored issuing key is sensitive on the new token: never readable.
+    let objects = pkcs11_objects(&env2);
+    let private: Vec<&str> = objects.split("Private Key Object").skip(1).collect();
+    assert_eq!(private.len(), 1, "{objects}");
+    assert!(
+        private[0].contains("keyward-ca-devices-") && private[0].contains("sensitive"),
+        "{objects}"
+    );
+
+    // A second restore over it is refused and changes nothing.
+    let again = env2.run(&[
+        "backup",
+        "restore",
+        "--config",
+        env2.config.to_str().unwrap(),
+        "--identity-file",
+        identity.to_str().unwrap(),
+        saved_archive.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // --- The restored daemon: same root, old devices, new issuance. ---
+    let daemon2 = env2.serve();
+    let url2 = daemon2.url.clone();
+    let root_after = get_bytes(&format!("{url2}/v1/ca/root/certificate")).await;
+    assert_eq!(root_after, root_before, "the root changed");
+    let (status, dev) = call(
+        Method::GET,
+        &format!("{url2}/v1/admin/devices/{}", old_b.device_id),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{dev}");
+    let fresh = issue_device(&url2, &token, &env2.path("dev-new"), "after-restore").await;
+    let (ok, out) = common::openssl_verify(&old_root, &fresh.chain, &fresh.cert);
+    assert!(
+        ok,
+        "a certificate issued after the restore does not chain to the old root: {out}"
+    );
+    let (ok, out) = common::openssl_verify(&old_root, &old_chain, &old_a_cert);
+    assert!(ok, "{out}");
+    // The old device is revocable, and the CRL says so.
+    let (status, v) = call(
+        Method::POST,
+        &format!("{url2}/v1/admin/devices/{}/revoke", old_a.device_id),
+        Some(&token),
+        Some(serde_json::json!({ "reason": "keyCompromise" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let crl_file = env2.path("devices.crl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        std::fs::write(
+            &crl_file,
+            get_bytes(&format!("{url2}/v1/ca/devices/crl")).await,
+        )
+        .unwrap();
+        let out = Command::new("openssl")
+            .args(["crl", "-inform", "DER", "-noout", "-text", "-in"])
+            .arg(&crl_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(&format!("Serial Number: {}", old_a.serial)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked old device never reached the CRL: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    drop(daemon2);
+
+    // The whole chain verifies, and the restore is in it, after the restored events.
+    let out = env2.run(&["audit", "verify", "--config", env2.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = env2.audit_details_after(0);
+    let restore_at = events
+        .iter()
+        .position(|e| e.0 == "backup.restore")
+        .expect("no backup.restore event");
+    assert!(
+        events[..restore_at]
+            .iter()
+            .any(|e| e.0 == "certificate.issue" || e.0.starts_with("registration")),
+        "the restored chain is not before the restore"
+    );
+    assert_eq!(
+        events[restore_at].3["backup_id"], made["id"],
+        "{:?}",
+        events[restore_at]
+    );
+}
