@@ -13,6 +13,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod broker;
 pub mod ca;
 pub mod cli;
