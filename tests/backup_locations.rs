@@ -150,6 +150,8 @@ async fn dir_location_round_trip_verification_and_errors() {
 
     let dest = tmp.path().join("restore/b-2.age");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    // In many ranged reads (the default range is larger than any test file).
+    let loc = loc.with_read_range(1_000_003);
     let got = loc.download_to("b-2.age", &dest).await.unwrap();
     assert_eq!(got.size, (PART_SIZE + 12_345) as u64);
     assert_eq!(got.sha256_hex, large_sha);
@@ -382,6 +384,12 @@ async fn s3_location_against_seaweedfs() {
     assert_eq!(listed[0].size, 20 * 1024 * 1024 + 777);
     let dest = tmp.path().join("restored.age");
     let got = admin.download_to("2026-11-24.age", &dest).await.unwrap();
+    assert_eq!(sha256sum(&dest), large_sha);
+    // Again in ranged GETs of ~1 MiB, each pinned to the multipart object's ETag.
+    let admin = admin.with_read_range(1024 * 1024 + 1);
+    std::fs::write(&dest, "stale").unwrap();
+    let got_ranged = admin.download_to("2026-11-24.age", &dest).await.unwrap();
+    assert_eq!(got_ranged, got);
     assert_eq!(
         (got.size, got.sha256_hex.as_str()),
         (20 * 1024 * 1024 + 777, large_sha.as_str())
