@@ -5,17 +5,20 @@
 //! 1. the local file is streamed to `<name>.partial` (one PUT up to [`PART_SIZE`], a
 //!    multipart upload above it, never the whole file in memory; a failed multipart
 //!    upload is aborted);
-//! 2. `<name>.partial` is read back (streamed, in ranges of [`READ_RANGE`] bytes pinned
-//!    to the object's ETag) and its SHA-256 compared with the caller's; on a mismatch
-//!    or a failed read it is deleted;
+//! 2. `<name>.partial` is read back (streamed, in ranges of [`READ_RANGE`] bytes by
+//!    default, pinned to the object's ETag) and its SHA-256 compared with the
+//!    caller's; on a mismatch or a failed read it is deleted;
 //! 3. `<name>.partial` becomes `<name>`: `rename(2)` in a directory (atomic), a
 //!    server-side CopyObject then a DELETE of the partial on S3 (the copy is not read
-//!    back a second time).
+//!    back a second time). CopyObject stops at 5 GiB: larger archives are uploaded
+//!    to S3 under their final name directly, and a failed verification deletes it.
 //!
-//! So the final name only ever holds bytes that were verified, and an upload that
-//! fails never replaces an existing good copy of the same name. An upload that dies
+//! So (but for those large S3 uploads) the final name only ever holds bytes that
+//! were verified, and an upload that fails never replaces an existing good copy of
+//! the same name. An upload that dies
 //! between steps leaves at most `<name>.partial`, which [`Location::list`] does not
-//! show and the next upload of that name overwrites.
+//! show and the next upload of that name overwrites. One upload of a name at a
+//! time: two would share the partial.
 //!
 //! Requests are bounded by the location's `timeout` (connect, and each request as a
 //! whole, which is why downloads are made of ranged requests) with at most
@@ -49,8 +52,8 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts uploaded concurrently: memory held by an upload is about
 /// `PART_SIZE * (PARTS_IN_FLIGHT + 1)`.
 const PARTS_IN_FLIGHT: usize = 2;
-/// Bytes per GET when reading an object back or downloading it: each request must
-/// finish within the location's timeout, whatever the archive's size.
+/// Default bytes per GET when reading an object back or downloading it: each
+/// request must finish within the location's timeout, whatever the archive's size.
 pub const READ_RANGE: u64 = 64 * 1024 * 1024;
 /// Retries of one request inside `object_store` (connection failures, timeouts, 5xx).
 pub const RETRIES: usize = 2;
@@ -58,6 +61,8 @@ pub const RETRIES: usize = 2;
 const ARCHIVE_SUFFIX: &str = ".age";
 /// Uploads land under `<name>` + this first.
 const PARTIAL_SUFFIX: &str = ".partial";
+/// The largest object S3's CopyObject copies (5 GiB).
+const S3_COPY_LIMIT: u64 = 5 * 1024 * 1024 * 1024;
 /// How much of a refusal's body is read to find the S3 error code.
 const REFUSAL_BODY_LIMIT: usize = 4096;
 
@@ -192,6 +197,7 @@ pub struct Location {
     name: String,
     target: Target,
     store: Arc<dyn ObjectStore>,
+    read_range: u64,
 }
 
 impl std::fmt::Debug for Location {
@@ -261,6 +267,7 @@ impl Location {
             name: name.to_string(),
             target: Target::Dir { path },
             store: Arc::new(store),
+            read_range: READ_RANGE,
         })
     }
 
@@ -283,6 +290,9 @@ impl Location {
             .with_bucket_name(&s3.bucket)
             .with_region(&s3.region)
             .with_retry(retry)
+            // One DELETE per object: a refused bulk DeleteObjects answers 200
+            // with per-key errors that `object_store` reports as generic.
+            .with_disable_bulk_delete(true)
             .with_http_connector(RefusalConnector);
         if let Some(endpoint) = &s3.endpoint {
             builder = builder
@@ -334,11 +344,19 @@ impl Location {
                 signed,
             },
             store,
+            read_range: READ_RANGE,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Bytes per GET when reading back or downloading (default [`READ_RANGE`]):
+    /// smaller for a slow link, so that each request ends within the timeout.
+    pub fn with_read_range(mut self, bytes: u64) -> Self {
+        self.read_range = bytes.max(1);
+        self
     }
 
     /// Uploads `local` as `file_name`, then reads it back and compares its
@@ -351,29 +369,37 @@ impl Location {
     ) -> Result<(), LocationError> {
         let key = self.key(file_name)?;
         let expected = self.sha256_arg(sha256_hex)?;
-        let partial_name = format!("{file_name}{PARTIAL_SUFFIX}");
-        let partial = ObjectPath::from(partial_name.as_str());
-        self.put_file(local, &partial, file_name).await?;
+        let size = tokio::fs::metadata(local)
+            .await
+            .map_err(self.io("cannot read", local))?
+            .len();
+        // S3's CopyObject stops at 5 GiB: larger archives go straight to their name.
+        let staged = !matches!(self.target, Target::S3 { .. }) || size <= S3_COPY_LIMIT;
+        let upload_name = if staged {
+            format!("{file_name}{PARTIAL_SUFFIX}")
+        } else {
+            file_name.to_string()
+        };
+        let upload_key = ObjectPath::from(upload_name.as_str());
+        self.put_file(local, &upload_key, file_name).await?;
         if let Target::Dir { path } = &self.target {
             // Owner-only whatever the process umask (archives are encrypted, but
             // their names and sizes tell when the CA changed).
-            if let Err(source) = restrict(&path.join(&partial_name)) {
-                self.discard(&partial).await;
-                return Err(self
-                    .io("cannot restrict the mode of", &path.join(&partial_name))(
-                    source,
-                ));
+            let uploaded = path.join(&upload_name);
+            if let Err(source) = restrict(&uploaded) {
+                self.discard(&upload_key).await;
+                return Err(self.io("cannot restrict the mode of", &uploaded)(source));
             }
         }
-        let found = match self.read_object(&partial, file_name, None).await {
+        let found = match self.read_object(&upload_key, file_name, None).await {
             Ok((_, found)) => found,
             Err(e) => {
-                self.discard(&partial).await;
+                self.discard(&upload_key).await;
                 return Err(e);
             }
         };
         if found != expected {
-            self.discard(&partial).await;
+            self.discard(&upload_key).await;
             return Err(LocationError::ChecksumMismatch {
                 location: self.name.clone(),
                 object: file_name.to_string(),
@@ -381,8 +407,11 @@ impl Location {
                 found,
             });
         }
+        if !staged {
+            return Ok(());
+        }
         self.store
-            .rename(&partial, &key)
+            .rename(&upload_key, &key)
             .await
             .map_err(|e| self.classify(Some(file_name), e))
     }
@@ -577,7 +606,7 @@ impl Location {
         let mut offset = 0u64;
         while offset < meta.size {
             let start = offset;
-            let end = (start + READ_RANGE).min(meta.size);
+            let end = (start + self.read_range).min(meta.size);
             let options = GetOptions::new()
                 .with_range(Some(start..end))
                 .with_if_match(meta.e_tag.clone());

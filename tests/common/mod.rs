@@ -3,6 +3,8 @@
 //! `keyward serve` child process on a free loopback port.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod seaweed;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

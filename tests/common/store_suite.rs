@@ -2232,6 +2232,8 @@ pub async fn counts_name_every_table(cx: Cx) {
         "admins",
         "approvals",
         "audit_events",
+        "backup_replicas",
+        "backups",
         "broker_outbox",
         "cas",
         "certificates",
