@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::seaweed::{Identity, Seaweed};
 use common::{Env, call, issue_device};
 use reqwest::Method;
 use serde_json::Value;
@@ -69,13 +70,25 @@ fn backup_keys(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (id, ssh, recipients)
 }
 
-fn backup_section(recipients: &Path, identity: &Path, nas: &Path) -> String {
+/// The `[backup]` section: a directory location `nas` and an S3 location
+/// `offsite` (SeaweedFS at `endpoint`, credentials read from files).
+fn backup_section(
+    recipients: &Path,
+    identity: &Path,
+    nas: &Path,
+    endpoint: &str,
+    creds: &Path,
+) -> String {
     format!(
         "[backup]\ndir = \"backups\"\nrecipients_files = [\"{}\"]\nverify_identity_file = \"{}\"\n\
-         keep_daily = 7\nkeep_weekly = 4\n\n[[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"{}\"\n",
+         keep_daily = 7\nkeep_weekly = 4\n\n[[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"{}\"\n\n\
+         [[backup.locations]]\nname = \"offsite\"\ntype = \"s3\"\nbucket = \"keyward-backups\"\nprefix = \"prod\"\n\
+         endpoint = \"{endpoint}\"\nallow_http = true\naccess_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\ntimeout_secs = 60\n",
         recipients.display(),
         identity.display(),
-        nas.display()
+        nas.display(),
+        creds.join("s3-key").display(),
+        creds.join("s3-secret").display(),
     )
 }
 
@@ -172,10 +185,29 @@ async fn disaster_recovery_onto_a_fresh_token() {
     let keys_dir = tempfile::tempdir().unwrap();
     let (identity, ssh_key, recipients) = backup_keys(keys_dir.path());
     let nas = keys_dir.path().join("nas");
+    // The off-site copy: a real S3-compatible server.
+    let mut weed = Seaweed::start(
+        &keys_dir.path().join("weed"),
+        &[Identity {
+            name: "backup-writer",
+            access_key: "keyward-backup".into(),
+            secret_key: "backup-secret-0123456789".into(),
+            actions: &["Read", "List", "Write"],
+        }],
+    );
+    weed.create_bucket("keyward-backups");
+    std::fs::write(keys_dir.path().join("s3-key"), "keyward-backup\n").unwrap();
+    std::fs::write(
+        keys_dir.path().join("s3-secret"),
+        "backup-secret-0123456789\n",
+    )
+    .unwrap();
+    let section =
+        |nas: &Path| backup_section(&recipients, &identity, nas, &weed.endpoint, keys_dir.path());
 
     // --- The original installation, with two devices. ---
     let env = Env::new();
-    env.append_config(&backup_section(&recipients, &identity, &nas));
+    env.append_config(&section(&nas));
     let token = env.init();
     let token_file = env.path("admin.token");
     let mut daemon = env.serve();
@@ -189,6 +221,8 @@ async fn disaster_recovery_onto_a_fresh_token() {
     let file = made["file_name"].as_str().unwrap().to_string();
     assert_eq!(made["replicas"][0]["location"], "nas", "{made}");
     assert_eq!(made["replicas"][0]["state"], "stored", "{made}");
+    assert_eq!(made["replicas"][1]["location"], "offsite", "{made}");
+    assert_eq!(made["replicas"][1]["state"], "stored", "{made}");
     let archive = nas.join(&file);
     assert!(archive.exists());
     // The spool copy and the replica are the same bytes.
@@ -263,7 +297,7 @@ async fn disaster_recovery_onto_a_fresh_token() {
     // Verification: spool and nas, fully (decrypted, every hash).
     let verified = keyward_json(&env, &url, &token_file, &["backup", "verify"]);
     let results = verified["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2, "{verified}");
+    assert_eq!(results.len(), 3, "{verified}");
     for r in results {
         assert_eq!(
             (r["ok"].as_bool(), r["depth"].as_str()),
@@ -295,8 +329,7 @@ async fn disaster_recovery_onto_a_fresh_token() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let saved_archive = keys_dir.path().join(&file);
-    std::fs::copy(&archive, &saved_archive).unwrap();
+    let spool_copy = env.path("backups").join(&file);
     let old_chain = keys_dir.path().join("old-chain.pem");
     std::fs::copy(&old_a.chain, &old_chain).unwrap();
     let old_a_cert = keys_dir.path().join("old-a.pem");
@@ -315,12 +348,38 @@ async fn disaster_recovery_onto_a_fresh_token() {
 
     // --- A new machine: a fresh token, an empty store, the same pepper. ---
     let env2 = Env::new();
-    env2.append_config(&backup_section(
-        &recipients,
-        &identity,
-        &keys_dir.path().join("nas2"),
-    ));
+    env2.append_config(&section(&keys_dir.path().join("nas2")));
     assert!(!env2.db.exists());
+    // The archive comes back from the off-site bucket (the newest there).
+    let saved_archive = keys_dir.path().join("fetched.age");
+    let out = env2.run(&[
+        "backup",
+        "fetch",
+        "--config",
+        env2.config.to_str().unwrap(),
+        "--location",
+        "offsite",
+        "--out",
+        saved_archive.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&file),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !spool_copy.exists(),
+        "the old machine's spool should be gone"
+    );
+    assert_eq!(
+        std::fs::read(&saved_archive).unwrap(),
+        std::fs::read(&archive).unwrap()
+    );
     // A dry run says what it would do and changes nothing.
     let dry = env2.run(&[
         "backup",

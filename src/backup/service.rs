@@ -170,13 +170,18 @@ impl BackupService {
                     this.runs().remove(&id);
                 }
                 Err(e) => {
-                    this.runs().insert(
+                    let mut runs = this.runs();
+                    runs.insert(
                         id,
                         RunState::Failed {
                             code: e.code().to_string(),
                             error: e.to_string(),
                         },
                     );
+                    // Keep the last failures only (ids are UUIDv7: oldest first).
+                    while runs.len() > 100 {
+                        runs.pop_first();
+                    }
                 }
             }
         });

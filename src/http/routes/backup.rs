@@ -160,8 +160,9 @@ pub async fn list(
     Ok(Json(rows.into_iter().map(BackupView::from).collect()))
 }
 
-/// `GET /v1/admin/backups/{id}` (role auditor): the record, or while it
-/// is being made `{status: "running"}`, or `{status: "failed", code, error}`.
+/// `GET /v1/admin/backups/{id}` (role auditor): the record once made and
+/// replicated (or its replicas failed), `{status: "running"}` before, or
+/// `{status: "failed", code, error}` when no archive could be made.
 pub async fn show(
     State(state): State<AppState>,
     admin: Admin,
@@ -170,10 +171,15 @@ pub async fn show(
     admin.require(Role::Auditor)?;
     let svc = service(&state)?;
     let id = parse_id(&id)?;
-    if let Some(b) = state.store.get_backup(id).await? {
+    // Until its replicas are attempted the backup is still running, even
+    // once its record exists.
+    let run = svc.run_state(id);
+    if !matches!(run, Some(RunState::Running { .. }))
+        && let Some(b) = state.store.get_backup(id).await?
+    {
         return Ok(Json(BackupView::from(b)).into_response());
     }
-    match svc.run_state(id) {
+    match run {
         Some(RunState::Running { started_at }) => Ok(Json(json!({
             "id": id, "status": "running", "started_at": rfc3339(from_unix(started_at)),
         }))
