@@ -467,3 +467,107 @@ fn renewal_notices_follow_each_profile_window_in_batches() {
         assert_eq!(job.name(), "renewal_notices");
     });
 }
+
+#[test]
+fn backup_job_makes_verifies_and_prunes_on_its_schedules() {
+    let Some((config, dir)) = child_config(
+        "backup_job_makes_verifies_and_prunes_on_its_schedules",
+        |env| {
+            let id = env.path("backup-id.txt");
+            let out = std::process::Command::new("age-keygen")
+                .arg("-o")
+                .arg(&id)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let out = std::process::Command::new("age-keygen")
+                .arg("-y")
+                .arg(&id)
+                .output()
+                .unwrap();
+            std::fs::write(env.path("recipients.txt"), out.stdout).unwrap();
+            // Backups at 02:00, verification at 03:00, one daily and no
+            // weekly kept: each new backup prunes the one before.
+            env.append_config(
+                "[backup]\ndir = \"spool\"\nrecipients_files = [\"recipients.txt\"]\n\
+                 verify_identity_file = \"backup-id.txt\"\nschedule = \"0 2 * * *\"\n\
+                 verify_schedule = \"0 3 * * *\"\nkeep_daily = 1\nkeep_weekly = 0\n\n\
+                 [[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"nas\"\n",
+            );
+        },
+    ) else {
+        return;
+    };
+    runtime().block_on(async {
+        use keyward::jobs::backup::BackupJob;
+        // 01:30 UTC on some day.
+        let t0 = OffsetDateTime::now_utc().replace_time(time::Time::from_hms(1, 30, 0).unwrap())
+            + time::Duration::days(1);
+        let (app, clock) = app(&config, t0).await;
+        let s = &app.state;
+        let svc = s.backups.clone().expect("[backup] is configured");
+        let job = BackupJob::new(svc.clone(), Duration::from_secs(30));
+        let backups = |all| {
+            let store = s.store.clone();
+            async move { store.list_backups(all, 100).await.unwrap() }
+        };
+        // The first tick only notes the time; nothing fired yet.
+        job.tick(clock.now()).await.unwrap();
+        clock.advance(time::Duration::minutes(29));
+        job.tick(clock.now()).await.unwrap();
+        assert!(backups(true).await.is_empty(), "a backup before 02:00");
+        // 02:00 passes: one scheduled backup, stored in the location.
+        clock.advance(time::Duration::minutes(2));
+        job.tick(clock.now()).await.unwrap();
+        let made = backups(false).await;
+        assert_eq!(made.len(), 1, "{made:?}");
+        assert_eq!(made[0].trigger.as_str(), "scheduled");
+        assert_eq!(made[0].replicas[0].state.as_str(), "stored");
+        assert!(made[0].replicas[0].verified_at.is_none());
+        assert!(dir.join("nas").join(&made[0].file_name).exists());
+        // 03:00 passes: verified in the location (decrypted, every hash).
+        clock.advance(time::Duration::hours(1));
+        job.tick(clock.now()).await.unwrap();
+        let verified = backups(false).await;
+        assert_eq!(
+            verified[0].replicas[0].verified_at,
+            Some(clock.now().unix_timestamp())
+        );
+        // The next night: a new backup, and retention prunes the first.
+        clock.advance(time::Duration::hours(23));
+        job.tick(clock.now()).await.unwrap();
+        let all = backups(true).await;
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(
+            all[0].pruned_at.is_none() && all[1].pruned_at.is_some(),
+            "{all:?}"
+        );
+        assert!(!dir.join("nas").join(&all[1].file_name).exists());
+        assert!(!dir.join("spool").join(&all[1].file_name).exists());
+        let events: Vec<String> = s
+            .store
+            .audit_events(keyward::store::AuditQuery {
+                from_seq: 0,
+                limit: 10_000,
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .filter(|a| a.starts_with("backup."))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "backup.create",
+                "backup.replicate",
+                "backup.verify",
+                "backup.verify",
+                "backup.create",
+                "backup.replicate",
+                "backup.prune"
+            ],
+            "{events:?}"
+        );
+    });
+}
