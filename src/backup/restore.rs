@@ -186,6 +186,19 @@ pub async fn restore(
     } else {
         None
     };
+    // Restored CA keys get the extractability their CA policy gives new
+    // keys (an issuing CA wrap-only by default, so later backups hold it
+    // again); without a readable policy, wrap-only as they were.
+    let policies = crate::policy::Policies::load(&config.policies.dir).ok();
+    let extractable_for = |entry: &KeyEntry| {
+        policies
+            .as_ref()
+            .and_then(|p| {
+                let ca = entry.ca_name.as_deref()?;
+                p.cas.iter().find(|c| c.name == ca)
+            })
+            .is_none_or(|c| c.key_backup() == crate::policy::KeyBackup::WrapOnly)
+    };
     let mut unwrapped: Vec<(String, KeyHandle)> = Vec::new();
     for (i, entry) in manifest.keys.iter().enumerate() {
         if report.keys[i].outcome != "unwrap" {
@@ -202,7 +215,7 @@ pub async fn restore(
                 reason: format!("member {member} is missing"),
             });
         let result = match wrapped {
-            Ok(w) => unwrap_key(keystores, entry, kek, w).await,
+            Ok(w) => unwrap_key(keystores, entry, kek, w, extractable_for(entry)).await,
             Err(e) => Err(e),
         };
         match result {
@@ -212,8 +225,14 @@ pub async fn restore(
                 k.outcome = "unwrapped";
                 k.changed_handle = handle.0 != entry.handle;
                 k.detail = format!(
-                    "restored into key store `{}` as {}",
-                    entry.keystore, handle.0
+                    "restored into key store `{}` as {} (sensitive; {})",
+                    entry.keystore,
+                    handle.0,
+                    if extractable_for(entry) {
+                        "extractable by wrapping only, as its policy says"
+                    } else {
+                        "non-extractable: its policy says backup = never, later backups will not hold it"
+                    }
                 );
                 k.handle = Some(handle);
             }
@@ -402,6 +421,7 @@ async fn unwrap_key(
     entry: &KeyEntry,
     kek: &Zeroizing<[u8; 32]>,
     wrapped: &[u8],
+    extractable: bool,
 ) -> Result<KeyHandle, BackupError> {
     let ks_err = |source| BackupError::KeyStore {
         key: entry.id,
@@ -423,9 +443,9 @@ async fn unwrap_key(
         id: entry.id,
         label: entry.label.clone(),
         algorithm,
-        // It was extractable (it is in a backup): it stays backup-able,
-        // so that the next backup holds it again. Never readable in plaintext.
-        extractable: true,
+        // Sensitive always (never readable in plaintext); extractable by
+        // wrapping only when its policy wants it in backups.
+        extractable,
     };
     let spki = spki_of(entry)?;
     let key = ks
