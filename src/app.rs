@@ -640,6 +640,7 @@ impl App {
         // A rotation a crash interrupted resumes at once, not one interval later.
         s.rotator.wake();
         if let Some(backups) = &s.backups {
+            backups.remove_partials();
             if let Err(e) = backups.refresh_gauges().await {
                 tracing::warn!(error = %e, "cannot read the backups for their metrics");
             }

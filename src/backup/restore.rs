@@ -51,7 +51,8 @@ pub struct KeyOutcome {
     pub keystore: String,
     /// `unwrapped` (restored into the token), `present` (already on the
     /// configured device), `missing` (needs the original hardware) or, for
-    /// a replaceable service key that is missing, `replaced-at-start`.
+    /// a replaceable service key that is missing (OCSP signer, TLS server
+    /// key), `replaced-at-start`.
     pub outcome: &'static str,
     pub detail: String,
     #[serde(skip)]
@@ -362,14 +363,15 @@ async fn plan_key(keystores: &KeyStores, entry: &KeyEntry) -> Result<KeyOutcome,
             out.detail = "wrapped in the archive".into();
         }
         KeyDisposition::HardwareBound { reason } => {
-            let replaceable = matches!(
-                KeyPurpose::parse(&entry.purpose),
-                Some(KeyPurpose::OcspSigning)
-            );
-            if replaceable {
+            let replaceable = match KeyPurpose::parse(&entry.purpose) {
+                Some(KeyPurpose::OcspSigning) => Some("a new delegated OCSP signer"),
+                Some(KeyPurpose::TlsServer) => Some("a new TLS server key and certificate"),
+                _ => None,
+            };
+            if let Some(what) = replaceable {
                 out.outcome = "replaced-at-start";
                 out.detail = format!(
-                    "{reason}; not on this token: marked destroyed, the daemon makes a new OCSP signer at start"
+                    "{reason}; not on this token: marked destroyed, the daemon makes {what} at start"
                 );
             } else {
                 out.detail = format!(

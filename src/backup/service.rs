@@ -188,13 +188,16 @@ impl BackupService {
         Ok(id)
     }
 
-    /// Makes a backup now and waits for it (the scheduler, and tests).
+    /// Makes a backup now and waits for it (the scheduler, and tests),
+    /// after any backup, verification or prune in progress.
     pub async fn create(
         &self,
         actor: &str,
         trigger: BackupTrigger,
     ) -> Result<BackupRecord, BackupError> {
-        let _guard = self.busy.try_lock().map_err(|_| BackupError::Running)?;
+        // The scheduler waits for a verification or prune in progress
+        // rather than skip the night's backup.
+        let _guard = self.busy.lock().await;
         self.create_locked(actor, trigger, Uuid::now_v7()).await
     }
 
@@ -649,6 +652,26 @@ impl BackupService {
             pruned.push(b.id);
         }
         Ok(pruned)
+    }
+
+    /// Removes `*.partial` archives from the spool: left by a daemon that
+    /// stopped while writing one. Called when the daemon starts serving,
+    /// before any backup can run.
+    pub fn remove_partials(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.settings.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("keyward-") && name.ends_with(".age.partial") {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => tracing::warn!(file = %name, "removed an unfinished backup archive"),
+                    Err(err) => {
+                        tracing::warn!(file = %name, error = %err, "cannot remove an unfinished backup archive")
+                    }
+                }
+            }
+        }
     }
 
     /// Sets the per-location gauges from the store (at start, so that a

@@ -2279,6 +2279,23 @@ pub async fn counts_name_every_table(cx: Cx) {
                 at: T0,
             },
             Write::InsertRotation(rotation(KeyPurpose::IssuingCa, "root", k.id, T0)),
+            Write::RecordBackup {
+                record: keyward::store::BackupRecord {
+                    id: Uuid::now_v7(),
+                    file_name: "keyward-test.age".into(),
+                    created_at: T0,
+                    sha256: "00".repeat(32),
+                    size_bytes: 1,
+                    format_version: 1,
+                    schema_version: 10,
+                    trigger: keyward::model::BackupTrigger::Manual,
+                    actor: "test".into(),
+                    summary: serde_json::json!({}),
+                    pruned_at: None,
+                    replicas: Vec::new(),
+                },
+                locations: vec!["nas".into()],
+            },
         ],
     )
     .await;
