@@ -112,6 +112,26 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
             std::fs::write(&p, text)?;
         }
     }
+    // Backups of the demo go to DIR/backups, encrypted to a demo age key
+    // made once (its identity stays in DIR, mode 0600, like the PIN).
+    let backup_identity = dir.join("backup-identity.txt");
+    write_once(&backup_identity, || {
+        use secrecy::ExposeSecret as _;
+        Ok(age::x25519::Identity::generate()
+            .to_string()
+            .expose_secret()
+            .to_string())
+    })?;
+    let recipients = dir.join("backup-recipients.txt");
+    if !recipients.exists() {
+        let id: age::x25519::Identity = read_secret(&backup_identity)?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", backup_identity.display()))?;
+        std::fs::write(
+            &recipients,
+            format!("# keyward dev: the demo backup key\n{}\n", id.to_public()),
+        )?;
+    }
     let config = dir.join("keyward.toml");
     std::fs::write(
         &config,
@@ -121,7 +141,10 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
              [store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n\n\
              [keystore]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{TOKEN_LABEL}\"\npin_file = \"hsm.pin\"\n\n\
              [auth]\ntoken_pepper_file = \"pepper\"\n\n\
-             [policies]\ndir = \"policies\"\n",
+             [policies]\ndir = \"policies\"\n\n\
+             [backup]\ndir = \"backups/spool\"\nrecipients_files = [\"backup-recipients.txt\"]\n\
+             verify_identity_file = \"backup-identity.txt\"\nschedule = \"0 2 * * *\"\nverify_schedule = \"30 2 * * *\"\n\n\
+             [[backup.locations]]\nname = \"local\"\ntype = \"dir\"\npath = \"backups/replica\"\n",
             demo_tls(listen),
             hsm.module().display()
         ),
@@ -172,6 +195,11 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
         exe.parent()
             .map(|p| p.display().to_string())
             .unwrap_or_default()
+    );
+    println!(
+        "# backups: `keyward backup create`; archives in {} decrypt with `age -d -i {}`",
+        dir.join("backups").display(),
+        backup_identity.display()
     );
     println!();
 
