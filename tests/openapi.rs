@@ -2544,13 +2544,18 @@ async fn ca_key_id(api: &Api, token: Option<&str>, ca: &str) -> String {
         .to_string()
 }
 
-/// Polls a backup started through the API until it is no longer `running`.
+/// Polls a backup started through the API until it is no longer `running`
+/// and no replica is `pending` (the record is visible as soon as it is
+/// committed, before its uploads).
 async fn wait_for_backup(api: &Api, token: Option<&str>, id: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let r = api.get(&format!("/v1/admin/backups/{id}"), token).await;
         expect(&r, 200, None);
-        if r.json["status"] != "running" {
+        let uploading = r.json["replicas"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "pending"));
+        if r.json["status"] != "running" && !uploading {
             return r.json;
         }
         assert!(
