@@ -2128,6 +2128,216 @@ management_key_env = "KW_MGM"
         );
     }
 
+    const BACKUP: &str = "[backup]\ndir = \"backups\"\nrecipients_files = [\"officers.txt\"]\n";
+
+    fn backup_of(text: &str) -> BackupConfig {
+        parse(text).unwrap().backup.expect("no [backup]")
+    }
+
+    fn s3_of(b: &BackupConfig, i: usize) -> &S3LocationConfig {
+        match &b.locations[i].kind {
+            BackupLocationKind::S3(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn backup_minimal_gets_defaults_and_paths_resolve_beside_the_config() {
+        assert!(parse(MINIMAL).unwrap().backup.is_none());
+        let b = backup_of(&format!("{MINIMAL}{BACKUP}"));
+        assert_eq!(b.dir, Path::new("/etc/kw/backups"));
+        assert_eq!(
+            b.recipients_files,
+            vec![PathBuf::from("/etc/kw/officers.txt")]
+        );
+        assert!(b.verify_identity_file.is_none());
+        assert!(b.schedule.is_none() && b.verify_schedule.is_none());
+        assert_eq!((b.keep_daily, b.keep_weekly), (7, 4));
+        assert_eq!(
+            (b.retry_min, b.retry_max),
+            (Duration::from_secs(30), Duration::from_secs(3600))
+        );
+        assert!(b.locations.is_empty());
+
+        let b = backup_of(&format!(
+            "{MINIMAL}[backup]\ndir = \"/var/backups/kw\"\n\
+             recipients_files = [\"r/a.txt\", \"/srv/b.txt\"]\n\
+             verify_identity_file = \"ids/verify.txt\"\n\
+             schedule = \"0 3 * * *\"\nverify_schedule = \"30 4 * * 1\"\n\
+             keep_daily = 0\nkeep_weekly = 0\nretry_min_secs = 5\nretry_max_secs = 5\n\
+             [[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"../nas\"\ntimeout_secs = 9\n\
+             [[backup.locations]]\nname = \"s3_offsite\"\ntype = \"s3\"\nbucket = \"kw\"\nprefix = \"prod\"\n\
+             access_key_id_file = \"s3.id\"\nsecret_access_key_env = \"S3_SECRET\"\n"
+        ));
+        assert_eq!(b.dir, Path::new("/var/backups/kw"));
+        assert_eq!(
+            b.recipients_files,
+            vec![
+                PathBuf::from("/etc/kw/r/a.txt"),
+                PathBuf::from("/srv/b.txt")
+            ]
+        );
+        assert_eq!(
+            b.verify_identity_file.as_deref(),
+            Some(Path::new("/etc/kw/ids/verify.txt"))
+        );
+        assert!(b.schedule.is_some() && b.verify_schedule.is_some());
+        assert_eq!((b.keep_daily, b.keep_weekly), (0, 0));
+        assert_eq!(b.retry_max, Duration::from_secs(5));
+        assert_eq!(b.locations[0].name, "nas");
+        assert_eq!(b.locations[0].timeout, Duration::from_secs(9));
+        assert!(matches!(
+            &b.locations[0].kind,
+            BackupLocationKind::Dir { path } if path == Path::new("/etc/kw/../nas")
+        ));
+        assert_eq!(b.locations[1].timeout, Duration::from_secs(300));
+        let s3 = s3_of(&b, 1);
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()),
+            ("kw", "prod/", "us-east-1")
+        );
+        assert!(s3.endpoint.is_none() && !s3.allow_http);
+        assert_eq!(
+            s3.access_key_id.as_ref().unwrap().from,
+            SecretRef::File(PathBuf::from("/etc/kw/s3.id"))
+        );
+        assert_eq!(
+            s3.secret_access_key.as_ref().unwrap().from,
+            SecretRef::Env("S3_SECRET".into())
+        );
+    }
+
+    #[test]
+    fn backup_refusals_name_their_key() {
+        let with = |rest: &str| format!("{MINIMAL}{BACKUP}{rest}");
+        // Recipients: absent, or an empty list.
+        refused(
+            &format!("{MINIMAL}[backup]\ndir = \"b\"\n"),
+            "recipients_files",
+        );
+        refused(
+            &format!("{MINIMAL}[backup]\ndir = \"b\"\nrecipients_files = []\n"),
+            "backup.recipients_files",
+        );
+        refused(&with("schedule = \"every night\"\n"), "backup.schedule");
+        refused(
+            &with("verify_schedule = \"61 * * * *\"\n"),
+            "backup.verify_schedule",
+        );
+        let e = refused(
+            &with("retry_min_secs = 60\nretry_max_secs = 59\n"),
+            "backup.retry_max_secs",
+        );
+        assert!(e.contains("retry_min_secs"), "{e}");
+        refused(&with("keep_daily = 4000\n"), "backup.keep_daily");
+        refused(&with("colour = \"blue\"\n"), "colour");
+
+        let dir = |name: &str| {
+            format!("[[backup.locations]]\nname = \"{name}\"\ntype = \"dir\"\npath = \"d\"\n")
+        };
+        let e = refused(
+            &with(&format!("{}{}", dir("nas"), dir("nas"))),
+            "backup.locations[1].name",
+        );
+        assert!(e.contains("twice"), "{e}");
+        for bad in ["", "a b", "nas/1", "n\u{e4}s", "a.b"] {
+            refused(&with(&dir(bad)), "backup.locations[0].name");
+        }
+        refused(
+            &with("[[backup.locations]]\nname = \"x\"\ntype = \"ftp\"\n"),
+            "backup.locations[0].type",
+        );
+        refused(
+            &with("[[backup.locations]]\nname = \"x\"\ntype = \"dir\"\n"),
+            "backup.locations[0].path",
+        );
+        // A `dir` location with S3 keys: refused, not silently ignored.
+        for extra in [
+            "bucket = \"b\"",
+            "endpoint = \"https://s3.example\"",
+            "region = \"eu\"",
+            "access_key_id_env = \"K\"",
+        ] {
+            refused(
+                &with(&format!("{}{extra}\n", dir("nas"))),
+                "backup.locations[0].type",
+            );
+        }
+
+        let s3 = |rest: &str| {
+            with(&format!(
+                "[[backup.locations]]\nname = \"s3\"\ntype = \"s3\"\n{rest}"
+            ))
+        };
+        refused(&s3(""), "backup.locations[0].bucket");
+        refused(&s3("bucket = \"\"\n"), "backup.locations[0].bucket");
+        refused(
+            &s3("bucket = \"b\"\npath = \"p\"\n"),
+            "backup.locations[0].path",
+        );
+        refused(
+            &s3("bucket = \"b\"\nprefix = \"/abs\"\n"),
+            "backup.locations[0].prefix",
+        );
+        refused(
+            &s3("bucket = \"b\"\nprefix = \"a/../b\"\n"),
+            "backup.locations[0].prefix",
+        );
+        refused(
+            &s3("bucket = \"b\"\nendpoint = \"ftp://s3.example\"\n"),
+            "backup.locations[0].endpoint",
+        );
+        // Plain HTTP only when asked for.
+        let http = "bucket = \"b\"\nendpoint = \"http://127.0.0.1:8333\"\n";
+        let e = refused(&s3(http), "backup.locations[0].endpoint");
+        assert!(e.contains("allow_http"), "{e}");
+        let b = backup_of(&s3(&format!("{http}allow_http = true\n")));
+        let loc = s3_of(&b, 0);
+        assert!(loc.allow_http);
+        assert_eq!(loc.endpoint.as_deref(), Some("http://127.0.0.1:8333"));
+        // Credentials: both or neither, never one.
+        let b = backup_of(&s3("bucket = \"b\"\n"));
+        assert!(s3_of(&b, 0).access_key_id.is_none() && s3_of(&b, 0).secret_access_key.is_none());
+        let b = backup_of(&s3(
+            "bucket = \"b\"\naccess_key_id_env = \"K\"\nsecret_access_key_file = \"s3.secret\"\n",
+        ));
+        assert_eq!(
+            s3_of(&b, 0).secret_access_key.as_ref().unwrap().from,
+            SecretRef::File(PathBuf::from("/etc/kw/s3.secret"))
+        );
+        for one in [
+            "access_key_id_env = \"K\"",
+            "access_key_id_file = \"k\"",
+            "secret_access_key_env = \"S\"",
+            "secret_access_key_file = \"s\"",
+        ] {
+            let e = refused(
+                &s3(&format!("bucket = \"b\"\n{one}\n")),
+                "backup.locations[0].access_key_id",
+            );
+            assert!(e.contains("neither"), "{e}");
+        }
+        // One secret from two sources.
+        let e = refused(
+            &s3(
+                "bucket = \"b\"\naccess_key_id_env = \"K\"\naccess_key_id_file = \"k\"\nsecret_access_key_env = \"S\"\n",
+            ),
+            "backup.locations[0].access_key_id",
+        );
+        assert!(e.contains("only one"), "{e}");
+        let e = refused(
+            &s3(
+                "bucket = \"b\"\naccess_key_id_env = \"K\"\nsecret_access_key_env = \"S\"\nsecret_access_key_file = \"s\"\n",
+            ),
+            "backup.locations[0].secret_access_key",
+        );
+        assert!(e.contains("only one"), "{e}");
+        refused(
+            &s3("bucket = \"b\"\naccess_key_id_env = \"\"\nsecret_access_key_env = \"S\"\n"),
+            "backup.locations[0].access_key_id_env",
+        );
+    }
+
     /// The shipped example, with its commented YubiKey section switched on,
     /// is a valid config: every key it documents exists and its values pass.
     #[test]
@@ -2145,6 +2355,7 @@ management_key_env = "KW_MGM"
                     || l.starts_with("# [server.tls]")
                     || l.starts_with("# [broker]")
                     || l.starts_with("# [[notify]]")
+                    || l.starts_with("# [backup]")
                 {
                     on = true;
                 } else if !l.starts_with('#') {
@@ -2174,6 +2385,20 @@ management_key_env = "KW_MGM"
             ),
             "the notify examples were not switched on: {:?}",
             c.notify
+        );
+        let backup = c
+            .backup
+            .as_ref()
+            .expect("the backup example was not switched on");
+        assert!(backup.schedule.is_some() && backup.verify_schedule.is_some());
+        assert!(
+            matches!(
+                backup.locations.iter().map(|l| &l.kind).collect::<Vec<_>>().as_slice(),
+                [BackupLocationKind::Dir { .. }, BackupLocationKind::S3(s)]
+                    if s.access_key_id.is_some() && s.secret_access_key.is_some()
+            ),
+            "the backup locations were not switched on: {:?}",
+            backup.locations
         );
         assert!(
             matches!(

@@ -83,6 +83,18 @@ const UNREACHABLE: &[(&str, &str, u16, &str)] = &[
         422,
         "needs a rotation held at key-generated whose parent key is not on a card: without a card the rotation job certifies in the same pass that generated the key (this call waits for that pass), so it only stays there after its certify step failed (HSM or store trouble)",
     ),
+    (
+        "GET",
+        "/v1/admin/backups",
+        404,
+        "needs a daemon without [backup] (`backup_not_configured`; tests/daemon.rs sees it)",
+    ),
+    (
+        "POST",
+        "/v1/admin/backups",
+        404,
+        "needs a daemon without [backup] (`backup_not_configured`; tests/daemon.rs sees it)",
+    ),
 ];
 
 const SEMANTIC: &[&str] = &[
@@ -353,6 +365,34 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
          [[group]]\nname = \"srv\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\nkey_source = \"server\"\n",
     );
     env.trust_loopback_proxy();
+    // Backups: two age recipients (one also the verification identity)
+    // made by the stock tools, and a directory location.
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(env.path("backup-identity.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(env.path("backup-identity.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(env.path("backup-recipients.txt"), out.stdout).unwrap();
+    env.append_config(
+        "[backup]\ndir = \"backups\"\nrecipients_files = [\"backup-recipients.txt\"]\n\
+         verify_identity_file = \"backup-identity.txt\"\n\n\
+         [[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"nas\"\n",
+    );
     env.append_config(
         "[limits]\nregistrations_per_source = 5\nregistrations_window_secs = 3000000\n\
          admin_login_failures_per_source = 2\nadmin_login_failures_window_secs = 3000000\n\
@@ -1113,6 +1153,9 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
 
     // ---- Routing in both directions, and the server's own error answers.
     routes_match_the_document(&api).await;
+
+    // ---- Backups.
+    backup_walk(&api, b, alice, audrey, nobody).await;
 
     // ---- Key rotations, last: rotating `devices` changes its key for
     // everything after it.
@@ -2499,6 +2542,173 @@ async fn ca_key_id(api: &Api, token: Option<&str>, ca: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// Polls a backup started through the API until it is no longer `running`
+/// and no replica is `pending` (the record is visible as soon as it is
+/// committed, before its uploads).
+async fn wait_for_backup(api: &Api, token: Option<&str>, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let r = api.get(&format!("/v1/admin/backups/{id}"), token).await;
+        expect(&r, 200, None);
+        let uploading = r.json["replicas"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "pending"));
+        if r.json["status"] != "running" && !uploading {
+            return r.json;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backup {id} is still running: {}",
+            r.json
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The backup routes on a daemon with a `[backup]` section (a daemon
+/// without one answers 404 `backup_not_configured`: tests/daemon.rs).
+async fn backup_walk(
+    api: &Api,
+    b: Option<&str>,
+    alice: Option<&str>,
+    audrey: Option<&str>,
+    nobody: uuid::Uuid,
+) {
+    let list = "/v1/admin/backups";
+    let one = |id: &str| format!("{list}/{id}");
+    let verify = |id: &str| format!("{list}/{id}/verify");
+    // Nothing yet.
+    let r = api.get(list, audrey).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json, json!([]));
+    for q in ["limit=x", "include_pruned=maybe", "bogus=1"] {
+        expect(
+            &api.get(&format!("{list}?{q}"), audrey).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
+    expect(
+        &api.get(&one(&nobody.to_string()), audrey).await,
+        404,
+        Some("backup_not_found"),
+    );
+    expect(
+        &api.get(&one("nope"), audrey).await,
+        400,
+        Some("invalid_field"),
+    );
+    expect(
+        &api.post_empty(&verify("latest"), b).await,
+        404,
+        Some("backup_not_found"),
+    );
+    expect(
+        &api.post_empty(&verify(&nobody.to_string()), b).await,
+        404,
+        Some("backup_not_found"),
+    );
+    expect(
+        &api.post_empty(&verify("nope"), b).await,
+        400,
+        Some("invalid_field"),
+    );
+    // Roles: making and verifying need admin; reading, any role.
+    expect(
+        &api.post_empty(list, alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(list, audrey).await,
+        403,
+        Some("forbidden_role"),
+    );
+    expect(
+        &api.post_empty(&verify("latest"), alice).await,
+        403,
+        Some("forbidden_role"),
+    );
+    // One backup at a time: a second start while the first runs is 409.
+    // The first may finish before the second arrives; try a few times.
+    let mut made: Vec<Value> = Vec::new();
+    let mut conflict = false;
+    for _ in 0..5 {
+        let first = api.post_empty(list, b).await;
+        if first.status == 409 {
+            // The backup job's replica retry held the lock for a moment.
+            expect(&first, 409, Some("backup_running"));
+            conflict = true;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
+        expect(&first, 202, None);
+        assert_eq!(first.json["status"], "running", "{}", first.json);
+        let second = api.post_empty(list, b).await;
+        let mut ids = vec![id(&first)];
+        if second.status == 409 {
+            expect(&second, 409, Some("backup_running"));
+            conflict = true;
+        } else {
+            expect(&second, 202, None);
+            ids.push(id(&second));
+        }
+        for i in ids {
+            // A later backup may already have pruned an earlier one.
+            let done = wait_for_backup(api, audrey, &i).await;
+            assert!(
+                done["status"] == "done" || done["status"] == "pruned",
+                "{done}"
+            );
+            made.push(done);
+        }
+        if conflict {
+            break;
+        }
+    }
+    assert!(conflict, "never saw backup_running in 5 tries");
+    let newest_id = made.last().unwrap()["id"].as_str().unwrap().to_string();
+    let newest_id = newest_id.as_str();
+    let newest = api.get(&one(newest_id), audrey).await;
+    expect(&newest, 200, None);
+    let newest = newest.json;
+    assert_eq!(newest["status"], "done", "{newest}");
+    assert_eq!(newest["trigger"], "manual", "{newest}");
+    assert_eq!(newest["replicas"][0]["location"], "nas", "{newest}");
+    assert_eq!(newest["replicas"][0]["state"], "stored", "{newest}");
+    // Newest first; retention (the newest of each day) pruned the older ones.
+    let r = api.get(list, audrey).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json[0]["id"], newest["id"], "{}", r.json);
+    let r = api
+        .get(&format!("{list}?include_pruned=true&limit=1000"), audrey)
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json.as_array().unwrap().len(), made.len(), "{}", r.json);
+    if made.len() > 1 {
+        assert_eq!(r.json[1]["status"], "pruned", "{}", r.json);
+    }
+    // Verified in the spool and the location, decrypted with the identity.
+    for target in [newest_id, "latest"] {
+        let r = api.post_empty(&verify(target), b).await;
+        expect(&r, 200, None);
+        assert_eq!(r.json["backup_id"], newest["id"], "{}", r.json);
+        let results = r.json["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{}", r.json);
+        for res in results {
+            assert_eq!(res["ok"], true, "{}", r.json);
+            assert_eq!(res["depth"], "full", "{}", r.json);
+        }
+    }
+    let r = api.get(&one(newest_id), audrey).await;
+    expect(&r, 200, None);
+    assert!(
+        r.json["replicas"][0]["verified_at"].is_string(),
+        "{}",
+        r.json
+    );
 }
 
 /// Polls a rotation until it reaches `step` (`retired` while the old key

@@ -91,3 +91,31 @@ pub fn read_identities(path: &Path) -> Result<Identities, BackupError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped example: refused as it is (its placeholders are
+    /// commented out), and its placeholder lines are valid recipients.
+    #[test]
+    fn the_example_recipients_file_is_refused_as_shipped_and_its_lines_parse() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("backup/recipients.example.txt");
+        let e = read_recipients(std::slice::from_ref(&example))
+            .err()
+            .expect("the example as shipped was accepted");
+        assert!(e.to_string().contains("holds no recipient"), "{e}");
+
+        let text = std::fs::read_to_string(&example).unwrap();
+        let placeholders: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with("age1") || l.starts_with("ssh-"))
+            .collect();
+        assert_eq!(placeholders.len(), 3, "{placeholders:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let enabled = dir.path().join("recipients.txt");
+        std::fs::write(&enabled, placeholders.join("\n")).unwrap();
+        assert_eq!(read_recipients(&[enabled]).unwrap().len(), 3);
+    }
+}
