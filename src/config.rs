@@ -492,6 +492,12 @@ impl Config {
                 out.push(&w.secret);
             }
         }
+        for l in self.backup.iter().flat_map(|b| &b.locations) {
+            if let BackupLocationKind::S3(s3) = &l.kind {
+                out.extend(s3.access_key_id.iter());
+                out.extend(s3.secret_access_key.iter());
+            }
+        }
         out
     }
 }

@@ -546,3 +546,144 @@ async fn disaster_recovery_onto_a_fresh_token() {
         events[restore_at]
     );
 }
+
+/// A reqwest client that trusts only `root` (PEM).
+fn https_client(root: &Path) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = reqwest::Certificate::from_pem_bundle(&std::fs::read(root).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only(certs)
+        .build()
+        .unwrap()
+}
+
+/// The serial of the certificate a TLS server presents, by `openssl s_client`.
+fn served_serial(url: &str, root: &Path) -> String {
+    let addr = url.trim_start_matches("https://").trim_end_matches('/');
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} -CAfile '{}' -verify_return_error </dev/null 2>/dev/null | openssl x509 -noout -serial",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.starts_with("serial="),
+        "{text}"
+    );
+    text.trim().trim_start_matches("serial=").to_string()
+}
+
+#[tokio::test]
+async fn a_restored_daemon_issues_itself_a_new_tls_server_key() {
+    const TLS: &str = "\n[server.tls]\nissue = true\nissuer = \"devices\"\ndns_names = [\"localhost\"]\nip_addresses = [\"127.0.0.1\"]\n";
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (identity, _, recipients) = backup_keys(keys_dir.path());
+    let section = format!(
+        "[backup]\ndir = \"backups\"\nrecipients_files = [\"{}\"]\n\n[[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"{}\"\n{TLS}",
+        recipients.display(),
+        keys_dir.path().join("nas").display()
+    );
+    let env = Env::new();
+    env.append_config(&section);
+    env.init();
+    let daemon = env.serve();
+    let root = keys_dir.path().join("root.pem");
+    let der = get_bytes_with(
+        &https_client_unverified(),
+        &format!("{}/v1/ca/root/certificate", daemon.url),
+    )
+    .await;
+    std::fs::write(keys_dir.path().join("root.der"), &der).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-in"])
+        .arg(keys_dir.path().join("root.der"))
+        .arg("-out")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let old_serial = served_serial(&daemon.url, &root);
+    let made = env
+        .keyward()
+        .args([
+            "backup",
+            "create",
+            "--output",
+            "json",
+            "--url",
+            &daemon.url,
+            "--ca-cert",
+        ])
+        .arg(&root)
+        .arg("--token-file")
+        .arg(env.path("admin.token"))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made: Value = serde_json::from_slice(&made.stdout).unwrap();
+    let archive = keys_dir
+        .path()
+        .join("nas")
+        .join(made["file_name"].as_str().unwrap());
+    drop(daemon);
+    drop(env);
+
+    let env2 = Env::new();
+    env2.append_config(&section.replace("/nas\"", "/nas2\""));
+    let out = env2.run(&[
+        "backup",
+        "restore",
+        "--config",
+        env2.config.to_str().unwrap(),
+        "--identity-file",
+        identity.to_str().unwrap(),
+        "--output",
+        "json",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tls = report["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["purpose"] == "tls-server")
+        .unwrap_or_else(|| panic!("no TLS server key in {report}"));
+    assert_eq!(tls["outcome"], "replaced-at-start", "{report}");
+    // The restored daemon serves HTTPS again, with a new certificate that
+    // chains to the same root (s_client verifies it against the old root).
+    let daemon2 = env2.serve();
+    let new_serial = served_serial(&daemon2.url, &root);
+    assert_ne!(new_serial, old_serial);
+    let resp = https_client(&root)
+        .get(format!("{}/healthz", daemon2.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+fn https_client_unverified() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+}
+
+async fn get_bytes_with(client: &reqwest::Client, url: &str) -> Vec<u8> {
+    let resp = client.get(url).send().await.unwrap();
+    assert!(resp.status().is_success(), "{url}: {}", resp.status());
+    resp.bytes().await.unwrap().to_vec()
+}

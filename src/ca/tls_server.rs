@@ -229,25 +229,36 @@ impl CaService {
                         })),
                     );
                 for old in &replaced {
-                    change = change
-                        .write(Write::RetireServiceCertificate {
-                            serial: old.serial.clone(),
-                            at: now,
-                        })
-                        .write(Write::SetKeyState {
+                    change = change.write(Write::RetireServiceCertificate {
+                        serial: old.serial.clone(),
+                        at: now,
+                    });
+                    // A key already gone (destroyed: lost with the token a
+                    // restore replaced) has nothing left to retire.
+                    let old_active = self
+                        .store
+                        .get_key(old.key_id)
+                        .await?
+                        .is_some_and(|k| k.state == KeyState::Active);
+                    if old_active {
+                        change = change.write(Write::SetKeyState {
                             id: old.key_id,
                             from: KeyState::Active,
                             to: KeyState::Retired,
                             at: now,
-                        })
-                        .audit(
-                            AuditDraft::new(ACTOR, "key.retire", format!("key:{}", old.key_id))
-                                .details(json!({
-                                    "purpose": KeyPurpose::TlsServer.as_str(),
-                                    "certificate": old.serial,
-                                    "successor": record.serial,
-                                })),
-                        );
+                        });
+                    }
+                    change = change.audit(
+                        AuditDraft::new(ACTOR, "key.retire", format!("key:{}", old.key_id))
+                            .details(json!({
+                                "purpose": KeyPurpose::TlsServer.as_str(),
+                                "certificate": old.serial,
+                                "successor": record.serial,
+                                // false: the key was no longer active (already
+                                // destroyed); only its certificate is retired.
+                                "key_retired": old_active,
+                            })),
+                    );
                     if let Some(c) = self.store.get_certificate(&old.serial).await?
                         && c.status == CertificateStatus::Valid
                     {
