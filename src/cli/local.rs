@@ -35,14 +35,28 @@ pub async fn init(
         println!("reconciled {} unfinished key generation(s)", app.reconciled);
     }
     let created = app.state.ca.initialize("cli:init").await?;
+    let policies = app.state.ca.policies();
     for ca in app.state.ca.issuers() {
         let state = if created.contains(&ca.name) {
             "created"
         } else {
             "exists"
         };
+        // What backups do with the key: fixed when it was generated (the
+        // CA policy's `backup` rule then); read back from the device where
+        // it tells, else the policy's rule.
+        let backup = match ca.keystore.protection(&ca.handle).await {
+            Ok(p) if p.extractable => "backup: wrapped (extractable by wrapping only)",
+            Ok(_) => "backup: never (non-extractable, stays in its HSM)",
+            Err(_) => match policies.cas.iter().find(|p| p.name == ca.name) {
+                Some(p) if p.key_backup() == crate::policy::KeyBackup::WrapOnly => {
+                    "backup: wrapped (policy)"
+                }
+                _ => "backup: never (stays on its device)",
+            },
+        };
         println!(
-            "CA {:<12} {:<8} {} key {}",
+            "CA {:<12} {:<8} {} key {} ({backup})",
             ca.name, state, ca.algorithm, ca.handle
         );
     }
