@@ -406,6 +406,27 @@ async fn disaster_recovery_onto_a_fresh_token() {
         "a dry run touched the token"
     );
 
+    // The daemon's verification identity decrypts the archive but not the
+    // key that wraps the CA keys: it stays online, so that key is never
+    // sealed to it. A restore with it alone fails and changes nothing.
+    let out = env2.run(&[
+        "backup",
+        "restore",
+        "--config",
+        env2.config.to_str().unwrap(),
+        "--identity-file",
+        identity.to_str().unwrap(),
+        saved_archive.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key-wrapping key"), "{err}");
+    assert!(!env2.db.exists(), "a failed restore wrote the store");
+    assert!(
+        !pkcs11_objects(&env2).contains("Object"),
+        "a failed restore touched the token"
+    );
+
     let out = env2.run(&[
         "backup",
         "restore",

@@ -485,7 +485,26 @@ fn backup_job_makes_verifies_and_prunes_on_its_schedules() {
                 .arg(&id)
                 .output()
                 .unwrap();
-            std::fs::write(env.path("recipients.txt"), out.stdout).unwrap();
+            // The verification key and an officer's offline key (the CA
+            // keys' wrapping key is never sealed to the verification key).
+            let officer = env.path("officer-id.txt");
+            assert!(
+                std::process::Command::new("age-keygen")
+                    .arg("-o")
+                    .arg(&officer)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            );
+            let officer_pub = std::process::Command::new("age-keygen")
+                .arg("-y")
+                .arg(&officer)
+                .output()
+                .unwrap();
+            let mut recipients = out.stdout;
+            recipients.extend_from_slice(&officer_pub.stdout);
+            std::fs::write(env.path("recipients.txt"), recipients).unwrap();
             // Backups at 02:00, verification at 03:00, one daily and no
             // weekly kept: each new backup prunes the one before.
             env.append_config(

@@ -63,11 +63,17 @@ pub async fn create_archive(
     at: OffsetDateTime,
 ) -> Result<Written, BackupError> {
     let recipients = read_recipients(recipients_files)?;
+    let verify_identity = src
+        .config
+        .backup
+        .as_ref()
+        .and_then(|b| b.verify_identity_file.as_deref());
+    let kek_recipients = super::keys::kek_recipients(recipients_files, verify_identity)?;
     create_private_dir(dir)?;
     let name = file_name(id, at);
     let final_path = dir.join(&name);
     let partial = dir.join(format!("{name}.partial"));
-    let result = write(src, &partial, recipients, id, at).await;
+    let result = write(src, &partial, recipients, kek_recipients, id, at).await;
     match result {
         Ok(mut written) => {
             std::fs::rename(&partial, &final_path).map_err(|source| {
@@ -112,6 +118,7 @@ async fn write(
     src: &Sources<'_>,
     path: &Path,
     recipients: Recipients,
+    kek_recipients: Recipients,
     id: Uuid,
     at: OffsetDateTime,
 ) -> Result<Written, BackupError> {
@@ -141,7 +148,7 @@ async fn write(
     let kek_sealed = if wrapped.is_empty() {
         None
     } else {
-        Some(seal_kek(&kek, &recipients)?)
+        Some(seal_kek(&kek, &kek_recipients)?)
     };
     drop(kek);
 
@@ -420,7 +427,8 @@ fn readme(id: Uuid, at: OffsetDateTime) -> String {
          MANIFEST.json lists every member with its SHA-256, the store's schema\n\
          version, and every key: `wrapped` keys are inside (keys/<id>.wrapped,\n\
          RFC 5649 under a one-time AES key that is itself age-encrypted in\n\
-         keys/wrapping-key.age); `hardware-bound` keys need their original device.\n\n\
+         keys/wrapping-key.age to every recipient but the daemon's verification\n\
+         identity); `hardware-bound` keys need their original device.\n\n\
          Restore with: keyward backup restore --config NEW.toml --identity-file ID ARCHIVE.age\n\
          (see docs/operations.md, \"Backups and disaster recovery\").\n"
     )

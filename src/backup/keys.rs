@@ -15,7 +15,57 @@ pub type Identities = Vec<Box<dyn age::Identity + Send + Sync>>;
 /// Reads every recipient of every file; a line that is none is an error
 /// naming the file and line, and so is a file without any.
 pub fn read_recipients(files: &[std::path::PathBuf]) -> Result<Recipients, BackupError> {
+    read_recipients_except(files, None)
+}
+
+/// The public key (`age1…`) of the verification identity, an age X25519
+/// identity file: the daemon keeps it online, so the one-time key that
+/// wraps the CA keys is never sealed to it (see [`kek_recipients`]).
+pub fn verify_recipient(identity_file: &Path) -> Result<String, BackupError> {
+    let bad = |reason: &str| BackupError::KeyFile {
+        path: identity_file.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(identity_file).map_err(|e| bad(&e.to_string()))?,
+    );
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .ok_or_else(|| {
+            bad("the verification identity must be an age X25519 identity (`age-keygen`), not an SSH key")
+        })?;
+    let id = age::x25519::Identity::from_str(line).map_err(|_| bad("a bad AGE-SECRET-KEY line"))?;
+    Ok(id.to_public().to_string())
+}
+
+/// The recipients the one-time wrapping key of the CA keys is sealed to:
+/// every recipient but the daemon's own verification identity. That
+/// identity sits on the daemon's disk to decrypt archives for checking;
+/// were the wrapping key sealed to it too, that file plus an archive
+/// would give the CA keys in plaintext. Refused when nothing else is left.
+pub fn kek_recipients(
+    files: &[std::path::PathBuf],
+    verify_identity: Option<&Path>,
+) -> Result<Recipients, BackupError> {
+    let except = verify_identity.map(verify_recipient).transpose()?;
+    let out = read_recipients_except(files, except.as_deref())?;
+    if out.is_empty() {
+        return Err(BackupError::KeyFile {
+            path: verify_identity.map(Path::to_path_buf).unwrap_or_default(),
+            reason: "the verification identity is the only backup recipient: add a recipient whose identity is kept offline (the CA keys' wrapping key is never sealed to the daemon's own verification identity)".into(),
+        });
+    }
+    Ok(out)
+}
+
+fn read_recipients_except(
+    files: &[std::path::PathBuf],
+    except: Option<&str>,
+) -> Result<Recipients, BackupError> {
     let mut out: Recipients = Vec::new();
+    let mut skipped = 0usize;
     for path in files {
         let text = std::fs::read_to_string(path).map_err(|source| BackupError::KeyFile {
             path: path.clone(),
@@ -25,6 +75,10 @@ pub fn read_recipients(files: &[std::path::PathBuf]) -> Result<Recipients, Backu
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if except == Some(line) {
+                skipped += 1;
                 continue;
             }
             if let Ok(r) = age::x25519::Recipient::from_str(line) {
@@ -41,14 +95,14 @@ pub fn read_recipients(files: &[std::path::PathBuf]) -> Result<Recipients, Backu
                 });
             }
         }
-        if out.len() == before {
+        if out.len() == before && skipped == 0 {
             return Err(BackupError::KeyFile {
                 path: path.clone(),
                 reason: "holds no recipient".into(),
             });
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && except.is_none() {
         return Err(BackupError::NoRecipients);
     }
     Ok(out)

@@ -40,6 +40,11 @@ pub enum BackupError {
         .0.display()
     )]
     WrongIdentity(PathBuf),
+    #[error(
+        "{}: the given identities decrypt the archive but not its key-wrapping key, which is sealed only to the backup officers' offline recipients (never to the daemon's verification identity): restore with an officer's identity; nothing was restored",
+        .0.display()
+    )]
+    KekNotForThisIdentity(PathBuf),
     #[error("{}: {reason}; nothing was restored", path.display())]
     Corrupt { path: PathBuf, reason: String },
     #[error(
@@ -102,7 +107,7 @@ impl BackupError {
             Self::Write { source, .. } if is_disk_full(source) => "backup_disk_full",
             Self::Write { .. } => "backup_write_failed",
             Self::Read { .. } => "backup_read_failed",
-            Self::WrongIdentity(_) => "backup_wrong_identity",
+            Self::WrongIdentity(_) | Self::KekNotForThisIdentity(_) => "backup_wrong_identity",
             Self::Corrupt { .. } => "backup_corrupt",
             Self::HashMismatch { .. } => "backup_hash_mismatch",
             Self::NewerFormat { .. } => "backup_format_too_new",

@@ -403,7 +403,7 @@ fn open_kek(
         .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
         .map_err(|e| match e {
             age::DecryptError::NoMatchingKeys => {
-                BackupError::WrongIdentity(archive_path.to_path_buf())
+                BackupError::KekNotForThisIdentity(archive_path.to_path_buf())
             }
             e => corrupt(format!("{KEK_MEMBER}: {e}")),
         })?;

@@ -91,6 +91,10 @@ impl BackupService {
             return Ok(None);
         };
         super::keys::read_recipients(&settings.recipients_files)?;
+        super::keys::kek_recipients(
+            &settings.recipients_files,
+            settings.verify_identity_file.as_deref(),
+        )?;
         let verify_identities = settings
             .verify_identity_file
             .as_deref()

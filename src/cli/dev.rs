@@ -112,24 +112,37 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
             std::fs::write(&p, text)?;
         }
     }
-    // Backups of the demo go to DIR/backups, encrypted to a demo age key
-    // made once (its identity stays in DIR, mode 0600, like the PIN).
-    let backup_identity = dir.join("backup-identity.txt");
-    write_once(&backup_identity, || {
+    // Backups of the demo go to DIR/backups, encrypted to two demo age
+    // keys made once (their identities stay in DIR, mode 0600, like the
+    // PIN): the officer's, which restores, and the daemon's verification
+    // key, which only checks archives (the CA keys' wrapping key is never
+    // sealed to it).
+    let new_identity = || {
         use secrecy::ExposeSecret as _;
         Ok(age::x25519::Identity::generate()
             .to_string()
             .expose_secret()
             .to_string())
-    })?;
+    };
+    let backup_identity = dir.join("backup-identity.txt");
+    let verify_identity = dir.join("backup-verify.txt");
+    write_once(&backup_identity, new_identity)?;
+    write_once(&verify_identity, new_identity)?;
     let recipients = dir.join("backup-recipients.txt");
     if !recipients.exists() {
-        let id: age::x25519::Identity = read_secret(&backup_identity)?
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", backup_identity.display()))?;
+        let public = |path: &Path| -> anyhow::Result<String> {
+            let id: age::x25519::Identity = read_secret(path)?
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Ok(id.to_public().to_string())
+        };
         std::fs::write(
             &recipients,
-            format!("# keyward dev: the demo backup key\n{}\n", id.to_public()),
+            format!(
+                "# keyward dev: the demo backup officer\n{}\n# keyward dev: the daemon's verification key\n{}\n",
+                public(&backup_identity)?,
+                public(&verify_identity)?
+            ),
         )?;
     }
     let config = dir.join("keyward.toml");
@@ -143,7 +156,7 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<ExitCode> {
              [auth]\ntoken_pepper_file = \"pepper\"\n\n\
              [policies]\ndir = \"policies\"\n\n\
              [backup]\ndir = \"backups/spool\"\nrecipients_files = [\"backup-recipients.txt\"]\n\
-             verify_identity_file = \"backup-identity.txt\"\nschedule = \"0 2 * * *\"\nverify_schedule = \"30 2 * * *\"\n\n\
+             verify_identity_file = \"backup-verify.txt\"\nschedule = \"0 2 * * *\"\nverify_schedule = \"30 2 * * *\"\n\n\
              [[backup.locations]]\nname = \"local\"\ntype = \"dir\"\npath = \"backups/replica\"\n",
             demo_tls(listen),
             hsm.module().display()
