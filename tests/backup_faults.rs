@@ -1,0 +1,569 @@
+//! Backups and restores under bad input and faults: every failure gives
+//! its stable code (`BackupError::code()`, printed by the CLI) and changes
+//! nothing: no store file, no `*.restoring-*` file, no key left on the
+//! target token (checked with OpenSC's `pkcs11-tool`), no partial archive,
+//! no backup row. Tampered archives are made with the stock `age` CLI and
+//! the `tar` crate; full disks are real (small tmpfs mounts, needs root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/plaintext_scan.rs"]
+mod plaintext_scan;
+
+use aes_kw::cipher::KeyInit as _;
+use common::Env;
+use serde_json::Value;
+use std::io::{Read, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The backup officer's keys, made by the stock tools: (age identity,
+/// age recipient line, recipients file).
+fn officer_keys(dir: &Path) -> (PathBuf, String, PathBuf) {
+    let id = dir.join("officer-identity.txt");
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(&id)
+        .output()
+        .unwrap();
+    let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let recipients = dir.join("officer-recipients.txt");
+    std::fs::write(&recipients, format!("{recipient}\n")).unwrap();
+    (id, recipient, recipients)
+}
+
+fn backup_section(recipients: &Path, identity: &Path, spool: &str, nas: &Path) -> String {
+    format!(
+        "[backup]\ndir = \"{spool}\"\nrecipients_files = [\"{}\"]\nverify_identity_file = \"{}\"\n\
+         keep_daily = 7\nkeep_weekly = 4\n\n[[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"{}\"\n",
+        recipients.display(),
+        identity.display(),
+        nas.display()
+    )
+}
+
+fn pkcs11_objects(env: &Env) -> String {
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .arg("--module")
+        .arg(common::softhsm_module())
+        .args([
+            "--token-label",
+            &env.label,
+            "--login",
+            "--pin",
+            common::PIN,
+            "--list-objects",
+        ])
+        .output()
+        .expect("pkcs11-tool (opensc) missing: run scripts/test.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_token_empty(env: &Env, what: &str) {
+    let objects = pkcs11_objects(env);
+    assert!(
+        !objects.contains("Private Key Object") && !objects.contains("Public Key Object"),
+        "{what}: keys were left on the target token:\n{objects}"
+    );
+}
+
+/// No store and no `*.restoring-*` (or its -wal/-shm) next to where it would be.
+fn assert_no_store(db: &Path, what: &str) {
+    assert!(!db.exists(), "{what}: {} was written", db.display());
+    let dir = db.parent().unwrap();
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".restoring-"))
+        .collect();
+    assert!(left.is_empty(), "{what}: left behind {left:?}");
+}
+
+fn restore(env: &Env, archive: &Path, identity: &Path, extra: &[&str]) -> Output {
+    env.keyward()
+        .args(["backup", "restore", "--config"])
+        .arg(&env.config)
+        .arg("--identity-file")
+        .arg(identity)
+        .args(extra)
+        .arg(archive)
+        .output()
+        .unwrap()
+}
+
+/// The command failed with `code` (the CLI prints `error: <code>: <message>`); returns stderr.
+fn assert_code(out: &Output, code: &str, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{what}: succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(&format!("error: {code}: ")),
+        "{what}: expected {code}: {stderr}"
+    );
+    stderr
+}
+
+fn keyward_json(env: &Env, url: &str, args: &[&str]) -> Value {
+    let out = keyward_client(env, url, args);
+    assert!(
+        out.status.success(),
+        "keyward {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn keyward_client(env: &Env, url: &str, args: &[&str]) -> Output {
+    env.keyward()
+        .args(args)
+        .args(["--url", url, "--token-file"])
+        .arg(env.path("admin.token"))
+        .args(["--output", "json"])
+        .output()
+        .unwrap()
+}
+
+/// Decrypts with the stock age CLI (`age -d -i`), `input` on stdin.
+fn age_decrypt(identity: &Path, input: &[u8]) -> Vec<u8> {
+    pipe(Command::new("age").arg("-d").arg("-i").arg(identity), input)
+}
+
+/// Encrypts with the stock age CLI to one recipient.
+fn age_encrypt(recipient: &str, input: &[u8]) -> Vec<u8> {
+    pipe(Command::new("age").args(["-r", recipient]), input)
+}
+
+fn pipe(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The members of a decrypted archive, in order.
+fn tar_members(tar_bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    let mut out = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        out.push((name, data));
+    }
+    out
+}
+
+fn tar_build(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o600);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A tmpfs of `size` mounted on `dir` (tests run as root); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test needs root (CAP_SYS_ADMIN) to mount a small tmpfs as a full disk: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// Files under `dir` holding `needle`.
+fn files_with(dir: &Path, needle: &[u8], skip: &[&Path]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if skip.iter().any(|s| *s == path) {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+fn temp_entries() -> std::collections::BTreeSet<PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Restores of broken archives (truncated, corrupted, for another identity,
+/// from a newer format, with an altered member, onto a full disk) fail with
+/// their codes and leave the fresh target untouched; a good one succeeds; a
+/// second one is refused without --force and with it moves the old store
+/// aside byte for byte; and no plaintext of the restored issuing key is
+/// anywhere on disk.
+#[tokio::test]
+async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
+    let temp_before = temp_entries();
+    let officer = tempfile::tempdir().unwrap();
+    let (identity, recipient, recipients) = officer_keys(officer.path());
+    let loc = tempfile::tempdir().unwrap();
+    let nas = loc.path().join("nas");
+    let work = tempfile::tempdir().unwrap();
+
+    // The source installation, one backup, verified.
+    let env = Env::new();
+    env.append_config(&backup_section(&recipients, &identity, "backups", &nas));
+    env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let made = keyward_json(&env, &url, &["backup", "create"]);
+    assert_eq!(made["status"], "done", "{made}");
+    let file = made["file_name"].as_str().unwrap().to_string();
+    let verified = keyward_json(&env, &url, &["backup", "verify"]);
+    for r in verified["results"].as_array().unwrap() {
+        assert_eq!(r["ok"], true, "{verified}");
+    }
+    drop(daemon);
+    let archive = nas.join(&file);
+    let bytes = std::fs::read(&archive).unwrap();
+
+    // The target: a fresh token, no store.
+    let env2 = Env::new();
+    env2.append_config(&backup_section(
+        &recipients,
+        &identity,
+        "backups",
+        &loc.path().join("nas2"),
+    ));
+    let bad = |name: &str, data: &[u8]| {
+        let p = work.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+
+    // 1. Truncated: at half, and by one byte.
+    for (name, cut) in [("half", bytes.len() / 2), ("one-byte", bytes.len() - 1)] {
+        let p = bad(&format!("truncated-{name}.age"), &bytes[..cut]);
+        let err = assert_code(
+            &restore(&env2, &p, &identity, &[]),
+            "backup_corrupt",
+            &format!("truncated {name}"),
+        );
+        assert!(
+            err.contains("truncated") || err.contains("damaged"),
+            "truncated {name}: {err}"
+        );
+        assert_no_store(&env2.db, name);
+        assert_token_empty(&env2, name);
+    }
+
+    // 2. One byte flipped in the middle.
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    let p = bad("flipped.age", &flipped);
+    assert_code(
+        &restore(&env2, &p, &identity, &[]),
+        "backup_corrupt",
+        "flipped",
+    );
+    assert_no_store(&env2.db, "flipped");
+    assert_token_empty(&env2, "flipped");
+
+    // 3. An identity the archive was not encrypted to.
+    let stranger = tempfile::tempdir().unwrap();
+    let (stranger_id, _, _) = officer_keys(stranger.path());
+    let err = assert_code(
+        &restore(&env2, &archive, &stranger_id, &[]),
+        "backup_wrong_identity",
+        "wrong identity",
+    );
+    assert!(err.contains("none of the given age identities"), "{err}");
+    assert_no_store(&env2.db, "wrong identity");
+    assert_token_empty(&env2, "wrong identity");
+
+    // 4. and 5. Rewritten with age + tar: a newer manifest format, an altered store member.
+    let plain = age_decrypt(&identity, &bytes);
+    let members = tar_members(&plain);
+    assert_eq!(members.last().unwrap().0, "MANIFEST.json");
+    let mut newer = members.clone();
+    let mut manifest: Value = serde_json::from_slice(&newer.last().unwrap().1).unwrap();
+    assert_eq!(manifest["format_version"], 1);
+    manifest["format_version"] = 2.into();
+    newer.last_mut().unwrap().1 = serde_json::to_vec_pretty(&manifest).unwrap();
+    let p = bad("newer.age", &age_encrypt(&recipient, &tar_build(&newer)));
+    let err = assert_code(
+        &restore(&env2, &p, &identity, &[]),
+        "backup_format_too_new",
+        "newer format",
+    );
+    assert!(err.contains("format version 2"), "{err}");
+    assert_no_store(&env2.db, "newer format");
+    assert_token_empty(&env2, "newer format");
+
+    let mut altered = members.clone();
+    let store_member = altered
+        .iter_mut()
+        .find(|(n, _)| n.starts_with("store/"))
+        .unwrap();
+    let name = store_member.0.clone();
+    let at = store_member.1.len() / 2;
+    store_member.1[at] ^= 0x20;
+    let p = bad(
+        "altered.age",
+        &age_encrypt(&recipient, &tar_build(&altered)),
+    );
+    let err = assert_code(
+        &restore(&env2, &p, &identity, &[]),
+        "backup_hash_mismatch",
+        "altered member",
+    );
+    assert!(err.contains(&name), "{err}");
+    assert_no_store(&env2.db, "altered member");
+    assert_token_empty(&env2, "altered member");
+    // The unaltered rebuild restores (dry run): the rewriting itself is sound.
+    let p = bad(
+        "rebuilt.age",
+        &age_encrypt(&recipient, &tar_build(&members)),
+    );
+    let out = restore(&env2, &p, &identity, &["--dry-run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 8. The store's disk is full: the keys unwrapped before are destroyed again.
+    let full_dir = work.path().join("full");
+    let full = Tmpfs::mount(&full_dir, "64k");
+    let config_text = std::fs::read_to_string(&env2.config).unwrap();
+    let full_db = full_dir.join("keyward.db");
+    std::fs::write(
+        &env2.config,
+        config_text.replace(
+            "path = \"keyward.db\"",
+            &format!("path = \"{}\"", full_db.display()),
+        ),
+    )
+    .unwrap();
+    let out = restore(&env2, &archive, &identity, &[]);
+    assert!(
+        !out.status.success(),
+        "a restore onto a full disk succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("full"), "{err}");
+    assert_no_store(&full_db, "full disk");
+    assert_token_empty(&env2, "full disk");
+    std::fs::write(&env2.config, &config_text).unwrap();
+    drop(full);
+
+    // A good restore.
+    let out = restore(&env2, &archive, &identity, &["--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["outcome"] == "unwrapped"),
+        "{report}"
+    );
+
+    // 9. A non-empty target is refused without --force and nothing changes.
+    let db_before = std::fs::read(&env2.db).unwrap();
+    let objects_before = pkcs11_objects(&env2);
+    let err = assert_code(
+        &restore(&env2, &archive, &identity, &[]),
+        "restore_target_not_empty",
+        "non-empty store",
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&env2.db).unwrap(), db_before);
+    assert_eq!(pkcs11_objects(&env2), objects_before);
+    // A store moved away still leaves a token with keys: refused as well.
+    let moved = env2.path("moved.db");
+    std::fs::rename(&env2.db, &moved).unwrap();
+    let err = assert_code(
+        &restore(&env2, &archive, &identity, &[]),
+        "restore_target_not_empty",
+        "non-empty token",
+    );
+    assert!(err.contains("key store"), "{err}");
+    assert_no_store(&env2.db, "non-empty token");
+    assert_eq!(pkcs11_objects(&env2), objects_before);
+    std::fs::rename(&moved, &env2.db).unwrap();
+    // With --force: the old database is moved aside, never deleted.
+    let out = restore(&env2, &archive, &identity, &["--force", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let replaced = PathBuf::from(report["replaced"].as_str().unwrap());
+    assert!(
+        replaced
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("keyward.db.replaced-"),
+        "{replaced:?}"
+    );
+    assert_eq!(std::fs::read(&replaced).unwrap(), db_before);
+    let out = env2.run(&["audit", "verify", "--config", env2.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 10. The issuing key's plaintext, recovered here from the archive…
+    let manifest: Value = serde_json::from_slice(&members.last().unwrap().1).unwrap();
+    let entry = manifest["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["label"].as_str().unwrap().contains("keyward-ca-devices-"))
+        .unwrap();
+    assert_eq!(entry["backup"]["kind"], "wrapped", "{manifest}");
+    let member = |name: &str| {
+        members
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
+            .1
+            .clone()
+    };
+    let kek = age_decrypt(&identity, &member("keys/wrapping-key.age"));
+    assert_eq!(kek.len(), 32);
+    let wrapped = member(entry["backup"]["member"].as_str().unwrap());
+    let kek: [u8; 32] = kek.as_slice().try_into().unwrap();
+    let kwp = aes_kw::KwpAes256::new((&kek).into());
+    let mut buf = vec![0u8; wrapped.len() - 8];
+    let len = kwp.unwrap_key(&wrapped, &mut buf).unwrap().len();
+    buf.truncate(len);
+    // SoftHSM zero-pads the PKCS#8 DER to a multiple of 8 before wrapping.
+    let der_len = {
+        use der::{Decode, Reader};
+        let mut r = der::SliceReader::new(&buf).unwrap();
+        der::asn1::AnyRef::decode(&mut r).unwrap();
+        usize::try_from(r.position()).unwrap()
+    };
+    assert!(buf[der_len..].iter().all(|b| *b == 0));
+    buf.truncate(der_len);
+    let pkcs8 = buf;
+
+    // …the scan finds it where it is (so it can fail)…
+    let canary = tempfile::tempdir().unwrap();
+    let pem = der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &pkcs8).unwrap();
+    std::fs::write(canary.path().join("leak.pem"), &pem).unwrap();
+    std::fs::write(canary.path().join("leak.der"), &pkcs8).unwrap();
+    assert_eq!(
+        plaintext_scan::files_holding(canary.path(), &pkcs8).len(),
+        2,
+        "the scan misses a planted key"
+    );
+    assert_eq!(
+        files_with(canary.path(), b"PRIVATE KEY-----", &[]).len(),
+        1,
+        "the marker scan misses a planted PEM"
+    );
+    drop(canary);
+
+    // …and nowhere else: spool, location, both installations (stores, tokens,
+    // configs), the work dir, and whatever this test made in the temp dir.
+    let mut dirs: Vec<PathBuf> = vec![
+        env.path("backups"),
+        nas.clone(),
+        env.dir.path().to_path_buf(),
+        env2.dir.path().to_path_buf(),
+        loc.path().to_path_buf(),
+        work.path().to_path_buf(),
+        officer.path().to_path_buf(),
+    ];
+    dirs.extend(
+        temp_entries()
+            .difference(&temp_before)
+            .filter(|p| p.is_dir())
+            .cloned(),
+    );
+    for d in &dirs {
+        let found = plaintext_scan::files_holding(d, &pkcs8);
+        assert!(found.is_empty(), "plaintext key material in {found:?}");
+    }
+    // No PEM private key in our own dirs (the officer's age identity is not PEM).
+    for d in &dirs[..7] {
+        let found = files_with(d, b"PRIVATE KEY-----", &[]);
+        assert!(found.is_empty(), "a PEM private key in {found:?}");
+    }
+}
