@@ -567,3 +567,190 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
         assert!(found.is_empty(), "a PEM private key in {found:?}");
     }
 }
+
+/// The value of the sample of `name` whose labels include every `labels` pair (0 if absent).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+fn backup_rows(env: &Env) -> i64 {
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    c.query_row("SELECT COUNT(*) FROM backups", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A full spool disk fails the backup with `backup_disk_full`, leaves no
+/// partial file and no row, and is audited and counted; then, on a working
+/// spool with retention at its minimum: a byte flipped in the location's
+/// copy fails verification there (the spool stays OK), and of three backups
+/// the two older are pruned from the store, the spool and the location,
+/// each with its own audit event.
+#[tokio::test]
+async fn full_spool_tampered_replica_and_pruning() {
+    let officer = tempfile::tempdir().unwrap();
+    let (identity, _, recipients) = officer_keys(officer.path());
+    let loc = tempfile::tempdir().unwrap();
+    let nas = loc.path().join("nas");
+    let env = Env::new();
+    let base = std::fs::read_to_string(&env.config).unwrap();
+
+    // 8. The spool is a 64 KiB tmpfs, mostly filled: no archive fits.
+    let full_dir = env.path("spool-full");
+    let full = Tmpfs::mount(&full_dir, "64k");
+    std::fs::write(full_dir.join("filler"), vec![0u8; 48 * 1024]).unwrap();
+    env.append_config(
+        &backup_section(&recipients, &identity, full_dir.to_str().unwrap(), &nas).replace(
+            "keep_daily = 7\nkeep_weekly = 4",
+            "keep_daily = 0\nkeep_weekly = 0",
+        ),
+    );
+    env.init();
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let errors_before = metric(
+        &common::metrics_text(&url).await,
+        "keyward_backups_total",
+        &[("result", "error")],
+    );
+    let out = keyward_client(&env, &url, &["backup", "create"]);
+    assert!(!out.status.success(), "a backup onto a full disk succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("backup_disk_full"), "{err}");
+    assert!(err.contains("disk is full"), "{err}");
+    assert_eq!(files_in(&full_dir), ["filler"], "a partial file was left");
+    assert_eq!(backup_rows(&env), 0);
+    assert!(
+        env.audit_after(0)
+            .iter()
+            .any(|(_, action, outcome)| action == "backup.create" && outcome == "failure"),
+        "{:?}",
+        env.audit_after(0)
+    );
+    let errors_after = metric(
+        &common::metrics_text(&url).await,
+        "keyward_backups_total",
+        &[("result", "error")],
+    );
+    assert_eq!(errors_after, errors_before + 1.0);
+    assert!(daemon.stop().success());
+    drop(daemon);
+    drop(full);
+
+    // A working spool.
+    std::fs::write(&env.config, &base).unwrap();
+    env.append_config(
+        &backup_section(&recipients, &identity, "backups", &nas).replace(
+            "keep_daily = 7\nkeep_weekly = 4",
+            "keep_daily = 0\nkeep_weekly = 0",
+        ),
+    );
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let spool = env.path("backups");
+
+    // 12. Three backups, retention keeps only the newest.
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let b = keyward_json(&env, &url, &["backup", "create"]);
+        assert_eq!(b["status"], "done", "{b}");
+        assert_eq!(b["replicas"][0]["state"], "stored", "{b}");
+        made.push(b);
+    }
+    let all = keyward_json(&env, &url, &["backup", "list", "--all"]);
+    let status_of = |id: &Value| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == *id)
+            .unwrap_or_else(|| panic!("{id} not listed: {all}"))["status"]
+            .clone()
+    };
+    assert_eq!(status_of(&made[0]["id"]), "pruned", "{all}");
+    assert_eq!(status_of(&made[1]["id"]), "pruned", "{all}");
+    assert_eq!(status_of(&made[2]["id"]), "done", "{all}");
+    let newest = made[2]["file_name"].as_str().unwrap().to_string();
+    assert_eq!(files_in(&spool), [newest.clone()]);
+    assert_eq!(files_in(&nas), [newest.clone()]);
+    let pruned: Vec<Value> = env
+        .audit_details_after(0)
+        .into_iter()
+        .filter(|e| e.0 == "backup.prune")
+        .map(|e| e.3)
+        .collect();
+    assert_eq!(pruned.len(), 2, "{pruned:?}");
+    for old in &made[..2] {
+        assert!(
+            pruned
+                .iter()
+                .any(|d| d.to_string().contains(old["id"].as_str().unwrap())),
+            "no backup.prune event for {old}: {pruned:?}"
+        );
+    }
+
+    // 11. A byte flipped in the location's copy.
+    let failures_before = metric(
+        &common::metrics_text(&url).await,
+        "keyward_backup_failures_total",
+        &[("location", "nas"), ("stage", "verify")],
+    );
+    let replica = nas.join(&newest);
+    let mut bytes = std::fs::read(&replica).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&replica, &bytes).unwrap();
+    let out = keyward_client(&env, &url, &["backup", "verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = |name: &str| {
+        report["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["location"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+    };
+    assert_eq!(result("spool")["ok"], true, "{report}");
+    assert_eq!(result("nas")["ok"], false, "{report}");
+    assert_eq!(
+        result("nas")["code"],
+        "backup_checksum_mismatch",
+        "{report}"
+    );
+    let failures_after = metric(
+        &common::metrics_text(&url).await,
+        "keyward_backup_failures_total",
+        &[("location", "nas"), ("stage", "verify")],
+    );
+    assert!(
+        failures_after > failures_before,
+        "{failures_before} -> {failures_after}"
+    );
+    drop(daemon);
+}
