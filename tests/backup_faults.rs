@@ -690,8 +690,8 @@ async fn full_spool_tampered_replica_and_pruning() {
     assert_eq!(status_of(&made[1]["id"]), "pruned", "{all}");
     assert_eq!(status_of(&made[2]["id"]), "done", "{all}");
     let newest = made[2]["file_name"].as_str().unwrap().to_string();
-    assert_eq!(files_in(&spool), [newest.clone()]);
-    assert_eq!(files_in(&nas), [newest.clone()]);
+    assert_eq!(files_in(&spool), vec![newest.clone()]);
+    assert_eq!(files_in(&nas), vec![newest.clone()]);
     let pruned: Vec<Value> = env
         .audit_details_after(0)
         .into_iter()
