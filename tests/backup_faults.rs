@@ -754,3 +754,224 @@ async fn full_spool_tampered_replica_and_pruning() {
     );
     drop(daemon);
 }
+
+// --- A token without key wrapping (in process). ---
+
+use async_trait::async_trait;
+use keyward::keystore::{
+    Capabilities, GeneratedKey, KeyHandle, KeySpec, KeyStore, KeyStoreError, KeyStores,
+};
+use keyward::model::KeyAlgorithm;
+use std::sync::Arc;
+
+const WRAP_CHILD: &str = "KEYWARD_TEST_NOWRAP_CONFIG";
+const WRAP_TARGET: &str = "KEYWARD_TEST_NOWRAP_TARGET";
+const WRAP_OFFICER: &str = "KEYWARD_TEST_NOWRAP_OFFICER";
+
+/// A FAKE: the real PKCS#11 key store on SoftHSM2, reporting that it cannot
+/// wrap keys. SoftHSM2 always offers CKM_AES_KEY_WRAP_PAD and no real token
+/// without it can run here, so the capability is overridden; everything
+/// else (keys, signing, listing, destroying) is the real token.
+struct NoWrap {
+    inner: Arc<dyn KeyStore>,
+    caps: Capabilities,
+}
+
+impl NoWrap {
+    fn new(inner: Arc<dyn KeyStore>) -> Arc<Self> {
+        let mut caps = inner.capabilities().clone();
+        caps.can_wrap_keys = false;
+        Arc::new(Self { inner, caps })
+    }
+}
+
+#[async_trait]
+impl KeyStore for NoWrap {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    fn planned_handle(&self, spec: &KeySpec) -> KeyHandle {
+        self.inner.planned_handle(spec)
+    }
+    async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
+        self.inner.generate(spec).await
+    }
+    async fn public_key(&self, handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError> {
+        self.inner.public_key(handle).await
+    }
+    async fn sign(
+        &self,
+        handle: &KeyHandle,
+        algorithm: KeyAlgorithm,
+        message: &[u8],
+    ) -> Result<Vec<u8>, KeyStoreError> {
+        self.inner.sign(handle, algorithm, message).await
+    }
+    async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError> {
+        self.inner.exists(handle).await
+    }
+    async fn protection(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<keyward::keystore::KeyProtection, KeyStoreError> {
+        self.inner.protection(handle).await
+    }
+    async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
+        self.inner.destroy(handle).await
+    }
+    async fn list(&self) -> Result<Vec<(KeyHandle, String)>, KeyStoreError> {
+        self.inner.list().await
+    }
+    async fn health(&self) -> Result<(), KeyStoreError> {
+        self.inner.health().await
+    }
+    async fn close(&self) -> Result<(), KeyStoreError> {
+        self.inner.close().await
+    }
+}
+
+/// A backup of an extractable key through a key store that cannot wrap is
+/// refused (`backup_wrap_unsupported`, no file); so is a restore of a
+/// wrapped key into one, before anything is written. Runs in a child
+/// process whose SOFTHSM2_CONF names the test's tokens.
+#[tokio::test]
+async fn token_without_wrapping() {
+    if let Some(cfg) = std::env::var_os(WRAP_CHILD) {
+        return wrap_child(
+            Path::new(&cfg),
+            Path::new(&std::env::var_os(WRAP_TARGET).unwrap()),
+            Path::new(&std::env::var_os(WRAP_OFFICER).unwrap()),
+        )
+        .await;
+    }
+    let officer = tempfile::tempdir().unwrap();
+    officer_keys(officer.path());
+    let env = Env::new();
+    env.init();
+    // The restore target: a second, empty token next to the first, and no store.
+    let target = Env {
+        dir: tempfile::tempdir().unwrap(),
+        softhsm_conf: env.softhsm_conf.clone(),
+        config: env.path("target.toml"),
+        db: env.path("target.db"),
+        label: "kw-target".into(),
+    };
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .args(["--init-token", "--free", "--label", "kw-target", "--so-pin"])
+        .arg(common::SO_PIN)
+        .arg("--pin")
+        .arg(common::PIN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let text = text
+        .replace(
+            &format!("token_label = \"{}\"", env.label),
+            "token_label = \"kw-target\"",
+        )
+        .replace("path = \"keyward.db\"", "path = \"target.db\"");
+    std::fs::write(&target.config, text).unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["token_without_wrapping", "--exact", "--nocapture"])
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .env(WRAP_CHILD, &env.config)
+        .env(WRAP_TARGET, &target.config)
+        .env(WRAP_OFFICER, officer.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the in-process part failed");
+    // The child really ran (a name filter matching nothing would pass silently).
+    let made = files_in(&officer.path().join("spool"));
+    assert!(
+        made.len() == 1 && made[0].ends_with(".age"),
+        "the child made no archive: {made:?}"
+    );
+    // Checked from outside: nothing on the target token, no store.
+    assert_token_empty(&target, "restore through a key store that cannot wrap");
+    assert_no_store(&target.db, "restore through a key store that cannot wrap");
+    assert!(pkcs11_objects(&env).contains("Private Key Object"));
+}
+
+async fn wrap_child(config: &Path, target: &Path, officer: &Path) {
+    use keyward::backup::create::{Sources, create_archive};
+    use keyward::backup::restore::{RestoreOptions, restore};
+    let config = keyward::config::Config::load(config).unwrap();
+    let clock = Arc::new(keyward::clock::SystemClock);
+    let metrics = Arc::new(keyward::metrics::Metrics::new().unwrap());
+    let store = keyward::app::open_store(&config, clock, metrics).unwrap();
+    let real = keyward::app::open_keystore("default", &config.keystore)
+        .await
+        .unwrap();
+    let recipients = vec![officer.join("officer-recipients.txt")];
+    let now = time::OffsetDateTime::now_utc();
+
+    // Through the fake: refused, and no file (not even a partial one) in the spool.
+    let spool = officer.join("spool-nowrap");
+    let fake = KeyStores::new(NoWrap::new(real.clone()));
+    let src = Sources {
+        config: &config,
+        store: store.as_ref(),
+        keystores: &fake,
+    };
+    let Err(err) = create_archive(&src, &spool, &recipients, uuid::Uuid::now_v7(), now).await
+    else {
+        panic!("a backup through a key store that cannot wrap succeeded");
+    };
+    assert_eq!(err.code(), "backup_wrap_unsupported", "{err}");
+    assert!(err.to_string().contains("keyward-ca-devices-"), "{err}");
+    assert!(files_in(&spool).is_empty(), "{:?}", files_in(&spool));
+
+    // Through the real store: the issuing key is wrapped in the archive.
+    let real_stores = KeyStores::new(real.clone());
+    let src = Sources {
+        config: &config,
+        store: store.as_ref(),
+        keystores: &real_stores,
+    };
+    let written = create_archive(
+        &src,
+        &officer.join("spool"),
+        &recipients,
+        uuid::Uuid::now_v7(),
+        now,
+    )
+    .await
+    .unwrap();
+    assert!(
+        written.manifest.keys.iter().any(|k| matches!(
+            k.backup,
+            keyward::backup::archive::KeyDisposition::Wrapped { .. }
+        )),
+        "no wrapped key in the archive"
+    );
+
+    // Restoring it onto the empty target token through the fake: refused.
+    let target_config = keyward::config::Config::load(target).unwrap();
+    let target_real = keyward::app::open_keystore("default", &target_config.keystore)
+        .await
+        .unwrap();
+    let target_fake = KeyStores::new(NoWrap::new(target_real.clone()));
+    let opts = RestoreOptions {
+        archive: written.path.clone(),
+        identity_files: vec![officer.join("officer-identity.txt")],
+        force: false,
+        dry_run: false,
+        actor: "test".into(),
+    };
+    let Err(err) = restore(&target_config, &target_fake, &opts, now).await else {
+        panic!("a restore of a wrapped key through a key store that cannot wrap succeeded");
+    };
+    assert_eq!(err.code(), "backup_wrap_unsupported", "{err}");
+    assert!(target_real.list().await.unwrap().is_empty());
+    let _ = target_real.close().await;
+    let _ = real.close().await;
+}
