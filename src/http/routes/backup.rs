@@ -170,14 +170,20 @@ pub async fn show(
     admin.require(Role::Auditor)?;
     let svc = service(&state)?;
     let id = parse_id(&id)?;
+    // A started backup is recorded before its replicas are uploaded: it
+    // stays `running` until they are, so `backup create` waits for them.
+    let run = svc.run_state(id);
+    if let Some(RunState::Running { started_at }) = run {
+        return Ok(Json(json!({
+            "id": id, "status": "running", "started_at": rfc3339(from_unix(started_at)),
+        }))
+        .into_response());
+    }
     if let Some(b) = state.store.get_backup(id).await? {
         return Ok(Json(BackupView::from(b)).into_response());
     }
-    match svc.run_state(id) {
-        Some(RunState::Running { started_at }) => Ok(Json(json!({
-            "id": id, "status": "running", "started_at": rfc3339(from_unix(started_at)),
-        }))
-        .into_response()),
+    match run {
+        Some(RunState::Running { .. }) => Err(BackupError::Unknown(id).into()),
         Some(RunState::Failed { code, error }) => Ok(Json(json!({
             "id": id, "status": "failed", "code": code, "error": error,
         }))
