@@ -975,3 +975,180 @@ async fn wrap_child(config: &Path, target: &Path, officer: &Path) {
     let _ = target_real.close().await;
     let _ = real.close().await;
 }
+
+// --- Locations that cannot take the archive (one SeaweedFS). ---
+
+#[path = "common/seaweed.rs"]
+mod seaweed;
+
+/// Webhook deliveries: the `keyward-event` header of each.
+#[derive(Clone, Default)]
+struct Hooks(Arc<std::sync::Mutex<Vec<String>>>);
+
+async fn hook(
+    axum::extract::State(h): axum::extract::State<Hooks>,
+    headers: axum::http::HeaderMap,
+) -> &'static str {
+    let event = headers
+        .get("keyward-event")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    h.0.lock().unwrap().push(event);
+    "ok"
+}
+
+fn s3_location(name: &str, endpoint: &str, prefix: &str, creds: &str, dir: &Path) -> String {
+    format!(
+        "\n[[backup.locations]]\nname = \"{name}\"\ntype = \"s3\"\nbucket = \"keyward-backups\"\n\
+         prefix = \"{prefix}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nallow_http = true\n\
+         timeout_secs = 5\naccess_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+        dir.join(format!("{creds}.id")).display(),
+        dir.join(format!("{creds}.key")).display()
+    )
+}
+
+/// A location on a closed port and one whose credentials may not write:
+/// the backup is still made (spool copy), both replicas fail with their
+/// error, audited, counted, pending and notified; with the locations
+/// fixed and the daemon restarted, the backup job retries them to `stored`.
+#[tokio::test]
+async fn unreachable_and_read_only_locations_then_retried() {
+    let officer = tempfile::tempdir().unwrap();
+    let (identity, _, recipients) = officer_keys(officer.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut weed = seaweed::Seaweed::start(
+        &tmp.path().join("weed"),
+        &[
+            seaweed::Identity {
+                name: "admin",
+                access_key: "keyward-admin".into(),
+                secret_key: "admin-secret-0123456789".into(),
+                actions: &["Admin", "Read", "List", "Write", "Tagging"],
+            },
+            seaweed::Identity {
+                name: "reader",
+                access_key: "keyward-reader".into(),
+                secret_key: "reader-secret-0123456789".into(),
+                actions: &["Read", "List"],
+            },
+        ],
+    );
+    weed.create_bucket("keyward-backups");
+    for (tag, id, key) in [
+        ("admin", "keyward-admin", "admin-secret-0123456789"),
+        ("reader", "keyward-reader", "reader-secret-0123456789"),
+    ] {
+        std::fs::write(tmp.path().join(format!("{tag}.id")), id).unwrap();
+        std::fs::write(tmp.path().join(format!("{tag}.key")), key).unwrap();
+    }
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let hooks = Hooks::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(hook).with_state(hooks.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let env = Env::new();
+    std::fs::write(env.path("hook.secret"), "webhook-secret-0123456789abcdef").unwrap();
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    let backup = format!(
+        "[backup]\ndir = \"backups\"\nrecipients_files = [\"{}\"]\nverify_identity_file = \"{}\"\n\
+         retry_min_secs = 1\nretry_max_secs = 2\n\n\
+         [[notify]]\ntype = \"webhook\"\nurl = \"{hook_url}\"\nsecret_file = \"hook.secret\"\n",
+        recipients.display(),
+        identity.display(),
+    );
+    env.append_config(&format!(
+        "{backup}{}{}",
+        s3_location(
+            "down",
+            &format!("http://127.0.0.1:{closed}"),
+            "down/",
+            "admin",
+            tmp.path()
+        ),
+        s3_location("ro", &weed.endpoint, "ro/", "reader", tmp.path()),
+    ));
+    env.init();
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let made = keyward_json(&env, &url, &["backup", "create"]);
+    assert_eq!(made["status"], "done", "{made}");
+    let file = made["file_name"].as_str().unwrap().to_string();
+    assert!(env.path("backups").join(&file).exists(), "no spool copy");
+    for r in made["replicas"].as_array().unwrap() {
+        assert_eq!(r["state"], "failed", "{made}");
+        assert!(
+            r["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{made}"
+        );
+    }
+    let replicate_failures = env
+        .audit_after(0)
+        .into_iter()
+        .filter(|(_, a, o)| a == "backup.replicate" && o == "failure")
+        .count();
+    assert_eq!(replicate_failures, 2, "{:?}", env.audit_after(0));
+    let metrics = common::metrics_text(&url).await;
+    for loc in ["down", "ro"] {
+        assert!(
+            metric(
+                &metrics,
+                "keyward_backup_failures_total",
+                &[("location", loc), ("stage", "replicate")]
+            ) > 0.0,
+            "{loc}: {metrics}"
+        );
+    }
+    assert!(metric(&metrics, "keyward_backup_replicas_pending", &[]) > 0.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got = hooks.0.lock().unwrap().clone();
+        if got.iter().filter(|e| *e == "backup.replica_failed").count() >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no backup.replica_failed notifications: {got:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(daemon.stop().success());
+    drop(daemon);
+
+    // Fixed: both at the server, with credentials that may write.
+    std::fs::write(&env.config, &base).unwrap();
+    env.append_config(&format!(
+        "{backup}{}{}",
+        s3_location("down", &weed.endpoint, "down/", "admin", tmp.path()),
+        s3_location("ro", &weed.endpoint, "ro/", "admin", tmp.path()),
+    ));
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    // The backup job's first tick is one interval (30 s) after start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let listed = keyward_json(&env, &url, &["backup", "list"]);
+        let replicas = listed[0]["replicas"].as_array().unwrap().clone();
+        if replicas.iter().all(|r| r["state"] == "stored") {
+            assert_eq!(replicas.len(), 2, "{listed}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicas were never retried: {listed}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let metrics = common::metrics_text(&url).await;
+    assert_eq!(
+        metric(&metrics, "keyward_backup_replicas_pending", &[]),
+        0.0,
+        "{metrics}"
+    );
+    drop(daemon);
+}
