@@ -978,8 +978,7 @@ async fn wrap_child(config: &Path, target: &Path, officer: &Path) {
 
 // --- Locations that cannot take the archive (one SeaweedFS). ---
 
-#[path = "common/seaweed.rs"]
-mod seaweed;
+use common::seaweed;
 
 /// Webhook deliveries: the `keyward-event` header of each.
 #[derive(Clone, Default)]
