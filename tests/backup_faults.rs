@@ -410,13 +410,12 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
         ),
     )
     .unwrap();
-    let out = restore(&env2, &archive, &identity, &[]);
-    assert!(
-        !out.status.success(),
-        "a restore onto a full disk succeeded"
+    let err = assert_code(
+        &restore(&env2, &archive, &identity, &[]),
+        "backup_disk_full",
+        "full disk",
     );
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains("full"), "{err}");
+    assert!(err.contains("disk is full"), "{err}");
     assert_no_store(&full_db, "full disk");
     assert_token_empty(&env2, "full disk");
     std::fs::write(&env2.config, &config_text).unwrap();
