@@ -227,7 +227,7 @@ impl Drop for Tmpfs {
 }
 
 /// Files under `dir` holding `needle`.
-fn files_with(dir: &Path, needle: &[u8], skip: &[&Path]) -> Vec<PathBuf> {
+fn files_with(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -236,12 +236,13 @@ fn files_with(dir: &Path, needle: &[u8], skip: &[&Path]) -> Vec<PathBuf> {
         };
         for e in entries.flatten() {
             let path = e.path();
-            if skip.iter().any(|s| *s == path) {
+            let Ok(kind) = e.file_type() else {
                 continue;
-            }
-            if path.is_dir() {
+            };
+            if kind.is_dir() {
                 stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path)
+            } else if kind.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
                 && bytes.windows(needle.len()).any(|w| w == needle)
             {
                 found.push(path);
@@ -533,7 +534,7 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
         "the scan misses a planted key"
     );
     assert_eq!(
-        files_with(canary.path(), b"PRIVATE KEY-----", &[]).len(),
+        files_with(canary.path(), b"PRIVATE KEY-----").len(),
         1,
         "the marker scan misses a planted PEM"
     );
@@ -562,7 +563,7 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
     }
     // No PEM private key in our own dirs (the officer's age identity is not PEM).
     for d in &dirs[..7] {
-        let found = files_with(d, b"PRIVATE KEY-----", &[]);
+        let found = files_with(d, b"PRIVATE KEY-----");
         assert!(found.is_empty(), "a PEM private key in {found:?}");
     }
 }
