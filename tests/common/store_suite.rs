@@ -2281,6 +2281,10 @@ pub async fn counts_name_every_table(cx: Cx) {
                 at: T0,
             },
             Write::InsertRotation(rotation(KeyPurpose::IssuingCa, "root", k.id, T0)),
+            Write::RecordBackup {
+                record: backup("keyward-counted.age", T0),
+                locations: vec!["nas".into()],
+            },
         ],
     )
     .await;
