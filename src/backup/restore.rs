@@ -259,7 +259,10 @@ pub async fn restore(
         Ok(seq) => seq,
         Err(e) => {
             undo_unwraps(keystores, &unwrapped).await;
-            return Err(e);
+            return Err(disk_full_as_write(
+                e,
+                &restoring_path(&db, manifest.backup_id),
+            ));
         }
     };
     report.audit_seq = Some(seq);
@@ -465,6 +468,24 @@ async fn undo_unwraps(keystores: &KeyStores, unwrapped: &[(String, KeyHandle)]) 
             tracing::error!(handle = %h.0, error = %e, "could not destroy a key restored by a failed restore; destroy it by hand");
         }
     }
+}
+
+/// SQLite's "database or disk is full" while loading the store is the disk
+/// filling up: said as such (`backup_disk_full`, as a backup says it), not
+/// as an unavailable store.
+fn disk_full_as_write(e: BackupError, path: &Path) -> BackupError {
+    use crate::store::{DatabaseError, StoreError};
+    if let BackupError::Store(StoreError::Database(DatabaseError::Sqlite(
+        rusqlite::Error::SqliteFailure(f, _),
+    ))) = &e
+        && f.code == rusqlite::ErrorCode::DiskFull
+    {
+        return BackupError::Write {
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+    }
+    e
 }
 
 fn restoring_path(db: &Path, id: Uuid) -> PathBuf {

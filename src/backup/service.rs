@@ -265,6 +265,8 @@ impl BackupService {
         for location in &self.locations {
             self.replicate(&record, location).await;
         }
+        // Replicas that failed just now are pending: the gauge says so at once.
+        self.refresh_pending().await;
         if let Err(e) = self.prune_locked(actor).await {
             tracing::warn!(error = %e, "pruning old backups failed; retried after the next backup");
         }

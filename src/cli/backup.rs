@@ -191,7 +191,8 @@ pub async fn restore(
     for (_, ks) in keystores.iter() {
         let _ = ks.close().await;
     }
-    let report = report?;
+    // The stable code first, as the API clients print theirs: scripts match on it.
+    let report = report.map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
     let v = serde_json::to_value(&report)?;
     print(output, &v, |_| {
         let verb = if report.dry_run {

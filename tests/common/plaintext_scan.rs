@@ -60,9 +60,15 @@ pub fn files_holding(dir: &Path, pkcs8: &[u8]) -> Vec<PathBuf> {
         };
         for e in entries.flatten() {
             let path = e.path();
-            if path.is_dir() {
+            // Not following symlinks, and reading regular files only (a FIFO
+            // or socket another process left in a scanned temp dir would block).
+            let Ok(kind) = e.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
                 stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path)
+            } else if kind.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
                 && needles
                     .iter()
                     .any(|n| bytes.windows(n.len()).any(|w| w == n.as_slice()))

@@ -87,6 +87,8 @@ macro_rules! store_suite {
             lease_release_hands_over_at_once,
             lease_race_has_one_winner,
             lease_refuses_bad_input_and_read_only_stores,
+            backups_record_replicate_verify_and_prune,
+            set_key_handle_moves_a_key_or_is_missing,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -2280,20 +2282,7 @@ pub async fn counts_name_every_table(cx: Cx) {
             },
             Write::InsertRotation(rotation(KeyPurpose::IssuingCa, "root", k.id, T0)),
             Write::RecordBackup {
-                record: keyward::store::BackupRecord {
-                    id: Uuid::now_v7(),
-                    file_name: "keyward-test.age".into(),
-                    created_at: T0,
-                    sha256: "00".repeat(32),
-                    size_bytes: 1,
-                    format_version: 1,
-                    schema_version: 10,
-                    trigger: keyward::model::BackupTrigger::Manual,
-                    actor: "test".into(),
-                    summary: serde_json::json!({}),
-                    pruned_at: None,
-                    replicas: Vec::new(),
-                },
+                record: backup("keyward-counted.age", T0),
                 locations: vec!["nas".into()],
             },
         ],
@@ -4436,4 +4425,293 @@ pub async fn lease_refuses_bad_input_and_read_only_stores(cx: Cx) {
         "{err:?}"
     );
     ends_at(s, "scheduler", "a", MS0 + 1000).await;
+}
+
+pub fn backup(file_name: &str, at: i64) -> BackupRecord {
+    BackupRecord {
+        id: Uuid::now_v7(),
+        file_name: file_name.into(),
+        created_at: at,
+        sha256: "ab".repeat(32),
+        size_bytes: 4096,
+        format_version: 1,
+        schema_version: 1,
+        trigger: keyward::model::BackupTrigger::Manual,
+        actor: "admin:test".into(),
+        summary: serde_json::json!({ "rows": { "keys": 1 } }),
+        pruned_at: None,
+        replicas: Vec::new(),
+    }
+}
+
+fn replica<'a>(b: &'a BackupRecord, location: &str) -> &'a ReplicaRecord {
+    b.replicas
+        .iter()
+        .find(|r| r.location == location)
+        .unwrap_or_else(|| panic!("no replica {location}: {b:?}"))
+}
+
+pub async fn backups_record_replicate_verify_and_prune(cx: Cx) {
+    use keyward::model::ReplicaState;
+    let s = cx.store.as_ref();
+    let b = backup("keyward-a.age", T0);
+    let locations = vec!["nas".to_string(), "s3".to_string()];
+    ok(
+        s,
+        Write::RecordBackup {
+            record: b.clone(),
+            locations: locations.clone(),
+        },
+    )
+    .await;
+    let got = s.get_backup(b.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.file_name.as_str(), got.pruned_at),
+        ("keyward-a.age", None)
+    );
+    assert_eq!(got.replicas.len(), 2, "{got:?}");
+    for r in &got.replicas {
+        assert_eq!(
+            (r.state, r.attempts, r.next_attempt_at),
+            (ReplicaState::Pending, 0, T0)
+        );
+    }
+    // A reused file name (or id) is a duplicate.
+    let mut again = backup("keyward-a.age", T0 + 1);
+    let c = refused(
+        s,
+        Write::RecordBackup {
+            record: again.clone(),
+            locations: locations.clone(),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+    again.file_name = "keyward-b.age".into();
+    again.id = b.id;
+    let c = refused(
+        s,
+        Write::RecordBackup {
+            record: again,
+            locations: locations.clone(),
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Duplicate { .. }), "{c:?}");
+
+    // Due: both pending replicas at their time, none before.
+    assert!(s.due_replicas(T0 - 1).await.unwrap().is_empty());
+    assert_eq!(s.due_replicas(T0).await.unwrap().len(), 2);
+
+    // Two failures of s3: attempts count, the error and the retry time are kept.
+    for (n, next) in [(1, T0 + 30), (2, T0 + 90)] {
+        ok(
+            s,
+            Write::ReplicaFailed {
+                backup_id: b.id,
+                location: "s3".into(),
+                error: format!("refused {n}"),
+                next_attempt_at: next,
+                at: T0 + n,
+            },
+        )
+        .await;
+    }
+    ok(
+        s,
+        Write::ReplicaStored {
+            backup_id: b.id,
+            location: "nas".into(),
+            at: T0 + 5,
+        },
+    )
+    .await;
+    let got = s.get_backup(b.id).await.unwrap().unwrap();
+    let s3 = replica(&got, "s3");
+    assert_eq!(
+        (
+            s3.state,
+            s3.attempts,
+            s3.last_error.as_deref(),
+            s3.next_attempt_at
+        ),
+        (ReplicaState::Failed, 2, Some("refused 2"), T0 + 90)
+    );
+    let nas = replica(&got, "nas");
+    assert_eq!(
+        (nas.state, nas.stored_at),
+        (ReplicaState::Stored, Some(T0 + 5))
+    );
+    // Only the failed one is due, and only once its time has come.
+    assert!(s.due_replicas(T0 + 89).await.unwrap().is_empty());
+    let due = s.due_replicas(T0 + 90).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].backup_id, due[0].location.as_str()), (b.id, "s3"));
+    // Stored clears the failures.
+    ok(
+        s,
+        Write::ReplicaStored {
+            backup_id: b.id,
+            location: "s3".into(),
+            at: T0 + 91,
+        },
+    )
+    .await;
+    let got = s.get_backup(b.id).await.unwrap().unwrap();
+    let s3 = replica(&got, "s3");
+    assert_eq!(
+        (s3.state, s3.attempts, s3.last_error.clone(), s3.stored_at),
+        (ReplicaState::Stored, 0, None, Some(T0 + 91))
+    );
+    assert!(s.due_replicas(T0 + 10_000).await.unwrap().is_empty());
+
+    // Verification: success sets verified_at, a failure keeps it and records the error…
+    let verify = |error: Option<&str>, at| Write::ReplicaVerified {
+        backup_id: b.id,
+        location: "nas".into(),
+        error: error.map(str::to_string),
+        at,
+    };
+    ok(s, verify(None, T0 + 100)).await;
+    ok(s, verify(Some("checksum mismatch"), T0 + 200)).await;
+    let got = s.get_backup(b.id).await.unwrap().unwrap();
+    let nas = replica(&got, "nas");
+    assert_eq!(
+        (nas.verified_at, nas.verify_error.as_deref()),
+        (Some(T0 + 100), Some("checksum mismatch"))
+    );
+    // …and a later success clears the error.
+    ok(s, verify(None, T0 + 300)).await;
+    let got = s.get_backup(b.id).await.unwrap().unwrap();
+    let nas = replica(&got, "nas");
+    assert_eq!(
+        (nas.verified_at, nas.verify_error.clone()),
+        (Some(T0 + 300), None)
+    );
+
+    // Replica writes on an unknown location or backup: Missing, nothing changed.
+    for w in [
+        Write::ReplicaStored {
+            backup_id: b.id,
+            location: "tape".into(),
+            at: T0,
+        },
+        Write::ReplicaFailed {
+            backup_id: b.id,
+            location: "tape".into(),
+            error: "x".into(),
+            next_attempt_at: T0,
+            at: T0,
+        },
+        Write::ReplicaVerified {
+            backup_id: b.id,
+            location: "tape".into(),
+            error: None,
+            at: T0,
+        },
+        Write::ReplicaStored {
+            backup_id: Uuid::now_v7(),
+            location: "nas".into(),
+            at: T0,
+        },
+    ] {
+        let c = refused(s, w).await;
+        assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+    }
+
+    // Pruned: pruned_at set, every replica pruned, out of the default list; twice conflicts.
+    let newer = backup("keyward-c.age", T0 + 400);
+    ok(
+        s,
+        Write::RecordBackup {
+            record: newer.clone(),
+            locations: vec!["nas".into()],
+        },
+    )
+    .await;
+    ok(
+        s,
+        Write::PruneBackup {
+            id: b.id,
+            at: T0 + 500,
+        },
+    )
+    .await;
+    let got = s.get_backup(b.id).await.unwrap().unwrap();
+    assert_eq!(got.pruned_at, Some(T0 + 500));
+    assert!(
+        got.replicas.iter().all(|r| r.state == ReplicaState::Pruned),
+        "{got:?}"
+    );
+    let live: Vec<Uuid> = s
+        .list_backups(false, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(live, vec![newer.id]);
+    let all: Vec<Uuid> = s
+        .list_backups(true, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(all, vec![newer.id, b.id]);
+    let c = refused(
+        s,
+        Write::PruneBackup {
+            id: b.id,
+            at: T0 + 600,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+    // A pruned backup's replicas are not due and cannot be stored again.
+    assert!(
+        s.due_replicas(T0 + 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.backup_id != b.id)
+    );
+    let c = refused(
+        s,
+        Write::ReplicaStored {
+            backup_id: b.id,
+            location: "nas".into(),
+            at: T0 + 700,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::StateChanged { .. }), "{c:?}");
+}
+
+pub async fn set_key_handle_moves_a_key_or_is_missing(cx: Cx) {
+    let s = cx.store.as_ref();
+    let k = key(KeyState::Active);
+    ok(s, Write::InsertKey(k.clone())).await;
+    let moved = KeyHandle("pkcs11:token=new;id=0102".into());
+    ok(
+        s,
+        Write::SetKeyHandle {
+            id: k.id,
+            handle: moved.clone(),
+            at: T0 + 10,
+        },
+    )
+    .await;
+    let got = s.get_key(k.id).await.unwrap().unwrap();
+    assert_eq!((got.handle, got.updated_at), (moved, T0 + 10));
+    let c = refused(
+        s,
+        Write::SetKeyHandle {
+            id: Uuid::now_v7(),
+            handle: KeyHandle("pkcs11:token=t;id=ff".into()),
+            at: T0 + 20,
+        },
+    )
+    .await;
+    assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
 }
