@@ -1099,7 +1099,18 @@ async fn unreachable_and_read_only_locations_then_retried() {
     env.init();
     let mut daemon = env.serve();
     let url = daemon.url.clone();
-    let made = keyward_json(&env, &url, &["backup", "create"]);
+    // The archive is made, but the command fails: no location stored it.
+    let out = keyward_client(&env, &url, &["backup", "create"]);
+    assert!(
+        !out.status.success(),
+        "a backup no location stored was reported a success"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("backup_replica_failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(made["status"], "done", "{made}");
     let file = made["file_name"].as_str().unwrap().to_string();
     assert!(env.path("backups").join(&file).exists(), "no spool copy");

@@ -365,8 +365,8 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
          [[group]]\nname = \"srv\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\nkey_source = \"server\"\n",
     );
     env.trust_loopback_proxy();
-    // Backups: two age recipients (one also the verification identity)
-    // made by the stock tools, and a directory location.
+    // Backups: two age recipients (the verification identity and an
+    // officer's) made by the stock tools, and a directory location.
     let out = Command::new("age-keygen")
         .arg("-o")
         .arg(env.path("backup-identity.txt"))
@@ -387,7 +387,22 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::write(env.path("backup-recipients.txt"), out.stdout).unwrap();
+    let mut recipients = out.stdout;
+    // An officer's offline key: the CA keys' wrapping key is never sealed
+    // to the verification identity alone.
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(env.path("officer-identity.txt"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(env.path("officer-identity.txt"))
+        .output()
+        .unwrap();
+    recipients.extend_from_slice(&out.stdout);
+    std::fs::write(env.path("backup-recipients.txt"), recipients).unwrap();
     env.append_config(
         "[backup]\ndir = \"backups\"\nrecipients_files = [\"backup-recipients.txt\"]\n\
          verify_identity_file = \"backup-identity.txt\"\n\n\

@@ -564,7 +564,7 @@ mod snapshot_round_trip {
         }
         let restore_event = Change::new().audit(AuditDraft::new("test", "backup.restore", "store"));
         let seqs = import
-            .finish(&restore_event, store_suite::T0 * 1000 + 1)
+            .finish(restore_event.clone(), store_suite::T0 * 1000 + 1)
             .unwrap();
         assert_eq!(seqs, vec![events_before.len() as i64 + 1]);
         // Importing over an existing file is refused.

@@ -218,8 +218,15 @@ async fn write(
     };
 
     // 3. The snapshot's keys must be the ones accounted for above.
-    let in_snapshot: BTreeSet<Uuid> = info.keys.iter().filter(|k| live(k)).map(|k| k.id).collect();
-    let accounted: BTreeSet<Uuid> = keys.iter().map(|k| k.id).collect();
+    // Same ids in the same states: a key compromised (or retired) after it
+    // was wrapped must not go in as it was.
+    let in_snapshot: BTreeSet<(Uuid, &str)> = info
+        .keys
+        .iter()
+        .filter(|k| live(k))
+        .map(|k| (k.id, k.state.as_str()))
+        .collect();
+    let accounted: BTreeSet<(Uuid, &str)> = keys.iter().map(|k| (k.id, k.state.as_str())).collect();
     if in_snapshot != accounted {
         let _ = writer.abort();
         return Err(BackupError::KeysChanged);

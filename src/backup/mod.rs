@@ -85,12 +85,21 @@ pub enum BackupError {
     KeysChanged,
     #[error("refusing to restore: {0}; pass --force to restore anyway")]
     NotEmpty(String),
+    #[error("refusing to restore: {0}")]
+    DaemonRunning(String),
+    #[error(
+        "refusing to restore: {} exists: another restore of this backup is running, or one was interrupted (then delete it)",
+        .0.display()
+    )]
+    RestoreInProgress(PathBuf),
     #[error("a backup is already running")]
     Running,
     #[error("no backup {0}")]
     Unknown(Uuid),
     #[error("no backup has been made yet")]
     NoBackup,
+    #[error("backup {0} has no copy left to verify: not in the spool, and no location configured")]
+    NoCopy(String),
     #[error("{message}")]
     Location { code: &'static str, message: String },
     #[error("the system random number generator failed")]
@@ -117,9 +126,12 @@ impl BackupError {
             Self::WrapUnsupported { .. } => "backup_wrap_unsupported",
             Self::KeysChanged => "backup_keys_changed",
             Self::NotEmpty(_) => "restore_target_not_empty",
+            Self::DaemonRunning(_) => "restore_daemon_running",
+            Self::RestoreInProgress(_) => "restore_in_progress",
             Self::Running => "backup_running",
             Self::Unknown(_) => "backup_not_found",
             Self::NoBackup => "backup_not_found",
+            Self::NoCopy(_) => "backup_no_copy",
             Self::Location { code, .. } => code,
             Self::Random => "random_unavailable",
         }

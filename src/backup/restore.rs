@@ -130,12 +130,29 @@ pub async fn restore(
     let db = sqlite.path.clone();
 
     // The targets must be empty, unless forced.
-    let rows_there = existing_rows(&db).await?;
-    if rows_there > 0 && !opts.force {
-        return Err(BackupError::NotEmpty(format!(
-            "the store {} already holds {rows_there} rows",
+    // Never under a running daemon, forced or not: it would go on writing
+    // into the file moved aside.
+    if let Some(holder) = daemon_running(&db, now).await {
+        return Err(BackupError::DaemonRunning(format!(
+            "a daemon holds the scheduler lease of {} ({holder}): stop every `keyward serve` on this store first",
             db.display()
         )));
+    }
+    match existing_rows(&db).await {
+        Ok(0) => {}
+        Ok(_) | Err(_) if opts.force => {}
+        Ok(n) => {
+            return Err(BackupError::NotEmpty(format!(
+                "the store {} already holds {n} rows",
+                db.display()
+            )));
+        }
+        Err(e) => {
+            return Err(BackupError::NotEmpty(format!(
+                "the store {} exists but cannot be read ({e})",
+                db.display()
+            )));
+        }
     }
     let archived: std::collections::BTreeSet<Uuid> = manifest.keys.iter().map(|k| k.id).collect();
     for (name, ks) in keystores.iter() {
@@ -288,6 +305,22 @@ fn handle_has_id(h: &KeyHandle, id: &Uuid) -> bool {
         .ok()
         .and_then(|u| u.id().map(|b| b == id.as_bytes()))
         .unwrap_or(false)
+}
+
+/// The holder of the scheduler lease, if it is held now: a daemon runs on
+/// this store. An unreadable store has no readable lease.
+async fn daemon_running(db: &Path, now: OffsetDateTime) -> Option<String> {
+    use crate::store::Store as _;
+    if !db.exists() {
+        return None;
+    }
+    let store = crate::store::sqlite::SqliteStore::open_read_only(db).ok()?;
+    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+    store
+        .lease_holder(crate::jobs::leader::SCHEDULER_LEASE, now_ms)
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn existing_rows(db: &Path) -> Result<i64, BackupError> {
@@ -510,7 +543,9 @@ async fn load_store(
     {
         super::create::create_private_dir(parent)?;
     }
-    let _ = std::fs::remove_file(&tmp);
+    if tmp.exists() {
+        return Err(BackupError::RestoreInProgress(tmp));
+    }
     let at = now.unix_timestamp();
     let mut change = Change::new();
     for (k, entry) in report.keys.iter().zip(&manifest.keys) {
@@ -588,7 +623,7 @@ async fn load_store(
                 });
             }
         }
-        let seqs = import.finish(&change, at_ms)?;
+        let seqs = import.finish(change, at_ms)?;
         Ok(seqs.last().copied().unwrap_or(0))
     })
     .await

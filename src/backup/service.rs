@@ -423,7 +423,41 @@ impl BackupService {
                 },
             };
             if !self.spool_path(&b.file_name).exists() {
-                // The spool copy is gone (pruned by hand?): nothing to upload.
+                // The spool copy is gone (deleted by hand, or a restore
+                // brought this record from another machine): nothing can be
+                // uploaded; recorded as failed so that it is seen, retried
+                // at the longest backoff.
+                let now = self.now();
+                let error = format!(
+                    "the spool copy {} is gone; nothing to upload",
+                    self.spool_path(&b.file_name).display()
+                );
+                self.store
+                    .commit(
+                        Change::new()
+                            .write(Write::ReplicaFailed {
+                                backup_id: b.id,
+                                location: r.location.clone(),
+                                error: error.clone(),
+                                next_attempt_at: now + self.settings.retry_max.as_secs() as i64,
+                                at: now,
+                            })
+                            .audit(
+                                AuditDraft::new(
+                                    "system",
+                                    "backup.replicate",
+                                    format!("backup:{}", b.id),
+                                )
+                                .outcome(Outcome::Failure)
+                                .details(json!({
+                                    "location": r.location,
+                                    "file": b.file_name,
+                                    "code": "backup_spool_copy_missing",
+                                    "error": error,
+                                })),
+                            ),
+                    )
+                    .await?;
                 continue;
             }
             self.replicate(&b, location).await;
@@ -533,6 +567,9 @@ impl BackupService {
                 });
             }
         }
+        if results.is_empty() {
+            return Err(BackupError::NoCopy(b.file_name));
+        }
         Ok(VerifyReport {
             backup_id: b.id,
             file_name: b.file_name,
@@ -612,7 +649,19 @@ impl BackupService {
     async fn prune_locked(&self, actor: &str) -> Result<Vec<Uuid>, BackupError> {
         let list = self.store.list_backups(false, 10_000).await?;
         let ids: Vec<(Uuid, i64)> = list.iter().map(|b| (b.id, b.created_at)).collect();
-        let doomed = retention::prunable(&ids, self.settings.keep_daily, self.settings.keep_weekly);
+        let mut doomed =
+            retention::prunable(&ids, self.settings.keep_daily, self.settings.keep_weekly);
+        // Never prune the newest copy a location holds: while uploads to it
+        // fail, retention would otherwise delete its last good copy.
+        for location in self.location_names() {
+            if let Some(newest_stored) = list.iter().find(|b| {
+                b.replicas
+                    .iter()
+                    .any(|r| r.location == location && r.state == ReplicaState::Stored)
+            }) {
+                doomed.retain(|id| *id != newest_stored.id);
+            }
+        }
         let mut pruned = Vec::new();
         for id in doomed {
             let Some(b) = list.iter().find(|b| b.id == id) else {

@@ -73,6 +73,14 @@ pub async fn create(args: &ClientArgs, wait: bool) -> anyhow::Result<ExitCode> {
                 message: s(&b["error"]).to_string(),
             }),
             _ => {
+                // The archive exists; a replica that failed (retried by the
+                // daemon with backoff) still makes the command fail, so that
+                // scripts notice.
+                let failed = b["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| r["state"] == "failed");
                 print(args.output, &b, |b| {
                     println!(
                         "backup {} made: {} ({} bytes, sha256 {})",
@@ -91,6 +99,12 @@ pub async fn create(args: &ClientArgs, wait: bool) -> anyhow::Result<ExitCode> {
                         );
                     }
                 });
+                if failed {
+                    eprintln!(
+                        "error: backup_replica_failed: the backup was made but not stored in every location; the daemon retries (keyward backup show {id})"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
                 return Ok(ExitCode::SUCCESS);
             }
         }

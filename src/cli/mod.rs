@@ -441,7 +441,8 @@ enum AdminsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
-    /// Make a backup now (role admin) and wait for it and its replicas.
+    /// Make a backup now (role admin) and wait for it and its replicas;
+    /// exit status 1 if a replica failed (the daemon retries it).
     Create {
         /// Return once the daemon has started it.
         #[arg(long)]

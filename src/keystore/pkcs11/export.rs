@@ -111,7 +111,11 @@ pub(super) fn unwrap_in(
     let destroyed = session.destroy_object(unwrapping_key);
     match unwrapped {
         Ok(private) => {
-            destroyed.map_err(KeyStoreError::Pkcs11)?;
+            // The session object dies with the session anyway; failing here
+            // would leave the restored pair behind with no handle to undo it.
+            if let Err(e) = destroyed {
+                tracing::warn!(error = %e, "cannot destroy the session unwrapping key; it goes with the session");
+            }
             Ok(private)
         }
         Err(e) => {

@@ -204,6 +204,10 @@ impl Import {
             )));
         }
         let mut conn = super::connect(path, false)?;
+        // A rollback journal, not WAL: when this connection closes, every
+        // page is in the one file the restore renames into place.
+        conn.execute_batch("PRAGMA journal_mode = DELETE")
+            .map_err(db)?;
         migrate::migrate_to(&mut conn, schema_version)?;
         // Foreign keys are checked once, at the end (rows arrive table by table).
         conn.execute_batch("PRAGMA foreign_keys = OFF; BEGIN IMMEDIATE")
@@ -284,7 +288,7 @@ impl Import {
     /// writes and audit event, chained after the imported chain) in a
     /// second transaction. The file is then a complete store; until this
     /// returns it is not one, and the caller deletes it on error.
-    pub fn finish(self, change: &crate::store::Change, at_ms: i64) -> R<Vec<i64>> {
+    pub fn finish(self, change: crate::store::Change, at_ms: i64) -> R<Vec<i64>> {
         let mut conn = self.conn;
         conn.execute_batch("COMMIT").map_err(db)?;
         let broken: Option<String> = conn
@@ -302,6 +306,38 @@ impl Import {
         }
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(db)?;
         migrate::migrate(&mut conn)?;
+        // Keys whose generation had not completed when the snapshot was
+        // taken: start-up reconciliation would destroy an HSM object with
+        // their id, which on the original token may by now be a live key.
+        // They are recorded as destroyed instead, and their objects left alone.
+        let generating: Vec<String> = {
+            let mut stmt = conn
+                .prepare("SELECT id FROM keys WHERE state = 'generating'")
+                .map_err(db)?;
+            stmt.query_map([], |r| r.get::<_, String>(0))
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?
+        };
+        let mut change = change;
+        for id in generating {
+            let id = uuid::Uuid::parse_str(&id)
+                .map_err(|e| StoreError::Corrupt(format!("key id {id}: {e}")))?;
+            change = change
+                .write(crate::store::Write::SetKeyState {
+                    id,
+                    from: crate::model::KeyState::Generating,
+                    to: crate::model::KeyState::Destroyed,
+                    at: at_ms / 1000,
+                })
+                .audit(
+                    crate::audit::AuditDraft::new("system", "key.reconcile", format!("key:{id}"))
+                        .details(serde_json::json!({
+                            "reason": "its generation had not completed when the backup was made; recorded destroyed by the restore, the HSM object (if any) left alone",
+                            "hsm_object_destroyed": false,
+                        })),
+                );
+        }
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(db)?;
@@ -318,8 +354,10 @@ impl Import {
             })
             .map_err(db)?
             .unwrap_or((0, crate::audit::GENESIS_HASH.to_vec()));
-        let (seqs, _) = super::writer::apply(&tx, change, seq, &head, at_ms)?;
+        let (seqs, _) = super::writer::apply(&tx, &change, seq, &head, at_ms)?;
         tx.commit().map_err(db)?;
+        // Closing flushes and syncs; its failure (a full disk) fails the restore.
+        conn.close().map_err(|(_, e)| db(e))?;
         Ok(seqs)
     }
 }
