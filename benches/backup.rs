@@ -717,6 +717,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok("restore") => {
+            // The import's own breakdown (insert, commit, foreign key check,
+            // migration, sync), logged at debug by the store.
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    "warn,keyward::store::sqlite::snapshot=debug",
+                ))
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
             let r = runtime().block_on(phase_restore(&dir));
             println!("{RESULT}{r}");
             return ExitCode::SUCCESS;
