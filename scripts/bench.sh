@@ -11,7 +11,7 @@
 # (benches/ocsp.rs). Then rotation planning: which of 1,000,000 device
 # certificates are in their renewal window, and the key plan, in memory
 # (benches/rotation_plan.rs). Then backup and restore of a store with
-# 1,000,000 devices and certificates (benches/backup.rs; needs ~20 GB of
+# 1,000,000 devices and certificates (benches/backup.rs; needs ~12 GB of
 # free disk in the temp dir while it runs). Appends results to BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
 set -euo pipefail
