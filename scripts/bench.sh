@@ -10,7 +10,9 @@
 # in SoftHSM2) at concurrency 16, p50/p99, against its own daemon
 # (benches/ocsp.rs). Then rotation planning: which of 1,000,000 device
 # certificates are in their renewal window, and the key plan, in memory
-# (benches/rotation_plan.rs). Appends results to BENCHMARKS.md.
+# (benches/rotation_plan.rs). Then backup and restore of a store with
+# 1,000,000 devices and certificates (benches/backup.rs; needs ~12 GB of
+# free disk in the temp dir while it runs). Appends results to BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,7 +23,7 @@ source scripts/lib.sh
 ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
 echo "==> building (release)"
-cargo bench --bench issuance --bench revocation --bench ocsp --bench rotation_plan --no-run
+cargo bench --bench issuance --bench revocation --bench ocsp --bench rotation_plan --bench backup --no-run
 
 cargo bench --bench issuance -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
 
@@ -33,3 +35,6 @@ cargo bench --bench ocsp -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
 
 echo "==> rotation planning over 1,000,000 device certificates"
 cargo bench --bench rotation_plan -- --certs 1000000 --runs 5 --out "$PWD/BENCHMARKS.md"
+
+echo "==> backup and restore of 1,000,000 devices"
+cargo bench --bench backup -- --devices 1000000 --out "$PWD/BENCHMARKS.md"

@@ -311,6 +311,29 @@ async fn disaster_recovery_onto_a_fresh_token() {
         "{listed}"
     );
 
+    // A restore is refused while a daemon serves this store, even forced.
+    let out = env.run(&[
+        "backup",
+        "restore",
+        "--config",
+        env.config.to_str().unwrap(),
+        "--identity-file",
+        ssh_key.to_str().unwrap(),
+        "--force",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restore_daemon_running"), "{err}");
+    assert!(
+        !std::fs::read_dir(env.dir.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".replaced-")),
+        "the live database was moved aside"
+    );
+
     // --- Disaster: the machine, its database and its token are gone. ---
     assert!(daemon.stop().success());
     drop(daemon);

@@ -190,8 +190,11 @@ fn json_to_value(table: &str, line: u64, v: serde_json::Value) -> R<Value> {
 /// file the caller deletes.
 pub struct Import {
     conn: Connection,
+    path: std::path::PathBuf,
     table: Option<(String, String, usize)>,
     rows: std::collections::BTreeMap<String, u64>,
+    /// Time spent parsing and inserting rows (logged at debug by `finish`).
+    inserting: std::time::Duration,
 }
 
 impl Import {
@@ -204,18 +207,26 @@ impl Import {
             )));
         }
         let mut conn = super::connect(path, false)?;
-        // A rollback journal, not WAL: when this connection closes, every
-        // page is in the one file the restore renames into place.
-        conn.execute_batch("PRAGMA journal_mode = DELETE")
-            .map_err(db)?;
         migrate::migrate_to(&mut conn, schema_version)?;
+        // The file is new, private to this restore, deleted by the caller on
+        // any failure, and only a finished import is moved into place (after
+        // `finish` has synced it to disk). SQLite's journal and its fsyncs
+        // would protect nothing here, and a WAL would hold the whole
+        // multi-GB load a second time: off for the one-shot load. A larger
+        // page cache keeps the random-keyed indexes (SPKI hashes) in memory.
+        conn.execute_batch(
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;",
+        )
+        .map_err(db)?;
         // Foreign keys are checked once, at the end (rows arrive table by table).
         conn.execute_batch("PRAGMA foreign_keys = OFF; BEGIN IMMEDIATE")
             .map_err(db)?;
         Ok(Self {
             conn,
+            path: path.to_path_buf(),
             table: None,
             rows: Default::default(),
+            inserting: std::time::Duration::ZERO,
         })
     }
 
@@ -251,6 +262,7 @@ impl Import {
         let Some((table, sql, width)) = &self.table else {
             return Err(StoreError::Corrupt("rows before their table".into()));
         };
+        let started = std::time::Instant::now();
         let mut stmt = self.conn.prepare_cached(sql).map_err(db)?;
         let counted = self.rows.get(table).copied().unwrap_or(0);
         let mut n = 0u64;
@@ -275,6 +287,8 @@ impl Import {
         if let Some(c) = self.rows.get_mut(table) {
             *c += n;
         }
+        drop(stmt);
+        self.inserting += started.elapsed();
         Ok(n)
     }
 
@@ -290,7 +304,10 @@ impl Import {
     /// returns it is not one, and the caller deletes it on error.
     pub fn finish(self, change: crate::store::Change, at_ms: i64) -> R<Vec<i64>> {
         let mut conn = self.conn;
+        let t = std::time::Instant::now();
         conn.execute_batch("COMMIT").map_err(db)?;
+        let commit = t.elapsed();
+        let t = std::time::Instant::now();
         let broken: Option<String> = conn
             .query_row("PRAGMA foreign_key_check", [], |r| r.get::<_, String>(0))
             .map(Some)
@@ -304,8 +321,12 @@ impl Import {
                 "the snapshot's rows in `{t}` refer to rows it does not hold"
             )));
         }
+        let fk_check = t.elapsed();
         conn.execute_batch("PRAGMA foreign_keys = ON").map_err(db)?;
+        let t = std::time::Instant::now();
         migrate::migrate(&mut conn)?;
+        let migrating = t.elapsed();
+        let t = std::time::Instant::now();
         // Keys whose generation had not completed when the snapshot was
         // taken: start-up reconciliation would destroy an HSM object with
         // their id, which on the original token may by now be a live key.
@@ -356,8 +377,25 @@ impl Import {
             .unwrap_or((0, crate::audit::GENESIS_HASH.to_vec()));
         let (seqs, _) = super::writer::apply(&tx, &change, seq, &head, at_ms)?;
         tx.commit().map_err(db)?;
-        // Closing flushes and syncs; its failure (a full disk) fails the restore.
+        // Back to the daemon's journal, then onto the disk before the caller
+        // renames the file into place.
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .map_err(db)?;
+        // Closing checkpoints the WAL into the file; its failure (a full
+        // disk) fails the restore.
         conn.close().map_err(|(_, e)| db(e))?;
+        std::fs::File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .map_err(sink_err)?;
+        let syncing = t.elapsed();
+        tracing::debug!(
+            inserting_ms = self.inserting.as_millis() as u64,
+            commit_ms = commit.as_millis() as u64,
+            foreign_key_check_ms = fk_check.as_millis() as u64,
+            migrate_ms = migrating.as_millis() as u64,
+            restore_event_and_sync_ms = syncing.as_millis() as u64,
+            "snapshot import finished"
+        );
         Ok(seqs)
     }
 }
