@@ -611,6 +611,8 @@ async fn phase_restore(dir: &Path) -> serde_json::Value {
         force: false,
         dry_run: false,
         actor: "bench".into(),
+        expect_sha256: None,
+        expect_root_sha256: None,
     };
     let report = restore(&config, &keystores, &opts, time::OffsetDateTime::now_utc())
         .await

@@ -450,11 +450,55 @@ async fn disaster_recovery_onto_a_fresh_token() {
         "a failed restore touched the token"
     );
 
+    // Pins: an archive other than the one recorded, or a hierarchy that
+    // does not chain to the expected root, is refused, changing nothing.
+    let root_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &root_before));
+    for (flag, value, code) in [
+        (
+            "--expect-sha256",
+            "00".repeat(32),
+            "backup_not_the_expected",
+        ),
+        (
+            "--expect-root-sha256",
+            "11".repeat(32),
+            "backup_not_the_expected",
+        ),
+    ] {
+        let out = env2.run(&[
+            "backup",
+            "restore",
+            "--config",
+            env2.config.to_str().unwrap(),
+            "--identity-file",
+            ssh_key.to_str().unwrap(),
+            flag,
+            &value,
+            saved_archive.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{flag} accepted a wrong value");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(code), "{flag}: {err}");
+        assert!(
+            !env2.db.exists(),
+            "{flag}: a refused restore wrote the store"
+        );
+        assert!(
+            !pkcs11_objects(&env2).contains("Object"),
+            "{flag}: a refused restore left keys on the token"
+        );
+    }
+
+    let sha_pin = made["sha256"].as_str().unwrap().to_string();
     let out = env2.run(&[
         "backup",
         "restore",
         "--config",
         env2.config.to_str().unwrap(),
+        "--expect-sha256",
+        &sha_pin,
+        "--expect-root-sha256",
+        &root_sha256,
         "--identity-file",
         ssh_key.to_str().unwrap(),
         "--output",

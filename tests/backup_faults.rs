@@ -990,6 +990,8 @@ async fn wrap_child(config: &Path, target: &Path, officer: &Path) {
         force: false,
         dry_run: false,
         actor: "test".into(),
+        expect_sha256: None,
+        expect_root_sha256: None,
     };
     let Err(err) = restore(&target_config, &target_fake, &opts, now).await else {
         panic!("a restore of a wrapped key through a key store that cannot wrap succeeded");

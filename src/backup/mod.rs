@@ -88,6 +88,14 @@ pub enum BackupError {
     #[error("refusing to restore: {0}")]
     DaemonRunning(String),
     #[error(
+        "the {what}'s SHA-256 is {found}, not the expected {expected}: this is not the backup you pinned; nothing was restored"
+    )]
+    NotExpected {
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error(
         "refusing to restore: {} exists: another restore of this backup is running, or one was interrupted (then delete it)",
         .0.display()
     )]
@@ -127,6 +135,7 @@ impl BackupError {
             Self::KeysChanged => "backup_keys_changed",
             Self::NotEmpty(_) => "restore_target_not_empty",
             Self::DaemonRunning(_) => "restore_daemon_running",
+            Self::NotExpected { .. } => "backup_not_the_expected",
             Self::RestoreInProgress(_) => "restore_in_progress",
             Self::Running => "backup_running",
             Self::Unknown(_) => "backup_not_found",

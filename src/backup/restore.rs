@@ -40,6 +40,85 @@ pub struct RestoreOptions {
     /// Check the archive and report what a restore would do; change nothing.
     pub dry_run: bool,
     pub actor: String,
+    /// The archive's SHA-256 as recorded elsewhere (the `backup.create`
+    /// audit event, a notification, the SIEM): anyone who can write to a
+    /// location can plant an archive that decrypts (recipients are public),
+    /// so a restore can be pinned to the one that was made.
+    pub expect_sha256: Option<String>,
+    /// The SHA-256 of the root CA certificate (DER) the restored hierarchy
+    /// must chain to, as `keyward init` and `keyward dev` print it.
+    pub expect_root_sha256: Option<String>,
+}
+
+/// Hex without colons or case, for comparing fingerprints as people paste them.
+fn normalize_hex(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// Checks the imported CA hierarchy before it is committed: every CA
+/// certificate certifies its key, every child certificate is signed by its
+/// parent's, and (when pinned) the root is the expected one. A planted
+/// archive cannot pass this without certificates from the real root for its
+/// own keys.
+fn check_hierarchy(
+    archive: &Path,
+    cas: &[crate::store::sqlite::snapshot::ImportedCa],
+    expect_root: Option<&str>,
+) -> Result<(), BackupError> {
+    use der::Decode;
+    let corrupt = |reason: String| BackupError::Corrupt {
+        path: archive.to_path_buf(),
+        reason,
+    };
+    let raw_key =
+        |spki: &spki::SubjectPublicKeyInfoOwned| spki.subject_public_key.raw_bytes().to_vec();
+    for ca in cas {
+        let (name, parent, cert_der, key_spki) = (
+            &ca.name,
+            &ca.parent,
+            &ca.certificate_der,
+            &ca.public_key_der,
+        );
+        let cert = x509_cert::Certificate::from_der(cert_der)
+            .map_err(|e| corrupt(format!("CA {name}'s certificate does not parse: {e}")))?;
+        let key = spki::SubjectPublicKeyInfoOwned::from_der(key_spki)
+            .map_err(|e| corrupt(format!("CA {name}'s key does not parse: {e}")))?;
+        if raw_key(cert.tbs_certificate().subject_public_key_info()) != raw_key(&key) {
+            return Err(corrupt(format!(
+                "CA {name}'s certificate does not certify its key"
+            )));
+        }
+        if let Some(p) = parent {
+            let parent_cert = cas
+                .iter()
+                .find(|c| &c.name == p)
+                .map(|c| &c.certificate_der)
+                .ok_or_else(|| corrupt(format!("CA {name}'s parent {p} is missing")))?;
+            if !crate::crypto::verify_issued_by(cert_der, parent_cert) {
+                return Err(corrupt(format!(
+                    "CA {name}'s certificate is not signed by its parent {p}"
+                )));
+            }
+        }
+    }
+    if let Some(want) = expect_root {
+        let roots: Vec<String> = cas
+            .iter()
+            .filter(|c| c.kind == "root")
+            .map(|c| archive::sha256_hex(&c.certificate_der))
+            .collect();
+        if !roots.iter().any(|r| *r == normalize_hex(want)) {
+            return Err(BackupError::NotExpected {
+                what: "root CA certificate",
+                expected: normalize_hex(want),
+                found: roots.join(", "),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What happened to one key.
@@ -117,6 +196,26 @@ pub async fn restore(
     now: OffsetDateTime,
 ) -> Result<RestoreReport, BackupError> {
     let identities = Arc::new(load_identities(&opts.identity_files)?);
+    if let Some(want) = &opts.expect_sha256 {
+        let path = opts.archive.clone();
+        let found = tokio::task::spawn_blocking(move || archive::file_sha256(&path))
+            .await
+            .map_err(|e| BackupError::Read {
+                path: opts.archive.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| BackupError::Read {
+                path: opts.archive.clone(),
+                source,
+            })?;
+        if found != normalize_hex(want) {
+            return Err(BackupError::NotExpected {
+                what: "archive",
+                expected: normalize_hex(want),
+                found,
+            });
+        }
+    }
     let checked = check_archive(&opts.archive, identities.clone()).await?;
     let manifest = checked.manifest;
     let supported = crate::store::sqlite::SCHEMA_VERSION;
@@ -591,6 +690,7 @@ async fn load_store(
         manifest.clone(),
     );
     let at_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+    let expect_root = opts.expect_root_sha256.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<i64, BackupError> {
         let mut import = Import::create(&db_tmp, manifest.store.schema_version)?;
         let mut current: Option<String> = None;
@@ -623,6 +723,7 @@ async fn load_store(
                 });
             }
         }
+        check_hierarchy(&archive_path, &import.cas()?, expect_root.as_deref())?;
         let seqs = import.finish(change, at_ms)?;
         Ok(seqs.last().copied().unwrap_or(0))
     })

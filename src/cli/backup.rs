@@ -190,6 +190,7 @@ pub async fn restore(
     identity_files: Vec<PathBuf>,
     force: bool,
     dry_run: bool,
+    pins: (Option<String>, Option<String>),
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new()?);
@@ -200,6 +201,8 @@ pub async fn restore(
         force,
         dry_run,
         actor: "cli:restore".into(),
+        expect_sha256: pins.0,
+        expect_root_sha256: pins.1,
     };
     let report = run_restore(&config, &keystores, &opts, time::OffsetDateTime::now_utc()).await;
     for (_, ks) in keystores.iter() {

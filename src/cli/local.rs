@@ -59,6 +59,14 @@ pub async fn init(
             "CA {:<12} {:<8} {} key {} ({backup})",
             ca.name, state, ca.algorithm, ca.handle
         );
+        if ca.kind == crate::model::CaKind::Root {
+            // Keep it with the backup officers: `backup restore
+            // --expect-root-sha256` pins a restore to this hierarchy.
+            println!(
+                "   root certificate SHA-256 {}",
+                crate::backup::archive::sha256_hex(&ca.cert_der)
+            );
+        }
     }
     match app.state.admins.bootstrap(admin_name).await? {
         Some((admin, token)) => match token_out {

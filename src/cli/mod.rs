@@ -474,6 +474,15 @@ pub enum BackupCommand {
         /// Check the archive and say what a restore would do; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Refuse unless the archive's SHA-256 is this (from the
+        /// `backup.create` audit event, the backup list or a notification):
+        /// anyone who can write to a location can plant an archive.
+        #[arg(long)]
+        expect_sha256: Option<String>,
+        /// Refuse unless the restored hierarchy chains to the root CA
+        /// certificate with this SHA-256 (hex, colons allowed).
+        #[arg(long)]
+        expect_root_sha256: Option<String>,
         /// The archive (`keyward-….age`).
         archive: PathBuf,
     },
@@ -639,6 +648,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 identity_files,
                 force,
                 dry_run,
+                expect_sha256,
+                expect_root_sha256,
                 archive,
             } => {
                 backup::restore(
@@ -648,6 +659,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     identity_files,
                     force,
                     dry_run,
+                    (expect_sha256, expect_root_sha256),
                 )
                 .await
             }

@@ -184,6 +184,18 @@ fn json_to_value(table: &str, line: u64, v: serde_json::Value) -> R<Value> {
     })
 }
 
+/// A CA as a snapshot being imported holds it.
+#[derive(Debug, Clone)]
+pub struct ImportedCa {
+    pub name: String,
+    /// `root` or `issuing`.
+    pub kind: String,
+    pub parent: Option<String>,
+    pub certificate_der: Vec<u8>,
+    /// Its key's DER SubjectPublicKeyInfo.
+    pub public_key_der: Vec<u8>,
+}
+
 /// A snapshot being loaded into a fresh database file: created at the
 /// snapshot's schema version, filled inside one transaction, then migrated
 /// to this build's version. Dropped before [`Import::finish`], it leaves a
@@ -290,6 +302,32 @@ impl Import {
         drop(stmt);
         self.inserting += started.elapsed();
         Ok(n)
+    }
+
+    /// Every CA as imported, with its key's public key, for the restore's
+    /// consistency and root-pin checks before the import is committed.
+    pub fn cas(&self) -> R<Vec<ImportedCa>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT c.name, c.kind, c.parent, c.certificate, k.public_key
+                 FROM cas c JOIN keys k ON k.id = c.key_id ORDER BY c.rowid",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ImportedCa {
+                    name: r.get(0)?,
+                    kind: r.get(1)?,
+                    parent: r.get(2)?,
+                    certificate_der: r.get(3)?,
+                    public_key_der: r.get(4)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(rows)
     }
 
     /// Rows imported per table so far.
