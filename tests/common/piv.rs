@@ -126,10 +126,32 @@ impl Card {
         );
     }
 
-    /// Waits until PC/SC (pcscd polls its readers) shows the card.
-    pub fn wait_visible(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Waits until PC/SC (pcscd polls its readers) shows the card. pcscd
+    /// now and then misses a card that vpcd reports present (seen on a
+    /// loaded CI machine: "Card: No" in both readers for 20 s after the
+    /// emulator said `ready`): after 8 s and again after 16 s the card is
+    /// pulled out and put back, which pcscd notices. Still invisible after
+    /// 30 s is a failure.
+    pub fn wait_visible(&mut self) {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let mut reinserted = 0u32;
         loop {
+            if reinserted < 2
+                && start.elapsed() > Duration::from_secs(8 * u64::from(reinserted + 1))
+            {
+                reinserted += 1;
+                eprintln!(
+                    "piv: card {} not visible over PC/SC yet; pulling it out and putting it back",
+                    self.serial
+                );
+                writeln!(self.stdin, "remove").unwrap();
+                self.stdin.flush().unwrap();
+                self.expect("removed");
+                writeln!(self.stdin, "insert").unwrap();
+                self.stdin.flush().unwrap();
+                self.expect("ready");
+            }
             match yubikey::YubiKey::open_by_serial(yubikey::Serial(self.serial)) {
                 Ok(yk) => {
                     drop(yk);
