@@ -134,32 +134,7 @@ fn age_tar_member(archive: &Path, identity: &Path, member: &str) -> Vec<u8> {
 }
 
 async fn get_bytes(url: &str) -> Vec<u8> {
-    let resp = common::client().get(url).send().await.unwrap();
-    assert!(resp.status().is_success(), "{url}: {}", resp.status());
-    resp.bytes().await.unwrap().to_vec()
-}
-
-fn pkcs11_objects(env: &Env) -> String {
-    let out = Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &env.softhsm_conf)
-        .arg("--module")
-        .arg(common::softhsm_module())
-        .args([
-            "--token-label",
-            &env.label,
-            "--login",
-            "--pin",
-            common::PIN,
-            "--list-objects",
-        ])
-        .output()
-        .expect("pkcs11-tool (opensc) missing: run scripts/test.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    get_bytes_with(&common::client(), url).await
 }
 
 fn keyward_json(env: &Env, url: &str, token: &Path, args: &[&str]) -> Value {
@@ -425,7 +400,7 @@ async fn disaster_recovery_onto_a_fresh_token() {
     assert_eq!(dry["dry_run"], true);
     assert!(!env2.db.exists(), "a dry run wrote the store");
     assert!(
-        !pkcs11_objects(&env2).contains("Private Key Object"),
+        !common::pkcs11_objects(&env2).contains("Private Key Object"),
         "a dry run touched the token"
     );
 
@@ -446,7 +421,7 @@ async fn disaster_recovery_onto_a_fresh_token() {
     assert!(err.contains("key-wrapping key"), "{err}");
     assert!(!env2.db.exists(), "a failed restore wrote the store");
     assert!(
-        !pkcs11_objects(&env2).contains("Object"),
+        !common::pkcs11_objects(&env2).contains("Object"),
         "a failed restore touched the token"
     );
 
@@ -484,7 +459,7 @@ async fn disaster_recovery_onto_a_fresh_token() {
             "{flag}: a refused restore wrote the store"
         );
         assert!(
-            !pkcs11_objects(&env2).contains("Object"),
+            !common::pkcs11_objects(&env2).contains("Object"),
             "{flag}: a refused restore left keys on the token"
         );
     }
@@ -524,7 +499,7 @@ async fn disaster_recovery_onto_a_fresh_token() {
     assert_eq!(outcome("keyward-ca-devices-"), "unwrapped", "{report}");
     assert_eq!(outcome("keyward-ca-root-"), "missing", "{report}");
     // The restored issuing key is sensitive on the new token: never readable.
-    let objects = pkcs11_objects(&env2);
+    let objects = common::pkcs11_objects(&env2);
     let private: Vec<&str> = objects.split("Private Key Object").skip(1).collect();
     assert_eq!(private.len(), 1, "{objects}");
     assert!(

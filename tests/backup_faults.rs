@@ -77,31 +77,8 @@ fn backup_section(recipients: &Path, identity: &Path, spool: &str, nas: &Path) -
     )
 }
 
-fn pkcs11_objects(env: &Env) -> String {
-    let out = Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &env.softhsm_conf)
-        .arg("--module")
-        .arg(common::softhsm_module())
-        .args([
-            "--token-label",
-            &env.label,
-            "--login",
-            "--pin",
-            common::PIN,
-            "--list-objects",
-        ])
-        .output()
-        .expect("pkcs11-tool (opensc) missing: run scripts/test.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn assert_token_empty(env: &Env, what: &str) {
-    let objects = pkcs11_objects(env);
+    let objects = common::pkcs11_objects(env);
     assert!(
         !objects.contains("Private Key Object") && !objects.contains("Public Key Object"),
         "{what}: keys were left on the target token:\n{objects}"
@@ -465,7 +442,7 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
 
     // 9. A non-empty target is refused without --force and nothing changes.
     let db_before = std::fs::read(&env2.db).unwrap();
-    let objects_before = pkcs11_objects(&env2);
+    let objects_before = common::pkcs11_objects(&env2);
     let err = assert_code(
         &restore(&env2, &archive, &identity, &[]),
         "restore_target_not_empty",
@@ -473,7 +450,7 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
     );
     assert!(err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(&env2.db).unwrap(), db_before);
-    assert_eq!(pkcs11_objects(&env2), objects_before);
+    assert_eq!(common::pkcs11_objects(&env2), objects_before);
     // A store moved away still leaves a token with keys: refused as well.
     let moved = env2.path("moved.db");
     std::fs::rename(&env2.db, &moved).unwrap();
@@ -484,7 +461,7 @@ async fn restore_refuses_bad_archives_and_leaves_no_plaintext() {
     );
     assert!(err.contains("key store"), "{err}");
     assert_no_store(&env2.db, "non-empty token");
-    assert_eq!(pkcs11_objects(&env2), objects_before);
+    assert_eq!(common::pkcs11_objects(&env2), objects_before);
     std::fs::rename(&moved, &env2.db).unwrap();
     // With --force: the old database is moved aside, never deleted.
     let out = restore(&env2, &archive, &identity, &["--force", "--output", "json"]);
@@ -922,7 +899,7 @@ async fn token_without_wrapping() {
     // Checked from outside: nothing on the target token, no store.
     assert_token_empty(&target, "restore through a key store that cannot wrap");
     assert_no_store(&target.db, "restore through a key store that cannot wrap");
-    assert!(pkcs11_objects(&env).contains("Private Key Object"));
+    assert!(common::pkcs11_objects(&env).contains("Private Key Object"));
 }
 
 async fn wrap_child(config: &Path, target: &Path, officer: &Path) {

@@ -559,3 +559,28 @@ pub async fn issue_device(url: &str, approver: &str, dir: &Path, name: &str) -> 
         chain: write(dir, "chain.pem", creds["chain_pem"].as_str().unwrap()),
     }
 }
+
+/// Every object on `env`'s token, as OpenSC's `pkcs11-tool --list-objects`
+/// lists them.
+pub fn pkcs11_objects(env: &Env) -> String {
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .arg("--module")
+        .arg(softhsm_module())
+        .args([
+            "--token-label",
+            &env.label,
+            "--login",
+            "--pin",
+            PIN,
+            "--list-objects",
+        ])
+        .output()
+        .expect("pkcs11-tool (opensc) missing: run scripts/test.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
