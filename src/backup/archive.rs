@@ -184,10 +184,11 @@ impl MemberSender {
 impl ArchiveWriter {
     /// Creates `path` (mode 0600; it must not exist) and starts writing.
     pub fn create(path: &Path, recipients: Recipients, mtime: u64) -> Result<Self, BackupError> {
-        let file = create_private_file(path).map_err(|source| BackupError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file =
+            crate::store::files::create_new_private(path).map_err(|source| BackupError::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let (tx, rx) = mpsc::sync_channel::<Msg>(4);
         let path = path.to_path_buf();
         let thread = std::thread::Builder::new()
@@ -228,17 +229,6 @@ impl ArchiveWriter {
             _ => io::Error::other("aborted"),
         }
     }
-}
-
-pub fn create_private_file(path: &Path) -> io::Result<File> {
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    o.open(path)
 }
 
 fn write_archive(

@@ -95,14 +95,7 @@ pub async fn create_archive(
 }
 
 pub fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
-    }
-    b.create(dir).map_err(|source| BackupError::Write {
+    crate::store::files::create_private_dir(dir).map_err(|source| BackupError::Write {
         path: dir.to_path_buf(),
         source,
     })

@@ -158,6 +158,9 @@ pub struct RestoreReport {
     pub policies_written: Vec<String>,
     /// Policy files present and different from the archive's (kept).
     pub policies_differ: Vec<String>,
+    /// Policy files the restore could neither read nor write, with why:
+    /// extract them from the archive by hand.
+    pub policies_failed: Vec<String>,
 }
 
 fn load_identities(files: &[PathBuf]) -> Result<Identities, BackupError> {
@@ -196,25 +199,27 @@ pub async fn restore(
     now: OffsetDateTime,
 ) -> Result<RestoreReport, BackupError> {
     let identities = Arc::new(load_identities(&opts.identity_files)?);
-    if let Some(want) = &opts.expect_sha256 {
+    // The archive's hash, once: the pin is checked against it before the
+    // archive is read, and the `backup.restore` event records it.
+    let archive_sha256 = {
         let path = opts.archive.clone();
-        let found = tokio::task::spawn_blocking(move || archive::file_sha256(&path))
+        let read_err = |source| BackupError::Read {
+            path: opts.archive.clone(),
+            source,
+        };
+        tokio::task::spawn_blocking(move || archive::file_sha256(&path))
             .await
-            .map_err(|e| BackupError::Read {
-                path: opts.archive.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|source| BackupError::Read {
-                path: opts.archive.clone(),
-                source,
-            })?;
-        if found != normalize_hex(want) {
-            return Err(BackupError::NotExpected {
-                what: "archive",
-                expected: normalize_hex(want),
-                found,
-            });
-        }
+            .map_err(|e| read_err(std::io::Error::other(e)))?
+            .map_err(read_err)?
+    };
+    if let Some(want) = &opts.expect_sha256
+        && archive_sha256 != normalize_hex(want)
+    {
+        return Err(BackupError::NotExpected {
+            what: "archive",
+            expected: normalize_hex(want),
+            found: archive_sha256,
+        });
     }
     let checked = check_archive(&opts.archive, identities.clone()).await?;
     let manifest = checked.manifest;
@@ -255,7 +260,21 @@ pub async fn restore(
     }
     let archived: std::collections::BTreeSet<Uuid> = manifest.keys.iter().map(|k| k.id).collect();
     for (name, ks) in keystores.iter() {
-        if let Ok(listed) = ks.list().await {
+        // A backend that cannot list (a YubiKey) has no emptiness to check;
+        // any other failure stops the restore: an unreadable token is not
+        // an empty one.
+        let listed = match ks.list().await {
+            Ok(l) => Some(l),
+            Err(KeyStoreError::OperationUnsupported { .. }) => None,
+            Err(source) => {
+                return Err(BackupError::KeyStore {
+                    key: Uuid::nil(),
+                    label: format!("key store `{name}` (listing its keys)"),
+                    source,
+                });
+            }
+        };
+        if let Some(listed) = listed {
             let foreign = listed
                 .iter()
                 .filter(|(h, _)| !archived.iter().any(|id| handle_has_id(h, id)))
@@ -292,6 +311,7 @@ pub async fn restore(
         replaced: None,
         policies_written: Vec::new(),
         policies_differ: Vec::new(),
+        policies_failed: Vec::new(),
     };
     if opts.dry_run {
         return Ok(report);
@@ -364,6 +384,7 @@ pub async fn restore(
     let loaded = load_store(
         &db,
         &opts.archive,
+        &archive_sha256,
         &identities,
         &manifest,
         &report,
@@ -391,9 +412,10 @@ pub async fn restore(
             return Err(e);
         }
     }
-    let (written, differ) = write_policies(&config.policies.dir, &checked.small);
-    report.policies_written = written;
-    report.policies_differ = differ;
+    let policies = write_policies(&config.policies.dir, &checked.small);
+    report.policies_written = policies.written;
+    report.policies_differ = policies.differ;
+    report.policies_failed = policies.failed;
     Ok(report)
 }
 
@@ -413,13 +435,17 @@ async fn daemon_running(db: &Path, now: OffsetDateTime) -> Option<String> {
     if !db.exists() {
         return None;
     }
+    // A file that is no database cannot be served by a daemon (and `--force`
+    // may replace it); a database whose lease cannot be read may be.
     let store = crate::store::sqlite::SqliteStore::open_read_only(db).ok()?;
     let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
-    store
+    match store
         .lease_holder(crate::jobs::leader::SCHEDULER_LEASE, now_ms)
         .await
-        .ok()
-        .flatten()
+    {
+        Ok(holder) => holder,
+        Err(e) => Some(format!("its lease cannot be read: {e}")),
+    }
 }
 
 async fn existing_rows(db: &Path) -> Result<i64, BackupError> {
@@ -467,23 +493,34 @@ async fn plan_key(keystores: &KeyStores, entry: &KeyEntry) -> Result<KeyOutcome,
         return Ok(out);
     };
     let original = KeyHandle(entry.handle.clone());
-    if ks.exists(&original).await.unwrap_or(false) {
-        match ks.public_key(&original).await {
-            Ok(pk) if pk == spki => {
-                out.outcome = "present";
-                out.detail = format!("already on key store `{}`", entry.keystore);
-                out.handle = Some(original);
-                return Ok(out);
-            }
-            Ok(_) => {
-                return Err(BackupError::KeyStore {
-                    key: entry.id,
-                    label: entry.label.clone(),
-                    source: KeyStoreError::KeyIdInUse(original),
-                });
-            }
-            Err(_) => {}
+    let ks_err = |source| BackupError::KeyStore {
+        key: entry.id,
+        label: entry.label.clone(),
+        source,
+    };
+    let present = match ks.exists(&original).await {
+        Ok(p) => p,
+        // A device that is not connected (the root's YubiKey in its safe)
+        // is what "needs the original hardware" means for a key that only
+        // lives there; for a wrapped key the device must answer.
+        Err(e) if matches!(entry.backup, KeyDisposition::HardwareBound { .. }) => {
+            out.detail = format!(
+                "its device does not answer ({e}): it needs the original hardware ({} handle {})",
+                entry.backend, entry.handle
+            );
+            return Ok(out);
         }
+        Err(e) => return Err(ks_err(e)),
+    };
+    if present {
+        let pk = ks.public_key(&original).await.map_err(ks_err)?;
+        if pk != spki {
+            return Err(ks_err(KeyStoreError::KeyIdInUse(original)));
+        }
+        out.outcome = "present";
+        out.detail = format!("already on key store `{}`", entry.keystore);
+        out.handle = Some(original);
+        return Ok(out);
     }
     match &entry.backup {
         KeyDisposition::Wrapped { .. } => {
@@ -630,6 +667,7 @@ fn restoring_path(db: &Path, id: Uuid) -> PathBuf {
 async fn load_store(
     db: &Path,
     archive_path: &Path,
+    archive_sha256: &str,
     identities: &Arc<Identities>,
     manifest: &Manifest,
     report: &RestoreReport,
@@ -642,8 +680,14 @@ async fn load_store(
     {
         super::create::create_private_dir(parent)?;
     }
-    if tmp.exists() {
-        return Err(BackupError::RestoreInProgress(tmp));
+    // Created exclusively: of two restores of one backup, the second stops
+    // here and never touches the first one's file.
+    match crate::store::files::create_new_private(&tmp) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(BackupError::RestoreInProgress(tmp));
+        }
+        Err(source) => return Err(BackupError::Write { path: tmp, source }),
     }
     let at = now.unix_timestamp();
     let mut change = Change::new();
@@ -673,7 +717,7 @@ async fn load_store(
         AuditDraft::new(&opts.actor, "backup.restore", format!("backup:{}", manifest.backup_id))
             .details(json!({
                 "backup_id": manifest.backup_id,
-                "archive_sha256": archive::file_sha256(archive_path).unwrap_or_default(),
+                "archive_sha256": archive_sha256,
                 "created_at": manifest.created_at_utc,
                 "written_by": manifest.keyward_version,
                 "format_version": manifest.format_version,
@@ -728,10 +772,12 @@ async fn load_store(
         Ok(seqs.last().copied().unwrap_or(0))
     })
     .await
-    .map_err(|e| BackupError::Read {
-        path: PathBuf::from("<restore>"),
-        source: std::io::Error::other(e),
-    })?;
+    .unwrap_or_else(|e| {
+        Err(BackupError::Read {
+            path: PathBuf::from("<restore>"),
+            source: std::io::Error::other(e),
+        })
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
         for suffix in ["-wal", "-shm", "-journal"] {
@@ -787,8 +833,8 @@ fn move_into_place(
 
 /// Writes the archive's policies into `dir` where it lacks them; never
 /// overwrites. Returns (written, present but different).
-fn write_policies(dir: &Path, small: &BTreeMap<String, Vec<u8>>) -> (Vec<String>, Vec<String>) {
-    let (mut written, mut differ) = (Vec::new(), Vec::new());
+fn write_policies(dir: &Path, small: &BTreeMap<String, Vec<u8>>) -> PolicyFiles {
+    let mut out = PolicyFiles::default();
     for (member, bytes) in small {
         let Some(name) = member.strip_prefix("policies/") else {
             continue;
@@ -799,13 +845,23 @@ fn write_policies(dir: &Path, small: &BTreeMap<String, Vec<u8>>) -> (Vec<String>
         let path = dir.join(name);
         match std::fs::read(&path) {
             Ok(existing) if existing == *bytes => {}
-            Ok(_) => differ.push(name.to_string()),
-            Err(_) => {
-                if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&path, bytes).is_ok() {
-                    written.push(name.to_string());
+            Ok(_) => out.differ.push(name.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, bytes)) {
+                    Ok(()) => out.written.push(name.to_string()),
+                    Err(e) => out.failed.push(format!("{name}: {e}")),
                 }
             }
+            Err(e) => out.failed.push(format!("{name}: {e}")),
         }
     }
-    (written, differ)
+    out
+}
+
+/// What the restore did with the archive's policy files.
+#[derive(Default)]
+struct PolicyFiles {
+    written: Vec<String>,
+    differ: Vec<String>,
+    failed: Vec<String>,
 }

@@ -250,6 +250,9 @@ pub async fn restore(
         for p in &report.policies_written {
             println!("  policy {p} written from the backup");
         }
+        for p in &report.policies_failed {
+            println!("  policy {p}: not written; extract it from the archive (policies/)");
+        }
         for p in &report.policies_differ {
             println!("  policy {p} differs from the backup's (kept yours)");
         }

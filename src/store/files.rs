@@ -75,6 +75,24 @@ fn mode_of(_: &std::fs::Metadata) -> Option<u32> {
 
 /// Opens `path` for writing, creating it with `mode` if it does not exist
 /// (`exclusive`: it must not exist).
+/// Creates `path`, which must not exist, owner-only (0600) from its first byte.
+pub fn create_new_private(path: &Path) -> io::Result<File> {
+    open_with_mode(path, PRIVATE_MODE, true)
+}
+
+/// Creates missing directories owner-only, 0700 (existing ones are left as
+/// they are).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
 fn open_with_mode(path: &Path, mode: u32, exclusive: bool) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.write(true);

@@ -104,7 +104,7 @@ impl SqliteStore {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
-            create_private_dir(parent).map_err(|source| DatabaseError::Create {
+            files::create_private_dir(parent).map_err(|source| DatabaseError::Create {
                 path: parent.to_path_buf(),
                 source,
             })?;
@@ -170,18 +170,6 @@ impl SqliteStore {
         .await
         .map_err(DatabaseError::ReaderTask)?
     }
-}
-
-/// Creates missing directories owner-only (existing ones are left as they are).
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
 }
 
 #[async_trait]

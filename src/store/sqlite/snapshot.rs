@@ -210,9 +210,11 @@ pub struct Import {
 }
 
 impl Import {
-    /// Creates `path` (which must not exist) at `schema_version`.
+    /// Creates `path` (absent, or an empty file) at `schema_version`.
     pub fn create(path: &std::path::Path, schema_version: i64) -> R<Self> {
-        if path.exists() {
+        // An empty file is the caller's claim on the path (created
+        // exclusively); anything with content is someone's database.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
             return Err(StoreError::Corrupt(format!(
                 "{} already exists; refusing to import over it",
                 path.display()
