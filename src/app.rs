@@ -502,8 +502,16 @@ impl App {
         )
         .map_err(|e| anyhow::anyhow!("[backup]: {e}"))?
         .map(Arc::new);
+        let audit = Arc::new(crate::audit::service::AuditService::new(
+            store.clone(),
+            keystores.clone(),
+            clock.clone(),
+            metrics.clone(),
+            config.audit.clone(),
+        ));
         Ok(Self {
             state: AppState {
+                audit,
                 backups,
                 registry,
                 ca,
@@ -595,6 +603,17 @@ impl App {
         Ok(())
     }
 
+    /// Finds or generates the HSM key that signs audit checkpoints and
+    /// checks it against the token. `serve` refuses to start without it:
+    /// an unsigned chain is the weaker promise.
+    pub async fn prepare_audit(&self) -> anyhow::Result<crate::store::records::KeyRecord> {
+        self.state
+            .audit
+            .prepare("system")
+            .await
+            .context("preparing the audit checkpoint key")
+    }
+
     /// The background jobs, one line each. The readiness cache is filled
     /// once before this returns, so `/readyz` answers from the first request.
     /// The scheduler lease is asked for once before the jobs start: a lone
@@ -649,6 +668,13 @@ impl App {
                 BACKUP_INTERVAL,
             )));
         }
+        jobs.spawn(Arc::new(crate::jobs::audit::AuditCheckpointJob::new(
+            s.audit.clone(),
+            crate::jobs::audit::CHECKPOINT_POLL,
+        )));
+        jobs.spawn(Arc::new(crate::jobs::audit::AuditVerifyJob::new(
+            s.audit.clone(),
+        )));
         jobs.spawn(Arc::new(RenewalNotices::new(
             s.store.clone(),
             s.ca.clone(),
@@ -694,6 +720,9 @@ impl App {
         let keystores = self.state.keystores.clone();
         let notifiers = self.notifiers.clone();
         self.prepare_revocation().await?;
+        if self.state.audit.key().await.is_none() {
+            self.prepare_audit().await?;
+        }
         let jobs = self.start_jobs().await;
         ready();
         let reloader = spawn_sighup_reload(self.state.registry.clone());

@@ -86,6 +86,8 @@ pub struct Config {
     pub notify: Vec<NotifierConfig>,
     /// `[backup]`; `None`: no backups are configured (the commands say so).
     pub backup: Option<BackupConfig>,
+    /// `[audit]`: signed checkpoints of the audit chain and its sinks.
+    pub audit: AuditConfig,
     /// Directory the config was read from; relative paths were resolved against it.
     pub base_dir: PathBuf,
     pub source_path: PathBuf,
@@ -223,6 +225,40 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             lease: Self::DEFAULT_LEASE,
+        }
+    }
+}
+
+/// `[audit]`: the HSM key that signs checkpoints of the chain head, how
+/// often it signs, and where else checkpoints go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    /// Key store holding the `audit` key (default: the default key store).
+    pub keystore: String,
+    /// Algorithm of a newly generated audit key (default `ecdsa-p256`).
+    pub key_algorithm: crate::model::KeyAlgorithm,
+    /// A checkpoint is signed once this many events are unsigned (1..=10,000,000).
+    pub checkpoint_every_events: u64,
+    /// …or once the oldest unsigned event is this old (1 s ..= 1 day).
+    pub checkpoint_interval: Duration,
+    /// Every checkpoint is also appended (JSON line, fsynced) to this file:
+    /// put it where the database's writers cannot rewrite it (another
+    /// host, `chattr +a`). Truncation of the store is caught against it.
+    pub checkpoint_file: Option<PathBuf>,
+    /// How often the daemon verifies the chain's tail from the newest
+    /// checkpoint it verified (10 s ..= 1 day).
+    pub verify_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            keystore: DEFAULT_KEYSTORE.to_string(),
+            key_algorithm: crate::model::KeyAlgorithm::EcdsaP256,
+            checkpoint_every_events: 10_000,
+            checkpoint_interval: Duration::from_secs(60),
+            checkpoint_file: None,
+            verify_interval: Duration::from_secs(300),
         }
     }
 }
@@ -843,6 +879,7 @@ impl Builder<'_> {
         let broker = self.broker(raw.broker)?;
         let scheduler = self.scheduler(raw.scheduler)?;
         let backup = raw.backup.map(|b| self.backup(b)).transpose()?;
+        let audit = self.audit(raw.audit, &keystores)?;
         if !matches!(broker.backend, BrokerBackendConfig::None)
             && broker.flush_timeout >= server.request_timeout
         {
@@ -876,8 +913,57 @@ impl Builder<'_> {
             scheduler,
             notify,
             backup,
+            audit,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
+        })
+    }
+
+    fn audit(
+        &self,
+        a: file::Audit,
+        keystores: &BTreeMap<String, KeyStoreConfig>,
+    ) -> Result<AuditConfig, ConfigError> {
+        let d = AuditConfig::default();
+        let keystore = a.keystore.unwrap_or(d.keystore);
+        if keystore != DEFAULT_KEYSTORE && !keystores.contains_key(&keystore) {
+            return Err(self.invalid(
+                "audit.keystore",
+                format!("no key store named `{keystore}` is configured"),
+            ));
+        }
+        let key_algorithm = match a.key_algorithm {
+            None => d.key_algorithm,
+            Some(s) => s
+                .parse::<crate::model::KeyAlgorithm>()
+                .map_err(|e| self.invalid("audit.key_algorithm", e.to_string()))?,
+        };
+        let checkpoint_interval = self.seconds(
+            "audit.checkpoint_interval_secs",
+            a.checkpoint_interval_secs,
+            60,
+        )?;
+        if checkpoint_interval > Duration::from_secs(86_400) {
+            return Err(self.invalid("audit.checkpoint_interval_secs", "at most 86400 (a day)"));
+        }
+        let verify_interval =
+            self.seconds("audit.verify_interval_secs", a.verify_interval_secs, 300)?;
+        if !(10..=86_400).contains(&verify_interval.as_secs()) {
+            return Err(self.invalid("audit.verify_interval_secs", "between 10 and 86400"));
+        }
+        Ok(AuditConfig {
+            keystore,
+            key_algorithm,
+            checkpoint_every_events: self.range(
+                "audit.checkpoint_every_events",
+                a.checkpoint_every_events,
+                d.checkpoint_every_events,
+                1,
+                10_000_000,
+            )?,
+            checkpoint_interval,
+            checkpoint_file: a.checkpoint_file.map(|p| self.resolve(&p)),
+            verify_interval,
         })
     }
 

@@ -195,11 +195,12 @@ async fn register_approve_fetch_credentials_and_verify_chain_with_openssl() {
         .expect("pkcs11-tool (opensc) missing: run scripts/test.sh");
     let listing = String::from_utf8_lossy(&out.stdout);
     let keys: Vec<&str> = listing.split("Private Key Object").skip(1).collect();
-    // Root, issuing CA and the issuing CA's delegated OCSP signer (made at serve).
-    assert_eq!(keys.len(), 3, "{listing}");
+    // Root, issuing CA, the issuing CA's delegated OCSP signer (made at
+    // serve) and the audit checkpoint key (made at init).
+    assert_eq!(keys.len(), 4, "{listing}");
     for k in keys {
         assert!(k.contains("sensitive"), "{k}");
-        if k.contains("keyward-ca-devices-") {
+        if k.contains("keyward-ca-devices-") || k.contains("keyward-audit") {
             assert!(k.contains("extractable"), "{k}");
             assert!(!k.contains("never extractable"), "{k}");
         } else {
@@ -613,6 +614,7 @@ fn audit_verify_names_the_first_altered_event() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["intact"], false);
     assert_eq!(v["first_broken_seq"], 3);
+    assert_eq!(v["broken"]["kind"], "edited", "{v}");
 }
 
 #[tokio::test]

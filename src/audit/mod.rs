@@ -7,10 +7,19 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod checkpoint;
+pub mod service;
+pub mod verify;
+
+pub use checkpoint::Checkpoint;
+
 /// Version of the canonical event encoding written now. Version 2 adds
-/// `source` (the client address the request came from); version 1 events
-/// have none and hash exactly as they always did.
-pub const AUDIT_RECORD_VERSION: u32 = 2;
+/// `source` (the client address the request came from); version 3 adds
+/// `sealed`, the ciphertext of the event's sensitive details (client
+/// address, comments, device metadata), which the hash covers as it is:
+/// verification never needs the plaintext. Older events hash exactly as
+/// they always did.
+pub const AUDIT_RECORD_VERSION: u32 = 3;
 
 /// Oldest record version the verifier still accepts.
 pub const AUDIT_RECORD_VERSION_MIN: u32 = 1;
@@ -56,8 +65,15 @@ pub struct AuditDraft {
     pub outcome: Outcome,
     pub details: serde_json::Value,
     /// Client address of the request that caused the event (after trusted
-    /// proxies); `None` for the scheduler and the local CLI.
+    /// proxies); `None` for the scheduler and the local CLI. Sensitive: a
+    /// sealer moves it into `sealed`.
     pub source: Option<String>,
+    /// Details only auditors may read (comments, device metadata). A sealer
+    /// encrypts them (with `source`) into `sealed` before the store chains
+    /// the event; without one they are stored in `details` in the clear.
+    pub sensitive: serde_json::Map<String, serde_json::Value>,
+    /// Ciphertext of `sensitive` and `source`, set by the sealer.
+    pub sealed: Option<String>,
 }
 
 impl AuditDraft {
@@ -69,7 +85,15 @@ impl AuditDraft {
             outcome: Outcome::Success,
             details: serde_json::Value::Object(serde_json::Map::new()),
             source: None,
+            sensitive: serde_json::Map::new(),
+            sealed: None,
         }
+    }
+
+    /// Adds a detail only auditors may read (see [`AuditDraft::sensitive`]).
+    pub fn sensitive(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.sensitive.insert(key.to_string(), value.into());
+        self
     }
 
     pub fn source(mut self, source: Option<&str>) -> Self {
@@ -99,9 +123,12 @@ pub struct AuditEvent {
     pub target: String,
     pub outcome: Outcome,
     pub details: serde_json::Value,
-    /// Client address (record version 2 and later).
+    /// Client address (record version 2 and later), when not sealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Ciphertext of the sensitive details (record version 3 and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
     #[serde(with = "hex_bytes")]
     pub prev_hash: Vec<u8>,
     #[serde(with = "hex_bytes")]
@@ -121,6 +148,8 @@ struct Canonical<'a> {
     details: &'a serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sealed: Option<&'a str>,
 }
 
 impl AuditEvent {
@@ -137,6 +166,7 @@ impl AuditEvent {
             outcome: self.outcome.as_str(),
             details: &self.details,
             source: self.source.as_deref(),
+            sealed: self.sealed.as_deref(),
         };
         // Serialising strings, integers and a sorted map cannot fail.
         let body = serde_json::to_vec(&canonical).unwrap_or_default();
@@ -147,7 +177,20 @@ impl AuditEvent {
     }
 
     /// Numbers and chains a draft after `prev_hash`.
+    /// Sensitive details a sealer did not encrypt are stored in `details`
+    /// in the clear (detail encryption is off).
     pub fn chain(draft: AuditDraft, seq: i64, at_ms: i64, prev_hash: Vec<u8>) -> Self {
+        let mut details = draft.details;
+        if !draft.sensitive.is_empty() {
+            match &mut details {
+                serde_json::Value::Object(m) => m.extend(draft.sensitive),
+                other => {
+                    let mut m = draft.sensitive;
+                    m.insert("value".into(), other.take());
+                    details = serde_json::Value::Object(m);
+                }
+            }
+        }
         let mut e = Self {
             seq,
             at_ms,
@@ -155,8 +198,9 @@ impl AuditEvent {
             action: draft.action,
             target: draft.target,
             outcome: draft.outcome,
-            details: draft.details,
+            details,
             source: draft.source,
+            sealed: draft.sealed,
             prev_hash,
             hash: Vec::new(),
             version: AUDIT_RECORD_VERSION,
@@ -209,6 +253,11 @@ impl ChainVerifier {
         if e.version < 2 && e.source.is_some() {
             return Err(fail("a version 1 record cannot carry a source"));
         }
+        if e.version < 3 && e.sealed.is_some() {
+            return Err(fail(
+                "a record before version 3 cannot carry sealed details",
+            ));
+        }
         if e.prev_hash != self.prev_hash {
             return Err(fail("prev_hash does not match the previous event's hash"));
         }
@@ -229,7 +278,7 @@ impl ChainVerifier {
     }
 }
 
-mod hex_bytes {
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {

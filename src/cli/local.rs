@@ -2,10 +2,9 @@
 
 use super::Output;
 use crate::app::App;
-use crate::audit::ChainVerifier;
 use crate::config::{Config, LogFormat};
 use crate::policy::Policies;
-use crate::store::{AuditQuery, Store};
+use crate::store::Store;
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use std::path::Path;
@@ -68,6 +67,15 @@ pub async fn init(
             );
         }
     }
+    // The key that signs audit checkpoints: made now, so that the chain is
+    // signed from the first event `serve` writes.
+    let audit_key = app.prepare_audit().await?;
+    println!(
+        "audit    key {} ({}) signs checkpoints; public key SHA-256 {}",
+        audit_key.handle,
+        audit_key.algorithm,
+        crate::backup::archive::sha256_hex(&audit_key.public_key_der)
+    );
     match app.state.admins.bootstrap(admin_name).await? {
         Some((admin, token)) => match token_out {
             Some(path) => {
@@ -151,6 +159,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     app.prepare_tls().await?;
     // Before listening: the first client finds the CRLs and OCSP signers.
     app.prepare_revocation().await?;
+    app.prepare_audit().await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -230,58 +239,212 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn audit_verify(config_path: &Path, output: Output) -> anyhow::Result<ExitCode> {
-    let config = Config::load(config_path)?;
+/// Options of `keyward audit verify`.
+pub struct VerifyArgs {
+    pub from_checkpoint: Option<i64>,
+    pub checkpoints: Vec<std::path::PathBuf>,
+    pub public_key: Option<std::path::PathBuf>,
+}
+
+/// The audit service over a read-only store and only the key store that
+/// holds the audit key (a card-held root need not be present to verify).
+async fn audit_reader(config: &Config) -> anyhow::Result<crate::audit::service::AuditService> {
     let crate::config::StoreConfig::Sqlite(s) = &config.store;
-    let store = crate::store::sqlite::SqliteStore::open_read_only(&s.path)?;
-    let mut verifier = ChainVerifier::default();
-    let mut from = 1;
-    let result = loop {
-        let batch = store
-            .audit_events(AuditQuery {
-                from_seq: from,
-                limit: 10_000,
-            })
-            .await?;
-        let Some(last) = batch.last().map(|e| e.seq) else {
-            break Ok(());
-        };
-        if let Err(b) = batch.iter().try_for_each(|e| verifier.push(e)) {
-            break Err(b);
-        }
-        from = last + 1;
+    let store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(crate::store::sqlite::SqliteStore::open_read_only(&s.path)?);
+    let name = config.audit.keystore.as_str();
+    let ks_config = if name == crate::config::DEFAULT_KEYSTORE {
+        &config.keystore
+    } else {
+        config
+            .keystores
+            .get(name)
+            .with_context(|| format!("no key store named `{name}`"))?
     };
-    match (result, output) {
-        (Ok(()), Output::Text) => {
-            println!(
-                "audit chain intact: {} event(s), head {}",
-                verifier.verified,
-                hex::encode(verifier.head())
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        (Ok(()), Output::Json) => {
-            println!(
-                "{}",
-                serde_json::json!({"intact": true, "events": verifier.verified, "head": hex::encode(verifier.head())})
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        (Err(b), Output::Text) => {
-            println!(
-                "audit chain BROKEN at sequence {}: {} ({} event(s) before it verified)",
-                b.seq, b.reason, verifier.verified
-            );
-            Ok(ExitCode::FAILURE)
-        }
-        (Err(b), Output::Json) => {
-            println!(
-                "{}",
-                serde_json::json!({"intact": false, "first_broken_seq": b.seq, "reason": b.reason, "verified": verifier.verified})
-            );
-            Ok(ExitCode::FAILURE)
-        }
+    let ks = crate::app::open_keystore(name, ks_config).await?;
+    let mut keystores = crate::keystore::KeyStores::new(ks.clone());
+    keystores.insert(name, ks);
+    Ok(crate::audit::service::AuditService::new(
+        store,
+        keystores,
+        std::sync::Arc::new(crate::clock::SystemClock),
+        std::sync::Arc::new(crate::metrics::Metrics::new()?),
+        config.audit.clone(),
+    ))
+}
+
+fn read_public_key_pem(path: &Path) -> anyhow::Result<(crate::model::KeyAlgorithm, Vec<u8>)> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (label, der) = der::pem::decode_vec(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM public key: {e}", path.display()))?;
+    if label != "PUBLIC KEY" {
+        anyhow::bail!(
+            "{}: expected a PUBLIC KEY block, found {label}",
+            path.display()
+        );
     }
+    use der::Decode as _;
+    let spki = spki::SubjectPublicKeyInfoOwned::from_der(&der)
+        .map_err(|e| anyhow::anyhow!("{}: not a public key: {e}", path.display()))?;
+    let key = crate::ca::public_key::PublicKey::from_spki(&spki)
+        .map_err(|e| anyhow::anyhow!("{}: unsupported public key: {e}", path.display()))?;
+    Ok((key.algorithm(), der))
+}
+
+pub async fn audit_verify(
+    config_path: &Path,
+    args: VerifyArgs,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    use crate::audit::verify::AuditKeys;
+    let run = async {
+        let config = Config::load(config_path)?;
+        let crate::config::StoreConfig::Sqlite(s) = &config.store;
+        let (store, keys, mut checkpoints): (std::sync::Arc<dyn Store>, AuditKeys, _) =
+            match &args.public_key {
+                // A third party's check: no token, the key they were given.
+                Some(pem) => {
+                    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
+                        crate::store::sqlite::SqliteStore::open_read_only(&s.path)?,
+                    );
+                    let (alg, spki) = read_public_key_pem(pem)?;
+                    let mut cps = Vec::new();
+                    let mut from = 0;
+                    loop {
+                        let page = store.audit_checkpoints(from, 10_000).await?;
+                        let n = page.len();
+                        from = page.last().map_or(from, |c| c.seq + 1);
+                        cps.extend(page);
+                        if n < 10_000 {
+                            break;
+                        }
+                    }
+                    if let Some(f) = &config.audit.checkpoint_file {
+                        cps.extend(crate::audit::service::read_checkpoint_file(f)?);
+                    }
+                    let keys: AuditKeys = cps
+                        .iter()
+                        .map(|c| (c.key_id, (alg, spki.clone())))
+                        .collect();
+                    (store, keys, cps)
+                }
+                None => {
+                    let reader = audit_reader(&config).await?;
+                    let keys = reader.token_keys().await?;
+                    let cps = reader.all_checkpoints().await?;
+                    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
+                        crate::store::sqlite::SqliteStore::open_read_only(&s.path)?,
+                    );
+                    (store, keys, cps)
+                }
+            };
+        for f in &args.checkpoints {
+            if !f.exists() {
+                anyhow::bail!("checkpoint file {} does not exist", f.display());
+            }
+            checkpoints.extend(crate::audit::service::read_checkpoint_file(f)?);
+        }
+        if let Some(pem) = &args.public_key {
+            // Checkpoints in the extra files name keys too.
+            let (alg, spki) = read_public_key_pem(pem)?;
+            let mut keys = keys;
+            for c in &checkpoints {
+                keys.insert(c.key_id, (alg, spki.clone()));
+            }
+            return Ok::<_, anyhow::Error>(
+                crate::audit::service::verify_store(
+                    store.as_ref(),
+                    checkpoints,
+                    &keys,
+                    args.from_checkpoint,
+                )
+                .await?,
+            );
+        }
+        Ok(crate::audit::service::verify_store(
+            store.as_ref(),
+            checkpoints,
+            &keys,
+            args.from_checkpoint,
+        )
+        .await?)
+    };
+    let report = match run.await {
+        Ok(r) => r,
+        Err(e) => {
+            match output {
+                Output::Text => eprintln!("audit chain NOT VERIFIED: {e:#}"),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"intact": false, "error": format!("{e:#}")})
+                ),
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let intact = report.broken.is_none();
+    match output {
+        Output::Json => {
+            let mut v = serde_json::to_value(&report)?;
+            v["intact"] = serde_json::json!(intact);
+            if let Some(b) = &report.broken {
+                // The field scripts read before checkpoints existed.
+                v["first_broken_seq"] = serde_json::json!(b.seq);
+            }
+            println!("{v}");
+        }
+        Output::Text => match &report.broken {
+            None => {
+                println!(
+                    "audit chain intact: {} event(s) to sequence {}, head {}",
+                    report.events, report.head_seq, report.head_hash
+                );
+                match report.last_checkpoint {
+                    Some(c) => println!(
+                        "  {} signed checkpoint(s) verified, newest at sequence {c}; {} event(s) after it not yet signed",
+                        report.checkpoints_verified, report.unsigned_events
+                    ),
+                    None => println!(
+                        "  WARNING: no signed checkpoint covers the chain: a rewrite or truncation would not be detected"
+                    ),
+                }
+            }
+            Some(b) => {
+                println!(
+                    "audit chain BROKEN at sequence {} ({}): {}",
+                    b.seq,
+                    b.kind.as_str(),
+                    b.reason
+                );
+                println!("  {} event(s) before it verified", report.events);
+            }
+        },
+    }
+    Ok(if intact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `keyward audit public-key`: the audit key's SPKI as PEM, from the token.
+pub async fn audit_public_key(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let reader = audit_reader(&config).await?;
+    let keys = reader.token_keys().await?;
+    if keys.is_empty() {
+        anyhow::bail!("no audit key on the token: run `keyward init` or start the daemon once");
+    }
+    for (id, (alg, spki)) in &keys {
+        eprintln!("audit key {id} ({alg})");
+        print!(
+            "{}",
+            der::pem::encode_string("PUBLIC KEY", der::pem::LineEnding::LF, spki)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `keyward keys list`: every key in the store with its state, age and the

@@ -574,13 +574,34 @@ pub enum KeysCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain from the database and name the first broken sequence number.
+    /// Recompute the hash chain, check every HSM-signed checkpoint, and name
+    /// the first broken sequence number and what broke (edited, deleted,
+    /// inserted, reordered, relinked, rechained, truncated, forged-checkpoint).
+    /// Exit 0 intact, 1 broken, 2 could not verify.
     Verify {
         #[command(flatten)]
         config: ConfigArg,
+        /// Verify only the tail after this checkpoint (its signature must
+        /// verify): the events before it are trusted.
+        #[arg(long, value_name = "SEQ")]
+        from_checkpoint: Option<i64>,
+        /// More checkpoints, one JSON object per line (e.g. a copy of
+        /// `audit.checkpoint_file` kept elsewhere); added to the store's.
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Vec<std::path::PathBuf>,
+        /// Check checkpoint signatures with this public key (PEM SPKI, from
+        /// `keyward audit public-key`) instead of reading it from the token.
+        #[arg(long, value_name = "PEM")]
+        public_key: Option<std::path::PathBuf>,
         /// Print the result as JSON.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Print the audit key's public key (PEM), read from the token, for
+    /// auditors who verify checkpoints and exports on their own.
+    PublicKey {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -622,8 +643,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => local::config_check(&config.config),
         Command::Audit {
-            command: AuditCommand::Verify { config, output },
-        } => local::audit_verify(&config.config, output).await,
+            command:
+                AuditCommand::Verify {
+                    config,
+                    from_checkpoint,
+                    checkpoints,
+                    public_key,
+                    output,
+                },
+        } => {
+            local::audit_verify(
+                &config.config,
+                local::VerifyArgs {
+                    from_checkpoint,
+                    checkpoints,
+                    public_key,
+                },
+                output,
+            )
+            .await
+        }
+        Command::Audit {
+            command: AuditCommand::PublicKey { config },
+        } => local::audit_public_key(&config.config).await,
         Command::Registrations { client, command } => client::registrations(&client, command).await,
         Command::Admins {
             command:

@@ -34,6 +34,20 @@ pub(super) struct File {
     pub notify: Vec<Notify>,
     /// `[backup]`: encrypted backups and where they are replicated.
     pub backup: Option<Backup>,
+    /// `[audit]`: checkpoints, detail encryption, sinks.
+    #[serde(default)]
+    pub audit: Audit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Audit {
+    pub keystore: Option<String>,
+    pub key_algorithm: Option<String>,
+    pub checkpoint_every_events: Option<u64>,
+    pub checkpoint_interval_secs: Option<u64>,
+    pub checkpoint_file: Option<PathBuf>,
+    pub verify_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,6 +58,8 @@ pub struct AppState {
     pub rotator: Arc<crate::rotation::Rotator>,
     /// Backups (`/v1/admin/backups`); `None` without a `[backup]` section.
     pub backups: Option<Arc<crate::backup::service::BackupService>>,
+    /// The audit key, checkpoints and verification (`/v1/admin/audit`).
+    pub audit: Arc<crate::audit::service::AuditService>,
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

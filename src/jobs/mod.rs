@@ -19,6 +19,7 @@
 //! each job's `scope`). While not leader, a leader-only job's ticks are
 //! skipped (not counted as runs). See [`leader`] for the lease.
 
+pub mod audit;
 pub mod backup;
 pub mod broker;
 pub mod crl;
@@ -60,6 +61,8 @@ pub enum JobError {
     Rotation(#[from] crate::rotation::RotationError),
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::service::AuditError),
 }
 
 impl JobError {
@@ -73,6 +76,7 @@ impl JobError {
             Self::Tls(e) => e.code(),
             Self::Rotation(e) => e.code(),
             Self::Backup(e) => e.code(),
+            Self::Audit(e) => e.code(),
         }
     }
 }

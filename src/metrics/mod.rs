@@ -2,6 +2,7 @@
 //! `promtool check metrics` lints). Metrics never carry secrets or
 //! per-device labels (unbounded cardinality, and device ids are sensitive).
 
+pub mod audit;
 pub mod ocsp;
 
 use prometheus::{
@@ -69,6 +70,8 @@ pub struct Metrics {
     /// CRL publications that failed (HSM, store, signature check), by CA.
     pub crl_publish_failures: IntCounterVec,
     pub ocsp: ocsp::OcspMetrics,
+    /// The audit chain, its checkpoints and sinks.
+    pub audit: audit::AuditMetrics,
     /// Broker updates queued in the store's outbox (due or backing off).
     pub broker_outbox_pending: IntGauge,
     /// Attempts to apply a broker update, by op (`grant`, `revoke`) and result (`ok`, `error`).
@@ -226,6 +229,7 @@ impl Metrics {
             &["ca"],
         )?;
         let ocsp = ocsp::OcspMetrics::register(&registry)?;
+        let audit = audit::AuditMetrics::register(&registry)?;
         let broker_outbox_pending = gauge(
             "broker_outbox_pending",
             "Broker ACL updates queued and not yet applied (alert when it stays above 0)",
@@ -313,6 +317,7 @@ impl Metrics {
             broker_updates,
             notifications,
             ocsp,
+            audit,
             registry,
             http_requests,
             certificates_issued,

@@ -8,7 +8,7 @@ pub mod sqlite;
 
 pub use records::*;
 
-use crate::audit::{AuditDraft, AuditEvent};
+use crate::audit::{AuditDraft, AuditEvent, Checkpoint};
 use async_trait::async_trait;
 use uuid::Uuid;
 
@@ -512,6 +512,9 @@ pub enum Write {
         id: Uuid,
         at: i64,
     },
+    /// Records a data key that encrypts audit details, wrapped by an HSM
+    /// key. Conflicts (`Duplicate`) on a reused id.
+    InsertAuditDataKey(crate::store::records::AuditDataKeyRecord),
     /// Points CA `ca` at its new key and certificate. Conflicts
     /// (`StateChanged`) unless the CA's key is `from_key`.
     ActivateCaKey {
@@ -807,6 +810,26 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
     /// Number of audit events and the highest sequence number.
     async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError>;
+
+    /// Stores a signed checkpoint of the chain. Not a [`Write`]: a
+    /// checkpoint authenticates itself by its signature, and an audit event
+    /// about it would move the head it signs. Refused (`InvalidArgument`,
+    /// nothing stored) unless event `cp.seq` exists with hash `cp.hash` and
+    /// `cp.seq` is above every stored checkpoint's, checked in the same
+    /// transaction as the insert.
+    async fn record_audit_checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError>;
+    /// Checkpoints with `seq >= from_seq`, in sequence order, at most `limit`.
+    async fn audit_checkpoints(
+        &self,
+        from_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError>;
+    /// The checkpoint with the highest sequence number.
+    async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// Every audit data key, oldest first.
+    async fn audit_data_keys(
+        &self,
+    ) -> Result<Vec<crate::store::records::AuditDataKeyRecord>, StoreError>;
 
     /// Row counts of every table, for tests and operators.
     async fn counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError>;

@@ -358,6 +358,17 @@ pub struct RotationRecord {
     pub finished_at: Option<i64>,
 }
 
+/// A data key that encrypts the sensitive details of audit events, as the
+/// HSM key `key_id` wrapped it. Never stored in the clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditDataKeyRecord {
+    pub id: Uuid,
+    /// The HSM key (`keys.id`) that unwraps it.
+    pub key_id: Uuid,
+    pub wrapped: Vec<u8>,
+    pub created_at: i64,
+}
+
 /// One encrypted backup archive.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackupRecord {

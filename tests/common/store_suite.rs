@@ -33,6 +33,7 @@ macro_rules! store_suite {
             audit_events_are_numbered_chained_and_timed,
             change_without_audit_event_is_refused,
             audit_chain_spans_concurrent_batches_and_keeps_source,
+            audit_checkpoints_name_an_event_and_move_forward,
             conflicting_change_applies_nothing_while_neighbours_commit,
             keys_insert_complete_and_change_state,
             cas_insert_and_list,
@@ -553,6 +554,78 @@ pub async fn change_without_audit_event_is_refused(cx: Cx) {
 /// Many changes at once (which a backend may group into one transaction):
 /// every change gets its own consecutive numbers, the whole trail verifies,
 /// and `source`, `outcome` and `details` read back as written.
+pub async fn audit_checkpoints_name_an_event_and_move_forward(cx: Cx) {
+    use keyward::audit::Checkpoint;
+    let s = cx.store.clone();
+    let cp = |seq: i64, hash: Vec<u8>| Checkpoint {
+        seq,
+        hash,
+        at_ms: T0 * 1000 + seq,
+        key_id: Uuid::nil(),
+        signature: vec![0x30, seq as u8],
+    };
+    assert!(s.last_audit_checkpoint().await.unwrap().is_none());
+    // No event yet: nothing to name.
+    let refused = s.record_audit_checkpoint(&cp(1, vec![0; 32])).await;
+    assert!(
+        matches!(refused, Err(StoreError::InvalidArgument(_))),
+        "{refused:?}"
+    );
+    for i in 0..5 {
+        s.commit(Change::new().audit(AuditDraft::new("system", "t.e", format!("{i}"))))
+            .await
+            .unwrap();
+    }
+    let events = s
+        .audit_events(AuditQuery {
+            from_seq: 1,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    // A hash that is not the event's is refused; so is an unknown sequence.
+    let wrong = s.record_audit_checkpoint(&cp(3, vec![7; 32])).await;
+    assert!(
+        matches!(wrong, Err(StoreError::InvalidArgument(_))),
+        "{wrong:?}"
+    );
+    let beyond = s
+        .record_audit_checkpoint(&cp(9, events[4].hash.clone()))
+        .await;
+    assert!(
+        matches!(beyond, Err(StoreError::InvalidArgument(_))),
+        "{beyond:?}"
+    );
+    s.record_audit_checkpoint(&cp(3, events[2].hash.clone()))
+        .await
+        .unwrap();
+    // Not backwards, not the same sequence twice.
+    for seq in [2, 3] {
+        let r = s
+            .record_audit_checkpoint(&cp(seq, events[seq as usize - 1].hash.clone()))
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::InvalidArgument(_))),
+            "{seq}: {r:?}"
+        );
+    }
+    s.record_audit_checkpoint(&cp(5, events[4].hash.clone()))
+        .await
+        .unwrap();
+    let all = s.audit_checkpoints(0, 10).await.unwrap();
+    assert_eq!(all.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![3, 5]);
+    assert_eq!(all[0], cp(3, events[2].hash.clone()));
+    assert_eq!(s.audit_checkpoints(4, 10).await.unwrap().len(), 1);
+    assert_eq!(s.last_audit_checkpoint().await.unwrap().unwrap().seq, 5);
+    // A read-only store refuses to record one.
+    let ro = cx.read_only().await;
+    assert!(
+        ro.record_audit_checkpoint(&cp(6, vec![0; 32]))
+            .await
+            .is_err()
+    );
+}
+
 pub async fn audit_chain_spans_concurrent_batches_and_keeps_source(cx: Cx) {
     let s = cx.store.clone();
     let tasks = (0..64usize).map(|i| {
@@ -606,7 +679,7 @@ pub async fn audit_chain_spans_concurrent_batches_and_keeps_source(cx: Cx) {
                 e.details,
                 serde_json::json!({"a": {"b": "c"}, "i": i, "z": [1, 2]})
             );
-            assert_eq!(e.version, 2);
+            assert_eq!(e.version, keyward::audit::AUDIT_RECORD_VERSION);
         }
     }
     // The chain continues after the burst.
@@ -2233,6 +2306,8 @@ pub async fn counts_name_every_table(cx: Cx) {
         "admin_requests",
         "admins",
         "approvals",
+        "audit_checkpoints",
+        "audit_data_keys",
         "audit_events",
         "backup_replicas",
         "backups",
@@ -2285,9 +2360,27 @@ pub async fn counts_name_every_table(cx: Cx) {
                 record: backup("keyward-counted.age", T0),
                 locations: vec!["nas".into()],
             },
+            Write::InsertAuditDataKey(keyward::store::records::AuditDataKeyRecord {
+                id: Uuid::now_v7(),
+                key_id: k.id,
+                wrapped: vec![1, 2, 3],
+                created_at: T0,
+            }),
         ],
     )
     .await;
+    // A checkpoint of the head the change above wrote (signature not
+    // checked by the store: it authenticates itself to verifiers).
+    let (seq, hash) = s.audit_head().await.unwrap();
+    s.record_audit_checkpoint(&keyward::audit::Checkpoint {
+        seq,
+        hash,
+        at_ms: T0 * 1000,
+        key_id: k.id,
+        signature: vec![0x30],
+    })
+    .await
+    .unwrap();
     let counts = s.counts().await.unwrap();
     assert!(counts.values().all(|n| *n == 1), "{counts:?}");
 }

@@ -22,7 +22,7 @@ use super::{
     EnrollmentTokenFilter, ExpiringQuery, Page, PageRequest, RegistrationFilter, SerialPageRequest,
     Store, StoreError,
 };
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Checkpoint};
 use crate::clock::Clock;
 use crate::store::records::*;
 use async_trait::async_trait;
@@ -505,6 +505,30 @@ impl Store for SqliteStore {
 
     async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError> {
         self.read(reads::audit_head).await
+    }
+
+    async fn record_audit_checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError> {
+        match &self.writer {
+            Some(w) => w.checkpoint(cp.clone()).await,
+            None => Err(DatabaseError::ReadOnly.into()),
+        }
+    }
+
+    async fn audit_checkpoints(
+        &self,
+        from_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        self.read(move |c| reads::audit_checkpoints(c, from_seq, limit))
+            .await
+    }
+
+    async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.read(reads::last_audit_checkpoint).await
+    }
+
+    async fn audit_data_keys(&self) -> Result<Vec<AuditDataKeyRecord>, StoreError> {
+        self.read(reads::audit_data_keys).await
     }
 
     async fn counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {

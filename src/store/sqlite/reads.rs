@@ -2,7 +2,7 @@
 //! pooled reader off the async runtime), and keyset pagination.
 
 use super::{db, rows};
-use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH};
 use crate::store::records::*;
 use crate::store::{
     AuditQuery, CertificateFilter, DeviceFilter, EnrollmentTokenFilter, ExpiringQuery, Order, Page,
@@ -15,7 +15,7 @@ use uuid::Uuid;
 type R<T> = Result<T, StoreError>;
 
 /// Tables [`counts`] reports, one entry each.
-const TABLES: [&str; 16] = [
+const TABLES: [&str; 18] = [
     "keys",
     "cas",
     "admins",
@@ -32,6 +32,8 @@ const TABLES: [&str; 16] = [
     "backups",
     "backup_replicas",
     "audit_events",
+    "audit_checkpoints",
+    "audit_data_keys",
 ];
 
 /// One keyset page of `select` (a `SELECT ... FROM table` whose table has a
@@ -597,7 +599,7 @@ pub(super) fn get_certificate(c: &Connection, serial: &str) -> R<Option<Certific
 pub(super) fn audit_events(c: &Connection, q: &AuditQuery) -> R<Vec<AuditEvent>> {
     rows::many(
         c,
-        "SELECT seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source
+        "SELECT seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source, sealed
          FROM audit_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
         params![q.from_seq, q.limit],
         rows::audit,
@@ -613,6 +615,34 @@ pub(super) fn audit_head(c: &Connection) -> R<(i64, Vec<u8>)> {
     .optional()
     .map_err(db)?
     .unwrap_or((0, GENESIS_HASH.to_vec())))
+}
+
+pub(super) fn audit_checkpoints(c: &Connection, from_seq: i64, limit: u32) -> R<Vec<Checkpoint>> {
+    rows::many(
+        c,
+        "SELECT seq, hash, at_ms, key_id, signature FROM audit_checkpoints
+         WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+        params![from_seq, limit],
+        rows::checkpoint,
+    )
+}
+
+pub(super) fn last_audit_checkpoint(c: &Connection) -> R<Option<Checkpoint>> {
+    rows::one(
+        c,
+        "SELECT seq, hash, at_ms, key_id, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+        [],
+        rows::checkpoint,
+    )
+}
+
+pub(super) fn audit_data_keys(c: &Connection) -> R<Vec<AuditDataKeyRecord>> {
+    rows::many(
+        c,
+        "SELECT id, key_id, wrapped, created_at FROM audit_data_keys ORDER BY id",
+        [],
+        rows::audit_data_key,
+    )
 }
 
 pub(super) fn lease_holder(c: &Connection, name: &str, now_ms: i64) -> R<Option<String>> {

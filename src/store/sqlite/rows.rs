@@ -1,7 +1,7 @@
 //! Row ↔ record mapping for the SQLite backend.
 
 use super::db;
-use crate::audit::{AuditEvent, Outcome};
+use crate::audit::{AuditEvent, Checkpoint, Outcome};
 use crate::model::CaKind;
 use crate::model::{KeyAlgorithm, KeyHandle};
 use crate::store::records::*;
@@ -358,6 +358,26 @@ pub(super) fn audit(r: &Row<'_>) -> R<AuditEvent> {
         hash: r.get(8)?,
         version: r.get(9)?,
         source: r.get(10)?,
+        sealed: r.get(11)?,
+    })
+}
+
+pub(super) fn checkpoint(r: &Row<'_>) -> R<Checkpoint> {
+    Ok(Checkpoint {
+        seq: r.get(0)?,
+        hash: r.get(1)?,
+        at_ms: r.get(2)?,
+        key_id: uuid(r, 3)?,
+        signature: r.get(4)?,
+    })
+}
+
+pub(super) fn audit_data_key(r: &Row<'_>) -> R<AuditDataKeyRecord> {
+    Ok(AuditDataKeyRecord {
+        id: uuid(r, 0)?,
+        key_id: uuid(r, 1)?,
+        wrapped: r.get(2)?,
+        created_at: r.get(3)?,
     })
 }
 

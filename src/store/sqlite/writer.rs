@@ -47,9 +47,15 @@ struct LeaseJob {
     reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
+struct CheckpointJob {
+    checkpoint: crate::audit::Checkpoint,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
 enum Job {
     Change(ChangeJob),
     Lease(LeaseJob),
+    Checkpoint(CheckpointJob),
 }
 
 /// The queue to the writer thread; the thread ends when this is dropped.
@@ -87,6 +93,19 @@ impl Writer {
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
+    /// Queues a checkpoint insert (see [`crate::store::Store::record_audit_checkpoint`]).
+    pub(super) async fn checkpoint(
+        &self,
+        checkpoint: crate::audit::Checkpoint,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Checkpoint(CheckpointJob { checkpoint, reply }))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
     /// Queues a lease operation and waits for its outcome.
     pub(super) async fn lease(&self, op: LeaseOp) -> Result<bool, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -107,16 +126,19 @@ fn writer_loop(
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::new();
-        // A lease operation ends the batch; it runs right after it.
+        // A lease or checkpoint operation ends the batch; it runs right after it.
         let mut lease = None;
+        let mut checkpoint = None;
         match first {
             Job::Change(c) => batch.push(c),
             Job::Lease(l) => lease = Some(l),
+            Job::Checkpoint(c) => checkpoint = Some(c),
         }
-        while lease.is_none() && batch.len() < batch_max {
+        while lease.is_none() && checkpoint.is_none() && batch.len() < batch_max {
             match rx.try_recv() {
                 Ok(Job::Change(c)) => batch.push(c),
                 Ok(Job::Lease(l)) => lease = Some(l),
+                Ok(Job::Checkpoint(c)) => checkpoint = Some(c),
                 Err(_) => break,
             }
         }
@@ -130,7 +152,55 @@ fn writer_loop(
             }
             let _ = l.reply.send(r);
         }
+        if let Some(c) = checkpoint {
+            let r = insert_checkpoint(&mut conn, &c.checkpoint);
+            let _ = c.reply.send(r);
+        }
     }
+}
+
+/// Inserts a checkpoint in its own IMMEDIATE transaction, after checking
+/// that it names an existing event by its hash and moves forward.
+fn insert_checkpoint(
+    conn: &mut Connection,
+    cp: &crate::audit::Checkpoint,
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let hash: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT hash FROM audit_events WHERE seq = ?1")
+        .map_err(db)?
+        .query_row(params![cp.seq], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    if hash.as_deref() != Some(cp.hash.as_slice()) {
+        return Err(StoreError::InvalidArgument(
+            "checkpoint names no event with that sequence and hash",
+        ));
+    }
+    let last: Option<i64> = tx
+        .query_row("SELECT MAX(seq) FROM audit_checkpoints", [], |r| r.get(0))
+        .map_err(db)?;
+    if last.is_some_and(|l| l >= cp.seq) {
+        return Err(StoreError::InvalidArgument(
+            "checkpoint does not move past the newest stored checkpoint",
+        ));
+    }
+    tx.prepare_cached(
+        "INSERT INTO audit_checkpoints (seq, hash, at_ms, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(db)?
+    .execute(params![
+        cp.seq,
+        cp.hash,
+        cp.at_ms,
+        cp.key_id.to_string(),
+        cp.signature
+    ])
+    .map_err(db)?;
+    tx.commit().map_err(db)?;
+    Ok(())
 }
 
 /// Runs one lease operation in its own IMMEDIATE transaction (the write
@@ -277,8 +347,8 @@ pub(super) fn apply(
     let mut seqs = Vec::with_capacity(change.audit.len());
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO audit_events (seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO audit_events (seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source, sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(db)?;
     for draft in &change.audit {
@@ -296,7 +366,8 @@ pub(super) fn apply(
             e.prev_hash,
             e.hash,
             e.version,
-            e.source
+            e.source,
+            e.sealed
         ])
         .map_err(db)?;
         prev = e.hash;

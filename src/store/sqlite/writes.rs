@@ -977,6 +977,24 @@ pub(super) fn apply_write(tx: &Transaction<'_>, w: &Write) -> Result<(), StoreEr
             .execute(params![at, id.to_string()])
             .map_err(db)?;
         }
+        Write::InsertAuditDataKey(k) => {
+            tx.prepare_cached(
+                "INSERT INTO audit_data_keys (id, key_id, wrapped, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(db)?
+            .execute(params![
+                k.id.to_string(),
+                k.key_id.to_string(),
+                k.wrapped,
+                k.created_at
+            ])
+            .map_err(|e| match db(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(Conflict::Duplicate {
+                    entity: "audit data key",
+                }),
+                other => other,
+            })?;
+        }
         Write::ActivateCaKey {
             ca,
             from_key,

@@ -1,0 +1,562 @@
+//! The audit service: the `audit` key in the HSM, checkpoints of the chain
+//! head signed with it, and the daemon's own periodic verification of the
+//! chain's tail.
+//!
+//! The key is found (or generated, audited as `key.generate`) by
+//! [`AuditService::prepare`] at start-up. Checkpoint public keys are read
+//! from the token, never from the store alone: whoever can rewrite the
+//! store could otherwise swap in a key of their own.
+
+use super::Checkpoint;
+use super::verify::{AuditKeys, Report, Verifier};
+use crate::ca::keys::{self, KeyLifecycleError, NewKey};
+use crate::clock::{Clock, unix_ms};
+use crate::config::AuditConfig;
+use crate::keystore::{KeyStore, KeyStoreError, KeyStores};
+use crate::metrics::Metrics;
+use crate::model::{KeyPurpose, KeyState};
+use crate::store::records::KeyRecord;
+use crate::store::{AuditQuery, Store, StoreError};
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use tokio::sync::RwLock;
+
+/// What a non-auditor sees in place of sealed details.
+pub const REDACTED: &str = "redacted";
+
+/// Events read per page while verifying.
+pub const VERIFY_PAGE: u32 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    KeyStore(#[from] KeyStoreError),
+    #[error(transparent)]
+    Key(#[from] KeyLifecycleError),
+    #[error("no audit key is prepared (the daemon signs checkpoints only after start-up)")]
+    NoKey,
+    #[error(
+        "audit key {key_id}'s public key on the token does not match the store's record: \
+         refusing to sign or verify with it"
+    )]
+    KeyMismatch { key_id: uuid::Uuid },
+    #[error("cannot append to the checkpoint file {path}: {source}")]
+    CheckpointFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the checkpoint file {path} line {line} is not a checkpoint: {reason}")]
+    CheckpointFileCorrupt {
+        path: std::path::PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("this event's details are sealed and cannot be opened here")]
+    Sealed,
+    #[error("audit chain broken at sequence {seq} ({kind}): {reason}")]
+    Broken {
+        seq: i64,
+        kind: &'static str,
+        reason: String,
+    },
+}
+
+impl AuditError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Store(e) => e.code(),
+            Self::KeyStore(e) => e.code(),
+            Self::Key(e) => e.code(),
+            Self::NoKey => "audit_key_missing",
+            Self::KeyMismatch { .. } => "audit_key_mismatch",
+            Self::CheckpointFile { .. } => "audit_checkpoint_file",
+            Self::CheckpointFileCorrupt { .. } => "audit_checkpoint_file_corrupt",
+            Self::Broken { .. } => "audit_chain_broken",
+            Self::Sealed => "audit_details_sealed",
+        }
+    }
+}
+
+struct Signer {
+    keystore: Arc<dyn KeyStore>,
+    key: KeyRecord,
+}
+
+pub struct AuditService {
+    store: Arc<dyn Store>,
+    keystores: KeyStores,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    config: AuditConfig,
+    signer: RwLock<Option<Signer>>,
+    /// Where the periodic verification got to: (seq, hash) of the last
+    /// event it verified.
+    verified_to: Mutex<Option<(i64, Vec<u8>)>>,
+}
+
+impl AuditService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keystores: KeyStores,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        config: AuditConfig,
+    ) -> Self {
+        Self {
+            store,
+            keystores,
+            clock,
+            metrics,
+            config,
+            signer: RwLock::new(None),
+            verified_to: Mutex::new(None),
+        }
+    }
+
+    pub fn settings(&self) -> &AuditConfig {
+        &self.config
+    }
+
+    /// Finds the active audit key in the configured key store, or generates
+    /// one (`actor` is recorded), and checks its public key on the token
+    /// against the store. Returns the key.
+    pub async fn prepare(&self, actor: &str) -> Result<KeyRecord, AuditError> {
+        let keystore = self.keystores.get(&self.config.keystore)?.clone();
+        let existing = self
+            .store
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| {
+                k.purpose == KeyPurpose::Audit
+                    && k.state == KeyState::Active
+                    && k.keystore == self.config.keystore
+            })
+            .max_by_key(|k| k.created_at);
+        let key = match existing {
+            Some(k) => k,
+            None => self.generate(keystore.as_ref(), actor).await?,
+        };
+        let on_token = keystore.public_key(&key.handle).await?;
+        if on_token != key.public_key_der {
+            return Err(AuditError::KeyMismatch { key_id: key.id });
+        }
+        *self.signer.write().await = Some(Signer {
+            keystore,
+            key: key.clone(),
+        });
+        self.refresh_gauges().await?;
+        Ok(key)
+    }
+
+    async fn generate(
+        &self,
+        keystore: &dyn KeyStore,
+        actor: &str,
+    ) -> Result<KeyRecord, AuditError> {
+        // Extractable where the token can wrap, so that backups carry the
+        // key (wrapped) and a restored deployment keeps signing with it.
+        let extractable = keystore.capabilities().can_wrap_keys;
+        let id = keys::create(
+            keystore,
+            self.store.as_ref(),
+            self.clock.as_ref(),
+            actor,
+            NewKey {
+                keystore: &self.config.keystore,
+                label: "keyward-audit".to_string(),
+                purpose: KeyPurpose::Audit,
+                algorithm: self.config.key_algorithm,
+                ca_name: None,
+                extractable,
+            },
+            async |key: &keys::PendingKey| -> Result<crate::store::Change, AuditError> {
+                let now = self.clock.now().unix_timestamp();
+                let (complete, event) = keys::complete(key, now);
+                Ok(crate::store::Change::new().write(complete).audit(event))
+            },
+        )
+        .await?;
+        self.store
+            .get_key(id)
+            .await?
+            .ok_or(AuditError::Store(StoreError::Corrupt(format!(
+                "audit key {id} vanished after it was created"
+            ))))
+    }
+
+    /// The audit key this daemon signs with, once prepared.
+    pub async fn key(&self) -> Option<KeyRecord> {
+        self.signer.read().await.as_ref().map(|s| s.key.clone())
+    }
+
+    /// Public keys of every audit key the store knows, as the token holds
+    /// them (a key whose object is gone, or differs from the store's
+    /// record, is left out: its checkpoints then fail as forged).
+    pub async fn token_keys(&self) -> Result<AuditKeys, AuditError> {
+        let mut out = AuditKeys::new();
+        for k in self.store.list_keys().await? {
+            if k.purpose != KeyPurpose::Audit || k.public_key_der.is_empty() {
+                continue;
+            }
+            let Ok(ks) = self.keystores.get(&k.keystore) else {
+                continue;
+            };
+            match ks.public_key(&k.handle).await {
+                Ok(spki) if spki == k.public_key_der => {
+                    out.insert(k.id, (k.algorithm, spki));
+                }
+                Ok(_) => {
+                    tracing::error!(key = %k.id, "audit key on the token differs from the store's record")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %k.id, error = %e, "audit key not readable on its token")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Signs a checkpoint of the current head if one is due: at least
+    /// `checkpoint_every_events` unsigned events, or any unsigned event and
+    /// the last checkpoint at least `checkpoint_interval` old. Returns it.
+    pub async fn checkpoint_if_due(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let (head, _) = self.store.audit_head().await?;
+        let last = self.store.last_audit_checkpoint().await?;
+        let now_ms = unix_ms(self.clock.now());
+        let signed = last.as_ref().map_or(0, |c| c.seq);
+        let unsigned = head - signed;
+        self.metrics.audit.head_sequence.set(head);
+        let interval_ms = self.config.checkpoint_interval.as_millis() as i64;
+        let due = unsigned >= self.config.checkpoint_every_events as i64
+            || (unsigned > 0
+                && last
+                    .as_ref()
+                    .is_none_or(|c| now_ms - c.at_ms >= interval_ms));
+        if !due {
+            return Ok(None);
+        }
+        self.checkpoint_now().await
+    }
+
+    /// Signs and stores a checkpoint of the current head (none if the head
+    /// is already signed or the chain is empty).
+    pub async fn checkpoint_now(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let r = self.sign_head().await;
+        if r.is_err() {
+            self.metrics.audit.checkpoint_failures.inc();
+        }
+        r
+    }
+
+    async fn sign_head(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let guard = self.signer.read().await;
+        let signer = guard.as_ref().ok_or(AuditError::NoKey)?;
+        let (seq, hash) = self.store.audit_head().await?;
+        let last = self.store.last_audit_checkpoint().await?;
+        if seq == 0 || last.as_ref().is_some_and(|c| c.seq >= seq) {
+            return Ok(None);
+        }
+        let at_ms = unix_ms(self.clock.now());
+        let message = Checkpoint::message(seq, &hash, at_ms, signer.key.id);
+        let signature = signer
+            .keystore
+            .sign(&signer.key.handle, signer.key.algorithm, &message)
+            .await?;
+        let cp = Checkpoint {
+            seq,
+            hash,
+            at_ms,
+            key_id: signer.key.id,
+            signature,
+        };
+        // The external copy first: it is never behind the store's.
+        if let Some(path) = &self.config.checkpoint_file {
+            append_checkpoint(path, &cp)?;
+        }
+        self.store.record_audit_checkpoint(&cp).await?;
+        self.metrics.audit.checkpoint_sequence.set(cp.seq);
+        self.metrics.audit.last_checkpoint.set(cp.at_ms / 1000);
+        self.metrics
+            .audit
+            .head_sequence
+            .set(cp.seq.max(self.metrics.audit.head_sequence.get()));
+        tracing::debug!(seq = cp.seq, "audit checkpoint signed");
+        Ok(Some(cp))
+    }
+
+    /// Decrypts an event's sealed details for an auditor: merges them into
+    /// `details` (and restores `source`) and clears `sealed`. An event
+    /// without sealed details is left as it is.
+    /// (Filled in by the detail-encryption work: until then a sealed event
+    /// is refused, never shown as if it had no details.)
+    pub async fn reveal(&self, e: &mut super::AuditEvent) -> Result<(), AuditError> {
+        match &e.sealed {
+            None => Ok(()),
+            Some(_) => Err(AuditError::Sealed),
+        }
+    }
+
+    /// What other roles see: sealed details replaced by a marker.
+    pub fn redact(e: &mut super::AuditEvent) {
+        if e.sealed.is_some() {
+            e.sealed = Some(REDACTED.to_string());
+        }
+    }
+
+    /// Sets the head and checkpoint gauges from the store.
+    pub async fn refresh_gauges(&self) -> Result<(), AuditError> {
+        let (head, _) = self.store.audit_head().await?;
+        self.metrics.audit.head_sequence.set(head);
+        if let Some(cp) = self.store.last_audit_checkpoint().await? {
+            self.metrics.audit.checkpoint_sequence.set(cp.seq);
+            self.metrics.audit.last_checkpoint.set(cp.at_ms / 1000);
+        }
+        Ok(())
+    }
+
+    /// Every checkpoint: the store's and the checkpoint file's.
+    pub async fn all_checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = self.store.audit_checkpoints(from, VERIFY_PAGE).await?;
+            let n = page.len();
+            if let Some(last) = page.last() {
+                from = last.seq + 1;
+            }
+            out.extend(page);
+            if n < VERIFY_PAGE as usize {
+                break;
+            }
+        }
+        if let Some(path) = &self.config.checkpoint_file {
+            out.extend(read_checkpoint_file(path)?);
+        }
+        Ok(out)
+    }
+
+    /// Verifies the chain from the start, or the tail after `from` (a
+    /// checkpoint sequence number whose signature must verify).
+    pub async fn verify(&self, from: Option<i64>) -> Result<Report, AuditError> {
+        let keys = self.token_keys().await?;
+        let checkpoints = self.all_checkpoints().await?;
+        verify_store(self.store.as_ref(), checkpoints, &keys, from).await
+    }
+
+    /// The daemon's periodic check: verifies the events written since the
+    /// last run (at start-up: since the newest checkpoint), and every
+    /// checkpoint among them. Counts and reports a break.
+    pub async fn verify_tail(&self) -> Result<Report, AuditError> {
+        let r = self.verify_tail_inner().await;
+        match &r {
+            Ok(report) if report.broken.is_none() => {
+                self.metrics
+                    .audit
+                    .last_verified
+                    .set(self.clock.now().unix_timestamp());
+            }
+            Ok(report) => {
+                self.metrics.audit.verify_failures.inc();
+                if let Some(b) = &report.broken {
+                    tracing::error!(seq = b.seq, kind = b.kind.as_str(), reason = %b.reason, "audit chain verification failed");
+                }
+            }
+            Err(e) => {
+                self.metrics.audit.verify_failures.inc();
+                tracing::error!(code = e.code(), error = %e, "audit chain verification could not run");
+            }
+        }
+        r
+    }
+
+    async fn verify_tail_inner(&self) -> Result<Report, AuditError> {
+        let keys = self.token_keys().await?;
+        let start = self
+            .verified_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let start = match start {
+            Some(s) => Some(s),
+            None => self
+                .store
+                .last_audit_checkpoint()
+                .await?
+                .filter(|cp| super::verify::checkpoint_problem(cp, &keys).is_none())
+                .map(|cp| (cp.seq, cp.hash)),
+        };
+        let (after, hash) = start.unwrap_or((0, super::GENESIS_HASH.to_vec()));
+        let checkpoints = self.store.audit_checkpoints(after + 1, u32::MAX).await?;
+        let trusted = Checkpoint {
+            seq: after,
+            hash: hash.clone(),
+            at_ms: 0,
+            key_id: uuid::Uuid::nil(),
+            signature: Vec::new(),
+        };
+        let mut v = if after == 0 {
+            Verifier::new(checkpoints, &keys)
+        } else {
+            Verifier::from_checkpoint(&trusted, checkpoints, &keys)
+        };
+        if after > 0 {
+            // The event the start point names must still be there, as it was.
+            let first = self
+                .store
+                .audit_events(AuditQuery {
+                    from_seq: after,
+                    limit: 1,
+                })
+                .await?;
+            if first
+                .first()
+                .is_none_or(|e| e.seq != after || e.hash != hash)
+            {
+                return Ok(broken_start(after, &hash));
+            }
+        }
+        let report = feed(self.store.as_ref(), &mut v, after + 1)
+            .await
+            .map(|()| v.finish())?;
+        if report.broken.is_none() {
+            *self.verified_to.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                report.head_seq,
+                hex::decode(&report.head_hash).unwrap_or_default(),
+            ));
+        }
+        Ok(report)
+    }
+}
+
+fn broken_start(seq: i64, hash: &[u8]) -> Report {
+    Report {
+        events: 0,
+        head_seq: seq,
+        head_hash: hex::encode(hash),
+        checkpoints_verified: 0,
+        last_checkpoint: None,
+        unsigned_events: 0,
+        broken: Some(super::verify::Break {
+            seq,
+            kind: super::verify::BreakKind::Rechained,
+            reason: format!(
+                "event {seq}, verified earlier (or covered by a signed checkpoint), is gone or changed"
+            ),
+            after_checkpoint: None,
+        }),
+    }
+}
+
+/// Feeds every event from `from_seq` on into `v`, page by page, stopping
+/// early at a break.
+async fn feed(store: &dyn Store, v: &mut Verifier, mut from_seq: i64) -> Result<(), AuditError> {
+    loop {
+        let page = store
+            .audit_events(AuditQuery {
+                from_seq,
+                limit: VERIFY_PAGE,
+            })
+            .await?;
+        let n = page.len();
+        if let Some(last) = page.last() {
+            from_seq = last.seq + 1;
+        }
+        for e in page {
+            v.push(e);
+        }
+        if n < VERIFY_PAGE as usize || v.is_broken() {
+            return Ok(());
+        }
+    }
+}
+
+/// Verifies `store`'s chain against `checkpoints` (signatures checked with
+/// `keys`), from the start or from the trusted checkpoint at `from`.
+pub async fn verify_store(
+    store: &dyn Store,
+    checkpoints: Vec<Checkpoint>,
+    keys: &AuditKeys,
+    from: Option<i64>,
+) -> Result<Report, AuditError> {
+    let mut v =
+        match from {
+            None => Verifier::new(checkpoints, keys),
+            Some(seq) => {
+                let trusted = checkpoints.iter().find(|c| c.seq == seq).cloned().ok_or(
+                    AuditError::Broken {
+                        seq,
+                        kind: "no-checkpoint",
+                        reason: format!("no checkpoint at sequence {seq} to start from"),
+                    },
+                )?;
+                if let Some(reason) = super::verify::checkpoint_problem(&trusted, keys) {
+                    return Err(AuditError::Broken {
+                        seq,
+                        kind: "forged-checkpoint",
+                        reason,
+                    });
+                }
+                let first = store
+                    .audit_events(AuditQuery {
+                        from_seq: seq,
+                        limit: 1,
+                    })
+                    .await?;
+                if first
+                    .first()
+                    .is_none_or(|e| e.seq != seq || e.hash != trusted.hash)
+                {
+                    return Ok(broken_start(seq, &trusted.hash));
+                }
+                Verifier::from_checkpoint(&trusted, checkpoints, keys)
+            }
+        };
+    feed(store, &mut v, from.map_or(1, |s| s + 1)).await?;
+    Ok(v.finish())
+}
+
+/// Appends `cp` as one JSON line and syncs it to disk.
+pub fn append_checkpoint(path: &std::path::Path, cp: &Checkpoint) -> Result<(), AuditError> {
+    let err = |source| AuditError::CheckpointFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut line = serde_json::to_vec(cp).map_err(|e| err(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(&line).map_err(err)?;
+    f.sync_data().map_err(err)
+}
+
+/// Reads a checkpoint file (absent: none).
+pub fn read_checkpoint_file(path: &std::path::Path) -> Result<Vec<Checkpoint>, AuditError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(AuditError::CheckpointFile {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| AuditError::CheckpointFileCorrupt {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
