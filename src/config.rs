@@ -2300,6 +2300,52 @@ management_key_env = "KW_MGM"
     }
 
     #[test]
+    fn audit_defaults_values_and_refusals() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.audit, AuditConfig::default());
+        let c = parse(&format!(
+            "{MINIMAL}[audit]\ncheckpoint_every_events = 5\ncheckpoint_interval_secs = 2\n\
+             checkpoint_file = \"cp.jsonl\"\nverify_interval_secs = 10\nkey_algorithm = \"ecdsa-p384\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.audit.checkpoint_every_events, 5);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(2));
+        assert_eq!(
+            c.audit.checkpoint_file.as_deref(),
+            Some(Path::new("/etc/kw/cp.jsonl"))
+        );
+        assert_eq!(c.audit.key_algorithm, crate::model::KeyAlgorithm::EcdsaP384);
+        let with = |t: &str| format!("{MINIMAL}[audit]\n{t}\n");
+        refused(&with("keystore = \"nope\""), "audit.keystore");
+        refused(&with("key_algorithm = \"dsa\""), "audit.key_algorithm");
+        refused(
+            &with("checkpoint_every_events = 0"),
+            "audit.checkpoint_every_events",
+        );
+        refused(
+            &with("checkpoint_every_events = 10000001"),
+            "audit.checkpoint_every_events",
+        );
+        refused(
+            &with("checkpoint_interval_secs = 0"),
+            "audit.checkpoint_interval_secs",
+        );
+        refused(
+            &with("checkpoint_interval_secs = 86401"),
+            "audit.checkpoint_interval_secs",
+        );
+        refused(
+            &with("verify_interval_secs = 9"),
+            "audit.verify_interval_secs",
+        );
+        refused(
+            &with("verify_interval_secs = 86401"),
+            "audit.verify_interval_secs",
+        );
+        refused(&with("sign_every = 3"), "sign_every");
+    }
+
+    #[test]
     fn backup_refusals_name_their_key() {
         let with = |rest: &str| format!("{MINIMAL}{BACKUP}{rest}");
         // Recipients: absent, or an empty list.
@@ -2448,6 +2494,7 @@ management_key_env = "KW_MGM"
                     || l.starts_with("# [broker]")
                     || l.starts_with("# [[notify]]")
                     || l.starts_with("# [backup]")
+                    || l.starts_with("# [audit]")
                 {
                     on = true;
                 } else if !l.starts_with('#') {
@@ -2492,6 +2539,12 @@ management_key_env = "KW_MGM"
             "the backup locations were not switched on: {:?}",
             backup.locations
         );
+        assert_eq!(
+            c.audit.checkpoint_file.as_deref(),
+            Some(Path::new("/var/log/keyward/audit-checkpoints.jsonl")),
+            "the audit example was not switched on"
+        );
+        assert_eq!(c.audit.verify_interval, Duration::from_secs(300));
         assert!(
             matches!(
                 c.server.tls.as_ref().map(|t| &t.source),
@@ -2500,11 +2553,19 @@ management_key_env = "KW_MGM"
             "the TLS files example was not switched on"
         );
         // The issue-mode keys, switched on instead of the two files.
+        // Only within [server.tls] (it ends where [store] begins): other
+        // sections have keys of the same names.
+        let tls_end = enabled
+            .iter()
+            .position(|l| *l == "[store]")
+            .unwrap_or(enabled.len());
         let issue: Vec<String> = enabled
             .iter()
-            .filter(|l| !l.starts_with("certificate_file") && !l.starts_with("key_file"))
-            .map(|l| {
+            .enumerate()
+            .filter(|(_, l)| !l.starts_with("certificate_file") && !l.starts_with("key_file"))
+            .map(|(i, l)| {
                 l.strip_prefix("# ")
+                    .filter(|_| i < tls_end)
                     .filter(|rest| {
                         [
                             "issue",
