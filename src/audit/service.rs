@@ -137,7 +137,40 @@ impl AuditService {
             })
             .max_by_key(|k| k.created_at);
         let key = match existing {
-            Some(k) => k,
+            Some(k) if keystore.exists(&k.handle).await? => k,
+            Some(k) => {
+                // Gone from the token (restored onto a token that could not
+                // take it back): retired, audited, and a new key signs from
+                // here on. Its older checkpoints then verify only with its
+                // public key given explicitly (`audit verify --public-key`).
+                tracing::error!(key = %k.id, handle = %k.handle, "the audit key is missing from its token; generating a new one");
+                let now = self.clock.now().unix_timestamp();
+                self.store
+                    .commit(
+                        crate::store::Change::new()
+                            .write(crate::store::Write::SetKeyState {
+                                id: k.id,
+                                from: KeyState::Active,
+                                to: KeyState::Retired,
+                                at: now,
+                            })
+                            .audit(
+                                crate::audit::AuditDraft::new(
+                                    actor,
+                                    "audit.key_missing",
+                                    format!("key:{}", k.id),
+                                )
+                                .outcome(crate::audit::Outcome::Failure)
+                                .details(serde_json::json!({
+                                    "handle": k.handle.0,
+                                    "keystore": k.keystore,
+                                    "public_key_sha256": crate::backup::archive::sha256_hex(&k.public_key_der),
+                                })),
+                            ),
+                    )
+                    .await?;
+                self.generate(keystore.as_ref(), actor).await?
+            }
             None => self.generate(keystore.as_ref(), actor).await?,
         };
         let on_token = keystore.public_key(&key.handle).await?;

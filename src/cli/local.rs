@@ -388,6 +388,8 @@ pub async fn audit_verify(
         Output::Json => {
             let mut v = serde_json::to_value(&report)?;
             v["intact"] = serde_json::json!(intact);
+            // The field scripts read before checkpoints existed.
+            v["head"] = v["head_hash"].clone();
             if let Some(b) = &report.broken {
                 // The field scripts read before checkpoints existed.
                 v["first_broken_seq"] = serde_json::json!(b.seq);
