@@ -8,7 +8,8 @@
 //! notifications go to the admins over STARTTLS with a private CA (made by
 //! the stock `openssl`) and AUTH with a password read from a file; a wrong
 //! password is refused once (no retry), the system roots do not trust the
-//! private CA, and implicit TLS works too.
+//! private CA, implicit TLS works too, and a server that accepts but never
+//! answers is cut off by the per-attempt timeout.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -17,7 +18,11 @@ use common::{Env, call, metrics_text, openssl_csr, promtool_check};
 use keyward::clock::SystemClock;
 use keyward::config::Config;
 use keyward::metrics::Metrics;
-use keyward::notify::{Notification, Notifiers, RotationOutcome};
+use keyward::notify::{
+    AttemptFailure, Envelope, Notification, Notifier, Notifiers, NotifyError, RotationOutcome,
+    SmtpNotifier, SmtpSettings, SmtpTls,
+};
+use secrecy::SecretString;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -79,9 +84,10 @@ impl SmtpServer {
             cmd.args(["--user", user, "--password-file"])
                 .arg(password_file);
         }
+        let log = dir.join(format!("aiosmtpd-{port}.log"));
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("python3 missing");
         let mut line = String::new();
@@ -90,7 +96,8 @@ impl SmtpServer {
         assert_eq!(
             line.trim(),
             "ready",
-            "aiosmtpd did not start (run scripts/test.sh, which installs it)"
+            "aiosmtpd did not start (run scripts/test.sh, which installs it): {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         SmtpServer {
             child,
@@ -153,10 +160,15 @@ impl Mail {
                 headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
             }
         }
-        Mail {
-            headers,
-            body: body.to_string(),
-        }
+        let qp = headers
+            .iter()
+            .any(|(k, v)| k == "content-transfer-encoding" && v == "quoted-printable");
+        let body = if qp {
+            quoted_printable(body)
+        } else {
+            body.to_string()
+        };
+        Mail { headers, body }
     }
 
     fn header(&self, name: &str) -> String {
@@ -186,6 +198,24 @@ impl Mail {
             })
             .unwrap_or_else(|| panic!("no {name} row in {}", self.body))
     }
+}
+
+/// RFC 2045 quoted-printable, decoded (soft line breaks and `=XX`).
+fn quoted_printable(text: &str) -> String {
+    let joined = text.replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' && i + 2 < bytes.len() {
+            out.push(u8::from_str_radix(&joined[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
 }
 
 async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
@@ -309,6 +339,7 @@ async fn approvers_get_pending_mail_and_a_dead_server_never_blocks_an_approval()
         "[keyward] Registration waiting for approval (group default, 1 approval(s) required)"
     );
     assert!(m.header("Content-Type").starts_with("text/plain"), "{m:?}");
+    assert_eq!(m.header("Content-Transfer-Encoding"), "7bit", "{m:?}");
     time::OffsetDateTime::parse(
         &m.header("Date"),
         &time::format_description::well_known::Rfc2822,
@@ -334,6 +365,12 @@ async fn approvers_get_pending_mail_and_a_dead_server_never_blocks_an_approval()
     assert!(!m.body.contains(secret) && !m.body.contains(first_id));
 
     assert!(daemon.stop().success());
+    let mut logged = String::new();
+    std::io::Read::read_to_string(&mut daemon.child.stderr.take().unwrap(), &mut logged).unwrap();
+    assert!(
+        logged.contains("notification not delivered") && logged.contains("notify_exhausted"),
+        "{logged}"
+    );
     server.stop();
 }
 
@@ -594,6 +631,62 @@ async fn failures_reach_the_admins_over_starttls_with_a_private_ca_and_auth() {
     assert_eq!(server.mails().len(), 4);
     assert_eq!(server.auth_lines().len(), 5);
 
+    // What each failure was, from the notifier itself: 535 for the wrong
+    // password (final), a certificate rejection for the unknown CA.
+    let direct = |password: &str, ca_file: Option<PathBuf>| {
+        SmtpNotifier::new(
+            SmtpSettings {
+                host: "127.0.0.1".into(),
+                port,
+                tls: SmtpTls::StartTls,
+                ca_file,
+                credentials: Some(("kw-mailer".into(), SecretString::from(password))),
+                helo_name: None,
+                from: "keyward@example.net".parse().unwrap(),
+                approvers: Vec::new(),
+                admins: vec!["ops@example.net".parse().unwrap()],
+                timeout: Duration::from_secs(10),
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+            },
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap()
+    };
+    let rotation = Envelope::new(
+        admin_notifications().remove(0),
+        time::OffsetDateTime::now_utc(),
+    );
+    let e = direct("not-the-password", Some(ca.clone()))
+        .notify(&rotation)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "notify_mail_rejected");
+    assert!(
+        matches!(&e, NotifyError::MailRejected { code, .. } if code == "535"),
+        "{e}"
+    );
+    let e = direct(PASSWORD, None).notify(&rotation).await.unwrap_err();
+    let NotifyError::Exhausted {
+        attempts: 2,
+        last: AttemptFailure::Smtp(tls),
+    } = &e
+    else {
+        panic!("{e:?}")
+    };
+    // rustls refused the certificate during the handshake (lettre reports it as a connection error).
+    assert!(
+        format!("{tls:?}").contains("InvalidCertificate(UnknownIssuer)"),
+        "{tls:?}"
+    );
+    assert_eq!(
+        server.auth_lines().len(),
+        6,
+        "one more AUTH: the wrong password"
+    );
+    assert_eq!(server.mails().len(), 4);
+
     // A CA file that holds no certificate is refused at start.
     std::fs::write(d.join("empty.pem"), "not a certificate\n").unwrap();
     let config = Config::from_toml(
@@ -653,4 +746,57 @@ async fn implicit_tls_delivers_to_approvers() {
     assert_eq!(mails.len(), 1);
     assert_eq!(mails[0].rcpt_to(), ["alice@example.net"]);
     assert_eq!(mails[0].field("device_name"), "pump-8");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_times_out_each_attempt() {
+    // Accepts connections and says nothing (no 220 greeting).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let smtp = SmtpNotifier::new(
+        SmtpSettings {
+            host: "127.0.0.1".into(),
+            port,
+            tls: SmtpTls::None,
+            ca_file: None,
+            credentials: None,
+            helo_name: Some("kw-test.example.net".into()),
+            from: "keyward@example.net".parse().unwrap(),
+            approvers: vec!["alice@example.net".parse().unwrap()],
+            admins: Vec::new(),
+            timeout: Duration::from_secs(1),
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        },
+        metrics.clone(),
+    )
+    .unwrap();
+    let env = Envelope::new(pending(), time::OffsetDateTime::now_utc());
+    let e = smtp.notify(&env).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            NotifyError::Exhausted {
+                attempts: 2,
+                last: AttemptFailure::Timeout
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(count(&metrics, "retried"), 1);
+    // No audience for admin notifications: not wanted, nothing attempted.
+    assert!(!smtp.wants(&admin_notifications()[0]));
+    assert!(smtp.wants(&pending()));
 }

@@ -325,7 +325,8 @@ pub fn body(env: &Envelope) -> String {
                 "A key rotation step failed. keyward retries it with backoff."
             }
             RotationOutcome::NeedsOperator => {
-                "A key rotation waits for an operator: a card-held parent key must certify the new key."
+                "A key rotation waits for an operator: a card-held parent key must\n\
+                 certify the new key."
             }
         },
         Notification::BackupFailed { .. } => "A backup operation failed.",
@@ -356,26 +357,30 @@ pub fn body(env: &Envelope) -> String {
             registration_id, ..
         } => format!(
             "To review it:\n  keyward registrations show {registration_id}\n  \
-             keyward registrations approve {registration_id}   (or deny)\n"
+             keyward registrations approve {registration_id}\n  \
+             keyward registrations deny {registration_id}\n"
         ),
         Notification::RenewalDue { .. } => {
             "`keyward certs expiring` lists the certificates due.\n".to_string()
         }
         Notification::Rotation { .. } => {
-            "See \"Rotation\" in docs/operations.md; `keyward keys list` shows the key versions.\n"
+            "See \"Rotation\" in docs/operations.md; `keyward keys list` shows\n\
+             the key versions.\n"
                 .to_string()
         }
         Notification::BackupFailed { .. } => {
-            "See \"Backups and disaster recovery\" in docs/operations.md; \
+            "See \"Backups and disaster recovery\" in docs/operations.md;\n\
              `keyward backup list` shows the backups and their copies.\n"
                 .to_string()
         }
     };
     out.push_str(&next);
+    // Lines stay under 76 characters (a long value aside), so that the
+    // mail goes as 7bit text, readable as it stands in any mail store.
     out.push_str(concat!(
-        "\n-- \nkeyward ",
+        "\nkeyward ",
         env!("CARGO_PKG_VERSION"),
-        ". This mail carries no secret; the audit trail is the record.\n"
+        ". This mail carries no secret; the audit trail is\nthe record.\n"
     ));
     out
 }
@@ -479,6 +484,30 @@ mod tests {
             "[keyward] Backup replica to offsite failed (location_unreachable)"
         );
         assert!(body(&failed).contains("error         connection refused\n"));
+        // Fixed text keeps lines short enough for 7bit (values aside).
+        for n in [
+            e.notification.clone(),
+            failed.notification.clone(),
+            Notification::Rotation {
+                rotation_id: Uuid::now_v7(),
+                purpose: "issuing-ca".into(),
+                target: "devices".into(),
+                outcome: RotationOutcome::NeedsOperator,
+                step: "certify".into(),
+                error: None,
+            },
+            Notification::RenewalDue {
+                device_id: Uuid::now_v7(),
+                serial: "0a".into(),
+                not_after: 0,
+            },
+        ] {
+            let text = body(&env(n));
+            for line in text.lines() {
+                assert!(line.len() <= 76, "{line:?}");
+                assert!(!line.ends_with(' '), "{line:?}");
+            }
+        }
         let long = clean(&"x".repeat(500));
         assert_eq!(long.chars().count(), 201);
     }
