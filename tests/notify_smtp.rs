@@ -241,6 +241,25 @@ async fn approvers_get_pending_mail_and_a_dead_server_never_blocks_an_approval()
     let env = Env::new();
     let admin = env.init();
     let port = free_port();
+    // `config check` reads the SMTP CA file: one without a certificate fails it.
+    std::fs::write(env.path("empty.pem"), "not a certificate\n").unwrap();
+    let bad = env.path("bad-ca.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n[[notify]]\ntype = \"smtp\"\nhost = \"127.0.0.1\"\nca_file = \"empty.pem\"\n\
+             from = \"keyward@example.net\"\nadmins = [\"ops@example.net\"]\n",
+            std::fs::read_to_string(&env.config).unwrap()
+        ),
+    )
+    .unwrap();
+    let check = env.run(&["config", "check", "--config", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success());
+    assert!(
+        stderr.contains("empty.pem") && stderr.contains("no readable PEM certificate"),
+        "{stderr}"
+    );
     env.append_config(&format!(
         "[[notify]]\ntype = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n\
          from = \"keyward <keyward@example.net>\"\n\

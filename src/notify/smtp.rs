@@ -101,8 +101,9 @@ pub struct SmtpNotifier {
     metrics: Arc<Metrics>,
 }
 
-/// Reads `ca_file`: at least one PEM certificate, nothing unreadable.
-fn load_ca(path: &PathBuf) -> Result<Certificate, NotifyError> {
+/// Reads `ca_file`: at least one PEM certificate, nothing unreadable
+/// (`keyward config check` calls it too).
+pub fn load_ca(path: &PathBuf) -> Result<Certificate, NotifyError> {
     let pem = std::fs::read(path).map_err(|source| NotifyError::CaFile {
         path: path.clone(),
         source,
