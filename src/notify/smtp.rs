@@ -17,7 +17,7 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,15 +103,17 @@ pub struct SmtpNotifier {
 
 /// Reads `ca_file`: at least one PEM certificate, nothing unreadable
 /// (`keyward config check` calls it too).
-pub fn load_ca(path: &PathBuf) -> Result<Certificate, NotifyError> {
+pub fn load_ca(path: &Path) -> Result<Certificate, NotifyError> {
     let pem = std::fs::read(path).map_err(|source| NotifyError::CaFile {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     })?;
     let has_cert = String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----");
     match Certificate::from_pem(&pem) {
         Ok(c) if has_cert => Ok(c),
-        _ => Err(NotifyError::CaPem { path: path.clone() }),
+        _ => Err(NotifyError::CaPem {
+            path: path.to_path_buf(),
+        }),
     }
 }
 
@@ -184,13 +186,14 @@ impl SmtpNotifier {
         b.body(body(env)).map_err(NotifyError::Mail)
     }
 
-    async fn attempt(&self, message: &Message) -> Result<(), (AttemptFailure, bool)> {
+    /// One attempt, under the timeout.
+    async fn attempt(&self, message: &Message) -> Attempt {
         match tokio::time::timeout(self.timeout, self.transport.send(message.clone())).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.is_permanent() => Err((AttemptFailure::Smtp(e), false)),
-            Ok(Err(e)) if e.is_timeout() => Err((AttemptFailure::Timeout, true)),
-            Ok(Err(e)) => Err((AttemptFailure::Smtp(e), true)),
-            Err(_) => Err((AttemptFailure::Timeout, true)),
+            Ok(Ok(_)) => Attempt::Delivered,
+            Ok(Err(e)) if e.is_permanent() => Attempt::Refused(e),
+            Ok(Err(e)) if e.is_timeout() => Attempt::Retry(AttemptFailure::Timeout),
+            Ok(Err(e)) => Attempt::Retry(AttemptFailure::Smtp(e)),
+            Err(_) => Attempt::Retry(AttemptFailure::Timeout),
         }
     }
 }
@@ -205,14 +208,14 @@ impl Notifier for SmtpNotifier {
         let mut attempt = 1;
         loop {
             let failure = match self.attempt(&message).await {
-                Ok(()) => return Ok(()),
-                Err((AttemptFailure::Smtp(e), false)) => {
+                Attempt::Delivered => return Ok(()),
+                Attempt::Refused(e) => {
                     return Err(NotifyError::MailRejected {
                         code: e.status().map(|c| c.to_string()).unwrap_or_default(),
                         source: e,
                     });
                 }
-                Err((f, _)) => f,
+                Attempt::Retry(f) => f,
             };
             if attempt >= self.max_attempts {
                 return Err(NotifyError::Exhausted {
@@ -248,6 +251,15 @@ impl Notifier for SmtpNotifier {
     fn wants(&self, n: &Notification) -> bool {
         !self.recipients(n).is_empty()
     }
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Delivered,
+    /// Network error, timeout, TLS failure, 4xx reply: worth another try.
+    Retry(AttemptFailure),
+    /// A 5xx reply: final.
+    Refused(lettre::transport::smtp::Error),
 }
 
 /// A value from a notification, safe on one line of a mail: control
