@@ -4,7 +4,8 @@
 //! `keyward serve` mails a pending registration to the approvers, and while
 //! the server is down it retries with backoff (counted `retried`, then
 //! `failed`) without holding up the registration or its approval; once the
-//! server is back a later notification arrives. Rotation, backup and renewal
+//! server is back a later notification arrives, and a backup whose location
+//! is unreachable is mailed to the admins only. Rotation, backup and renewal
 //! notifications go to the admins over STARTTLS with a private CA (made by
 //! the stock `openssl`) and AUTH with a password read from a file; a wrong
 //! password is refused once (no retry), the system roots do not trust the
@@ -239,6 +240,29 @@ fn sample(metrics: &str, result: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvers_get_pending_mail_and_a_dead_server_never_blocks_an_approval() {
     let env = Env::new();
+    // Backups to an S3 location on a closed port: a real backup.replica_failed.
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(env.path("officer.txt"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "age-keygen (package age) missing");
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(env.path("officer.txt"))
+        .output()
+        .unwrap();
+    std::fs::write(env.path("recipients.txt"), &out.stdout).unwrap();
+    std::fs::write(env.path("s3.id"), "keyward-test").unwrap();
+    std::fs::write(env.path("s3.key"), "keyward-test-secret-0123456789").unwrap();
+    env.append_config(&format!(
+        "[backup]\ndir = \"backups\"\nrecipients_files = [\"recipients.txt\"]\n\
+         retry_min_secs = 3600\nretry_max_secs = 7200\n\n\
+         [[backup.locations]]\nname = \"offsite\"\ntype = \"s3\"\nbucket = \"keyward-backups\"\n\
+         endpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
+         timeout_secs = 2\naccess_key_id_file = \"s3.id\"\nsecret_access_key_file = \"s3.key\"\n",
+        free_port()
+    ));
     let admin = env.init();
     let port = free_port();
     // `config check` reads the SMTP CA file: one without a certificate fails it.
@@ -382,6 +406,30 @@ async fn approvers_get_pending_mail_and_a_dead_server_never_blocks_an_approval()
     // No secret: the registration secret the device got is not in the mail.
     let secret = sub["secret"].as_str().unwrap();
     assert!(!m.body.contains(secret) && !m.body.contains(first_id));
+
+    // A backup whose only location is unreachable: the admins are told,
+    // the approvers are not.
+    let (status, started) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/admin/backups"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    wait_for("the backup failure mail", 60, || server.mails().len() >= 2).await;
+    let mails = server.mails();
+    let m = &mails[1];
+    assert_eq!(m.rcpt_to(), ["ops@example.net"]);
+    assert_eq!(m.field("kind"), "backup.replica_failed");
+    assert_eq!(m.field("location"), "offsite");
+    assert_eq!(m.field("backup_id"), started["id"].as_str().unwrap());
+    let code = m.field("code");
+    assert_eq!(
+        m.header("Subject"),
+        format!("[keyward] Backup replica to offsite failed ({code})")
+    );
+    assert!(!m.body.contains("keyward-test-secret"), "{}", m.body);
 
     assert!(daemon.stop().success());
     let mut logged = String::new();
