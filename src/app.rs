@@ -317,7 +317,7 @@ pub async fn open_keystores(config: &Config, metrics: &Arc<Metrics>) -> anyhow::
 /// How long a clean shutdown waits for queued notifications.
 const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
 
-/// Builds the configured notification backends (reading webhook secrets
+/// Builds the configured notification backends (reading webhook secrets, SMTP passwords and CA files
 /// now) and starts their queues. Call inside the runtime.
 pub fn start_notifiers(
     config: &Config,
@@ -351,6 +351,32 @@ pub fn start_notifiers(
                 ),
                 w.queue_capacity,
             ),
+            NotifierConfig::Smtp(m) => {
+                let credentials = match (&m.username, &m.password) {
+                    (Some(user), Some(password)) => Some((user.clone(), password.read()?)),
+                    _ => None,
+                };
+                let notifier = crate::notify::SmtpNotifier::new(
+                    crate::notify::SmtpSettings {
+                        host: m.host.clone(),
+                        port: m.port,
+                        tls: m.tls,
+                        ca_file: m.ca_file.clone(),
+                        credentials,
+                        helo_name: m.helo_name.clone(),
+                        from: m.from.clone(),
+                        approvers: m.approvers.clone(),
+                        admins: m.admins.clone(),
+                        timeout: m.timeout,
+                        max_attempts: m.max_attempts,
+                        initial_backoff: m.initial_backoff,
+                        max_backoff: m.max_backoff,
+                    },
+                    metrics.clone(),
+                )
+                .with_context(|| format!("smtp {}:{}", m.host, m.port))?;
+                (Arc::new(notifier), m.queue_capacity)
+            }
         };
         backends.push(Backend::new(notifier, queue));
     }

@@ -446,6 +446,37 @@ pub enum NotifierConfig {
         queue_capacity: usize,
     },
     Webhook(WebhookConfig),
+    Smtp(SmtpConfig),
+}
+
+/// `type = "smtp"`: a plain-text mail per notification (docs/notifications.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    /// A DNS name or an IP address; also the name the TLS certificate must carry.
+    pub host: String,
+    /// Default 587 (starttls), 465 (tls), 25 (none).
+    pub port: u16,
+    pub tls: crate::notify::SmtpTls,
+    /// PEM CA(s) trusted instead of the system roots (only with TLS).
+    pub ca_file: Option<PathBuf>,
+    /// `AUTH` user name; with it, `password` (`password_file` xor `password_env`).
+    pub username: Option<String>,
+    pub password: Option<SecretSetting>,
+    pub helo_name: Option<String>,
+    pub from: crate::notify::Mailbox,
+    /// Get `registration.pending`.
+    pub approvers: Vec<crate::notify::Mailbox>,
+    /// Get rotation, backup and renewal notifications.
+    pub admins: Vec<crate::notify::Mailbox>,
+    /// One attempt in all (1..=300 s). Default 30 s.
+    pub timeout: Duration,
+    /// Attempts in all (1..=20). Default 5.
+    pub max_attempts: u32,
+    /// Wait after the first failed attempt, doubled after each (10 ms..=60 s). Default 1 s.
+    pub initial_backoff: Duration,
+    /// Cap on the wait (1..=3600 s). Default 60 s.
+    pub max_backoff: Duration,
+    pub queue_capacity: usize,
 }
 
 /// `type = "webhook"`: a signed POST per notification.
@@ -524,8 +555,10 @@ impl Config {
             out.push(&m.password);
         }
         for n in &self.notify {
-            if let NotifierConfig::Webhook(w) = n {
-                out.push(&w.secret);
+            match n {
+                NotifierConfig::Webhook(w) => out.push(&w.secret),
+                NotifierConfig::Smtp(m) => out.extend(m.password.iter()),
+                NotifierConfig::Log { .. } => {}
             }
         }
         for l in self.backup.iter().flat_map(|b| &b.locations) {
@@ -1315,7 +1348,170 @@ impl Builder<'_> {
                     queue_capacity: queue(w.queue_capacity)?,
                 }))
             }
+            file::Notify::Smtp(m) => {
+                let queue_capacity = queue(m.queue_capacity)?;
+                self.smtp(i, m, queue_capacity).map(NotifierConfig::Smtp)
+            }
         }
+    }
+
+    /// `[[notify]] type = "smtp"`: every address parsed, plaintext only
+    /// where nothing secret crosses a network.
+    fn smtp(
+        &self,
+        i: usize,
+        m: file::NotifySmtp,
+        queue_capacity: usize,
+    ) -> Result<SmtpConfig, ConfigError> {
+        use crate::notify::{Mailbox, SmtpTls};
+        let key = |k: &str| format!("notify[{i}].{k}");
+        // A DNS name (letters, digits, `-`, `.`, `_`) or an IP address.
+        let name_ok = |h: &str| {
+            h.parse::<std::net::IpAddr>().is_ok()
+                || (!h.is_empty()
+                    && h.len() <= 253
+                    && !h.starts_with(['-', '.'])
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+        };
+        if !name_ok(&m.host) {
+            return Err(self.invalid(
+                &key("host"),
+                "must be a DNS name or an IP address (no scheme, port or path)",
+            ));
+        }
+        let tls = match m.tls.as_deref().unwrap_or("starttls") {
+            "none" => SmtpTls::None,
+            "starttls" => SmtpTls::StartTls,
+            "tls" => SmtpTls::Tls,
+            other => {
+                return Err(self.invalid(
+                    &key("tls"),
+                    format!("unknown value `{other}` (none, starttls, tls)"),
+                ));
+            }
+        };
+        let port = match m.port {
+            Some(0) => return Err(self.invalid(&key("port"), "must be between 1 and 65535")),
+            Some(p) => p,
+            None => tls.default_port(),
+        };
+        let username = match m.username {
+            Some(u) if u.is_empty() || u.len() > 256 || u.chars().any(char::is_control) => {
+                return Err(self.invalid(&key("username"), "must be 1-256 printable characters"));
+            }
+            u => u,
+        };
+        let password = match (
+            &username,
+            m.password_file.is_some() || m.password_env.is_some(),
+        ) {
+            (Some(_), _) => Some(self.secret(&key("password"), m.password_file, m.password_env)?),
+            (None, true) => {
+                return Err(self.invalid(
+                    &key("username"),
+                    "missing: a password is set but no user name to go with it",
+                ));
+            }
+            (None, false) => None,
+        };
+        let loopback = m.host.eq_ignore_ascii_case("localhost")
+            || m.host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match (tls, m.allow_plaintext) {
+            (SmtpTls::None, _) if username.is_some() && !loopback => {
+                return Err(self.invalid(
+                    &key("tls"),
+                    "`none` with a user name would send the password in clear to a                      non-loopback host: use starttls or tls",
+                ));
+            }
+            (SmtpTls::None, allow) if !loopback && allow != Some(true) => {
+                return Err(self.invalid(
+                    &key("tls"),
+                    "`none` (plain SMTP) is allowed only to a loopback host unless                      allow_plaintext = true; use starttls or tls",
+                ));
+            }
+            (SmtpTls::StartTls | SmtpTls::Tls, Some(_)) => {
+                return Err(self.invalid(&key("allow_plaintext"), "only with tls = \"none\""));
+            }
+            _ => {}
+        }
+        if tls == SmtpTls::None && m.ca_file.is_some() {
+            return Err(self.invalid(&key("ca_file"), "only with tls = \"starttls\" or \"tls\""));
+        }
+        if let Some(h) = &m.helo_name
+            && (h.parse::<std::net::IpAddr>().is_ok() || !name_ok(h))
+        {
+            return Err(self.invalid(&key("helo_name"), "must be a DNS name"));
+        }
+        let mailbox = |k: String, v: &str| {
+            v.parse::<Mailbox>().map_err(|e| {
+                self.invalid(
+                    &k,
+                    format!(
+                        "not a mail address (`user@example.net` or `Name <user@example.net>`): {e}"
+                    ),
+                )
+            })
+        };
+        let from = mailbox(key("from"), &m.from)?;
+        let list = |name: &str, values: &[String]| -> Result<Vec<Mailbox>, ConfigError> {
+            let mut out: Vec<Mailbox> = Vec::with_capacity(values.len());
+            for (j, v) in values.iter().enumerate() {
+                let k = key(&format!("{name}[{j}]"));
+                let mb = mailbox(k.clone(), v)?;
+                if out.iter().any(|o| o.email == mb.email) {
+                    return Err(self.invalid(&k, "listed twice"));
+                }
+                out.push(mb);
+            }
+            Ok(out)
+        };
+        let approvers = list("approvers", &m.approvers)?;
+        let admins = list("admins", &m.admins)?;
+        if approvers.is_empty() && admins.is_empty() {
+            return Err(self.invalid(
+                &key("approvers"),
+                "no recipient: list addresses in `approvers` (pending registrations) and/or                  `admins` (rotations, backups, renewals)",
+            ));
+        }
+        let secs = |k: &str, v: Option<u64>, default: u64, max: u64| {
+            self.range(&key(k), v, default, 1, max)
+                .map(Duration::from_secs)
+        };
+        let timeout = secs("timeout_seconds", m.timeout_seconds, 30, 300)?;
+        let max_backoff = secs("max_backoff_seconds", m.max_backoff_seconds, 60, 3600)?;
+        let initial_backoff = Duration::from_millis(self.range(
+            &key("initial_backoff_ms"),
+            m.initial_backoff_ms,
+            1000,
+            10,
+            60_000,
+        )?);
+        if initial_backoff > max_backoff {
+            return Err(self.invalid(
+                &key("initial_backoff_ms"),
+                "must not exceed max_backoff_seconds",
+            ));
+        }
+        Ok(SmtpConfig {
+            host: m.host,
+            port,
+            tls,
+            ca_file: m.ca_file.map(|p| self.resolve(&p)),
+            username,
+            password,
+            helo_name: m.helo_name,
+            from,
+            approvers,
+            admins,
+            timeout,
+            max_attempts: self.range(&key("max_attempts"), m.max_attempts, 5, 1, 20)?,
+            initial_backoff,
+            max_backoff,
+            queue_capacity,
+        })
     }
 
     fn tls(&self, mut t: file::Tls) -> Result<TlsConfig, ConfigError> {
@@ -2062,11 +2258,198 @@ token_pepper_env = "KEYWARD_PEPPER"
             hook.replace("https://hooks.example.net/kw", "http://127.0.0.1:9/kw")
         ))
         .unwrap();
-        refused(&format!("{MINIMAL}[[notify]]\ntype = \"smtp\"\n"), "smtp");
+        refused(&format!("{MINIMAL}[[notify]]\ntype = \"smtp\"\n"), "host");
+        refused(&format!("{MINIMAL}[[notify]]\ntype = \"sms\"\n"), "sms");
         refused(
             &format!("{MINIMAL}[[notify]]\ntype = \"log\"\nurl = \"x\"\n"),
             "url",
         );
+    }
+
+    #[test]
+    fn smtp_addresses_tls_and_credentials_are_checked() {
+        use crate::notify::SmtpTls;
+        let mail = "[[notify]]\ntype = \"smtp\"\nhost = \"smtp.example.net\"\n\
+                    from = \"keyward <keyward@example.net>\"\n\
+                    approvers = [\"alice@example.net\", \"Bob <bob@example.net>\"]\n\
+                    admins = [\"ops@example.net\"]\n";
+        let c = parse(&format!("{MINIMAL}{mail}")).unwrap();
+        let NotifierConfig::Smtp(m) = &c.notify[0] else {
+            panic!("{:?}", c.notify)
+        };
+        assert_eq!((m.tls, m.port), (SmtpTls::StartTls, 587));
+        assert_eq!(m.from.email.to_string(), "keyward@example.net");
+        assert_eq!(m.approvers.len(), 2);
+        assert_eq!(m.approvers[1].name.as_deref(), Some("Bob"));
+        assert_eq!(m.admins[0].email.to_string(), "ops@example.net");
+        assert_eq!(m.timeout, Duration::from_secs(30));
+        assert_eq!((m.max_attempts, m.queue_capacity), (5, 10_000));
+        assert_eq!((m.username.as_ref(), m.password.as_ref()), (None, None));
+        assert_eq!(c.secrets().len(), 2, "no SMTP password to read");
+
+        let with = |extra: &str| format!("{MINIMAL}{mail}{extra}\n");
+        let c = parse(&with(
+            "tls = \"tls\"\nusername = \"kw\"\npassword_file = \"smtp.pw\"\nca_file = \"mail-ca.pem\"",
+        ))
+        .unwrap();
+        let NotifierConfig::Smtp(m) = &c.notify[0] else {
+            panic!()
+        };
+        assert_eq!((m.tls, m.port), (SmtpTls::Tls, 465));
+        assert_eq!(m.ca_file.as_deref(), Some(Path::new("/etc/kw/mail-ca.pem")));
+        let pw = m.password.as_ref().unwrap();
+        assert_eq!(pw.key, "notify[0].password");
+        assert_eq!(pw.from, SecretRef::File("/etc/kw/smtp.pw".into()));
+        assert_eq!(c.secrets().len(), 3, "config check reads the SMTP password");
+        // Plain SMTP: to a loopback relay (with or without a password), or
+        // elsewhere only when asked for and without a password.
+        let local = mail.replace("smtp.example.net", "127.0.0.1");
+        for ok in [
+            format!("{MINIMAL}{local}tls = \"none\"\n"),
+            format!(
+                "{MINIMAL}{local}tls = \"none\"\nport = 2525\nusername = \"kw\"\npassword_env = \"PW\"\n"
+            ),
+            format!(
+                "{MINIMAL}{}tls = \"none\"\n",
+                mail.replace("smtp.example.net", "localhost")
+            ),
+            with("tls = \"none\"\nallow_plaintext = true"),
+            format!(
+                "{MINIMAL}{}",
+                mail.replace(
+                    "approvers = [\"alice@example.net\", \"Bob <bob@example.net>\"]\n",
+                    ""
+                )
+            ),
+            with("helo_name = \"kw1.example.net\""),
+        ] {
+            parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let no_admins = mail.replace("admins = [\"ops@example.net\"]\n", "");
+        for (text, key) in [
+            (with("tls = \"none\""), "notify[0].tls"),
+            (
+                with(
+                    "tls = \"none\"\nallow_plaintext = true\nusername = \"kw\"\npassword_env = \"PW\"",
+                ),
+                "notify[0].tls",
+            ),
+            (with("tls = \"ssl\""), "notify[0].tls"),
+            (with("allow_plaintext = true"), "notify[0].allow_plaintext"),
+            (
+                with("tls = \"none\"\nallow_plaintext = true\nca_file = \"ca.pem\""),
+                "notify[0].ca_file",
+            ),
+            (
+                format!("{MINIMAL}{local}tls = \"none\"\nca_file = \"ca.pem\"\n"),
+                "notify[0].ca_file",
+            ),
+            (with("port = 0"), "notify[0].port"),
+            (with("port = 70000"), "70000"),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("smtp.example.net", "smtp://smtp.example.net")
+                ),
+                "notify[0].host",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("smtp.example.net\"", "smtp.example.net:587\"")
+                ),
+                "notify[0].host",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("host = \"smtp.example.net\"", "host = \"\"")
+                ),
+                "notify[0].host",
+            ),
+            (with("username = \"kw\""), "notify[0].password"),
+            (
+                with("username = \"kw\"\npassword_file = \"a\"\npassword_env = \"B\""),
+                "notify[0].password",
+            ),
+            (
+                with("username = \"kw\"\npassword_env = \"\""),
+                "notify[0].password_env",
+            ),
+            (with("password_file = \"smtp.pw\""), "notify[0].username"),
+            (with("password = \"inline\""), "password"),
+            (
+                with("username = \"\"\npassword_file = \"smtp.pw\""),
+                "notify[0].username",
+            ),
+            (with("helo_name = \"bad name\""), "notify[0].helo_name"),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("keyward <keyward@example.net>", "keyward")
+                ),
+                "notify[0].from",
+            ),
+            (
+                format!("{MINIMAL}{}", mail.replace("alice@example.net", "alice@")),
+                "notify[0].approvers[0]",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace(
+                        "Bob <bob@example.net>",
+                        "bob@example.net\\r\\nBcc: eve@example.net"
+                    )
+                ),
+                "notify[0].approvers[1]",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("Bob <bob@example.net>", "Alice <alice@example.net>")
+                ),
+                "notify[0].approvers[1]",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("ops@example.net", "ops at example.net")
+                ),
+                "notify[0].admins[0]",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}approvers = []\n",
+                    no_admins.replace(
+                        "approvers = [\"alice@example.net\", \"Bob <bob@example.net>\"]\n",
+                        ""
+                    )
+                ),
+                "notify[0].approvers",
+            ),
+            (
+                format!(
+                    "{MINIMAL}{}",
+                    mail.replace("from = \"keyward <keyward@example.net>\"\n", "")
+                ),
+                "from",
+            ),
+            (with("timeout_seconds = 0"), "notify[0].timeout_seconds"),
+            (with("max_attempts = 21"), "notify[0].max_attempts"),
+            (
+                with("initial_backoff_ms = 5"),
+                "notify[0].initial_backoff_ms",
+            ),
+            (
+                with("max_backoff_seconds = 1\ninitial_backoff_ms = 2000"),
+                "notify[0].initial_backoff_ms",
+            ),
+            (with("queue_capacity = 0"), "notify[0].queue_capacity"),
+            (with("recipients = [\"x@example.net\"]"), "recipients"),
+        ] {
+            refused(&text, key);
+        }
     }
 
     const YUBIKEY: &str = r#"
@@ -2520,7 +2903,11 @@ management_key_env = "KW_MGM"
         assert!(
             matches!(
                 c.notify.as_slice(),
-                [NotifierConfig::Log { .. }, NotifierConfig::Webhook(_)]
+                [
+                    NotifierConfig::Log { .. },
+                    NotifierConfig::Webhook(_),
+                    NotifierConfig::Smtp(_)
+                ]
             ),
             "the notify examples were not switched on: {:?}",
             c.notify

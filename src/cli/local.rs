@@ -190,8 +190,16 @@ pub fn config_check(config_path: &Path) -> anyhow::Result<ExitCode> {
         secret.read()?;
     }
     for n in &config.notify {
-        if let crate::config::NotifierConfig::Webhook(w) = n {
-            crate::notify::webhook::check_secret(&w.secret.key, &w.secret.read()?)?;
+        match n {
+            crate::config::NotifierConfig::Webhook(w) => {
+                crate::notify::webhook::check_secret(&w.secret.key, &w.secret.read()?)?;
+            }
+            crate::config::NotifierConfig::Smtp(m) => {
+                if let Some(ca) = &m.ca_file {
+                    crate::notify::smtp::load_ca(ca)?;
+                }
+            }
+            crate::config::NotifierConfig::Log { .. } => {}
         }
     }
     if let Some(crate::config::TlsConfig {

@@ -114,6 +114,7 @@ pub(super) struct Broker {
 pub(super) enum Notify {
     Log(NotifyLog),
     Webhook(NotifyWebhook),
+    Smtp(NotifySmtp),
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +129,31 @@ pub(super) struct NotifyWebhook {
     pub url: String,
     pub secret_file: Option<PathBuf>,
     pub secret_env: Option<String>,
+    pub timeout_seconds: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub initial_backoff_ms: Option<u64>,
+    pub max_backoff_seconds: Option<u64>,
+    pub queue_capacity: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NotifySmtp {
+    pub host: String,
+    pub port: Option<u16>,
+    /// `none`, `starttls` (default) or `tls`.
+    pub tls: Option<String>,
+    pub allow_plaintext: Option<bool>,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    pub helo_name: Option<String>,
+    pub from: String,
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    #[serde(default)]
+    pub admins: Vec<String>,
     pub timeout_seconds: Option<u64>,
     pub max_attempts: Option<u32>,
     pub initial_backoff_ms: Option<u64>,

@@ -76,8 +76,8 @@ pub struct Metrics {
     pub broker_outbox_pending: IntGauge,
     /// Attempts to apply a broker update, by op (`grant`, `revoke`) and result (`ok`, `error`).
     pub broker_updates: IntCounterVec,
-    /// Notifications by backend (`log`, `webhook`) and result
-    /// (`delivered`, `failed`, `dropped`).
+    /// Notifications by backend (`log`, `webhook`, `smtp`) and result
+    /// (`delivered`, `failed`, `dropped`; `retried` for smtp, one per retry).
     pub notifications: IntCounterVec,
     /// `device.renewal_due` notices raised (certificates marked notified).
     pub renewal_notices: IntCounter,
@@ -246,7 +246,7 @@ impl Metrics {
         }
         let notifications = counter_vec(
             "notifications_total",
-            "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown)",
+            "Notifications by backend and result (delivered, failed after retries, dropped from a full queue or at shutdown; retried: one per retry, smtp)",
             &["backend", "result"],
         )?;
         let renewal_notices = IntCounter::new(

@@ -1,6 +1,6 @@
 //! Notifications to admins (a registration waits for approval, a certificate
 //! is due for renewal): the [`Notifier`] port, its backends (`log`,
-//! `webhook`), and [`Notifiers`], the fan-out that delivers them in the
+//! `webhook`, `smtp`), and [`Notifiers`], the fan-out that delivers them in the
 //! background so that a slow or dead receiver never blocks or fails the
 //! request that raised them.
 //!
@@ -13,6 +13,7 @@
 //! time ([`Notifiers::shutdown`]).
 
 pub mod log;
+pub mod smtp;
 pub mod webhook;
 
 use crate::clock::{Clock, from_unix, rfc3339};
@@ -27,6 +28,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub use smtp::{Mailbox, SmtpNotifier, SmtpSettings, SmtpTls};
 pub use webhook::{WebhookNotifier, WebhookSettings, WebhookUrl};
 
 /// Something admins should hear about. Carries no secrets.
@@ -215,6 +217,9 @@ pub enum AttemptFailure {
     /// Connection refused, TLS failure, reset... (the URL is stripped: it may carry a token).
     #[error("network error")]
     Network(#[source] reqwest::Error),
+    /// The mail server's reply, or the connection or TLS to it, failed.
+    #[error("SMTP error")]
+    Smtp(#[source] lettre::transport::smtp::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +241,26 @@ pub enum NotifyError {
     WeakSecret { key: String, min: usize },
     #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
+    /// A 5xx reply (bad recipient, authentication refused, ...): retrying
+    /// would get the same answer.
+    #[error("the mail server refused the message with {code}")]
+    MailRejected {
+        code: String,
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
+    #[error("cannot build the mail")]
+    Mail(#[source] lettre::error::Error),
+    #[error("cannot read the SMTP CA file {path}")]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the SMTP CA file {path} holds no readable PEM certificate")]
+    CaPem { path: std::path::PathBuf },
+    #[error("cannot set up TLS for the mail server")]
+    Tls(#[source] lettre::transport::smtp::Error),
 }
 
 impl NotifyError {
@@ -248,6 +273,11 @@ impl NotifyError {
             Self::Secret(s) => s.code(),
             Self::WeakSecret { .. } => "notify_weak_secret",
             Self::Client(_) => "notify_client",
+            Self::MailRejected { .. } => "notify_mail_rejected",
+            Self::Mail(_) => "notify_mail_build",
+            Self::CaFile { .. } => "notify_ca_file",
+            Self::CaPem { .. } => "notify_ca_pem",
+            Self::Tls(_) => "notify_tls",
         }
     }
 }
@@ -258,8 +288,14 @@ impl NotifyError {
 #[async_trait::async_trait]
 pub trait Notifier: Send + Sync {
     async fn notify(&self, n: &Envelope) -> Result<(), NotifyError>;
-    /// The `backend` label of the metrics (a bounded set: `log`, `webhook`).
+    /// The `backend` label of the metrics (a bounded set: `log`, `webhook`, `smtp`).
     fn name(&self) -> &'static str;
+    /// Whether this backend delivers `n` at all (an SMTP backend without
+    /// recipients for its audience does not): [`Notifiers::send`] queues
+    /// and counts only what is wanted.
+    fn wants(&self, _n: &Notification) -> bool {
+        true
+    }
 }
 
 /// Default queue length per backend.
@@ -289,6 +325,7 @@ impl Backend {
 
 struct Queue {
     name: &'static str,
+    notifier: Arc<dyn Notifier>,
     tx: mpsc::Sender<Arc<Envelope>>,
     dropped: AtomicU64,
 }
@@ -323,6 +360,7 @@ impl Notifiers {
             let (tx, rx) = mpsc::channel(b.queue_capacity.max(1));
             queues.push(Queue {
                 name,
+                notifier: b.notifier.clone(),
                 tx,
                 dropped: AtomicU64::new(0),
             });
@@ -363,6 +401,9 @@ impl Notifiers {
         let env = Arc::new(Envelope::new(n, self.clock.now()));
         let closed = self.closed.load(Ordering::Acquire);
         for q in &self.queues {
+            if !q.notifier.wants(&env.notification) {
+                continue;
+            }
             let why = if closed {
                 "shutting down"
             } else {
