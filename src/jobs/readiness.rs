@@ -164,6 +164,9 @@ impl ReadinessRefresher {
                             ?timeout,
                             "readiness: key store check timed out"
                         );
+                        // The cut-short check never reached the metered
+                        // wrapper's gauge: a hung HSM is down too.
+                        self.metrics.hsm_up.with_label_values(&[name]).set(0);
                         false
                     }
                 };
