@@ -22,6 +22,7 @@
 pub mod backup;
 pub mod broker;
 pub mod crl;
+pub mod gauges;
 pub mod leader;
 pub mod login_failures;
 pub mod ocsp;
