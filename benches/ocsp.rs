@@ -427,7 +427,8 @@ async fn run(a: &Args, daemon: &Daemon, dir: PathBuf) {
     let (plain, nonce) = (Arc::new(plain), Arc::new(nonce));
     const HITS: &str = "keyward_ocsp_cache_total{result=\"hit\"}";
     const MISSES: &str = "keyward_ocsp_cache_total{result=\"miss\"}";
-    const SIGNS: &str = "keyward_hsm_operations_total{operation=\"sign\",result=\"ok\"}";
+    const SIGNS: &str =
+        "keyward_hsm_operations_total{keystore=\"default\",operation=\"sign\",result=\"ok\"}";
     // Warm-up: every response pre-signed, connections and allocator warm.
     load(&daemon.addr, plain.clone(), 16, 2).await;
     let (h0, m0, s0) = (

@@ -19,6 +19,7 @@ use crate::http::{AppState, Limits, RateLimits};
 use crate::jobs::Scheduler;
 use crate::jobs::broker::BrokerDrainer;
 use crate::jobs::crl::CrlJob;
+use crate::jobs::gauges::GaugeRefresher;
 use crate::jobs::leader::StoreLease;
 use crate::jobs::login_failures::LoginFailureFlusher;
 use crate::jobs::ocsp::OcspSignerRotation;
@@ -441,7 +442,8 @@ impl App {
             CaService::new(keystores.clone(), store.clone(), clock.clone(), policies)
                 .await?
                 .with_public_url(config.server.public_url.clone())
-                .with_broker_provisioning(broker_enabled),
+                .with_broker_provisioning(broker_enabled)
+                .with_metrics(metrics.clone()),
         );
         let crls = Arc::new(CrlPublisher::new(
             ca.clone(),
@@ -662,6 +664,18 @@ impl App {
         ));
         readiness.refresh(self.clock.now()).await;
         jobs.spawn(readiness);
+        // Filled once before serving, like readiness: the first scrape has
+        // the store's numbers, not zeros.
+        let gauges = Arc::new(GaugeRefresher::new(
+            s.store.clone(),
+            s.rotator.clone(),
+            s.metrics.clone(),
+            self.config.jobs.metrics_refresh_interval,
+        ));
+        if let Err(e) = gauges.refresh(self.clock.now()).await {
+            tracing::warn!(code = e.code(), error = %e, "cannot read the store for the metrics gauges yet");
+        }
+        jobs.spawn(gauges);
         jobs.spawn(Arc::new(Sweeper::new(
             s.store.clone(),
             s.registry.clone(),

@@ -408,6 +408,9 @@ pub struct JobsConfig {
     /// Between two rounds of `device.renewal_due` notices (1..=86400 s,
     /// default 600).
     pub renewal_notice_interval: Duration,
+    /// Between two refreshes of the gauges read from the store (approval
+    /// queue, certificates by expiry, key ages; 1..=3600 s, default 30).
+    pub metrics_refresh_interval: Duration,
 }
 
 /// `[limits]`: per-source rate limits (`burst` per `window`), the
@@ -907,6 +910,13 @@ impl Builder<'_> {
                 600,
                 1,
                 86_400,
+            )?),
+            metrics_refresh_interval: Duration::from_secs(self.range(
+                "jobs.metrics_refresh_interval_seconds",
+                raw.jobs.metrics_refresh_interval_seconds,
+                30,
+                1,
+                3_600,
             )?),
         };
         let broker = self.broker(raw.broker)?;
@@ -2060,6 +2070,37 @@ token_pepper_env = "KEYWARD_PEPPER"
         }
         let e = parse(&format!("{MINIMAL}[jobs]\nsweep_interval_seconds = 5\n")).unwrap_err();
         assert_eq!(e.code(), "config_syntax");
+    }
+
+    #[test]
+    fn metrics_refresh_interval_defaults_and_is_bounded() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.jobs.metrics_refresh_interval, Duration::from_secs(30));
+        let with = |v: &str| format!("{MINIMAL}[jobs]\nmetrics_refresh_interval_seconds = {v}\n");
+        let c = parse(&with("1")).unwrap();
+        assert_eq!(c.jobs.metrics_refresh_interval, Duration::from_secs(1));
+        for bad in ["0", "3601", "-1"] {
+            assert!(parse(&with(bad)).is_err(), "{bad}");
+        }
+        refused(&with("0"), "jobs.metrics_refresh_interval_seconds");
+        refused(&with("3601"), "jobs.metrics_refresh_interval_seconds");
+        // The example documents the defaults.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
+        )
+        .unwrap();
+        let enabled = example
+            .replace("# [jobs]", "[jobs]")
+            .replace(
+                "# renewal_notice_interval_seconds",
+                "renewal_notice_interval_seconds",
+            )
+            .replace(
+                "# metrics_refresh_interval_seconds",
+                "metrics_refresh_interval_seconds",
+            );
+        assert!(enabled.contains("\nmetrics_refresh_interval_seconds = 30\n"));
+        assert_eq!(parse(&enabled).unwrap().jobs, parse(MINIMAL).unwrap().jobs);
     }
 
     #[test]

@@ -67,7 +67,8 @@ async fn metric(url: &str, sample: &str) -> f64 {
 
 const HITS: &str = "keyward_ocsp_cache_total{result=\"hit\"}";
 const MISSES: &str = "keyward_ocsp_cache_total{result=\"miss\"}";
-const SIGNS: &str = "keyward_hsm_operations_total{operation=\"sign\",result=\"ok\"}";
+const SIGNS: &str =
+    "keyward_hsm_operations_total{keystore=\"default\",operation=\"sign\",result=\"ok\"}";
 
 /// Writes root.pem and issuing.pem from the daemon's public chain.
 async fn trust_files(url: &str, dir: &Path) {

@@ -592,3 +592,52 @@ mod snapshot_round_trip {
         );
     }
 }
+
+/// The metrics gauges' reads (refreshed by every daemon every
+/// `jobs.metrics_refresh_interval_seconds`) are answered from the partial
+/// indexes of migration 0011 alone, whatever the table sizes: SQLite's own
+/// query plan says so. The SQL is the reads' (`store::sqlite::reads`).
+mod metrics_query_plans {
+    use keyward::clock::SystemClock;
+    use keyward::store::sqlite::SqliteStore;
+    use std::sync::Arc;
+
+    /// SQLite's plan for `sql`, with each `?N` bound to an integer.
+    fn plan(conn: &rusqlite::Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let params = vec![1_900_000_000i64; stmt.parameter_count()];
+        stmt.query_map(rusqlite::params_from_iter(params), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>()
+        .join("\n")
+    }
+
+    #[test]
+    fn gauge_reads_use_covering_partial_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        drop(SqliteStore::open(&path, 8, Arc::new(SystemClock)).unwrap());
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let pending = plan(
+            &conn,
+            "SELECT COUNT(*), MIN(submitted_at) FROM registrations WHERE status = 'pending'",
+        );
+        assert!(
+            pending.contains("COVERING INDEX registrations_pending_submitted"),
+            "{pending}"
+        );
+        for sql in [
+            "SELECT COUNT(*) FROM certificates WHERE status = 'valid' AND device_id IS NOT NULL AND not_after > ?1 AND not_after <= ?2",
+            "SELECT COUNT(*) FROM certificates WHERE status = 'valid' AND device_id IS NOT NULL AND not_after > ?1",
+        ] {
+            let p = plan(&conn, sql);
+            assert!(
+                p.contains("COVERING INDEX certificates_active_device_not_after"),
+                "{sql}: {p}"
+            );
+        }
+    }
+}

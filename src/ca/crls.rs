@@ -293,6 +293,10 @@ impl CrlPublisher {
         m.crl_next_update
             .with_label_values(&[&crl.ca])
             .set(crl.next_update);
+        m.ops
+            .crl_this_update
+            .with_label_values(&[&crl.ca])
+            .set(crl.this_update);
         m.crl_entries
             .with_label_values(&[&crl.ca])
             .set(i64::try_from(crl.entries).unwrap_or(i64::MAX));

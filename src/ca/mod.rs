@@ -205,6 +205,9 @@ pub struct CaService {
     /// A broker is configured: device status changes queue its ACL update
     /// in their own transaction ([`crate::broker`]).
     broker_provisioning: bool,
+    /// Renewals and revocations are counted here after their commit
+    /// ([`Self::with_metrics`]); `None` in tests that do not look.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn now_ms(clock: &dyn Clock) -> i64 {
@@ -245,6 +248,7 @@ impl CaService {
             observers: RwLock::new(Vec::new()),
             nonces: renewal::Nonces::default(),
             broker_provisioning: false,
+            metrics: None,
         };
         svc.reload().await?;
         Ok(svc)
@@ -265,6 +269,21 @@ impl CaService {
     /// change. Part of construction.
     pub fn with_broker_provisioning(mut self, on: bool) -> Self {
         self.broker_provisioning = on;
+        self
+    }
+
+    /// Counts committed renewals (`keyward_certificate_renewals_total`,
+    /// whose series for every CA loaded now start at 0) and revocations
+    /// (`keyward_certificates_revoked_total`) in `metrics`. Part of
+    /// construction.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        for issuer in self.issuers().iter().filter(|i| i.kind == CaKind::Issuing) {
+            metrics
+                .ops
+                .certificate_renewals
+                .with_label_values(&[&issuer.name]);
+        }
+        self.metrics = Some(metrics);
         self
     }
 

@@ -512,6 +512,12 @@ impl CaService {
             }
             other => other.into(),
         })?;
+        if let Some(m) = &self.metrics {
+            m.ops
+                .certificate_renewals
+                .with_label_values(&[&new.issuer_ca])
+                .inc();
+        }
         let chain_pem = self.issuer(&new.issuer_ca)?.chain_pem.clone();
         Ok(Renewed {
             renewal: RenewalHint::new(new.not_after, window, now),

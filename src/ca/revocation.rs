@@ -70,6 +70,28 @@ impl DeviceAction {
     }
 }
 
+/// How many of a device's `certs` the status change `action` at `now`
+/// revokes or puts on hold, by the store's rule (`SetDeviceStatus`): the
+/// unexpired ones not revoked yet, and for a permanent revocation those on
+/// hold too. Resuming revokes none.
+fn revoked_by(action: DeviceAction, certs: &[CertificateRecord], now: i64) -> u64 {
+    let counts = |c: &&CertificateRecord| {
+        c.not_after > now
+            && match c.status {
+                CertificateStatus::Valid | CertificateStatus::Superseded => true,
+                CertificateStatus::Revoked => {
+                    matches!(action, DeviceAction::Revoke(_)) && c.on_hold()
+                }
+            }
+    };
+    match action {
+        DeviceAction::Resume => 0,
+        DeviceAction::Revoke(_) | DeviceAction::Suspend => {
+            certs.iter().filter(counts).count() as u64
+        }
+    }
+}
+
 pub(super) fn check_comment(comment: Option<&str>) -> Result<(), LifecycleError> {
     match comment {
         Some(c) if !valid_display_text(c, 1024, true) => Err(LifecycleError::InvalidField {
@@ -190,8 +212,18 @@ impl CaService {
             if let Some(w) = self.broker_write_for(&device, to, now) {
                 change = change.write(w);
             }
+            // Counted from the certificates as read just before the commit
+            // (the commit does not report how many it changed).
+            let revoked = match (&self.metrics, action) {
+                (None, _) | (_, DeviceAction::Resume) => 0,
+                (Some(_), _) => revoked_by(action, &self.device_certificates(id).await?, now),
+            };
             match self.store.commit(change).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(m) = &self.metrics {
+                        m.ops.revoked(action.reason().as_str(), revoked);
+                    }
+                }
                 // The status changed since the read: read again and decide again.
                 Err(StoreError::Conflict(Conflict::StateChanged { .. })) => continue,
                 Err(StoreError::Conflict(Conflict::Missing { .. })) => {
@@ -341,6 +373,9 @@ impl CaService {
             StoreError::Conflict(Conflict::Missing { .. }) => LifecycleError::CertificateNotFound,
             other => other.into(),
         })?;
+        if let Some(m) = &self.metrics {
+            m.ops.revoked(reason.as_str(), 1);
+        }
         self.notify(&BTreeMap::from([(
             cert.issuer_ca.clone(),
             vec![cert.serial.clone()],

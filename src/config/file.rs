@@ -89,6 +89,7 @@ pub(super) struct BackupLocation {
 #[serde(deny_unknown_fields)]
 pub(super) struct Jobs {
     pub renewal_notice_interval_seconds: Option<u64>,
+    pub metrics_refresh_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -111,20 +111,26 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .with_state(state)
 }
 
-/// Counts requests by method, route template and status. Every label value
-/// comes from a fixed set (the standard methods or `other`, the route table
-/// or `unmatched`), so made-up methods and paths cannot add series.
+/// Counts and times requests by method, route template and status (the
+/// latency by method and route only). Every label value comes from a fixed
+/// set (the standard methods or `other`, the route table or `unmatched`),
+/// so made-up methods and paths cannot add series. The time runs until the
+/// handler's response is ready, not until its body is sent.
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = std::time::Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string());
     let method = crate::metrics::method_label(req.method().as_str());
     let resp = next.run(req).await;
-    state.metrics.http(
-        method,
-        route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE),
-        resp.status().as_u16(),
-    );
+    let route = route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE);
+    state.metrics.http(method, route, resp.status().as_u16());
+    state
+        .metrics
+        .ops
+        .http_request_duration
+        .with_label_values(&[method, route])
+        .observe(start.elapsed().as_secs_f64());
     resp
 }

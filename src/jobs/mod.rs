@@ -23,6 +23,7 @@ pub mod audit;
 pub mod backup;
 pub mod broker;
 pub mod crl;
+pub mod gauges;
 pub mod leader;
 pub mod login_failures;
 pub mod ocsp;

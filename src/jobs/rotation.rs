@@ -6,8 +6,9 @@
 //! expired. Woken at once when a rotation is started. Leader-only: with
 //! several daemons on one store, one executor runs.
 //!
-//! The key gauges (creation time, next rotation) are refreshed from the
-//! plan on every tick. A schedule firing while no daemon runs is not caught
+//! The key gauges (creation time, next rotation, maximum age) are
+//! refreshed from the plan on every tick ([`record_key_gauges`]; the gauge
+//! refresher sets them in the other daemons too). A schedule firing while no daemon runs is not caught
 //! up: the next firing plans the same due keys (the policy's margin is
 //! meant to cover a missed night).
 
@@ -18,6 +19,41 @@ use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
+
+/// Sets the key gauges of every active key in `plan`: when it was created,
+/// when it is next rotated (0: never automatically) and the policy's
+/// maximum age (`max_age_days` of its purpose's rule; 0: no rule). Used by
+/// this job after each plan and by the gauge refresher in every daemon.
+pub fn record_key_gauges(
+    metrics: &Metrics,
+    plan: &crate::rotation::plan::Plan,
+    policy: &crate::policy::RotationPolicy,
+    now: OffsetDateTime,
+) {
+    for item in &plan.items {
+        if item.key_id.is_some()
+            && !matches!(
+                item.action,
+                crate::rotation::plan::Action::DestroyOld { .. }
+            )
+        {
+            let labels = [item.purpose.as_str(), item.target.as_str()];
+            metrics
+                .key_created
+                .with_label_values(&labels)
+                .set(now.unix_timestamp() - item.age_seconds);
+            metrics
+                .key_next_rotation
+                .with_label_values(&labels)
+                .set(item.next_rotation_at.unwrap_or(0));
+            metrics
+                .ops
+                .key_max_age
+                .with_label_values(&labels)
+                .set(policy.key(item.purpose).map_or(0, |r| r.max_age_seconds()));
+        }
+    }
+}
 
 pub struct RotationJob {
     rotator: Arc<Rotator>,
@@ -65,24 +101,7 @@ impl Job for RotationJob {
 
     async fn tick(&self, now: OffsetDateTime) -> Result<(), JobError> {
         let plan = self.rotator.plan(now.unix_timestamp()).await?;
-        for item in &plan.items {
-            if item.key_id.is_some()
-                && !matches!(
-                    item.action,
-                    crate::rotation::plan::Action::DestroyOld { .. }
-                )
-            {
-                let labels = [item.purpose.as_str(), item.target.as_str()];
-                self.metrics
-                    .key_created
-                    .with_label_values(&labels)
-                    .set(now.unix_timestamp() - item.age_seconds);
-                self.metrics
-                    .key_next_rotation
-                    .with_label_values(&labels)
-                    .set(item.next_rotation_at.unwrap_or(0));
-            }
-        }
+        record_key_gauges(&self.metrics, &plan, &self.rotator.policy(), now);
         let schedule = self.rotator.schedule();
         if self.fired(&schedule, now) {
             let started = self.rotator.start_due(&plan).await?;

@@ -1,8 +1,9 @@
-//! A KeyStore decorator that times signatures and counts HSM outcomes.
+//! A KeyStore decorator that times key store operations and counts their
+//! outcomes, by key store name; and the scrape-time pool and queue gauges.
 
 use super::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError,
+    KeyStoreError, KeyStores, PoolStats,
 };
 use crate::metrics::Metrics;
 use async_trait::async_trait;
@@ -16,12 +17,69 @@ pub struct MeteredKeyStore {
     metrics: Arc<Metrics>,
 }
 
+/// The operations counted and timed, by their `operation` label.
+pub const OPERATIONS: [&str; 6] = ["generate", "sign", "export", "wrap", "unwrap", "destroy"];
+
 impl MeteredKeyStore {
+    /// Creates this key store's `keyward_hsm_operations_total` series for
+    /// every operation at 0, so that an error-rate alert has a series to
+    /// read before the first operation.
     pub fn new(name: &str, inner: Arc<dyn KeyStore>, metrics: Arc<Metrics>) -> Self {
+        for op in OPERATIONS {
+            for result in ["ok", "error"] {
+                metrics
+                    .hsm_operations
+                    .with_label_values(&[name, op, result]);
+            }
+        }
         Self {
             name: name.to_string(),
             inner,
             metrics,
+        }
+    }
+
+    /// Counts one finished operation and records how long it took.
+    fn record(&self, operation: &'static str, ok: bool, start: Instant) {
+        self.metrics
+            .ops
+            .hsm_operation_duration
+            .with_label_values(&[&self.name, operation])
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.hsm(&self.name, operation, ok);
+    }
+}
+
+/// Sets the session pool and queue gauges of every key store from its
+/// [`KeyStore::pool_stats`]. Called by the `/metrics` handler on each
+/// scrape rather than by a periodic job: the numbers are in-memory counters
+/// (no device or store call), so reading them costs nothing, and a value
+/// read at scrape time is exact where a periodic copy would lag behind a
+/// queue that builds and drains within seconds.
+pub fn record_pool_stats(keystores: &KeyStores, metrics: &Metrics) {
+    let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    for (name, ks) in keystores.iter() {
+        match ks.pool_stats() {
+            Some(PoolStats::Sessions { in_use, max }) => {
+                metrics
+                    .ops
+                    .hsm_sessions_in_use
+                    .with_label_values(&[name])
+                    .set(to_i64(in_use));
+                metrics
+                    .ops
+                    .hsm_sessions_max
+                    .with_label_values(&[name])
+                    .set(to_i64(max));
+            }
+            Some(PoolStats::Queue { waiting }) => {
+                metrics
+                    .ops
+                    .yubikey_queue_depth
+                    .with_label_values(&[name])
+                    .set(to_i64(waiting));
+            }
+            None => {}
         }
     }
 }
@@ -38,8 +96,9 @@ impl KeyStore for MeteredKeyStore {
         self.inner.planned_handle(spec)
     }
     async fn generate(&self, spec: &KeySpec) -> Result<GeneratedKey, KeyStoreError> {
+        let start = Instant::now();
         let r = self.inner.generate(spec).await;
-        self.metrics.hsm("generate", r.is_ok());
+        self.record("generate", r.is_ok(), start);
         r
     }
     async fn public_key(&self, handle: &KeyHandle) -> Result<Vec<u8>, KeyStoreError> {
@@ -56,7 +115,7 @@ impl KeyStore for MeteredKeyStore {
         self.metrics
             .hsm_sign_seconds
             .observe(start.elapsed().as_secs_f64());
-        self.metrics.hsm("sign", r.is_ok());
+        self.record("sign", r.is_ok(), start);
         r
     }
     async fn exists(&self, handle: &KeyHandle) -> Result<bool, KeyStoreError> {
@@ -69,8 +128,9 @@ impl KeyStore for MeteredKeyStore {
         &self,
         handle: &KeyHandle,
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let start = Instant::now();
         let r = self.inner.export_private_key(handle).await;
-        self.metrics.hsm("export", r.is_ok());
+        self.record("export", r.is_ok(), start);
         r
     }
     async fn wrap_private_key(
@@ -78,8 +138,9 @@ impl KeyStore for MeteredKeyStore {
         handle: &KeyHandle,
         kek: &zeroize::Zeroizing<[u8; 32]>,
     ) -> Result<Vec<u8>, KeyStoreError> {
+        let start = Instant::now();
         let r = self.inner.wrap_private_key(handle, kek).await;
-        self.metrics.hsm("wrap", r.is_ok());
+        self.record("wrap", r.is_ok(), start);
         r
     }
     async fn unwrap_private_key(
@@ -89,16 +150,18 @@ impl KeyStore for MeteredKeyStore {
         wrapped: &[u8],
         public_key_der: &[u8],
     ) -> Result<GeneratedKey, KeyStoreError> {
+        let start = Instant::now();
         let r = self
             .inner
             .unwrap_private_key(spec, kek, wrapped, public_key_der)
             .await;
-        self.metrics.hsm("unwrap", r.is_ok());
+        self.record("unwrap", r.is_ok(), start);
         r
     }
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
+        let start = Instant::now();
         let r = self.inner.destroy(handle).await;
-        self.metrics.hsm("destroy", r.is_ok());
+        self.record("destroy", r.is_ok(), start);
         r
     }
     async fn store_certificate(
@@ -124,5 +187,8 @@ impl KeyStore for MeteredKeyStore {
     }
     async fn close(&self) -> Result<(), KeyStoreError> {
         self.inner.close().await
+    }
+    fn pool_stats(&self) -> Option<PoolStats> {
+        self.inner.pool_stats()
     }
 }

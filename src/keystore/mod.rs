@@ -151,6 +151,18 @@ pub struct Capabilities {
     pub unmodifiable_keys: Option<bool>,
 }
 
+/// How busy a backend's access to its device is, for the metrics
+/// (`keyward_hsm_sessions_*`, `keyward_yubikey_queue_depth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolStats {
+    /// A pool of sessions (PKCS#11): sessions busy with an operation now,
+    /// and the pool's size (`keystore.sessions`).
+    Sessions { in_use: usize, max: usize },
+    /// A device that works on one operation at a time (YubiKey):
+    /// operations waiting their turn (the one in progress not counted).
+    Queue { waiting: usize },
+}
+
 /// The port. Every call may block on hardware; backends do the blocking off
 /// the async runtime.
 #[async_trait]
@@ -287,4 +299,11 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Logs out and closes sessions; later calls log in again.
     async fn close(&self) -> Result<(), KeyStoreError>;
+
+    /// How busy the backend is now, from counters it keeps in memory (no
+    /// device call, so it is cheap enough to read on every scrape). `None`:
+    /// the backend has no pool or queue to report.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
 }

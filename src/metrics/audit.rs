@@ -42,6 +42,10 @@ impl AuditMetrics {
             &["sink"],
         )?;
         registry.register(Box::new(sink_failures.clone()))?;
+        // Both sink kinds exist from the start, so alerts see a 0.
+        for sink in ["file", "syslog"] {
+            sink_failures.with_label_values(&[sink]);
+        }
         Ok(Self {
             head_sequence: gauge(
                 "audit_head_sequence",

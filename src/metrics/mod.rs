@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod ocsp;
+pub mod ops;
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -105,6 +106,9 @@ pub struct Metrics {
     pub backup_replicas_pending: IntGauge,
     /// Size in bytes of the newest backup archive.
     pub backup_size_bytes: IntGauge,
+    /// The issue 11 catalogue: latency, pool and queue, renewals,
+    /// revocations, approvals, queue and expiry gauges ([`ops`]).
+    pub ops: ops::OpsMetrics,
 }
 
 impl Metrics {
@@ -141,8 +145,8 @@ impl Metrics {
         )?;
         let hsm_operations = counter_vec(
             "hsm_operations_total",
-            "Key store operations by kind and result",
-            &["operation", "result"],
+            "Key store operations by key store, kind and result",
+            &["keystore", "operation", "result"],
         )?;
         let hsm_sign_seconds = histogram(
             "hsm_sign_seconds",
@@ -297,11 +301,13 @@ impl Metrics {
             "backup_size_bytes",
             "Size of the newest backup archive in bytes",
         )?;
+        let ops = ops::OpsMetrics::register(&registry)?;
         let scheduler_leader = gauge(
             "scheduler_leader",
             "1 while this daemon holds the scheduler lease and runs the leader-only jobs (exactly one daemon per store should)",
         )?;
         Ok(Self {
+            ops,
             backups,
             backup_last_success,
             backup_last_verified,
@@ -357,9 +363,10 @@ impl Metrics {
         self.certificates_issued.with_label_values(&[ca]).inc();
     }
 
-    pub fn hsm(&self, operation: &str, ok: bool) {
+    /// One key store operation of the key store named `keystore`.
+    pub fn hsm(&self, keystore: &str, operation: &str, ok: bool) {
         self.hsm_operations
-            .with_label_values(&[operation, if ok { "ok" } else { "error" }])
+            .with_label_values(&[keystore, operation, if ok { "ok" } else { "error" }])
             .inc();
     }
 
@@ -392,6 +399,31 @@ impl Metrics {
     }
 }
 
+/// The metric names of `docs/metrics.md` and their types: each catalogue
+/// row is `| `keyward_…` | type | …`. Shared with the daemon test, which
+/// checks a real `/metrics` the same way.
+pub fn documented_metrics(doc: &str) -> std::collections::BTreeMap<String, String> {
+    doc.lines()
+        .filter_map(|l| {
+            let mut cells = l.strip_prefix('|')?.split('|').map(str::trim);
+            let name = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+            let kind = cells.next()?;
+            name.starts_with("keyward_")
+                .then(|| (name.to_string(), kind.to_string()))
+        })
+        .collect()
+}
+
+/// `# TYPE name type` of a text exposition.
+pub fn rendered_types(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("# TYPE ")?.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,13 +439,13 @@ mod tests {
         assert_eq!(status_label(999), "other");
     }
 
-    #[test]
-    fn every_metric_is_registered_and_rendered() {
+    /// Every metric with at least one series (label vectors touched once).
+    fn populated() -> Metrics {
         let m = Metrics::new().unwrap();
         m.http("GET", "/healthz", 200);
         m.issued("devices");
         m.registration("submitted");
-        m.hsm("sign", true);
+        m.hsm("default", "sign", true);
         m.admin_auth_failures.inc();
         m.hsm_up.with_label_values(&["default"]).set(1);
         m.hsm_sign_seconds.observe(0.001);
@@ -452,6 +484,60 @@ mod tests {
             .with_label_values(&["issuing-ca", "completed"])
             .inc();
         m.scheduler_leader.set(1);
+        m.backups.with_label_values(&["ok"]).inc();
+        m.backup_last_success
+            .with_label_values(&["spool"])
+            .set(1_900_000_000);
+        m.backup_last_verified
+            .with_label_values(&["spool"])
+            .set(1_900_000_000);
+        m.backup_failures.with_label_values(&["s3", "verify"]).inc();
+        m.backup_replicas_pending.set(1);
+        m.backup_size_bytes.set(4096);
+        m.ops
+            .http_request_duration
+            .with_label_values(&["GET", "/healthz"])
+            .observe(0.002);
+        m.ops
+            .hsm_operation_duration
+            .with_label_values(&["default", "sign"])
+            .observe(0.004);
+        m.ops
+            .hsm_sessions_in_use
+            .with_label_values(&["default"])
+            .set(1);
+        m.ops
+            .hsm_sessions_max
+            .with_label_values(&["default"])
+            .set(4);
+        m.ops
+            .yubikey_queue_depth
+            .with_label_values(&["root-card"])
+            .set(2);
+        m.ops
+            .certificate_renewals
+            .with_label_values(&["devices"])
+            .inc();
+        m.ops.revoked("key-compromise", 2);
+        m.ops.revoked("superseded", 0);
+        m.ops.approval("approve");
+        m.ops.registrations_pending.set(3);
+        m.ops.registrations_pending_oldest_age.set(120);
+        m.ops.set_expiry_counts(&[1, 2, 3, 4], 10);
+        m.ops
+            .key_max_age
+            .with_label_values(&["issuing-ca", "devices"])
+            .set(94_608_000);
+        m.ops
+            .crl_this_update
+            .with_label_values(&["devices"])
+            .set(1_900_000_000);
+        m
+    }
+
+    #[test]
+    fn every_metric_is_registered_and_rendered() {
+        let m = populated();
         let text = m.render();
         for name in [
             "keyward_http_requests_total",
@@ -486,8 +572,68 @@ mod tests {
             "keyward_key_next_rotation_timestamp_seconds{purpose=\"issuing-ca\",target=\"devices\"} 1900000000",
             "keyward_rotations_total{outcome=\"completed\",purpose=\"issuing-ca\"} 1",
             "keyward_scheduler_leader 1",
+            "keyward_hsm_operations_total{keystore=\"default\",operation=\"sign\",result=\"ok\"} 1",
+            "keyward_http_request_duration_seconds_bucket{method=\"GET\",route=\"/healthz\",le=\"0.0025\"} 1",
+            "keyward_hsm_operation_duration_seconds_count{keystore=\"default\",operation=\"sign\"} 1",
+            "keyward_hsm_sessions_in_use{keystore=\"default\"} 1",
+            "keyward_hsm_sessions_max{keystore=\"default\"} 4",
+            "keyward_yubikey_queue_depth{keystore=\"root-card\"} 2",
+            "keyward_certificate_renewals_total{ca=\"devices\"} 1",
+            "keyward_certificates_revoked_total{reason=\"key-compromise\"} 2",
+            "keyward_certificates_revoked_total{reason=\"superseded\"} 0",
+            "keyward_certificates_revoked_total{reason=\"certificate-hold\"} 0",
+            "keyward_approvals_total{decision=\"approve\"} 1",
+            "keyward_approvals_total{decision=\"deny\"} 0",
+            "keyward_registrations_pending 3",
+            "keyward_registrations_pending_oldest_age_seconds 120",
+            "keyward_certificates_by_expiry{within_days=\"1\"} 1",
+            "keyward_certificates_by_expiry{within_days=\"90\"} 4",
+            "keyward_certificates_by_expiry{within_days=\"inf\"} 10",
+            "keyward_key_max_age_seconds{purpose=\"issuing-ca\",target=\"devices\"} 94608000",
+            "keyward_crl_this_update_timestamp_seconds{ca=\"devices\"} 1900000000",
+            "keyward_backup_size_bytes 4096",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    /// `docs/metrics.md` documents every metric this build renders, with
+    /// its type, and documents nothing it does not render: the catalogue
+    /// cannot drift from the code.
+    #[test]
+    fn the_catalogue_documents_every_metric() {
+        let doc = include_str!("../../docs/metrics.md");
+        let documented = documented_metrics(doc);
+        let rendered = rendered_types(&populated().render());
+        assert!(rendered.len() >= 45, "{} metrics", rendered.len());
+        for (name, kind) in &rendered {
+            assert_eq!(
+                documented.get(name).map(String::as_str),
+                Some(kind.as_str()),
+                "docs/metrics.md: `{name}` ({kind}) missing or with another type"
+            );
+        }
+        for name in documented.keys() {
+            assert!(
+                rendered.contains_key(name),
+                "docs/metrics.md documents `{name}`, which is not rendered"
+            );
+        }
+    }
+
+    #[test]
+    fn label_bounds_match_the_model() {
+        let reasons: Vec<&str> = crate::model::RevocationReason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(reasons, ops::REVOCATION_REASONS);
+        assert_eq!(
+            [
+                crate::model::Decision::Approve.as_str(),
+                crate::model::Decision::Deny.as_str()
+            ],
+            ops::DECISIONS
+        );
     }
 }

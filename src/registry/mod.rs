@@ -836,6 +836,7 @@ impl RegistryService {
                 let issued = self
                     .issue(reg.clone(), None, &profile, change, source)
                     .await?;
+                self.metrics.ops.approval(decision.as_str());
                 self.metrics.registration("issued");
                 return Ok(DecisionResult {
                     registration: issued,
@@ -848,6 +849,7 @@ impl RegistryService {
             .commit(change)
             .await
             .map_err(RegistryError::Store)?;
+        self.metrics.ops.approval(decision.as_str());
         self.metrics.registration(match updated.status {
             RegistrationStatus::Denied => "denied",
             _ => "approval_recorded",

@@ -154,6 +154,11 @@ impl Rotator {
         self.ca.policies().rotation.schedule.clone()
     }
 
+    /// The rotation policy in force (reloadable).
+    pub fn policy(&self) -> crate::policy::RotationPolicy {
+        self.ca.policies().rotation.clone()
+    }
+
     /// Asks the rotation job to run at once.
     pub fn wake(&self) {
         self.wake.notify_one();

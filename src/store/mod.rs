@@ -633,6 +633,25 @@ pub struct ExpiringQuery {
     pub limit: u32,
 }
 
+/// The approval queue at a glance ([`Store::pending_registrations_summary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PendingSummary {
+    /// Registrations in status `pending`.
+    pub count: i64,
+    /// `submitted_at` of the oldest of them; `None` when none is pending.
+    pub oldest_submitted_at: Option<i64>,
+}
+
+/// Active device certificates by time to expiry
+/// ([`Store::certificate_expiry_counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpiryCounts {
+    /// One count per requested bound, in the order asked.
+    pub within: Vec<i64>,
+    /// Every active device certificate (no upper bound).
+    pub active: i64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RegistrationFilter {
     pub status: Option<RegistrationStatus>,
@@ -678,6 +697,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<RegistrationRecord>, StoreError>;
     /// Number of `pending` registrations per group.
     async fn pending_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError>;
+    /// Number of `pending` registrations (expired ones the sweeper has not
+    /// marked yet included) and when the oldest was submitted, for the
+    /// queue gauges. One indexed read, whatever the queue's length.
+    async fn pending_registrations_summary(&self) -> Result<PendingSummary, StoreError>;
+    /// Active device certificates (status `valid`: neither revoked, held
+    /// nor superseded; a device id; `not_after > now`) counted whole
+    /// (`active`) and, per bound `b` of `within_secs`, those with
+    /// `not_after <= now + b` (`within`, same order). A negative bound is
+    /// `InvalidArgument`. Unix seconds.
+    async fn certificate_expiry_counts(
+        &self,
+        now: i64,
+        within_secs: &[i64],
+    ) -> Result<ExpiryCounts, StoreError>;
     /// Decisions on a registration in time order; `counted` says whether the
     /// deciding admin is still active (an approval by a since-disabled admin
     /// does not count toward a quorum).

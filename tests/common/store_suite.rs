@@ -90,6 +90,7 @@ macro_rules! store_suite {
             lease_refuses_bad_input_and_read_only_stores,
             backups_record_replicate_verify_and_prune,
             set_key_handle_moves_a_key_or_is_missing,
+            metrics_reads_count_the_queue_and_expiries,
         );
     };
     (@cases $open:path; $($case:ident),+ $(,)?) => {
@@ -4807,4 +4808,138 @@ pub async fn set_key_handle_moves_a_key_or_is_missing(cx: Cx) {
     )
     .await;
     assert!(matches!(c, Conflict::Missing { .. }), "{c:?}");
+}
+
+// ------------------------------------------------------------------ metrics
+
+/// The reads behind the metrics gauges: the approval queue (count and oldest
+/// submission of `pending` only) and active device certificates by time to
+/// expiry (valid, a device's, unexpired; each bound inclusive), and the bad
+/// input they refuse.
+pub async fn metrics_reads_count_the_queue_and_expiries(cx: Cx) {
+    use RegistrationStatus as S;
+    let s = cx.store.as_ref();
+    assert_eq!(
+        s.pending_registrations_summary().await.unwrap(),
+        PendingSummary {
+            count: 0,
+            oldest_submitted_at: None
+        }
+    );
+    let at = |t: i64| RegistrationRecord {
+        submitted_at: t,
+        ..registration("g", T0 + 10_000)
+    };
+    let (old, newer, decided) = (at(T0 - 500), at(T0 - 100), at(T0 - 900));
+    ok_all(s, [&old, &newer, &decided].map(insert_reg).to_vec()).await;
+    ok(s, set_status(decided.id, S::Pending, S::Denied, T0)).await;
+    assert_eq!(
+        s.pending_registrations_summary().await.unwrap(),
+        PendingSummary {
+            count: 2,
+            oldest_submitted_at: Some(T0 - 500)
+        },
+        "the denied, older registration is not in the queue"
+    );
+    ok(s, set_status(old.id, S::Pending, S::Approved, T0 + 1)).await;
+    assert_eq!(
+        s.pending_registrations_summary().await.unwrap(),
+        PendingSummary {
+            count: 1,
+            oldest_submitted_at: Some(T0 - 100)
+        }
+    );
+
+    let day = 86_400;
+    let bounds = [day, 7 * day, 30 * day];
+    let empty = s.certificate_expiry_counts(T0, &bounds).await.unwrap();
+    assert_eq!(
+        empty,
+        ExpiryCounts {
+            within: vec![0, 0, 0],
+            active: 0
+        }
+    );
+    let k = key(KeyState::Active);
+    let (a, held) = (device("field"), device("field"));
+    let cert = |serial: &str, d: Option<Uuid>, not_after: i64| CertificateRecord {
+        not_after,
+        ..certificate(serial, k.id, d)
+    };
+    let mut writes = vec![
+        Write::InsertKey(k.clone()),
+        Write::InsertDevice(a.clone()),
+        Write::InsertDevice(held.clone()),
+    ];
+    for c in [
+        // Exactly on the 1-day bound: inside it (inclusive).
+        cert("1A01", Some(a.id), T0 + day),
+        cert("1A02", Some(a.id), T0 + 5 * day),
+        cert("1A03", Some(a.id), T0 + 100 * day),
+        // Expired at the lower bound: out.
+        cert("1A04", Some(a.id), T0),
+        // Superseded, revoked, held, not a device's: out.
+        cert("1A05", Some(a.id), T0 + 2 * day),
+        cert("1A06", Some(a.id), T0 + 2 * day),
+        cert("1B01", Some(held.id), T0 + 2 * day),
+        cert("1E01", None, T0 + 2 * day),
+    ] {
+        writes.push(Write::InsertCertificate(c));
+    }
+    writes.push(Write::SupersedeCertificate {
+        serial: "1A05".into(),
+        by: "1A03".into(),
+        at: T0,
+    });
+    writes.push(Write::RevokeCertificate {
+        serial: "1A06".into(),
+        reason: RevocationReason::KeyCompromise,
+        at: T0,
+    });
+    ok_all(s, writes).await;
+    ok(
+        s,
+        Write::SetDeviceStatus {
+            id: held.id,
+            from: DeviceStatus::Active,
+            to: DeviceStatus::Suspended,
+            reason: RevocationReason::CertificateHold,
+            at: T0,
+        },
+    )
+    .await;
+    assert_eq!(
+        s.certificate_expiry_counts(T0, &bounds).await.unwrap(),
+        ExpiryCounts {
+            within: vec![1, 2, 2],
+            active: 3
+        }
+    );
+    // A day later the first one has expired; bounds move with `now`.
+    assert_eq!(
+        s.certificate_expiry_counts(T0 + day, &bounds)
+            .await
+            .unwrap(),
+        ExpiryCounts {
+            within: vec![0, 1, 1],
+            active: 2
+        }
+    );
+    // No bounds: only the total.
+    assert_eq!(
+        s.certificate_expiry_counts(T0, &[]).await.unwrap(),
+        ExpiryCounts {
+            within: vec![],
+            active: 3
+        }
+    );
+    // A negative bound is refused, and nothing changes.
+    let before = snapshot(s).await;
+    let err = s
+        .certificate_expiry_counts(T0, &[day, -1])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidArgument(_)), "{err:?}");
+    assert_eq!(err.code(), "store_invalid_argument");
+    assert_eq!(snapshot(s).await, before);
 }

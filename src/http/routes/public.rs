@@ -73,6 +73,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .metrics
         .rate_limiter_keys
         .set(i64::try_from(state.rate_limits.limiter.tracked_keys()).unwrap_or(i64::MAX));
+    crate::keystore::metered::record_pool_stats(&state.keystores, &state.metrics);
     (
         [(
             header::CONTENT_TYPE,

@@ -21,7 +21,7 @@ pub use context::{TokenSelector, context};
 
 use crate::keystore::{
     Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, KeyStore,
-    KeyStoreError, PinFailure, SlotCheck,
+    KeyStoreError, PinFailure, PoolStats, SlotCheck,
 };
 use async_trait::async_trait;
 use capabilities::LearnedCapabilities;
@@ -53,6 +53,8 @@ pub(crate) struct Inner {
 pub struct Pkcs11KeyStore {
     inner: Arc<Inner>,
     permits: Arc<Semaphore>,
+    /// The permits `permits` started with: the pool's size.
+    sessions: usize,
 }
 
 impl Inner {
@@ -105,6 +107,7 @@ impl Pkcs11KeyStore {
                 caps: LearnedCapabilities::new(caps),
             }),
             permits: Arc::new(Semaphore::new(sessions)),
+            sessions,
         })
     }
 
@@ -419,5 +422,16 @@ impl KeyStore for Pkcs11KeyStore {
         })
         .await
         .map_err(KeyStoreError::Worker)?
+    }
+
+    /// Operations holding a session permit now (each runs on one pooled
+    /// session) out of the pool's size: a semaphore read, no token call.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        Some(PoolStats::Sessions {
+            in_use: self
+                .sessions
+                .saturating_sub(self.permits.available_permits()),
+            max: self.sessions,
+        })
     }
 }

@@ -7,11 +7,12 @@ use super::objects::{SlotState, slot_name, slot_public_key, slot_state};
 use super::settings::YubiKeySettings;
 use crate::keystore::{
     AttestationError, Capabilities, GeneratedKey, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec,
-    KeyStore, KeyStoreError, ManagementKeyError, PinFailure, SlotCheck,
+    KeyStore, KeyStoreError, ManagementKeyError, PinFailure, PoolStats, SlotCheck,
 };
 use async_trait::async_trait;
 use der::Encode;
 use secrecy::ExposeSecret;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::Semaphore;
 use yubikey::piv::{self, AlgorithmId};
@@ -27,7 +28,26 @@ pub(super) struct Inner {
 pub struct YubiKeyKeyStore {
     inner: Arc<Inner>,
     queue: Arc<Semaphore>,
+    /// Calls waiting for `queue` now (`keyward_yubikey_queue_depth`).
+    waiting: AtomicUsize,
     caps: Capabilities,
+}
+
+/// Counts one call in [`YubiKeyKeyStore::waiting`] until dropped: when it
+/// gets the card, times out, or its future is dropped while waiting.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn is_connection_error(e: &KeyStoreError) -> bool {
@@ -142,6 +162,7 @@ impl YubiKeyKeyStore {
                 pin_latch: OnceLock::new(),
             }),
             queue: Arc::new(Semaphore::new(1)),
+            waiting: AtomicUsize::new(0),
             caps: Capabilities {
                 algorithms: vec![KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384],
                 max_concurrent_signers: 1,
@@ -161,10 +182,12 @@ impl YubiKeyKeyStore {
         f: impl Fn(&Inner, &mut YubiKey) -> Result<T, KeyStoreError> + Send + 'static,
     ) -> Result<T, KeyStoreError> {
         let timeout = self.inner.settings.sign_timeout;
+        let waiting = Waiting::new(&self.waiting);
         let permit = tokio::time::timeout(timeout, self.queue.clone().acquire_owned())
             .await
             .map_err(|_| KeyStoreError::Busy(timeout))?
             .map_err(KeyStoreError::QueueClosed)?;
+        drop(waiting);
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -370,5 +393,86 @@ impl KeyStore for YubiKeyKeyStore {
         })
         .await
         .map_err(KeyStoreError::Worker)
+    }
+
+    /// Calls waiting for the card behind the one it works on: a counter
+    /// read, the card is not touched.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        Some(PoolStats::Queue {
+            waiting: self.waiting.load(Ordering::Relaxed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use yubikey::piv::SlotId;
+    use yubikey::{MgmAlgorithmId, PinPolicy, TouchPolicy};
+
+    /// A key store for a card that is not there (serial 1): nothing here
+    /// reaches the card until the queue lets a call through.
+    fn store(sign_timeout: Duration) -> Arc<YubiKeyKeyStore> {
+        Arc::new(YubiKeyKeyStore::new(YubiKeySettings {
+            serial: 1,
+            slot: SlotId::Signature,
+            pin: "123456".to_string().into(),
+            management_key: "00".repeat(24).into(),
+            management_key_algorithm: MgmAlgorithmId::ThreeDes,
+            pin_policy: PinPolicy::Default,
+            touch_policy: TouchPolicy::Default,
+            attestation_root_der: None,
+            sign_timeout,
+            dangerously_generate_into_unverified_slot: false,
+        }))
+    }
+
+    fn waiting(ks: &YubiKeyKeyStore) -> usize {
+        match ks.pool_stats() {
+            Some(PoolStats::Queue { waiting }) => waiting,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Polls until `ks` has `n` calls waiting (the tasks get there on their own time).
+    async fn until_waiting(ks: &YubiKeyKeyStore, n: usize) {
+        for _ in 0..1000 {
+            if waiting(ks) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(waiting(ks), n);
+    }
+
+    /// The queue depth counts calls waiting behind the one holding the
+    /// card; a call leaves it when it gets the card, when its caller gives
+    /// up (future dropped), or when it times out.
+    #[tokio::test]
+    async fn queue_depth_counts_the_calls_waiting_for_the_card() {
+        let ks = store(Duration::from_secs(600));
+        assert_eq!(waiting(&ks), 0);
+        let held = ks.queue.clone().acquire_owned().await.unwrap();
+        let calls: Vec<_> = (0..2)
+            .map(|_| {
+                let ks = ks.clone();
+                tokio::spawn(async move { ks.health().await })
+            })
+            .collect();
+        until_waiting(&ks, 2).await;
+        calls[0].abort();
+        until_waiting(&ks, 1).await;
+        drop(held);
+        // The card is absent: the call that got through fails, and left the queue.
+        let [_, last] = <[_; 2]>::try_from(calls).unwrap();
+        assert!(last.await.unwrap().is_err());
+        assert_eq!(waiting(&ks), 0);
+
+        let ks = store(Duration::from_millis(20));
+        let _held = ks.queue.clone().acquire_owned().await.unwrap();
+        let e = ks.health().await.unwrap_err();
+        assert!(matches!(e, KeyStoreError::Busy(_)), "{e:?}");
+        assert_eq!(waiting(&ks), 0);
     }
 }

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0009_rotation.sql"),
     include_str!("../../../migrations/sqlite/0010_backups.sql"),
     include_str!("../../../migrations/sqlite/0011_audit.sql"),
+    include_str!("../../../migrations/sqlite/0012_metrics_indexes.sql"),
 ];
 
 /// The schema version this build writes and reads.

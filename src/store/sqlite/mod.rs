@@ -257,6 +257,27 @@ impl Store for SqliteStore {
         self.read(reads::pending_counts).await
     }
 
+    async fn pending_registrations_summary(
+        &self,
+    ) -> Result<crate::store::PendingSummary, StoreError> {
+        self.read(reads::pending_registrations_summary).await
+    }
+
+    async fn certificate_expiry_counts(
+        &self,
+        now: i64,
+        within_secs: &[i64],
+    ) -> Result<crate::store::ExpiryCounts, StoreError> {
+        if within_secs.iter().any(|b| *b < 0) {
+            return Err(StoreError::InvalidArgument(
+                "expiry bounds must not be negative",
+            ));
+        }
+        let bounds = within_secs.to_vec();
+        self.read(move |c| reads::certificate_expiry_counts(c, now, &bounds))
+            .await
+    }
+
     async fn approvals(&self, registration: Uuid) -> Result<Vec<ApprovalRecord>, StoreError> {
         self.read(move |c| reads::approvals(c, registration)).await
     }

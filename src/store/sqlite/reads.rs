@@ -495,6 +495,55 @@ pub(super) fn pending_counts(c: &Connection) -> R<BTreeMap<String, i64>> {
         .map_err(db)
 }
 
+/// Uses the partial index `registrations_pending_submitted` (migration
+/// 0011): only pending rows are read, from the index alone.
+pub(super) fn pending_registrations_summary(c: &Connection) -> R<crate::store::PendingSummary> {
+    c.prepare_cached(
+        "SELECT COUNT(*), MIN(submitted_at) FROM registrations WHERE status = 'pending'",
+    )
+    .map_err(db)?
+    .query_row([], |r| {
+        Ok(crate::store::PendingSummary {
+            count: r.get(0)?,
+            oldest_submitted_at: r.get(1)?,
+        })
+    })
+    .map_err(db)
+}
+
+/// The condition of an active device certificate; matches the partial
+/// index `certificates_active_device_not_after` (migration 0011), so each
+/// count is a range scan of that index and reads no table row.
+const ACTIVE_DEVICE_CERTIFICATE: &str =
+    "status = 'valid' AND device_id IS NOT NULL AND not_after > ?1";
+
+pub(super) fn certificate_expiry_counts(
+    c: &Connection,
+    now: i64,
+    within_secs: &[i64],
+) -> R<crate::store::ExpiryCounts> {
+    let count = |sql: &str, upper: Option<i64>| -> R<i64> {
+        let mut stmt = c.prepare_cached(sql).map_err(db)?;
+        match upper {
+            Some(u) => stmt.query_row(params![now, u], |r| r.get(0)),
+            None => stmt.query_row(params![now], |r| r.get(0)),
+        }
+        .map_err(db)
+    };
+    let bounded = format!(
+        "SELECT COUNT(*) FROM certificates WHERE {ACTIVE_DEVICE_CERTIFICATE} AND not_after <= ?2"
+    );
+    let within = within_secs
+        .iter()
+        .map(|b| count(&bounded, Some(now.saturating_add(*b))))
+        .collect::<R<Vec<i64>>>()?;
+    let active = count(
+        &format!("SELECT COUNT(*) FROM certificates WHERE {ACTIVE_DEVICE_CERTIFICATE}"),
+        None,
+    )?;
+    Ok(crate::store::ExpiryCounts { within, active })
+}
+
 pub(super) fn approvals(c: &Connection, registration: Uuid) -> R<Vec<ApprovalRecord>> {
     rows::many(
         c,
