@@ -120,14 +120,17 @@ impl Verifier {
     }
 
     /// Verifies the tail after `trusted` (whose signature the caller
-    /// checked), from event `trusted.seq + 1`.
+    /// checked), from event `trusted.seq + 1`. Everything up to `trusted`
+    /// is taken as it is: checkpoints at or before it are not looked at
+    /// (not even a forged one).
     pub fn from_checkpoint(
         trusted: &Checkpoint,
         checkpoints: impl IntoIterator<Item = Checkpoint>,
         keys: &AuditKeys,
     ) -> Self {
-        let mut v = Self::start(trusted.seq, trusted.hash.clone(), checkpoints, keys);
-        v.checkpoints.retain(|s, _| *s > trusted.seq);
+        let after = trusted.seq;
+        let tail = checkpoints.into_iter().filter(|c| c.seq > after);
+        let mut v = Self::start(trusted.seq, trusted.hash.clone(), tail, keys);
         v.last_checkpoint = Some(trusted.seq);
         v
     }
