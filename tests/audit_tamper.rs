@@ -13,6 +13,7 @@ mod common;
 
 use common::{Env, call, issue_device, write};
 use keyward::audit::{AuditDraft, AuditEvent, Checkpoint};
+use keyward::clock::Clock;
 use keyward::store::{AuditQuery, Store};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -605,4 +606,665 @@ async fn public_key_cases(env: &Env, cps: &[i64]) {
     std::fs::write(&flipped_file, flipped).unwrap();
     let (ok, o) = dgst(&pub_pem, &flipped_file);
     assert!(!ok && o.contains("Verification failure"), "{o}");
+}
+
+// ---------------------------------------------------------------------------
+// Fail closed: a change whose audit event cannot be written is refused.
+
+async fn registration_status(url: &str, token: &str, id: &str) -> String {
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/registrations/{id}"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["status"].as_str().unwrap().to_string()
+}
+
+async fn device_status(url: &str, token: &str, id: &str) -> String {
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/devices/{id}"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["status"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_change_whose_audit_event_cannot_be_written_is_refused() {
+    let env = Env::new();
+    let token = env.init();
+    let daemon = env.serve();
+    let url = daemon.url.clone();
+    let device = issue_device(&url, &token, &env.path("dev-a"), "dev-a").await;
+    let (csr, _) = common::openssl_csr(env.dir.path(), "ec");
+    let (s, sub) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(json!({ "csr": csr, "name": "dev-b", "group": "default" })),
+    )
+    .await;
+    assert_eq!(s, 201, "{sub}");
+    let reg = sub["id"].as_str().unwrap().to_string();
+
+    // The store fails every audit insert (the daemon keeps running).
+    rusqlite::Connection::open(&env.db)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER test_audit_down BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'audit store down'); END;",
+        )
+        .unwrap();
+    let before = env.counts();
+    let approve_url = format!("{url}/v1/admin/registrations/{reg}/approve");
+    let approve = || {
+        call(
+            reqwest::Method::POST,
+            &approve_url,
+            Some(&token),
+            Some(json!({ "comment": "looks fine" })),
+        )
+    };
+    let revoke_url = format!("{url}/v1/admin/devices/{}/revoke", device.device_id);
+    let revoke = || {
+        call(
+            reqwest::Method::POST,
+            &revoke_url,
+            Some(&token),
+            Some(json!({ "reason": "key-compromise" })),
+        )
+    };
+    let (s, v) = approve().await;
+    assert!(s >= 500, "approve without an audit event: {s} {v}");
+    assert!(v["error"]["code"].as_str().is_some(), "{v}");
+    let (s, v) = revoke().await;
+    assert!(s >= 500, "revoke without an audit event: {s} {v}");
+    assert!(v["error"]["code"].as_str().is_some(), "{v}");
+    // Nothing changed: no row anywhere, the registration still pending,
+    // the device still active.
+    assert_eq!(env.counts(), before);
+    assert_eq!(registration_status(&url, &token, &reg).await, "pending");
+    assert_eq!(
+        device_status(&url, &token, &device.device_id).await,
+        "active"
+    );
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/admin/certs/{}", device.serial),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("valid")), "{v}");
+
+    // The audit store is back: the same actions go through, audited.
+    rusqlite::Connection::open(&env.db)
+        .unwrap()
+        .execute_batch("DROP TRIGGER test_audit_down;")
+        .unwrap();
+    let seq = head(&env.db);
+    let (s, v) = approve().await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("issued")), "{v}");
+    let (s, v) = revoke().await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        device_status(&url, &token, &device.device_id).await,
+        "revoked"
+    );
+    let actions: Vec<String> = env.audit_after(seq).into_iter().map(|e| e.1).collect();
+    for a in ["registration.approve", "certificate.issue"] {
+        assert!(actions.iter().any(|x| x == a), "{a} not in {actions:?}");
+    }
+    assert!(actions.iter().any(|x| x.contains("revoke")), "{actions:?}");
+    drop(daemon);
+    assert_intact(&env, &env.config, &[]);
+}
+
+// ---------------------------------------------------------------------------
+// The daemon's periodic verification (AuditVerifyJob), driven by a manual
+// clock in-process on the real token and store.
+
+const CHILD: &str = "KEYWARD_TEST_AUDIT_TAMPER_CONFIG";
+
+#[test]
+fn the_periodic_verification_flags_tampering_in_the_tail() {
+    use keyward::jobs::Job;
+    let Some(cfg) = std::env::var_os(CHILD).map(PathBuf::from) else {
+        let env = Env::new();
+        env.init();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "the_periodic_verification_flags_tampering_in_the_tail",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("SOFTHSM2_CONF", &env.softhsm_conf)
+            .env(CHILD, &env.config)
+            .status()
+            .unwrap();
+        assert!(status.success(), "failed in its child process");
+        return;
+    };
+    let db = cfg.parent().unwrap().join("keyward.db");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let t0 = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        let clock = std::sync::Arc::new(keyward::clock::ManualClock::new(t0));
+        let config = keyward::config::Config::load(&cfg).unwrap();
+        let every = time::Duration::try_from(config.audit.verify_interval).unwrap();
+        let app = keyward::app::App::build_with_clock(config, clock.clone())
+            .await
+            .unwrap();
+        app.prepare_audit().await.unwrap();
+        let s = &app.state;
+        let admin = s.store.admin_by_name("bootstrap").await.unwrap().unwrap();
+        let invite = |name: &'static str| {
+            let admin = admin.clone();
+            let admins = s.admins.clone();
+            async move {
+                admins
+                    .invite(&admin, name, keyward::model::Role::Approver, None)
+                    .await
+                    .unwrap();
+            }
+        };
+        let job = keyward::jobs::audit::AuditVerifyJob::new(s.audit.clone());
+        let m = &s.metrics.audit;
+
+        // Intact: the first run verifies from the start.
+        job.tick(clock.now()).await.unwrap();
+        assert_eq!(m.last_verified.get(), t0.unix_timestamp());
+        assert_eq!(m.verify_failures.get(), 0);
+
+        // New events, intact: the next run (one interval later) moves the
+        // timestamp; a tick before the interval does not verify again.
+        invite("periodic-1").await;
+        clock.advance(time::Duration::seconds(1));
+        job.tick(clock.now()).await.unwrap();
+        assert_eq!(m.last_verified.get(), t0.unix_timestamp());
+        clock.advance(every);
+        job.tick(clock.now()).await.unwrap();
+        let verified_at = clock.now().unix_timestamp();
+        assert_eq!(m.last_verified.get(), verified_at);
+
+        // A new event, then tampered with: the next run fails and counts.
+        invite("periodic-2").await;
+        invite("periodic-3").await;
+        let h = head(&db);
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(&format!(
+                "DROP TRIGGER audit_events_no_update;
+                 UPDATE audit_events SET actor = 'admin:mallory' WHERE seq = {}",
+                h - 1
+            ))
+            .unwrap();
+        clock.advance(every);
+        let err = job.tick(clock.now()).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("sequence {}", h - 1)) && text.contains("edited"),
+            "{text}"
+        );
+        assert_eq!(m.verify_failures.get(), 1);
+        assert_eq!(m.last_verified.get(), verified_at);
+        // It keeps failing on every run until someone looks.
+        clock.advance(every);
+        job.tick(clock.now()).await.unwrap_err();
+        assert_eq!(m.verify_failures.get(), 2);
+        let metrics = s.metrics.render();
+        assert!(
+            metrics.contains("keyward_audit_verify_failures_total 2"),
+            "{metrics}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Every state change is covered: each write path reachable over HTTP and
+// the CLI leaves its audit event, naming its target.
+
+/// The audit events since the last look: (action, target, outcome).
+struct Trail<'a> {
+    env: &'a Env,
+    seq: i64,
+    missing: Vec<String>,
+    seen: Vec<(String, String, String)>,
+}
+
+impl<'a> Trail<'a> {
+    fn new(env: &'a Env) -> Self {
+        Self {
+            env,
+            seq: head(&env.db),
+            missing: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    fn since(&mut self) -> Vec<(String, String, String)> {
+        let c = rusqlite::Connection::open(&self.env.db).unwrap();
+        let mut st = c
+            .prepare(
+                "SELECT seq, action, target, outcome FROM audit_events WHERE seq > ?1 ORDER BY seq",
+            )
+            .unwrap();
+        let rows: Vec<(i64, String, String, String)> = st
+            .query_map([self.seq], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        if let Some(last) = rows.last() {
+            self.seq = last.0;
+        }
+        let out: Vec<_> = rows.into_iter().map(|(_, a, t, o)| (a, t, o)).collect();
+        self.seen.extend(out.iter().cloned());
+        out
+    }
+
+    /// After step `step`: an event `action` whose target contains `target`
+    /// (polled for up to `wait`, for background work).
+    async fn expect(&mut self, step: &str, wants: &[(&str, &str)], wait: Duration) {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            got.extend(self.since());
+            let missing: Vec<_> = wants
+                .iter()
+                .filter(|(a, t)| !got.iter().any(|(ga, gt, _)| ga == a && gt.contains(t)))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                self.missing
+                    .push(format!("{step}: missing {missing:?} in {got:?}"));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_write_path_leaves_its_audit_event() {
+    use reqwest::Method;
+    let keys = tempfile::tempdir().unwrap();
+    let identity = keys.path().join("identity.txt");
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&identity)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recipient = Command::new("age-keygen")
+        .arg("-y")
+        .arg(&identity)
+        .output()
+        .unwrap();
+    let recipients = write(
+        keys.path(),
+        "recipients.txt",
+        &String::from_utf8(recipient.stdout).unwrap(),
+    );
+    let env = Env::with_extra_group(
+        "[[group]]\nname = \"auto\"\nprofile = \"device\"\napproval = \"auto\"\nopen_enrollment = true\napprover_role = \"approver\"\n\n\
+         [[group]]\nname = \"plant\"\nprofile = \"device\"\nattestation = { method = \"bootstrap-token\" }\napproval = \"quorum\"\napprovals_required = 1\n",
+    );
+    env.append_config(&format!(
+        "[backup]\ndir = \"backups\"\nrecipients_files = [\"{}\"]\n\n[[backup.locations]]\nname = \"nas\"\ntype = \"dir\"\npath = \"{}\"\n",
+        recipients.display(),
+        keys.path().join("nas").display()
+    ));
+    let token = env.init();
+    let mut daemon = env.serve();
+    let url = daemon.url.clone();
+    let mut trail = Trail::new(&env);
+    let now = Duration::from_secs(0);
+    let api = |m: Method, path: &str, body: Option<Value>| {
+        let url = format!("{url}{path}");
+        let token = token.clone();
+        async move { call(m, &url, Some(&token), body).await }
+    };
+
+    // Registration: submit, approve (issues), credentials, deny.
+    let (csr, _) = common::openssl_csr(env.dir.path(), "ec");
+    let (s, sub) = call(
+        Method::POST,
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(json!({ "csr": csr, "name": "walk-a", "group": "default" })),
+    )
+    .await;
+    assert_eq!(s, 201, "{sub}");
+    let reg = sub["id"].as_str().unwrap().to_string();
+    trail
+        .expect("submit", &[("registration.submit", &reg)], now)
+        .await;
+    let (s, v) = api(
+        Method::POST,
+        &format!("/v1/admin/registrations/{reg}/approve"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, r) = api(Method::GET, &format!("/v1/admin/registrations/{reg}"), None).await;
+    let device = r["device_id"].as_str().unwrap().to_string();
+    let serial = r["certificate_serial"].as_str().unwrap().to_string();
+    trail
+        .expect(
+            "approve",
+            &[
+                ("registration.approve", &reg),
+                ("certificate.issue", &serial),
+            ],
+            now,
+        )
+        .await;
+    let (s, v) = call(
+        Method::GET,
+        &format!("{url}/v1/registrations/{reg}/credentials"),
+        Some(sub["secret"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    trail
+        .expect(
+            "credentials",
+            &[("registration.credentials_delivered", &reg)],
+            now,
+        )
+        .await;
+    let (s, sub2) = call(
+        Method::POST,
+        &format!("{url}/v1/registrations"),
+        None,
+        Some(json!({ "csr": csr, "name": "walk-b", "group": "default" })),
+    )
+    .await;
+    assert_eq!(s, 201, "{sub2}");
+    let reg2 = sub2["id"].as_str().unwrap().to_string();
+    let (s, v) = api(
+        Method::POST,
+        &format!("/v1/admin/registrations/{reg2}/deny"),
+        Some(json!({ "comment": "unknown device" })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    trail
+        .expect("deny", &[("registration.deny", &reg2)], now)
+        .await;
+
+    // Device lifecycle: suspend, resume, revoke; a CRL published.
+    for (verb, body) in [
+        ("suspend", json!({})),
+        ("resume", json!({})),
+        ("revoke", json!({ "reason": "key-compromise" })),
+    ] {
+        let (s, v) = api(
+            Method::POST,
+            &format!("/v1/admin/devices/{device}/{verb}"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 200, "{verb}: {v}");
+        trail
+            .expect(verb, &[(&format!("device.{verb}"), &device)], now)
+            .await;
+    }
+    let (s, v) = api(Method::POST, "/v1/admin/cas/devices/crl", None).await;
+    assert!(s == 200 || s == 201, "{v}");
+    trail
+        .expect("crl", &[("crl.publish", "devices")], now)
+        .await;
+
+    // Renewal through the reference client: enroll (auto group), an early
+    // renewal allowed by an admin, `keyward renew --dir`.
+    let dir = env.path("walk-c");
+    let out = env.run(&[
+        "enroll",
+        "--url",
+        &url,
+        "--name",
+        "walk-c",
+        "--out",
+        dir.to_str().unwrap(),
+        "--group",
+        "auto",
+        "--timeout",
+        "30",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, list) = api(Method::GET, "/v1/admin/devices?limit=100", None).await;
+    let walk_c = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "walk-c")
+        .unwrap_or_else(|| panic!("{list}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = api(
+        Method::POST,
+        &format!("/v1/admin/devices/{walk_c}/allow-renewal"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    trail
+        .expect("allow-renewal", &[("device.allow_renewal", &walk_c)], now)
+        .await;
+    let out = env.run(&["renew", "--dir", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_serial = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(!new_serial.is_empty());
+    trail
+        .expect(
+            "renew",
+            &[("certificate.renew", &format!("certificate:{new_serial}"))],
+            now,
+        )
+        .await;
+
+    // Admins: add (invite, redeem), disable.
+    let bob = common::add_admin(&url, &token, "bob", "approver").await;
+    let (_, me) = call(
+        Method::GET,
+        &format!("{url}/v1/admin/admins"),
+        Some(&token),
+        None,
+    )
+    .await;
+    let bob_id = me["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "bob")
+        .unwrap_or_else(|| panic!("{me}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    trail
+        .expect(
+            "add admin",
+            &[
+                ("admin.invite", "admin-request:"),
+                ("admin.create", &bob_id),
+            ],
+            now,
+        )
+        .await;
+    let (s, v) = api(
+        Method::POST,
+        &format!("/v1/admin/admins/{bob_id}/disable"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    trail
+        .expect("disable admin", &[("admin.disable", &bob_id)], now)
+        .await;
+    drop(bob);
+
+    // Enrollment tokens: create, revoke.
+    let (s, t) = api(
+        Method::POST,
+        "/v1/admin/tokens",
+        Some(json!({ "group": "plant" })),
+    )
+    .await;
+    assert_eq!(s, 201, "{t}");
+    let tid = t["id"].as_str().unwrap().to_string();
+    let (s, v) = api(
+        Method::POST,
+        &format!("/v1/admin/tokens/{tid}/revoke"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    trail
+        .expect(
+            "tokens",
+            &[
+                ("enrollment_token.create", &tid),
+                ("enrollment_token.revoke", &tid),
+            ],
+            now,
+        )
+        .await;
+
+    // Policy reload by SIGHUP (to this test's own daemon, by PID).
+    let pid = daemon.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    trail
+        .expect(
+            "SIGHUP",
+            &[("policy.reload", "policies")],
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // Backup (runs in the background), rotation start.
+    let (s, b) = api(Method::POST, "/v1/admin/backups", None).await;
+    assert_eq!(s, 202, "{b}");
+    let bid = b["id"].as_str().unwrap().to_string();
+    trail
+        .expect(
+            "backup",
+            &[("backup.create", &bid)],
+            Duration::from_secs(60),
+        )
+        .await;
+    let (s, r) = api(
+        Method::POST,
+        "/v1/admin/rotations",
+        Some(json!({ "purpose": "issuing-ca", "target": "devices" })),
+    )
+    .await;
+    assert!(s == 201 || s == 202, "{r}");
+    let rid = r["id"].as_str().unwrap().to_string();
+    trail
+        .expect(
+            "rotation",
+            &[("rotation.start", &rid)],
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // Failed logins, audited aggregated when the window closes or, as
+    // here, on clean shutdown.
+    for _ in 0..3 {
+        let (s, _) = call(
+            Method::GET,
+            &format!("{url}/v1/admin/registrations"),
+            Some("kw_not-a-token"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 401);
+    }
+    assert!(daemon.stop().success());
+    trail
+        .expect(
+            "failed logins",
+            &[("admin.login_failed", "source:127.0.0.1")],
+            now,
+        )
+        .await;
+
+    if std::env::var_os("KEYWARD_TEST_PRINT_WALK").is_some() {
+        eprintln!("{:#?}", trail.seen);
+    }
+    assert!(
+        trail.missing.is_empty(),
+        "write paths without their audit event:\n{}\nall events seen: {:#?}",
+        trail.missing.join("\n"),
+        trail.seen
+    );
+    // The whole walk verifies, signed up to the head by the shutdown.
+    let v = assert_intact(&env, &env.config, &[]);
+    assert_eq!(v["unsigned_events"], 0, "{v}");
+
+    // And the store refuses a change with writes but no audit event:
+    // nothing is written.
+    let before = env.counts();
+    let store = keyward::store::sqlite::SqliteStore::open(
+        &env.db,
+        8,
+        std::sync::Arc::new(keyward::clock::SystemClock),
+    )
+    .unwrap();
+    let key = store.list_keys().await.unwrap().remove(0);
+    let err = store
+        .commit(
+            keyward::store::Change::new().write(keyward::store::Write::SetKeyState {
+                id: key.id,
+                from: key.state,
+                to: keyward::model::KeyState::Retired,
+                at: 0,
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "change_unaudited", "{err}");
+    drop(store);
+    assert_eq!(env.counts(), before);
+    let store = keyward::store::sqlite::SqliteStore::open_read_only(&env.db).unwrap();
+    assert_eq!(
+        store.get_key(key.id).await.unwrap().unwrap().state,
+        key.state
+    );
 }
