@@ -575,6 +575,7 @@ async fn public_key_cases(env: &Env, cps: &[i64]) {
         cp["at_ms"],
         cp["key_id"].as_str().unwrap()
     );
+    let msg_text = msg.clone();
     let parsed: Checkpoint = serde_json::from_value(cp.clone()).unwrap();
     assert_eq!(msg.as_bytes(), parsed.signed_message().as_slice());
     let msg_file = write(env.dir.path(), "msg.txt", &msg);
@@ -606,6 +607,34 @@ async fn public_key_cases(env: &Env, cps: &[i64]) {
     std::fs::write(&flipped_file, flipped).unwrap();
     let (ok, o) = dgst(&pub_pem, &flipped_file);
     assert!(!ok && o.contains("Verification failure"), "{o}");
+
+    // The procedure exactly as docs/audit.md prints it (jq, xxd, openssl),
+    // run in the directory holding checkpoints.jsonl and audit.pub.pem.
+    let doc = common::repo_file("docs/audit.md");
+    let script = doc
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.contains("openssl dgst"))
+        .expect("docs/audit.md: the openssl procedure");
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(env.dir.path())
+        .output()
+        .expect("bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("Verified OK"),
+        "{script}\n{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.path("msg.txt")).unwrap(),
+        msg_text
+    );
 }
 
 // ---------------------------------------------------------------------------
