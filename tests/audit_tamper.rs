@@ -343,6 +343,21 @@ async fn every_tamper_case_is_named_with_its_first_sequence() {
         )
         .unwrap();
     assert_broken(&env, &c.config, &[], "relinked", t);
+    // Replaced by an event hashed over a made-up predecessor: it is named,
+    // not the intact event before it.
+    let c = Case::new(&env, "relinked-self");
+    let mut e = events(&c.db).await.remove((t - 1) as usize);
+    e.actor = "admin:mallory".into();
+    e.prev_hash = vec![0x5a; 32];
+    e.hash = e.expected_hash();
+    rusqlite::Connection::open(&c.db)
+        .unwrap()
+        .execute(
+            "UPDATE audit_events SET actor = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+            rusqlite::params![e.actor, e.prev_hash, e.hash, t],
+        )
+        .unwrap();
+    assert_broken(&env, &c.config, &[], "relinked", t);
 
     // Re-chained without the key: one event edited and every later hash
     // recomputed. The chain is self-consistent; only the checkpoint at b

@@ -18,7 +18,9 @@
 //!   number than where it now is (renumbered up to make room);
 //! - `reordered`: two adjacent events swapped places;
 //! - `relinked`: an event's hash is intact but does not follow its
-//!   predecessor's (the predecessor was replaced and re-hashed);
+//!   predecessor's: the predecessor was replaced and re-hashed (named), or,
+//!   when the next event does not follow it either, the event itself was
+//!   (named);
 //! - `rechained`: the events are consistent with each other but not with a
 //!   checkpoint the audit key signed (rewritten and re-hashed from some
 //!   point on, without the key);
@@ -278,6 +280,21 @@ impl Verifier {
             return self.record(self.classify_bad_hash(&e, next));
         }
         if e.prev_hash != self.prev_hash {
+            if next.is_some_and(|n| n.prev_hash != e.hash) {
+                // Linked to neither neighbour: this event itself was put
+                // in (re-hashed over a made-up predecessor).
+                return self.record(Break {
+                    seq: p,
+                    kind: BreakKind::Relinked,
+                    reason: format!(
+                        "event {p} is intact but follows neither event {} nor is followed by \
+                         event {}: it was replaced (and re-hashed over another predecessor)",
+                        p - 1,
+                        p + 1
+                    ),
+                    after_checkpoint: None,
+                });
+            }
             return self.record(Break {
                 seq: p - 1,
                 kind: BreakKind::Relinked,
@@ -482,6 +499,14 @@ mod tests {
 
         let mut c = chain(10);
         c[4].target = "x".into();
+        c[4].hash = c[4].expected_hash();
+        assert_eq!(kind(c), (5, BreakKind::Relinked));
+
+        // Replaced by an event re-hashed over a made-up predecessor: named
+        // itself, not the (intact) event before it.
+        let mut c = chain(10);
+        c[4].target = "x".into();
+        c[4].prev_hash = vec![9; 32];
         c[4].hash = c[4].expected_hash();
         assert_eq!(kind(c), (5, BreakKind::Relinked));
     }
