@@ -207,13 +207,14 @@ fn openssl(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// An installation whose daemon signed checkpoints every 3 events (also
-/// appended to `checkpoints.jsonl`), over a few rounds of admin
+/// An installation whose daemon signed checkpoints every 3 events or 2 s
+/// (also appended to `checkpoints.jsonl`), over a few rounds of admin
 /// invitations; stopped cleanly so that the shutdown signs the head.
 async fn signed_chain() -> Env {
     let env = Env::new();
     env.append_config(
-        "[audit]\ncheckpoint_every_events = 3\ncheckpoint_file = \"checkpoints.jsonl\"\n",
+        "[audit]\ncheckpoint_every_events = 3\ncheckpoint_interval_secs = 2\n\
+         checkpoint_file = \"checkpoints.jsonl\"\n",
     );
     let token = env.init();
     let mut daemon = env.serve();
