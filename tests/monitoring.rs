@@ -546,6 +546,119 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     drop(daemon);
 }
 
+/// The names of the `$var` / `${var}` / `${var:format}` references in `expr`.
+fn variables(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find('$') {
+        let after = &rest[i + 1..];
+        let name: String = after
+            .trim_start_matches('{')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        out.push(name);
+        rest = after;
+    }
+    out
+}
+
+/// What Grafana needs to load the dashboard and what the query test relies
+/// on: every panel on the datasource variable, unique panel ids and refIds,
+/// a layout inside 24 columns, and every variable a query uses defined (a
+/// misspelt `$instnce` would otherwise be replaced by `.*` here and pass).
+#[test]
+fn dashboard_is_well_formed() {
+    let d: Value =
+        serde_json::from_str(&common::repo_file("grafana/keyward-overview.json")).unwrap();
+    assert_eq!(d["uid"], "keyward-overview");
+    assert!(
+        d["schemaVersion"]
+            .as_u64()
+            .is_some_and(|v| (36..=41).contains(&v)),
+        "{}",
+        d["schemaVersion"]
+    );
+    let vars: Vec<&Value> = d["templating"]["list"].as_array().unwrap().iter().collect();
+    let defined: BTreeSet<&str> = vars.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let ds = vars
+        .iter()
+        .find(|v| v["name"] == "DS_PROMETHEUS")
+        .expect("no DS_PROMETHEUS variable");
+    assert_eq!(
+        (ds["type"].as_str(), ds["query"].as_str()),
+        (Some("datasource"), Some("prometheus"))
+    );
+    for v in &vars {
+        if v["type"] == "query" {
+            assert_eq!(
+                v["datasource"]["uid"], "${DS_PROMETHEUS}",
+                "variable {}",
+                v["name"]
+            );
+            for used in variables(v["definition"].as_str().unwrap()) {
+                assert!(
+                    defined.contains(used.as_str()),
+                    "variable {} uses undefined ${used}",
+                    v["name"]
+                );
+            }
+        }
+    }
+    let mut ids = BTreeSet::new();
+    let mut titles = BTreeSet::new();
+    let panels = d["panels"].as_array().unwrap();
+    assert!(panels.iter().filter(|p| p["type"] == "row").count() >= 9);
+    for p in panels {
+        let title = p["title"].as_str().unwrap();
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "duplicate panel id in {title:?}"
+        );
+        let g = &p["gridPos"];
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{title:?} is wider than the grid"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert!(titles.insert(title), "two panels titled {title:?}");
+        assert!(
+            p["description"].as_str().is_some_and(|s| !s.is_empty()),
+            "{title:?}: no description"
+        );
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{title:?}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title:?}: no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().unwrap()),
+                "{title:?}: duplicate refId"
+            );
+            assert_eq!(t["datasource"]["uid"], "${DS_PROMETHEUS}", "{title:?}");
+            let expr = t["expr"].as_str().unwrap();
+            for used in variables(expr) {
+                assert!(
+                    defined.contains(used.as_str())
+                        || ["__rate_interval", "__interval", "__range"].contains(&used.as_str()),
+                    "{title:?} uses undefined ${used}: {expr}"
+                );
+            }
+        }
+    }
+    // The dashboard provider serves the file from where the README installs it.
+    let provider =
+        std::fs::read_to_string(grafana_dir().join("provisioning/dashboards/keyward.yml")).unwrap();
+    assert!(
+        provider.contains("type: file")
+            && provider.contains("path: /var/lib/grafana/dashboards/keyward")
+    );
+    let readme = std::fs::read_to_string(grafana_dir().join("README.md")).unwrap();
+    assert!(readme.contains("/var/lib/grafana/dashboards/keyward/"));
+}
+
 #[test]
 fn variables_are_substituted_like_grafana_with_all_selected() {
     assert_eq!(
@@ -562,6 +675,10 @@ fn variables_are_substituted_like_grafana_with_all_selected() {
         .into_iter()
         .map(|t| (t.panel, t.expr))
         .collect();
+    assert_eq!(
+        variables("rate(a{x=~\"$instance\",y=~\"${ca:regex}\"}[$__rate_interval])"),
+        ["instance", "ca", "__rate_interval"]
+    );
     assert_eq!(
         got,
         [("nested", "a"), ("top", "b"), ("top", "c")].map(|(a, b)| (a.to_string(), b.to_string()))
