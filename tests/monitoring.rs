@@ -183,6 +183,23 @@ async fn query_has_data(prometheus: &str, expr: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// Runs every target (variables substituted) once; one line per query that
+/// errors or returns no series, naming its panel (audit_* panels listed in
+/// [`ALLOW_PENDING`] may be empty, not broken).
+async fn check_targets(prometheus: &str, targets: &[Target]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for t in targets {
+        let expr = substitute(&t.expr);
+        if let Err(why) = query_has_data(prometheus, &expr).await {
+            let pending_ok = ALLOW_PENDING.contains(&t.panel.as_str()) && why == "no series";
+            if !pending_ok {
+                failures.push(format!("panel {:?}: {why}\n    {expr}", t.panel));
+            }
+        }
+    }
+    failures
+}
+
 /// Panels whose every query reads only `keyward_audit_*` metrics, which the
 /// audit work (src/metrics/audit.rs) adds: they may be empty until it is
 /// merged. TODO(issue 11): remove this set once the audit metrics exist.
@@ -486,16 +503,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let prom = prometheus.url.clone();
     let deadline = Instant::now() + Duration::from_secs(180);
     let failures = loop {
-        let mut failures = Vec::new();
-        for t in &targets {
-            let expr = substitute(&t.expr);
-            if let Err(why) = query_has_data(&prom, &expr).await {
-                let pending_ok = ALLOW_PENDING.contains(&t.panel.as_str()) && why == "no series";
-                if !pending_ok {
-                    failures.push(format!("panel {:?}: {why}\n    {expr}", t.panel));
-                }
-            }
-        }
+        let failures = check_targets(&prom, &targets).await;
         if failures.is_empty() || Instant::now() > deadline {
             break failures;
         }
@@ -508,11 +516,28 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         failures.join("\n")
     );
 
-    // The checker itself: a query on a metric nobody exports, a typo in a
-    // real one, and a syntax error are each reported, not passed.
+    // The checker itself: the same dashboard with one panel's query on a
+    // metric nobody exports fails, naming that panel and only that one.
+    let mut broken = dashboard.clone();
+    let first = broken["panels"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["title"] == "Key stores up")
+        .unwrap();
+    first["targets"][0]["expr"] =
+        json!("min by (keystore) (keyward_hsm_upp{keystore=~\"$keystore\"})");
+    let failures = check_targets(&prom, &dashboard_targets(&broken)).await;
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].starts_with("panel \"Key stores up\": no series"),
+        "{failures:?}"
+    );
+    // A query on an unknown metric, a misspelt label matcher value, and a
+    // syntax error are each reported, not passed.
     for bad in [
         "sum(rate(keyward_no_such_metric_total[1m]))",
-        "keyward_hsm_upp",
+        "keyward_hsm_up{keystore=\"no-such-store\"}",
         "sum(rate(keyward_http_requests_total[1m])",
     ] {
         let got = query_has_data(&prom, bad).await;
