@@ -314,8 +314,8 @@ fn backup_recipients(dir: &Path) -> PathBuf {
 
 /// Drives the load that gives every panel data: issuance, a renewal, a
 /// revocation, a denial, a registration left pending, OCSP (a miss then a
-/// hit), a backup stored at one location and failing at another, and its
-/// verification.
+/// hit), a backup stored at one location and failing at another, its
+/// verification, and failed admin logins up to the rate limit.
 async fn drive_load(env: &Env, url: &str, token: &str) {
     let mut devices = Vec::new();
     for i in 0..3 {
@@ -433,6 +433,24 @@ async fn drive_load(env: &Env, url: &str, token: &str) {
     )
     .await;
     assert_eq!(status, 200, "{v}");
+    // Last, as it locks this source out of the admin API for the window:
+    // wrong admin tokens until the failed-login limit refuses the source.
+    let mut refused = false;
+    for _ in 0..20 {
+        let (status, _) = call(
+            Method::GET,
+            &format!("{url}/v1/admin/registrations"),
+            Some("kw_not-an-admin-token"),
+            None,
+        )
+        .await;
+        assert!(matches!(status, 401 | 429), "{status}");
+        if status == 429 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "wrong admin tokens were never rate limited");
 }
 
 #[tokio::test]
