@@ -10,7 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-# prometheus brings promtool (on a systemd host it also enables a server; only promtool is used).
+# prometheus brings promtool and the server tests/monitoring.rs starts on a free port (on a systemd
+# host the package also enables a service on :9090, which no test uses).
 ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev curl mosquitto mosquitto-clients openssh-client
 # jq and xxd: the openssl procedure of docs/audit.md, run as printed by tests/audit_tamper.rs.
 ensure_packages jq xxd
