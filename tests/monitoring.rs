@@ -200,14 +200,8 @@ async fn check_targets(prometheus: &str, targets: &[Target]) -> Vec<String> {
     failures
 }
 
-/// Panels whose every query reads only `keyward_audit_*` metrics, which the
-/// audit work (src/metrics/audit.rs) adds: they may be empty until it is
-/// merged. TODO(issue 11): remove this set once the audit metrics exist.
-const ALLOW_PENDING: &[&str] = &[
-    "Audit head and checkpoint",
-    "Checkpoint and verification age",
-    "Audit failures and sink buffer",
-];
+/// Panels allowed to be empty (none: every panel must show data).
+const ALLOW_PENDING: &[&str] = &[];
 
 /// A free loopback port (bound, then released for the child to take).
 fn free_port() -> u16 {
