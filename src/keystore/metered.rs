@@ -96,6 +96,15 @@ impl KeyStore for MeteredKeyStore {
         self.metrics.hsm("unwrap", r.is_ok());
         r
     }
+    async fn decrypt_data_key(
+        &self,
+        handle: &KeyHandle,
+        ciphertext: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let r = self.inner.decrypt_data_key(handle, ciphertext).await;
+        self.metrics.hsm("decrypt", r.is_ok());
+        r
+    }
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
         let r = self.inner.destroy(handle).await;
         self.metrics.hsm("destroy", r.is_ok());
