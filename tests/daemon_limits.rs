@@ -426,6 +426,27 @@ async fn readyz_answers_from_the_cache_without_touching_the_hsm() {
     assert_eq!(v["hsm"], "ok");
     assert_eq!(v["keystores"]["default"]["status"], "ok");
     assert_eq!(v["stale"], false);
+    // The audit jobs' first ticks use the token (the first checkpoint is
+    // signed, the tail verified against the audit key): wait for both, so
+    // that only /readyz runs while the calls are counted.
+    let mut settled = false;
+    for _ in 0..300 {
+        let m = metrics_text(&url).await;
+        let gauge = |name: &str| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        if gauge("keyward_audit_checkpoint_sequence") > 0.0
+            && gauge("keyward_audit_last_verified_timestamp_seconds") > 0.0
+        {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the audit jobs never ran their first ticks");
     let before = pkcs11_calls(&log);
     // The daemon really talks to the token through the spy, and the start-up
     // readiness check was one of those calls.
