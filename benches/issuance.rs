@@ -193,6 +193,7 @@ async fn raw_rate(ks: Arc<dyn KeyStore>, signers: usize, secs: u64) -> f64 {
             label: "bench-raw".into(),
             algorithm: KeyAlgorithm::EcdsaP256,
             extractable: false,
+            usage: keyward::keystore::KeyUsage::Sign,
         })
         .await
         .unwrap();

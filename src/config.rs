@@ -248,6 +248,10 @@ pub struct AuditConfig {
     /// How often the daemon verifies the chain's tail from the newest
     /// checkpoint it verified (10 s ..= 1 day).
     pub verify_interval: Duration,
+    /// Seal sensitive details (comments, client addresses, device
+    /// metadata) with a data key the HSM `audit-encryption` key unwraps
+    /// (default true). Off: they are stored in the clear.
+    pub encrypt_details: bool,
 }
 
 impl Default for AuditConfig {
@@ -259,6 +263,7 @@ impl Default for AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             checkpoint_file: None,
             verify_interval: Duration::from_secs(300),
+            encrypt_details: true,
         }
     }
 }
@@ -1007,6 +1012,7 @@ impl Builder<'_> {
             checkpoint_interval,
             checkpoint_file: a.checkpoint_file.map(|p| self.resolve(&p)),
             verify_interval,
+            encrypt_details: a.encrypt_details.unwrap_or(d.encrypt_details),
         })
     }
 

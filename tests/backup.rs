@@ -501,9 +501,23 @@ async fn disaster_recovery_onto_a_fresh_token() {
     // The restored issuing key is sensitive on the new token: never readable.
     let objects = common::pkcs11_objects(&env2);
     let private: Vec<&str> = objects.split("Private Key Object").skip(1).collect();
-    // The issuing CA's key and the audit key (extractable by wrapping, so
-    // that checkpoints go on being signed by the same key).
-    assert_eq!(private.len(), 2, "{objects}");
+    // The issuing CA's key, the audit key (extractable by wrapping, so
+    // that checkpoints go on being signed by the same key) and the
+    // audit-encryption key (so that sealed audit details stay readable),
+    // restored decrypt-only.
+    assert_eq!(private.len(), 3, "{objects}");
+    let encryption = private
+        .iter()
+        .find(|p| p.contains("keyward-audit-encryption"))
+        .unwrap_or_else(|| panic!("{objects}"));
+    let usage = encryption
+        .lines()
+        .find(|l| l.trim_start().starts_with("Usage:"))
+        .unwrap_or_default();
+    assert!(
+        usage.contains("decrypt") && !usage.contains("sign"),
+        "{encryption}"
+    );
     assert!(private.iter().all(|p| p.contains("sensitive")), "{objects}");
     assert!(
         private.iter().any(|p| p.contains("keyward-ca-devices-"))

@@ -196,8 +196,9 @@ async fn register_approve_fetch_credentials_and_verify_chain_with_openssl() {
     let listing = String::from_utf8_lossy(&out.stdout);
     let keys: Vec<&str> = listing.split("Private Key Object").skip(1).collect();
     // Root, issuing CA, the issuing CA's delegated OCSP signer (made at
-    // serve) and the audit checkpoint key (made at init).
-    assert_eq!(keys.len(), 4, "{listing}");
+    // serve), the audit checkpoint key and the audit-encryption key (both
+    // made at init).
+    assert_eq!(keys.len(), 5, "{listing}");
     for k in keys {
         assert!(k.contains("sensitive"), "{k}");
         if k.contains("keyward-ca-devices-") || k.contains("keyward-audit") {
@@ -676,13 +677,14 @@ async fn health_readiness_metrics_and_public_chain() {
     // with its certificate: two commits), its first CRLs (root and
     // devices: one or two batches) and, as its jobs start, the
     // `scheduler.leader` event of its lease (one commit; the lease itself is
-    // not a batch).
+    // not a batch), and the data key that seals this run's audit details
+    // (`audit.data_key_create`: one commit).
     let batches: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("keyward_store_batch_size_count "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no batch count in {metrics}"));
-    assert!((4..=5).contains(&batches), "{batches} batches: {metrics}");
+    assert!((5..=6).contains(&batches), "{batches} batches: {metrics}");
 }
 
 #[tokio::test]

@@ -280,7 +280,48 @@ fn trials() -> Vec<Trial> {
         conformance("export_refuses_non_extractable_keys", |ks| async move {
             suite::export_refuses_non_extractable_keys(ks.as_ref()).await
         }),
+        conformance("decrypt_data_key_round_trip", |ks| async move {
+            suite::decrypt_data_key_round_trip(ks.as_ref()).await
+        }),
     ];
+    t.push(Trial::test("pkcs11::decrypt_keys_may_only_decrypt", || {
+        run(|| async {
+            use cryptoki::object::{Attribute, ObjectClass};
+            let label = new_token();
+            let ks = open(&label).await;
+            let mut spec = suite::spec(KeyAlgorithm::Rsa3072);
+            spec.usage = keyward::keystore::KeyUsage::Decrypt;
+            ks.generate(&spec).await.unwrap();
+            let mut seen = 0;
+            for (class, attrs) in usage_attributes(&label, spec.id.as_bytes()) {
+                for a in &attrs {
+                    let ok = match (class, a) {
+                        (ObjectClass::PRIVATE_KEY, Attribute::Decrypt(v)) => *v,
+                        (ObjectClass::PUBLIC_KEY, Attribute::Encrypt(v)) => *v,
+                        (_, Attribute::Modifiable(v)) => !*v,
+                        (
+                            _,
+                            Attribute::Sign(v)
+                            | Attribute::Verify(v)
+                            | Attribute::SignRecover(v)
+                            | Attribute::VerifyRecover(v)
+                            | Attribute::Wrap(v)
+                            | Attribute::Unwrap(v)
+                            | Attribute::Derive(v),
+                        ) => !*v,
+                        _ => true,
+                    };
+                    assert!(ok, "{class:?} {a:?}");
+                    seen += 1;
+                }
+            }
+            assert!(seen > 0);
+        })
+    }));
+    t.push(Trial::test(
+        "pkcs11::wrap_restore_round_trip_decrypt_key",
+        || run(wrap_checks::decrypt_key_round_trip),
+    ));
     t.push(Trial::test(
         "pkcs11::capabilities_list_what_softhsm_offers",
         || {
@@ -1138,6 +1179,47 @@ mod wrap_checks {
 
     /// SoftHSM 2.6 cannot wrap EdDSA keys (C_WrapKey: "Not yet"): a typed
     /// refusal, no session key left behind, the key unharmed.
+    /// The audit-encryption key (decrypt-only RSA) survives a backup: wrapped
+    /// on token A, restored onto B with the decrypt usage, it decrypts what
+    /// was encrypted to the original public key; restored against another
+    /// key's public half, the decrypt probe refuses it and leaves nothing.
+    pub async fn decrypt_key_round_trip() {
+        let ks_a = open(&new_token()).await;
+        let mut spec = suite::spec(KeyAlgorithm::Rsa3072);
+        spec.extractable = true;
+        spec.usage = keyward::keystore::KeyUsage::Decrypt;
+        let original = ks_a.generate(&spec).await.unwrap();
+        let kek = kek();
+        let wrapped = ks_a.wrap_private_key(&original.handle, &kek).await.unwrap();
+        let data_key = [9u8; 32];
+        let ct = keyward::crypto::oaep_encrypt(&original.public_key_der, &data_key).unwrap();
+        let token = new_token();
+        let ks = open(&token).await;
+        // Against another key's public half the decrypt probe fails: nothing stays.
+        let mut other_spec = suite::spec(KeyAlgorithm::Rsa3072);
+        other_spec.usage = keyward::keystore::KeyUsage::Decrypt;
+        let other = ks_a.generate(&other_spec).await.unwrap();
+        let mut s = spec.clone();
+        s.id = uuid::Uuid::new_v4();
+        assert!(matches!(
+            ks.unwrap_private_key(&s, &kek, &wrapped, &other.public_key_der)
+                .await,
+            Err(KeyStoreError::PublicKeyMismatch)
+        ));
+        assert_token_empty(ks.as_ref(), &token).await;
+        let restored = ks
+            .unwrap_private_key(&spec, &kek, &wrapped, &original.public_key_der)
+            .await
+            .unwrap();
+        assert_eq!(
+            ks.decrypt_data_key(&restored.handle, &ct)
+                .await
+                .unwrap()
+                .as_slice(),
+            &data_key
+        );
+    }
+
     pub async fn ed25519_is_not_wrappable() {
         let token = new_token();
         let ks = open(&token).await;

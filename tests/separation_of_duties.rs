@@ -731,11 +731,15 @@ async fn client_addresses_are_recorded_and_forwarded_for_needs_a_trusted_proxy()
         Some("198.51.100.7"),
         "nearest untrusted hop"
     );
-    let source: Option<String> = rusqlite::Connection::open(&env.db)
+    // In the audit event the address is sealed (detail encryption is on by
+    // default): no clear `source`, a `sealed` value instead (tests/audit_seal.rs
+    // opens it).
+    let (source, sealed): (Option<String>, Option<String>) = rusqlite::Connection::open(&env.db)
         .unwrap()
-        .query_row("SELECT source FROM audit_events WHERE action = 'registration.submit' ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
+        .query_row("SELECT source, sealed FROM audit_events WHERE action = 'registration.submit' ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap();
-    assert_eq!(source.as_deref(), Some("198.51.100.7"));
+    assert_eq!(source, None);
+    assert!(sealed.is_some_and(|s| s.starts_with("v1.") && !s.contains("198.51.100.7")));
     // The CLI shows it to approvers.
     let out = env
         .keyward()

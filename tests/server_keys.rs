@@ -86,6 +86,7 @@ async fn device(ks: &Pkcs11KeyStore, algorithm: KeyAlgorithm, dir: &Path) -> Dev
             label: format!("device-{}", &id.simple().to_string()[..8]),
             algorithm,
             extractable: true,
+            usage: keyward::keystore::KeyUsage::Sign,
         })
         .await
         .unwrap();

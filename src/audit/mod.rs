@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod checkpoint;
+pub mod seal;
 pub mod service;
 pub mod verify;
 

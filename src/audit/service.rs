@@ -8,6 +8,7 @@
 //! store could otherwise swap in a key of their own.
 
 use super::Checkpoint;
+use super::seal::{DATA_KEY_LEN, DataKeys, SealError};
 use super::verify::{AuditKeys, Report, Verifier};
 use crate::ca::keys::{self, KeyLifecycleError, NewKey};
 use crate::clock::{Clock, unix_ms};
@@ -23,6 +24,10 @@ use tokio::sync::RwLock;
 
 /// What a non-auditor sees in place of sealed details.
 pub const REDACTED: &str = "redacted";
+
+/// Algorithm of the `audit-encryption` key (RSA: decrypted with OAEP in the HSM).
+pub const ENCRYPTION_KEY_ALGORITHM: crate::model::KeyAlgorithm =
+    crate::model::KeyAlgorithm::Rsa3072;
 
 /// Events read per page while verifying.
 pub const VERIFY_PAGE: u32 = 10_000;
@@ -55,6 +60,13 @@ pub enum AuditError {
     },
     #[error("this event's details are sealed and cannot be opened here")]
     Sealed,
+    #[error("sealed audit details: {0}")]
+    Seal(#[from] super::seal::SealError),
+    #[error(
+        "[audit] encrypt_details is on but key store `{keystore}` cannot seal audit details: \
+         {reason} (set [audit] encrypt_details = false to store them in the clear)"
+    )]
+    EncryptionUnavailable { keystore: String, reason: String },
     #[error("audit chain broken at sequence {seq} ({kind}): {reason}")]
     Broken {
         seq: i64,
@@ -76,6 +88,8 @@ impl AuditError {
             Self::CheckpointFileCorrupt { .. } => "audit_checkpoint_file_corrupt",
             Self::Broken { .. } => "audit_chain_broken",
             Self::Sealed => "audit_details_sealed",
+            Self::Seal(e) => e.code(),
+            Self::EncryptionUnavailable { .. } => "audit_encryption_unavailable",
         }
     }
 }
@@ -95,6 +109,8 @@ pub struct AuditService {
     /// Where the periodic verification got to: (seq, hash) of the last
     /// event it verified.
     verified_to: Mutex<Option<(i64, Vec<u8>)>>,
+    /// Unwrapped data keys that seal and open sensitive details.
+    data_keys: Arc<DataKeys>,
 }
 
 impl AuditService {
@@ -113,6 +129,7 @@ impl AuditService {
             config,
             signer: RwLock::new(None),
             verified_to: Mutex::new(None),
+            data_keys: Arc::new(DataKeys::default()),
         }
     }
 
@@ -182,7 +199,171 @@ impl AuditService {
             key: key.clone(),
         });
         self.refresh_gauges().await?;
+        self.prepare_sealer(actor).await?;
         Ok(key)
+    }
+
+    /// With `[audit] encrypt_details` on: finds (or generates) the HSM
+    /// `audit-encryption` key, makes a fresh data key, has the HSM decrypt
+    /// it once (a token that cannot decrypt fails start-up here), records
+    /// it wrapped (audited as `audit.data_key_create`) and installs it in
+    /// the store, which from then on seals every event's sensitive
+    /// details. Returns the data key's id (`None` when encryption is off).
+    ///
+    /// Steps and undo: the key pair is created through `keys::create`
+    /// (its own undo); the data key row is committed last, so a failure
+    /// before it leaves nothing (the data key lived only in memory).
+    pub async fn prepare_sealer(&self, actor: &str) -> Result<Option<uuid::Uuid>, AuditError> {
+        if !self.config.encrypt_details {
+            return Ok(None);
+        }
+        let unavailable = |reason: String| AuditError::EncryptionUnavailable {
+            keystore: self.config.keystore.clone(),
+            reason,
+        };
+        let keystore = self.keystores.get(&self.config.keystore)?.clone();
+        let existing = self
+            .store
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| {
+                k.purpose == KeyPurpose::AuditEncryption
+                    && k.state == KeyState::Active
+                    && k.keystore == self.config.keystore
+            })
+            .max_by_key(|k| k.created_at);
+        let key = match existing {
+            Some(k) => k,
+            None => {
+                if !keystore
+                    .capabilities()
+                    .algorithms
+                    .contains(&ENCRYPTION_KEY_ALGORITHM)
+                {
+                    return Err(unavailable(format!(
+                        "it cannot generate {} keys",
+                        ENCRYPTION_KEY_ALGORITHM.as_str()
+                    )));
+                }
+                self.generate_encryption_key(keystore.as_ref(), actor)
+                    .await?
+            }
+        };
+        let on_token = keystore.public_key(&key.handle).await?;
+        if on_token != key.public_key_der {
+            return Err(AuditError::KeyMismatch { key_id: key.id });
+        }
+        let data_key = zeroize::Zeroizing::new(
+            crate::crypto::random_bytes(DATA_KEY_LEN).map_err(|_| SealError::Random)?,
+        );
+        let wrapped = crate::crypto::oaep_encrypt(&key.public_key_der, &data_key)
+            .map_err(|e| unavailable(e.to_string()))?;
+        // The token must decrypt what it will be asked to decrypt later.
+        match keystore.decrypt_data_key(&key.handle, &wrapped).await {
+            Ok(back) if back.as_slice() == data_key.as_slice() => {}
+            Ok(_) => {
+                return Err(unavailable(
+                    "the token decrypted a test data key to different bytes".into(),
+                ));
+            }
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
+        let id = uuid::Uuid::now_v7();
+        let change = crate::store::Change::new()
+            .write(crate::store::Write::InsertAuditDataKey(
+                crate::store::records::AuditDataKeyRecord {
+                    id,
+                    key_id: key.id,
+                    wrapped,
+                    created_at: self.clock.now().unix_timestamp(),
+                },
+            ))
+            .audit(
+                super::AuditDraft::new(
+                    actor,
+                    "audit.data_key_create",
+                    format!("audit-data-key:{id}"),
+                )
+                .details(serde_json::json!({
+                    "key": key.id,
+                    "wrapping": "rsa-oaep-sha1",
+                    "cipher": "aes-256-gcm",
+                })),
+            );
+        self.store.commit(change).await?;
+        self.data_keys.insert(id, data_key)?;
+        self.data_keys.set_current(id);
+        self.store.install_sealer(self.data_keys.clone())?;
+        tracing::info!(data_key = %id, key = %key.id, "audit details are sealed");
+        Ok(Some(id))
+    }
+
+    async fn generate_encryption_key(
+        &self,
+        keystore: &dyn KeyStore,
+        actor: &str,
+    ) -> Result<KeyRecord, AuditError> {
+        // Extractable (wrap-only) where the token can wrap, so that backups
+        // carry it: without it no sealed detail can ever be read again.
+        let extractable = keystore.capabilities().can_wrap_keys;
+        let id = keys::create(
+            keystore,
+            self.store.as_ref(),
+            self.clock.as_ref(),
+            actor,
+            NewKey {
+                keystore: &self.config.keystore,
+                label: "keyward-audit-encryption".to_string(),
+                purpose: KeyPurpose::AuditEncryption,
+                algorithm: ENCRYPTION_KEY_ALGORITHM,
+                ca_name: None,
+                extractable,
+            },
+            async |key: &keys::PendingKey| -> Result<crate::store::Change, AuditError> {
+                let now = self.clock.now().unix_timestamp();
+                let (complete, event) = keys::complete(key, now);
+                Ok(crate::store::Change::new().write(complete).audit(event))
+            },
+        )
+        .await?;
+        self.store
+            .get_key(id)
+            .await?
+            .ok_or(AuditError::Store(StoreError::Corrupt(format!(
+                "audit encryption key {id} vanished after it was created"
+            ))))
+    }
+
+    /// The data key sealing new events, once prepared.
+    pub fn current_data_key(&self) -> Option<uuid::Uuid> {
+        self.data_keys.current()
+    }
+
+    /// Makes sure the data key `id` is unwrapped: from memory, or read from
+    /// the store and decrypted by the HSM key that wrapped it.
+    async fn load_data_key(&self, id: uuid::Uuid) -> Result<(), AuditError> {
+        if self.data_keys.contains(id) {
+            return Ok(());
+        }
+        let record = self
+            .store
+            .audit_data_keys()
+            .await?
+            .into_iter()
+            .find(|k| k.id == id)
+            .ok_or(SealError::UnknownDataKey(id))?;
+        let key = self
+            .store
+            .get_key(record.key_id)
+            .await?
+            .ok_or(SealError::UnknownDataKey(id))?;
+        let keystore = self.keystores.get(&key.keystore)?;
+        let plain = keystore
+            .decrypt_data_key(&key.handle, &record.wrapped)
+            .await?;
+        self.data_keys.insert(id, plain)?;
+        Ok(())
     }
 
     async fn generate(
@@ -323,14 +504,34 @@ impl AuditService {
 
     /// Decrypts an event's sealed details for an auditor: merges them into
     /// `details` (and restores `source`) and clears `sealed`. An event
-    /// without sealed details is left as it is.
-    /// (Filled in by the detail-encryption work: until then a sealed event
-    /// is refused, never shown as if it had no details.)
+    /// without sealed details is left as it is. A sealed value that names
+    /// an unknown data key, or does not decrypt (altered), is an error and
+    /// the event is left untouched: never a guess at the plaintext. (The
+    /// revealed event no longer hashes to its chain hash: it is for
+    /// reading; verification works on the stored, sealed form.)
     pub async fn reveal(&self, e: &mut super::AuditEvent) -> Result<(), AuditError> {
-        match &e.sealed {
-            None => Ok(()),
-            Some(_) => Err(AuditError::Sealed),
+        let Some(sealed) = &e.sealed else {
+            return Ok(());
+        };
+        if sealed == REDACTED {
+            return Err(AuditError::Sealed);
         }
+        let id = super::seal::data_key_id(sealed)?;
+        self.load_data_key(id).await?;
+        let opened = self.data_keys.open(sealed)?;
+        match &mut e.details {
+            serde_json::Value::Object(m) => m.extend(opened.details),
+            other => {
+                let mut m = opened.details;
+                m.insert("value".into(), other.take());
+                e.details = serde_json::Value::Object(m);
+            }
+        }
+        if opened.source.is_some() {
+            e.source = opened.source;
+        }
+        e.sealed = None;
+        Ok(())
     }
 
     /// What other roles see: sealed details replaced by a marker.

@@ -17,7 +17,7 @@ use super::archive::{self, KEK_MEMBER, KeyDisposition, KeyEntry, Manifest};
 use super::keys::{Identities, read_identities};
 use crate::audit::AuditDraft;
 use crate::config::{Config, StoreConfig};
-use crate::keystore::{KeyHandle, KeySpec, KeyStoreError, KeyStores};
+use crate::keystore::{KeyHandle, KeySpec, KeyStoreError, KeyStores, KeyUsage};
 use crate::model::{KeyAlgorithm, KeyPurpose, KeyState};
 use crate::store::sqlite::snapshot::Import;
 use crate::store::{Change, Write};
@@ -620,6 +620,9 @@ async fn unwrap_key(
         // Sensitive always (never readable in plaintext); extractable by
         // wrapping only when its policy wants it in backups.
         extractable,
+        // A decrypt key (audit-encryption) comes back decrypt-only.
+        usage: crate::model::KeyPurpose::parse(&entry.purpose)
+            .map_or(KeyUsage::Sign, KeyUsage::for_purpose),
     };
     let spki = spki_of(entry)?;
     let key = ks

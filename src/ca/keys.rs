@@ -83,6 +83,7 @@ pub async fn begin(
         label: new.label.clone(),
         algorithm: new.algorithm,
         extractable: new.extractable,
+        usage: crate::keystore::KeyUsage::for_purpose(new.purpose),
     };
     if !keystore.capabilities().algorithms.contains(&new.algorithm) {
         return Err(KeyStoreError::Unsupported(new.algorithm).into());

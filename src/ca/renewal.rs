@@ -325,7 +325,8 @@ impl CaService {
                     "device.allow_renewal",
                     format!("device:{device_id}"),
                 )
-                .details(json!({ "expires_at": record.expires_at, "comment": comment }))
+                .details(json!({ "expires_at": record.expires_at }))
+                .sensitive("comment", comment)
                 .source(source),
             );
         self.store.commit(change).await.map_err(|e| match e {

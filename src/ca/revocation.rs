@@ -205,8 +205,8 @@ impl CaService {
                         "to": to.as_str(),
                         "reason": action.reason().as_str(),
                         "reason_code": action.reason().code(),
-                        "comment": comment,
                     }))
+                    .sensitive("comment", comment)
                     .source(source),
                 );
             if let Some(w) = self.broker_write_for(&device, to, now) {
@@ -362,8 +362,8 @@ impl CaService {
                     "previous_reason": cert.revocation_reason.map(|r| r.as_str()),
                     "reason": reason.as_str(),
                     "reason_code": reason.code(),
-                    "comment": comment,
                 }))
+                .sensitive("comment", comment)
                 .source(source),
             );
         self.store.commit(change).await.map_err(|e| match e {
@@ -419,8 +419,8 @@ impl CaService {
                 .details(json!({
                     "device_id": cert.device_id,
                     "issuer": cert.issuer_ca,
-                    "comment": comment,
                 }))
+                .sensitive("comment", comment)
                 .source(source),
             );
         self.store.commit(change).await.map_err(|e| match e {

@@ -48,6 +48,7 @@ pub(super) struct Audit {
     pub checkpoint_interval_secs: Option<u64>,
     pub checkpoint_file: Option<PathBuf>,
     pub verify_interval_secs: Option<u64>,
+    pub encrypt_details: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

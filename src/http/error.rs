@@ -189,7 +189,9 @@ impl From<StoreError> for ApiError {
             StoreError::WriterGone | StoreError::Database(_) => Self::unavailable(&e),
             StoreError::Corrupt(_)
             | StoreError::SchemaTooNew { .. }
-            | StoreError::InvalidArgument(_) => Self::internal(&e),
+            | StoreError::InvalidArgument(_)
+            | StoreError::Seal(_)
+            | StoreError::SealingUnsupported => Self::internal(&e),
         }
     }
 }

@@ -158,6 +158,15 @@ impl KeyStore for MeteredKeyStore {
         self.record("unwrap", r.is_ok(), start);
         r
     }
+    async fn decrypt_data_key(
+        &self,
+        handle: &KeyHandle,
+        ciphertext: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let r = self.inner.decrypt_data_key(handle, ciphertext).await;
+        self.metrics.hsm("decrypt", r.is_ok());
+        r
+    }
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {
         let start = Instant::now();
         let r = self.inner.destroy(handle).await;

@@ -75,6 +75,31 @@ pub struct KeySpec {
     /// Only keys whose policy marks them for backup may be wrapped out of the
     /// HSM; everything else is created non-extractable.
     pub extractable: bool,
+    /// What the private half may do: sign (every key but one) or decrypt.
+    pub usage: KeyUsage,
+}
+
+/// The one operation a generated private key is allowed. A key pair never
+/// does both: a decrypt key cannot sign, a signing key cannot decrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyUsage {
+    /// Sign only (`CKA_SIGN`); the public half verifies.
+    #[default]
+    Sign,
+    /// Decrypt only (`CKA_DECRYPT`, RSA-OAEP); the public half encrypts.
+    /// Used for the `audit-encryption` key, which unwraps audit data keys.
+    Decrypt,
+}
+
+impl KeyUsage {
+    /// The usage a key of `purpose` is generated (and restored) with.
+    pub fn for_purpose(purpose: crate::model::KeyPurpose) -> Self {
+        match purpose {
+            crate::model::KeyPurpose::AuditEncryption => Self::Decrypt,
+            _ => Self::Sign,
+        }
+    }
 }
 
 /// A freshly generated key pair as the store records it.
@@ -278,6 +303,24 @@ pub trait KeyStore: Send + Sync + 'static {
         Err(KeyStoreError::OperationUnsupported {
             backend: self.backend(),
             operation: "unwrap_private_key",
+        })
+    }
+
+    /// Decrypts a data key (at most a few hundred bytes) that was encrypted
+    /// to the public half of a [`KeyUsage::Decrypt`] RSA key with RSA-OAEP
+    /// (SHA-1 and MGF1-SHA-1, empty label: see
+    /// [`crate::crypto::oaep_encrypt`]). The private key never leaves the
+    /// device; the plaintext exists only in the returned buffer, which
+    /// zeroizes on drop. A ciphertext the key did not make is refused.
+    async fn decrypt_data_key(
+        &self,
+        handle: &KeyHandle,
+        ciphertext: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let _ = (handle, ciphertext);
+        Err(KeyStoreError::OperationUnsupported {
+            backend: self.backend(),
+            operation: "decrypt_data_key",
         })
     }
 

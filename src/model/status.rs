@@ -40,6 +40,9 @@ string_enum!(
         BackupWrap = "backup-wrap",
         OcspSigning = "ocsp-signing",
         TlsServer = "tls-server",
+        /// RSA key pair whose private half (decrypt only, in the HSM)
+        /// unwraps the data keys that seal sensitive audit details.
+        AuditEncryption = "audit-encryption",
     }
 );
 

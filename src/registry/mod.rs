@@ -320,6 +320,11 @@ impl RegistryService {
                     "attested": attested.details,
                     "reenrollment": existing.is_some(),
                 }))
+                // Device metadata as submitted: for auditors only.
+                .sensitive("name", reg.name.clone())
+                .sensitive("device_type", reg.device_type.clone())
+                .sensitive("location", reg.location.clone())
+                .sensitive("firmware", reg.firmware.clone())
                 .source(sub.client_addr.as_deref());
         let auto = group.approvals_needed() == 0;
         let change = change
@@ -800,11 +805,11 @@ impl RegistryService {
         let decision_event = |action: &str| {
             AuditDraft::new(actor.clone(), action, target.clone())
                 .details(json!({
-                    "comment": comment,
                     "approvals": approvals,
                     "required": group.approvals_required,
-                    "submitted_from": reg.client_addr,
                 }))
+                .sensitive("comment", comment)
+                .sensitive("submitted_from", reg.client_addr.clone())
                 .source(source)
         };
         let mut updated = reg.clone();

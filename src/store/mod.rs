@@ -78,6 +78,13 @@ pub enum StoreError {
     /// name, a lease time that is not positive): a bug, refused before any write.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// An audit event's sensitive details could not be sealed: the change
+    /// is refused (fail closed), nothing written.
+    #[error("cannot seal the audit event's sensitive details: {0}")]
+    Seal(#[from] crate::audit::seal::SealError),
+    /// The backend cannot seal audit details (see [`Store::install_sealer`]).
+    #[error("this store cannot seal audit details")]
+    SealingUnsupported,
 }
 
 impl StoreError {
@@ -90,6 +97,8 @@ impl StoreError {
             Self::Corrupt(_) => "store_corrupt",
             Self::SchemaTooNew { .. } => "schema_too_new",
             Self::InvalidArgument(_) => "store_invalid_argument",
+            Self::Seal(e) => e.code(),
+            Self::SealingUnsupported => "audit_sealing_unsupported",
         }
     }
 }
@@ -664,6 +673,20 @@ pub trait Store: Send + Sync + 'static {
     /// audit events. Backends may group concurrent changes into one
     /// transaction; each change still succeeds or fails on its own.
     async fn commit(&self, change: Change) -> Result<Vec<i64>, StoreError>;
+
+    /// Installs the sealer that every later commit passes its audit drafts
+    /// through before they are chained (sensitive details and the client
+    /// address encrypted into `sealed`). The one place sealing happens:
+    /// every change goes through `commit`. A backend that cannot keeps
+    /// this default and start-up fails while detail encryption is on,
+    /// rather than store the details in the clear.
+    fn install_sealer(
+        &self,
+        sealer: std::sync::Arc<dyn crate::audit::seal::DraftSealer>,
+    ) -> Result<(), StoreError> {
+        let _ = sealer;
+        Err(StoreError::SealingUnsupported)
+    }
 
     async fn health(&self) -> Result<(), StoreError>;
 

@@ -21,6 +21,7 @@ pub fn spec(algorithm: KeyAlgorithm) -> KeySpec {
         label: format!("conformance-{}", &id.simple().to_string()[..8]),
         algorithm,
         extractable: false,
+        usage: keyward::keystore::KeyUsage::Sign,
     }
 }
 
@@ -264,4 +265,64 @@ pub async fn export_gives_the_generated_key_or_says_not_wrappable(
         &sig
     ));
     cleanup(ks, &key.handle).await;
+}
+
+/// A decrypt-only RSA key (`KeyUsage::Decrypt`, the audit-encryption key):
+/// a data key RSA-OAEP encrypted in software to its public half comes back
+/// from the device as it was; an altered ciphertext, a signing key, a
+/// signature with the decrypt key and a decrypt key of a non-RSA algorithm
+/// are each refused. Backends without decryption say so.
+pub async fn decrypt_data_key_round_trip(ks: &dyn KeyStore) {
+    use keyward::keystore::KeyUsage;
+    let mut spec = spec(KeyAlgorithm::Rsa3072);
+    spec.usage = KeyUsage::Decrypt;
+    let key = match ks.generate(&spec).await {
+        Err(KeyStoreError::OperationUnsupported { .. } | KeyStoreError::Unsupported(_)) => return,
+        other => other.unwrap(),
+    };
+    let data_key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37)).collect();
+    let ct = keyward::crypto::oaep_encrypt(&key.public_key_der, &data_key).unwrap();
+    assert_eq!(ct.len(), 384, "RSA-3072 ciphertext");
+    let back = ks.decrypt_data_key(&key.handle, &ct).await.unwrap();
+    assert_eq!(back.as_slice(), data_key.as_slice());
+    // Two encryptions of one key differ (OAEP is randomised); both decrypt.
+    let ct2 = keyward::crypto::oaep_encrypt(&key.public_key_der, &data_key).unwrap();
+    assert_ne!(ct, ct2);
+    assert_eq!(
+        ks.decrypt_data_key(&key.handle, &ct2)
+            .await
+            .unwrap()
+            .as_slice(),
+        data_key.as_slice()
+    );
+    let mut bad = ct.clone();
+    bad[100] ^= 0x01;
+    assert!(ks.decrypt_data_key(&key.handle, &bad).await.is_err());
+    assert!(ks.decrypt_data_key(&key.handle, b"short").await.is_err());
+    // The decrypt key cannot sign.
+    assert!(
+        ks.sign(&key.handle, KeyAlgorithm::Rsa3072, b"m")
+            .await
+            .is_err()
+    );
+    // A signing key cannot decrypt.
+    let signer = ks
+        .generate(&self::spec(KeyAlgorithm::Rsa2048))
+        .await
+        .unwrap();
+    let to_signer = keyward::crypto::oaep_encrypt(&signer.public_key_der, &data_key).unwrap();
+    assert!(
+        ks.decrypt_data_key(&signer.handle, &to_signer)
+            .await
+            .is_err()
+    );
+    // Only RSA keys decrypt.
+    let mut ec = self::spec(KeyAlgorithm::EcdsaP256);
+    ec.usage = KeyUsage::Decrypt;
+    assert!(matches!(
+        ks.generate(&ec).await,
+        Err(KeyStoreError::Unsupported(KeyAlgorithm::EcdsaP256))
+    ));
+    cleanup(ks, &key.handle).await;
+    cleanup(ks, &signer.handle).await;
 }

@@ -1,7 +1,7 @@
 //! Key pair templates, public-key export and signing on a PKCS#11 session.
 
 use crate::keystore::algorithm::{SHA256_DIGEST_INFO_PREFIX, ecdsa_raw_to_der};
-use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError, Malformed};
+use crate::keystore::{KeyAlgorithm, KeyProtection, KeySpec, KeyStoreError, KeyUsage, Malformed};
 use const_oid::db::{rfc5912, rfc8410};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
@@ -64,8 +64,10 @@ fn der_err(e: der::Error) -> KeyStoreError {
     KeyStoreError::Encoding(e)
 }
 
-/// Generates a signing key pair with a least-privilege template: the private
-/// half may only sign, the public half only verify; no encryption, key
+/// Generates a key pair with a least-privilege template: the private half
+/// may only sign, the public half only verify (or, for a
+/// [`KeyUsage::Decrypt`] RSA key, the private half only decrypts and the
+/// public half only encrypts); no key
 /// wrapping, key derivation or signature recovery. Private keys are always
 /// sensitive and private; extractable only when the spec says so
 /// (backup-marked keys). With `unmodifiable`, both halves are created
@@ -77,12 +79,16 @@ pub(super) fn generate(
     unmodifiable: bool,
 ) -> Result<(ObjectHandle, ObjectHandle), KeyStoreError> {
     let label = spec.label.as_bytes().to_vec();
+    let decrypt = spec.usage == KeyUsage::Decrypt;
+    if decrypt && spec.algorithm.rsa_bits().is_none() {
+        return Err(KeyStoreError::Unsupported(spec.algorithm));
+    }
     let mut public = vec![
         Attribute::Token(true),
         Attribute::Private(false),
-        Attribute::Verify(true),
+        Attribute::Verify(!decrypt),
         Attribute::VerifyRecover(false),
-        Attribute::Encrypt(false),
+        Attribute::Encrypt(decrypt),
         Attribute::Wrap(false),
         Attribute::Derive(false),
         Attribute::Label(label.clone()),
@@ -91,9 +97,9 @@ pub(super) fn generate(
     let mut private = vec![
         Attribute::Token(true),
         Attribute::Private(true),
-        Attribute::Sign(true),
+        Attribute::Sign(!decrypt),
         Attribute::SignRecover(false),
-        Attribute::Decrypt(false),
+        Attribute::Decrypt(decrypt),
         Attribute::Unwrap(false),
         Attribute::Derive(false),
         Attribute::Sensitive(true),
@@ -148,9 +154,9 @@ pub(super) fn private_template(
         Attribute::KeyType(key_type(spec.algorithm)),
         Attribute::Token(true),
         Attribute::Private(true),
-        Attribute::Sign(true),
+        Attribute::Sign(spec.usage == KeyUsage::Sign),
         Attribute::SignRecover(false),
-        Attribute::Decrypt(false),
+        Attribute::Decrypt(spec.usage == KeyUsage::Decrypt),
         Attribute::Unwrap(false),
         Attribute::Derive(false),
         Attribute::Sensitive(true),
@@ -191,9 +197,9 @@ pub(super) fn create_public(
         Attribute::KeyType(key_type(spec.algorithm)),
         Attribute::Token(true),
         Attribute::Private(false),
-        Attribute::Verify(true),
+        Attribute::Verify(spec.usage == KeyUsage::Sign),
         Attribute::VerifyRecover(false),
-        Attribute::Encrypt(false),
+        Attribute::Encrypt(spec.usage == KeyUsage::Decrypt),
         Attribute::Wrap(false),
         Attribute::Derive(false),
         Attribute::Label(spec.label.as_bytes().to_vec()),
@@ -473,6 +479,28 @@ pub(super) fn sign(
             )
             .map_err(ck),
     }
+}
+
+/// RSA-OAEP decryption of a data key in the token: SHA-1 and MGF1-SHA-1,
+/// empty label. SHA-1 because it is what every module offers (SoftHSM2
+/// 2.6 refuses any other OAEP hash with CKR_ARGUMENTS_BAD); OAEP's
+/// security does not rest on SHA-1's collision resistance.
+pub(super) fn decrypt_oaep(
+    session: &Session,
+    key: ObjectHandle,
+    ciphertext: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+    use cryptoki::mechanism::MechanismType;
+    use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+    let params = PkcsOaepParams::new(
+        MechanismType::SHA1,
+        PkcsMgfType::MGF1_SHA1,
+        PkcsOaepSource::empty(),
+    );
+    session
+        .decrypt(&Mechanism::RsaPkcsOaep(params), key, ciphertext)
+        .map(zeroize::Zeroizing::new)
+        .map_err(ck)
 }
 
 pub(super) fn protection(

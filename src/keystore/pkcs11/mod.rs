@@ -311,6 +311,7 @@ impl KeyStore for Pkcs11KeyStore {
         }
         let expected = public_key_der.to_vec();
         let algorithm = spec.algorithm;
+        let usage = spec.usage;
         let (spec, kek, wrapped, public) = (
             spec.clone(),
             kek.clone(),
@@ -361,15 +362,30 @@ impl KeyStore for Pkcs11KeyStore {
             .await?;
         let (handle, public_key_der) = restored;
         // The pair must belong together: a signature by the unwrapped key
-        // verifies under the recorded public key, or neither stays.
+        // verifies under the recorded public key (a decrypt key: it
+        // decrypts what was encrypted to the recorded public key), or
+        // neither stays.
         let probe = b"keyward restore: does the private key match its public key?";
-        let matches = match self.sign(&handle, algorithm, probe).await {
-            Ok(sig) => {
-                public_key_der == expected
-                    && crate::crypto::verify_spki_signature(&expected, algorithm, probe, &sig)
-            }
-            Err(_) => false,
-        };
+        let matches = public_key_der == expected
+            && match usage {
+                crate::keystore::KeyUsage::Sign => {
+                    match self.sign(&handle, algorithm, probe).await {
+                        Ok(sig) => {
+                            crate::crypto::verify_spki_signature(&expected, algorithm, probe, &sig)
+                        }
+                        Err(_) => false,
+                    }
+                }
+                crate::keystore::KeyUsage::Decrypt => {
+                    match crate::crypto::oaep_encrypt(&expected, probe) {
+                        Ok(ct) => self
+                            .decrypt_data_key(&handle, &ct)
+                            .await
+                            .is_ok_and(|pt| pt.as_slice() == probe),
+                        Err(_) => false,
+                    }
+                }
+            };
         if !matches {
             self.destroy(&handle).await?;
             return Err(KeyStoreError::PublicKeyMismatch);
@@ -379,6 +395,28 @@ impl KeyStore for Pkcs11KeyStore {
             public_key_der,
             slot_check: SlotCheck::NewObject,
         })
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        handle: &KeyHandle,
+        ciphertext: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let id = id_of(handle)?;
+        let h = handle.clone();
+        let ciphertext = ciphertext.to_vec();
+        self.run(move |inner, session| {
+            let key = inner
+                .handles
+                .private(session, &id)?
+                .ok_or_else(|| KeyStoreError::KeyNotFound(h.clone()))?;
+            let result = keys::decrypt_oaep(session, key, &ciphertext);
+            if matches!(&result, Err(e) if sessions::recoverable(e)) {
+                inner.handles.forget(&id);
+            }
+            result
+        })
+        .await
     }
 
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {

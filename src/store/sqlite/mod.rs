@@ -22,6 +22,7 @@ use super::{
     EnrollmentTokenFilter, ExpiringQuery, Page, PageRequest, RegistrationFilter, SerialPageRequest,
     Store, StoreError,
 };
+use crate::audit::seal::DraftSealer;
 use crate::audit::{AuditEvent, Checkpoint};
 use crate::clock::Clock;
 use crate::store::records::*;
@@ -39,6 +40,9 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
     /// `None` when opened read-only.
     writer: Option<Writer>,
+    /// Seals each audit draft's sensitive details before it is chained
+    /// (see [`Store::install_sealer`]); `None`: stored in the clear.
+    sealer: std::sync::RwLock<Option<Arc<dyn DraftSealer>>>,
 }
 
 /// Maps a SQLite error; constraint violations are conflicts.
@@ -123,6 +127,7 @@ impl SqliteStore {
             read_only: false,
             readers: Arc::new(Mutex::new(Vec::new())),
             writer: Some(writer),
+            sealer: std::sync::RwLock::new(None),
         })
     }
 
@@ -141,6 +146,7 @@ impl SqliteStore {
             read_only: true,
             readers: Arc::new(Mutex::new(vec![conn])),
             writer: None,
+            sealer: std::sync::RwLock::new(None),
         })
     }
 
@@ -174,11 +180,30 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn commit(&self, change: Change) -> Result<Vec<i64>, StoreError> {
-        match &self.writer {
-            Some(w) => w.submit(change).await,
-            None => Err(DatabaseError::ReadOnly.into()),
+    async fn commit(&self, mut change: Change) -> Result<Vec<i64>, StoreError> {
+        let Some(w) = &self.writer else {
+            return Err(DatabaseError::ReadOnly.into());
+        };
+        // Sealed here, on the caller's task, before the writer chains the
+        // events: the writer thread stays free of crypto, and no draft
+        // reaches the chain unsealed once a sealer is installed. A draft
+        // that cannot be sealed refuses the whole change.
+        let sealer = self
+            .sealer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(sealer) = sealer {
+            for draft in &mut change.audit {
+                sealer.seal(draft)?;
+            }
         }
+        w.submit(change).await
+    }
+
+    fn install_sealer(&self, sealer: Arc<dyn DraftSealer>) -> Result<(), StoreError> {
+        *self.sealer.write().unwrap_or_else(|p| p.into_inner()) = Some(sealer);
+        Ok(())
     }
 
     async fn health(&self) -> Result<(), StoreError> {
