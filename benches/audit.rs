@@ -3,7 +3,7 @@
 //!
 //! 1. Append: many tasks commit `Change`s through the real `SqliteStore`
 //!    (temp dir; WAL, `synchronous = FULL`, the daemon's group-commit writer
-//!    with the default `batch_max` of 256), each change one audit event, then
+//!    with `batch_max` 256, the default, then 1024), each change one audit event, then
 //!    each change one audit event plus a small write (an `audit_data_keys`
 //!    row). Events/s, and the writer's batch sizes from its batch observer.
 //! 2. Verify: a chain of `--events` (and `--big-events`) events of the shape
@@ -18,6 +18,10 @@
 //! The checkpoint cost on issuance is measured by the issuance benchmark
 //! (`--checkpoint-cost`), against a real daemon and SoftHSM2.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+/// The allocator `keyward` (the binary, hence `keyward audit verify`) runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use keyward::audit::verify::AuditKeys;
 use keyward::audit::{AuditDraft, AuditEvent, Checkpoint, GENESIS_HASH};
@@ -91,6 +95,7 @@ struct Batches {
 }
 
 struct AppendRun {
+    batch_max: usize,
     tasks: usize,
     with_write: bool,
     events_per_s: f64,
@@ -148,6 +153,7 @@ async fn append(
     let mut sizes = batches.sizes.lock().unwrap().clone();
     sizes.sort_unstable();
     AppendRun {
+        batch_max: 0,
         tasks,
         with_write,
         events_per_s: events.load(Ordering::Relaxed) as f64 / elapsed,
@@ -272,6 +278,9 @@ struct VerifyRun {
     /// The same chain read and checked one page after the other (the path
     /// before pages were read ahead), for comparison.
     sequential_secs: f64,
+    /// CPU seconds (all threads) the two runs used.
+    cpu: f64,
+    sequential_cpu: f64,
 }
 
 /// Reads a page, checks it, reads the next: how `verify_store` fed the
@@ -317,18 +326,20 @@ fn verify(path: &Path, checkpoints: Vec<Checkpoint>, keys: &AuditKeys) -> Verify
         .unwrap();
     rt.block_on(async {
         let store = SqliteStore::open_read_only(path).unwrap();
-        let start = Instant::now();
+        let (start, cpu0) = (Instant::now(), cpu_secs());
         let events = verify_sequential(&store, checkpoints.clone(), keys).await;
         let sequential_secs = start.elapsed().as_secs_f64();
+        let sequential_cpu = cpu_secs() - cpu0;
         println!(
-            "    sequential pages: {events} events in {sequential_secs:.2} s: {:.0} events/s",
+            "    sequential pages: {events} events in {sequential_secs:.2} s ({sequential_cpu:.2} CPU s): {:.0} events/s",
             events as f64 / sequential_secs
         );
-        let start = Instant::now();
+        let (start, cpu0) = (Instant::now(), cpu_secs());
         let report = keyward::audit::service::verify_store(&store, checkpoints, keys, None)
             .await
             .unwrap();
         let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu_secs() - cpu0;
         assert!(report.broken.is_none(), "{:?}", report.broken);
         assert_eq!(report.unsigned_events, 0);
         VerifyRun {
@@ -336,8 +347,22 @@ fn verify(path: &Path, checkpoints: Vec<Checkpoint>, keys: &AuditKeys) -> Verify
             secs,
             checkpoints: report.checkpoints_verified,
             sequential_secs,
+            cpu,
+            sequential_cpu,
         }
     })
+}
+
+/// CPU time (user + system) this process has used so far, in seconds:
+/// on a shared machine, events per CPU-second say more than wall time.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces), from 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 here; 100 Hz.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn machine() -> String {
@@ -385,47 +410,57 @@ fn main() {
         .build()
         .unwrap();
     let appends = rt.block_on(async {
-        let store = Arc::new(
-            SqliteStore::open_observed(
-                &dir.path().join("append.db"),
-                256,
-                Arc::new(SystemClock),
-                observer,
-            )
-            .unwrap(),
-        );
-        // Warm-up.
-        append(store.clone(), batches.clone(), commit_ns.clone(), 64, false, 1).await;
         let mut runs = Vec::new();
-        for (tasks, with_write) in [(64, false), (512, false), (2048, false), (512, true)] {
-            let r = append(
-                store.clone(),
-                batches.clone(),
-                commit_ns.clone(),
-                tasks,
-                with_write,
-                a.seconds,
-            )
-            .await;
-            println!(
-                "    {:>4} tasks, {}: {:>8.0} events/s; {} batches, mean {:.1} changes (p50 {}, max {}), {:.2} ms per batch commit",
-                r.tasks,
-                if r.with_write { "event + small write" } else { "event only        " },
-                r.events_per_s,
-                r.batches,
-                r.mean_batch,
-                r.p50_batch,
-                r.max_batch,
-                r.mean_commit_ms
+        // The default batch_max (256), then a larger one (the config allows up to 10,000).
+        let plans: [(usize, &[(usize, bool)]); 2] = [
+            (256, &[(64, false), (512, false), (2048, false), (512, true)]),
+            (1024, &[(2048, false), (2048, true)]),
+        ];
+        for (batch_max, steps) in plans {
+            let path = dir.path().join(format!("append-{batch_max}.db"));
+            let store = Arc::new(
+                SqliteStore::open_observed(
+                    &path,
+                    batch_max,
+                    Arc::new(SystemClock),
+                    observer.clone(),
+                )
+                .unwrap(),
             );
-            runs.push(r);
+            // Warm-up.
+            append(store.clone(), batches.clone(), commit_ns.clone(), 64, false, 1).await;
+            for &(tasks, with_write) in steps {
+                let mut r = append(
+                    store.clone(),
+                    batches.clone(),
+                    commit_ns.clone(),
+                    tasks,
+                    with_write,
+                    a.seconds,
+                )
+                .await;
+                r.batch_max = batch_max;
+                println!(
+                    "    batch_max {batch_max:>4}, {:>4} tasks, {}: {:>8.0} events/s; {} batches, mean {:.1} changes (p50 {}, max {}), {:.2} ms per batch commit",
+                    r.tasks,
+                    if r.with_write { "event + small write" } else { "event only        " },
+                    r.events_per_s,
+                    r.batches,
+                    r.mean_batch,
+                    r.p50_batch,
+                    r.max_batch,
+                    r.mean_commit_ms
+                );
+                runs.push(r);
+            }
+            drop(store);
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
         }
         runs
     });
     drop(rt);
-    let _ = std::fs::remove_file(dir.path().join("append.db"));
-    let _ = std::fs::remove_file(dir.path().join("append.db-wal"));
-    let _ = std::fs::remove_file(dir.path().join("append.db-shm"));
 
     // 2. Verify.
     let mut verifies = Vec::new();
@@ -438,11 +473,13 @@ fn main() {
         let (checkpoints, keys) = build_chain(&path, n, 1_000_000);
         let r = verify(&path, checkpoints, &keys);
         println!(
-            "    verified {} events ({} checkpoints) in {:.2} s: {:.0} events/s",
+            "    verified {} events ({} checkpoints) in {:.2} s ({:.2} CPU s): {:.0} events/s, {:.0} events per CPU-second",
             r.events,
             r.checkpoints,
             r.secs,
-            r.events as f64 / r.secs
+            r.cpu,
+            r.events as f64 / r.secs,
+            r.events as f64 / r.cpu
         );
         verifies.push(r);
         for suffix in ["", "-wal", "-shm"] {
@@ -452,7 +489,7 @@ fn main() {
 
     if let Some(out) = &a.out {
         let mut md = format!(
-            "\n## Audit — {}\n\nMachine: {}. Append: `SqliteStore` in a temp dir (WAL, synchronous=FULL, group commit, batch_max 256), tasks on a 2-worker tokio runtime, {} s per step. Verify: `audit::service::verify_store` on a read-only store, as `keyward audit verify` runs it, checkpoints every 1,000,000 events signed by a software P-256 key.\n\n| measurement | result |\n|---|---|\n",
+            "\n## Audit — {}\n\nMachine: {}. Append: `SqliteStore` in a temp dir (WAL, synchronous=FULL, group commit; batch_max 256 as by default, and 1024), tasks on a 2-worker tokio runtime, {} s per step. Verify: `audit::service::verify_store` on a read-only store, as `keyward audit verify` runs it, checkpoints every 1,000,000 events signed by a software P-256 key.\n\n| measurement | result |\n|---|---|\n",
             time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap(),
@@ -461,7 +498,8 @@ fn main() {
         );
         for r in &appends {
             md.push_str(&format!(
-                "| audit append, {} tasks, {} (target ≥ 50,000 events/s) | {:.0} events/s; {} batches, mean {:.1} changes (p50 {}, max {}), {:.2} ms per batch commit |\n",
+                "| audit append, batch_max {}, {} tasks, {} (target ≥ 50,000 events/s) | {:.0} events/s; {} batches, mean {:.1} changes (p50 {}, max {}), {:.2} ms per batch commit |\n",
+                r.batch_max,
                 r.tasks,
                 if r.with_write { "each change one event + one small write" } else { "each change one event" },
                 r.events_per_s,
@@ -474,13 +512,16 @@ fn main() {
         }
         for r in &verifies {
             md.push_str(&format!(
-                "| audit verify, {} events, {} checkpoints (target ≥ 1,000,000 events/s; 10M in < 30 s) | {:.2} s, {:.0} events/s (pages read one after the other: {:.2} s, {:.0} events/s) |\n",
+                "| audit verify, {} events, {} checkpoints (target ≥ 1,000,000 events/s; 10M in < 30 s) | {:.2} s, {:.0} events/s; {:.2} CPU s, {:.0} events per CPU-second (pages read one after the other: {:.2} s, {:.0} events/s, {:.2} CPU s) |\n",
                 r.events,
                 r.checkpoints,
                 r.secs,
                 r.events as f64 / r.secs,
+                r.cpu,
+                r.events as f64 / r.cpu,
                 r.sequential_secs,
-                r.events as f64 / r.sequential_secs
+                r.events as f64 / r.sequential_secs,
+                r.sequential_cpu
             ));
         }
         let mut existing = std::fs::read_to_string(out).unwrap_or_default();
