@@ -40,18 +40,22 @@ const LABEL: &str = "keyward-bench";
 struct Args {
     seconds: u64,
     out: Option<String>,
+    /// Only the cost of audit checkpoints on issuance (see [`checkpoint_cost`]).
+    checkpoint_cost: bool,
 }
 
 fn args() -> Args {
     let mut a = Args {
         seconds: 10,
         out: None,
+        checkpoint_cost: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
             "--seconds" => a.seconds = it.next().unwrap().parse().unwrap(),
             "--out" => a.out = Some(it.next().unwrap()),
+            "--checkpoint-cost" => a.checkpoint_cost = true,
             _ => {} // cargo bench passes --bench
         }
     }
@@ -488,6 +492,10 @@ fn main() -> ExitCode {
         assert!(a.out.is_none(), "--out needs a release build (cargo bench)");
     }
     let (daemon, config, pin) = install(&dir, &hsm);
+    if a.checkpoint_cost {
+        checkpoint_cost(&a, daemon, &hsm, &config, &dir);
+        return ExitCode::SUCCESS;
+    }
     let https = |daemon: Daemon| {
         // The same installation served over HTTPS: keyward issues itself a
         // server certificate, its key in the same token.
@@ -774,4 +782,131 @@ fn run(
         }
         daemon
     })
+}
+
+/// What signing audit checkpoints costs issuance: end-to-end issuance at
+/// concurrency 16 with the daemon restarted under three `[audit]` settings,
+/// in alternating rounds (the database grows as the run goes on):
+/// - baseline: no checkpoint is ever due (10,000,000 events, one day);
+/// - default: every 10,000 events or 60 s;
+/// - worst case: `checkpoint_every_events = 1`, i.e. a checkpoint on each
+///   poll of the checkpoint job (1 s) that finds new events.
+///
+/// The periodic tail verification is set to a day in all three, so only
+/// checkpointing differs. Checkpoints made are counted in the store.
+fn checkpoint_cost(a: &Args, daemon: Daemon, hsm: &SoftHsm, config: &Path, dir: &Path) {
+    stop_gracefully(daemon);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let base = std::fs::read_to_string(config).unwrap();
+    let variants = [
+        (
+            "baseline (none due)",
+            "checkpoint_every_events = 10000000\ncheckpoint_interval_secs = 86400\n",
+        ),
+        ("default (10,000 events / 60 s)", ""),
+        (
+            "worst case (every_events = 1)",
+            "checkpoint_every_events = 1\n",
+        ),
+    ];
+    let checkpoints = || -> i64 {
+        rusqlite::Connection::open(dir.join("keyward.db"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM audit_checkpoints", [], |r| r.get(0))
+            .unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bodies: Arc<Vec<String>> = Arc::new(
+        csrs(4096)
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({ "csr": c, "name": "bench-device", "group": "bench" })
+                    .to_string()
+            })
+            .collect(),
+    );
+    let client = http_client(None, 16, true);
+    let rounds = 3;
+    // Per variant: rates, checkpoints made, issuances.
+    let mut results: Vec<(Vec<f64>, i64, usize)> = vec![(Vec::new(), 0, 0); variants.len()];
+    for round in 0..rounds {
+        for (i, (name, audit)) in variants.iter().enumerate() {
+            std::fs::write(
+                config,
+                format!("{base}[audit]\nverify_interval_secs = 86400\n{audit}"),
+            )
+            .unwrap();
+            let daemon = start(hsm, config);
+            let before = checkpoints();
+            let r = rt.block_on(async {
+                e2e(&client, &daemon.url, bodies.clone(), 16, 2).await;
+                e2e(&client, &daemon.url, bodies.clone(), 16, a.seconds).await
+            });
+            let made = checkpoints() - before;
+            println!(
+                "round {}: {name:<32} {:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} issuances, {made} checkpoints signed)",
+                round + 1,
+                r.rate,
+                r.p50_ms,
+                r.p99_ms,
+                r.count
+            );
+            results[i].0.push(r.rate);
+            results[i].1 += made;
+            results[i].2 += r.count;
+            stop_gracefully(daemon);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let base_rate = mean(&results[0].0);
+    let mut md = format!(
+        "\n## Audit checkpoint cost on issuance — {}\n\nMachine: {}. `keyward serve` (release) as in the issuance benchmark; end-to-end issuance over HTTP at concurrency 16 (3 audit events per issuance), daemon restarted per setting, {rounds} alternating rounds of {} s (plus 2 s warm-up) each; `[audit] verify_interval_secs = 86400` in all. The checkpoint job polls once a second, so `checkpoint_every_events = 1` signs at most one checkpoint a second (each covering every event since the last).\n\n| setting | issuance/s (mean of rounds) | against baseline | checkpoints signed | rounds |\n|---|---|---|---|---|\n",
+        time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+        machine(),
+        a.seconds
+    );
+    for ((name, _), (rates, made, count)) in variants.iter().zip(&results) {
+        let m = mean(rates);
+        let rounds_text: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "{name:<32} mean {m:>7.0}/s  ratio {:.3} ({:+.1}%)  {made} checkpoints over {count} issuances",
+            m / base_rate,
+            (m / base_rate - 1.0) * 100.0
+        );
+        md.push_str(&format!(
+            "| {name} | {m:.0} | {:.3} ({:+.1}%; target: cost < 5%) | {made} | {} |\n",
+            m / base_rate,
+            (m / base_rate - 1.0) * 100.0,
+            rounds_text.join(", ")
+        ));
+    }
+    if let Some(out) = &a.out {
+        let mut existing = std::fs::read_to_string(out).unwrap_or_default();
+        existing.push_str(&md);
+        std::fs::write(out, existing).unwrap();
+    }
+}
+
+/// SIGTERM, by PID, and wait: the daemon gives up the scheduler's leader
+/// lease on the way out, so the next one leads (and checkpoints) at once
+/// instead of after the lease's time to live.
+fn stop_gracefully(mut daemon: Daemon) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = daemon.child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Drop kills it.
 }

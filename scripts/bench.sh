@@ -12,18 +12,42 @@
 # certificates are in their renewal window, and the key plan, in memory
 # (benches/rotation_plan.rs). Then backup and restore of a store with
 # 1,000,000 devices and certificates (benches/backup.rs; needs ~12 GB of
-# free disk in the temp dir while it runs). Appends results to BENCHMARKS.md.
-#   scripts/bench.sh [SECONDS_PER_STEP]   (default 10)
+# free disk in the temp dir while it runs). Then the audit trail: append
+# through the store's group commit, `audit verify` over 1,000,000 and
+# 10,000,000 events (benches/audit.rs; ~4 GB in the temp dir), and what
+# signing checkpoints costs issuance (benches/issuance.rs
+# --checkpoint-cost). Appends results to BENCHMARKS.md.
+#   scripts/bench.sh [SECONDS_PER_STEP]           (default 10)
+#   scripts/bench.sh --audit [SECONDS_PER_STEP]   the audit part only
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+audit_only=false
+if [[ "${1:-}" == "--audit" ]]; then
+  audit_only=true
+  shift
+fi
 seconds="${1:-10}"
 
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 ensure_packages softhsm2 openssl pkg-config libpcsclite-dev
 
+audit() {
+  echo "==> audit trail: append, verify (1,000,000 and 10,000,000 events)"
+  cargo bench --bench audit -- --seconds "$seconds" --events 1000000 --big-events 10000000 --out "$PWD/BENCHMARKS.md"
+  echo "==> audit checkpoint cost on issuance"
+  cargo bench --bench issuance -- --checkpoint-cost --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
+}
+
+if $audit_only; then
+  echo "==> building (release)"
+  cargo bench --bench audit --bench issuance --no-run
+  audit
+  exit 0
+fi
+
 echo "==> building (release)"
-cargo bench --bench issuance --bench revocation --bench ocsp --bench rotation_plan --bench backup --no-run
+cargo bench --bench issuance --bench revocation --bench ocsp --bench rotation_plan --bench backup --bench audit --no-run
 
 cargo bench --bench issuance -- --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
 
@@ -38,3 +62,5 @@ cargo bench --bench rotation_plan -- --certs 1000000 --runs 5 --out "$PWD/BENCHM
 
 echo "==> backup and restore of 1,000,000 devices"
 cargo bench --bench backup -- --devices 1000000 --out "$PWD/BENCHMARKS.md"
+
+audit
