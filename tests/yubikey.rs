@@ -639,7 +639,8 @@ async fn root_ca_on_the_yubikey_issuing_ca_on_softhsm_chain_verifies_with_openss
     let c = rusqlite::Connection::open(&env.db).unwrap();
     let stores: Vec<(String, String, String)> = c
         .prepare(
-            "SELECT ca_name, backend, keystore FROM keys WHERE state = 'active' ORDER BY ca_name",
+            "SELECT ca_name, backend, keystore FROM keys
+             WHERE state = 'active' AND ca_name IS NOT NULL ORDER BY ca_name",
         )
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
