@@ -248,6 +248,8 @@ pub struct AuditConfig {
     /// How often the daemon verifies the chain's tail from the newest
     /// checkpoint it verified (10 s ..= 1 day).
     pub verify_interval: Duration,
+    /// `[audit.sink]`: the live JSON-lines sink, if any.
+    pub sink: Option<crate::audit::sink::SinkConfig>,
 }
 
 impl Default for AuditConfig {
@@ -259,6 +261,7 @@ impl Default for AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             checkpoint_file: None,
             verify_interval: Duration::from_secs(300),
+            sink: None,
         }
     }
 }
@@ -964,6 +967,65 @@ impl Builder<'_> {
             checkpoint_interval,
             checkpoint_file: a.checkpoint_file.map(|p| self.resolve(&p)),
             verify_interval,
+            sink: a.sink.map(|s| self.audit_sink(s)).transpose()?,
+        })
+    }
+
+    fn audit_sink(
+        &self,
+        s: file::AuditSink,
+    ) -> Result<crate::audit::sink::SinkConfig, ConfigError> {
+        use crate::audit::sink::{SinkConfig, SinkPolicy, SinkTarget};
+        let target = match (s.kind.as_str(), s.path, s.address) {
+            ("file", Some(p), None) => SinkTarget::File(self.resolve(&p)),
+            ("file", _, _) => {
+                return Err(self.invalid(
+                    "audit.sink",
+                    "type = \"file\" takes `path` (and no `address`)",
+                ));
+            }
+            ("syslog", None, Some(a)) => {
+                if std::net::ToSocketAddrs::to_socket_addrs(a.as_str()).is_err() {
+                    return Err(
+                        self.invalid("audit.sink.address", format!("`{a}` is not host:port"))
+                    );
+                }
+                SinkTarget::SyslogUdp(a)
+            }
+            ("syslog", Some(p), None) => SinkTarget::SyslogUnix(self.resolve(&p)),
+            ("syslog", _, _) => {
+                return Err(self.invalid(
+                    "audit.sink",
+                    "type = \"syslog\" takes either `address` (host:port, UDP) or `path` (a unix datagram socket)",
+                ));
+            }
+            (other, _, _) => {
+                return Err(self.invalid(
+                    "audit.sink.type",
+                    format!("unknown sink type `{other}` (file, syslog)"),
+                ));
+            }
+        };
+        let policy = match s.policy.as_deref() {
+            None => SinkPolicy::FailClosed,
+            Some(p) => SinkPolicy::parse(p).ok_or_else(|| {
+                self.invalid(
+                    "audit.sink.policy",
+                    format!("unknown policy `{p}` (fail-closed, buffer)"),
+                )
+            })?,
+        };
+        let buffer_max = self.range(
+            "audit.sink.buffer_max",
+            s.buffer_max,
+            100_000,
+            1,
+            10_000_000,
+        )?;
+        Ok(SinkConfig {
+            target,
+            policy,
+            buffer_max: buffer_max as usize,
         })
     }
 

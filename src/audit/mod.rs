@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod checkpoint;
 pub mod service;
+pub mod sink;
 pub mod verify;
 
 pub use checkpoint::Checkpoint;
