@@ -2590,4 +2590,85 @@ management_key_env = "KW_MGM"
         };
         assert_eq!((i.validity_days, i.renew_before_days), (90, 30));
     }
+
+    #[test]
+    fn audit_sink_is_checked() {
+        use crate::audit::sink::{SinkConfig, SinkPolicy, SinkTarget};
+        assert!(parse(MINIMAL).unwrap().audit.sink.is_none());
+        let sink = |extra: &str| {
+            parse(&format!("{MINIMAL}[audit.sink]\n{extra}\n"))
+                .unwrap()
+                .audit
+                .sink
+                .unwrap()
+        };
+        let file = sink("type = \"file\"\npath = \"audit.jsonl\"");
+        assert_eq!(file.policy, SinkPolicy::FailClosed);
+        assert_eq!(file.buffer_max, 100_000);
+        assert!(matches!(&file.target, SinkTarget::File(p) if p.is_absolute()));
+        assert_eq!(
+            sink(
+                "type = \"syslog\"\naddress = \"127.0.0.1:514\"\npolicy = \"buffer\"\nbuffer_max = 5"
+            ),
+            SinkConfig {
+                target: SinkTarget::SyslogUdp("127.0.0.1:514".into()),
+                policy: SinkPolicy::Buffer,
+                buffer_max: 5,
+            }
+        );
+        assert!(matches!(
+            sink("type = \"syslog\"\npath = \"/dev/log\"").target,
+            SinkTarget::SyslogUnix(_)
+        ));
+        for (extra, key) in [
+            ("type = \"kafka\"\npath = \"x\"", "audit.sink.type"),
+            ("type = \"file\"", "audit.sink"),
+            (
+                "type = \"file\"\npath = \"x\"\naddress = \"127.0.0.1:1\"",
+                "audit.sink",
+            ),
+            ("type = \"syslog\"", "audit.sink"),
+            (
+                "type = \"syslog\"\naddress = \"no-port\"",
+                "audit.sink.address",
+            ),
+            (
+                "type = \"file\"\npath = \"x\"\npolicy = \"best-effort\"",
+                "audit.sink.policy",
+            ),
+            (
+                "type = \"file\"\npath = \"x\"\nbuffer_max = 0",
+                "audit.sink.buffer_max",
+            ),
+            ("type = \"file\"\npath = \"x\"\nfsync = false", "fsync"),
+        ] {
+            refused(&format!("{MINIMAL}[audit.sink]\n{extra}\n"), key);
+        }
+        // The example's commented [audit] and [audit.sink] parse when switched on.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
+        )
+        .unwrap();
+        let start = example
+            .find("# [audit]\n")
+            .expect("the example documents [audit]");
+        let mut enabled = example[..start].to_string();
+        for line in example[start..].lines() {
+            match line.strip_prefix("# ") {
+                Some(l) if l.starts_with('[') || l.contains(" = ") => {
+                    enabled.push_str(l);
+                }
+                _ => enabled.push_str(line),
+            }
+            enabled.push('\n');
+        }
+        let enabled = enabled.replace(
+            "checkpoint_file = \"/var/lib/keyward-audit/checkpoints.jsonl\"",
+            "checkpoint_file = \"checkpoints.jsonl\"",
+        );
+        let audit = parse(&enabled).unwrap().audit;
+        assert_eq!(audit.checkpoint_every_events, 10_000);
+        let s = audit.sink.expect("the example's [audit.sink]");
+        assert_eq!((s.policy, s.buffer_max), (SinkPolicy::FailClosed, 100_000));
+    }
 }

@@ -105,11 +105,10 @@ impl SinkMetrics {
     }
 }
 
-/// Writes events to one target, keeping the file or socket open between
-/// writes and reopening it after a failure.
+/// Writes events to one target: a file is opened for each write (so log
+/// rotation by renaming works), a socket is kept and reopened after a failure.
 struct Writer {
     target: SinkTarget,
-    file: Option<std::fs::File>,
     udp: Option<std::net::UdpSocket>,
     unix: Option<std::os::unix::net::UnixDatagram>,
     hostname: String,
@@ -124,7 +123,6 @@ impl Writer {
             .unwrap_or_else(|| "-".to_string());
         Self {
             target,
-            file: None,
             udp: None,
             unix: None,
             hostname,
@@ -143,7 +141,6 @@ impl Writer {
     fn write(&mut self, events: &[AuditEvent]) -> Result<(), SinkError> {
         let r = self.write_inner(events);
         if r.is_err() {
-            self.file = None;
             self.udp = None;
             self.unix = None;
         }
@@ -161,21 +158,18 @@ impl Writer {
                     serde_json::to_writer(&mut buf, e)?;
                     buf.push(b'\n');
                 }
-                if self.file.is_none() {
-                    use std::os::unix::fs::OpenOptionsExt as _;
-                    let f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .map_err(|e| self.err(e))?;
-                    self.file = Some(f);
-                }
-                let r = match self.file.as_mut() {
-                    Some(f) => f.write_all(&buf).and_then(|()| f.sync_data()),
-                    None => Ok(()),
-                };
-                r.map_err(|e| self.err(e))
+                // Opened per write: a rotated (renamed) file is left alone
+                // and the next batch starts a new one at `path`.
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| self.err(e))?;
+                f.write_all(&buf)
+                    .and_then(|()| f.sync_data())
+                    .map_err(|e| self.err(e))
             }
             SinkTarget::SyslogUdp(addr) => {
                 if self.udp.is_none() {
