@@ -399,3 +399,100 @@ fn drain(queue: Arc<(Mutex<Queue>, Condvar)>, mut writer: Writer, metrics: SinkM
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn event(seq: i64) -> AuditEvent {
+        AuditEvent::chain(
+            crate::audit::AuditDraft::new("system", "key.generate", "k1"),
+            seq,
+            1_767_225_600_123,
+            vec![0; 32],
+        )
+    }
+
+    fn metrics() -> SinkMetrics {
+        SinkMetrics {
+            buffered: prometheus::IntGauge::new("b", "b").unwrap(),
+            failures: prometheus::IntCounter::new("f", "f").unwrap(),
+        }
+    }
+
+    #[test]
+    fn syslog_message_is_rfc5424() {
+        let m = String::from_utf8(syslog_message(&event(7), "host1").unwrap()).unwrap();
+        let prefix = format!(
+            "<110>1 2026-01-01T00:00:00.123Z host1 keyward {} key.generate - {{",
+            std::process::id()
+        );
+        assert!(m.starts_with(&prefix), "{m}");
+        let json = m.split_once(" - ").unwrap().1;
+        let back: AuditEvent = serde_json::from_str(json).unwrap();
+        assert_eq!(back, event(7));
+        let mut denied = event(8);
+        denied.outcome = crate::audit::Outcome::Denied;
+        assert!(
+            syslog_message(&denied, "h")
+                .unwrap()
+                .starts_with(b"<109>1 ")
+        );
+    }
+
+    #[test]
+    fn buffer_drops_the_oldest_beyond_its_bound_and_never_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = metrics();
+        let sink = AuditSink::start(
+            &SinkConfig {
+                target: SinkTarget::File(dir.path().join("missing/sink.jsonl")),
+                policy: SinkPolicy::Buffer,
+                buffer_max: 2,
+            },
+            m.clone(),
+        )
+        .unwrap();
+        let events: Vec<_> = (1..=5).map(event).collect();
+        sink.deliver(&events).unwrap();
+        assert_eq!(sink.dropped(), 3);
+        assert!(m.buffered.get() <= 2);
+        // The directory appears: the two newest are written, in order.
+        std::fs::create_dir(dir.path().join("missing")).unwrap();
+        let path = dir.path().join("missing/sink.jsonl");
+        for _ in 0..600 {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                let seqs: Vec<i64> = text
+                    .lines()
+                    .map(|l| serde_json::from_str::<AuditEvent>(l).unwrap().seq)
+                    .collect();
+                assert_eq!(seqs, [4, 5]);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the buffered events were not written");
+    }
+
+    #[test]
+    fn fail_closed_reports_the_error_and_counts_it() {
+        let m = metrics();
+        let sink = AuditSink::start(
+            &SinkConfig {
+                target: SinkTarget::File("/dev/full".into()),
+                policy: SinkPolicy::FailClosed,
+                buffer_max: 1,
+            },
+            m.clone(),
+        )
+        .unwrap();
+        let e = sink.deliver(&[event(1)]).unwrap_err();
+        assert_eq!(e.code(), "audit_sink_failed");
+        assert!(e.to_string().contains("/dev/full"), "{e}");
+        assert_eq!(m.failures.get(), 1);
+        // Nothing to write is never an error.
+        sink.deliver(&[]).unwrap();
+    }
+}
