@@ -216,6 +216,40 @@ async fn reports_filter_page_and_refuse_bad_input() {
     let (s, _) = get(url, None, "/v1/admin/audit").await;
     assert_eq!(s, 401);
 
+    // A sealed event (written here beside the daemon, as the detail
+    // encryption does): other roles see it redacted; an auditor gets it
+    // opened, or redacted with the reason when it cannot be opened.
+    let db = env.db.clone();
+    futures_block(async move {
+        use keyward::store::Store;
+        let store = keyward::store::sqlite::SqliteStore::open(
+            &db,
+            1,
+            std::sync::Arc::new(keyward::clock::SystemClock),
+        )
+        .unwrap();
+        let mut draft = keyward::audit::AuditDraft::new("system", "test.sealed", "t-sealed");
+        draft.sealed = Some("v1:ciphertext".into());
+        store
+            .commit(keyward::store::Change::new().audit(draft))
+            .await
+            .unwrap();
+    });
+    let (s, v) = get(url, Some(&root), "/v1/admin/audit?target=t-sealed").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"][0]["sealed"], "redacted", "{v}");
+    assert!(v["items"][0].get("reveal_error").is_none(), "{v}");
+    let (s, v) = get(url, Some(&carol), "/v1/admin/audit?target=t-sealed").await;
+    assert_eq!(s, 200, "{v}");
+    let item = &v["items"][0];
+    if item.get("reveal_error").is_some() {
+        assert_eq!(item["sealed"], "redacted", "{v}");
+        assert!(item["reveal_error"]["code"].is_string(), "{v}");
+    } else {
+        assert!(item.get("sealed").is_none(), "opened for the auditor: {v}");
+    }
+    let head = head_seq(&env);
+
     // Bad input: 400 invalid_query, and nothing is written.
     for bad in [
         "limit=0",
