@@ -505,6 +505,26 @@ async fn signed_export_verifies_with_openssl_and_catches_edits() {
     let r = run_doc_procedure(&work, &future, &pem);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 
+    // Bad input through the CLI: refused, no file left behind.
+    let never = env.path("never.jsonl");
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", url)
+        .env("KEYWARD_TOKEN", &carol)
+        .args([
+            "audit",
+            "export",
+            "--since",
+            "never",
+            "--out",
+            never.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_query"));
+    assert!(!never.exists());
+
     // Bad input: 400 and no file content from the daemon.
     let (s, v) = get(url, Some(&carol), "/v1/admin/audit/export?since=never").await;
     assert_eq!(s, 400, "{v}");

@@ -144,9 +144,38 @@ pub async fn export(
 ) -> anyhow::Result<ExitCode> {
     let api = api(args)?;
     let q = query(&[("since", since.as_deref()), ("until", until.as_deref())]);
-    let mut resp = api.get_raw(&format!("/v1/admin/audit/export?{q}")).await?;
-    let mut file =
+    let resp = api.get_raw(&format!("/v1/admin/audit/export?{q}")).await?;
+    let file =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    match receive(resp, file, out).await {
+        Ok(last) => {
+            print(args.output, &last, |v| {
+                println!(
+                    "exported {} events (seq {}..{}) to {}; signed by audit key {}",
+                    v["events"].as_u64().unwrap_or(0),
+                    v["from_seq"].as_i64().unwrap_or(0),
+                    v["to_seq"].as_i64().unwrap_or(0),
+                    out.display(),
+                    s(&v["key_id"])
+                );
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            // An export without its signed line must not be mistaken for one.
+            let _ = std::fs::remove_file(out);
+            Err(e)
+        }
+    }
+}
+
+/// Writes the stream to `file`, checks the last line against the digest
+/// of every byte before it, and returns that line.
+async fn receive(
+    mut resp: reqwest::Response,
+    mut file: std::fs::File,
+    out: &Path,
+) -> anyhow::Result<Value> {
     // Everything before the last line, hashed as written, and the last line.
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut pending: Vec<u8> = Vec::new();
@@ -183,15 +212,5 @@ pub async fn export(
             s(&last["lines_sha256"])
         );
     }
-    print(args.output, &last, |v| {
-        println!(
-            "exported {} events (seq {}..{}) to {}; signed by audit key {}",
-            v["events"].as_u64().unwrap_or(0),
-            v["from_seq"].as_i64().unwrap_or(0),
-            v["to_seq"].as_i64().unwrap_or(0),
-            out.display(),
-            s(&v["key_id"])
-        );
-    });
-    Ok(ExitCode::SUCCESS)
+    Ok(last)
 }
