@@ -391,11 +391,21 @@ pub fn open_store(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn Store>> {
     let StoreConfig::Sqlite(s) = &config.store;
+    let sink = match &config.audit.sink {
+        Some(sc) => Some(
+            crate::audit::sink::AuditSink::start(
+                sc,
+                crate::audit::sink::SinkMetrics::from_audit(&metrics.audit, &sc.target),
+            )
+            .context("starting the audit sink")?,
+        ),
+        None => None,
+    };
     let observer = Arc::new(move |size: usize, took: Duration| {
         metrics.store_batch_size.observe(size as f64);
         metrics.store_commit_seconds.observe(took.as_secs_f64());
     });
-    let store = SqliteStore::open_observed(&s.path, s.batch_max, clock, observer)
+    let store = SqliteStore::open_with_sink(&s.path, s.batch_max, clock, observer, sink)
         .with_context(|| format!("opening the SQLite store {}", s.path.display()))?;
     Ok(Arc::new(store))
 }

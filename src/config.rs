@@ -252,6 +252,8 @@ pub struct AuditConfig {
     /// metadata) with a data key the HSM `audit-encryption` key unwraps
     /// (default true). Off: they are stored in the clear.
     pub encrypt_details: bool,
+    /// `[audit.sink]`: the live JSON-lines sink, if any.
+    pub sink: Option<crate::audit::sink::SinkConfig>,
 }
 
 impl Default for AuditConfig {
@@ -264,6 +266,7 @@ impl Default for AuditConfig {
             checkpoint_file: None,
             verify_interval: Duration::from_secs(300),
             encrypt_details: true,
+            sink: None,
         }
     }
 }
@@ -1013,6 +1016,65 @@ impl Builder<'_> {
             checkpoint_file: a.checkpoint_file.map(|p| self.resolve(&p)),
             verify_interval,
             encrypt_details: a.encrypt_details.unwrap_or(d.encrypt_details),
+            sink: a.sink.map(|s| self.audit_sink(s)).transpose()?,
+        })
+    }
+
+    fn audit_sink(
+        &self,
+        s: file::AuditSink,
+    ) -> Result<crate::audit::sink::SinkConfig, ConfigError> {
+        use crate::audit::sink::{SinkConfig, SinkPolicy, SinkTarget};
+        let target = match (s.kind.as_str(), s.path, s.address) {
+            ("file", Some(p), None) => SinkTarget::File(self.resolve(&p)),
+            ("file", _, _) => {
+                return Err(self.invalid(
+                    "audit.sink",
+                    "type = \"file\" takes `path` (and no `address`)",
+                ));
+            }
+            ("syslog", None, Some(a)) => {
+                if std::net::ToSocketAddrs::to_socket_addrs(a.as_str()).is_err() {
+                    return Err(
+                        self.invalid("audit.sink.address", format!("`{a}` is not host:port"))
+                    );
+                }
+                SinkTarget::SyslogUdp(a)
+            }
+            ("syslog", Some(p), None) => SinkTarget::SyslogUnix(self.resolve(&p)),
+            ("syslog", _, _) => {
+                return Err(self.invalid(
+                    "audit.sink",
+                    "type = \"syslog\" takes either `address` (host:port, UDP) or `path` (a unix datagram socket)",
+                ));
+            }
+            (other, _, _) => {
+                return Err(self.invalid(
+                    "audit.sink.type",
+                    format!("unknown sink type `{other}` (file, syslog)"),
+                ));
+            }
+        };
+        let policy = match s.policy.as_deref() {
+            None => SinkPolicy::FailClosed,
+            Some(p) => SinkPolicy::parse(p).ok_or_else(|| {
+                self.invalid(
+                    "audit.sink.policy",
+                    format!("unknown policy `{p}` (fail-closed, buffer)"),
+                )
+            })?,
+        };
+        let buffer_max = self.range(
+            "audit.sink.buffer_max",
+            s.buffer_max,
+            100_000,
+            1,
+            10_000_000,
+        )?;
+        Ok(SinkConfig {
+            target,
+            policy,
+            buffer_max: buffer_max as usize,
         })
     }
 
@@ -3022,5 +3084,86 @@ management_key_env = "KW_MGM"
             panic!("the TLS issue example was not switched on")
         };
         assert_eq!((i.validity_days, i.renew_before_days), (90, 30));
+    }
+
+    #[test]
+    fn audit_sink_is_checked() {
+        use crate::audit::sink::{SinkConfig, SinkPolicy, SinkTarget};
+        assert!(parse(MINIMAL).unwrap().audit.sink.is_none());
+        let sink = |extra: &str| {
+            parse(&format!("{MINIMAL}[audit.sink]\n{extra}\n"))
+                .unwrap()
+                .audit
+                .sink
+                .unwrap()
+        };
+        let file = sink("type = \"file\"\npath = \"audit.jsonl\"");
+        assert_eq!(file.policy, SinkPolicy::FailClosed);
+        assert_eq!(file.buffer_max, 100_000);
+        assert!(matches!(&file.target, SinkTarget::File(p) if p.is_absolute()));
+        assert_eq!(
+            sink(
+                "type = \"syslog\"\naddress = \"127.0.0.1:514\"\npolicy = \"buffer\"\nbuffer_max = 5"
+            ),
+            SinkConfig {
+                target: SinkTarget::SyslogUdp("127.0.0.1:514".into()),
+                policy: SinkPolicy::Buffer,
+                buffer_max: 5,
+            }
+        );
+        assert!(matches!(
+            sink("type = \"syslog\"\npath = \"/dev/log\"").target,
+            SinkTarget::SyslogUnix(_)
+        ));
+        for (extra, key) in [
+            ("type = \"kafka\"\npath = \"x\"", "audit.sink.type"),
+            ("type = \"file\"", "audit.sink"),
+            (
+                "type = \"file\"\npath = \"x\"\naddress = \"127.0.0.1:1\"",
+                "audit.sink",
+            ),
+            ("type = \"syslog\"", "audit.sink"),
+            (
+                "type = \"syslog\"\naddress = \"no-port\"",
+                "audit.sink.address",
+            ),
+            (
+                "type = \"file\"\npath = \"x\"\npolicy = \"best-effort\"",
+                "audit.sink.policy",
+            ),
+            (
+                "type = \"file\"\npath = \"x\"\nbuffer_max = 0",
+                "audit.sink.buffer_max",
+            ),
+            ("type = \"file\"\npath = \"x\"\nfsync = false", "fsync"),
+        ] {
+            refused(&format!("{MINIMAL}[audit.sink]\n{extra}\n"), key);
+        }
+        // The example's commented [audit] and [audit.sink] parse when switched on.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
+        )
+        .unwrap();
+        let start = example
+            .find("# [audit]\n")
+            .expect("the example documents [audit]");
+        let mut enabled = example[..start].to_string();
+        for line in example[start..].lines() {
+            match line.strip_prefix("# ") {
+                Some(l) if l.starts_with('[') || l.contains(" = ") => {
+                    enabled.push_str(l);
+                }
+                _ => enabled.push_str(line),
+            }
+            enabled.push('\n');
+        }
+        let enabled = enabled.replace(
+            "checkpoint_file = \"/var/lib/keyward-audit/checkpoints.jsonl\"",
+            "checkpoint_file = \"checkpoints.jsonl\"",
+        );
+        let audit = parse(&enabled).unwrap().audit;
+        assert_eq!(audit.checkpoint_every_events, 10_000);
+        let s = audit.sink.expect("the example's [audit.sink]");
+        assert_eq!((s.policy, s.buffer_max), (SinkPolicy::FailClosed, 100_000));
     }
 }

@@ -1169,6 +1169,9 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
     // ---- Routing in both directions, and the server's own error answers.
     routes_match_the_document(&api).await;
 
+    // ---- Audit reports and the signed export.
+    audit_walk(&api, b, audrey).await;
+
     // ---- Backups.
     backup_walk(&api, b, alice, audrey, nobody).await;
 
@@ -2579,6 +2582,66 @@ async fn wait_for_backup(api: &Api, token: Option<&str>, id: &str) -> Value {
             r.json
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Audit reports (paged, filtered, refused filters) and the export (its
+/// last line is the signed checkpoint); tests/audit_export.rs checks the
+/// content, here the answers against the document.
+async fn audit_walk(api: &Api, b: Option<&str>, audrey: Option<&str>) {
+    let list = "/v1/admin/audit";
+    let r = api.get(&format!("{list}?limit=2"), b).await;
+    expect(&r, 200, None);
+    let next = r.json["next_cursor"].as_str().unwrap().to_string();
+    let r = api
+        .get(&format!("{list}?limit=2&order=newest&after={next}"), audrey)
+        .await;
+    expect(&r, 200, None);
+    let r = api
+        .get(
+            &format!("{list}?since=0&until=2999-01-01T00:00:00Z&action=admin.*&order=oldest"),
+            audrey,
+        )
+        .await;
+    expect(&r, 200, None);
+    assert!(!r.json["items"].as_array().unwrap().is_empty());
+    for q in [
+        "limit=0",
+        "limit=x",
+        "after=x",
+        "since=x",
+        "since=2&until=1",
+        "action=a*",
+        "order=up",
+        "bogus=1",
+    ] {
+        expect(
+            &api.get(&format!("{list}?{q}"), audrey).await,
+            400,
+            Some("invalid_query"),
+        );
+    }
+    let export = "/v1/admin/audit/export";
+    let (r, bytes) = api
+        .send_full(
+            "GET",
+            &format!("{export}?since=0"),
+            audrey,
+            Body::None,
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(bytes).unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "export-checkpoint");
+    for q in ["since=x", "until=1&since=2", "actor=x"] {
+        expect(
+            &api.get(&format!("{export}?{q}"), audrey).await,
+            400,
+            Some("invalid_query"),
+        );
     }
 }
 

@@ -641,3 +641,36 @@ mod metrics_query_plans {
         }
     }
 }
+
+/// Audit reports bounded in time read the `audit_events_at_ms` index
+/// rather than the whole chain; an unbounded report walks the sequence
+/// (primary key) without a sort.
+#[test]
+fn audit_report_queries_use_the_time_index() {
+    let clock = Arc::new(ManualClock::new(keyward::clock::from_unix(store_suite::T0)));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.db");
+    drop(SqliteStore::open(&path, 8, clock).unwrap());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let plan = |sql: &str| -> String {
+        let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let select = "SELECT seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source, sealed FROM audit_events";
+    let p = plan(&format!(
+        "{select} WHERE at_ms >= 1 AND at_ms < 2 AND actor = 'x' ORDER BY seq DESC LIMIT 101"
+    ));
+    assert!(p.contains("audit_events_at_ms"), "{p}");
+    let p = plan(&format!(
+        "{select} WHERE seq < 50 ORDER BY seq DESC LIMIT 101"
+    ));
+    assert!(!p.contains("TEMP B-TREE"), "{p}");
+    assert!(
+        p.contains("INTEGER PRIMARY KEY") || p.contains("rowid"),
+        "{p}"
+    );
+}

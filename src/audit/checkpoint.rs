@@ -80,3 +80,61 @@ mod tests {
         assert_ne!(base, Checkpoint::message(7, &[0xab; 32], 1000, Uuid::max()));
     }
 }
+
+/// First line of every signed export checkpoint message.
+pub const EXPORT_MAGIC: &str = "keyward-audit-export-v1";
+
+/// The last line of `keyward audit export`: a signature, by the HSM audit
+/// key, over the range exported and the SHA-256 of every byte of the file
+/// before this line, so that a third party holding only the audit public
+/// key can check that no line was changed, added or removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportCheckpoint {
+    /// Always `export-checkpoint`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Sequence numbers of the first and last exported event (0 when none).
+    pub from_seq: i64,
+    pub to_seq: i64,
+    /// Number of event lines.
+    pub events: u64,
+    /// Chain hash of the last exported event (hex; 64 zeros when none).
+    pub head_hash: String,
+    /// SHA-256 (hex) of every byte of the export before this line.
+    pub lines_sha256: String,
+    /// The export's time filter (Unix ms), `null` when open.
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// When the daemon signed it (Unix ms).
+    pub at_ms: i64,
+    /// The `audit` key that signed it.
+    pub key_id: Uuid,
+    /// Exactly the signed text ([`ExportCheckpoint::message`]).
+    pub message: String,
+    /// Base64 of the signature over `message`: DER for ECDSA.
+    pub signature: String,
+}
+
+impl ExportCheckpoint {
+    /// The exact text the audit key signs: ASCII, one `name=value` per
+    /// line, each ending in `\n`; an open time bound is `-`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn message(
+        from_seq: i64,
+        to_seq: i64,
+        events: u64,
+        head_hash: &str,
+        lines_sha256: &str,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+        at_ms: i64,
+        key_id: Uuid,
+    ) -> String {
+        let bound = |b: Option<i64>| b.map_or_else(|| "-".to_string(), |v| v.to_string());
+        format!(
+            "{EXPORT_MAGIC}\nfrom_seq={from_seq}\nto_seq={to_seq}\nevents={events}\nhead_hash={head_hash}\nlines_sha256={lines_sha256}\nsince_ms={}\nuntil_ms={}\nat_ms={at_ms}\nkey={key_id}\n",
+            bound(since_ms),
+            bound(until_ms)
+        )
+    }
+}

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub mod checkpoint;
 pub mod seal;
 pub mod service;
+pub mod sink;
 pub mod verify;
 
 pub use checkpoint::Checkpoint;

@@ -502,6 +502,55 @@ impl AuditService {
         Ok(Some(cp))
     }
 
+    /// Signs an export's closing line with the audit key in the HSM (see
+    /// [`super::checkpoint::ExportCheckpoint`]). `head_hash` and
+    /// `lines_sha256` are hex.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn sign_export(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+        events: u64,
+        head_hash: &str,
+        lines_sha256: &str,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+    ) -> Result<super::checkpoint::ExportCheckpoint, AuditError> {
+        use base64::Engine as _;
+        let guard = self.signer.read().await;
+        let signer = guard.as_ref().ok_or(AuditError::NoKey)?;
+        let at_ms = unix_ms(self.clock.now());
+        let message = super::checkpoint::ExportCheckpoint::message(
+            from_seq,
+            to_seq,
+            events,
+            head_hash,
+            lines_sha256,
+            since_ms,
+            until_ms,
+            at_ms,
+            signer.key.id,
+        );
+        let signature = signer
+            .keystore
+            .sign(&signer.key.handle, signer.key.algorithm, message.as_bytes())
+            .await?;
+        Ok(super::checkpoint::ExportCheckpoint {
+            kind: "export-checkpoint".to_string(),
+            from_seq,
+            to_seq,
+            events,
+            head_hash: head_hash.to_string(),
+            lines_sha256: lines_sha256.to_string(),
+            since_ms,
+            until_ms,
+            at_ms,
+            key_id: signer.key.id,
+            message,
+            signature: base64::engine::general_purpose::STANDARD.encode(signature),
+        })
+    }
+
     /// Decrypts an event's sealed details for an auditor: merges them into
     /// `details` (and restores `source`) and clears `sealed`. An event
     /// without sealed details is left as it is. A sealed value that names

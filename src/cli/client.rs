@@ -96,6 +96,34 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Sends a GET and returns the response unread (for streamed bodies),
+    /// turning an error answer into [`ApiFailure`].
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{}", self.base, path);
+        let resp = self
+            .authed(self.http.get(&url), None)
+            .timeout(std::time::Duration::from_secs(3600))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        bail!(ApiFailure {
+            status,
+            code: value["error"]["code"]
+                .as_str()
+                .unwrap_or("http_error")
+                .to_string(),
+            message: value["error"]["message"].as_str().unwrap_or("").to_string(),
+        })
+    }
+}
+
 /// An error answer from the daemon.
 #[derive(Debug, thiserror::Error)]
 #[error("{status}: {code}: {message}")]
@@ -135,7 +163,7 @@ pub(super) fn list_path(base: &str, filters: &[(&str, Option<&str>)], page: &Pag
     format!("{base}?{}", params.join("&"))
 }
 
-fn query_escape(v: &str) -> String {
+pub(super) fn query_escape(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

@@ -2,6 +2,7 @@
 //! `audit verify`, `dev`) read the config; client commands talk to a running
 //! daemon over HTTP with `KEYWARD_URL` and `KEYWARD_TOKEN`.
 
+mod audit;
 mod backup;
 mod client;
 mod dev;
@@ -603,6 +604,31 @@ enum AuditCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Audit events from the daemon, newest first, filtered (role auditor;
+    /// auditors see sealed details decrypted, other roles redacted).
+    /// Follows pages up to --limit events.
+    Report {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        filter: audit::ReportArgs,
+    },
+    /// Write the events (oldest first) as JSON lines to a file for a SIEM,
+    /// closed by a line the daemon signs with the HSM audit key; see
+    /// docs/audit.md, "Exporting to a SIEM" (role auditor).
+    Export {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// From this time (RFC 3339 or Unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time (RFC 3339 or Unix seconds).
+        #[arg(long)]
+        until: Option<String>,
+        /// The file to write (replaced if it exists).
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -666,6 +692,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::PublicKey { config },
         } => local::audit_public_key(&config.config).await,
+        Command::Audit {
+            command: AuditCommand::Report { client, filter },
+        } => audit::report(&client, filter).await,
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    client,
+                    since,
+                    until,
+                    out,
+                },
+        } => audit::export(&client, since, until, &out).await,
         Command::Registrations { client, command } => client::registrations(&client, command).await,
         Command::Admins {
             command:

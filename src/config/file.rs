@@ -49,6 +49,19 @@ pub(super) struct Audit {
     pub checkpoint_file: Option<PathBuf>,
     pub verify_interval_secs: Option<u64>,
     pub encrypt_details: Option<bool>,
+    pub sink: Option<AuditSink>,
+}
+
+/// `[audit.sink]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditSink {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: Option<PathBuf>,
+    pub address: Option<String>,
+    pub policy: Option<String>,
+    pub buffer_max: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

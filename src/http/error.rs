@@ -184,6 +184,14 @@ impl From<StoreError> for ApiError {
             }
         }
         match &e {
+            StoreError::Database(d) if d.code() == "audit_sink_failed" => {
+                tracing::error!(error = %e, "change refused: the audit sink failed (fail-closed)");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_sink_failed",
+                    "the audit sink could not record this change, so it was not made; retry later",
+                )
+            }
             StoreError::Conflict(c) => Self::new(StatusCode::CONFLICT, "conflict", c.to_string()),
             StoreError::Database(d) if is_fault(d) => Self::internal(&e),
             StoreError::WriterGone | StoreError::Database(_) => Self::unavailable(&e),

@@ -18,7 +18,9 @@ pub struct MeteredKeyStore {
 }
 
 /// The operations counted and timed, by their `operation` label.
-pub const OPERATIONS: [&str; 6] = ["generate", "sign", "export", "wrap", "unwrap", "destroy"];
+pub const OPERATIONS: [&str; 7] = [
+    "generate", "sign", "export", "wrap", "unwrap", "decrypt", "destroy",
+];
 
 impl MeteredKeyStore {
     /// Creates this key store's `keyward_hsm_operations_total` series for
@@ -163,8 +165,9 @@ impl KeyStore for MeteredKeyStore {
         handle: &KeyHandle,
         ciphertext: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyStoreError> {
+        let start = Instant::now();
         let r = self.inner.decrypt_data_key(handle, ciphertext).await;
-        self.metrics.hsm("decrypt", r.is_ok());
+        self.record("decrypt", r.is_ok(), start);
         r
     }
     async fn destroy(&self, handle: &KeyHandle) -> Result<(), KeyStoreError> {

@@ -143,6 +143,10 @@ pub enum DatabaseError {
     /// A snapshot's sink (the backup archive being written) failed.
     #[error("the snapshot could not be written: {0}")]
     Snapshot(#[source] std::io::Error),
+    /// A `fail-closed` audit sink could not take the batch's events: the
+    /// batch is rolled back, every change in it refused.
+    #[error("the audit sink refused the events, so the change was rolled back: {0}")]
+    AuditSink(#[source] crate::audit::sink::SinkError),
 }
 
 impl DatabaseError {
@@ -161,6 +165,7 @@ impl DatabaseError {
             | Self::ReaderTask(_)
             | Self::AuditDetails(_) => "store_unavailable",
             Self::Snapshot(_) => "snapshot_write_failed",
+            Self::AuditSink(_) => "audit_sink_failed",
         }
     }
 }
@@ -571,6 +576,59 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// Filter for audit reports ([`Store::audit_report`]): every field that is
+/// set must match. Kept apart from [`AuditQuery`] (the verifier's plain
+/// sequence scan) so that scan stays as it is.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Events at or after this time (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Events before this time (Unix ms, exclusive).
+    pub until_ms: Option<i64>,
+    /// Exact actor (`admin:<id>`, `system`, ...).
+    pub actor: Option<String>,
+    /// Exact action (`registration.approve`), or a prefix form `key.*`
+    /// (every action starting with `key.`). See [`audit_action_filter`].
+    pub action: Option<String>,
+    /// Exact target.
+    pub target: Option<String>,
+    /// Keyset cursor: the `next` of the previous page, a sequence number;
+    /// the page starts after it in the listing order.
+    pub after: Option<i64>,
+    /// 1..=1000; backends clamp.
+    pub limit: u32,
+    /// Newest first by default.
+    pub order: Order,
+}
+
+/// How an [`AuditFilter::action`] matches: `Exact(a)`, or `Prefix(p)` for
+/// `p*` where `p` ends with a dot (`key.*` → every `key.…` action).
+/// `InvalidArgument` for an empty action, or a `*` anywhere but after a
+/// final dot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionMatch<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+}
+
+pub fn audit_action_filter(action: &str) -> Result<ActionMatch<'_>, StoreError> {
+    if action.is_empty() {
+        return Err(StoreError::InvalidArgument("the action filter is empty"));
+    }
+    match action.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with('.') && prefix.len() > 1 && !prefix.contains('*') => {
+            Ok(ActionMatch::Prefix(prefix))
+        }
+        Some(_) => Err(StoreError::InvalidArgument(
+            "an action pattern is `prefix.*` (a `*` only after a final dot)",
+        )),
+        None if action.contains('*') => Err(StoreError::InvalidArgument(
+            "an action pattern is `prefix.*` (a `*` only after a final dot)",
+        )),
+        None => Ok(ActionMatch::Exact(action)),
+    }
+}
+
 /// Listing order. Ids are UUIDv7, so id order is creation order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Order {
@@ -864,6 +922,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Audit events in sequence order from `from_seq`, at most `limit`.
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Audit events matching `q`, ordered by sequence number (newest first
+    /// by default), keyset-paginated by sequence number: `next` is the
+    /// last sequence of the page, `None` on the last page. The time bounds
+    /// use the event's `at_ms`. `InvalidArgument` for a malformed action
+    /// pattern or `since_ms >= until_ms`.
+    async fn audit_report(&self, q: AuditFilter) -> Result<Page<AuditEvent, i64>, StoreError>;
     /// Number of audit events and the highest sequence number.
     async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError>;
 

@@ -34,6 +34,7 @@ macro_rules! store_suite {
             change_without_audit_event_is_refused,
             audit_chain_spans_concurrent_batches_and_keeps_source,
             audit_checkpoints_name_an_event_and_move_forward,
+            audit_reports_filter_and_page_by_sequence,
             conflicting_change_applies_nothing_while_neighbours_commit,
             keys_insert_complete_and_change_state,
             cas_insert_and_list,
@@ -532,6 +533,198 @@ pub async fn audit_events_are_numbered_chained_and_timed(cx: Cx) {
         .unwrap()
         .is_empty()
     );
+}
+
+/// Reports: every filter, both orders, keyset pages that neither repeat
+/// nor skip while events are appended, the limit clamp, and bad filters
+/// refused (`InvalidArgument`) with nothing read or written.
+pub async fn audit_reports_filter_and_page_by_sequence(cx: Cx) {
+    let s = cx.store.as_ref();
+    let draft = |actor: &str, action: &str, target: &str| AuditDraft::new(actor, action, target);
+    // seq 1..=3 at T0, 4..=6 at T0+10 s, 7 at T0+20 s.
+    for (a, act, t) in [
+        ("admin:a", "key.generate", "k1"),
+        ("admin:b", "key.destroy", "k1"),
+        ("system", "keyring.load", "k2"),
+    ] {
+        s.commit(Change::new().audit(draft(a, act, t)))
+            .await
+            .unwrap();
+    }
+    cx.clock.advance(time::Duration::seconds(10));
+    for (a, act, t) in [
+        ("admin:a", "registration.approve", "r1"),
+        ("admin:a", "key.generate", "k3"),
+        ("system", "crl.publish", "k1"),
+    ] {
+        s.commit(Change::new().audit(draft(a, act, t)))
+            .await
+            .unwrap();
+    }
+    cx.clock.advance(time::Duration::seconds(10));
+    s.commit(Change::new().audit(draft("admin:b", "key", "k1")))
+        .await
+        .unwrap();
+    let head = s.audit_head().await.unwrap();
+
+    let report = |f: AuditFilter| async move {
+        let p = s.audit_report(f).await.unwrap();
+        (p.items.iter().map(|e| e.seq).collect::<Vec<_>>(), p.next)
+    };
+    let all = |f: AuditFilter| AuditFilter { limit: 1000, ..f };
+    assert_eq!(
+        report(all(AuditFilter::default())).await,
+        (vec![7, 6, 5, 4, 3, 2, 1], None)
+    );
+    assert_eq!(
+        report(all(AuditFilter {
+            order: Order::OldestFirst,
+            ..Default::default()
+        }))
+        .await
+        .0,
+        vec![1, 2, 3, 4, 5, 6, 7]
+    );
+    // Exact action; the prefix form matches `key.` actions only (not
+    // `keyring.load`, not the bare `key`).
+    let action = |a: &str| {
+        all(AuditFilter {
+            action: Some(a.into()),
+            ..Default::default()
+        })
+    };
+    assert_eq!(report(action("key.generate")).await.0, vec![5, 1]);
+    assert_eq!(report(action("key.*")).await.0, vec![5, 2, 1]);
+    assert_eq!(report(action("key")).await.0, vec![7]);
+    assert_eq!(report(action("nothing.*")).await.0, Vec::<i64>::new());
+    assert_eq!(
+        report(all(AuditFilter {
+            actor: Some("admin:a".into()),
+            ..Default::default()
+        }))
+        .await
+        .0,
+        vec![5, 4, 1]
+    );
+    assert_eq!(
+        report(all(AuditFilter {
+            target: Some("k1".into()),
+            ..Default::default()
+        }))
+        .await
+        .0,
+        vec![7, 6, 2, 1]
+    );
+    // Time: since inclusive, until exclusive, in ms.
+    let t0 = T0 * 1000;
+    assert_eq!(
+        report(all(AuditFilter {
+            since_ms: Some(t0 + 10_000),
+            until_ms: Some(t0 + 20_000),
+            ..Default::default()
+        }))
+        .await
+        .0,
+        vec![6, 5, 4]
+    );
+    assert_eq!(
+        report(all(AuditFilter {
+            until_ms: Some(t0 + 1),
+            ..Default::default()
+        }))
+        .await
+        .0,
+        vec![3, 2, 1]
+    );
+    // Filters combine.
+    assert_eq!(
+        report(all(AuditFilter {
+            since_ms: Some(t0 + 10_000),
+            actor: Some("admin:a".into()),
+            action: Some("key.*".into()),
+            target: Some("k3".into()),
+            ..Default::default()
+        }))
+        .await
+        .0,
+        vec![5]
+    );
+
+    // Keyset pages of 2 over `key.*` + others, while events are appended:
+    // newest first, appended events (above the first page) never show up
+    // in later pages, nothing repeats or is skipped.
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let (seqs, next) = report(AuditFilter {
+            after,
+            limit: 2,
+            ..Default::default()
+        })
+        .await;
+        got.extend(seqs);
+        s.commit(Change::new().audit(draft("system", "late.event", "x")))
+            .await
+            .unwrap();
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(got, vec![7, 6, 5, 4, 3, 2, 1]);
+    // Oldest first from a cursor: only what follows it.
+    let (seqs, next) = report(AuditFilter {
+        after: Some(5),
+        limit: 2,
+        order: Order::OldestFirst,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!((seqs, next), (vec![6, 7], Some(7)));
+    // Exactly a full last page: no cursor to an empty page.
+    let (seqs, next) = report(AuditFilter {
+        after: Some(3),
+        limit: 3,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!((seqs, next), (vec![2, 1], None));
+    // The limit is clamped to 1..=1000.
+    assert_eq!(
+        report(AuditFilter {
+            limit: 0,
+            ..Default::default()
+        })
+        .await
+        .0
+        .len(),
+        1
+    );
+
+    // Bad filters: refused, nothing written.
+    let head = s.audit_head().await.unwrap().0.max(head.0);
+    for bad in ["", "*", "key*", "key.*.x", ".*", "a*b"] {
+        let e = s
+            .audit_report(AuditFilter {
+                action: Some(bad.into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::InvalidArgument(_)), "{bad}: {e:?}");
+    }
+    let e = s
+        .audit_report(AuditFilter {
+            since_ms: Some(5),
+            until_ms: Some(5),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::InvalidArgument(_)), "{e:?}");
+    assert_eq!(s.audit_head().await.unwrap().0, head);
 }
 
 /// No audit event, no change: the writes are refused and nothing is stored.

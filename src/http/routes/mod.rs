@@ -1,6 +1,7 @@
 //! Route table.
 
 mod admin;
+mod audit;
 mod backup;
 mod crl;
 mod devices;
@@ -141,6 +142,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
             "/v1/admin/policies/reload",
             post(enrollment::reload_policies),
         )
+        .route("/v1/admin/audit", get(audit::report))
+        .route("/v1/admin/audit/export", get(audit::export))
         .route("/healthz", get(public::healthz))
         .route("/readyz", get(public::readyz))
         .route("/metrics", get(public::metrics))

@@ -18,7 +18,7 @@ pub use writer::BatchObserver;
 
 use super::files;
 use super::{
-    AuditQuery, CertificateFilter, Change, Conflict, DatabaseError, DeviceFilter,
+    AuditFilter, AuditQuery, CertificateFilter, Change, Conflict, DatabaseError, DeviceFilter,
     EnrollmentTokenFilter, ExpiringQuery, Page, PageRequest, RegistrationFilter, SerialPageRequest,
     Store, StoreError,
 };
@@ -105,6 +105,18 @@ impl SqliteStore {
         clock: Arc<dyn Clock>,
         observer: BatchObserver,
     ) -> Result<Self, StoreError> {
+        Self::open_with_sink(path, batch_max, clock, observer, None)
+    }
+
+    /// Like [`SqliteStore::open_observed`], handing every batch's events to
+    /// the live audit `sink` before it commits (see [`crate::audit::sink`]).
+    pub fn open_with_sink(
+        path: &Path,
+        batch_max: usize,
+        clock: Arc<dyn Clock>,
+        observer: BatchObserver,
+        sink: Option<Arc<crate::audit::sink::AuditSink>>,
+    ) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -121,7 +133,7 @@ impl SqliteStore {
         })?;
         let mut conn = connect(path, false)?;
         migrate::migrate(&mut conn)?;
-        let writer = Writer::spawn(conn, batch_max, clock, observer)?;
+        let writer = Writer::spawn(conn, batch_max, clock, observer, sink)?;
         Ok(Self {
             path: path.to_path_buf(),
             read_only: false,
@@ -547,6 +559,10 @@ impl Store for SqliteStore {
 
     async fn audit_events(&self, q: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
         self.read(move |c| reads::audit_events(c, &q)).await
+    }
+
+    async fn audit_report(&self, q: AuditFilter) -> Result<Page<AuditEvent, i64>, StoreError> {
+        self.read(move |c| reads::audit_report(c, &q)).await
     }
 
     async fn audit_head(&self) -> Result<(i64, Vec<u8>), StoreError> {

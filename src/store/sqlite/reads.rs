@@ -5,8 +5,8 @@ use super::{db, rows};
 use crate::audit::{AuditEvent, Checkpoint, GENESIS_HASH};
 use crate::store::records::*;
 use crate::store::{
-    AuditQuery, CertificateFilter, DeviceFilter, EnrollmentTokenFilter, ExpiringQuery, Order, Page,
-    PageRequest, RegistrationFilter, SerialPageRequest, StoreError,
+    ActionMatch, AuditFilter, AuditQuery, CertificateFilter, DeviceFilter, EnrollmentTokenFilter,
+    ExpiringQuery, Order, Page, PageRequest, RegistrationFilter, SerialPageRequest, StoreError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -653,6 +653,82 @@ pub(super) fn audit_events(c: &Connection, q: &AuditQuery) -> R<Vec<AuditEvent>>
         params![q.from_seq, q.limit],
         rows::audit,
     )
+}
+
+/// Audit events matching `q` (see [`crate::store::Store::audit_report`]).
+/// Every filter is a bound parameter; the action prefix form is a range
+/// (`action >= 'key.' AND action < 'key/'`, `/` sorting right after `.`),
+/// so no LIKE escaping is needed.
+pub(super) fn audit_report(c: &Connection, q: &AuditFilter) -> R<Page<AuditEvent, i64>> {
+    use rusqlite::types::Value as V;
+    let limit = q.limit.clamp(1, 1000);
+    let mut clauses: Vec<&str> = Vec::new();
+    let mut args: Vec<V> = Vec::new();
+    if let (Some(s), Some(u)) = (q.since_ms, q.until_ms)
+        && s >= u
+    {
+        return Err(StoreError::InvalidArgument(
+            "the report's start is not before its end",
+        ));
+    }
+    if let Some(s) = q.since_ms {
+        clauses.push("at_ms >= ?");
+        args.push(V::Integer(s));
+    }
+    if let Some(u) = q.until_ms {
+        clauses.push("at_ms < ?");
+        args.push(V::Integer(u));
+    }
+    if let Some(a) = &q.actor {
+        clauses.push("actor = ?");
+        args.push(V::Text(a.clone()));
+    }
+    if let Some(a) = &q.action {
+        match crate::store::audit_action_filter(a)? {
+            ActionMatch::Exact(a) => {
+                clauses.push("action = ?");
+                args.push(V::Text(a.to_string()));
+            }
+            ActionMatch::Prefix(p) => {
+                clauses.push("action >= ? AND action < ?");
+                args.push(V::Text(p.to_string()));
+                // The prefix ends with '.'; '/' is the next byte.
+                let mut end = p[..p.len() - 1].to_string();
+                end.push('/');
+                args.push(V::Text(end));
+            }
+        }
+    }
+    if let Some(t) = &q.target {
+        clauses.push("target = ?");
+        args.push(V::Text(t.clone()));
+    }
+    let (cmp, dir) = match q.order {
+        Order::NewestFirst => ("seq < ?", "DESC"),
+        Order::OldestFirst => ("seq > ?", "ASC"),
+    };
+    if let Some(after) = q.after {
+        clauses.push(cmp);
+        args.push(V::Integer(after));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    args.push(V::Integer(i64::from(limit) + 1));
+    let sql = format!(
+        "SELECT seq, at_ms, actor, action, target, outcome, details, prev_hash, hash, version, source, sealed
+         FROM audit_events {filter} ORDER BY seq {dir} LIMIT ?"
+    );
+    let mut items = rows::many(c, &sql, rusqlite::params_from_iter(args), rows::audit)?;
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(Page { items, next })
 }
 
 pub(super) fn audit_head(c: &Connection) -> R<(i64, Vec<u8>)> {

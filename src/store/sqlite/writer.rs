@@ -21,6 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 /// Told the size and duration of every batch the writer commits (metrics).
 pub type BatchObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
+/// The live audit sink the writer hands each batch's events to before it
+/// commits (see [`crate::audit::sink`]).
+pub type Sink = Option<Arc<crate::audit::sink::AuditSink>>;
+
 type JobResult = Result<Vec<i64>, StoreError>;
 
 struct ChangeJob {
@@ -70,12 +74,13 @@ impl Writer {
         batch_max: usize,
         clock: Arc<dyn Clock>,
         observer: BatchObserver,
+        sink: Sink,
     ) -> Result<Self, StoreError> {
         let batch_max = batch_max.max(1);
         let (jobs, rx) = mpsc::channel::<Job>(batch_max * 4);
         std::thread::Builder::new()
             .name("keyward-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, batch_max, clock, observer))
+            .spawn(move || writer_loop(conn, rx, batch_max, clock, observer, sink))
             .map_err(DatabaseError::WriterThread)?;
         Ok(Self { jobs })
     }
@@ -123,6 +128,7 @@ fn writer_loop(
     batch_max: usize,
     clock: Arc<dyn Clock>,
     observer: BatchObserver,
+    sink: Sink,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::new();
@@ -143,7 +149,7 @@ fn writer_loop(
             }
         }
         if !batch.is_empty() {
-            commit_and_reply(&mut conn, batch, clock.as_ref(), &observer);
+            commit_and_reply(&mut conn, batch, clock.as_ref(), &observer, &sink);
         }
         if let Some(l) = lease {
             let r = run_lease(&mut conn, &l.op);
@@ -261,9 +267,10 @@ fn commit_and_reply(
     batch: Vec<ChangeJob>,
     clock: &dyn Clock,
     observer: &BatchObserver,
+    sink: &Sink,
 ) {
     let started = std::time::Instant::now();
-    let results = commit_batch(conn, &batch, clock);
+    let results = commit_batch(conn, &batch, clock, sink);
     observer(batch.len(), started.elapsed());
     match results {
         Ok(per_job) => {
@@ -282,11 +289,15 @@ fn commit_and_reply(
 }
 
 /// Commits a batch; an error here (not a change's own conflict) fails the
-/// whole transaction, so every change in it.
+/// whole transaction, so every change in it. With a sink, the events of
+/// the changes that applied are handed to it after the last change and
+/// before the commit: a `fail-closed` sink that cannot take them rolls the
+/// batch back ([`DatabaseError::AuditSink`]).
 fn commit_batch(
     conn: &mut Connection,
     batch: &[ChangeJob],
     clock: &dyn Clock,
+    sink: &Sink,
 ) -> Result<Vec<JobResult>, DatabaseError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -304,12 +315,15 @@ fn commit_batch(
         .unwrap_or((0, GENESIS_HASH.to_vec()));
     let at_ms = (clock.now().unix_timestamp_nanos() / 1_000_000) as i64;
     let mut results = Vec::with_capacity(batch.len());
+    let mut events: Vec<AuditEvent> = Vec::new();
     for job in batch {
+        let mark = events.len();
         tx.prepare_cached("SAVEPOINT change")
             .map_err(DatabaseError::Sqlite)?
             .execute([])
             .map_err(DatabaseError::Sqlite)?;
-        let applied = apply(&tx, &job.change, seq, &head, at_ms);
+        let collect = sink.as_ref().map(|_| &mut events);
+        let applied = apply_collect(&tx, &job.change, seq, &head, at_ms, collect);
         match applied {
             Ok((seqs, new_head)) => {
                 tx.prepare_cached("RELEASE change")
@@ -325,9 +339,13 @@ fn commit_batch(
             Err(e) => {
                 tx.execute_batch("ROLLBACK TO change; RELEASE change")
                     .map_err(DatabaseError::Sqlite)?;
+                events.truncate(mark);
                 results.push(Err(e));
             }
         }
+    }
+    if let Some(sink) = sink {
+        sink.deliver(&events).map_err(DatabaseError::AuditSink)?;
     }
     tx.commit().map_err(DatabaseError::Sqlite)?;
     Ok(results)
@@ -336,9 +354,21 @@ fn commit_batch(
 pub(super) fn apply(
     tx: &Transaction<'_>,
     change: &Change,
+    seq: i64,
+    head: &[u8],
+    at_ms: i64,
+) -> Result<(Vec<i64>, Vec<u8>), StoreError> {
+    apply_collect(tx, change, seq, head, at_ms, None)
+}
+
+/// [`apply`], pushing each chained event onto `collect` when given.
+fn apply_collect(
+    tx: &Transaction<'_>,
+    change: &Change,
     mut seq: i64,
     head: &[u8],
     at_ms: i64,
+    mut collect: Option<&mut Vec<AuditEvent>>,
 ) -> Result<(Vec<i64>, Vec<u8>), StoreError> {
     for w in &change.writes {
         apply_write(tx, w)?;
@@ -370,8 +400,14 @@ pub(super) fn apply(
             e.sealed
         ])
         .map_err(db)?;
-        prev = e.hash;
         seqs.push(seq);
+        match collect.as_deref_mut() {
+            Some(out) => {
+                prev = e.hash.clone();
+                out.push(e);
+            }
+            None => prev = e.hash,
+        }
     }
     Ok((seqs, prev))
 }
