@@ -246,7 +246,13 @@ fn renewal_and_revocation_end_to_end() {
         // ---- Bad input: a clear 4xx with a stable code, nothing changed.
         let snapshot = || {
             let store = store.clone();
-            async move { (store.counts().await.unwrap(), store.audit_head().await.unwrap()) }
+            async move {
+                // Checkpoints are signed in the background whenever due:
+                // not a change a request made.
+                let mut counts = store.counts().await.unwrap();
+                counts.remove("audit_checkpoints");
+                (counts, store.audit_head().await.unwrap())
+            }
         };
         let before = snapshot().await;
         let refused = |r: (u16, Value), status: u16, code: &str| {
