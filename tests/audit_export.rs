@@ -533,6 +533,29 @@ async fn signed_export_verifies_with_openssl_and_catches_edits() {
     let (s, _) = get(url, None, "/v1/admin/audit/export").await;
     assert_eq!(s, 401);
     assert_eq!(head_seq(&env), head, "exports write nothing");
+
+    // A trail that no longer verifies is never signed by the HSM: the
+    // export ends without its signed line and the CLI keeps no file.
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER audit_events_no_update; UPDATE audit_events SET target = 'forged' WHERE seq = 2;",
+    )
+    .unwrap();
+    drop(c);
+    let forged = env.path("forged.jsonl");
+    let out = env
+        .keyward()
+        .env("KEYWARD_URL", url)
+        .env("KEYWARD_TOKEN", &carol)
+        .args(["audit", "export", "--out", forged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an edited trail was exported: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!forged.exists());
 }
 
 fn sink_lines(path: &Path) -> Vec<keyward::audit::AuditEvent> {

@@ -506,9 +506,15 @@ async fn disaster_recovery_onto_a_fresh_token() {
     // audit-encryption key (so that sealed audit details stay readable),
     // restored decrypt-only.
     assert_eq!(private.len(), 3, "{objects}");
+    // A chunk runs on to the next private key, so it may hold other
+    // objects' public halves: the private key's own label comes first.
     let encryption = private
         .iter()
-        .find(|p| p.contains("keyward-audit-encryption"))
+        .find(|p| {
+            p.lines()
+                .find(|l| l.trim_start().starts_with("label:"))
+                .is_some_and(|l| l.trim_end().ends_with("keyward-audit-encryption"))
+        })
         .unwrap_or_else(|| panic!("{objects}"));
     let usage = encryption
         .lines()

@@ -30,3 +30,9 @@ ALTER TABLE audit_events ADD COLUMN sealed TEXT;
 -- Audit reports filter by time (GET /v1/admin/audit?since=&until=). The only
 -- index on audit_events besides the sequence: each one slows the append path.
 CREATE INDEX audit_events_at_ms ON audit_events(at_ms);
+
+-- Losing a data key loses the sealed details it encrypted: append-only too.
+CREATE TRIGGER audit_data_keys_no_update BEFORE UPDATE ON audit_data_keys
+BEGIN SELECT RAISE(ABORT, 'audit data keys are append-only'); END;
+CREATE TRIGGER audit_data_keys_no_delete BEFORE DELETE ON audit_data_keys
+BEGIN SELECT RAISE(ABORT, 'audit data keys are append-only'); END;

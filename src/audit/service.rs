@@ -22,6 +22,10 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use tokio::sync::RwLock;
 
+/// The token label of every audit signing key: what makes a token object
+/// an audit key (see [`AuditService::token_keys`]).
+pub const AUDIT_KEY_LABEL: &str = "keyward-audit";
+
 /// What a non-auditor sees in place of sealed details.
 pub const REDACTED: &str = "redacted";
 
@@ -381,7 +385,7 @@ impl AuditService {
             actor,
             NewKey {
                 keystore: &self.config.keystore,
-                label: "keyward-audit".to_string(),
+                label: AUDIT_KEY_LABEL.to_string(),
                 purpose: KeyPurpose::Audit,
                 algorithm: self.config.key_algorithm,
                 ca_name: None,
@@ -411,6 +415,13 @@ impl AuditService {
     /// them (a key whose object is gone, or differs from the store's
     /// record, is left out: its checkpoints then fail as forged).
     pub async fn token_keys(&self) -> Result<AuditKeys, AuditError> {
+        // Which objects are audit keys is the token's say, not the
+        // store's: a row pointing at some other key on the token (a device
+        // key kept in escrow, whose private half a device holds) must not
+        // make its signatures count. An audit key is a private key object
+        // labelled AUDIT_KEY_LABEL, as `prepare` generates it.
+        let mut labelled: std::collections::HashMap<String, std::collections::HashSet<String>> =
+            std::collections::HashMap::new();
         let mut out = AuditKeys::new();
         for k in self.store.list_keys().await? {
             if k.purpose != KeyPurpose::Audit || k.public_key_der.is_empty() {
@@ -419,6 +430,23 @@ impl AuditService {
             let Ok(ks) = self.keystores.get(&k.keystore) else {
                 continue;
             };
+            if !labelled.contains_key(&k.keystore) {
+                let handles = ks
+                    .list()
+                    .await?
+                    .into_iter()
+                    .filter(|(_, label)| label == AUDIT_KEY_LABEL)
+                    .map(|(h, _)| h.0)
+                    .collect();
+                labelled.insert(k.keystore.clone(), handles);
+            }
+            if !labelled
+                .get(&k.keystore)
+                .is_some_and(|h| h.contains(&k.handle.0))
+            {
+                tracing::error!(key = %k.id, handle = %k.handle, "a store row names an audit key the token does not hold as one; its checkpoints are not trusted");
+                continue;
+            }
             match ks.public_key(&k.handle).await {
                 Ok(spki) if spki == k.public_key_der => {
                     out.insert(k.id, (k.algorithm, spki));
@@ -491,7 +519,20 @@ impl AuditService {
         if let Some(path) = &self.config.checkpoint_file {
             append_checkpoint(path, &cp)?;
         }
-        self.store.record_audit_checkpoint(&cp).await?;
+        if let Err(e) = self.store.record_audit_checkpoint(&cp).await {
+            // Another daemon (a leader handing over, a follower stopping)
+            // signed the same head first: nothing is missing.
+            let covered = matches!(e, StoreError::InvalidArgument(_))
+                && self
+                    .store
+                    .last_audit_checkpoint()
+                    .await?
+                    .is_some_and(|c| c.seq >= cp.seq);
+            if covered {
+                return Ok(None);
+            }
+            return Err(e.into());
+        }
         self.metrics.audit.checkpoint_sequence.set(cp.seq);
         self.metrics.audit.last_checkpoint.set(cp.at_ms / 1000);
         self.metrics
@@ -500,6 +541,54 @@ impl AuditService {
             .set(cp.seq.max(self.metrics.audit.head_sequence.get()));
         tracing::debug!(seq = cp.seq, "audit checkpoint signed");
         Ok(Some(cp))
+    }
+
+    /// Before an export is signed: the chain must verify (against the
+    /// signed checkpoints, with the keys read from the token) from the
+    /// newest trusted checkpoint before `from_seq` through the exported
+    /// events, and event `to_seq` must still carry `head_hash`. The HSM
+    /// never vouches for a trail the store holds after a rewrite that the
+    /// checkpoints catch. (Events after the newest checkpoint are vouched
+    /// for as the store holds them: no signature covers them yet.)
+    pub async fn check_export_range(
+        &self,
+        from_seq: i64,
+        to_seq: i64,
+        head_hash: &str,
+    ) -> Result<(), AuditError> {
+        if to_seq == 0 {
+            return Ok(());
+        }
+        let keys = self.token_keys().await?;
+        let checkpoints = self.all_checkpoints().await?;
+        let start = checkpoints
+            .iter()
+            .filter(|c| c.seq < from_seq && super::verify::checkpoint_problem(c, &keys).is_none())
+            .map(|c| c.seq)
+            .max();
+        let report = verify_store(self.store.as_ref(), checkpoints, &keys, start).await?;
+        if let Some(b) = report.broken {
+            return Err(AuditError::Broken {
+                seq: b.seq,
+                kind: b.kind.as_str(),
+                reason: b.reason,
+            });
+        }
+        let at = self
+            .store
+            .audit_events(AuditQuery {
+                from_seq: to_seq,
+                limit: 1,
+            })
+            .await?;
+        match at.first() {
+            Some(e) if e.seq == to_seq && hex::encode(&e.hash) == head_hash => Ok(()),
+            _ => Err(AuditError::Broken {
+                seq: to_seq,
+                kind: "changed-during-export",
+                reason: format!("event {to_seq} changed while it was exported"),
+            }),
+        }
     }
 
     /// Signs an export's closing line with the audit key in the HSM (see
@@ -673,7 +762,16 @@ impl AuditService {
                 .map(|cp| (cp.seq, cp.hash)),
         };
         let (after, hash) = start.unwrap_or((0, super::GENESIS_HASH.to_vec()));
-        let checkpoints = self.store.audit_checkpoints(after + 1, u32::MAX).await?;
+        let mut checkpoints = self.store.audit_checkpoints(after + 1, u32::MAX).await?;
+        // The external copy too: a truncation that also removed the
+        // store's checkpoints is caught against it.
+        if let Some(path) = &self.config.checkpoint_file {
+            checkpoints.extend(
+                read_checkpoint_file(path)?
+                    .into_iter()
+                    .filter(|c| c.seq > after),
+            );
+        }
         let trusted = Checkpoint {
             seq: after,
             hash: hash.clone(),
@@ -699,7 +797,7 @@ impl AuditService {
                 .first()
                 .is_none_or(|e| e.seq != after || e.hash != hash)
             {
-                return Ok(broken_start(after, &hash));
+                return Ok(broken_start(after, &hash, first.first()));
             }
         }
         let report = feed(self.store.as_ref(), &mut v, after + 1)
@@ -715,7 +813,22 @@ impl AuditService {
     }
 }
 
-fn broken_start(seq: i64, hash: &[u8]) -> Report {
+/// The event a trusted start point names is not as it was: `found` is
+/// what the store holds at that sequence (none: cut off, `truncated`;
+/// another hash: `rechained`).
+fn broken_start(seq: i64, hash: &[u8], found: Option<&super::AuditEvent>) -> Report {
+    let (kind, reason) = match found {
+        Some(e) if e.seq == seq => (
+            super::verify::BreakKind::Rechained,
+            format!(
+                "event {seq}, verified earlier (or covered by a signed checkpoint), has another hash now"
+            ),
+        ),
+        _ => (
+            super::verify::BreakKind::Truncated,
+            format!("event {seq}, verified earlier (or covered by a signed checkpoint), is gone"),
+        ),
+    };
     Report {
         events: 0,
         head_seq: seq,
@@ -725,10 +838,8 @@ fn broken_start(seq: i64, hash: &[u8]) -> Report {
         unsigned_events: 0,
         broken: Some(super::verify::Break {
             seq,
-            kind: super::verify::BreakKind::Rechained,
-            reason: format!(
-                "event {seq}, verified earlier (or covered by a signed checkpoint), is gone or changed"
-            ),
+            kind,
+            reason,
             after_checkpoint: None,
         }),
     }
@@ -808,7 +919,7 @@ pub async fn verify_store(
                     .first()
                     .is_none_or(|e| e.seq != seq || e.hash != trusted.hash)
                 {
-                    return Ok(broken_start(seq, &trusted.hash));
+                    return Ok(broken_start(seq, &trusted.hash, first.first()));
                 }
                 Verifier::from_checkpoint(&trusted, checkpoints, keys)
             }

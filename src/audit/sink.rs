@@ -303,11 +303,25 @@ impl AuditSink {
 
     /// Called by the store writer with the events of a batch, before it
     /// commits. `fail-closed`: written now, or an error (the batch rolls
-    /// back). `buffer`: queued; never an error.
+    /// back). `buffer`: nothing yet (see [`AuditSink::committed`]).
     pub fn deliver(&self, events: &[AuditEvent]) -> Result<(), SinkError> {
-        if events.is_empty() {
+        if events.is_empty() || self.policy == SinkPolicy::Buffer {
             return Ok(());
         }
+        self.write_or_queue(events)
+    }
+
+    /// Called by the store writer once the batch committed. `buffer`:
+    /// queued now, so that a batch whose commit failed never reaches the
+    /// sink (its sequence numbers are reused by the next batch).
+    pub fn committed(&self, events: &[AuditEvent]) {
+        if events.is_empty() || self.policy != SinkPolicy::Buffer {
+            return;
+        }
+        let _ = self.write_or_queue(events);
+    }
+
+    fn write_or_queue(&self, events: &[AuditEvent]) -> Result<(), SinkError> {
         match self.policy {
             SinkPolicy::FailClosed => {
                 let mut w = self.direct.lock().unwrap_or_else(|p| p.into_inner());
@@ -455,7 +469,11 @@ mod tests {
         )
         .unwrap();
         let events: Vec<_> = (1..=5).map(event).collect();
+        // Nothing is queued before the batch commits (a failed commit must
+        // never reach the sink), everything once it has.
         sink.deliver(&events).unwrap();
+        assert_eq!(m.buffered.get(), 0);
+        sink.committed(&events);
         assert_eq!(sink.dropped(), 3);
         assert!(m.buffered.get() <= 2);
         // The directory appears: the two newest are written, in order.

@@ -305,6 +305,13 @@ async fn export_lines(
         }
     }
     let lines_sha256 = hex::encode(digest.finish().as_ref());
+    // A trail that fails verification is never signed: the response ends
+    // without its signed line, which the CLI and the documented check
+    // treat as a failed export.
+    state
+        .audit
+        .check_export_range(from_seq, to_seq, &head_hash)
+        .await?;
     let cp = state
         .audit
         .sign_export(

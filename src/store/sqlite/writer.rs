@@ -348,6 +348,9 @@ fn commit_batch(
         sink.deliver(&events).map_err(DatabaseError::AuditSink)?;
     }
     tx.commit().map_err(DatabaseError::Sqlite)?;
+    if let Some(sink) = sink {
+        sink.committed(&events);
+    }
     Ok(results)
 }
 
