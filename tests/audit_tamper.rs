@@ -1313,3 +1313,139 @@ async fn every_write_path_leaves_its_audit_event() {
         key.state
     );
 }
+
+/// Which token objects are audit keys is the token's say (the
+/// `keyward-audit` label), not the store's: a row planted in the store that
+/// names another key the token holds (here the issuing CA's, as an
+/// escrowed device key could be) does not make that key's signatures
+/// count, even over the true head and with a signature that verifies.
+#[test]
+fn a_store_row_cannot_make_another_token_key_an_audit_key() {
+    let env = Env::new();
+    env.init();
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    let (handle, spki): (String, Vec<u8>) = c
+        .query_row(
+            "SELECT handle, public_key FROM keys WHERE purpose = 'issuing-ca' AND state = 'active'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let planted = uuid::Uuid::now_v7();
+    c.execute(
+        "INSERT INTO keys (id, label, purpose, algorithm, backend, handle, public_key, state, ca_name, created_at, updated_at, keystore)
+         VALUES (?1, 'keyward-audit', 'audit', 'ecdsa-p256', 'pkcs11', ?2, ?3, 'active', NULL, 1, 1, 'default')",
+        rusqlite::params![planted.to_string(), handle, spki],
+    )
+    .unwrap();
+    let (seq, hash): (i64, Vec<u8>) = c
+        .query_row(
+            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    // A genuine signature by the CA key over a checkpoint of the true head.
+    let at_ms = 1_800_000_000_000;
+    let msg = write(
+        env.dir.path(),
+        "cp.txt",
+        std::str::from_utf8(&Checkpoint::message(seq, &hash, at_ms, planted)).unwrap(),
+    );
+    let id_hex: String = handle
+        .split("id=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .replace('%', "");
+    // SoftHSM2 signs a digest (CKM_ECDSA): hash the message first.
+    let digest = env.path("cp.sha256");
+    std::fs::write(
+        &digest,
+        ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&msg).unwrap()),
+    )
+    .unwrap();
+    let sig = env.path("cp.sig");
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .arg("--module")
+        .arg(common::softhsm_module())
+        .args(["--token-label", &env.label, "--login", "--pin", common::PIN])
+        .args([
+            "--sign",
+            "--mechanism",
+            "ECDSA",
+            "--signature-format",
+            "openssl",
+        ])
+        .args(["--id", &id_hex, "--input-file"])
+        .arg(&digest)
+        .arg("--output-file")
+        .arg(&sig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The signature is real: openssl verifies it under the CA's public key.
+    let spki_der = env.path("ca.spki.der");
+    std::fs::write(&spki_der, &spki).unwrap();
+    let ca_pem = env.path("ca.pub.pem");
+    let (ok, o) = openssl(&[
+        "pkey",
+        "-pubin",
+        "-inform",
+        "DER",
+        "-in",
+        spki_der.to_str().unwrap(),
+        "-out",
+        ca_pem.to_str().unwrap(),
+    ]);
+    assert!(ok, "{o}");
+    let (ok, o) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        ca_pem.to_str().unwrap(),
+        "-signature",
+        sig.to_str().unwrap(),
+        msg.to_str().unwrap(),
+    ]);
+    assert!(ok && o.contains("Verified OK"), "{o}");
+    c.execute(
+        "INSERT INTO audit_checkpoints (seq, hash, at_ms, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+        rusqlite::params![seq, hash, at_ms, planted.to_string(), std::fs::read(&sig).unwrap()],
+    )
+    .unwrap();
+    drop(c);
+
+    assert_broken(&env, &env.config, &[], "forged-checkpoint", seq);
+    // Only the real audit key is published.
+    let out = env
+        .keyward()
+        .args(["audit", "public-key", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(pem.matches("BEGIN PUBLIC KEY").count(), 1, "{pem}");
+    assert!(!pem.contains(&ca_pem_body(&ca_pem)), "{pem}");
+}
+
+/// The base64 body of a PEM file (its lines between the armour).
+fn ca_pem_body(pem: &Path) -> String {
+    std::fs::read_to_string(pem)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect()
+}
