@@ -460,6 +460,22 @@ async fn every_tamper_case_is_named_with_its_first_sequence() {
         before_last + 1,
     );
 
+    // The checkpoint file deleted as well: once the store holds
+    // checkpoints, a configured file that is gone is "could not verify"
+    // (exit 2), never "no external checkpoints".
+    let text = std::fs::read_to_string(&c.config)
+        .unwrap()
+        .replace("checkpoints.jsonl", "deleted-checkpoints.jsonl");
+    let gone = write(env.dir.path(), "case-file-gone.toml", &text);
+    let (code, v) = verify(&env, &gone, &[]);
+    assert_eq!(code, 2, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("deleted-checkpoints.jsonl")),
+        "{v}"
+    );
+
     from_checkpoint_cases(&env, a, b, t, &cps).await;
     public_key_cases(&env, &cps).await;
 }

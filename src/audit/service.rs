@@ -250,8 +250,14 @@ impl AuditService {
                         ENCRYPTION_KEY_ALGORITHM.as_str()
                     )));
                 }
-                self.generate_encryption_key(keystore.as_ref(), actor)
-                    .await?
+                self.generate_key(
+                    keystore.as_ref(),
+                    actor,
+                    "keyward-audit-encryption",
+                    KeyPurpose::AuditEncryption,
+                    ENCRYPTION_KEY_ALGORITHM,
+                )
+                .await?
             }
         };
         let on_token = keystore.public_key(&key.handle).await?;
@@ -303,42 +309,6 @@ impl AuditService {
         Ok(Some(id))
     }
 
-    async fn generate_encryption_key(
-        &self,
-        keystore: &dyn KeyStore,
-        actor: &str,
-    ) -> Result<KeyRecord, AuditError> {
-        // Extractable (wrap-only) where the token can wrap, so that backups
-        // carry it: without it no sealed detail can ever be read again.
-        let extractable = keystore.capabilities().can_wrap_keys;
-        let id = keys::create(
-            keystore,
-            self.store.as_ref(),
-            self.clock.as_ref(),
-            actor,
-            NewKey {
-                keystore: &self.config.keystore,
-                label: "keyward-audit-encryption".to_string(),
-                purpose: KeyPurpose::AuditEncryption,
-                algorithm: ENCRYPTION_KEY_ALGORITHM,
-                ca_name: None,
-                extractable,
-            },
-            async |key: &keys::PendingKey| -> Result<crate::store::Change, AuditError> {
-                let now = self.clock.now().unix_timestamp();
-                let (complete, event) = keys::complete(key, now);
-                Ok(crate::store::Change::new().write(complete).audit(event))
-            },
-        )
-        .await?;
-        self.store
-            .get_key(id)
-            .await?
-            .ok_or(AuditError::Store(StoreError::Corrupt(format!(
-                "audit encryption key {id} vanished after it was created"
-            ))))
-    }
-
     /// The data key sealing new events, once prepared.
     pub fn current_data_key(&self) -> Option<uuid::Uuid> {
         self.data_keys.current()
@@ -370,14 +340,19 @@ impl AuditService {
         Ok(())
     }
 
-    async fn generate(
+    /// Generates one of the audit keys (`label`, `purpose`, `algorithm`)
+    /// in the configured key store and returns its record. Extractable
+    /// (wrap-only) where the token can wrap, so that backups carry it: a
+    /// restored deployment keeps signing with the audit key, and sealed
+    /// details stay readable with the encryption key.
+    async fn generate_key(
         &self,
         keystore: &dyn KeyStore,
         actor: &str,
+        label: &str,
+        purpose: KeyPurpose,
+        algorithm: crate::model::KeyAlgorithm,
     ) -> Result<KeyRecord, AuditError> {
-        // Extractable where the token can wrap, so that backups carry the
-        // key (wrapped) and a restored deployment keeps signing with it.
-        let extractable = keystore.capabilities().can_wrap_keys;
         let id = keys::create(
             keystore,
             self.store.as_ref(),
@@ -385,11 +360,11 @@ impl AuditService {
             actor,
             NewKey {
                 keystore: &self.config.keystore,
-                label: AUDIT_KEY_LABEL.to_string(),
-                purpose: KeyPurpose::Audit,
-                algorithm: self.config.key_algorithm,
+                label: label.to_string(),
+                purpose,
+                algorithm,
                 ca_name: None,
-                extractable,
+                extractable: keystore.capabilities().can_wrap_keys,
             },
             async |key: &keys::PendingKey| -> Result<crate::store::Change, AuditError> {
                 let now = self.clock.now().unix_timestamp();
@@ -402,8 +377,23 @@ impl AuditService {
             .get_key(id)
             .await?
             .ok_or(AuditError::Store(StoreError::Corrupt(format!(
-                "audit key {id} vanished after it was created"
+                "{purpose} key {id} vanished after it was created"
             ))))
+    }
+
+    async fn generate(
+        &self,
+        keystore: &dyn KeyStore,
+        actor: &str,
+    ) -> Result<KeyRecord, AuditError> {
+        self.generate_key(
+            keystore,
+            actor,
+            AUDIT_KEY_LABEL,
+            KeyPurpose::Audit,
+            self.config.key_algorithm,
+        )
+        .await
     }
 
     /// The audit key this daemon signs with, once prepared.
@@ -454,9 +444,10 @@ impl AuditService {
                 Ok(_) => {
                     tracing::error!(key = %k.id, "audit key on the token differs from the store's record")
                 }
-                Err(e) => {
-                    tracing::warn!(key = %k.id, error = %e, "audit key not readable on its token")
-                }
+                // The object is listed, so this is the device failing: stop
+                // (exit 2, "could not verify"), never read as "no key",
+                // which would report every checkpoint it signed as forged.
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(out)
@@ -692,23 +683,7 @@ impl AuditService {
 
     /// Every checkpoint: the store's and the checkpoint file's.
     pub async fn all_checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
-        let mut out = Vec::new();
-        let mut from = 0;
-        loop {
-            let page = self.store.audit_checkpoints(from, VERIFY_PAGE).await?;
-            let n = page.len();
-            if let Some(last) = page.last() {
-                from = last.seq + 1;
-            }
-            out.extend(page);
-            if n < VERIFY_PAGE as usize {
-                break;
-            }
-        }
-        if let Some(path) = &self.config.checkpoint_file {
-            out.extend(read_checkpoint_file(path)?);
-        }
-        Ok(out)
+        collect_checkpoints(self.store.as_ref(), self.config.checkpoint_file.as_deref()).await
     }
 
     /// Verifies the chain from the start, or the tail after `from` (a
@@ -766,8 +741,9 @@ impl AuditService {
         // The external copy too: a truncation that also removed the
         // store's checkpoints is caught against it.
         if let Some(path) = &self.config.checkpoint_file {
+            let signed = self.store.last_audit_checkpoint().await?.is_some();
             checkpoints.extend(
-                read_checkpoint_file(path)?
+                read_checkpoint_file(path, signed)?
                     .into_iter()
                     .filter(|c| c.seq > after),
             );
@@ -928,6 +904,32 @@ pub async fn verify_store(
     Ok(v.finish())
 }
 
+/// Every checkpoint in `store`, then those of the checkpoint `file` (see
+/// [`read_checkpoint_file`]: required once the store holds any).
+pub async fn collect_checkpoints(
+    store: &dyn Store,
+    file: Option<&std::path::Path>,
+) -> Result<Vec<Checkpoint>, AuditError> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = store.audit_checkpoints(from, VERIFY_PAGE).await?;
+        let n = page.len();
+        if let Some(last) = page.last() {
+            from = last.seq + 1;
+        }
+        out.extend(page);
+        if n < VERIFY_PAGE as usize {
+            break;
+        }
+    }
+    if let Some(path) = file {
+        let required = !out.is_empty();
+        out.extend(read_checkpoint_file(path, required)?);
+    }
+    Ok(out)
+}
+
 /// Appends `cp` as one JSON line and syncs it to disk.
 pub fn append_checkpoint(path: &std::path::Path, cp: &Checkpoint) -> Result<(), AuditError> {
     let err = |source| AuditError::CheckpointFile {
@@ -945,11 +947,19 @@ pub fn append_checkpoint(path: &std::path::Path, cp: &Checkpoint) -> Result<(), 
     f.sync_data().map_err(err)
 }
 
-/// Reads a checkpoint file (absent: none).
-pub fn read_checkpoint_file(path: &std::path::Path) -> Result<Vec<Checkpoint>, AuditError> {
+/// Reads a checkpoint file. Absent reads as none only when `required` is
+/// false (nothing was signed yet, so nothing was appended): once the store
+/// holds checkpoints, a configured file that is gone is an error, never
+/// "no checkpoints" (deleting it would hide a truncation).
+pub fn read_checkpoint_file(
+    path: &std::path::Path,
+    required: bool,
+) -> Result<Vec<Checkpoint>, AuditError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(Vec::new());
+        }
         Err(source) => {
             return Err(AuditError::CheckpointFile {
                 path: path.to_path_buf(),

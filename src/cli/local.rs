@@ -317,20 +317,11 @@ pub async fn audit_verify(
                         crate::store::sqlite::SqliteStore::open_read_only(&s.path)?,
                     );
                     let (alg, spki) = read_public_key_pem(pem)?;
-                    let mut cps = Vec::new();
-                    let mut from = 0;
-                    loop {
-                        let page = store.audit_checkpoints(from, 10_000).await?;
-                        let n = page.len();
-                        from = page.last().map_or(from, |c| c.seq + 1);
-                        cps.extend(page);
-                        if n < 10_000 {
-                            break;
-                        }
-                    }
-                    if let Some(f) = &config.audit.checkpoint_file {
-                        cps.extend(crate::audit::service::read_checkpoint_file(f)?);
-                    }
+                    let cps = crate::audit::service::collect_checkpoints(
+                        store.as_ref(),
+                        config.audit.checkpoint_file.as_deref(),
+                    )
+                    .await?;
                     let keys: AuditKeys = cps
                         .iter()
                         .map(|c| (c.key_id, (alg, spki.clone())))
@@ -351,7 +342,7 @@ pub async fn audit_verify(
             if !f.exists() {
                 anyhow::bail!("checkpoint file {} does not exist", f.display());
             }
-            checkpoints.extend(crate::audit::service::read_checkpoint_file(f)?);
+            checkpoints.extend(crate::audit::service::read_checkpoint_file(f, true)?);
         }
         if let Some(pem) = &args.public_key {
             // Checkpoints in the extra files name keys too.
