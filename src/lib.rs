@@ -16,6 +16,7 @@ pub mod auth;
 pub mod backup;
 pub mod broker;
 pub mod ca;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
