@@ -282,6 +282,19 @@ async fn redis_dies_mid_run_and_the_daemon_serves_degraded_then_recovers() {
     })
     .await;
     assert_eq!(redis.cli(&["GET", "kwtest:lock:scheduler"]), holder);
+    // The revocation made during the outage fenced the shared OCSP answer
+    // once Redis was back (retried until it answered).
+    eventually(
+        "the OCSP marker of the revoked serial is written",
+        Duration::from_secs(5),
+        || async {
+            redis
+                .cli(&["--scan", "--pattern", "kwtest:cache:ocsp-gen:*"])
+                .to_lowercase()
+                .contains(&device.serial.to_lowercase())
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     let failures = load.await.unwrap();
