@@ -547,8 +547,26 @@ impl App {
             metrics.clone(),
             config.audit.clone(),
         ));
+        // In process until `[redis]` is wired (issue 12).
+        let cache: Arc<dyn crate::cache::Cache> =
+            Arc::new(crate::cache::memory::InProcessCache::new(100_000));
+        let bus: Arc<dyn crate::cache::InvalidationBus> =
+            Arc::new(crate::cache::memory::InProcessBus::new());
+        let tokens = Arc::new(crate::auth::tokens::TokenService::new(
+            ca.clone(),
+            store.clone(),
+            keystores.clone(),
+            clock.clone(),
+            metrics.clone(),
+            cache.clone(),
+            config.auth.tokens.clone(),
+        ));
+        rotator.set_tokens(tokens.clone());
         Ok(Self {
             state: AppState {
+                cache,
+                bus,
+                tokens,
                 audit,
                 backups,
                 registry,
@@ -650,6 +668,16 @@ impl App {
             .prepare("system")
             .await
             .context("preparing the audit checkpoint key")
+    }
+
+    /// Finds or generates the HSM key that signs device access tokens
+    /// (`keyward init`, and the first serve of an older deployment).
+    pub async fn prepare_tokens(&self) -> anyhow::Result<crate::store::records::KeyRecord> {
+        self.state
+            .tokens
+            .prepare("system")
+            .await
+            .context("preparing the token-signing key")
     }
 
     /// The background jobs, one line each. The readiness cache is filled
@@ -773,6 +801,15 @@ impl App {
         if self.state.audit.key().await.is_none() {
             self.prepare_audit().await?;
         }
+        if self.state.tokens.active_key().await.is_none() {
+            self.prepare_tokens().await?;
+        }
+        let sessions = tokio_util::sync::CancellationToken::new();
+        let _listener = self
+            .state
+            .tokens
+            .spawn_invalidation_listener(&self.state.bus, sessions.clone());
+        let _stop_sessions = sessions.drop_guard();
         let jobs = self.start_jobs().await;
         ready();
         let reloader = spawn_sighup_reload(self.state.registry.clone());

@@ -60,6 +60,12 @@ pub struct AppState {
     pub backups: Option<Arc<crate::backup::service::BackupService>>,
     /// The audit key, checkpoints and verification (`/v1/admin/audit`).
     pub audit: Arc<crate::audit::service::AuditService>,
+    /// Short-lived shared state (device sessions); in process or Redis.
+    pub cache: Arc<dyn crate::cache::Cache>,
+    /// Invalidations every daemon of the deployment acts on.
+    pub bus: Arc<dyn crate::cache::InvalidationBus>,
+    /// Device access tokens (`/v1/auth/*`).
+    pub tokens: Arc<crate::auth::tokens::TokenService>,
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

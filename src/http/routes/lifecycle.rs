@@ -166,6 +166,16 @@ pub struct DeviceChangeResponse {
 /// or `broker.flush_timeout_secs` has passed. The change itself is
 /// committed either way (a revocation cannot wait for a broker).
 async fn device_change(state: &AppState, c: DeviceChanged) -> Json<DeviceChangeResponse> {
+    // Issue 12 (tokens branch): every daemon drops the device's access
+    // token sessions at once. The redis branch publishes the same
+    // invalidation; the integrator keeps one of the two calls.
+    if let Err(e) = state
+        .bus
+        .publish(crate::cache::Invalidation::Device { id: c.device.id })
+        .await
+    {
+        tracing::warn!(error = %e, "could not publish a device invalidation");
+    }
     let broker = state
         .broker
         .flush_device(c.device.id, state.broker.flush_timeout())
