@@ -401,7 +401,7 @@ pub struct AuthConfig {
 /// Device access tokens: `[auth] token_*` (docs/auth.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenConfig {
-    /// Lifetime of an access token (`token_ttl_seconds`, 60..=3600, default 900).
+    /// Lifetime of an access token (`token_ttl_seconds`, 10..=3600, default 900).
     pub ttl_seconds: i64,
     /// The `iss` claim: `token_issuer`, else `server.public_url`, else `keyward`.
     pub issuer: String,
@@ -412,7 +412,8 @@ pub struct TokenConfig {
     /// (`token_reuse_seconds`, 0..=ttl/2, default 60; 0 turns reuse off).
     pub reuse_seconds: i64,
     /// How long a rotation publishes the next key in JWKS before it signs
-    /// (`token_key_overlap_seconds`, 60..=604800, default 3600).
+    /// (`token_key_overlap_seconds`, 1..=604800, default 3600; keep it above
+    /// the JWKS cache lifetime, 60 s, or relying parties meet unknown kids).
     pub key_overlap_seconds: i64,
     /// The key store holding the `token-signing` key (default: the default one).
     pub keystore: String,
@@ -835,7 +836,7 @@ impl Builder<'_> {
             "auth.token_ttl_seconds",
             raw.auth.token_ttl_seconds,
             900,
-            60,
+            10,
             3600,
         )? as i64;
         let issuer = match raw.auth.token_issuer {
@@ -866,7 +867,7 @@ impl Builder<'_> {
             "auth.token_key_overlap_seconds",
             raw.auth.token_key_overlap_seconds,
             3600,
-            60,
+            1,
             604_800,
         )? as i64;
         let token_keystore = raw
@@ -1003,7 +1004,8 @@ impl Builder<'_> {
         let scheduler = self.scheduler(raw.scheduler)?;
         let backup = raw.backup.map(|b| self.backup(b)).transpose()?;
         let audit = self.audit(raw.audit, &keystores)?;
-        if auth.tokens.keystore != DEFAULT_KEYSTORE && !keystores.contains_key(&auth.tokens.keystore)
+        if auth.tokens.keystore != DEFAULT_KEYSTORE
+            && !keystores.contains_key(&auth.tokens.keystore)
         {
             return Err(self.invalid(
                 "auth.token_keystore",

@@ -297,7 +297,10 @@ fn der_to_fixed(sig: &[u8]) -> Result<Vec<u8>, TokenError> {
     }
     let parsed = EcdsaSig::from_der(sig).map_err(|_| TokenError::BadSignature)?;
     let mut out = vec![0u8; 64];
-    for (i, v) in [parsed.r.as_bytes(), parsed.s.as_bytes()].iter().enumerate() {
+    for (i, v) in [parsed.r.as_bytes(), parsed.s.as_bytes()]
+        .iter()
+        .enumerate()
+    {
         if v.len() > 32 {
             return Err(TokenError::BadSignature);
         }
@@ -358,7 +361,10 @@ impl TokenService {
                     k.handle.clone(),
                 )));
             }
-            None => self.generate(keystore.as_ref(), actor, KeyState::Active).await?,
+            None => {
+                self.generate(keystore.as_ref(), actor, KeyState::Active)
+                    .await?
+            }
         };
         self.reload().await?;
         Ok(key)
@@ -446,10 +452,7 @@ impl TokenService {
                 tracing::error!(key = %k.id, "token-signing key without a P-256 public key; left out of the JWKS");
                 continue;
             };
-            verify.push(VerifyKey {
-                id: k.id,
-                point,
-            });
+            verify.push(VerifyKey { id: k.id, point });
         }
         verify.sort_by_key(|k| k.id);
         let signer = match self.active_record().await? {
@@ -523,7 +526,11 @@ impl TokenService {
         match &result {
             Ok(t) => {
                 let via = if t.cached { "cached" } else { "signed" };
-                self.metrics.ops.auth_tokens_issued.with_label_values(&[via]).inc();
+                self.metrics
+                    .ops
+                    .auth_tokens_issued
+                    .with_label_values(&[via])
+                    .inc();
             }
             Err(e) => {
                 if let Some(reason) = e.denial_reason() {
@@ -575,14 +582,14 @@ impl TokenService {
                     .nonces()
                     .take(nonce, *device_id, NoncePurpose::AccessToken, now)
                     .map_err(TokenError::Proof)?;
-                let current = self
-                    .ca
-                    .current_certificate(*device_id, now)
-                    .await
-                    .map_err(|e| match e {
-                        LifecycleError::Store(s) => TokenError::Store(s),
-                        _ => TokenError::NotCurrentCertificate,
-                    });
+                let current =
+                    self.ca
+                        .current_certificate(*device_id, now)
+                        .await
+                        .map_err(|e| match e {
+                            LifecycleError::Store(s) => TokenError::Store(s),
+                            _ => TokenError::NotCurrentCertificate,
+                        });
                 *device_seen = Some(*device_id);
                 let current = current?;
                 verify_with_certificate_key(

@@ -663,7 +663,10 @@ mod tests {
         assert!(n.take(&z, a, r, 1001).is_err(), "replay");
         assert!(n.take(&[0u8; 5], a, r, 1001).is_err());
         let t = n.issue(a, NoncePurpose::AccessToken, 1000).unwrap();
-        assert!(n.take(&t, a, r, 1001).is_err(), "a token nonce renews nothing");
+        assert!(
+            n.take(&t, a, r, 1001).is_err(),
+            "a token nonce renews nothing"
+        );
         let t = n.issue(a, NoncePurpose::AccessToken, 1000).unwrap();
         assert!(n.take(&t, a, NoncePurpose::AccessToken, 1001).is_ok());
     }

@@ -121,7 +121,10 @@ pub async fn token(
     .into_response();
     // RFC 6749 §5.1: token responses are not stored.
     let h = resp.headers_mut();
-    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     h.insert(header::PRAGMA, header::HeaderValue::from_static("no-cache"));
     Ok(resp)
 }
