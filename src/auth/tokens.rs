@@ -280,7 +280,14 @@ pub struct TokenService {
     cache: Arc<dyn Cache>,
     config: TokenConfig,
     keys: RwLock<KeySet>,
+    /// When the key set was last read from the store: daemons that do not
+    /// run the rotation job (not the leader) re-read it after
+    /// [`KEYS_MAX_AGE`], so a rotation reaches every daemon.
+    loaded_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a daemon trusts its copy of the token-signing keys.
+pub const KEYS_MAX_AGE: Duration = Duration::from_secs(30);
 
 fn sha256(data: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, data)
@@ -336,6 +343,7 @@ impl TokenService {
             cache,
             config,
             keys: RwLock::new(KeySet::default()),
+            loaded_at: std::sync::Mutex::new(None),
         }
     }
 
@@ -466,7 +474,21 @@ impl TokenService {
             None => None,
         };
         *self.keys.write().await = KeySet { signer, verify };
+        *self.loaded_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Re-reads the keys when the copy is older than [`KEYS_MAX_AGE`]
+    /// (only once prepared). A failure keeps the old copy and is logged.
+    async fn refresh_if_stale(&self) {
+        let stale = self
+            .loaded_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() >= KEYS_MAX_AGE);
+        if stale && let Err(e) = self.reload().await {
+            tracing::error!(code = e.code(), error = %e, "re-reading the token-signing keys");
+        }
     }
 
     /// The signing key's id, once prepared.
@@ -477,6 +499,7 @@ impl TokenService {
     /// The public keys that verify tokens: next (pre-active), current, and
     /// retired keys whose tokens may still be alive.
     pub async fn jwks(&self) -> Jwks {
+        self.refresh_if_stale().await;
         let keys = self.keys.read().await;
         Jwks {
             keys: keys
@@ -735,6 +758,7 @@ impl TokenService {
         proof: &str,
         source: Option<&str>,
     ) -> Result<AccessToken, TokenError> {
+        self.refresh_if_stale().await;
         let (key, keystore) = self
             .keys
             .read()
@@ -882,6 +906,7 @@ impl TokenService {
             return None;
         }
         let kid = Uuid::parse_str(&header.kid).ok()?;
+        self.refresh_if_stale().await;
         let point = {
             let keys = self.keys.read().await;
             keys.verify.iter().find(|k| k.id == kid)?.point.clone()

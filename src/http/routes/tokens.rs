@@ -137,10 +137,6 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
     if let Ok(v) = header::HeaderValue::from_str(&format!("public, max-age={JWKS_MAX_AGE_SECS}")) {
         h.insert(header::CACHE_CONTROL, v);
     }
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/jwk-set+json"),
-    );
     resp
 }
 
