@@ -647,6 +647,68 @@ async fn device_tokens_proofs_cache_introspection_revocation_and_rotation() {
         assert!(events.iter().any(|x| x == e), "{e} missing: {events:?}");
     }
 
+    // ---- A superseded certificate (the device renewed) gets no token;
+    // the renewed one does.
+    let (s, v) = d
+        .post(
+            &format!("/v1/admin/devices/{}/allow-renewal", c.id),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (csr, new_key) = openssl_csr(&dir, "ec");
+    let body = write(&dir, "renew.json", &json!({ "csr": csr }).to_string());
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", body.display()))
+        .arg("--cacert")
+        .arg(&d.root)
+        .arg("--cert")
+        .arg(&c.cert)
+        .arg("--key")
+        .arg(&c.key)
+        .arg(format!("{}/v1/devices/{}/renew", d.url, c.id))
+        .output()
+        .unwrap();
+    let renewed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pem = renewed["certificate_pem"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{renewed}"));
+    let signs3 = d.hsm_signs().await;
+    let (s, v) = d
+        .mtls_token(&c)
+        .expect("a superseded certificate passes the handshake");
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("not_current_certificate")),
+        "{v}"
+    );
+    assert_eq!(
+        d.hsm_signs().await - signs3,
+        1.0,
+        "only the handshake signed"
+    );
+    let (_, new_der) = der::pem::decode_vec(pem.trim().as_bytes()).unwrap();
+    let c2 = Device {
+        id: c.id.clone(),
+        key: write(&dir, "gamma2.key", &new_key),
+        cert: write(&dir, "gamma2.pem", pem),
+        cert_der: new_der,
+    };
+    let (s, v) = d.mtls_token(&c2).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let cl = verify(&d.jwks().await, v["access_token"].as_str().unwrap()).unwrap();
+    let x5t2 = b64().encode(ring::digest::digest(&ring::digest::SHA256, &c2.cert_der));
+    assert_eq!(cl.cnf["x5t#S256"], x5t2.as_str());
+
     // ---- exp is honoured: once expired, verification and introspection fail.
     let exp_b = unverified_exp(&tok_b);
     assert_eq!(
