@@ -612,8 +612,19 @@ impl App {
             metrics.clone(),
             config.audit.clone(),
         ));
+        let tokens = Arc::new(crate::auth::tokens::TokenService::new(
+            ca.clone(),
+            store.clone(),
+            keystores.clone(),
+            clock.clone(),
+            metrics.clone(),
+            cache.clone(),
+            config.auth.tokens.clone(),
+        ));
+        rotator.set_tokens(tokens.clone());
         Ok(Self {
             state: AppState {
+                tokens,
                 audit,
                 backups,
                 registry,
@@ -718,6 +729,16 @@ impl App {
             .prepare("system")
             .await
             .context("preparing the audit checkpoint key")
+    }
+
+    /// Finds or generates the HSM key that signs device access tokens
+    /// (`keyward init`, and the first serve of an older deployment).
+    pub async fn prepare_tokens(&self) -> anyhow::Result<crate::store::records::KeyRecord> {
+        self.state
+            .tokens
+            .prepare("system")
+            .await
+            .context("preparing the token-signing key")
     }
 
     /// The background jobs, one line each. The readiness cache is filled
@@ -859,6 +880,15 @@ impl App {
             self.state.ocsp.clone(),
             self.state.registry.clone(),
         ));
+        if self.state.tokens.active_key().await.is_none() {
+            self.prepare_tokens().await?;
+        }
+        let sessions = tokio_util::sync::CancellationToken::new();
+        let _listener = self
+            .state
+            .tokens
+            .spawn_invalidation_listener(&self.state.bus, sessions.clone());
+        let _stop_sessions = sessions.drop_guard();
         let jobs = self.start_jobs().await;
         ready();
         let reloader = spawn_sighup_reload(self.state.registry.clone(), self.state.bus.clone());

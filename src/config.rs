@@ -412,6 +412,29 @@ pub struct BrokerTlsConfig {
 pub struct AuthConfig {
     /// Pepper for hashing admin tokens and registration secrets (HMAC-SHA-256 key).
     pub token_pepper: SecretSetting,
+    /// Device access tokens (`POST /v1/auth/token`).
+    pub tokens: TokenConfig,
+}
+
+/// Device access tokens: `[auth] token_*` (docs/auth.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    /// Lifetime of an access token (`token_ttl_seconds`, 10..=3600, default 900).
+    pub ttl_seconds: i64,
+    /// The `iss` claim: `token_issuer`, else `server.public_url`, else `keyward`.
+    pub issuer: String,
+    /// The `aud` claim (`token_audience`, default `keyward-devices`).
+    pub audience: String,
+    /// A second request by the same certificate within this many seconds of
+    /// an issuance gets the cached token back, unsigned again
+    /// (`token_reuse_seconds`, 0..=ttl/2, default 60; 0 turns reuse off).
+    pub reuse_seconds: i64,
+    /// How long a rotation publishes the next key in JWKS before it signs
+    /// (`token_key_overlap_seconds`, 1..=604800, default 3600; keep it above
+    /// the JWKS cache lifetime, 60 s, or relying parties meet unknown kids).
+    pub key_overlap_seconds: i64,
+    /// The key store holding the `token-signing` key (default: the default one).
+    pub keystore: String,
 }
 
 #[derive(Debug, Clone)]
@@ -827,12 +850,62 @@ impl Builder<'_> {
             }
             keystores.insert(name, self.keystore(&prefix, ks)?);
         }
+        let ttl_seconds = self.range(
+            "auth.token_ttl_seconds",
+            raw.auth.token_ttl_seconds,
+            900,
+            10,
+            3600,
+        )? as i64;
+        let issuer = match raw.auth.token_issuer {
+            Some(i) if i.trim().is_empty() || i.chars().any(|c| c.is_control()) => {
+                return Err(self.invalid("auth.token_issuer", "must be a non-empty name or URL"));
+            }
+            Some(i) => i,
+            None => server
+                .public_url
+                .clone()
+                .unwrap_or_else(|| "keyward".to_string()),
+        };
+        let audience = match raw.auth.token_audience {
+            Some(a) if a.trim().is_empty() || a.chars().any(|c| c.is_control()) => {
+                return Err(self.invalid("auth.token_audience", "must be a non-empty name"));
+            }
+            Some(a) => a,
+            None => "keyward-devices".to_string(),
+        };
+        let reuse_seconds = self.range(
+            "auth.token_reuse_seconds",
+            raw.auth.token_reuse_seconds,
+            60.min(ttl_seconds as u64 / 2),
+            0,
+            ttl_seconds as u64 / 2,
+        )? as i64;
+        let key_overlap_seconds = self.range(
+            "auth.token_key_overlap_seconds",
+            raw.auth.token_key_overlap_seconds,
+            3600,
+            1,
+            604_800,
+        )? as i64;
+        let token_keystore = raw
+            .auth
+            .token_keystore
+            .unwrap_or_else(|| DEFAULT_KEYSTORE.to_string());
         let auth = AuthConfig {
             token_pepper: self.secret(
                 "auth.token_pepper",
                 raw.auth.token_pepper_file,
                 raw.auth.token_pepper_env,
             )?,
+            tokens: TokenConfig {
+                ttl_seconds,
+                issuer,
+                audience,
+                reuse_seconds,
+                key_overlap_seconds,
+                keystore: token_keystore,
+            },
         };
         let policies = PoliciesConfig {
             dir: self.resolve(
@@ -950,6 +1023,17 @@ impl Builder<'_> {
         let backup = raw.backup.map(|b| self.backup(b)).transpose()?;
         let audit = self.audit(raw.audit, &keystores)?;
         let redis = raw.redis.map(|r| self.redis(r)).transpose()?;
+        if auth.tokens.keystore != DEFAULT_KEYSTORE
+            && !keystores.contains_key(&auth.tokens.keystore)
+        {
+            return Err(self.invalid(
+                "auth.token_keystore",
+                format!(
+                    "no key store named `{}` is configured",
+                    auth.tokens.keystore
+                ),
+            ));
+        }
         if !matches!(broker.backend, BrokerBackendConfig::None)
             && broker.flush_timeout >= server.request_timeout
         {

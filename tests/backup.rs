@@ -504,8 +504,9 @@ async fn disaster_recovery_onto_a_fresh_token() {
     // The issuing CA's key, the audit key (extractable by wrapping, so
     // that checkpoints go on being signed by the same key) and the
     // audit-encryption key (so that sealed audit details stay readable),
-    // restored decrypt-only.
-    assert_eq!(private.len(), 3, "{objects}");
+    // restored decrypt-only, and the token-signing key (so that tokens
+    // signed before the disaster still verify with the published JWKS).
+    assert_eq!(private.len(), 4, "{objects}");
     // A chunk runs on to the next private key, so it may hold other
     // objects' public halves: the private key's own label comes first.
     let encryption = private
@@ -527,7 +528,8 @@ async fn disaster_recovery_onto_a_fresh_token() {
     assert!(private.iter().all(|p| p.contains("sensitive")), "{objects}");
     assert!(
         private.iter().any(|p| p.contains("keyward-ca-devices-"))
-            && private.iter().any(|p| p.contains("keyward-audit")),
+            && private.iter().any(|p| p.contains("keyward-audit"))
+            && private.iter().any(|p| p.contains("keyward-token-signing")),
         "{objects}"
     );
 

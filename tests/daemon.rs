@@ -196,12 +196,15 @@ async fn register_approve_fetch_credentials_and_verify_chain_with_openssl() {
     let listing = String::from_utf8_lossy(&out.stdout);
     let keys: Vec<&str> = listing.split("Private Key Object").skip(1).collect();
     // Root, issuing CA, the issuing CA's delegated OCSP signer (made at
-    // serve), the audit checkpoint key and the audit-encryption key (both
-    // made at init).
-    assert_eq!(keys.len(), 5, "{listing}");
+    // serve), the audit checkpoint key, the audit-encryption key and the
+    // token-signing key (all three made at init).
+    assert_eq!(keys.len(), 6, "{listing}");
     for k in keys {
         assert!(k.contains("sensitive"), "{k}");
-        if k.contains("keyward-ca-devices-") || k.contains("keyward-audit") {
+        if k.contains("keyward-ca-devices-")
+            || k.contains("keyward-audit")
+            || k.contains("keyward-token-signing")
+        {
             assert!(k.contains("extractable"), "{k}");
             assert!(!k.contains("never extractable"), "{k}");
         } else {

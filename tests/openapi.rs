@@ -1108,6 +1108,7 @@ async fn every_route_is_documented_and_every_answer_fits_the_document() {
 
     // ---- Renewal, devices and certificates.
     let active = devices_and_certificates(&api, env.dir.path(), b, alice, audrey, nobody).await;
+    auth_walk(&api, env.dir.path(), b, audrey, nobody).await;
 
     // ---- Every admin operation: 401 without a token, 429 from a source over
     // its failed-login limit (a good token included).
@@ -1267,6 +1268,207 @@ fn renewal_proof(
         String::from_utf8_lossy(&out.stderr)
     );
     b64.encode(std::fs::read(sig_file).unwrap())
+}
+
+/// The signed-nonce token proof (`"keyward-token-v1" 0x00 id 0x00 nonce`),
+/// signed by the stock openssl CLI with the device's key; base64url.
+fn token_proof(dir: &std::path::Path, device: &str, nonce_b64: &str, key: &Path) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let nonce = b64.decode(nonce_b64).unwrap();
+    let mut msg = b"keyward-token-v1\0".to_vec();
+    msg.extend_from_slice(device.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(&nonce);
+    assert_eq!(msg.len(), 86, "the documented length");
+    let msg_file = dir.join(format!("{}.msg", uuid::Uuid::new_v4()));
+    let sig_file = dir.join(format!("{}.sig", uuid::Uuid::new_v4()));
+    std::fs::write(&msg_file, &msg).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg("-out")
+        .arg(&sig_file)
+        .arg(&msg_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b64.encode(std::fs::read(sig_file).unwrap())
+}
+
+/// Device access tokens: every documented status of the nonce, token,
+/// JWKS and introspection routes (mTLS proofs are in tests/auth_tokens.rs).
+async fn auth_walk(
+    api: &Api,
+    dir: &std::path::Path,
+    b: Option<&str>,
+    audrey: Option<&str>,
+    nobody: uuid::Uuid,
+) {
+    let (d, _, key, _) = own_device(api, dir, "tokener").await;
+    let (ds, _, key_s, _) = own_device(api, dir, "token-suspendee").await;
+    let nonce = async |d: &str| {
+        let r = api
+            .post("/v1/auth/nonce", None, json!({ "device_id": d }))
+            .await;
+        expect(&r, 200, None);
+        r.json["nonce"].as_str().unwrap().to_string()
+    };
+    let n1 = nonce(&d).await;
+    let r = api
+        .post("/v1/auth/nonce", None, json!({ "device": d }))
+        .await;
+    expect(&r, 400, Some("invalid_json"));
+    let r = api
+        .post("/v1/auth/nonce", None, json!({ "device_id": "x" }))
+        .await;
+    expect(&r, 400, Some("invalid_id"));
+    let r = api
+        .post("/v1/auth/nonce", None, json!({ "device_id": nobody }))
+        .await;
+    expect(&r, 404, Some("device_not_found"));
+
+    // A token by the signed-nonce proof; the nonce is single use.
+    let sig = token_proof(dir, &d, &n1, &key);
+    let body = json!({ "device_id": d, "nonce": n1, "signature": sig });
+    let r = api.post("/v1/auth/token", None, body.clone()).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["token_type"], "Bearer");
+    let token = r.json["access_token"].as_str().unwrap().to_string();
+    let r = api.post("/v1/auth/token", None, body).await;
+    expect(&r, 401, Some("invalid_nonce"));
+    let n2 = nonce(&d).await;
+    let r = api
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({ "device_id": d, "nonce": n2, "signature": sig }),
+        )
+        .await;
+    expect(&r, 401, Some("proof_signature_invalid"));
+    expect(
+        &api.post_empty("/v1/auth/token", None).await,
+        401,
+        Some("proof_required"),
+    );
+    let r = api
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({ "device_id": "x", "nonce": "AA", "signature": "AA" }),
+        )
+        .await;
+    expect(&r, 400, Some("invalid_id"));
+    let r = api
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({ "device_id": d, "nonce": "!!", "signature": "AA" }),
+        )
+        .await;
+    expect(&r, 400, Some("invalid_field"));
+    let r = api.post("/v1/auth/token", None, json!({ "x": 1 })).await;
+    expect(&r, 400, Some("invalid_json"));
+
+    // Suspended between nonce and token: no token; no nonce either.
+    let ns = nonce(&ds).await;
+    let sig_s = token_proof(dir, &ds, &ns, &key_s);
+    let r = api
+        .post_empty(&format!("/v1/admin/devices/{ds}/suspend"), b)
+        .await;
+    expect(&r, 200, None);
+    let r = api
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({ "device_id": ds, "nonce": ns, "signature": sig_s }),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.json);
+    let r = api
+        .post("/v1/auth/nonce", None, json!({ "device_id": ds }))
+        .await;
+    expect(&r, 403, Some("device_suspended"));
+
+    // Per source, with renewals.
+    let limited = "192.0.2.77";
+    for _ in 0..3 {
+        let r = api
+            .send(
+                "POST",
+                "/v1/auth/nonce",
+                None,
+                Body::Json(json!({ "device_id": d })),
+                Some(limited),
+            )
+            .await;
+        expect(&r, 200, None);
+    }
+    for path in ["/v1/auth/nonce", "/v1/auth/token"] {
+        let r = api
+            .send(
+                "POST",
+                path,
+                None,
+                Body::Json(json!({ "device_id": d })),
+                Some(limited),
+            )
+            .await;
+        expect(&r, 429, Some("rate_limited"));
+    }
+
+    // JWKS and introspection.
+    let r = api.get("/v1/auth/jwks", None).await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["keys"].as_array().unwrap().len(), 1);
+    let r = api
+        .post("/v1/auth/introspect", audrey, json!({ "token": token }))
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["active"], true, "{}", r.json);
+    assert_eq!(r.json["sub"], d.as_str());
+    let form = format!("token={token}&token_type_hint=access_token");
+    let r = api
+        .send(
+            "POST",
+            "/v1/auth/introspect",
+            audrey,
+            Body::Raw(form.into_bytes(), Some("application/x-www-form-urlencoded")),
+            None,
+        )
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json["active"], true);
+    let r = api
+        .post("/v1/auth/introspect", audrey, json!({ "token": "a.b.c" }))
+        .await;
+    expect(&r, 200, None);
+    assert_eq!(r.json, json!({ "active": false }));
+    let r = api.post("/v1/auth/introspect", audrey, json!({})).await;
+    expect(&r, 400, Some("invalid_json"));
+    let r = api
+        .post("/v1/auth/introspect", None, json!({ "token": token }))
+        .await;
+    expect(&r, 401, None);
+    let blocked = "192.0.2.78";
+    let mut last = 0;
+    for _ in 0..4 {
+        last = api
+            .send(
+                "POST",
+                "/v1/auth/introspect",
+                Some("kwa_wrong"),
+                Body::Json(json!({ "token": token })),
+                Some(blocked),
+            )
+            .await
+            .status;
+    }
+    assert_eq!(last, 429);
 }
 
 /// Renewal, device and certificate routes: every documented status of each,

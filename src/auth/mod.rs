@@ -7,6 +7,7 @@
 pub mod admins;
 mod error;
 pub mod requests;
+pub mod tokens;
 
 pub use error::AdminError;
 

@@ -149,7 +149,19 @@ pub fn proof_message(device_id: Uuid, nonce: &[u8], csr_der: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Issued renewal nonces, bounded; one entry per nonce.
+/// What a nonce may prove: one store for every signed-nonce proof of a
+/// device's current certificate, each nonce bound to the one use it was
+/// issued for (a renewal nonce never opens a token request, and the other
+/// way round), besides the domain prefix of each proof's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoncePurpose {
+    /// `GET /v1/devices/{id}/renew/nonce` → `POST /v1/devices/{id}/renew`.
+    Renewal,
+    /// `POST /v1/auth/nonce` → `POST /v1/auth/token`.
+    AccessToken,
+}
+
+/// Issued proof nonces, bounded; one entry per nonce.
 #[derive(Default)]
 pub struct Nonces {
     inner: Mutex<NonceMap>,
@@ -157,13 +169,19 @@ pub struct Nonces {
 
 #[derive(Default)]
 struct NonceMap {
-    by_nonce: HashMap<[u8; 32], (Uuid, i64)>,
+    by_nonce: HashMap<[u8; 32], (Uuid, NoncePurpose, i64)>,
     /// Insertion order (= expiry order: one TTL for all).
     order: VecDeque<([u8; 32], i64)>,
 }
 
 impl Nonces {
-    fn issue(&self, device: Uuid, now: i64) -> Result<[u8; 32], LifecycleError> {
+    /// A fresh nonce for `device`, usable once for `purpose` within [`NONCE_TTL_SECS`].
+    pub fn issue(
+        &self,
+        device: Uuid,
+        purpose: NoncePurpose,
+        now: i64,
+    ) -> Result<[u8; 32], LifecycleError> {
         let bytes = crate::crypto::random_bytes(32)?;
         let mut nonce = [0u8; 32];
         nonce.copy_from_slice(&bytes);
@@ -174,22 +192,28 @@ impl Nonces {
                 break;
             }
             g.order.pop_front();
-            if g.by_nonce.get(&n).is_some_and(|(_, e)| *e == exp) {
+            if g.by_nonce.get(&n).is_some_and(|(_, _, e)| *e == exp) {
                 g.by_nonce.remove(&n);
             }
         }
-        g.by_nonce.insert(nonce, (device, expires));
+        g.by_nonce.insert(nonce, (device, purpose, expires));
         g.order.push_back((nonce, expires));
         Ok(nonce)
     }
 
     /// Takes the nonce (single use, whatever the outcome) and checks it was
-    /// issued for `device` and has not expired.
-    fn take(&self, nonce: &[u8], device: Uuid, now: i64) -> Result<(), LifecycleError> {
+    /// issued for `device` and `purpose` and has not expired.
+    pub fn take(
+        &self,
+        nonce: &[u8],
+        device: Uuid,
+        purpose: NoncePurpose,
+        now: i64,
+    ) -> Result<(), LifecycleError> {
         let key: [u8; 32] = nonce.try_into().map_err(|_| LifecycleError::InvalidNonce)?;
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         match g.by_nonce.remove(&key) {
-            Some((d, exp)) if d == device && exp > now => Ok(()),
+            Some((d, p, exp)) if d == device && p == purpose && exp > now => Ok(()),
             _ => Err(LifecycleError::InvalidNonce),
         }
     }
@@ -208,7 +232,7 @@ impl Nonces {
 
 /// Verifies `signature` over `message` with the SubjectPublicKeyInfo of
 /// `cert_der` (the algorithms listed in the module docs).
-fn verify_with_certificate_key(
+pub fn verify_with_certificate_key(
     cert_der: &[u8],
     message: &[u8],
     signature: &[u8],
@@ -286,7 +310,7 @@ impl CaService {
             .ok_or(LifecycleError::DeviceNotFound)?;
         device_usable(device.status)?;
         let now = self.clock.now().unix_timestamp();
-        self.nonces.issue(device_id, now)
+        self.nonces.issue(device_id, NoncePurpose::Renewal, now)
     }
 
     pub fn nonces(&self) -> &Nonces {
@@ -406,7 +430,8 @@ impl CaService {
         let now = self.clock.now().unix_timestamp();
         let csr_der = csr::decode_pem_or_der(csr_input)?;
         if let RenewalProof::SignedNonce { nonce, .. } = &proof {
-            self.nonces.take(nonce, device_id, now)?;
+            self.nonces
+                .take(nonce, device_id, NoncePurpose::Renewal, now)?;
         }
         let verified = csr::verify(&csr_der)?;
         let device = self
@@ -623,18 +648,26 @@ mod tests {
     fn nonces_are_single_use_bound_and_expire() {
         let n = Nonces::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let x = n.issue(a, 1000).unwrap();
+        let r = NoncePurpose::Renewal;
+        let x = n.issue(a, r, 1000).unwrap();
         assert!(matches!(
-            n.take(&x, b, 1000),
+            n.take(&x, b, r, 1000),
             Err(LifecycleError::InvalidNonce)
         ));
         // Taken by the failed attempt above: gone for its owner too.
-        assert!(n.take(&x, a, 1000).is_err());
-        let y = n.issue(a, 1000).unwrap();
-        assert!(n.take(&y, a, 1000 + NONCE_TTL_SECS).is_err(), "expired");
-        let z = n.issue(a, 1000).unwrap();
-        assert!(n.take(&z, a, 1001).is_ok());
-        assert!(n.take(&z, a, 1001).is_err(), "replay");
-        assert!(n.take(&[0u8; 5], a, 1001).is_err());
+        assert!(n.take(&x, a, r, 1000).is_err());
+        let y = n.issue(a, r, 1000).unwrap();
+        assert!(n.take(&y, a, r, 1000 + NONCE_TTL_SECS).is_err(), "expired");
+        let z = n.issue(a, r, 1000).unwrap();
+        assert!(n.take(&z, a, r, 1001).is_ok());
+        assert!(n.take(&z, a, r, 1001).is_err(), "replay");
+        assert!(n.take(&[0u8; 5], a, r, 1001).is_err());
+        let t = n.issue(a, NoncePurpose::AccessToken, 1000).unwrap();
+        assert!(
+            n.take(&t, a, r, 1001).is_err(),
+            "a token nonce renews nothing"
+        );
+        let t = n.issue(a, NoncePurpose::AccessToken, 1000).unwrap();
+        assert!(n.take(&t, a, NoncePurpose::AccessToken, 1001).is_ok());
     }
 }

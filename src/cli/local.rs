@@ -76,6 +76,12 @@ pub async fn init(
         audit_key.algorithm,
         crate::backup::archive::sha256_hex(&audit_key.public_key_der)
     );
+    // The key that signs device access tokens (published at /v1/auth/jwks).
+    let token_key = app.prepare_tokens().await?;
+    println!(
+        "tokens   key {} ({}) signs device access tokens; kid {}",
+        token_key.handle, token_key.algorithm, token_key.id
+    );
     match app.state.admins.bootstrap(admin_name).await? {
         Some((admin, token)) => match token_out {
             Some(path) => {
@@ -160,6 +166,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     // Before listening: the first client finds the CRLs and OCSP signers.
     app.prepare_revocation().await?;
     app.prepare_audit().await?;
+    app.prepare_tokens().await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -294,6 +294,12 @@ pub(super) struct YubiKey {
 pub(super) struct Auth {
     pub token_pepper_file: Option<PathBuf>,
     pub token_pepper_env: Option<String>,
+    pub token_ttl_seconds: Option<u64>,
+    pub token_issuer: Option<String>,
+    pub token_audience: Option<String>,
+    pub token_reuse_seconds: Option<u64>,
+    pub token_key_overlap_seconds: Option<u64>,
+    pub token_keystore: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

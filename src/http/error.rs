@@ -301,6 +301,27 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<crate::auth::tokens::TokenError> for ApiError {
+    fn from(e: crate::auth::tokens::TokenError) -> Self {
+        use crate::auth::tokens::TokenError as E;
+        let status = match e {
+            E::Store(s) => return s.into(),
+            E::KeyStore(k) => return k.into(),
+            // The proof does not hold: not authenticated.
+            E::Proof(_) | E::UnknownCertificate => StatusCode::UNAUTHORIZED,
+            // Authenticated as a certificate that may not have a token.
+            E::NotCurrentCertificate | E::DeviceSuspended | E::DeviceRevoked => {
+                StatusCode::FORBIDDEN
+            }
+            E::DeviceNotFound => StatusCode::NOT_FOUND,
+            E::Key(_) | E::NoKey | E::KeyMismatch { .. } | E::BadSignature | E::Random(_) => {
+                return Self::internal(&e);
+            }
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
 impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         use LifecycleError as E;

@@ -66,6 +66,8 @@ pub struct AppState {
     /// Tells every daemon of the deployment what to forget (device
     /// revoked, admin disabled, policy reloaded).
     pub bus: Arc<dyn crate::cache::InvalidationBus>,
+    /// Device access tokens (`/v1/auth/*`).
+    pub tokens: Arc<crate::auth::tokens::TokenService>,
 }
 
 impl AppState {

@@ -58,6 +58,12 @@ pub struct OpsMetrics {
     pub key_max_age: IntGaugeVec,
     /// thisUpdate of the CRL each CA serves.
     pub crl_this_update: IntGaugeVec,
+    /// Device access tokens handed out, by `via` (`signed` in the HSM, `cached`).
+    pub auth_tokens_issued: IntCounterVec,
+    /// Token requests refused, by reason (`auth::tokens::DENIAL_REASONS`).
+    pub auth_token_denials: IntCounterVec,
+    /// Introspection answers, by `result` (`active`, `inactive`).
+    pub auth_introspections: IntCounterVec,
 }
 
 impl OpsMetrics {
@@ -159,7 +165,34 @@ impl OpsMetrics {
             "Unix time of the thisUpdate of the CRL served, by CA: the CRL's age is time() minus this",
             &["ca"],
         )?;
+        let auth_tokens_issued = counter_vec(
+            "auth_tokens_issued_total",
+            "Device access tokens handed out, by how: signed (a new session, one HSM signature) or cached (the same certificate within token_reuse_seconds, no HSM)",
+            &["via"],
+        )?;
+        for v in ["signed", "cached"] {
+            auth_tokens_issued.with_label_values(&[v]);
+        }
+        let auth_token_denials = counter_vec(
+            "auth_token_denials_total",
+            "Device access token requests refused, by reason",
+            &["reason"],
+        )?;
+        for r in crate::auth::tokens::DENIAL_REASONS {
+            auth_token_denials.with_label_values(&[r]);
+        }
+        let auth_introspections = counter_vec(
+            "auth_introspections_total",
+            "Token introspection answers, by result (active, inactive)",
+            &["result"],
+        )?;
+        for r in ["active", "inactive"] {
+            auth_introspections.with_label_values(&[r]);
+        }
         Ok(Self {
+            auth_tokens_issued,
+            auth_token_denials,
+            auth_introspections,
             http_request_duration,
             hsm_operation_duration,
             hsm_sessions_in_use,

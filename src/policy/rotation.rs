@@ -163,7 +163,7 @@ pub const DEFAULT_SCHEDULE: &str = "0 3 * * *";
 impl Default for RotationPolicy {
     /// The values of the shipped `policies/rotation.toml`: plan daily at
     /// 03:00 UTC; issuing CA 1095 d / 30 d, OCSP signing 30 d / 7 d, TLS
-    /// server 90 d / 14 d.
+    /// server 90 d / 14 d, token signing 90 d / 7 d.
     fn default() -> Self {
         let rule = |max_age_days, rotate_before_days| KeyRotation {
             max_age_days,
@@ -177,6 +177,7 @@ impl Default for RotationPolicy {
                 (KeyPurpose::IssuingCa, rule(1095, 30)),
                 (KeyPurpose::OcspSigning, rule(30, 7)),
                 (KeyPurpose::TlsServer, rule(90, 14)),
+                (KeyPurpose::TokenSigning, rule(90, 7)),
             ]),
         }
     }

@@ -115,8 +115,14 @@ pub struct Rotator {
     metrics: Arc<crate::metrics::Metrics>,
     /// One executor pass at a time in this process.
     running: tokio::sync::Mutex<()>,
-    wake: Notify,
+    wake: Arc<Notify>,
+    /// The device access token service, whose `token-signing` keys this
+    /// executor rotates (set once by the composition root).
+    tokens: std::sync::OnceLock<Arc<crate::auth::tokens::TokenService>>,
 }
+
+/// The rotation target of the token-signing key (one per deployment).
+pub const TOKEN_SIGNING_TARGET: &str = "tokens";
 
 fn step_event(r: &RotationRecord, step: RotationStep) -> AuditDraft {
     AuditDraft::new(
@@ -145,7 +151,8 @@ impl Rotator {
             notifiers,
             metrics,
             running: tokio::sync::Mutex::new(()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
+            tokens: std::sync::OnceLock::new(),
         }
     }
 
@@ -173,6 +180,17 @@ impl Rotator {
         self.clock.now().unix_timestamp()
     }
 
+    /// Gives the executor the token service (once; later calls are ignored).
+    pub fn set_tokens(&self, tokens: Arc<crate::auth::tokens::TokenService>) {
+        let _ = self.tokens.set(tokens);
+    }
+
+    fn tokens(&self) -> Result<&Arc<crate::auth::tokens::TokenService>, RotationError> {
+        self.tokens.get().ok_or_else(|| {
+            RotationError::Unsupported("the token service is not wired into the executor".into())
+        })
+    }
+
     /// The key a rotation of (`purpose`, `target`) replaces, and whether it
     /// needs the root card. Refuses what keyward does not rotate.
     async fn current_key(
@@ -198,6 +216,17 @@ impl Rotator {
                     ))
                 })?;
                 Ok((signer.key_id, false))
+            }
+            KeyPurpose::TokenSigning => {
+                if target != TOKEN_SIGNING_TARGET {
+                    return Err(RotationError::Unsupported(format!(
+                        "the token-signing key's target is `{TOKEN_SIGNING_TARGET}`, not `{target}`"
+                    )));
+                }
+                let key = self.tokens()?.active_key().await.ok_or_else(|| {
+                    RotationError::Unsupported("no active token-signing key to rotate".into())
+                })?;
+                Ok((key, false))
             }
             other => Err(RotationError::Unsupported(format!(
                 "keys of purpose `{other}` are not rotated by the executor (the TLS server key is replaced with every renewal of its certificate)"
@@ -240,6 +269,7 @@ impl Rotator {
                     service_not_after.get(&k.id).copied(),
                     false,
                 ),
+                KeyPurpose::TokenSigning => (TOKEN_SIGNING_TARGET.to_string(), None, false),
                 _ => continue,
             };
             keys.push(KeyView {
@@ -288,7 +318,7 @@ impl Rotator {
             };
             if !matches!(
                 item.purpose,
-                KeyPurpose::IssuingCa | KeyPurpose::OcspSigning
+                KeyPurpose::IssuingCa | KeyPurpose::OcspSigning | KeyPurpose::TokenSigning
             ) {
                 continue;
             }
@@ -334,6 +364,9 @@ impl Rotator {
                 "retired",
                 "destroyed",
             ],
+            KeyPurpose::TokenSigning => {
+                vec!["key-generated", "activated", "retired", "destroyed"]
+            }
             _ => vec!["activated", "retired", "destroyed"],
         };
         Ok(RotationPreview {
@@ -509,6 +542,8 @@ impl Rotator {
             (KeyPurpose::IssuingCa, S::Certified) => self.publish(r).await,
             (KeyPurpose::IssuingCa, S::Published) => self.activate(r).await,
             (KeyPurpose::OcspSigning, S::Planned) => self.replace_ocsp_signer(r).await,
+            (KeyPurpose::TokenSigning, S::Planned) => self.generate_token_key(r).await,
+            (KeyPurpose::TokenSigning, S::KeyGenerated) => self.activate_token_key(r).await,
             (p, s) => Err(RotationError::Inconsistent {
                 id: r.id,
                 what: format!("no step follows `{s}` for purpose `{p}`"),
@@ -830,6 +865,10 @@ impl Rotator {
                     .unwrap_or(now)
                     .max(now)
             }
+            // Every token the old key signed expires within the token
+            // lifetime; until then the JWKS keeps its public key (a minute
+            // of slack for relying parties' clocks).
+            KeyPurpose::TokenSigning => now + self.tokens()?.settings().ttl_seconds + 60,
             _ => now,
         };
         let change = change
@@ -853,6 +892,7 @@ impl Rotator {
         if r.purpose == KeyPurpose::IssuingCa {
             self.after_key_change(&r.actor, &r.target).await;
         }
+        self.reload_tokens(r).await;
         self.reread(r.id).await
     }
 
@@ -923,6 +963,116 @@ impl Rotator {
         if r.purpose == KeyPurpose::IssuingCa {
             self.after_key_change(&r.actor, &r.target).await;
         }
+        self.reload_tokens(r).await;
+        self.reread(r.id).await
+    }
+
+    /// After a token-signing step: the token service re-reads its keys
+    /// (signer and JWKS). Other daemons re-read on their own rotation pass.
+    async fn reload_tokens(&self, r: &RotationRecord) {
+        if r.purpose != KeyPurpose::TokenSigning {
+            return;
+        }
+        if let Some(t) = self.tokens.get()
+            && let Err(e) = t.reload().await
+        {
+            tracing::error!(code = e.code(), error = %e, "reloading the token-signing keys after a rotation step");
+        }
+    }
+
+    /// A token-signing key's `planned → key-generated`: the next key is
+    /// generated `pre-active` (steps and undo: `ca::keys::create`) and
+    /// committed with the step; from then on the JWKS publishes it, and it
+    /// signs nothing until `token_key_overlap_seconds` have passed, so
+    /// relying parties that cache the JWKS know it before its first token.
+    async fn generate_token_key(
+        &self,
+        r: &RotationRecord,
+    ) -> Result<Option<RotationRecord>, RotationError> {
+        let tokens = self.tokens()?.clone();
+        let keystore = self
+            .ca
+            .keystores()
+            .get(&tokens.settings().keystore)?
+            .clone();
+        let now = self.now();
+        let rotation = r.clone();
+        tokens
+            .generate_with(keystore.as_ref(), &r.actor, KeyState::PreActive, |key| {
+                Change::new()
+                    .write(Self::advance(
+                        &rotation,
+                        RotationStep::KeyGenerated,
+                        Some(key.id),
+                        None,
+                        None,
+                        now,
+                    ))
+                    .audit(
+                        step_event(&rotation, RotationStep::KeyGenerated).details(json!({
+                            "target": rotation.target,
+                            "new_key": key.id,
+                            "old_key": rotation.old_key_id,
+                            "activates_after": now + tokens.settings().key_overlap_seconds,
+                        })),
+                    )
+            })
+            .await
+            .map_err(|e| RotationError::Unsupported(format!("token-signing key: {e}")))?;
+        self.reload_tokens(r).await;
+        // Come back when the overlap is over (the periodic pass would too).
+        let wake = self.wake.clone();
+        let overlap = tokens.settings().key_overlap_seconds.max(0) as u64;
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(overlap)).await;
+            wake.notify_one();
+        });
+        self.reread(r.id).await
+    }
+
+    /// A token-signing key's `key-generated → activated`, once the next key
+    /// has been published for the overlap: it signs from now on, the old
+    /// key is retired (verify only) in the same commit.
+    async fn activate_token_key(
+        &self,
+        r: &RotationRecord,
+    ) -> Result<Option<RotationRecord>, RotationError> {
+        let overlap = self.tokens()?.settings().key_overlap_seconds;
+        let now = self.now();
+        if now < r.updated_at + overlap {
+            return Ok(None);
+        }
+        let old = Self::old_key(r)?;
+        let new = Self::new_key(r)?;
+        let change = Change::new()
+            .write(Write::SetKeyState {
+                id: new,
+                from: KeyState::PreActive,
+                to: KeyState::Active,
+                at: now,
+            })
+            .write(Write::SetKeyState {
+                id: old,
+                from: KeyState::Active,
+                to: KeyState::Retired,
+                at: now,
+            })
+            .write(Self::advance(
+                r,
+                RotationStep::Activated,
+                None,
+                None,
+                None,
+                now,
+            ))
+            .audit(step_event(r, RotationStep::Activated).details(json!({
+                "target": r.target,
+                "new_key": new,
+                "old_key": old,
+            })));
+        self.store.commit(change).await?;
+        self.reload_tokens(r).await;
+        self.notify(r, RotationOutcome::Completed, RotationStep::Activated, None);
         self.reread(r.id).await
     }
 

@@ -517,6 +517,27 @@ mod tests {
     }
 
     #[test]
+    fn the_token_signing_key_is_planned_like_any_rotated_key() {
+        // Shipped: 90 d / 7 d, due 83 d after activation.
+        let act = datetime!(2027-05-01 12:00 UTC);
+        let k = [key(1, KeyPurpose::TokenSigning, "tokens", act)];
+        let due = t(act) + 83 * DAY;
+        let p = RotationPolicy::default();
+        assert_eq!(one(&k, &p, due - S).action, Action::Wait);
+        assert_eq!(one(&k, &p, due).action.kind(), "rotate");
+        // A running rotation of it: resumed, not started twice.
+        let r = [rotation(
+            9,
+            KeyPurpose::TokenSigning,
+            "tokens",
+            RotationStep::KeyGenerated,
+        )];
+        let plan = run(&k, &r, &p, due);
+        assert_eq!(plan.items.len(), 1, "{plan:#?}");
+        assert_eq!(plan.items[0].action.kind(), "resume");
+    }
+
+    #[test]
     fn year_boundary() {
         // Due exactly at 2027-01-01 00:00: activated 76 d earlier.
         let act = datetime!(2026-10-17 00:00 UTC);

@@ -12,6 +12,7 @@ mod public;
 mod registrations;
 mod roster;
 mod rotation;
+mod tokens;
 
 use super::AppState;
 use axum::Router;
@@ -57,6 +58,22 @@ pub fn router(state: &AppState) -> Router<AppState> {
                 super::limits::renewals,
             )),
         )
+        .route(
+            "/v1/auth/nonce",
+            post(tokens::nonce).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::renewals,
+            )),
+        )
+        .route(
+            "/v1/auth/token",
+            post(tokens::token).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                super::limits::renewals,
+            )),
+        )
+        .route("/v1/auth/jwks", get(tokens::jwks))
+        .route("/v1/auth/introspect", post(tokens::introspect))
         .route("/v1/admin/devices", get(lifecycle::list_devices))
         .route("/v1/admin/devices/{id}", get(lifecycle::show_device))
         .route(

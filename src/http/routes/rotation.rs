@@ -76,11 +76,15 @@ impl From<RotationRecord> for RotationView {
 
 fn purpose(s: &str) -> Result<KeyPurpose, ApiError> {
     match KeyPurpose::parse(s) {
-        Some(p @ (KeyPurpose::IssuingCa | KeyPurpose::OcspSigning)) => Ok(p),
+        Some(p @ (KeyPurpose::IssuingCa | KeyPurpose::OcspSigning | KeyPurpose::TokenSigning)) => {
+            Ok(p)
+        }
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_field",
-            format!("purpose `{s}` cannot be rotated on demand (issuing-ca, ocsp-signing)"),
+            format!(
+                "purpose `{s}` cannot be rotated on demand (issuing-ca, ocsp-signing, token-signing)"
+            ),
         )),
     }
 }
