@@ -124,7 +124,7 @@ pub enum DatabaseError {
     #[error("the database has no keyward schema (run `keyward init`)")]
     NoSchema,
     /// This backend cannot do this (yet).
-    #[error("{0} are not supported by this store")]
+    #[error("{0}")]
     Unsupported(&'static str),
     /// A stored value does not decode (a bad enum string, a malformed id):
     /// tampering or a bug, never a transient failure.

@@ -13,5 +13,8 @@ pub async fn export(
     sink: Box<dyn SnapshotSink>,
 ) -> Result<SnapshotInfo, StoreError> {
     let _ = (client, sink);
-    Err(DatabaseError::Unsupported("snapshots of a PostgreSQL store").into())
+    Err(DatabaseError::Unsupported(
+        "snapshots (backups) of a PostgreSQL store are not supported by this build yet",
+    )
+    .into())
 }
