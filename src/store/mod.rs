@@ -2,6 +2,7 @@
 //! that carry their audit events, so no change lands without its event.
 
 pub mod files;
+pub mod postgres;
 pub mod records;
 pub mod snapshot;
 pub mod sqlite;
@@ -108,6 +109,12 @@ impl StoreError {
 pub enum DatabaseError {
     #[error("SQLite: {0}")]
     Sqlite(#[source] rusqlite::Error),
+    /// PostgreSQL refused or failed (connection lost, a serialization
+    /// failure, a constraint other than a duplicate). A constraint or
+    /// trigger refusal (SQLSTATE class 23) has code `store_constraint`,
+    /// anything else is `store_unavailable`: never a domain conflict.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[source] tokio_postgres::Error),
     /// A stored value does not decode (a bad enum string, a malformed id):
     /// tampering or a bug, never a transient failure.
     #[error("a stored row cannot be read: {0}")]
@@ -154,11 +161,15 @@ impl DatabaseError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidRow(_) => "store_corrupt",
+            Self::Postgres(e) if e.code().is_some_and(|c| c.code().starts_with("23")) => {
+                "store_constraint"
+            }
             Self::Constraint(_) => "store_constraint",
             Self::Unaudited => "change_unaudited",
             Self::ReadOnly => "store_read_only",
             Self::Batch(inner) => inner.code(),
             Self::Sqlite(_)
+            | Self::Postgres(_)
             | Self::Create { .. }
             | Self::NotFound(_)
             | Self::WriterThread(_)
