@@ -115,6 +115,17 @@ pub enum DatabaseError {
     /// anything else is `store_unavailable`: never a domain conflict.
     #[error("PostgreSQL: {0}")]
     Postgres(#[source] tokio_postgres::Error),
+    /// A PostgreSQL row does not decode (a bad enum string, a malformed
+    /// id, an unexpected type): tampering or a bug.
+    #[error("a stored row cannot be read: {0}")]
+    PostgresRow(String),
+    /// The PostgreSQL database holds no keyward schema (opened read-only
+    /// before `keyward init`).
+    #[error("the database has no keyward schema (run `keyward init`)")]
+    NoSchema,
+    /// This backend cannot do this (yet).
+    #[error("{0} are not supported by this store")]
+    Unsupported(&'static str),
     /// A stored value does not decode (a bad enum string, a malformed id):
     /// tampering or a bug, never a transient failure.
     #[error("a stored row cannot be read: {0}")]
@@ -160,7 +171,7 @@ impl DatabaseError {
     /// Stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRow(_) => "store_corrupt",
+            Self::InvalidRow(_) | Self::PostgresRow(_) => "store_corrupt",
             Self::Postgres(e) if e.code().is_some_and(|c| c.code().starts_with("23")) => {
                 "store_constraint"
             }
@@ -170,12 +181,14 @@ impl DatabaseError {
             Self::Batch(inner) => inner.code(),
             Self::Sqlite(_)
             | Self::Postgres(_)
+            | Self::NoSchema
             | Self::Create { .. }
             | Self::NotFound(_)
             | Self::WriterThread(_)
             | Self::ReaderTask(_)
             | Self::AuditDetails(_) => "store_unavailable",
             Self::Snapshot(_) => "snapshot_write_failed",
+            Self::Unsupported(_) => "store_unsupported",
             Self::AuditSink(_) => "audit_sink_failed",
         }
     }

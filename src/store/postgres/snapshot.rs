@@ -474,38 +474,6 @@ impl ImportError {
     }
 }
 
-// --- TEMPORARY (until the `pgstore` branch is merged) -----------------------
-// The schema is created here the way pgstore's `migrate` runner does it
-// (same `keyward_schema` table, same advisory lock key, same file), so that
-// the import stands alone. On merge, call pgstore's migrate runner inside
-// the import transaction instead and delete this block.
-const TEMP_SCHEMA: (i64, &str) = (
-    12,
-    include_str!("../../../migrations/postgres/0012_schema.sql"),
-);
-const TEMP_MIGRATE_LOCK: i64 = 0x6b65_7977_6172_6401;
-const TEMP_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS keyward_schema (
-    version    BIGINT PRIMARY KEY,
-    applied_at BIGINT NOT NULL
-)";
-
-async fn temp_create_schema(tx: &Transaction<'_>) -> R<()> {
-    tx.batch_execute(TEMP_SCHEMA_TABLE).await.map_err(pg)?;
-    tx.batch_execute(TEMP_SCHEMA.1).await.map_err(pg)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    tx.execute(
-        "INSERT INTO keyward_schema (version, applied_at) VALUES ($1, $2)",
-        &[&TEMP_SCHEMA.0, &now],
-    )
-    .await
-    .map_err(pg)?;
-    Ok(())
-}
-// --- end TEMPORARY -----------------------------------------------------------
-
 /// The table being loaded.
 struct Loading {
     table: String,
@@ -540,18 +508,21 @@ impl<'c> PgImporter<'c> {
     /// keyward schema is at that version and whose every table is empty.
     /// Anything else is refused, with nothing written.
     pub async fn create(client: &'c mut Client, schema_version: i64) -> Result<Self, ImportError> {
-        if schema_version != TEMP_SCHEMA.0 {
+        if schema_version != super::migrate::SUPPORTED {
             return Err(ImportError::SchemaUnsupported {
                 found: schema_version,
-                supported: TEMP_SCHEMA.0,
+                supported: super::migrate::SUPPORTED,
             });
         }
         let tx = client.transaction().await.map_err(pg)?;
-        // Daemons starting on this database wait for the import to end
-        // (they take the same lock to migrate) instead of racing it.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&TEMP_MIGRATE_LOCK])
-            .await
-            .map_err(pg)?;
+        // A daemon that writes meanwhile waits for the import to end (every
+        // write transaction takes this lock before reading the chain head).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&super::writer::WRITE_LOCK],
+        )
+        .await
+        .map_err(pg)?;
         let tables: Vec<String> = tx
             .query(
                 "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1",
@@ -563,7 +534,10 @@ impl<'c> PgImporter<'c> {
             .map(|r| r.get(0))
             .collect();
         if tables.is_empty() {
-            temp_create_schema(&tx).await?;
+            // The schema, in this transaction and under the migration lock:
+            // daemons starting on this database meanwhile wait for the
+            // import to end instead of racing it.
+            super::migrate::migrate_in(&tx).await?;
         } else {
             let found = schema_version_of(&tx).await?;
             if found == 0 {
@@ -993,7 +967,7 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(sqlite, TABLE_ORDER);
-        let pg_file = TEMP_SCHEMA.1;
+        let pg_file = include_str!("../../../migrations/postgres/0012_schema.sql");
         let mut created: Vec<&str> = pg_file
             .lines()
             .filter_map(|l| l.strip_prefix("CREATE TABLE "))
