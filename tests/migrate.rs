@@ -587,6 +587,19 @@ async fn refusals_and_bad_inputs_write_nothing() {
         text(&out)
     );
     assert_eq!(pg_tables(&db), "");
+    // ... or at a newer one.
+    rusqlite::Connection::open(&old)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 13")
+        .unwrap();
+    let out = migrate(&["--from", &format!("sqlite:{}", old.display()), "--to", &to]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("version 13 cannot be loaded"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_tables(&db), "");
 
     // A dry run checks everything and writes nothing.
     let out = migrate(&["--from", &from, "--to", &to, "--dry-run"]);
