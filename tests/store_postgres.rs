@@ -350,3 +350,56 @@ fn measure_write_lock_cost() {
         }
     });
 }
+
+/// The server drops every connection of the store (a failover, a restart):
+/// the next operation may fail as unavailable (never as a conflict), and
+/// the writer and the readers reconnect by themselves; nothing is lost
+/// from the chain.
+#[test]
+fn writer_and_readers_reconnect_after_the_server_drops_them() {
+    let db = TestDb::create();
+    rt().block_on(async {
+        let store = PgStore::open(&db.url, None, 8, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        store
+            .commit(Change::new().audit(ev("t.before")))
+            .await
+            .unwrap();
+        assert_eq!(store.audit_head().await.unwrap().0, 1);
+        let admin = raw(&db.url).await;
+        let killed: i64 = admin
+            .query_one(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            killed >= 2,
+            "the writer and a reader were connected ({killed})"
+        );
+        let mut committed = None;
+        for _ in 0..3 {
+            match store.commit(Change::new().audit(ev("t.after"))).await {
+                Ok(seqs) => {
+                    committed = Some(seqs);
+                    break;
+                }
+                Err(e) => assert_eq!(e.code(), "store_unavailable", "{e:?}"),
+            }
+        }
+        assert_eq!(committed, Some(vec![2]));
+        let mut head = None;
+        for _ in 0..3 {
+            if let Ok(h) = store.audit_head().await {
+                head = Some(h.0);
+                break;
+            }
+        }
+        assert_eq!(head, Some(2));
+        assert_eq!(store_suite::verified_chain(&store).await.len(), 2);
+    });
+}
