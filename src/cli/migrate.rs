@@ -382,6 +382,7 @@ async fn load(
         crate::audit::AuditDraft::new("cli:migrate", "store.migrated", "store:postgres")
             .details(details),
     );
+    let load_time = importer.load_time();
     let seqs = importer
         .finish(change, now_ms())
         .await
@@ -389,8 +390,9 @@ async fn load(
     let secs = started.elapsed().as_secs_f64();
     let _ = writeln!(
         summary,
-        "{rows_total} rows in {secs:.2} s ({:.0} rows/s); audit chain carried over up to seq {head_seq}, store.migrated recorded as seq {}",
+        "{rows_total} rows in {secs:.2} s ({:.0} rows/s; {:.2} s of it decoding and sending rows); audit chain carried over up to seq {head_seq}, store.migrated recorded as seq {}",
         rows_total as f64 / secs.max(1e-9),
+        load_time.as_secs_f64(),
         seqs.first().copied().unwrap_or(0)
     );
     let _ = writeln!(

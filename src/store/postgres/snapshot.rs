@@ -720,6 +720,12 @@ impl<'c> PgImporter<'c> {
         &self.rows
     }
 
+    /// Time spent decoding rows and handing them to `COPY` so far (the
+    /// rest of a migration's time is the source's export and the server).
+    pub fn load_time(&self) -> std::time::Duration {
+        self.inserting
+    }
+
     /// The imported audit chain's last (seq, hash), if it has events.
     pub async fn audit_head(&mut self) -> R<Option<(i64, Vec<u8>)>> {
         self.end_copy().await?;
