@@ -10,6 +10,8 @@ use crate::ca::CaService;
 use crate::ca::crls::CrlPublisher;
 use crate::ca::responder::{Responder, ResponderSettings};
 use crate::ca::tls_server::TlsServerProfile;
+use crate::cache::memory::{InProcessBus, InProcessCache};
+use crate::cache::{Cache, Invalidation, InvalidationBus};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{
     BrokerBackendConfig, Config, DEFAULT_KEYSTORE, KeyStoreConfig, StoreConfig, TlsConfig,
@@ -39,6 +41,7 @@ use crate::ratelimit::failures::LoginFailureLog;
 use crate::ratelimit::login::GuardedLogin;
 use crate::ratelimit::memory::InProcessRateLimiter;
 use crate::ratelimit::{Limit, RateLimiter};
+use crate::redis::RedisHandle;
 use crate::registry::RegistryService;
 use crate::rotation::Rotator;
 use crate::store::Store;
@@ -67,6 +70,8 @@ pub struct App {
     pub notifiers: Arc<Notifiers>,
     /// Whether [`App::prepare_revocation`] has run (it runs once).
     revocation_prepared: bool,
+    /// The Redis connection (`[redis]`); `None`: everything in process.
+    pub redis: Option<Arc<RedisHandle>>,
 }
 
 /// What the HTTPS listener needs, prepared before the socket is bound so
@@ -315,6 +320,29 @@ pub async fn open_keystores(config: &Config, metrics: &Arc<Metrics>) -> anyhow::
     Ok(stores)
 }
 
+/// Entries of the in-process cache (no `[redis]`).
+const IN_PROCESS_CACHE_ENTRIES: usize = 100_000;
+
+/// Connects to the configured Redis (`[redis]`), reading its password now.
+/// Nothing is sent yet: a Redis that is down at start leaves the daemon
+/// starting degraded, not failing.
+pub fn open_redis(
+    config: &crate::config::RedisConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<RedisHandle>> {
+    let password = config.password.as_ref().map(|p| p.read()).transpose()?;
+    RedisHandle::new(
+        crate::redis::RedisSettings {
+            url: config.url.clone(),
+            password,
+            key_prefix: config.key_prefix.clone(),
+            timeout: crate::redis::MAX_TIMEOUT,
+        },
+        metrics,
+    )
+    .context("[redis]")
+}
+
 /// How long a clean shutdown waits for queued notifications.
 const NOTIFY_DRAIN: Duration = Duration::from_secs(10);
 
@@ -427,6 +455,21 @@ impl App {
         let hasher = TokenHasher::new(&pepper);
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         let keystores = open_keystores(&config, &metrics).await?;
+        let redis = config
+            .redis
+            .as_ref()
+            .map(|r| open_redis(r, metrics.clone()))
+            .transpose()?;
+        let (cache, bus): (Arc<dyn Cache>, Arc<dyn InvalidationBus>) = match &redis {
+            Some(h) => (
+                Arc::new(crate::redis::cache::RedisCache::new(h.clone())),
+                crate::redis::bus::RedisBus::start(h.clone()),
+            ),
+            None => (
+                Arc::new(InProcessCache::new(IN_PROCESS_CACHE_ENTRIES)),
+                Arc::new(InProcessBus::new()),
+            ),
+        };
         let store = open_store(&config, clock.clone(), metrics.clone())?;
         let reconciled = crate::ca::keys::reconcile(&keystores, store.as_ref(), clock.as_ref())
             .await
@@ -485,8 +528,17 @@ impl App {
         };
         let trusted_proxies = Arc::new(config.server.trusted_proxies.clone());
         let l = &config.limits;
-        let limiter: Arc<dyn RateLimiter> =
+        let local_limiter: Arc<dyn RateLimiter> =
             Arc::new(InProcessRateLimiter::new(clock.clone(), l.tracked_sources));
+        // With Redis: limits shared by every daemon, and the in-process
+        // limiter while Redis is unreachable (crate::redis::ratelimit).
+        let limiter: Arc<dyn RateLimiter> = match &redis {
+            Some(h) => Arc::new(crate::redis::ratelimit::FallbackRateLimiter::new(
+                Arc::new(crate::redis::ratelimit::RedisRateLimiter::new(h.clone())),
+                local_limiter,
+            )),
+            None => local_limiter,
+        };
         let login_failures = Arc::new(LoginFailureLog::new(
             l.login_failure_audit_window.as_secs(),
             l.tracked_sources,
@@ -507,8 +559,12 @@ impl App {
             registrations: Limit::new(l.registrations_per_source, l.registrations_window),
             renewals: Limit::new(l.renewals_per_source, l.renewals_window),
         };
-        let readiness = Arc::new(Readiness::new(clock.clone(), l.readiness_max_age));
-        let ocsp = Arc::new(Responder::new(
+        let mut readiness = Readiness::new(clock.clone(), l.readiness_max_age);
+        if let Some(h) = &redis {
+            readiness = readiness.with_redis(h.clone());
+        }
+        let readiness = Arc::new(readiness);
+        let mut ocsp = Responder::new(
             ca.clone(),
             store.clone(),
             clock.clone(),
@@ -518,7 +574,16 @@ impl App {
                 cache_entries: l.ocsp_cache_entries,
                 fresh_per_source: Limit::new(l.ocsp_fresh_per_source, l.ocsp_fresh_window),
             },
-        ));
+        );
+        // In process the responder's own map is the only level needed.
+        if redis.is_some() {
+            ocsp = ocsp.with_shared(cache.clone());
+        }
+        let ocsp = Arc::new(ocsp);
+        // Other daemons hear of every status change (their OCSP caches).
+        ca.add_revocation_observer(Arc::new(crate::ca::invalidation::PublishRevocations::new(
+            bus.clone(),
+        )));
         // Revocations reach the responder's cache as they commit.
         ca.add_revocation_observer(ocsp.clone());
         let rotator = Arc::new(Rotator::new(
@@ -565,6 +630,8 @@ impl App {
                 ocsp,
                 broker,
                 rotator,
+                cache,
+                bus,
             },
             limits,
             config,
@@ -574,6 +641,7 @@ impl App {
             tls: None,
             notifiers,
             revocation_prepared: false,
+            redis,
         })
     }
 
@@ -660,10 +728,16 @@ impl App {
     pub async fn start_jobs(&self) -> Scheduler {
         let s = &self.state;
         let mut jobs = Scheduler::new(self.clock.clone(), s.metrics.clone());
-        let lease = Arc::new(StoreLease::new(
-            s.store.clone(),
-            self.config.scheduler.lease,
-        ));
+        let lease: Arc<dyn crate::jobs::leader::LeaderLock> = match &self.redis {
+            Some(h) => Arc::new(crate::redis::leader::RedisLeaderLock::new(
+                h.clone(),
+                self.config.scheduler.lease,
+            )),
+            None => Arc::new(StoreLease::new(
+                s.store.clone(),
+                self.config.scheduler.lease,
+            )),
+        };
         jobs.lead_with(lease, s.store.clone()).await;
         let readiness = Arc::new(ReadinessRefresher::new(
             s.readiness.clone(),
@@ -773,9 +847,21 @@ impl App {
         if self.state.audit.key().await.is_none() {
             self.prepare_audit().await?;
         }
+        let background = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::new();
+        if let Some(h) = &self.redis {
+            // Known before the first /readyz and the first lease round.
+            h.ping().await;
+            tasks.push(h.spawn_health(background.clone()));
+        }
+        tasks.push(spawn_invalidation_listener(
+            self.state.bus.clone(),
+            self.state.ocsp.clone(),
+            self.state.registry.clone(),
+        ));
         let jobs = self.start_jobs().await;
         ready();
-        let reloader = spawn_sighup_reload(self.state.registry.clone());
+        let reloader = spawn_sighup_reload(self.state.registry.clone(), self.state.bus.clone());
         let router = crate::http::router(self.state, self.limits);
         let served = match self.tls {
             // The TLS accept loop adds ConnectInfo and the client certificate itself.
@@ -804,6 +890,10 @@ impl App {
         reloader.abort();
         // No request is in flight any more: nothing can add a failed login.
         jobs.shutdown().await;
+        background.cancel();
+        for t in tasks {
+            t.abort();
+        }
         // Nothing raises notifications any more: deliver what is queued.
         notifiers.shutdown(NOTIFY_DRAIN).await;
         served?;
@@ -818,7 +908,10 @@ impl App {
 
 /// SIGHUP reloads the policies (validated first; refused reloads change
 /// nothing and are audited like accepted ones).
-fn spawn_sighup_reload(registry: Arc<RegistryService>) -> tokio::task::JoinHandle<()> {
+fn spawn_sighup_reload(
+    registry: Arc<RegistryService>,
+    bus: Arc<dyn InvalidationBus>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
@@ -829,13 +922,59 @@ fn spawn_sighup_reload(registry: Arc<RegistryService>) -> tokio::task::JoinHandl
                 return;
             };
             while hup.recv().await.is_some() {
-                if let Err(e) = registry.reload_policies("system:sighup", None).await {
-                    tracing::warn!(error = %e, "SIGHUP: policies not reloaded");
+                match registry.reload_policies("system:sighup", None).await {
+                    Ok(_) => {
+                        if let Err(e) = bus.publish(Invalidation::Policy).await {
+                            tracing::warn!(error = %e, "policy reload not announced to the other daemons");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "SIGHUP: policies not reloaded"),
                 }
             }
         }
         #[cfg(not(unix))]
-        drop(registry);
+        drop((registry, bus));
+    })
+}
+
+/// Applies what the invalidation bus delivers to this daemon's caches:
+/// a certificate's OCSP answers are dropped, a reload on another daemon
+/// reloads this daemon's policy files (only if they differ from those in
+/// force, so the daemon that reloaded does not reload twice), and a missed
+/// stretch of invalidations (`All`, or a lagging receiver) drops every
+/// cached OCSP answer. `Device` and `Admin` have no subscriber here: the
+/// certificates of a revoked or suspended device arrive as `Certificate`
+/// invalidations, and admin authentication reads the store every time.
+pub fn spawn_invalidation_listener(
+    bus: Arc<dyn InvalidationBus>,
+    ocsp: Arc<Responder>,
+    registry: Arc<RegistryService>,
+) -> tokio::task::JoinHandle<()> {
+    let mut rx = bus.subscribe();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(Invalidation::Certificate { serial }) => ocsp.forget(&serial),
+                Ok(Invalidation::All) | Err(RecvError::Lagged(_)) => ocsp.forget_all(),
+                Ok(Invalidation::Policy) => {
+                    match registry.follow_policy_reload("system:invalidation").await {
+                        Ok(Some(o)) => {
+                            tracing::info!(
+                                changed = o.changed,
+                                "policies reloaded after another daemon's reload"
+                            )
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "policies not reloaded after another daemon's reload")
+                        }
+                    }
+                }
+                Ok(Invalidation::Device { .. } | Invalidation::Admin { .. }) => {}
+                Err(RecvError::Closed) => break,
+            }
+        }
     })
 }
 

@@ -88,6 +88,10 @@ pub struct Config {
     pub backup: Option<BackupConfig>,
     /// `[audit]`: signed checkpoints of the audit chain and its sinks.
     pub audit: AuditConfig,
+    /// `[redis]`: rate limits, the scheduler lock, the cache and the
+    /// invalidation bus shared by the daemons of a deployment. `None`: all
+    /// of them in process (one daemon).
+    pub redis: Option<RedisConfig>,
     /// Directory the config was read from; relative paths were resolved against it.
     pub base_dir: PathBuf,
     pub source_path: PathBuf,
@@ -333,6 +337,20 @@ pub struct S3LocationConfig {
     pub access_key_id: Option<SecretSetting>,
     pub secret_access_key: Option<SecretSetting>,
 }
+
+/// `[redis]` (see `crate::redis`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` (or `unix:///path`); never with a password.
+    pub url: String,
+    /// `password_file` or `password_env`; `None`: no `AUTH`.
+    pub password: Option<SecretSetting>,
+    /// Namespace of every key and channel of this deployment (default `keyward:`).
+    pub key_prefix: String,
+}
+
+/// Default `[redis] key_prefix`.
+pub const DEFAULT_REDIS_PREFIX: &str = "keyward:";
 
 /// `[broker]`: the MQTT broker whose ACLs follow device issuance and
 /// revocation, and how hard keyward tries.
@@ -931,6 +949,7 @@ impl Builder<'_> {
         let scheduler = self.scheduler(raw.scheduler)?;
         let backup = raw.backup.map(|b| self.backup(b)).transpose()?;
         let audit = self.audit(raw.audit, &keystores)?;
+        let redis = raw.redis.map(|r| self.redis(r)).transpose()?;
         if !matches!(broker.backend, BrokerBackendConfig::None)
             && broker.flush_timeout >= server.request_timeout
         {
@@ -965,6 +984,7 @@ impl Builder<'_> {
             notify,
             backup,
             audit,
+            redis,
             base_dir: self.base_dir.to_path_buf(),
             source_path: self.path.to_path_buf(),
         })
@@ -1249,6 +1269,75 @@ impl Builder<'_> {
         }
         Ok(SchedulerConfig {
             lease: Duration::from_millis((secs * 1000.0).round() as u64),
+        })
+    }
+
+    fn redis(&self, r: file::Redis) -> Result<RedisConfig, ConfigError> {
+        use ::redis::IntoConnectionInfo;
+        let url = r
+            .url
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| self.invalid("redis.url", "missing (e.g. redis://127.0.0.1:6379/0)"))?;
+        if !["redis://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
+            return Err(self.invalid(
+                "redis.url",
+                "must start with redis:// (or unix:// for a socket); rediss:// (TLS) is not supported by this build",
+            ));
+        }
+        // Checked before parsing, so the error never echoes the secret.
+        let authority = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(['/', '?']).next())
+            .unwrap_or("");
+        let userinfo_has_password = authority
+            .rsplit_once('@')
+            .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+        let query_has_password = url
+            .split_once('?')
+            .is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("pass")));
+        if userinfo_has_password || query_has_password {
+            return Err(self.invalid(
+                "redis.url",
+                "must not contain a password (it would show in config dumps and logs); use redis.password_file or redis.password_env",
+            ));
+        }
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| self.invalid("redis.url", format!("not a valid Redis URL ({e})")))?;
+        if info.redis_settings().password().is_some() {
+            return Err(self.invalid(
+                "redis.url",
+                "must not contain a password; use redis.password_file or redis.password_env",
+            ));
+        }
+        let password = if r.password_file.is_some() || r.password_env.is_some() {
+            Some(self.secret("redis.password", r.password_file, r.password_env)?)
+        } else {
+            None
+        };
+        let key_prefix = r
+            .key_prefix
+            .unwrap_or_else(|| DEFAULT_REDIS_PREFIX.to_string());
+        if key_prefix.is_empty()
+            || key_prefix.len() > 64
+            || key_prefix
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(self.invalid(
+                "redis.key_prefix",
+                "must be 1-64 characters without spaces or control characters (e.g. \"keyward:\")",
+            ));
+        }
+        Ok(RedisConfig {
+            url,
+            password,
+            key_prefix,
         })
     }
 
@@ -1838,6 +1927,92 @@ token_pepper_env = "KEYWARD_PEPPER"
         match &c.keystore {
             KeyStoreConfig::Pkcs11(p) => p,
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_is_optional_and_its_url_never_carries_a_password() {
+        assert_eq!(parse(MINIMAL).unwrap().redis, None);
+        let c = parse(&format!(
+            "{MINIMAL}[redis]\nurl = \"redis://127.0.0.1:6390/2\"\npassword_file = \"redis.pw\"\n"
+        ))
+        .unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.url, "redis://127.0.0.1:6390/2");
+        assert_eq!(r.key_prefix, "keyward:");
+        assert_eq!(
+            r.password.unwrap().from,
+            SecretRef::File(PathBuf::from("/etc/kw/redis.pw"))
+        );
+        let c = parse(&format!(
+            "{MINIMAL}[redis]\nurl = \"redis://kw@redis.internal:6379\"\npassword_env = \"KEYWARD_REDIS_PASSWORD\"\nkey_prefix = \"prod-a:\"\n"
+        ))
+        .unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.key_prefix, "prod-a:");
+        assert_eq!(
+            r.password.unwrap().from,
+            SecretRef::Env("KEYWARD_REDIS_PASSWORD".into())
+        );
+        assert!(
+            parse(&format!("{MINIMAL}[redis]\nurl = \"redis://127.0.0.1\"\n"))
+                .unwrap()
+                .redis
+                .unwrap()
+                .password
+                .is_none()
+        );
+        let with = |body: &str| format!("{MINIMAL}[redis]\n{body}\n");
+        for (text, key, secret) in [
+            (
+                with("url = \"redis://:hunter2@127.0.0.1/0\""),
+                "redis.url",
+                Some("hunter2"),
+            ),
+            (
+                with("url = \"redis://kw:hunter2@127.0.0.1/0\""),
+                "redis.url",
+                Some("hunter2"),
+            ),
+            (
+                with("url = \"redis://127.0.0.1/0?password=hunter2\""),
+                "redis.url",
+                Some("hunter2"),
+            ),
+            (with("url = \"rediss://127.0.0.1/0\""), "redis.url", None),
+            (with("url = \"http://127.0.0.1/0\""), "redis.url", None),
+            (with("url = \"\""), "redis.url", None),
+            (with("key_prefix = \"x:\""), "redis.url", None),
+            (
+                with("url = \"redis://127.0.0.1\"\npassword_file = \"a\"\npassword_env = \"B\""),
+                "redis.password",
+                None,
+            ),
+            (
+                with("url = \"redis://127.0.0.1\"\npassword_env = \"\""),
+                "redis.password_env",
+                None,
+            ),
+            (
+                with("url = \"redis://127.0.0.1\"\nkey_prefix = \"\""),
+                "redis.key_prefix",
+                None,
+            ),
+            (
+                with("url = \"redis://127.0.0.1\"\nkey_prefix = \"a b\""),
+                "redis.key_prefix",
+                None,
+            ),
+            (
+                with("url = \"redis://127.0.0.1\"\npassword = \"x\""),
+                "password",
+                None,
+            ),
+        ] {
+            let msg = refused(&text, key);
+            if let Some(s) = secret {
+                assert!(!msg.contains(s), "the error echoes the password: {msg}");
+            }
         }
     }
 

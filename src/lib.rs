@@ -29,6 +29,7 @@ pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod ratelimit;
+pub mod redis;
 pub mod registry;
 pub mod rotation;
 pub mod secret;

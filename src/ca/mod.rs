@@ -29,6 +29,7 @@ pub mod csr;
 mod der_write;
 mod generations;
 mod hierarchy;
+pub mod invalidation;
 mod issuance;
 pub mod keys;
 pub mod lifecycle;

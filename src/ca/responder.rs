@@ -21,6 +21,18 @@
 //! reports it, and everything when a signer is replaced. An epoch counter,
 //! read before the store and checked before caching, keeps a response
 //! signed from a status read before an invalidation out of the cache.
+//!
+//! With `[redis]`, a second, shared level sits behind the in-memory one
+//! ([`Responder::with_shared`]): a response one daemon signed is served by
+//! every daemon without another HSM signature. Other daemons learn of a
+//! status change through the invalidation bus ([`Responder::forget`],
+//! [`Responder::forget_all`]); the shared entries are guarded by a marker
+//! per serial (`ocsp-gen:<serial>`, rewritten by every status change):
+//! an entry records the marker it saw before its status was read, and is
+//! served only while the marker is unchanged — read in the same `MGET` —
+//! so a response signed from a status read before a revocation can never
+//! be served after it, however the daemons interleave. The in-memory level
+//! is unchanged: a hit costs no Redis round trip.
 
 use super::ocsp::{
     self, CertId, CertStatus, HashAlgorithm, IssuerId, OcspError, OcspRequest, RequestLimits,
@@ -29,9 +41,10 @@ use super::ocsp::{
 use super::ocsp_signer::OcspSigner;
 use super::serial::Serial;
 use super::{CaError, CaService, RevocationObserver};
+use crate::cache::Cache as SharedCache;
 use crate::clock::Clock;
-use crate::metrics::Metrics;
 use crate::metrics::ocsp::{CacheResult, OcspOutcome};
+use crate::metrics::{CacheLookup, Metrics};
 use crate::ratelimit::{Limit, RateLimiter, key as limit_key, source_of};
 use crate::store::{CertificateStatus, Store};
 use bytes::Bytes;
@@ -206,6 +219,8 @@ pub struct Responder {
     epoch: AtomicU64,
     /// One signer refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
+    /// The shared level (`[redis]`); `None`: in memory only.
+    shared: Option<Arc<dyn SharedCache>>,
 }
 
 /// Outcome of one signing attempt, before it becomes an answer.
@@ -256,7 +271,99 @@ impl Responder {
             inflight: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             refreshing: tokio::sync::Mutex::new(()),
+            shared: None,
         }
+    }
+
+    /// Adds the shared level behind the in-memory cache (see the module doc).
+    pub fn with_shared(mut self, cache: Arc<dyn SharedCache>) -> Self {
+        self.shared = Some(cache);
+        self
+    }
+
+    /// Another daemon changed `serial`'s status (the invalidation bus): the
+    /// in-memory answers for it, under any CA and hash, are dropped.
+    pub fn forget(&self, serial_hex: &str) {
+        let Ok(serial) = Serial::from_hex(serial_hex) else {
+            return;
+        };
+        let slots = self.table().slots.len();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for issuer in 0..slots {
+            for hash in [HashAlgorithm::Sha1, HashAlgorithm::Sha256] {
+                self.cache.remove(&CacheKey {
+                    issuer: issuer as u32,
+                    hash,
+                    serial,
+                });
+            }
+        }
+    }
+
+    /// Invalidations may have been missed (the bus reconnected): every
+    /// in-memory answer is dropped. The shared level needs nothing: its
+    /// markers are in Redis with the entries.
+    pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.cache.clear();
+    }
+
+    /// The shared-level key of an answer: by CA name and key, which are
+    /// the same on every daemon (slot numbers are not).
+    fn shared_key(slot: &Slot, key: &CacheKey) -> String {
+        let hash = match key.hash {
+            HashAlgorithm::Sha1 => "sha1",
+            HashAlgorithm::Sha256 => "sha256",
+        };
+        format!(
+            "ocsp:{}:{}:{hash}:{}",
+            slot.name,
+            slot.key_id.simple(),
+            key.serial.to_hex()
+        )
+    }
+
+    fn marker_key(serial_hex: &str) -> String {
+        format!("ocsp-gen:{serial_hex}")
+    }
+
+    /// The shared level's answer and the serial's marker, read together.
+    /// `Err`: no shared level, or it failed (then nothing is written to it).
+    async fn shared_lookup(
+        &self,
+        slot: &Slot,
+        key: &CacheKey,
+        now: i64,
+    ) -> Result<(Option<Cached>, Vec<u8>), ()> {
+        let shared = self.shared.as_ref().ok_or(())?;
+        let entry_key = Self::shared_key(slot, key);
+        let marker_key = Self::marker_key(&key.serial.to_hex());
+        let got = match shared.get_many(&[&entry_key, &marker_key]).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(error = %e, "shared OCSP cache unavailable");
+                self.metrics.cache_request("ocsp", CacheLookup::Error);
+                return Err(());
+            }
+        };
+        let mut got = got.into_iter();
+        let (entry, marker) = (
+            got.next().flatten(),
+            got.next().flatten().unwrap_or_default(),
+        );
+        let hit = entry
+            .and_then(|raw| decode_shared(&raw))
+            .filter(|(seen, c)| *seen == marker && now < c.refresh_at)
+            .map(|(_, c)| c);
+        self.metrics.cache_request(
+            "ocsp",
+            if hit.is_some() {
+                CacheLookup::Hit
+            } else {
+                CacheLookup::Miss
+            },
+        );
+        Ok((hit, marker))
     }
 
     fn table(&self) -> Arc<Table> {
@@ -608,6 +715,18 @@ impl Responder {
             .slots
             .get(key.issuer as usize)
             .ok_or(Fresh::Error(OcspError::Unauthorized))?;
+        // The marker is read before the status: see the module doc.
+        let marker = match self.shared_lookup(slot, &key, now).await {
+            Ok((Some(c), _)) => {
+                self.metrics.ocsp.cache(CacheResult::Hit);
+                self.cache.insert_if(key, c.clone(), now, || {
+                    self.epoch.load(Ordering::SeqCst) == epoch
+                });
+                return Ok(c);
+            }
+            Ok((None, marker)) => Some(marker),
+            Err(()) => None,
+        };
         let status = self.status_of(&slot.name, slot.key_id, &id.serial).await?;
         if status == CertStatus::Unknown {
             self.take_fresh(source).await.map_err(Fresh::Limited)?;
@@ -646,6 +765,19 @@ impl Responder {
         self.cache.insert_if(key, cached.clone(), now, || {
             self.epoch.load(Ordering::SeqCst) == epoch
         });
+        if let (Some(shared), Some(marker)) = (&self.shared, marker) {
+            let ttl = Duration::from_secs(u64::try_from(next_update - now).unwrap_or(0).max(1));
+            if let Err(e) = shared
+                .put(
+                    &Self::shared_key(slot, &key),
+                    &encode_shared(&marker, &cached),
+                    ttl,
+                )
+                .await
+            {
+                tracing::debug!(error = %e, "could not share an OCSP response");
+            }
+        }
         Ok(cached)
     }
 
@@ -753,8 +885,83 @@ fn sign_error(e: &ocsp::SignError<crate::keystore::KeyStoreError>) -> OcspError 
     }
 }
 
+/// Shared-level value: refresh_at, next_update (i64 BE), outcome (1 byte),
+/// marker length (1 byte) and marker, then the DER response.
+fn encode_shared(marker: &[u8], c: &Cached) -> Vec<u8> {
+    let marker = &marker[..marker.len().min(255)];
+    let mut out = Vec::with_capacity(18 + marker.len() + c.body.len());
+    out.extend_from_slice(&c.refresh_at.to_be_bytes());
+    out.extend_from_slice(&c.next_update.to_be_bytes());
+    out.push(match c.outcome {
+        OcspOutcome::Good => 0,
+        OcspOutcome::Revoked => 1,
+        _ => 2,
+    });
+    out.push(marker.len() as u8);
+    out.extend_from_slice(marker);
+    out.extend_from_slice(&c.body);
+    out
+}
+
+/// The marker an entry saw and the entry; `None` for anything malformed
+/// (treated as a miss).
+fn decode_shared(raw: &[u8]) -> Option<(Vec<u8>, Cached)> {
+    let refresh_at = i64::from_be_bytes(raw.get(0..8)?.try_into().ok()?);
+    let next_update = i64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+    let outcome = match raw.get(16)? {
+        0 => OcspOutcome::Good,
+        1 => OcspOutcome::Revoked,
+        2 => OcspOutcome::Unknown,
+        _ => return None,
+    };
+    let len = usize::from(*raw.get(17)?);
+    let marker = raw.get(18..18 + len)?.to_vec();
+    let body = raw.get(18 + len..)?;
+    if body.is_empty() {
+        return None;
+    }
+    Some((
+        marker,
+        Cached {
+            body: Bytes::copy_from_slice(body),
+            refresh_at,
+            next_update,
+            outcome,
+        },
+    ))
+}
+
+impl Responder {
+    /// Rewrites the shared markers of `serials`, so that no daemon serves a
+    /// shared answer signed before the change. Kept for as long as any
+    /// answer lives (the OCSP validity), plus a margin.
+    fn bump_markers(&self, serials: &[String]) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let validity = i64::from(self.ca.policies().revocation.ocsp_validity_minutes) * 60;
+        let ttl = Duration::from_secs(u64::try_from(validity).unwrap_or(0) + 3600);
+        let serials = serials.to_vec();
+        rt.spawn(async move {
+            for hex in serials {
+                let marker = uuid::Uuid::new_v4().simple().to_string();
+                if let Err(e) = shared
+                    .put(&Self::marker_key(&hex), marker.as_bytes(), ttl)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not invalidate a shared OCSP answer; it lasts until its nextUpdate");
+                }
+            }
+        });
+    }
+}
+
 impl RevocationObserver for Responder {
     fn revocation_changed(&self, issuer_ca: &str, serials: &[String]) {
+        self.bump_markers(serials);
         let table = self.table();
         let Some(index) = table.slots.iter().position(|s| s.name == issuer_ca) else {
             return;

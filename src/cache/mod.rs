@@ -36,6 +36,16 @@ pub trait Cache: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// The value under `key`, if present and not expired.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError>;
+    /// The values under `keys`, in order, read together (Redis: one `MGET`,
+    /// one round trip; a value and the marker that invalidates it are then
+    /// read at the same instant).
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.get(k).await?);
+        }
+        Ok(out)
+    }
     /// Stores `value` under `key` for `ttl` (replacing any value).
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError>;
     /// Removes `key` (absent: not an error).
@@ -55,6 +65,10 @@ pub enum Invalidation {
     Admin { id: Uuid },
     /// Policy files were reloaded.
     Policy,
+    /// Invalidations may have been missed (the Redis subscription was
+    /// down, or a receiver lagged): drop everything cached. Sent by the bus
+    /// itself to its local subscribers, never published.
+    All,
 }
 
 /// Publish/subscribe of [`Invalidation`]s across the daemons of a

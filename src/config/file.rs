@@ -37,6 +37,18 @@ pub(super) struct File {
     /// `[audit]`: checkpoints, detail encryption, sinks.
     #[serde(default)]
     pub audit: Audit,
+    /// `[redis]`: shared state of several daemons; absent: in process.
+    pub redis: Option<Redis>,
+}
+
+/// `[redis]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Redis {
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    pub key_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -60,6 +60,24 @@ pub struct AppState {
     pub backups: Option<Arc<crate::backup::service::BackupService>>,
     /// The audit key, checkpoints and verification (`/v1/admin/audit`).
     pub audit: Arc<crate::audit::service::AuditService>,
+    /// Short-lived shared state (device sessions, OCSP responses): Redis
+    /// with `[redis]`, else in process.
+    pub cache: Arc<dyn crate::cache::Cache>,
+    /// Tells every daemon of the deployment what to forget (device
+    /// revoked, admin disabled, policy reloaded).
+    pub bus: Arc<dyn crate::cache::InvalidationBus>,
+}
+
+impl AppState {
+    /// Publishes `inv` after a committed change. Never fails the request:
+    /// this daemon has already applied it (the bus delivers locally first),
+    /// and a daemon that missed it drops its caches when its subscription
+    /// comes back (docs/operations.md, Redis).
+    pub async fn invalidate(&self, inv: crate::cache::Invalidation) {
+        if let Err(e) = self.bus.publish(inv).await {
+            tracing::warn!(error = %e, "invalidation not published to the other daemons");
+        }
+    }
 }
 
 /// The rate limiter and the limits the HTTP layer applies with it.

@@ -64,6 +64,9 @@ pub enum JobError {
     Backup(#[from] crate::backup::BackupError),
     #[error(transparent)]
     Audit(#[from] crate::audit::service::AuditError),
+    /// The Redis leader lock could not be asked (Redis down or slow).
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisError),
 }
 
 impl JobError {
@@ -78,6 +81,7 @@ impl JobError {
             Self::Rotation(e) => e.code(),
             Self::Backup(e) => e.code(),
             Self::Audit(e) => e.code(),
+            Self::Redis(e) => e.code(),
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct ReadinessView {
     pub stale: bool,
     pub age: Option<Duration>,
     pub snapshot: Option<HealthSnapshot>,
+    /// Whether Redis answers now (`None`: no `[redis]`). Not part of
+    /// readiness: without Redis a daemon serves, degraded.
+    pub redis_up: Option<bool>,
 }
 
 /// The cache between the refresher and `/readyz`.
@@ -63,6 +66,7 @@ pub struct Readiness {
     clock: Arc<dyn Clock>,
     max_age: Duration,
     snapshot: RwLock<Option<HealthSnapshot>>,
+    redis: Option<Arc<dyn crate::redis::RedisHealth>>,
 }
 
 impl Readiness {
@@ -71,7 +75,14 @@ impl Readiness {
             clock,
             max_age,
             snapshot: RwLock::new(None),
+            redis: None,
         }
+    }
+
+    /// Reports Redis's state (live, from its health ping) in the view.
+    pub fn with_redis(mut self, redis: Arc<dyn crate::redis::RedisHealth>) -> Self {
+        self.redis = Some(redis);
+        self
     }
 
     pub fn max_age(&self) -> Duration {
@@ -109,6 +120,7 @@ impl Readiness {
             stale,
             age,
             snapshot,
+            redis_up: self.redis.as_ref().map(|r| r.redis_up()),
         }
     }
 }

@@ -106,6 +106,14 @@ pub struct Metrics {
     pub backup_replicas_pending: IntGauge,
     /// Size in bytes of the newest backup archive.
     pub backup_size_bytes: IntGauge,
+    /// 1 while Redis answers (`[redis]`; always 0 without it).
+    pub redis_up: IntGauge,
+    /// Redis commands that failed or timed out, by op (`get`, `put`,
+    /// `delete`, `publish`, `subscribe`, `ratelimit`, `lock`, `ping`).
+    pub redis_errors: IntCounterVec,
+    /// Shared-cache lookups by cache (`ocsp`, `session`) and result (`hit`,
+    /// `miss`, `error`).
+    pub cache_requests: IntCounterVec,
     /// The issue 11 catalogue: latency, pool and queue, renewals,
     /// revocations, approvals, queue and expiry gauges ([`ops`]).
     pub ops: ops::OpsMetrics,
@@ -306,7 +314,24 @@ impl Metrics {
             "scheduler_leader",
             "1 while this daemon holds the scheduler lease and runs the leader-only jobs (exactly one daemon per store should)",
         )?;
+        let redis_up = gauge(
+            "redis_up",
+            "1 while Redis answers (always 0 without a [redis] section)",
+        )?;
+        let redis_errors = counter_vec(
+            "redis_errors_total",
+            "Redis commands that failed or timed out (each one degraded to the in-process path), by op",
+            &["op"],
+        )?;
+        let cache_requests = counter_vec(
+            "cache_requests_total",
+            "Lookups in the shared cache, by cache and result",
+            &["cache", "result"],
+        )?;
         Ok(Self {
+            redis_up,
+            redis_errors,
+            cache_requests,
             ops,
             backups,
             backup_last_success,
@@ -370,6 +395,13 @@ impl Metrics {
             .inc();
     }
 
+    /// One lookup in the shared cache `cache` (`ocsp`, `session`).
+    pub fn cache_request(&self, cache: &'static str, result: CacheLookup) {
+        self.cache_requests
+            .with_label_values(&[cache, result.as_str()])
+            .inc();
+    }
+
     pub fn rate_limited(&self, limit: &'static str) {
         self.rate_limited.with_label_values(&[limit]).inc();
     }
@@ -396,6 +428,25 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
+    }
+}
+
+/// The `result` label of `keyward_cache_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheLookup {
+    Hit,
+    Miss,
+    /// The cache backend failed; the caller went to the store/HSM.
+    Error,
+}
+
+impl CacheLookup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Error => "error",
+        }
     }
 }
 
@@ -453,6 +504,9 @@ mod tests {
         m.store_batch_size.observe(3.0);
         m.rate_limited("registrations");
         m.rate_limiter_keys.set(3);
+        m.redis_up.set(1);
+        m.redis_errors.with_label_values(&["get"]).inc();
+        m.cache_request("ocsp", CacheLookup::Hit);
         m.login_failures_unaudited.set(2);
         m.job_run("sweeper", true, 1_900_000_000);
         m.ready.set(1);
@@ -551,6 +605,9 @@ mod tests {
             "keyward_hsm_up{keystore=\"default\"} 1",
             "keyward_rate_limited_total{limit=\"registrations\"} 1",
             "keyward_rate_limiter_keys 3",
+            "keyward_redis_up 1",
+            "keyward_redis_errors_total{op=\"get\"} 1",
+            "keyward_cache_requests_total{cache=\"ocsp\",result=\"hit\"} 1",
             "keyward_login_failures_unaudited 2",
             "keyward_job_runs_total{job=\"sweeper\",result=\"ok\"} 1",
             "keyward_job_last_success_timestamp_seconds{job=\"sweeper\"} 1900000000",

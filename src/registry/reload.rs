@@ -20,6 +20,24 @@ pub struct ReloadOutcome {
 }
 
 impl RegistryService {
+    /// Another daemon of the deployment reloaded its policies (the
+    /// invalidation bus): reloads this daemon's files, audited like any
+    /// reload, unless they are the ones already in force (then nothing
+    /// happens and `None` is returned: the daemon that published it, or
+    /// files not yet deployed here).
+    pub async fn follow_policy_reload(
+        &self,
+        actor: &str,
+    ) -> Result<Option<ReloadOutcome>, RegistryError> {
+        let current = self.ca.policies();
+        if let Ok(on_disk) = Policies::load(&current.dir)
+            && on_disk.hashes == current.hashes
+        {
+            return Ok(None);
+        }
+        self.reload_policies(actor, None).await.map(Some)
+    }
+
     /// Reloads `policies/*.toml` from the directory the daemon started with.
     pub async fn reload_policies(
         &self,

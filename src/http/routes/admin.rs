@@ -197,6 +197,9 @@ pub async fn disable_admin(
         .admins
         .disable(&me, &who, client.as_string().as_deref())
         .await?;
+    state
+        .invalidate(crate::cache::Invalidation::Admin { id: disabled.id })
+        .await;
     Ok(Json(AdminView::from(&disabled)))
 }
 

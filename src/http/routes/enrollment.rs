@@ -227,13 +227,14 @@ pub async fn reload_policies(
     client: ClientAddr,
 ) -> Result<Json<ReloadOutcome>, ApiError> {
     let admin = admin.require(Role::Admin)?;
-    Ok(Json(
-        state
-            .registry
-            .reload_policies(
-                &format!("admin:{}", admin.id),
-                client.as_string().as_deref(),
-            )
-            .await?,
-    ))
+    let outcome = state
+        .registry
+        .reload_policies(
+            &format!("admin:{}", admin.id),
+            client.as_string().as_deref(),
+        )
+        .await?;
+    // The other daemons reload their own policy files.
+    state.invalidate(crate::cache::Invalidation::Policy).await;
+    Ok(Json(outcome))
 }

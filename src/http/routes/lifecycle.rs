@@ -200,6 +200,9 @@ pub async fn revoke_device(
             client.as_string().as_deref(),
         )
         .await?;
+    state
+        .invalidate(crate::cache::Invalidation::Device { id })
+        .await;
     Ok(device_change(&state, changed).await)
 }
 
@@ -223,6 +226,9 @@ pub async fn suspend_device(
             client.as_string().as_deref(),
         )
         .await?;
+    state
+        .invalidate(crate::cache::Invalidation::Device { id })
+        .await;
     Ok(device_change(&state, changed).await)
 }
 
@@ -246,6 +252,9 @@ pub async fn resume_device(
             client.as_string().as_deref(),
         )
         .await?;
+    state
+        .invalidate(crate::cache::Invalidation::Device { id })
+        .await;
     Ok(device_change(&state, changed).await)
 }
 

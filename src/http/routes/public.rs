@@ -54,18 +54,21 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        axum::Json(json!({
-            "status": if view.ready { "ready" } else { "not_ready" },
-            "hsm": hsm,
-            "store": store,
-            "keystores": keystores,
-            "stale": view.stale,
-            "checked_at": view.snapshot.as_ref().map(|s| rfc3339(s.checked_at)),
-            "age_secs": view.age.map(|a| a.as_secs()),
-        })),
-    )
+    let mut body = json!({
+        "status": if view.ready { "ready" } else { "not_ready" },
+        "hsm": hsm,
+        "store": store,
+        "keystores": keystores,
+        "stale": view.stale,
+        "checked_at": view.snapshot.as_ref().map(|s| rfc3339(s.checked_at)),
+        "age_secs": view.age.map(|a| a.as_secs()),
+    });
+    // Only with `[redis]`. Down is `degraded`, not unready: requests are
+    // still served (per-daemon limits, no shared cache, leader jobs paused).
+    if let (Some(up), Some(obj)) = (view.redis_up, body.as_object_mut()) {
+        obj.insert("redis".into(), json!(if up { "ok" } else { "degraded" }));
+    }
+    (status, axum::Json(body))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

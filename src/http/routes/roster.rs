@@ -163,26 +163,29 @@ pub async fn set_role(
 ) -> Result<(StatusCode, Json<RoleResponse>), ApiError> {
     let me = admin.require(Role::Admin)?;
     let role = parse_role(&body.role)?;
-    Ok(
-        match state
-            .admins
-            .set_role(me, &who, role, client.as_string().as_deref())
-            .await?
-        {
-            RoleChange::Applied(a) => (
-                StatusCode::OK,
-                Json(RoleResponse::Applied {
-                    admin: AdminView::from(&a),
-                }),
-            ),
-            RoleChange::Pending(r) => (
-                StatusCode::ACCEPTED,
-                Json(RoleResponse::Pending {
-                    request: Box::new(AdminRequestView::from(&r)),
-                }),
-            ),
-        },
-    )
+    let change = state
+        .admins
+        .set_role(me, &who, role, client.as_string().as_deref())
+        .await?;
+    if let RoleChange::Applied(a) = &change {
+        state
+            .invalidate(crate::cache::Invalidation::Admin { id: a.id })
+            .await;
+    }
+    Ok(match change {
+        RoleChange::Applied(a) => (
+            StatusCode::OK,
+            Json(RoleResponse::Applied {
+                admin: AdminView::from(&a),
+            }),
+        ),
+        RoleChange::Pending(r) => (
+            StatusCode::ACCEPTED,
+            Json(RoleResponse::Pending {
+                request: Box::new(AdminRequestView::from(&r)),
+            }),
+        ),
+    })
 }
 
 #[derive(Deserialize)]
@@ -237,6 +240,12 @@ async fn decide(
         .admins
         .decide_request(me, id, approve, client.as_string().as_deref())
         .await?;
+    // An approved role change took effect now.
+    if let Some(target) = decided.request.admin_id.filter(|_| approve) {
+        state
+            .invalidate(crate::cache::Invalidation::Admin { id: target })
+            .await;
+    }
     Ok(Json(DecidedResponse {
         request: AdminRequestView::from(&decided.request),
         approval_code: decided.approval_code.map(|c| c.expose_secret().to_string()),
