@@ -20,16 +20,17 @@
 mod common;
 #[path = "common/postgres.rs"]
 mod postgres;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use common::{Daemon, Env, call, client, metrics_text, openssl_csr, write};
 use postgres::TestDb;
+use redis_server::RedisServer;
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write as _};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,85 +40,64 @@ const LEASE: Duration = Duration::from_secs(2);
 const DEVICES: usize = 24;
 /// Requests in flight at once across both daemons.
 const CONCURRENCY: usize = 8;
+/// The deployment's namespace in Redis.
+const PREFIX: &str = "kw-cluster-test:";
 
-/// A redis-server of this test on a free loopback port, no persistence;
-/// stopped (SIGKILL to its own PID) when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
+/// The store both daemons share, read back with its own stock client.
+enum Shared {
+    /// A fresh database on a PostgreSQL of the test (`psql`).
+    Postgres(TestDb),
+    /// The installation's SQLite file (`sqlite3`): several daemons on one host.
+    Sqlite(PathBuf),
 }
 
-impl RedisServer {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server missing: run scripts/test.sh");
-        let server = Self {
-            child,
-            port,
-            _dir: dir,
+impl Shared {
+    /// One row per line, columns separated by `|`.
+    fn rows(&self, sql: &str) -> Vec<String> {
+        let text = match self {
+            Shared::Postgres(db) => db.psql(sql),
+            Shared::Sqlite(path) => {
+                let out = Command::new("sqlite3")
+                    .args(["-batch", "-noheader"])
+                    .arg(path)
+                    .arg(sql)
+                    .output()
+                    .expect("sqlite3 (Debian package sqlite3) missing");
+                assert!(
+                    out.status.success(),
+                    "sqlite3 `{sql}`: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout).unwrap()
+            }
         };
-        let start = Instant::now();
-        while !server.ping() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 16];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf)
-                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+        text.lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Points `env`'s config at the shared store and `redis`, with a short lease.
+fn cluster_config(env: &Env, shared: &Shared, redis: &RedisServer) {
+    if let Shared::Postgres(db) = shared {
+        let text = std::fs::read_to_string(&env.config).unwrap();
+        let sqlite = "[store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n";
+        assert!(text.contains(sqlite), "{text}");
+        let text = text.replacen(
+            sqlite,
+            &format!(
+                "[store]\ntype = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
+                db.url
+            ),
+            1,
+        );
+        std::fs::write(&env.config, text).unwrap();
     }
-}
-
-/// Points `env`'s config at `db` and `redis`, with a short lease.
-fn cluster_config(env: &Env, db: &TestDb, redis: &RedisServer) {
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    let sqlite = "[store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n";
-    assert!(text.contains(sqlite), "{text}");
-    let text = text.replacen(
-        sqlite,
-        &format!(
-            "[store]\ntype = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
-            db.url
-        ),
-        1,
-    );
-    std::fs::write(&env.config, text).unwrap();
     env.append_config(&format!(
-        "[redis]\nurl = \"redis://127.0.0.1:{}/0\"\nkey_prefix = \"kw-cluster-test:\"\n\n\
+        "[redis]\nurl = \"{}\"\nkey_prefix = \"{PREFIX}\"\n\n\
          [scheduler]\nlease_seconds = {}\n\n[limits]\nreadiness_max_age_secs = 3\n",
-        redis.port,
+        redis.url(),
         LEASE.as_secs_f64()
     ));
 }
@@ -140,15 +120,6 @@ async fn metric(url: &str, sample: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// One column of one row per line, from `psql`.
-fn rows(db: &TestDb, sql: &str) -> Vec<String> {
-    db.psql(sql)
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect()
 }
 
 /// A device issued through the two daemons.
@@ -293,14 +264,11 @@ fn audit_verify(env: &Env) -> (Option<i32>, String) {
 }
 
 /// The holder named by each `scheduler.leader` event, and its previous one.
-fn leader_events(db: &TestDb) -> Vec<Value> {
-    rows(
-        db,
-        "SELECT details FROM audit_events WHERE action = 'scheduler.leader' ORDER BY seq",
-    )
-    .iter()
-    .map(|d| serde_json::from_str(d).unwrap())
-    .collect()
+fn leader_events(db: &Shared) -> Vec<Value> {
+    db.rows("SELECT details FROM audit_events WHERE action = 'scheduler.leader' ORDER BY seq")
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }
 
 fn pid_of_holder(event: &Value) -> u32 {
@@ -310,10 +278,21 @@ fn pid_of_holder(event: &Value) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_daemons_share_postgres_and_redis_under_load() {
-    let started = Instant::now();
-    let db = TestDb::create();
-    let redis = RedisServer::start();
     let env = Env::new();
+    run_cluster(env, |_| Shared::Postgres(TestDb::create())).await;
+}
+
+/// The same on one SQLite file (several daemons on one host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_share_sqlite_and_redis_under_load() {
+    let env = Env::new();
+    run_cluster(env, |env| Shared::Sqlite(env.db.clone())).await;
+}
+
+async fn run_cluster(env: Env, shared: impl FnOnce(&Env) -> Shared) {
+    let started = Instant::now();
+    let db = shared(&env);
+    let redis = RedisServer::start();
     cluster_config(&env, &db, &redis);
     let admin = env.init();
 
@@ -377,17 +356,13 @@ async fn two_daemons_share_postgres_and_redis_under_load() {
     );
 
     // --- Serials: unique in the store (psql), as issued, as openssl reads. -
-    let dup = rows(
-        &db,
-        "SELECT serial, count(*) FROM certificates GROUP BY serial HAVING count(*) > 1",
-    );
+    let dup =
+        db.rows("SELECT serial, count(*) FROM certificates GROUP BY serial HAVING count(*) > 1");
     assert!(dup.is_empty(), "duplicated serials: {dup:?}");
     let ours: BTreeSet<&str> = issued.iter().map(|(i, _)| i.serial.as_str()).collect();
     assert_eq!(ours.len(), DEVICES, "the API handed out a serial twice");
-    let device_certs = rows(
-        &db,
-        "SELECT serial FROM certificates WHERE device_id IS NOT NULL ORDER BY serial",
-    );
+    let device_certs =
+        db.rows("SELECT serial FROM certificates WHERE device_id IS NOT NULL ORDER BY serial");
     assert_eq!(
         device_certs
             .iter()
@@ -407,10 +382,8 @@ async fn two_daemons_share_postgres_and_redis_under_load() {
         assert!(ok, "openssl verify {}: {out}", i.serial);
         assert_eq!(openssl_serial(&i.cert), i.serial.to_ascii_lowercase());
     }
-    let revoked_in_store = rows(
-        &db,
-        "SELECT serial FROM certificates WHERE device_id IS NOT NULL AND status = 'revoked'",
-    );
+    let revoked_in_store = db
+        .rows("SELECT serial FROM certificates WHERE device_id IS NOT NULL AND status = 'revoked'");
     let revoked: BTreeSet<&str> = issued
         .iter()
         .filter(|(_, r)| *r)
@@ -427,22 +400,20 @@ async fn two_daemons_share_postgres_and_redis_under_load() {
     // --- The audit chain: verifies, gap-free, each request's event once. ---
     let (code, out) = audit_verify(&env);
     assert_eq!(code, Some(0), "keyward audit verify: {out}");
-    let span = rows(&db, "SELECT count(*), min(seq), max(seq) FROM audit_events");
+    let span = db.rows("SELECT count(*), min(seq), max(seq) FROM audit_events");
     let span: Vec<i64> = span[0].split('|').map(|n| n.parse().unwrap()).collect();
     assert_eq!(span[1], 1, "the chain starts at 1");
     assert_eq!(span[0], span[2], "seq has gaps or repeats: {span:?}");
-    let dups = rows(
-        &db,
+    let dups = db.rows(
         "SELECT action, target, count(*) FROM audit_events \
          WHERE action IN ('registration.submit', 'registration.approve', 'certificate.issue', 'device.revoke') \
          GROUP BY action, target HAVING count(*) > 1",
     );
     assert!(dups.is_empty(), "events recorded twice: {dups:?}");
     let targets = |action: &str| -> BTreeSet<String> {
-        rows(
-            &db,
-            &format!("SELECT target FROM audit_events WHERE action = '{action}'"),
-        )
+        db.rows(&format!(
+            "SELECT target FROM audit_events WHERE action = '{action}'"
+        ))
         .into_iter()
         .collect()
     };
@@ -541,6 +512,12 @@ async fn two_daemons_share_postgres_and_redis_under_load() {
     let events = leader_events(&db);
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(pid_of_holder(&events[0]), leader_pid, "{events:?}");
+    // The lock itself, read with the stock redis-cli.
+    let lock_key = format!("{PREFIX}lock:scheduler");
+    assert_eq!(
+        redis.cli(&["GET", &lock_key]),
+        events[0]["holder"].as_str().unwrap()
+    );
 
     let mut killed = daemons.remove(&leader_pid).unwrap();
     let (survivor_pid, survivor) = daemons.iter().next().unwrap();
@@ -586,18 +563,15 @@ async fn two_daemons_share_postgres_and_redis_under_load() {
     )
     .await;
     assert_eq!(
-        rows(
-            &db,
-            &format!(
-                "SELECT count(*) FROM certificates WHERE serial = '{}'",
-                last.serial
-            )
-        ),
+        db.rows(&format!(
+            "SELECT count(*) FROM certificates WHERE serial = '{}'",
+            last.serial
+        )),
         ["1"]
     );
     let (code, out) = audit_verify(&env);
     assert_eq!(code, Some(0), "keyward audit verify after the kill: {out}");
-    let span = rows(&db, "SELECT count(*), max(seq) FROM audit_events");
+    let span = db.rows("SELECT count(*), max(seq) FROM audit_events");
     let span: Vec<i64> = span[0].split('|').map(|n| n.parse().unwrap()).collect();
     assert_eq!(span[0], span[1], "seq has gaps after the kill: {span:?}");
 
