@@ -45,6 +45,7 @@ use crate::redis::RedisHandle;
 use crate::registry::RegistryService;
 use crate::rotation::Rotator;
 use crate::store::Store;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::tls::listener::HandshakeLimits;
 use crate::tls::{ClientAuth, ClientAuthSettings, ClientCertCheck, ServerCertResolver};
@@ -412,13 +413,13 @@ pub fn start_notifiers(
     Ok(Notifiers::start(backends, clock, metrics))
 }
 
-/// Opens the configured store, reporting group commits to `metrics`.
-pub fn open_store(
+/// Opens the configured store (migrating it), reporting group commits to
+/// `metrics`. The one place a store backend is chosen.
+pub async fn open_store(
     config: &Config,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn Store>> {
-    let StoreConfig::Sqlite(s) = &config.store;
     let sink = match &config.audit.sink {
         Some(sc) => Some(
             crate::audit::sink::AuditSink::start(
@@ -433,9 +434,44 @@ pub fn open_store(
         metrics.store_batch_size.observe(size as f64);
         metrics.store_commit_seconds.observe(took.as_secs_f64());
     });
-    let store = SqliteStore::open_with_sink(&s.path, s.batch_max, clock, observer, sink)
-        .with_context(|| format!("opening the SQLite store {}", s.path.display()))?;
-    Ok(Arc::new(store))
+    match &config.store {
+        StoreConfig::Sqlite(s) => {
+            let store = SqliteStore::open_with_sink(&s.path, s.batch_max, clock, observer, sink)
+                .with_context(|| format!("opening the SQLite store {}", s.path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres(p) => {
+            let password = p.password.as_ref().map(|s| s.read()).transpose()?;
+            let store = PgStore::connect(
+                &p.url,
+                password,
+                p.pool_size,
+                p.batch_max,
+                clock,
+                observer,
+                sink,
+            )
+            .await
+            .with_context(|| format!("opening the PostgreSQL store {}", p.url))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Opens the configured store for reading only: nothing created, migrated
+/// or written (`audit verify`, `keys list`). A SQLite file or PostgreSQL
+/// schema that does not exist yet is an error ("run `keyward init`").
+pub async fn open_store_read_only(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.store {
+        StoreConfig::Sqlite(s) => Ok(Arc::new(SqliteStore::open_read_only(&s.path)?)),
+        StoreConfig::Postgres(p) => {
+            let password = p.password.as_ref().map(|s| s.read()).transpose()?;
+            let store = PgStore::open_read_only(&p.url, password)
+                .await
+                .with_context(|| format!("opening the PostgreSQL store {}", p.url))?;
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 impl App {
@@ -470,7 +506,7 @@ impl App {
                 Arc::new(InProcessBus::new()),
             ),
         };
-        let store = open_store(&config, clock.clone(), metrics.clone())?;
+        let store = open_store(&config, clock.clone(), metrics.clone()).await?;
         let reconciled = crate::ca::keys::reconcile(&keystores, store.as_ref(), clock.as_ref())
             .await
             .context("reconciling unfinished key generations")?;

@@ -158,6 +158,22 @@ pub struct TlsIssueConfig {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Sqlite(SqliteConfig),
+    Postgres(PostgresConfig),
+}
+
+/// `[store] type = "postgres"`: several daemons may share it.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/database` (or the `key=value` form),
+    /// never with a password: that comes from `password`.
+    pub url: String,
+    /// `password_file` xor `password_env`; none: the server needs none
+    /// (trust, peer, or a client certificate).
+    pub password: Option<SecretSetting>,
+    /// Reader connections of this daemon (1..=64).
+    pub pool_size: usize,
+    /// Most changes committed in one transaction by the group-commit writer (1..=10000).
+    pub batch_max: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -580,6 +596,9 @@ impl Config {
             }
         }
         out.push(&self.auth.token_pepper);
+        if let StoreConfig::Postgres(p) = &self.store {
+            out.extend(p.password.iter());
+        }
         if let BrokerBackendConfig::Mosquitto(m) = &self.broker.backend {
             out.push(&m.password);
         }
@@ -701,6 +720,35 @@ impl Builder<'_> {
         }
     }
 
+    /// `[store] type = "postgres"`. The URL must parse and must not carry
+    /// a password (it would sit in the config file and show in `ps` of
+    /// tools given the URL): `password_file` or `password_env` instead.
+    fn postgres(&self, p: file::Postgres) -> Result<PostgresConfig, ConfigError> {
+        let parsed: tokio_postgres::Config = p
+            .url
+            .parse()
+            .map_err(|_| self.invalid("store.url", "not a PostgreSQL connection URL"))?;
+        if parsed.get_password().is_some() {
+            return Err(self.invalid(
+                "store.url",
+                "must not contain a password: use store.password_file or store.password_env",
+            ));
+        }
+        if parsed.get_dbname().is_none() {
+            return Err(self.invalid("store.url", "must name a database (…/keyward)"));
+        }
+        let password = match (&p.password_file, &p.password_env) {
+            (None, None) => None,
+            _ => Some(self.secret("store.password", p.password_file, p.password_env)?),
+        };
+        Ok(PostgresConfig {
+            url: p.url,
+            password,
+            pool_size: self.range("store.pool_size", p.pool_size, 8, 1, 64)?,
+            batch_max: self.range("store.batch_max", p.batch_max, 256, 1, 10_000)?,
+        })
+    }
+
     /// `<key>_file` xor `<key>_env`.
     fn secret(
         &self,
@@ -810,11 +858,13 @@ impl Builder<'_> {
                 ),
             ));
         }
-        let file::Store::Sqlite(s) = raw.store;
-        let store = StoreConfig::Sqlite(SqliteConfig {
-            path: self.resolve(&s.path),
-            batch_max: self.range("store.batch_max", s.batch_max, 256, 1, 10_000)?,
-        });
+        let store = match raw.store {
+            file::Store::Sqlite(s) => StoreConfig::Sqlite(SqliteConfig {
+                path: self.resolve(&s.path),
+                batch_max: self.range("store.batch_max", s.batch_max, 256, 1, 10_000)?,
+            }),
+            file::Store::Postgres(p) => StoreConfig::Postgres(self.postgres(p)?),
+        };
         let keystore = self.keystore("keystore", raw.keystore)?;
         let mut keystores = BTreeMap::new();
         for (name, ks) in raw.keystores {
@@ -1928,6 +1978,95 @@ token_pepper_env = "KEYWARD_PEPPER"
             KeyStoreConfig::Pkcs11(p) => p,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// MINIMAL with its `[store]` replaced by `store`.
+    fn with_store(store: &str) -> String {
+        MINIMAL.replace(
+            "[store]\ntype = \"sqlite\"\npath = \"k.db\"\n",
+            &format!("[store]\n{store}\n"),
+        )
+    }
+
+    #[test]
+    fn postgres_store_is_read_with_its_password_from_a_file_or_env() {
+        let c = parse(&with_store(
+            "type = \"postgres\"\nurl = \"postgres://keyward@db.internal:5432/keyward\"\n\
+             password_file = \"pg.pw\"\npool_size = 4\nbatch_max = 64",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(p) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(p.url, "postgres://keyward@db.internal:5432/keyward");
+        assert_eq!((p.pool_size, p.batch_max), (4, 64));
+        assert_eq!(
+            p.password.as_ref().unwrap().from,
+            SecretRef::File(PathBuf::from("/etc/kw/pg.pw"))
+        );
+        // `config check` reads the database password too.
+        assert_eq!(c.secrets().len(), 3);
+
+        let c = parse(&with_store(
+            "type = \"postgres\"\nurl = \"postgres://keyward@127.0.0.1/keyward\"\npassword_env = \"KEYWARD_PG_PASSWORD\"",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(p) = &c.store else {
+            panic!()
+        };
+        assert_eq!(
+            p.password.as_ref().unwrap().from,
+            SecretRef::Env("KEYWARD_PG_PASSWORD".into())
+        );
+        assert_eq!((p.pool_size, p.batch_max), (8, 256));
+
+        // No password at all: trust, peer or certificate authentication.
+        let c = parse(&with_store(
+            "type = \"postgres\"\nurl = \"postgres://keyward@127.0.0.1/keyward\"",
+        ))
+        .unwrap();
+        assert!(matches!(&c.store, StoreConfig::Postgres(p) if p.password.is_none()));
+        assert_eq!(c.secrets().len(), 2);
+    }
+
+    #[test]
+    fn postgres_store_refusals_name_their_key_and_never_echo_a_password() {
+        let pg = |rest: &str| with_store(&format!("type = \"postgres\"\n{rest}"));
+        for url in [
+            "postgres://keyward:hunter2-secret@127.0.0.1/keyward",
+            "host=127.0.0.1 user=keyward password=hunter2-secret dbname=keyward",
+        ] {
+            let msg = refused(&pg(&format!("url = \"{url}\"")), "store.url");
+            assert!(msg.contains("password"), "{msg}");
+            assert!(!msg.contains("hunter2"), "the password leaked: {msg}");
+        }
+        refused(
+            &pg("url = \"postgres://keyward@127.0.0.1:notaport/k\""),
+            "store.url",
+        );
+        refused(&pg("url = \"postgres://keyward@127.0.0.1\""), "store.url");
+        refused(
+            &pg("url = \"postgres://k@h/k\"\npassword_file = \"a\"\npassword_env = \"B\""),
+            "store.password",
+        );
+        refused(
+            &pg("url = \"postgres://k@h/k\"\npassword_env = \"\""),
+            "store.password_env",
+        );
+        refused(
+            &pg("url = \"postgres://k@h/k\"\npool_size = 0"),
+            "store.pool_size",
+        );
+        refused(
+            &pg("url = \"postgres://k@h/k\"\npool_size = 65"),
+            "store.pool_size",
+        );
+        refused(
+            &pg("url = \"postgres://k@h/k\"\nbatch_max = 0"),
+            "store.batch_max",
+        );
+        assert!(parse(&pg("url = \"postgres://k@h/k\"\npath = \"k.db\"")).is_err());
+        assert!(parse(&pg("")).is_err());
     }
 
     #[test]

@@ -908,7 +908,9 @@ async fn wrap_child(config: &Path, target: &Path, officer: &Path) {
     let config = keyward::config::Config::load(config).unwrap();
     let clock = Arc::new(keyward::clock::SystemClock);
     let metrics = Arc::new(keyward::metrics::Metrics::new().unwrap());
-    let store = keyward::app::open_store(&config, clock, metrics).unwrap();
+    let store = keyward::app::open_store(&config, clock, metrics)
+        .await
+        .unwrap();
     let real = keyward::app::open_keystore("default", &config.keystore)
         .await
         .unwrap();

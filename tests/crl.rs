@@ -526,7 +526,9 @@ fn a_crl_whose_hsm_signature_does_not_verify_is_neither_stored_nor_served() {
                 .unwrap(),
             spoil: AtomicBool::new(true),
         });
-        let store = keyward::app::open_store(&config, clock.clone(), metrics.clone()).unwrap();
+        let store = keyward::app::open_store(&config, clock.clone(), metrics.clone())
+            .await
+            .unwrap();
         let policies = Arc::new(keyward::policy::Policies::load(&config.policies.dir).unwrap());
         let ca = Arc::new(
             CaService::new(

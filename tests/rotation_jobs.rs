@@ -177,7 +177,9 @@ async fn rig(config: &std::path::Path) -> Rig {
         fail_generate: AtomicBool::new(false),
         fail_sign: AtomicBool::new(false),
     });
-    let store = keyward::app::open_store(&config, clock.clone(), metrics.clone()).unwrap();
+    let store = keyward::app::open_store(&config, clock.clone(), metrics.clone())
+        .await
+        .unwrap();
     let policies = Arc::new(keyward::policy::Policies::load(&config.policies.dir).unwrap());
     let ca = Arc::new(
         CaService::new(

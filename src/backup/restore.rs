@@ -230,8 +230,18 @@ pub async fn restore(
             supported,
         });
     }
-    let StoreConfig::Sqlite(sqlite) = &config.store;
-    let db = sqlite.path.clone();
+    let db = match &config.store {
+        StoreConfig::Sqlite(sqlite) => sqlite.path.clone(),
+        // A restore rebuilds a SQLite file; a PostgreSQL deployment restores
+        // into SQLite, then moves with `keyward migrate`.
+        StoreConfig::Postgres(_) => {
+            return Err(BackupError::Store(crate::store::StoreError::Database(
+                crate::store::DatabaseError::Unsupported(
+                    "restoring into a PostgreSQL store is not supported: restore into a SQLite store, then `keyward migrate` it",
+                ),
+            )));
+        }
+    };
 
     // The targets must be empty, unless forced.
     // Never under a running daemon, forced or not: it would go on writing

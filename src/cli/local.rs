@@ -146,13 +146,21 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     init_logging(&config);
     let listen = config.server.listen;
-    let crate::config::StoreConfig::Sqlite(s) = &config.store;
-    if !s.path.exists() {
-        // Serving an empty database at a mistyped path would look like a fresh CA.
-        anyhow::bail!(
-            "database {} does not exist: run `keyward init` first",
-            s.path.display()
-        );
+    // Serving an empty database (a mistyped path or database name) would
+    // look like a fresh CA.
+    match &config.store {
+        crate::config::StoreConfig::Sqlite(s) => {
+            if !s.path.exists() {
+                anyhow::bail!(
+                    "database {} does not exist: run `keyward init` first",
+                    s.path.display()
+                );
+            }
+        }
+        crate::config::StoreConfig::Postgres(_) => {
+            // Refuses a database without a keyward schema, naming `init`.
+            drop(crate::app::open_store_read_only(&config).await?);
+        }
     }
     let mut app = App::build(config).await?;
     app.check_ready_to_serve().await?;
@@ -257,9 +265,7 @@ pub struct VerifyArgs {
 /// The audit service over a read-only store and only the key store that
 /// holds the audit key (a card-held root need not be present to verify).
 async fn audit_reader(config: &Config) -> anyhow::Result<crate::audit::service::AuditService> {
-    let crate::config::StoreConfig::Sqlite(s) = &config.store;
-    let store: std::sync::Arc<dyn Store> =
-        std::sync::Arc::new(crate::store::sqlite::SqliteStore::open_read_only(&s.path)?);
+    let store = crate::app::open_store_read_only(config).await?;
     let name = config.audit.keystore.as_str();
     let ks_config = if name == crate::config::DEFAULT_KEYSTORE {
         &config.keystore
@@ -308,14 +314,11 @@ pub async fn audit_verify(
     use crate::audit::verify::AuditKeys;
     let run = async {
         let config = Config::load(config_path)?;
-        let crate::config::StoreConfig::Sqlite(s) = &config.store;
         let (store, keys, mut checkpoints): (std::sync::Arc<dyn Store>, AuditKeys, _) =
             match &args.public_key {
                 // A third party's check: no token, the key they were given.
                 Some(pem) => {
-                    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
-                        crate::store::sqlite::SqliteStore::open_read_only(&s.path)?,
-                    );
+                    let store = crate::app::open_store_read_only(&config).await?;
                     let (alg, spki) = read_public_key_pem(pem)?;
                     let cps = crate::audit::service::collect_checkpoints(
                         store.as_ref(),
@@ -332,9 +335,7 @@ pub async fn audit_verify(
                     let reader = audit_reader(&config).await?;
                     let keys = reader.token_keys().await?;
                     let cps = reader.all_checkpoints().await?;
-                    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
-                        crate::store::sqlite::SqliteStore::open_read_only(&s.path)?,
-                    );
+                    let store = crate::app::open_store_read_only(&config).await?;
                     (store, keys, cps)
                 }
             };
@@ -455,8 +456,7 @@ pub async fn keys_list(config_path: &Path, output: Output) -> anyhow::Result<Exi
     use crate::store::{KeyPurpose, KeyState};
     let config = Config::load(config_path)?;
     let policies = Policies::load(&config.policies.dir)?;
-    let crate::config::StoreConfig::Sqlite(s) = &config.store;
-    let store = crate::store::sqlite::SqliteStore::open_read_only(&s.path)?;
+    let store = crate::app::open_store_read_only(&config).await?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let keys = store.list_keys().await?;
     let mut cert_not_after = std::collections::BTreeMap::new();

@@ -244,6 +244,17 @@ pub(super) struct Tls {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub(super) enum Store {
     Sqlite(Sqlite),
+    Postgres(Postgres),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Postgres {
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    pub pool_size: Option<usize>,
+    pub batch_max: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 //! that carry their audit events, so no change lands without its event.
 
 pub mod files;
+pub mod postgres;
 pub mod records;
 pub mod snapshot;
 pub mod sqlite;
@@ -108,6 +109,23 @@ impl StoreError {
 pub enum DatabaseError {
     #[error("SQLite: {0}")]
     Sqlite(#[source] rusqlite::Error),
+    /// PostgreSQL refused or failed (connection lost, a serialization
+    /// failure, a constraint other than a duplicate). A constraint or
+    /// trigger refusal (SQLSTATE class 23) has code `store_constraint`,
+    /// anything else is `store_unavailable`: never a domain conflict.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[source] tokio_postgres::Error),
+    /// A PostgreSQL row does not decode (a bad enum string, a malformed
+    /// id, an unexpected type): tampering or a bug.
+    #[error("a stored row cannot be read: {0}")]
+    PostgresRow(String),
+    /// The PostgreSQL database holds no keyward schema (opened read-only
+    /// before `keyward init`).
+    #[error("the database has no keyward schema (run `keyward init`)")]
+    NoSchema,
+    /// This backend cannot do this (yet).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A stored value does not decode (a bad enum string, a malformed id):
     /// tampering or a bug, never a transient failure.
     #[error("a stored row cannot be read: {0}")]
@@ -153,18 +171,24 @@ impl DatabaseError {
     /// Stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRow(_) => "store_corrupt",
+            Self::InvalidRow(_) | Self::PostgresRow(_) => "store_corrupt",
+            Self::Postgres(e) if e.code().is_some_and(|c| c.code().starts_with("23")) => {
+                "store_constraint"
+            }
             Self::Constraint(_) => "store_constraint",
             Self::Unaudited => "change_unaudited",
             Self::ReadOnly => "store_read_only",
             Self::Batch(inner) => inner.code(),
             Self::Sqlite(_)
+            | Self::Postgres(_)
+            | Self::NoSchema
             | Self::Create { .. }
             | Self::NotFound(_)
             | Self::WriterThread(_)
             | Self::ReaderTask(_)
             | Self::AuditDetails(_) => "store_unavailable",
             Self::Snapshot(_) => "snapshot_write_failed",
+            Self::Unsupported(_) => "store_unsupported",
             Self::AuditSink(_) => "audit_sink_failed",
         }
     }

@@ -195,7 +195,18 @@ fn private_cluster() -> Arc<PrivateCluster> {
 /// `psql` against `url`, one SQL command; panics with psql's output on failure.
 pub fn psql(url: &str, sql: &str) -> String {
     let out = Command::new("psql")
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -208,7 +219,9 @@ pub fn psql(url: &str, sql: &str) -> String {
 
 /// Replaces the database name of a `postgres://` URL.
 fn with_database(url: &str, name: &str) -> String {
-    let (base, _) = url.rsplit_once('/').expect("a postgres URL ends in /<database>");
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a postgres URL ends in /<database>");
     format!("{base}/{name}")
 }
 
@@ -254,7 +267,10 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let _ = Command::new("psql")
             .args(["-X", "-q", "-d", &self.admin_url, "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
