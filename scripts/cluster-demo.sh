@@ -256,8 +256,8 @@ else
   die "expected exactly one leader, got a=$ga b=$gb"
 fi
 follower_port_var=port_$follower
-echo "    Redis lock: $(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" --scan --pattern "${prefix}*" | { grep -i -E 'lock|lease|leader' || echo none; } | tr '\n' ' ')"
-
+echo "    Redis lock ${prefix}lock:scheduler = $(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" GET "${prefix}lock:scheduler")"
+echo "    ({hostname}:{pid}:{random}; daemon $leader is pid ${pids[$leader]})"
 step "kill -9 the leader ($leader, pid ${pids[$leader]}): $follower takes over within ~${LEASE_SECONDS}s x 1.25"
 kill -KILL "${pids[$leader]}"
 wait "${pids[$leader]}" 2>/dev/null || true
@@ -269,6 +269,11 @@ for _ in $(seq 200); do
 done
 [[ $(leader_gauge "${!follower_port_var}") == 1 ]] || die "$follower did not take over"
 printf '    %s is leader after %s s\n' "$follower" "$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')"
+
+echo "    Redis lock ${prefix}lock:scheduler = $(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" GET "${prefix}lock:scheduler")"
+echo "    scheduler.leader audit events (psql):"
+psql -X -q -A -t -d "$db" -c \
+  "SELECT seq, details FROM audit_events WHERE action = 'scheduler.leader' ORDER BY seq" | sed 's/^/      /'
 
 step "the audit chain (both daemons wrote to it) verifies"
 "$bin" audit verify --config "$work/$follower.toml" | sed 's/^/    /'
