@@ -2268,7 +2268,9 @@ token_pepper_env = "KEYWARD_PEPPER"
         assert_eq!(c.server.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert_eq!(c.server.body_limit_bytes, 65536);
         assert_eq!(c.server.request_timeout, Duration::from_secs(30));
-        let StoreConfig::Sqlite(s) = &c.store;
+        let StoreConfig::Sqlite(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
         assert_eq!(s.path, Path::new("/etc/kw/k.db"));
         assert_eq!(s.batch_max, 256);
         let p = pkcs11(&c);

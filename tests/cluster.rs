@@ -597,3 +597,61 @@ impl Issued {
             .to_string()
     }
 }
+
+/// systemd starts the daemons of a deployment at the same moment: two
+/// `keyward serve` started together on a fresh deployment (after `keyward
+/// init`, no OCSP signer yet) make one delegated OCSP signer per issuing
+/// CA between them, reconcile nothing of each other's, and both answer
+/// OCSP with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_started_together_make_one_ocsp_signer() {
+    let env = Env::new();
+    let db = Shared::Postgres(TestDb::create());
+    let redis = RedisServer::start();
+    cluster_config(&env, &db, &redis);
+    let admin = env.init();
+    assert_eq!(
+        db.rows("SELECT count(*) FROM audit_events WHERE action = 'ocsp.signer.create'"),
+        ["0"],
+        "init made a signer already: this test would prove nothing"
+    );
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| env.serve());
+        let b = s.spawn(|| env.serve());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let signers = db.rows(
+        "SELECT issuer_ca FROM service_certificates WHERE retired_at IS NULL ORDER BY issuer_ca",
+    );
+    let creates = db.rows("SELECT target FROM audit_events WHERE action = 'ocsp.signer.create'");
+    assert_eq!(creates.len(), signers.len(), "{creates:?} {signers:?}");
+    let unique: BTreeSet<&String> = signers.iter().collect();
+    assert_eq!(
+        unique.len(),
+        signers.len(),
+        "two active signers for one CA: {signers:?}"
+    );
+    assert_eq!(
+        db.rows("SELECT count(*) FROM audit_events WHERE action = 'key.reconcile'"),
+        ["0"],
+        "one daemon's start-up reconciled the other's key generation"
+    );
+    let dir = env.path("ocsp");
+    let device = enroll(
+        &a.url,
+        &b.url,
+        &admin,
+        openssl_csr(&env.path(""), "ec").0,
+        dir.clone(),
+    )
+    .await;
+    let chain = std::fs::read_to_string(&device.chain).unwrap();
+    let mut parts = chain.split_inclusive("-----END CERTIFICATE-----\n");
+    write(&dir, "issuing.pem", parts.next().unwrap());
+    write(&dir, "root.pem", parts.next().unwrap());
+    for d in [&a, &b] {
+        assert_eq!(ocsp_status(&dir, &d.url, &device.cert), "good", "{}", d.url);
+    }
+    let (code, out) = audit_verify(&env);
+    assert_eq!(code, Some(0), "keyward audit verify: {out}");
+}
