@@ -537,6 +537,7 @@ async fn phase_backup(dir: &Path) -> serde_json::Value {
         Arc::new(keyward::clock::SystemClock),
         metrics.clone(),
     )
+    .await
     .unwrap();
     let src = Sources {
         config: &config,

@@ -2153,6 +2153,27 @@ token_pepper_env = "KEYWARD_PEPPER"
                 assert!(!msg.contains(s), "the error echoes the password: {msg}");
             }
         }
+        // The example's commented section is valid as written.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("keyward.example.toml"),
+        )
+        .unwrap();
+        assert_eq!(parse(&example).unwrap().redis, None);
+        let enabled = example
+            .replace("# [redis]", "[redis]")
+            .replace("# url = \"redis://", "url = \"redis://")
+            .replace(
+                "# password_file = \"/etc/keyward/redis",
+                "password_file = \"/etc/keyward/redis",
+            )
+            .replace("# key_prefix", "key_prefix");
+        let r = parse(&enabled)
+            .unwrap()
+            .redis
+            .expect("the example has a [redis] section");
+        assert_eq!(r.url, "redis://127.0.0.1:6379/0");
+        assert_eq!(r.key_prefix, DEFAULT_REDIS_PREFIX);
+        assert!(r.password.is_some());
     }
 
     #[test]

@@ -181,6 +181,12 @@ async fn cache_values_expire_and_are_namespaced() {
         many,
         vec![Some(b"abc".to_vec()), None, Some(b"\x00\xff".to_vec())]
     );
+    // The shared OCSP level reads an answer and its marker in one MGET.
+    let start = Instant::now();
+    for _ in 0..500 {
+        c.get_many(&["session:2", "session:nope"]).await.unwrap();
+    }
+    eprintln!("MGET of two keys: {:?} per call", start.elapsed() / 500);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(c.get("session:1").await.unwrap(), None, "expired");
     c.delete("session:2").await.unwrap();
@@ -361,4 +367,97 @@ async fn while_redis_is_down_everything_degrades_and_recovers() {
     assert!(lock.acquire_or_renew(now()).await.unwrap());
     cache.put("x", b"1", Duration::from_secs(5)).await.unwrap();
     assert_eq!(cache.get("x").await.unwrap().as_deref(), Some(&b"1"[..]));
+}
+
+/// The same contract, run against both backends of each port.
+mod conformance {
+    use super::*;
+    use keyward::cache::memory::{InProcessBus, InProcessCache};
+
+    async fn cache_suite(c: &dyn Cache) {
+        let b = c.backend();
+        assert_eq!(c.get("nope").await.unwrap(), None, "{b}");
+        c.put("k1", b"one", Duration::from_secs(30)).await.unwrap();
+        c.put("k1", b"uno", Duration::from_secs(30)).await.unwrap();
+        c.put("k2", b"", Duration::from_millis(150)).await.unwrap();
+        assert_eq!(
+            c.get("k1").await.unwrap().as_deref(),
+            Some(&b"uno"[..]),
+            "{b}"
+        );
+        assert_eq!(
+            c.get_many(&["k2", "nope", "k1"]).await.unwrap(),
+            vec![Some(Vec::new()), None, Some(b"uno".to_vec())],
+            "{b}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(c.get("k2").await.unwrap(), None, "{b}: expired");
+        c.delete("k1").await.unwrap();
+        c.delete("k1").await.unwrap();
+        assert_eq!(c.get("k1").await.unwrap(), None, "{b}");
+    }
+
+    async fn limiter_suite(l: &dyn RateLimiter) {
+        let b = l.backend();
+        let limit = Limit::new(3, Duration::from_secs(60));
+        let p = l.peek("conf", limit).await.unwrap();
+        assert!(p.allowed && p.remaining == 3, "{b}: {p:?}");
+        for want in [2, 1, 0] {
+            let d = l.check("conf", limit).await.unwrap();
+            assert!(d.allowed, "{b}");
+            assert_eq!(d.remaining, want, "{b}");
+            assert_eq!(d.retry_after, Duration::ZERO, "{b}");
+        }
+        for _ in 0..2 {
+            let d = l.check("conf", limit).await.unwrap();
+            assert!(!d.allowed && d.remaining == 0, "{b}");
+            assert!(
+                d.retry_after > Duration::from_secs(19) && d.retry_after <= Duration::from_secs(20),
+                "{b}: a refusal takes nothing: {:?}",
+                d.retry_after
+            );
+        }
+        assert!(!l.peek("conf", limit).await.unwrap().allowed, "{b}");
+        assert!(l.check("conf-other", limit).await.unwrap().allowed, "{b}");
+    }
+
+    async fn bus_suite(bus: &dyn InvalidationBus) {
+        let mut rx = bus.subscribe();
+        let id = uuid::Uuid::now_v7();
+        for inv in [
+            Invalidation::Device { id },
+            Invalidation::Admin { id },
+            Invalidation::Certificate {
+                serial: "01AB".into(),
+            },
+            Invalidation::Policy,
+        ] {
+            bus.publish(inv.clone()).await.unwrap();
+            assert_eq!(next(&mut rx).await, inv, "{}", bus.backend());
+        }
+    }
+
+    #[tokio::test]
+    async fn both_caches_keep_the_contract() {
+        let server = RedisServer::start();
+        let (h, _) = handle(&server, "conf:");
+        cache_suite(&InProcessCache::new(100)).await;
+        cache_suite(&RedisCache::new(h)).await;
+    }
+
+    #[tokio::test]
+    async fn both_limiters_decide_alike() {
+        let server = RedisServer::start();
+        let (h, _) = handle(&server, "conf:");
+        limiter_suite(&InProcessRateLimiter::new(Arc::new(SystemClock), 100)).await;
+        limiter_suite(&RedisRateLimiter::new(h)).await;
+    }
+
+    #[tokio::test]
+    async fn both_buses_deliver_locally() {
+        let server = RedisServer::start();
+        let (h, _) = handle(&server, "conf:");
+        bus_suite(&InProcessBus::new()).await;
+        bus_suite(RedisBus::start(h).as_ref()).await;
+    }
 }

@@ -282,6 +282,19 @@ async fn redis_dies_mid_run_and_the_daemon_serves_degraded_then_recovers() {
     })
     .await;
     assert_eq!(redis.cli(&["GET", "kwtest:lock:scheduler"]), holder);
+    // The revocation made during the outage fenced the shared OCSP answer
+    // once Redis was back (retried until it answered).
+    eventually(
+        "the OCSP marker of the revoked serial is written",
+        Duration::from_secs(5),
+        || async {
+            redis
+                .cli(&["--scan", "--pattern", "kwtest:cache:ocsp-gen:*"])
+                .to_lowercase()
+                .contains(&device.serial.to_lowercase())
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     let failures = load.await.unwrap();
@@ -329,6 +342,50 @@ async fn two_daemons_share_ocsp_answers_and_invalidations() {
     );
     // B now holds it in memory too: a repeat is a local hit.
     assert_eq!(ocsp_status(&dir, &b.url, &device.cert), "good");
+    // Speed of the in-memory level with Redis configured (a hit touches
+    // neither Redis, the store nor the HSM): 200 POSTs of one request.
+    let out = Command::new("openssl")
+        .args(["ocsp", "-no_nonce", "-issuer", "issuing.pem", "-cert"])
+        .arg(&device.cert)
+        .args(["-reqout", "req.der"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let der = std::fs::read(dir.join("req.der")).unwrap();
+    let c = client();
+    let hits = "keyward_ocsp_cache_total{result=\"hit\"}";
+    let shared_lookups = "keyward_cache_requests_total{cache=\"ocsp\",result=\"hit\"}";
+    let shared_before = value(&b.url, shared_lookups).await;
+    let before = value(&b.url, hits).await;
+    let start = Instant::now();
+    for _ in 0..200 {
+        let r = c
+            .post(format!("{}/v1/ocsp", b.url))
+            .header("content-type", "application/ocsp-request")
+            .body(der.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let took = start.elapsed();
+    assert_eq!(value(&b.url, hits).await - before, 200.0);
+    assert_eq!(
+        value(&b.url, shared_lookups).await,
+        shared_before,
+        "an in-memory hit asks Redis nothing"
+    );
+    assert_eq!(
+        value(&b.url, sign).await,
+        b_signs,
+        "still no signature on B"
+    );
+    eprintln!(
+        "OCSP in-memory hit over HTTP with [redis]: {:?} per request",
+        took / 200
+    );
 
     // Revoked on A: B answers revoked within 1 s.
     let (s, v) = call(

@@ -947,14 +947,25 @@ impl Responder {
         let validity = i64::from(self.ca.policies().revocation.ocsp_validity_minutes) * 60;
         let ttl = Duration::from_secs(u64::try_from(validity).unwrap_or(0) + 3600);
         let serials = serials.to_vec();
+        // Retried (every second, for as long as an answer can live) while
+        // Redis is unreachable: a stale shared answer must not outlive an
+        // outage seen only by this daemon.
+        let give_up = tokio::time::Instant::now() + ttl;
         rt.spawn(async move {
             for hex in serials {
                 let marker = uuid::Uuid::new_v4().simple().to_string();
-                if let Err(e) = shared
-                    .put(&Self::marker_key(&hex), marker.as_bytes(), ttl)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not invalidate a shared OCSP answer; it lasts until its nextUpdate");
+                loop {
+                    match shared
+                        .put(&Self::marker_key(&hex), marker.as_bytes(), ttl)
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(e) if tokio::time::Instant::now() >= give_up => {
+                            tracing::error!(error = %e, "could not invalidate a shared OCSP answer; giving up");
+                            break;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
                 }
             }
         });

@@ -79,6 +79,12 @@ pub trait InvalidationBus: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// Sends `inv` to every daemon (this one included).
     async fn publish(&self, inv: Invalidation) -> Result<(), CacheError>;
+    /// Sends `inv` to the other daemons only: a retry of a [`Self::publish`]
+    /// whose local delivery already happened. In process: nothing to do.
+    async fn publish_remote(&self, inv: Invalidation) -> Result<(), CacheError> {
+        let _ = inv;
+        Ok(())
+    }
     /// A receiver of every invalidation published from now on. A lagging
     /// receiver loses the oldest; it should then drop everything it caches.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation>;

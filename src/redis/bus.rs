@@ -92,6 +92,10 @@ impl InvalidationBus for RedisBus {
     async fn publish(&self, inv: Invalidation) -> Result<(), CacheError> {
         // Here first: this daemon's caches never wait for Redis.
         let _ = self.tx.send(inv.clone());
+        self.publish_remote(inv).await
+    }
+
+    async fn publish_remote(&self, inv: Invalidation) -> Result<(), CacheError> {
         let payload = serde_json::to_string(&Envelope {
             origin: Some(self.origin.clone()),
             inv,

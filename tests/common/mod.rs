@@ -417,6 +417,20 @@ impl Env {
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// Replaces the config's SQLite `[store]` section by `store` (the
+    /// section's keys, e.g. `type = "postgres"` and its `url`): a TOML file
+    /// holds one `[store]`, so this swaps rather than appends.
+    pub fn set_store(&self, store: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let sqlite = "[store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n";
+        assert!(
+            text.contains(sqlite),
+            "the config's [store] was changed before"
+        );
+        let text = text.replacen(sqlite, &format!("[store]\n{}\n", store.trim_end()), 1);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// Appends TOML to the config file (e.g. a `[limits]` section).
     pub fn append_config(&self, toml: &str) {
         let mut text = std::fs::read_to_string(&self.config).unwrap();
