@@ -81,18 +81,10 @@ impl Shared {
 /// Points `env`'s config at the shared store and `redis`, with a short lease.
 fn cluster_config(env: &Env, shared: &Shared, redis: &RedisServer) {
     if let Shared::Postgres(db) = shared {
-        let text = std::fs::read_to_string(&env.config).unwrap();
-        let sqlite = "[store]\ntype = \"sqlite\"\npath = \"keyward.db\"\n";
-        assert!(text.contains(sqlite), "{text}");
-        let text = text.replacen(
-            sqlite,
-            &format!(
-                "[store]\ntype = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
-                db.url
-            ),
-            1,
-        );
-        std::fs::write(&env.config, text).unwrap();
+        env.set_store(&format!(
+            "type = \"postgres\"\nurl = \"{}\"\npool_size = 4",
+            db.url
+        ));
     }
     env.append_config(&format!(
         "[redis]\nurl = \"{}\"\nkey_prefix = \"{PREFIX}\"\n\n\
