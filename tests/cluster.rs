@@ -37,9 +37,11 @@ use std::time::{Duration, Instant};
 /// The daemons' scheduler lease.
 const LEASE: Duration = Duration::from_secs(2);
 /// Devices issued under load (half submitted on each daemon).
-const DEVICES: usize = 24;
+const DEVICES: usize = 40;
+/// Devices enrolled on the survivor while the leader is being killed.
+const DURING_KILL: usize = 6;
 /// Requests in flight at once across both daemons.
-const CONCURRENCY: usize = 8;
+const CONCURRENCY: usize = 12;
 /// The deployment's namespace in Redis.
 const PREFIX: &str = "kw-cluster-test:";
 
@@ -86,9 +88,12 @@ fn cluster_config(env: &Env, shared: &Shared, redis: &RedisServer) {
             db.url
         ));
     }
+    // Every device of the test comes from 127.0.0.1, and the registration
+    // bucket is shared by both daemons through Redis: raise it.
     env.append_config(&format!(
         "[redis]\nurl = \"{}\"\nkey_prefix = \"{PREFIX}\"\n\n\
-         [scheduler]\nlease_seconds = {}\n\n[limits]\nreadiness_max_age_secs = 3\n",
+         [scheduler]\nlease_seconds = {}\n\n\
+         [limits]\nreadiness_max_age_secs = 3\nregistrations_per_source = 1000\n",
         redis.url(),
         LEASE.as_secs_f64()
     ));
@@ -306,7 +311,7 @@ async fn run_cluster(env: Env, shared: impl FnOnce(&Env) -> Shared) {
     let csr_dir = env.path("csrs");
     std::fs::create_dir_all(&csr_dir).unwrap();
     let csrs: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..DEVICES + 2)
+        let handles: Vec<_> = (0..DEVICES + 1 + DURING_KILL)
             .map(|_| s.spawn(|| openssl_csr(&csr_dir, "ec").0))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -515,6 +520,13 @@ async fn run_cluster(env: Env, shared: impl FnOnce(&Env) -> Shared) {
     let (survivor_pid, survivor) = daemons.iter().next().unwrap();
     let survivor_url = survivor.url.clone();
     assert_eq!(leader_gauge(&survivor_url).await, 0);
+    // Load on the survivor across the kill and the takeover.
+    let mut during = tokio::task::JoinSet::new();
+    for k in 0..DURING_KILL {
+        let (url, admin, csr) = (survivor_url.clone(), admin.clone(), csrs.next().unwrap());
+        let dir = env.path(&format!("during-kill-{k}"));
+        during.spawn(async move { enroll(&url, &url, &admin, csr, dir).await });
+    }
     killed.child.kill().unwrap(); // SIGKILL to that PID: no release
     killed.child.wait().unwrap();
     let killed_at = Instant::now();
@@ -545,22 +557,22 @@ async fn run_cluster(env: Env, shared: impl FnOnce(&Env) -> Shared) {
         "{events:?}"
     );
 
-    // The survivor keeps serving, and the chain still verifies after the kill.
-    let last = enroll(
-        &survivor_url,
-        &survivor_url,
-        &admin,
-        csrs.next().unwrap(),
-        env.path("after-kill"),
-    )
-    .await;
-    assert_eq!(
-        db.rows(&format!(
-            "SELECT count(*) FROM certificates WHERE serial = '{}'",
-            last.serial
-        )),
-        ["1"]
-    );
+    // The survivor kept serving through the kill, and the chain still
+    // verifies after it.
+    let mut after = Vec::new();
+    while let Some(r) = during.join_next().await {
+        after.push(r.unwrap());
+    }
+    assert_eq!(after.len(), DURING_KILL);
+    for i in &after {
+        assert_eq!(
+            db.rows(&format!(
+                "SELECT count(*) FROM certificates WHERE serial = '{}'",
+                i.serial
+            )),
+            ["1"]
+        );
+    }
     let (code, out) = audit_verify(&env);
     assert_eq!(code, Some(0), "keyward audit verify after the kill: {out}");
     let span = db.rows("SELECT count(*), max(seq) FROM audit_events");
