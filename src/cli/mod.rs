@@ -9,6 +9,7 @@ mod dev;
 mod enroll;
 mod lifecycle;
 mod local;
+mod migrate;
 mod renew;
 mod rotation;
 mod tokens;
@@ -173,6 +174,11 @@ enum Command {
     Enroll(enroll::EnrollArgs),
     /// Reference device client: renew the certificate in DIR (signed-nonce proof).
     Renew(renew::RenewArgs),
+    /// Move a stopped deployment's store from SQLite to PostgreSQL (an empty
+    /// database), audit chain included. Exit status: 0 migrated, 1 failed
+    /// (nothing written), 2 bad arguments, 3 refused (target not empty,
+    /// schema version mismatch, a daemon on the source).
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -786,6 +792,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => rotation::rotate(&client, &purpose, &ca, dry_run, wait, None).await,
         Command::Enroll(args) => enroll::run(args).await,
         Command::Renew(args) => renew::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
         Command::Devices { client, command } => lifecycle::devices(&client, command).await,
         Command::Certs { client, command } => lifecycle::certs(&client, command).await,
     }

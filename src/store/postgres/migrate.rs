@@ -9,7 +9,7 @@
 
 use super::pg;
 use crate::store::{DatabaseError, StoreError};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// (version it brings the database to, SQL).
 const MIGRATIONS: &[(i64, &str)] = &[(
@@ -59,6 +59,15 @@ pub(super) async fn check_version(client: &Client) -> Result<i64, StoreError> {
 /// Applies the migrations the database lacks, all in one transaction.
 pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg)?;
+    migrate_in(&tx).await?;
+    tx.commit().await.map_err(pg)?;
+    Ok(())
+}
+
+/// [`migrate`] inside the caller's transaction (a snapshot import creates
+/// the schema and loads the rows in one transaction): takes the migration
+/// lock until that transaction ends.
+pub(super) async fn migrate_in(tx: &Transaction<'_>) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
         .await
         .map_err(pg)?;
@@ -88,7 +97,6 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .await
         .map_err(pg)?;
     }
-    tx.commit().await.map_err(pg)?;
     Ok(())
 }
 
