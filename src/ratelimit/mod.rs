@@ -57,6 +57,9 @@ pub struct Decision {
 
 /// The limiter backend failed (a shared backend unreachable). Callers fail
 /// closed: the request is refused with 503, never let through unlimited.
+/// The daemon's Redis limiter never gets here: it is wrapped in
+/// `redis::ratelimit::FallbackRateLimiter`, which answers from the
+/// in-process limiter while Redis is down (limits per daemon, not none).
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
     #[error("rate limiter backend `{backend}` is unavailable")]
