@@ -151,12 +151,12 @@ fn pg_tables(db: &TestDb) -> String {
     db.psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'public'")
 }
 
-/// A snapshot sink that keeps every table's lines.
+/// Table → (columns, JSON lines).
+type Lines = BTreeMap<String, (Vec<String>, Vec<String>)>;
+
+/// A snapshot sink that keeps every table's lines, and the table order.
 #[derive(Clone, Default)]
-struct Collect(
-    Arc<Mutex<BTreeMap<String, (Vec<String>, Vec<String>)>>>,
-    Arc<Mutex<Vec<String>>>,
-);
+struct Collect(Arc<Mutex<Lines>>, Arc<Mutex<Vec<String>>>);
 
 impl SnapshotSink for Collect {
     fn table(&mut self, table: &str, columns: &[String]) -> std::io::Result<()> {
@@ -587,6 +587,19 @@ async fn refusals_and_bad_inputs_write_nothing() {
         text(&out)
     );
     assert_eq!(pg_tables(&db), "");
+    // ... or at a newer one.
+    rusqlite::Connection::open(&old)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 13")
+        .unwrap();
+    let out = migrate(&["--from", &format!("sqlite:{}", old.display()), "--to", &to]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("version 13 cannot be loaded"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_tables(&db), "");
 
     // A dry run checks everything and writes nothing.
     let out = migrate(&["--from", &from, "--to", &to, "--dry-run"]);
@@ -652,6 +665,88 @@ async fn refusals_and_bad_inputs_write_nothing() {
     assert_eq!(seqs, vec![7]);
     drop(store);
     assert_eq!(python_verify(&db), "ok 7");
+
+    // An export whose sink fails reports the sink's error.
+    let mut client = pg_client(&db.url).await;
+    let err = keyward::store::postgres::snapshot::export(&mut client, Box::new(Failing))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "snapshot_write_failed", "{err}");
+    assert!(err.to_string().contains("disk full"), "{err}");
+
+    // Rows that do not fit the target's types are refused, and the
+    // import rolls back: the database stays empty.
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    let mut client = pg_client(&db.url).await;
+    for (columns, row, why) in [
+        (
+            vec!["id", "name", "role", "token_hash", "disabled", "created_at"],
+            r#"["a", "n", "admin", {"b": "AAE="}, 2, 1]"#,
+            "boolean",
+        ),
+        (
+            vec!["id", "name", "role", "token_hash", "disabled", "created_at"],
+            r#"["a", "n", "admin", "not a blob", 0, 1]"#,
+            "does not fit",
+        ),
+        (
+            vec!["id", "name", "role", "token_hash", "disabled", "created_at"],
+            r#"["a", "n", "admin", {"b": "AAE="}, 0]"#,
+            "5 values for 6 columns",
+        ),
+        (vec!["id", "nickname"], r#"["a", "n"]"#, "column `nickname`"),
+    ] {
+        let mut imp = keyward::store::postgres::snapshot::PgImporter::create(&mut client, 12)
+            .await
+            .unwrap();
+        let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        let err = match imp.table("admins", &cols).await {
+            Err(e) => e,
+            Ok(()) => imp.rows(format!("{row}\n").as_bytes()).await.unwrap_err(),
+        };
+        assert!(err.to_string().contains(why), "{err}");
+        drop(imp);
+    }
+    // A row whose reference is not in the snapshot fails at the end.
+    let mut imp = keyward::store::postgres::snapshot::PgImporter::create(&mut client, 12)
+        .await
+        .unwrap();
+    let cols: Vec<String> = [
+        "registration_id",
+        "admin_id",
+        "decision",
+        "comment",
+        "decided_at",
+    ]
+    .iter()
+    .map(|c| c.to_string())
+    .collect();
+    imp.table("approvals", &cols).await.unwrap();
+    imp.rows(b"[\"r\", \"a\", \"approve\", null, 1]\n")
+        .await
+        .unwrap();
+    let err = imp
+        .finish(keyward::store::Change::new(), 0)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("refer to rows it does not hold"),
+        "{err}"
+    );
+    assert_eq!(pg_tables(&db), "");
+}
+
+/// A sink on a full disk.
+struct Failing;
+
+impl SnapshotSink for Failing {
+    fn table(&mut self, _: &str, _: &[String]) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn rows(&mut self, _: &str, _: Vec<u8>, _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("disk full"))
+    }
 }
 
 /// Throughput on a 100k-event store (printed; run with --nocapture).

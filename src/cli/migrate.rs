@@ -197,6 +197,16 @@ async fn migrate(args: MigrateArgs) -> Result<(), Stop> {
     let target = parse_target(&args.to, password)?;
 
     let version = sqlite_version(&source)?;
+    // Checked before anything opens the source or the target: an older
+    // file is brought up to date by this build's `serve`, a newer one by
+    // a newer `keyward migrate`.
+    let supported = crate::store::postgres::SCHEMA_VERSION;
+    if version != supported {
+        return Err(import_error(ImportError::SchemaUnsupported {
+            found: version,
+            supported,
+        }));
+    }
     let store = SqliteStore::open_read_only(&source)
         .map_err(|e| failed(format!("cannot open {}: {e}", source.display())))?;
     // A daemon still serving the source would go on writing into a store
