@@ -507,9 +507,20 @@ impl App {
             ),
         };
         let store = open_store(&config, clock.clone(), metrics.clone()).await?;
-        let reconciled = crate::ca::keys::reconcile(&keystores, store.as_ref(), clock.as_ref())
-            .await
-            .context("reconciling unfinished key generations")?;
+        // On a store several daemons share, a recent `generating` row may be
+        // another daemon's key generation in progress: leave it alone.
+        let reconcile_age = match config.store {
+            StoreConfig::Sqlite(_) => Duration::ZERO,
+            StoreConfig::Postgres(_) => crate::ca::keys::SHARED_STORE_RECONCILE_AGE,
+        };
+        let reconciled = crate::ca::keys::reconcile_older_than(
+            &keystores,
+            store.as_ref(),
+            clock.as_ref(),
+            reconcile_age,
+        )
+        .await
+        .context("reconciling unfinished key generations")?;
         let provisioner = open_broker(&config)?;
         let broker_enabled = !matches!(config.broker.backend, BrokerBackendConfig::None);
         let broker = Arc::new(BrokerUpdates::new(

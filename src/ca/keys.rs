@@ -252,9 +252,36 @@ pub async fn reconcile(
     store: &dyn Store,
     clock: &dyn Clock,
 ) -> Result<usize, KeyLifecycleError> {
+    reconcile_older_than(keystores, store, clock, std::time::Duration::ZERO).await
+}
+
+/// How old a `generating` row must be before a daemon on a store shared by
+/// several daemons (PostgreSQL) reconciles it at start: a younger one may
+/// be another, live daemon's key generation in progress (it takes seconds),
+/// which reconciling would destroy under it. A leftover of a crash younger
+/// than this is cleaned at a later start; until then it is an unused row
+/// (and maybe an unused HSM object), nothing more.
+pub const SHARED_STORE_RECONCILE_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// [`reconcile`], leaving alone the `generating` rows created less than
+/// `min_age` ago (see [`SHARED_STORE_RECONCILE_AGE`]).
+pub async fn reconcile_older_than(
+    keystores: &KeyStores,
+    store: &dyn Store,
+    clock: &dyn Clock,
+    min_age: std::time::Duration,
+) -> Result<usize, KeyLifecycleError> {
     let mut cleaned = 0;
+    let newest = clock
+        .now()
+        .unix_timestamp()
+        .saturating_sub(i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX));
     for key in store.list_keys().await? {
         if key.state != KeyState::Generating {
+            continue;
+        }
+        if !min_age.is_zero() && key.created_at > newest {
+            tracing::info!(key = %key.id, "unfinished key generation is recent (another daemon may be making it); left for a later start");
             continue;
         }
         let Ok(keystore) = keystores.get(&key.keystore) else {

@@ -45,6 +45,14 @@ pub struct OcspSigner {
     pub not_after: i64,
 }
 
+/// How long the lease guarding one CA's signer creation holds (ms): far
+/// more than a key generation and one CA signature take.
+pub const SIGNER_LEASE_MS: i64 = 30_000;
+
+/// How long a daemon waits for another daemon's signer before making its
+/// own: the lease time and a margin (a holder that died lets it run out).
+pub const SIGNER_WAIT: std::time::Duration = std::time::Duration::from_secs(35);
+
 impl std::fmt::Debug for OcspSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OcspSigner")
@@ -131,6 +139,64 @@ impl CaService {
     ) -> Result<OcspSigner, CaError> {
         self.create_ocsp_signer_with(actor, issuer, replaces, |_| Change::new())
             .await
+    }
+
+    /// [`Self::create_ocsp_signer`] for a daemon that may share the store
+    /// with others starting or renewing at the same moment: without a
+    /// guard, two daemons that both find no signer (or the same due one)
+    /// would each make one, and a CA would have two active signers. So the
+    /// creation runs under a store lease `ocsp-signer:<ca>`
+    /// ([`SIGNER_LEASE_MS`]); under it the store's active signer is read
+    /// again and used if it is usable and not `replaces` (another daemon
+    /// made it meanwhile). A daemon that finds the lease taken waits for
+    /// the other's signer to appear. A holder that dies leaves the lease to
+    /// run out; after waiting [`SIGNER_WAIT`] the daemon makes one anyway
+    /// (at worst two signers, each valid, as without the guard).
+    pub async fn create_ocsp_signer_once(
+        &self,
+        actor: &str,
+        issuer: &Issuer,
+        replaces: Option<&OcspSigner>,
+        renew_before_days: u32,
+    ) -> Result<OcspSigner, CaError> {
+        let lease = format!("ocsp-signer:{}", issuer.name);
+        let holder = format!("{}:{}", std::process::id(), Uuid::new_v4().simple());
+        let usable = |s: &OcspSigner, now: i64| {
+            !s.due(now, renew_before_days) && replaces.is_none_or(|r| r.serial != s.serial)
+        };
+        let waited = std::time::Instant::now();
+        loop {
+            let now_ms = now_ms(self.clock.as_ref());
+            if self
+                .store
+                .try_lease(&lease, &holder, now_ms, SIGNER_LEASE_MS)
+                .await?
+            {
+                let result = match self.load_ocsp_signer(issuer).await {
+                    Ok(Some(s)) if usable(&s, self.clock.now().unix_timestamp()) => {
+                        tracing::info!(ca = %issuer.name, serial = %s.serial, "OCSP signer made by another daemon; using it");
+                        Ok(s)
+                    }
+                    Ok(_) => self.create_ocsp_signer(actor, issuer, replaces).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = self.store.release_lease(&lease, &holder).await {
+                    tracing::warn!(lease = %lease, code = e.code(), error = %e, "could not release the OCSP signer lease; it runs out by itself");
+                }
+                return result;
+            }
+            if waited.elapsed() >= SIGNER_WAIT {
+                tracing::warn!(ca = %issuer.name, "another daemon has held the OCSP signer lease too long; making a signer anyway");
+                return self.create_ocsp_signer(actor, issuer, replaces).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if let Some(s) = self.load_ocsp_signer(issuer).await?
+                && usable(&s, self.clock.now().unix_timestamp())
+            {
+                tracing::info!(ca = %issuer.name, serial = %s.serial, "OCSP signer made by another daemon; using it");
+                return Ok(s);
+            }
+        }
     }
 
     /// [`Self::create_ocsp_signer`], committing `also(new key)` in the same

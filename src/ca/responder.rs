@@ -394,9 +394,11 @@ impl Responder {
     ///
     /// Several daemons may share the store: before making or replacing a
     /// signer, the store's active one is read, and used if it is not due
-    /// (another daemon made or replaced it); if another daemon retires the
-    /// due signer first (our replacement's commit conflicts), its successor
-    /// is used.
+    /// (another daemon made or replaced it); the making itself runs under a
+    /// store lease per CA ([`CaService::create_ocsp_signer_once`]), so
+    /// daemons starting together make one signer between them; if another
+    /// daemon retires the due signer first (our replacement's commit
+    /// conflicts), its successor is used.
     pub async fn refresh_signers(&self, actor: &str) -> Result<Vec<String>, CaError> {
         self.refresh(actor, false).await
     }
@@ -436,7 +438,7 @@ impl Responder {
                 old => {
                     let new = match self
                         .ca
-                        .create_ocsp_signer(actor, &issuer, old.as_deref())
+                        .create_ocsp_signer_once(actor, &issuer, old.as_deref(), renew_before)
                         .await
                     {
                         Ok(new) => new,
