@@ -526,7 +526,8 @@ fn trials() -> Vec<Trial> {
                         .filter(|t| {
                             std::fs::read_to_string(t.path().join("comm"))
                                 .unwrap_or_default()
-                                .starts_with("keyward-p11-sign")
+                                // comm holds 15 bytes: "keyward-p11-sig".
+                                .starts_with("keyward-p11-sig")
                         })
                         .count()
                 }
@@ -542,7 +543,12 @@ fn trials() -> Vec<Trial> {
                     .with_signer_threads()
                     .unwrap(),
                 );
-                // One thread per session.
+                // One thread per session (each names itself once it runs).
+                let mut waited = 0;
+                while signer_threads() < before + 2 && waited < 500 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    waited += 1;
+                }
                 assert_eq!(signer_threads(), before + 2);
                 suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::EcdsaP256).await;
                 if ks
