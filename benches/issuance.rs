@@ -34,6 +34,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Set (to the work directory) in the re-executed child.
+#[path = "issuance/wrk.rs"]
+mod wrk;
+
 const WORK_DIR: &str = "KEYWARD_BENCH_DIR";
 const LABEL: &str = "keyward-bench";
 
@@ -42,6 +45,13 @@ struct Args {
     out: Option<String>,
     /// Only the cost of audit checkpoints on issuance (see [`checkpoint_cost`]).
     checkpoint_cost: bool,
+    /// Issue 12 modes (benches/issuance/wrk.rs).
+    wrk: bool,
+    scale: bool,
+    idle_rss: bool,
+    levers: bool,
+    rounds: usize,
+    devices: usize,
 }
 
 fn args() -> Args {
@@ -49,6 +59,12 @@ fn args() -> Args {
         seconds: 10,
         out: None,
         checkpoint_cost: false,
+        wrk: false,
+        scale: false,
+        idle_rss: false,
+        levers: false,
+        rounds: 3,
+        devices: 1_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -56,10 +72,20 @@ fn args() -> Args {
             "--seconds" => a.seconds = it.next().unwrap().parse().unwrap(),
             "--out" => a.out = Some(it.next().unwrap()),
             "--checkpoint-cost" => a.checkpoint_cost = true,
+            "--wrk" => a.wrk = true,
+            "--scale" => a.scale = true,
+            "--idle-rss" => a.idle_rss = true,
+            "--levers" => {
+                a.wrk = true;
+                a.levers = true;
+            }
+            "--rounds" => a.rounds = it.next().unwrap().parse().unwrap(),
+            "--devices" => a.devices = it.next().unwrap().parse().unwrap(),
             _ => {} // cargo bench passes --bench
         }
     }
     assert!(a.seconds >= 1, "--seconds must be at least 1");
+    assert!(a.rounds >= 1, "--rounds must be at least 1");
     a
 }
 
@@ -496,6 +522,16 @@ fn main() -> ExitCode {
         checkpoint_cost(&a, daemon, &hsm, &config, &dir);
         return ExitCode::SUCCESS;
     }
+    if a.wrk || a.scale || a.idle_rss {
+        if a.idle_rss {
+            wrk::idle_rss_mode(&a, daemon, &hsm, &config);
+        } else if a.wrk {
+            wrk::wrk_mode(&a, daemon, &hsm, &config, pin, &dir);
+        } else {
+            wrk::scale_mode(&a, daemon, &hsm, &config, &dir);
+        }
+        return audit_verify(&config);
+    }
     let https = |daemon: Daemon| {
         // The same installation served over HTTPS: keyward issues itself a
         // server certificate, its key in the same token.
@@ -516,13 +552,19 @@ fn main() -> ExitCode {
         (daemon, pem.into_bytes())
     };
     let daemon = run(&a, daemon, hsm.module(), pin, https);
+    let code = audit_verify(&config);
+    drop(daemon);
+    code
+}
+
+/// `keyward audit verify` over the installation's chain after a run.
+fn audit_verify(config: &Path) -> ExitCode {
     println!("==> audit chain after the run");
     let status = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["audit", "verify", "--config"])
-        .arg(&config)
+        .arg(config)
         .status()
         .unwrap();
-    drop(daemon);
     if status.success() {
         ExitCode::SUCCESS
     } else {

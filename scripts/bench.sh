@@ -19,14 +19,28 @@
 # --checkpoint-cost). Appends results to BENCHMARKS.md.
 #   scripts/bench.sh [SECONDS_PER_STEP]           (default 10)
 #   scripts/bench.sh --audit [SECONDS_PER_STEP]   the audit part only
+# Issue 12 modes (benches/issuance/wrk.rs; each appends its own section):
+#   scripts/bench.sh --wrk [SECONDS_PER_STEP]      issuance driven by `wrk` (c16) against
+#       a release `keyward serve`, divided by a tight cryptoki C_Sign loop (2 threads)
+#       measured in alternating rounds of the same run; CPU per request of daemon and wrk
+#   scripts/bench.sh --levers [SECONDS_PER_STEP]   the same, plus each lever that is a
+#       setting (signer_threads, batch_max) on a restarted daemon, interleaved
+#   scripts/bench.sh --scale [SECONDS_PER_STEP]    1,000,000 devices: device list pages
+#       (< 50 ms) and issuance against the big store vs the empty one
+#   scripts/bench.sh --idle-rss                    VmRSS of an idle `keyward serve`
+#   scripts/bench.sh --issue12 [SECONDS_PER_STEP]  --levers, --scale and --idle-rss
+# ROUNDS (environment, default 3) sets the alternating rounds of --wrk/--levers/--scale.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 audit_only=false
-if [[ "${1:-}" == "--audit" ]]; then
-  audit_only=true
-  shift
-fi
+issue12=()
+case "${1:-}" in
+  --audit) audit_only=true; shift ;;
+  --wrk|--levers|--scale|--idle-rss) issue12=("$1"); shift ;;
+  --issue12) issue12=(--levers --scale --idle-rss); shift ;;
+esac
 seconds="${1:-10}"
+rounds="${ROUNDS:-3}"
 
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
@@ -38,6 +52,17 @@ audit() {
   echo "==> audit checkpoint cost on issuance"
   cargo bench --bench issuance -- --checkpoint-cost --seconds "$seconds" --out "$PWD/BENCHMARKS.md"
 }
+
+if ((${#issue12[@]})); then
+  ensure_packages softhsm2 openssl pkg-config libpcsclite-dev wrk
+  echo "==> building (release)"
+  cargo bench --bench issuance --no-run
+  for mode in "${issue12[@]}"; do
+    echo "==> issuance benchmark ${mode}"
+    cargo bench --bench issuance -- "$mode" --seconds "$seconds" --rounds "$rounds" --out "$PWD/BENCHMARKS.md"
+  done
+  exit 0
+fi
 
 if $audit_only; then
   echo "==> building (release)"

@@ -274,6 +274,12 @@ pub async fn open_keystore(
             })
             .await
             .with_context(|| format!("opening the PKCS#11 token of key store `{name}`"))?;
+            let ks = if p.signer_threads {
+                ks.with_signer_threads()
+                    .with_context(|| format!("starting the signer threads of key store `{name}`"))?
+            } else {
+                ks
+            };
             Ok(Arc::new(ks))
         }
         KeyStoreConfig::Yubikey(y) => {

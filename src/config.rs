@@ -197,6 +197,9 @@ pub struct Pkcs11Config {
     pub pin: SecretSetting,
     /// Logged-in sessions kept open; also the most signatures in flight (1..=256).
     pub sessions: usize,
+    /// Signatures run on `sessions` dedicated threads fed by a queue instead of
+    /// one `spawn_blocking` call each (issue 12 lever; BENCHMARKS.md).
+    pub signer_threads: bool,
 }
 
 /// A YubiKey's PIV applet, chosen by serial number.
@@ -1989,6 +1992,7 @@ impl Builder<'_> {
                     token,
                     pin: self.secret(&key("pin"), k.pin_file, k.pin_env)?,
                     sessions: self.range(&key("sessions"), k.sessions, default_sessions, 1, 256)?,
+                    signer_threads: k.signer_threads.unwrap_or(false),
                 }))
             }
             file::KeyStore::Yubikey(y) => {
@@ -2388,6 +2392,7 @@ token_pepper_env = "KEYWARD_PEPPER"
             }
         );
         assert!((2..=256).contains(&p.sessions));
+        assert!(!p.signer_threads, "the blocking pool is the default");
         assert_eq!(c.auth.token_pepper.key, "auth.token_pepper");
         assert_eq!(c.policies.dir, Path::new("/etc/kw/policies"));
         assert_eq!(c.log.level, "info");
@@ -2539,6 +2544,14 @@ token_pepper_env = "KEYWARD_PEPPER"
             &MINIMAL.replace("pin_env", "sessions = 257\npin_env"),
             "keystore.sessions",
         );
+        // The key store table is one of several shapes: serde names the table.
+        let msg = refused(
+            &MINIMAL.replace("pin_env", "signer_threads = \"yes\"\npin_env"),
+            "expected a boolean",
+        );
+        assert!(msg.contains("[keystore]"), "{msg}");
+        let threads = parse(&MINIMAL.replace("pin_env", "signer_threads = true\npin_env")).unwrap();
+        assert!(pkcs11(&threads).signer_threads);
         let c = parse(&format!(
             "{MINIMAL}[server]\nlisten = \"[::1]:9000\"\nrequest_timeout_secs = 5\n"
         ))

@@ -516,6 +516,102 @@ fn trials() -> Vec<Trial> {
         },
     ));
     t.push(Trial::test(
+        "pkcs11::signer_threads_sign_in_parallel_and_end_with_the_store",
+        || {
+            run(|| async {
+                fn signer_threads() -> usize {
+                    std::fs::read_dir("/proc/self/task")
+                        .unwrap()
+                        .flatten()
+                        .filter(|t| {
+                            std::fs::read_to_string(t.path().join("comm"))
+                                .unwrap_or_default()
+                                // comm holds 15 bytes: "keyward-p11-sig".
+                                .starts_with("keyward-p11-sig")
+                        })
+                        .count()
+                }
+                let before = signer_threads();
+                let ks: Arc<dyn KeyStore> = Arc::new(
+                    Pkcs11KeyStore::open(settings(
+                        TokenSelector::Label(new_token()),
+                        common::PIN,
+                        2,
+                    ))
+                    .await
+                    .unwrap()
+                    .with_signer_threads()
+                    .unwrap(),
+                );
+                // One thread per session (each names itself once it runs).
+                let mut waited = 0;
+                while signer_threads() < before + 2 && waited < 500 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    waited += 1;
+                }
+                assert_eq!(signer_threads(), before + 2);
+                suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::EcdsaP256).await;
+                if ks
+                    .capabilities()
+                    .algorithms
+                    .contains(&KeyAlgorithm::Ed25519)
+                {
+                    suite::sign_and_verify(ks.as_ref(), KeyAlgorithm::Ed25519).await;
+                }
+                let key = ks
+                    .generate(&suite::spec(KeyAlgorithm::EcdsaP256))
+                    .await
+                    .unwrap();
+                // 64 signatures in flight over 2 threads: each verifies
+                // (ring) over its own message and not over another's.
+                let signs = (0..64u32).map(|i| {
+                    let (ks, h) = (ks.clone(), key.handle.clone());
+                    tokio::spawn(async move {
+                        let msg = format!("message {i}");
+                        let sig = ks
+                            .sign(&h, KeyAlgorithm::EcdsaP256, msg.as_bytes())
+                            .await
+                            .unwrap();
+                        (msg, sig)
+                    })
+                });
+                let signed = futures::future::join_all(signs).await;
+                for (i, r) in signed.into_iter().enumerate() {
+                    let (msg, sig) = r.unwrap();
+                    let other = format!("message {}", (i + 1) % 64);
+                    assert!(suite::verify(
+                        &key.public_key_der,
+                        KeyAlgorithm::EcdsaP256,
+                        msg.as_bytes(),
+                        &sig
+                    ));
+                    assert!(!suite::verify(
+                        &key.public_key_der,
+                        KeyAlgorithm::EcdsaP256,
+                        other.as_bytes(),
+                        &sig
+                    ));
+                }
+                // A bad request answers with its error and the threads stay.
+                ks.destroy(&key.handle).await.unwrap();
+                let gone = ks.sign(&key.handle, KeyAlgorithm::EcdsaP256, b"x").await;
+                assert!(
+                    matches!(gone, Err(KeyStoreError::KeyNotFound(_))),
+                    "{gone:?}"
+                );
+                assert_eq!(signer_threads(), before + 2);
+                // Dropping the store closes the queue: the threads end.
+                drop(ks);
+                let mut waited = 0;
+                while signer_threads() > before && waited < 500 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    waited += 1;
+                }
+                assert_eq!(signer_threads(), before, "signer threads outlive the store");
+            })
+        },
+    ));
+    t.push(Trial::test(
         "pkcs11::handles_are_rfc7512_uris_and_listed",
         || {
             run(|| async {

@@ -281,6 +281,7 @@ pub(super) struct Pkcs11 {
     pub pin_file: Option<PathBuf>,
     pub pin_env: Option<String>,
     pub sessions: Option<usize>,
+    pub signer_threads: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

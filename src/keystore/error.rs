@@ -220,6 +220,10 @@ pub enum KeyStoreError {
     QueueClosed(#[source] tokio::sync::AcquireError),
     #[error("internal lock poisoned: {0}")]
     Poisoned(&'static str),
+    /// A dedicated signer thread is gone (it could not start, or panicked
+    /// with the request).
+    #[error("the HSM signer thread is gone")]
+    SignerGone,
 }
 
 impl KeyStoreError {
@@ -259,6 +263,7 @@ impl KeyStoreError {
             Self::Worker(_) => "worker_failed",
             Self::QueueClosed(_) => "queue_closed",
             Self::Poisoned(_) => "lock_poisoned",
+            Self::SignerGone => "signer_gone",
         }
     }
 }

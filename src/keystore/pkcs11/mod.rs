@@ -55,6 +55,50 @@ pub struct Pkcs11KeyStore {
     permits: Arc<Semaphore>,
     /// The permits `permits` started with: the pool's size.
     sessions: usize,
+    /// Dedicated signer threads, when configured ([`Self::with_signer_threads`]).
+    signers: Option<Signers>,
+}
+
+/// A signature request for a signer thread: runs with the backend's state
+/// and answers through its own channel.
+type SignJob = Box<dyn FnOnce(&Inner) + Send>;
+
+/// `sessions` OS threads that take signature requests from one queue and
+/// run them on the session pool (each thread in effect keeps one session).
+/// Issue 12 lever: it replaces `spawn_blocking`'s per-call hand-off (task
+/// allocation, the blocking pool's shared queue, a `JoinHandle`) with a
+/// channel send and a oneshot answer; BENCHMARKS.md records what it gave.
+/// The threads end when the key store is dropped (the queue closes).
+struct Signers {
+    queue: std::sync::mpsc::Sender<SignJob>,
+}
+
+impl Signers {
+    fn start(inner: &Arc<Inner>, threads: usize) -> Result<Self, KeyStoreError> {
+        let (queue, jobs) = std::sync::mpsc::channel::<SignJob>();
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        for i in 0..threads {
+            let (inner, jobs) = (inner.clone(), jobs.clone());
+            std::thread::Builder::new()
+                .name(format!("keyward-p11-sign-{i}"))
+                .spawn(move || {
+                    loop {
+                        // One thread waits in `recv` holding the lock; the
+                        // others queue on the lock and take the next job.
+                        let job = match jobs.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&inner),
+                            Err(_) => return, // the key store is gone
+                        }
+                    }
+                })
+                .map_err(|_| KeyStoreError::SignerGone)?;
+        }
+        Ok(Self { queue })
+    }
 }
 
 impl Inner {
@@ -108,7 +152,17 @@ impl Pkcs11KeyStore {
             }),
             permits: Arc::new(Semaphore::new(sessions)),
             sessions,
+            signers: None,
         })
+    }
+
+    /// Runs signatures on dedicated threads, one per session, instead of a
+    /// `spawn_blocking` call each (`[keystore] signer_threads = true`).
+    /// Other operations keep the blocking pool; the permits still bound
+    /// everything in flight to the pool's size.
+    pub fn with_signer_threads(mut self) -> Result<Self, KeyStoreError> {
+        self.signers = Some(Signers::start(&self.inner, self.sessions)?);
+        Ok(self)
     }
 
     /// The label of the token in use.
@@ -131,6 +185,32 @@ impl Pkcs11KeyStore {
         tokio::task::spawn_blocking(move || inner.with_session(&f))
             .await
             .map_err(KeyStoreError::Worker)?
+    }
+
+    /// Like [`Self::run`], on a signer thread when there are any.
+    async fn run_sign<T, F>(&self, f: F) -> Result<T, KeyStoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, KeyStoreError> + Send + 'static,
+    {
+        let Some(signers) = &self.signers else {
+            return self.run(f).await;
+        };
+        let _permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(KeyStoreError::QueueClosed)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: SignJob = Box::new(move |inner: &Inner| {
+            let _ = tx.send(inner.with_session(&f));
+        });
+        signers
+            .queue
+            .send(job)
+            .map_err(|_| KeyStoreError::SignerGone)?;
+        rx.await.map_err(|_| KeyStoreError::SignerGone)?
     }
 }
 
@@ -206,7 +286,7 @@ impl KeyStore for Pkcs11KeyStore {
         let id = id_of(handle)?;
         let h = handle.clone();
         let input = keys::sign_input(algorithm, message);
-        self.run(move |inner, session| {
+        self.run_sign(move |inner, session| {
             let key = inner
                 .handles
                 .private(session, &id)?

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0010_backups.sql"),
     include_str!("../../../migrations/sqlite/0011_audit.sql"),
     include_str!("../../../migrations/sqlite/0012_metrics_indexes.sql"),
+    include_str!("../../../migrations/sqlite/0013_device_indexes.sql"),
 ];
 
 /// The schema version this build writes and reads.
