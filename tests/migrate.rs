@@ -590,12 +590,18 @@ async fn refusals_and_bad_inputs_write_nothing() {
     // ... or at a newer one.
     rusqlite::Connection::open(&old)
         .unwrap()
-        .execute_batch("PRAGMA user_version = 13")
+        .execute_batch(&format!(
+            "PRAGMA user_version = {}",
+            keyward::store::sqlite::SCHEMA_VERSION + 1
+        ))
         .unwrap();
     let out = migrate(&["--from", &format!("sqlite:{}", old.display()), "--to", &to]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("version 13 cannot be loaded"),
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "version {} cannot be loaded",
+            keyward::store::sqlite::SCHEMA_VERSION + 1
+        )),
         "{}",
         text(&out)
     );
@@ -696,9 +702,12 @@ async fn refusals_and_bad_inputs_write_nothing() {
         ),
         (vec!["id", "nickname"], r#"["a", "n"]"#, "column `nickname`"),
     ] {
-        let mut imp = keyward::store::postgres::snapshot::PgImporter::create(&mut client, 12)
-            .await
-            .unwrap();
+        let mut imp = keyward::store::postgres::snapshot::PgImporter::create(
+            &mut client,
+            keyward::store::sqlite::SCHEMA_VERSION,
+        )
+        .await
+        .unwrap();
         let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
         let err = match imp.table("admins", &cols).await {
             Err(e) => e,
@@ -708,9 +717,12 @@ async fn refusals_and_bad_inputs_write_nothing() {
         drop(imp);
     }
     // A row whose reference is not in the snapshot fails at the end.
-    let mut imp = keyward::store::postgres::snapshot::PgImporter::create(&mut client, 12)
-        .await
-        .unwrap();
+    let mut imp = keyward::store::postgres::snapshot::PgImporter::create(
+        &mut client,
+        keyward::store::sqlite::SCHEMA_VERSION,
+    )
+    .await
+    .unwrap();
     let cols: Vec<String> = [
         "registration_id",
         "admin_id",

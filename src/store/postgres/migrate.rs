@@ -12,10 +12,16 @@ use crate::store::{DatabaseError, StoreError};
 use tokio_postgres::{Client, Transaction};
 
 /// (version it brings the database to, SQL).
-const MIGRATIONS: &[(i64, &str)] = &[(
-    12,
-    include_str!("../../../migrations/postgres/0012_schema.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        12,
+        include_str!("../../../migrations/postgres/0012_schema.sql"),
+    ),
+    (
+        13,
+        include_str!("../../../migrations/postgres/0013_device_indexes.sql"),
+    ),
+];
 
 /// The schema version this build writes and reads.
 pub const SUPPORTED: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
