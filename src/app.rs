@@ -513,11 +513,12 @@ impl App {
             ),
         };
         let store = open_store(&config, clock.clone(), metrics.clone()).await?;
-        // On a store several daemons share, a recent `generating` row may be
+        // On a store several daemons share (PostgreSQL, or one SQLite file
+        // with `[redis]` coordinating them), a recent `generating` row may be
         // another daemon's key generation in progress: leave it alone.
         let reconcile_age = match config.store {
-            StoreConfig::Sqlite(_) => Duration::ZERO,
-            StoreConfig::Postgres(_) => crate::ca::keys::SHARED_STORE_RECONCILE_AGE,
+            StoreConfig::Sqlite(_) if config.redis.is_none() => Duration::ZERO,
+            _ => crate::ca::keys::SHARED_STORE_RECONCILE_AGE,
         };
         let reconciled = crate::ca::keys::reconcile_older_than(
             &keystores,
@@ -1007,7 +1008,9 @@ fn spawn_sighup_reload(
             while hup.recv().await.is_some() {
                 match registry.reload_policies("system:sighup", None).await {
                     Ok(_) => {
-                        if let Err(e) = bus.publish(Invalidation::Policy).await {
+                        // This daemon has reloaded: only the others follow (its own
+                        // listener would reload again if the files changed meanwhile).
+                        if let Err(e) = bus.publish_remote(Invalidation::Policy).await {
                             tracing::warn!(error = %e, "policy reload not announced to the other daemons");
                         }
                     }

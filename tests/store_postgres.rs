@@ -85,8 +85,12 @@ fn migrations_are_applied_once_under_concurrent_starts() {
         assert_eq!(again.audit_head().await.unwrap().0, 2);
     });
     assert_eq!(
-        db.psql("SELECT string_agg(version::text, ',') FROM keyward_schema"),
-        keyward::store::postgres::SCHEMA_VERSION.to_string()
+        db.psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM keyward_schema"),
+        (12..=keyward::store::postgres::SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        "each version applied once"
     );
 }
 

@@ -201,6 +201,21 @@ pub async fn abandon(
     key: &PendingKey,
     why: &str,
 ) {
+    // A commit whose outcome is unknown (the database connection dropped
+    // during COMMIT) may have made the key live: destroy it only while its
+    // row still says `generating`. Unreadable: leave it to reconciliation.
+    match store.get_key(key.id).await {
+        Ok(Some(row)) if row.state == KeyState::Generating => {}
+        Ok(None) => {}
+        Ok(Some(row)) => {
+            tracing::error!(key = %key.id, state = ?row.state, "not destroying a key whose failed commit went through");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(key = %key.id, error = %e, "key state unreadable; reconciliation will decide at start");
+            return;
+        }
+    }
     match destroy_if_possible(keystore, &key.handle).await {
         Ok(note) => mark_destroyed(store, clock, actor, key.id, &format!("{why}{note}")).await,
         Err(e) => {

@@ -22,7 +22,8 @@
 //!
 //! Nonces live in this process's memory (a bounded map): a restart drops
 //! them, which only refuses the renewals in flight (the device asks again).
-//! Several daemons behind a load balancer do not share them yet (issue 12):
+//! Several daemons behind a load balancer do not share them (not built; see
+//! docs/deployment.md):
 //! the nonce GET and the renewal POST must reach the same daemon.
 
 use super::lifecycle::LifecycleError;

@@ -719,12 +719,29 @@ impl Responder {
             .ok_or(Fresh::Error(OcspError::Unauthorized))?;
         // The marker is read before the status: see the module doc.
         let marker = match self.shared_lookup(slot, &key, now).await {
-            Ok((Some(c), _)) => {
+            // Redis is not trusted with a status: a shared answer (signed by
+            // a daemon of this deployment, but stored where anyone with
+            // Redis access could swap or replay one) is served only if it
+            // says what the store says now, one primary-key read; the
+            // saving is the HSM signature. Its refresh time never passes
+            // its nextUpdate.
+            Ok((Some(mut c), _))
+                if outcome_of(self.status_of(&slot.name, slot.key_id, &id.serial).await?)
+                    == c.outcome
+                    && now < c.next_update =>
+            {
+                c.refresh_at = c.refresh_at.min(c.next_update);
                 self.metrics.ocsp.cache(CacheResult::Hit);
                 self.cache.insert_if(key, c.clone(), now, || {
                     self.epoch.load(Ordering::SeqCst) == epoch
                 });
                 return Ok(c);
+            }
+            Ok((Some(_), marker)) => {
+                tracing::warn!(
+                    "a shared OCSP answer disagrees with the store; signing a fresh one"
+                );
+                Some(marker)
             }
             Ok((None, marker)) => Some(marker),
             Err(()) => None,

@@ -22,12 +22,10 @@
 //!
 //! Backends: [`StoreLease`] is a row of the `leases` table, taken, renewed
 //! and released in one store transaction each (correct across processes on
-//! one SQLite file). The Redis and PostgreSQL backends (issue 12) implement
-//! the same trait: Redis with `SET name holder NX PX ttl` and a
-//! compare-and-extend / compare-and-delete script, PostgreSQL with a
-//! session-level advisory lock (`pg_try_advisory_lock`) held on a dedicated
-//! connection (the lock ends with the session, so `ttl` only sets how often
-//! the scheduler checks it) or with the same lease row.
+//! one SQLite file, and across hosts on PostgreSQL, where the same row is
+//! taken by one `INSERT … ON CONFLICT DO UPDATE … WHERE`). With `[redis]`,
+//! `crate::redis::leader` implements the same trait with `SET name holder NX
+//! PX ttl` and compare-and-extend / compare-and-delete scripts.
 
 use super::JobError;
 use crate::store::Store;

@@ -179,6 +179,10 @@ async fn subscriber(
                     .with_label_values(&["subscribe"])
                     .inc();
                 tracing::warn!(channel, "invalidation subscription lost; reconnecting");
+                // What other daemons publish from now on is missed until the
+                // subscription is back (which sends `All` again): forget what
+                // was cached under the old state now, not only then.
+                let _ = tx.send(Invalidation::All);
             }
             Ok(Err(e)) => {
                 handle

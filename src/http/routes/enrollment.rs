@@ -234,7 +234,14 @@ pub async fn reload_policies(
             client.as_string().as_deref(),
         )
         .await?;
-    // The other daemons reload their own policy files.
-    state.invalidate(crate::cache::Invalidation::Policy).await;
+    // The other daemons reload their own policy files; this one has (its
+    // own listener must not reload again: the files may have changed since).
+    if let Err(e) = state
+        .bus
+        .publish_remote(crate::cache::Invalidation::Policy)
+        .await
+    {
+        tracing::warn!(error = %e, "policy reload not announced to the other daemons");
+    }
     Ok(Json(outcome))
 }

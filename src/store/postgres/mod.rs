@@ -270,6 +270,20 @@ fn target(
     if config.get_application_name().is_none() {
         config.application_name("keyward");
     }
+    // Every daemon's writes queue behind one advisory lock: a peer that
+    // vanished (half-open socket) or hangs mid-transaction must not stall
+    // the deployment for the kernel's keepalive (hours). Defaults unless
+    // the URL sets its own.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(5));
+    }
+    config.keepalives(true);
+    config.keepalives_idle(std::time::Duration::from_secs(10));
+    #[cfg(target_os = "linux")]
+    config.tcp_user_timeout(std::time::Duration::from_secs(30));
+    if config.get_options().is_none() {
+        config.options("-c lock_timeout=30s -c idle_in_transaction_session_timeout=300s");
+    }
     Ok(Target { config, read_only })
 }
 
