@@ -552,6 +552,11 @@ impl App {
                 .with_broker_provisioning(broker_enabled)
                 .with_metrics(metrics.clone()),
         );
+        // Renewal and access-token nonces: taken on whichever daemon the
+        // proof reaches (no load-balancer affinity) when Redis is shared.
+        if redis.is_some() {
+            ca.nonces().share(cache.clone());
+        }
         let crls = Arc::new(CrlPublisher::new(
             ca.clone(),
             store.clone(),

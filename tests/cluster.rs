@@ -191,6 +191,81 @@ async fn enroll(here: &str, there: &str, admin: &str, csr: String, dir: PathBuf)
     }
 }
 
+/// The device's signed-nonce proof for `POST /v1/auth/token`, signed by the
+/// stock openssl CLI with the device's key.
+fn sign_token_proof(dir: &Path, device: &str, nonce_b64: &str, key: &Path) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut msg = b"keyward-token-v1\0".to_vec();
+    msg.extend_from_slice(device.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(&b64.decode(nonce_b64).unwrap());
+    let id = uuid::Uuid::new_v4();
+    let (m, sig) = (dir.join(format!("{id}.msg")), dir.join(format!("{id}.sig")));
+    std::fs::write(&m, &msg).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg("-out")
+        .arg(&sig)
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b64.encode(std::fs::read(sig).unwrap())
+}
+
+/// A nonce handed out by one daemon is taken on the other (the shared
+/// cache's atomic take), and only once: no load-balancer affinity between
+/// `POST /v1/auth/nonce` and `POST /v1/auth/token`.
+async fn nonce_on_one_daemon_token_on_the_other(a: &str, b: &str, admin: &str, dir: PathBuf) {
+    std::fs::create_dir_all(&dir).unwrap();
+    let (csr, key) = openssl_csr(&dir, "ec");
+    let key = write(&dir, "device.key", &key);
+    let dev = enroll(a, b, admin, csr, dir.join("device")).await;
+    for (first, second) in [(a, b), (b, a)] {
+        let (s, v) = call(
+            Method::POST,
+            &format!("{first}/v1/auth/nonce"),
+            None,
+            Some(json!({ "device_id": dev.device_id })),
+        )
+        .await;
+        assert_eq!(s, 200, "nonce from {first}: {v}");
+        let nonce = v["nonce"].as_str().unwrap().to_string();
+        let sig = sign_token_proof(&dir, &dev.device_id, &nonce, &key);
+        let body = json!({ "device_id": dev.device_id, "nonce": nonce, "signature": sig });
+        let (s, v) = call(
+            Method::POST,
+            &format!("{second}/v1/auth/token"),
+            None,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 200, "nonce from {first} used on {second}: {v}");
+        assert!(
+            v["access_token"]
+                .as_str()
+                .is_some_and(|t| t.split('.').count() == 3),
+            "{v}"
+        );
+        for replay_on in [first, second] {
+            let (s, v) = call(
+                Method::POST,
+                &format!("{replay_on}/v1/auth/token"),
+                None,
+                Some(body.clone()),
+            )
+            .await;
+            assert_eq!(s, 401, "a nonce used once is refused on {replay_on}: {v}");
+        }
+    }
+}
+
 async fn revoke(url: &str, admin: &str, device_id: &str) {
     let (status, v) = call(
         Method::POST,
@@ -444,6 +519,9 @@ async fn run_cluster(env: Env, shared: impl FnOnce(&Env) -> Shared) {
             "no device.revoke for {d}: {revoke_events:?}"
         );
     }
+
+    // --- A signed-nonce token proof needs no affinity. --------------------
+    nonce_on_one_daemon_token_on_the_other(&url_a, &url_b, &admin, env.path("nonce")).await;
 
     // --- Revocation on A reaches B's OCSP cache within 1 s. ----------------
     let ocsp_dir = env.path("ocsp");

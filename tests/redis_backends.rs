@@ -395,6 +395,16 @@ mod conformance {
         c.delete("k1").await.unwrap();
         c.delete("k1").await.unwrap();
         assert_eq!(c.get("k1").await.unwrap(), None, "{b}");
+        // take: the value once, then nothing; concurrent takers, one winner.
+        c.put("n", b"once", Duration::from_secs(30)).await.unwrap();
+        let takes = futures::future::join_all((0..8).map(|_| c.take("n"))).await;
+        let won: Vec<_> = takes.into_iter().filter_map(|t| t.unwrap()).collect();
+        assert_eq!(won, vec![b"once".to_vec()], "{b}: one taker wins");
+        assert_eq!(c.take("n").await.unwrap(), None, "{b}");
+        assert_eq!(c.get("n").await.unwrap(), None, "{b}");
+        c.put("n2", b"x", Duration::from_millis(100)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(c.take("n2").await.unwrap(), None, "{b}: expired");
     }
 
     async fn limiter_suite(l: &dyn RateLimiter) {

@@ -529,6 +529,7 @@ impl TokenService {
         self.ca
             .nonces()
             .issue(device_id, NoncePurpose::AccessToken, self.now())
+            .await
             .map_err(|e| match e {
                 LifecycleError::Random(r) => TokenError::Random(r),
                 other => TokenError::Proof(other),
@@ -604,6 +605,7 @@ impl TokenService {
                 self.ca
                     .nonces()
                     .take(nonce, *device_id, NoncePurpose::AccessToken, now)
+                    .await
                     .map_err(TokenError::Proof)?;
                 let current =
                     self.ca

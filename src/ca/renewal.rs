@@ -20,11 +20,12 @@
 //! prefix keeps the signature from meaning anything else; the CSR hash binds
 //! the proof to the request, so a captured proof cannot carry another CSR.
 //!
-//! Nonces live in this process's memory (a bounded map): a restart drops
-//! them, which only refuses the renewals in flight (the device asks again).
-//! Several daemons behind a load balancer do not share them (not built; see
-//! docs/deployment.md):
-//! the nonce GET and the renewal POST must reach the same daemon.
+//! Nonces live in this process's memory (a bounded map) and, with
+//! `[redis]`, in the shared cache too ([`Nonces::share`]): any daemon of the
+//! deployment takes a nonce another handed out, once. Without Redis a
+//! restart drops them, which only refuses the renewals in flight (the
+//! device asks again), and the nonce GET and the renewal POST must reach
+//! the same daemon.
 
 use super::lifecycle::LifecycleError;
 use super::public_key::PublicKey;
@@ -163,21 +164,73 @@ pub enum NoncePurpose {
 }
 
 /// Issued proof nonces, bounded; one entry per nonce.
+///
+/// With a shared cache ([`Nonces::share`], Redis under `[redis]`) a nonce
+/// one daemon handed out is taken on any daemon of the deployment: the
+/// cache's atomic take (`GETDEL`) is the single use, so no load-balancer
+/// affinity is needed. The local map still holds every nonce: it answers
+/// for nonces the cache did not take when issued, and while the cache is
+/// unreachable (degraded: a nonce already used on another daemon could
+/// then be used once more here within its 5 minutes).
 #[derive(Default)]
 pub struct Nonces {
     inner: Mutex<NonceMap>,
+    shared: std::sync::OnceLock<std::sync::Arc<dyn crate::cache::Cache>>,
 }
 
 #[derive(Default)]
 struct NonceMap {
-    by_nonce: HashMap<[u8; 32], (Uuid, NoncePurpose, i64)>,
+    /// (device, purpose, expires, also in the shared cache)
+    by_nonce: HashMap<[u8; 32], (Uuid, NoncePurpose, i64, bool)>,
     /// Insertion order (= expiry order: one TTL for all).
     order: VecDeque<([u8; 32], i64)>,
 }
 
+impl NoncePurpose {
+    fn code(self) -> u8 {
+        match self {
+            Self::Renewal => 1,
+            Self::AccessToken => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Self::Renewal),
+            2 => Some(Self::AccessToken),
+            _ => None,
+        }
+    }
+}
+
+fn shared_key(nonce: &[u8; 32]) -> String {
+    format!("nonce:{}", hex::encode(nonce))
+}
+
+/// device (16) || purpose (1) || expires (8, big-endian)
+fn encode_nonce(device: Uuid, purpose: NoncePurpose, expires: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(25);
+    v.extend_from_slice(device.as_bytes());
+    v.push(purpose.code());
+    v.extend_from_slice(&expires.to_be_bytes());
+    v
+}
+
+fn decode_nonce(v: &[u8]) -> Option<(Uuid, NoncePurpose, i64)> {
+    let device = Uuid::from_slice(v.get(0..16)?).ok()?;
+    let purpose = NoncePurpose::from_code(*v.get(16)?)?;
+    let expires = i64::from_be_bytes(v.get(17..25)?.try_into().ok()?);
+    (v.len() == 25).then_some((device, purpose, expires))
+}
+
 impl Nonces {
+    /// Shares nonces through `cache` from now on (set once, at start).
+    pub fn share(&self, cache: std::sync::Arc<dyn crate::cache::Cache>) {
+        let _ = self.shared.set(cache);
+    }
+
     /// A fresh nonce for `device`, usable once for `purpose` within [`NONCE_TTL_SECS`].
-    pub fn issue(
+    pub async fn issue(
         &self,
         device: Uuid,
         purpose: NoncePurpose,
@@ -187,24 +240,42 @@ impl Nonces {
         let mut nonce = [0u8; 32];
         nonce.copy_from_slice(&bytes);
         let expires = now + NONCE_TTL_SECS;
+        let mut in_shared = false;
+        if let Some(cache) = self.shared.get() {
+            let ttl = std::time::Duration::from_secs(NONCE_TTL_SECS.unsigned_abs());
+            match cache
+                .put(
+                    &shared_key(&nonce),
+                    &encode_nonce(device, purpose, expires),
+                    ttl,
+                )
+                .await
+            {
+                Ok(()) => in_shared = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "nonce not shared: only this daemon will take it")
+                }
+            }
+        }
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((n, exp)) = g.order.front().copied() {
             if exp > now && g.order.len() < MAX_NONCES {
                 break;
             }
             g.order.pop_front();
-            if g.by_nonce.get(&n).is_some_and(|(_, _, e)| *e == exp) {
+            if g.by_nonce.get(&n).is_some_and(|(_, _, e, _)| *e == exp) {
                 g.by_nonce.remove(&n);
             }
         }
-        g.by_nonce.insert(nonce, (device, purpose, expires));
+        g.by_nonce
+            .insert(nonce, (device, purpose, expires, in_shared));
         g.order.push_back((nonce, expires));
         Ok(nonce)
     }
 
     /// Takes the nonce (single use, whatever the outcome) and checks it was
     /// issued for `device` and `purpose` and has not expired.
-    pub fn take(
+    pub async fn take(
         &self,
         nonce: &[u8],
         device: Uuid,
@@ -212,8 +283,26 @@ impl Nonces {
         now: i64,
     ) -> Result<(), LifecycleError> {
         let key: [u8; 32] = nonce.try_into().map_err(|_| LifecycleError::InvalidNonce)?;
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match g.by_nonce.remove(&key) {
+        let local = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_nonce
+            .remove(&key);
+        let found = match self.shared.get() {
+            None => local.map(|(d, p, e, _)| (d, p, e)),
+            Some(cache) => match cache.take(&shared_key(&key)).await {
+                Ok(Some(v)) => decode_nonce(&v),
+                // Taken already (here or on another daemon), or never
+                // shared: only a nonce the cache never held counts here.
+                Ok(None) => local.filter(|l| !l.3).map(|(d, p, e, _)| (d, p, e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared nonces unreachable: checking this daemon's own");
+                    local.map(|(d, p, e, _)| (d, p, e))
+                }
+            },
+        };
+        match found {
             Some((d, p, exp)) if d == device && p == purpose && exp > now => Ok(()),
             _ => Err(LifecycleError::InvalidNonce),
         }
@@ -311,7 +400,9 @@ impl CaService {
             .ok_or(LifecycleError::DeviceNotFound)?;
         device_usable(device.status)?;
         let now = self.clock.now().unix_timestamp();
-        self.nonces.issue(device_id, NoncePurpose::Renewal, now)
+        self.nonces
+            .issue(device_id, NoncePurpose::Renewal, now)
+            .await
     }
 
     pub fn nonces(&self) -> &Nonces {
@@ -432,7 +523,8 @@ impl CaService {
         let csr_der = csr::decode_pem_or_der(csr_input)?;
         if let RenewalProof::SignedNonce { nonce, .. } = &proof {
             self.nonces
-                .take(nonce, device_id, NoncePurpose::Renewal, now)?;
+                .take(nonce, device_id, NoncePurpose::Renewal, now)
+                .await?;
         }
         let verified = csr::verify(&csr_der)?;
         let device = self
@@ -645,30 +737,80 @@ mod tests {
         );
     }
 
-    #[test]
-    fn nonces_are_single_use_bound_and_expire() {
+    #[tokio::test]
+    async fn nonces_are_single_use_bound_and_expire() {
         let n = Nonces::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let r = NoncePurpose::Renewal;
-        let x = n.issue(a, r, 1000).unwrap();
+        let x = n.issue(a, r, 1000).await.unwrap();
         assert!(matches!(
-            n.take(&x, b, r, 1000),
+            n.take(&x, b, r, 1000).await,
             Err(LifecycleError::InvalidNonce)
         ));
         // Taken by the failed attempt above: gone for its owner too.
-        assert!(n.take(&x, a, r, 1000).is_err());
-        let y = n.issue(a, r, 1000).unwrap();
-        assert!(n.take(&y, a, r, 1000 + NONCE_TTL_SECS).is_err(), "expired");
-        let z = n.issue(a, r, 1000).unwrap();
-        assert!(n.take(&z, a, r, 1001).is_ok());
-        assert!(n.take(&z, a, r, 1001).is_err(), "replay");
-        assert!(n.take(&[0u8; 5], a, r, 1001).is_err());
-        let t = n.issue(a, NoncePurpose::AccessToken, 1000).unwrap();
+        assert!(n.take(&x, a, r, 1000).await.is_err());
+        let y = n.issue(a, r, 1000).await.unwrap();
         assert!(
-            n.take(&t, a, r, 1001).is_err(),
+            n.take(&y, a, r, 1000 + NONCE_TTL_SECS).await.is_err(),
+            "expired"
+        );
+        let z = n.issue(a, r, 1000).await.unwrap();
+        assert!(n.take(&z, a, r, 1001).await.is_ok());
+        assert!(n.take(&z, a, r, 1001).await.is_err(), "replay");
+        assert!(n.take(&[0u8; 5], a, r, 1001).await.is_err());
+        let t = n.issue(a, NoncePurpose::AccessToken, 1000).await.unwrap();
+        assert!(
+            n.take(&t, a, r, 1001).await.is_err(),
             "a token nonce renews nothing"
         );
-        let t = n.issue(a, NoncePurpose::AccessToken, 1000).unwrap();
-        assert!(n.take(&t, a, NoncePurpose::AccessToken, 1001).is_ok());
+        let t = n.issue(a, NoncePurpose::AccessToken, 1000).await.unwrap();
+        assert!(n.take(&t, a, NoncePurpose::AccessToken, 1001).await.is_ok());
+    }
+
+    /// Two daemons sharing one cache: a nonce handed out by one is taken
+    /// once by either, never twice, and a nonce the cache never held (put
+    /// failed) is still good on the daemon that issued it.
+    #[tokio::test]
+    async fn shared_nonces_are_taken_once_across_daemons() {
+        let cache: std::sync::Arc<dyn crate::cache::Cache> =
+            std::sync::Arc::new(crate::cache::memory::InProcessCache::new(100));
+        let (a, b) = (Nonces::default(), Nonces::default());
+        a.share(cache.clone());
+        b.share(cache.clone());
+        let dev = Uuid::now_v7();
+        let r = NoncePurpose::Renewal;
+        let x = a.issue(dev, r, 1000).await.unwrap();
+        assert!(
+            b.take(&x, dev, r, 1001).await.is_ok(),
+            "taken on the other daemon"
+        );
+        assert!(
+            a.take(&x, dev, r, 1001).await.is_err(),
+            "and not again where it was issued"
+        );
+        let y = b.issue(dev, r, 1000).await.unwrap();
+        assert!(b.take(&y, dev, r, 1001).await.is_ok());
+        assert!(
+            a.take(&y, dev, r, 1001).await.is_err(),
+            "replay on another daemon"
+        );
+        let z = a.issue(dev, NoncePurpose::AccessToken, 1000).await.unwrap();
+        assert!(
+            b.take(&z, dev, r, 1001).await.is_err(),
+            "bound to its purpose"
+        );
+        assert!(
+            a.take(&z, dev, NoncePurpose::AccessToken, 1001)
+                .await
+                .is_err(),
+            "used up by the refused try"
+        );
+        // Not in the cache (as if the put had failed): the issuer's own copy answers.
+        let unshared = Nonces::default();
+        let w = unshared.issue(dev, r, 1000).await.unwrap();
+        unshared.share(cache.clone());
+        assert!(unshared.take(&w, dev, r, 1001).await.is_ok());
+        assert_eq!(decode_nonce(&encode_nonce(dev, r, 7)), Some((dev, r, 7)));
+        assert_eq!(decode_nonce(&[0u8; 24]), None);
     }
 }

@@ -77,6 +77,13 @@ impl Cache for InProcessCache {
         self.entries.lock().map_err(poisoned)?.remove(key);
         Ok(())
     }
+
+    async fn take(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let taken = self.entries.lock().map_err(poisoned)?.remove(key);
+        Ok(taken
+            .filter(|(_, deadline)| *deadline > Instant::now())
+            .map(|(v, _)| v))
+    }
 }
 
 /// A broadcast channel inside the process.

@@ -50,6 +50,10 @@ pub trait Cache: Send + Sync + 'static {
     async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError>;
     /// Removes `key` (absent: not an error).
     async fn delete(&self, key: &str) -> Result<(), CacheError>;
+    /// Removes `key` and returns what it held, atomically: of several
+    /// callers (on several daemons) taking one key, one gets the value
+    /// (single-use nonces). Redis: `GETDEL`.
+    async fn take(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError>;
 }
 
 /// What every daemon must forget at once.

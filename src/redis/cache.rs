@@ -98,4 +98,17 @@ impl Cache for RedisCache {
             .await
             .map_err(unavailable)
     }
+
+    async fn take(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let k = self.key(key);
+        self.handle
+            .run("take", |mut c| async move {
+                ::redis::cmd("GETDEL")
+                    .arg(&k)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
+                    .await
+            })
+            .await
+            .map_err(unavailable)
+    }
 }
