@@ -657,6 +657,10 @@ async fn device_tokens_proofs_cache_introspection_revocation_and_rotation() {
         )
         .await;
     assert_eq!(s, 200, "{v}");
+    let (s, v) = d.mtls_token(&c).unwrap();
+    assert_eq!(s, 200, "{v}");
+    let tok_c = v["access_token"].as_str().unwrap().to_string();
+    assert_eq!(d.introspect(&admin, &tok_c).await["active"], true);
     let (csr, new_key) = openssl_csr(&dir, "ec");
     let body = write(&dir, "renew.json", &json!({ "csr": csr }).to_string());
     let out = Command::new("curl")
@@ -708,6 +712,18 @@ async fn device_tokens_proofs_cache_introspection_revocation_and_rotation() {
     let cl = verify(&d.jwks().await, v["access_token"].as_str().unwrap()).unwrap();
     let x5t2 = b64().encode(ring::digest::digest(&ring::digest::SHA256, &c2.cert_der));
     assert_eq!(cl.cnf["x5t#S256"], x5t2.as_str());
+    // Introspection follows the certificate the token is bound to: the
+    // superseded one's token is no longer active, the renewed one's is.
+    assert_eq!(
+        d.introspect(&admin, &tok_c).await,
+        json!({ "active": false }),
+        "a token bound to a superseded certificate"
+    );
+    assert_eq!(
+        d.introspect(&admin, v["access_token"].as_str().unwrap())
+            .await["active"],
+        true
+    );
 
     // ---- exp is honoured: once expired, verification and introspection fail.
     let exp_b = unverified_exp(&tok_b);

@@ -851,12 +851,22 @@ impl TokenService {
                         .is_ok_and(|s| s.device_id == id && s.exp == claims.exp),
                     _ => true,
                 };
-                session_ok
-                    && self
-                        .store
-                        .get_device(id)
-                        .await?
-                        .is_some_and(|d| d.status == DeviceStatus::Active)
+                // The certificate the token is bound to (`cnf`) must still
+                // be the device's current one: revoked, on hold, superseded
+                // or expired on its own (the device not revoked), its
+                // tokens are no longer active.
+                let device_active = self
+                    .store
+                    .get_device(id)
+                    .await?
+                    .is_some_and(|d| d.status == DeviceStatus::Active);
+                let bound_current = device_active
+                    && match self.ca.current_certificate(id, now).await {
+                        Ok(cert) => B64.encode(sha256(&cert.der)) == claims.cnf.x5t_s256,
+                        Err(LifecycleError::Store(e)) => return Err(e.into()),
+                        Err(_) => false,
+                    };
+                session_ok && bound_current
             }
             Err(_) => false,
         };
